@@ -1,0 +1,5 @@
+import sys
+
+from pdtui.cli import main
+
+sys.exit(main())

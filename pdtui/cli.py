@@ -1,0 +1,198 @@
+"""pdtui: a prefill/decode disaggregation dashboard for vLLM.
+
+With no arguments, pdtui launches the default pair for this machine (one GPU: the one-gpu
+profile; no GPU: the CPU profile with a generated tiny model) behind the embedded proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pdtui.core import config as config_mod
+from pdtui.core import model as model_mod
+from pdtui.core.config import ConfigError
+
+PRECEDENCE = (
+    "Settings come from, highest first: command-line flags > PDTUI_<FIELD> environment variables"
+    " (e.g. PDTUI_MODEL=qwen2.5-0.5b, PDTUI_PROXY_PORT=9000) > the profile file > built-in defaults."
+)
+
+EPILOG = f"""\
+examples:
+  pdtui                                    the default pair for this machine (CPU: tiny model)
+  pdtui up --headless --record run.jsonl   events as JSON lines, and a recording for replay
+  pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d) or a path
+  pdtui config --profile two-gpu           print the vllm serve command lines, without launching
+  pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
+
+then, in another terminal:
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "tiny", "prompt": "hello", "max_tokens": 16, "stream": true}}'
+
+{PRECEDENCE}
+"""
+
+
+def _add_pair_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=None,
+                   help="profile name from launch/ or a TOML path (default: one-gpu with a GPU, else cpu)")
+    p.add_argument("--model", default=None,
+                   help="synthetic shape (tiny, qwen2.5-0.5b), a model directory, or a HF id whose weights are here")
+    p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
+    p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
+                   help="what D does when the KV pull fails: fail the request (500) or recompute")
+    p.add_argument("--proxy-port", type=int, default=None, help="port of the embedded proxy (default 8000)")
+    p.add_argument("--port-offset", type=int, default=0,
+                   help="add N to every port of the profile, to run beside another pair")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+
+
+def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
+    cfg = config_mod.load_profile(args.profile or config_mod.default_profile_name())
+    config_mod.apply_overrides(cfg, config_mod.env_overrides())
+    config_mod.apply_overrides(cfg, {
+        "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
+        "proxy_port": args.proxy_port, "host": args.host,
+    })
+    if args.port_offset:
+        cfg = config_mod.shift_ports(cfg, args.port_offset)
+    config_mod.validate(cfg)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdtui", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="launch P + D + the proxy", description=(
+        "Launch the prefill and decode instances and the embedded proxy, wait until the pair is ready"
+        " (both /health 200 and one warm-up request through P and D), then serve until Ctrl-C. " + PRECEDENCE),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pair_flags(up)
+    up.add_argument("--headless", action="store_true", help="print events as JSON lines instead of the dashboard")
+    up.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file (for replay)")
+    up.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
+
+    cfg = sub.add_parser("config", help="show the rendered vllm serve command lines, and check the pair")
+    _add_pair_flags(cfg)
+    cfg.add_argument("--json", action="store_true", help="print as JSON")
+
+    model = sub.add_parser("model", help="synthetic models (config + tokenizer, no weights)")
+    msub = model.add_subparsers(dest="model_command", metavar="ACTION")
+    synth = msub.add_parser("synth", help="write a synthetic model directory", description=(
+        "Write config.json + a local tokenizer for a model shape. vLLM serves it with --load-format dummy."))
+    synth.add_argument("--shape", default="tiny", choices=sorted(model_mod.SHAPES))
+    synth.add_argument("--out", type=Path, default=None,
+                       help="directory to write (default: the cache pdtui launches from, $PDTUI_HOME/models/SHAPE)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["up", "--headless", *(argv or [])])
+    try:
+        if args.command == "up":
+            return run_up(args)
+        if args.command == "config":
+            return run_config(args)
+        if args.command == "model":
+            if args.model_command != "synth":
+                parser.parse_args(["model", "--help"])
+            out = args.out or (model_mod.default_model_root() / args.shape)
+            path = model_mod.synth(args.shape, out)
+            print(f"wrote {args.shape} model to {path} (serve with --load-format dummy)")
+            return 0
+    except ConfigError as e:
+        print(f"pdtui: config error: {e}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+def run_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    specs = config_mod.render(cfg)
+    if args.json:
+        print(json.dumps({"config": config_mod.describe(cfg),
+                          "launch": [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]},
+                         indent=2))
+        return 0
+    import shlex
+
+    print(f"# profile {cfg.profile_name}: proxy on {cfg.proxy_url}")
+    for s in specs:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in s.env.items())
+        print(f"\n# {s.name} ({s.role}) at {s.url}\n{env} \\\n  {shlex.join(s.argv)}")
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    return asyncio.run(_up_headless(cfg, args))
+
+
+async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
+    from pdtui.core.events import LogLine
+    from pdtui.core.runtime import Runtime
+    from pdtui.core.supervisor import PortInUse, StartupFailed
+
+    rt = Runtime(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    record = args.record.open("w") if args.record else None
+    if record:
+        rt.record_to(record)
+    events = rt.subscribe()
+
+    async def printer() -> None:
+        async for ev in events:
+            if isinstance(ev, LogLine) and not args.logs:
+                continue
+            print(ev.to_json(), flush=True)
+
+    printing = asyncio.create_task(printer())
+    code = 0
+    try:
+        starting = asyncio.create_task(rt.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            elapsed = starting.result()
+            print(f"pdtui: pair ready in {elapsed:.1f} s; proxy at {cfg.proxy_url} (Ctrl-C stops everything)",
+                  file=sys.stderr, flush=True)
+            await stopping
+        else:
+            starting.cancel()
+            with contextlib_suppress():
+                await starting
+    except (StartupFailed, PortInUse) as e:
+        print(f"pdtui: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        await rt.aclose(reason="signal" if stop.is_set() else "exit")
+        await printing
+        if record:
+            record.close()
+    return code
+
+
+def contextlib_suppress() -> Any:
+    import contextlib
+
+    return contextlib.suppress(asyncio.CancelledError, Exception)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

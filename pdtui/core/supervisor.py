@@ -1,0 +1,263 @@
+"""Start, watch, stop, kill and restart one vLLM instance.
+
+Each instance runs in its own session (its own process group), so a signal reaches the API
+server, its engine core and its workers together. Ready means ``/health`` answers 200; start-up
+fails at once, with the log tail, when the child exits first. Stopping is SIGTERM to the group,
+a grace period, then SIGKILL to the group (a decode instance sometimes hangs on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from pdtui.core import logparse
+from pdtui.core.config import LaunchSpec
+from pdtui.core.events import ConnectorEvent, Event, InstanceStateChanged, LogLine
+
+LOG_TAIL_LINES = 400
+
+
+class StartupFailed(RuntimeError):
+    """An instance died or never became ready; the message carries the log tail."""
+
+
+class PortInUse(RuntimeError):
+    pass
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise PortInUse with a clear message when something listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortInUse(
+                f"{what}: port {port} on {host} is already in use ({e.strerror}). Another pdtui or"
+                f" vLLM still running? See who holds it: ss -ltnp 'sport = :{port}'. Or pick other"
+                f" ports: a profile, or --port-offset N."
+            ) from None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: if pdtui is SIGKILLed, so is the child
+    except OSError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class Instance:
+    """One supervised vLLM server."""
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        emit: Callable[[Event], None],
+        *,
+        ready_timeout_s: float = 600.0,
+        stop_grace_s: float = 10.0,
+        side_channel_port: int | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.role = spec.role
+        self.url = spec.url
+        self._emit = emit
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.host = host
+        self.port = port
+        self.side_channel_port = side_channel_port
+        self.extra_env = extra_env or {}
+        self.state = "stopped"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._reader: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+        self._expected_exit: str | None = None
+
+    # ----- state --------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.alive
+
+    def _set_state(self, state: str, detail: str = "", **kw: Any) -> None:
+        self.state = state
+        elapsed = time.monotonic() - self.started_at if self.started_at else None
+        self._emit(
+            InstanceStateChanged(
+                instance=self.name, role=self.role, state=state, pid=self.pid, detail=detail,
+                elapsed_s=round(elapsed, 3) if elapsed is not None else None, **kw,
+            )
+        )
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.log_tail)[-n:])
+
+    # ----- lifecycle ----------------------------------------------------------------------
+    def check_ports(self) -> None:
+        if self.port:
+            check_port_free(self.host, self.port, f"{self.name} ({self.role}) HTTP")
+        if self.side_channel_port:
+            check_port_free(self.host, self.side_channel_port, f"{self.name} ({self.role}) NIXL side channel")
+
+    async def spawn(self) -> None:
+        """Launch the process (not waiting for readiness)."""
+        if self.alive:
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        self.check_ports()
+        env = {**os.environ, **self.spec.env, **self.extra_env}
+        self._exited = asyncio.Event()
+        self._expected_exit = None
+        self.exit_code = None
+        self.ready_at = None
+        self.log_tail.clear()
+        self.started_at = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.spec.argv,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            limit=1 << 20,
+        )
+        self.pid = self.proc.pid
+        self._set_state("starting", f"pid {self.pid}")
+        self._reader = asyncio.create_task(self._read_logs(self.proc), name=f"{self.name}-logs")
+        self._waiter = asyncio.create_task(self._wait_exit(self.proc), name=f"{self.name}-wait")
+
+    async def start(self, client: httpx.AsyncClient | None = None) -> float:
+        """Launch and wait until /health answers. Returns the ready time in seconds."""
+        await self.spawn()
+        return await self.wait_ready(client)
+
+    async def wait_ready(self, client: httpx.AsyncClient | None = None) -> float:
+        own = client is None
+        client = client or httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        assert self.started_at is not None
+        deadline = self.started_at + self.ready_timeout_s
+        try:
+            while True:
+                if self._exited.is_set():
+                    raise StartupFailed(
+                        f"{self.name} ({self.role}) exited with code {self.exit_code} during start-up."
+                        f" Last log lines:\n{self.tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await client.get(f"{self.url}/health", timeout=2.0)
+                    if r.status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    await self.kill(reason="not ready in time")
+                    raise StartupFailed(
+                        f"{self.name} ({self.role}) did not answer {self.url}/health within"
+                        f" {self.ready_timeout_s:.0f} s. Last log lines:\n{self.tail()}"
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._exited.wait(), timeout=0.5)
+        finally:
+            if own:
+                await client.aclose()
+        self.ready_at = time.monotonic()
+        elapsed = self.ready_at - self.started_at
+        self._set_state("ready", f"/health 200 after {elapsed:.1f} s")
+        return elapsed
+
+    async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over the limit: take what is there
+                raw = await proc.stdout.read(1 << 16)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if logparse.is_noise(line):
+                continue
+            self.log_tail.append(line)
+            self._emit(LogLine(instance=self.name, line=line))
+            parsed = logparse.parse_line(line)
+            if parsed:
+                self._emit(ConnectorEvent(instance=self.name, what=parsed.what, text=parsed.text, fields=parsed.fields))
+
+    async def _wait_exit(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self._reader:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout=2.0)
+        self.exit_code = code
+        # The API server is gone; make sure its engine core and workers go with it.
+        if self.pid:
+            _signal_group(self.pid, signal.SIGKILL)
+        how = self._expected_exit or "exited unexpectedly"
+        if code is not None and code < 0:
+            how += f" (signal {signal.Signals(-code).name})"
+        self._set_state("exited", how, exit_code=code)
+        self._exited.set()
+
+    async def wait_exit(self, timeout: float | None = None) -> int | None:
+        await asyncio.wait_for(self._exited.wait(), timeout)
+        return self.exit_code
+
+    async def stop(self, grace_s: float | None = None, reason: str = "stopped") -> int | None:
+        """SIGTERM the group, wait the grace period, then SIGKILL the group."""
+        if not self.alive or self.pid is None:
+            return self.exit_code
+        self._expected_exit = reason
+        self._set_state("stopping", reason)
+        _signal_group(self.pid, signal.SIGTERM)
+        grace = self.stop_grace_s if grace_s is None else grace_s
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout=grace)
+        except asyncio.TimeoutError:
+            _signal_group(self.pid, signal.SIGKILL)
+            await asyncio.wait_for(self._exited.wait(), timeout=10.0)
+        return self.exit_code
+
+    async def kill(self, reason: str = "killed") -> int | None:
+        """SIGKILL the whole group at once (the failure drill)."""
+        if not self.alive or self.pid is None:
+            return self.exit_code
+        self._expected_exit = reason
+        _signal_group(self.pid, signal.SIGKILL)
+        await asyncio.wait_for(self._exited.wait(), timeout=10.0)
+        return self.exit_code
+
+    async def restart(self, client: httpx.AsyncClient | None = None) -> float:
+        await self.stop(reason="restarting")
+        return await self.start(client)
