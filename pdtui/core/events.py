@@ -94,6 +94,10 @@ class RequestTraced(Event):
     decode: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    """From D's usage, when it reports one (non-streamed, or stream_options.include_usage)."""
+    chunks: int = 0
+    """Token-carrying SSE chunks D streamed. vLLM merges tokens into one chunk when the API server
+    lags, so chunks <= tokens; ITL is measured per chunk, as `vllm bench serve` does."""
     prefill_ms: float | None = None
     """P leg: from sending to P to its response (queue + prefill + 1 token)."""
     hop_ms: float | None = None
@@ -103,7 +107,7 @@ class RequestTraced(Event):
     ttft_ms: float | None = None
     """Client-facing: from the proxy receiving the request to the first token sent on."""
     itl_ms: list[float] = field(default_factory=list)
-    """Every gap between tokens D streamed."""
+    """Every gap between token-carrying chunks D streamed."""
     total_ms: float | None = None
     blocks: int | None = None
     """Blocks P offered (remote_block_ids)."""

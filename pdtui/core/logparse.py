@@ -77,6 +77,9 @@ _RULES: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 
+_EXCEPTION = re.compile(r"^(?P<exc>[A-Za-z_][\w.]*(?:Error|Exception)): \S")
+
+
 def split_prefix(line: str) -> tuple[str | None, str, str]:
     """(level, source, message) of a log line; unknown formats give (None, "", line)."""
     m = _VLLM_PREFIX.match(line) or _NIXL_PREFIX.match(line)
@@ -105,8 +108,11 @@ def parse_line(line: str) -> Parsed | None:
         elif what == "kv_load_failed" and level not in ("WARNING", "ERROR", "CRITICAL"):
             continue
         return Parsed(what, msg.strip(), fields)
-    if level in ("ERROR", "CRITICAL"):
-        return Parsed("engine_error", msg.strip(), {})
+    # The last line of a traceback ("RuntimeError: Worker failed with error ...") is worth a
+    # pane; the frames above it are not.
+    m = _EXCEPTION.match(msg.strip())
+    if m and level in ("ERROR", "CRITICAL", None):
+        return Parsed("engine_error", msg.strip(), {"exception": m.group("exc")})
     return None
 
 

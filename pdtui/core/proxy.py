@@ -130,7 +130,7 @@ class _Trace:
         return RequestTraced(
             request_id=self.request_id, endpoint=self.endpoint, stream=self.stream, outcome=self.outcome,
             status=self.status, prefill=self.prefill, decode=self.decode, prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens if self.completion_tokens is not None else (self.tokens_seen or None),
+            completion_tokens=self.completion_tokens, chunks=self.tokens_seen,
             prefill_ms=_r(self.prefill_ms), hop_ms=_r(self.hop_ms), decode_ttft_ms=_r(self.decode_ttft_ms),
             ttft_ms=_r(self.ttft_ms), itl_ms=[round(x, 3) for x in self.itl_ms], total_ms=_r(total),
             blocks=self.blocks, kv_bytes=self.kv_bytes, fallback_reason=self.fallback_reason, error=self.error,
@@ -336,6 +336,7 @@ class Proxy:
             raise ProxyError(400, f"request body is not valid JSON: {e}", "invalid_request_error") from None
         if not isinstance(body, dict):
             raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
+        _check_limits(body)
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
         rid = headers.get("x-request-id") or f"pdtui-{uuid.uuid4().hex[:16]}"
         trace = _Trace(request_id=rid, endpoint=scope["path"], stream=bool(body.get("stream")))
@@ -496,6 +497,17 @@ class Proxy:
         else:
             trace.outcome = "ok"
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _check_limits(body: dict[str, Any]) -> None:
+    """Refuse what the P leg would hide: P always runs with max_tokens=1, so a bad max_tokens would
+    only surface at D, after P had prefilled and pinned the KV blocks for nothing."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProxyError(400, f"{key} must be an integer of at least 1, got {value!r}", "invalid_request_error")
 
 
 class _Relay(Exception):

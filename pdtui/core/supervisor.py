@@ -127,6 +127,19 @@ class Instance:
     def tail(self, n: int = 40) -> str:
         return "\n".join(list(self.log_tail)[-n:])
 
+    def last_error(self) -> str | None:
+        """The last exception line of the log (``RuntimeError: ...``), the usual root cause."""
+        for line in reversed(self.log_tail):
+            parsed = logparse.parse_line(line)
+            if parsed and parsed.what == "engine_error" and "root cause above" not in parsed.text:
+                return parsed.text
+        return None
+
+    def _failure(self, what: str) -> str:
+        cause = self.last_error()
+        return (f"{self.name} ({self.role}) {what}." + (f"\nCause: {cause}" if cause else "")
+                + f"\nLast log lines:\n{self.tail()}")
+
     # ----- lifecycle ----------------------------------------------------------------------
     def check_ports(self) -> None:
         if self.port:
@@ -173,20 +186,15 @@ class Instance:
         try:
             while True:
                 if self._exited.is_set():
-                    raise StartupFailed(
-                        f"{self.name} ({self.role}) exited with code {self.exit_code} during start-up."
-                        f" Last log lines:\n{self.tail()}"
-                    )
+                    raise StartupFailed(self._failure(f"exited with code {self.exit_code} during start-up"))
                 with contextlib.suppress(httpx.HTTPError):
                     r = await client.get(f"{self.url}/health", timeout=2.0)
                     if r.status_code == 200:
                         break
                 if time.monotonic() > deadline:
                     await self.kill(reason="not ready in time")
-                    raise StartupFailed(
-                        f"{self.name} ({self.role}) did not answer {self.url}/health within"
-                        f" {self.ready_timeout_s:.0f} s. Last log lines:\n{self.tail()}"
-                    )
+                    raise StartupFailed(self._failure(
+                        f"did not answer {self.url}/health within {self.ready_timeout_s:.0f} s"))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._exited.wait(), timeout=0.5)
         finally:

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+
+from pdtui.core import config
+from pdtui.core.config import ConfigError
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("name", ["cpu", "one-gpu", "two-gpu", "1p2d"])
+def test_every_shipped_profile_renders_a_consistent_pair(name, tmp_path):
+    cfg = config.load_profile(name)
+    specs = config.render(cfg, model_root=tmp_path)
+    roles = [s.role for s in specs]
+    assert roles[0] == "prefill" and "decode" in roles
+    shared = ["serve", "--dtype", "--kv-cache-dtype", "--block-size", "--tensor-parallel-size", "--max-model-len"]
+    for flag in shared[1:]:
+        assert len({_flag(s.argv, flag) for s in specs}) == 1, flag
+    assert len({s.argv[4] for s in specs}) == 1  # same model path
+    ktc = [json.loads(_flag(s.argv, "--kv-transfer-config")) for s in specs]
+    assert {k["kv_connector"] for k in ktc} == {"NixlConnector"}
+    assert [k["kv_role"] for k in ktc] == ["kv_producer" if r == "prefill" else "kv_consumer" for r in roles]
+    ports = [_flag(s.argv, "--port") for s in specs]
+    side = [s.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for s in specs]
+    assert len(set(ports)) == len(ports) and len(set(side)) == len(side)
+    assert all(_flag(s.argv, "--host") == "127.0.0.1" for s in specs)
+
+
+def test_cpu_profile_pins_cores_and_uses_the_cpu_buffer(tmp_path):
+    cfg = config.load_profile("cpu")
+    p, d = config.render(cfg, model_root=tmp_path)
+    assert (p.env["VLLM_CPU_OMP_THREADS_BIND"], d.env["VLLM_CPU_OMP_THREADS_BIND"]) == ("0", "1")
+    assert p.env["UCX_NET_DEVICES"] == "lo" and p.env["VLLM_HOST_IP"] == "127.0.0.1"
+    assert json.loads(_flag(p.argv, "--kv-transfer-config"))["kv_buffer_device"] == "cpu"
+    assert "--enforce-eager" in p.argv and _flag(p.argv, "--load-format") == "dummy"
+    assert _flag(p.argv, "--kv-cache-memory-bytes") == _flag(d.argv, "--kv-cache-memory-bytes")
+    assert (tmp_path / "tiny" / "config.json").exists()  # the synthetic model was made on first use
+
+
+def test_one_gpu_profile_pins_the_pools():
+    cfg = config.load_profile("one-gpu")
+    assert {i.kv_cache_memory_bytes for i in cfg.instances} == {8 * 2**30}
+    assert {i.gpu_memory_utilization for i in cfg.instances} == {0.4}
+    assert {i.cuda_devices for i in cfg.instances} == {"0"}
+
+
+def _pair(**overrides_d):
+    return config.from_dict({
+        "pair": {"model": "tiny", "block_size": 128},
+        "instance": [
+            {"role": "prefill", "port": 18100, "side_channel_port": 15600},
+            {"role": "decode", "port": 18200, "side_channel_port": 15700, **overrides_d},
+        ],
+    })
+
+
+@pytest.mark.parametrize("field,value", [("dtype", "float16"), ("block_size", 256), ("model", "qwen2.5-0.5b"),
+                                         ("connector", "LMCacheConnectorV1"), ("tensor_parallel_size", 2)])
+def test_a_mismatched_pair_is_refused_naming_the_field(field, value):
+    cfg = _pair(**{field: value})
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        config.validate(cfg)
+
+
+def test_port_clash_is_refused():
+    cfg = _pair(side_channel_port=15600)
+    with pytest.raises(ConfigError, match="port clash.*15600"):
+        config.validate(cfg)
+
+
+def test_extra_args_cannot_override_kv_shaped_flags():
+    cfg = _pair(extra_args=["--dtype=float16"])
+    with pytest.raises(ConfigError, match="use the field 'dtype'"):
+        config.validate(cfg)
+
+
+def test_cpu_block_size_must_be_a_multiple_of_32():
+    cfg = _pair()
+    cfg.block_size = 16
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        config.validate(cfg)
+
+
+def test_unknown_fields_and_roles_are_named():
+    with pytest.raises(ConfigError, match="unknown field.*colour"):
+        config.from_dict({"pair": {"colour": "red"}})
+    with pytest.raises(ConfigError, match="role must be"):
+        config.from_dict({"instance": [{"role": "both", "port": 1, "side_channel_port": 2}]})
+    with pytest.raises(ConfigError, match="no profile 'nope'"):
+        config.load_profile("nope")
+
+
+def test_precedence_flags_over_env_over_file():
+    cfg = config.load_profile("cpu")
+    assert cfg.proxy_port == 8000
+    config.apply_overrides(cfg, config.env_overrides({"PDTUI_PROXY_PORT": "9100", "PDTUI_WARMUP": "false"}))
+    assert cfg.proxy_port == 9100 and cfg.warmup is False
+    config.apply_overrides(cfg, {"proxy_port": 9200, "model": None})
+    assert cfg.proxy_port == 9200 and cfg.model == "tiny"
+    with pytest.raises(ConfigError, match="expected an integer"):
+        config.apply_overrides(cfg, {"proxy_port": "many"})
+
+
+def test_shift_ports_moves_every_port_and_keeps_the_original():
+    cfg = config.load_profile("cpu")
+    moved = config.shift_ports(cfg, 1000)
+    assert moved.proxy_port == 9000
+    assert [i.port for i in moved.instances] == [9100, 9200]
+    assert [i.side_channel_port for i in moved.instances] == [6600, 6700]
+    assert [i.port for i in cfg.instances] == [8100, 8200]

@@ -1,0 +1,24 @@
+from pdtui.core import events
+
+
+def test_every_event_round_trips_through_json():
+    samples = [
+        events.InstanceStateChanged(instance="D", role="decode", state="exited", pid=7, exit_code=-9),
+        events.ConnectorEvent(instance="D", what="compat_ok", text="NIXL compatibility check passed", fields={"hash": "ab"}),
+        events.RequestTraced(request_id="r1", endpoint="/v1/completions", stream=True, outcome="pair", status=200,
+                             itl_ms=[1.5, 2.0], blocks=4, kv_bytes=524288),
+        events.MetricsSampled(instance="P", values={"vllm:kv_cache_usage_perc": 0.25}),
+        events.Notice(level="warning", text="KV pools differ"),
+        events.RuntimeStopped(reason="signal"),
+    ]
+    for ev in samples:
+        back = events.from_json(ev.to_json())
+        assert back == ev
+        assert type(back) is type(ev)
+
+
+def test_unknown_kind_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown event kind"):
+        events.from_dict({"event": "nope"})
