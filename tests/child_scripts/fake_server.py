@@ -1,0 +1,38 @@
+"""A child process for supervisor tests (a fake, not vLLM): prints log lines, serves /health.
+
+usage: fake_server.py PORT MODE
+  ready        serve /health 200 after 0.3 s
+  crash        print a traceback-like error and exit 3 at once
+  stubborn     like ready, but ignore SIGTERM and start a grandchild that ignores it too
+"""
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import time
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+print("INFO 11-25 04:41:16 [fake.py:1] starting fake server", flush=True)
+if mode == "crash":
+    print("(EngineCore pid=1) ERROR 11-25 04:41:16 [core.py:1] ValueError: fake engine refuses to start", flush=True)
+    sys.exit(3)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    print(f"GRANDCHILD {child.pid}", flush=True)
+time.sleep(0.3)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+print(f"INFO 11-25 04:41:17 [fake.py:2] serving on {port} pid {os.getpid()}", flush=True)
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()

@@ -1,0 +1,222 @@
+"""The proxy's P/D contract and failure handling, against fake upstreams (tests/fakes.py) on
+127.0.0.1. The same behaviours are checked against real vLLM in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import httpx
+import pytest
+
+from pdtui.core import kvmath
+from pdtui.core.proxy import PREFILL_KV_PARAMS, Proxy, ProxyServer, ProxySettings, Upstream
+from tests.fakes import FakeVllm, free_port, serving
+
+GEO = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
+
+
+@contextlib.asynccontextmanager
+async def stack(p: FakeVllm, d: FakeVllm, p_up: bool = True):
+    traces = []
+    async with serving(p), serving(d):
+        proxy = Proxy([Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)],
+                      ProxySettings(block_size=16, geometry=GEO, prefill_timeout_s=5, decode_read_timeout_s=5),
+                      on_trace=traces.append)
+        server = ProxyServer(proxy, "127.0.0.1", free_port())
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                yield client, traces
+        finally:
+            await server.stop()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[5:].strip() for line in text.split("\n") if line.startswith("data:")]
+
+
+def test_the_pd_contract_streamed():
+    async def go():
+        p, d = FakeVllm("prefill", blocks=3), FakeVllm("decode", tokens=5)
+        async with stack(p, d) as (client, traces):
+            body = {"model": "m", "prompt": "hi", "max_tokens": 50, "max_completion_tokens": 50, "stream": True,
+                    "stream_options": {"include_usage": True}, "min_tokens": 3}
+            r = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "req-1"})
+            assert r.status_code == 200
+            events = sse_events(r.text)
+            assert events[-1] == "[DONE]" and len(events) == 6
+            # P leg: max_tokens 1, not streamed, no stream_options/min_tokens, do_remote_decode
+            (pb,) = p.requests
+            assert pb["max_tokens"] == 1 and pb["max_completion_tokens"] == 1 and pb["stream"] is False
+            assert "stream_options" not in pb and "min_tokens" not in pb
+            assert pb["kv_transfer_params"] == PREFILL_KV_PARAMS
+            # D leg: the client's body, plus P's kv_transfer_params verbatim
+            (db,) = d.requests
+            assert {k: v for k, v in db.items() if k != "kv_transfer_params"} == body
+            assert db["kv_transfer_params"]["remote_block_ids"] == [[0, 1, 2]]
+            assert p.headers[0]["x-request-id"] == d.headers[0]["x-request-id"] == "req-1"
+            (t,) = traces
+            assert t.outcome == "pair" and t.request_id == "req-1" and t.blocks == 3
+            assert t.kv_bytes == 3 * 16 * GEO.bytes_per_token
+            assert t.chunks == 5 and len(t.itl_ms) == 4 and t.prompt_tokens == 40
+            assert t.ttft_ms is not None and t.prefill_ms is not None and t.decode_ttft_ms is not None
+
+    run(go())
+
+
+def test_non_streamed_chat_passes_d_answer_through():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode", tokens=4)
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/chat/completions", json={"model": "m", "messages": [], "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+            assert traces[0].outcome == "pair" and traces[0].completion_tokens == 4
+            assert traces[0].endpoint == "/v1/chat/completions"
+
+    run(go())
+
+
+@pytest.mark.parametrize("p_status,p_up,reason", [(500, True, "prefill_5xx"), (200, False, "prefill_down")])
+def test_prefill_failure_falls_back_to_decode_colocated(p_status, p_up, reason):
+    async def go():
+        p, d = FakeVllm("prefill", status=p_status), FakeVllm("decode")
+        async with stack(p, d, p_up=p_up) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
+            assert r.status_code == 200
+            assert "kv_transfer_params" not in d.requests[0]
+            assert traces[0].outcome == "fallback" and traces[0].fallback_reason.startswith(reason)
+            metrics = (await client.get("/metrics")).text
+            assert f'pdtui_fallbacks_total{{reason="{reason}"}} 1.0' in metrics
+
+    run(go())
+
+
+def test_prefill_unreachable_falls_back():
+    async def go():
+        d = FakeVllm("decode")
+        traces = []
+        async with serving(d):
+            proxy = Proxy([Upstream("P", "prefill", f"http://127.0.0.1:{free_port()}")], [Upstream("D", "decode", d.url)],
+                          on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 200
+            finally:
+                await server.stop()
+        assert traces[0].outcome == "fallback" and traces[0].fallback_reason.startswith("prefill_unreachable")
+
+    run(go())
+
+
+def test_prefill_4xx_is_the_clients_error_not_a_fallback():
+    async def go():
+        p, d = FakeVllm("prefill", status=400), FakeVllm("decode")
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 400 and "fake prefill says 400" in r.json()["error"]["message"]
+            assert d.requests == [] and traces[0].outcome == "error"
+
+    run(go())
+
+
+def test_decode_fails_before_first_byte_gives_a_json_error():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode", status=500)
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "stream": True})
+            assert r.status_code == 500 and "error" in r.json()
+            assert traces[0].outcome == "error" and traces[0].status == 500
+
+    run(go())
+
+
+def test_decode_dies_mid_stream_ends_with_an_error_event_never_done():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode", tokens=10, die_after=3)
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 10, "stream": True})
+            events = sse_events(r.text)
+            assert "[DONE]" not in events
+            assert len(events) == 4  # 3 tokens, then the error
+            err = json.loads(events[-1])["error"]
+            assert "broke the stream after 3 tokens" in err["message"] and err["code"] == 502
+            assert traces[0].outcome == "error" and traces[0].chunks == 3
+
+    run(go())
+
+
+def test_client_disconnect_closes_the_decode_request():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode", tokens=500, delay_s=0.02)
+        async with stack(p, d) as (client, traces):
+            async with client.stream("POST", "/v1/completions",
+                                     json={"model": "m", "prompt": "x", "max_tokens": 500, "stream": True}) as r:
+                async for _ in r.aiter_bytes():
+                    break  # one chunk, then hang up
+            await asyncio.wait_for(d.disconnected.wait(), 5)
+            for _ in range(100):
+                if traces:
+                    break
+                await asyncio.sleep(0.05)
+            assert traces[0].status == 499 and "client disconnected" in traces[0].error
+
+    run(go())
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "max_tokens must be an integer of at least 1"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens must be"),
+])
+def test_bad_input_is_a_400_json_error_and_reaches_no_engine(raw, needle):
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode")
+        async with stack(p, d) as (client, _):
+            r = await client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and needle in r.json()["error"]["message"]
+            assert p.requests == [] and d.requests == []
+            assert (await client.get("/health")).status_code == 200  # still up
+
+    run(go())
+
+
+def test_routes_health_models_and_unknown_paths():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode")
+        async with stack(p, d) as (client, _):
+            assert (await client.get("/v1/models")).json()["data"][0]["id"] == "fake"
+            r = await client.get("/nope")
+            assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+            assert (await client.get("/v1/completions")).status_code == 405
+            health = (await client.get("/health")).json()
+            assert health["prefill"] == {"P": True} and health["decode"] == {"D": True}
+
+    run(go())
+
+
+def test_no_decode_up_is_a_503():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode")
+        async with serving(p), serving(d):
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url, is_up=lambda: False)])
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 503 and "no decode instance is up" in r.json()["error"]["message"]
+                    assert (await client.get("/health")).status_code == 503
+            finally:
+                await server.stop()
+
+    run(go())
