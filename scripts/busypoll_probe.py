@@ -47,20 +47,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 NOPROG_MODULE = '''\
-"""kv_connector_module_path hook: NixlConnector without the NIXL/UCX progress thread."""
+"""kv_connector_module_path hook: NixlConnector with a non-spinning NIXL/UCX progress thread.
+
+PDTUI_NIXL_PROG_THREAD=off      -> nixl_agent_config(enable_prog_thread=False)
+PDTUI_NIXL_PROG_THREAD=<us>     -> keep the thread, but nixlAgentConfig.pthrDelay=<us> (nixl's
+                                   Python API hard-codes 0 = poll(timeout=0) = busy loop)
+"""
+import importlib
+import os
+import types
+
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _bw
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector  # noqa: F401
 from vllm.distributed.nixl_utils import nixl_agent_config as _cfg
 
-if _cfg is not None and not getattr(_cfg, "_pdtui_noprog", False):
-    class _NoProgConfig(_cfg):
-        _pdtui_noprog = True
+_mode = os.environ.get("PDTUI_NIXL_PROG_THREAD", "1000")
+if _cfg is not None and not getattr(_bw, "_pdtui_patched", False):
+    _bw._pdtui_patched = True
+    if _mode == "off":
+        class _NoProgConfig(_cfg):
+            def __init__(self, *args, **kwargs):
+                kwargs.setdefault("enable_prog_thread", False)
+                super().__init__(*args, **kwargs)
 
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("enable_prog_thread", False)
-            super().__init__(*args, **kwargs)
+        _bw.nixl_agent_config = _NoProgConfig
+    else:
+        _api = importlib.import_module(_cfg.__module__)
+        _real = _api.nixlBind
+        _proxy = types.SimpleNamespace(
+            **{k: getattr(_real, k) for k in dir(_real) if not k.startswith("__")})
 
-    _bw.nixl_agent_config = _NoProgConfig
+        def _agent(name, cfg, _orig=_real.nixlAgent, _delay=int(_mode)):
+            cfg.pthrDelay = _delay
+            return _orig(name, cfg)
+
+        _proxy.nixlAgent = _agent
+        _api.nixlBind = _proxy
 '''
 NOPROG_MODULE_NAME = "pdtui_nixl_noprog"
 
@@ -165,11 +187,16 @@ def launch(role: str, http_port: int, side_port: int, core: int, fix: str, tmp: 
         VLLM_CPU_OMP_THREADS_BIND=str(core),
         VLLM_NO_USAGE_STATS="1",
         HF_HUB_OFFLINE="1",
-        PYTHONPATH=REPO + (os.pathsep + tmp if fix == "noprog" else ""),
     )
+    shim = {"delay": "1000", "noprog": "off"}.get(fix)
+    if fix == "noprog-d":
+        shim = "off" if role == "kv_consumer" else None
+    env["PYTHONPATH"] = REPO + (os.pathsep + tmp if shim else "")
+    if shim:
+        env["PDTUI_NIXL_PROG_THREAD"] = shim
     env.update(extra_env)
     kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
-    if fix == "noprog":
+    if shim:
         kv["kv_connector_module_path"] = NOPROG_MODULE_NAME
     cmd = [
         PYTHON, "-m", "pdtui.core.vllm_entry", "serve", MODEL,
@@ -288,8 +315,9 @@ def pct(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fix", nargs="?", const="noprog", default="none",
-                    choices=["none", "noprog", "idle"], help="fix to apply (bare --fix = noprog)")
+    ap.add_argument("--fix", nargs="?", const="delay", default="none",
+                    choices=["none", "delay", "noprog", "noprog-d", "idle"],
+                    help="fix to apply (bare --fix = delay)")
     ap.add_argument("--no-fix", dest="fix", action="store_const", const="none")
     ap.add_argument("--p-port", type=int, default=8300)
     ap.add_argument("--d-port", type=int, default=8400)
@@ -305,7 +333,7 @@ def main() -> int:
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="busypoll_")
-    if args.fix == "noprog":
+    if args.fix in ("delay", "noprog", "noprog-d"):
         with open(os.path.join(tmp, NOPROG_MODULE_NAME + ".py"), "w") as f:
             f.write(NOPROG_MODULE)
     p_url, d_url = f"http://127.0.0.1:{args.p_port}", f"http://127.0.0.1:{args.d_port}"

@@ -36,6 +36,8 @@ class FakeVllm:
     die_after: int | None = None
     blocks: int = 3
     prompt_tokens: int = 40
+    linger_after_done_s: float = 0.0
+    """Keep the stream open this long after [DONE] (clients hang up first)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,7 +90,9 @@ class FakeVllm:
                 await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
                             "more_body": True})
                 await asyncio.sleep(self.delay_s)
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+            await asyncio.sleep(self.linger_after_done_s)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watch.cancel()
 

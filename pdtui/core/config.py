@@ -131,6 +131,10 @@ class PairConfig:
     """What D does when pulling the KV fails: fail the request (500) or recompute the prompt."""
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     """kv_transfer_config.kv_connector_extra_config, identical on every instance."""
+    nixl_progress_delay_us: int | None = None
+    """Quiet NIXL's UCX progress thread: it busy-polls a core per instance (docs/ucx-busy-poll.md).
+    When set, the connector is loaded through pdtui.core.nixl_quiet, which makes the thread sleep
+    in poll() up to this many microseconds. The cpu profile sets 1000; None leaves NIXL alone."""
     load_format: str | None = None
     """--load-format; synthetic models always use "dummy" (random weights)."""
     enforce_eager: bool = True
@@ -269,6 +273,8 @@ def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
     }
     if cfg.kv_connector_extra_config:
         out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
+    if cfg.nixl_progress_delay_us is not None and out["kv_connector"] == "NixlConnector":
+        out["kv_connector_module_path"] = "pdtui.core.nixl_quiet"
     return out
 
 
@@ -336,6 +342,11 @@ def render(cfg: PairConfig, model_root: Path | None = None, python: str | None =
         }
         if cfg.synthetic_shape:
             env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if cfg.nixl_progress_delay_us is not None:
+            env["PDTUI_NIXL_PROG_DELAY_US"] = str(cfg.nixl_progress_delay_us)
+            # the engine imports pdtui.core.nixl_quiet: make sure it finds this pdtui
+            pkg_root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
         if cfg.device == "cpu":
             env["UCX_NET_DEVICES"] = "lo"
             if inst.cpu_core is not None:

@@ -46,6 +46,7 @@ def _kv(text: str) -> dict[str, Any]:
 
 _RULES: list[tuple[str, re.Pattern[str]]] = [
     ("nixl_available", re.compile(r"^NIXL is available")),
+    ("nixl_quiet", re.compile(r"pdtui: NIXL progress thread delay set to (?P<delay_us>\d+) us")),
     (
         "connector_created",
         re.compile(r"Creating v1 connector with name: (?P<connector>\S+) and engine_id: (?P<engine_id>\S+)"),

@@ -124,6 +124,9 @@ class _Trace:
     fallback_reason: str | None = None
     error: str | None = None
     tokens_seen: int = 0
+    paired: bool = False
+    done_seen: bool = False
+    """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
 
     def freeze(self) -> RequestTraced:
         total = (time.perf_counter() - self.t0) * 1000
@@ -164,7 +167,10 @@ class _SseTimer:
                     self._data(line[5:].strip(), now)
 
     def _data(self, data: bytes, now: float) -> None:
-        if not data or data == b"[DONE]":
+        if data == b"[DONE]":
+            self.trace.done_seen = True
+            return
+        if not data:
             return
         try:
             obj = json.loads(data)
@@ -350,8 +356,11 @@ class Proxy:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
-                trace.outcome, trace.status = "error", 499
-                trace.error = trace.error or "client disconnected; decode request closed (vLLM aborts it)"
+                if trace.done_seen and trace.error is None:
+                    trace.outcome = "pair" if trace.paired else "fallback"
+                else:
+                    trace.outcome, trace.status = "error", 499
+                    trace.error = trace.error or "client disconnected; decode request closed (vLLM aborts it)"
             else:
                 work.result()
         finally:
@@ -367,10 +376,11 @@ class Proxy:
         d_body = dict(body)
         if kv_params is not None:
             d_body["kv_transfer_params"] = kv_params
+            trace.paired = True
         t_hop = time.perf_counter()
         await self._decode(trace, d_body, send, t_hop)
         if trace.outcome != "error":
-            trace.outcome = "pair" if kv_params is not None else "fallback"
+            trace.outcome = "pair" if trace.paired else "fallback"
 
     async def _prefill(self, trace: _Trace, body: dict[str, Any]) -> dict[str, Any] | None:
         """The P leg. Returns P's kv_transfer_params, or None to fall back to D colocated."""

@@ -38,6 +38,9 @@ def test_cpu_profile_pins_cores_and_uses_the_cpu_buffer(tmp_path):
     assert "--enforce-eager" in p.argv and _flag(p.argv, "--load-format") == "dummy"
     assert _flag(p.argv, "--kv-cache-memory-bytes") == _flag(d.argv, "--kv-cache-memory-bytes")
     assert (tmp_path / "tiny" / "config.json").exists()  # the synthetic model was made on first use
+    ktc = json.loads(_flag(d.argv, "--kv-transfer-config"))
+    assert ktc["kv_connector"] == "NixlConnector" and ktc["kv_connector_module_path"] == "pdtui.core.nixl_quiet"
+    assert d.env["PDTUI_NIXL_PROG_DELAY_US"] == "1000"
 
 
 def test_one_gpu_profile_pins_the_pools():

@@ -220,3 +220,23 @@ def test_no_decode_up_is_a_503():
                 await server.stop()
 
     run(go())
+
+
+def test_a_client_hanging_up_after_done_is_a_normal_end():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode", tokens=3, linger_after_done_s=2.0)
+        async with stack(p, d) as (client, traces):
+            async with client.stream("POST", "/v1/completions",
+                                     json={"model": "m", "prompt": "x", "max_tokens": 3, "stream": True}) as r:
+                seen = b""
+                async for chunk in r.aiter_bytes():
+                    seen += chunk
+                    if b"[DONE]" in seen:
+                        break  # like the openai client: stop reading at [DONE]
+            for _ in range(100):
+                if traces:
+                    break
+                await asyncio.sleep(0.05)
+            assert traces[0].outcome == "pair" and traces[0].error is None and traces[0].chunks == 3
+
+    run(go())

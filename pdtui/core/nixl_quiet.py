@@ -1,0 +1,66 @@
+"""NixlConnector with a NIXL/UCX progress thread that sleeps instead of spinning.
+
+Loaded INSIDE the vLLM processes through ``kv_transfer_config.kv_connector_module_path``
+(``pdtui.core.nixl_quiet``); pdtui's own process never imports it (it imports vLLM).
+
+Why: NIXL's UCX backend starts a progress thread per agent. nixl's Python API hard-codes
+``nixlAgentConfig.pthrDelay = 0`` (nixl_cu13/_api.py), and the UCX plugin then loops on
+``poll(fds, n, 0)``: one core per instance at 100 %, even idle. On a 2-core machine that doubles
+start-up and halves decode speed. Setting ``pthrDelay`` makes the thread block in poll() on UCX's
+event descriptors (it still wakes at once on traffic; the delay is only the fallback timeout).
+Turning the thread off instead (``enable_prog_thread=False``) hangs the first transfer: an idle
+P never progresses UCX, so D's pull never completes. Measured in docs/ucx-busy-poll.md.
+
+It re-exports vLLM's own ``NixlConnector`` class, so every check on the connector's name and
+type still holds. The delay comes from ``PDTUI_NIXL_PROG_DELAY_US`` (default 1000). This leans on
+nixl internals (the ``nixlBind`` binding the agent is built with): if they move, it logs a
+warning and leaves NIXL as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import types
+
+from vllm.logger import init_logger
+
+try:  # vLLM >= 0.3x: a package
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector  # noqa: F401
+except ImportError:  # vLLM 0.2x: one module
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl_connector import NixlConnector  # noqa: F401
+
+log = init_logger("vllm.pdtui.nixl_quiet")  # under "vllm" so that it prints in vLLM's log format
+_DONE = "_pdtui_quiet_progress"
+
+
+def _patch(delay_us: int) -> None:
+    api = None
+    for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            api = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    if api is None or getattr(api, _DONE, False):
+        return
+    real = getattr(api, "nixlBind", None)
+    if real is None or not hasattr(real, "nixlAgent"):
+        log.warning("pdtui: nixl has no nixlBind.nixlAgent; progress thread left as it is")
+        return
+    proxy = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+
+    def agent(name, cfg, _orig=real.nixlAgent):  # noqa: ANN001, ANN202
+        cfg.pthrDelay = delay_us
+        return _orig(name, cfg)
+
+    proxy.nixlAgent = agent
+    api.nixlBind = proxy
+    setattr(api, _DONE, True)
+    log.info("pdtui: NIXL progress thread delay set to %d us (no busy-poll)", delay_us)
+
+
+try:
+    _patch(int(os.environ.get("PDTUI_NIXL_PROG_DELAY_US", "1000")))
+except Exception as e:  # never break the connector over an optimisation
+    log.warning("pdtui: could not quiet the NIXL progress thread: %s", e)

