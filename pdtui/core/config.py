@@ -446,7 +446,11 @@ def apply_overrides(cfg: PairConfig, overrides: dict[str, Any]) -> PairConfig:
             continue
         if name not in _PAIR_FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
-        setattr(cfg, name, _coerce(name, value, getattr(cfg, name)))
+        current = getattr(cfg, name)
+        new = _coerce(name, value, current)
+        if isinstance(current, dict) and isinstance(new, dict):
+            new = {**current, **new}  # env, extra config: add to the profile's, don't drop it
+        setattr(cfg, name, new)
     return cfg
 
 

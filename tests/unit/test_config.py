@@ -114,3 +114,9 @@ def test_shift_ports_moves_every_port_and_keeps_the_original():
     assert [i.port for i in moved.instances] == [9100, 9200]
     assert [i.side_channel_port for i in moved.instances] == [6600, 6700]
     assert [i.port for i in cfg.instances] == [8100, 8200]
+
+
+def test_dict_settings_from_the_environment_add_to_the_profiles():
+    cfg = config.load_profile("one-gpu")
+    config.apply_overrides(cfg, config.env_overrides({"PDTUI_ENV": '{"UCX_TLS": "cuda_ipc,cuda_copy,tcp"}'}))
+    assert cfg.env == {"VLLM_USE_FLASHINFER_SAMPLER": "0", "UCX_TLS": "cuda_ipc,cuda_copy,tcp"}
