@@ -135,6 +135,9 @@ class PairConfig:
     """Quiet NIXL's UCX progress thread: it busy-polls a core per instance (docs/ucx-busy-poll.md).
     When set, the connector is loaded through pdtui.core.nixl_quiet, which makes the thread sleep
     in poll() up to this many microseconds. The cpu profile sets 1000; None leaves NIXL alone."""
+    ucx_error_handling_mode: str | None = None
+    """NIXL UCX backend parameter (set through pdtui.core.nixl_quiet). NIXL's default, "peer",
+    leaves only tcp on one host; "none" lets UCX read GPU KV over cuda_ipc (docs/gpu-transport.md)."""
     load_format: str | None = None
     """--load-format; synthetic models always use "dummy" (random weights)."""
     enforce_eager: bool = True
@@ -273,9 +276,13 @@ def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
     }
     if cfg.kv_connector_extra_config:
         out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
-    if cfg.nixl_progress_delay_us is not None and out["kv_connector"] == "NixlConnector":
+    if _tunes_nixl(cfg) and out["kv_connector"] == "NixlConnector":
         out["kv_connector_module_path"] = "pdtui.core.nixl_quiet"
     return out
+
+
+def _tunes_nixl(cfg: PairConfig) -> bool:
+    return cfg.nixl_progress_delay_us is not None or cfg.ucx_error_handling_mode is not None
 
 
 @dataclass(frozen=True)
@@ -344,6 +351,9 @@ def render(cfg: PairConfig, model_root: Path | None = None, python: str | None =
             env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         if cfg.nixl_progress_delay_us is not None:
             env["PDTUI_NIXL_PROG_DELAY_US"] = str(cfg.nixl_progress_delay_us)
+        if cfg.ucx_error_handling_mode is not None:
+            env["PDTUI_UCX_ERROR_HANDLING_MODE"] = cfg.ucx_error_handling_mode
+        if _tunes_nixl(cfg):
             # the engine imports pdtui.core.nixl_quiet: make sure it finds this pdtui
             pkg_root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)

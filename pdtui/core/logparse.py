@@ -70,10 +70,11 @@ _RULES: list[tuple[str, re.Pattern[str]]] = [
         re.compile(r"(?:GPU|CPU) KV cache size: (?P<tokens>[\d,]+) tokens"),
     ),
     ("kv_load_failed", re.compile(r"(?P<msg>.*(?:[Ff]ailed to (?:load|receive|read) KV|KV load failed).*)$")),
-    # UCX's own info lines (UCX_LOG_LEVEL=info / UCX_PROTO_INFO=y): "... rma_am(tcp/lo) ..."
+    # UCX's lane summary, printed with UCX_LOG_LEVEL=info:
+    # "ucp_context_0 intra-node cfg#1 rma_am(tcp/lo)  amo_am(tcp/lo)  device(cuda_ipc/cuda)  am(...)"
     (
         "ucx_transport",
-        re.compile(r"(?P<proto>(?:rma|get|put|am|rndv)\w*)\((?P<transports>[\w/:,\- ]+)\)"),
+        re.compile(r"ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ (?P<lanes>(?:\w+\([^)]*\)\s*)+)$"),
     ),
 ]
 
@@ -94,7 +95,7 @@ def parse_line(line: str) -> Parsed | None:
     line = line.rstrip("\n")
     level, _src, msg = split_prefix(line)
     for what, pattern in _RULES:
-        if what == "ucx_transport" and "ucx" not in line.lower() and "UCX" not in line:
+        if what == "ucx_transport" and "UCX" not in line:
             continue
         m = pattern.search(msg)
         if not m:
@@ -104,6 +105,10 @@ def parse_line(line: str) -> Parsed | None:
             fields = _kv(fields.pop("metrics"))
         elif what == "kv_pool":
             fields["tokens"] = int(fields["tokens"].replace(",", ""))
+        elif what == "ucx_transport":
+            fields["lanes"] = {k: v for k, v in re.findall(r"(\w+)\(([^)]*)\)", fields["lanes"])}
+            fields["rma"] = fields["lanes"].get("rma_am") or fields["lanes"].get("rma_bw") or fields["lanes"].get("rma")
+            fields["over_tcp"] = bool(fields["rma"]) and "tcp" in fields["rma"]
         elif what == "handshake":
             fields["seconds"] = float(fields["seconds"])
         elif what == "kv_load_failed" and level not in ("WARNING", "ERROR", "CRITICAL"):

@@ -60,7 +60,39 @@ def _patch(delay_us: int) -> None:
     log.info("pdtui: NIXL progress thread delay set to %d us (no busy-poll)", delay_us)
 
 
+def _ucx_params(params: dict[str, str]) -> None:
+    """Add UCX backend init parameters (e.g. ucx_error_handling_mode=none) to every UCX backend.
+
+    Why: NIXL's UCX backend defaults to ucx_error_handling_mode=peer, and UCX then only uses
+    transports with a peer failure handler; on one host that leaves tcp/lo for everything, so
+    GPU-to-GPU KV reads run as "software emulation" over TCP (~330 MB/s on an H100). With
+    "none", UCX can pick cuda_ipc for the reads (see docs/gpu-transport.md).
+    """
+    for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            api = importlib.import_module(name)
+        except ImportError:
+            continue
+        agent_cls = getattr(api, "nixl_agent", None)
+        if agent_cls is None or getattr(agent_cls, "_pdtui_ucx_params", None) is not None:
+            continue
+        real = agent_cls.create_backend
+
+        def create_backend(self, backend, initParams=None, _real=real):  # noqa: ANN001, ANN202, N803
+            init = dict(initParams or {})
+            if backend == "UCX":
+                init.update(params)
+            return _real(self, backend, init)
+
+        agent_cls.create_backend = create_backend
+        agent_cls._pdtui_ucx_params = params
+    log.info("pdtui: NIXL UCX backend params %s", params)
+
+
 try:
-    _patch(int(os.environ.get("PDTUI_NIXL_PROG_DELAY_US", "1000")))
+    if os.environ.get("PDTUI_NIXL_PROG_DELAY_US"):
+        _patch(int(os.environ["PDTUI_NIXL_PROG_DELAY_US"]))
+    if os.environ.get("PDTUI_UCX_ERROR_HANDLING_MODE"):
+        _ucx_params({"ucx_error_handling_mode": os.environ["PDTUI_UCX_ERROR_HANDLING_MODE"]})
 except Exception as e:  # never break the connector over an optimisation
-    log.warning("pdtui: could not quiet the NIXL progress thread: %s", e)
+    log.warning("pdtui: could not tune NIXL: %s", e)

@@ -26,6 +26,7 @@ from pdtui.core import config as config_mod
 from pdtui.core import kvmath, scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.events import (
+    ConnectorEvent,
     Event,
     MetricsSampled,
     Notice,
@@ -72,11 +73,16 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
         self._pool_warned = False
+        self._tcp_warned = False
         self.t_start: float | None = None
 
     # ----- events -------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         self.history.append(event)
+        if isinstance(event, ConnectorEvent) and event.what == "ucx_transport":
+            self._check_transport(event)
+        if isinstance(event, ConnectorEvent) and event.what == "kv_metrics":
+            self._infer_transport(event)
         if isinstance(event, MetricsSampled):
             self.latest_metrics[event.instance] = event.values
         for q in self._subscribers:
@@ -205,6 +211,27 @@ class Runtime:
                     except (httpx.HTTPError, ValueError):
                         pass
                 await asyncio.sleep(self.cfg.scrape_interval_s)
+
+    def _check_transport(self, event: ConnectorEvent) -> None:
+        """Warn once when KV reads on one host go over TCP (measured: ~330 MB/s on an H100)."""
+        if self._tcp_warned or not event.fields.get("over_tcp") or event.fields.get("scope") != "intra-node":
+            return
+        self._tcp_warned = True
+        self.emit(Notice(level="warning", instance=event.instance, text=(
+            f"UCX moves the KV over {event.fields.get('rma')} although P and D share this host"
+            " (no CUDA IPC lane): expect ~3 ms per MiB. See docs/gpu-transport.md.")))
+
+    def _infer_transport(self, event: ConnectorEvent) -> None:
+        """Without UCX's info lines: GPU-to-GPU reads on one host under 2 GB/s are not CUDA IPC."""
+        mbps = event.fields.get("Throughput (MB/s)")
+        if self._tcp_warned or self.cfg.device != "cuda" or not isinstance(mbps, (int, float)) or not mbps:
+            return
+        if mbps < 2000:
+            self._tcp_warned = True
+            self.emit(Notice(level="warning", instance=event.instance, text=(
+                f"KV transfers run at {mbps:.0f} MB/s between two processes on one host: that is TCP"
+                " loopback, not CUDA IPC (hundreds of GB/s). Set PDTUI_ENV='{\"UCX_LOG_LEVEL\":\"info\"}'"
+                " to see UCX's lanes. See docs/gpu-transport.md.")))
 
     def _check_pools(self) -> None:
         if self._pool_warned:

