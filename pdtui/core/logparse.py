@@ -125,3 +125,33 @@ def parse_line(line: str) -> Parsed | None:
 def is_noise(line: str) -> bool:
     """Lines not worth a log pane (vLLM's per-request access lines)."""
     return '"GET /metrics HTTP' in line or '"GET /health HTTP' in line
+
+
+_PROTO_HEADER = re.compile(r"\| ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ \| remote memory read by ucp_get\S* into cuda\S* from cuda")
+_PROTO_ROW = re.compile(r"\|\s*(?P<range>[\d.]+(?:inf)?)\s*\|\s*(?P<method>[\w -]+?)\s*\|\s*(?P<transport>[\w/]+)\s*\|\s*$")
+
+
+class LogParser:
+    """parse_line() plus the one multi-line thing worth knowing: UCX_PROTO_INFO's table row
+    that says how GPU KV is read (``zero-copy | cuda_ipc/cuda`` or ``software emulation |
+    tcp/lo``). One per instance; it remembers the last table header it saw."""
+
+    def __init__(self) -> None:
+        self._in_gpu_read: str | None = None
+
+    def feed(self, line: str) -> Parsed | None:
+        m = _PROTO_HEADER.search(line)
+        if m:
+            self._in_gpu_read = m.group("scope")
+            return None
+        if self._in_gpu_read is not None:
+            row = _PROTO_ROW.search(line)
+            if row:
+                scope, self._in_gpu_read = self._in_gpu_read, None
+                transport = row.group("transport")
+                return Parsed("kv_read_transport", f"GPU KV read ({scope}): {row.group('method')} over {transport}",
+                              {"scope": scope, "method": row.group("method"), "transport": transport,
+                               "over_tcp": transport.startswith("tcp"), "cuda_ipc": transport.startswith("cuda_ipc")})
+            if "+--" not in line:
+                self._in_gpu_read = None
+        return parse_line(line)

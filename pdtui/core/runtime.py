@@ -79,7 +79,7 @@ class Runtime:
     # ----- events -------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         self.history.append(event)
-        if isinstance(event, ConnectorEvent) and event.what == "ucx_transport":
+        if isinstance(event, ConnectorEvent) and event.what in ("ucx_transport", "kv_read_transport"):
             self._check_transport(event)
         if isinstance(event, ConnectorEvent) and event.what == "kv_metrics":
             self._infer_transport(event)
@@ -218,7 +218,7 @@ class Runtime:
             return
         self._tcp_warned = True
         self.emit(Notice(level="warning", instance=event.instance, text=(
-            f"UCX moves the KV over {event.fields.get('rma')} although P and D share this host"
+            f"UCX moves the KV over {event.fields.get('rma') or event.fields.get('transport')} although P and D share this host"
             " (no CUDA IPC lane): expect ~3 ms per MiB. See docs/gpu-transport.md.")))
 
     def _infer_transport(self, event: ConnectorEvent) -> None:

@@ -207,6 +207,7 @@ class Instance:
 
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
+        parser = logparse.LogParser()
         while True:
             try:
                 raw = await proc.stdout.readline()
@@ -219,7 +220,7 @@ class Instance:
                 continue
             self.log_tail.append(line)
             self._emit(LogLine(instance=self.name, line=line))
-            parsed = logparse.parse_line(line)
+            parsed = parser.feed(line)
             if parsed:
                 self._emit(ConnectorEvent(instance=self.name, what=parsed.what, text=parsed.text, fields=parsed.fields))
 

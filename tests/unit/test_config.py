@@ -118,5 +118,16 @@ def test_shift_ports_moves_every_port_and_keeps_the_original():
 
 def test_dict_settings_from_the_environment_add_to_the_profiles():
     cfg = config.load_profile("one-gpu")
-    config.apply_overrides(cfg, config.env_overrides({"PDTUI_ENV": '{"UCX_TLS": "cuda_ipc,cuda_copy,tcp"}'}))
-    assert cfg.env == {"VLLM_USE_FLASHINFER_SAMPLER": "0", "UCX_TLS": "cuda_ipc,cuda_copy,tcp"}
+    config.apply_overrides(cfg, config.env_overrides({"PDTUI_ENV": '{"UCX_TLS": "tcp", "UCX_LOG_LEVEL": "info"}'}))
+    assert cfg.env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"  # kept from the profile
+    assert cfg.env["UCX_TLS"] == "tcp" and cfg.env["UCX_LOG_LEVEL"] == "info"  # set or replaced
+
+
+def test_gpu_profiles_read_the_kv_over_cuda_ipc():
+    for name in ("one-gpu", "two-gpu"):
+        cfg = config.load_profile(name)
+        p, d = config.render(cfg)
+        for spec in (p, d):
+            assert spec.env["PDTUI_UCX_ERROR_HANDLING_MODE"] == "none"
+            assert "cuda_ipc" in spec.env["UCX_TLS"] and spec.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+            assert json.loads(_flag(spec.argv, "--kv-transfer-config"))["kv_connector_module_path"] == "pdtui.core.nixl_quiet"

@@ -69,3 +69,22 @@ def test_ucx_lane_lines_tell_the_transport():
     intra = next(p for p in got if p.fields["scope"] == "intra-node")
     assert intra.fields["rma"] == "tcp/lo" and intra.fields["over_tcp"] is True
     assert intra.fields["lanes"]["device"] == "cuda_ipc/cuda"
+
+
+def _read_transports(path):
+    from pdtui.core.logparse import LogParser
+
+    parser = LogParser()
+    return [p for p in (parser.feed(line) for line in path.read_text().splitlines()) if p and p.what == "kv_read_transport"]
+
+
+def test_proto_table_says_cuda_ipc_zero_copy_after_the_fix():
+    got = _read_transports(FIX / "vllm-0.22.1-cuda" / "ucx-proto-cuda-ipc.log")
+    assert got and got[0].fields["transport"] == "cuda_ipc/cuda" and got[0].fields["method"] == "zero-copy"
+    assert got[0].fields["cuda_ipc"] is True and got[0].fields["over_tcp"] is False
+
+
+def test_proto_table_says_tcp_software_emulation_by_default():
+    got = _read_transports(FIX / "vllm-0.22.1-cuda" / "ucx-info.log")
+    assert got and got[0].fields["transport"] == "tcp/lo" and got[0].fields["method"] == "software emulation"
+    assert got[0].fields["over_tcp"] is True
