@@ -47,7 +47,7 @@ class FakeVllm:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def __call__(self, scope, receive, send):  # noqa: ANN001
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
         body = b""
@@ -97,13 +97,13 @@ class FakeVllm:
             watch.cancel()
 
 
-async def _wait_disconnect(receive, flag: asyncio.Event) -> None:  # noqa: ANN001
+async def _wait_disconnect(receive, flag: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     flag.set()
 
 
-async def _json(send, status: int, obj: Any) -> None:  # noqa: ANN001
+async def _json(send, status: int, obj: Any) -> None:
     body = json.dumps(obj).encode()
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})

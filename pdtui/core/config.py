@@ -302,7 +302,7 @@ def render(cfg: PairConfig, model_root: Path | None = None, python: str | None =
     mpath = model_path(cfg, model_root)
     specs = []
     for inst in cfg.instances:
-        r = lambda name: cfg.resolved(inst, name)  # noqa: E731
+        r = lambda name: cfg.resolved(inst, name)
         argv = [
             python or sys.executable,
             "-m",

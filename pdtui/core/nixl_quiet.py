@@ -26,7 +26,7 @@ import types
 from vllm.logger import init_logger
 
 try:  # vLLM >= 0.3x: a package
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector  # noqa: F401
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 except ImportError:  # vLLM 0.2x: one module
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl_connector import NixlConnector  # noqa: F401
 
@@ -50,7 +50,7 @@ def _patch(delay_us: int) -> None:
         return
     proxy = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
 
-    def agent(name, cfg, _orig=real.nixlAgent):  # noqa: ANN001, ANN202
+    def agent(name, cfg, _orig=real.nixlAgent):
         cfg.pthrDelay = delay_us
         return _orig(name, cfg)
 
@@ -78,7 +78,7 @@ def _ucx_params(params: dict[str, str]) -> None:
             continue
         real = agent_cls.create_backend
 
-        def create_backend(self, backend, initParams=None, _real=real):  # noqa: ANN001, ANN202, N803
+        def create_backend(self, backend, initParams=None, _real=real):
             init = dict(initParams or {})
             if backend == "UCX":
                 init.update(params)
@@ -94,5 +94,5 @@ try:
         _patch(int(os.environ["PDTUI_NIXL_PROG_DELAY_US"]))
     if os.environ.get("PDTUI_UCX_ERROR_HANDLING_MODE"):
         _ucx_params({"ucx_error_handling_mode": os.environ["PDTUI_UCX_ERROR_HANDLING_MODE"]})
-except Exception as e:  # never break the connector over an optimisation
+except Exception as e:  # noqa: BLE001 - never break the connector over an optimisation
     log.warning("pdtui: could not tune NIXL: %s", e)

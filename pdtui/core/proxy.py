@@ -254,7 +254,7 @@ class Proxy:
         self.decodes = decodes
         self.settings = settings or ProxySettings()
         self.on_trace = on_trace or (lambda t: None)
-        self.health_info = health or (lambda: {})
+        self.health_info = health or (dict)
         self.metrics = ProxyMetrics()
         s = self.settings
         self._p_timeout = httpx.Timeout(s.prefill_timeout_s, connect=s.connect_timeout_s)

@@ -171,7 +171,7 @@ class Runtime:
 
         try:
             await asyncio.wait_for(asyncio.gather(send(), wait_trace()), timeout_s)
-        except (asyncio.TimeoutError, httpx.HTTPError) as e:
+        except (TimeoutError, httpx.HTTPError) as e:
             self.emit(Notice(level="warning", text=f"warm-up request failed: {type(e).__name__}: {e}"))
             return None
         finally:
@@ -283,7 +283,7 @@ class Runtime:
                 await asyncio.wait_for(t, timeout=5)
 
 
-def _ready_fn(inst: Instance):  # noqa: ANN202
+def _ready_fn(inst: Instance):
     return lambda: inst.ready
 
 

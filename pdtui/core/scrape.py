@@ -59,10 +59,9 @@ def parse_metrics(text: str) -> dict[str, float]:
             continue
         for sample in family.samples:
             name = sample.name
-            if name.endswith("_created") or name.endswith("_bucket"):
+            if name.endswith(("_created", "_bucket")):
                 continue
-            if name.endswith("_total"):
-                name = name[: -len("_total")]
+            name = name.removesuffix("_total")
             key = _key(name, sample.labels, keep)
             out[key] = out.get(key, 0.0) + float(sample.value)  # sum over engines/ranks
     return out

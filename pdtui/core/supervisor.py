@@ -253,7 +253,7 @@ class Instance:
         grace = self.stop_grace_s if grace_s is None else grace_s
         try:
             await asyncio.wait_for(self._exited.wait(), timeout=grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _signal_group(self.pid, signal.SIGKILL)
             await asyncio.wait_for(self._exited.wait(), timeout=10.0)
         return self.exit_code

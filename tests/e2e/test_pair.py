@@ -92,11 +92,11 @@ def test_streamed_completion_arrives_by_kv_transfer_and_the_freight_adds_up(pair
 def test_bad_input_gets_4xx_json_and_the_proxy_stays_up(pair):
     url = f"{pair.cfg.proxy_url}/v1/completions"
     cases = {
-        "malformed JSON": dict(content=b'{"model": "tiny", "prompt": ', headers={"content-type": "application/json"}),
-        "unknown model": dict(json={"model": "no-such-model", "prompt": "hi", "max_tokens": 4}),
-        "prompt over max_model_len": dict(json={"model": "tiny", "prompt": "x" * (pair.cfg.max_model_len + 10),
-                                                "max_tokens": 4}),
-        "negative max_tokens": dict(json={"model": "tiny", "prompt": "hi", "max_tokens": -5}),
+        "malformed JSON": {'content': b'{"model": "tiny", "prompt": ', 'headers': {"content-type": "application/json"}},
+        "unknown model": {'json': {"model": "no-such-model", "prompt": "hi", "max_tokens": 4}},
+        "prompt over max_model_len": {'json': {"model": "tiny", "prompt": "x" * (pair.cfg.max_model_len + 10),
+                                                "max_tokens": 4}},
+        "negative max_tokens": {'json': {"model": "tiny", "prompt": "hi", "max_tokens": -5}},
     }
     for what, kw in cases.items():
         r = httpx.post(url, timeout=60, **kw)
