@@ -302,7 +302,9 @@ def render(cfg: PairConfig, model_root: Path | None = None, python: str | None =
     mpath = model_path(cfg, model_root)
     specs = []
     for inst in cfg.instances:
-        r = lambda name: cfg.resolved(inst, name)
+        def r(name: str, inst: InstanceConfig = inst) -> Any:
+            return cfg.resolved(inst, name)
+
         argv = [
             python or sys.executable,
             "-m",
