@@ -30,7 +30,7 @@ class RequestDetail(Static):
     """The selected request's timeline (P leg, hop, D's first token incl. the pull, decode) and its freight."""
 
     DEFAULT_CSS = """
-    RequestDetail { height: auto; max-height: 12; border-top: solid $primary; padding: 0 1; }
+    RequestDetail { height: auto; max-height: 45%; border-top: solid $primary; padding: 0 1; }
     """
 
     request: reactive[RequestTraced | None] = reactive(None, layout=True)

@@ -21,7 +21,7 @@ class InstancePane(Static):
     """
 
     DEFAULT_CSS = """
-    InstancePane { border: round $primary; height: 100%; width: 1fr; padding: 0 1; }
+    InstancePane { border: round $primary; height: 100%; width: 1fr; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     InstancePane.-ready { border: round $success; }
     InstancePane.-starting { border: round $warning; }
     InstancePane.-down { border: heavy $error; background: $error 15%; }
@@ -100,11 +100,14 @@ class InstancePane(Static):
         out.append(f"\nrun {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
         if v.kv_pulled_bytes:
             out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
-        out.append("  req ")
-        out.append(f"{v.pairs} pair", style="green")
-        out.append(f" {v.fallbacks} fb", style="yellow")
-        out.append(f" {v.errors} err", style="bold red" if v.errors else "")
-        tail = v.log[-(self.TAIL_EXPANDED if self.expanded else self.TAIL):]
+        out.append("  pair ")
+        out.append(f"{v.pairs}", style="green")
+        out.append(" fb ")
+        out.append(f"{v.fallbacks}", style="yellow")
+        out.append(" err ")
+        out.append(f"{v.errors}", style="bold red" if v.errors else "")
+        room = max(self.TAIL, self.content_size.height - 4)
+        tail = v.log[-(max(room, self.TAIL_EXPANDED) if self.expanded else room):]
         for line in tail:
             out.append("\n" + line, style="dim")
         return out
