@@ -37,7 +37,7 @@ class FakeInstance:
 
 @dataclass
 class FakeRuntime:
-    geometry: KvGeometry | None = field(default_factory=lambda: KvGeometry(2, 2, 64, "float32", 4))
+    geometry: KvGeometry | None = field(default_factory=lambda: KvGeometry(2, 2, 64, "float16", 2))
     cfg: FakeCfg = field(default_factory=FakeCfg)
     on_kill: Callable[[str], None] | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
