@@ -87,6 +87,14 @@ class PdtuiApp(App[int]):
         self.sub_title = "replay" if self.replay else "live"
         self.consume_events()
         self.start_runtime()
+        if not self.replay:
+            self.set_interval(1.0, self._tick_startup)
+
+    def _tick_startup(self) -> None:
+        """Start-up progress counts seconds even when no event arrives."""
+        for pane in self.query(InstancePane):
+            if pane.view is not None and pane.view.state == "starting":
+                pane.refresh()
 
     def on_resize(self) -> None:
         self.screen.set_class(self.size.width >= 120 and self.size.height >= 40, "-wide")

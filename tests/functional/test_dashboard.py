@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pdtui.app.app import REPLAY_DISABLED, make_app
-from pdtui.app.messages import EventsFolded
+from pdtui.app.messages import EventsFolded, LoadFinished
 from pdtui.app.replay import ReplayRuntime
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
 from pdtui.core.events import ConnectorEvent, MetricsSampled, Notice
@@ -167,3 +167,51 @@ async def test_replay_paces_by_recorded_time() -> None:
     got = [ev async for ev in events]
     assert len(got) == len(rt.events)
     assert sum(waits) == pytest.approx(duration / 10, rel=0.01)
+
+
+async def test_start_failure_is_shown() -> None:
+    fake = FakeRuntime()
+
+    async def boom() -> float:
+        raise RuntimeError("P exited during start-up: CUDA out of memory")
+
+    fake.start = boom  # type: ignore[method-assign]
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        notice = str(app.query_one("#notice").render())
+        assert "start the pair: RuntimeError: P exited during start-up" in notice
+
+
+async def test_load_against_unreachable_proxy_counts_errors() -> None:
+    fake = FakeRuntime()
+    fake.cfg.proxy_url = "http://127.0.0.1:9"  # discard port: connection refused
+    seen: list[object] = []
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
+        await pilot.press("1")
+        for _ in range(100):  # connection refused: fast; bounded anyway
+            if any(isinstance(m, LoadFinished) for m in seen):
+                break
+            await pilot.pause(0.05)
+        await settle(pilot, app)
+        done = [m for m in seen if isinstance(m, LoadFinished)]
+        assert done and done[0].name == "single" and done[0].errors == 1 and done[0].ok == 0
+        assert app.load_totals == {"ok": 0, "errors": 1}
+        assert "load single: 0 ok, 1 errors" in str(app.query_one("#notice").render())
+
+
+async def test_command_palette_has_every_control() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        await settle(pilot, app)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        for want in ("Kill P", "Kill D", "Restart P", "Restart D", "Load: single", "Load: steady", "Load: big",
+                     "Load: mix", "Clear histograms", "Save screenshot"):
+            assert want in titles
+        cmd = next(c for c in app.get_system_commands(app.screen) if c.title == "Restart D")
+        cmd.callback()
+        await settle(pilot, app)
+        assert ("restart", "D") in fake.calls
