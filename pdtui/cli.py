@@ -166,8 +166,11 @@ async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) ->
     record = args.record.open("w") if args.record else None
     if record:
         rt.record_to(record)
+    app = make_app(rt)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or a kill: leave through aclose()
+        loop.add_signal_handler(sig, app.exit)
     try:
-        app = make_app(rt)
         await app.run_async()
         return app.return_code or 0
     finally:

@@ -215,3 +215,12 @@ async def test_command_palette_has_every_control() -> None:
         cmd.callback()
         await settle(pilot, app)
         assert ("restart", "D") in fake.calls
+
+
+async def test_ctrl_c_quits_and_closes_runtime() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+c")
+        await settle(pilot, app)
+    assert any(c[0] == "aclose" for c in fake.calls)
