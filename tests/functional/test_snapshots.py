@@ -56,3 +56,24 @@ def test_live_pair_after_kill_d(snap_compare, size: tuple[int, int]) -> None:  #
         await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+def test_latency_histograms(snap_compare, size: tuple[int, int]) -> None:  # noqa: ANN001
+    fake = FakeRuntime()
+    app = make_app(fake, clock=frozen)
+
+    async def run_before(pilot) -> None:  # noqa: ANN001
+        pair_up(fake)
+        for i in range(40):
+            fake.emit(request(f"pdtui-p{i:04d}", T0 + 70 + i, ttft_ms=200.0 + 15 * (i % 13),
+                              itl=[5.0 + (i % 7), 6.0, 30.0 if i % 10 == 0 else 7.0]))
+        for i in range(8):
+            fake.emit(request(f"pdtui-f{i:04d}", T0 + 120 + i, outcome="fallback", ttft_ms=600.0 + 20 * i,
+                              itl=[12.0, 14.0]))
+        for _ in range(5):
+            await pilot.pause(0.05)
+        await pilot.press("h")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
