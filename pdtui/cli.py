@@ -25,7 +25,9 @@ PRECEDENCE = (
 
 EPILOG = f"""\
 examples:
-  pdtui                                    the default pair for this machine (CPU: tiny model)
+  pdtui                                    the dashboard over the default pair for this machine
+  pdtui up --record run.jsonl              the dashboard, and a recording for replay
+  pdtui replay run.jsonl --speed 10        the dashboard driven by a recording, 10x faster
   pdtui up --headless --record run.jsonl   events as JSON lines, and a recording for replay
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d) or a path
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
@@ -81,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file (for replay)")
     up.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
 
+    rep = sub.add_parser("replay", help="drive the dashboard from a recording (pdtui up --record FILE)",
+                         description="Play a recording into the dashboard, at real speed or faster. Kill, restart"
+                         " and load are disabled in a replay.")
+    rep.add_argument("file", type=Path, help="a JSONL recording from `pdtui up --record`")
+    rep.add_argument("--speed", type=float, default=1.0,
+                     help="1 = real time, 10 = ten times faster, 0 = as fast as possible (default 1)")
+    rep.add_argument("--max-gap", type=float, default=None,
+                     help="cap one wait between events at this many seconds (after --speed)")
+
     cfg = sub.add_parser("config", help="show the rendered vllm serve command lines, and check the pair")
     _add_pair_flags(cfg)
     cfg.add_argument("--json", action="store_true", help="print as JSON")
@@ -99,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["up", "--headless", *(argv or [])])
+        args = parser.parse_args(["up", *(argv or [])])
     try:
         if args.command == "up":
             return run_up(args)
         if args.command == "config":
             return run_config(args)
+        if args.command == "replay":
+            return run_replay(args)
         if args.command == "model":
             if args.model_command != "synth":
                 parser.parse_args(["model", "--help"])
@@ -138,7 +151,51 @@ def run_config(args: argparse.Namespace) -> int:
 
 def run_up(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    return asyncio.run(_up_headless(cfg, args))
+    if args.headless:
+        return asyncio.run(_up_headless(cfg, args))
+    return asyncio.run(_up_dashboard(cfg, args))
+
+
+async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
+    """The dashboard over a live Runtime. Whatever ends the app (q, Ctrl-C, a closed terminal, a
+    crash), ``aclose()`` runs, so both engines and the proxy stop."""
+    from pdtui.app.app import make_app  # textual stays out of the headless path
+    from pdtui.core.runtime import Runtime
+
+    rt = Runtime(cfg)
+    record = args.record.open("w") if args.record else None
+    if record:
+        rt.record_to(record)
+    app = make_app(rt)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or a kill: leave through aclose()
+        loop.add_signal_handler(sig, app.exit)
+    try:
+        await app.run_async()
+        return app.return_code or 0
+    finally:
+        await rt.aclose(reason="dashboard closed")
+        if record:
+            record.close()
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    if not args.file.exists():
+        print(f"pdtui: no such recording: {args.file}", file=sys.stderr)
+        return 2
+    from pdtui.app.app import make_app
+    from pdtui.app.replay import ReplayRuntime
+
+    async def go() -> int:
+        rt = ReplayRuntime(args.file, speed=args.speed, max_gap_s=args.max_gap)
+        app = make_app(rt, replay=True, speed=args.speed)
+        try:
+            await app.run_async()
+        finally:
+            await rt.aclose()
+        return app.return_code or 0
+
+    return asyncio.run(go())
 
 
 async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:

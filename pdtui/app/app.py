@@ -1,0 +1,272 @@
+"""PdtuiApp: the dashboard over a Runtime (live) or a ReplayRuntime (a recording).
+
+The app is a subscriber: one worker folds ``runtime.subscribe()`` into ``DashState`` and posts a
+coalesced ``EventsFolded``; the handler takes one snapshot and hands it to the widgets. Nothing from
+the engines is imported here; controls call the runtime's kill/restart and the load generator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from pdtui.app import loadgen
+from pdtui.app.messages import EventsFolded, LoadFinished, StreamEnded
+from pdtui.app.state import DashState, Snapshot
+from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
+
+REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
+
+
+class PdtuiApp(App[int]):
+    CSS_PATH = "pdtui.tcss"
+    TITLE = "pdtui"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("k", "kill('decode')", "Kill D"),
+        Binding("K", "kill('prefill')", "Kill P"),
+        Binding("r", "restart('decode')", "Restart D"),
+        Binding("R", "restart('prefill')", "Restart P"),
+        Binding("1", "load('single')", "1 req"),
+        Binding("2", "load('steady')", "Streams", show=False),
+        Binding("3", "load('big')", "Big", show=False),
+        Binding("4", "load('mix')", "Mix"),
+        Binding("c", "clear_histograms", "Clear", show=False),
+        Binding("s", "screenshot", "Shot"),
+        Binding("l", "toggle_logs", "Logs"),
+        Binding("t", "show_tab('transfers')", "Transfers", show=False),
+        Binding("h", "show_tab('latency')", "Latency", show=False),
+    ]
+
+    def __init__(self, runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
+                 screenshot_dir: Path | str = "screenshots", speed: float | None = None) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.replay = replay
+        self.clock = clock
+        self.speed = speed
+        self.screenshot_dir = Path(screenshot_dir)
+        self.state = DashState()
+        self.snapshot: Snapshot = self.state.snapshot()
+        self.load_totals = {"ok": 0, "errors": 0}
+        self.ended = False
+        self._events = runtime.subscribe()
+        geometry = getattr(runtime, "geometry", None)
+        self._geometry = geometry
+
+    # ----- layout -------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield PairHeader(clock=self.clock, replay=self.replay, speed=self.speed, id="header")
+        with Horizontal(id="instances"):
+            for name, inst in getattr(self.runtime, "instances", {}).items():
+                yield InstancePane(name, getattr(inst, "role", "?"), clock=self.clock, id=f"pane-{name}")
+        with TabbedContent(id="main", initial="transfers"):
+            with TabPane("Transfers", id="transfers"):
+                yield TransfersTable(id="table")
+                yield RequestDetail(geometry=self._geometry, id="detail")
+            with TabPane("Latency", id="latency-tab"):
+                with Horizontal(id="latency"):
+                    yield LatencyHistogram("TTFT", id="ttft")
+                    yield LatencyHistogram("ITL", id="itl")
+        yield Static("", id="notice")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "replay" if self.replay else "live"
+        self.consume_events()
+        self.start_runtime()
+        if not self.replay:
+            self.set_interval(1.0, self._tick_startup)
+
+    def _tick_startup(self) -> None:
+        """Start-up progress counts seconds even when no event arrives."""
+        for pane in self.query(InstancePane):
+            if pane.view is not None and pane.view.state == "starting":
+                pane.refresh()
+
+    def on_resize(self) -> None:
+        self.screen.set_class(self.size.width >= 120 and self.size.height >= 40, "-wide")
+
+    # ----- the event stream ---------------------------------------------------------------
+    @work(group="events", description="fold the runtime's events", exit_on_error=False)
+    async def consume_events(self) -> None:
+        async for ev in self._events:
+            self.state.apply(ev)
+            self.post_message(EventsFolded(self.state.version))
+        self.post_message(StreamEnded(self.replay))
+
+    @work(group="runtime", description="start the pair", exclusive=True, exit_on_error=False)
+    async def start_runtime(self) -> None:
+        await self.runtime.start()
+
+    @on(EventsFolded)
+    def refresh_views(self) -> None:
+        snap = self.snapshot = self.state.snapshot()
+        header = self.query_one(PairHeader)
+        header.header = snap.header
+        header.last_t = snap.last_t
+        detail = self.query_one(RequestDetail)
+        if snap.header.block_size:
+            detail.block_size = snap.header.block_size
+            detail.bytes_per_token = snap.header.kv_bytes_per_token
+        row = self.query_one("#instances", Horizontal)
+        now = snap.last_t if self.replay else None
+        for view in snap.instances:
+            panes = self.query(f"#pane-{view.name}").results(InstancePane)
+            pane = next(panes, None)
+            if pane is None:
+                pane = InstancePane(view.name, view.role, clock=self.clock, id=f"pane-{view.name}")
+                row.mount(pane)
+            pane.view = view
+            pane.now = now
+        self.query_one(TransfersTable).update(snap.requests)
+        self.query_one("#ttft", LatencyHistogram).update(snap.ttft)
+        self.query_one("#itl", LatencyHistogram).update(snap.itl)
+        if snap.notices:
+            n = snap.notices[-1]
+            self.show_notice(n.text, n.level)
+
+    def show_notice(self, text: str, level: str = "info") -> None:
+        notice = self.query_one("#notice", Static)
+        notice.update(Text(text, no_wrap=True, overflow="ellipsis"))
+        notice.set_class(level == "warning", "-warning")
+        notice.set_class(level == "error", "-error")
+
+    @on(StreamEnded)
+    def stream_ended(self, message: StreamEnded) -> None:
+        self.ended = True
+        if message.replay:
+            self.show_notice("Replay finished: the recording has ended. q quits.", "warning")
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            err = event.worker.error
+            text = f"{event.worker.description}: {type(err).__name__}: {err}"
+            self.show_notice(text, "error")
+            self.notify(text, severity="error", timeout=10)
+
+    # ----- selection ----------------------------------------------------------------------
+    @on(DataTable.RowHighlighted, "#table")
+    @on(DataTable.RowSelected, "#table")
+    def select_request(self, event: DataTable.RowHighlighted | DataTable.RowSelected) -> None:
+        if event.row_key is None or event.row_key.value is None:
+            return
+        self.query_one(RequestDetail).request = self.snapshot.request(event.row_key.value)
+
+    # ----- controls -----------------------------------------------------------------------
+    def instance_for(self, role_or_name: str) -> str | None:
+        names = [i.name for i in self.snapshot.instances] or list(getattr(self.runtime, "instances", {}))
+        if role_or_name in names:
+            return role_or_name
+        for inst in self.snapshot.instances:
+            if inst.role == role_or_name:
+                return inst.name
+        for name, inst in getattr(self.runtime, "instances", {}).items():
+            if getattr(inst, "role", None) == role_or_name:
+                return name
+        return None
+
+    def _refuse_in_replay(self) -> bool:
+        if self.replay:
+            self.show_notice(REPLAY_DISABLED, "warning")
+            self.notify(REPLAY_DISABLED, severity="warning")
+        return self.replay
+
+    def action_kill(self, which: str) -> None:
+        if self._refuse_in_replay():
+            return
+        name = self.instance_for(which)
+        if name is None:
+            self.notify(f"no {which} instance", severity="warning")
+            return
+        self.run_worker(self.runtime.kill(name), group="control", description=f"kill {name}", exit_on_error=False)
+
+    def action_restart(self, which: str) -> None:
+        if self._refuse_in_replay():
+            return
+        name = self.instance_for(which)
+        if name is None:
+            self.notify(f"no {which} instance", severity="warning")
+            return
+        self.run_worker(self.runtime.restart(name), group="control", description=f"restart {name}",
+                        exit_on_error=False)
+
+    def action_load(self, scenario: str) -> None:
+        if self._refuse_in_replay():
+            return
+        desc = loadgen.SCENARIOS[scenario][0]
+        self.show_notice(f"load: {desc} ...")
+        self.run_load(scenario)
+
+    @work(group="load", description="load generator", exit_on_error=False)
+    async def run_load(self, scenario: str) -> None:
+        res = await loadgen.run(scenario, self.runtime.cfg.proxy_url, self.runtime.cfg.model_name)
+        self.post_message(LoadFinished(scenario, res.ok, res.errors))
+
+    @on(LoadFinished)
+    def load_finished(self, message: LoadFinished) -> None:
+        self.load_totals["ok"] += message.ok
+        self.load_totals["errors"] += message.errors
+        level = "error" if message.errors else "info"
+        self.show_notice(f"load {message.name}: {message.ok} ok, {message.errors} errors"
+                         f" (total {self.load_totals['ok']} ok, {self.load_totals['errors']} errors)", level)
+
+    def action_clear_histograms(self) -> None:
+        self.state.clear_latency()
+        self.post_message(EventsFolded(self.state.version))
+
+    def action_screenshot(self) -> None:
+        self.screenshot_dir.mkdir(parents=True, exist_ok=True)
+        path = self.save_screenshot(path=str(self.screenshot_dir))
+        self.show_notice(f"screenshot saved: {path}")
+
+    def action_toggle_logs(self) -> None:
+        row = self.query_one("#instances")
+        expanded = not row.has_class("-expanded")
+        row.set_class(expanded, "-expanded")
+        for pane in self.query(InstancePane):
+            pane.expanded = expanded
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = "transfers" if tab == "transfers" else "latency-tab"
+
+    async def action_quit(self) -> None:
+        self.show_notice("stopping the engines and the proxy ...", "warning")
+        try:
+            await self.runtime.aclose()
+        finally:
+            self.exit(0)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        names = [(i.name, i.role) for i in self.snapshot.instances] or [
+            (n, getattr(i, "role", "?")) for n, i in getattr(self.runtime, "instances", {}).items()]
+        for name, role in names:
+            yield SystemCommand(f"Kill {name}", f"SIGKILL {name} ({role}) and watch the consequence",
+                                lambda n=name: self.action_kill(n))
+            yield SystemCommand(f"Restart {name}", f"Stop and start {name} ({role})",
+                                lambda n=name: self.action_restart(n))
+        for key, (desc, _) in loadgen.SCENARIOS.items():
+            yield SystemCommand(f"Load: {key}", desc, lambda k=key: self.action_load(k))
+        yield SystemCommand("Clear histograms", "Forget the TTFT and ITL samples", self.action_clear_histograms)
+        yield SystemCommand("Save screenshot", f"SVG into {self.screenshot_dir}/", self.action_screenshot)
+        yield SystemCommand("Toggle log tails", "Expand or shrink the instances' log tails", self.action_toggle_logs)
+
+
+def make_app(runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
+             screenshot_dir: Path | str = "screenshots", speed: float | None = None) -> PdtuiApp:
+    """The one factory for the CLI and the tests."""
+    return PdtuiApp(runtime, replay=replay or bool(getattr(runtime, "replay", False)), clock=clock,
+                    screenshot_dir=screenshot_dir, speed=speed)

@@ -1,0 +1,43 @@
+"""App-level messages: dataclasses named NounVerbed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+
+
+@dataclass
+class EventsFolded(Message):
+    """The view model changed. High rate (every log line, every scrape): a newer one replaces an
+    older one still in the queue, so the app takes one snapshot per batch, not one per event."""
+
+    version: int
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, EventsFolded)
+
+
+@dataclass
+class RequestSelected(Message):
+    """A row of the transfers table was selected."""
+
+    request_id: str
+
+
+@dataclass
+class LoadFinished(Message):
+    """A load-generator run ended."""
+
+    name: str
+    ok: int
+    errors: int
+    detail: str = ""
+
+
+@dataclass
+class StreamEnded(Message):
+    """The event stream ended (runtime closed, or the replay reached its end)."""
+
+    replay: bool

@@ -1,0 +1,129 @@
+"""ReplayRuntime: the Runtime's interface, driven by a recording (``pdtui up --record FILE``).
+
+The dashboard cannot tell it from a live Runtime except by ``replay = True``: events arrive in
+file order, spaced as they were recorded divided by ``speed``. Controls (kill, restart, load)
+raise ``ReplayControlsDisabled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdtui.core.events import Event, InstanceStateChanged, RuntimeStarted, from_json
+
+_END = object()
+
+
+class ReplayControlsDisabled(RuntimeError):
+    pass
+
+
+@dataclass
+class ReplayConfig:
+    """The few PairConfig fields the dashboard reads, from the recording's RuntimeStarted."""
+
+    profile_name: str = "?"
+    model_name: str = "?"
+    proxy_url: str = ""
+    block_size: int = 0
+
+
+@dataclass
+class ReplayInstance:
+    name: str
+    role: str
+    url: str = ""
+    state: str = "unknown"
+
+
+@dataclass
+class ReplayRuntime:
+    path: Path
+    speed: float = 1.0
+    """1 = real time; 10 = ten times faster; 0 or less = as fast as possible."""
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+    max_gap_s: float | None = None
+    """Cap on one wait between events (after dividing by speed); None = no cap."""
+    replay: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.events: list[Event] = [from_json(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self.cfg = ReplayConfig()
+        self.instances: dict[str, ReplayInstance] = {}
+        self.geometry = None
+        self.history: list[Event] = []
+        self.finished = asyncio.Event()
+        self._subscribers: list[asyncio.Queue[Any]] = []
+        self._closed = False
+        for ev in self.events:
+            if isinstance(ev, RuntimeStarted):
+                self.cfg = ReplayConfig(ev.profile, ev.model, ev.proxy_url, ev.block_size)
+                for spec in ev.instances:
+                    self.instances[spec["name"]] = ReplayInstance(spec["name"], spec.get("role", "?"), spec.get("url", ""))
+                break
+
+    def subscribe(self) -> AsyncIterator[Event]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._subscribers.append(q)
+
+        async def gen() -> AsyncIterator[Event]:
+            try:
+                while True:
+                    item = await q.get()
+                    if item is _END:
+                        return
+                    yield item
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._subscribers.remove(q)
+
+        return gen()
+
+    def _emit(self, item: Any) -> None:
+        if isinstance(item, Event):
+            self.history.append(item)
+            if isinstance(item, InstanceStateChanged) and item.instance in self.instances:
+                self.instances[item.instance].state = item.state
+        for q in self._subscribers:
+            q.put_nowait(item)
+
+    async def start(self) -> float:
+        """Play the recording; return its recorded duration in seconds."""
+        prev: float | None = None
+        for ev in self.events:
+            if self._closed:
+                break
+            if prev is not None and self.speed > 0:
+                gap = max(0.0, ev.t - prev) / self.speed
+                if self.max_gap_s is not None:
+                    gap = min(gap, self.max_gap_s)
+                if gap > 0:
+                    await self.sleep(gap)
+            prev = ev.t if prev is None else max(prev, ev.t)
+            self._emit(ev)
+        self.finished.set()
+        self._emit(_END)
+        if not self.events:
+            return 0.0
+        return self.events[-1].t - self.events[0].t
+
+    async def kill(self, name: str) -> int | None:
+        raise ReplayControlsDisabled("this is a replay: kill is disabled")
+
+    async def restart(self, name: str) -> float:
+        raise ReplayControlsDisabled("this is a replay: restart is disabled")
+
+    async def stop_instance(self, name: str) -> int | None:
+        raise ReplayControlsDisabled("this is a replay: stop is disabled")
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._emit(_END)

@@ -1,0 +1,290 @@
+"""The dashboard's view model: folds the Runtime's events into immutable snapshots.
+
+Pure Python, no Textual: the app feeds every event to ``DashState.apply()`` and hands
+``DashState.snapshot()`` to its widgets, which only render. Tests drive it with plain events.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdtui.core import scrape
+from pdtui.core.events import (
+    ConnectorEvent,
+    Event,
+    InstanceStateChanged,
+    LogLine,
+    MetricsSampled,
+    Notice,
+    PairReady,
+    ProxyStarted,
+    RequestTraced,
+    RuntimeStarted,
+    RuntimeStopped,
+)
+
+LOG_LINES = 200
+"""Log lines kept per instance (the pane shows the tail of these)."""
+REQUESTS = 200
+"""Requests kept for the transfers table."""
+LATENCY_WINDOW = 1000
+"""Samples kept per histogram (TTFT: one per request; ITL: one per chunk gap)."""
+NOTICES = 50
+
+# Connector milestones a pane shows, in the order they happen.
+MILESTONES = ("nixl_available", "connector_created", "registered", "handshake", "compat_ok", "compat_failed",
+              "transfer_failure", "engine_error")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    name: str
+    role: str
+    url: str = ""
+    state: str = "unknown"
+    pid: int | None = None
+    exit_code: int | None = None
+    detail: str = ""
+    started_t: float | None = None
+    """Event time of the last `starting` (for the start-up progress indication)."""
+    elapsed_s: float | None = None
+    milestones: tuple[tuple[str, str], ...] = ()
+    """(what, the engine's own words), latest per kind, in first-seen order."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    log: tuple[str, ...] = ()
+    errors: int = 0
+    """Requests that ended in error with this instance on their path."""
+    fallbacks: int = 0
+    pairs: int = 0
+
+    @property
+    def kv_usage(self) -> float | None:
+        return self.metrics.get("vllm:kv_cache_usage_perc")
+
+    @property
+    def pool_tokens(self) -> int | None:
+        return scrape.kv_pool_tokens(self.metrics)
+
+    @property
+    def pool_blocks(self) -> int | None:
+        blocks = self.metrics.get("cache_config:num_gpu_blocks")
+        return int(blocks) if blocks else None
+
+    @property
+    def free_blocks(self) -> int | None:
+        if self.pool_blocks is None or self.kv_usage is None:
+            return None
+        return int(round(self.pool_blocks * (1.0 - self.kv_usage)))
+
+    @property
+    def running(self) -> int | None:
+        v = self.metrics.get("vllm:num_requests_running")
+        return None if v is None else int(v)
+
+    @property
+    def waiting(self) -> int | None:
+        v = self.metrics.get("vllm:num_requests_waiting")
+        return None if v is None else int(v)
+
+    @property
+    def kv_pulled_bytes(self) -> float | None:
+        return self.metrics.get("vllm:nixl_bytes_transferred_sum")
+
+    @property
+    def external_tokens(self) -> float | None:
+        return self.metrics.get('vllm:prompt_tokens_by_source{source="external_kv_transfer"}')
+
+    @property
+    def bad(self) -> bool:
+        return self.state == "failed" or (self.state == "exited" and self.exit_code not in (0, None)) or (
+            self.state == "exited" and "killed" in self.detail)
+
+
+@dataclass(frozen=True)
+class Header:
+    profile: str = "?"
+    model: str = "?"
+    model_shape: str | None = None
+    connector: str = "?"
+    device: str = "?"
+    proxy_url: str = ""
+    vllm_version: str | None = None
+    kv_bytes_per_token: int | None = None
+    block_size: int = 0
+    started_t: float | None = None
+    ready_s: float | None = None
+    stopped: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    header: Header
+    instances: tuple[InstanceView, ...]
+    requests: tuple[RequestTraced, ...]
+    ttft: tuple[tuple[float, str], ...]
+    """(ms, outcome) per request with a TTFT."""
+    itl: tuple[tuple[float, str], ...]
+    counts: dict[str, int]
+    notices: tuple[Notice, ...]
+    last_t: float | None
+    """Time of the newest event (a replay's clock)."""
+    version: int
+
+    def instance(self, name: str) -> InstanceView | None:
+        return next((i for i in self.instances if i.name == name), None)
+
+    def request(self, request_id: str) -> RequestTraced | None:
+        return next((r for r in self.requests if r.request_id == request_id), None)
+
+
+class DashState:
+    """Mutable folder of events; ``snapshot()`` freezes the current view."""
+
+    def __init__(self) -> None:
+        self.header = Header()
+        self.instances: dict[str, InstanceView] = {}
+        self._logs: dict[str, collections.deque[str]] = {}
+        self.requests: collections.deque[RequestTraced] = collections.deque(maxlen=REQUESTS)
+        self.ttft: collections.deque[tuple[float, str]] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.itl: collections.deque[tuple[float, str]] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0}
+        self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
+        self.last_t: float | None = None
+        self.version = 0
+
+    def _inst(self, name: str, role: str = "?") -> InstanceView:
+        if name not in self.instances:
+            self.instances[name] = InstanceView(name=name, role=role)
+            self._logs[name] = collections.deque(maxlen=LOG_LINES)
+        return self.instances[name]
+
+    def _set(self, name: str, **changes: Any) -> None:
+        self.instances[name] = dataclasses.replace(self._inst(name), **changes)
+
+    def apply(self, ev: Event) -> None:
+        self.version += 1
+        self.last_t = ev.t if self.last_t is None else max(self.last_t, ev.t)
+        if isinstance(ev, RuntimeStarted):
+            self.header = Header(
+                profile=ev.profile, model=ev.model, model_shape=ev.model_shape, connector=ev.connector,
+                device=ev.device, proxy_url=ev.proxy_url, vllm_version=ev.vllm_version,
+                kv_bytes_per_token=ev.kv_bytes_per_token, block_size=ev.block_size, started_t=ev.t)
+            for spec in ev.instances:
+                self._inst(spec["name"], spec.get("role", "?"))
+                self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""))
+        elif isinstance(ev, ProxyStarted):
+            self.header = dataclasses.replace(self.header, proxy_url=ev.url)
+        elif isinstance(ev, InstanceStateChanged):
+            inst = self._inst(ev.instance, ev.role)
+            changes: dict[str, Any] = dict(role=ev.role, state=ev.state, pid=ev.pid, exit_code=ev.exit_code,
+                                           detail=ev.detail, elapsed_s=ev.elapsed_s)
+            if ev.state == "starting":
+                changes["started_t"] = ev.t
+                if inst.state in ("exited", "failed"):
+                    changes["metrics"] = {}
+            self._set(ev.instance, **changes)
+        elif isinstance(ev, LogLine):
+            self._inst(ev.instance)
+            self._logs[ev.instance].append(ev.line)
+        elif isinstance(ev, ConnectorEvent):
+            inst = self._inst(ev.instance)
+            ms = dict(inst.milestones)
+            ms[ev.what] = ev.text
+            self._set(ev.instance, milestones=tuple(ms.items()))
+        elif isinstance(ev, MetricsSampled):
+            self._inst(ev.instance)
+            self._set(ev.instance, metrics=dict(ev.values))
+        elif isinstance(ev, RequestTraced):
+            if ev.warmup:
+                return
+            self.requests.append(ev)
+            self.counts[ev.outcome] = self.counts.get(ev.outcome, 0) + 1
+            if ev.ttft_ms is not None and ev.outcome != "error":
+                self.ttft.append((ev.ttft_ms, ev.outcome))
+            for gap in ev.itl_ms:
+                self.itl.append((gap, ev.outcome))
+            on_path = [n for n in (ev.prefill, ev.decode) if n]
+            for name in on_path:
+                inst = self._inst(name)
+                if ev.outcome == "error":
+                    self._set(name, errors=inst.errors + 1)
+                elif ev.outcome == "fallback":
+                    self._set(name, fallbacks=inst.fallbacks + 1)
+                else:
+                    self._set(name, pairs=inst.pairs + 1)
+        elif isinstance(ev, Notice):
+            self.notices.append(ev)
+        elif isinstance(ev, PairReady):
+            self.header = dataclasses.replace(self.header, ready_s=ev.elapsed_s)
+        elif isinstance(ev, RuntimeStopped):
+            self.header = dataclasses.replace(self.header, stopped=ev.reason or "stopped")
+
+    def clear_latency(self) -> None:
+        self.version += 1
+        self.ttft.clear()
+        self.itl.clear()
+
+    def snapshot(self) -> Snapshot:
+        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())))
+                          for i in self.instances.values())
+        return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
+                        ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),
+                        notices=tuple(self.notices), last_t=self.last_t, version=self.version)
+
+
+def transfer_ms(req: RequestTraced) -> float | None:
+    """D's first token including the KV pull: the best per-request transfer figure the proxy has."""
+    return req.decode_ttft_ms
+
+
+def mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+def itl_stats(req: RequestTraced) -> tuple[float | None, float | None]:
+    if not req.itl_ms:
+        return None, None
+    return percentile(req.itl_ms, 50), max(req.itl_ms)
+
+
+def timeline(req: RequestTraced) -> list[tuple[str, float, float]]:
+    """(leg, start ms, end ms) from the proxy receiving the request."""
+    out: list[tuple[str, float, float]] = []
+    t = 0.0
+    if req.prefill_ms is not None:
+        out.append(("P prefill (+1 token)", t, t + req.prefill_ms))
+        t += req.prefill_ms
+    if req.hop_ms is not None:
+        out.append(("proxy hop", t, t + req.hop_ms))
+        t += req.hop_ms
+    if req.decode_ttft_ms is not None:
+        out.append(("D first token incl. KV pull", t, t + req.decode_ttft_ms))
+        t += req.decode_ttft_ms
+    if req.total_ms is not None and req.total_ms > t:
+        out.append(("D decode stream", t, req.total_ms))
+    return out
+
+
+def freight_tokens(req: RequestTraced, block_size: int) -> int | None:
+    """Tokens whose KV ships: whole blocks (NIXL moves blocks), else the prompt."""
+    if req.blocks is not None and block_size:
+        return req.blocks * block_size
+    return req.prompt_tokens
+
+
+def fmt_num(v: float | None, spec: str = ".0f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)

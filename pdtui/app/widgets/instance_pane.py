@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from pdtui.app.state import InstanceView, fmt_num
+
+STARTUP_STEPS = ("nixl_available", "kv_pool", "connector_created", "registered")
+STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "stopping": "yellow", "exited": "bold red",
+               "failed": "bold red", "unknown": "dim"}
+
+
+class InstancePane(Static):
+    """One engine: state, connector milestones in the engine's words, KV pool, queue, log tail.
+
+    Classes: ``-ready``, ``-starting``, ``-down`` (exited or failed: red), ``-expanded`` (long log tail).
+    """
+
+    DEFAULT_CSS = """
+    InstancePane { border: round $primary; height: 100%; width: 1fr; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    InstancePane.-ready { border: round $success; }
+    InstancePane.-starting { border: round $warning; }
+    InstancePane.-down { border: heavy $error; background: $error 15%; }
+    """
+
+    view: reactive[InstanceView | None] = reactive(None, layout=True)
+    """The instance's snapshot."""
+    expanded: reactive[bool] = reactive(False, layout=True)
+    """Show a long log tail instead of the last lines."""
+    now: reactive[float | None] = reactive(None)
+    """Clock for the start-up progress (event time in a replay)."""
+
+    TAIL = 2
+    TAIL_EXPANDED = 40
+
+    def __init__(self, name: str, role: str = "?", *, clock: Callable[[], float] = time.time,
+                 id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.instance_name = name
+        self.clock = clock
+        self.view = InstanceView(name=name, role=role)
+
+    def watch_view(self, view: InstanceView | None) -> None:
+        if view is None:
+            return
+        self.border_title = f"{view.name} ({view.role})"
+        self.border_subtitle = view.url.removeprefix("http://")
+        self.set_class(view.state == "ready", "-ready")
+        self.set_class(view.state in ("starting", "stopping"), "-starting")
+        self.set_class(view.state in ("exited", "failed"), "-down")
+
+    def watch_expanded(self, expanded: bool) -> None:
+        self.set_class(expanded, "-expanded")
+
+    def state_line(self, v: InstanceView) -> Text:
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(v.state.upper() if v.state in ("exited", "failed") else v.state, style=STATE_STYLE.get(v.state, ""))
+        if v.state == "starting":
+            done = sum(1 for s in STARTUP_STEPS if s in dict(v.milestones))
+            now = self.now if self.now is not None else self.clock()
+            secs = now - v.started_t if v.started_t is not None else 0
+            t.append(f" {'▰' * done}{'▱' * (len(STARTUP_STEPS) - done)} {max(0, secs):.0f}s", style="yellow")
+        elif v.state == "ready":
+            t.append(f" in {v.elapsed_s:.1f}s" if v.elapsed_s is not None else "", style="green")
+        elif v.state in ("exited", "failed"):
+            t.append(f" code {v.exit_code}" if v.exit_code is not None else "", style="bold red")
+        if v.detail and v.state != "starting":
+            t.append(f"  {v.detail}", style="dim")
+        return t
+
+    def render(self) -> Text:
+        v = self.view
+        assert v is not None
+        out = Text(no_wrap=True, overflow="ellipsis")
+        out.append_text(self.state_line(v))
+        ms = dict(v.milestones)
+        out.append("\n")
+        flags = []
+        for key, label in (("registered", "reg"), ("handshake", "hs"), ("compat_ok", "compat")):
+            flags.append((f"{label}✓", "green") if key in ms else (f"{label}·", "dim"))
+        if "compat_failed" in ms:
+            flags.append(("compat✗", "bold red"))
+        for label, style in flags:
+            out.append(label + " ", style=style)
+        latest = next((ms[k] for k in ("compat_failed", "transfer_failure", "engine_error", "compat_ok", "handshake",
+                                       "registered", "connector_created", "nixl_available") if k in ms), "")
+        out.append(latest, style="italic dim")
+        out.append("\nKV ")
+        pool = v.pool_tokens
+        out.append(f"{pool:,} tok" if pool else "? tok")
+        usage = v.kv_usage
+        out.append(f" use {usage * 100:.1f}%" if usage is not None else " use -",
+                   style="bold red" if usage and usage > 0.9 else "bold")
+        if v.free_blocks is not None:
+            out.append(f" free {v.free_blocks:,}/{v.pool_blocks:,} blk")
+        out.append(f"\nrun {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
+        if v.kv_pulled_bytes:
+            out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
+        out.append("  pair ")
+        out.append(f"{v.pairs}", style="green")
+        out.append(" fb ")
+        out.append(f"{v.fallbacks}", style="yellow")
+        out.append(" err ")
+        out.append(f"{v.errors}", style="bold red" if v.errors else "")
+        room = max(self.TAIL, self.content_size.height - 4)
+        tail = v.log[-(max(room, self.TAIL_EXPANDED) if self.expanded else room):]
+        for line in tail:
+            out.append("\n" + line, style="dim")
+        return out

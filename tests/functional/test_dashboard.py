@@ -1,0 +1,226 @@
+"""Pilot tests of the dashboard against a scripted FakeRuntime and a real recording (no engines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdtui.app.app import REPLAY_DISABLED, make_app
+from pdtui.app.messages import EventsFolded, LoadFinished
+from pdtui.app.replay import ReplayRuntime
+from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
+from pdtui.core.events import ConnectorEvent, MetricsSampled, Notice
+from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
+SIZES = [(80, 24), (160, 48)]
+pytestmark = pytest.mark.anyio
+
+
+def clock() -> float:
+    return T0 + 100.0
+
+
+def pair_up(fake: FakeRuntime) -> None:
+    fake.emit(started(), state("P", "starting", T0 + 1, pid=11), state("D", "starting", T0 + 2, pid=12),
+              ConnectorEvent(instance="D", what="registered", text="Registering KV_Caches. use_mla: False", t=T0 + 50),
+              ConnectorEvent(instance="D", what="compat_ok", text="NIXL compatibility check passed (hash: 1c00)",
+                             t=T0 + 60),
+              state("P", "ready", T0 + 61, pid=11, elapsed_s=60.0), state("D", "ready", T0 + 62, pid=12, elapsed_s=60.0),
+              MetricsSampled(instance="D", t=T0 + 63, values={
+                  "vllm:kv_cache_usage_perc": 0.25, "vllm:num_requests_running": 3, "vllm:num_requests_waiting": 1,
+                  "cache_config:kv_cache_size_tokens": 262144, "cache_config:num_gpu_blocks": 2048}))
+
+
+async def settle(pilot, app) -> None:  # noqa: ANN001
+    for _ in range(5):
+        await pilot.pause(0.05)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_panes_show_states_and_pool(size: tuple[int, int]) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        fake.emit(started(), state("P", "starting", T0 + 1, pid=11))
+        await settle(pilot, app)
+        p = app.query_one("#pane-P", InstancePane)
+        assert p.view.state == "starting" and p.has_class("-starting")
+        assert "▱" in str(p.render())  # start-up progress indication
+        pair_up(fake)
+        await settle(pilot, app)
+        d = app.query_one("#pane-D", InstancePane)
+        assert d.view.state == "ready" and d.has_class("-ready")
+        text = str(d.render())
+        assert "NIXL compatibility check passed" in text
+        assert "262,144 tok" in text and "use 25.0%" in text and "free 1,536/2,048 blk" in text
+        assert "run 3 wait 1" in text
+        assert ("start", None) in fake.calls
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_request_row_and_formula(size: tuple[int, int]) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)
+        fake.emit(request("pdtui-aaaa0001", T0 + 70, prompt=480, blocks=4))
+        await settle(pilot, app)
+        table = app.query_one(TransfersTable)
+        assert table.row_count == 1
+        row = table.get_row("pdtui-aaaa0001")
+        assert row[1] == "480" and row[2] == "4" and row[3] == "0.50" and str(row[-1]) == "pair"
+        table.focus()
+        await pilot.press("enter")
+        await settle(pilot, app)
+        detail = app.query_one(RequestDetail)
+        assert detail.request is not None and detail.request.request_id == "pdtui-aaaa0001"
+        # 2 layers x 2 KV heads x 64 head_dim x 2 x 2 B x (4 blocks x 128 tokens) = 524,288 B
+        formula = detail.formula()
+        assert "4 blocks x 128 tokens = 512 tokens" in formula
+        assert "2 layers x 2 KV heads x 64 head_dim x 2 (K,V) x 2 B (float16) x 512 tokens = 524,288 B = 0.50 MiB" \
+            in formula
+        assert "D first token incl. KV pull" in str(detail.render())
+
+
+async def test_kill_d_turns_pane_red_and_counts_error() -> None:
+    fake = FakeRuntime()
+    seen: list[object] = []
+
+    def on_kill(name: str) -> None:
+        fake.emit(Notice(level="warning", instance=name, text=f"killing {name} (decode)", t=T0 + 80),
+                  state(name, "exited", T0 + 81, exit_code=-9, detail="killed by pdtui (drill)"),
+                  request("pdtui-dead0001", T0 + 81, outcome="error", status=200, error="D died mid-stream",
+                          itl=[1.0, 2.0]))
+
+    fake.on_kill = on_kill
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
+        pair_up(fake)
+        await settle(pilot, app)
+        d = app.query_one("#pane-D", InstancePane)
+        assert not d.has_class("-down")
+        await pilot.press("k")
+        await settle(pilot, app)
+        assert ("kill", "D") in fake.calls
+        assert d.has_class("-down") and d.view.state == "exited"
+        assert d.styles.border_top[0] == "heavy"
+        assert d.view.errors == 1 and app.snapshot.counts["error"] == 1
+        assert "EXITED code -9" in str(d.render())
+        assert any(isinstance(m, EventsFolded) for m in seen)
+        await pilot.press("K")
+        await settle(pilot, app)
+        assert ("kill", "P") in fake.calls
+
+
+async def test_quit_closes_runtime() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("q")
+        await settle(pilot, app)
+    assert ("aclose", "closed") in fake.calls
+
+
+async def test_clear_histograms_and_screenshot(tmp_path: Path) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock, screenshot_dir=tmp_path)
+    async with app.run_test(size=(160, 48)) as pilot:
+        pair_up(fake)
+        fake.emit(request("r1", T0 + 70), request("r2", T0 + 71, outcome="fallback", ttft_ms=900.0))
+        await settle(pilot, app)
+        assert len(app.snapshot.ttft) == 2 and {o for _, o in app.snapshot.ttft} == {"pair", "fallback"}
+        await pilot.press("c")
+        await settle(pilot, app)
+        assert app.snapshot.ttft == () and app.snapshot.itl == ()
+        await pilot.press("s")
+        await settle(pilot, app)
+        assert list(tmp_path.glob("*.svg"))
+
+
+async def test_replay_reaches_end_and_is_marked() -> None:
+    rt = ReplayRuntime(FIXTURE, speed=0)
+    app = make_app(rt, clock=clock, speed=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await rt.finished.wait()
+        await settle(pilot, app)
+        assert app.replay and app.ended
+        assert "REPLAY" in str(app.query_one("#header").render())
+        assert app.snapshot.header.stopped == "signal"
+        assert app.query_one(TransfersTable).row_count == 5  # the warm-up request is not shown
+        assert {i.name: i.state for i in app.snapshot.instances} == {"P": "exited", "D": "exited"}
+        await pilot.press("k")
+        await settle(pilot, app)
+        assert REPLAY_DISABLED in str(app.query_one("#notice").render())
+
+
+async def test_replay_paces_by_recorded_time() -> None:
+    waits: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        waits.append(s)
+
+    rt = ReplayRuntime(FIXTURE, speed=10, sleep=fake_sleep)
+    events = rt.subscribe()
+    duration = await rt.start()
+    got = [ev async for ev in events]
+    assert len(got) == len(rt.events)
+    assert sum(waits) == pytest.approx(duration / 10, rel=0.01)
+
+
+async def test_start_failure_is_shown() -> None:
+    fake = FakeRuntime()
+
+    async def boom() -> float:
+        raise RuntimeError("P exited during start-up: CUDA out of memory")
+
+    fake.start = boom  # type: ignore[method-assign]
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        notice = str(app.query_one("#notice").render())
+        assert "start the pair: RuntimeError: P exited during start-up" in notice
+
+
+async def test_load_against_unreachable_proxy_counts_errors() -> None:
+    fake = FakeRuntime()
+    fake.cfg.proxy_url = "http://127.0.0.1:9"  # discard port: connection refused
+    seen: list[object] = []
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
+        await pilot.press("1")
+        for _ in range(100):  # connection refused: fast; bounded anyway
+            if any(isinstance(m, LoadFinished) for m in seen):
+                break
+            await pilot.pause(0.05)
+        await settle(pilot, app)
+        done = [m for m in seen if isinstance(m, LoadFinished)]
+        assert done and done[0].name == "single" and done[0].errors == 1 and done[0].ok == 0
+        assert app.load_totals == {"ok": 0, "errors": 1}
+        assert "load single: 0 ok, 1 errors" in str(app.query_one("#notice").render())
+
+
+async def test_command_palette_has_every_control() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        await settle(pilot, app)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        for want in ("Kill P", "Kill D", "Restart P", "Restart D", "Load: single", "Load: steady", "Load: big",
+                     "Load: mix", "Clear histograms", "Save screenshot"):
+            assert want in titles
+        cmd = next(c for c in app.get_system_commands(app.screen) if c.title == "Restart D")
+        cmd.callback()
+        await settle(pilot, app)
+        assert ("restart", "D") in fake.calls
+
+
+async def test_ctrl_c_quits_and_closes_runtime() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+c")
+        await settle(pilot, app)
+    assert any(c[0] == "aclose" for c in fake.calls)
