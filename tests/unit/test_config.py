@@ -114,3 +114,18 @@ def test_shift_ports_moves_every_port_and_keeps_the_original():
     assert [i.port for i in moved.instances] == [9100, 9200]
     assert [i.side_channel_port for i in moved.instances] == [6600, 6700]
     assert [i.port for i in cfg.instances] == [8100, 8200]
+
+
+@pytest.mark.parametrize("name", ["cpu", "one-gpu", "two-gpu"])
+def test_render_single_is_the_prefill_instance_without_the_connector(name, tmp_path):
+    cfg = config.load_profile(name)
+    p = config.render(cfg, model_root=tmp_path)[0]
+    s = config.render_single(cfg, model_root=tmp_path)
+    assert s.role == "single" and s.url == p.url
+    assert "--kv-transfer-config" not in s.argv and "--enable-chunked-prefill" in s.argv
+    for flag in ("--dtype", "--kv-cache-dtype", "--block-size", "--max-model-len", "--port", "--tensor-parallel-size"):
+        assert _flag(s.argv, flag) == _flag(p.argv, flag), flag
+    assert s.argv[4] == p.argv[4] and ("--enforce-eager" in s.argv) == ("--enforce-eager" in p.argv)
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "CUDA_VISIBLE_DEVICES"):
+        assert s.env.get(key) == p.env.get(key)
+    assert "PDTUI_NIXL_PROG_DELAY_US" not in s.env
