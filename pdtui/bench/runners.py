@@ -1,0 +1,279 @@
+"""The arms, one after another on the same hardware and the same seeded prompts.
+
+- ``single``: one colocated vLLM instance (``config.render_single``: P's port and core/GPU,
+  chunked prefill, no connector), supervised by ``supervisor.Instance``;
+- ``pair``: the ``Runtime`` (P + D + proxy); every client sample is joined with the proxy's
+  ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped before and
+  after the load to check the traces' bytes.
+
+Whatever happens (an error, Ctrl-C = task cancellation), each arm stops what it started in a
+``finally`` and the ``BenchResult`` keeps every sample measured so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdtui.bench.report import bytes_check
+from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, LoadTarget, Sample, run_follow, run_interference
+from pdtui.core import config as config_mod
+from pdtui.core import scrape
+from pdtui.core.config import PairConfig
+from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
+from pdtui.core.runtime import Runtime
+from pdtui.core.supervisor import Instance
+
+ARMS = ("single", "pair")
+WORKLOADS = ("follow", "interference")
+
+
+@dataclass
+class BenchOptions:
+    arms: tuple[str, ...] = ARMS
+    workloads: tuple[str, ...] = WORKLOADS
+    follow: FollowSpec = field(default_factory=FollowSpec)
+    interference: InterferenceSpec = field(default_factory=InterferenceSpec)
+    seed: int = 0
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    url: str = ""
+    launch: list[dict[str, Any]] = field(default_factory=list)
+    """argv and env of every process of the arm."""
+    ready_s: float | None = None
+    windows: dict[str, list[float]] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    pgids: list[int] = field(default_factory=list)
+    """Process groups started (an instance's pid is its group id): checked gone by the tests."""
+    kv_bytes: dict[str, Any] | None = None
+    """Pair: sum of the traces' kv_bytes vs D's nixl_bytes_transferred delta."""
+    notices: list[str] = field(default_factory=list)
+    error: str | None = None
+    t_start: float | None = None
+    t_end: float | None = None
+
+
+@dataclass
+class BenchResult:
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    interrupted: bool = False
+    error: str | None = None
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    flags: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, ArmResult] = field(default_factory=dict)
+
+
+class Reporter:
+    """Progress callbacks; the CLI gives a rich one, tests a silent one."""
+
+    def phase(self, arm: str, text: str) -> None: ...
+    def progress(self, arm: str, what: str, done: float, total: float) -> None: ...
+    def done(self) -> None: ...
+
+
+def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+    from pdtui.core.vllm_entry import installed_vllm
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = None
+    if config_mod.has_gpu():
+        import subprocess
+
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+    found = installed_vllm()
+    model_arg = config_mod.model_path(cfg)
+    geo = None
+    with contextlib.suppress(Exception):
+        from pdtui.core import kvmath
+
+        g = kvmath.geometry_from_dir(Path(model_arg), cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else cfg.dtype)
+        geo = {"layers": g.layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "dtype": g.dtype,
+               "kv_bytes_per_token": g.bytes_per_token}
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+        "python": platform.python_version(), "vllm": f"{found[0]} {found[1]}" if found else None,
+        "model": cfg.model, "model_path": model_arg, "kv_geometry": geo, "device": cfg.device,
+        "block_size": cfg.block_size, "max_model_len": cfg.max_model_len, "profile": cfg.profile_name,
+    }
+
+
+async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter | None = None,
+                    clock: Clock | None = None) -> BenchResult:
+    """Every requested arm, one after another; fills ``result`` as it goes (so Ctrl-C keeps it)."""
+    reporter = reporter or Reporter()
+    clock = clock or Clock()
+    result.config = config_mod.describe(cfg)
+    result.environment = environment(cfg)
+    try:
+        for arm in opts.arms:
+            if arm == "single":
+                await run_single(cfg, opts, result, reporter, clock)
+            elif arm == "pair":
+                await run_pair(cfg, opts, result, reporter, clock)
+            else:
+                raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    finally:
+        result.finished_at = time.time()
+        reporter.done()
+    return result
+
+
+async def _workloads(target: LoadTarget, opts: BenchOptions, reporter: Reporter) -> None:
+    for wl in opts.workloads:
+        reporter.phase(target.arm, f"{wl}: running")
+        if wl == "follow":
+            await run_follow(target, opts.follow, opts.seed)
+        elif wl == "interference":
+            await run_interference(target, opts.interference, opts.seed)
+        else:
+            raise ValueError(f"unknown workload {wl!r}; workloads: {', '.join(WORKLOADS)}")
+
+
+def _client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
+                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+
+async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                     clock: Clock) -> ArmResult:
+    spec = config_mod.render_single(cfg)
+    arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
+    arm.launch = [{"name": spec.name, "role": spec.role, "argv": spec.argv, "env": spec.env}]
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, InstanceStateChanged):
+            reporter.phase("single", f"{ev.instance} {ev.state} {ev.detail}".strip())
+
+    inst = Instance(spec, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
+                    host=cfg.host, port=cfg.prefills[0].port)
+    try:
+        await inst.spawn()
+        if inst.pid:
+            arm.pgids.append(inst.pid)
+        arm.ready_s = await inst.wait_ready()
+        async with _client() as client:
+            target = LoadTarget("single", spec.url, cfg.model_name, client, clock, arm.samples, arm.windows,
+                                on_progress=lambda what, d, t: reporter.progress("single", what, d, t))
+            await _workloads(target, opts, reporter)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        reporter.phase("single", "stopping")
+        await inst.stop(reason="bench arm done")
+        arm.t_end = clock()
+    return arm
+
+
+async def _scrape_d(rt: Runtime) -> dict[str, float]:
+    """A fresh scrape of every decode instance, summed."""
+    total: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for name, inst in rt.instances.items():
+            if inst.role != "decode":
+                continue
+            values = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
+            for k, v in values.items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
+NIXL_BYTES = "vllm:nixl_bytes_transferred_sum"
+
+
+async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                   clock: Clock) -> ArmResult:
+    rt = Runtime(cfg)
+    arm = result.arms["pair"] = ArmResult("pair", url=cfg.proxy_url, t_start=clock())
+    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in rt.specs]
+    traces: dict[str, RequestTraced] = {}
+    events = rt.subscribe()
+
+    async def collect() -> None:
+        async for ev in events:
+            if isinstance(ev, RequestTraced) and not ev.warmup:
+                traces[ev.request_id] = ev
+            elif isinstance(ev, InstanceStateChanged):
+                if ev.state == "starting" and ev.pid:
+                    arm.pgids.append(ev.pid)
+                reporter.phase("pair", f"{ev.instance} {ev.state} {ev.detail}".strip())
+            elif isinstance(ev, PairReady):
+                reporter.phase("pair", f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
+            elif isinstance(ev, Notice):
+                arm.notices.append(f"{ev.level}: {ev.text}")
+
+    collector = asyncio.create_task(collect(), name="bench-collect")
+    before: dict[str, float] | None = None
+    try:
+        arm.ready_s = await rt.start()
+        before = await _scrape_d(rt)
+        async with _client() as client:
+            target = LoadTarget("pair", cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
+                                on_progress=lambda what, d, t: reporter.progress("pair", what, d, t))
+            await _workloads(target, opts, reporter)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        reporter.phase("pair", "joining traces")
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await _wait_traces(arm.samples, traces, timeout_s=10)
+        _join(arm.samples, traces)
+        if before is not None:
+            after = None
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                after = await _scrape_d(rt)
+            arm.kv_bytes = bytes_check(
+                [_trace_dict(t) for t in traces.values()], before.get(NIXL_BYTES),
+                after.get(NIXL_BYTES) if after else None,
+                rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
+        reporter.phase("pair", "stopping")
+        await rt.aclose(reason="bench arm done")
+        collector.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await collector
+        arm.t_end = clock()
+    return arm
+
+
+async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:
+    want = {s.request_id for s in samples}
+    deadline = time.monotonic() + timeout_s
+    while not want <= set(traces) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def _trace_dict(t: RequestTraced) -> dict[str, Any]:
+    return {k: getattr(t, k) for k in ("outcome", "status", "prefill", "decode", "prompt_tokens", "chunks",
+                                       "prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms", "total_ms",
+                                       "blocks", "kv_bytes", "fallback_reason", "error")}
+
+
+def _join(samples: list[Sample], traces: dict[str, RequestTraced]) -> None:
+    for s in samples:
+        t = traces.get(s.request_id)
+        if t is not None:
+            s.trace = _trace_dict(t)
+
