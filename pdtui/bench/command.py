@@ -101,11 +101,11 @@ class RichReporter(Reporter):
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
         self.console = Console(stderr=True)
         self.prog = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                             TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn(),
+                             TaskProgressColumn(), TimeElapsedColumn(),
                              console=self.console, transient=False)
         self.prog.start()
         self.tasks: dict[tuple[str, str], Any] = {}

@@ -52,14 +52,14 @@ def measured(samples: Iterable[Sample], workload: str) -> list[Sample]:
 
 
 def window_itl(samples: Iterable[Sample], window: Sequence[float] | None) -> list[float]:
-    """Gaps between consecutive token chunks of the steady streams whose later chunk falls in the
-    window (warm-up and the tail after the window excluded; a stream's restart is no gap)."""
+    """Gaps between consecutive token chunks of the steady streams that lie wholly inside the window
+    (a gap begun in the warm-up or ended after the window is left out; a stream's restart is no gap)."""
     out: list[float] = []
     for s in samples:
         if s.workload != "stream" or s.warmup:
             continue
         for a, b in zip(s.chunk_t, s.chunk_t[1:]):
-            if window is None or window[0] <= b <= window[1]:
+            if window is None or (window[0] <= a and b <= window[1]):
                 out.append((b - a) * 1000.0)
     return out
 
@@ -242,7 +242,7 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("gaps")
     ax.set_yscale("log")
     ax.set_title("ITL under interference")
-    ax.legend()
+    _legend(ax)
     written.append(_save(fig, out_dir / "itl_hist.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -282,9 +282,14 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("follow request")
     ax.set_ylabel("ms")
     ax.set_title("the toll, per request")
-    ax.legend()
+    _legend(ax)
     written.append(_save(fig, out_dir / "toll.png"))
     return written
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -301,9 +306,12 @@ def terminal_histograms(data: dict[str, Any], width: int = 80, height: int = 16)
     import plotext as plt
 
     plt.clear_figure()
+    plt.theme("clear")
     plt.plotsize(width, height)
-    for a in data["arms"]:
-        v = _arm_itl(data, a)
+    series = {a: _arm_itl(data, a) for a in data["arms"]}
+    if not any(series.values()):
+        return "(no ITL samples under interference to plot)"
+    for a, v in series.items():
         if v:
             top = percentile(v, 99.9) or max(v)
             plt.hist([min(x, top) for x in v], bins=40, label=a)
