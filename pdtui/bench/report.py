@@ -167,7 +167,9 @@ def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, m
                 bytes_per_token: int | None, block_size: int) -> dict[str, Any]:
     """Sum of the traces' kv_bytes against D's vllm:nixl_bytes_transferred delta, and every trace
     against the formula blocks x block_size x bytes/token with blocks = ceil(prompt_tokens / block_size)."""
-    pair = [t for t in traces if t.get("outcome") == "pair"]
+    # a request the client hung up on mid-stream ends as "error" but D pulled its KV all the same;
+    # a fallback pulled nothing
+    pair = [t for t in traces if t.get("kv_bytes") is not None and t.get("outcome") != "fallback"]
     total = sum(t.get("kv_bytes") or 0 for t in pair)
     delta = None if metric_before is None or metric_after is None else metric_after - metric_before
     formula_ok = None

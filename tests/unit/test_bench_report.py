@@ -92,9 +92,10 @@ def test_toll_and_purchase_and_the_table_say_it_plainly_when_the_pair_loses():
 def test_bytes_check_against_the_formula_and_the_metric():
     traces = [{"outcome": "pair", "prompt_tokens": 300, "kv_bytes": 3 * 128 * 1024},
               {"outcome": "pair", "prompt_tokens": 128, "kv_bytes": 1 * 128 * 1024},
+              {"outcome": "error", "prompt_tokens": 200, "kv_bytes": 2 * 128 * 1024},  # client hung up
               {"outcome": "fallback", "prompt_tokens": 300, "kv_bytes": None}]
-    ok = report.bytes_check(traces, 1000.0, 1000.0 + 4 * 128 * 1024, 1024, 128)
-    assert ok["match"] and ok["formula_ok"] and ok["requests"] == 2 and ok["trace_kv_bytes"] == 4 * 128 * 1024
+    ok = report.bytes_check(traces, 1000.0, 1000.0 + 6 * 128 * 1024, 1024, 128)
+    assert ok["match"] and ok["formula_ok"] and ok["requests"] == 3 and ok["trace_kv_bytes"] == 6 * 128 * 1024
     bad = report.bytes_check(traces, 0.0, 1.0, 2048, 128)
     assert not bad["match"] and not bad["formula_ok"]
     assert report.bytes_check(traces, None, None, None, 128)["match"] is False
