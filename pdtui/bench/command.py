@@ -147,7 +147,7 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
             print(f"\n{name}: ERROR {arm['error']}")
     if not args.no_plots and data["arms"]:
         try:
-            print("\n" + report.terminal_histograms(data))
+            print("\n" + report.terminal_histograms(data, color=sys.stdout.isatty()))
             pngs = report.plots(data, out)
             print("\nplots: " + ", ".join(str(p) for p in pngs))
         except Exception as e:  # plots are a bonus: never lose the JSON for them

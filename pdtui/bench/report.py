@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -303,22 +304,27 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def terminal_histograms(data: dict[str, Any], width: int = 80, height: int = 16) -> str:
-    """The ITL histograms of every arm, as text (plotext)."""
+def terminal_histograms(data: dict[str, Any], width: int = 80, height: int = 12, color: bool = False) -> str:
+    """The ITL histograms of the steady streams, one per arm on the same x range, as text
+    (plotext); ANSI colours only if ``color``."""
     import plotext as plt
 
-    plt.clear_figure()
-    plt.theme("clear")
-    plt.plotsize(width, height)
     series = {a: _arm_itl(data, a) for a in data["arms"]}
     if not any(series.values()):
         return "(no ITL samples under interference to plot)"
+    top = max(percentile(v, 99.9) or 0 for v in series.values() if v) or 1.0
+    parts = []
     for a, v in series.items():
-        if v:
-            top = percentile(v, 99.9) or max(v)
-            plt.hist([min(x, top) for x in v], bins=40, label=a)
-    plt.title("ITL of the steady streams under interference (ms; clipped at p99.9)")
-    plt.xlabel("ms")
-    out = plt.build()
+        if not v:
+            continue
+        plt.clear_figure()
+        plt.theme("clear")
+        plt.plotsize(width, height)
+        plt.hist([min(x, top) for x in v], bins=40)
+        plt.xlim(0, top)
+        parts.append(f"{a}: ITL of the steady streams under interference, n={len(v)}, p50 {percentile(v, 50):.1f} ms,"
+                     f" p99 {percentile(v, 99):.1f} ms (x clipped at {top:.0f} ms)")
+        parts.append(plt.build())
     plt.clear_figure()
-    return out
+    out = "\n".join(parts)
+    return out if color else re.sub(r"\x1b\[[0-9;]*m", "", out)
