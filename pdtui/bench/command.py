@@ -63,18 +63,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
     g = p.add_argument_group("follow")
     g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
-    g.add_argument("--prompt-len", type=int, default=2031, help="tokens per big prompt, follow and interference (default 2031)")
-    g.add_argument("--max-tokens", type=int, default=None, help=f"tokens per follow request (default {FULL['max_tokens']})")
+    g.add_argument("--prompt-len", type=int, default=2031,
+                   help="tokens per big prompt, follow and interference (default 2031)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens per follow request (default {FULL['max_tokens']})")
     g = p.add_argument_group("interference")
     g.add_argument("--streams", type=int, default=None, help=f"steady decode streams (default {FULL['streams']})")
-    g.add_argument("--duration", type=float, default=None, help=f"seconds of big-prompt arrivals (default {FULL['duration']:.0f})")
+    g.add_argument("--duration", type=float, default=None,
+                   help=f"seconds of big-prompt arrivals (default {FULL['duration']:.0f})")
     g.add_argument("--rate", type=float, default=None, help=f"big prompts per second (default {FULL['rate']})")
     g.add_argument("--stream-max-tokens", type=int, default=None,
                    help=f"max_tokens of a steady stream; it restarts when done (default {FULL['stream_max_tokens']})")
     g.add_argument("--big-max-tokens", type=int, default=16, help="max_tokens of a big prompt (default 16)")
-    g.add_argument("--warmup-s", type=float, default=2.0, help="streams run this long before the window opens (default 2)")
+    g.add_argument("--warmup-s", type=float, default=2.0,
+                   help="streams run this long before the window opens (default 2)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=None, help="directory for bench.json and the PNGs (default bench-runs/<time>)")
+    g.add_argument("--out", type=Path, default=None,
+                   help="directory for bench.json and the PNGs (default bench-runs/<time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG and terminal plots")
 
 

@@ -84,7 +84,8 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             "itl_ms": dist([g for s in follow for g in s.itl_ms]),
         },
         "interference": {
-            "window_s": (windows["interference"][1] - windows["interference"][0]) if "interference" in windows else None,
+            "window_s": (windows["interference"][1] - windows["interference"][0])
+            if "interference" in windows else None,
             "streams_requests": len(measured(samples, "stream")),
             "big_requests": len(measured(samples, "big")),
             "big_ok": len(big),
@@ -118,8 +119,9 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if toll is None:
         text.append("toll: not measured (no follow TTFT in one of the arms)")
     else:
-        text.append(f"toll: pair TTFT p50 {p_ttft:.1f} ms vs single {s_ttft:.1f} ms = {toll:.2f}x ({(toll - 1) * 100:+.0f}%)"
-                    + (": the pair is slower to the first token" if toll > 1 else ": the pair is not slower to the first token"))
+        text.append(f"toll: pair TTFT p50 {p_ttft:.1f} ms vs single {s_ttft:.1f} ms = {toll:.2f}x"
+                    f" ({(toll - 1) * 100:+.0f}%)" + (": the pair is slower to the first token" if toll > 1
+                                                     else ": the pair is not slower to the first token"))
     if purchase is None:
         text.append("purchase: not measured (no steady-stream ITL in one of the arms)")
     else:
@@ -158,8 +160,9 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     pair = summaries.get("pair")
     if pair and "toll_split_ms" in pair["follow"]:
         ts = pair["follow"]["toll_split_ms"]
-        lines += ["", "pair toll split (follow, p50): P prefill {} ms + proxy hop {} ms + transfer & D first step {} ms".format(
-            _ms(ts["prefill_ms"]["p50"]), _ms(ts["hop_ms"]["p50"]), _ms(ts["decode_ttft_ms"]["p50"]))]
+        lines += ["", f"pair toll split (follow, p50): P prefill {_ms(ts['prefill_ms']['p50'])} ms"
+                  f" + proxy hop {_ms(ts['hop_ms']['p50'])} ms"
+                  f" + transfer & D first step {_ms(ts['decode_ttft_ms']['p50'])} ms"]
     lines += [""] + verdict(summaries)["text"]
     return "\n".join(lines)
 
@@ -273,7 +276,8 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
               if s["workload"] == "follow" and not s["warmup"] and s["ttft_ms"] is not None]
     x = list(range(len(pair)))
     bottom = [0.0] * len(pair)
-    for key, label in (("prefill_ms", "P prefill"), ("hop_ms", "proxy hop"), ("decode_ttft_ms", "transfer + D first step")):
+    parts = (("prefill_ms", "P prefill"), ("hop_ms", "proxy hop"), ("decode_ttft_ms", "transfer + D first step"))
+    for key, label in parts:
         vals = [s["trace"].get(key) or 0.0 for s in pair]
         ax.bar(x, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]

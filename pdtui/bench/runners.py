@@ -100,8 +100,8 @@ def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, An
         import subprocess
 
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
+            query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip()
     found = installed_vllm()
     model_arg = config_mod.model_path(cfg)
     geo = None

@@ -75,7 +75,8 @@ def test_toll_and_purchase_and_the_table_say_it_plainly_when_the_pair_loses():
     sums = {"single": report.summarize_arm(s_samples, w), "pair": report.summarize_arm(p_samples, w)}
     v = report.verdict(sums)
     assert v["toll"] == pytest.approx(125.0 * 1.1 / (100.0 * 1.1))
-    s99, p99 = sums["single"]["interference"]["stream_itl_ms"]["p99"], sums["pair"]["interference"]["stream_itl_ms"]["p99"]
+    s99 = sums["single"]["interference"]["stream_itl_ms"]["p99"]
+    p99 = sums["pair"]["interference"]["stream_itl_ms"]["p99"]
     assert v["purchase"] == pytest.approx(s99 / p99) and v["purchase"] > 1
     assert "slower to the first token" in v["text"][0] and "bought smoother decode" in v["text"][1]
     assert sums["pair"]["follow"]["toll_split_ms"]["prefill_ms"]["p50"] == 80.0
@@ -120,7 +121,8 @@ def test_json_keeps_every_raw_sample_the_environment_and_round_trips(tmp_path):
     assert back["verdict"]["toll"] == pytest.approx(1.2)
     assert back["arms"]["single"]["summary"]["follow"]["ok"] == 2
     pngs = report.plots(back, tmp_path)
-    assert [p.name for p in pngs] == ["itl_hist.png", "ttft.png", "toll.png"] and all(p.stat().st_size > 0 for p in pngs)
+    assert [p.name for p in pngs] == ["itl_hist.png", "ttft.png", "toll.png"]
+    assert all(p.stat().st_size > 0 for p in pngs)
     assert "single" in report.terminal_histograms(back, width=60, height=10)
 
 
