@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.bench import report
-from pdtui.bench.runners import ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
+from pdtui.bench.runners import ALL_ARMS, ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
 from pdtui.bench.workload import FollowSpec, InterferenceSpec
 from pdtui.core.config import PairConfig
 
@@ -23,6 +23,9 @@ prompts, in one invocation. The arms run one after another:
   single  one vLLM instance from the same profile (P's port and core/GPU, same model, dtype,
           block size, max_model_len), chunked prefill on, no KV connector
   pair    P + D + the embedded proxy, exactly as `pdtui up` runs them
+  two-single (optional, --arms single,pair,two-single) two colocated instances, on P's and on D's
+          port and core/GPU, behind the proxy with no prefill instance (fewest-in-flight routing):
+          the same hardware as the pair
 
 and each arm gets the same workloads, measured the same way by a streaming client:
 
@@ -55,7 +58,8 @@ FULL = {"requests": 8, "streams": 4, "duration": 30.0, "rate": 0.5, "stream_max_
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
-    g.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, in order (default {','.join(ARMS)})")
+    g.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)})")
     g.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated (default {','.join(WORKLOADS)})")
     g.add_argument("--quick", action="store_true",

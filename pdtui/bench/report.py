@@ -128,7 +128,17 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         text.append(f"purchase: single ITL p99 {s_itl:.1f} ms / pair ITL p99 {p_itl:.1f} ms = {purchase:.2f}x"
                     + (": the pair bought smoother decode" if purchase > 1
                        else ": the pair LOSES here, its decode stalls are no better than the single instance's"))
+    two = summaries.get("two-single")
+    if two:
+        t_ttft, t_itl = two["follow"]["ttft_ms"]["p50"], two["interference"]["stream_itl_ms"]["p99"]
+        text.append(f"two-single (same hardware as the pair): TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
+                    f" pair TTFT / two-single = {_fmt_ratio(_ratio(p_ttft, t_ttft))},"
+                    f" two-single ITL p99 / pair = {_fmt_ratio(_ratio(t_itl, p_itl))}")
     return {"toll": toll, "purchase": purchase, "text": text}
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def _ms(x: float | None) -> str:

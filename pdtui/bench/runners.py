@@ -34,6 +34,7 @@ from pdtui.core.runtime import Runtime
 from pdtui.core.supervisor import Instance
 
 ARMS = ("single", "pair")
+ALL_ARMS = ("single", "pair", "two-single")
 WORKLOADS = ("follow", "interference")
 
 
@@ -132,8 +133,10 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
                 await run_single(cfg, opts, result, reporter, clock)
             elif arm == "pair":
                 await run_pair(cfg, opts, result, reporter, clock)
+            elif arm == "two-single":
+                await run_two_single(cfg, opts, result, reporter, clock)
             else:
-                raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+                raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
     finally:
         result.finished_at = time.time()
         reporter.done()
@@ -185,6 +188,64 @@ async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, r
         await inst.stop(reason="bench arm done")
         arm.t_end = clock()
     return arm
+
+
+async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                         clock: Clock) -> ArmResult:
+    """Two colocated instances (on P's and on D's port and core/GPU) behind the embedded proxy with
+    no prefill instance: every request goes to the instance with the fewest in flight (the proxy's
+    decode choice; ties to the first). The same hardware as the pair, vLLM's own fair baseline."""
+    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+
+    name = "two-single"
+    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst)
+             for k, inst in enumerate([cfg.prefills[0], cfg.decodes[0]])]
+    arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
+    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+    traces: dict[str, RequestTraced] = {}
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, RequestTraced):
+            traces[ev.request_id] = ev
+        elif isinstance(ev, InstanceStateChanged):
+            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
+
+    insts = [Instance(s, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
+                      host=cfg.host, port=i.port) for s, i in zip(specs, [cfg.prefills[0], cfg.decodes[0]])]
+    ups = [Upstream(i.name, "decode", i.url, is_up=_ready_fn(i)) for i in insts]
+    proxy = Proxy([], ups, ProxySettings(block_size=cfg.block_size), on_trace=on_event)
+    server = ProxyServer(proxy, cfg.host, cfg.proxy_port)
+    try:
+        from pdtui.core.supervisor import check_port_free
+
+        check_port_free(cfg.host, cfg.proxy_port, "proxy")
+        await server.start()
+        for i in insts:
+            await i.spawn()
+            if i.pid:
+                arm.pgids.append(i.pid)
+        arm.ready_s = max(await asyncio.gather(*(i.wait_ready() for i in insts)))
+        async with _client() as client:
+            target = LoadTarget(name, cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
+                                on_progress=lambda what, d, t: reporter.progress(name, what, d, t))
+            await _workloads(target, opts, reporter)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        reporter.phase(name, "stopping")
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await _wait_traces(arm.samples, traces, timeout_s=5)
+        _join(arm.samples, traces)
+        with contextlib.suppress(Exception):
+            await server.stop()
+        await asyncio.gather(*(i.stop(reason="bench arm done") for i in insts), return_exceptions=True)
+        arm.t_end = clock()
+    return arm
+
+
+def _ready_fn(inst: Instance):  # noqa: ANN202
+    return lambda: inst.ready
 
 
 async def _scrape_d(rt: Runtime) -> dict[str, float]:

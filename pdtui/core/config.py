@@ -297,16 +297,17 @@ def render(cfg: PairConfig, model_root: Path | None = None, python: str | None =
 
 
 def render_single(cfg: PairConfig, model_root: Path | None = None, python: str | None = None,
-                  name: str = "S") -> LaunchSpec:
+                  name: str = "S", inst: InstanceConfig | None = None) -> LaunchSpec:
     """One colocated instance from the same config: the benchmark's baseline arm.
 
     Same model, dtype, block size, max_model_len, eager mode and KV pool as the pair; the
     prefill instance's port, side-channel port, CPU core (VLLM_CPU_OMP_THREADS_BIND) or GPU;
     chunked prefill on (``--enable-chunked-prefill``, vLLM V1's default, made explicit) and no
-    ``--kv-transfer-config``: it prefills and decodes every prompt itself.
+    ``--kv-transfer-config``: it prefills and decodes every prompt itself. ``inst`` picks another
+    instance's port and core/GPU (the two-single arm runs one on P's, one on D's).
     """
     validate(cfg)
-    spec = _render_one(cfg, cfg.prefills[0], model_path(cfg, model_root), python, kv_transfer=False)
+    spec = _render_one(cfg, inst or cfg.prefills[0], model_path(cfg, model_root), python, kv_transfer=False)
     return dataclasses.replace(spec, name=name, role="single", argv=spec.argv + ["--enable-chunked-prefill"])
 
 

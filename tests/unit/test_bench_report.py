@@ -137,3 +137,15 @@ def test_clock_is_injectable():
     now = iter([10.0, 10.5, 12.0])
     c = Clock(lambda: next(now))
     assert c() == 0.5 and c() == 2.0
+
+
+def test_two_single_gets_its_own_line_and_ratios():
+    w = None
+    sums = {}
+    for name, ttft, stall in (("single", 100.0, 0.3), ("pair", 150.0, 0.02), ("two-single", 90.0, 0.1)):
+        samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall)
+        sums[name] = report.summarize_arm(samples, w)
+    v = report.verdict(sums)
+    assert len(v["text"]) == 3 and v["text"][2].startswith("two-single (same hardware as the pair)")
+    assert "pair TTFT / two-single = 1.67x" in v["text"][2]
+    assert "| two-single | 99.0 |" in report.table(sums)
