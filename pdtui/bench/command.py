@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated (default {','.join(WORKLOADS)})")
     g.add_argument("--quick", action="store_true",
                    help="small CPU-friendly defaults: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    g.add_argument("--cross-check", action="store_true",
+                   help="after each arm's workloads, run `vllm bench serve` against it in follow's shape"
+                   " and print its TTFT/ITL beside ours (adds ~30 s per arm on CPU)")
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
     g = p.add_argument_group("follow")
     g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
@@ -102,6 +105,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                                       prompt_len=args.prompt_len, big_max_tokens=args.big_max_tokens,
                                       stream_max_tokens=pick("stream_max_tokens"), warmup_s=args.warmup_s),
         seed=args.seed,
+        cross_check=args.cross_check,
     )
 
 
@@ -140,6 +144,7 @@ class RichReporter(Reporter):
 def run(cfg: PairConfig, args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     out = args.out or Path("bench-runs") / time.strftime("%Y%m%d-%H%M%S")
+    opts.out_dir = out
     result = BenchResult(flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     code = asyncio.run(_main(cfg, opts, result))
     data = report.to_json(result)

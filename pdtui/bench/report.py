@@ -174,6 +174,18 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
                   f" + proxy hop {_ms(ts['hop_ms']['p50'])} ms"
                   f" + transfer & D first step {_ms(ts['decode_ttft_ms']['p50'])} ms"]
     lines += [""] + verdict(summaries)["text"]
+    checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}
+    if checks:
+        lines += ["", "| cross-check (follow shape) | ours TTFT p50 | vllm bench serve TTFT p50 | ours ITL p50"
+                  " | vllm bench serve ITL p50 | ITL p99 ours / theirs |", "|---|---:|---:|---:|---:|---:|"]
+        for a, c in checks.items():
+            f = summaries[a]["follow"]
+            if c.get("error"):
+                lines.append(f"| {a} | {_ms(f['ttft_ms']['p50'])} | failed (rc {c.get('returncode')}) | | | |")
+                continue
+            lines.append(f"| {a} | {_ms(f['ttft_ms']['p50'])} | {_ms(c.get('median_ttft_ms'))}"
+                         f" | {_ms(f['itl_ms']['p50'])} | {_ms(c.get('median_itl_ms'))}"
+                         f" | {_ms(f['itl_ms']['p99'])} / {_ms(c.get('p99_itl_ms'))} |")
     return "\n".join(lines)
 
 
@@ -205,6 +217,8 @@ def to_json(result: Any) -> dict[str, Any]:
         summaries[name] = summarize_arm(arm.samples, arm.windows)
         d = {k: v for k, v in dataclasses.asdict(arm).items() if k != "samples"}
         d["samples"] = [{**dataclasses.asdict(s), "chunks": s.chunks} for s in arm.samples]
+        if arm.cross_check:
+            summaries[name]["cross_check"] = arm.cross_check
         d["summary"] = summaries[name]
         arms[name] = d
     return {

@@ -45,6 +45,10 @@ class BenchOptions:
     follow: FollowSpec = field(default_factory=FollowSpec)
     interference: InterferenceSpec = field(default_factory=InterferenceSpec)
     seed: int = 0
+    cross_check: bool = False
+    """After the workloads, run `vllm bench serve` against the arm's URL (follow's shape)."""
+    out_dir: Path | None = None
+    """Where `vllm bench serve` writes its result files."""
 
 
 @dataclass
@@ -61,6 +65,8 @@ class ArmResult:
     kv_bytes: dict[str, Any] | None = None
     """Pair: sum of the traces' kv_bytes vs D's nixl_bytes_transferred delta."""
     notices: list[str] = field(default_factory=list)
+    cross_check: dict[str, Any] | None = None
+    """`vllm bench serve` against this arm: its TTFT/ITL percentiles beside ours (--cross-check)."""
     error: str | None = None
     t_start: float | None = None
     t_end: float | None = None
@@ -154,6 +160,51 @@ async def _workloads(target: LoadTarget, opts: BenchOptions, reporter: Reporter)
             raise ValueError(f"unknown workload {wl!r}; workloads: {', '.join(WORKLOADS)}")
 
 
+async def _cross_check(cfg: PairConfig, opts: BenchOptions, reporter: Reporter, arm: ArmResult) -> None:
+    if opts.cross_check:
+        reporter.phase(arm.arm, "cross-check: vllm bench serve")
+        arm.cross_check = await vllm_bench_serve(cfg, opts, arm.url, arm.arm)
+
+
+async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, arm: str) -> dict[str, Any]:
+    """`vllm bench serve` in follow's shape (random prompts of the same length, one at a time, the
+    same max_tokens, ignore_eos) against ``base_url``; its percentiles, to set beside ours."""
+    import json
+
+    out = (opts.out_dir or Path("bench-runs")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"vllm-bench-serve-{arm}.json"
+    argv = [sys.executable, "-m", "pdtui.core.vllm_entry", "bench", "serve", "--backend", "vllm",
+            "--base-url", base_url, "--endpoint", "/v1/completions", "--model", cfg.model_name,
+            "--tokenizer", config_mod.model_path(cfg), "--dataset-name", "random",
+            "--random-input-len", str(opts.follow.prompt_len), "--random-output-len", str(opts.follow.max_tokens),
+            "--random-range-ratio", "0", "--num-prompts", str(opts.follow.requests), "--max-concurrency", "1",
+            "--request-rate", "inf", "--ignore-eos", "--num-warmups", "1", "--seed", str(opts.seed),
+            "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
+            "--save-result", "--result-dir", str(out), "--result-filename", name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                start_new_session=True)
+    try:
+        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=600)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+    res: dict[str, Any] = {"argv": argv, "returncode": proc.returncode}
+    path = out / name
+    if proc.returncode != 0 or not path.exists():
+        res["error"] = stdout.decode(errors="replace")[-2000:]
+        return res
+    data = json.loads(path.read_text())
+    res["result_file"] = str(path)
+    for k in ("completed", "failed", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
+        res[k] = data.get(k)
+    return res
+
+
 def _client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
                              limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
@@ -180,6 +231,7 @@ async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, r
             target = LoadTarget("single", spec.url, cfg.model_name, client, clock, arm.samples, arm.windows,
                                 on_progress=lambda what, d, t: reporter.progress("single", what, d, t))
             await _workloads(target, opts, reporter)
+        await _cross_check(cfg, opts, reporter, arm)
     except Exception as e:
         arm.error = f"{type(e).__name__}: {e}"
         raise
@@ -229,6 +281,7 @@ async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResul
             target = LoadTarget(name, cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
                                 on_progress=lambda what, d, t: reporter.progress(name, what, d, t))
             await _workloads(target, opts, reporter)
+        await _cross_check(cfg, opts, reporter, arm)
     except Exception as e:
         arm.error = f"{type(e).__name__}: {e}"
         raise
@@ -287,17 +340,11 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
 
     collector = asyncio.create_task(collect(), name="bench-collect")
     before: dict[str, float] | None = None
-    try:
-        arm.ready_s = await rt.start()
-        before = await _scrape_d(rt)
-        async with _client() as client:
-            target = LoadTarget("pair", cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
-                                on_progress=lambda what, d, t: reporter.progress("pair", what, d, t))
-            await _workloads(target, opts, reporter)
-    except Exception as e:
-        arm.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
+
+    async def settle() -> None:
+        """Join the traces and check the KV bytes of our requests, once, before any cross-check
+        (whose repeated warm-up prompt D's prefix cache partly holds, so it pulls fewer bytes)."""
+        nonlocal before
         reporter.phase("pair", "joining traces")
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await _wait_traces(arm.samples, traces, timeout_s=10)
@@ -306,10 +353,27 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
             after = None
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 after = await _scrape_d(rt)
+            ours = {s.request_id for s in arm.samples}
             arm.kv_bytes = bytes_check(
-                [_trace_dict(t) for t in traces.values()], before.get(NIXL_BYTES),
+                [_trace_dict(t) for rid, t in traces.items() if rid in ours], before.get(NIXL_BYTES),
                 after.get(NIXL_BYTES) if after else None,
                 rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
+            before = None
+
+    try:
+        arm.ready_s = await rt.start()
+        before = await _scrape_d(rt)
+        async with _client() as client:
+            target = LoadTarget("pair", cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
+                                on_progress=lambda what, d, t: reporter.progress("pair", what, d, t))
+            await _workloads(target, opts, reporter)
+        await settle()
+        await _cross_check(cfg, opts, reporter, arm)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        await settle()
         reporter.phase("pair", "stopping")
         await rt.aclose(reason="bench arm done")
         collector.cancel()
