@@ -14,7 +14,7 @@ from typing import Any
 from pdtui.bench import report
 from pdtui.bench.runners import ALL_ARMS, ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
 from pdtui.bench.workload import FollowSpec, InterferenceSpec
-from pdtui.core.config import PairConfig
+from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
 Benchmark the P/D pair against one colocated instance, on the same hardware and the same seeded
@@ -97,9 +97,15 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         v = getattr(args, name)
         return base[name] if v is None else v
 
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    for got, known, what in ((arms, ALL_ARMS, "--arms"), (workloads, WORKLOADS, "--workloads")):
+        bad = [x for x in got if x not in known]
+        if bad or not got:
+            raise ConfigError(f"{what} {','.join(got)}: each must be one of {', '.join(known)}")
     return BenchOptions(
-        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
-        workloads=tuple(w.strip() for w in args.workloads.split(",") if w.strip()),
+        arms=arms,
+        workloads=workloads,
         follow=FollowSpec(requests=pick("requests"), prompt_len=args.prompt_len, max_tokens=pick("max_tokens")),
         interference=InterferenceSpec(streams=pick("streams"), duration_s=pick("duration"), rate=pick("rate"),
                                       prompt_len=args.prompt_len, big_max_tokens=args.big_max_tokens,

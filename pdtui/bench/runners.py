@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from pdtui.bench.report import bytes_check
-from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, LoadTarget, Sample, run_follow, run_interference
+from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
 from pdtui.core import scrape
 from pdtui.core.config import PairConfig
@@ -131,6 +131,10 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
     """Every requested arm, one after another; fills ``result`` as it goes (so Ctrl-C keeps it)."""
     reporter = reporter or Reporter()
     clock = clock or Clock()
+    bad = [a for a in opts.arms if a not in ALL_ARMS] + [w for w in opts.workloads if w not in WORKLOADS]
+    if bad:
+        raise ValueError(f"unknown arm or workload {', '.join(bad)}: arms are {', '.join(ALL_ARMS)},"
+                         f" workloads {', '.join(WORKLOADS)}")
     result.config = config_mod.describe(cfg)
     result.environment = environment(cfg)
     try:
@@ -149,15 +153,65 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
     return result
 
 
-async def _workloads(target: LoadTarget, opts: BenchOptions, reporter: Reporter) -> None:
-    for wl in opts.workloads:
-        reporter.phase(target.arm, f"{wl}: running")
-        if wl == "follow":
-            await run_follow(target, opts.follow, opts.seed)
-        elif wl == "interference":
-            await run_interference(target, opts.interference, opts.seed)
-        else:
-            raise ValueError(f"unknown workload {wl!r}; workloads: {', '.join(WORKLOADS)}")
+async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: BenchOptions,
+                     reporter: Reporter) -> None:
+    """Run the workloads against ``base_url`` in a client process of its own
+    (``python -m pdtui.bench.workload``) and put its samples and windows into ``arm``. Cancelled
+    (Ctrl-C), it SIGTERMs the client, which still hands back what it measured."""
+    import dataclasses
+    import json
+    import signal
+    import tempfile
+
+    spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
+            "seed": opts.seed, "follow": dataclasses.asdict(opts.follow),
+            "interference": dataclasses.asdict(opts.interference)}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdtui-bench-", delete=False) as f:
+        json.dump(spec, f)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pdtui.bench.workload", f.name, env=env,
+                                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                start_new_session=True, limit=1 << 30)
+    arm.pgids.append(proc.pid)
+    result: dict[str, Any] | None = None
+
+    async def read() -> None:
+        nonlocal result
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            msg = json.loads(raw)
+            if "progress" in msg:
+                reporter.progress(arm.arm, *msg["progress"])
+            elif "phase" in msg:
+                reporter.phase(arm.arm, msg["phase"])
+            elif "result" in msg:
+                result = msg["result"]
+
+    reading = asyncio.create_task(read())
+    try:
+        await asyncio.shield(reading)
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(reading), 15)
+        raise
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(proc.wait(), 5)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        reading.cancel()
+        os.unlink(f.name)
+        if result is not None:
+            arm.samples.extend(Sample(**x) for x in result["samples"])
+            arm.windows.update(result["windows"])
+    if result is None:
+        raise RuntimeError(f"the load client of the {arm.arm} arm exited with code {proc.returncode} and no result")
 
 
 async def _cross_check(cfg: PairConfig, opts: BenchOptions, reporter: Reporter, arm: ArmResult) -> None:
@@ -205,11 +259,6 @@ async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, a
     return res
 
 
-def _client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
-                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
-
-
 async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                      clock: Clock) -> ArmResult:
     spec = config_mod.render_single(cfg)
@@ -227,10 +276,7 @@ async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, r
         if inst.pid:
             arm.pgids.append(inst.pid)
         arm.ready_s = await inst.wait_ready()
-        async with _client() as client:
-            target = LoadTarget("single", spec.url, cfg.model_name, client, clock, arm.samples, arm.windows,
-                                on_progress=lambda what, d, t: reporter.progress("single", what, d, t))
-            await _workloads(target, opts, reporter)
+        await run_client(arm, spec.url, cfg, opts, reporter)
         await _cross_check(cfg, opts, reporter, arm)
     except Exception as e:
         arm.error = f"{type(e).__name__}: {e}"
@@ -277,10 +323,7 @@ async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResul
             if i.pid:
                 arm.pgids.append(i.pid)
         arm.ready_s = max(await asyncio.gather(*(i.wait_ready() for i in insts)))
-        async with _client() as client:
-            target = LoadTarget(name, cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
-                                on_progress=lambda what, d, t: reporter.progress(name, what, d, t))
-            await _workloads(target, opts, reporter)
+        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
         await _cross_check(cfg, opts, reporter, arm)
     except Exception as e:
         arm.error = f"{type(e).__name__}: {e}"
@@ -363,10 +406,7 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
     try:
         arm.ready_s = await rt.start()
         before = await _scrape_d(rt)
-        async with _client() as client:
-            target = LoadTarget("pair", cfg.proxy_url, cfg.model_name, client, clock, arm.samples, arm.windows,
-                                on_progress=lambda what, d, t: reporter.progress("pair", what, d, t))
-            await _workloads(target, opts, reporter)
+        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
         await settle()
         await _cross_check(cfg, opts, reporter, arm)
     except Exception as e:

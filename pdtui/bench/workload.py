@@ -245,3 +245,61 @@ async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> 
         for task in streams + bigs:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+# ----- the load generator as its own process ------------------------------------------------------
+# `python -m pdtui.bench.workload SPEC.json` runs the workloads of one arm and writes JSON lines to
+# stdout: {"progress": [what, done, total]} as it goes, then {"result": {"samples": [...],
+# "windows": {...}}}, also after SIGTERM/SIGINT (with what was measured). The bench runs the client
+# in a process of its own so that its timing never shares an event loop (or a GIL) with the
+# embedded proxy of the arm it measures: both arms are measured by the same, separate client.
+
+
+async def run_spec(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    samples: list[Sample] = []
+    windows: dict[str, list[float]] = {}
+    clock = Clock()
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
+    cancelled = False
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
+                                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
+            target = LoadTarget(spec["arm"], spec["base_url"], spec["model"], client, clock, samples, windows,
+                                on_progress=lambda what, d, t: emit({"progress": [what, d, t]}))
+            for wl in spec["workloads"]:
+                emit({"phase": f"{wl}: running"})
+                if wl == "follow":
+                    await run_follow(target, FollowSpec(**spec["follow"]), spec["seed"])
+                elif wl == "interference":
+                    await run_interference(target, InterferenceSpec(**spec["interference"]), spec["seed"])
+                else:
+                    raise ValueError(f"unknown workload {wl!r}")
+    except asyncio.CancelledError:
+        cancelled = True
+    import dataclasses
+
+    return {"samples": [dataclasses.asdict(s) for s in samples], "windows": windows, "cancelled": cancelled}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(open(args[0]).read())
+
+    def emit(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    result = asyncio.run(run_spec(spec, emit))
+    emit({"result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
