@@ -32,6 +32,7 @@ examples:
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d) or a path
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
+  pdtui bench --quick                      single instance vs the pair, same prompts: toll and purchase
 
 then, in another terminal:
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_flags(cfg)
     cfg.add_argument("--json", action="store_true", help="print as JSON")
 
+    from pdtui.bench import command as bench_cmd  # no engine, plot or UI imports at this point
+
+    bench = sub.add_parser("bench", help="single instance vs the P/D pair on the same prompts",
+                           description=bench_cmd.DESCRIPTION + "\n" + PRECEDENCE, epilog=bench_cmd.EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pair_flags(bench)
+    bench_cmd.add_arguments(bench)
+
     model = sub.add_parser("model", help="synthetic models (config + tokenizer, no weights)")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION")
     synth = msub.add_parser("synth", help="write a synthetic model directory", description=(
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_config(args)
         if args.command == "replay":
             return run_replay(args)
+        if args.command == "bench":
+            from pdtui.bench import command as bench_cmd
+
+            return bench_cmd.run(load_config(args), args)
         if args.command == "model":
             if args.model_command != "synth":
                 parser.parse_args(["model", "--help"])

@@ -300,74 +300,91 @@ def render(cfg: PairConfig, model_root: Path | None = None, python: str | None =
     """Both (all) `vllm serve` command lines, from the one config."""
     validate(cfg)
     mpath = model_path(cfg, model_root)
-    specs = []
-    for inst in cfg.instances:
-        def r(name: str, inst: InstanceConfig = inst) -> Any:
-            return cfg.resolved(inst, name)
+    return [_render_one(cfg, inst, mpath, python, kv_transfer=True) for inst in cfg.instances]
 
-        argv = [
-            python or sys.executable,
-            "-m",
-            "pdtui.core.vllm_entry",
-            "serve",
-            mpath,
-            "--host",
-            cfg.host,
-            "--port",
-            str(inst.port),
-            "--served-model-name",
-            cfg.model_name,
-            "--dtype",
-            str(r("dtype")),
-            "--kv-cache-dtype",
-            str(r("kv_cache_dtype")),
-            "--block-size",
-            str(r("block_size")),
-            "--tensor-parallel-size",
-            str(r("tensor_parallel_size")),
-            "--max-model-len",
-            str(r("max_model_len")),
-            "--kv-transfer-config",
-            json.dumps(kv_transfer_config(cfg, inst), separators=(",", ":")),
-            "--disable-uvicorn-access-log",
-        ]
-        load_format = "dummy" if cfg.synthetic_shape else cfg.load_format
-        if load_format:
-            argv += ["--load-format", load_format]
-        if cfg.enforce_eager:
-            argv.append("--enforce-eager")
-        if inst.kv_cache_memory_bytes is not None:
-            argv += ["--kv-cache-memory-bytes", str(inst.kv_cache_memory_bytes)]
-        if inst.gpu_memory_utilization is not None:
-            argv += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
-        argv += cfg.extra_args + inst.extra_args
-        env = {
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(inst.side_channel_port),
-            "VLLM_NIXL_SIDE_CHANNEL_HOST": cfg.host,
-            "VLLM_HOST_IP": cfg.host,
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        if cfg.synthetic_shape:
-            env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        if cfg.nixl_progress_delay_us is not None:
-            env["PDTUI_NIXL_PROG_DELAY_US"] = str(cfg.nixl_progress_delay_us)
-        if cfg.ucx_error_handling_mode is not None:
-            env["PDTUI_UCX_ERROR_HANDLING_MODE"] = cfg.ucx_error_handling_mode
-        if _tunes_nixl(cfg):
-            # the engine imports pdtui.core.nixl_quiet: make sure it finds this pdtui
-            pkg_root = str(Path(__file__).resolve().parents[2])
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
-        if cfg.device == "cpu":
-            env["UCX_NET_DEVICES"] = "lo"
-            if inst.cpu_core is not None:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpu_core)
-        if inst.cuda_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
-        env |= cfg.env | inst.env
-        specs.append(LaunchSpec(inst.name, inst.role, argv, env, f"http://{cfg.host}:{inst.port}"))
-    return specs
+
+def render_single(cfg: PairConfig, model_root: Path | None = None, python: str | None = None,
+                  name: str = "S", inst: InstanceConfig | None = None) -> LaunchSpec:
+    """One colocated instance from the same config: the benchmark's baseline arm.
+
+    Same model, dtype, block size, max_model_len, eager mode and KV pool as the pair; the
+    prefill instance's port, side-channel port, CPU core (VLLM_CPU_OMP_THREADS_BIND) or GPU;
+    chunked prefill on (``--enable-chunked-prefill``, vLLM V1's default, made explicit) and no
+    ``--kv-transfer-config``: it prefills and decodes every prompt itself. ``inst`` picks another
+    instance's port and core/GPU (the two-single arm runs one on P's, one on D's).
+    """
+    validate(cfg)
+    spec = _render_one(cfg, inst or cfg.prefills[0], model_path(cfg, model_root), python, kv_transfer=False)
+    return dataclasses.replace(spec, name=name, role="single", argv=spec.argv + ["--enable-chunked-prefill"])
+
+
+def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str | None, *,
+                kv_transfer: bool) -> LaunchSpec:
+    def r(name: str) -> Any:
+        return cfg.resolved(inst, name)
+
+    argv = [
+        python or sys.executable,
+        "-m",
+        "pdtui.core.vllm_entry",
+        "serve",
+        mpath,
+        "--host",
+        cfg.host,
+        "--port",
+        str(inst.port),
+        "--served-model-name",
+        cfg.model_name,
+        "--dtype",
+        str(r("dtype")),
+        "--kv-cache-dtype",
+        str(r("kv_cache_dtype")),
+        "--block-size",
+        str(r("block_size")),
+        "--tensor-parallel-size",
+        str(r("tensor_parallel_size")),
+        "--max-model-len",
+        str(r("max_model_len")),
+    ]
+    if kv_transfer:
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(cfg, inst), separators=(",", ":"))]
+    argv.append("--disable-uvicorn-access-log")
+    load_format = "dummy" if cfg.synthetic_shape else cfg.load_format
+    if load_format:
+        argv += ["--load-format", load_format]
+    if cfg.enforce_eager:
+        argv.append("--enforce-eager")
+    if inst.kv_cache_memory_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(inst.kv_cache_memory_bytes)]
+    if inst.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
+    argv += cfg.extra_args + inst.extra_args
+    env = {
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(inst.side_channel_port),
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": cfg.host,
+        "VLLM_HOST_IP": cfg.host,
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if cfg.synthetic_shape:
+        env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if kv_transfer and cfg.nixl_progress_delay_us is not None:
+        env["PDTUI_NIXL_PROG_DELAY_US"] = str(cfg.nixl_progress_delay_us)
+    if kv_transfer and cfg.ucx_error_handling_mode is not None:
+        env["PDTUI_UCX_ERROR_HANDLING_MODE"] = cfg.ucx_error_handling_mode
+    if kv_transfer and _tunes_nixl(cfg):
+        # the engine imports pdtui.core.nixl_quiet: make sure it finds this pdtui
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
+    if cfg.device == "cpu":
+        env["UCX_NET_DEVICES"] = "lo"
+        if inst.cpu_core is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpu_core)
+    if inst.cuda_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
+    env |= cfg.env | inst.env
+    return LaunchSpec(inst.name, inst.role, argv, env, f"http://{cfg.host}:{inst.port}")
 
 
 # ----- loading ---------------------------------------------------------------------------------

@@ -131,3 +131,18 @@ def test_gpu_profiles_read_the_kv_over_cuda_ipc():
             assert spec.env["PDTUI_UCX_ERROR_HANDLING_MODE"] == "none"
             assert "cuda_ipc" in spec.env["UCX_TLS"] and spec.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
             assert json.loads(_flag(spec.argv, "--kv-transfer-config"))["kv_connector_module_path"] == "pdtui.core.nixl_quiet"
+
+
+@pytest.mark.parametrize("name", ["cpu", "one-gpu", "two-gpu"])
+def test_render_single_is_the_prefill_instance_without_the_connector(name, tmp_path):
+    cfg = config.load_profile(name)
+    p = config.render(cfg, model_root=tmp_path)[0]
+    s = config.render_single(cfg, model_root=tmp_path)
+    assert s.role == "single" and s.url == p.url
+    assert "--kv-transfer-config" not in s.argv and "--enable-chunked-prefill" in s.argv
+    for flag in ("--dtype", "--kv-cache-dtype", "--block-size", "--max-model-len", "--port", "--tensor-parallel-size"):
+        assert _flag(s.argv, flag) == _flag(p.argv, flag), flag
+    assert s.argv[4] == p.argv[4] and ("--enforce-eager" in s.argv) == ("--enforce-eager" in p.argv)
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "CUDA_VISIBLE_DEVICES"):
+        assert s.env.get(key) == p.env.get(key)
+    assert "PDTUI_NIXL_PROG_DELAY_US" not in s.env

