@@ -74,7 +74,11 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     for x in pair["samples"]:
         t = x["trace"]
         assert t is not None, x["request_id"]
-        assert t["blocks"] == math.ceil(x["prompt_tokens"] / cfg.block_size)
+        if x["cancelled"] and t["blocks"] is None:
+            # the client hung up (end of the window) before P answered: nothing was shipped
+            assert t["status"] == 499 and t["decode"] is None, t
+            continue
+        assert t["blocks"] == math.ceil(x["prompt_tokens"] / cfg.block_size), t
         assert t["kv_bytes"] == t["blocks"] * cfg.block_size * 1024
         if not x["cancelled"]:
             assert t["outcome"] == "pair" and t["chunks"] == x["chunks"], x["request_id"]
@@ -84,7 +88,8 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
             t = x["trace"]
             assert t["prefill_ms"] > 0 and t["hop_ms"] >= 0 and t["decode_ttft_ms"] > 0
     kb = pair["kv_bytes"]
-    assert kb["formula_ok"] and kb["requests"] == len(pair["samples"])
+    shipped = [x for x in pair["samples"] if x["trace"]["kv_bytes"] is not None]
+    assert kb["formula_ok"] and kb["requests"] == len(shipped) >= len(pair["samples"]) - 2
     assert kb["d_metric_delta"] == kb["trace_kv_bytes"] and kb["match"], kb
     v = data["verdict"]
     assert v["toll"] is not None and v["purchase"] is not None
