@@ -8,13 +8,12 @@ raise ``ReplayControlsDisabled``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdtui.core.events import Event, InstanceStateChanged, RuntimeStarted, from_json
+from pdtui.core.events import Event, EventHub, InstanceStateChanged, RuntimeStarted, from_json
 
 _END = object()
 
@@ -59,7 +58,7 @@ class ReplayRuntime:
         self.geometry = None
         self.history: list[Event] = []
         self.finished = asyncio.Event()
-        self._subscribers: list[asyncio.Queue[Any]] = []
+        self.hub = EventHub()
         self._closed = False
         for ev in self.events:
             if isinstance(ev, RuntimeStarted):
@@ -69,29 +68,17 @@ class ReplayRuntime:
                 break
 
     def subscribe(self) -> AsyncIterator[Event]:
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._subscribers.append(q)
-
-        async def gen() -> AsyncIterator[Event]:
-            try:
-                while True:
-                    item = await q.get()
-                    if item is _END:
-                        return
-                    yield item
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._subscribers.remove(q)
-
-        return gen()
+        return self.hub.subscribe()
 
     def _emit(self, item: Any) -> None:
         if isinstance(item, Event):
             self.history.append(item)
             if isinstance(item, InstanceStateChanged) and item.instance in self.instances:
                 self.instances[item.instance].state = item.state
-        for q in self._subscribers:
-            q.put_nowait(item)
+        if item is _END:
+            self.hub.close()
+        else:
+            self.hub.publish(item)
 
     async def start(self) -> float:
         """Play the recording; return its recorded duration in seconds."""

@@ -7,10 +7,13 @@ benchmark) sees the same stream. Each event is a frozen dataclass; ``to_json()``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 
@@ -185,3 +188,39 @@ def from_dict(data: dict[str, Any]) -> Event:
 
 def from_json(line: str) -> Event:
     return from_dict(json.loads(line))
+
+
+class EventHub:
+    """Fan-out of events to subscribers, each with its own queue (the Runtime, the replay)."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queues: list[asyncio.Queue[Any]] = []
+
+    def publish(self, event: Event) -> None:
+        for q in self._queues:
+            q.put_nowait(event)
+
+    def close(self) -> None:
+        """End every subscriber's iteration."""
+        for q in self._queues:
+            q.put_nowait(self._END)
+
+    def subscribe(self) -> AsyncIterator[Event]:
+        """An async iterator over every event from now on; it ends at close()."""
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues.append(q)
+
+        async def gen() -> AsyncIterator[Event]:
+            try:
+                while True:
+                    item = await q.get()
+                    if item is self._END:
+                        return
+                    yield item
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._queues.remove(q)
+
+        return gen()

@@ -28,6 +28,7 @@ from pdtui.core.config import PairConfig
 from pdtui.core.events import (
     ConnectorEvent,
     Event,
+    EventHub,
     MetricsSampled,
     Notice,
     PairReady,
@@ -41,7 +42,6 @@ from pdtui.core.supervisor import Instance, StartupFailed, check_port_free
 from pdtui.core.vllm_entry import installed_vllm
 
 WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handshake. " * 2
-_END = object()
 
 
 class Runtime:
@@ -69,7 +69,7 @@ class Runtime:
         self.server = ProxyServer(self.proxy, cfg.host, cfg.proxy_port)
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)
         self.latest_metrics: dict[str, dict[str, float]] = {}
-        self._subscribers: list[asyncio.Queue[Any]] = []
+        self.hub = EventHub()
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
         self._pool_warned = False
@@ -85,26 +85,11 @@ class Runtime:
             self._infer_transport(event)
         if isinstance(event, MetricsSampled):
             self.latest_metrics[event.instance] = event.values
-        for q in self._subscribers:
-            q.put_nowait(event)
+        self.hub.publish(event)
 
     def subscribe(self) -> AsyncIterator[Event]:
         """An async iterator over every event from now on; it ends when the Runtime closes."""
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._subscribers.append(q)
-
-        async def gen() -> AsyncIterator[Event]:
-            try:
-                while True:
-                    item = await q.get()
-                    if item is _END:
-                        return
-                    yield item
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._subscribers.remove(q)
-
-        return gen()
+        return self.hub.subscribe()
 
     def record_to(self, stream: IO[str]) -> None:
         """Write every event as one JSON line (the replay source)."""
@@ -276,8 +261,7 @@ class Runtime:
         await asyncio.gather(*(i.stop(reason="stopped by pdtui") for i in self.instances.values()),
                              return_exceptions=True)
         self.emit(RuntimeStopped(reason=reason))
-        for q in self._subscribers:
-            q.put_nowait(_END)
+        self.hub.close()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, timeout=5)
