@@ -90,7 +90,10 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     kb = pair["kv_bytes"]
     shipped = [x for x in pair["samples"] if x["trace"]["kv_bytes"] is not None]
     assert kb["formula_ok"] and kb["requests"] == len(shipped) >= len(pair["samples"]) - 2
-    assert kb["d_metric_delta"] == kb["trace_kv_bytes"] and kb["match"], kb
+    # equal, except for streams hung up on between P's answer and D's first token (pulled or not)
+    certain = kb["trace_kv_bytes"] - kb["uncertain_kv_bytes"]
+    assert certain <= kb["d_metric_delta"] <= kb["trace_kv_bytes"] and kb["match"], kb
+    assert kb["uncertain_kv_bytes"] <= 2 * cfg.block_size * 1024 * 2, kb  # at most the 2 streams in flight
     v = data["verdict"]
     assert v["toll"] is not None and v["purchase"] is not None
     print(f"[e2e bench] KV bytes: traces {kb['trace_kv_bytes']:,} B = D's metric delta; toll {v['toll']:.2f}x,"
