@@ -30,6 +30,7 @@ examples:
   pdtui replay run.jsonl --speed 10        the dashboard driven by a recording, 10x faster
   pdtui up --headless --record run.jsonl   events as JSON lines, and a recording for replay
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d) or a path
+  pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
   pdtui bench --quick                      single instance vs the pair, same prompts: toll and purchase
@@ -84,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file (for replay)")
     up.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
 
+    drill = sub.add_parser("drill", help="run the failure drills on the dashboard, unattended, and check them",
+                           description=(
+        "Launch the pair in the dashboard and drive it with its own keys: steady load and a witness stream,"
+        " kill D mid-stream (D's pane turns red, the stream ends with an explicit error, the error counter"
+        " moves), restart D, kill P (a request falls back to D colocated), restart P (back to the pair, its"
+        " freight formula shown), then the histograms. Each consequence is waited for (bounded) and checked;"
+        " the exit code is 0 only if every step was seen. Rehearse it before a class; --shots saves an SVG"
+        " of the dashboard at each step. " + PRECEDENCE), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pair_flags(drill)
+    drill.add_argument("--shots", type=Path, default=None, help="save an SVG screenshot per step into this folder")
+    drill.add_argument("--prefix", default="", help="prefix of the screenshot file names (e.g. cpu-)")
+    drill.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file")
+    drill.add_argument("--headless", action="store_true",
+                       help="no terminal UI (over ssh scripts, CI); the steps are printed to stderr")
+    drill.add_argument("--size", default="160x48", help="--headless: the screen size, WxH (default 160x48)")
+    drill.add_argument("--ready-timeout", type=float, default=300.0,
+                       help="seconds to wait for the pair, and for a restarted instance (default 300)")
+    drill.add_argument("--witness-tokens", type=int, default=3000,
+                       help="max_tokens of the stream that is cut by the kill of D (default 3000)")
+
     rep = sub.add_parser("replay", help="drive the dashboard from a recording (pdtui up --record FILE)",
                          description="Play a recording into the dashboard, at real speed or faster. Kill, restart"
                          " and load are disabled in a replay.")
@@ -127,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_config(args)
         if args.command == "replay":
             return run_replay(args)
+        if args.command == "drill":
+            return run_drill(args)
         if args.command == "bench":
             from pdtui.bench import command as bench_cmd
 
@@ -190,6 +213,67 @@ async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) ->
         await rt.aclose(reason="dashboard closed")
         if record:
             record.close()
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 160x48") from None
+    if w < 80 or h < 24:
+        raise ConfigError(f"--size {text}: the dashboard needs at least 80x24")
+    return w, h
+
+
+def run_drill(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    size = _size(args.size) if args.headless else None
+    if args.witness_tokens < 50:
+        raise ConfigError("--witness-tokens must be at least 50: the stream has to outlive the kill")
+    return asyncio.run(_drill(cfg, args, size))
+
+
+async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tuple[int, int] | None) -> int:
+    from pdtui.app import drill
+    from pdtui.app.app import make_app
+    from pdtui.core.runtime import Runtime
+
+    rt = Runtime(cfg)
+    record = args.record.open("w") if args.record else None
+    if record:
+        rt.record_to(record)
+    app = make_app(rt, screenshot_dir=args.shots or "screenshots")
+    result: list[drill.DrillResult] = []
+
+    def log(text: str) -> None:
+        if args.headless:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            app.show_notice(text)
+
+    async def autopilot(pilot: Any) -> None:
+        res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
+                              witness_tokens=args.witness_tokens, log=log)
+        result.append(res)
+        if app.is_running:
+            await app.action_quit()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, app.exit)
+    try:
+        await app.run_async(headless=args.headless, size=size, auto_pilot=autopilot)
+    finally:
+        await rt.aclose(reason="drill over")
+        if record:
+            record.close()
+    if not result:
+        print("pdtui drill: stopped before the drill finished", file=sys.stderr)
+        return 1
+    print(result[0].table())
+    if args.shots:
+        print(f"screenshots in {args.shots}/")
+    return 0 if result[0].ok else 1
 
 
 def run_replay(args: argparse.Namespace) -> int:

@@ -1,0 +1,243 @@
+"""The failure drill, driven through the dashboard's own keys: what a teacher does by hand in class,
+done unattended, with a check that each consequence shows where people look.
+
+Steps (each waits, bounded, for its consequence in the dashboard's state, then saves an SVG):
+
+1. ``ready``     both instances ready and the warm-up request through the pair done;
+2. ``load``      ``2`` starts steady decode streams; a witness stream of our own is streaming;
+3. ``kill-d``    ``k`` kills D mid-stream: D's pane turns red, the witness stream ends with an
+                 explicit error (never a clean end), the error counter moves;
+4. ``restart-d`` ``r`` restarts D; ``1`` sends one request: it goes through the pair again;
+5. ``kill-p``    ``K`` kills P; ``1`` sends one request: it falls back to D colocated;
+6. ``restart-p`` ``R`` restarts P; ``1`` again: back to the pair, whose row is selected so the
+                 freight formula shows (the teaching overlay);
+7. ``latency``   ``2`` again, steady streams through the restored pair; then ``h`` shows the TTFT and
+                 ITL histograms.
+
+Used by ``pdtui drill`` (to rehearse before class, to make the screenshots, and on the GPU box) and by
+the real-pair Pilot test in tests/e2e. Nothing here talks to an engine except the witness client,
+which is what a user's second terminal would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdtui.app.loadgen import prompt_of
+from pdtui.app.state import Snapshot
+
+
+class DrillFailed(AssertionError):
+    """A step's consequence did not show within its time limit."""
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float
+    detail: str
+    screenshot: str | None = None
+
+
+@dataclass
+class DrillResult:
+    steps: list[Step] = field(default_factory=list)
+    failed: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None
+
+    def table(self) -> str:
+        lines = [f"{'step':<10} {'s':>7}  what was seen"]
+        lines += [f"{s.name:<10} {s.seconds:>7.1f}  {s.detail}" for s in self.steps]
+        if self.failed:
+            lines.append(f"FAILED: {self.failed}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Witness:
+    """One long stream through the proxy, as a client in another terminal would hold it."""
+
+    chunks: int = 0
+    done: bool = False
+    error: str | None = None
+    status: int | None = None
+
+
+async def witness_stream(base_url: str, model: str, max_tokens: int, w: Witness) -> None:
+    body = {"model": model, "prompt": prompt_of(40, int(time.time())), "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True}
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+            async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
+                w.status = r.status_code
+                if r.status_code != 200:
+                    w.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        w.done = True
+                    elif '"error"' in data and "error" in json.loads(data):
+                        w.error = json.loads(data)["error"].get("message", data)[:200]
+                    else:
+                        w.chunks += 1
+        if not w.done and w.error is None:
+            w.error = "the stream ended without [DONE]"
+    except (httpx.HTTPError, ValueError) as e:
+        w.error = f"{type(e).__name__}: {e}"
+
+
+async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_timeout_s: float = 300.0,
+              step_timeout_s: float = 240.0, witness_tokens: int = 3000,
+              log: Callable[[str], None] = lambda s: None) -> DrillResult:
+    """Drive the drill on ``pilot.app`` (a PdtuiApp over a live Runtime). Never raises for a failed
+    step: the result says which step failed and why; the caller decides the exit code."""
+    app = pilot.app
+    res = DrillResult()
+    t0 = time.monotonic()
+    mark = [t0]
+
+    def snap() -> Snapshot:
+        return app.snapshot
+
+    async def until(what: str, pred: Callable[[Snapshot], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not app.is_running:
+                raise DrillFailed(f"{what}: the dashboard was closed")
+            if pred(snap()):
+                return
+            await pilot.pause(0.2)
+        raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
+
+    async def done(name: str, detail: str) -> None:
+        await pilot.pause(0.3)  # let the widgets take the last snapshot
+        path = None
+        if shots is not None:
+            shots.mkdir(parents=True, exist_ok=True)
+            path = app.save_screenshot(filename=f"{prefix}{len(res.steps) + 1:02d}-{name}.svg", path=str(shots))
+        now = time.monotonic()
+        res.steps.append(Step(name, now - mark[0], detail, path))
+        mark[0] = now
+        log(f"[drill] {name:<10} {now - t0:7.1f} s  {detail}")
+
+    def role(r: str) -> str:
+        name = app.instance_for(r)
+        if name is None:
+            raise DrillFailed(f"no {r} instance in this pair")
+        return name
+
+    def state_of(name: str) -> str:
+        v = snap().instance(name)
+        return v.state if v else "unknown"
+
+    def count(outcome: str) -> int:
+        return snap().counts.get(outcome, 0)
+
+    async def one_request(outcome: str) -> Any:
+        before = count(outcome)
+        await pilot.press("1")
+        await until(f"one request traced as {outcome}", lambda s: s.counts.get(outcome, 0) > before,
+                    step_timeout_s)
+        return next(r for r in reversed(snap().requests) if r.outcome == outcome)
+
+    witness_task: asyncio.Task[None] | None = None
+    try:
+        await until("both instances ready and the warm-up done",
+                    lambda s: s.header.ready_s is not None and bool(s.instances)
+                    and all(i.state == "ready" for i in s.instances), ready_timeout_s)
+        p, d = role("prefill"), role("decode")
+        await done("ready", f"pair ready in {snap().header.ready_s:.1f} s (warm-up included)")
+
+        cfg = app.runtime.cfg
+        w = Witness()
+        witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name, witness_tokens, w))
+        await pilot.press("2")
+        deadline = time.monotonic() + step_timeout_s
+        while w.chunks < 20 and w.error is None and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        if w.chunks < 20:
+            raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
+        await done("load", f"steady streams running; witness stream at {w.chunks} chunks")
+
+        errors_before = count("error")
+        await pilot.press("k")
+        await until(f"{d}'s pane shows the exit", lambda s: s.instance(d) is not None and s.instance(d).bad,
+                    30)
+        deadline = time.monotonic() + 60
+        while not witness_task.done() and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        if not witness_task.done():
+            raise DrillFailed("the witness stream still hangs 60 s after D was killed")
+        if w.done or w.error is None:
+            raise DrillFailed(f"the witness stream ended cleanly after D was killed (done={w.done})")
+        await until("the errored request counted", lambda s: s.counts.get("error", 0) > errors_before, 60)
+        dv = snap().instance(d)
+        await done("kill-d", f"{d} {dv.state} ({dv.detail or dv.exit_code}); witness got {w.chunks} chunks then"
+                   f" '{w.error}'; errors {errors_before} -> {count('error')}")
+
+        await pilot.press("r")
+        await until(f"{d} restarting", lambda s: state_of(d) == "starting", 30)
+        await until(f"{d} ready again", lambda s: state_of(d) == "ready", ready_timeout_s)
+        req = await one_request("pair")
+        await done("restart-d", f"{d} ready again; {req.request_id} went through the pair"
+                   f" ({req.blocks} blocks, TTFT {req.ttft_ms:.0f} ms)")
+
+        await pilot.press("K")
+        await until(f"{p}'s pane shows the exit", lambda s: s.instance(p) is not None and s.instance(p).bad, 30)
+        req = await one_request("fallback")
+        _select(app, req.request_id)
+        await done("kill-p", f"{p} {state_of(p)}; {req.request_id} fell back to {d} colocated"
+                   f" ({req.fallback_reason}), TTFT {req.ttft_ms:.0f} ms")
+
+        await pilot.press("R")
+        await until(f"{p} restarting", lambda s: state_of(p) == "starting", 30)
+        await until(f"{p} ready again", lambda s: state_of(p) == "ready", ready_timeout_s)
+        req = await one_request("pair")
+        _select(app, req.request_id)
+        await done("restart-p", f"{p} ready again; {req.request_id} through the pair: {req.blocks} blocks,"
+                   f" {(req.kv_bytes or 0) / 2**20:.2f} MiB")
+
+        pairs_before = count("pair")
+        await pilot.press("2")
+        await until("steady streams through the restored pair finished",
+                    lambda s: not any(w.group == "load" and not w.is_finished for w in app.workers), step_timeout_s)
+        if count("pair") <= pairs_before:
+            raise DrillFailed("the steady streams after the restarts did not go through the pair")
+        await pilot.press("h")
+        await done("latency", f"histograms of {len(snap().ttft)} TTFT and {len(snap().itl)} ITL samples"
+                   f" (pair {count('pair')}, fallback {count('fallback')}, error {count('error')})")
+    except DrillFailed as e:
+        res.failed = str(e)
+        log(f"[drill] FAILED after {time.monotonic() - t0:.1f} s: {e}")
+        if shots is not None:
+            shots.mkdir(parents=True, exist_ok=True)
+            app.save_screenshot(filename=f"{prefix}failed.svg", path=str(shots))
+    finally:
+        if witness_task is not None and not witness_task.done():
+            witness_task.cancel()
+            await asyncio.gather(witness_task, return_exceptions=True)
+    return res
+
+
+def _select(app: Any, request_id: str) -> None:
+    """Highlight a request's row in the transfers table, which opens its detail (the formula)."""
+    from pdtui.app.widgets import TransfersTable
+
+    table = app.query_one(TransfersTable)
+    app.action_show_tab("transfers")
+    table.focus()
+    table.move_cursor(row=table.get_row_index(request_id))
