@@ -281,10 +281,18 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"pdtui: no such recording: {args.file}", file=sys.stderr)
         return 2
     from pdtui.app.app import make_app
-    from pdtui.app.replay import ReplayRuntime
+    from pdtui.app.replay import BadRecording, ReplayRuntime
+
+    if args.speed < 0:
+        print("pdtui: --speed must be 0 (as fast as possible) or more", file=sys.stderr)
+        return 2
 
     async def go() -> int:
-        rt = ReplayRuntime(args.file, speed=args.speed, max_gap_s=args.max_gap)
+        try:
+            rt = ReplayRuntime(args.file, speed=args.speed, max_gap_s=args.max_gap)
+        except BadRecording as e:
+            print(f"pdtui: {e}", file=sys.stderr)
+            return 2
         app = make_app(rt, replay=True, speed=args.speed)
         try:
             await app.run_async()

@@ -22,6 +22,34 @@ class ReplayControlsDisabled(RuntimeError):
     pass
 
 
+class BadRecording(ValueError):
+    pass
+
+
+def read_recording(path: Path) -> list[Event]:
+    """The events of a recording: plain JSONL, or compressed as .xz or .gz (how the committed
+    examples are kept). A line that is not an event is named with its number."""
+    import gzip
+    import lzma
+
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    events: list[Event] = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    events.append(from_json(line))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise BadRecording(f"{path}:{n}: not a pdtui event ({type(e).__name__}: {e})") from None
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise BadRecording(f"{path}: cannot read it: {e}") from None
+    if not events:
+        raise BadRecording(f"{path}: no events in it (make one with `pdtui up --record FILE`)")
+    return events
+
+
 @dataclass
 class ReplayConfig:
     """The few PairConfig fields the dashboard reads, from the recording's RuntimeStarted."""
@@ -52,7 +80,7 @@ class ReplayRuntime:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        self.events: list[Event] = [from_json(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self.events: list[Event] = read_recording(self.path)
         self.cfg = ReplayConfig()
         self.instances: dict[str, ReplayInstance] = {}
         self.geometry = None
