@@ -78,22 +78,22 @@ async def witness_stream(base_url: str, model: str, max_tokens: int, w: Witness)
     body = {"model": model, "prompt": prompt_of(40, int(time.time())), "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True}
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
-            async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
-                w.status = r.status_code
-                if r.status_code != 200:
-                    w.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                    return
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        w.done = True
-                    elif '"error"' in data and "error" in json.loads(data):
-                        w.error = json.loads(data)["error"].get("message", data)[:200]
-                    else:
-                        w.chunks += 1
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client, \
+                client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
+            w.status = r.status_code
+            if r.status_code != 200:
+                w.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    w.done = True
+                elif '"error"' in data and "error" in json.loads(data):
+                    w.error = json.loads(data)["error"].get("message", data)[:200]
+                else:
+                    w.chunks += 1
         if not w.done and w.error is None:
             w.error = "the stream ended without [DONE]"
     except (httpx.HTTPError, ValueError) as e:
