@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from pdtui.core import config as config_mod
 from pdtui.core import scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
+from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
 from pdtui.core.runtime import Runtime
-from pdtui.core.supervisor import Instance
+from pdtui.core.supervisor import Instance, check_port_free
 
 ARMS = ("single", "pair")
 ALL_ARMS = ("single", "pair", "two-single")
@@ -108,7 +110,7 @@ def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, An
 
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip()
+            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     found = installed_vllm()
     model_arg = config_mod.model_path(cfg)
     geo = None
@@ -214,10 +216,8 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
         raise RuntimeError(f"the load client of the {arm.arm} arm exited with code {proc.returncode} and no result")
 
 
-async def _cross_check(cfg: PairConfig, opts: BenchOptions, reporter: Reporter, arm: ArmResult) -> None:
-    if opts.cross_check:
-        reporter.phase(arm.arm, "cross-check: vllm bench serve")
-        arm.cross_check = await vllm_bench_serve(cfg, opts, arm.url, arm.arm)
+async def cross_check(cfg: PairConfig, opts: BenchOptions, arm: ArmResult) -> dict[str, Any]:
+    return await vllm_bench_serve(cfg, opts, arm.url, arm.arm)
 
 
 async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, arm: str) -> dict[str, Any]:
@@ -259,88 +259,113 @@ async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, a
     return res
 
 
-async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                     clock: Clock) -> ArmResult:
-    spec = config_mod.render_single(cfg)
-    arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
-    arm.launch = [{"name": spec.name, "role": spec.role, "argv": spec.argv, "env": spec.env}]
-
-    def on_event(ev: Event) -> None:
-        if isinstance(ev, InstanceStateChanged):
-            reporter.phase("single", f"{ev.instance} {ev.state} {ev.detail}".strip())
-
-    inst = Instance(spec, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                    host=cfg.host, port=cfg.prefills[0].port)
+async def _run_arm(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, reporter: Reporter, clock: Clock, *,
+                   start: Callable[[], Awaitable[float]], stop: Callable[[], Awaitable[Any]],
+                   settle: Callable[[], Awaitable[None]] | None = None) -> ArmResult:
+    """One arm's life, the same for every arm: ``start`` (returns the seconds to ready), the
+    workloads against ``arm.url`` in the client process, ``settle`` (join traces, check bytes),
+    the cross-check; an error is kept in ``arm.error`` and raised; whatever happens (Ctrl-C
+    included) ``settle`` and ``stop`` run and the samples measured so far stay in ``arm``."""
     try:
-        await inst.spawn()
-        if inst.pid:
-            arm.pgids.append(inst.pid)
-        arm.ready_s = await inst.wait_ready()
-        await run_client(arm, spec.url, cfg, opts, reporter)
-        await _cross_check(cfg, opts, reporter, arm)
+        arm.ready_s = await start()
+        await run_client(arm, arm.url, cfg, opts, reporter)
+        if settle is not None:
+            await settle()
+        if opts.cross_check:
+            reporter.phase(arm.arm, "cross-check: vllm bench serve")
+            arm.cross_check = await cross_check(cfg, opts, arm)
     except Exception as e:
         arm.error = f"{type(e).__name__}: {e}"
         raise
     finally:
-        reporter.phase("single", "stopping")
-        await inst.stop(reason="bench arm done")
+        if settle is not None:
+            await settle()
+        reporter.phase(arm.arm, "stopping")
+        await stop()
         arm.t_end = clock()
     return arm
+
+
+def _launch(specs: list[config_mod.LaunchSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+
+
+def _on_state(name: str, reporter: Reporter) -> Callable[[Event], None]:
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, InstanceStateChanged):
+            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
+
+    return on_event
+
+
+async def _spawn_all(arm: ArmResult, insts: list[Instance]) -> float:
+    for i in insts:
+        await i.spawn()
+        if i.pid:
+            arm.pgids.append(i.pid)
+    return max(await asyncio.gather(*(i.wait_ready() for i in insts)))
+
+
+async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                     clock: Clock) -> ArmResult:
+    spec = config_mod.render_single(cfg)
+    arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
+    arm.launch = _launch([spec])
+    inst = Instance(spec, _on_state("single", reporter), ready_timeout_s=cfg.ready_timeout_s,
+                    stop_grace_s=cfg.stop_grace_s, host=cfg.host, port=cfg.prefills[0].port)
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=lambda: _spawn_all(arm, [inst]),
+                          stop=lambda: inst.stop(reason="bench arm done"))
+
+
+def two_single_proxy(upstreams: list[Upstream], block_size: int,
+                     on_trace: Callable[[RequestTraced], None]) -> Proxy:
+    """The two-single arm's proxy: no prefill instance (every request "falls back" to a colocated
+    instance) and round-robin over the instances that are up, whatever their load: vLLM's own
+    fair baseline (its examples/disagg toy proxies pick round-robin too)."""
+    return Proxy([], upstreams, ProxySettings(block_size=block_size, decode_choice="round-robin"), on_trace=on_trace)
 
 
 async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                          clock: Clock) -> ArmResult:
     """Two colocated instances (on P's and on D's port and core/GPU) behind the embedded proxy with
-    no prefill instance: every request goes to the instance with the fewest in flight (the proxy's
-    decode choice; ties to the first). The same hardware as the pair, vLLM's own fair baseline."""
-    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
-
+    no prefill instance, round-robin (``two_single_proxy``): the same hardware as the pair."""
     name = "two-single"
-    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst)
-             for k, inst in enumerate([cfg.prefills[0], cfg.decodes[0]])]
+    where = [cfg.prefills[0], cfg.decodes[0]]
+    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst) for k, inst in enumerate(where)]
     arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
-    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+    arm.launch = _launch(specs)
     traces: dict[str, RequestTraced] = {}
+    on_state = _on_state(name, reporter)
 
     def on_event(ev: Event) -> None:
         if isinstance(ev, RequestTraced):
             traces[ev.request_id] = ev
-        elif isinstance(ev, InstanceStateChanged):
-            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
+        on_state(ev)
 
     insts = [Instance(s, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                      host=cfg.host, port=i.port) for s, i in zip(specs, [cfg.prefills[0], cfg.decodes[0]])]
+                      host=cfg.host, port=i.port) for s, i in zip(specs, where, strict=True)]
     ups = [Upstream(i.name, "decode", i.url, is_up=_ready_fn(i)) for i in insts]
-    proxy = Proxy([], ups, ProxySettings(block_size=cfg.block_size), on_trace=on_event)
-    server = ProxyServer(proxy, cfg.host, cfg.proxy_port)
-    try:
-        from pdtui.core.supervisor import check_port_free
+    server = ProxyServer(two_single_proxy(ups, cfg.block_size, on_event), cfg.host, cfg.proxy_port)
 
+    async def start() -> float:
         check_port_free(cfg.host, cfg.proxy_port, "proxy")
         await server.start()
-        for i in insts:
-            await i.spawn()
-            if i.pid:
-                arm.pgids.append(i.pid)
-        arm.ready_s = max(await asyncio.gather(*(i.wait_ready() for i in insts)))
-        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
-        await _cross_check(cfg, opts, reporter, arm)
-    except Exception as e:
-        arm.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        reporter.phase(name, "stopping")
+        return await _spawn_all(arm, insts)
+
+    async def settle() -> None:
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await _wait_traces(arm.samples, traces, timeout_s=5)
         _join(arm.samples, traces)
+
+    async def stop() -> None:
         with contextlib.suppress(Exception):
             await server.stop()
         await asyncio.gather(*(i.stop(reason="bench arm done") for i in insts), return_exceptions=True)
-        arm.t_end = clock()
-    return arm
+
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
 
 
-def _ready_fn(inst: Instance):  # noqa: ANN202
+def _ready_fn(inst: Instance) -> Callable[[], bool]:
     return lambda: inst.ready
 
 
@@ -348,7 +373,7 @@ async def _scrape_d(rt: Runtime) -> dict[str, float]:
     """A fresh scrape of every decode instance, summed."""
     total: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=10) as client:
-        for name, inst in rt.instances.items():
+        for inst in rt.instances.values():
             if inst.role != "decode":
                 continue
             values = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
@@ -364,7 +389,7 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                    clock: Clock) -> ArmResult:
     rt = Runtime(cfg)
     arm = result.arms["pair"] = ArmResult("pair", url=cfg.proxy_url, t_start=clock())
-    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in rt.specs]
+    arm.launch = _launch(rt.specs)
     traces: dict[str, RequestTraced] = {}
     events = rt.subscribe()
 
@@ -384,9 +409,15 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
     collector = asyncio.create_task(collect(), name="bench-collect")
     before: dict[str, float] | None = None
 
+    async def start() -> float:
+        nonlocal before
+        ready = await rt.start()
+        before = await _scrape_d(rt)
+        return ready
+
     async def settle() -> None:
         """Join the traces and check the KV bytes of our requests, once, before any cross-check
-        (whose repeated warm-up prompt D's prefix cache partly holds, so it pulls fewer bytes)."""
+        (whose prompts would add to D's byte counter)."""
         nonlocal before
         reporter.phase("pair", "joining traces")
         with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -403,24 +434,13 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                 rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
             before = None
 
-    try:
-        arm.ready_s = await rt.start()
-        before = await _scrape_d(rt)
-        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
-        await settle()
-        await _cross_check(cfg, opts, reporter, arm)
-    except Exception as e:
-        arm.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        await settle()
-        reporter.phase("pair", "stopping")
+    async def stop() -> None:
         await rt.aclose(reason="bench arm done")
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await collector
-        arm.t_end = clock()
-    return arm
+
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
 
 
 async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:
