@@ -39,8 +39,9 @@ Warm-up is excluded. The verdict is stated plainly, also when the pair loses:
   toll     = pair TTFT p50 / single TTFT p50       (the price of the extra hop and the transfer)
   purchase = single ITL p99 / pair ITL p99         (what the pair buys: decode without prefill stalls)
 
-Written to --out: bench.json (every raw sample, the environment, the flags, the profile, and the
-pair's KV bytes checked against D's vllm:nixl_bytes_transferred), itl_hist.png, ttft.png, toll.png.
+Written to --out: bench.json.gz (gzip JSON: every raw sample, the environment, the flags, the
+profile, and the pair's KV bytes checked against D's vllm:nixl_bytes_transferred; `zcat` or
+pdtui.bench.report.read_json reads it), itl_hist.png, ttft.png, toll.png.
 Ctrl-C stops the engines and still writes what was measured.
 """
 
@@ -86,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="streams run this long before the window opens (default 2)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None,
-                   help="directory for bench.json and the PNGs (default bench-runs/<time>)")
+                   help="directory for bench.json.gz and the PNGs (default bench-runs/<time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG and terminal plots")
 
 
@@ -154,7 +155,7 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
     result = BenchResult(flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     code = asyncio.run(_main(cfg, opts, result))
     data = report.to_json(result)
-    path = report.write_json(data, out / "bench.json")
+    path = report.write_json(data, out / "bench.json.gz")
     summaries = {a: d["summary"] for a, d in data["arms"].items()}
     print(report.table(summaries))
     for name, arm in data["arms"].items():
@@ -172,7 +173,8 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
             print("\nplots: " + ", ".join(str(p) for p in pngs))
         except Exception as e:  # plots are a bonus: never lose the JSON for them
             print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print(f"raw samples: {path}" + ("  (interrupted: partial)" if result.interrupted else ""))
+    print(f"raw samples: {path} (gzip JSON: zcat {path} | head -c 2000)"
+          + ("  (interrupted: partial)" if result.interrupted else ""))
     return code
 
 

@@ -13,6 +13,7 @@ Pure functions over samples (``workload.Sample``) so they are tested without eng
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import re
@@ -242,11 +243,27 @@ def to_json(result: Any) -> dict[str, Any]:
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write ``data`` to ``path``, gzip-compressed if the name ends in .gz (what the bench writes:
+    bench.json.gz; on a GPU the raw samples are 16+ MiB of JSON), atomically (a temp file, then
+    a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
+    raw = json.dumps(data, separators=(",", ":"), default=str).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".gz":
+        with gzip.open(tmp, "wb", compresslevel=6) as f:
+            f.write(raw)
+    else:
+        tmp.write_bytes(raw)
     tmp.replace(path)
     return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a bench.json.gz or a plain bench.json (gzip is recognised by its magic bytes)."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw)
 
 
 def _arm_itl(data: dict[str, Any], arm: str) -> list[float]:

@@ -43,7 +43,7 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
         assert _ports_free(cfg), "a bench port is still held"
 
     data = report.to_json(result)
-    report.write_json(data, tmp_path / "bench.json")
+    assert report.read_json(report.write_json(data, tmp_path / "bench.json.gz"))["arms"].keys() == data["arms"].keys()
     summaries = {a: d["summary"] for a, d in data["arms"].items()}
     print("\n" + report.table(summaries))
 

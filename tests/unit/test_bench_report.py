@@ -1,5 +1,6 @@
 """The benchmark's statistics and report on synthetic samples: no engines."""
 
+import gzip
 import json
 
 import pytest
@@ -110,8 +111,12 @@ def test_json_keeps_every_raw_sample_the_environment_and_round_trips(tmp_path):
         result.arms[name] = ArmResult(name, samples=samples, windows=windows)
     result.interrupted = True
     data = report.to_json(result)
-    path = report.write_json(data, tmp_path / "bench.json")
-    back = json.loads(path.read_text())
+    path = report.write_json(data, tmp_path / "bench.json.gz")
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip: on a GPU the raw JSON is 16+ MiB
+    back = report.read_json(path)
+    assert back == json.loads(gzip.decompress(path.read_bytes()))
+    plain = report.write_json(data, tmp_path / "bench.json")  # a plain file still reads
+    assert report.read_json(plain) == back and json.loads(plain.read_text()) == back
     assert back["schema"] == report.SCHEMA and back["interrupted"] is True
     assert set(back["arms"]) == {"single", "pair"}
     assert len(back["arms"]["pair"]["samples"]) == 5  # warm-up included in the raw data
