@@ -13,7 +13,7 @@ from typing import Any
 
 from pdtui.bench import report
 from pdtui.bench.runners import ALL_ARMS, ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
-from pdtui.bench.workload import FollowSpec, InterferenceSpec
+from pdtui.bench.workload import BIG_PROMPT_LEN, FollowSpec, InterferenceSpec
 from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
@@ -54,7 +54,10 @@ examples:
 """
 
 QUICK = {"requests": 3, "streams": 2, "duration": 10.0, "rate": 0.3, "stream_max_tokens": 512, "max_tokens": 32}
-FULL = {"requests": 8, "streams": 4, "duration": 30.0, "rate": 0.5, "stream_max_tokens": 1024, "max_tokens": 64}
+_F, _I = FollowSpec(), InterferenceSpec()
+FULL = {"requests": _F.requests, "streams": _I.streams, "duration": _I.duration_s, "rate": _I.rate,
+        "stream_max_tokens": _I.stream_max_tokens, "max_tokens": _F.max_tokens}
+"""The defaults without --quick: the workload specs' own."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,8 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
     g = p.add_argument_group("follow")
     g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
-    g.add_argument("--prompt-len", type=int, default=2031,
-                   help="tokens per big prompt, follow and interference (default 2031)")
+    g.add_argument("--prompt-len", type=int, default=BIG_PROMPT_LEN,
+                   help=f"tokens per big prompt, follow and interference (default {BIG_PROMPT_LEN})")
     g.add_argument("--max-tokens", type=int, default=None,
                    help=f"tokens per follow request (default {FULL['max_tokens']})")
     g = p.add_argument_group("interference")
@@ -171,7 +174,7 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
             print("\n" + report.terminal_histograms(data, color=sys.stdout.isatty()))
             pngs = report.plots(data, out)
             print("\nplots: " + ", ".join(str(p) for p in pngs))
-        except Exception as e:  # plots are a bonus: never lose the JSON for them
+        except Exception as e:  # noqa: BLE001 - plots are a bonus: never lose the JSON for them
             print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"raw samples: {path} (gzip JSON: zcat {path} | head -c 2000)"
           + ("  (interrupted: partial)" if result.interrupted else ""))
@@ -201,7 +204,7 @@ async def _main(cfg: PairConfig, opts: BenchOptions, result: BenchResult) -> int
         result.error = str(e)
         print(f"pdtui bench: {e}", file=sys.stderr)
         return 1
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure is kept in bench.json.gz with what was measured
         result.error = f"{type(e).__name__}: {e}"
         print(f"pdtui bench: {result.error}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from pdtui.bench import workload
 from pdtui.bench.report import bytes_check
 from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
@@ -37,7 +38,7 @@ from pdtui.core.supervisor import Instance, check_port_free
 
 ARMS = ("single", "pair")
 ALL_ARMS = ("single", "pair", "two-single")
-WORKLOADS = ("follow", "interference")
+WORKLOADS = tuple(workload.WORKLOADS)
 
 
 @dataclass

@@ -17,8 +17,9 @@ import json
 import random
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -150,21 +151,29 @@ class LoadTarget:
         return await stream_completion(self.client, self.base_url, self.model, prompt, sample, self.clock)
 
 
+BIG_PROMPT_LEN = 2031
+"""Tokens of a big prompt (follow and interference): about 2k, as in DESIGN.md's reference run."""
+
+
 @dataclass
 class FollowSpec:
+    """One big prompt at a time. These defaults are `pdtui bench`'s (--quick overrides some)."""
+
     requests: int = 8
-    prompt_len: int = 2031
+    prompt_len: int = BIG_PROMPT_LEN
     max_tokens: int = 64
     warmup: int = 1
 
 
 @dataclass
 class InterferenceSpec:
+    """N steady decode streams while big prompts arrive at a fixed rate."""
+
     streams: int = 4
     duration_s: float = 30.0
     rate: float = 0.5
     """Big prompts per second, at fixed intervals."""
-    prompt_len: int = 2031
+    prompt_len: int = BIG_PROMPT_LEN
     big_max_tokens: int = 16
     stream_prompt_len: int = 64
     stream_max_tokens: int = 1024
@@ -247,6 +256,13 @@ async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> 
                 await task
 
 
+WORKLOADS: dict[str, tuple[type, Callable[[LoadTarget, Any, int], Awaitable[None]]]] = {
+    "follow": (FollowSpec, run_follow),
+    "interference": (InterferenceSpec, run_interference),
+}
+"""Workload name -> (its spec, its runner), in the order `pdtui bench` runs them by default."""
+
+
 # ----- the load generator as its own process ------------------------------------------------------
 # `python -m pdtui.bench.workload SPEC.json` runs the workloads of one arm and writes JSON lines to
 # stdout: {"progress": [what, done, total]} as it goes, then {"result": {"samples": [...],
@@ -273,12 +289,8 @@ async def run_spec(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None])
                                 on_progress=lambda what, d, t: emit({"progress": [what, d, t]}))
             for wl in spec["workloads"]:
                 emit({"phase": f"{wl}: running"})
-                if wl == "follow":
-                    await run_follow(target, FollowSpec(**spec["follow"]), spec["seed"])
-                elif wl == "interference":
-                    await run_interference(target, InterferenceSpec(**spec["interference"]), spec["seed"])
-                else:
-                    raise ValueError(f"unknown workload {wl!r}")
+                spec_cls, run = WORKLOADS[wl]
+                await run(target, spec_cls(**spec[wl]), spec["seed"])
     except asyncio.CancelledError:
         cancelled = True
     import dataclasses
@@ -290,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    spec = json.loads(open(args[0]).read())
+    spec = json.loads(Path(args[0]).read_text())
 
     def emit(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
