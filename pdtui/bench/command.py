@@ -24,8 +24,8 @@ prompts, in one invocation. The arms run one after another:
           block size, max_model_len), chunked prefill on, no KV connector
   pair    P + D + the embedded proxy, exactly as `pdtui up` runs them
   two-single (optional, --arms single,pair,two-single) two colocated instances, on P's and on D's
-          port and core/GPU, behind the proxy with no prefill instance (fewest-in-flight routing):
-          the same hardware as the pair
+          port and core/GPU, behind the proxy with no prefill instance, round-robin (vLLM's own
+          fair baseline): the same hardware as the pair
 
 and each arm gets the same workloads, measured the same way by a streaming client:
 
@@ -35,13 +35,17 @@ and each arm gets the same workloads, measured the same way by a streaming clien
   interference  N steady decode streams (ignore_eos, long max_tokens) while big prompts arrive at
                 a fixed rate: the streams' ITL p50/p90/p99/max and the big prompts' TTFT
 
-Warm-up is excluded. The verdict is stated plainly, also when the pair loses:
+On CPU every vLLM instance computes on one core (VLLM_CPU_OMP_THREADS_BIND): the single instance
+on P's, like each member of the pair. Warm-up is excluded. The verdict is stated plainly, also
+when the pair loses:
   toll     = pair TTFT p50 / single TTFT p50       (the price of the extra hop and the transfer)
   purchase = single ITL p99 / pair ITL p99         (what the pair buys: decode without prefill stalls)
 
 Written to --out: bench.json.gz (gzip JSON: every raw sample, the environment, the flags, the
 profile, and the pair's KV bytes checked against D's vllm:nixl_bytes_transferred; `zcat` or
-pdtui.bench.report.read_json reads it), itl_hist.png, ttft.png, toll.png.
+pdtui.bench.report.read_json reads it), itl_hist.png, ttft.png, toll.png, and with --cross-check
+vllm bench serve's detailed results (vllm-bench-serve-*.json.gz). The method, the tolerances and
+how to read the numbers: docs/bench.md.
 Ctrl-C stops the engines and still writes what was measured.
 """
 
@@ -69,8 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="small CPU-friendly defaults: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     g.add_argument("--cross-check", action="store_true",
-                   help="after each arm's workloads, run `vllm bench serve` against it in follow's shape"
-                   " and print its TTFT/ITL beside ours (adds ~30 s per arm on CPU)")
+                   help="after each arm's workloads, run `vllm bench serve` against it in each workload's"
+                   " shape (follow: random prompts one at a time; interference: the streams' run and a timed"
+                   " trace of the big prompts, at once) and mark each statistic agree/disagree within the"
+                   " stated tolerances (docs/bench.md); adds ~1 min per arm on CPU")
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
     g = p.add_argument_group("follow")
     g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
@@ -161,6 +167,8 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
     path = report.write_json(data, out / "bench.json.gz")
     summaries = {a: d["summary"] for a, d in data["arms"].items()}
     print(report.table(summaries))
+    if data.get("placement"):
+        print("\n" + data["placement"])
     for name, arm in data["arms"].items():
         if arm.get("kv_bytes"):
             kb = arm["kv_bytes"]

@@ -4,7 +4,11 @@
   chunked prefill, no connector), supervised by ``supervisor.Instance``;
 - ``pair``: the ``Runtime`` (P + D + proxy); every client sample is joined with the proxy's
   ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped before and
-  after the load to check the traces' bytes.
+  after the load to check the traces' bytes;
+- ``two-single``: two colocated instances on P's and D's port and core/GPU behind the embedded
+  proxy, round-robin (``two_single_proxy``);
+- with ``--cross-check``, ``vllm bench serve`` against each arm in each workload's shape
+  (``cross_check``), compared in report.py.
 
 Whatever happens (an error, Ctrl-C = task cancellation), each arm stops what it started in a
 ``finally`` and the ``BenchResult`` keeps every sample measured so far.
@@ -14,8 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import itertools
+import json
+import math
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from pdtui.bench import workload
+from pdtui.bench import report, workload
 from pdtui.bench.report import bytes_check
 from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
@@ -49,9 +58,9 @@ class BenchOptions:
     interference: InterferenceSpec = field(default_factory=InterferenceSpec)
     seed: int = 0
     cross_check: bool = False
-    """After the workloads, run `vllm bench serve` against the arm's URL (follow's shape)."""
+    """After the workloads, run `vllm bench serve` against the arm's URL in each workload's shape."""
     out_dir: Path | None = None
-    """Where `vllm bench serve` writes its result files."""
+    """Where `vllm bench serve` writes its result files (and its trace of the big prompts)."""
 
 
 @dataclass
@@ -162,8 +171,6 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
     (``python -m pdtui.bench.workload``) and put its samples and windows into ``arm``. Cancelled
     (Ctrl-C), it SIGTERMs the client, which still hands back what it measured."""
     import dataclasses
-    import json
-    import signal
     import tempfile
 
     spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
@@ -217,47 +224,144 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
         raise RuntimeError(f"the load client of the {arm.arm} arm exited with code {proc.returncode} and no result")
 
 
+STARTED = "Starting main benchmark run"
+"""What `vllm bench serve` prints when its measured run begins (after imports, dataset, warm-up)."""
+
+
 async def cross_check(cfg: PairConfig, opts: BenchOptions, arm: ArmResult) -> dict[str, Any]:
-    return await vllm_bench_serve(cfg, opts, arm.url, arm.arm)
+    """`vllm bench serve` against the arm, after our workloads, in each workload's shape:
+
+    - follow: ``--dataset-name random`` with follow's prompt length, max_tokens and count, one at a
+      time (``--max-concurrency 1``);
+    - interference: two runs at once (one `vllm bench serve` has one arrival process): the steady
+      streams (``--dataset-name random``, the streams' prompt length and max_tokens,
+      ``--max-concurrency N``: a stream that ends is replaced at once, as ours restart) and the
+      big prompts at fixed intervals once the streams run (``--dataset-name timed_trace``);
+      report.py applies our window rule to their per-request times (both use CLOCK_MONOTONIC).
+
+    All with ``--ignore-eos``, no warm-up (the arm is warm: our workloads just ran; vLLM's warm-up
+    repeats the first prompt, which then hits the prefix cache in the measured run) and
+    ``--save-detailed``: report.vllm_bench_* compute every statistic from the raw TTFTs and gaps,
+    exactly as for ours. docs/bench.md, "Cross-check"."""
+    out_dir = (opts.out_dir or Path("bench-runs")).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {}
+    if "follow" in opts.workloads:
+        f = opts.follow
+        res["follow"], data = await vllm_bench_serve(
+            cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-follow.json",
+            ["--dataset-name", "random", "--random-input-len", str(f.prompt_len), "--random-output-len",
+             str(f.max_tokens), "--random-range-ratio", "0", "--num-prompts", str(f.requests),
+             "--max-concurrency", "1", "--request-rate", "inf", "--seed", str(opts.seed)])
+        if data is not None:
+            res["follow"]["theirs"] = report.vllm_bench_follow(data)
+    if "interference" in opts.workloads:
+        res["interference"] = await _cross_interference(cfg, opts, arm, out_dir)
+    return res
 
 
-async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, arm: str) -> dict[str, Any]:
-    """`vllm bench serve` in follow's shape (random prompts of the same length, one at a time, the
-    same max_tokens, ignore_eos) against ``base_url``; its percentiles, to set beside ours."""
-    import json
+async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResult, out_dir: Path) -> dict[str, Any]:
+    """Both runs are started together, so that neither imports vLLM while the other loads the
+    engine (a start-up under load took 47 s instead of 13 s); the first big prompt is due
+    ``plan["first_big_after_s"]`` after the bigs' run begins, enough for the streams' run to begin
+    and warm up. report.vllm_bench_interference measures how long the streams really ran first."""
+    sp = opts.interference
+    plan = interference_plan(sp, arm.samples, arm.windows.get("interference"))
+    trace = out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.trace.jsonl"
+    trace.write_text("".join(json.dumps(x) + "\n" for x in plan.pop("big_trace")))
+    (streams_res, streams), (bigs_res, bigs) = await asyncio.gather(
+        vllm_bench_serve(
+            cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-streams.json",
+            ["--dataset-name", "random", "--random-input-len", str(sp.stream_prompt_len), "--random-output-len",
+             str(sp.stream_max_tokens), "--random-range-ratio", "0", "--num-prompts", str(plan["stream_requests"]),
+             "--max-concurrency", str(sp.streams), "--request-rate", "inf", "--seed", str(opts.seed + 1)]),
+        vllm_bench_serve(
+            cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.json",
+            ["--dataset-name", "timed_trace", "--dataset-path", str(trace), "--num-prompts",
+             str(plan["big_prompts"]), "--seed", str(opts.seed + 2)]))
+    out: dict[str, Any] = {"plan": plan, "streams": streams_res, "big": bigs_res}
+    if streams is not None and bigs is not None:
+        out["theirs"] = report.vllm_bench_interference(streams, bigs, sp.duration_s, sp.streams)
+    else:
+        out["error"] = streams_res.get("error") or bigs_res.get("error")
+    return out
 
-    out = (opts.out_dir or Path("bench-runs")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"vllm-bench-serve-{arm}.json"
+
+START_SLACK_S = 10.0
+"""How much later than the bigs' run the streams' run may begin measuring (both start together)."""
+
+
+def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: list[float] | None) -> dict[str, Any]:
+    """The big prompts as a timed trace (the first after the streams' warm-up plus START_SLACK_S,
+    then every 1/rate s; unique prompts so prefix caching can't help, as with ours), and how many
+    stream requests the streams' run needs to outlast them: our streams' token rate under
+    interference x (that lead + our window + 2 s) x 1.2."""
+    ours = [s for s in samples if s.workload == "stream" and s.chunk_t]
+    first_s = max((s.ttft_ms or 0.0 for s in ours if s.request_id.endswith(".0")), default=1000.0) / 1000.0
+    lead = START_SLACK_S + spec.warmup_s + first_s
+    need_s = lead + spec.duration_s + 2.0
+    per_stream = spec.stream_max_tokens
+    if ours and window and window[1] > window[0]:
+        need_s = lead + (window[1] - window[0]) + 2.0
+        rate = len(report.window_itl(samples, window)) / spec.streams / (window[1] - window[0])  # tokens/s
+        per_stream = math.ceil(rate * need_s * 1.2)
+    n_req = spec.streams * max(1, math.ceil(per_stream / spec.stream_max_tokens))
+    n_big = max(1, int(spec.duration_s * spec.rate)) if spec.rate > 0 else 0
+    chunk = 16  # vllm bench serve's --timed-trace-chunk-hash-size: one hash id per 16 prompt tokens
+    ids = itertools.count(1)
+    big_trace = [{"timestamp": round(lead + i / spec.rate, 6), "input_length": spec.prompt_len,
+                  "output_length": spec.big_max_tokens,
+                  "hash_ids": [next(ids) for _ in range(math.ceil(spec.prompt_len / chunk))]} for i in range(n_big)]
+    return {"stream_requests": n_req, "stream_tokens_needed": per_stream, "expected_s": round(need_s, 1),
+            "big_prompts": n_big, "first_big_after_s": round(lead, 3), "big_trace": big_trace}
+
+
+async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path,
+                           dataset: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run `vllm bench serve` (python -m pdtui.core.vllm_entry bench serve, in its own session)
+    against ``base_url``; its detailed result file is gzipped beside bench.json.gz. Returns
+    (argv, return code, start-up seconds, the file or the output's tail) and the parsed result
+    (None if it failed)."""
     argv = [sys.executable, "-m", "pdtui.core.vllm_entry", "bench", "serve", "--backend", "vllm",
             "--base-url", base_url, "--endpoint", "/v1/completions", "--model", cfg.model_name,
-            "--tokenizer", config_mod.model_path(cfg), "--dataset-name", "random",
-            "--random-input-len", str(opts.follow.prompt_len), "--random-output-len", str(opts.follow.max_tokens),
-            "--random-range-ratio", "0", "--num-prompts", str(opts.follow.requests), "--max-concurrency", "1",
-            "--request-rate", "inf", "--ignore-eos", "--num-warmups", "1", "--seed", str(opts.seed),
+            "--tokenizer", config_mod.model_path(cfg), *dataset, "--ignore-eos", "--num-warmups", "0",
             "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
-            "--save-result", "--result-dir", str(out), "--result-filename", name]
+            "--save-result", "--save-detailed", "--result-dir", str(result.parent),
+            "--result-filename", result.name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                start_new_session=True)
+                                                start_new_session=True, limit=1 << 20)
+    res: dict[str, Any] = {"argv": argv, "returncode": None, "startup_s": None}
+    tail: list[str] = []
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail[:] = [*tail[-60:], line]
+            if STARTED in line and res["startup_s"] is None:
+                res["startup_s"] = round(time.monotonic() - t0, 2)
+        await proc.wait()
+
     try:
-        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=600)
+        await asyncio.wait_for(read(), timeout=900)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-    res: dict[str, Any] = {"argv": argv, "returncode": proc.returncode}
-    path = out / name
-    if proc.returncode != 0 or not path.exists():
-        res["error"] = stdout.decode(errors="replace")[-2000:]
-        return res
-    data = json.loads(path.read_text())
-    res["result_file"] = str(path)
-    for k in ("completed", "failed", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
-        res[k] = data.get(k)
-    return res
+    res["returncode"] = proc.returncode
+    if proc.returncode != 0 or not result.exists():
+        res["error"] = "\n".join(tail)[-2000:]
+        return res, None
+    raw = result.read_bytes()
+    gz = result.with_name(result.name + ".gz")
+    gz.write_bytes(gzip.compress(raw))
+    result.unlink()
+    res["result_file"] = str(gz)
+    return res, json.loads(raw)
 
 
 async def _run_arm(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, reporter: Reporter, clock: Clock, *,

@@ -2,7 +2,11 @@
 
 Both arms are measured here, on the client side, identically: the time from sending a request to
 its first token-carrying SSE chunk (TTFT), and every gap between token-carrying chunks (ITL, per
-chunk, as ``vllm bench serve`` does). Nothing here knows which arm it is talking to.
+chunk). A chunk whose text is empty (vLLM sends one for a token that decodes to no text yet, e.g.
+the first byte of a multi-byte character, or a special token) is not counted as a token chunk but
+its arrival is kept (``Sample.empty_t``): ``vllm bench serve`` counts every chunk with choices,
+and report.py computes its definition from both lists (docs/bench.md, "ITL: two definitions").
+Nothing here knows which arm it is talking to.
 
 Prompts: with the byte-level synthetic tokenizer one ASCII character is one token, so a prompt of
 N characters is N tokens. Every prompt starts with its own tag (seed, workload, index), so no two
@@ -52,6 +56,8 @@ class Sample:
     itl_ms: list[float] = field(default_factory=list)
     chunk_t: list[float] = field(default_factory=list)
     """Arrival time of every token-carrying chunk (for windowing the steady streams)."""
+    empty_t: list[float] = field(default_factory=list)
+    """Arrival time of every chunk with choices but empty text (not in chunk_t, TTFT or itl_ms)."""
     t_end: float | None = None
     status: int | None = None
     error: str | None = None
@@ -109,7 +115,10 @@ async def stream_completion(client: httpx.AsyncClient, base_url: str, model: str
                     sample.error = json.dumps(obj["error"])[:500]
                     break
                 choices = obj.get("choices") or []
-                if not choices or not choices[0].get("text"):
+                if not choices:
+                    continue
+                if not choices[0].get("text"):
+                    sample.empty_t.append(now)
                     continue
                 if sample.chunk_t:
                     sample.itl_ms.append((now - sample.chunk_t[-1]) * 1000.0)
