@@ -338,9 +338,9 @@ def cross_check_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
         for r in cross_check_rows(s, check):
             mark = r["verdict"]
             if mark == "disagree":
-                notes.append(f"[{len(notes) + 1}] {arm} {r['workload']} {r['metric']}: "
-                             + _disagreement_note(r, s, check))
-                mark = f"DISAGREE [{len(notes)}]"
+                n = sum(x.startswith("[") for x in notes) + 1
+                notes.append(f"[{n}] {arm} {r['workload']} {r['metric']}: " + _disagreement_note(r, s, check))
+                mark = f"DISAGREE [{n}]"
             lines.append(f"| {arm} | {r['workload']} | {r['metric']} | {_ms(r['ours'])} ({_ms(r['ours_text_chunks'])})"
                          f" | {_ms(r['theirs'])} | {r['n_ours']} / {r['n_theirs']} | {r['tolerance']} | {mark} |")
         theirs = (check.get("interference") or {}).get("theirs") or {}
@@ -350,7 +350,7 @@ def cross_check_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
                          f" (covered {cov * 100:.0f}%): their request count is planned from our streams' rate")
         if "window_covered" in theirs and (warm is None or warm < 0):
             notes.append(f"{arm} interference: vllm bench serve's streams were not all running when its first big"
-                         " prompt came (its two runs start together; the streams' began later than planned)")
+                         " prompt came (the streams' run took longer to start than planned)")
     return lines + ([""] + notes if notes else [])
 
 

@@ -233,19 +233,20 @@ async def cross_check(cfg: PairConfig, opts: BenchOptions, arm: ArmResult) -> di
 
     - follow: ``--dataset-name random`` with follow's prompt length, max_tokens and count, one at a
       time (``--max-concurrency 1``);
-    - interference: two runs at once (one `vllm bench serve` has one arrival process): the steady
-      streams (``--dataset-name random``, the streams' prompt length and max_tokens,
-      ``--max-concurrency N``: a stream that ends is replaced at once, as ours restart) and the
-      big prompts at fixed intervals once the streams run (``--dataset-name timed_trace``);
+    - interference: two runs at once (one `vllm bench serve` has one arrival process): the big
+      prompts at fixed intervals (``--dataset-name timed_trace``), and, once that run is timing,
+      the steady streams (``--dataset-name random``, the streams' prompt length and max_tokens,
+      ``--max-concurrency N``: a stream that ends is replaced at once, as ours restart);
       report.py applies our window rule to their per-request times (both use CLOCK_MONOTONIC).
 
-    All with ``--ignore-eos``, no warm-up (the arm is warm: our workloads just ran; vLLM's warm-up
+    All with ``--ignore-eos``, ``--temperature 0`` (ours is greedy too), no warm-up (the arm is warm: our workloads just ran; vLLM's warm-up
     repeats the first prompt, which then hits the prefix cache in the measured run) and
     ``--save-detailed``: report.vllm_bench_* compute every statistic from the raw TTFTs and gaps,
     exactly as for ours. docs/bench.md, "Cross-check"."""
     out_dir = (opts.out_dir or Path("bench-runs")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {}
+    startup_s = None
     if "follow" in opts.workloads:
         f = opts.follow
         res["follow"], data = await vllm_bench_serve(
@@ -255,56 +256,78 @@ async def cross_check(cfg: PairConfig, opts: BenchOptions, arm: ArmResult) -> di
              "--max-concurrency", "1", "--request-rate", "inf", "--seed", str(opts.seed)])
         if data is not None:
             res["follow"]["theirs"] = report.vllm_bench_follow(data)
+        startup_s = res["follow"].get("startup_s")
     if "interference" in opts.workloads:
-        res["interference"] = await _cross_interference(cfg, opts, arm, out_dir)
+        res["interference"] = await _cross_interference(cfg, opts, arm, out_dir, startup_s)
     return res
 
 
-async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResult, out_dir: Path) -> dict[str, Any]:
-    """Both runs are started together, so that neither imports vLLM while the other loads the
-    engine (a start-up under load took 47 s instead of 13 s); the first big prompt is due
-    ``plan["first_big_after_s"]`` after the bigs' run begins, enough for the streams' run to begin
-    and warm up. report.vllm_bench_interference measures how long the streams really ran first."""
+async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResult, out_dir: Path,
+                              startup_s: float | None) -> dict[str, Any]:
+    """The big prompts' run starts first; once it is timing (its trace clock runs from there), the
+    streams' run starts, on a machine that is idle but for it, and has ``plan["first_big_after_s"]``
+    to import vLLM, begin and warm up before the first big prompt. (Started together, whichever
+    began first loaded the machine while the other still imported vLLM: 30 s apart once.)
+    report.vllm_bench_interference measures how long the streams really ran first."""
     sp = opts.interference
-    plan = interference_plan(sp, arm.samples, arm.windows.get("interference"))
+    plan = interference_plan(sp, arm.samples, arm.windows.get("interference"), startup_s)
     trace = out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.trace.jsonl"
     trace.write_text("".join(json.dumps(x) + "\n" for x in plan.pop("big_trace")))
-    (streams_res, streams), (bigs_res, bigs) = await asyncio.gather(
-        vllm_bench_serve(
-            cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-streams.json",
-            ["--dataset-name", "random", "--random-input-len", str(sp.stream_prompt_len), "--random-output-len",
-             str(sp.stream_max_tokens), "--random-range-ratio", "0", "--num-prompts", str(plan["stream_requests"]),
-             "--max-concurrency", str(sp.streams), "--request-rate", "inf", "--seed", str(opts.seed + 1)]),
-        vllm_bench_serve(
-            cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.json",
-            ["--dataset-name", "timed_trace", "--dataset-path", str(trace), "--num-prompts",
-             str(plan["big_prompts"]), "--seed", str(opts.seed + 2)]))
+    timing = asyncio.Event()
+    bigs_task = asyncio.create_task(vllm_bench_serve(
+        cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.json",
+        ["--dataset-name", "timed_trace", "--dataset-path", str(trace), "--num-prompts", str(plan["big_prompts"]),
+         "--seed", str(opts.seed + 2)], on_started=timing.set))
+    try:
+        waiter = asyncio.create_task(timing.wait())
+        await asyncio.wait([bigs_task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        streams_res: dict[str, Any] = {"error": "not run: the big prompts' run ended before it began timing"}
+        streams = None
+        if timing.is_set():
+            streams_res, streams = await vllm_bench_serve(
+                cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-streams.json",
+                ["--dataset-name", "random", "--random-input-len", str(sp.stream_prompt_len),
+                 "--random-output-len", str(sp.stream_max_tokens), "--random-range-ratio", "0",
+                 "--num-prompts", str(plan["stream_requests"]), "--max-concurrency", str(sp.streams),
+                 "--request-rate", "inf", "--seed", str(opts.seed + 1)])
+        bigs_res, bigs = await bigs_task
+    finally:
+        if not bigs_task.done():
+            bigs_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await bigs_task
     out: dict[str, Any] = {"plan": plan, "streams": streams_res, "big": bigs_res}
     if streams is not None and bigs is not None:
         out["theirs"] = report.vllm_bench_interference(streams, bigs, sp.duration_s, sp.streams)
     else:
-        out["error"] = streams_res.get("error") or bigs_res.get("error")
+        out["error"] = bigs_res.get("error") or streams_res.get("error")
     return out
 
 
-START_SLACK_S = 10.0
-"""How much later than the bigs' run the streams' run may begin measuring (both start together)."""
+STREAMS_STARTUP_S = 30.0
+"""The streams' run's start-up if follow's cross-check did not measure one (13 s on an idle CPU)."""
+STREAMS_MARGIN = 1.6
+"""Their streams may decode faster than ours did (2x once): plan this many times our rate's need."""
 
 
-def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: list[float] | None) -> dict[str, Any]:
-    """The big prompts as a timed trace (the first after the streams' warm-up plus START_SLACK_S,
-    then every 1/rate s; unique prompts so prefix caching can't help, as with ours), and how many
-    stream requests the streams' run needs to outlast them: our streams' token rate under
-    interference x (that lead + our window + 2 s) x 1.2."""
+def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: list[float] | None,
+                      startup_s: float | None = None) -> dict[str, Any]:
+    """The big prompts as a timed trace, the first at lead = the streams' start-up (1.25 x
+    ``startup_s``, follow's cross-check run's, + 3 s) + ``--warmup-s`` + our streams' first-token
+    time, then every 1/rate s (unique prompts so prefix caching can't help, as with ours); and how
+    many stream requests their streams' run needs to outlast them: our streams' token rate under
+    interference x (lead + our window + 2 s) x STREAMS_MARGIN."""
     ours = [s for s in samples if s.workload == "stream" and s.chunk_t]
     first_s = max((s.ttft_ms or 0.0 for s in ours if s.request_id.endswith(".0")), default=1000.0) / 1000.0
-    lead = START_SLACK_S + spec.warmup_s + first_s
+    boot = 1.25 * startup_s + 3.0 if startup_s else STREAMS_STARTUP_S
+    lead = boot + spec.warmup_s + first_s
     need_s = lead + spec.duration_s + 2.0
     per_stream = spec.stream_max_tokens
     if ours and window and window[1] > window[0]:
         need_s = lead + (window[1] - window[0]) + 2.0
         rate = len(report.window_itl(samples, window)) / spec.streams / (window[1] - window[0])  # tokens/s
-        per_stream = math.ceil(rate * need_s * 1.2)
+        per_stream = math.ceil(rate * need_s * STREAMS_MARGIN)
     n_req = spec.streams * max(1, math.ceil(per_stream / spec.stream_max_tokens))
     n_big = max(1, int(spec.duration_s * spec.rate)) if spec.rate > 0 else 0
     chunk = 16  # vllm bench serve's --timed-trace-chunk-hash-size: one hash id per 16 prompt tokens
@@ -316,15 +339,16 @@ def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: lis
             "big_prompts": n_big, "first_big_after_s": round(lead, 3), "big_trace": big_trace}
 
 
-async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path,
-                           dataset: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path, dataset: list[str],
+                           on_started: Callable[[], None] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run `vllm bench serve` (python -m pdtui.core.vllm_entry bench serve, in its own session)
     against ``base_url``; its detailed result file is gzipped beside bench.json.gz. Returns
     (argv, return code, start-up seconds, the file or the output's tail) and the parsed result
-    (None if it failed)."""
+    (None if it failed). ``on_started`` is called when it begins timing (STARTED)."""
     argv = [sys.executable, "-m", "pdtui.core.vllm_entry", "bench", "serve", "--backend", "vllm",
             "--base-url", base_url, "--endpoint", "/v1/completions", "--model", cfg.model_name,
-            "--tokenizer", config_mod.model_path(cfg), *dataset, "--ignore-eos", "--num-warmups", "0",
+            "--tokenizer", config_mod.model_path(cfg), *dataset, "--ignore-eos", "--temperature", "0",
+            "--num-warmups", "0",
             "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
             "--save-result", "--save-detailed", "--result-dir", str(result.parent),
             "--result-filename", result.name]
@@ -343,6 +367,8 @@ async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path,
             tail[:] = [*tail[-60:], line]
             if STARTED in line and res["startup_s"] is None:
                 res["startup_s"] = round(time.monotonic() - t0, 2)
+                if on_started is not None:
+                    on_started()
         await proc.wait()
 
     try:

@@ -77,6 +77,10 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     pair = data["arms"]["pair"]
     for x in pair["samples"]:
         t = x["trace"]
+        if t is None and x["cancelled"] and x["status"] is None and x["workload"] == "stream":
+            # a stream restarted as the window closed and hung up on before any answer (10 ms once):
+            # the proxy may never have read the request, so there may be no trace
+            continue
         assert t is not None, x["request_id"]
         if x["cancelled"] and t["blocks"] is None:
             # the client hung up (end of the window) before P answered: nothing was shipped
@@ -92,7 +96,7 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
             t = x["trace"]
             assert t["prefill_ms"] > 0 and t["hop_ms"] >= 0 and t["decode_ttft_ms"] > 0
     kb = pair["kv_bytes"]
-    shipped = [x for x in pair["samples"] if x["trace"]["kv_bytes"] is not None]
+    shipped = [x for x in pair["samples"] if x["trace"] and x["trace"]["kv_bytes"] is not None]
     assert kb["formula_ok"] and kb["requests"] == len(shipped) >= len(pair["samples"]) - 2
     # equal, except for streams hung up on between P's answer and D's first token (pulled or not)
     certain = kb["trace_kv_bytes"] - kb["uncertain_kv_bytes"]

@@ -93,13 +93,14 @@ def test_interference_plan_outlasts_the_big_prompts_with_unique_prompts():
     # our streams made a token every 10 ms each inside a 12 s window
     samples = [_sample("stream", f"bench-single-stream-{k}.0", 0.0, [0.1 + 0.01 * j for j in range(1201)])
                for k in range(2)]
-    plan = interference_plan(spec, samples, [0.1, 12.1])
-    # first big after 10 s slack + 2 s warm-up + 0.1 s first token; 100 tokens/s x (12.1 + 12 + 2 s) x 1.2
-    # = 3132 tokens: 7 requests of 512 per stream
-    assert plan["first_big_after_s"] == pytest.approx(12.1) and plan["stream_tokens_needed"] == 3132
-    assert plan["stream_requests"] == 2 * 7 and plan["big_prompts"] == 3
+    plan = interference_plan(spec, samples, [0.1, 12.1], startup_s=10.0)
+    # first big after the streams' start-up (1.25 x 10 + 3 s) + 2 s warm-up + 0.1 s first token = 17.6 s;
+    # 100 tokens/s x (17.6 + 12 + 2 s) x 1.6 = 5056 tokens: 10 requests of 512 per stream
+    assert plan["first_big_after_s"] == pytest.approx(17.6) and plan["stream_tokens_needed"] == 5056
+    assert plan["stream_requests"] == 2 * 10 and plan["big_prompts"] == 3
     trace = plan["big_trace"]
-    assert [t["timestamp"] for t in trace] == pytest.approx([12.1, 12.1 + 1 / 0.3, 12.1 + 2 / 0.3])
+    assert [t["timestamp"] for t in trace] == pytest.approx([17.6, 17.6 + 1 / 0.3, 17.6 + 2 / 0.3])
+    assert interference_plan(spec, samples, [0.1, 12.1])["first_big_after_s"] == pytest.approx(32.1)  # 30 s
     assert all(t["input_length"] == 2031 and len(t["hash_ids"]) == 127 for t in trace)
     ids = [i for t in trace for i in t["hash_ids"]]
     assert len(ids) == len(set(ids))
