@@ -117,6 +117,7 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             "big_requests": len(measured(samples, "big")),
             "big_ok": len(big),
             "big_ttft_ms": dist([s.ttft_ms for s in big if s.ttft_ms is not None]),
+            "big_ttfts_ms": [round(s.ttft_ms, 1) for s in big if s.ttft_ms is not None],
             "stream_itl_ms": dist(window_itl(samples, windows.get("interference"))),
             "big_ttft_ms_every_chunk": dist([x for s in big if (x := ttft_ms(s, True)) is not None]),
             "stream_itl_ms_every_chunk": dist(window_itl(samples, windows.get("interference"), every_chunk=True)),
@@ -282,12 +283,20 @@ def vllm_bench_interference(streams: dict[str, Any], bigs: dict[str, Any], durat
             "window_covered": max(0.0, min(1.0, (end - t0) / (t1 - t0))), "big_ok": len(ok),
             "streams_warm_s": t0 - max(firsts) if len(firsts) == n_streams else None,
             "big_ttft_ms": dist([bigs["ttfts"][k] * 1000.0 for k in ok]), "stream_itl_ms": dist(gaps),
+            "big_ttfts_ms": [round(bigs["ttfts"][k] * 1000.0, 1) for k in ok],
             "stalls": _stalls(gaps)}
 
 
+BURST_MS = 0.5
+"""A gap under this is a chunk that arrived back to back with the one before (queued behind a stall)."""
+
+
 def _stalls(gaps: Sequence[float]) -> dict[str, Any]:
+    """The gaps' tail and bursts: how many over STALL_MS (the largest five), share under BURST_MS."""
     big = sorted((g for g in gaps if g > STALL_MS), reverse=True)
-    return {"over_ms": STALL_MS, "n": len(big), "largest_ms": [round(g, 1) for g in big[:5]]}
+    burst = sum(g < BURST_MS for g in gaps) / len(gaps) if gaps else None
+    return {"over_ms": STALL_MS, "n": len(big), "largest_ms": [round(g, 1) for g in big[:5]],
+            "burst_under_ms": BURST_MS, "burst_share": burst}
 
 
 def cross_check_rows(summary: dict[str, Any], check: dict[str, Any]) -> list[dict[str, Any]]:
@@ -355,22 +364,27 @@ def cross_check_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _disagreement_note(r: dict[str, Any], summary: dict[str, Any], check: dict[str, Any]) -> str:
+    """The data behind a disagreement, for the footnote; the reading is in docs/bench.md."""
     wl = r["workload"]
     theirs = (check.get(wl) or {}).get("theirs") or {}
     if "ITL" in r["metric"]:
-        ours_st = summary["follow" if wl == "follow" else "interference"].get("stalls") or {}
-        theirs_st = theirs.get("stalls") or {}
-        return (f"gaps over {STALL_MS:g} ms: ours {ours_st.get('n', '?')} of {r['n_ours']}"
-                f" {ours_st.get('largest_ms', '')}, theirs {theirs_st.get('n', '?')} of {r['n_theirs']}"
-                f" {theirs_st.get('largest_ms', '')}. A few stalls (the API server or client not scheduled on a"
-                " busy core, then the queued chunks arrive back to back) decide a tail; the two runs are"
-                " minutes apart on a shared machine. Definitions match (every chunk with choices, gaps"
-                " pooled over requests, linear percentile): docs/bench.md, 'Reading a disagreement'")
+        o = summary["follow" if wl == "follow" else "interference"].get("stalls") or {}
+        t = theirs.get("stalls") or {}
+
+        def side(x: dict[str, Any], n: int) -> str:
+            share = x.get("burst_share")
+            return (f"{x.get('n', '?')} of {n} gaps over {STALL_MS:g} ms {x.get('largest_ms', [])},"
+                    f" {'?' if share is None else f'{share * 100:.0f}%'} under {BURST_MS:g} ms")
+
+        return (f"ours {side(o, r['n_ours'])}; theirs {side(t, r['n_theirs'])}. Stalls after the engine and"
+                " the chunks queued behind them, in two runs minutes apart (docs/bench.md, 'Reading a"
+                " disagreement')")
     if wl == "follow":
-        ours_ttfts = summary["follow"].get("ttfts_ms") or []
-        return (f"per request, ours {ours_ttfts} ms, theirs {theirs.get('ttfts_ms', [])} ms: few requests, run"
-                " minutes apart; on the pair P's leg varies run to run (docs/bench.md)")
-    return "big prompts' TTFT under load depends on where each arrives in the streams' decode steps (docs/bench.md)"
+        ours, their = summary["follow"].get("ttfts_ms") or [], theirs.get("ttfts_ms", [])
+    else:
+        ours, their = summary["interference"].get("big_ttfts_ms") or [], theirs.get("big_ttfts_ms", [])
+    return (f"per request, ours {ours} ms, theirs {their} ms: {len(ours)} and {len(their)} requests, two runs"
+            " minutes apart (docs/bench.md, 'Reading a disagreement')")
 
 
 def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, metric_after: float | None,

@@ -44,8 +44,8 @@ def test_vllm_bench_follow_pools_every_gap_like_ours():
     c = report.vllm_bench_follow(_follow_detailed([0.30, 0.32, 0.31], [[0.004] * 9 + [0.081], [0.004] * 10,
                                                                        [0.004] * 10]))
     assert c["ttft_ms"]["p50"] == pytest.approx(310.0) and c["itl_ms"]["n"] == 30
-    assert c["itl_ms"]["p50"] == pytest.approx(4.0) and c["stalls"] == {"over_ms": 50.0, "n": 1,
-                                                                          "largest_ms": [81.0]}
+    assert c["itl_ms"]["p50"] == pytest.approx(4.0)
+    assert c["stalls"] == {"over_ms": 50.0, "n": 1, "largest_ms": [81.0], "burst_under_ms": 0.5, "burst_share": 0.0}
 
 
 def test_vllm_bench_interference_applies_our_window_rule_to_their_times():
@@ -83,6 +83,13 @@ def test_the_table_marks_each_row_and_footnotes_a_disagreement():
     text = "\n".join(report.cross_check_table({"single": s}))
     assert "| single | follow | TTFT p50 | 310.0 (310.0) | 210.0 | 3 / 3 | max(15%, 25 ms) | DISAGREE [1] |" in text
     assert "[1] single follow TTFT p50: per request, ours [300.0, 310.0, 320.0] ms, theirs [200.0, 210.0, 220.0]" in text
+    # an ITL disagreement: the stalls and the bursts on each side
+    s["cross_check"]["follow"]["theirs"] = report.vllm_bench_follow(
+        _follow_detailed([0.30, 0.31, 0.32], [[0.0001, 0.0001, 0.09]] * 3))
+    text = "\n".join(report.cross_check_table({"single": s}))
+    assert "| single | follow | ITL p50 | 4.0 (4.0) | 0.1 | 9 / 9 | max(15%, 1 ms) | DISAGREE [1] |" in text
+    assert ("[1] single follow ITL p50: ours 0 of 9 gaps over 50 ms [], 0% under 0.5 ms;"
+            " theirs 3 of 9 gaps over 50 ms [90.0, 90.0, 90.0], 67% under 0.5 ms.") in text
     s["cross_check"]["follow"] = {"returncode": 2, "error": "Traceback\nValueError: bad"}
     assert "failed (rc 2)" in "\n".join(report.cross_check_table({"single": s}))
 
