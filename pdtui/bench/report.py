@@ -162,7 +162,8 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     two = summaries.get("two-single")
     if two:
         t_ttft, t_itl = two["follow"]["ttft_ms"]["p50"], two["interference"]["stream_itl_ms"]["p99"]
-        text.append(f"two-single (same hardware as the pair): TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
+        text.append("two-single (two colocated instances, round-robin: the pair's hardware):"
+                    f" TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
                     f" pair TTFT / two-single = {_fmt_ratio(_ratio(p_ttft, t_ttft))},"
                     f" two-single ITL p99 / pair = {_fmt_ratio(_ratio(t_itl, p_itl))}")
     return {"toll": toll, "purchase": purchase, "text": text}

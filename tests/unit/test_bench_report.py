@@ -155,6 +155,7 @@ def test_two_single_gets_its_own_line_and_ratios():
         samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall)
         sums[name] = report.summarize_arm(samples, w)
     v = report.verdict(sums)
-    assert len(v["text"]) == 3 and v["text"][2].startswith("two-single (same hardware as the pair)")
+    assert len(v["text"]) == 3
+    assert v["text"][2].startswith("two-single (two colocated instances, round-robin: the pair's hardware)")
     assert "pair TTFT / two-single = 1.67x" in v["text"][2]
     assert "| two-single | 99.0 |" in report.table(sums)
