@@ -38,6 +38,8 @@ class FakeVllm:
     prompt_tokens: int = 40
     linger_after_done_s: float = 0.0
     """Keep the stream open this long after [DONE] (clients hang up first)."""
+    empty_at: tuple[int, ...] = ()
+    """Indices of streamed chunks sent with empty text (vLLM does, for a token with no text yet)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -86,7 +88,7 @@ class FakeVllm:
             for i in range(self.tokens):
                 if self.die_after is not None and i == self.die_after:
                     raise AbortConnection("fake decode dies mid-stream")
-                chunk = {"choices": [{"index": 0, "text": f" w{i}"}]}
+                chunk = {"choices": [{"index": 0, "text": "" if i in self.empty_at else f" w{i}"}]}
                 await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
                             "more_body": True})
                 await asyncio.sleep(self.delay_s)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pdtui.bench import report
 from pdtui.bench.runners import ALL_ARMS, ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
-from pdtui.bench.workload import FollowSpec, InterferenceSpec
+from pdtui.bench.workload import BIG_PROMPT_LEN, FollowSpec, InterferenceSpec
 from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
@@ -24,8 +24,8 @@ prompts, in one invocation. The arms run one after another:
           block size, max_model_len), chunked prefill on, no KV connector
   pair    P + D + the embedded proxy, exactly as `pdtui up` runs them
   two-single (optional, --arms single,pair,two-single) two colocated instances, on P's and on D's
-          port and core/GPU, behind the proxy with no prefill instance (fewest-in-flight routing):
-          the same hardware as the pair
+          port and core/GPU, behind the proxy with no prefill instance, round-robin (vLLM's own
+          fair baseline): the same hardware as the pair
 
 and each arm gets the same workloads, measured the same way by a streaming client:
 
@@ -35,12 +35,17 @@ and each arm gets the same workloads, measured the same way by a streaming clien
   interference  N steady decode streams (ignore_eos, long max_tokens) while big prompts arrive at
                 a fixed rate: the streams' ITL p50/p90/p99/max and the big prompts' TTFT
 
-Warm-up is excluded. The verdict is stated plainly, also when the pair loses:
+On CPU every vLLM instance computes on one core (VLLM_CPU_OMP_THREADS_BIND): the single instance
+on P's, like each member of the pair. Warm-up is excluded. The verdict is stated plainly, also
+when the pair loses:
   toll     = pair TTFT p50 / single TTFT p50       (the price of the extra hop and the transfer)
   purchase = single ITL p99 / pair ITL p99         (what the pair buys: decode without prefill stalls)
 
-Written to --out: bench.json (every raw sample, the environment, the flags, the profile, and the
-pair's KV bytes checked against D's vllm:nixl_bytes_transferred), itl_hist.png, ttft.png, toll.png.
+Written to --out: bench.json.gz (gzip JSON: every raw sample, the environment, the flags, the
+profile, and the pair's KV bytes checked against D's vllm:nixl_bytes_transferred; `zcat` or
+pdtui.bench.report.read_json reads it), itl_hist.png, ttft.png, toll.png, and with --cross-check
+vllm bench serve's detailed results (vllm-bench-serve-*.json.gz). The method, the tolerances and
+how to read the numbers: docs/bench.md.
 Ctrl-C stops the engines and still writes what was measured.
 """
 
@@ -53,7 +58,10 @@ examples:
 """
 
 QUICK = {"requests": 3, "streams": 2, "duration": 10.0, "rate": 0.3, "stream_max_tokens": 512, "max_tokens": 32}
-FULL = {"requests": 8, "streams": 4, "duration": 30.0, "rate": 0.5, "stream_max_tokens": 1024, "max_tokens": 64}
+_F, _I = FollowSpec(), InterferenceSpec()
+FULL = {"requests": _F.requests, "streams": _I.streams, "duration": _I.duration_s, "rate": _I.rate,
+        "stream_max_tokens": _I.stream_max_tokens, "max_tokens": _F.max_tokens}
+"""The defaults without --quick: the workload specs' own."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,13 +73,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="small CPU-friendly defaults: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     g.add_argument("--cross-check", action="store_true",
-                   help="after each arm's workloads, run `vllm bench serve` against it in follow's shape"
-                   " and print its TTFT/ITL beside ours (adds ~30 s per arm on CPU)")
+                   help="after each arm's workloads, run `vllm bench serve` against it in each workload's"
+                   " shape (follow: random prompts one at a time; interference: the streams' run and a timed"
+                   " trace of the big prompts, at once) and mark each statistic agree/disagree within the"
+                   " stated tolerances (docs/bench.md); adds ~1 min per arm on CPU")
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
     g = p.add_argument_group("follow")
     g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
-    g.add_argument("--prompt-len", type=int, default=2031,
-                   help="tokens per big prompt, follow and interference (default 2031)")
+    g.add_argument("--prompt-len", type=int, default=BIG_PROMPT_LEN,
+                   help=f"tokens per big prompt, follow and interference (default {BIG_PROMPT_LEN})")
     g.add_argument("--max-tokens", type=int, default=None,
                    help=f"tokens per follow request (default {FULL['max_tokens']})")
     g = p.add_argument_group("interference")
@@ -86,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="streams run this long before the window opens (default 2)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None,
-                   help="directory for bench.json and the PNGs (default bench-runs/<time>)")
+                   help="directory for bench.json.gz and the PNGs (default bench-runs/<time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG and terminal plots")
 
 
@@ -154,9 +164,11 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
     result = BenchResult(flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     code = asyncio.run(_main(cfg, opts, result))
     data = report.to_json(result)
-    path = report.write_json(data, out / "bench.json")
+    path = report.write_json(data, out / "bench.json.gz")
     summaries = {a: d["summary"] for a, d in data["arms"].items()}
     print(report.table(summaries))
+    if data.get("placement"):
+        print("\n" + data["placement"])
     for name, arm in data["arms"].items():
         if arm.get("kv_bytes"):
             kb = arm["kv_bytes"]
@@ -170,9 +182,10 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
             print("\n" + report.terminal_histograms(data, color=sys.stdout.isatty()))
             pngs = report.plots(data, out)
             print("\nplots: " + ", ".join(str(p) for p in pngs))
-        except Exception as e:  # plots are a bonus: never lose the JSON for them
+        except Exception as e:  # noqa: BLE001 - plots are a bonus: never lose the JSON for them
             print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print(f"raw samples: {path}" + ("  (interrupted: partial)" if result.interrupted else ""))
+    print(f"raw samples: {path} (gzip JSON: zcat {path} | head -c 2000)"
+          + ("  (interrupted: partial)" if result.interrupted else ""))
     return code
 
 
@@ -199,7 +212,7 @@ async def _main(cfg: PairConfig, opts: BenchOptions, result: BenchResult) -> int
         result.error = str(e)
         print(f"pdtui bench: {e}", file=sys.stderr)
         return 1
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure is kept in bench.json.gz with what was measured
         result.error = f"{type(e).__name__}: {e}"
         print(f"pdtui bench: {result.error}", file=sys.stderr)
         return 1

@@ -13,6 +13,8 @@ Pure functions over samples (``workload.Sample``) so they are tested without eng
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import itertools
 import json
 import math
 import re
@@ -52,17 +54,37 @@ def measured(samples: Iterable[Sample], workload: str) -> list[Sample]:
     return [s for s in samples if s.workload == workload and not s.warmup]
 
 
-def window_itl(samples: Iterable[Sample], window: Sequence[float] | None) -> list[float]:
+def chunk_times(s: Sample, every_chunk: bool = False) -> list[float]:
+    """Arrival times of a request's token chunks: those with text (pdtui's definition), or with
+    ``every_chunk`` also those with empty text (``vllm bench serve``'s: every chunk with choices)."""
+    return sorted(s.chunk_t + s.empty_t) if every_chunk and s.empty_t else s.chunk_t
+
+
+def gaps_ms(s: Sample, every_chunk: bool = False) -> list[float]:
+    t = chunk_times(s, every_chunk)
+    return [(b - a) * 1000.0 for a, b in itertools.pairwise(t)]
+
+
+def ttft_ms(s: Sample, every_chunk: bool = False) -> float | None:
+    t = chunk_times(s, every_chunk)
+    return (t[0] - s.t_send) * 1000.0 if t else None
+
+
+def window_itl(samples: Iterable[Sample], window: Sequence[float] | None, every_chunk: bool = False) -> list[float]:
     """Gaps between consecutive token chunks of the steady streams that lie wholly inside the window
     (a gap begun in the warm-up or ended after the window is left out; a stream's restart is no gap)."""
     out: list[float] = []
     for s in samples:
         if s.workload != "stream" or s.warmup:
             continue
-        for a, b in zip(s.chunk_t, s.chunk_t[1:]):
-            if window is None or (window[0] <= a and b <= window[1]):
-                out.append((b - a) * 1000.0)
+        out += window_gaps(chunk_times(s, every_chunk), window)
     return out
+
+
+def window_gaps(times: Sequence[float], window: Sequence[float] | None) -> list[float]:
+    """Gaps (ms) between consecutive times (s) that lie wholly inside the window."""
+    return [(b - a) * 1000.0 for a, b in itertools.pairwise(times)
+            if window is None or (window[0] <= a and b <= window[1])]
 
 
 def toll_split(s: Sample) -> dict[str, float | None] | None:
@@ -82,6 +104,11 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             "ok": len(follow),
             "ttft_ms": dist([s.ttft_ms for s in follow if s.ttft_ms is not None]),
             "itl_ms": dist([g for s in follow for g in s.itl_ms]),
+            # vllm bench serve's definition: every chunk with choices, empty text or not
+            "ttft_ms_every_chunk": dist([x for s in follow if (x := ttft_ms(s, True)) is not None]),
+            "itl_ms_every_chunk": dist([g for s in follow for g in gaps_ms(s, True)]),
+            "ttfts_ms": [round(s.ttft_ms, 1) for s in follow if s.ttft_ms is not None],
+            "stalls": _stalls([g for s in follow for g in gaps_ms(s, True)]),
         },
         "interference": {
             "window_s": (windows["interference"][1] - windows["interference"][0])
@@ -90,7 +117,11 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             "big_requests": len(measured(samples, "big")),
             "big_ok": len(big),
             "big_ttft_ms": dist([s.ttft_ms for s in big if s.ttft_ms is not None]),
+            "big_ttfts_ms": [round(s.ttft_ms, 1) for s in big if s.ttft_ms is not None],
             "stream_itl_ms": dist(window_itl(samples, windows.get("interference"))),
+            "big_ttft_ms_every_chunk": dist([x for s in big if (x := ttft_ms(s, True)) is not None]),
+            "stream_itl_ms_every_chunk": dist(window_itl(samples, windows.get("interference"), every_chunk=True)),
+            "stalls": _stalls(window_itl(samples, windows.get("interference"), every_chunk=True)),
         },
         "failed": failed,
     }
@@ -131,7 +162,8 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     two = summaries.get("two-single")
     if two:
         t_ttft, t_itl = two["follow"]["ttft_ms"]["p50"], two["interference"]["stream_itl_ms"]["p99"]
-        text.append(f"two-single (same hardware as the pair): TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
+        text.append("two-single (two colocated instances, round-robin: the pair's hardware):"
+                    f" TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
                     f" pair TTFT / two-single = {_fmt_ratio(_ratio(p_ttft, t_ttft))},"
                     f" two-single ITL p99 / pair = {_fmt_ratio(_ratio(t_itl, p_itl))}")
     return {"toll": toll, "purchase": purchase, "text": text}
@@ -170,23 +202,190 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     pair = summaries.get("pair")
     if pair and "toll_split_ms" in pair["follow"]:
         ts = pair["follow"]["toll_split_ms"]
-        lines += ["", f"pair toll split (follow, p50): P prefill {_ms(ts['prefill_ms']['p50'])} ms"
-                  f" + proxy hop {_ms(ts['hop_ms']['p50'])} ms"
-                  f" + transfer & D first step {_ms(ts['decode_ttft_ms']['p50'])} ms"]
+        lines += ["", (f"pair toll split (follow, p50): P prefill {_ms(ts['prefill_ms']['p50'])} ms"
+                       f" + proxy hop {_ms(ts['hop_ms']['p50'])} ms"
+                       f" + transfer & D first step {_ms(ts['decode_ttft_ms']['p50'])} ms")]
     lines += [""] + verdict(summaries)["text"]
     checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}
     if checks:
-        lines += ["", "| cross-check (follow shape) | ours TTFT p50 | vllm bench serve TTFT p50 | ours ITL p50"
-                  " | vllm bench serve ITL p50 | ITL p99 ours / theirs |", "|---|---:|---:|---:|---:|---:|"]
-        for a, c in checks.items():
-            f = summaries[a]["follow"]
-            if c.get("error"):
-                lines.append(f"| {a} | {_ms(f['ttft_ms']['p50'])} | failed (rc {c.get('returncode')}) | | | |")
-                continue
-            lines.append(f"| {a} | {_ms(f['ttft_ms']['p50'])} | {_ms(c.get('median_ttft_ms'))}"
-                         f" | {_ms(f['itl_ms']['p50'])} | {_ms(c.get('median_itl_ms'))}"
-                         f" | {_ms(f['itl_ms']['p99'])} / {_ms(c.get('p99_itl_ms'))} |")
+        lines += [""] + cross_check_table(summaries)
     return "\n".join(lines)
+
+
+# ----- the cross-check: `vllm bench serve` against the same arm ---------------------------------------
+# Each row compares one statistic, computed the same way on both sides (vllm bench serve's
+# definition: a token chunk is any SSE chunk with choices, empty text or not), and is marked
+# agree when |ours - theirs| <= max(rel x theirs, abs ms). docs/bench.md explains the choice.
+
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "TTFT p50": (0.15, 25.0),
+    "TTFT p99": (0.25, 50.0),
+    "ITL p50": (0.15, 1.0),
+    "ITL p99": (0.25, 2.0),
+}
+P99_MIN_N = 100
+"""A p99 of fewer samples is (nearly) the largest one or two: too few to check against another run."""
+STALL_MS = 50.0
+"""A gap over this long is a stall (footnotes count them on both sides)."""
+
+
+def tolerance_text(metric: str) -> str:
+    rel, abs_ms = TOLERANCES[metric]
+    return f"max({rel * 100:.0f}%, {abs_ms:g} ms)"
+
+
+def agree(metric: str, ours: float | None, theirs: float | None, n_ours: int, n_theirs: int) -> str:
+    """agree | disagree | n/a (a side has no value, or a p99 of fewer than P99_MIN_N samples)."""
+    if ours is None or theirs is None:
+        return "n/a"
+    if metric.endswith("p99") and min(n_ours, n_theirs) < P99_MIN_N:
+        return f"n/a (n<{P99_MIN_N})"
+    rel, abs_ms = TOLERANCES[metric]
+    return "agree" if abs(ours - theirs) <= max(rel * abs(theirs), abs_ms) else "disagree"
+
+
+def vllm_bench_follow(data: dict[str, Any]) -> dict[str, Any]:
+    """TTFT and ITL of a `vllm bench serve --save-detailed` result (seconds -> ms), every request."""
+    ok = [k for k, e in enumerate(data.get("errors") or []) if not e] or list(range(len(data.get("ttfts") or [])))
+    ttfts = [data["ttfts"][k] * 1000.0 for k in ok]
+    gaps = [g * 1000.0 for k in ok for g in data["itls"][k]]
+    return {"completed": data.get("completed"), "failed": data.get("failed"), "ttft_ms": dist(ttfts),
+            "itl_ms": dist(gaps), "ttfts_ms": [round(x, 1) for x in ttfts], "stalls": _stalls(gaps),
+            "published": {k: data.get(k) for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")}}
+
+
+def vllm_bench_interference(streams: dict[str, Any], bigs: dict[str, Any], duration_s: float,
+                            n_streams: int) -> dict[str, Any]:
+    """The streams' run and the big prompts' run of `vllm bench serve` (detailed results), with
+    pdtui's window rule: it opens when the first big prompt is sent and closes ``duration_s`` later
+    or when the last big prompt is done, whichever is later; a stream's gaps count when wholly
+    inside. Both runs time with perf_counter = CLOCK_MONOTONIC, one clock for both processes.
+    ``streams_warm_s``: from the moment every one of the first ``n_streams`` streams had its first
+    token to the first big prompt (ours waits --warmup-s)."""
+    ok = [k for k, e in enumerate(bigs.get("errors") or []) if not e]
+    if not ok:
+        return {"error": "no big prompt completed", "completed": bigs.get("completed")}
+    t0 = min(bigs["start_times"])
+    t1 = max(t0 + duration_s, max(bigs["start_times"][k] + bigs["latencies"][k] for k in ok))
+    gaps: list[float] = []
+    end = t0
+    firsts = [st + tt for st, tt in zip(streams["start_times"][:n_streams], streams["ttfts"][:n_streams],
+                                        strict=True) if tt]
+    for start, ttft, itl in zip(streams["start_times"], streams["ttfts"], streams["itls"], strict=True):
+        if not ttft:
+            continue
+        times = [start + ttft]
+        for g in itl:
+            times.append(times[-1] + g)
+        end = max(end, times[-1])
+        gaps += window_gaps(times, [t0, t1])
+    return {"completed": (streams.get("completed"), bigs.get("completed")),
+            "failed": (streams.get("failed"), bigs.get("failed")), "window_s": t1 - t0,
+            "window_covered": max(0.0, min(1.0, (end - t0) / (t1 - t0))), "big_ok": len(ok),
+            "streams_warm_s": t0 - max(firsts) if len(firsts) == n_streams else None,
+            "big_ttft_ms": dist([bigs["ttfts"][k] * 1000.0 for k in ok]), "stream_itl_ms": dist(gaps),
+            "big_ttfts_ms": [round(bigs["ttfts"][k] * 1000.0, 1) for k in ok],
+            "stalls": _stalls(gaps)}
+
+
+BURST_MS = 0.5
+"""A gap under this is a chunk that arrived back to back with the one before (queued behind a stall)."""
+
+
+def _stalls(gaps: Sequence[float]) -> dict[str, Any]:
+    """The gaps' tail and bursts: how many over STALL_MS (the largest five), share under BURST_MS."""
+    big = sorted((g for g in gaps if g > STALL_MS), reverse=True)
+    burst = sum(g < BURST_MS for g in gaps) / len(gaps) if gaps else None
+    return {"over_ms": STALL_MS, "n": len(big), "largest_ms": [round(g, 1) for g in big[:5]],
+            "burst_under_ms": BURST_MS, "burst_share": burst}
+
+
+def cross_check_rows(summary: dict[str, Any], check: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per compared statistic of one arm: workload, metric, ours, theirs, n, verdict."""
+    rows: list[dict[str, Any]] = []
+
+    def add(wl: str, label: str, metric: str, ours: dict[str, Any], theirs: dict[str, Any],
+            ours_text: dict[str, Any]) -> None:
+        p = metric.split()[-1]
+        rows.append({"workload": wl, "metric": label + metric, "ours": ours[p], "theirs": theirs[p],
+                     "ours_text_chunks": ours_text[p], "n_ours": ours["n"], "n_theirs": theirs["n"],
+                     "tolerance": tolerance_text(metric),
+                     "verdict": agree(metric, ours[p], theirs[p], ours["n"], theirs["n"])})
+
+    f, c = summary["follow"], (check.get("follow") or {}).get("theirs")
+    if c and f["ok"]:
+        for m in ("TTFT p50", "TTFT p99"):
+            add("follow", "", m, f["ttft_ms_every_chunk"], c["ttft_ms"], f["ttft_ms"])
+        for m in ("ITL p50", "ITL p99"):
+            add("follow", "", m, f["itl_ms_every_chunk"], c["itl_ms"], f["itl_ms"])
+    i, c = summary["interference"], (check.get("interference") or {}).get("theirs")
+    if c and not c.get("error") and i["big_ok"]:
+        for m in ("TTFT p50", "TTFT p99"):
+            add("interference", "big ", m, i["big_ttft_ms_every_chunk"], c["big_ttft_ms"], i["big_ttft_ms"])
+        for m in ("ITL p50", "ITL p99"):
+            add("interference", "stream ", m, i["stream_itl_ms_every_chunk"], c["stream_itl_ms"], i["stream_itl_ms"])
+    return rows
+
+
+def cross_check_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The cross-check rows of every arm, then a footnote under each row that disagrees."""
+    lines = [("cross-check: `vllm bench serve` against the same arm (docs/bench.md); ours and theirs both count"
+              " every chunk with choices (vllm bench serve's definition), ours by text chunks in ()"),
+             "", "| arm | workload | metric | ours ms | vllm bench serve ms | n ours / theirs | tolerance | verdict |",
+             "|---|---|---|---:|---:|---:|---|---|"]
+    notes: list[str] = []
+    for arm, s in summaries.items():
+        check = s.get("cross_check")
+        if not check:
+            continue
+        for wl in ("follow", "interference"):
+            c = check.get(wl)
+            if c and (c.get("error") or (c.get("theirs") or {}).get("error")):
+                why = c.get("error") or c["theirs"]["error"]
+                rc = c.get("returncode", (c.get("streams") or {}).get("returncode"))
+                lines.append(f"| {arm} | {wl} | - | | failed (rc {rc}) | | | n/a |")
+                notes.append(f"{arm} {wl}: vllm bench serve failed: {why.strip().splitlines()[-1] if why.strip() else '?'}")
+        for r in cross_check_rows(s, check):
+            mark = r["verdict"]
+            if mark == "disagree":
+                n = sum(x.startswith("[") for x in notes) + 1
+                notes.append(f"[{n}] {arm} {r['workload']} {r['metric']}: " + _disagreement_note(r, s, check))
+                mark = f"DISAGREE [{n}]"
+            lines.append(f"| {arm} | {r['workload']} | {r['metric']} | {_ms(r['ours'])} ({_ms(r['ours_text_chunks'])})"
+                         f" | {_ms(r['theirs'])} | {r['n_ours']} / {r['n_theirs']} | {r['tolerance']} | {mark} |")
+        theirs = (check.get("interference") or {}).get("theirs") or {}
+        cov, warm = theirs.get("window_covered"), theirs.get("streams_warm_s")
+        if cov is not None and cov < 0.999:
+            notes.append(f"{arm} interference: vllm bench serve's streams ended before its window did"
+                         f" (covered {cov * 100:.0f}%): their request count is planned from our streams' rate")
+        if "window_covered" in theirs and (warm is None or warm < 0):
+            notes.append(f"{arm} interference: vllm bench serve's streams were not all running when its first big"
+                         " prompt came (the streams' run took longer to start than planned)")
+    return lines + ([""] + notes if notes else [])
+
+
+def _disagreement_note(r: dict[str, Any], summary: dict[str, Any], check: dict[str, Any]) -> str:
+    """The data behind a disagreement, for the footnote; the reading is in docs/bench.md."""
+    wl = r["workload"]
+    theirs = (check.get(wl) or {}).get("theirs") or {}
+    if "ITL" in r["metric"]:
+        o = summary["follow" if wl == "follow" else "interference"].get("stalls") or {}
+        t = theirs.get("stalls") or {}
+
+        def side(x: dict[str, Any], n: int) -> str:
+            share = x.get("burst_share")
+            return (f"{x.get('n', '?')} of {n} gaps over {STALL_MS:g} ms {x.get('largest_ms', [])},"
+                    f" {'?' if share is None else f'{share * 100:.0f}%'} under {BURST_MS:g} ms")
+
+        return (f"ours {side(o, r['n_ours'])}; theirs {side(t, r['n_theirs'])}. Stalls after the engine and"
+                " the chunks queued behind them, in two runs minutes apart (docs/bench.md, 'Reading a"
+                " disagreement')")
+    if wl == "follow":
+        ours, their = summary["follow"].get("ttfts_ms") or [], theirs.get("ttfts_ms", [])
+    else:
+        ours, their = summary["interference"].get("big_ttfts_ms") or [], theirs.get("big_ttfts_ms", [])
+    return (f"per request, ours {ours} ms, theirs {their} ms: {len(ours)} and {len(their)} requests, two runs"
+            " minutes apart (docs/bench.md, 'Reading a disagreement')")
 
 
 def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, metric_after: float | None,
@@ -238,15 +437,49 @@ def to_json(result: Any) -> dict[str, Any]:
         "config": result.config,
         "arms": arms,
         "verdict": verdict(summaries),
+        "placement": placement(arms),
     }
 
 
+def placement(arms: dict[str, Any]) -> str | None:
+    """Where each arm's model threads run on a CPU machine, from the arms' launch environments
+    (None on GPUs): the comparison is one core per vLLM instance in every arm (docs/bench.md)."""
+    parts = []
+    for name, arm in arms.items():
+        cores = [f"{x['name']} on {x['env']['VLLM_CPU_OMP_THREADS_BIND']}" for x in arm.get("launch") or []
+                 if x.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND")]
+        if cores:
+            parts.append(f"{name}: {', '.join(cores)}")
+    if not parts:
+        return None
+    return ("cores of the model threads (VLLM_CPU_OMP_THREADS_BIND; P's and D's kept there by nixl_quiet): "
+            + "; ".join(parts) + ". API servers, engine cores and the load client may run on any core."
+            " One core per vLLM instance in every arm: the single instance computes on one core like each"
+            " member of the pair; two-single has the pair's hardware (docs/bench.md, 'Cores').")
+
+
 def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write ``data`` to ``path``, gzip-compressed if the name ends in .gz (what the bench writes:
+    bench.json.gz; on a GPU the raw samples are 16+ MiB of JSON), atomically (a temp file, then
+    a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
+    raw = json.dumps(data, separators=(",", ":"), default=str).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".gz":
+        with gzip.open(tmp, "wb", compresslevel=6) as f:
+            f.write(raw)
+    else:
+        tmp.write_bytes(raw)
     tmp.replace(path)
     return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a bench.json.gz or a plain bench.json (gzip is recognised by its magic bytes)."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw)
 
 
 def _arm_itl(data: dict[str, Any], arm: str) -> list[float]:

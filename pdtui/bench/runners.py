@@ -4,7 +4,11 @@
   chunked prefill, no connector), supervised by ``supervisor.Instance``;
 - ``pair``: the ``Runtime`` (P + D + proxy); every client sample is joined with the proxy's
   ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped before and
-  after the load to check the traces' bytes.
+  after the load to check the traces' bytes;
+- ``two-single``: two colocated instances on P's and D's port and core/GPU behind the embedded
+  proxy, round-robin (``two_single_proxy``);
+- with ``--cross-check``, ``vllm bench serve`` against each arm in each workload's shape
+  (``cross_check``), compared in report.py.
 
 Whatever happens (an error, Ctrl-C = task cancellation), each arm stops what it started in a
 ``finally`` and the ``BenchResult`` keeps every sample measured so far.
@@ -14,28 +18,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import itertools
+import json
+import math
 import os
 import platform
+import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from pdtui.bench import report, workload
 from pdtui.bench.report import bytes_check
 from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
 from pdtui.core import scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
+from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
 from pdtui.core.runtime import Runtime
-from pdtui.core.supervisor import Instance
+from pdtui.core.supervisor import Instance, check_port_free
 
 ARMS = ("single", "pair")
 ALL_ARMS = ("single", "pair", "two-single")
-WORKLOADS = ("follow", "interference")
+WORKLOADS = tuple(workload.WORKLOADS)
 
 
 @dataclass
@@ -46,9 +58,9 @@ class BenchOptions:
     interference: InterferenceSpec = field(default_factory=InterferenceSpec)
     seed: int = 0
     cross_check: bool = False
-    """After the workloads, run `vllm bench serve` against the arm's URL (follow's shape)."""
+    """After the workloads, run `vllm bench serve` against the arm's URL in each workload's shape."""
     out_dir: Path | None = None
-    """Where `vllm bench serve` writes its result files."""
+    """Where `vllm bench serve` writes its result files (and its trace of the big prompts)."""
 
 
 @dataclass
@@ -108,7 +120,7 @@ def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, An
 
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip()
+            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     found = installed_vllm()
     model_arg = config_mod.model_path(cfg)
     geo = None
@@ -159,8 +171,6 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
     (``python -m pdtui.bench.workload``) and put its samples and windows into ``arm``. Cancelled
     (Ctrl-C), it SIGTERMs the client, which still hands back what it measured."""
     import dataclasses
-    import json
-    import signal
     import tempfile
 
     spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
@@ -214,133 +224,279 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
         raise RuntimeError(f"the load client of the {arm.arm} arm exited with code {proc.returncode} and no result")
 
 
-async def _cross_check(cfg: PairConfig, opts: BenchOptions, reporter: Reporter, arm: ArmResult) -> None:
-    if opts.cross_check:
-        reporter.phase(arm.arm, "cross-check: vllm bench serve")
-        arm.cross_check = await vllm_bench_serve(cfg, opts, arm.url, arm.arm)
+STARTED = "Starting main benchmark run"
+"""What `vllm bench serve` prints when its measured run begins (after imports, dataset, warm-up)."""
 
 
-async def vllm_bench_serve(cfg: PairConfig, opts: BenchOptions, base_url: str, arm: str) -> dict[str, Any]:
-    """`vllm bench serve` in follow's shape (random prompts of the same length, one at a time, the
-    same max_tokens, ignore_eos) against ``base_url``; its percentiles, to set beside ours."""
-    import json
+async def cross_check(cfg: PairConfig, opts: BenchOptions, arm: ArmResult) -> dict[str, Any]:
+    """`vllm bench serve` against the arm, after our workloads, in each workload's shape:
 
-    out = (opts.out_dir or Path("bench-runs")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"vllm-bench-serve-{arm}.json"
+    - follow: ``--dataset-name random`` with follow's prompt length, max_tokens and count, one at a
+      time (``--max-concurrency 1``);
+    - interference: two runs at once (one `vllm bench serve` has one arrival process): the big
+      prompts at fixed intervals (``--dataset-name timed_trace``), and, once that run is timing,
+      the steady streams (``--dataset-name random``, the streams' prompt length and max_tokens,
+      ``--max-concurrency N``: a stream that ends is replaced at once, as ours restart);
+      report.py applies our window rule to their per-request times (both use CLOCK_MONOTONIC).
+
+    All with ``--ignore-eos``, ``--temperature 0`` (ours is greedy too), no warm-up (the arm is
+    warm: our workloads just ran; vLLM's warm-up sends the first prompt, which then hit the prefix
+    cache in the measured run: one TTFT of about 33 ms among 300s once) and ``--save-detailed``: report.vllm_bench_* compute every
+    statistic from the raw TTFTs and gaps, exactly as for ours. docs/bench.md, "Cross-check"."""
+    out_dir = (opts.out_dir or Path("bench-runs")).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {}
+    startup_s = None
+    if "follow" in opts.workloads:
+        f = opts.follow
+        res["follow"], data = await vllm_bench_serve(
+            cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-follow.json",
+            ["--dataset-name", "random", "--random-input-len", str(f.prompt_len), "--random-output-len",
+             str(f.max_tokens), "--random-range-ratio", "0", "--num-prompts", str(f.requests),
+             "--max-concurrency", "1", "--request-rate", "inf", "--seed", str(opts.seed)])
+        if data is not None:
+            res["follow"]["theirs"] = report.vllm_bench_follow(data)
+        startup_s = res["follow"].get("startup_s")
+    if "interference" in opts.workloads:
+        res["interference"] = await _cross_interference(cfg, opts, arm, out_dir, startup_s)
+    return res
+
+
+async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResult, out_dir: Path,
+                              startup_s: float | None) -> dict[str, Any]:
+    """The big prompts' run starts first; once it is timing (its trace clock runs from there), the
+    streams' run starts, on a machine that is idle but for it, and has ``plan["first_big_after_s"]``
+    to import vLLM, begin and warm up before the first big prompt. (Started together, whichever
+    began first loaded the machine while the other still imported vLLM: 30 s apart once.)
+    report.vllm_bench_interference measures how long the streams really ran first."""
+    sp = opts.interference
+    plan = interference_plan(sp, arm.samples, arm.windows.get("interference"), startup_s)
+    trace = out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.trace.jsonl"
+    trace.write_text("".join(json.dumps(x) + "\n" for x in plan.pop("big_trace")))
+    timing = asyncio.Event()
+    bigs_task = asyncio.create_task(vllm_bench_serve(
+        cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.json",
+        ["--dataset-name", "timed_trace", "--dataset-path", str(trace), "--num-prompts", str(plan["big_prompts"]),
+         "--seed", str(opts.seed + 2)], on_started=timing.set))
+    try:
+        waiter = asyncio.create_task(timing.wait())
+        await asyncio.wait([bigs_task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        streams_res: dict[str, Any] = {"error": "not run: the big prompts' run ended before it began timing"}
+        streams = None
+        if timing.is_set():
+            streams_res, streams = await vllm_bench_serve(
+                cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-streams.json",
+                ["--dataset-name", "random", "--random-input-len", str(sp.stream_prompt_len),
+                 "--random-output-len", str(sp.stream_max_tokens), "--random-range-ratio", "0",
+                 "--num-prompts", str(plan["stream_requests"]), "--max-concurrency", str(sp.streams),
+                 "--request-rate", "inf", "--seed", str(opts.seed + 1)])
+        bigs_res, bigs = await bigs_task
+    finally:
+        if not bigs_task.done():
+            bigs_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await bigs_task
+    out: dict[str, Any] = {"plan": plan, "streams": streams_res, "big": bigs_res}
+    if streams is not None and bigs is not None:
+        out["theirs"] = report.vllm_bench_interference(streams, bigs, sp.duration_s, sp.streams)
+    else:
+        out["error"] = bigs_res.get("error") or streams_res.get("error")
+    return out
+
+
+STREAMS_STARTUP_S = 30.0
+"""The streams' run's start-up if follow's cross-check did not measure one (13 s on an idle CPU)."""
+STREAMS_MARGIN = 1.6
+"""Their streams may decode faster than ours did (2x once): plan this many times our rate's need."""
+
+
+def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: list[float] | None,
+                      startup_s: float | None = None) -> dict[str, Any]:
+    """The big prompts as a timed trace, the first at lead = the streams' start-up (1.25 x
+    ``startup_s``, follow's cross-check run's, + 3 s) + ``--warmup-s`` + our streams' first-token
+    time, then every 1/rate s (unique prompts so prefix caching can't help, as with ours); and how
+    many stream requests their streams' run needs to outlast them: our streams' token rate under
+    interference x (lead + our window + 2 s) x STREAMS_MARGIN."""
+    ours = [s for s in samples if s.workload == "stream" and s.chunk_t]
+    first_s = max((s.ttft_ms or 0.0 for s in ours if s.request_id.endswith(".0")), default=1000.0) / 1000.0
+    boot = 1.25 * startup_s + 3.0 if startup_s else STREAMS_STARTUP_S
+    lead = boot + spec.warmup_s + first_s
+    need_s = lead + spec.duration_s + 2.0
+    per_stream = spec.stream_max_tokens
+    if ours and window and window[1] > window[0]:
+        need_s = lead + (window[1] - window[0]) + 2.0
+        rate = len(report.window_itl(samples, window)) / spec.streams / (window[1] - window[0])  # tokens/s
+        per_stream = math.ceil(rate * need_s * STREAMS_MARGIN)
+    n_req = spec.streams * max(1, math.ceil(per_stream / spec.stream_max_tokens))
+    n_big = max(1, int(spec.duration_s * spec.rate)) if spec.rate > 0 else 0
+    chunk = 16  # vllm bench serve's --timed-trace-chunk-hash-size: one hash id per 16 prompt tokens
+    ids = itertools.count(1)
+    big_trace = [{"timestamp": round(lead + i / spec.rate, 6), "input_length": spec.prompt_len,
+                  "output_length": spec.big_max_tokens,
+                  "hash_ids": [next(ids) for _ in range(math.ceil(spec.prompt_len / chunk))]} for i in range(n_big)]
+    return {"stream_requests": n_req, "stream_tokens_needed": per_stream, "expected_s": round(need_s, 1),
+            "big_prompts": n_big, "first_big_after_s": round(lead, 3), "big_trace": big_trace}
+
+
+async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path, dataset: list[str],
+                           on_started: Callable[[], None] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run `vllm bench serve` (python -m pdtui.core.vllm_entry bench serve, in its own session)
+    against ``base_url``; its detailed result file is gzipped beside bench.json.gz. Returns
+    (argv, return code, start-up seconds, the file or the output's tail) and the parsed result
+    (None if it failed). ``on_started`` is called when it begins timing (STARTED)."""
     argv = [sys.executable, "-m", "pdtui.core.vllm_entry", "bench", "serve", "--backend", "vllm",
             "--base-url", base_url, "--endpoint", "/v1/completions", "--model", cfg.model_name,
-            "--tokenizer", config_mod.model_path(cfg), "--dataset-name", "random",
-            "--random-input-len", str(opts.follow.prompt_len), "--random-output-len", str(opts.follow.max_tokens),
-            "--random-range-ratio", "0", "--num-prompts", str(opts.follow.requests), "--max-concurrency", "1",
-            "--request-rate", "inf", "--ignore-eos", "--num-warmups", "1", "--seed", str(opts.seed),
+            "--tokenizer", config_mod.model_path(cfg), *dataset, "--ignore-eos", "--temperature", "0",
+            "--num-warmups", "0",
             "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
-            "--save-result", "--result-dir", str(out), "--result-filename", name]
+            "--save-result", "--save-detailed", "--result-dir", str(result.parent),
+            "--result-filename", result.name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                start_new_session=True)
+                                                start_new_session=True, limit=1 << 20)
+    res: dict[str, Any] = {"argv": argv, "returncode": None, "startup_s": None}
+    tail: list[str] = []
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail[:] = [*tail[-60:], line]
+            if STARTED in line and res["startup_s"] is None:
+                res["startup_s"] = round(time.monotonic() - t0, 2)
+                if on_started is not None:
+                    on_started()
+        await proc.wait()
+
     try:
-        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=600)
+        await asyncio.wait_for(read(), timeout=900)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-    res: dict[str, Any] = {"argv": argv, "returncode": proc.returncode}
-    path = out / name
-    if proc.returncode != 0 or not path.exists():
-        res["error"] = stdout.decode(errors="replace")[-2000:]
-        return res
-    data = json.loads(path.read_text())
-    res["result_file"] = str(path)
-    for k in ("completed", "failed", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
-        res[k] = data.get(k)
-    return res
+    res["returncode"] = proc.returncode
+    if proc.returncode != 0 or not result.exists():
+        res["error"] = "\n".join(tail)[-2000:]
+        return res, None
+    raw = result.read_bytes()
+    gz = result.with_name(result.name + ".gz")
+    gz.write_bytes(gzip.compress(raw))
+    result.unlink()
+    res["result_file"] = str(gz)
+    return res, json.loads(raw)
+
+
+async def _run_arm(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, reporter: Reporter, clock: Clock, *,
+                   start: Callable[[], Awaitable[float]], stop: Callable[[], Awaitable[Any]],
+                   settle: Callable[[], Awaitable[None]] | None = None) -> ArmResult:
+    """One arm's life, the same for every arm: ``start`` (returns the seconds to ready), the
+    workloads against ``arm.url`` in the client process, ``settle`` (join traces, check bytes),
+    the cross-check; an error is kept in ``arm.error`` and raised; whatever happens (Ctrl-C
+    included) ``settle`` and ``stop`` run and the samples measured so far stay in ``arm``."""
+    try:
+        arm.ready_s = await start()
+        await run_client(arm, arm.url, cfg, opts, reporter)
+        if settle is not None:
+            await settle()
+        if opts.cross_check:
+            reporter.phase(arm.arm, "cross-check: vllm bench serve")
+            arm.cross_check = await cross_check(cfg, opts, arm)
+    except Exception as e:
+        arm.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if settle is not None:
+            await settle()
+        reporter.phase(arm.arm, "stopping")
+        await stop()
+        arm.t_end = clock()
+    return arm
+
+
+def _launch(specs: list[config_mod.LaunchSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+
+
+def _on_state(name: str, reporter: Reporter) -> Callable[[Event], None]:
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, InstanceStateChanged):
+            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
+
+    return on_event
+
+
+async def _spawn_all(arm: ArmResult, insts: list[Instance]) -> float:
+    for i in insts:
+        await i.spawn()
+        if i.pid:
+            arm.pgids.append(i.pid)
+    return max(await asyncio.gather(*(i.wait_ready() for i in insts)))
 
 
 async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                      clock: Clock) -> ArmResult:
     spec = config_mod.render_single(cfg)
     arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
-    arm.launch = [{"name": spec.name, "role": spec.role, "argv": spec.argv, "env": spec.env}]
+    arm.launch = _launch([spec])
+    inst = Instance(spec, _on_state("single", reporter), ready_timeout_s=cfg.ready_timeout_s,
+                    stop_grace_s=cfg.stop_grace_s, host=cfg.host, port=cfg.prefills[0].port)
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=lambda: _spawn_all(arm, [inst]),
+                          stop=lambda: inst.stop(reason="bench arm done"))
 
-    def on_event(ev: Event) -> None:
-        if isinstance(ev, InstanceStateChanged):
-            reporter.phase("single", f"{ev.instance} {ev.state} {ev.detail}".strip())
 
-    inst = Instance(spec, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                    host=cfg.host, port=cfg.prefills[0].port)
-    try:
-        await inst.spawn()
-        if inst.pid:
-            arm.pgids.append(inst.pid)
-        arm.ready_s = await inst.wait_ready()
-        await run_client(arm, spec.url, cfg, opts, reporter)
-        await _cross_check(cfg, opts, reporter, arm)
-    except Exception as e:
-        arm.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        reporter.phase("single", "stopping")
-        await inst.stop(reason="bench arm done")
-        arm.t_end = clock()
-    return arm
+def two_single_proxy(upstreams: list[Upstream], block_size: int,
+                     on_trace: Callable[[RequestTraced], None]) -> Proxy:
+    """The two-single arm's proxy: no prefill instance (every request "falls back" to a colocated
+    instance) and round-robin over the instances that are up, whatever their load: vLLM's own
+    fair baseline (its examples/disagg toy proxies pick round-robin too)."""
+    return Proxy([], upstreams, ProxySettings(block_size=block_size, decode_choice="round-robin"), on_trace=on_trace)
 
 
 async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                          clock: Clock) -> ArmResult:
     """Two colocated instances (on P's and on D's port and core/GPU) behind the embedded proxy with
-    no prefill instance: every request goes to the instance with the fewest in flight (the proxy's
-    decode choice; ties to the first). The same hardware as the pair, vLLM's own fair baseline."""
-    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
-
+    no prefill instance, round-robin (``two_single_proxy``): the same hardware as the pair."""
     name = "two-single"
-    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst)
-             for k, inst in enumerate([cfg.prefills[0], cfg.decodes[0]])]
+    where = [cfg.prefills[0], cfg.decodes[0]]
+    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst) for k, inst in enumerate(where)]
     arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
-    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+    arm.launch = _launch(specs)
     traces: dict[str, RequestTraced] = {}
+    on_state = _on_state(name, reporter)
 
     def on_event(ev: Event) -> None:
         if isinstance(ev, RequestTraced):
             traces[ev.request_id] = ev
-        elif isinstance(ev, InstanceStateChanged):
-            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
+        on_state(ev)
 
     insts = [Instance(s, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                      host=cfg.host, port=i.port) for s, i in zip(specs, [cfg.prefills[0], cfg.decodes[0]])]
+                      host=cfg.host, port=i.port) for s, i in zip(specs, where, strict=True)]
     ups = [Upstream(i.name, "decode", i.url, is_up=_ready_fn(i)) for i in insts]
-    proxy = Proxy([], ups, ProxySettings(block_size=cfg.block_size), on_trace=on_event)
-    server = ProxyServer(proxy, cfg.host, cfg.proxy_port)
-    try:
-        from pdtui.core.supervisor import check_port_free
+    server = ProxyServer(two_single_proxy(ups, cfg.block_size, on_event), cfg.host, cfg.proxy_port)
 
+    async def start() -> float:
         check_port_free(cfg.host, cfg.proxy_port, "proxy")
         await server.start()
-        for i in insts:
-            await i.spawn()
-            if i.pid:
-                arm.pgids.append(i.pid)
-        arm.ready_s = max(await asyncio.gather(*(i.wait_ready() for i in insts)))
-        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
-        await _cross_check(cfg, opts, reporter, arm)
-    except Exception as e:
-        arm.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        reporter.phase(name, "stopping")
+        return await _spawn_all(arm, insts)
+
+    async def settle() -> None:
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await _wait_traces(arm.samples, traces, timeout_s=5)
         _join(arm.samples, traces)
+
+    async def stop() -> None:
         with contextlib.suppress(Exception):
             await server.stop()
         await asyncio.gather(*(i.stop(reason="bench arm done") for i in insts), return_exceptions=True)
-        arm.t_end = clock()
-    return arm
+
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
 
 
-def _ready_fn(inst: Instance):  # noqa: ANN202
+def _ready_fn(inst: Instance) -> Callable[[], bool]:
     return lambda: inst.ready
 
 
@@ -348,7 +504,7 @@ async def _scrape_d(rt: Runtime) -> dict[str, float]:
     """A fresh scrape of every decode instance, summed."""
     total: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=10) as client:
-        for name, inst in rt.instances.items():
+        for inst in rt.instances.values():
             if inst.role != "decode":
                 continue
             values = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
@@ -364,7 +520,7 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                    clock: Clock) -> ArmResult:
     rt = Runtime(cfg)
     arm = result.arms["pair"] = ArmResult("pair", url=cfg.proxy_url, t_start=clock())
-    arm.launch = [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in rt.specs]
+    arm.launch = _launch(rt.specs)
     traces: dict[str, RequestTraced] = {}
     events = rt.subscribe()
 
@@ -384,9 +540,15 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
     collector = asyncio.create_task(collect(), name="bench-collect")
     before: dict[str, float] | None = None
 
+    async def start() -> float:
+        nonlocal before
+        ready = await rt.start()
+        before = await _scrape_d(rt)
+        return ready
+
     async def settle() -> None:
         """Join the traces and check the KV bytes of our requests, once, before any cross-check
-        (whose repeated warm-up prompt D's prefix cache partly holds, so it pulls fewer bytes)."""
+        (whose prompts would add to D's byte counter)."""
         nonlocal before
         reporter.phase("pair", "joining traces")
         with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -403,24 +565,13 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                 rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
             before = None
 
-    try:
-        arm.ready_s = await rt.start()
-        before = await _scrape_d(rt)
-        await run_client(arm, cfg.proxy_url, cfg, opts, reporter)
-        await settle()
-        await _cross_check(cfg, opts, reporter, arm)
-    except Exception as e:
-        arm.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        await settle()
-        reporter.phase("pair", "stopping")
+    async def stop() -> None:
         await rt.aclose(reason="bench arm done")
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await collector
-        arm.t_end = clock()
-    return arm
+
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
 
 
 async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:

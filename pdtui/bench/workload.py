@@ -2,7 +2,11 @@
 
 Both arms are measured here, on the client side, identically: the time from sending a request to
 its first token-carrying SSE chunk (TTFT), and every gap between token-carrying chunks (ITL, per
-chunk, as ``vllm bench serve`` does). Nothing here knows which arm it is talking to.
+chunk). A chunk whose text is empty (vLLM sends one for a token that decodes to no text yet, e.g.
+the first byte of a multi-byte character, or a special token) is not counted as a token chunk but
+its arrival is kept (``Sample.empty_t``): ``vllm bench serve`` counts every chunk with choices,
+and report.py computes its definition from both lists (docs/bench.md, "ITL: two definitions").
+Nothing here knows which arm it is talking to.
 
 Prompts: with the byte-level synthetic tokenizer one ASCII character is one token, so a prompt of
 N characters is N tokens. Every prompt starts with its own tag (seed, workload, index), so no two
@@ -17,8 +21,9 @@ import json
 import random
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,6 +56,8 @@ class Sample:
     itl_ms: list[float] = field(default_factory=list)
     chunk_t: list[float] = field(default_factory=list)
     """Arrival time of every token-carrying chunk (for windowing the steady streams)."""
+    empty_t: list[float] = field(default_factory=list)
+    """Arrival time of every chunk with choices but empty text (not in chunk_t, TTFT or itl_ms)."""
     t_end: float | None = None
     status: int | None = None
     error: str | None = None
@@ -108,7 +115,10 @@ async def stream_completion(client: httpx.AsyncClient, base_url: str, model: str
                     sample.error = json.dumps(obj["error"])[:500]
                     break
                 choices = obj.get("choices") or []
-                if not choices or not choices[0].get("text"):
+                if not choices:
+                    continue
+                if not choices[0].get("text"):
+                    sample.empty_t.append(now)
                     continue
                 if sample.chunk_t:
                     sample.itl_ms.append((now - sample.chunk_t[-1]) * 1000.0)
@@ -150,21 +160,29 @@ class LoadTarget:
         return await stream_completion(self.client, self.base_url, self.model, prompt, sample, self.clock)
 
 
+BIG_PROMPT_LEN = 2031
+"""Tokens of a big prompt (follow and interference): about 2k, as in DESIGN.md's reference run."""
+
+
 @dataclass
 class FollowSpec:
+    """One big prompt at a time. These defaults are `pdtui bench`'s (--quick overrides some)."""
+
     requests: int = 8
-    prompt_len: int = 2031
+    prompt_len: int = BIG_PROMPT_LEN
     max_tokens: int = 64
     warmup: int = 1
 
 
 @dataclass
 class InterferenceSpec:
+    """N steady decode streams while big prompts arrive at a fixed rate."""
+
     streams: int = 4
     duration_s: float = 30.0
     rate: float = 0.5
     """Big prompts per second, at fixed intervals."""
-    prompt_len: int = 2031
+    prompt_len: int = BIG_PROMPT_LEN
     big_max_tokens: int = 16
     stream_prompt_len: int = 64
     stream_max_tokens: int = 1024
@@ -247,6 +265,13 @@ async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> 
                 await task
 
 
+WORKLOADS: dict[str, tuple[type, Callable[[LoadTarget, Any, int], Awaitable[None]]]] = {
+    "follow": (FollowSpec, run_follow),
+    "interference": (InterferenceSpec, run_interference),
+}
+"""Workload name -> (its spec, its runner), in the order `pdtui bench` runs them by default."""
+
+
 # ----- the load generator as its own process ------------------------------------------------------
 # `python -m pdtui.bench.workload SPEC.json` runs the workloads of one arm and writes JSON lines to
 # stdout: {"progress": [what, done, total]} as it goes, then {"result": {"samples": [...],
@@ -273,12 +298,8 @@ async def run_spec(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None])
                                 on_progress=lambda what, d, t: emit({"progress": [what, d, t]}))
             for wl in spec["workloads"]:
                 emit({"phase": f"{wl}: running"})
-                if wl == "follow":
-                    await run_follow(target, FollowSpec(**spec["follow"]), spec["seed"])
-                elif wl == "interference":
-                    await run_interference(target, InterferenceSpec(**spec["interference"]), spec["seed"])
-                else:
-                    raise ValueError(f"unknown workload {wl!r}")
+                spec_cls, run = WORKLOADS[wl]
+                await run(target, spec_cls(**spec[wl]), spec["seed"])
     except asyncio.CancelledError:
         cancelled = True
     import dataclasses
@@ -290,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    spec = json.loads(open(args[0]).read())
+    spec = json.loads(Path(args[0]).read_text())
 
     def emit(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")

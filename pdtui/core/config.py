@@ -84,7 +84,9 @@ class InstanceConfig:
     name: str = ""
     """Short label in the UI and events (default: P, D, D2, ...)."""
     cpu_core: int | None = None
-    """CPU device: pin this instance's compute threads to this core (VLLM_CPU_OMP_THREADS_BIND)."""
+    """CPU device: pin this instance's compute threads to this core (VLLM_CPU_OMP_THREADS_BIND).
+    With NixlConnector loaded through pdtui.core.nixl_quiet, the model thread is kept there
+    (vLLM's NIXL worker would move it to the machine's last core; docs/bench.md)."""
     cuda_devices: str | None = None
     """GPU device: CUDA_VISIBLE_DEVICES for this instance, e.g. "0"."""
     kv_cache_memory_bytes: int | None = None
@@ -381,6 +383,9 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         env["UCX_NET_DEVICES"] = "lo"
         if inst.cpu_core is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpu_core)
+            if kv_transfer and _tunes_nixl(cfg):
+                # NixlConnector moves the model thread to the last core; nixl_quiet moves it back
+                env["PDTUI_NIXL_KEEP_AFFINITY"] = "1"
     if inst.cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
     env |= cfg.env | inst.env

@@ -89,7 +89,40 @@ def _ucx_params(params: dict[str, str]) -> None:
     log.info("pdtui: NIXL UCX backend params %s", params)
 
 
+def _keep_affinity() -> None:
+    """Undo NixlConnector's re-pinning of the model thread on CPU.
+
+    Why: on a CPU device, vLLM's NIXL worker calls ``os.sched_setaffinity(0, [last core of each
+    NUMA node])`` in its __init__ ("reserve different cores for start_load_kv() from
+    model_forward()", nixl/base_worker.py). Thread 0 is the calling thread: the worker's main
+    thread, the one that runs the model. On a 2-core machine that moves the model thread of BOTH
+    P and D to core 1, whatever VLLM_CPU_OMP_THREADS_BIND says, and core 0 idles (P's prefill and
+    D's decode then time-share one core; docs/bench.md measures it). This puts the thread back on
+    the cores it had before that __init__ (its OMP core), so each instance computes on its own.
+    """
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+
+    cls = base_worker.NixlBaseConnectorWorker
+    if getattr(cls, "_pdtui_keep_affinity", False):
+        return
+    real_init = cls.__init__
+
+    def __init__(self, *args, **kwargs):  # noqa: N807
+        before = os.sched_getaffinity(0)
+        real_init(self, *args, **kwargs)
+        after = os.sched_getaffinity(0)
+        if after != before:
+            os.sched_setaffinity(0, before)
+            log.info("pdtui: NixlConnector pinned the model thread to cores %s; put back on %s",
+                     sorted(after), sorted(before))
+
+    cls.__init__ = __init__
+    cls._pdtui_keep_affinity = True
+
+
 try:
+    if os.environ.get("PDTUI_NIXL_KEEP_AFFINITY") == "1":
+        _keep_affinity()
     if os.environ.get("PDTUI_NIXL_PROG_DELAY_US"):
         _patch(int(os.environ["PDTUI_NIXL_PROG_DELAY_US"]))
     if os.environ.get("PDTUI_UCX_ERROR_HANDLING_MODE"):

@@ -52,6 +52,7 @@ PREFILL_KV_PARAMS = {
     "remote_port": None,
 }
 WARMUP_HEADER = "x-pdtui-warmup"
+DECODE_CHOICES = ("least-loaded", "round-robin")
 
 
 @dataclass
@@ -85,6 +86,10 @@ class ProxySettings:
     """Whole P leg (the first request after start-up can stall for tens of seconds)."""
     decode_read_timeout_s: float = 300.0
     """Longest silence from D while streaming before the stream is called broken."""
+    decode_choice: str = "least-loaded"
+    """How a decode instance is picked: "least-loaded" (fewest requests in flight, ties to the
+    first: the pair's default) or "round-robin" (each request to the next instance that is up, in
+    list order, whatever their load: vLLM's examples/disagg toy proxies, the bench's two-single)."""
 
 
 class ProxyError(Exception):
@@ -257,6 +262,9 @@ class Proxy:
         self.health_info = health or (dict)
         self.metrics = ProxyMetrics()
         s = self.settings
+        if s.decode_choice not in DECODE_CHOICES:
+            raise ValueError(f"decode_choice {s.decode_choice!r}: one of {', '.join(DECODE_CHOICES)}")
+        self._next_decode = 0
         self._p_timeout = httpx.Timeout(s.prefill_timeout_s, connect=s.connect_timeout_s)
         self._d_timeout = httpx.Timeout(s.decode_read_timeout_s, connect=s.connect_timeout_s)
         for up in prefills:
@@ -436,12 +444,24 @@ class Proxy:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
         return params
 
-    async def _decode(self, trace: _Trace, body: dict[str, Any], send: Send, t_hop: float) -> None:
+    def pick_decode(self) -> Upstream | None:
+        """The decode instance for the next request (``settings.decode_choice``); None if none is up."""
+        if self.settings.decode_choice == "round-robin":
+            n = len(self.decodes)
+            for k in range(n):
+                up = self.decodes[(self._next_decode + k) % n]
+                if up.is_up():
+                    self._next_decode = (self._next_decode + k + 1) % n
+                    return up
+            return None
         ups = self._candidates(self.decodes)
-        if not ups:
+        return ups[0] if ups else None
+
+    async def _decode(self, trace: _Trace, body: dict[str, Any], send: Send, t_hop: float) -> None:
+        up = self.pick_decode()
+        if up is None:
             trace.status, trace.error = 503, "no decode instance is up"
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
-        up = ups[0]
         trace.decode = up.name
         assert up.client is not None
         req = up.client.build_request("POST", trace.endpoint, json=body, headers={"X-Request-Id": trace.request_id})

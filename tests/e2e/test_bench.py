@@ -23,6 +23,8 @@ from tests.e2e.test_zz_no_leftovers import processes_in_groups
 pytestmark = pytest.mark.e2e
 
 OFFSET = int(os.environ.get("PDTUI_E2E_BENCH_PORT_OFFSET", "32000"))
+CROSS_CHECK = os.environ.get("PDTUI_E2E_BENCH_CROSS_CHECK") == "1"
+"""Also run the `vllm bench serve` cross-check (about 1 more minute per arm): off in CI."""
 PROMPT = 300
 
 
@@ -33,6 +35,7 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
         follow=FollowSpec(requests=2, prompt_len=PROMPT, max_tokens=16),
         interference=InterferenceSpec(streams=2, duration_s=5.0, rate=0.4, prompt_len=PROMPT, big_max_tokens=8,
                                       stream_max_tokens=256, warmup_s=1.0),
+        cross_check=CROSS_CHECK, out_dir=tmp_path,
     )
     result = BenchResult()
     try:
@@ -43,11 +46,12 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
         assert _ports_free(cfg), "a bench port is still held"
 
     data = report.to_json(result)
-    report.write_json(data, tmp_path / "bench.json")
+    assert report.read_json(report.write_json(data, tmp_path / "bench.json.gz"))["arms"].keys() == data["arms"].keys()
     summaries = {a: d["summary"] for a, d in data["arms"].items()}
     print("\n" + report.table(summaries))
 
     assert list(data["arms"]) == ["single", "pair"]
+    assert "single: S on 0; pair: P on 0, D on 1" in data["placement"]
     assert data["environment"]["vllm"] and data["environment"]["kv_geometry"]["kv_bytes_per_token"] == 1024
     n_big = int(5.0 * 0.4)
     for name, arm in data["arms"].items():
@@ -73,6 +77,10 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     pair = data["arms"]["pair"]
     for x in pair["samples"]:
         t = x["trace"]
+        if t is None and x["cancelled"] and x["status"] is None and x["workload"] == "stream":
+            # a stream restarted as the window closed and hung up on before any answer (10 ms once):
+            # the proxy may never have read the request, so there may be no trace
+            continue
         assert t is not None, x["request_id"]
         if x["cancelled"] and t["blocks"] is None:
             # the client hung up (end of the window) before P answered: nothing was shipped
@@ -88,7 +96,7 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
             t = x["trace"]
             assert t["prefill_ms"] > 0 and t["hop_ms"] >= 0 and t["decode_ttft_ms"] > 0
     kb = pair["kv_bytes"]
-    shipped = [x for x in pair["samples"] if x["trace"]["kv_bytes"] is not None]
+    shipped = [x for x in pair["samples"] if x["trace"] and x["trace"]["kv_bytes"] is not None]
     assert kb["formula_ok"] and kb["requests"] == len(shipped) >= len(pair["samples"]) - 2
     # equal, except for streams hung up on between P's answer and D's first token (pulled or not)
     certain = kb["trace_kv_bytes"] - kb["uncertain_kv_bytes"]
@@ -100,3 +108,12 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
           f" purchase {v['purchase']:.2f}x")
     pngs = report.plots(data, tmp_path)
     assert all(p.stat().st_size > 0 for p in pngs)
+    if CROSS_CHECK:
+        for name, arm in data["arms"].items():
+            c = arm["cross_check"]
+            assert c["follow"]["returncode"] == 0 and c["follow"]["theirs"]["completed"] == 2, (name, c["follow"])
+            t = c["interference"].get("theirs") or {}
+            assert "error" not in c["interference"] and t["big_ok"] == n_big, (name, c["interference"])
+            assert t["stream_itl_ms"]["n"] > 10 and t["window_covered"] > 0.9 and t["streams_warm_s"] > 0, t
+            rows = report.cross_check_rows(arm["summary"], c)
+            assert len(rows) == 8 and all(r["verdict"] in ("agree", "disagree", "n/a (n<100)") for r in rows), rows

@@ -4,7 +4,9 @@
 import asyncio
 
 import httpx
+import pytest
 
+from pdtui.bench import report
 from pdtui.bench.runners import ArmResult, BenchOptions, Reporter, run_client
 from pdtui.bench.workload import Clock, FollowSpec, Sample, stream_completion
 from pdtui.core.config import PairConfig
@@ -29,6 +31,15 @@ def test_ttft_and_gaps_per_token_chunk():
     req = d.requests[0]
     assert req["stream"] is True and req["ignore_eos"] is True and req["max_tokens"] == 5
     assert d.headers[0]["x-request-id"] == "r1"
+
+
+def test_empty_text_chunks_are_kept_apart_for_vllm_bench_serves_definition():
+    d = FakeVllm("decode", port=free_port(), tokens=5, delay_s=0.02, empty_at=(0, 3))
+    s = asyncio.run(_one(d))
+    assert s.ok and s.chunks == 3 and len(s.empty_t) == 2 and len(s.itl_ms) == 2
+    # pdtui: TTFT at the first chunk with text (index 1); vllm bench serve: at the first chunk
+    assert s.ttft_ms == pytest.approx(report.ttft_ms(s)) and report.ttft_ms(s, every_chunk=True) < s.ttft_ms - 10
+    assert len(report.gaps_ms(s, every_chunk=True)) == 4 and max(s.itl_ms) > 30  # the gap over index 3
 
 
 def test_http_error_and_a_dying_stream_are_kept_as_errors():

