@@ -18,6 +18,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
@@ -27,6 +28,10 @@ from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
+REFRESH_INTERVAL_S = 0.05
+"""Shortest time between two refreshes of the views (20 Hz). Events fold into the state as they
+come; the views follow at most this often, so a burst costs one refresh per interval, not one per
+event (scripts/bench_refresh.py, docs/dashboard.md)."""
 
 
 class PdtuiApp(App[int]):
@@ -63,8 +68,9 @@ class PdtuiApp(App[int]):
         self.load_totals = {"ok": 0, "errors": 0}
         self.ended = False
         self._events = runtime.subscribe()
-        geometry = getattr(runtime, "geometry", None)
-        self._geometry = geometry
+        self._geometry = getattr(runtime, "geometry", None)
+        self._last_refresh = float("-inf")
+        self._refresh_pending: Timer | None = None
 
     # ----- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -112,7 +118,20 @@ class PdtuiApp(App[int]):
         await self.runtime.start()
 
     @on(EventsFolded)
+    def events_folded(self) -> None:
+        """Refresh now, or once the interval since the last refresh is over (one timer at a time)."""
+        if self._refresh_pending is not None:
+            return
+        wait = self._last_refresh + REFRESH_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.refresh_views()
+        else:
+            self._refresh_pending = self.set_timer(wait, self.refresh_views, name="refresh views")
+
     def refresh_views(self) -> None:
+        """One snapshot of the state, handed to the widgets."""
+        self._refresh_pending = None
+        self._last_refresh = time.monotonic()
         snap = self.snapshot = self.state.snapshot()
         header = self.query_one(PairHeader)
         header.header = snap.header

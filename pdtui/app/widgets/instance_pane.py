@@ -27,8 +27,9 @@ class InstancePane(Static):
     InstancePane.-down { border: heavy $error; background: $error 15%; }
     """
 
-    view: reactive[InstanceView | None] = reactive(None, layout=True)
-    """The instance's snapshot."""
+    view: reactive[InstanceView | None] = reactive(None)
+    """The instance's snapshot. Its size comes from the layout, never from the content, so a new
+    snapshot repaints the pane without a layout of the screen."""
     expanded: reactive[bool] = reactive(False, layout=True)
     """Show a long log tail instead of the last lines."""
     now: reactive[float | None] = reactive(None)
