@@ -203,24 +203,22 @@ class PdtuiApp(App[int]):
             self.notify(REPLAY_DISABLED, severity="warning")
         return self.replay
 
-    def action_kill(self, which: str) -> None:
+    def _control(self, which: str, verb: str) -> None:
+        """Run ``runtime.<verb>(name)`` (kill or restart) in a worker, for an instance named or by role."""
         if self._refuse_in_replay():
             return
         name = self.instance_for(which)
         if name is None:
             self.notify(f"no {which} instance", severity="warning")
             return
-        self.run_worker(self.runtime.kill(name), group="control", description=f"kill {name}", exit_on_error=False)
+        self.run_worker(getattr(self.runtime, verb)(name), group="control", description=f"{verb} {name}",
+                        exit_on_error=False)
+
+    def action_kill(self, which: str) -> None:
+        self._control(which, "kill")
 
     def action_restart(self, which: str) -> None:
-        if self._refuse_in_replay():
-            return
-        name = self.instance_for(which)
-        if name is None:
-            self.notify(f"no {which} instance", severity="warning")
-            return
-        self.run_worker(self.runtime.restart(name), group="control", description=f"restart {name}",
-                        exit_on_error=False)
+        self._control(which, "restart")
 
     def action_load(self, scenario: str) -> None:
         if self._refuse_in_replay():
