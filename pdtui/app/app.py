@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
@@ -37,7 +37,7 @@ event (scripts/bench_refresh.py, docs/dashboard.md)."""
 class PdtuiApp(App[int]):
     CSS_PATH = "pdtui.tcss"
     TITLE = "pdtui"
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("k", "kill('decode')", "Kill D"),
@@ -82,10 +82,9 @@ class PdtuiApp(App[int]):
             with TabPane("Transfers", id="transfers"):
                 yield TransfersTable(id="table")
                 yield RequestDetail(geometry=self._geometry, id="detail")
-            with TabPane("Latency", id="latency-tab"):
-                with Horizontal(id="latency"):
-                    yield LatencyHistogram("TTFT", id="ttft")
-                    yield LatencyHistogram("ITL", id="itl")
+            with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
+                yield LatencyHistogram("TTFT", id="ttft")
+                yield LatencyHistogram("ITL", id="itl")
         yield Static("", id="notice")
         yield Footer()
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from textual.message import Message
 
 
-
 @dataclass
 class EventsFolded(Message):
     """The view model changed. High rate (every log line, every scrape): a newer one replaces an

@@ -104,7 +104,7 @@ class InstanceView:
     def free_blocks(self) -> int | None:
         if self.pool_blocks is None or self.kv_usage is None:
             return None
-        return int(round(self.pool_blocks * (1.0 - self.kv_usage)))
+        return round(self.pool_blocks * (1.0 - self.kv_usage))
 
     @property
     def running(self) -> int | None:
@@ -206,8 +206,8 @@ class DashState:
             self.header = dataclasses.replace(self.header, proxy_url=ev.url)
         elif isinstance(ev, InstanceStateChanged):
             inst = self._inst(ev.instance, ev.role)
-            changes: dict[str, Any] = dict(role=ev.role, state=ev.state, pid=ev.pid, exit_code=ev.exit_code,
-                                           detail=ev.detail, elapsed_s=ev.elapsed_s)
+            changes: dict[str, Any] = {"role": ev.role, "state": ev.state, "pid": ev.pid, "exit_code": ev.exit_code,
+                                       "detail": ev.detail, "elapsed_s": ev.elapsed_s}
             if ev.state == "starting":
                 changes["started_t"] = ev.t
                 changes["milestones"] = ()  # a new process: its start-up and connector over again

@@ -42,7 +42,7 @@ def pair_up(fake: FakeRuntime) -> None:
                   "cache_config:kv_cache_size_tokens": 262144, "cache_config:num_gpu_blocks": 2048}))
 
 
-async def settle(pilot, app) -> None:  # noqa: ANN001
+async def settle(pilot, app) -> None:
     for _ in range(5):
         await pilot.pause(0.05)
 
