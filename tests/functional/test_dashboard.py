@@ -9,7 +9,9 @@ import pytest
 from pdtui.app.app import REPLAY_DISABLED, make_app
 from pdtui.app.messages import EventsFolded, LoadFinished
 from pdtui.app.replay import ReplayRuntime
+from pdtui.app.state import REQUESTS
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
+from pdtui.app.widgets.transfers import TRIM
 from pdtui.core.events import ConnectorEvent, MetricsSampled, Notice
 from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
 
@@ -258,3 +260,33 @@ async def test_handshake_flag_lights_and_resets_when_p_restarts() -> None:
         fake.emit(*handshake(T0 + 151))
         await settle(pilot, app)
         assert "hs✓" in str(p.render()) and "hs✓" in str(d.render())
+
+
+async def test_table_trims_in_batches_and_cached_rows_show_their_own_request() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(160, 48)) as pilot:
+        pair_up(fake)
+        table = app.query_one(TransfersTable)
+        for batch in range(6):  # past REQUESTS, so the oldest rows go (TRIM at a time) while cells are cached
+            fake.emit(*(request(f"pdtui-r{batch:02d}{i:03d}", T0 + 70 + batch, prompt=100 + batch * 50 + i)
+                        for i in range(50)))
+            await settle(pilot, app)
+        assert REQUESTS - TRIM <= table.row_count <= REQUESTS
+        keys = [r.key.value for r in table.ordered_rows]
+        assert keys[-1] == "pdtui-r05049" and table.cursor_row == table.row_count - 1  # follows the newest
+        shown = 0
+        for y in range(1, table.size.height):  # line 0 is the header
+            text = table.render_line(y).text
+            row = int(table.scroll_y) + y - 1
+            if row >= table.row_count or not text.strip():
+                continue
+            want = keys[row]
+            assert want.removeprefix("pdtui-")[:10] in text, (y, want, text)
+            assert f"{app.snapshot.request(want).prompt_tokens:,}" in text
+            shown += 1
+        assert shown >= 10
+        table.focus()
+        await pilot.press("up")
+        await settle(pilot, app)
+        assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
