@@ -268,13 +268,15 @@ async def test_table_trims_in_batches_and_cached_rows_show_their_own_request() -
     async with app.run_test(size=(160, 48)) as pilot:
         pair_up(fake)
         table = app.query_one(TransfersTable)
-        for batch in range(6):  # past REQUESTS, so the oldest rows go (TRIM at a time) while cells are cached
-            fake.emit(*(request(f"pdtui-r{batch:02d}{i:03d}", T0 + 70 + batch, prompt=100 + batch * 50 + i)
-                        for i in range(50)))
-            await settle(pilot, app)
-        assert REQUESTS - TRIM <= table.row_count <= REQUESTS
+        ids = [f"pdtui-r{n:05d}" for n in range(REQUESTS + TRIM + 30)]
+        for b in range(0, len(ids), 10):  # past REQUESTS, so the oldest rows go (TRIM at a time) while cached
+            fake.emit(*(request(rid, T0 + 70 + n / 10, prompt=100 + n) for n, rid in enumerate(ids[b:b + 10], b)))
+            await pilot.pause(0.06)
+        await settle(pilot, app)
         keys = [r.key.value for r in table.ordered_rows]
-        assert keys[-1] == "pdtui-r05049" and table.cursor_row == table.row_count - 1  # follows the newest
+        assert REQUESTS - TRIM <= len(keys) <= REQUESTS
+        assert keys == ids[-len(keys):]  # the newest, in order: a dropped row does not come back
+        assert table.cursor_row == table.row_count - 1  # follows the newest
         shown = 0
         for y in range(1, table.size.height):  # line 0 is the header
             text = table.render_line(y).text
@@ -283,7 +285,7 @@ async def test_table_trims_in_batches_and_cached_rows_show_their_own_request() -
                 continue
             want = keys[row]
             assert want.removeprefix("pdtui-")[:10] in text, (y, want, text)
-            assert f"{app.snapshot.request(want).prompt_tokens:,}" in text
+            assert f"{100 + ids.index(want):,}" in text
             shown += 1
         assert shown >= 10
         table.focus()

@@ -55,12 +55,15 @@ class TransfersTable(DataTable):
         )
 
     def update(self, requests: Sequence[RequestTraced]) -> None:
-        """Add the requests not shown yet; past REQUESTS rows, drop the oldest TRIM at once."""
-        shown = set(self._shown)
+        """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
+        rows, drop the oldest TRIM at once. Dropped rows are not added again though the state keeps
+        them: only what comes after the newest row is new."""
         follow = self.row_count == 0 or self.cursor_row >= self.row_count - 1
-        for r in requests:
-            if r.request_id in shown:
-                continue
+        start = 0
+        if self._shown:
+            newest = self._shown[-1]
+            start = next((i + 1 for i in range(len(requests) - 1, -1, -1) if requests[i].request_id == newest), 0)
+        for r in requests[start:]:
             self.add_row(*self.row_of(r), key=r.request_id)
             self._shown.append(r.request_id)
         if len(self._shown) > REQUESTS:
