@@ -19,11 +19,11 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from pdtui.app import loadgen
-from pdtui.app.messages import EventsFolded, LoadFinished, StreamEnded
+from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 
@@ -176,12 +176,9 @@ class PdtuiApp(App[int]):
             self.notify(text, severity="error", timeout=10)
 
     # ----- selection ----------------------------------------------------------------------
-    @on(DataTable.RowHighlighted, "#table")
-    @on(DataTable.RowSelected, "#table")
-    def select_request(self, event: DataTable.RowHighlighted | DataTable.RowSelected) -> None:
-        if event.row_key is None or event.row_key.value is None:
-            return
-        self.query_one(RequestDetail).request = self.snapshot.request(event.row_key.value)
+    @on(RequestSelected)
+    def select_request(self, message: RequestSelected) -> None:
+        self.query_one(RequestDetail).request = self.snapshot.request(message.request_id)
 
     # ----- controls -----------------------------------------------------------------------
     def instance_for(self, role_or_name: str) -> str | None:

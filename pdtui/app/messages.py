@@ -20,7 +20,8 @@ class EventsFolded(Message):
 
 @dataclass
 class RequestSelected(Message):
-    """A row of the transfers table was selected."""
+    """The transfers table's cursor landed on a request (keys, mouse, following the newest), or
+    enter was pressed on it."""
 
     request_id: str
 

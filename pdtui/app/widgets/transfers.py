@@ -1,42 +1,106 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import ClassVar
 
+from rich.cells import cell_len
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual import events
+from textual.binding import Binding, BindingType
 from textual.cache import LRUCache
-from textual.widgets import DataTable
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
+from pdtui.app.messages import RequestSelected
 from pdtui.app.state import REQUESTS, fmt_num, itl_stats, mib, transfer_ms
 from pdtui.core.events import RequestTraced
 
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
 COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50", "ITL max", "outcome")
 TRIM = 50
-"""Rows dropped at once when the table grows past REQUESTS: every removal renumbers the rows below
-it, so dropping the oldest one by one would re-render every visible row for each new request."""
+"""Rows dropped at once when the table grows past REQUESTS (even, so that the zebra stripes stay on
+their rows)."""
 
 
-class TransfersTable(DataTable):
-    """Recent requests, newest last; a highlighted row is the one the detail pane shows.
+class TransfersTable(ScrollView, can_focus=True):
+    """Recent requests, newest last; the row under the cursor is the one the detail pane shows.
 
     "xfer ms" is D's first token including the KV pull (the proxy's decode_ttft_ms); "D TTFT" is the
     client-facing TTFT (P leg + hop + D leg). The table keeps between ``REQUESTS - TRIM`` and
-    ``REQUESTS`` of the newest requests.
+    ``REQUESTS`` of the newest requests; the cursor follows the newest unless moved off it.
+
+    A line-API widget rather than a DataTable: a request never changes once traced, so its row is
+    rendered once, when it arrives, and a repaint only crops and styles cached strips. DataTable
+    re-rendered every visible cell through Rich on each added row (its caches are keyed on a counter
+    that add_row bumps): 50 ms of CPU per repaint at 160x48, the dashboard's hot spot
+    (scripts/bench_refresh.py, docs/dashboard.md).
+
+    Posts ``RequestSelected`` when the cursor lands on another request (keys, mouse, following).
     """
 
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"transfers--header", "transfers--even-row", "transfers--cursor"}
     DEFAULT_CSS = """
-    TransfersTable { height: 1fr; }
+    TransfersTable {
+        height: 1fr;
+        background: $surface;
+        color: $foreground;
+        & > .transfers--header { text-style: bold; background: $panel; color: $foreground; }
+        & > .transfers--even-row { background: $surface-lighten-1 50%; }
+        &:dark > .transfers--even-row { background: $surface-darken-1 40%; }
+        & > .transfers--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .transfers--cursor {
+                background: $block-cursor-background;
+                color: $block-cursor-foreground;
+                text-style: $block-cursor-text-style;
+            }
+        }
+    }
     """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "cursor(-1)", "Up", show=False),
+        Binding("down", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "cursor_to(0)", "First", show=False),
+        Binding("end", "cursor_to(-1)", "Newest", show=False),
+        Binding("enter", "select", "Show", show=False),
+    ]
+
+    cursor_row: reactive[int] = reactive(0)
+    """Index of the highlighted row (0 = oldest shown)."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        self._cells: LRUCache[tuple[Any, ...], Any] = LRUCache(8192)
-        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
-        self._shown: list[str] = []
+        super().__init__(id=id, classes=classes)
+        self._keys: list[str] = []
+        self._rows: dict[str, tuple[str | Text, ...]] = {}
+        self._widths = [cell_len(c) for c in COLUMNS]
+        self._plain: dict[str, Strip] = {}
+        """request id -> its row, rendered once at the current column widths, unstyled."""
+        self._styled: LRUCache[tuple[str, Style, int], Strip] = LRUCache(1024)
+        self._selected: str | None = None
 
-    def on_mount(self) -> None:
-        self.add_columns(*COLUMNS)
+    # ----- data ---------------------------------------------------------------------------
+    @property
+    def row_count(self) -> int:
+        return len(self._keys)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Request ids shown, oldest first."""
+        return tuple(self._keys)
+
+    def get_row(self, key: str) -> tuple[str | Text, ...]:
+        return self._rows[key]
 
     @staticmethod
     def row_of(r: RequestTraced) -> tuple[str | Text, ...]:
@@ -58,50 +122,133 @@ class TransfersTable(DataTable):
         """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
         rows, drop the oldest TRIM at once. Dropped rows are not added again though the state keeps
         them: only what comes after the newest row is new."""
-        follow = self.row_count == 0 or self.cursor_row >= self.row_count - 1
         start = 0
-        if self._shown:
-            newest = self._shown[-1]
+        if self._keys:
+            newest = self._keys[-1]
             start = next((i + 1 for i in range(len(requests) - 1, -1, -1) if requests[i].request_id == newest), 0)
-        for r in requests[start:]:
-            self.add_row(*self.row_of(r), key=r.request_id)
-            self._shown.append(r.request_id)
-        if len(self._shown) > REQUESTS:
-            drop, self._shown = self._shown[:len(self._shown) - REQUESTS + TRIM], self._shown[-(REQUESTS - TRIM):]
-            for key in drop:
-                self.remove_row(key)
-        if follow and self.row_count:
-            self.move_cursor(row=self.row_count - 1)
+        new = requests[start:]
+        if not new:
+            return
+        follow = not self._keys or self.cursor_row >= len(self._keys) - 1
+        for r in new:
+            cells = self.row_of(r)
+            self._rows[r.request_id] = cells
+            self._keys.append(r.request_id)
+            self._grow_widths(cells)
+        cursor = self.cursor_row
+        if len(self._keys) > REQUESTS:
+            drop = len(self._keys) - REQUESTS + TRIM
+            for key in self._keys[:drop]:
+                del self._rows[key]
+                self._plain.pop(key, None)
+            del self._keys[:drop]
+            cursor = max(0, cursor - drop)
+            self.scroll_to(y=max(0, self.scroll_y - drop), animate=False, immediate=True)
+        self.virtual_size = Size(self._total_width(), len(self._keys) + 1)
+        self.cursor_row = len(self._keys) - 1 if follow else min(cursor, len(self._keys) - 1)
+        self.refresh()
 
-    def clear_rows(self) -> None:
-        self.clear()
-        self._shown.clear()
+    def _grow_widths(self, cells: tuple[str | Text, ...]) -> None:
+        grown = False
+        for i, cell in enumerate(cells):
+            w = cell.cell_len if isinstance(cell, Text) else cell_len(cell)
+            if w > self._widths[i]:
+                self._widths[i] = w
+                grown = True
+        if grown:
+            self._plain.clear()
+            self._styled.clear()
 
-    # ----- rendering: DataTable's cell cache, kept across add_row --------------------------
-    # DataTable keys its cell cache on a counter that every add_row and remove_row bumps, so each
-    # new request re-rendered every visible cell through Rich (about 50 ms of CPU per repaint at
-    # 160x48: the dashboard's hot spot, scripts/bench_refresh.py). A row here never changes once
-    # added, so a rendered cell is a function of the row and column, the row's position (DataTable
-    # puts it in the cell's mouse meta), the style (zebra stripe, cursor, hover, focus) and width.
+    def _total_width(self) -> int:
+        return sum(w + 2 for w in self._widths)
 
-    def _render_cell(self, row_index: int, column_index: int, base_style: Style, width: int,
-                     cursor: bool = False, hover: bool = False) -> Any:
-        row_key = self._row_locations.get_key(row_index) if row_index >= 0 else None
-        key = (row_key, row_index, column_index, base_style, width, cursor, hover, self._show_hover_cursor,
-               self._pseudo_class_state)
-        lines = self._cells.get(key)
-        if lines is None:
-            lines = self._cells[key] = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        return lines
+    # ----- cursor -------------------------------------------------------------------------
+    def validate_cursor_row(self, row: int) -> int:
+        return max(0, min(row, len(self._keys) - 1)) if self._keys else 0
 
-    def _clear_caches(self) -> None:
-        super()._clear_caches()
-        self._cells.clear()
+    def watch_cursor_row(self, old: int, row: int) -> None:
+        if self._keys:
+            self._scroll_into_view(row)
+            # again once laid out: a new row can bring a scrollbar that takes a line
+            self.call_after_refresh(self._scroll_into_view, row)
+            self._select(self._keys[row])
+        self.refresh()
+
+    def _scroll_into_view(self, row: int) -> None:
+        if row != self.cursor_row:
+            return
+        visible = max(1, self.scrollable_content_region.height - 1)  # less the header line
+        top = int(self.scroll_y)
+        if row < top:
+            self.scroll_to(y=row, animate=False, immediate=True)
+        elif row >= top + visible:
+            self.scroll_to(y=row - visible + 1, animate=False, immediate=True)
+
+    def _select(self, key: str, again: bool = False) -> None:
+        if key != self._selected or again:
+            self._selected = key
+            self.post_message(RequestSelected(key))
+
+    def move_cursor(self, *, row: int) -> None:
+        self.cursor_row = row
+
+    def action_cursor(self, delta: int) -> None:
+        self.cursor_row += delta
+
+    def action_page(self, pages: int) -> None:
+        self.cursor_row += pages * max(1, self.scrollable_content_region.height - 1)
+
+    def action_cursor_to(self, row: int) -> None:
+        self.cursor_row = row if row >= 0 else len(self._keys) - 1
+
+    def action_select(self) -> None:
+        if self._keys:
+            self._select(self._keys[self.cursor_row], again=True)
+
+    def on_click(self, event: events.Click) -> None:
+        row = int(self.scroll_y) + event.y - 1
+        if event.y >= 1 and 0 <= row < len(self._keys):
+            self.cursor_row = row
+            self.action_select()
+
+    # ----- rendering ----------------------------------------------------------------------
+    def _line(self, cells: Sequence[str | Text]) -> Strip:
+        text = Text(no_wrap=True, end="")
+        for cell, width in zip(cells, self._widths, strict=True):
+            text.append(" ")
+            text.append_text(cell if isinstance(cell, Text) else Text(cell))
+            text.append(" " * (width - (cell.cell_len if isinstance(cell, Text) else cell_len(cell)) + 1))
+        return Strip(Segment.simplify(text.render(self.app.console)), text.cell_len)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        scroll_x, scroll_y = self.scroll_offset
+        base = self.rich_style
+        if y == 0:
+            style = base + self.get_component_rich_style("transfers--header")
+            header = self._styled.get(("", style, self._total_width()))
+            if header is None:
+                header = self._styled[("", style, self._total_width())] = self._line(COLUMNS).apply_style(style)
+            return header.crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
+        row = scroll_y + y - 1
+        if row >= len(self._keys):
+            return Strip.blank(width, base)
+        key = self._keys[row]
+        if row == self.cursor_row:
+            style = base + self.get_component_rich_style("transfers--cursor")
+        elif row % 2 == 0:
+            style = base + self.get_component_rich_style("transfers--even-row")
+        else:
+            style = base
+        cache_key = (key, style, self._total_width())
+        strip = self._styled.get(cache_key)
+        if strip is None:
+            plain = self._plain.get(key)
+            if plain is None:
+                plain = self._plain[key] = self._line(self._rows[key])
+            strip = self._styled[cache_key] = plain.apply_style(style)
+        return strip.crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
 
     def notify_style_update(self) -> None:
-        self._cells.clear()
+        self._styled.clear()
         super().notify_style_update()
-
-    def clear(self, columns: bool = False) -> Any:
-        self._cells.clear()
-        return super().clear(columns)
