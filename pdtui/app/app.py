@@ -26,6 +26,7 @@ from pdtui.app import loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
+from pdtui.core.events import Notice
 
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
@@ -71,6 +72,7 @@ class PdtuiApp(App[int]):
         self._geometry = getattr(runtime, "geometry", None)
         self._last_refresh = float("-inf")
         self._refresh_pending: Timer | None = None
+        self._notice_shown: Notice | None = None
 
     # ----- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -134,7 +136,8 @@ class PdtuiApp(App[int]):
         snap = self.snapshot = self.state.snapshot()
         header = self.query_one(PairHeader)
         header.header = snap.header
-        header.last_t = snap.last_t
+        if self.replay:  # the replay's clock; live, the header ticks on its own every second
+            header.last_t = snap.last_t
         detail = self.query_one(RequestDetail)
         if snap.header.block_size:
             detail.block_size = snap.header.block_size
@@ -152,8 +155,8 @@ class PdtuiApp(App[int]):
         self.query_one(TransfersTable).update(snap.requests)
         self.query_one("#ttft", LatencyHistogram).update(snap.ttft)
         self.query_one("#itl", LatencyHistogram).update(snap.itl)
-        if snap.notices:
-            n = snap.notices[-1]
+        if snap.notices and snap.notices[-1] is not self._notice_shown:
+            n = self._notice_shown = snap.notices[-1]
             self.show_notice(n.text, n.level)
 
     def show_notice(self, text: str, level: str = "info") -> None:

@@ -12,7 +12,7 @@ from pdtui.app.replay import ReplayRuntime
 from pdtui.app.state import REQUESTS
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
 from pdtui.app.widgets.transfers import TRIM
-from pdtui.core.events import ConnectorEvent, MetricsSampled, Notice
+from pdtui.core.events import ConnectorEvent, LogLine, MetricsSampled, Notice
 from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
@@ -292,3 +292,20 @@ async def test_table_trims_in_batches_and_cached_rows_show_their_own_request() -
         await pilot.press("up")
         await settle(pilot, app)
         assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
+
+
+async def test_a_notice_is_shown_once_not_on_every_refresh() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(Notice(level="warning", text="warm-up request ended as fallback", t=T0 + 63))
+        await settle(pilot, app)
+        assert "warm-up request ended as fallback" in str(app.query_one("#notice").render())
+        app.show_notice("load single: 1 ok, 0 errors")
+        fake.emit(LogLine(instance="D", line="INFO an engine line", t=T0 + 64))
+        await settle(pilot, app)
+        assert "load single: 1 ok" in str(app.query_one("#notice").render())  # not overwritten by a refresh
+        fake.emit(Notice(level="error", text="D exited unexpectedly", t=T0 + 65))
+        await settle(pilot, app)
+        assert "D exited unexpectedly" in str(app.query_one("#notice").render())
