@@ -11,7 +11,6 @@ from pdtui.app.messages import EventsFolded, LoadFinished
 from pdtui.app.replay import ReplayRuntime
 from pdtui.app.state import REQUESTS
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
-from pdtui.app.widgets.transfers import TRIM
 from pdtui.core.events import ConnectorEvent, LogLine, MetricsSampled, Notice
 from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
 
@@ -262,20 +261,19 @@ async def test_handshake_flag_lights_and_resets_when_p_restarts() -> None:
         assert "hs✓" in str(p.render()) and "hs✓" in str(d.render())
 
 
-async def test_table_trims_in_batches_and_cached_rows_show_their_own_request() -> None:
+async def test_table_keeps_the_newest_and_cached_rows_show_their_own_request() -> None:
     fake = FakeRuntime()
     app = make_app(fake, clock=clock)
     async with app.run_test(size=(160, 48)) as pilot:
         pair_up(fake)
         table = app.query_one(TransfersTable)
-        ids = [f"pdtui-r{n:05d}" for n in range(REQUESTS + TRIM + 30)]
-        for b in range(0, len(ids), 10):  # past REQUESTS, so the oldest rows go (TRIM at a time) while cached
+        ids = [f"pdtui-r{n:05d}" for n in range(REQUESTS + 80)]
+        for b in range(0, len(ids), 10):  # past REQUESTS: the oldest rows go, while the others' lines are cached
             fake.emit(*(request(rid, T0 + 70 + n / 10, prompt=100 + n) for n, rid in enumerate(ids[b:b + 10], b)))
             await pilot.pause(0.06)
         await settle(pilot, app)
         keys = list(table.keys)
-        assert REQUESTS - TRIM <= len(keys) <= REQUESTS
-        assert keys == ids[-len(keys):]  # the newest, in order: a dropped row does not come back
+        assert keys == ids[-REQUESTS:]  # the newest, in order: a dropped row does not come back
         assert table.cursor_row == table.row_count - 1  # follows the newest
         shown = 0
         for y in range(1, table.size.height):  # line 0 is the header
@@ -291,6 +289,12 @@ async def test_table_trims_in_batches_and_cached_rows_show_their_own_request() -
         table.focus()
         await pilot.press("up")
         await settle(pilot, app)
+        assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
+        more = [f"pdtui-s{n:05d}" for n in range(10)]  # off the newest row: the cursor stays on its request
+        fake.emit(*(request(rid, T0 + 200, prompt=7) for rid in more))
+        await settle(pilot, app)
+        assert table.keys[-1] == more[-1] and table.row_count == REQUESTS
+        assert table.keys[table.cursor_row] == keys[-2]
         assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
 
 

@@ -21,17 +21,16 @@ from pdtui.core.events import RequestTraced
 
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
 COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50", "ITL max", "outcome")
-TRIM = 50
-"""Rows dropped at once when the table grows past REQUESTS (even, so that the zebra stripes stay on
-their rows)."""
 
 
 class TransfersTable(ScrollView, can_focus=True):
     """Recent requests, newest last; the row under the cursor is the one the detail pane shows.
 
     "xfer ms" is D's first token including the KV pull (the proxy's decode_ttft_ms); "D TTFT" is the
-    client-facing TTFT (P leg + hop + D leg). The table keeps between ``REQUESTS - TRIM`` and
-    ``REQUESTS`` of the newest requests; the cursor follows the newest unless moved off it.
+    client-facing TTFT (P leg + hop + D leg). The table keeps the ``REQUESTS`` newest requests, as
+    the state does; the cursor follows the newest unless moved off it. Once full, the table's size
+    no longer changes (a new row drops the oldest), so a new request repaints it without a layout of
+    the screen.
 
     A line-API widget rather than a DataTable: a request never changes once traced, so its row is
     rendered once, when it arrives, and a repaint only crops and styles cached strips. DataTable
@@ -120,8 +119,7 @@ class TransfersTable(ScrollView, can_focus=True):
 
     def update(self, requests: Sequence[RequestTraced]) -> None:
         """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
-        rows, drop the oldest TRIM at once. Dropped rows are not added again though the state keeps
-        them: only what comes after the newest row is new."""
+        rows, drop the oldest. Only what comes after the newest row is new."""
         start = 0
         if self._keys:
             newest = self._keys[-1]
@@ -137,14 +135,16 @@ class TransfersTable(ScrollView, can_focus=True):
             self._grow_widths(cells)
         cursor = self.cursor_row
         if len(self._keys) > REQUESTS:
-            drop = len(self._keys) - REQUESTS + TRIM
+            drop = len(self._keys) - REQUESTS
             for key in self._keys[:drop]:
                 del self._rows[key]
                 self._plain.pop(key, None)
             del self._keys[:drop]
             cursor = max(0, cursor - drop)
             self.scroll_to(y=max(0, self.scroll_y - drop), animate=False, immediate=True)
-        self.virtual_size = Size(self._total_width(), len(self._keys) + 1)
+        size = Size(self._total_width(), len(self._keys) + 1)
+        if size != self.virtual_size:
+            self.virtual_size = size
         self.cursor_row = len(self._keys) - 1 if follow else min(cursor, len(self._keys) - 1)
         self.refresh()
 
