@@ -274,7 +274,8 @@ async def test_table_keeps_the_newest_and_cached_rows_show_their_own_request() -
         await settle(pilot, app)
         keys = list(table.keys)
         assert keys == ids[-REQUESTS:]  # the newest, in order: a dropped row does not come back
-        assert table.cursor_row == table.row_count - 1  # follows the newest
+        assert table.cursor_row == table.row_count - 1  # follows the newest, with the detail
+        assert app.query_one(RequestDetail).request.request_id == ids[-1]  # type: ignore[union-attr]
         shown = 0
         for y in range(1, table.size.height):  # line 0 is the header
             text = table.render_line(y).text

@@ -146,6 +146,9 @@ class TransfersTable(ScrollView, can_focus=True):
         if size != self.virtual_size:
             self.virtual_size = size
         self.cursor_row = len(self._keys) - 1 if follow else min(cursor, len(self._keys) - 1)
+        # a full table keeps its length: following, the cursor's index stays and its request changes
+        self._scroll_into_view(self.cursor_row)
+        self._select(self._keys[self.cursor_row])
         self.refresh()
 
     def _grow_widths(self, cells: tuple[str | Text, ...]) -> None:
