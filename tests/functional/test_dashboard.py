@@ -297,6 +297,10 @@ async def test_table_keeps_the_newest_and_cached_rows_show_their_own_request() -
         assert table.keys[-1] == more[-1] and table.row_count == REQUESTS
         assert table.keys[table.cursor_row] == keys[-2]
         assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
+        top = table.keys[int(table.scroll_y)]
+        await pilot.click("#table", offset=(3, 1))  # the first line under the header
+        await settle(pilot, app)
+        assert app.query_one(RequestDetail).request.request_id == top  # type: ignore[union-attr]
 
 
 async def test_a_notice_is_shown_once_not_on_every_refresh() -> None:
