@@ -6,7 +6,8 @@ A benchmark, not a test: nothing is asserted; it prints a table (and ``--json`` 
     PYTHONPATH=. python scripts/bench_refresh.py --tab latency          # histograms on screen
     PYTHONPATH=. python scripts/bench_refresh.py --profile /tmp/r.prof  # cProfile the run, print the top
 
-What runs: the real ``PdtuiApp`` (``make_app``), headless under ``App.run_test`` at ``--size``, over
+What runs: the real ``PdtuiApp`` (``make_app``, with ``freeze_gc`` as the CLI makes it, unless
+``--no-freeze-gc``), headless under ``App.run_test`` at ``--size``, over
 ``FakeRuntime`` (tests/functional/fake_runtime.py: no engines, no proxy, named as a fake). The pair is
 brought up first (RuntimeStarted, both instances ready, the warm-up); then an emitter task in the
 app's loop, where the real Runtime's pipes and scrapers also live, emits ``--rate`` events per
@@ -162,7 +163,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     width, height = (int(x) for x in args.size.lower().split("x"))
     mix = load_mix(Path(args.recording))
     fake = FakeRuntime()
-    app = make_app(fake)
+    app = make_app(fake, freeze_gc=not args.no_freeze_gc)  # as the CLI makes it
     probe = Probe()
     bench_ids: dict[int, int] = {}
     instrument(app, probe, bench_ids)
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="160x48", help="terminal WxH (default 160x48)")
     ap.add_argument("--tab", choices=("transfers", "latency"), default="transfers", help="tab on screen")
     ap.add_argument("--recording", default=str(RECORDING), help="where the event mix comes from")
+    ap.add_argument("--no-freeze-gc", action="store_true", help="make the app without freeze_gc (the CLI sets it)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--profile", help="cProfile the run into this file and print the top 25 (slows it down)")
     args = ap.parse_args(argv)

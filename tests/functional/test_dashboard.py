@@ -318,3 +318,14 @@ async def test_a_notice_is_shown_once_not_on_every_refresh() -> None:
         fake.emit(Notice(level="error", text="D exited unexpectedly", t=T0 + 65))
         await settle(pilot, app)
         assert "D exited unexpectedly" in str(app.query_one("#notice").render())
+
+
+async def test_freeze_gc_after_the_first_paint_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen: list[int] = []
+    monkeypatch.setattr("pdtui.app.app.gc.freeze", lambda: frozen.append(1))
+    for flag, want in ((False, []), (True, [1])):
+        frozen.clear()
+        app = make_app(FakeRuntime(), clock=clock, freeze_gc=flag)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot, app)
+        assert frozen == want
