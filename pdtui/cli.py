@@ -202,7 +202,7 @@ async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) ->
     record = args.record.open("w") if args.record else None
     if record:
         rt.record_to(record)
-    app = make_app(rt)
+    app = make_app(rt, freeze_gc=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or a kill: leave through aclose()
         loop.add_signal_handler(sig, app.exit)
@@ -293,7 +293,7 @@ def run_replay(args: argparse.Namespace) -> int:
         except BadRecording as e:
             print(f"pdtui: {e}", file=sys.stderr)
             return 2
-        app = make_app(rt, replay=True, speed=args.speed)
+        app = make_app(rt, replay=True, speed=args.speed, freeze_gc=True)
         try:
             await app.run_async()
         finally:

@@ -240,4 +240,4 @@ def _select(app: Any, request_id: str) -> None:
     table = app.query_one(TransfersTable)
     app.action_show_tab("transfers")
     table.focus()
-    table.move_cursor(row=table.get_row_index(request_id))
+    table.move_cursor(row=table.keys.index(request_id))

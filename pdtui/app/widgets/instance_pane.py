@@ -27,8 +27,9 @@ class InstancePane(Static):
     InstancePane.-down { border: heavy $error; background: $error 15%; }
     """
 
-    view: reactive[InstanceView | None] = reactive(None, layout=True)
-    """The instance's snapshot."""
+    view: reactive[InstanceView | None] = reactive(None)
+    """The instance's snapshot. Its size comes from the layout, never from the content, so a new
+    snapshot repaints the pane without a layout of the screen."""
     expanded: reactive[bool] = reactive(False, layout=True)
     """Show a long log tail instead of the last lines."""
     now: reactive[float | None] = reactive(None)
@@ -72,23 +73,47 @@ class InstancePane(Static):
             t.append(f"  {v.detail}", style="dim")
         return t
 
+    @staticmethod
+    def flags(v: InstanceView) -> list[tuple[str, str]]:
+        """reg (KV caches registered with NIXL), hs (a NIXL handshake holds with the other side: lit
+        on both panes by D's "Transfer plan" line, dark again when either process goes), compat."""
+        ms = dict(v.milestones)
+        out = [("reg✓", "green") if "registered" in ms else ("reg·", "dim")]
+        if v.handshakes:
+            out.append(("hs✓", "green"))
+        elif v.handshake_failed:
+            out.append(("hs✗", "bold red"))
+        else:
+            out.append(("hs·", "dim"))
+        out.append(("compat✓", "green") if "compat_ok" in ms else ("compat·", "dim"))
+        if "compat_failed" in ms:
+            out.append(("compat✗", "bold red"))
+        return out
+
+    @staticmethod
+    def connector_words(v: InstanceView) -> str:
+        """The newest thing worth reading, in the engine's words: a failure, else the handshake
+        (prefixed with the peer), else the latest start-up milestone."""
+        ms = dict(v.milestones)
+        for k in ("compat_failed", "transfer_failure", "engine_error"):
+            if k in ms:
+                return ms[k]
+        if v.handshake_failed:
+            return v.handshake_failed
+        if v.handshakes:
+            peer, words = v.handshakes[-1]
+            return f"with {peer}: {words}"
+        return next((ms[k] for k in ("compat_ok", "registered", "connector_created", "nixl_available") if k in ms), "")
+
     def render(self) -> Text:
         v = self.view
         assert v is not None
         out = Text(no_wrap=True, overflow="ellipsis")
         out.append_text(self.state_line(v))
-        ms = dict(v.milestones)
         out.append("\n")
-        flags = []
-        for key, label in (("registered", "reg"), ("handshake", "hs"), ("compat_ok", "compat")):
-            flags.append((f"{label}✓", "green") if key in ms else (f"{label}·", "dim"))
-        if "compat_failed" in ms:
-            flags.append(("compat✗", "bold red"))
-        for label, style in flags:
+        for label, style in self.flags(v):
             out.append(label + " ", style=style)
-        latest = next((ms[k] for k in ("compat_failed", "transfer_failure", "engine_error", "compat_ok", "handshake",
-                                       "registered", "connector_created", "nixl_available") if k in ms), "")
-        out.append(latest, style="italic dim")
+        out.append(self.connector_words(v), style="italic dim")
         out.append("\nKV ")
         pool = v.pool_tokens
         out.append(f"{pool:,} tok" if pool else "? tok")

@@ -1,9 +1,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
-from textual.widgets import DataTable
+from rich.cells import cell_len
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual import events
+from textual.binding import Binding, BindingType
+from textual.cache import LRUCache
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
+from pdtui.app.messages import RequestSelected
 from pdtui.app.state import REQUESTS, fmt_num, itl_stats, mib, transfer_ms
 from pdtui.core.events import RequestTraced
 
@@ -11,29 +23,87 @@ OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
 COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50", "ITL max", "outcome")
 
 
-class TransfersTable(DataTable):
-    """Recent requests, newest last; a highlighted row is the one the detail pane shows.
+class TransfersTable(ScrollView, can_focus=True):
+    """Recent requests, newest last; the row under the cursor is the one the detail pane shows.
 
     "xfer ms" is D's first token including the KV pull (the proxy's decode_ttft_ms); "D TTFT" is the
-    client-facing TTFT (P leg + hop + D leg).
+    client-facing TTFT (P leg + hop + D leg). The table keeps the ``REQUESTS`` newest requests, as
+    the state does; the cursor follows the newest unless moved off it. Once full, the table's size
+    no longer changes (a new row drops the oldest), so a new request repaints it without a layout of
+    the screen.
+
+    A line-API widget rather than a DataTable: a request never changes once traced, so its row is
+    rendered once, when it arrives, and a repaint only crops and styles cached strips. DataTable
+    re-rendered every visible cell through Rich on each added row (its caches are keyed on a counter
+    that add_row bumps): 50 ms of CPU per repaint at 160x48, the dashboard's hot spot
+    (scripts/bench_refresh.py, docs/dashboard.md).
+
+    Posts ``RequestSelected`` when the cursor lands on another request (keys, mouse, following).
     """
 
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"transfers--header", "transfers--even-row", "transfers--cursor"}
     DEFAULT_CSS = """
-    TransfersTable { height: 1fr; }
+    TransfersTable {
+        height: 1fr;
+        background: $surface;
+        color: $foreground;
+        & > .transfers--header { text-style: bold; background: $panel; color: $foreground; }
+        & > .transfers--even-row { background: $surface-lighten-1 50%; }
+        &:dark > .transfers--even-row { background: $surface-darken-1 40%; }
+        & > .transfers--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .transfers--cursor {
+                background: $block-cursor-background;
+                color: $block-cursor-foreground;
+                text-style: $block-cursor-text-style;
+            }
+        }
+    }
     """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "cursor(-1)", "Up", show=False),
+        Binding("down", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "cursor_to(0)", "First", show=False),
+        Binding("end", "cursor_to(-1)", "Newest", show=False),
+        Binding("enter", "select", "Show", show=False),
+    ]
+
+    cursor_row: reactive[int] = reactive(0)
+    """Index of the highlighted row (0 = oldest shown)."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
-        self._shown: list[str] = []
+        super().__init__(id=id, classes=classes)
+        self._keys: list[str] = []
+        self._rows: dict[str, tuple[str | Text, ...]] = {}
+        self._widths = [cell_len(c) for c in COLUMNS]
+        self._plain: dict[str, Strip] = {}
+        """request id -> its row, rendered once at the current column widths, unstyled."""
+        self._styled: LRUCache[tuple[str, Style, int], Strip] = LRUCache(1024)
+        self._selected: str | None = None
 
-    def on_mount(self) -> None:
-        self.add_columns(*COLUMNS)
+    # ----- data ---------------------------------------------------------------------------
+    @property
+    def row_count(self) -> int:
+        return len(self._keys)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Request ids shown, oldest first."""
+        return tuple(self._keys)
+
+    def get_row(self, key: str) -> tuple[str | Text, ...]:
+        return self._rows[key]
 
     @staticmethod
-    def row_of(r: RequestTraced) -> tuple[str, ...]:
+    def row_of(r: RequestTraced) -> tuple[str | Text, ...]:
         p50, mx = itl_stats(r)
-        from rich.text import Text
-
         return (
             r.request_id.removeprefix("pdtui-")[:10],
             fmt_num(r.prompt_tokens, ","),
@@ -45,22 +115,143 @@ class TransfersTable(DataTable):
             fmt_num(p50, ".1f"),
             fmt_num(mx, ".1f"),
             Text(r.outcome if r.outcome != "error" else f"error {r.status}", style=OUTCOME_STYLE.get(r.outcome, "")),
-        )  # type: ignore[return-value]
+        )
 
     def update(self, requests: Sequence[RequestTraced]) -> None:
-        """Add the requests not shown yet; drop the oldest beyond the bound."""
-        shown = set(self._shown)
-        follow = self.row_count == 0 or self.cursor_row >= self.row_count - 1
-        for r in requests:
-            if r.request_id in shown:
-                continue
-            self.add_row(*self.row_of(r), key=r.request_id)
-            self._shown.append(r.request_id)
-        while len(self._shown) > REQUESTS:
-            self.remove_row(self._shown.pop(0))
-        if follow and self.row_count:
-            self.move_cursor(row=self.row_count - 1)
+        """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
+        rows, drop the oldest. Only what comes after the newest row is new."""
+        start = 0
+        if self._keys:
+            newest = self._keys[-1]
+            start = next((i + 1 for i in range(len(requests) - 1, -1, -1) if requests[i].request_id == newest), 0)
+        new = requests[start:]
+        if not new:
+            return
+        follow = not self._keys or self.cursor_row >= len(self._keys) - 1
+        for r in new:
+            cells = self.row_of(r)
+            self._rows[r.request_id] = cells
+            self._keys.append(r.request_id)
+            self._grow_widths(cells)
+        cursor = self.cursor_row
+        if len(self._keys) > REQUESTS:
+            drop = len(self._keys) - REQUESTS
+            for key in self._keys[:drop]:
+                del self._rows[key]
+                self._plain.pop(key, None)
+            del self._keys[:drop]
+            cursor = max(0, cursor - drop)
+            self.scroll_to(y=max(0, self.scroll_y - drop), animate=False, immediate=True)
+        size = Size(self._total_width(), len(self._keys) + 1)
+        if size != self.virtual_size:
+            self.virtual_size = size
+        self.cursor_row = len(self._keys) - 1 if follow else min(cursor, len(self._keys) - 1)
+        # a full table keeps its length: following, the cursor's index stays and its request changes
+        self._scroll_into_view(self.cursor_row)
+        self._select(self._keys[self.cursor_row])
+        self.refresh()
 
-    def clear_rows(self) -> None:
-        self.clear()
-        self._shown.clear()
+    def _grow_widths(self, cells: tuple[str | Text, ...]) -> None:
+        grown = False
+        for i, cell in enumerate(cells):
+            w = cell.cell_len if isinstance(cell, Text) else cell_len(cell)
+            if w > self._widths[i]:
+                self._widths[i] = w
+                grown = True
+        if grown:
+            self._plain.clear()
+            self._styled.clear()
+
+    def _total_width(self) -> int:
+        return sum(w + 2 for w in self._widths)
+
+    # ----- cursor -------------------------------------------------------------------------
+    def validate_cursor_row(self, row: int) -> int:
+        return max(0, min(row, len(self._keys) - 1)) if self._keys else 0
+
+    def watch_cursor_row(self, old: int, row: int) -> None:
+        if self._keys:
+            self._scroll_into_view(row)
+            # again once laid out: a new row can bring a scrollbar that takes a line
+            self.call_after_refresh(self._scroll_into_view, row)
+            self._select(self._keys[row])
+        self.refresh()
+
+    def _scroll_into_view(self, row: int) -> None:
+        if row != self.cursor_row:
+            return
+        visible = max(1, self.scrollable_content_region.height - 1)  # less the header line
+        top = int(self.scroll_y)
+        if row < top:
+            self.scroll_to(y=row, animate=False, immediate=True)
+        elif row >= top + visible:
+            self.scroll_to(y=row - visible + 1, animate=False, immediate=True)
+
+    def _select(self, key: str, again: bool = False) -> None:
+        if key != self._selected or again:
+            self._selected = key
+            self.post_message(RequestSelected(key))
+
+    def move_cursor(self, *, row: int) -> None:
+        self.cursor_row = row
+
+    def action_cursor(self, delta: int) -> None:
+        self.cursor_row += delta
+
+    def action_page(self, pages: int) -> None:
+        self.cursor_row += pages * max(1, self.scrollable_content_region.height - 1)
+
+    def action_cursor_to(self, row: int) -> None:
+        self.cursor_row = row if row >= 0 else len(self._keys) - 1
+
+    def action_select(self) -> None:
+        if self._keys:
+            self._select(self._keys[self.cursor_row], again=True)
+
+    def on_click(self, event: events.Click) -> None:
+        row = int(self.scroll_y) + event.y - 1
+        if event.y >= 1 and 0 <= row < len(self._keys):
+            self.cursor_row = row
+            self.action_select()
+
+    # ----- rendering ----------------------------------------------------------------------
+    def _line(self, cells: Sequence[str | Text]) -> Strip:
+        text = Text(no_wrap=True, end="")
+        for cell, width in zip(cells, self._widths, strict=True):
+            text.append(" ")
+            text.append_text(cell if isinstance(cell, Text) else Text(cell))
+            text.append(" " * (width - (cell.cell_len if isinstance(cell, Text) else cell_len(cell)) + 1))
+        return Strip(Segment.simplify(text.render(self.app.console)), text.cell_len)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        scroll_x, scroll_y = self.scroll_offset
+        base = self.rich_style
+        if y == 0:
+            style = base + self.get_component_rich_style("transfers--header")
+            header = self._styled.get(("", style, self._total_width()))
+            if header is None:
+                header = self._styled[("", style, self._total_width())] = self._line(COLUMNS).apply_style(style)
+            return header.crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
+        row = scroll_y + y - 1
+        if row >= len(self._keys):
+            return Strip.blank(width, base)
+        key = self._keys[row]
+        if row == self.cursor_row:
+            style = base + self.get_component_rich_style("transfers--cursor")
+        elif row % 2 == 0:
+            style = base + self.get_component_rich_style("transfers--even-row")
+        else:
+            style = base
+        cache_key = (key, style, self._total_width())
+        strip = self._styled.get(cache_key)
+        if strip is None:
+            plain = self._plain.get(key)
+            if plain is None:
+                plain = self._plain[key] = self._line(self._rows[key])
+            strip = self._styled[cache_key] = plain.apply_style(style)
+        return strip.crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
+
+    def notify_style_update(self) -> None:
+        self._styled.clear()
+        super().notify_style_update()
