@@ -147,6 +147,8 @@ class PdtuiApp(App[int]):
         """One snapshot of the state, handed to the widgets."""
         self._refresh_pending = None
         self._last_refresh = time.monotonic()
+        if not self.query(PairHeader):  # shutting down: the widgets are gone
+            return
         snap = self.snapshot = self.state.snapshot()
         header = self.query_one(PairHeader)
         header.header = snap.header
@@ -195,7 +197,9 @@ class PdtuiApp(App[int]):
     # ----- selection ----------------------------------------------------------------------
     @on(RequestSelected)
     def select_request(self, message: RequestSelected) -> None:
-        self.query_one(RequestDetail).request = self.snapshot.request(message.request_id)
+        # a selection posted just before the app shuts down arrives when the widgets are gone
+        for detail in self.query(RequestDetail):
+            detail.request = self.snapshot.request(message.request_id)
 
     # ----- controls -----------------------------------------------------------------------
     def instance_for(self, role_or_name: str) -> str | None:
