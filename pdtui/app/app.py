@@ -27,6 +27,7 @@ from pdtui.app import loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
+from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
 from pdtui.core.events import Notice
 
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
@@ -89,7 +90,7 @@ class PdtuiApp(App[int]):
                 yield RequestDetail(geometry=self._geometry, id="detail")
             with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
                 yield LatencyHistogram("TTFT", id="ttft")
-                yield LatencyHistogram("ITL", id="itl")
+                yield LatencyHistogram("ITL", phase=REPLOT_INTERVAL_S / 2, id="itl")
         yield Static("", id="notice")
         yield Footer()
 
