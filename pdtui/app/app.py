@@ -1,8 +1,9 @@
 """PdtuiApp: the dashboard over a Runtime (live) or a ReplayRuntime (a recording).
 
 The app is a subscriber: one worker folds ``runtime.subscribe()`` into ``DashState`` and posts a
-coalesced ``EventsFolded``; the handler takes one snapshot and hands it to the widgets. Nothing from
-the engines is imported here; controls call the runtime's kill/restart and the load generator.
+coalesced ``EventsFolded``; at most every ``REFRESH_INTERVAL_S`` the app takes one snapshot and
+hands it to the widgets. Nothing from the engines is imported here; controls call the runtime's
+kill/restart and the load generator.
 """
 
 from __future__ import annotations
