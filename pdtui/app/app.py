@@ -1,8 +1,9 @@
 """PdtuiApp: the dashboard over a Runtime (live) or a ReplayRuntime (a recording).
 
 The app is a subscriber: one worker folds ``runtime.subscribe()`` into ``DashState`` and posts a
-coalesced ``EventsFolded``; the handler takes one snapshot and hands it to the widgets. Nothing from
-the engines is imported here; controls call the runtime's kill/restart and the load generator.
+coalesced ``EventsFolded``; at most every ``REFRESH_INTERVAL_S`` the app takes one snapshot and
+hands it to the widgets. Nothing from the engines is imported here; controls call the runtime's
+kill/restart and the load generator.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pdtui.app import loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
+from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
 from pdtui.core.events import Notice
 
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
@@ -89,7 +91,7 @@ class PdtuiApp(App[int]):
                 yield RequestDetail(geometry=self._geometry, id="detail")
             with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
                 yield LatencyHistogram("TTFT", id="ttft")
-                yield LatencyHistogram("ITL", id="itl")
+                yield LatencyHistogram("ITL", phase=REPLOT_INTERVAL_S / 2, id="itl")
         yield Static("", id="notice")
         yield Footer()
 

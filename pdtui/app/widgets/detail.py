@@ -29,13 +29,17 @@ def freight_formula(req: RequestTraced, geometry: KvGeometry | None, block_size:
 class RequestDetail(Static):
     """The selected request's timeline (P leg, hop, D's first token incl. the pull, decode) and its freight."""
 
+    MIN_LINES = 8
+    """A paired request's detail fits in 8 lines: the pane keeps at least that height, so moving
+    from row to row (or following the newest) does not make the table above jump."""
     DEFAULT_CSS = """
-    RequestDetail { height: auto; max-height: 45%; border-top: solid $primary; padding: 0 1; }
+    RequestDetail { height: auto; min-height: 9; max-height: 45%; border-top: solid $primary; padding: 0 1; }
     """
 
     request: reactive[RequestTraced | None] = reactive(None)
     """The request shown. The table's cursor follows the newest request, so this changes with
-    nearly every refresh: the screen is laid out again only when the pane's height changes."""
+    nearly every refresh: the screen is laid out again only when the pane's height changes (more
+    than MIN_LINES lines)."""
 
     def __init__(self, *, geometry: KvGeometry | None = None, block_size: int = 0, bytes_per_token: int | None = None,
                  id: str | None = None, classes: str | None = None) -> None:
@@ -47,7 +51,7 @@ class RequestDetail(Static):
 
     def watch_request(self) -> None:
         width = self.content_region.width or self.app.size.width
-        lines = len(self.render().wrap(self.app.console, max(1, width)))
+        lines = max(self.MIN_LINES, len(self.render().wrap(self.app.console, max(1, width))))
         self.refresh(layout=lines != self._lines)
         self._lines = lines
 
