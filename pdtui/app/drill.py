@@ -154,6 +154,13 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
                     step_timeout_s)
         return next(r for r in reversed(snap().requests) if r.outcome == outcome)
 
+    async def restart(key: str, name: str) -> Any:
+        """Press the restart key, wait for the instance to come back, and send one request: the pair."""
+        await pilot.press(key)
+        await until(f"{name} restarting", lambda s: state_of(name) == "starting", 30)
+        await until(f"{name} ready again", lambda s: state_of(name) == "ready", ready_timeout_s)
+        return await one_request("pair")
+
     witness_task: asyncio.Task[None] | None = None
     try:
         await until("both instances ready and the warm-up done",
@@ -189,10 +196,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         await done("kill-d", f"{d} {dv.state} ({dv.detail or dv.exit_code}); witness got {w.chunks} chunks then"
                    f" '{w.error}'; errors {errors_before} -> {count('error')}")
 
-        await pilot.press("r")
-        await until(f"{d} restarting", lambda s: state_of(d) == "starting", 30)
-        await until(f"{d} ready again", lambda s: state_of(d) == "ready", ready_timeout_s)
-        req = await one_request("pair")
+        req = await restart("r", d)
         await done("restart-d", f"{d} ready again; {req.request_id} went through the pair"
                    f" ({req.blocks} blocks, TTFT {req.ttft_ms:.0f} ms)")
 
@@ -203,10 +207,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         await done("kill-p", f"{p} {state_of(p)}; {req.request_id} fell back to {d} colocated"
                    f" ({req.fallback_reason}), TTFT {req.ttft_ms:.0f} ms")
 
-        await pilot.press("R")
-        await until(f"{p} restarting", lambda s: state_of(p) == "starting", 30)
-        await until(f"{p} ready again", lambda s: state_of(p) == "ready", ready_timeout_s)
-        req = await one_request("pair")
+        req = await restart("R", p)
         _select(app, req.request_id)
         await done("restart-p", f"{p} ready again; {req.request_id} through the pair: {req.blocks} blocks,"
                    f" {(req.kv_bytes or 0) / 2**20:.2f} MiB")
