@@ -171,7 +171,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     n_warm = int(args.rate * args.warmup)
     total = n_warm + n
     probe.version = [-1] * total
-    queues = fake._subscribers
+    queues = fake.hub._queues
     keep: list[Event] = []
 
     async with app.run_test(size=(width, height)) as pilot:

@@ -7,67 +7,38 @@ The test calls ``emit()`` to play events; ``kill``/``restart``/``aclose`` are re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdtui.core.events import Event, InstanceStateChanged, RequestTraced, RuntimeStarted
+from pdtui.app.replay import ReplayConfig, ReplayInstance
+from pdtui.core.events import Event, EventHub, InstanceStateChanged, RequestTraced, RuntimeStarted
 from pdtui.core.kvmath import KvGeometry
 
-_END = object()
 T0 = 1_795_582_316.0
-
-
-@dataclass
-class FakeCfg:
-    profile_name: str = "cpu"
-    model_name: str = "tiny"
-    proxy_url: str = "http://127.0.0.1:9000"
-    block_size: int = 128
-
-
-@dataclass
-class FakeInstance:
-    name: str
-    role: str
-    url: str
-    state: str = "starting"
 
 
 @dataclass
 class FakeRuntime:
     geometry: KvGeometry | None = field(default_factory=lambda: KvGeometry(2, 2, 64, "float16", 2))
-    cfg: FakeCfg = field(default_factory=FakeCfg)
+    cfg: ReplayConfig = field(default_factory=lambda: ReplayConfig("cpu", "tiny", "http://127.0.0.1:9000", 128))
     on_kill: Callable[[str], None] | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.instances = {"P": FakeInstance("P", "prefill", "http://127.0.0.1:9100"),
-                          "D": FakeInstance("D", "decode", "http://127.0.0.1:9200")}
-        self._subscribers: list[asyncio.Queue[Any]] = []
+        self.instances = {"P": ReplayInstance("P", "prefill", "http://127.0.0.1:9100", "starting"),
+                          "D": ReplayInstance("D", "decode", "http://127.0.0.1:9200", "starting")}
+        self.hub = EventHub()
         self.started = asyncio.Event()
 
     def subscribe(self) -> AsyncIterator[Event]:
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._subscribers.append(q)
-
-        async def gen() -> AsyncIterator[Event]:
-            try:
-                while (item := await q.get()) is not _END:
-                    yield item
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._subscribers.remove(q)
-
-        return gen()
+        return self.hub.subscribe()
 
     def emit(self, *events: Event) -> None:
         for ev in events:
             if isinstance(ev, InstanceStateChanged) and ev.instance in self.instances:
                 self.instances[ev.instance].state = ev.state
-            for q in self._subscribers:
-                q.put_nowait(ev)
+            self.hub.publish(ev)
 
     async def start(self) -> float:
         self.calls.append(("start", None))
@@ -90,8 +61,7 @@ class FakeRuntime:
 
     async def aclose(self, reason: str = "closed") -> None:
         self.calls.append(("aclose", reason))
-        for q in self._subscribers:
-            q.put_nowait(_END)
+        self.hub.close()
 
 
 def started(t: float = T0) -> RuntimeStarted:
