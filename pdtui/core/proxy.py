@@ -1,4 +1,4 @@
-"""The embedded P/D proxy: a small ASGI app on uvicorn, httpx to the upstreams.
+"""The P/D proxy: the contract, its failures, and a data path that adds no tail.
 
 The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
 
@@ -11,35 +11,40 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
 4. Failures: P down or 5xx before D was called -> D colocated (the plain body), counted as a
    fallback. P 4xx -> that error to the client (the input is bad; D would say the same). D fails
    before the first byte -> an HTTP error with a JSON body. D dies mid-stream -> a final SSE error
-   event, then close: never ``[DONE]``, never a retry (tokens would repeat). Client disconnects
-   -> D's request is closed, which makes vLLM abort it.
+   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat). Client
+   disconnects -> D's connection is closed, which makes vLLM abort the request.
 
 Every request ends in one ``RequestTraced`` (the ``on_trace`` callback) with its timings.
+
+The data path (docs/proxy.md): HTTP on asyncio protocols with httptools (``pdtui.core.httpio``),
+one event loop of its own (``pdtui proxy``, a process, uvloop when installed). A chunk D streams is
+relayed inside the upstream connection's ``data_received``: a time stamp, a byte scan for SSE
+event boundaries and token-carrying events (``_SseScan``; a JSON parse only for the rare usage or
+error event), and one write to the client. Per-request work (the JSON body, the P leg, the trace)
+is ordinary async code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
+import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdtui.core import kvmath
+from pdtui.core import httpio, kvmath
 from pdtui.core.events import RequestTraced
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from pdtui.core.httpio import Request, Response, UpstreamError, UpstreamPool
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -53,6 +58,8 @@ PREFILL_KV_PARAMS = {
 }
 WARMUP_HEADER = "x-pdtui-warmup"
 DECODE_CHOICES = ("least-loaded", "round-robin")
+JSON = b"application/json"
+_UPSTREAM_ERRORS = (OSError, TimeoutError, UpstreamError)
 
 
 @dataclass
@@ -64,17 +71,16 @@ class Upstream:
     url: str
     is_up: Callable[[], bool] = lambda: True
     inflight: int = 0
-    client: httpx.AsyncClient | None = None
+    pool: UpstreamPool | None = None
 
-    def open(self, timeout: httpx.Timeout) -> None:
-        if self.client is None:
-            limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
-            self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits)
+    def open(self, connect_timeout_s: float) -> None:
+        if self.pool is None:
+            self.pool = UpstreamPool(self.url, connect_timeout_s=connect_timeout_s)
 
     async def aclose(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
+        if self.pool is not None:
+            await self.pool.aclose()
+            self.pool = None
 
 
 @dataclass
@@ -85,7 +91,7 @@ class ProxySettings:
     prefill_timeout_s: float = 300.0
     """Whole P leg (the first request after start-up can stall for tens of seconds)."""
     decode_read_timeout_s: float = 300.0
-    """Longest silence from D while streaming before the stream is called broken."""
+    """Longest silence from D (before its answer's head, or while streaming) before it is called broken."""
     decode_choice: str = "least-loaded"
     """How a decode instance is picked: "least-loaded" (fewest requests in flight, ties to the
     first: the pair's default) or "round-robin" (each request to the next instance that is up, in
@@ -150,64 +156,110 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-class _SseTimer:
-    """Finds token-carrying SSE events in D's byte stream and times them."""
+# A token-carrying event: a "text" (completions) or "content" (chat delta) string that is not
+# empty. vLLM writes compact JSON ("text":"x"); json.dumps's default has a space ("text": "x").
+_TOKEN = re.compile(rb'"(?:text|content)": ?"(?!")')
+_USAGE = re.compile(rb'"usage": ?\{')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens": ?(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens": ?(\d+)')
+
+
+class _SseScan:
+    """Finds token-carrying SSE events in D's byte stream and times them, without parsing JSON.
+
+    Per chunk: split at event boundaries (a blank line), then per event three substring checks and
+    one regex search, all in C. Only an event with a usage object or an error is looked at closer.
+    """
+
+    __slots__ = ("trace", "t_sent", "last", "carry", "error")
 
     def __init__(self, trace: _Trace, t_sent: float) -> None:
         self.trace = trace
         self.t_sent = t_sent
         self.last: float | None = None
-        self.buf = b""
+        self.carry = b""
         self.error: str | None = None
 
-    def feed(self, chunk: bytes, now: float) -> None:
-        self.buf += chunk
-        while True:
-            sep = self.buf.find(b"\n\n")
-            if sep < 0:
-                return
-            event, self.buf = self.buf[:sep], self.buf[sep + 2 :]
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._data(line[5:].strip(), now)
+    def feed(self, data: bytes, now: float) -> None:
+        if self.carry:
+            data, self.carry = self.carry + data, b""
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.carry = data
+            return
+        if end + 2 < len(data):
+            self.carry = data[end + 2:]
+        for event in data[:end].split(b"\n\n"):
+            self._event(event, now)
 
-    def _data(self, data: bytes, now: float) -> None:
-        if data == b"[DONE]":
-            self.trace.done_seen = True
+    def _event(self, event: bytes, now: float) -> None:
+        trace = self.trace
+        if b"[DONE]" in event and _data_of(event) == b"[DONE]":
+            trace.done_seen = True
             return
-        if not data:
+        if b'"error"' in event:
+            self._maybe_error(event)
+            if self.error is not None:
+                return
+        if b'"usage' in event and _USAGE.search(event):
+            if (m := _COMPLETION_TOKENS.search(event)) is not None:
+                trace.completion_tokens = int(m.group(1))
+            if trace.prompt_tokens is None and (m := _PROMPT_TOKENS.search(event)) is not None:
+                trace.prompt_tokens = int(m.group(1))
+        if _TOKEN.search(event) is None:
             return
+        trace.tokens_seen += 1
+        if self.last is None:
+            trace.decode_ttft_ms = (now - self.t_sent) * 1000
+            trace.ttft_ms = (now - trace.t0) * 1000
+        else:
+            trace.itl_ms.append((now - self.last) * 1000)
+        self.last = now
+
+    def _maybe_error(self, event: bytes) -> None:
         try:
-            obj = json.loads(data)
-        except json.JSONDecodeError:
+            obj = json.loads(_data_of(event))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return
-        if not isinstance(obj, dict):
-            return
-        if obj.get("error"):
+        if isinstance(obj, dict) and obj.get("error"):
             err = obj["error"]
             self.error = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+
+
+def _data_of(event: bytes) -> bytes:
+    """The data of one SSE event (its data: lines joined)."""
+    return b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
+class _BulkHistogram:
+    """A labelled Prometheus histogram fed a whole request's gaps at once (bisect per gap, no
+    lock): ``prometheus_client.Histogram.observe`` per gap cost ~1 us each, milliseconds per
+    long stream, on the relay's loop."""
+
+    def __init__(self, name: str, doc: str, bounds_s: tuple[float, ...]) -> None:
+        self.name, self.doc = name, doc
+        self.bounds_ms = [b * 1000 for b in bounds_s]
+        self.bounds_s = bounds_s
+        self.series: dict[str, list[Any]] = {}
+
+    def observe_ms(self, label: str, values_ms: list[float]) -> None:
+        if not values_ms:
             return
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.trace.completion_tokens = usage.get("completion_tokens", self.trace.completion_tokens)
-            if usage.get("prompt_tokens") is not None and self.trace.prompt_tokens is None:
-                self.trace.prompt_tokens = usage["prompt_tokens"]
-        n = 0
-        for choice in obj.get("choices") or []:
-            text = choice.get("text")
-            if text is None:
-                text = (choice.get("delta") or {}).get("content")
-            if text:
-                n += 1
-        if not n:
-            return
-        self.trace.tokens_seen += n
-        if self.last is None:
-            self.trace.decode_ttft_ms = (now - self.t_sent) * 1000
-            self.trace.ttft_ms = (now - self.trace.t0) * 1000
-        else:
-            self.trace.itl_ms.append((now - self.last) * 1000)
-        self.last = now
+        s = self.series.setdefault(label, [[0] * (len(self.bounds_ms) + 1), 0.0])
+        counts, bounds = s[0], self.bounds_ms
+        for v in values_ms:
+            counts[bisect.bisect_left(bounds, v)] += 1
+        s[1] += sum(values_ms) / 1000
+
+    def collect(self):
+        fam = HistogramMetricFamily(self.name, self.doc, labels=["outcome"])
+        for label, (counts, total) in self.series.items():
+            cum, buckets = 0, []
+            for bound, n in zip([*map(str, self.bounds_s), "+Inf"], counts):
+                cum += n
+                buckets.append((bound, cum))
+            fam.add_metric([label], buckets, total)
+        yield fam
 
 
 class ProxyMetrics:
@@ -220,7 +272,8 @@ class ProxyMetrics:
         self.kv_bytes = Counter("pdtui_kv_bytes", "KV bytes offered by P (blocks x block_size x bytes/token)", registry=self.registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
-        self.itl = Histogram("pdtui_itl_seconds", "Inter-token gaps", ["outcome"], buckets=buckets, registry=self.registry)
+        self.itl = _BulkHistogram("pdtui_itl_seconds", "Inter-token gaps", buckets)
+        self.registry.register(self.itl)  # type: ignore[arg-type]
 
     def observe(self, t: RequestTraced) -> None:
         if t.warmup:
@@ -232,8 +285,7 @@ class ProxyMetrics:
             self.kv_bytes.inc(t.kv_bytes)
         if t.ttft_ms is not None:
             self.ttft.labels(t.outcome).observe(t.ttft_ms / 1000)
-        for gap in t.itl_ms:
-            self.itl.labels(t.outcome).observe(gap / 1000)
+        self.itl.observe_ms(t.outcome, t.itl_ms)
 
 
 def _reason_label(reason: str | None) -> str:
@@ -244,8 +296,73 @@ def _reason_label(reason: str | None) -> str:
     return "other"
 
 
+class _Relay:
+    """D's streamed answer, relayed chunk by chunk from the upstream's ``data_received``."""
+
+    __slots__ = ("trace", "up", "conn", "resp", "scan", "last_rx", "done")
+
+    def __init__(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
+                 t_sent: float) -> None:
+        self.trace, self.up, self.conn, self.resp = trace, up, conn, resp
+        self.scan = _SseScan(trace, t_sent)
+        self.last_rx = time.perf_counter()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def start(self, ctype: bytes) -> None:
+        trace, resp = self.trace, self.resp
+        resp.start(200, [(b"content-type", ctype), (b"x-request-id", trace.request_id.encode()),
+                         (b"cache-control", b"no-cache")])
+        trace.status = 200
+        resp.on_lost = self.client_lost
+        resp.on_pause = self.conn.pause_reading
+        resp.on_resume = self.conn.resume_reading
+        self.conn.attach(self.on_chunk, self.on_end)
+
+    def on_chunk(self, data: bytes) -> None:
+        now = self.last_rx = time.perf_counter()
+        self.scan.feed(data, now)
+        self.resp.write(data)
+
+    def on_end(self, err: BaseException | None) -> None:
+        if self.done.done():
+            return
+        trace = self.trace
+        if err is not None:
+            self.broken(f"{type(err).__name__}: {err}")
+            return
+        if self.scan.error:
+            trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
+        else:
+            trace.outcome = "ok"
+        self.resp.finish()
+        self.done.set_result(None)
+
+    def broken(self, why: str) -> None:
+        """D's stream broke: a final SSE error event, then the end of the body; never [DONE]."""
+        if self.done.done():
+            return
+        trace = self.trace
+        trace.error = f"decode {self.up.name} broke the stream after {trace.tokens_seen} tokens: {why}"
+        trace.outcome = "error"
+        self.conn.close()
+        self.resp.finish(b"data: " + error_body(502, trace.error, "upstream_error") + b"\n\n")
+        self.done.set_result(None)
+
+    def client_lost(self) -> None:
+        if self.done.done():
+            return
+        trace = self.trace
+        if trace.done_seen and self.scan.error is None:
+            trace.outcome = "ok"
+        else:
+            trace.outcome, trace.status = "error", 499
+            trace.error = trace.error or "client disconnected; decode request closed (vLLM aborts it)"
+        self.conn.close()
+        self.done.set_result(None)
+
+
 class Proxy:
-    """The ASGI app. ``prefills`` and ``decodes`` are live lists (restarts keep their objects)."""
+    """The request handler. ``prefills`` and ``decodes`` are live lists (restarts keep their objects)."""
 
     def __init__(
         self,
@@ -265,63 +382,80 @@ class Proxy:
         if s.decode_choice not in DECODE_CHOICES:
             raise ValueError(f"decode_choice {s.decode_choice!r}: one of {', '.join(DECODE_CHOICES)}")
         self._next_decode = 0
-        self._p_timeout = httpx.Timeout(s.prefill_timeout_s, connect=s.connect_timeout_s)
-        self._d_timeout = httpx.Timeout(s.decode_read_timeout_s, connect=s.connect_timeout_s)
-        for up in prefills:
-            up.open(self._p_timeout)
-        for up in decodes:
-            up.open(self._d_timeout)
+        self._relays: set[_Relay] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        for up in prefills + decodes:
+            up.open(s.connect_timeout_s)
+
+    def start(self) -> None:
+        """Start the watchdog of silent D streams (in the running loop)."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_silence(), name="proxy-watchdog")
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        for relay in list(self._relays):
+            relay.broken("the proxy is shutting down")
         for up in self.prefills + self.decodes:
             await up.aclose()
 
-    # ----- ASGI ---------------------------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if scope["type"] != "http":
-            return
-        method, path = scope["method"], scope["path"]
+    async def _watch_silence(self) -> None:
+        limit = self.settings.decode_read_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.perf_counter()
+            for relay in list(self._relays):
+                if now - relay.last_rx > limit:
+                    relay.broken(f"no byte from D for {limit:g} s")
+
+    # ----- routing ------------------------------------------------------------------------
+    async def handle(self, req: Request, resp: Response) -> None:
+        method, path = req.method, req.path
         try:
             if path in GENERATE_PATHS:
                 if method != "POST":
                     raise ProxyError(405, f"{path} takes POST", "invalid_request_error")
-                await self._generate(scope, receive, send)
+                await self._generate(req, resp)
             elif path == "/v1/models" and method == "GET":
-                await self._forward_get(send, "/v1/models")
+                await self._forward_get(resp, "/v1/models")
             elif path == "/health":
-                await self._health(send)
+                self._health(resp)
             elif path == "/metrics":
-                await _respond(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+                resp.send(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
             else:
                 raise ProxyError(404, f"no route {method} {path}; the proxy serves {', '.join(GENERATE_PATHS)},"
                                  " /v1/models, /health and /metrics", "not_found_error")
         except ProxyError as e:
-            await _respond_json_error(send, e.status, e.message, e.type)
-        except _Relay as r:
-            await _respond(send, r.status, r.content, r.ctype)
+            if not resp.started:
+                resp.send(e.status, error_body(e.status, e.message, e.type), JSON)
+        except _Relayed as r:
+            if not resp.started:
+                resp.send(r.status, r.content, r.ctype)
 
-    async def _health(self, send: Send) -> None:
+    def _health(self, resp: Response) -> None:
         info = {
             "prefill": {u.name: u.is_up() for u in self.prefills},
             "decode": {u.name: u.is_up() for u in self.decodes},
             **self.health_info(),
         }
         ok = any(u.is_up() for u in self.decodes)
-        await _respond(send, 200 if ok else 503, json.dumps(info).encode(), "application/json")
+        resp.send(200 if ok else 503, json.dumps(info).encode(), JSON)
 
-    async def _forward_get(self, send: Send, path: str) -> None:
+    async def _forward_get(self, resp: Response, path: str) -> None:
         for up in self._candidates(self.decodes) + self._candidates(self.prefills):
-            assert up.client is not None
+            assert up.pool is not None
             try:
-                r = await up.client.get(path)
-            except httpx.HTTPError:
+                conn = await up.pool.request("GET", path, [], head_timeout_s=self.settings.connect_timeout_s)
+                content = await asyncio.wait_for(conn.read_all(), self.settings.connect_timeout_s)
+            except _UPSTREAM_ERRORS:
                 continue
-            await _respond(send, r.status_code, r.content, r.headers.get("content-type", "application/json"))
+            status, ctype = conn.status, conn.headers.get(b"content-type", JSON)
+            up.pool.release(conn)
+            resp.send(status, content, ctype)
             return
         raise ProxyError(503, "no instance is up to answer", "service_unavailable")
 
@@ -330,63 +464,49 @@ class Proxy:
     def _candidates(ups: list[Upstream]) -> list[Upstream]:
         return sorted((u for u in ups if u.is_up()), key=lambda u: u.inflight)
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        body = b""
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise ProxyError(499, "client went away", "client_disconnected")
-            body += msg.get("body", b"")
-            if len(body) > MAX_BODY_BYTES:
-                raise ProxyError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
-            if not msg.get("more_body"):
-                return body
-
-    async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await self._read_body(receive)
+    async def _generate(self, req: Request, resp: Response) -> None:
+        if req.body_too_large:
+            raise ProxyError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
         try:
-            body = json.loads(raw)
+            body = json.loads(req.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ProxyError(400, f"request body is not valid JSON: {e}", "invalid_request_error") from None
         if not isinstance(body, dict):
             raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
         _check_limits(body)
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        rid = headers.get("x-request-id") or f"pdtui-{uuid.uuid4().hex[:16]}"
-        trace = _Trace(request_id=rid, endpoint=scope["path"], stream=bool(body.get("stream")))
-        trace.warmup = WARMUP_HEADER in headers
-        # Watch for the client going away while we work; cancel the work if it does.
-        work = asyncio.create_task(self._serve(trace, body, send))
-        watch = asyncio.create_task(_wait_disconnect(receive))
+        rid = req.headers.get("x-request-id") or f"pdtui-{uuid.uuid4().hex[:16]}"
+        trace = _Trace(request_id=rid, endpoint=req.path, stream=bool(body.get("stream")))
+        trace.warmup = WARMUP_HEADER in req.headers
+        work = asyncio.ensure_future(self._serve(trace, body, resp))
+        lost = asyncio.ensure_future(resp.wait_lost())
         try:
-            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and resp.started:
+                await work  # D's answer is being relayed: the relay has seen the loss and ends itself
+            elif not work.done():  # the client went away before D's answer began
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
-                if trace.done_seen and trace.error is None:
-                    trace.outcome = "pair" if trace.paired else "fallback"
-                else:
-                    trace.outcome, trace.status = "error", 499
-                    trace.error = trace.error or "client disconnected; decode request closed (vLLM aborts it)"
+                trace.outcome, trace.status = "error", 499
+                trace.error = trace.error or "client disconnected before the answer; legs closed"
             else:
                 work.result()
         finally:
-            watch.cancel()
+            lost.cancel()
             if not work.done():
                 work.cancel()
             event = trace.freeze()
             self.metrics.observe(event)
             self.on_trace(event)
 
-    async def _serve(self, trace: _Trace, body: dict[str, Any], send: Send) -> None:
+    async def _serve(self, trace: _Trace, body: dict[str, Any], resp: Response) -> None:
         kv_params = await self._prefill(trace, body)
         d_body = dict(body)
         if kv_params is not None:
             d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
-        await self._decode(trace, d_body, send, t_hop)
+        await self._decode(trace, d_body, resp, t_hop)
         if trace.outcome != "error":
             trace.outcome = "pair" if trace.paired else "fallback"
 
@@ -406,32 +526,45 @@ class Proxy:
         for k in ("stream_options", "min_tokens"):
             p_body.pop(k, None)
         p_body["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
-        assert up.client is not None
+        assert up.pool is not None
         t = time.perf_counter()
         up.inflight += 1
+        conn = None
         try:
-            r = await up.client.post(trace.endpoint, json=p_body, headers={"X-Request-Id": trace.request_id})
-        except httpx.HTTPError as e:
+            async with asyncio.timeout(self.settings.prefill_timeout_s):
+                conn = await up.pool.request("POST", trace.endpoint, _json_headers(trace.request_id),
+                                             json.dumps(p_body).encode())
+                content = await conn.read_all()
+        except _UPSTREAM_ERRORS as e:
+            if conn is not None:
+                conn.close()
             trace.fallback_reason = f"prefill_unreachable: {type(e).__name__}: {e}"
             return None
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.close()
+            raise
         finally:
             up.inflight -= 1
+        status, p_ctype = conn.status, conn.headers.get(b"content-type", JSON)
+        up.pool.release(conn)
         trace.prefill_ms = (time.perf_counter() - t) * 1000
-        if r.status_code >= 500:
-            trace.fallback_reason = f"prefill_5xx: {up.name} answered {r.status_code}: {r.text[:200]}"
+        if status >= 500:
+            text = content[:200].decode("utf-8", "replace")
+            trace.fallback_reason = f"prefill_5xx: {up.name} answered {status}: {text}"
             return None
-        if r.status_code >= 400:
+        if status >= 400:
             # Bad input: D would refuse it the same way. Pass P's answer through.
-            trace.status = r.status_code
-            trace.error = r.text[:500]
-            raise _Relay(r.status_code, r.content, r.headers.get("content-type", "application/json"))
+            trace.status = status
+            trace.error = content[:500].decode("utf-8", "replace")
+            raise _Relayed(status, content, p_ctype)
         try:
-            data = r.json()
-        except json.JSONDecodeError:
+            data = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             trace.fallback_reason = "prefill_5xx: prefill answered 200 with a body that is not JSON"
             return None
-        params = data.get("kv_transfer_params")
-        usage = data.get("usage") or {}
+        params = data.get("kv_transfer_params") if isinstance(data, dict) else None
+        usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
         if not params:
             trace.fallback_reason = (
@@ -457,76 +590,75 @@ class Proxy:
         ups = self._candidates(self.decodes)
         return ups[0] if ups else None
 
-    async def _decode(self, trace: _Trace, body: dict[str, Any], send: Send, t_hop: float) -> None:
+    async def _decode(self, trace: _Trace, body: dict[str, Any], resp: Response, t_hop: float) -> None:
         up = self.pick_decode()
         if up is None:
             trace.status, trace.error = 503, "no decode instance is up"
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
         trace.decode = up.name
-        assert up.client is not None
-        req = up.client.build_request("POST", trace.endpoint, json=body, headers={"X-Request-Id": trace.request_id})
+        assert up.pool is not None
+        payload = json.dumps(body).encode()
         t_sent = time.perf_counter()
         trace.hop_ms = (t_sent - t_hop) * 1000
         up.inflight += 1
+        conn = None
         try:
             try:
-                resp = await up.client.send(req, stream=True)
-            except httpx.HTTPError as e:
+                conn = await up.pool.request("POST", trace.endpoint, _json_headers(trace.request_id), payload,
+                                             head_timeout_s=self.settings.decode_read_timeout_s)
+            except _UPSTREAM_ERRORS as e:
                 trace.status, trace.error = 502, f"decode {up.name} unreachable: {type(e).__name__}: {e}"
                 raise ProxyError(502, trace.error, "upstream_error") from None
-            try:
-                await self._relay_decode(trace, up, resp, send, t_sent)
-            finally:
-                await resp.aclose()
+            await self._relay_decode(trace, up, conn, resp, t_sent)
         finally:
             up.inflight -= 1
+            if conn is not None:
+                if conn.complete and not resp.lost:
+                    up.pool.release(conn)
+                else:
+                    up.pool.busy.discard(conn)
+                    conn.close()
 
-    async def _relay_decode(
-        self, trace: _Trace, up: Upstream, resp: httpx.Response, send: Send, t_sent: float
-    ) -> None:
-        ctype = resp.headers.get("content-type", "application/json")
-        if resp.status_code != 200:
-            content = await _read_all(resp)
-            trace.status, trace.error = resp.status_code, content[:500].decode("utf-8", "replace")
-            if "json" not in ctype:
-                content = error_body(resp.status_code, f"decode {up.name}: {trace.error}", "upstream_error")
-                ctype = "application/json"
-            raise _Relay(resp.status_code, content, ctype)
+    async def _read_decode(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection) -> bytes:
+        try:
+            return await asyncio.wait_for(conn.read_all(), self.settings.decode_read_timeout_s)
+        except _UPSTREAM_ERRORS as e:
+            trace.status, trace.error = 502, f"decode {up.name} failed before answering: {type(e).__name__}: {e}"
+            raise ProxyError(502, trace.error, "upstream_error") from None
+
+    async def _relay_decode(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
+                            t_sent: float) -> None:
+        ctype = conn.headers.get(b"content-type", JSON)
+        if conn.status != 200:
+            content = await self._read_decode(trace, up, conn)
+            trace.status, trace.error = conn.status, content[:500].decode("utf-8", "replace")
+            if b"json" not in ctype:
+                content = error_body(conn.status, f"decode {up.name}: {trace.error}", "upstream_error")
+                ctype = JSON
+            raise _Relayed(conn.status, content, ctype)
         if not trace.stream:
-            try:
-                content = await _read_all(resp)
-            except httpx.HTTPError as e:
-                trace.status, trace.error = 502, f"decode {up.name} failed before answering: {type(e).__name__}: {e}"
-                raise ProxyError(502, trace.error, "upstream_error") from None
-            trace.decode_ttft_ms = (time.perf_counter() - t_sent) * 1000
-            trace.ttft_ms = (time.perf_counter() - trace.t0) * 1000
-            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            content = await self._read_decode(trace, up, conn)
+            now = time.perf_counter()
+            trace.decode_ttft_ms = (now - t_sent) * 1000
+            trace.ttft_ms = (now - trace.t0) * 1000
+            with contextlib.suppress(json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 usage = json.loads(content).get("usage") or {}
                 trace.completion_tokens = usage.get("completion_tokens")
                 trace.prompt_tokens = trace.prompt_tokens or usage.get("prompt_tokens")
             trace.status, trace.outcome = 200, "ok"
-            await _respond(send, 200, content, ctype)
+            resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
-        timer = _SseTimer(trace, t_sent)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", ctype.encode()), (b"x-request-id", trace.request_id.encode()),
-                                (b"cache-control", b"no-cache")]})
-        trace.status = 200
+        relay = _Relay(trace, up, conn, resp, t_sent)
+        self._relays.add(relay)
         try:
-            async for chunk in resp.aiter_raw():
-                timer.feed(chunk, time.perf_counter())
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as e:
-            trace.error = f"decode {up.name} broke the stream after {trace.tokens_seen} tokens: {type(e).__name__}: {e}"
-            trace.outcome = "error"
-            await send({"type": "http.response.body", "more_body": False,
-                        "body": b"data: " + error_body(502, trace.error, "upstream_error") + b"\n\n"})
-            return
-        if timer.error:
-            trace.outcome, trace.error = "error", f"decode {up.name} reported: {timer.error}"
-        else:
-            trace.outcome = "ok"
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            relay.start(ctype)
+            await relay.done
+        finally:
+            self._relays.discard(relay)
+
+
+def _json_headers(request_id: str) -> httpio.Headers:
+    return [(b"content-type", JSON), (b"x-request-id", request_id.encode())]
 
 
 def _check_limits(body: dict[str, Any]) -> None:
@@ -540,72 +672,46 @@ def _check_limits(body: dict[str, Any]) -> None:
             raise ProxyError(400, f"{key} must be an integer of at least 1, got {value!r}", "invalid_request_error")
 
 
-class _Relay(Exception):
+class _Relayed(Exception):
     """An upstream's non-200 answer, passed through as it is."""
 
-    def __init__(self, status: int, content: bytes, ctype: str) -> None:
+    def __init__(self, status: int, content: bytes, ctype: bytes) -> None:
         self.status, self.content, self.ctype = status, content, ctype
 
 
-async def _read_all(resp: httpx.Response) -> bytes:
-    return b"".join([c async for c in resp.aiter_raw()])
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _respond(send: Send, status: int, body: bytes, ctype: str) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _respond_json_error(send: Send, status: int, message: str, type_: str) -> None:
-    with contextlib.suppress(Exception):
-        await _respond(send, status, error_body(status, message, type_), "application/json")
-
-
 class ProxyServer:
-    """uvicorn in the caller's event loop, without its signal handlers; stopped with should_exit."""
+    """The proxy served in the caller's event loop (tests; ``pdtui proxy``'s own process).
+
+    ``pdtui up`` and the bench never run it in their own loop: they run ``pdtui proxy`` as a
+    process (``pdtui.core.proxy_process.ProxyProcess``), so the dashboard's drawing, its garbage
+    collections and the bench's client never hold a stream back."""
 
     def __init__(self, proxy: Proxy, host: str, port: int) -> None:
         self.proxy = proxy
         self.host, self.port = host, port
-        self._task: asyncio.Task[None] | None = None
-        self._server: uvicorn.Server | None = None
+        self._server: httpio.Server | None = None
 
     async def start(self) -> None:
         from pdtui.core.supervisor import check_port_free
 
         check_port_free(self.host, self.port, "proxy")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
-        config = uvicorn.Config(self.proxy, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=3)
-        server = _QuietServer(config)
-        self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="proxy")
-        for _ in range(200):
-            if server.started or self._task.done():
-                break
-            await asyncio.sleep(0.025)
-        if self._task.done():
-            self._task.result()
-        if not server.started:
-            raise RuntimeError("proxy did not start")
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.proxy.start()
+        self._server = await httpio.serve(self.proxy.handle, sock, max_body=MAX_BODY_BYTES, on_error=_log_error)
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=8)
         await self.proxy.aclose()
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
 
 
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
-        yield  # the host application owns the signals
+def _log_error(e: BaseException) -> None:
+    import sys
+    import traceback
+
+    print("pdtui proxy: internal error:", "".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
