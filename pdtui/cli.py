@@ -126,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_flags(bench)
     bench_cmd.add_arguments(bench)
 
+    from pdtui.core import proxy_process
+
+    prox = sub.add_parser("proxy", help="the P/D proxy alone, over engines pdtui did not start", description=(
+        "Serve the P/D proxy that `pdtui up` runs inside, over instances started by hand (`vllm serve` with a"
+        " kv_producer and a kv_consumer kv_transfer_config) or any OpenAI-compatible servers. Each request goes"
+        " to a prefill instance with max_tokens=1, its kv_transfer_params go to a decode instance, which streams"
+        " the answer. Without --prefill, requests go to the decode instances as they are (a plain proxy, e.g."
+        " to measure the proxy's own cost). Upstreams count as up while their /health answers 200 (polled"
+        " every --health-interval s). Events (one per request: outcome, TTFT, every inter-token gap, KV"
+        " blocks) are printed to stdout as JSON lines; status lines go to stderr."),
+        epilog=("examples:\n"
+                "  pdtui proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 --port 8000\n"
+                "  pdtui proxy --prefill P=http://10.0.0.1:8100 --decode D1=http://10.0.0.2:8200"
+                " --decode D2=http://10.0.0.3:8200 --record run.jsonl\n"
+                "  pdtui proxy --decode http://127.0.0.1:8200 --port 8001    # no P/D: the proxy's own cost"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    proxy_process.add_arguments(prox)
+
     model = sub.add_parser("model", help="synthetic models (config + tokenizer, no weights)")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION")
     synth = msub.add_parser("synth", help="write a synthetic model directory", description=(
@@ -154,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             from pdtui.bench import command as bench_cmd
 
             return bench_cmd.run(load_config(args), args)
+        if args.command == "proxy":
+            from pdtui.core import proxy_process
+            from pdtui.core.supervisor import PortInUse
+
+            try:
+                return proxy_process.main(args)
+            except (proxy_process.ProxyOptionError, PortInUse, OSError) as e:
+                print(f"pdtui proxy: {e}", file=sys.stderr)
+                return 2
         if args.command == "model":
             if args.model_command != "synth":
                 parser.parse_args(["model", "--help"])

@@ -1,0 +1,375 @@
+"""The proxy as a process of its own: ``pdtui proxy`` (``serve``) and its handle (``ProxyProcess``).
+
+The proxy never shares an event loop with the dashboard, the bench's client or the Runtime's own
+work: a plotext draw (~25 ms), a garbage collection or a burst of events there would hold every
+stream relayed through it (measured, docs/proxy.md). So ``pdtui up`` and ``pdtui bench`` start
+``pdtui proxy`` as a child process and talk to it through pipes:
+
+- its stdout carries the events (``RequestTraced``, ``ProxyStarted``, ``Notice``) as JSON lines,
+  written without ever blocking the relay (an asyncio pipe transport buffers them);
+- in ``--managed`` mode its stdin carries the up/down state of each upstream, as the Runtime
+  knows it (``{"up": {"D": false}}``), and extra ``/health`` info; when stdin closes (pdtui ended,
+  however it ended) the proxy exits. Without ``--managed`` it polls each upstream's ``/health``.
+
+Run alone, over engines pdtui did not start::
+
+    pdtui proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from pdtui.core import kvmath
+from pdtui.core.events import Event, Notice, ProxyStarted, RequestTraced, from_json
+from pdtui.core.proxy import DECODE_CHOICES, Proxy, ProxyServer, ProxySettings, Upstream
+
+STDOUT_LINE_LIMIT = 2**26
+"""A trace carries every inter-token gap: 64 MiB fits any stream."""
+
+
+class ProxyOptionError(ValueError):
+    pass
+
+
+def parse_upstreams(values: list[str], role: str) -> list[tuple[str, str]]:
+    """``URL`` or ``NAME=URL`` each; unnamed ones are P, P2, ... / D, D2, ..."""
+    letter = "P" if role == "prefill" else "D"
+    out: list[tuple[str, str]] = []
+    for i, value in enumerate(values):
+        name, _, url = value.rpartition("=") if "=" in value.split("://")[0] else ("", "", value)
+        name = name or (letter if i == 0 else f"{letter}{i + 1}")
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ProxyOptionError(f"--{role} {value!r}: expected http://HOST:PORT or NAME=http://HOST:PORT")
+        if any(n == name for n, _ in out):
+            raise ProxyOptionError(f"--{role}: the name {name!r} is used twice")
+        out.append((name, url.rstrip("/")))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", action="append", default=[], metavar="[NAME=]URL",
+                   help="a prefill instance (kv_producer), e.g. http://127.0.0.1:8100; repeat for several."
+                   " None: every request goes to a decode instance as it is (no P/D)")
+    p.add_argument("--decode", action="append", default=[], metavar="[NAME=]URL",
+                   help="a decode instance (kv_consumer); repeat for several (at least one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file")
+    p.add_argument("--block-size", type=int, default=16, help="the engines' KV block size, for the freight (default 16)")
+    p.add_argument("--model", type=Path, default=None, metavar="DIR",
+                   help="a model directory with config.json: per-token KV bytes for the freight (kv_bytes)")
+    p.add_argument("--kv-geometry", default=None, metavar="JSON", help=argparse.SUPPRESS)
+    p.add_argument("--decode-choice", choices=DECODE_CHOICES, default="least-loaded",
+                   help="how a decode instance is picked (default least-loaded)")
+    p.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds for the whole P leg (default 300)")
+    p.add_argument("--decode-timeout", type=float, default=300.0,
+                   help="longest silence from D before its stream is called broken, seconds (default 300)")
+    p.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between /health polls of each upstream (default 1; not with --managed)")
+    p.add_argument("--managed", action="store_true", help=argparse.SUPPRESS)
+
+
+def settings_from(args: argparse.Namespace) -> ProxySettings:
+    geometry = None
+    if args.kv_geometry:
+        geometry = kvmath.KvGeometry(**json.loads(args.kv_geometry))
+    elif args.model is not None:
+        if not (args.model / "config.json").exists():
+            raise ProxyOptionError(f"--model {args.model}: no config.json there")
+        geometry = kvmath.geometry_from_dir(args.model, "auto")
+    if args.block_size < 1:
+        raise ProxyOptionError("--block-size must be at least 1")
+    if args.prefill_timeout <= 0 or args.decode_timeout <= 0 or args.health_interval <= 0:
+        raise ProxyOptionError("timeouts and --health-interval must be positive")
+    return ProxySettings(block_size=args.block_size, geometry=geometry, prefill_timeout_s=args.prefill_timeout,
+                         decode_read_timeout_s=args.decode_timeout, decode_choice=args.decode_choice)
+
+
+class _EventWriter:
+    """JSON lines to stdout that never block the loop: a pipe or terminal gets an asyncio write
+    transport (it buffers while the reader is busy); a regular file is written directly."""
+
+    def __init__(self, record: IO[str] | None) -> None:
+        self.record = record
+        self.transport: asyncio.WriteTransport | None = None
+        self.file: IO[bytes] | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.dup(sys.stdout.fileno())
+            pipe = os.fdopen(fd, "wb", buffering=0)
+            self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        except (ValueError, OSError):  # a regular file
+            self.file = sys.stdout.buffer
+
+    def __call__(self, event: Event) -> None:
+        line = event.to_json() + "\n"
+        if self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.write(line.encode())
+        elif self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.write(line.encode())
+                self.file.flush()
+        if self.record is not None:
+            self.record.write(line)
+
+    async def aclose(self) -> None:
+        if self.record is not None:
+            self.record.flush()
+        if self.transport is not None:
+            for _ in range(100):  # let the buffer drain (bounded)
+                if self.transport.get_write_buffer_size() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            self.transport.close()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """``pdtui proxy``: serve until SIGINT/SIGTERM (or, with --managed, until stdin closes)."""
+    settings = settings_from(args)
+    prefills = parse_upstreams(args.prefill, "prefill")
+    decodes = parse_upstreams(args.decode, "decode")
+    if not decodes:
+        raise ProxyOptionError("at least one --decode URL is needed")
+    record = args.record.open("a") if args.record else None
+    emit = _EventWriter(record)
+    await emit.open()
+    up: dict[str, bool] = {}
+    info: dict[str, Any] = {}
+
+    def is_up(name: str) -> Callable[[], bool]:
+        return lambda: up.get(name, False)
+
+    ups_p = [Upstream(n, "prefill", u, is_up=is_up(n)) for n, u in prefills]
+    ups_d = [Upstream(n, "decode", u, is_up=is_up(n)) for n, u in decodes]
+    proxy = Proxy(ups_p, ups_d, settings, on_trace=emit, health=lambda: dict(info))
+    server = ProxyServer(proxy, args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        if args.managed:
+            tasks.append(asyncio.create_task(_read_control(up, info, stop)))
+        else:
+            await _poll_health(ups_p + ups_d, up, emit, once=True)
+            tasks.append(asyncio.create_task(_poll_health(ups_p + ups_d, up, emit, interval_s=args.health_interval)))
+        await server.start()
+        url = f"http://{args.host}:{args.port}"
+        emit(ProxyStarted(url=url))
+        if not args.managed:
+            names = ", ".join(f"{u.name} {'up' if up.get(u.name) else 'DOWN'}" for u in ups_p + ups_d)
+            print(f"pdtui proxy: listening on {url}; {names} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        await stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await server.stop()
+        await emit.aclose()
+        if record is not None:
+            record.close()
+    return 0
+
+
+async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio.Event) -> None:
+    """--managed: lines of JSON on stdin ({"up": {...}, "info": {...}}); EOF ends the proxy."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while line := await reader.readline():
+            with contextlib.suppress(json.JSONDecodeError, AttributeError, TypeError):
+                msg = json.loads(line)
+                up.update({str(k): bool(v) for k, v in (msg.get("up") or {}).items()})
+                info.update(msg.get("info") or {})
+    finally:
+        stop.set()
+
+
+async def _poll_health(ups: list[Upstream], up: dict[str, bool], emit: Callable[[Event], None],
+                       interval_s: float = 1.0, once: bool = False) -> None:
+    """Without a Runtime: an upstream is up while its /health answers 200."""
+    while True:
+        async def probe(u: Upstream) -> tuple[str, bool]:
+            assert u.pool is not None
+            try:
+                conn = await u.pool.request("GET", "/health", [], head_timeout_s=2.0)
+                await asyncio.wait_for(conn.read_all(), 2.0)
+                ok = conn.status == 200
+                u.pool.release(conn)
+                return u.name, ok
+            except (OSError, TimeoutError, ConnectionError):
+                return u.name, False
+
+        for name, ok in await asyncio.gather(*(probe(u) for u in ups)):
+            if up.get(name) != ok and (name in up or not ok):
+                emit(Notice(level="info" if ok else "warning", instance=name,
+                            text=f"{name} is {'up' if ok else 'down'} (its /health)"))
+            up[name] = ok
+        if once:
+            return
+        await asyncio.sleep(interval_s)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return asyncio.run(serve(args))
+    return uvloop.run(serve(args))
+
+
+# ----- the handle the Runtime and the bench hold ----------------------------------------------
+
+
+def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
+    def setup() -> None:  # between fork and exec
+        from pdtui.core.supervisor import _die_with_parent
+
+        _die_with_parent()
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+    return setup
+
+
+class ProxyProcess:
+    """``pdtui proxy --managed`` as a child: start, feed it the upstreams' states, read its events."""
+
+    def __init__(self, prefills: list[tuple[str, str]], decodes: list[tuple[str, str]], *, host: str, port: int,
+                 settings: ProxySettings, on_event: Callable[[Event], None], python: str | None = None,
+                 cpus: list[int] | None = None) -> None:
+        self.prefills, self.decodes = prefills, decodes
+        self.host, self.port = host, port
+        self.settings = settings
+        self.on_event = on_event
+        self.python = python or sys.executable
+        self.cpus = cpus
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started = asyncio.Event()
+        self._stopping = False
+        self._state: dict[str, bool] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        s = self.settings
+        argv = [self.python, "-m", "pdtui", "proxy", "--managed", "--host", self.host, "--port", str(self.port),
+                "--block-size", str(s.block_size), "--decode-choice", s.decode_choice,
+                "--prefill-timeout", str(s.prefill_timeout_s), "--decode-timeout", str(s.decode_read_timeout_s)]
+        if s.geometry is not None:
+            argv += ["--kv-geometry", json.dumps(asdict(s.geometry))]
+        for name, url in self.prefills:
+            argv += ["--prefill", f"{name}={url}"]
+        for name, url in self.decodes:
+            argv += ["--decode", f"{name}={url}"]
+        return argv
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        from pdtui.core.supervisor import check_port_free
+
+        check_port_free(self.host, self.port, "proxy")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, limit=STDOUT_LINE_LIMIT, preexec_fn=_child_setup(self.cpus))
+        self._tasks = [asyncio.create_task(self._pump_events(), name="proxy-events"),
+                       asyncio.create_task(self._pump_stderr(), name="proxy-stderr")]
+        if self._state:
+            self._send({"up": self._state})
+        waiter = asyncio.create_task(self._started.wait())
+        exited = asyncio.create_task(self.proc.wait())
+        try:
+            await asyncio.wait({waiter, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            exited.cancel()
+        if not self._started.is_set():
+            await self.stop()
+            await asyncio.sleep(0.05)
+            tail = "\n".join(self.stderr_tail) or "(no output)"
+            raise RuntimeError(f"the proxy process did not start on {self.url}:\n{tail}")
+
+    def set_up(self, name: str, up: bool) -> None:
+        """Tell the proxy whether an upstream takes requests now."""
+        if self._state.get(name) == up:
+            return
+        self._state[name] = up
+        self._send({"up": {name: up}})
+
+    def set_info(self, info: dict[str, Any]) -> None:
+        """Extra fields for the proxy's /health answer."""
+        self._send({"info": info})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
+
+    async def _pump_events(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            try:
+                event = from_json(line.decode())
+            except (ValueError, TypeError) as e:
+                self.on_event(Notice(level="warning", text=f"proxy: unreadable event line ({e}): {line[:200]!r}"))
+                continue
+            if isinstance(event, ProxyStarted):
+                self._started.set()
+            self.on_event(event)
+        code = await self.proc.wait()
+        if not self._stopping:
+            tail = " | ".join(list(self.stderr_tail)[-3:])
+            self.on_event(Notice(level="error", text=f"the proxy process exited with code {code}. {tail}"))
+
+    async def _pump_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr_tail.append(line.decode(errors="replace").rstrip())
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM (in-flight streams end with an error event), then SIGKILL after ``grace_s``."""
+        self._stopping = True
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, 2)
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+
+
+__all__ = ["ProxyProcess", "RequestTraced", "add_arguments", "main", "parse_upstreams", "serve"]

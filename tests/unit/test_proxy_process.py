@@ -1,0 +1,157 @@
+"""The proxy as its own process (``pdtui proxy``), against fake upstreams (tests/fakes.py) on
+127.0.0.1: the handle the Runtime holds (managed: states in on stdin, events out on stdout) and
+the standalone command (its own /health polling, JSON lines on stdout)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from pdtui.core import kvmath
+from pdtui.core.events import ProxyStarted, RequestTraced
+from pdtui.core.proxy import ProxySettings
+from pdtui.core.proxy_process import ProxyOptionError, ProxyProcess, parse_upstreams
+from tests.fakes import FakeVllm, free_port, serving
+
+GEO = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1].startswith("Z")
+
+
+def test_parse_upstreams_names_and_errors():
+    assert parse_upstreams(["http://127.0.0.1:1", "http://127.0.0.1:2"], "decode") == [
+        ("D", "http://127.0.0.1:1"), ("D2", "http://127.0.0.1:2")]
+    assert parse_upstreams(["P1=http://h:5/"], "prefill") == [("P1", "http://h:5")]
+    with pytest.raises(ProxyOptionError, match="expected http://HOST:PORT"):
+        parse_upstreams(["localhost:8100"], "prefill")
+    with pytest.raises(ProxyOptionError, match="used twice"):
+        parse_upstreams(["D=http://h:1", "D=http://h:2"], "decode")
+
+
+def test_managed_process_relays_traces_and_follows_the_states_it_is_told():
+    async def go():
+        p, d = FakeVllm("prefill", blocks=4), FakeVllm("decode", tokens=6)
+        events = []
+        async with serving(p), serving(d):
+            proc = ProxyProcess([("P", p.url)], [("D", d.url)], host="127.0.0.1", port=free_port(),
+                                settings=ProxySettings(block_size=16, geometry=GEO), on_event=events.append)
+            await proc.start()
+            pid = proc.pid
+            try:
+                assert any(isinstance(e, ProxyStarted) for e in events)
+                async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+                    # not told yet: nothing is up
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 3})
+                    assert r.status_code == 503
+                    proc.set_up("P", True)
+                    proc.set_up("D", True)
+                    proc.set_info({"states": {"P": "ready", "D": "ready"}})
+                    for _ in range(100):
+                        h = await client.get("/health")
+                        if h.status_code == 200 and h.json().get("states"):
+                            break
+                        await asyncio.sleep(0.02)
+                    assert h.json()["states"] == {"P": "ready", "D": "ready"}
+                    r = await client.post("/v1/completions", headers={"X-Request-Id": "pp-1"},
+                                          json={"model": "m", "prompt": "x", "max_tokens": 6, "stream": True})
+                    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+                    for _ in range(100):
+                        traces = [e for e in events if isinstance(e, RequestTraced) and e.request_id == "pp-1"]
+                        if traces:
+                            break
+                        await asyncio.sleep(0.02)
+                    (t,) = traces
+                    assert t.outcome == "pair" and t.chunks == 6 and len(t.itl_ms) == 5
+                    assert t.kv_bytes == 4 * 16 * GEO.bytes_per_token
+                    proc.set_up("P", False)
+                    await asyncio.sleep(0.2)
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 200  # fell back to D
+                    proc.set_up("D", False)
+                    await asyncio.sleep(0.2)
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 503
+            finally:
+                await proc.stop()
+            assert _gone(pid)
+
+    run(go())
+
+
+def test_managed_process_exits_when_its_parent_pipe_closes():
+    async def go():
+        d = FakeVllm("decode")
+        async with serving(d):
+            proc = ProxyProcess([], [("D", d.url)], host="127.0.0.1", port=free_port(), settings=ProxySettings(),
+                                on_event=lambda e: None)
+            await proc.start()
+            proc.proc.stdin.close()  # what happens to the pipe when pdtui dies, however it dies
+            code = await asyncio.wait_for(proc.proc.wait(), 10)
+            assert code == 0
+            await proc.stop()
+
+    run(go())
+
+
+def test_standalone_command_polls_health_and_prints_json_lines(tmp_path):
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode", tokens=3)
+        port = free_port()
+        async with serving(p), serving(d):
+            record = tmp_path / "events.jsonl"
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pdtui", "proxy", "--prefill", p.url, "--decode", d.url, "--port", str(port),
+                "--health-interval", "0.2", "--record", str(record),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            try:
+                line = await asyncio.wait_for(child.stderr.readline(), 20)
+                assert b"listening on" in line and b"P up" in line and b"D up" in line, line
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 3,
+                                                                   "stream": True})
+                    assert r.status_code == 200
+                lines = []
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    raw = await asyncio.wait_for(child.stdout.readline(), 10)
+                    lines.append(json.loads(raw))
+                    if lines[-1]["event"] == "request":
+                        break
+                assert lines[0]["event"] == "proxy_started" and lines[-1]["outcome"] == "pair"
+            finally:
+                child.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(child.wait(), 10)
+            assert code == 0
+            kinds = [json.loads(x)["event"] for x in record.read_text().splitlines()]
+            assert kinds[0] == "proxy_started" and "request" in kinds
+
+    run(go())
+
+
+def test_standalone_command_refuses_a_port_in_use():
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pdtui", "proxy", "--decode", "http://127.0.0.1:1", "--port",
+                              str(port)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "already in use" in out.stderr
