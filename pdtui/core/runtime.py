@@ -28,16 +28,17 @@ from pdtui.core.config import PairConfig
 from pdtui.core.events import (
     ConnectorEvent,
     Event,
+    InstanceStateChanged,
     EventHub,
     MetricsSampled,
     Notice,
     PairReady,
-    ProxyStarted,
     RequestTraced,
     RuntimeStarted,
     RuntimeStopped,
 )
-from pdtui.core.proxy import WARMUP_HEADER, Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
+from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.supervisor import Instance, StartupFailed, check_port_free
 from pdtui.core.vllm_entry import installed_vllm
 
@@ -58,15 +59,16 @@ class Runtime:
                 spec, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
                 host=cfg.host, port=inst_cfg.port, side_channel_port=inst_cfg.side_channel_port,
             )
-        ups = {name: Upstream(name, i.role, i.url, is_up=_ready_fn(i)) for name, i in self.instances.items()}
-        self.proxy = Proxy(
-            [u for u in ups.values() if u.role == "prefill"],
-            [u for u in ups.values() if u.role == "decode"],
-            ProxySettings(block_size=cfg.block_size, geometry=self.geometry),
-            on_trace=self.emit,
-            health=lambda: {"states": {n: i.state for n, i in self.instances.items()}},
+        # The proxy runs as a process of its own (pdtui proxy --managed): the dashboard's loop never
+        # holds a stream back. It learns the instances' states from emit(), and its events come back
+        # through emit() too.
+        self.proxy = ProxyProcess(
+            [(n, i.url) for n, i in self.instances.items() if i.role == "prefill"],
+            [(n, i.url) for n, i in self.instances.items() if i.role == "decode"],
+            host=cfg.host, port=cfg.proxy_port,
+            settings=ProxySettings(block_size=cfg.block_size, geometry=self.geometry),
+            on_event=self.emit,
         )
-        self.server = ProxyServer(self.proxy, cfg.host, cfg.proxy_port)
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)
         self.latest_metrics: dict[str, dict[str, float]] = {}
         self.hub = EventHub()
@@ -79,6 +81,9 @@ class Runtime:
     # ----- events -------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         self.history.append(event)
+        if isinstance(event, InstanceStateChanged) and event.instance in self.instances:
+            self.proxy.set_up(event.instance, self.instances[event.instance].ready)
+            self.proxy.set_info({"states": {n: i.state for n, i in self.instances.items()}})
         if isinstance(event, ConnectorEvent) and event.what in ("ucx_transport", "kv_read_transport"):
             self._check_transport(event)
         if isinstance(event, ConnectorEvent) and event.what == "kv_metrics":
@@ -122,8 +127,7 @@ class Runtime:
             )
         )
         self.check_ports()
-        await self.server.start()
-        self.emit(ProxyStarted(url=self.cfg.proxy_url))
+        await self.proxy.start()  # emits ProxyStarted
         try:
             for inst in self.instances.values():
                 await inst.spawn()
@@ -257,7 +261,7 @@ class Runtime:
         for t in self._tasks:
             if t.get_name() != "recorder":
                 t.cancel()
-        await self.server.stop()
+        await self.proxy.stop()
         await asyncio.gather(*(i.stop(reason="stopped by pdtui") for i in self.instances.values()),
                              return_exceptions=True)
         self.emit(RuntimeStopped(reason=reason))
@@ -265,10 +269,6 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, timeout=5)
-
-
-def _ready_fn(inst: Instance):
-    return lambda: inst.ready
 
 
 def _geometry(cfg: PairConfig, model_arg: str) -> kvmath.KvGeometry | None:
