@@ -1,0 +1,915 @@
+"""How much inter-chunk-gap tail a proxy adds to SSE streams: a benchmark with no engines.
+
+    python -m pdtui.bench.transparency                      # the default run, about 2-3 minutes
+    python -m pdtui.bench.transparency --quick              # a few seconds (CI)
+    python -m pdtui.bench.transparency --rates 6400 --arms direct,pdtui-legacy --pin --out /tmp/tr
+
+What runs, each in its own process, all on 127.0.0.1 and free ports:
+
+  fake    pdtui.bench.fake_sse: a fake vLLM (raw asyncio on uvloop) that streams vLLM-shaped SSE
+          chunks (224 bytes of `data: {...}\\n\\n`), one every `interval` per stream on an
+          absolute grid, so its own lateness never accumulates
+  proxy   the arm under test, started from its command line (none for `direct`)
+  client  pdtui.bench.sse_client: --streams keep-alive streaming requests, each restarted as soon
+          as it ends (steady load); every SSE event carrying `data: {` is stamped with
+          time.perf_counter() in data_received (several events in one read are gaps of 0, as a
+          real client sees them)
+
+Arms (--arms; an arm that cannot run here is reported as skipped, with the reason):
+
+  direct        client -> fake: the floor, and the proof that fake and client do not bunch by
+                themselves
+  pdtui-legacy  client -> the embedded proxy as it was before the rewrite (uvicorn + httpx; a
+                frozen copy in pdtui.bench.legacy_proxy) in a subprocess on plain asyncio
+                (asyncio.run, as the Runtime ran it under Textual): the baseline
+  pdtui         client -> `python -m pdtui proxy --decode URL --port N` (its stdout, the events,
+                is a pipe this process drains, as the Runtime's): included when
+                `python -m pdtui proxy --help` works
+  pdtui-asyncio (not by default) client -> pdtui.core.proxy's Proxy + ProxyServer in a subprocess
+                on plain asyncio instead of uvloop: the data path without the faster loop
+  vllm-router   client -> `vllm-router --worker-urls URL --policy round_robin` (the Rust router;
+                `pip install 'pdtui[router]'` or `pip install vllm-router==0.1.17`)
+  --arm 'NAME=CMD'  any other proxy; CMD is split like a shell line, with {decode}, {prefill},
+                {port}, {python} replaced (e.g. --arm 'mine=mybin --to {decode} --port {port}')
+
+Rates (--rates) are TOTAL chunks/s: each stream gets one chunk every streams/rate seconds (the
+default 3200,6400,12800 with 32 streams = 100, 200, 400 chunks/s per stream = 10, 5, 2.5 ms).
+Per (rate, arm): a fresh proxy, a warm-up (--warmup), then a window of --duration seconds in
+which the gaps between consecutive events of one answer count.
+
+The report, per (rate, arm): chunks measured in the window, their rate, gap p50/p90/p99/max in ms,
+gaps over 20 ms, p99 / direct's p99, and CPU per relayed chunk in microseconds: utime + stime from
+/proc/<pid>/stat of the proxy process (all its threads), plus its live descendants and its reaped
+children (cutime + cstime), read at the window's start and end, divided by the chunks the clients
+received in the window; the same for the fake and the client (their own cost, for scale).
+--pin puts the proxy on one core and fake + client + this process on another
+(os.sched_setaffinity); without it the OS schedules everything on every core.
+
+On a 2-core machine the fake, the client and the proxy share the cores: a proxy's CPU per chunk
+times the chunk rate says how much of a core it needs, and past one core its gaps must grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gzip
+import hashlib
+import http.client
+import json
+import math
+import os
+import platform
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RATES = (3200, 6400, 12800)
+DEFAULT_STREAMS = 32
+DEFAULT_DURATION_S = 10.0
+DEFAULT_WARMUP_S = 1.5
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_ARMS = ("direct", "pdtui-legacy", "pdtui", "vllm-router")
+KNOWN_ARMS = (*DEFAULT_ARMS, "pdtui-asyncio")
+DEFAULT_PIN = "proxy=1,fake=0,client=0"
+ROUTER_VERSION = "0.1.17"
+ROUTER_INSTALL = (f"pip install 'pdtui[router]' (or: pip install vllm-router=={ROUTER_VERSION}) into the"
+                  " environment that runs the bench")
+SLOW_GAP_MS = 20.0
+CPU_NOTE = ("CPU/chunk = utime+stime (/proc/<pid>/stat: the process, all its threads, its live descendants"
+            " and its reaped children) over the window / chunks the clients received in the window")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----- processes --------------------------------------------------------------------------------
+_libc: ctypes.CDLL | None = None
+
+
+def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    """preexec_fn: die with this process (PR_SET_PDEATHSIG), and pin to ``cpus``."""
+    def setup() -> None:
+        global _libc
+        with contextlib.suppress(Exception):
+            if _libc is None:
+                _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
+
+
+@dataclass
+class Child:
+    role: str
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, n: int = 2000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-n:]
+        return ""
+
+
+class Processes:
+    """Every process this bench starts, each in its own process group; ``stop_all`` ends them all
+    (SIGTERM to the group, SIGKILL after a grace period), and is called whatever happens."""
+
+    def __init__(self, log_dir: Path, pin: dict[str, set[int]] | None) -> None:
+        self.log_dir = log_dir
+        self.pin = pin or {}
+        self.children: list[Child] = []
+        self.all_pids: list[int] = []
+        self.selector = selectors.DefaultSelector()
+        self.count = 0
+
+    def spawn(self, role: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        """stderr goes to the log file; stdout is a pipe that ``pump`` drains into it (a proxy may
+        print an event per request, and some loops refuse a regular file as stdout)."""
+        self.count += 1
+        log_path = self.log_dir / f"{self.count:02d}-{name}.log"
+        with open(log_path, "wb") as logf:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf, start_new_session=True,
+                preexec_fn=_child_setup(self.pin.get(role)), env=env,  # noqa: PLW1509 - no threads here
+            )
+        assert popen.stdout is not None
+        os.set_blocking(popen.stdout.fileno(), False)
+        self.selector.register(popen.stdout, selectors.EVENT_READ, log_path)
+        child = Child(role, name, argv, popen, log_path)
+        self.children.append(child)
+        self.all_pids.append(popen.pid)
+        return child
+
+    def pump(self, timeout_s: float) -> None:
+        """Drain the children's stdout pipes into their logs for up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if not self.selector.get_map():
+                time.sleep(max(0.0, left))
+                return
+            for key, _ in self.selector.select(max(0.0, left)):
+                try:
+                    data = os.read(key.fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    with open(key.data, "ab") as f:
+                        f.write(data)
+                else:
+                    self._unregister(key.fileobj)
+            if time.monotonic() >= deadline:
+                return
+
+    def _unregister(self, fileobj: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(fileobj)
+        with contextlib.suppress(OSError):
+            fileobj.close()
+
+    def wait(self, child: Child, timeout_s: float) -> bool:
+        """Wait for ``child`` to exit while pumping; True if it did."""
+        deadline = time.monotonic() + timeout_s
+        while child.popen.poll() is None:
+            if time.monotonic() >= deadline:
+                return False
+            self.pump(0.05)
+        return True
+
+    def note_tree(self, pid: int) -> None:
+        """Remember a process's descendants too, so the end check can see they are gone."""
+        for p in descendants(pid):
+            if p not in self.all_pids:
+                self.all_pids.append(p)
+
+    def stop(self, child: Child, grace_s: float = 5.0) -> None:
+        if child.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGTERM)
+            self.wait(child, grace_s)
+        # The group may hold more than the leader (a proxy's workers): kill what is left.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(2)
+        self.pump(0)
+        if child.popen.stdout is not None:
+            self._unregister(child.popen.stdout)
+        if child in self.children:
+            self.children.remove(child)
+
+    def stop_all(self) -> None:
+        for child in reversed(list(self.children)):
+            self.stop(child)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"content-type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(procs: Processes, child: Child | None, port: int, timeout_s: float,
+               path: str = "/v1/completions") -> float:
+    """Until a short streamed request through ``port`` ends with [DONE]; returns the seconds it
+    took. Raises with the process's log tail when it exits or the time runs out."""
+    t0 = time.monotonic()
+    body = json.dumps({"model": "tiny", "prompt": "ready?", "max_tokens": 2, "stream": True}).encode()
+    last = ""
+    while time.monotonic() - t0 < timeout_s:
+        if child is not None and child.popen.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.popen.returncode} while starting:\n{child.tail()}")
+        try:
+            status, data = _http(port, "POST", path, body)
+            if status == 200 and b"data: [DONE]" in data:
+                return time.monotonic() - t0
+            last = f"status {status}: {data[:200]!r}"
+        except OSError as e:
+            last = f"{type(e).__name__}: {e}"
+        procs.pump(0.1)
+    tail = f"\n{child.tail()}" if child is not None else ""
+    raise RuntimeError(f"not ready on port {port} after {timeout_s:.0f} s (last: {last}){tail}")
+
+
+# ----- /proc ------------------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) on
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """utime + stime + cutime + cstime of ``pid``, plus utime + stime of its live descendants."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return math.nan
+    ticks = sum(int(x) for x in fields[11:15])
+    if tree:
+        for d in descendants(pid):
+            f = _stat_fields(d)
+            if f is not None:
+                ticks += int(f[11]) + int(f[12])
+    return ticks / CLK_TCK
+
+
+def pid_alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+# ----- arms -------------------------------------------------------------------------------------
+@dataclass
+class ArmContext:
+    decode_url: str
+    prefill_url: str | None
+    port: int
+    python: str = sys.executable
+
+
+@dataclass
+class Arm:
+    name: str
+    what: str
+    argv: Callable[[ArmContext], list[str]] | None
+    """None: no proxy (the client talks to the fake)."""
+    check: Callable[[bool], str | None] = lambda pd: None
+    """Returns why the arm cannot run here (None: it can)."""
+
+
+def _legacy_argv(ctx: ArmContext) -> list[str]:
+    argv = [ctx.python, "-m", "pdtui.bench.transparency", "--serve-legacy-proxy", "--decode", ctx.decode_url,
+            "--port", str(ctx.port)]
+    return argv + (["--prefill", ctx.prefill_url] if ctx.prefill_url else [])
+
+
+def _legacy_check(pd: bool) -> str | None:
+    try:
+        import pdtui.bench.legacy_proxy  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means the arm cannot run
+        return f"the frozen legacy proxy does not import ({type(e).__name__}: {e}); it needs httpx and uvicorn"
+    return None
+
+
+def _asyncio_argv(ctx: ArmContext) -> list[str]:
+    argv = [ctx.python, "-m", "pdtui.bench.transparency", "--serve-inproc-proxy", "--decode", ctx.decode_url,
+            "--port", str(ctx.port)]
+    return argv + (["--prefill", ctx.prefill_url] if ctx.prefill_url else [])
+
+
+def _asyncio_check(pd: bool) -> str | None:
+    try:
+        from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means the arm cannot run
+        return f"pdtui.core.proxy has no Proxy/ProxyServer/ProxySettings/Upstream ({type(e).__name__}: {e})"
+    return None
+
+
+def _pdtui_argv(ctx: ArmContext) -> list[str]:
+    argv = [ctx.python, "-m", "pdtui", "proxy", "--decode", ctx.decode_url, "--port", str(ctx.port)]
+    return argv + (["--prefill", ctx.prefill_url] if ctx.prefill_url else [])
+
+
+def _pdtui_check(pd: bool) -> str | None:
+    try:
+        r = subprocess.run([sys.executable, "-m", "pdtui", "proxy", "--help"], capture_output=True, timeout=60,
+                           stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`python -m pdtui proxy --help` failed: {e}"
+    if r.returncode != 0:
+        err = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+        return f"`python -m pdtui proxy --help` exited {r.returncode}: {err[-1] if err else ''} (not built yet?)"
+    return None
+
+
+def router_binary() -> str | None:
+    beside = Path(sys.executable).parent / "vllm-router"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("vllm-router")
+
+
+def _router_argv(ctx: ArmContext) -> list[str]:
+    binary = router_binary() or "vllm-router"
+    common = ["--host", "127.0.0.1", "--port", str(ctx.port), "--prometheus-port", str(free_port()),
+              "--log-level", "warning", "--worker-startup-check-interval", "1", "--policy", "round_robin"]
+    if ctx.prefill_url:
+        return [binary, "--vllm-pd-disaggregation", "--prefill", ctx.prefill_url, "--decode", ctx.decode_url, *common]
+    return [binary, "--worker-urls", ctx.decode_url, *common]
+
+
+def _router_check(pd: bool) -> str | None:
+    if router_binary() is None:
+        return f"vllm-router is not installed: {ROUTER_INSTALL}"
+    return None
+
+
+def builtin_arms() -> dict[str, Arm]:
+    return {
+        "direct": Arm("direct", "client -> fake", None),
+        "pdtui-legacy": Arm("pdtui-legacy", "pdtui.bench.legacy_proxy (uvicorn + httpx) on plain asyncio",
+                            _legacy_argv, _legacy_check),
+        "pdtui": Arm("pdtui", "python -m pdtui proxy", _pdtui_argv, _pdtui_check),
+        "pdtui-asyncio": Arm("pdtui-asyncio", "pdtui.core.proxy Proxy + ProxyServer on plain asyncio",
+                             _asyncio_argv, _asyncio_check),
+        "vllm-router": Arm("vllm-router", "vllm-router (Rust), round_robin over one worker", _router_argv,
+                           _router_check),
+    }
+
+
+def custom_arm(spec: str) -> Arm:
+    name, sep, cmd = spec.partition("=")
+    if not sep or not name or not cmd:
+        raise ValueError(f"--arm {spec!r}: NAME=COMMAND")
+
+    def argv(ctx: ArmContext) -> list[str]:
+        subst = {"decode": ctx.decode_url, "prefill": ctx.prefill_url or "", "port": str(ctx.port),
+                 "python": ctx.python}
+        return [part.format(**subst) for part in shlex.split(cmd)]
+
+    return Arm(name, cmd, argv)
+
+
+# ----- stats ------------------------------------------------------------------------------------
+def quantile(sorted_xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_xs:
+        return math.nan
+    pos = (len(sorted_xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def gap_stats(gaps_ms: list[float]) -> dict[str, Any]:
+    xs = sorted(gaps_ms)
+    return {
+        "gaps": len(xs), "p50_ms": quantile(xs, 0.5), "p90_ms": quantile(xs, 0.9), "p99_ms": quantile(xs, 0.99),
+        "max_ms": xs[-1] if xs else math.nan, "over_20ms": sum(1 for g in xs if g > SLOW_GAP_MS),
+        "mean_ms": sum(xs) / len(xs) if xs else math.nan,
+    }
+
+
+# ----- one point --------------------------------------------------------------------------------
+@dataclass
+class Options:
+    streams: int = DEFAULT_STREAMS
+    rates: tuple[float, ...] = DEFAULT_RATES
+    duration_s: float = DEFAULT_DURATION_S
+    warmup_s: float = DEFAULT_WARMUP_S
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    custom_arms: tuple[str, ...] = ()
+    client_procs: int = 1
+    pin: str | None = None
+    pd: bool = False
+    lockstep: bool = False
+    chat: bool = False
+    out: str | None = None
+    ready_timeout_s: float = 60.0
+
+
+@dataclass
+class Point:
+    rate: float
+    arm: str
+    status: str = "ok"
+    """ok, skipped or failed."""
+    reason: str | None = None
+    streams: int = 0
+    interval_ms: float = 0.0
+    chunks: int = 0
+    chunks_per_s: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    p99_ratio: float | None = None
+    proxy_cpu_us_per_chunk: float | None = None
+    proxy_cpu_pct: float | None = None
+    fake_cpu_us_per_chunk: float | None = None
+    client_cpu_us_per_chunk: float | None = None
+    responses: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    ready_s: float | None = None
+    argv: list[str] | None = None
+    gaps_ms: list[float] = field(default_factory=list)
+
+
+def _cpu_delta(a: float, b: float, chunks: int) -> float | None:
+    if chunks <= 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return (b - a) / chunks * 1e6
+
+
+def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports: dict[str, int],
+              fake_pids: list[int]) -> Point:
+    interval_s = opts.streams / rate
+    point = Point(rate=rate, arm=arm.name, streams=opts.streams, interval_ms=interval_s * 1000)
+    decode_url = f"http://127.0.0.1:{fake_ports['decode']}"
+    prefill_url = f"http://127.0.0.1:{fake_ports['prefill']}" if "prefill" in fake_ports else None
+    proxy: Child | None = None
+    try:
+        if arm.argv is None:
+            port = fake_ports["decode"]
+        else:
+            port = free_port()
+            argv = arm.argv(ArmContext(decode_url, prefill_url, port))
+            point.argv = argv
+            proxy = procs.spawn("proxy", arm.name, argv)
+        point.ready_s = wait_ready(procs, proxy, port, opts.ready_timeout_s, _path(opts))
+        if proxy is not None:
+            procs.note_tree(proxy.pid)
+        # The window, on CLOCK_MONOTONIC (time.perf_counter in every process on Linux).
+        w0 = time.perf_counter() + 1.0 + opts.warmup_s  # ~1 s for the clients to start
+        w1 = w0 + opts.duration_s
+        outs: list[Path] = []
+        clients: list[Child] = []
+        per = [opts.streams // opts.client_procs + (1 if i < opts.streams % opts.client_procs else 0)
+               for i in range(opts.client_procs)]
+        for i, n in enumerate(x for x in per if x > 0):
+            out = procs.log_dir / f"client-{arm.name}-{int(rate)}-{i}.json"
+            out.unlink(missing_ok=True)
+            outs.append(out)
+            clients.append(procs.spawn("client", f"client{i}", [
+                sys.executable, "-m", "pdtui.bench.sse_client", "--port", str(port), "--path", _path(opts),
+                "--streams", str(n), "--max-tokens", str(opts.max_tokens), "--window-start", repr(w0),
+                "--window-end", repr(w1), "--out", str(out)]))
+        _sleep_until(procs, w0)
+        cpu0 = cpu_seconds(proxy.pid) if proxy else math.nan
+        fake0 = sum(cpu_seconds(p, tree=False) for p in fake_pids)
+        _sleep_until(procs, w1)
+        cpu1 = cpu_seconds(proxy.pid) if proxy else math.nan
+        fake1 = sum(cpu_seconds(p, tree=False) for p in fake_pids)
+        if proxy is not None:
+            procs.note_tree(proxy.pid)
+        results = []
+        for c, out in zip(clients, outs, strict=True):
+            if not procs.wait(c, 30):
+                raise RuntimeError(f"{c.name} did not finish:\n{c.tail()}")
+            if c.popen.returncode != 0 or not out.exists():
+                raise RuntimeError(f"{c.name} exited with {c.popen.returncode}:\n{c.tail()}")
+            results.append(json.loads(out.read_text()))
+            procs.stop(c)
+        gaps: list[float] = []
+        client_cpu = 0.0
+        for r in results:
+            gaps.extend(r["gaps_ms"])
+            point.chunks += r["events_in_window"]
+            point.responses += r["responses"]
+            point.errors += r["errors"]
+            point.error_samples.extend(r["error_samples"][: 5 - len(point.error_samples)])
+            client_cpu += r["cpu_s_in_window"]
+        point.gaps_ms = gaps
+        point.stats = gap_stats(gaps)
+        point.chunks_per_s = point.chunks / opts.duration_s
+        point.proxy_cpu_us_per_chunk = _cpu_delta(cpu0, cpu1, point.chunks)
+        if proxy is not None and not math.isnan(cpu0) and not math.isnan(cpu1):
+            point.proxy_cpu_pct = (cpu1 - cpu0) / opts.duration_s * 100
+        point.fake_cpu_us_per_chunk = _cpu_delta(fake0, fake1, point.chunks)
+        point.client_cpu_us_per_chunk = client_cpu / point.chunks * 1e6 if point.chunks else None
+        if point.chunks == 0:
+            point.status, point.reason = "failed", "no chunk arrived in the window: " + "; ".join(point.error_samples)
+    except Exception as e:  # noqa: BLE001 - one arm failing must not lose the others
+        point.status, point.reason = "failed", f"{type(e).__name__}: {e}"
+    finally:
+        if proxy is not None:
+            procs.stop(proxy)
+    return point
+
+
+def _path(opts: Options) -> str:
+    return "/v1/chat/completions" if opts.chat else "/v1/completions"
+
+
+def _sleep_until(procs: Processes, t: float) -> None:
+    while (d := t - time.perf_counter()) > 0:
+        procs.pump(min(d, 0.5))
+
+
+# ----- the run ----------------------------------------------------------------------------------
+def parse_pin(spec: str | None) -> dict[str, set[int]] | None:
+    if not spec:
+        return None
+    out: dict[str, set[int]] = {}
+    allowed = os.sched_getaffinity(0)
+    for part in spec.split(","):
+        role, sep, cpus = part.partition("=")
+        role = role.strip()
+        if not sep or role not in ("proxy", "fake", "client"):
+            raise ValueError(f"--pin {spec!r}: ROLE=CPU[+CPU...] for proxy, fake, client (e.g. {DEFAULT_PIN})")
+        out[role] = {int(c) for c in cpus.split("+")}
+        if not out[role] <= allowed:
+            raise ValueError(f"--pin {spec!r}: CPUs {sorted(out[role] - allowed)} are not available"
+                             f" (this process may use {sorted(allowed)})")
+    return out
+
+
+def resolve_arms(opts: Options) -> list[tuple[Arm, str | None]]:
+    """The arms to run, each with the reason it cannot run here (None: it can)."""
+    known = builtin_arms()
+    custom = {a.name: a for a in (custom_arm(s) for s in opts.custom_arms)}
+    names = list(opts.arms) + [n for n in custom if n not in opts.arms]
+    out = []
+    for name in names:
+        if name in custom:
+            out.append((custom[name], None))
+        elif name in known:
+            arm = known[name]
+            out.append((arm, arm.check(opts.pd)))
+        else:
+            raise ValueError(f"unknown arm {name!r}: one of {', '.join(KNOWN_ARMS)}, or --arm NAME=CMD")
+    if "direct" not in [a.name for a, _ in out]:
+        out.insert(0, (known["direct"], None))  # the ratios need it
+    return out
+
+
+def _file_sha(path: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+    return None
+
+
+def _git_head_blob(rel: str) -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    with contextlib.suppress(Exception):
+        r = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, timeout=10, check=False)
+        if r.returncode == 0:
+            return hashlib.sha1(r.stdout).hexdigest()[:12]
+    return None
+
+
+def meta(opts: Options, pin: dict[str, set[int]] | None) -> dict[str, Any]:
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio (uvloop missing)"
+    proxy_py = Path(__file__).resolve().parents[1] / "core" / "proxy.py"
+    router_version = None
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+        router_version = version("vllm-router")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "argv": sys.argv, "python": sys.version.split()[0],
+        "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+        "fake_client_loop": loop, "options": asdict(opts),
+        "pin": {k: sorted(v) for k, v in pin.items()} if pin else None,
+        "proxy_py_sha1": _file_sha(proxy_py), "proxy_py_head_sha1": _git_head_blob("pdtui/core/proxy.py"),
+        "vllm_router_version": router_version, "cpu_note": CPU_NOTE,
+    }
+
+
+def run(opts: Options, progress: Callable[[str], None] = log) -> dict[str, Any]:
+    """Runs every (rate, arm) point; returns the result (``points``, ``meta``, ``pids``)."""
+    pin = parse_pin(opts.pin)
+    arms = resolve_arms(opts)
+    out_dir = Path(opts.out) if opts.out else None
+    tmp = None
+    if out_dir is not None:
+        log_dir = out_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for old in [*log_dir.glob("*.log"), *log_dir.glob("client-*.json")]:
+            old.unlink()
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="pdtui-transparency-")
+        log_dir = Path(tmp.name)
+    procs = Processes(log_dir, pin)
+    old_affinity = os.sched_getaffinity(0)
+    if pin and "client" in pin:
+        os.sched_setaffinity(0, pin["client"])  # this process sleeps, but keep it off the proxy's core
+    result: dict[str, Any] = {"meta": meta(opts, pin), "points": [], "pids": procs.all_pids}
+    for arm, why in arms:
+        if why:
+            progress(f"transparency: arm {arm.name} skipped: {why}")
+    try:
+        for rate in opts.rates:
+            interval_s = opts.streams / rate
+            progress(f"transparency: rate {rate:g} chunks/s = {opts.streams} streams x {rate / opts.streams:g}/s"
+                     f" (one chunk every {interval_s * 1000:g} ms per stream)")
+            fake_ports: dict[str, int] = {}
+            fakes: list[Child] = []
+            for role in (("decode", "prefill") if opts.pd else ("decode",)):
+                fake_ports[role] = free_port()
+                argv = [sys.executable, "-m", "pdtui.bench.fake_sse", "--port", str(fake_ports[role]),
+                        "--interval-ms", repr(interval_s * 1000), "--verbose"]
+                fakes.append(procs.spawn("fake", f"fake-{role}", argv + (["--lockstep"] if opts.lockstep else [])))
+            try:
+                for role, child in zip(fake_ports, fakes, strict=True):
+                    if role == "decode":
+                        wait_ready(procs, child, fake_ports[role], 20, _path(opts))
+                for arm, why in arms:
+                    if why:
+                        result["points"].append(Point(rate=rate, arm=arm.name, status="skipped", reason=why,
+                                                      streams=opts.streams, interval_ms=interval_s * 1000))
+                        continue
+                    progress(f"transparency:   {arm.name}: warm-up {opts.warmup_s:g} s, window {opts.duration_s:g} s")
+                    point = run_point(procs, opts, arm, rate, fake_ports, [f.pid for f in fakes])
+                    result["points"].append(point)
+                    progress("transparency:   " + _point_line(point))
+            finally:
+                for f in fakes:
+                    procs.stop(f)
+    finally:
+        procs.stop_all()
+        os.sched_setaffinity(0, old_affinity)
+        _ratios(result["points"])
+        if tmp is not None:
+            tmp.cleanup()
+    return result
+
+
+def _ratios(points: list[Point]) -> None:
+    direct = {p.rate: p.stats.get("p99_ms") for p in points if p.arm == "direct" and p.status == "ok"}
+    for p in points:
+        d = direct.get(p.rate)
+        if p.status == "ok" and d:
+            p.p99_ratio = p.stats["p99_ms"] / d
+
+
+def _point_line(p: Point) -> str:
+    if p.status != "ok":
+        return f"{p.arm}: {p.status}: {p.reason}"
+    s = p.stats
+    cpu = f", proxy {p.proxy_cpu_us_per_chunk:.0f} us/chunk" if p.proxy_cpu_us_per_chunk is not None else ""
+    return (f"{p.arm}: {p.chunks} chunks ({p.chunks_per_s:.0f}/s), gap p50 {s['p50_ms']:.2f} p99 {s['p99_ms']:.2f}"
+            f" max {s['max_ms']:.2f} ms, {s['over_20ms']} over 20 ms{cpu}, {p.errors} errors")
+
+
+# ----- report -----------------------------------------------------------------------------------
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def table(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    header = ("| chunks/s (streams x per-stream) | arm | chunks | got/s | p50 ms | p90 ms | p99 ms | max ms | >20 ms "
+              "| p99/direct | proxy us/chunk | proxy CPU % | fake us/chunk | client us/chunk | errors |")
+    rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in result["points"]:
+        rate = f"{p.rate:g} ({p.streams} x {p.rate / p.streams:g}, {p.interval_ms:g} ms)"
+        if p.status != "ok":
+            rows.append(f"| {rate} | {p.arm} | {p.status}: {p.reason} |" + " |" * 12)
+            continue
+        s = p.stats
+        rows.append(
+            f"| {rate} | {p.arm} | {p.chunks} | {p.chunks_per_s:.0f} | {_f(s['p50_ms'])} | {_f(s['p90_ms'])} "
+            f"| {_f(s['p99_ms'])} | {_f(s['max_ms'])} | {s['over_20ms']} | {_f(p.p99_ratio)} "
+            f"| {_f(p.proxy_cpu_us_per_chunk, '.0f')} | {_f(p.proxy_cpu_pct, '.0f')} "
+            f"| {_f(p.fake_cpu_us_per_chunk, '.1f')} | {_f(p.client_cpu_us_per_chunk, '.1f')} | {p.errors} |")
+    o = m["options"]
+    pin = ", ".join(f"{k} on CPU {'+'.join(map(str, v))}" for k, v in m["pin"].items()) if m["pin"] else (
+        f"none (the OS schedules everything on {m['cpus']} CPUs)")
+    load = ", ".join(f"{x:.2f}" for x in m["loadavg"])
+    mode = ("; P/D mode (two fakes)" if o["pd"] else "") + ("; lockstep grid" if o["lockstep"] else "")
+    notes = [
+        "",
+        (f"- {o['duration_s']:g} s window after {o['warmup_s']:g} s warm-up per point; {o['max_tokens']} tokens per"
+         f" answer, each stream restarted at once; {o['client_procs']} client process(es); fake and client on"
+         f" {m['fake_client_loop']}{mode}."),
+        ("- Gaps: between consecutive `data: {` events of one answer, stamped at the client's read; several"
+         " events in one read are gaps of 0."),
+        f"- {m['cpu_note']}; proxy CPU % is of one core. fake/client us/chunk: the same for them, for scale.",
+        f"- Pinning: {pin}.",
+        f"- Machine: {m['platform']}, {m['cpus']} CPUs, load average at start {load}; {m['date']}.",
+        (f"- pdtui/core/proxy.py sha1 {m['proxy_py_sha1']} (HEAD's: {m['proxy_py_head_sha1']});"
+         f" vllm-router {m['vllm_router_version'] or 'not installed'}."),
+    ]
+    return "\n".join(rows + notes) + "\n"
+
+
+def write_out(result: dict[str, Any], out_dir: Path, text: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = [asdict(p) for p in result["points"]]
+    full = {"meta": result["meta"], "points": points, "pids": result["pids"]}
+    with gzip.open(out_dir / "transparency.json.gz", "wt") as f:
+        json.dump(full, f)
+    summary = {"meta": result["meta"], "points": [{k: v for k, v in p.items() if k != "gaps_ms"} for p in points]}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "transparency.md").write_text(text)
+
+
+# ----- the legacy proxy, served the way the Runtime serves it ------------------------------------
+def serve_inproc_proxy(decode: str, prefill: str | None, port: int, legacy: bool) -> int:
+    """``Proxy`` + ``ProxyServer`` on plain asyncio (``asyncio.run``, the default loop, as the
+    Runtime ran the proxy under Textual), until SIGTERM or SIGINT: the frozen legacy copy
+    (pdtui.bench.legacy_proxy) or today's pdtui.core.proxy."""
+    import asyncio
+
+    if legacy:
+        from pdtui.bench.legacy_proxy import Proxy, ProxyServer, ProxySettings, Upstream
+    else:
+        from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream  # type: ignore[assignment]
+    what = "pdtui-legacy" if legacy else "pdtui-asyncio"
+
+    async def main() -> None:
+        prefills = [Upstream("P", "prefill", prefill)] if prefill else []
+        proxy = Proxy(prefills, [Upstream("D", "decode", decode)], ProxySettings())
+        server = ProxyServer(proxy, "127.0.0.1", port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        log(f"{what} proxy: http://127.0.0.1:{port} -> decode {decode}"
+            f"{f', prefill {prefill}' if prefill else ''} ({type(loop).__module__}) pid {os.getpid()}")
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+# ----- CLI --------------------------------------------------------------------------------------
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pdtui.bench.transparency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="concurrent streams (default %(default)s)")
+    ap.add_argument("--rates", type=_floats, default=DEFAULT_RATES,
+                    help="TOTAL chunks/s, comma-separated (default 3200,6400,12800)")
+    ap.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="window per point, s (default %(default)s)")
+    ap.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_S, help="warm-up per point, s (default %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                    help="chunks per answer before the stream restarts (default %(default)s)")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                    help=f"comma-separated, from {', '.join(KNOWN_ARMS)} (default: {','.join(DEFAULT_ARMS)};"
+                         " direct always runs)")
+    ap.add_argument("--arm", action="append", default=[], metavar="NAME=CMD",
+                    help="one more arm: a proxy command line with {decode} {prefill} {port} {python}")
+    ap.add_argument("--client-procs", type=int, default=1, help="client processes sharing the streams (default 1)")
+    ap.add_argument("--pin", nargs="?", const=DEFAULT_PIN, default=None, metavar="SPEC",
+                    help=f"pin processes to CPUs (default spec {DEFAULT_PIN}; CPUs joined with +)")
+    ap.add_argument("--pd", action="store_true",
+                    help="P/D mode: a second fake as prefill; proxied arms get --prefill (vllm-router:"
+                         " --vllm-pd-disaggregation)")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="every stream on one grid, like a batched engine's decode steps (default: per-stream grids)")
+    ap.add_argument("--chat", action="store_true", help="/v1/chat/completions instead of /v1/completions")
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny run for CI: 4 streams, 400 chunks/s, 2 s window, 0.5 s warm-up")
+    ap.add_argument("--out", metavar="DIR",
+                    help="write transparency.json.gz (every raw gap), summary.json, transparency.md and logs/")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+    # The legacy proxy's own entry point (the pdtui-legacy arm starts it).
+    ap.add_argument("--serve-legacy-proxy", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-inproc-proxy", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--decode", help=argparse.SUPPRESS)
+    ap.add_argument("--prefill", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    return ap
+
+
+def options_from_args(args: argparse.Namespace, explicit: set[str] | None = None) -> Options:
+    opts = Options(streams=args.streams, rates=args.rates, duration_s=args.duration, warmup_s=args.warmup,
+                   max_tokens=args.max_tokens, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+                   custom_arms=tuple(args.arm), client_procs=args.client_procs, pin=args.pin, pd=args.pd,
+                   lockstep=args.lockstep, chat=args.chat, out=args.out)
+    if args.quick:
+        explicit = explicit or set()
+        if "streams" not in explicit:
+            opts.streams = 4
+        if "rates" not in explicit:
+            opts.rates = (400.0,)
+        if "duration" not in explicit:
+            opts.duration_s = 2.0
+        if "warmup" not in explicit:
+            opts.warmup_s = 0.5
+        if "max_tokens" not in explicit:
+            opts.max_tokens = 64
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.serve_legacy_proxy or args.serve_inproc_proxy:
+        if not args.decode or not args.port:
+            ap.error("--serve-legacy-proxy/--serve-inproc-proxy need --decode URL and --port N")
+        return serve_inproc_proxy(args.decode, args.prefill, args.port, legacy=args.serve_legacy_proxy)
+    raw = sys.argv[1:] if argv is None else argv
+    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in raw if a.startswith("--")}
+    opts = options_from_args(args, explicit)
+    if opts.client_procs < 1 or opts.streams < 1 or any(r <= 0 for r in opts.rates):
+        ap.error("--streams, --client-procs and --rates must be positive")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        result = run(opts)
+    except KeyboardInterrupt:
+        log("transparency: interrupted; every process started was stopped")
+        return 130
+    text = table(result)
+    if args.json:
+        print(json.dumps({"meta": result["meta"],
+                          "points": [{k: v for k, v in asdict(p).items() if k != "gaps_ms"} for p in result["points"]]},
+                         indent=1))
+    else:
+        print(text, end="")
+    if opts.out:
+        write_out(result, Path(opts.out), text)
+        log(f"transparency: wrote {opts.out}/transparency.json.gz, summary.json, transparency.md")
+    failed = [p for p in result["points"] if p.status == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

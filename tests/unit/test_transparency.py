@@ -1,0 +1,114 @@
+"""The transparency bench (pdtui.bench.transparency): a tiny real run checks the STRUCTURE of what it
+measures and that it leaves no process behind, never the speed (the machine may be busy)."""
+
+import gzip
+import json
+import os
+import sys
+
+import pytest
+
+from pdtui.bench import transparency
+from pdtui.bench.sse_client import ChunkedDecoder
+from pdtui.bench.transparency import Options
+
+
+def _gone(pid: int) -> bool:
+    return not transparency.pid_alive(pid)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("transparency")
+    opts = Options(streams=4, rates=(400.0,), duration_s=2.0, warmup_s=0.5, max_tokens=64,
+                   arms=transparency.DEFAULT_ARMS, out=str(out))
+    result = transparency.run(opts, progress=lambda msg: None)
+    text = transparency.table(result)
+    transparency.write_out(result, out, text)
+    return result, text, out
+
+
+def test_every_arm_that_can_run_measures_gaps(tiny_run):
+    result, _, _ = tiny_run
+    points = {p.arm: p for p in result["points"]}
+    assert set(points) == set(transparency.DEFAULT_ARMS)
+    assert points["direct"].status == "ok"
+    assert points["pdtui-legacy"].status in ("ok", "skipped")  # skipped only without httpx/uvicorn
+    ran = [p for p in points.values() if p.status != "skipped"]
+    assert len(ran) >= 2
+    for p in ran:
+        assert p.status == "ok", (p.arm, p.reason)
+        assert p.chunks > 0 and p.gaps_ms and p.stats["gaps"] == len(p.gaps_ms), p.arm
+        s = p.stats
+        assert 0 <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"], (p.arm, s)
+        assert p.p99_ratio is not None and p.p99_ratio > 0
+        assert p.responses > 0 and p.errors == 0, (p.arm, p.error_samples)
+        if p.arm == "direct":
+            assert p.proxy_cpu_us_per_chunk is None
+        else:
+            assert isinstance(p.proxy_cpu_us_per_chunk, float) and p.proxy_cpu_us_per_chunk > 0, p.arm
+    for p in points.values():
+        if p.status == "skipped":
+            assert p.reason  # says why (and, for vllm-router, how to install it)
+
+
+def test_no_process_is_left_behind(tiny_run):
+    result, _, _ = tiny_run
+    pids = result["pids"]
+    # fake + one client per arm that ran + one proxy per proxied arm
+    assert len(pids) >= 3
+    assert os.getpid() not in pids
+    assert all(_gone(pid) for pid in pids), [pid for pid in pids if not _gone(pid)]
+
+
+def test_the_table_and_the_files(tiny_run):
+    result, text, out = tiny_run
+    assert text.startswith("| chunks/s")
+    for p in result["points"]:
+        assert f"| {p.arm} |" in text
+    assert "CPU/chunk" in text and "Pinning: none" in text
+    with gzip.open(out / "transparency.json.gz", "rt") as f:
+        full = json.load(f)
+    by_arm = {p["arm"]: p for p in full["points"]}
+    assert len(by_arm["direct"]["gaps_ms"]) == by_arm["direct"]["stats"]["gaps"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert all("gaps_ms" not in p for p in summary["points"])
+    assert (out / "transparency.md").read_text() == text
+
+
+def test_a_proxy_that_dies_at_start_fails_its_arm_and_is_cleaned_up(tmp_path):
+    opts = Options(streams=2, rates=(200.0,), duration_s=0.5, warmup_s=0.2, max_tokens=16, arms=("direct",),
+                   custom_arms=(f"broken={sys.executable} -c 'import sys; sys.exit(3)' {{port}}",), out=str(tmp_path))
+    result = transparency.run(opts, progress=lambda msg: None)
+    points = {p.arm: p for p in result["points"]}
+    assert points["direct"].status == "ok"
+    assert points["broken"].status == "failed" and "exited with 3" in points["broken"].reason
+    assert all(_gone(pid) for pid in result["pids"])
+
+
+def test_chunked_decoder_whatever_the_read_boundaries():
+    payloads = [b"data: {\"a\":1}\n\n", b"x" * 300, b"data: [DONE]\n\n"]
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n"
+    for step in (1, 2, 3, 7, 64, len(wire)):
+        d = ChunkedDecoder()
+        got = b"".join(d.feed(wire[i:i + step]) for i in range(0, len(wire), step))
+        assert got == b"".join(payloads) and d.done, step
+
+
+def test_rates_are_total_chunks_per_second():
+    args = transparency.build_parser().parse_args([])
+    opts = transparency.options_from_args(args)
+    assert opts.rates == (3200, 6400, 12800) and opts.streams == 32
+    assert [opts.streams / r * 1000 for r in opts.rates] == [10.0, 5.0, 2.5]  # ms between a stream's chunks
+    quick = transparency.options_from_args(transparency.build_parser().parse_args(["--quick"]), {"quick"})
+    assert quick.streams == 4 and quick.duration_s == 2.0
+
+
+def test_pin_spec_is_checked():
+    assert transparency.parse_pin(None) is None
+    cpu = min(os.sched_getaffinity(0))
+    assert transparency.parse_pin(f"proxy={cpu},client={cpu}") == {"proxy": {cpu}, "client": {cpu}}
+    with pytest.raises(ValueError):
+        transparency.parse_pin("gpu=0")
+    with pytest.raises(ValueError):
+        transparency.parse_pin("proxy=4096")
