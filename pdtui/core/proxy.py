@@ -467,6 +467,10 @@ class Proxy:
     async def _generate(self, req: Request, resp: Response) -> None:
         if req.body_too_large:
             raise ProxyError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":  # as vLLM's validate_json_request
+            raise ProxyError(415, f"Unsupported Media Type: Only 'application/json' is allowed"
+                             f" (got {media_type or 'no content-type'})", "invalid_request_error")
         try:
             body = json.loads(req.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -500,6 +504,9 @@ class Proxy:
             self.on_trace(event)
 
     async def _serve(self, trace: _Trace, body: dict[str, Any], resp: Response) -> None:
+        if not any(u.is_up() for u in self.decodes):  # before P prefills and pins blocks for nothing
+            trace.status, trace.error = 503, "no decode instance is up"
+            raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
         kv_params = await self._prefill(trace, body)
         d_body = dict(body)
         if kv_params is not None:

@@ -97,6 +97,8 @@ def test_bad_input_gets_4xx_json_and_the_proxy_stays_up(pair):
         "prompt over max_model_len": {'json': {"model": "tiny", "prompt": "x" * (pair.cfg.max_model_len + 10),
                                                 "max_tokens": 4}},
         "negative max_tokens": {'json': {"model": "tiny", "prompt": "hi", "max_tokens": -5}},
+        "a JSON body sent as text/plain": {'content': b'{"model": "tiny", "prompt": "hi", "max_tokens": 4}',
+                                           'headers': {"content-type": "text/plain"}},
     }
     for what, kw in cases.items():
         r = httpx.post(url, timeout=60, **kw)

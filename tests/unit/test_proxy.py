@@ -240,3 +240,41 @@ def test_a_client_hanging_up_after_done_is_a_normal_end():
             assert traces[0].outcome == "pair" and traces[0].error is None and traces[0].chunks == 3
 
     run(go())
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_that_is_not_declared_json_is_a_415_like_vllm(ctype):
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode")
+        async with stack(p, d) as (client, traces):
+            headers = {"content-type": ctype} if ctype else {}
+            r = await client.post("/v1/completions", content=b'{"model": "m", "prompt": "x"}', headers=headers)
+            if ctype is None:  # httpx sends no content-type for raw bytes
+                assert "content-type" not in r.request.headers
+            assert r.status_code == 415 and "Only 'application/json'" in r.json()["error"]["message"]
+            assert p.requests == [] and d.requests == [] and traces == []
+            r = await client.post("/v1/completions", content=b'{"model": "m", "prompt": "x", "max_tokens": 2}',
+                                  headers={"content-type": "application/json; charset=utf-8"})
+            assert r.status_code == 200
+
+    run(go())
+
+
+def test_with_no_decode_up_the_prefill_leg_is_never_run():
+    async def go():
+        p, d = FakeVllm("prefill"), FakeVllm("decode")
+        traces = []
+        async with serving(p), serving(d):
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url, is_up=lambda: False)],
+                          on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 503
+            finally:
+                await server.stop()
+        assert p.requests == [] and traces[0].status == 503 and traces[0].prefill is None
+
+    run(go())
