@@ -61,6 +61,7 @@ import json
 import math
 import os
 import platform
+import resource
 import selectors
 import shlex
 import shutil
@@ -306,6 +307,19 @@ def cpu_seconds(pid: int, tree: bool = True) -> float:
     return ticks / CLK_TCK
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def pid_alive(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is not None and fields[0] != "Z"
@@ -460,6 +474,7 @@ class Options:
     chat: bool = False
     out: str | None = None
     ready_timeout_s: float = 60.0
+    py_spy: bool = False
 
 
 @dataclass
@@ -479,11 +494,17 @@ class Point:
     proxy_cpu_pct: float | None = None
     fake_cpu_us_per_chunk: float | None = None
     client_cpu_us_per_chunk: float | None = None
+    other_cpu_pct: float | None = None
+    """Busy CPU on the machine in the window (/proc/stat, in % of one core) that neither the fake,
+    the client, the proxy nor this process spent: someone else's load. High = a noisy point."""
+    steal_pct: float | None = None
     responses: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     ready_s: float | None = None
     argv: list[str] | None = None
+    profile: str | None = None
+    """With --py-spy: the summary file of the proxy's profile over the window."""
     gaps_ms: list[float] = field(default_factory=list)
 
 
@@ -527,13 +548,18 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
                 "--streams", str(n), "--max-tokens", str(opts.max_tokens), "--window-start", repr(w0),
                 "--window-end", repr(w1), "--out", str(out)]))
         _sleep_until(procs, w0)
+        spy = _start_py_spy(procs, opts, proxy, arm, rate)
         cpu0 = cpu_seconds(proxy.pid) if proxy else math.nan
         fake0 = sum(cpu_seconds(p, tree=False) for p in fake_pids)
+        (busy0, steal0), me0 = machine_cpu(), self_cpu()
         _sleep_until(procs, w1)
         cpu1 = cpu_seconds(proxy.pid) if proxy else math.nan
         fake1 = sum(cpu_seconds(p, tree=False) for p in fake_pids)
+        (busy1, steal1), me1 = machine_cpu(), self_cpu()
         if proxy is not None:
             procs.note_tree(proxy.pid)
+        if spy is not None:
+            procs.wait(spy[0], 30)
         results = []
         for c, out in zip(clients, outs, strict=True):
             if not procs.wait(c, 30):
@@ -559,14 +585,51 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             point.proxy_cpu_pct = (cpu1 - cpu0) / opts.duration_s * 100
         point.fake_cpu_us_per_chunk = _cpu_delta(fake0, fake1, point.chunks)
         point.client_cpu_us_per_chunk = client_cpu / point.chunks * 1e6 if point.chunks else None
+        ours = (fake1 - fake0) + client_cpu + (me1 - me0) + ((cpu1 - cpu0) if proxy is not None else 0.0)
+        point.other_cpu_pct = max(0.0, (busy1 - busy0) - ours) / opts.duration_s * 100
+        point.steal_pct = (steal1 - steal0) / opts.duration_s * 100
         if point.chunks == 0:
             point.status, point.reason = "failed", "no chunk arrived in the window: " + "; ".join(point.error_samples)
+        if spy is not None:
+            point.profile = _summarize_py_spy(spy[1], point)
     except Exception as e:  # noqa: BLE001 - one arm failing must not lose the others
         point.status, point.reason = "failed", f"{type(e).__name__}: {e}"
     finally:
         if proxy is not None:
             procs.stop(proxy)
     return point
+
+
+def py_spy_binary() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def _start_py_spy(procs: Processes, opts: Options, proxy: Child | None, arm: Arm,
+                  rate: float) -> tuple[Child, Path] | None:
+    """With --py-spy, for a proxy that is a Python process: ``py-spy record --format raw`` on it
+    for the window (pinned with the client)."""
+    if not opts.py_spy or proxy is None or "python" not in Path(proxy.argv[0]).name:
+        return None
+    binary = py_spy_binary()
+    if binary is None:
+        return None
+    raw = procs.log_dir.parent / f"pyspy-{arm.name}-{rate:g}.raw"
+    argv = [binary, "record", "--pid", str(proxy.pid), "--duration", str(max(1, int(opts.duration_s))),
+            "--rate", "250", "--format", "raw", "--subprocesses", "-o", str(raw)]
+    return procs.spawn("client", f"py-spy-{arm.name}", argv), raw
+
+
+def _summarize_py_spy(raw: Path, point: Point) -> str | None:
+    from pdtui.bench.pyspy_summary import summarize
+
+    if not raw.exists():
+        return None
+    title = f"{point.arm} at {point.rate:g} chunks/s ({point.streams} streams): "
+    text = summarize(raw.read_text(), point.proxy_cpu_us_per_chunk, title=title)
+    summary = raw.with_suffix(".txt")
+    summary.write_text(text)
+    return str(summary)
 
 
 def _path(opts: Options) -> str:
@@ -724,7 +787,8 @@ def _point_line(p: Point) -> str:
     s = p.stats
     cpu = f", proxy {p.proxy_cpu_us_per_chunk:.0f} us/chunk" if p.proxy_cpu_us_per_chunk is not None else ""
     return (f"{p.arm}: {p.chunks} chunks ({p.chunks_per_s:.0f}/s), gap p50 {s['p50_ms']:.2f} p99 {s['p99_ms']:.2f}"
-            f" max {s['max_ms']:.2f} ms, {s['over_20ms']} over 20 ms{cpu}, {p.errors} errors")
+            f" max {s['max_ms']:.2f} ms, {s['over_20ms']} over 20 ms{cpu}, {p.errors} errors,"
+            f" other load {_f(p.other_cpu_pct, '.0f')}% of a core")
 
 
 # ----- report -----------------------------------------------------------------------------------
@@ -735,19 +799,21 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 def table(result: dict[str, Any]) -> str:
     m = result["meta"]
     header = ("| chunks/s (streams x per-stream) | arm | chunks | got/s | p50 ms | p90 ms | p99 ms | max ms | >20 ms "
-              "| p99/direct | proxy us/chunk | proxy CPU % | fake us/chunk | client us/chunk | errors |")
-    rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| p99/direct | proxy us/chunk | proxy CPU % | fake us/chunk | client us/chunk | other CPU % | errors |")
+    rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["points"]:
         rate = f"{p.rate:g} ({p.streams} x {p.rate / p.streams:g}, {p.interval_ms:g} ms)"
         if p.status != "ok":
-            rows.append(f"| {rate} | {p.arm} | {p.status}: {p.reason} |" + " |" * 12)
+            reason = (p.reason or "").replace("\n", " ").replace("|", "/")[:300]
+            rows.append(f"| {rate} | {p.arm} | {p.status}: {reason} |" + " |" * 13)
             continue
         s = p.stats
         rows.append(
             f"| {rate} | {p.arm} | {p.chunks} | {p.chunks_per_s:.0f} | {_f(s['p50_ms'])} | {_f(s['p90_ms'])} "
             f"| {_f(s['p99_ms'])} | {_f(s['max_ms'])} | {s['over_20ms']} | {_f(p.p99_ratio)} "
             f"| {_f(p.proxy_cpu_us_per_chunk, '.0f')} | {_f(p.proxy_cpu_pct, '.0f')} "
-            f"| {_f(p.fake_cpu_us_per_chunk, '.1f')} | {_f(p.client_cpu_us_per_chunk, '.1f')} | {p.errors} |")
+            f"| {_f(p.fake_cpu_us_per_chunk, '.1f')} | {_f(p.client_cpu_us_per_chunk, '.1f')} "
+            f"| {_f(p.other_cpu_pct, '.0f')} | {p.errors} |")
     o = m["options"]
     pin = ", ".join(f"{k} on CPU {'+'.join(map(str, v))}" for k, v in m["pin"].items()) if m["pin"] else (
         f"none (the OS schedules everything on {m['cpus']} CPUs)")
@@ -761,6 +827,9 @@ def table(result: dict[str, Any]) -> str:
         ("- Gaps: between consecutive `data: {` events of one answer, stamped at the client's read; several"
          " events in one read are gaps of 0."),
         f"- {m['cpu_note']}; proxy CPU % is of one core. fake/client us/chunk: the same for them, for scale.",
+        ("- other CPU %: busy CPU on the whole machine in the window (/proc/stat, % of one core) not spent by"
+         " the fake, the client, the proxy or the bench itself: someone else's load. A point with more than a few %"
+         " was measured on a busy machine: run it again."),
         f"- Pinning: {pin}.",
         f"- Machine: {m['platform']}, {m['cpus']} CPUs, load average at start {load}; {m['date']}.",
         (f"- pdtui/core/proxy.py sha1 {m['proxy_py_sha1']} (HEAD's: {m['proxy_py_head_sha1']});"
@@ -845,6 +914,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", metavar="DIR",
                     help="write transparency.json.gz (every raw gap), summary.json, transparency.md and logs/")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+    ap.add_argument("--py-spy", action="store_true",
+                    help="profile each Python proxy over its window with py-spy (pip install py-spy): raw stacks"
+                         " and a summary by layer (pdtui.bench.pyspy_summary) in --out; sampling pauses the"
+                         " proxy, so those points' gaps are not comparable with an unprofiled run")
     # The legacy proxy's own entry point (the pdtui-legacy arm starts it).
     ap.add_argument("--serve-legacy-proxy", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-inproc-proxy", action="store_true", help=argparse.SUPPRESS)
@@ -858,7 +931,7 @@ def options_from_args(args: argparse.Namespace, explicit: set[str] | None = None
     opts = Options(streams=args.streams, rates=args.rates, duration_s=args.duration, warmup_s=args.warmup,
                    max_tokens=args.max_tokens, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
                    custom_arms=tuple(args.arm), client_procs=args.client_procs, pin=args.pin, pd=args.pd,
-                   lockstep=args.lockstep, chat=args.chat, out=args.out)
+                   lockstep=args.lockstep, chat=args.chat, out=args.out, py_spy=args.py_spy)
     if args.quick:
         explicit = explicit or set()
         if "streams" not in explicit:
@@ -886,6 +959,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = options_from_args(args, explicit)
     if opts.client_procs < 1 or opts.streams < 1 or any(r <= 0 for r in opts.rates):
         ap.error("--streams, --client-procs and --rates must be positive")
+    if opts.py_spy and (not opts.out or py_spy_binary() is None):
+        ap.error("--py-spy needs --out DIR and py-spy installed (pip install py-spy)")
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -907,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.out:
         write_out(result, Path(opts.out), text)
         log(f"transparency: wrote {opts.out}/transparency.json.gz, summary.json, transparency.md")
+        for p in result["points"]:
+            if p.profile:
+                log(f"transparency: py-spy profile of {p.arm} at {p.rate:g}/s: {p.profile}")
     failed = [p for p in result["points"] if p.status == "failed"]
     return 1 if failed else 0
 

@@ -112,3 +112,27 @@ def test_pin_spec_is_checked():
         transparency.parse_pin("gpu=0")
     with pytest.raises(ValueError):
         transparency.parse_pin("proxy=4096")
+
+
+def test_pyspy_summary_groups_samples_by_layer_and_role():
+    from pdtui.bench.pyspy_summary import summarize
+
+    entry = "main (pdtui/core/proxy_process.py:1);Runner.run (asyncio/runners.py:118)"
+    legacy = "main (x.py:1);BaseEventLoop.run_forever (asyncio/base_events.py:607);BaseEventLoop._run_once (asyncio/base_events.py:1922)"
+    raw = "\n".join([
+        f'process 1:"python -m pdtui proxy";{entry} 60',  # time inside uvloop's C loop
+        f"{entry};Response.write (pdtui/core/httpio.py:10) 20",
+        f"{legacy};_SseTimer.feed (pdtui/bench/legacy_proxy.py:1);loads (json/__init__.py:346) 15",
+        f"{legacy};Response.aiter_raw (httpx/_models.py:1);ChunkedReader.__call__ (h11/_readers.py:1) 5",
+    ])
+    text = summarize(raw, us_per_chunk=100.0)
+    assert "samples on CPU: 100" in text
+
+    def share(name: str) -> list[str]:  # "60.0% 60.0" for each line naming it
+        return [" ".join(line.split()[:2]) for line in text.splitlines() if name in line]
+
+    assert share("event loop in C (uvloop") == ["60.0% 60.0", "60.0% 60.0"]  # its layer and its role
+    assert share("pdtui httpio")[0] == "20.0% 20.0"
+    assert share("json (stdlib)") == ["15.0% 15.0"]
+    assert share("per-chunk SSE scan in pdtui") == ["15.0% 15.0"]
+    assert share("upstream receive (httpx") == ["5.0% 5.0"]
