@@ -6,7 +6,10 @@ Pure functions over samples (``workload.Sample``) so they are tested without eng
 - ``summarize_arm``: TTFT of the follow requests and of the big prompts, the steady streams' ITL
   inside the measured window, the toll split of the pair;
 - ``verdict``: toll = pair TTFT p50 / single TTFT p50 (> 1: the pair is slower to first token);
-  purchase = single ITL p99 / pair ITL p99 (> 1: the pair bought smoother decode);
+  purchase = single ITL p99 / pair ITL p99 (> 1: the pair bought smoother decode). "single" is
+  ``single-proxied`` when that arm ran: the pair is measured through pdtui's proxy, and so is it;
+  with only ``single`` the comparison crosses paths and the text says so. ``proxy_cost``:
+  single-proxied vs single, the proxy's own cost;
 - ``table``: the seed's shape, per arm TTFT p50/p99 and ITL p50/p99, then toll and purchase in words.
 """
 
@@ -138,35 +141,115 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+PROXIED = ("pair", "single-proxied", "two-single")
+"""Arms measured through pdtui's proxy (a process of its own); ``single`` is measured straight at
+its engine."""
+THROUGH_PROXY = "both through pdtui's proxy"
+
+
+def _stat(summary: dict[str, Any] | None, which: str) -> float | None:
+    """``ttft``: follow TTFT p50; ``itl50``/``itl99``: the steady streams' ITL under interference."""
+    if not summary:
+        return None
+    if which == "ttft":
+        return summary["follow"]["ttft_ms"]["p50"]
+    return summary["interference"]["stream_itl_ms"]["p50" if which == "itl50" else "p99"]
+
+
+def baseline_for(summaries: dict[str, dict[str, Any]], which: str) -> str | None:
+    """The arm the pair is compared with for one statistic: ``single-proxied`` (the same path as
+    the pair: through pdtui's proxy) when it measured it, else ``single`` (straight: the
+    comparison crosses paths), else None."""
+    for arm in ("single-proxied", "single"):
+        if _stat(summaries.get(arm), which) is not None:
+            return arm
+    return None
+
+
+def _path_note(base: str) -> str:
+    return f"({THROUGH_PROXY})" if base in PROXIED else f"({CROSSES})"
+
+
+CROSSES = "crosses paths: the pair through pdtui's proxy, single straight to its engine"
+CROSSES_NOTE = ("the pair's numbers include the proxy's own cost and single's do not: the arm single-proxied (the"
+                " same instance through the same proxy) compares like with like")
+
+
+def proxy_cost(summaries: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """single-proxied minus single: the same instance, measured by the same client through pdtui's
+    proxy and straight; the proxy's own cost. None unless both arms ran."""
+    direct, proxied = summaries.get("single"), summaries.get("single-proxied")
+    if not direct or not proxied:
+        return None
+    out: dict[str, Any] = {"compares": ["single-proxied", "single"]}
+    for key, which in (("ttft_p50_ms", "ttft"), ("itl_p50_ms", "itl50"), ("itl_p99_ms", "itl99")):
+        a, b = _stat(proxied, which), _stat(direct, which)
+        out[key] = {"single-proxied": a, "single": b, "delta": None if a is None or b is None else a - b}
+    return out
+
+
+def proxy_cost_text(cost: dict[str, Any]) -> str:
+    def part(label: str, key: str) -> str:
+        c = cost[key]
+        if c["delta"] is None:
+            return f"{label} -"
+        delta = 0.0 if abs(c["delta"]) < 0.05 else c["delta"]  # no "-0.0"
+        return f"{label} {delta:+.1f} ms ({c['single-proxied']:.1f} vs {c['single']:.1f})"
+
+    return ("proxy's own cost (single-proxied - single: the same instance, measured by the same client through"
+            f" pdtui's proxy and straight): {part('TTFT p50', 'ttft_p50_ms')}, {part('ITL p50', 'itl_p50_ms')},"
+            f" {part('ITL p99', 'itl_p99_ms')}")
+
+
 def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Toll and purchase of the pair against the single instance; None where an arm is missing."""
-    single, pair = summaries.get("single"), summaries.get("pair")
-    if not single or not pair:
-        return {"toll": None, "purchase": None, "text": ["toll and purchase need both the single and the pair arm"]}
-    s_ttft, p_ttft = single["follow"]["ttft_ms"]["p50"], pair["follow"]["ttft_ms"]["p50"]
-    s_itl, p_itl = single["interference"]["stream_itl_ms"]["p99"], pair["interference"]["stream_itl_ms"]["p99"]
+    """Toll and purchase of the pair against a colocated single instance; None where an arm or a
+    statistic is missing. The pair is measured through pdtui's proxy, so each ratio compares it
+    with ``single-proxied`` (the same path) when that arm measured the statistic, else with
+    ``single``, and says which (``compares``) and whether both sides took the same path
+    (``same_path``). ``proxy_cost``: single-proxied vs single, when both ran."""
+    pair = summaries.get("pair")
+    cost = proxy_cost(summaries)
+    extra = [proxy_cost_text(cost)] if cost else []
+    if not pair or not ("single" in summaries or "single-proxied" in summaries):
+        return {"toll": None, "purchase": None, "compares": {"toll": None, "purchase": None},
+                "same_path": {"toll": None, "purchase": None}, "proxy_cost": cost,
+                "text": ["toll and purchase need the pair and the single (or single-proxied) arm", *extra]}
+    t_base, i_base = baseline_for(summaries, "ttft"), baseline_for(summaries, "itl99")
+    p_ttft, p_itl = _stat(pair, "ttft"), _stat(pair, "itl99")
+    s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
+    s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
     toll, purchase = _ratio(p_ttft, s_ttft), _ratio(s_itl, p_itl)
     text = []
     if toll is None:
-        text.append("toll: not measured (no follow TTFT in one of the arms)")
+        text.append("toll: not measured (no follow TTFT in the pair or in a single arm)")
     else:
-        text.append(f"toll: pair TTFT p50 {p_ttft:.1f} ms vs single {s_ttft:.1f} ms = {toll:.2f}x"
+        text.append(f"toll: pair TTFT p50 {p_ttft:.1f} ms vs {t_base} {s_ttft:.1f} ms = {toll:.2f}x"
                     f" ({(toll - 1) * 100:+.0f}%)" + (": the pair is slower to the first token" if toll > 1
-                                                     else ": the pair is not slower to the first token"))
+                                                     else ": the pair is not slower to the first token")
+                    + f" {_path_note(t_base)}")
     if purchase is None:
-        text.append("purchase: not measured (no steady-stream ITL in one of the arms)")
+        text.append("purchase: not measured (no steady-stream ITL in the pair or in a single arm)")
     else:
-        text.append(f"purchase: single ITL p99 {s_itl:.1f} ms / pair ITL p99 {p_itl:.1f} ms = {purchase:.2f}x"
+        text.append(f"purchase: {i_base} ITL p99 {s_itl:.1f} ms / pair ITL p99 {p_itl:.1f} ms = {purchase:.2f}x"
                     + (": the pair bought smoother decode" if purchase > 1
-                       else ": the pair LOSES here, its decode stalls are no better than the single instance's"))
+                       else f": the pair LOSES here, its decode stalls are no better than {i_base}'s")
+                    + f" {_path_note(i_base)}")
+    if (toll is not None and t_base not in PROXIED) or (purchase is not None and i_base not in PROXIED):
+        text.append(CROSSES_NOTE)
+    text += extra
     two = summaries.get("two-single")
     if two:
-        t_ttft, t_itl = two["follow"]["ttft_ms"]["p50"], two["interference"]["stream_itl_ms"]["p99"]
+        t_ttft, t_itl = _stat(two, "ttft"), _stat(two, "itl99")
         text.append("two-single (two colocated instances, round-robin: the pair's hardware):"
                     f" TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
                     f" pair TTFT / two-single = {_fmt_ratio(_ratio(p_ttft, t_ttft))},"
-                    f" two-single ITL p99 / pair = {_fmt_ratio(_ratio(t_itl, p_itl))}")
-    return {"toll": toll, "purchase": purchase, "text": text}
+                    f" two-single ITL p99 / pair = {_fmt_ratio(_ratio(t_itl, p_itl))} ({THROUGH_PROXY})")
+    return {"toll": toll, "purchase": purchase,
+            "compares": {"toll": ["pair", t_base] if toll is not None else None,
+                         "purchase": [i_base, "pair"] if purchase is not None else None},
+            "same_path": {"toll": t_base in PROXIED if toll is not None else None,
+                          "purchase": i_base in PROXIED if purchase is not None else None},
+            "proxy_cost": cost, "text": text}
 
 
 def _fmt_ratio(x: float | None) -> str:
@@ -453,9 +536,10 @@ def placement(arms: dict[str, Any]) -> str | None:
     if not parts:
         return None
     return ("cores of the model threads (VLLM_CPU_OMP_THREADS_BIND; P's and D's kept there by nixl_quiet): "
-            + "; ".join(parts) + ". API servers, engine cores and the load client may run on any core."
-            " One core per vLLM instance in every arm: the single instance computes on one core like each"
-            " member of the pair; two-single has the pair's hardware (docs/bench.md, 'Cores').")
+            + "; ".join(parts) + ". API servers, engine cores, the proxy process and the load client may run on any core."
+            " One core per vLLM instance in every arm: the single instance (straight or behind the proxy)"
+            " computes on one core like each member of the pair; two-single has the pair's hardware"
+            " (docs/bench.md, 'Cores').")
 
 
 def _rounded(obj: Any) -> Any:
@@ -546,8 +630,9 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     pair = [s for s in data["arms"].get("pair", {}).get("samples", [])
             if s["workload"] == "follow" and not s["warmup"] and s.get("trace")]
-    single = [s for s in data["arms"].get("single", {}).get("samples", [])
-              if s["workload"] == "follow" and not s["warmup"] and s["ttft_ms"] is not None]
+    singles = {a: [s for s in data["arms"].get(a, {}).get("samples", [])
+                   if s["workload"] == "follow" and not s["warmup"] and s["ttft_ms"] is not None]
+               for a in ("single", "single-proxied")}
     x = list(range(len(pair)))
     bottom = [0.0] * len(pair)
     parts = (("prefill_ms", "P prefill"), ("hop_ms", "proxy hop"), ("decode_ttft_ms", "transfer + D first step"))
@@ -557,9 +642,10 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         bottom = [b + v for b, v in zip(bottom, vals)]
     if pair:
         ax.scatter(x, [s["ttft_ms"] for s in pair], color="black", marker="_", s=200, label="pair TTFT (client)")
-    if single:
-        ax.scatter(list(range(len(single))), [s["ttft_ms"] for s in single], color="red", marker="x",
-                   label="single TTFT (client)")
+    for (a, single), (color, marker) in zip(singles.items(), (("red", "x"), ("blue", "+")), strict=True):
+        if single:
+            ax.scatter(list(range(len(single))), [s["ttft_ms"] for s in single], color=color, marker=marker,
+                       label=f"{a} TTFT (client)")
     ax.set_xlabel("follow request")
     ax.set_ylabel("ms")
     ax.set_title("the toll, per request")

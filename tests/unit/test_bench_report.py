@@ -81,6 +81,7 @@ def test_toll_and_purchase_and_the_table_say_it_plainly_when_the_pair_loses():
     p99 = sums["pair"]["interference"]["stream_itl_ms"]["p99"]
     assert v["purchase"] == pytest.approx(s99 / p99) and v["purchase"] > 1
     assert "slower to the first token" in v["text"][0] and "bought smoother decode" in v["text"][1]
+    assert v["compares"] == {"toll": ["pair", "single"], "purchase": ["single", "pair"]}
     assert sums["pair"]["follow"]["toll_split_ms"]["prefill_ms"]["p50"] == 80.0
 
     flipped = report.verdict({"single": sums["pair"], "pair": sums["single"]})
@@ -148,14 +149,105 @@ def test_clock_is_injectable():
     assert c() == 0.5 and c() == 2.0
 
 
-def test_two_single_gets_its_own_line_and_ratios():
-    w = None
-    sums = {}
-    for name, ttft, stall in (("single", 100.0, 0.3), ("pair", 150.0, 0.02), ("two-single", 90.0, 0.1)):
+def _sums(*arms):
+    """(name, follow TTFT, stream stall in s) -> summaries of synthetic arms."""
+    out = {}
+    for name, ttft, stall in arms:
         samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall)
-        sums[name] = report.summarize_arm(samples, w)
+        out[name] = report.summarize_arm(samples, w)
+    return out
+
+
+def test_two_single_gets_its_own_line_and_ratios():
+    sums = _sums(("single", 100.0, 0.3), ("pair", 150.0, 0.02), ("two-single", 90.0, 0.1))
     v = report.verdict(sums)
-    assert len(v["text"]) == 3
-    assert v["text"][2].startswith("two-single (two colocated instances, round-robin: the pair's hardware)")
-    assert "pair TTFT / two-single = 1.67x" in v["text"][2]
+    two = [x for x in v["text"] if x.startswith("two-single")]
+    assert len(v["text"]) == 4 and len(two) == 1
+    assert two[0].startswith("two-single (two colocated instances, round-robin: the pair's hardware)")
+    assert "pair TTFT / two-single = 1.67x" in two[0] and two[0].endswith("(both through pdtui's proxy)")
     assert "| two-single | 99.0 |" in report.table(sums)
+
+
+def test_with_single_proxied_the_verdict_compares_the_pair_through_the_same_path():
+    # single straight: 100 ms, 300 ms stall; the same instance through the proxy: 104 ms, 320 ms
+    sums = _sums(("single", 100.0, 0.3), ("single-proxied", 104.0, 0.32), ("pair", 130.0, 0.02))
+    v = report.verdict(sums)
+    sp_ttft = sums["single-proxied"]["follow"]["ttft_ms"]["p50"]
+    sp_itl = sums["single-proxied"]["interference"]["stream_itl_ms"]["p99"]
+    p_itl = sums["pair"]["interference"]["stream_itl_ms"]["p99"]
+    assert v["toll"] == pytest.approx(sums["pair"]["follow"]["ttft_ms"]["p50"] / sp_ttft) == pytest.approx(130 / 104)
+    assert v["purchase"] == pytest.approx(sp_itl / p_itl)
+    assert v["compares"] == {"toll": ["pair", "single-proxied"], "purchase": ["single-proxied", "pair"]}
+    assert v["same_path"] == {"toll": True, "purchase": True}
+    toll, purchase = v["text"][0], v["text"][1]
+    assert toll.startswith("toll: pair TTFT p50 143.0 ms vs single-proxied 114.4 ms = 1.25x")
+    assert toll.endswith("(both through pdtui's proxy)")
+    assert purchase.startswith(f"purchase: single-proxied ITL p99 {sp_itl:.1f} ms / pair ITL p99 {p_itl:.1f} ms")
+    assert purchase.endswith("(both through pdtui's proxy)")
+    assert not any("crosses paths" in x for x in v["text"])
+
+
+def test_the_proxys_own_cost_is_a_line_of_its_own():
+    sums = _sums(("single", 100.0, 0.3), ("single-proxied", 104.0, 0.32), ("pair", 130.0, 0.02))
+    v = report.verdict(sums)
+    cost = v["proxy_cost"]
+    assert cost["compares"] == ["single-proxied", "single"]
+    assert cost["ttft_p50_ms"]["delta"] == pytest.approx(114.4 - 110.0)
+    assert cost["ttft_p50_ms"]["single-proxied"] == pytest.approx(114.4) and cost["ttft_p50_ms"]["single"] == 110.0
+    d99 = sums["single-proxied"]["interference"]["stream_itl_ms"]["p99"] - sums["single"]["interference"]["stream_itl_ms"]["p99"]
+    assert cost["itl_p99_ms"]["delta"] == pytest.approx(d99) and d99 > 0
+    assert cost["itl_p50_ms"]["delta"] == pytest.approx(0.0, abs=1e-6)
+    line = [x for x in v["text"] if x.startswith("proxy's own cost")]
+    assert len(line) == 1
+    assert "single-proxied - single: the same instance, measured by the same client" in line[0]
+    assert "TTFT p50 +4.4 ms (114.4 vs 110.0)" in line[0] and "ITL p50 +0.0 ms" in line[0]
+    assert f"ITL p99 {d99:+.1f} ms" in line[0]
+    assert line[0] in report.table(sums)
+    # without the pair: no verdict, but the proxy's cost is still stated
+    v = report.verdict({k: sums[k] for k in ("single", "single-proxied")})
+    assert v["toll"] is None and v["purchase"] is None and v["proxy_cost"]["ttft_p50_ms"]["delta"] > 0
+    assert any(x.startswith("proxy's own cost") for x in v["text"])
+    # without single-proxied (or without single): no cost line
+    assert report.verdict({k: sums[k] for k in ("single", "pair")})["proxy_cost"] is None
+    assert report.verdict({k: sums[k] for k in ("single-proxied", "pair")})["proxy_cost"] is None
+
+
+def test_with_only_single_the_verdict_says_it_crosses_paths():
+    sums = _sums(("single", 100.0, 0.3), ("pair", 130.0, 0.02))
+    v = report.verdict(sums)
+    assert v["compares"] == {"toll": ["pair", "single"], "purchase": ["single", "pair"]}
+    assert v["same_path"] == {"toll": False, "purchase": False}
+    assert "vs single 110.0 ms" in v["text"][0]
+    for line in v["text"][:2]:
+        assert line.endswith("(crosses paths: the pair through pdtui's proxy, single straight to its engine)")
+    assert v["text"][2] == report.CROSSES_NOTE and "proxy's own cost" in v["text"][2]
+    assert len(v["text"]) == 3
+
+
+def test_each_ratio_falls_back_to_single_only_where_single_proxied_measured_nothing():
+    # single-proxied ran only the interference workload (or its follow failed): the toll is
+    # against single (crossing paths), the purchase against single-proxied (the same path)
+    sums = _sums(("single", 100.0, 0.3), ("single-proxied", 104.0, 0.32), ("pair", 130.0, 0.02))
+    sums["single-proxied"]["follow"]["ttft_ms"] = report.dist([])
+    v = report.verdict(sums)
+    assert v["compares"] == {"toll": ["pair", "single"], "purchase": ["single-proxied", "pair"]}
+    assert v["same_path"] == {"toll": False, "purchase": True}
+    assert "crosses paths" in v["text"][0] and v["text"][1].endswith("(both through pdtui's proxy)")
+    assert report.CROSSES_NOTE in v["text"]
+    assert v["text"][3].startswith("proxy's own cost") and "TTFT p50 -, ITL p50 +0.0 ms" in v["text"][3]
+
+
+def test_an_older_bench_file_still_reads_and_reports(tmp_path):
+    """bench.json.gz from before single-proxied (results/, the H100 run): new arms are only more
+    arms, so an old file reads as it was and its report says its verdict crosses paths."""
+    from pathlib import Path
+
+    old = Path(__file__).resolve().parents[2] / "results/2026-11-25-h100-one-gpu/bench-run2/bench.json.gz"
+    if not old.exists():
+        pytest.skip(f"{old} is not in this checkout")
+    data = report.read_json(old)
+    assert data["schema"] == report.SCHEMA and list(data["arms"]) == ["single", "pair"]
+    sums = {a: d["summary"] for a, d in data["arms"].items()}
+    v = report.verdict(sums)
+    assert v["toll"] == pytest.approx(data["verdict"]["toll"], abs=1e-3) and v["same_path"]["toll"] is False
+    assert "crosses paths" in report.table(sums)
