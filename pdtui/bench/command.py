@@ -18,16 +18,21 @@ from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
 Benchmark the P/D pair against one colocated instance, on the same hardware and the same seeded
-prompts, in one invocation. The arms run one after another:
+prompts, in one invocation. The arms run one after another (default single,single-proxied,pair):
 
-  single  one vLLM instance from the same profile (P's port and core/GPU, same model, dtype,
-          block size, max_model_len), chunked prefill on, no KV connector
-  pair    P + D + the embedded proxy, exactly as `pdtui up` runs them
-  two-single (optional, --arms single,pair,two-single) two colocated instances, on P's and on D's
-          port and core/GPU, behind the proxy with no prefill instance, round-robin (vLLM's own
-          fair baseline): the same hardware as the pair
+  single          one vLLM instance from the same profile (P's port and core/GPU, same model,
+                  dtype, block size, max_model_len), chunked prefill on, no KV connector; the
+                  client talks to it straight
+  single-proxied  the same instance behind pdtui's proxy (a process of its own, no prefill
+                  instance: every request relayed as it is), the path the pair is measured
+                  through; single-proxied vs single is the proxy's own cost
+  pair            P + D + the proxy, exactly as `pdtui up` runs them
+  two-single      (optional, --arms ...,two-single) two colocated instances, on P's and on D's
+                  port and core/GPU, behind the proxy with no prefill instance, round-robin
+                  (vLLM's own fair baseline): the same hardware as the pair
 
-and each arm gets the same workloads, measured the same way by a streaming client:
+and each arm gets the same workloads, measured the same way by a streaming client (a process of
+its own; the proxy never shares an event loop with the bench's own work):
 
   follow        one big prompt at a time (default 2031 tokens, unique so prefix caching can't
                 help): TTFT, and for the pair the toll split (P prefill, proxy hop, KV transfer +
@@ -36,10 +41,15 @@ and each arm gets the same workloads, measured the same way by a streaming clien
                 a fixed rate: the streams' ITL p50/p90/p99/max and the big prompts' TTFT
 
 On CPU every vLLM instance computes on one core (VLLM_CPU_OMP_THREADS_BIND): the single instance
-on P's, like each member of the pair. Warm-up is excluded. The verdict is stated plainly, also
-when the pair loses:
+on P's, like each member of the pair. Warm-up is excluded, and it reaches every instance before
+anything is measured: each colocated instance first serves one big prompt straight at its own URL
+(the pair: its warm-up through the proxy), then the client sends one warm-up request per instance
+behind the round-robin through the arm's path. The verdict is stated plainly, also when the pair loses, and names the arms
+it compares: the pair is measured through the proxy, so "single" below is single-proxied when
+that arm ran (the same path); with only single the report says the comparison crosses paths:
   toll     = pair TTFT p50 / single TTFT p50       (the price of the extra hop and the transfer)
   purchase = single ITL p99 / pair ITL p99         (what the pair buys: decode without prefill stalls)
+and with single and single-proxied, the proxy's own cost: their TTFT p50 and ITL p50/p99 deltas.
 
 Written to --out: bench.json.gz (gzip JSON: every raw sample, the environment, the flags, the
 profile, and the pair's KV bytes checked against D's vllm:nixl_bytes_transferred; `zcat` or
@@ -51,8 +61,9 @@ Ctrl-C stops the engines and still writes what was measured.
 
 EPILOG = """\
 examples:
-  pdtui bench --quick                          CPU-friendly: small counts, ~4 minutes on 2 cores
+  pdtui bench --quick                          CPU-friendly: small counts, 2 to 3 minutes on 2 cores
   pdtui bench --port-offset 40000 --quick      beside another pair (ports 48000, 48100, 48200, ...)
+  pdtui bench --quick --arms single,single-proxied,pair,two-single
   pdtui bench --arms pair --workloads follow --requests 20
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
 """

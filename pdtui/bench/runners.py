@@ -1,14 +1,31 @@
 """The arms, one after another on the same hardware and the same seeded prompts.
 
 - ``single``: one colocated vLLM instance (``config.render_single``: P's port and core/GPU,
-  chunked prefill, no connector), supervised by ``supervisor.Instance``;
-- ``pair``: the ``Runtime`` (P + D + proxy); every client sample is joined with the proxy's
-  ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped before and
-  after the load to check the traces' bytes;
-- ``two-single``: two colocated instances on P's and D's port and core/GPU behind the embedded
-  proxy, round-robin (``two_single_proxy``);
+  chunked prefill, no connector), supervised by ``supervisor.Instance``; the client talks to it
+  straight;
+- ``single-proxied``: the same instance, measured through pdtui's proxy process with no prefill
+  instance (every request is relayed as it is): ``single`` through the same path as the pair, so
+  the pair's toll and purchase compare like with like, and single-proxied vs single is the proxy's
+  own cost;
+- ``pair``: the ``Runtime`` (P + D + proxy process); every client sample is joined with the
+  proxy's ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped
+  before and after the load to check the traces' bytes;
+- ``two-single``: two colocated instances on P's and D's port and core/GPU behind the proxy
+  process, round-robin (``proxied_settings``);
 - with ``--cross-check``, ``vllm bench serve`` against each arm in each workload's shape
   (``cross_check``), compared in report.py.
+
+The proxy always runs as a process of its own (``pdtui.core.proxy_process.ProxyProcess``): it never
+shares an event loop with the bench's own work (this module's loop, which starts and watches the
+engines, reads the client's output and collects the traces). The load client is a process of its
+own too (``run_client``).
+
+Warm-up: before the client measures anything, every engine of the single-instance arms has
+served one request of the big prompts' shape straight at its own URL (``warm_instances``), and the
+client's follow workload begins with one warm-up request per instance behind the arm's
+round-robin (``run_client(warmups=...)``), so each instance has also served one through the arm's
+path.
+The pair is warmed by its Runtime (one P/D request through the proxy) and the client's warm-up.
 
 Whatever happens (an error, Ctrl-C = task cancellation), each arm stops what it started in a
 ``finally`` and the ``BenchResult`` keeps every sample measured so far.
@@ -41,12 +58,14 @@ from pdtui.core import config as config_mod
 from pdtui.core import scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
-from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.proxy import ProxySettings
+from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.runtime import Runtime
-from pdtui.core.supervisor import Instance, check_port_free
+from pdtui.core.supervisor import Instance
 
-ARMS = ("single", "pair")
-ALL_ARMS = ("single", "pair", "two-single")
+ARMS = ("single", "single-proxied", "pair")
+"""The default: the pair, and the single instance both straight and through the same proxy."""
+ALL_ARMS = ("single", "single-proxied", "pair", "two-single")
 WORKLOADS = tuple(workload.WORKLOADS)
 
 
@@ -74,6 +93,13 @@ class ArmResult:
     samples: list[Sample] = field(default_factory=list)
     pgids: list[int] = field(default_factory=list)
     """Process groups started (an instance's pid is its group id): checked gone by the tests."""
+    pids: list[int] = field(default_factory=list)
+    """Processes started that lead no group of their own: the arm's proxy process (single-proxied's,
+    two-single's, the pair's Runtime's: ``ProxyProcess`` starts it in pdtui's group, and it dies
+    with pdtui). Checked gone by the tests."""
+    warmup: list[dict[str, Any]] = field(default_factory=list)
+    """Before the client: each instance's direct warm-up request (instance, url, status, ms,
+    error), or the pair's Runtime warm-up (via, outcome)."""
     kv_bytes: dict[str, Any] | None = None
     """Pair: sum of the traces' kv_bytes vs D's nixl_bytes_transferred delta."""
     notices: list[str] = field(default_factory=list)
@@ -153,6 +179,8 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
         for arm in opts.arms:
             if arm == "single":
                 await run_single(cfg, opts, result, reporter, clock)
+            elif arm == "single-proxied":
+                await run_single_proxied(cfg, opts, result, reporter, clock)
             elif arm == "pair":
                 await run_pair(cfg, opts, result, reporter, clock)
             elif arm == "two-single":
@@ -166,16 +194,19 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
 
 
 async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: BenchOptions,
-                     reporter: Reporter) -> None:
+                     reporter: Reporter, warmups: int = 1) -> None:
     """Run the workloads against ``base_url`` in a client process of its own
-    (``python -m pdtui.bench.workload``) and put its samples and windows into ``arm``. Cancelled
-    (Ctrl-C), it SIGTERMs the client, which still hands back what it measured."""
+    (``python -m pdtui.bench.workload``) and put its samples and windows into ``arm``. The follow
+    workload begins with at least ``warmups`` warm-up requests (one per instance behind a
+    round-robin proxy). Cancelled (Ctrl-C), it SIGTERMs the client, which still hands back what it
+    measured."""
     import dataclasses
     import tempfile
 
+    follow = dataclasses.asdict(opts.follow)
+    follow["warmup"] = max(follow["warmup"], warmups)
     spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
-            "seed": opts.seed, "follow": dataclasses.asdict(opts.follow),
-            "interference": dataclasses.asdict(opts.interference)}
+            "seed": opts.seed, "follow": follow, "interference": dataclasses.asdict(opts.interference)}
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdtui-bench-", delete=False) as f:
         json.dump(spec, f)
     pkg_root = str(Path(__file__).resolve().parents[2])
@@ -392,14 +423,15 @@ async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path, dataset
 
 async def _run_arm(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, reporter: Reporter, clock: Clock, *,
                    start: Callable[[], Awaitable[float]], stop: Callable[[], Awaitable[Any]],
-                   settle: Callable[[], Awaitable[None]] | None = None) -> ArmResult:
-    """One arm's life, the same for every arm: ``start`` (returns the seconds to ready), the
-    workloads against ``arm.url`` in the client process, ``settle`` (join traces, check bytes),
-    the cross-check; an error is kept in ``arm.error`` and raised; whatever happens (Ctrl-C
-    included) ``settle`` and ``stop`` run and the samples measured so far stay in ``arm``."""
+                   settle: Callable[[], Awaitable[None]] | None = None, warmups: int = 1) -> ArmResult:
+    """One arm's life, the same for every arm: ``start`` (returns the seconds to ready, the
+    instances warmed up), the workloads against ``arm.url`` in the client process (``warmups``
+    follow warm-ups at least), ``settle`` (join traces, check bytes), the cross-check; an error is
+    kept in ``arm.error`` and raised; whatever happens (Ctrl-C included) ``settle`` and ``stop``
+    run and the samples measured so far stay in ``arm``."""
     try:
         arm.ready_s = await start()
-        await run_client(arm, arm.url, cfg, opts, reporter)
+        await run_client(arm, arm.url, cfg, opts, reporter, warmups=warmups)
         if settle is not None:
             await settle()
         if opts.cross_check:
@@ -439,49 +471,135 @@ async def _spawn_all(arm: ArmResult, insts: list[Instance]) -> float:
 
 async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                      clock: Clock) -> ArmResult:
+    """One colocated instance, measured straight at its own URL (no proxy)."""
     spec = config_mod.render_single(cfg)
     arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
     arm.launch = _launch([spec])
     inst = Instance(spec, _on_state("single", reporter), ready_timeout_s=cfg.ready_timeout_s,
                     stop_grace_s=cfg.stop_grace_s, host=cfg.host, port=cfg.prefills[0].port)
-    return await _run_arm(arm, cfg, opts, reporter, clock, start=lambda: _spawn_all(arm, [inst]),
+
+    async def start() -> float:
+        ready = await _spawn_all(arm, [inst])
+        await warm_instances(arm, cfg, opts, [inst], reporter)
+        return ready
+
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start,
                           stop=lambda: inst.stop(reason="bench arm done"))
 
 
-def two_single_proxy(upstreams: list[Upstream], block_size: int,
-                     on_trace: Callable[[RequestTraced], None]) -> Proxy:
-    """The two-single arm's proxy: no prefill instance (every request "falls back" to a colocated
-    instance) and round-robin over the instances that are up, whatever their load: vLLM's own
-    fair baseline (its examples/disagg toy proxies pick round-robin too)."""
-    return Proxy([], upstreams, ProxySettings(block_size=block_size, decode_choice="round-robin"), on_trace=on_trace)
+WARMUP_MAX_TOKENS = 4
 
 
-async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                         clock: Clock) -> ArmResult:
-    """Two colocated instances (on P's and on D's port and core/GPU) behind the embedded proxy with
-    no prefill instance, round-robin (``two_single_proxy``): the same hardware as the pair."""
-    name = "two-single"
-    where = [cfg.prefills[0], cfg.decodes[0]]
-    specs = [config_mod.render_single(cfg, name=f"S{k + 1}", inst=inst) for k, inst in enumerate(where)]
+async def warm_instances(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, insts: list[Instance],
+                         reporter: Reporter) -> None:
+    """One request straight to each instance's own URL (not through the proxy), one after another,
+    in the big prompts' shape (``--prompt-len`` tokens, a prompt of its own, a few tokens out), so
+    that every engine of the arm has served a request before the client measures anything (a
+    round-robin proxy alone would leave the second instance's first request to the measurement:
+    768 ms once, in two-single). Recorded in ``arm.warmup``; a failure is kept there, not raised
+    (the measured requests will show it)."""
+    prompt_len = opts.follow.prompt_len if "follow" in opts.workloads else opts.interference.prompt_len
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
+        for inst in insts:
+            reporter.phase(arm.arm, f"warming up {inst.name} at {inst.url}")
+            body = {"model": cfg.model_name, "prompt": workload.make_prompt(opts.seed, f"warmup-{inst.name}", 0, prompt_len),
+                    "max_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True, "temperature": 0.0}
+            rec: dict[str, Any] = {"instance": inst.name, "url": inst.url, "via": "direct", "status": None,
+                                   "ms": None, "error": None}
+            t0 = time.monotonic()
+            try:
+                r = await client.post(f"{inst.url}/v1/completions", json=body,
+                                      headers={"X-Request-Id": f"bench-{arm.arm}-warmup-{inst.name}"})
+                rec["status"] = r.status_code
+                if r.status_code != 200:
+                    rec["error"] = r.text[:300]
+            except httpx.HTTPError as e:
+                rec["error"] = f"{type(e).__name__}: {e}"
+            rec["ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+            arm.warmup.append(rec)
+            if rec["error"]:
+                arm.notices.append(f"warning: the warm-up request to {inst.name} failed: {rec['error']}")
+
+
+def proxied_settings(block_size: int) -> ProxySettings:
+    """The proxy of the single-proxied and two-single arms: no prefill instance (every request goes
+    to a colocated instance as it is, a plain relay) and round-robin over the instances that are
+    up, whatever their load: vLLM's own fair baseline (its examples/disagg toy proxies pick
+    round-robin too). With one instance round-robin is that instance."""
+    return ProxySettings(block_size=block_size, decode_choice="round-robin")
+
+
+def arm_proxy(host: str, port: int, instances: list[tuple[str, str]], block_size: int,
+              on_event: Callable[[Event], None]) -> ProxyProcess:
+    """The proxy process of single-proxied and two-single: ``instances`` (name, url) as its decode
+    instances, no prefill instance, ``proxied_settings``. Every instance is down until the proxy
+    is told otherwise (``follow_states``)."""
+    return ProxyProcess([], instances, host=host, port=port, settings=proxied_settings(block_size),
+                        on_event=on_event)
+
+
+def follow_states(proxy: ProxyProcess, then: Callable[[Event], None]) -> Callable[[Event], None]:
+    """An Instance's event callback: tells ``proxy`` that the instance is up when it becomes
+    ready and down on any other state (stopping, exited, failed, starting again), then hands the
+    event on to ``then``."""
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, InstanceStateChanged):
+            proxy.set_up(ev.instance, ev.state == "ready")
+        then(ev)
+
+    return on_event
+
+
+async def proxy_sees_up(url: str, names: list[str], timeout_s: float = 10.0) -> None:
+    """Wait until the proxy's /health lists every one of ``names`` as an up decode instance (the
+    state goes to it through a pipe): no warm-up request through it is sent before it can reach
+    every instance. Raises TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                up = (await client.get(f"{url}/health")).json().get("decode") or {}
+                if all(up.get(n) for n in names):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the proxy at {url} did not see {', '.join(names)} up within {timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+
+
+async def run_proxied(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter, clock: Clock,
+                      name: str, where: list[tuple[str, config_mod.InstanceConfig]]) -> ArmResult:
+    """Colocated instances (``config.render_single`` on each instance config of ``where``) behind
+    pdtui's proxy process on the proxy port, with no prefill instance (``proxied_settings``). The
+    proxy is told each instance's state as its InstanceStateChanged events come (up once ready,
+    down once it stops or exits); its RequestTraced events are joined with the client's samples."""
+    specs = [config_mod.render_single(cfg, name=n, inst=i) for n, i in where]
     arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
     arm.launch = _launch(specs)
     traces: dict[str, RequestTraced] = {}
     on_state = _on_state(name, reporter)
 
-    def on_event(ev: Event) -> None:
+    def on_proxy_event(ev: Event) -> None:
         if isinstance(ev, RequestTraced):
             traces[ev.request_id] = ev
-        on_state(ev)
+        elif isinstance(ev, Notice):
+            arm.notices.append(f"{ev.level}: {ev.text}")
 
-    insts = [Instance(s, on_event, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                      host=cfg.host, port=i.port) for s, i in zip(specs, where, strict=True)]
-    ups = [Upstream(i.name, "decode", i.url, is_up=_ready_fn(i)) for i in insts]
-    server = ProxyServer(two_single_proxy(ups, cfg.block_size, on_event), cfg.host, cfg.proxy_port)
+    proxy = arm_proxy(cfg.host, cfg.proxy_port, [(s.name, s.url) for s in specs], cfg.block_size, on_proxy_event)
+    insts = [Instance(s, follow_states(proxy, on_state), ready_timeout_s=cfg.ready_timeout_s,
+                      stop_grace_s=cfg.stop_grace_s, host=cfg.host, port=i.port)
+             for s, (_, i) in zip(specs, where, strict=True)]
 
     async def start() -> float:
-        check_port_free(cfg.host, cfg.proxy_port, "proxy")
-        await server.start()
-        return await _spawn_all(arm, insts)
+        try:
+            await proxy.start()
+        finally:
+            if proxy.pid:
+                arm.pids.append(proxy.pid)
+        ready = await _spawn_all(arm, insts)
+        await warm_instances(arm, cfg, opts, insts, reporter)
+        await proxy_sees_up(proxy.url, [i.name for i in insts])
+        return ready
 
     async def settle() -> None:
         with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -490,14 +608,27 @@ async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResul
 
     async def stop() -> None:
         with contextlib.suppress(Exception):
-            await server.stop()
+            await proxy.stop()
         await asyncio.gather(*(i.stop(reason="bench arm done") for i in insts), return_exceptions=True)
 
-    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle,
+                          warmups=len(insts))
 
 
-def _ready_fn(inst: Instance) -> Callable[[], bool]:
-    return lambda: inst.ready
+async def run_single_proxied(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                             clock: Clock) -> ArmResult:
+    """The single arm's instance (P's port and core/GPU) measured through the proxy process, as the
+    pair is: single-proxied vs single is the proxy's own cost, and the pair's verdict compares
+    against this arm (report.verdict)."""
+    return await run_proxied(cfg, opts, result, reporter, clock, "single-proxied", [("S", cfg.prefills[0])])
+
+
+async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                         clock: Clock) -> ArmResult:
+    """Two colocated instances (on P's and on D's port and core/GPU) behind the proxy process with
+    no prefill instance, round-robin (``proxied_settings``): the same hardware as the pair."""
+    return await run_proxied(cfg, opts, result, reporter, clock, "two-single",
+                             [("S1", cfg.prefills[0]), ("S2", cfg.decodes[0])])
 
 
 async def _scrape_d(rt: Runtime) -> dict[str, float]:
@@ -533,6 +664,8 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                     arm.pgids.append(ev.pid)
                 reporter.phase("pair", f"{ev.instance} {ev.state} {ev.detail}".strip())
             elif isinstance(ev, PairReady):
+                arm.warmup.append({"instance": "+".join(rt.instances), "via": "proxy (the Runtime's warm-up)",
+                                   "outcome": ev.warmup_outcome})
                 reporter.phase("pair", f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
             elif isinstance(ev, Notice):
                 arm.notices.append(f"{ev.level}: {ev.text}")
@@ -542,7 +675,11 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
 
     async def start() -> float:
         nonlocal before
-        ready = await rt.start()
+        try:
+            ready = await rt.start()
+        finally:
+            if rt.proxy.pid:
+                arm.pids.append(rt.proxy.pid)
         before = await _scrape_d(rt)
         return ready
 

@@ -172,6 +172,9 @@ class FollowSpec:
     prompt_len: int = BIG_PROMPT_LEN
     max_tokens: int = 64
     warmup: int = 1
+    """Warm-up requests before the measured ones (excluded). The bench sends at least one per
+    instance behind a round-robin proxy (two-single: 2), so each has served one through the arm's
+    path before measurement."""
 
 
 @dataclass
@@ -191,13 +194,23 @@ class InterferenceSpec:
     """After every stream has its first token: this long before the window opens."""
 
 
+def follow_prompt(seed: int, i: int, warmup: int, length: int) -> str:
+    """The i-th follow request's prompt (warm-ups first). Measured request j gets index j + 1 (index
+    0 is the first warm-up's), whatever the number of warm-ups: every arm gets the same measured
+    prompts, also the two-single arm, which warms up once per instance; further warm-ups get
+    prompts of their own."""
+    if i < warmup:
+        return make_prompt(seed, "follow", 0, length) if i == 0 else make_prompt(seed, "follow-warmup", i, length)
+    return make_prompt(seed, "follow", i - warmup + 1, length)
+
+
 async def run_follow(t: LoadTarget, spec: FollowSpec, seed: int) -> None:
     """One request at a time: each big prompt's TTFT (and toll split) and its ITL, alone."""
     total = spec.warmup + spec.requests
     for i in range(total):
         warm = i < spec.warmup
         index = f"w{i}" if warm else i - spec.warmup
-        prompt = make_prompt(seed, "follow", i, spec.prompt_len)
+        prompt = follow_prompt(seed, i, spec.warmup, spec.prompt_len)
         s = t.new_sample("follow", index, spec.prompt_len, spec.max_tokens, warmup=warm)
         if i == spec.warmup:
             t.windows["follow"] = [t.clock(), t.clock()]

@@ -76,3 +76,46 @@ def test_the_client_process_hands_back_its_samples():
     assert set(arm.windows) == {"follow"} and arm.windows["follow"][1] >= arm.windows["follow"][0]
     assert seen.progress_calls[-1] == ("single", "follow", 3, 3)
     assert len(arm.pgids) == 1  # the client process, for the leftover checks
+
+
+def test_one_client_warm_up_per_instance_and_the_same_measured_prompts_in_every_arm():
+    async def go(warmups):
+        d = FakeVllm("decode", port=free_port(), tokens=2, delay_s=0.001)
+        arm = ArmResult("two-single")
+        opts = BenchOptions(workloads=("follow",), follow=FollowSpec(requests=2, prompt_len=50, max_tokens=2))
+        async with serving(d):
+            await run_client(arm, d.url, PairConfig(model="fake"), opts, Reporter(), warmups=warmups)
+        return arm, [r["prompt"] for r in d.requests]
+
+    _, prompts1 = asyncio.run(go(1))
+    two, prompts2 = asyncio.run(go(2))
+    assert [s.request_id for s in two.samples] == ["bench-two-single-follow-w0", "bench-two-single-follow-w1",
+                                                   "bench-two-single-follow-0", "bench-two-single-follow-1"]
+    assert [s.warmup for s in two.samples] == [True, True, False, False]
+    assert prompts2[0] == prompts1[0] and prompts2[2:] == prompts1[1:]  # measured prompts: the same
+    assert len(set(prompts2)) == 4 and all(len(p) == 50 for p in prompts2)
+
+
+def test_each_instance_is_warmed_up_straight_at_its_own_url():
+    from types import SimpleNamespace
+
+    from pdtui.bench.runners import WARMUP_MAX_TOKENS, warm_instances
+
+    async def go():
+        s1, s2 = FakeVllm("decode", port=free_port(), tokens=2), FakeVllm("decode", port=free_port(), status=500)
+        arm = ArmResult("two-single")
+        opts = BenchOptions(follow=FollowSpec(prompt_len=60))
+        insts = [SimpleNamespace(name="S1", url=s1.url), SimpleNamespace(name="S2", url=s2.url)]
+        async with serving(s1), serving(s2):
+            await warm_instances(arm, PairConfig(model="fake"), opts, insts, Reporter())
+        return arm, s1, s2
+
+    arm, s1, s2 = asyncio.run(go())
+    assert [(w["instance"], w["via"], w["status"]) for w in arm.warmup] == [("S1", "direct", 200), ("S2", "direct", 500)]
+    assert arm.warmup[0]["error"] is None and arm.warmup[0]["ms"] > 0 and "says 500" in arm.warmup[1]["error"]
+    for d, name in ((s1, "S1"), (s2, "S2")):
+        (req,) = d.requests
+        assert len(req["prompt"]) == 60 and req["max_tokens"] == WARMUP_MAX_TOKENS and not req.get("stream")
+        assert d.headers[0]["x-request-id"] == f"bench-two-single-warmup-{name}"
+    assert s1.requests[0]["prompt"] != s2.requests[0]["prompt"]  # prompts of their own: no prefix-cache hits
+    assert arm.notices == [f"warning: the warm-up request to S2 failed: {arm.warmup[1]['error']}"]
