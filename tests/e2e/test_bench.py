@@ -1,8 +1,9 @@
-"""`pdtui bench` end to end on the CPU: both arms, both workloads, tiny counts.
+"""`pdtui bench` end to end on the CPU: the default arms (single, single-proxied, pair), both
+workloads, tiny counts.
 
 Its own ports (offset 32000, not the pair fixture's 31000), its own engines, stopped before
 test_pair.py starts its pair. Structure and consistency are asserted; timings are printed, never
-asserted. About 2 minutes on 2 cores.
+asserted. About 1.5 minutes on 2 cores (94 s with the three arms, 86 s with two before).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from pathlib import Path
 
 import pytest
 
 from pdtui.bench import report
-from pdtui.bench.runners import BenchOptions, BenchResult, run_bench
+from pdtui.bench.runners import ARMS, BenchOptions, BenchResult, run_bench
 from pdtui.bench.workload import FollowSpec, InterferenceSpec
 from pdtui.core import config as config_mod
 from tests.e2e.conftest import _ports_free
@@ -28,7 +30,21 @@ CROSS_CHECK = os.environ.get("PDTUI_E2E_BENCH_CROSS_CHECK") == "1"
 PROMPT = 300
 
 
-def test_bench_both_arms_tiny_cpu(tmp_path):
+def _alive(pid: int) -> str | None:
+    """The command line of ``pid`` if it is still a live pdtui proxy process (not a zombie, not a
+    new process that got the same pid)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        stat = (proc / "stat").read_text()
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    if stat.rsplit(")", 1)[1].split()[0] == "Z" or "pdtui proxy" not in cmd:
+        return None
+    return cmd
+
+
+def test_bench_default_arms_tiny_cpu(tmp_path):
     cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), OFFSET)
     assert _ports_free(cfg), f"bench e2e ports (offset {OFFSET}) are taken"
     opts = BenchOptions(
@@ -43,6 +59,9 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     finally:
         groups = {g for arm in result.arms.values() for g in arm.pgids}
         assert groups and processes_in_groups(groups) == [], "bench left engine processes behind"
+        # the proxy processes (single-proxied's, the pair's) share pdtui's group: checked by pid
+        pids = [p for arm in result.arms.values() for p in arm.pids]
+        assert [_alive(p) for p in pids] == [None] * len(pids), "bench left a proxy process behind"
         assert _ports_free(cfg), "a bench port is still held"
 
     data = report.to_json(result)
@@ -50,8 +69,9 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     summaries = {a: d["summary"] for a, d in data["arms"].items()}
     print("\n" + report.table(summaries))
 
-    assert list(data["arms"]) == ["single", "pair"]
-    assert "single: S on 0; pair: P on 0, D on 1" in data["placement"]
+    assert ARMS == ("single", "single-proxied", "pair") and list(data["arms"]) == list(ARMS)
+    assert "single: S on 0; single-proxied: S on 0; pair: P on 0, D on 1" in data["placement"]
+    assert [len(data["arms"][a]["pids"]) for a in ARMS] == [0, 1, 1]  # a proxy process for each proxied arm
     assert data["environment"]["vllm"] and data["environment"]["kv_geometry"]["kv_bytes_per_token"] == 1024
     n_big = int(5.0 * 0.4)
     for name, arm in data["arms"].items():
@@ -71,8 +91,22 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
         assert {x["workload"] for x in arm["samples"]} == {"follow", "stream", "big"}
         assert len({x["request_id"] for x in arm["samples"]}) == len(arm["samples"])
 
+    # every instance served a request before the measurement: straight at its URL, or the pair's
+    # warm-up through the proxy
+    for name in ("single", "single-proxied"):
+        assert [(w["instance"], w["via"], w["status"]) for w in data["arms"][name]["warmup"]] == [("S", "direct", 200)]
+    assert [(w["instance"], w["outcome"]) for w in data["arms"]["pair"]["warmup"]] == [("P+D", "pair")]
     # single: no proxy, no traces
     assert all(x["trace"] is None for x in data["arms"]["single"]["samples"])
+    # single-proxied: every request relayed to S as it is (no prefill) and joined with its trace
+    for x in data["arms"]["single-proxied"]["samples"]:
+        t = x["trace"]
+        if t is None and x["cancelled"] and x["status"] is None and x["workload"] == "stream":
+            continue  # hung up on before the proxy read it (see the pair below)
+        assert t is not None, x["request_id"]
+        assert t["decode"] == "S" and t["prefill"] is None and t["blocks"] is None, t
+        if not x["cancelled"]:
+            assert (t["outcome"], t["status"], t["chunks"]) == ("fallback", 200, x["chunks"]), x["request_id"]
     # pair: every request joined with its trace; the freight formula; D's byte counter agrees
     pair = data["arms"]["pair"]
     for x in pair["samples"]:
@@ -104,6 +138,12 @@ def test_bench_both_arms_tiny_cpu(tmp_path):
     assert kb["uncertain_kv_bytes"] <= 2 * cfg.block_size * 1024 * 2, kb  # at most the 2 streams in flight
     v = data["verdict"]
     assert v["toll"] is not None and v["purchase"] is not None
+    # the pair is measured through the proxy: so is the arm it is compared with
+    assert v["compares"] == {"toll": ["pair", "single-proxied"], "purchase": ["single-proxied", "pair"]}
+    assert v["same_path"] == {"toll": True, "purchase": True}
+    assert v["proxy_cost"]["ttft_p50_ms"]["delta"] is not None
+    assert any(x.startswith("proxy's own cost (single-proxied - single") for x in v["text"])
+    print("[e2e bench] verdict:\n  " + "\n  ".join(v["text"]))
     print(f"[e2e bench] KV bytes: traces {kb['trace_kv_bytes']:,} B = D's metric delta; toll {v['toll']:.2f}x,"
           f" purchase {v['purchase']:.2f}x")
     pngs = report.plots(data, tmp_path)
