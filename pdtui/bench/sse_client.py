@@ -31,6 +31,7 @@ from typing import Any, cast
 from pdtui.bench.fake_sse import install_fast_loop, loop_name
 
 TOKEN_PREFIX = b"data: {"
+SLOW_GAP_S = 0.020
 
 
 class ChunkedDecoder:
@@ -97,6 +98,8 @@ class Stats:
     def __init__(self, w0: float, w1: float) -> None:
         self.w0, self.w1 = w0, w1
         self.gaps: list[float] = []
+        self.slow: list[tuple[float, float]] = []
+        """(end - window start, gap) in seconds, for each gap over SLOW_GAP_S: stalls show as clusters."""
         self.events_in_window = 0
         self.events_total = 0
         self.responses = 0
@@ -208,7 +211,10 @@ class StreamProtocol(asyncio.Protocol):
                 if stats.w0 <= now <= stats.w1:
                     stats.events_in_window += 1
                     if self.last is not None:
-                        stats.gaps.append(now - self.last)
+                        gap = now - self.last
+                        stats.gaps.append(gap)
+                        if gap > SLOW_GAP_S:
+                            stats.slow.append((now - stats.w0, gap))
                 self.last = now
             elif sse.startswith(b"data: ", start) and not sse.startswith(b"data: [DONE]", start):
                 stats.error("unexpected SSE event: " + sse[start:sep].decode("utf-8", "replace"))
@@ -282,6 +288,7 @@ class SseClient:
         return {
             "loop": loop_name(), "streams": self.streams, "window": [w0, w1],
             "gaps_ms": [round(g * 1000, 4) for g in s.gaps], "events_in_window": s.events_in_window,
+            "slow_gaps": [[round(t, 4), round(g * 1000, 3)] for t, g in s.slow],
             "events_total": s.events_total, "responses": s.responses, "errors": s.errors,
             "error_samples": s.error_samples, "reconnects": s.reconnects, "cpu_s_in_window": round(cpu_s, 4),
         }

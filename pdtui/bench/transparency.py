@@ -448,6 +448,20 @@ def quantile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def stalls(slow_gaps: list[list[float]], within_s: float = 0.005) -> list[dict[str, float]]:
+    """Gaps over 20 ms that END within ``within_s`` of each other (across streams) are one stall:
+    [{"t_s": end of the first, relative to the window's start, "streams": gaps in it, "max_ms": ...}]."""
+    out: list[dict[str, float]] = []
+    for t, g in sorted(slow_gaps):
+        if out and t - out[-1]["t_last"] <= within_s:
+            out[-1]["streams"] += 1
+            out[-1]["max_ms"] = max(out[-1]["max_ms"], g)
+            out[-1]["t_last"] = t
+        else:
+            out.append({"t_s": t, "t_last": t, "streams": 1, "max_ms": g})
+    return [{"t_s": round(x["t_s"], 3), "streams": x["streams"], "max_ms": x["max_ms"]} for x in out]
+
+
 def gap_stats(gaps_ms: list[float]) -> dict[str, Any]:
     xs = sorted(gaps_ms)
     return {
@@ -498,6 +512,8 @@ class Point:
     """Busy CPU on the machine in the window (/proc/stat, in % of one core) that neither the fake,
     the client, the proxy nor this process spent: someone else's load. High = a noisy point."""
     steal_pct: float | None = None
+    stalls: list[dict[str, float]] = field(default_factory=list)
+    """Gaps over 20 ms grouped by when they ended (within 5 ms): one entry per stall."""
     responses: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
@@ -569,9 +585,11 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             results.append(json.loads(out.read_text()))
             procs.stop(c)
         gaps: list[float] = []
+        slow: list[list[float]] = []
         client_cpu = 0.0
         for r in results:
             gaps.extend(r["gaps_ms"])
+            slow.extend(r["slow_gaps"])
             point.chunks += r["events_in_window"]
             point.responses += r["responses"]
             point.errors += r["errors"]
@@ -579,6 +597,7 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             client_cpu += r["cpu_s_in_window"]
         point.gaps_ms = gaps
         point.stats = gap_stats(gaps)
+        point.stalls = stalls(slow)
         point.chunks_per_s = point.chunks / opts.duration_s
         point.proxy_cpu_us_per_chunk = _cpu_delta(cpu0, cpu1, point.chunks)
         if proxy is not None and not math.isnan(cpu0) and not math.isnan(cpu1):
@@ -787,7 +806,7 @@ def _point_line(p: Point) -> str:
     s = p.stats
     cpu = f", proxy {p.proxy_cpu_us_per_chunk:.0f} us/chunk" if p.proxy_cpu_us_per_chunk is not None else ""
     return (f"{p.arm}: {p.chunks} chunks ({p.chunks_per_s:.0f}/s), gap p50 {s['p50_ms']:.2f} p99 {s['p99_ms']:.2f}"
-            f" max {s['max_ms']:.2f} ms, {s['over_20ms']} over 20 ms{cpu}, {p.errors} errors,"
+            f" max {s['max_ms']:.2f} ms, {s['over_20ms']} over 20 ms in {len(p.stalls)} stalls{cpu}, {p.errors} errors,"
             f" other load {_f(p.other_cpu_pct, '.0f')}% of a core")
 
 
@@ -798,7 +817,7 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 
 def table(result: dict[str, Any]) -> str:
     m = result["meta"]
-    header = ("| chunks/s (streams x per-stream) | arm | chunks | got/s | p50 ms | p90 ms | p99 ms | max ms | >20 ms "
+    header = ("| chunks/s (streams x per-stream) | arm | chunks | got/s | p50 ms | p90 ms | p99 ms | max ms | >20 ms (stalls) "
               "| p99/direct | proxy us/chunk | proxy CPU % | fake us/chunk | client us/chunk | other CPU % | errors |")
     rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["points"]:
@@ -810,7 +829,7 @@ def table(result: dict[str, Any]) -> str:
         s = p.stats
         rows.append(
             f"| {rate} | {p.arm} | {p.chunks} | {p.chunks_per_s:.0f} | {_f(s['p50_ms'])} | {_f(s['p90_ms'])} "
-            f"| {_f(s['p99_ms'])} | {_f(s['max_ms'])} | {s['over_20ms']} | {_f(p.p99_ratio)} "
+            f"| {_f(s['p99_ms'])} | {_f(s['max_ms'])} | {s['over_20ms']} ({len(p.stalls)}) | {_f(p.p99_ratio)} "
             f"| {_f(p.proxy_cpu_us_per_chunk, '.0f')} | {_f(p.proxy_cpu_pct, '.0f')} "
             f"| {_f(p.fake_cpu_us_per_chunk, '.1f')} | {_f(p.client_cpu_us_per_chunk, '.1f')} "
             f"| {_f(p.other_cpu_pct, '.0f')} | {p.errors} |")
@@ -825,7 +844,8 @@ def table(result: dict[str, Any]) -> str:
          f" answer, each stream restarted at once; {o['client_procs']} client process(es); fake and client on"
          f" {m['fake_client_loop']}{mode}."),
         ("- Gaps: between consecutive `data: {` events of one answer, stamped at the client's read; several"
-         " events in one read are gaps of 0."),
+         " events in one read are gaps of 0. Stalls: gaps over 20 ms that ended within 5 ms of each other, across"
+         " streams, count as one (a whole-process pause shows as one stall of about `streams` gaps)."),
         f"- {m['cpu_note']}; proxy CPU % is of one core. fake/client us/chunk: the same for them, for scale.",
         ("- other CPU %: busy CPU on the whole machine in the window (/proc/stat, % of one core) not spent by"
          " the fake, the client, the proxy or the bench itself: someone else's load. A point with more than a few %"

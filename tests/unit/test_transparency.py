@@ -136,3 +136,10 @@ def test_pyspy_summary_groups_samples_by_layer_and_role():
     assert share("json (stdlib)") == ["15.0% 15.0"]
     assert share("per-chunk SSE scan in pdtui") == ["15.0% 15.0"]
     assert share("upstream receive (httpx") == ["5.0% 5.0"]
+
+
+def test_slow_gaps_that_end_together_are_one_stall():
+    slow = [[1.000, 25.0], [1.002, 30.0], [1.004, 21.0], [3.5, 40.0]]
+    assert transparency.stalls(slow) == [{"t_s": 1.0, "streams": 3, "max_ms": 30.0},
+                                         {"t_s": 3.5, "streams": 1, "max_ms": 40.0}]
+    assert transparency.stalls([]) == []
