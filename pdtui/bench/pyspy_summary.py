@@ -130,7 +130,8 @@ def summarize(text: str, us_per_chunk: float | None = None, top: int = 15, title
         us = f"  {us_per_chunk * n / total:6.1f} us/chunk" if us_per_chunk else ""
         return f"  {100 * n / total:5.1f}%{us}  {name}"
 
-    out = [f"{title}py-spy samples on CPU: {total}" + (f"; proxy CPU {us_per_chunk:.0f} us/chunk" if us_per_chunk else ""),
+    cpu = f"; proxy CPU {us_per_chunk:.0f} us/chunk" if us_per_chunk else ""
+    out = [f"{title}py-spy samples on CPU: {total}{cpu}",
            "", "OWN time by layer (the innermost Python frame's module; C calls count in their Python caller):"]
     out += [line(k, n) for k, n in own_layer.most_common() if 100 * n / total >= 0.5]
     rest = sum(n for n in own_layer.values() if 100 * n / total < 0.5)

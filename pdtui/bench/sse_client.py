@@ -9,9 +9,11 @@ Run as its own process (``pdtui.bench.transparency`` starts it)::
 in every process); without them the window is 1.5 s from now for 10 s.
 
 One keep-alive connection per stream, a raw ``asyncio.Protocol`` on uvloop (plain asyncio if
-uvloop is missing). Each stream sends ``POST /v1/completions`` (``"stream": true``) and, as soon
-as the answer's terminating 0-chunk arrives, the next one on the same connection, so the load is
-steady. Each read is stamped with ``time.perf_counter()`` in ``data_received``; the body is
+uvloop is missing). The streams start spread over ``--ramp`` seconds. Each sends ``POST
+/v1/completions`` (``"stream": true``, ``max_tokens`` drawn from ``--max-tokens`` x [1 - S, 1 + S],
+``--length-spread`` S, seeded) and, as soon as the answer's terminating 0-chunk arrives, the next
+one on the same connection, so the load is steady and the streams do not end in lockstep. Each
+read is stamped with ``time.perf_counter()`` in ``data_received``; the body is
 de-chunked and split into SSE events at their blank line, and every complete event that starts
 with ``data: {`` (a token or the final chunk; not ``data: [DONE]``) arrives at that read's time:
 several events in one read are gaps of 0, which is what a real client sees. A gap (between two
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import resource
 import sys
 import time
@@ -147,7 +150,7 @@ class StreamProtocol(asyncio.Protocol):
         if self.transport is None or self.client.stopping:
             return
         self._reset()
-        self.transport.write(self.client.request)
+        self.transport.write(self.client.next_request())
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -240,26 +243,41 @@ class StreamProtocol(asyncio.Protocol):
 
 class SseClient:
     def __init__(self, host: str, port: int, path: str, streams: int, max_tokens: int, w0: float, w1: float,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, ramp_s: float = 0.0, spread: float = 0.0,
+                 seed: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port, self.streams = host, port, streams
         self.stats = Stats(w0, w1)
         self.stopping = False
+        self.ramp_s = ramp_s
+        self.rng = random.Random(seed)
         self.cpu: dict[str, float] = {}
         if path.endswith("/chat/completions"):
             body: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
         else:
             body = {"model": "tiny", "prompt": "hello"}
-        body.update({"max_tokens": max_tokens, "stream": True, "ignore_eos": True, **(extra or {})})
-        raw = json.dumps(body).encode()
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
-                        f"accept: text/event-stream\r\ncontent-length: {len(raw)}\r\n\r\n").encode() + raw
+        # Answer lengths spread evenly over max_tokens * [1 - spread, 1 + spread] (mean max_tokens), so
+        # that streams which started together do not all end, and restart, at the same instant.
+        variants = 17 if spread > 0 else 1
+        lengths = sorted({max(1, round(max_tokens * (1 - spread + 2 * spread * k / max(1, variants - 1))))
+                          for k in range(variants)})
+        self.requests = []
+        for n in lengths:
+            b = {**body, "max_tokens": n, "stream": True, "ignore_eos": True, **(extra or {})}
+            raw = json.dumps(b).encode()
+            self.requests.append(
+                (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
+                 f"accept: text/event-stream\r\ncontent-length: {len(raw)}\r\n\r\n").encode() + raw)
+
+    def next_request(self) -> bytes:
+        return self.requests[0] if len(self.requests) == 1 else self.rng.choice(self.requests)
 
     def _cpu(self, key: str) -> None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu[key] = r.ru_utime + r.ru_stime
 
-    async def _stream(self) -> None:
+    async def _stream(self, i: int) -> None:
+        await asyncio.sleep(i * self.ramp_s / self.streams)  # the streams start spread over the ramp
         while not self.stopping:
             try:
                 _, proto = await self.loop.create_connection(lambda: StreamProtocol(self), self.host, self.port)
@@ -277,7 +295,7 @@ class SseClient:
         w0, w1 = self.stats.w0, self.stats.w1
         self.loop.call_later(max(0.0, w0 - now), self._cpu, "w0")
         self.loop.call_later(max(0.0, w1 - now), self._cpu, "w1")
-        tasks = [asyncio.ensure_future(self._stream()) for _ in range(self.streams)]
+        tasks = [asyncio.ensure_future(self._stream(i)) for i in range(self.streams)]
         await asyncio.sleep(max(0.0, w1 - time.perf_counter()) + 0.01)
         self.stopping = True
         for t in tasks:
@@ -301,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--path", default="/v1/completions")
     ap.add_argument("--streams", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=256, help="mean answer length (default 256)")
+    ap.add_argument("--length-spread", type=float, default=0.5,
+                    help="answer lengths uniform over max_tokens * [1 - S, 1 + S] (default 0.5; 0: all the same)")
+    ap.add_argument("--ramp", type=float, default=1.0, help="start the streams spread over this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--window-start", type=float, help="perf_counter() value; default now + 1.5 s")
     ap.add_argument("--window-end", type=float, help="perf_counter() value; default window start + 10 s")
     ap.add_argument("--out", help="write the JSON result here (default stdout)")
@@ -311,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     w1 = args.window_end if args.window_end is not None else w0 + 10.0
 
     async def run() -> dict[str, Any]:
-        return await SseClient(args.host, args.port, args.path, args.streams, args.max_tokens, w0, w1).run()
+        return await SseClient(args.host, args.port, args.path, args.streams, args.max_tokens, w0, w1,
+                               ramp_s=args.ramp, spread=args.length_spread, seed=args.seed).run()
 
     result = asyncio.run(run())
     text = json.dumps(result)

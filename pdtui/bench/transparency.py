@@ -479,6 +479,7 @@ class Options:
     duration_s: float = DEFAULT_DURATION_S
     warmup_s: float = DEFAULT_WARMUP_S
     max_tokens: int = DEFAULT_MAX_TOKENS
+    length_spread: float = 0.5
     arms: tuple[str, ...] = DEFAULT_ARMS
     custom_arms: tuple[str, ...] = ()
     client_procs: int = 1
@@ -561,7 +562,8 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             outs.append(out)
             clients.append(procs.spawn("client", f"client{i}", [
                 sys.executable, "-m", "pdtui.bench.sse_client", "--port", str(port), "--path", _path(opts),
-                "--streams", str(n), "--max-tokens", str(opts.max_tokens), "--window-start", repr(w0),
+                "--streams", str(n), "--max-tokens", str(opts.max_tokens), "--length-spread", repr(opts.length_spread),
+                "--ramp", repr(min(1.0, opts.warmup_s)), "--seed", str(i), "--window-start", repr(w0),
                 "--window-end", repr(w1), "--out", str(out)]))
         _sleep_until(procs, w0)
         spy = _start_py_spy(procs, opts, proxy, arm, rate)
@@ -706,7 +708,8 @@ def _file_sha(path: Path) -> str | None:
 def _git_head_blob(rel: str) -> str | None:
     root = Path(__file__).resolve().parents[2]
     with contextlib.suppress(Exception):
-        r = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, timeout=10, check=False)
+        r = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, timeout=10,
+                           check=False)
         if r.returncode == 0:
             return hashlib.sha1(r.stdout).hexdigest()[:12]
     return None
@@ -817,7 +820,8 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 
 def table(result: dict[str, Any]) -> str:
     m = result["meta"]
-    header = ("| chunks/s (streams x per-stream) | arm | chunks | got/s | p50 ms | p90 ms | p99 ms | max ms | >20 ms (stalls) "
+    header = ("| chunks/s (streams x per-stream) | arm | chunks | got/s | p50 ms | p90 ms | p99 ms | max ms "
+              "| >20 ms (stalls) "
               "| p99/direct | proxy us/chunk | proxy CPU % | fake us/chunk | client us/chunk | other CPU % | errors |")
     rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["points"]:
@@ -840,8 +844,10 @@ def table(result: dict[str, Any]) -> str:
     mode = ("; P/D mode (two fakes)" if o["pd"] else "") + ("; lockstep grid" if o["lockstep"] else "")
     notes = [
         "",
-        (f"- {o['duration_s']:g} s window after {o['warmup_s']:g} s warm-up per point; {o['max_tokens']} tokens per"
-         f" answer, each stream restarted at once; {o['client_procs']} client process(es); fake and client on"
+        (f"- {o['duration_s']:g} s window after {o['warmup_s']:g} s warm-up per point; streams started over"
+         f" {min(1.0, o['warmup_s']):g} s; answers of {o['max_tokens']} x [{1 - o['length_spread']:g},"
+         f" {1 + o['length_spread']:g}] tokens, each stream restarted at once; {o['client_procs']} client"
+         f" process(es); fake and client on"
          f" {m['fake_client_loop']}{mode}."),
         ("- Gaps: between consecutive `data: {` events of one answer, stamped at the client's read; several"
          " events in one read are gaps of 0. Stalls: gaps over 20 ms that ended within 5 ms of each other, across"
@@ -911,10 +917,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="concurrent streams (default %(default)s)")
     ap.add_argument("--rates", type=_floats, default=DEFAULT_RATES,
                     help="TOTAL chunks/s, comma-separated (default 3200,6400,12800)")
-    ap.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="window per point, s (default %(default)s)")
+    ap.add_argument("--duration", type=float, default=DEFAULT_DURATION_S,
+                    help="window per point, s (default %(default)s)")
     ap.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_S, help="warm-up per point, s (default %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                    help="chunks per answer before the stream restarts (default %(default)s)")
+                    help="mean chunks per answer before the stream restarts (default %(default)s)")
+    ap.add_argument("--length-spread", type=float, default=0.5,
+                    help="answer lengths uniform over max-tokens x [1 - S, 1 + S], so the streams do not all end"
+                         " and restart at once (default %(default)s; 0: every answer max-tokens long)")
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                     help=f"comma-separated, from {', '.join(KNOWN_ARMS)} (default: {','.join(DEFAULT_ARMS)};"
                          " direct always runs)")
@@ -949,7 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace, explicit: set[str] | None = None) -> Options:
     opts = Options(streams=args.streams, rates=args.rates, duration_s=args.duration, warmup_s=args.warmup,
-                   max_tokens=args.max_tokens, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+                   max_tokens=args.max_tokens, length_spread=args.length_spread,
+                   arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
                    custom_arms=tuple(args.arm), client_procs=args.client_procs, pin=args.pin, pd=args.pd,
                    lockstep=args.lockstep, chat=args.chat, out=args.out, py_spy=args.py_spy)
     if args.quick:

@@ -118,7 +118,8 @@ def test_pyspy_summary_groups_samples_by_layer_and_role():
     from pdtui.bench.pyspy_summary import summarize
 
     entry = "main (pdtui/core/proxy_process.py:1);Runner.run (asyncio/runners.py:118)"
-    legacy = "main (x.py:1);BaseEventLoop.run_forever (asyncio/base_events.py:607);BaseEventLoop._run_once (asyncio/base_events.py:1922)"
+    legacy = ("main (x.py:1);BaseEventLoop.run_forever (asyncio/base_events.py:607);"
+              "BaseEventLoop._run_once (asyncio/base_events.py:1922)")
     raw = "\n".join([
         f'process 1:"python -m pdtui proxy";{entry} 60',  # time inside uvloop's C loop
         f"{entry};Response.write (pdtui/core/httpio.py:10) 20",
