@@ -159,6 +159,7 @@ def _r(x: float | None) -> float | None:
 # A token-carrying event: a "text" (completions) or "content" (chat delta) string that is not
 # empty. vLLM writes compact JSON ("text":"x"); json.dumps's default has a space ("text": "x").
 _TOKEN = re.compile(rb'"(?:text|content)": ?"(?!")')
+_token_search = _TOKEN.search
 _USAGE = re.compile(rb'"usage": ?\{')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens": ?(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens": ?(\d+)')
@@ -181,6 +182,20 @@ class _SseScan:
         self.error: str | None = None
 
     def feed(self, data: bytes, now: float) -> None:
+        if not self.carry and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2 \
+                and b"[DONE]" not in data \
+                and b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
+            # The usual chunk: one whole token event (vLLM writes one per chunk), nothing rare in it.
+            if _token_search(data) is not None:
+                trace = self.trace
+                trace.tokens_seen += 1
+                if self.last is None:
+                    trace.decode_ttft_ms = (now - self.t_sent) * 1000
+                    trace.ttft_ms = (now - trace.t0) * 1000
+                else:
+                    trace.itl_ms.append((now - self.last) * 1000)
+                self.last = now
+            return
         if self.carry:
             data, self.carry = self.carry + data, b""
         end = data.rfind(b"\n\n")

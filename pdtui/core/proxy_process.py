@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -172,6 +173,11 @@ async def serve(args: argparse.Namespace) -> int:
             await _poll_health(ups_p + ups_d, up, emit, once=True)
             tasks.append(asyncio.create_task(_poll_health(ups_p + ups_d, up, emit, interval_s=args.health_interval)))
         await server.start()
+        # Everything alive now lives as long as the process: out of the collector's sight, so a
+        # full collection stays short (the legacy proxy stalled every stream 18-38 ms per gen-2
+        # collection, about every 10 s at 6.4k chunks/s).
+        gc.collect()
+        gc.freeze()
         url = f"http://{args.host}:{args.port}"
         emit(ProxyStarted(url=url))
         if not args.managed:

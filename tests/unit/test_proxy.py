@@ -278,3 +278,39 @@ def test_with_no_decode_up_the_prefill_leg_is_never_run():
         assert p.requests == [] and traces[0].status == 503 and traces[0].prefill is None
 
     run(go())
+
+
+def _scan(chunks: list[bytes]):
+    import time as _time
+
+    from pdtui.core.proxy import _SseScan, _Trace
+
+    trace = _Trace(request_id="r", endpoint="/v1/completions", stream=True)
+    scan = _SseScan(trace, _time.perf_counter())
+    for k, c in enumerate(chunks):
+        scan.feed(c, 1000.0 + k)
+    return trace, scan
+
+
+def test_the_byte_scan_counts_what_a_json_parse_would():
+    ev = [b'data: {"choices":[{"index":0,"text":" a%d","logprobs":null}],"usage":null}\n\n' % i for i in range(4)]
+    empty = b'data: {"choices":[{"index":0,"text":"","logprobs":null}],"usage":null}\n\n'
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    chat = b'data: {"choices":[{"index":0,"delta":{"content":"hi \\"error\\" [DONE]"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}\n\n'
+    done = b"data: [DONE]\n\n"
+    stream = ev[0] + role + empty + ev[1] + chat + ev[2] + ev[3] + usage + done
+    whole, _ = _scan([stream])
+    assert whole.tokens_seen == 5 and whole.completion_tokens == 5 and whole.prompt_tokens == 7 and whole.done_seen
+    # one event per chunk: a gap per token event after the first, the chunks' own times
+    per, _ = _scan([ev[0], role, empty, ev[1], chat, ev[2], ev[3], usage, done])
+    assert per.tokens_seen == 5 and per.itl_ms == [3000.0, 1000.0, 1000.0, 1000.0] and per.done_seen
+    # split at every byte: the same count, nothing lost at the seams
+    split, _ = _scan([stream[i:i + 1] for i in range(len(stream))])
+    assert split.tokens_seen == 5 and split.completion_tokens == 5 and split.done_seen
+
+
+def test_the_byte_scan_sees_an_error_event_and_a_space_after_colons():
+    trace, scan = _scan([b'data: {"choices": [{"index": 0, "text": " x"}]}\n\n',
+                         b'data: {"error": {"message": "engine died", "code": 500}}\n\n'])
+    assert trace.tokens_seen == 1 and scan.error == "engine died" and not trace.done_seen
