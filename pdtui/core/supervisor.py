@@ -13,10 +13,15 @@ import collections
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,6 +72,110 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+RUN_TAG = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+"""This pdtui's mark: every process it launches carries ``PDTUI_TAG=RUN_TAG:<instance>:<n>`` in its
+environment, and so does every process those start (the environment is inherited), even one
+that left the process group. The reaper (``pdtui.core.reaper``) kills them all when pdtui ends,
+however it ends (``kill -9`` of pdtui included)."""
+TAG_VAR = "PDTUI_TAG"
+WATCH_INTERVAL_S = 0.25
+"""How often a running instance's processes are checked: a death is seen within this (plus a
+scan), far inside the 2 s the dashboard promises."""
+_ENGINE_TITLE = re.compile(r"\b\w+::(EngineCore\w*|Worker\w*|DPCoordinator\w*)")
+"""vLLM's own process titles (``VLLM::EngineCore``, ``VLLM::Worker_TP0``; set_process_title)."""
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, session id) of a process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2:].split()
+    return fields[0].decode(), int(fields[1]), int(fields[3])
+
+
+def is_alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def engine_processes(root: int) -> dict[int, str]:
+    """vLLM's engine-core and worker processes under ``root`` (any depth), by their titles."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            st = proc_stat(int(entry.name))
+            if st is not None:
+                children[st[1]].append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        m = _ENGINE_TITLE.search(_cmdline(pid))
+        if m and is_alive(pid):
+            found[pid] = m.group(0)
+    return found
+
+
+def tagged_processes(prefix: str) -> list[int]:
+    """Every live process whose environment has ``PDTUI_TAG`` starting with ``prefix``."""
+    want = f"{TAG_VAR}={prefix}".encode()
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if any(var.startswith(want) for var in env.split(b"\0")) and is_alive(int(entry.name)):
+            out.append(int(entry.name))
+    return out
+
+
+def kill_tagged(prefix: str, timeout_s: float = 5.0) -> list[int]:
+    """SIGKILL every process tagged ``prefix`` until none is left (bounded); the pids killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = tagged_processes(prefix)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed.extend(p for p in pids if p not in killed)
+        time.sleep(0.05)
+    return killed
+
+
+_reaper: subprocess.Popen[bytes] | None = None
+
+
+def ensure_reaper() -> None:
+    """Start this pdtui's reaper once: a small process in its own session that holds the read end
+    of a pipe whose write end only pdtui holds. When pdtui ends, however it ends, the pipe closes
+    and the reaper kills every process tagged with RUN_TAG."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return
+    _reaper = subprocess.Popen([sys.executable, "-m", "pdtui.core.reaper", RUN_TAG], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, TAG_VAR: ""})
+
+
 class Instance:
     """One supervised vLLM server."""
 
@@ -81,6 +190,7 @@ class Instance:
         host: str = "127.0.0.1",
         port: int | None = None,
         extra_env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -104,6 +214,16 @@ class Instance:
         self._waiter: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._expected_exit: str | None = None
+        self.log_dir = log_dir
+        self.log_path: Path | None = log_dir / f"{spec.name}.log" if log_dir else None
+        """Every line the instance printed, across restarts: the evidence a crash leaves."""
+        self._log_file: Any = None
+        self.generation = 0
+        self.tag = ""
+        self.members: dict[int, str] = {}
+        """vLLM's engine-core and worker processes seen under the API server (pid -> title)."""
+        self.death: str | None = None
+        """Which process died first, and how (an exit nobody asked for)."""
 
     # ----- state --------------------------------------------------------------------------
     @property
@@ -152,7 +272,12 @@ class Instance:
         if self.alive:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         self.check_ports()
-        env = {**os.environ, **self.spec.env, **self.extra_env}
+        ensure_reaper()
+        self.generation += 1
+        self.tag = f"{RUN_TAG}:{self.name}:{self.generation}"
+        env = {**os.environ, **self.spec.env, **self.extra_env, TAG_VAR: self.tag}
+        self.members = {}
+        self.death = None
         self._exited = asyncio.Event()
         self._expected_exit = None
         self.exit_code = None
@@ -169,9 +294,14 @@ class Instance:
             limit=1 << 20,
         )
         self.pid = self.proc.pid
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self.log_path.open("a", buffering=1)
+            self._log_file.write(f"===== pdtui: {self.name} ({self.role}) started, pid {self.pid},"
+                                 f" {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(self.spec.argv)}\n")
         self._set_state("starting", f"pid {self.pid}")
         self._reader = asyncio.create_task(self._read_logs(self.proc), name=f"{self.name}-logs")
-        self._waiter = asyncio.create_task(self._wait_exit(self.proc), name=f"{self.name}-wait")
+        self._waiter = asyncio.create_task(self._watch(self.proc), name=f"{self.name}-watch")
 
     async def start(self, client: httpx.AsyncClient | None = None) -> float:
         """Launch and wait until /health answers. Returns the ready time in seconds."""
@@ -216,6 +346,9 @@ class Instance:
             if not raw:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\n")
+            if self._log_file is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._log_file.write(line + "\n")
             if logparse.is_noise(line):
                 continue
             self.log_tail.append(line)
@@ -224,17 +357,54 @@ class Instance:
             if parsed:
                 self._emit(ConnectorEvent(instance=self.name, what=parsed.what, text=parsed.text, fields=parsed.fields))
 
-    async def _wait_exit(self, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """Death is seen from the processes, never from the pipes: on Python 3.11 ``proc.wait()``
+        returns only once the output pipe closes, and an orphaned EngineCore holds it open (with
+        the HTTP and NIXL ports) for as long as it lives. Every WATCH_INTERVAL_S: has the API
+        server exited (its return code, set by the child watcher), or has any engine-core/worker
+        process seen under it died? The first death ends the instance: every process of it is
+        killed (its group, the engine processes seen, anything carrying its tag), and it is
+        reported as exited with the signal or code and what died first."""
+        pid = proc.pid
+        tick = 0
+        while proc.returncode is None:
+            dead = [(p, t) for p, t in self.members.items() if not is_alive(p)]
+            if dead:
+                p, t = dead[0]
+                self.death = f"its {t} (pid {p}) died"
+                break
+            if tick % 4 == 0:  # new engine processes appear during start-up: look once a second
+                with contextlib.suppress(OSError):
+                    self.members.update(engine_processes(pid))
+            tick += 1
+            await asyncio.sleep(WATCH_INTERVAL_S)
+        if proc.returncode is not None and self.death is None:
+            code = proc.returncode
+            sig = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+            self.death = f"its API server (pid {pid}) exited with {sig}"
+        # Whatever died first, nothing of this instance may outlive it.
+        _signal_group(pid, signal.SIGKILL)
+        for p in self.members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        await asyncio.to_thread(kill_tagged, self.tag, 5.0)
+        for _ in range(40):  # the API server's return code arrives from the child watcher
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
         if self._reader:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._reader), timeout=2.0)
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout=1.0)
+            self._reader.cancel()
+        if self._log_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._log_file.write(f"===== pdtui: {self.name} ended: {self.death}\n")
+                self._log_file.close()
+            self._log_file = None
+        code = proc.returncode
         self.exit_code = code
-        # The API server is gone; make sure its engine core and workers go with it.
-        if self.pid:
-            _signal_group(self.pid, signal.SIGKILL)
-        how = self._expected_exit or "exited unexpectedly"
-        if code is not None and code < 0:
+        how = self._expected_exit or f"exited unexpectedly: {self.death}"
+        if self._expected_exit and code is not None and code < 0:
             how += f" (signal {signal.Signals(-code).name})"
         self._set_state("exited", how, exit_code=code)
         self._exited.set()

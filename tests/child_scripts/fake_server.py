@@ -4,6 +4,8 @@ usage: fake_server.py PORT MODE
   ready        serve /health 200 after 0.3 s
   crash        print a traceback-like error and exit 3 at once
   stubborn     like ready, but ignore SIGTERM and start a grandchild that ignores it too
+  family       like ready, with a grandchild titled like vLLM's engine core (VLLM::EngineCore) that
+               holds the log pipe, as vLLM's does, and leaves the process group
 """
 
 import http.server
@@ -21,6 +23,10 @@ if mode == "crash":
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    print(f"GRANDCHILD {child.pid}", flush=True)
+if mode == "family":
+    child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(600)",
+                              "VLLM::EngineCore"])
     print(f"GRANDCHILD {child.pid}", flush=True)
 time.sleep(0.3)
 

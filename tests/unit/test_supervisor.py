@@ -128,3 +128,91 @@ def test_port_in_use_gets_a_clear_message():
         with pytest.raises(PortInUse):
             run(inst.start())
         assert inst.proc is None  # nothing was launched
+
+
+def _grandchild(inst: Instance) -> int:
+    for line in inst.log_tail:
+        if line.startswith("GRANDCHILD "):
+            return int(line.split()[1])
+    raise AssertionError(f"no grandchild in {list(inst.log_tail)}")
+
+
+async def _wait_until(pred, timeout_s: float) -> float:
+    import time
+
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout_s, "timed out"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("victim", ["api-server", "engine-core"])
+def test_a_kill_from_outside_is_seen_within_2s_everything_goes_and_a_restart_works(victim, tmp_path):
+    """kill -9 from another process, as the OOM killer does. The engine-core stand-in holds the log
+    pipe and left the process group: the old supervisor waited on the pipe and never saw it."""
+    import time
+
+    events: list = []
+
+    async def go():
+        inst = make("family", events, log_dir=tmp_path)
+        await inst.start()
+        await _wait_until(lambda: inst.members, 5)  # the watcher found the engine core by its title
+        api, core = inst.pid, _grandchild(inst)
+        assert inst.members == {core: "VLLM::EngineCore"}
+        t0 = time.monotonic()
+        os.kill(api if victim == "api-server" else core, 9)
+        await asyncio.wait_for(inst.wait_exit(), 5)
+        seen = time.monotonic() - t0
+        assert seen < 2.0, seen
+        exited = [e for e in events if isinstance(e, InstanceStateChanged) and e.state == "exited"][-1]
+        assert "unexpectedly" in exited.detail
+        assert ("API server" if victim == "api-server" else "VLLM::EngineCore") in exited.detail
+        await _wait_until(lambda: not alive(api) and not alive(core), 2)
+        # its port is free again, and a restart works
+        check_port_free("127.0.0.1", inst.port, "test")
+        await inst.start()
+        assert inst.ready
+        await inst.stop()
+        return seen
+
+    seen = run(go())
+    print(f"\n[supervisor] {victim} killed from outside: seen after {seen * 1000:.0f} ms")
+    log = (tmp_path / "D.log").read_text()
+    assert log.count("===== pdtui: D (decode) started") == 2 and "ended: its" in log
+
+
+def test_the_reaper_kills_everything_when_pdtui_itself_is_killed(tmp_path):
+    """kill -9 of pdtui: nothing it launched may outlive it (the pipe to the reaper closes)."""
+    import subprocess
+    import textwrap
+    import time
+
+    script = tmp_path / "fake_pdtui.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from tests.unit.test_supervisor import make
+        async def go():
+            inst = make("family", [])
+            await inst.start()
+            while not inst.members:
+                await asyncio.sleep(0.05)
+            print(inst.pid, *inst.members, flush=True)
+            await asyncio.sleep(600)
+        asyncio.run(go())
+    """))
+    pdtui = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in pdtui.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        pdtui.kill()
+        pdtui.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in pids), [p for p in pids if alive(p)]
+    finally:
+        if pdtui.poll() is None:
+            pdtui.kill()
