@@ -248,7 +248,12 @@ def wait_ready(procs: Processes, child: Child | None, port: int, timeout_s: floa
     """Until a short streamed request through ``port`` ends with [DONE]; returns the seconds it
     took. Raises with the process's log tail when it exits or the time runs out."""
     t0 = time.monotonic()
-    body = json.dumps({"model": "tiny", "prompt": "ready?", "max_tokens": 2, "stream": True}).encode()
+    req: dict[str, Any] = {"model": "tiny", "max_tokens": 2, "stream": True}
+    if path.endswith("/chat/completions"):
+        req["messages"] = [{"role": "user", "content": "ready?"}]
+    else:
+        req["prompt"] = "ready?"
+    body = json.dumps(req).encode()
     last = ""
     while time.monotonic() - t0 < timeout_s:
         if child is not None and child.popen.poll() is not None:
@@ -258,11 +263,13 @@ def wait_ready(procs: Processes, child: Child | None, port: int, timeout_s: floa
             if status == 200 and b"data: [DONE]" in data:
                 return time.monotonic() - t0
             last = f"status {status}: {data[:200]!r}"
+            if 400 <= status < 500 and status not in (404, 408, 429):
+                break  # the request itself is refused: waiting will not help
         except OSError as e:
             last = f"{type(e).__name__}: {e}"
         procs.pump(0.1)
     tail = f"\n{child.tail()}" if child is not None else ""
-    raise RuntimeError(f"not ready on port {port} after {timeout_s:.0f} s (last: {last}){tail}")
+    raise RuntimeError(f"not ready on port {port} after {time.monotonic() - t0:.0f} s (last: {last}){tail}")
 
 
 # ----- /proc ------------------------------------------------------------------------------------
