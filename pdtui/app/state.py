@@ -127,7 +127,7 @@ class InstanceView:
     @property
     def bad(self) -> bool:
         return self.state == "failed" or (self.state == "exited" and self.exit_code not in (0, None)) or (
-            self.state == "exited" and "killed" in self.detail)
+            self.state == "exited" and ("killed" in self.detail or "unexpectedly" in self.detail))
 
 
 @dataclass(frozen=True)

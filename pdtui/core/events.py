@@ -46,6 +46,8 @@ class RuntimeStarted(Event):
     block_size: int
     kv_load_failure_policy: str
     instances: list[dict[str, Any]]
+    run_dir: str | None = None
+    """Where this run's engine and proxy logs are written."""
 
 
 @dataclass(frozen=True)

@@ -418,6 +418,12 @@ class Proxy:
         for up in self.prefills + self.decodes:
             await up.aclose()
 
+    def upstream_down(self, name: str) -> None:
+        """``name`` is gone (its process died or is stopping): end its streams in flight now."""
+        for relay in list(self._relays):
+            if relay.up.name == name:
+                relay.broken(f"{name} went down (pdtui saw its process exit)")
+
     async def _watch_silence(self) -> None:
         limit = self.settings.decode_read_timeout_s
         while True:

@@ -168,7 +168,7 @@ async def serve(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task[Any]] = []
     try:
         if args.managed:
-            tasks.append(asyncio.create_task(_read_control(up, info, stop)))
+            tasks.append(asyncio.create_task(_read_control(up, info, stop, proxy.upstream_down)))
         else:
             await _poll_health(ups_p + ups_d, up, emit, once=True)
             tasks.append(asyncio.create_task(_poll_health(ups_p + ups_d, up, emit, interval_s=args.health_interval)))
@@ -194,8 +194,11 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio.Event) -> None:
-    """--managed: lines of JSON on stdin ({"up": {...}, "info": {...}}); EOF ends the proxy."""
+async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio.Event,
+                        on_down: Callable[[str], None]) -> None:
+    """--managed: lines of JSON on stdin ({"up": {...}, "info": {...}}); EOF ends the proxy. An
+    upstream that goes down has its streams in flight ended at once (an SSE error event): its
+    processes are gone or going, and their sockets may linger."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -203,7 +206,10 @@ async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio
         while line := await reader.readline():
             with contextlib.suppress(json.JSONDecodeError, AttributeError, TypeError):
                 msg = json.loads(line)
-                up.update({str(k): bool(v) for k, v in (msg.get("up") or {}).items()})
+                for name, value in (msg.get("up") or {}).items():
+                    was, up[str(name)] = up.get(str(name), False), bool(value)
+                    if was and not value:
+                        on_down(str(name))
                 info.update(msg.get("info") or {})
     finally:
         stop.set()
@@ -261,13 +267,15 @@ class ProxyProcess:
 
     def __init__(self, prefills: list[tuple[str, str]], decodes: list[tuple[str, str]], *, host: str, port: int,
                  settings: ProxySettings, on_event: Callable[[Event], None], python: str | None = None,
-                 cpus: list[int] | None = None) -> None:
+                 cpus: list[int] | None = None, log_path: Path | None = None) -> None:
         self.prefills, self.decodes = prefills, decodes
         self.host, self.port = host, port
         self.settings = settings
         self.on_event = on_event
         self.python = python or sys.executable
         self.cpus = cpus
+        self.log_path = log_path
+        """The proxy's stderr (its own errors), kept for after the fact."""
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=50)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -355,8 +363,20 @@ class ProxyProcess:
 
     async def _pump_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.stderr_tail.append(line.decode(errors="replace").rstrip())
+        log = None
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = self.log_path.open("a", buffering=1)
+        try:
+            while line := await self.proc.stderr.readline():
+                text = line.decode(errors="replace").rstrip()
+                self.stderr_tail.append(text)
+                if log is not None:
+                    log.write(text + "\n")
+        finally:
+            if log is not None:
+                log.close()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM (in-flight streams end with an error event), then SIGKILL after ``grace_s``."""

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,18 +47,22 @@ WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handsh
 
 
 class Runtime:
-    def __init__(self, cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None) -> None:
+    def __init__(self, cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None,
+                 log_dir: Path | None = None) -> None:
         config_mod.validate(cfg)
         self.cfg = cfg
         self.specs = config_mod.render(cfg, model_root=model_root, python=python)
         self.geometry = _geometry(cfg, config_mod.model_path(cfg, model_root))
         found = installed_vllm()
         self.vllm_version = f"{found[0]} {found[1]}" if found else None
+        self.log_dir = log_dir or default_run_dir(cfg)
+        """Engine logs (one file per instance, across restarts) and the proxy's: what a crash leaves."""
         self.instances: dict[str, Instance] = {}
         for spec, inst_cfg in zip(self.specs, cfg.instances):
             self.instances[spec.name] = Instance(
                 spec, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
                 host=cfg.host, port=inst_cfg.port, side_channel_port=inst_cfg.side_channel_port,
+                log_dir=self.log_dir,
             )
         # The proxy runs as a process of its own (pdtui proxy --managed): the dashboard's loop never
         # holds a stream back. It learns the instances' states from emit(), and its events come back
@@ -67,7 +72,7 @@ class Runtime:
             [(n, i.url) for n, i in self.instances.items() if i.role == "decode"],
             host=cfg.host, port=cfg.proxy_port,
             settings=ProxySettings(block_size=cfg.block_size, geometry=self.geometry),
-            on_event=self.emit,
+            on_event=self.emit, log_path=self.log_dir / "proxy.log",
         )
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)
         self.latest_metrics: dict[str, dict[str, float]] = {}
@@ -126,6 +131,7 @@ class Runtime:
                 kv_bytes_per_token=self.geometry.bytes_per_token if self.geometry else None,
                 block_size=self.cfg.block_size, kv_load_failure_policy=self.cfg.kv_load_failure_policy,
                 instances=[{"name": s.name, "role": s.role, "url": s.url, "argv": s.argv, "env": s.env} for s in self.specs],
+                run_dir=str(self.log_dir),
             )
         )
         self.check_ports()
@@ -181,9 +187,11 @@ class Runtime:
             if self._closed:
                 return
             if inst._expected_exit is None:
+                tail = " | ".join(line.strip()[-160:] for line in list(inst.log_tail)[-3:])
                 self.emit(Notice(level="error", instance=inst.name,
-                                 text=f"{inst.name} ({inst.role}) exited unexpectedly with code {inst.exit_code}."
-                                 f" Last log line: {inst.tail(1)}"))
+                                 text=f"{inst.name} ({inst.role}) died: {inst.death}; all its processes were killed."
+                                 f" Restart it with r/R or `pdtui ctl restart {inst.name}`. Log: {inst.log_path}."
+                                 f" Last lines: {tail}"))
             # wait for a restart to re-arm
             while not self._closed and not inst.alive:
                 await asyncio.sleep(0.5)
@@ -276,6 +284,25 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, timeout=5)
+
+
+def state_dir() -> Path:
+    """$PDTUI_HOME/state, else $XDG_STATE_HOME/pdtui, else ~/.local/state/pdtui."""
+    if os.environ.get("PDTUI_HOME"):
+        return Path(os.environ["PDTUI_HOME"]) / "state"
+    base = os.environ.get("XDG_STATE_HOME")
+    return (Path(base) if base else Path.home() / ".local" / "state") / "pdtui"
+
+
+def default_run_dir(cfg: PairConfig) -> Path:
+    """A new folder per run: runs/<date>-<time>-<proxy port>."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = state_dir() / "runs" / f"{stamp}-{cfg.proxy_port}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _geometry(cfg: PairConfig, model_arg: str) -> kvmath.KvGeometry | None:

@@ -155,3 +155,32 @@ def test_standalone_command_refuses_a_port_in_use():
         out = subprocess.run([sys.executable, "-m", "pdtui", "proxy", "--decode", "http://127.0.0.1:1", "--port",
                               str(port)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "already in use" in out.stderr
+
+
+def test_told_that_d_went_down_the_proxy_ends_its_streams_at_once_with_an_error_event():
+    async def go():
+        d = FakeVllm("decode", tokens=2000, delay_s=0.01)
+        async with serving(d):
+            proc = ProxyProcess([], [("D", d.url)], host="127.0.0.1", port=free_port(), settings=ProxySettings(),
+                                on_event=lambda e: None)
+            await proc.start()
+            try:
+                proc.set_up("D", True)
+                await asyncio.sleep(0.2)
+                async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+                    async with client.stream("POST", "/v1/completions", json={
+                            "model": "m", "prompt": "x", "max_tokens": 2000, "stream": True}) as r:
+                        seen, told = b"", None
+                        async for chunk in r.aiter_bytes():
+                            seen += chunk
+                            if told is None and seen.count(b"data: {") >= 5:
+                                proc.set_up("D", False)  # what the Runtime says when D's process dies
+                                told = time.monotonic()
+                        ended = time.monotonic()
+                assert told is not None and ended - told < 1.0
+                last = [x for x in seen.decode().split("\n\n") if x.strip()][-1]
+                assert '"error"' in last and "went down" in last and "[DONE]" not in seen.decode()
+            finally:
+                await proc.stop()
+
+    run(go())
