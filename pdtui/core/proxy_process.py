@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -112,11 +113,14 @@ class _EventWriter:
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            fd = os.dup(sys.stdout.fileno())
-            pipe = os.fdopen(fd, "wb", buffering=0)
-            self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
-        except (ValueError, OSError):  # a regular file
+            mode = os.fstat(sys.stdout.fileno()).st_mode
+        except (OSError, ValueError):
+            return  # no stdout at all
+        if stat.S_ISREG(mode):  # `> file`: uvloop aborts on a pipe transport over a regular file
             self.file = sys.stdout.buffer
+            return
+        pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+        self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
 
     def __call__(self, event: Event) -> None:
         line = event.to_json() + "\n"

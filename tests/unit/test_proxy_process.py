@@ -184,3 +184,21 @@ def test_told_that_d_went_down_the_proxy_ends_its_streams_at_once_with_an_error_
                 await proc.stop()
 
     run(go())
+
+
+def test_standalone_command_with_stdout_to_a_file(tmp_path):
+    """`pdtui proxy ... > events.jsonl`: the events go to the file (uvloop aborted on it once)."""
+    out = tmp_path / "events.jsonl"
+    port = free_port()
+    with out.open("w") as f:
+        child = subprocess.Popen([sys.executable, "-m", "pdtui", "proxy", "--decode", "http://127.0.0.1:1", "--port",
+                                  str(port)], stdout=f, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            line = child.stderr.readline()
+            assert b"listening on" in line, line
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        finally:
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(10) == 0
+    events = [json.loads(x)["event"] for x in out.read_text().splitlines()]
+    assert events[0] == "notice" and "proxy_started" in events
