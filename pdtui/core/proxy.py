@@ -172,7 +172,7 @@ class _SseScan:
     one regex search, all in C. Only an event with a usage object or an error is looked at closer.
     """
 
-    __slots__ = ("trace", "t_sent", "last", "carry", "error")
+    __slots__ = ("carry", "error", "last", "t_sent", "trace")
 
     def __init__(self, trace: _Trace, t_sent: float) -> None:
         self.trace = trace
@@ -314,7 +314,7 @@ def _reason_label(reason: str | None) -> str:
 class _Relay:
     """D's streamed answer, relayed chunk by chunk from the upstream's ``data_received``."""
 
-    __slots__ = ("trace", "up", "conn", "resp", "scan", "last_rx", "done")
+    __slots__ = ("conn", "done", "last_rx", "resp", "scan", "trace", "up")
 
     def __init__(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
                  t_sent: float) -> None:

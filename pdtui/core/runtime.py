@@ -29,8 +29,8 @@ from pdtui.core.config import PairConfig
 from pdtui.core.events import (
     ConnectorEvent,
     Event,
-    InstanceStateChanged,
     EventHub,
+    InstanceStateChanged,
     MetricsSampled,
     Notice,
     PairReady,
