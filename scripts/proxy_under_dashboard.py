@@ -1,0 +1,118 @@
+"""Does the dashboard perturb the proxy? `pdtui proxy` under the dashboard, for the transparency bench.
+
+A benchmark helper, not a test. It serves `pdtui proxy` (a ProxyProcess, exactly as the Runtime
+starts it) over one decode URL, and hands the proxy's events to either
+
+- nothing but a plain consumer (``--view headless``: what `pdtui up --headless` does), or
+- the real dashboard (``--view dashboard``: ``make_app`` as the CLI makes it, freeze_gc on,
+  headless Textual at ``--size``, on the Latency tab so the histograms redraw), over
+  FakeRuntime (tests/functional/fake_runtime.py, named as a fake: no engines) which gets every
+  RequestTraced the proxy emits, plus ``--extra-rate`` events per second of the recorded mix
+  (metrics, logs, connector lines, requests; scripts/bench_refresh.py's mix) so the dashboard
+  is as busy as under a real pair.
+
+Run it as arms of the transparency bench, which measures the streams' gaps at the client:
+
+    python -m pdtui.bench.transparency --rates 6400,12800 --arms direct \\
+      --arm 'headless={python} scripts/proxy_under_dashboard.py --decode {decode} --port {port} --view headless' \\
+      --arm 'dashboard={python} scripts/proxy_under_dashboard.py --decode {decode} --port {port} --view dashboard'
+
+(from the repo root, PYTHONPATH=.). The proxy's CPU column then includes the dashboard's (all
+descendants are counted); the figure that matters is the gap p99 against the headless arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdtui.core.events import Event, RequestTraced  # noqa: E402
+from pdtui.core.proxy import ProxySettings  # noqa: E402
+from pdtui.core.proxy_process import ProxyProcess  # noqa: E402
+
+
+async def main(args: argparse.Namespace) -> int:
+    if args.ui_cpu is not None:
+        os.sched_setaffinity(0, {args.ui_cpu})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    seen = {"requests": 0, "events": 0}
+
+    if args.view == "headless":
+        def on_event(ev: Event) -> None:
+            seen["events"] += 1
+            seen["requests"] += isinstance(ev, RequestTraced)
+            ev.to_json()  # what --headless does with each event
+
+        proc = ProxyProcess([], [("D", args.decode)], host="127.0.0.1", port=args.port, settings=ProxySettings(),
+                            on_event=on_event, cpus=[args.proxy_cpu] if args.proxy_cpu is not None else None)
+        await proc.start()
+        proc.set_up("D", True)
+        await stop.wait()
+        await proc.stop()
+        print(f"headless: {seen}", file=sys.stderr)
+        return 0
+
+    from scripts.bench_refresh import RECORDING, fresh, load_mix
+    from tests.functional.fake_runtime import FakeRuntime, started, state
+
+    from pdtui.app.app import make_app
+
+    fake = FakeRuntime()
+    app = make_app(fake, freeze_gc=True)
+
+    def on_event(ev: Event) -> None:
+        seen["events"] += 1
+        if isinstance(ev, RequestTraced):
+            seen["requests"] += 1
+            fake.emit(ev)
+
+    proc = ProxyProcess([], [("D", args.decode)], host="127.0.0.1", port=args.port, settings=ProxySettings(),
+                        on_event=on_event)
+    width, height = (int(x) for x in args.size.split("x"))
+    async with app.run_test(size=(width, height)) as pilot:
+        t0 = time.time()
+        fake.emit(started(t0), state("P", "ready", t0), state("D", "ready", t0))
+        await pilot.press("h")  # the Latency tab: histograms
+        await proc.start()
+        proc.set_up("D", True)
+        if args.nice:
+            os.nice(args.nice)
+        mix = [ev for ev in load_mix(RECORDING) if not isinstance(ev, RequestTraced)]
+        i, t_next = 0, time.perf_counter()
+        while not stop.is_set():
+            if args.extra_rate > 0:
+                now = time.perf_counter()
+                while t_next <= now:
+                    fake.emit(fresh(mix[i % len(mix)], i, time.time()))
+                    i += 1
+                    t_next += 1 / args.extra_rate
+                await asyncio.sleep(max(0.0, min(0.05, t_next - time.perf_counter())))
+            else:
+                await asyncio.sleep(0.1)
+        await proc.stop()
+        await pilot.pause()
+    print(f"dashboard: {seen}, extra events {i}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--decode", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--view", choices=("headless", "dashboard"), default="dashboard")
+    p.add_argument("--size", default="160x48")
+    p.add_argument("--extra-rate", type=float, default=200.0, help="recorded events per second besides the traces")
+    p.add_argument("--nice", type=int, default=0, help="renice the dashboard's process by N once the proxy runs")
+    p.add_argument("--proxy-cpu", type=int, default=None, help="pin the proxy process to this CPU")
+    p.add_argument("--ui-cpu", type=int, default=None, help="pin this process (the dashboard or consumer) to this CPU")
+    sys.exit(asyncio.run(main(p.parse_args())))
