@@ -266,6 +266,21 @@ def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
     return setup
 
 
+def cpus_from_env() -> list[int] | None:
+    raw = os.environ.get("PDTUI_PROXY_CPUS", "").strip()
+    if not raw:
+        return None
+    try:
+        cpus = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ProxyOptionError(f"PDTUI_PROXY_CPUS={raw!r}: expected CPU numbers like 2 or 2,3") from None
+    bad = [c for c in cpus if c not in os.sched_getaffinity(0)]
+    if bad:
+        raise ProxyOptionError(f"PDTUI_PROXY_CPUS={raw!r}: CPU {bad[0]} is not available here"
+                               f" (have {sorted(os.sched_getaffinity(0))})")
+    return cpus
+
+
 class ProxyProcess:
     """``pdtui proxy --managed`` as a child: start, feed it the upstreams' states, read its events."""
 
@@ -277,7 +292,9 @@ class ProxyProcess:
         self.settings = settings
         self.on_event = on_event
         self.python = python or sys.executable
-        self.cpus = cpus
+        self.cpus = cpus if cpus is not None else cpus_from_env()
+        """CPUs the proxy runs on (default: $PDTUI_PROXY_CPUS, e.g. "2" or "2,3"; else any). On a
+        box with cores to spare, give the proxy its own: docs/proxy.md."""
         self.log_path = log_path
         """The proxy's stderr (its own errors), kept for after the fact."""
         self.proc: asyncio.subprocess.Process | None = None

@@ -202,3 +202,31 @@ def test_standalone_command_with_stdout_to_a_file(tmp_path):
             assert child.wait(10) == 0
     events = [json.loads(x)["event"] for x in out.read_text().splitlines()]
     assert events[0] == "notice" and "proxy_started" in events
+
+
+def test_proxy_cpus_from_the_environment(monkeypatch):
+    from pdtui.core.proxy_process import cpus_from_env
+
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    monkeypatch.setenv("PDTUI_PROXY_CPUS", str(cpu))
+    assert cpus_from_env() == [cpu]
+    monkeypatch.setenv("PDTUI_PROXY_CPUS", "two")
+    with pytest.raises(ProxyOptionError, match="expected CPU numbers"):
+        cpus_from_env()
+    monkeypatch.setenv("PDTUI_PROXY_CPUS", "4096")
+    with pytest.raises(ProxyOptionError, match="not available here"):
+        cpus_from_env()
+
+    async def go():
+        d = FakeVllm("decode")
+        async with serving(d):
+            monkeypatch.setenv("PDTUI_PROXY_CPUS", str(cpu))
+            proc = ProxyProcess([], [("D", d.url)], host="127.0.0.1", port=free_port(), settings=ProxySettings(),
+                                on_event=lambda e: None)
+            await proc.start()
+            try:
+                assert os.sched_getaffinity(proc.pid) == {cpu}
+            finally:
+                await proc.stop()
+
+    run(go())
