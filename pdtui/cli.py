@@ -34,6 +34,8 @@ examples:
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
   pdtui bench --quick                      single instance vs the pair, same prompts: toll and purchase
+  pdtui ctl status                         what a running pdtui (dashboard or --headless) is doing
+  pdtui ctl restart D                      restart D from another terminal, wait until it is ready
 
 then, in another terminal:
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -41,6 +43,28 @@ then, in another terminal:
 
 {PRECEDENCE}
 """
+
+
+CTL_DESCRIPTION = """\
+Control a running `pdtui up` (dashboard or --headless) or `pdtui drill` from another terminal,
+through its control socket: a Unix socket only you can reach (folder 0700, socket 0600, the peer's
+uid checked), <state dir>/ctl/<proxy port>.sock. The dashboard's keys do the same things.
+
+  status        the instances (state, pid, URL, ready, last death, restarts, log file), the proxy
+                URL, the run folder, the uptime
+  kill X        SIGKILL instance X's process group (the dashboard's k / K); X is P, D, D2, ...
+  restart X     stop X, start it and wait until it answers /health; prints the ready time
+  down          stop the engines and the proxy; that pdtui exits (the dashboard closes)
+
+Exit status: 0 done; 1 no pdtui listening there, or the operation failed; 2 an unknown instance
+or a malformed request."""
+
+CTL_EPILOG = """\
+examples:
+  pdtui ctl status                         the pdtui on proxy port 8000
+  pdtui ctl kill D --port-offset 34000     the one started with --port-offset 34000
+  pdtui ctl restart D --json               wait for D, then one JSON line: {"ok": true, "ready_s": ...}
+  pdtui ctl down --socket /path/to/8000.sock"""
 
 
 def _add_pair_flags(p: argparse.ArgumentParser) -> None:
@@ -84,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--headless", action="store_true", help="print events as JSON lines instead of the dashboard")
     up.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file (for replay)")
     up.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
+    up.add_argument("--log-dir", type=Path, default=None,
+                    help="write the engines' and the proxy's logs here (default: a new run folder under the state"
+                    " dir, ~/.local/state/pdtui/runs/; printed at start)")
 
     drill = sub.add_parser("drill", help="run the failure drills on the dashboard, unattended, and check them",
                            description=(
@@ -104,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
+    drill.add_argument("--log-dir", type=Path, default=None,
+                       help="write the engines' and the proxy's logs here (default: a new run folder under the"
+                       " state dir; printed at start)")
+
+    ctl = sub.add_parser("ctl", help="control a running pdtui from another terminal: status, kill, restart, down",
+                         description=CTL_DESCRIPTION, epilog=CTL_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ctl.add_argument("verb", choices=("status", "kill", "restart", "down"), help="what to do")
+    ctl.add_argument("instance", nargs="?", default=None, help="kill and restart: the instance (P, D, D2, ...)")
+    ctl.add_argument("--profile", default=None,
+                     help="the profile that pdtui runs (its proxy port names it; default: this machine's default)")
+    ctl.add_argument("--proxy-port", type=int, default=None, help="that pdtui's proxy port (default: the profile's)")
+    ctl.add_argument("--port-offset", type=int, default=0, help="the --port-offset that pdtui was started with")
+    ctl.add_argument("--socket", type=Path, default=None,
+                     help="the control socket itself (default: <state dir>/ctl/<proxy port>.sock)")
+    ctl.add_argument("--json", action="store_true", help="print the answer as one JSON line")
+    ctl.add_argument("--timeout", type=float, default=None,
+                     help="restart: give up waiting after this many seconds (default: the instance's ready timeout)")
 
     rep = sub.add_parser("replay", help="drive the dashboard from a recording (pdtui up --record FILE)",
                          description="Play a recording into the dashboard, at real speed or faster. Kill, restart"
@@ -168,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_replay(args)
         if args.command == "drill":
             return run_drill(args)
+        if args.command == "ctl":
+            return run_ctl(args)
         if args.command == "bench":
             from pdtui.bench import command as bench_cmd
 
@@ -212,6 +259,22 @@ def run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace) -> Any:
+    """The Runtime of `up` and `drill`, its log folder printed (stderr) before anything starts."""
+    from pdtui.core.runtime import Runtime
+
+    rt = Runtime(cfg, log_dir=args.log_dir)
+    print(f"pdtui: logs in {rt.log_dir}", file=sys.stderr, flush=True)
+    if rt.control_socket is not None:
+        print(f"pdtui: control socket {rt.control_socket} (pdtui ctl status{_ctl_hint(cfg)})", file=sys.stderr,
+              flush=True)
+    return rt
+
+
+def _ctl_hint(cfg: config_mod.PairConfig) -> str:
+    return "" if cfg.proxy_port == 8000 else f" --proxy-port {cfg.proxy_port}"
+
+
 def run_up(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.headless:
@@ -221,11 +284,10 @@ def run_up(args: argparse.Namespace) -> int:
 
 async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
     """The dashboard over a live Runtime. Whatever ends the app (q, Ctrl-C, a closed terminal, a
-    crash), ``aclose()`` runs, so both engines and the proxy stop."""
+    crash, `pdtui ctl down`), ``aclose()`` runs, so both engines and the proxy stop."""
     from pdtui.app.app import make_app  # textual stays out of the headless path
-    from pdtui.core.runtime import Runtime
 
-    rt = Runtime(cfg)
+    rt = _runtime(cfg, args)
     record = args.record.open("w") if args.record else None
     if record:
         rt.record_to(record)
@@ -240,6 +302,7 @@ async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) ->
         await rt.aclose(reason="dashboard closed")
         if record:
             record.close()
+        print(f"pdtui: logs in {rt.log_dir}", file=sys.stderr, flush=True)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -263,9 +326,8 @@ def run_drill(args: argparse.Namespace) -> int:
 async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tuple[int, int] | None) -> int:
     from pdtui.app import drill
     from pdtui.app.app import make_app
-    from pdtui.core.runtime import Runtime
 
-    rt = Runtime(cfg)
+    rt = _runtime(cfg, args)
     record = args.record.open("w") if args.record else None
     if record:
         rt.record_to(record)
@@ -332,11 +394,11 @@ def run_replay(args: argparse.Namespace) -> int:
 
 async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
     from pdtui.core.events import LogLine
-    from pdtui.core.runtime import Runtime
     from pdtui.core.supervisor import PortInUse, StartupFailed
 
-    rt = Runtime(cfg)
+    rt = _runtime(cfg, args)
     stop = asyncio.Event()
+    rt.control.on_down(stop.set)  # `pdtui ctl down`: everything is stopped, return
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
@@ -357,15 +419,18 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
         starting = asyncio.create_task(rt.start())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
+        if starting.done() and not rt.control.down_requested:
             elapsed = starting.result()
             print(f"pdtui: pair ready in {elapsed:.1f} s; proxy at {cfg.proxy_url} (Ctrl-C stops everything)",
                   file=sys.stderr, flush=True)
             await stopping
-        else:
+        else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()
             with contextlib_suppress():
                 await starting
+        if rt.control.down_requested:  # let `down` finish and answer before this pdtui ends
+            with contextlib_suppress():
+                await asyncio.wait_for(stopping, 120)
     except (StartupFailed, PortInUse) as e:
         print(f"pdtui: {e}", file=sys.stderr)
         code = 1
@@ -375,6 +440,107 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
         if record:
             record.close()
     return code
+
+
+def ctl_socket_path(args: argparse.Namespace) -> Path:
+    """The socket of the pdtui meant: --socket, else the proxy port's (--proxy-port, PDTUI_PROXY_PORT or
+    the profile's, plus --port-offset) under the state dir."""
+    from pdtui.core import control
+
+    if args.socket is not None:
+        return args.socket
+    port = args.proxy_port
+    if port is None:
+        env = config_mod.env_overrides()
+        if "proxy_port" in env:
+            port = int(env["proxy_port"])
+        else:
+            port = config_mod.load_profile(args.profile or config_mod.default_profile_name()).proxy_port
+    return control.default_socket_path(port + args.port_offset)
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    from pdtui.core import control
+
+    if args.verb in ("kill", "restart") and not args.instance:
+        print(f"pdtui ctl {args.verb}: name the instance, e.g. `pdtui ctl {args.verb} D`", file=sys.stderr)
+        return 2
+    if args.verb in ("status", "down") and args.instance:
+        print(f"pdtui ctl {args.verb}: takes no instance (got {args.instance!r})", file=sys.stderr)
+        return 2
+    path = ctl_socket_path(args)
+    req: dict[str, Any] = {"verb": args.verb}
+    if args.instance:
+        req["instance"] = args.instance
+    if args.timeout is not None:
+        req["timeout_s"] = args.timeout
+    timeout = {"status": 15.0, "kill": 60.0, "down": 180.0}.get(args.verb)  # restart: bounded by the server
+
+    def progress(p: dict[str, Any]) -> None:
+        print(f"pdtui ctl: {p.get('progress')} ({p.get('elapsed_s', 0):.1f} s)", file=sys.stderr, flush=True)
+
+    try:
+        answer = control.request(path, req, timeout_s=timeout, on_progress=progress)
+    except control.NotListening as e:
+        others = sorted(p.name for p in path.parent.glob("*.sock") if p != path) if path.parent.is_dir() else []
+        hint = f"; sockets there: {', '.join(others)}" if others else ""
+        msg = (f"{e}. Start one with `pdtui up`, or name the one you mean with --port-offset N,"
+               f" --proxy-port N or --socket PATH{hint}")
+        if args.json:
+            print(json.dumps({"ok": False, "code": "not_listening", "error": msg, "socket": str(path)}))
+        print(f"pdtui ctl: {msg}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        if args.json:
+            print(json.dumps({"ok": False, "code": "failed", "error": str(e), "socket": str(path)}))
+        print(f"pdtui ctl: {path}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer))
+    elif answer.get("ok"):
+        print(_ctl_text(answer))
+    if not answer.get("ok"):
+        if not args.json:
+            print(f"pdtui ctl {args.verb}: {answer.get('error')}", file=sys.stderr)
+        return 2 if answer.get("code") in ("unknown_instance", "unknown_verb", "bad_request") else 1
+    return 0
+
+
+def _ctl_text(a: dict[str, Any]) -> str:
+    verb = a.get("verb")
+    if verb == "kill":
+        code = a.get("exit_code")
+        how = f"signal {_signame(-code)}" if isinstance(code, int) and code < 0 else f"code {code}"
+        if a.get("was") not in ("starting", "ready", "stopping"):
+            return f"{a['instance']} ({a.get('role')}) was not running ({a.get('was')})"
+        return f"killed {a['instance']} ({a.get('role')}): it exited with {how}"
+    if verb == "restart":
+        return f"{a['instance']} ({a.get('role')}) ready in {a['ready_s']:.1f} s (pid {a.get('pid')})"
+    if verb == "down":
+        return f"pdtui (pid {a.get('pid')}) stopped {', '.join(a.get('stopped', []))} and the proxy in {a['elapsed_s']:.1f} s"
+    up = a.get("uptime_s")
+    uptime = f"{up:.0f} s" if up is not None else "not started"
+    lines = [f"pdtui pid {a.get('pid')}, profile {a.get('profile')}, proxy {a.get('proxy_url')}, up {uptime}"
+             + (f", pair ready in {a['pair_ready_s']:.1f} s" if a.get("pair_ready_s") is not None else "")
+             + (" (shutting down)" if a.get("closing") else ""),
+             f"run folder {a.get('run_dir')}"]
+    for i in a.get("instances", []):
+        line = f"  {i['name']:<4} {i['role']:<8} {i['state']:<9} pid {i.get('pid') or '-':<8} {i.get('url')}"
+        if i.get("restarts"):
+            line += f"  restarts {i['restarts']}"
+        d = i.get("last_death")
+        if d:
+            code = f" (code {d['exit_code']})" if d.get("exit_code") is not None and "signal" not in d["detail"] else ""
+            line += f"\n       last exit {d['at']}: {d['detail']}{code}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
 
 
 def contextlib_suppress() -> Any:

@@ -2,8 +2,9 @@
 
 The app is a subscriber: one worker folds ``runtime.subscribe()`` into ``DashState`` and posts a
 coalesced ``EventsFolded``; at most every ``REFRESH_INTERVAL_S`` the app takes one snapshot and
-hands it to the widgets. Nothing from the engines is imported here; controls call the runtime's
-kill/restart and the load generator.
+hands it to the widgets. Nothing from the engines is imported here; the kill and restart keys
+call the runtime's ``Control`` (pdtui.core.control: the same methods ``pdtui ctl`` reaches through
+the control socket), the load keys the load generator.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, Stre
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
+from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
+from pdtui.core.supervisor import PortInUse
 
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
@@ -74,6 +77,8 @@ class PdtuiApp(App[int]):
         self.load_totals = {"ok": 0, "errors": 0}
         self.ended = False
         self._events = runtime.subscribe()
+        self.control: Control = getattr(runtime, "control", None) or Control(runtime)
+        """kill/restart/down: the same object `pdtui ctl` reaches through the control socket."""
         self._geometry = getattr(runtime, "geometry", None)
         self._last_refresh = float("-inf")
         self._refresh_pending: Timer | None = None
@@ -100,6 +105,7 @@ class PdtuiApp(App[int]):
         self.consume_events()
         self.start_runtime()
         if not self.replay:
+            self.control.on_down(lambda: self.exit(0))  # `pdtui ctl down`: the engines are stopped, close
             self.set_interval(1.0, self._tick_startup)
         if self.freeze_gc:
             self.call_after_refresh(self._freeze_gc)
@@ -132,7 +138,10 @@ class PdtuiApp(App[int]):
 
     @work(group="runtime", description="start the pair", exclusive=True, exit_on_error=False)
     async def start_runtime(self) -> None:
-        await self.runtime.start()
+        try:
+            await self.runtime.start()
+        except PortInUse as e:  # another pdtui took the ports meanwhile: never stay open over it
+            self.exit(return_code=1, message=f"pdtui: {e}")
 
     @on(EventsFolded)
     def events_folded(self) -> None:
@@ -223,15 +232,23 @@ class PdtuiApp(App[int]):
         return self.replay
 
     def _control(self, which: str, verb: str) -> None:
-        """Run ``runtime.<verb>(name)`` (kill or restart) in a worker, for an instance named or by role."""
+        """Run ``control.<verb>(name)`` (kill or restart) in a worker, for an instance named or by role."""
         if self._refuse_in_replay():
             return
         name = self.instance_for(which)
         if name is None:
             self.notify(f"no {which} instance", severity="warning")
             return
-        self.run_worker(getattr(self.runtime, verb)(name), group="control", description=f"{verb} {name}",
+        self.run_worker(self._run_control(verb, name), group="control", description=f"{verb} {name}",
                         exit_on_error=False)
+
+    async def _run_control(self, verb: str, name: str) -> None:
+        try:
+            await getattr(self.control, verb)(name)
+        except ControlError as e:  # already restarting, shutting down, failed to come back
+            self.show_notice(f"{verb} {name}: {e}", "error" if e.code == "failed" else "warning")
+            if e.code == "failed":
+                self.notify(f"{verb} {name}: {e}"[:400], severity="error", timeout=10)
 
     def action_kill(self, which: str) -> None:
         self._control(which, "kill")

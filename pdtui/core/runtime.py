@@ -26,6 +26,7 @@ import httpx
 from pdtui.core import config as config_mod
 from pdtui.core import kvmath, scrape
 from pdtui.core.config import PairConfig
+from pdtui.core.control import Control, ControlServer, default_socket_path
 from pdtui.core.events import (
     ConnectorEvent,
     Event,
@@ -48,7 +49,7 @@ WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handsh
 
 class Runtime:
     def __init__(self, cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, control_socket: Path | None = None, serve_control: bool = True) -> None:
         config_mod.validate(cfg)
         self.cfg = cfg
         self.specs = config_mod.render(cfg, model_root=model_root, python=python)
@@ -84,10 +85,16 @@ class Runtime:
         self._transport_seen = False
         """UCX printed which transport reads the KV (its table): no guessing from throughput then."""
         self.t_start: float | None = None
+        self.control = Control(self)
+        """status/kill/restart/down: what the dashboard's keys and `pdtui ctl` call (pdtui.core.control)."""
+        self.control_socket: Path | None = (control_socket or default_socket_path(cfg.proxy_port)) if serve_control else None
+        """Where start() serves ``self.control`` (``pdtui ctl``); removed by aclose()."""
+        self._control_server: ControlServer | None = None
 
     # ----- events -------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         self.history.append(event)
+        self.control.observe(event)
         if isinstance(event, InstanceStateChanged) and event.instance in self.instances:
             self.proxy.set_up(event.instance, self.instances[event.instance].ready)
             self.proxy.set_info({"states": {n: i.state for n, i in self.instances.items()}})
@@ -135,6 +142,11 @@ class Runtime:
             )
         )
         self.check_ports()
+        if self.control_socket is not None:  # ControlInUse (a PortInUse) if another pdtui answers there
+            try:
+                self._control_server = await ControlServer(self.control, self.control_socket).start()
+            except OSError as e:  # a folder that is not ours, a path too long: run on, without `pdtui ctl`
+                self.emit(Notice(level="warning", text=f"no control socket (pdtui ctl will not reach this pdtui): {e}"))
         await self.proxy.start()  # emits ProxyStarted
         try:
             for inst in self.instances.values():
@@ -255,10 +267,10 @@ class Runtime:
             raise KeyError(f"no instance {name!r}; have {', '.join(self.instances)}")
         return self.instances[name]
 
-    async def kill(self, name: str) -> int | None:
+    async def kill(self, name: str, reason: str = "killed by pdtui (drill)") -> int | None:
         inst = self.instance(name)
         self.emit(Notice(level="warning", instance=name, text=f"killing {name} ({inst.role}): SIGKILL to its process group"))
-        return await inst.kill(reason="killed by pdtui (drill)")
+        return await inst.kill(reason=reason)
 
     async def stop_instance(self, name: str) -> int | None:
         return await self.instance(name).stop(reason="stopped by pdtui")
@@ -273,6 +285,8 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        if self._control_server is not None:
+            self._control_server.close()
         for t in self._tasks:
             if t.get_name() != "recorder":
                 t.cancel()

@@ -1,0 +1,459 @@
+"""Control of a running pdtui: status, kill, restart, down. One class for every way in.
+
+``Control(runtime)`` holds the logic; the dashboard's keys (k/K, r/R), ``pdtui drill`` (which
+presses those keys) and the control socket (``pdtui ctl``) all call the same methods::
+
+    control = runtime.control                 # a Runtime makes its own; Control(rt) for any other
+    await control.status()                    # {"ok": true, "instances": [...], "proxy_url": ...}
+    await control.kill("D")                   # SIGKILL D's process group, as the k key does
+    await control.restart("D")                # stop, start, wait until /health answers (bounded)
+    await control.down()                      # stop everything; the pdtui that serves it exits
+
+Every answer is a JSON-able dict with ``ok``; a refusal raises ``ControlError`` (its ``code``:
+``unknown_verb``, ``unknown_instance``, ``bad_request``, ``busy``, ``closed``, ``failed``).
+
+The socket (``ControlServer``): a Unix socket at ``state_dir()/ctl/<proxy port>.sock`` (the proxy
+port names a pdtui on this box), in a folder of mode 0700, the socket itself 0600, and every
+connection's peer checked to be this user (SO_PEERCRED): nobody else on the box can kill your
+engines. One JSON request line in (``{"verb": "kill", "instance": "D"}``), one JSON answer line
+out; a restart sends progress lines (``{"progress": ...}``) before its answer. A stale socket
+left by a pdtui that died is replaced once nothing answers on it; a live one is refused
+(``ControlInUse``: another pdtui owns this proxy port). ``request()`` is the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pdtui.core.events import InstanceStateChanged, Notice, PairReady
+from pdtui.core.supervisor import PortInUse
+
+VERBS = ("status", "kill", "restart", "down")
+MAX_SOCKET_PATH = 107
+"""sun_path holds 108 bytes with the terminating NUL."""
+
+
+class ControlError(Exception):
+    """A request refused or failed; ``code`` says which kind, the message says what to do."""
+
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def answer(self) -> dict[str, Any]:
+        return {"ok": False, "code": self.code, "error": str(self)}
+
+
+class ControlInUse(PortInUse):
+    """Another pdtui answers on this control socket: it owns this proxy port."""
+
+
+class NotListening(ConnectionError):
+    """No pdtui answers on this socket (the message names it)."""
+
+
+def socket_dir() -> Path:
+    from pdtui.core.runtime import state_dir  # the state dir is the Runtime's (runs/ lives there too)
+
+    return state_dir() / "ctl"
+
+
+def default_socket_path(proxy_port: int) -> Path:
+    """Where the pdtui whose proxy listens on ``proxy_port`` serves its control socket."""
+    return socket_dir() / f"{proxy_port}.sock"
+
+
+class Control:
+    """The operations on a running pair, over a Runtime (or anything with its interface:
+    ``instances``, ``kill``, ``restart``, ``aclose``, ``cfg``; ``history``, ``t_start``,
+    ``log_dir`` and ``emit`` are used when present)."""
+
+    def __init__(self, runtime: Any, *, socket_path: Path | None = None) -> None:
+        self.runtime = runtime
+        self.socket_path = socket_path
+        """Set by the ControlServer serving this Control (shown in status)."""
+        self._down_handlers: list[Callable[[], Any]] = []
+        self._restarting: dict[str, asyncio.Task[float]] = {}
+        self.down_requested = False
+        self._observed = False
+        self._last_exit: dict[str, dict[str, Any]] = {}
+        self._starts: dict[str, int] = {}
+        self._pair_ready_s: float | None = None
+
+    def observe(self, ev: Any) -> None:
+        """Fed every event by the Runtime (its emit): the last exit of each instance and how many
+        times it started, kept for ``status`` however long the run (the history is bounded). A
+        runtime that does not feed it is read from its ``history`` instead."""
+        self._observed = True
+        if isinstance(ev, InstanceStateChanged):
+            if ev.state == "exited":
+                self._last_exit[ev.instance] = _exit_of(ev)
+            elif ev.state == "starting":
+                self._starts[ev.instance] = self._starts.get(ev.instance, 0) + 1
+        elif isinstance(ev, PairReady):
+            self._pair_ready_s = ev.elapsed_s
+
+    # ----- names ----------------------------------------------------------------------------
+    def resolve(self, which: str) -> str:
+        """An instance name (``D``), its lower case (``d``) or a role (``decode``: the first one)."""
+        instances = getattr(self.runtime, "instances", {})
+        if which in instances:
+            return which
+        for name in instances:
+            if name.lower() == str(which).lower():
+                return name
+        for name, inst in instances.items():
+            if getattr(inst, "role", None) == which:
+                return name
+        have = ", ".join(f"{n} ({getattr(i, 'role', '?')})" for n, i in instances.items()) or "none"
+        raise ControlError(f"no instance {which!r}; this pdtui has {have}", "unknown_instance")
+
+    def _check_open(self) -> None:
+        if getattr(self.runtime, "_closed", False):
+            raise ControlError("this pdtui is shutting down", "closed")
+
+    def _note(self, source: str | None, text: str, name: str | None = None) -> None:
+        emit = getattr(self.runtime, "emit", None)
+        if source and emit is not None:
+            emit(Notice(level="info", instance=name, text=f"{source}: {text}"))
+
+    # ----- the operations -------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        rt = self.runtime
+        deaths, starts, pair_ready_s = self._last_exit, self._starts, self._pair_ready_s
+        if not self._observed:
+            deaths, starts = {}, {}
+            for ev in reversed(list(getattr(rt, "history", ()))):
+                if isinstance(ev, InstanceStateChanged):
+                    if ev.state == "exited" and ev.instance not in deaths:
+                        deaths[ev.instance] = _exit_of(ev)
+                    elif ev.state == "starting":
+                        starts[ev.instance] = starts.get(ev.instance, 0) + 1
+                elif isinstance(ev, PairReady) and pair_ready_s is None:
+                    pair_ready_s = ev.elapsed_s
+        instances = []
+        for name, inst in getattr(rt, "instances", {}).items():
+            log_path = getattr(inst, "log_path", None)
+            instances.append({
+                "name": name, "role": getattr(inst, "role", "?"), "state": getattr(inst, "state", "?"),
+                "pid": getattr(inst, "pid", None), "url": getattr(inst, "url", None),
+                "ready": bool(getattr(inst, "ready", getattr(inst, "state", None) == "ready")),
+                "restarting": name in self._restarting, "restarts": max(0, starts.get(name, 0) - 1),
+                "log": str(log_path) if log_path else None, "last_death": deaths.get(name)})
+        cfg = getattr(rt, "cfg", None)
+        t_start = getattr(rt, "t_start", None)
+        log_dir = getattr(rt, "log_dir", None)
+        return {
+            "ok": True, "verb": "status", "pid": os.getpid(), "profile": getattr(cfg, "profile_name", None),
+            "model": getattr(cfg, "model_name", None), "proxy_url": getattr(cfg, "proxy_url", None),
+            "run_dir": str(log_dir) if log_dir else None,
+            "uptime_s": round(time.monotonic() - t_start, 1) if t_start is not None else None,
+            "pair_ready_s": pair_ready_s, "closing": bool(getattr(rt, "_closed", False)),
+            "socket": str(self.socket_path) if self.socket_path else None, "instances": instances}
+
+    async def kill(self, which: str, *, source: str | None = None) -> dict[str, Any]:
+        """SIGKILL the instance's process group: the dashboard's k/K."""
+        self._check_open()
+        name = self.resolve(which)
+        inst = self.runtime.instances[name]
+        was = getattr(inst, "state", None)
+        self._note(source, f"kill {name}", name)
+        # the key keeps the Runtime's own wording; another source is named in the exit it leaves
+        kill = self.runtime.kill
+        code = await (kill(name, reason=f"killed by {source}") if source and _takes(kill, "reason") else kill(name))
+        return {"ok": True, "verb": "kill", "instance": name, "role": getattr(inst, "role", None), "was": was,
+                "exit_code": code, "state": getattr(inst, "state", None)}
+
+    async def restart(self, which: str, *, source: str | None = None, timeout_s: float | None = None,
+                      progress: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+        """Stop the instance (if up), start it, wait until it is ready. Bounded by ``timeout_s``
+        (default: the instance's ready timeout plus its stop grace, plus 15 s); at the bound the
+        answer is an error but the start goes on (the instance's own ready timeout ends it).
+        ``progress`` gets a dict at each state the instance passes (stopping, starting, ...)."""
+        self._check_open()
+        name = self.resolve(which)
+        if name in self._restarting:
+            raise ControlError(f"{name} is already restarting", "busy")
+        inst = self.runtime.instances[name]
+        if timeout_s is None:
+            timeout_s = (getattr(inst, "ready_timeout_s", None) or getattr(getattr(self.runtime, "cfg", None),
+                         "ready_timeout_s", 600.0) or 600.0) + (getattr(inst, "stop_grace_s", 10.0) or 0) + 15
+        self._note(source, f"restart {name}", name)
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(self.runtime.restart(name))
+        self._restarting[name] = task
+        task.add_done_callback(lambda t: self._restart_done(name, t))
+        seen: tuple[Any, Any] | None = None
+        deadline = t0 + timeout_s
+        while not task.done():
+            now = (getattr(inst, "state", None), getattr(inst, "pid", None))
+            if progress is not None and now != seen:
+                text = (f"restarting {name} (it was {now[0]})" if seen is None
+                        else f"{name} {now[0]}" + (f" (pid {now[1]})" if now[0] == "starting" else ""))
+                seen = now
+                with contextlib.suppress(Exception):
+                    progress({"progress": text,
+                              "instance": name, "state": now[0], "pid": now[1],
+                              "elapsed_s": round(time.monotonic() - t0, 1)})
+            if time.monotonic() > deadline:
+                raise ControlError(f"{name} not ready within {timeout_s:g} s (state {now[0]}); its start goes on:"
+                                   f" see `pdtui ctl status`", "timeout")
+            await asyncio.wait({task}, timeout=0.2)
+        try:
+            ready_s = task.result()
+        except Exception as e:  # StartupFailed: the message carries the cause and the log tail
+            raise ControlError(f"{name} did not come back: {e}", "failed") from e
+        return {"ok": True, "verb": "restart", "instance": name, "role": getattr(inst, "role", None),
+                "ready_s": round(ready_s, 3), "pid": getattr(inst, "pid", None), "state": getattr(inst, "state", None),
+                "elapsed_s": round(time.monotonic() - t0, 3)}
+
+    def _restart_done(self, name: str, task: asyncio.Task[float]) -> None:
+        self._restarting.pop(name, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a start that failed after a timed-out answer is not "never retrieved"
+
+    def on_down(self, handler: Callable[[], Any]) -> None:
+        """Call ``handler`` once ``down()`` has stopped everything (the pdtui that serves exits)."""
+        self._down_handlers.append(handler)
+
+    async def down(self, *, source: str | None = None, notify: bool = True) -> dict[str, Any]:
+        """Stop the engines and the proxy, then tell whoever runs this pdtui to exit
+        (``notify=False``: the caller calls ``notify_down()`` itself, after answering)."""
+        self.down_requested = True
+        self._note(source, "down: stopping everything")
+        t0 = time.monotonic()
+        names = list(getattr(self.runtime, "instances", {}))
+        await self.runtime.aclose(reason=f"{source}: down" if source else "down")
+        if notify:
+            self.notify_down()
+        return {"ok": True, "verb": "down", "pid": os.getpid(), "stopped": names,
+                "elapsed_s": round(time.monotonic() - t0, 3)}
+
+    def notify_down(self) -> None:
+        handlers, self._down_handlers = self._down_handlers, []
+        for handler in handlers:
+            with contextlib.suppress(Exception):
+                handler()
+
+    # ----- one request, as the socket gets it ------------------------------------------------
+    async def handle(self, request: Any, *, source: str | None = "pdtui ctl",
+                     progress: Callable[[dict[str, Any]], Any] | None = None, notify: bool = True) -> dict[str, Any]:
+        """Answer one request dict (``{"verb": ..., "instance": ...}``); errors become answers."""
+        try:
+            if not isinstance(request, dict):
+                raise ControlError("a request is a JSON object, e.g. {\"verb\": \"status\"}", "bad_request")
+            verb = request.get("verb")
+            if verb not in VERBS:
+                raise ControlError(f"unknown verb {verb!r}; one of: {', '.join(VERBS)}", "unknown_verb")
+            if verb in ("kill", "restart"):
+                which = request.get("instance")
+                if not isinstance(which, str) or not which:
+                    raise ControlError(f"{verb} needs an instance, e.g. {{\"verb\": \"{verb}\", \"instance\": \"D\"}}",
+                                       "bad_request")
+                if verb == "kill":
+                    return await self.kill(which, source=source)
+                timeout = request.get("timeout_s")
+                if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+                    raise ControlError(f"timeout_s = {timeout!r}: a positive number of seconds", "bad_request")
+                return await self.restart(which, source=source, timeout_s=timeout, progress=progress)
+            if verb == "down":
+                return await self.down(source=source, notify=notify)
+            return await self.status()
+        except ControlError as e:
+            return {**e.answer(), "verb": request.get("verb") if isinstance(request, dict) else None}
+
+
+def _exit_of(ev: InstanceStateChanged) -> dict[str, Any]:
+    return {"t": ev.t, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.t)), "exit_code": ev.exit_code,
+            "detail": ev.detail, "unexpected": ev.detail.startswith("exited unexpectedly")}
+
+
+def _takes(fn: Callable[..., Any], keyword: str) -> bool:
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ----- the socket ------------------------------------------------------------------------------
+
+
+def prepare_dir(path: Path) -> None:
+    """Make the socket's folder, mode 0700, owned by this user (refuse one that is not)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a plain folder: refusing to put a control socket there")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to you ({os.getuid()}): refusing to"
+                              " put a control socket there")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _check_length(path: Path) -> None:
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
+        raise OSError(f"control socket path too long for a Unix socket ({len(str(path))} > {MAX_SOCKET_PATH}"
+                      f" bytes): {path}; set PDTUI_HOME to a shorter folder")
+
+
+def probe(path: Path, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """Who answers on ``path``: None if nobody listens (no file, or a stale one); else the
+    status answer of the pdtui there ({} when something listens but gives no status)."""
+    try:
+        return request(path, {"verb": "status"}, timeout_s=timeout_s)
+    except NotListening:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+class ControlServer:
+    """Serves a Control on a Unix socket in the running loop (see the module's docstring)."""
+
+    def __init__(self, control: Control, path: Path) -> None:
+        self.control = control
+        self.path = Path(path)
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> ControlServer:
+        _check_length(self.path)
+        prepare_dir(self.path.parent)
+        if self.path.exists() or self.path.is_symlink():
+            st = os.lstat(self.path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(f"{self.path} exists and is not a socket: refusing to replace it")
+            found = await asyncio.to_thread(probe, self.path, 2.0)
+            if found is not None:
+                who = f"pid {found.get('pid')}, proxy {found.get('proxy_url')}" if found else "it does not say who"
+                raise ControlInUse(f"another pdtui answers on the control socket {self.path} ({who}): it owns this"
+                                   " proxy port. Stop it (`pdtui ctl down`) or run beside it with --port-offset N.")
+            self.path.unlink()  # stale: a pdtui that died without removing it
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=1 << 16)
+        os.chmod(self.path, 0o600)
+        self._inode = os.stat(self.path).st_ino
+        self.control.socket_path = self.path
+        return self
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file (if it is still ours). Connections being
+        answered (a ``down`` in progress) finish on their own."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._inode is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self._inode:
+                    self.path.unlink()
+            self._inode = None
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        after: Callable[[], None] | None = None
+
+        async def send(obj: dict[str, Any]) -> None:
+            writer.write((json.dumps(obj, default=str) + "\n").encode())
+            await writer.drain()
+
+        def progress(obj: dict[str, Any]) -> None:
+            if not writer.is_closing():
+                writer.write((json.dumps(obj, default=str) + "\n").encode())
+
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout=10.0)
+                uid = _peer_uid(writer)
+                if uid is not None and uid != os.getuid():  # read first: its answer is not lost to a reset
+                    await send({"ok": False, "code": "forbidden", "error": f"uid {uid} may not control this pdtui"})
+                    return
+                req = json.loads(line) if line.strip() else None
+            except (TimeoutError, ValueError) as e:
+                await send({"ok": False, "code": "bad_request", "error": f"expected one JSON line: {e}"})
+                return
+            is_down = isinstance(req, dict) and req.get("verb") == "down"
+            answer = await self.control.handle(req, progress=progress, notify=not is_down)
+            if is_down and answer.get("ok"):
+                after = self.control.notify_down
+            await send(answer)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+            if task is not None:
+                self._handlers.discard(task)
+            if after is not None:  # the answer is out: now the pdtui may exit
+                after()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
+
+
+# ----- the client (pdtui ctl) -------------------------------------------------------------------
+
+
+def request(path: Path, req: dict[str, Any], *, timeout_s: float | None = 30.0,
+            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Send one request, return the answer (progress lines go to ``on_progress``). Raises
+    NotListening when nobody listens on ``path``, naming it."""
+    path = Path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise NotListening(f"no pdtui is listening on {path} (no socket there)") from None
+        except ConnectionRefusedError:
+            raise NotListening(f"no pdtui is listening on {path} (a stale socket: its pdtui is gone)") from None
+        except PermissionError as e:
+            raise PermissionError(f"cannot connect to {path}: {e.strerror} (not your pdtui?)") from None
+        sock.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        with sock.makefile("rb") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    raise ConnectionError(f"the pdtui on {path} closed the connection without an answer"
+                                          + (f" ({buf[-200:]!r})" if buf else ""))
+                obj = json.loads(line)
+                if isinstance(obj, dict) and "progress" in obj and "ok" not in obj:
+                    if on_progress is not None:
+                        on_progress(obj)
+                    continue
+                return obj
+    finally:
+        sock.close()
+
+
+__all__ = ["VERBS", "Control", "ControlError", "ControlInUse", "ControlServer", "NotListening",
+           "default_socket_path", "probe", "request", "socket_dir"]
