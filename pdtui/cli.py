@@ -17,6 +17,7 @@ from typing import Any
 from pdtui.core import config as config_mod
 from pdtui.core import model as model_mod
 from pdtui.core.config import ConfigError
+from pdtui.core.preflight import PreflightError
 
 PRECEDENCE = (
     "Settings come from, highest first: command-line flags > PDTUI_<FIELD> environment variables"
@@ -83,11 +84,11 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     cfg = config_mod.load_profile(args.profile or config_mod.default_profile_name())
-    config_mod.apply_overrides(cfg, config_mod.env_overrides())
+    config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
         "proxy_port": args.proxy_port, "host": args.host,
-    })
+    }, source=lambda name: "--" + name.replace("_", "-"))
     if args.port_offset:
         cfg = config_mod.shift_ports(cfg, args.port_offset)
     config_mod.validate(cfg)
@@ -218,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from pdtui.bench import command as bench_cmd
 
-            return bench_cmd.run(load_config(args), args)
+            cfg = load_config(args)
+            _preflight(cfg)
+            return bench_cmd.run(cfg, args)
         if args.command == "proxy":
             from pdtui.core import proxy_process
             from pdtui.core.supervisor import PortInUse
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             path = model_mod.synth(args.shape, out)
             print(f"wrote {args.shape} model to {path} (serve with --load-format dummy)")
             return 0
+    except PreflightError as e:
+        print(f"pdtui: refused before launch: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"pdtui: config error: {e}", file=sys.stderr)
         return 2
@@ -244,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_config(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    for note in _preflight(cfg, ports=False):  # it launches nothing: ports taken now are a note
+        print(f"pdtui config: note: {note.text} (`pdtui up` would refuse)", file=sys.stderr)
     specs = config_mod.render(cfg)
     if args.json:
         print(json.dumps({"config": config_mod.describe(cfg),
@@ -257,6 +265,15 @@ def run_config(args: argparse.Namespace) -> int:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in s.env.items())
         print(f"\n# {s.name} ({s.role}) at {s.url}\n{env} \\\n  {shlex.join(s.argv)}")
     return 0
+
+
+def _preflight(cfg: config_mod.PairConfig, *, ports: bool = True) -> list[Any]:
+    """Refuse (PreflightError, exit 2) what cannot launch here: a GPU profile with no GPU, KV over
+    the free memory, a connector other than NixlConnector, ports in use, another pdtui answering
+    on this proxy port's control socket. Before any engine, and before the dashboard exists."""
+    from pdtui.core.preflight import preflight
+
+    return preflight(cfg, ports=ports)
 
 
 def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace) -> Any:
@@ -277,6 +294,7 @@ def _ctl_hint(cfg: config_mod.PairConfig) -> str:
 
 def run_up(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    _preflight(cfg)  # a second pdtui on these ports ends here, before any dashboard exists
     if args.headless:
         return asyncio.run(_up_headless(cfg, args))
     return asyncio.run(_up_dashboard(cfg, args))
@@ -320,6 +338,7 @@ def run_drill(args: argparse.Namespace) -> int:
     size = _size(args.size) if args.headless else None
     if args.witness_tokens < 50:
         raise ConfigError("--witness-tokens must be at least 50: the stream has to outlive the kill")
+    _preflight(cfg)
     return asyncio.run(_drill(cfg, args, size))
 
 

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -164,6 +165,11 @@ class PairConfig:
     """P first, then D (one or more of each)."""
     profile_name: str = "default"
     """Where this config came from (for headers and records)."""
+    profile_path: str | None = None
+    """The profile file it was loaded from (named when a field of it is refused)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each pair field set on purpose came from: the profile file, "PDTUI_CONNECTOR",
+    "--connector" (``origin()``; the preflight's refusals name it)."""
 
     # ----- derived -----------------------------------------------------------------------------
     @property
@@ -394,7 +400,8 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
 
 # ----- loading ---------------------------------------------------------------------------------
 
-_PAIR_FIELDS = {f.name: f for f in fields(PairConfig) if f.name not in ("instances", "profile_name")}
+_NOT_SETTINGS = ("instances", "profile_name", "profile_path", "sources")
+_PAIR_FIELDS = {f.name: f for f in fields(PairConfig) if f.name not in _NOT_SETTINGS}
 _INSTANCE_FIELDS = {f.name: f for f in fields(InstanceConfig) if f.name != "overrides"}
 
 
@@ -468,13 +475,32 @@ def load_profile(path_or_name: str | Path) -> PairConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        return from_dict(data, profile_name=path.stem)
+        cfg = from_dict(data, profile_name=path.stem)
     except TypeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    cfg.profile_path = show_path(path)
+    cfg.sources.update({name: cfg.profile_path for name in data.get("pair", {})})
+    return cfg
 
 
-def apply_overrides(cfg: PairConfig, overrides: dict[str, Any]) -> PairConfig:
-    """Set pair fields by name (from the environment or flags); None values are skipped."""
+def show_path(path: str | Path) -> str:
+    """A path as a person would type it here: relative to the current folder when under it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def origin(cfg: PairConfig, name: str) -> str:
+    """Where a pair field's value came from: a flag, a variable, the profile file or the default."""
+    return cfg.sources.get(name, "the default")
+
+
+def apply_overrides(cfg: PairConfig, overrides: dict[str, Any],
+                    source: Callable[[str], str] | None = None) -> PairConfig:
+    """Set pair fields by name (from the environment or flags); None values are skipped.
+    ``source(name)`` labels where each came from (``cfg.sources``), e.g. ``PDTUI_MODEL``."""
     for name, value in overrides.items():
         if value is None:
             continue
@@ -485,6 +511,8 @@ def apply_overrides(cfg: PairConfig, overrides: dict[str, Any]) -> PairConfig:
         if isinstance(current, dict) and isinstance(new, dict):
             new = {**current, **new}  # env, extra config: add to the profile's, don't drop it
         setattr(cfg, name, new)
+        if source is not None:
+            cfg.sources[name] = source(name)
     return cfg
 
 
@@ -501,7 +529,8 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def shift_ports(cfg: PairConfig, offset: int) -> PairConfig:
     """Every port + offset: run a second pair beside the first (tests, CI)."""
-    cfg = dataclasses.replace(cfg, instances=[dataclasses.replace(i) for i in cfg.instances])
+    cfg = dataclasses.replace(cfg, instances=[dataclasses.replace(i) for i in cfg.instances],
+                              sources={**cfg.sources, "port_offset": f"--port-offset {offset}"})
     cfg.proxy_port += offset
     for inst in cfg.instances:
         inst.port += offset

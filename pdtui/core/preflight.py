@@ -1,0 +1,264 @@
+"""Preflight: refuse a launch that cannot work on this machine, before anything is started.
+
+``preflight(cfg)`` is called by ``pdtui up``, ``pdtui drill``, ``pdtui bench`` and ``pdtui
+config`` (which reports ports in use as a note, not a refusal: it launches nothing). It checks:
+
+- ``device``: "cuda" on a machine with no NVIDIA GPU (``config.has_gpu()``);
+- ``connector``: pdtui drives NixlConnector only (its handshake, transfers and metrics are what
+  it parses, shows and checks);
+- ``kv_cache_memory_bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``): the KV every instance asks for, summed,
+  against MemAvailable on CPU; on GPU, per CUDA device against ``nvidia-smi``'s memory.free, and
+  ``gpu_memory_utilization`` x total against it too (vLLM refuses to start below that);
+  ``cuda_devices`` naming a GPU the machine does not have;
+- another pdtui on the same proxy port: its control socket answers (``pdtui.core.control``);
+- every port (proxy, HTTP, NIXL side channel) free.
+
+Every problem is collected and named by its field and where its value came from (the profile
+file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdtui.core import config as config_mod
+from pdtui.core.config import ConfigError, PairConfig
+
+GiB = 1 << 30
+SUPPORTED_CONNECTORS = ("NixlConnector",)
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    """The profile field (or port) at fault: device, connector, kv_cache_memory_bytes, proxy_port, ..."""
+    text: str
+    in_use: bool = False
+    """Ports or the control socket taken now (a note for `pdtui config`, a refusal for a launch)."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    free_bytes: int
+    total_bytes: int
+
+
+class PreflightError(ConfigError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            text = problems[0].text
+        else:
+            text = f"{len(problems)} problems:\n" + "\n".join(f"  - {p.text}" for p in problems)
+        super().__init__(text + "\nNothing was started.")
+
+
+def preflight(cfg: PairConfig, *, ports: bool = True, control_socket: Path | None = None) -> list[Problem]:
+    """Raise PreflightError naming every problem; with ``ports=False``, ports and a live control
+    socket are returned as notes instead (``pdtui config``)."""
+    found = problems(cfg, control_socket=control_socket)
+    refused = [p for p in found if ports or not p.in_use]
+    if refused:
+        raise PreflightError(refused)
+    return found
+
+
+def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[Gpu] | None = None,
+             mem_available: int | None = None, check_in_use: bool = True) -> list[Problem]:
+    """Everything that stops this pair from launching here (``gpus`` and ``mem_available``:
+    the machine as measured, unless a test passes them)."""
+    out: list[Problem] = []
+    gpu_here = config_mod.has_gpu() if gpus is None else bool(gpus)
+    if cfg.device == "cuda" and not gpu_here:
+        why = ("CUDA_VISIBLE_DEVICES is empty" if os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+               else "no nvidia-smi" if shutil.which("nvidia-smi") is None else "no /dev/nvidia0")
+        out.append(Problem("device", f"device = \"cuda\" ({_from(cfg, 'device')}), but this machine has no NVIDIA"
+                           f" GPU ({why}). Use a CPU profile (--profile cpu) or run it on a GPU machine."))
+    for inst in cfg.instances:
+        conn = cfg.resolved(inst, "connector")
+        if conn not in SUPPORTED_CONNECTORS:
+            where = _in(cfg) if "connector" in inst.overrides else _from(cfg, "connector")
+            out.append(Problem("connector", f"connector = {conn!r} ({where}): pdtui drives NixlConnector only (the"
+                               " handshake, transfers and metrics it shows are NIXL's). Set connector ="
+                               " \"NixlConnector\"."))
+            break
+    if cfg.device == "cpu":
+        out += _cpu_memory(cfg, mem_available)
+    elif gpu_here:
+        out += _gpu_memory(cfg, gpus if gpus is not None else query_gpus())
+    if check_in_use:
+        out += _in_use(cfg, control_socket)
+    return out
+
+
+# ----- memory ------------------------------------------------------------------------------------
+
+
+def kv_asked(cfg: PairConfig, inst: config_mod.InstanceConfig) -> tuple[int | None, str]:
+    """The KV bytes an instance asks for (per device), and the setting that asks."""
+    env = {**os.environ, **cfg.env, **inst.env}
+    if cfg.device == "cpu" and env.get("VLLM_CPU_KVCACHE_SPACE", "") != "":
+        try:
+            return int(env["VLLM_CPU_KVCACHE_SPACE"]) * GiB, "VLLM_CPU_KVCACHE_SPACE"
+        except ValueError:
+            pass
+    return inst.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cpu_memory(cfg: PairConfig, mem_available: int | None) -> list[Problem]:
+    asks = [(inst.name, *kv_asked(cfg, inst)) for inst in cfg.instances]
+    asks = [(n, b, how) for n, b, how in asks if b]
+    if not asks:
+        return []
+    avail = mem_available if mem_available is not None else mem_available_bytes()
+    total = sum(b for _, b, _ in asks)
+    if avail is None or total <= avail:
+        return []
+    fields = sorted({how for _, _, how in asks})
+    each = ", ".join(f"{n} {human(b)}" for n, b, _ in asks)
+    return [Problem(fields[0], f"{' / '.join(fields)} ({_in(cfg)}): the instances ask for"
+                    f" {human(total)} of KV cache in all ({each}), but this machine has {human(avail)} available"
+                    " (MemAvailable, /proc/meminfo; the models' weights not counted). Lower kv_cache_memory_bytes.")]
+
+
+def query_gpus() -> list[Gpu]:
+    """Free and total memory of each GPU (nvidia-smi's index order); [] if it cannot be asked."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free,memory.total",
+                              "--format=csv,noheader,nounits"], check=False, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.stdout.splitlines():
+        try:
+            idx, free, total = (int(x.strip()) for x in line.split(","))
+        except ValueError:
+            continue
+        gpus.append(Gpu(idx, free * (1 << 20), total * (1 << 20)))
+    return gpus
+
+
+def _devices(cfg: PairConfig, inst: config_mod.InstanceConfig) -> list[int] | None:
+    """The GPUs an instance runs on (nvidia-smi indices); None if named otherwise (UUIDs)."""
+    spec = inst.cuda_devices if inst.cuda_devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is None:
+        return [0]
+    try:
+        devs = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        return None
+    return devs[: max(1, int(cfg.resolved(inst, "tensor_parallel_size")))] if devs else None
+
+
+def _gpu_memory(cfg: PairConfig, gpus: list[Gpu]) -> list[Problem]:
+    if not gpus:
+        return []
+    by_index = {g.index: g for g in gpus}
+    out: list[Problem] = []
+    kv: dict[int, list[tuple[str, int]]] = {}
+    util: dict[int, list[tuple[str, float]]] = {}
+    where = _in(cfg)
+    for inst in cfg.instances:
+        devs = _devices(cfg, inst)
+        if devs is None:
+            continue
+        missing = [d for d in devs if d not in by_index]
+        if missing:
+            have = ", ".join(str(i) for i in sorted(by_index))
+            out.append(Problem("cuda_devices", f"{inst.name} cuda_devices = {inst.cuda_devices!r} ({where}): this machine"
+                               f" has no GPU {', '.join(map(str, missing))} (it has {len(by_index)}: {have})."))
+            continue
+        for d in devs:
+            if inst.kv_cache_memory_bytes:
+                kv.setdefault(d, []).append((inst.name, inst.kv_cache_memory_bytes))
+            if inst.gpu_memory_utilization:
+                util.setdefault(d, []).append((inst.name, inst.gpu_memory_utilization))
+    for d, asks in sorted(kv.items()):
+        total, free = sum(b for _, b in asks), by_index[d].free_bytes
+        if total > free:
+            each = ", ".join(f"{n} {human(b)}" for n, b in asks)
+            out.append(Problem("kv_cache_memory_bytes", f"kv_cache_memory_bytes ({where}): GPU {d} would hold"
+                               f" {human(total)} of KV cache ({each}), but has {human(free)} free (nvidia-smi"
+                               " memory.free; the models' weights not counted). Lower kv_cache_memory_bytes."))
+    for d, asks in sorted(util.items()):
+        g = by_index[d]
+        want = sum(u for _, u in asks) * g.total_bytes
+        if want > g.free_bytes:
+            each = ", ".join(f"{n} {u:g}" for n, u in asks)
+            out.append(Problem("gpu_memory_utilization", f"gpu_memory_utilization ({where}): on GPU {d} the instances"
+                               f" ask for {each} of {human(g.total_bytes)} = {human(want)}, but {human(g.free_bytes)}"
+                               " is free (nvidia-smi); vLLM refuses to start below its share. Lower it."))
+    return out
+
+
+# ----- ports and another pdtui -------------------------------------------------------------------
+
+
+def _in_use(cfg: PairConfig, control_socket: Path | None) -> list[Problem]:
+    from pdtui.core import control
+    from pdtui.core.supervisor import PortInUse, check_port_free
+
+    out: list[Problem] = []
+    path = control_socket or control.default_socket_path(cfg.proxy_port)
+    found = control.probe(path, timeout_s=2.0)
+    if found is not None:
+        who = (f"pid {found.get('pid')}, profile {found.get('profile')}, proxy {found.get('proxy_url')},"
+               f" up {found.get('uptime_s')} s" if found.get("ok") else "it gave no status")
+        out.append(Problem("proxy_port", f"another pdtui runs on proxy port {cfg.proxy_port}: its control socket"
+                           f" {path} answers ({who}). Stop it (`pdtui ctl down{_ctl_flags(cfg)}`), or run beside it"
+                           " with --port-offset N.", in_use=True))
+    shifted = f", {cfg.sources['port_offset']}" if "port_offset" in cfg.sources else ""
+    checks = [("proxy_port", cfg.proxy_port, "proxy")]
+    for inst in cfg.instances:
+        checks += [(f"{inst.name} port", inst.port, f"{inst.name} ({inst.role}) HTTP"),
+                   (f"{inst.name} side_channel_port", inst.side_channel_port, f"{inst.name} ({inst.role}) NIXL side channel")]
+    for name, port, what in checks:
+        try:
+            check_port_free(cfg.host, port, what)
+        except PortInUse as e:
+            where = _from(cfg, "proxy_port") if name == "proxy_port" else _in(cfg)
+            out.append(Problem(name.split()[-1], f"{name} = {port} ({where}{shifted}): {e}", in_use=True))
+    return out
+
+
+def _ctl_flags(cfg: PairConfig) -> str:
+    return "" if cfg.proxy_port == 8000 else f" --proxy-port {cfg.proxy_port}"
+
+
+def _from(cfg: PairConfig, name: str) -> str:
+    """"set in launch/cpu.toml", "from --connector", "from PDTUI_CONNECTOR", "the default"."""
+    src = config_mod.origin(cfg, name)
+    if src == "the default":
+        return "pdtui's default" + (f", not set in {cfg.profile_path}" if cfg.profile_path else "")
+    return f"from {src}" if src.startswith(("--", "PDTUI_")) else f"set in {src}"
+
+
+def _in(cfg: PairConfig) -> str:
+    return f"set in {cfg.profile_path}" if cfg.profile_path else "set in the profile"
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+__all__ = ["Gpu", "PreflightError", "Problem", "preflight", "problems", "query_gpus"]

