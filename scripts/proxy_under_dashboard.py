@@ -57,7 +57,12 @@ async def main(args: argparse.Namespace) -> int:
                             on_event=on_event, cpus=[args.proxy_cpu] if args.proxy_cpu is not None else None)
         await proc.start()
         proc.set_up("D", True)
-        await stop.wait()
+        while not stop.is_set():
+            if args.burn_ms:  # a busy consumer, without Textual: the loop held args.burn_ms at a time
+                t_end = time.perf_counter() + args.burn_ms / 1000
+                while time.perf_counter() < t_end:
+                    pass
+            await asyncio.sleep(args.burn_ms / 1000 if args.burn_ms else 0.1)
         await proc.stop()
         print(f"headless: {seen}", file=sys.stderr)
         return 0
@@ -113,6 +118,8 @@ if __name__ == "__main__":
     p.add_argument("--size", default="160x48")
     p.add_argument("--extra-rate", type=float, default=200.0, help="recorded events per second besides the traces")
     p.add_argument("--nice", type=int, default=0, help="renice the dashboard's process by N once the proxy runs")
+    p.add_argument("--burn-ms", type=float, default=0.0,
+                   help="headless: hold the consumer's loop busy this long, then idle as long (a stand-in for draws)")
     p.add_argument("--proxy-cpu", type=int, default=None, help="pin the proxy process to this CPU")
     p.add_argument("--ui-cpu", type=int, default=None, help="pin this process (the dashboard or consumer) to this CPU")
     sys.exit(asyncio.run(main(p.parse_args())))
