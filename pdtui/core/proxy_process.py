@@ -326,11 +326,13 @@ class ProxyProcess:
         return argv
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        from pdtui.core.supervisor import check_port_free
+        from pdtui.core.supervisor import RUN_TAG, TAG_VAR, check_port_free, ensure_reaper
 
         check_port_free(self.host, self.port, "proxy")
+        ensure_reaper()  # the proxy carries this pdtui's tag: nothing it started outlives it
+        env = {**os.environ, TAG_VAR: f"{RUN_TAG}:proxy:{self.port}"}
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            *self.argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             stderr=asyncio.subprocess.PIPE, limit=STDOUT_LINE_LIMIT, preexec_fn=_child_setup(self.cpus))
         self._tasks = [asyncio.create_task(self._pump_events(), name="proxy-events"),
                        asyncio.create_task(self._pump_stderr(), name="proxy-stderr")]

@@ -36,5 +36,13 @@ def test_no_vllm_process_is_left_running():
     while processes_in_groups(STARTED_GROUPS) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_in_groups(STARTED_GROUPS) == []
+    # nor any process that carries this pdtui's tag (engine cores and workers that left their
+    # group, the proxy): what the reaper would kill if this pytest were killed
+    from pdtui.core.supervisor import RUN_TAG, tagged_processes
+
+    deadline = time.monotonic() + 10
+    while tagged_processes(RUN_TAG + ":") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tagged_processes(RUN_TAG + ":") == []
     cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
     assert _ports_free(cfg), "a port of the e2e pair is still held"
