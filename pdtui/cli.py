@@ -95,6 +95,20 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     return cfg
 
 
+def _add_ctl_args(ctl: argparse.ArgumentParser) -> None:
+    ctl.add_argument("verb", choices=("status", "kill", "restart", "down"), help="what to do")
+    ctl.add_argument("instance", nargs="?", default=None, help="kill and restart: the instance (P, D, D2, ...)")
+    ctl.add_argument("--profile", default=None,
+                     help="the profile that pdtui runs (its proxy port names it; default: this machine's default)")
+    ctl.add_argument("--proxy-port", type=int, default=None, help="that pdtui's proxy port (default: the profile's)")
+    ctl.add_argument("--port-offset", type=int, default=0, help="the --port-offset that pdtui was started with")
+    ctl.add_argument("--socket", type=Path, default=None,
+                     help="the control socket itself (default: <state dir>/ctl/<proxy port>.sock)")
+    ctl.add_argument("--json", action="store_true", help="print the answer as one JSON line")
+    ctl.add_argument("--timeout", type=float, default=None,
+                     help="restart: give up waiting after this many seconds (default: the instance's ready timeout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdtui", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,17 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="control a running pdtui from another terminal: status, kill, restart, down",
                          description=CTL_DESCRIPTION, epilog=CTL_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    ctl.add_argument("verb", choices=("status", "kill", "restart", "down"), help="what to do")
-    ctl.add_argument("instance", nargs="?", default=None, help="kill and restart: the instance (P, D, D2, ...)")
-    ctl.add_argument("--profile", default=None,
-                     help="the profile that pdtui runs (its proxy port names it; default: this machine's default)")
-    ctl.add_argument("--proxy-port", type=int, default=None, help="that pdtui's proxy port (default: the profile's)")
-    ctl.add_argument("--port-offset", type=int, default=0, help="the --port-offset that pdtui was started with")
-    ctl.add_argument("--socket", type=Path, default=None,
-                     help="the control socket itself (default: <state dir>/ctl/<proxy port>.sock)")
-    ctl.add_argument("--json", action="store_true", help="print the answer as one JSON line")
-    ctl.add_argument("--timeout", type=float, default=None,
-                     help="restart: give up waiting after this many seconds (default: the instance's ready timeout)")
+    _add_ctl_args(ctl)
 
     rep = sub.add_parser("replay", help="drive the dashboard from a recording (pdtui up --record FILE)",
                          description="Play a recording into the dashboard, at real speed or faster. Kill, restart"
@@ -201,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["ctl"]:
+        # the client alone: no bench or proxy imports, so it starts fast on a busy box (it is
+        # what someone types while the engines take every core)
+        ctl = argparse.ArgumentParser(prog="pdtui ctl", description=CTL_DESCRIPTION, epilog=CTL_EPILOG,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_ctl_args(ctl)
+        try:
+            return run_ctl(ctl.parse_args((sys.argv[1:] if argv is None else argv)[1:]))
+        except ConfigError as e:
+            print(f"pdtui ctl: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -464,7 +479,7 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
 def ctl_socket_path(args: argparse.Namespace) -> Path:
     """The socket of the pdtui meant: --socket, else the proxy port's (--proxy-port, PDTUI_PROXY_PORT or
     the profile's, plus --port-offset) under the state dir."""
-    from pdtui.core import control
+    from pdtui.core import ctl_client as control
 
     if args.socket is not None:
         return args.socket
@@ -479,7 +494,7 @@ def ctl_socket_path(args: argparse.Namespace) -> Path:
 
 
 def run_ctl(args: argparse.Namespace) -> int:
-    from pdtui.core import control
+    from pdtui.core import ctl_client as control  # light: no server, no httpx
 
     if args.verb in ("kill", "restart") and not args.instance:
         print(f"pdtui ctl {args.verb}: name the instance, e.g. `pdtui ctl {args.verb} D`", file=sys.stderr)

@@ -18,7 +18,8 @@ connection's peer checked to be this user (SO_PEERCRED): nobody else on the box 
 engines. One JSON request line in (``{"verb": "kill", "instance": "D"}``), one JSON answer line
 out; a restart sends progress lines (``{"progress": ...}``) before its answer. A stale socket
 left by a pdtui that died is replaced once nothing answers on it; a live one is refused
-(``ControlInUse``: another pdtui owns this proxy port). ``request()`` is the client side.
+(``ControlInUse``: another pdtui owns this proxy port). ``request()`` is the client side
+(``pdtui.core.ctl_client``, light to import: `pdtui ctl` runs on a box whose cores the engines take).
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pdtui.core.ctl_client import MAX_SOCKET_PATH, NotListening, default_socket_path, probe, request, socket_dir
 from pdtui.core.events import InstanceStateChanged, Notice, PairReady
 from pdtui.core.supervisor import PortInUse
 
 VERBS = ("status", "kill", "restart", "down")
-MAX_SOCKET_PATH = 107
-"""sun_path holds 108 bytes with the terminating NUL."""
 
 
 class ControlError(Exception):
@@ -57,21 +57,6 @@ class ControlError(Exception):
 
 class ControlInUse(PortInUse):
     """Another pdtui answers on this control socket: it owns this proxy port."""
-
-
-class NotListening(ConnectionError):
-    """No pdtui answers on this socket (the message names it)."""
-
-
-def socket_dir() -> Path:
-    from pdtui.core.runtime import state_dir  # the state dir is the Runtime's (runs/ lives there too)
-
-    return state_dir() / "ctl"
-
-
-def default_socket_path(proxy_port: int) -> Path:
-    """Where the pdtui whose proxy listens on ``proxy_port`` serves its control socket."""
-    return socket_dir() / f"{proxy_port}.sock"
 
 
 class Control:
@@ -308,17 +293,6 @@ def _check_length(path: Path) -> None:
                       f" bytes): {path}; set PDTUI_HOME to a shorter folder")
 
 
-def probe(path: Path, timeout_s: float = 2.0) -> dict[str, Any] | None:
-    """Who answers on ``path``: None if nobody listens (no file, or a stale one); else the
-    status answer of the pdtui there ({} when something listens but gives no status)."""
-    try:
-        return request(path, {"verb": "status"}, timeout_s=timeout_s)
-    except NotListening:
-        return None
-    except (OSError, ValueError):
-        return {}
-
-
 class ControlServer:
     """Serves a Control on a Unix socket in the running loop (see the module's docstring)."""
 
@@ -416,43 +390,6 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     except OSError:
         return None
     return uid
-
-
-# ----- the client (pdtui ctl) -------------------------------------------------------------------
-
-
-def request(path: Path, req: dict[str, Any], *, timeout_s: float | None = 30.0,
-            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Send one request, return the answer (progress lines go to ``on_progress``). Raises
-    NotListening when nobody listens on ``path``, naming it."""
-    path = Path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise NotListening(f"no pdtui is listening on {path} (no socket there)") from None
-        except ConnectionRefusedError:
-            raise NotListening(f"no pdtui is listening on {path} (a stale socket: its pdtui is gone)") from None
-        except PermissionError as e:
-            raise PermissionError(f"cannot connect to {path}: {e.strerror} (not your pdtui?)") from None
-        sock.sendall((json.dumps(req) + "\n").encode())
-        buf = b""
-        with sock.makefile("rb") as f:
-            while True:
-                line = f.readline()
-                if not line:
-                    raise ConnectionError(f"the pdtui on {path} closed the connection without an answer"
-                                          + (f" ({buf[-200:]!r})" if buf else ""))
-                obj = json.loads(line)
-                if isinstance(obj, dict) and "progress" in obj and "ok" not in obj:
-                    if on_progress is not None:
-                        on_progress(obj)
-                    continue
-                return obj
-    finally:
-        sock.close()
 
 
 __all__ = ["VERBS", "Control", "ControlError", "ControlInUse", "ControlServer", "NotListening",

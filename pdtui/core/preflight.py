@@ -211,7 +211,7 @@ def _gpu_memory(cfg: PairConfig, gpus: list[Gpu]) -> list[Problem]:
 
 
 def _in_use(cfg: PairConfig, control_socket: Path | None) -> list[Problem]:
-    from pdtui.core import control
+    from pdtui.core import ctl_client as control
     from pdtui.core.supervisor import PortInUse, check_port_free
 
     out: list[Problem] = []

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from pdtui.core.events import (
     RuntimeStarted,
     RuntimeStopped,
 )
+from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
 from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.supervisor import Instance, StartupFailed, check_port_free
@@ -298,14 +298,6 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, timeout=5)
-
-
-def state_dir() -> Path:
-    """$PDTUI_HOME/state, else $XDG_STATE_HOME/pdtui, else ~/.local/state/pdtui."""
-    if os.environ.get("PDTUI_HOME"):
-        return Path(os.environ["PDTUI_HOME"]) / "state"
-    base = os.environ.get("XDG_STATE_HOME")
-    return (Path(base) if base else Path.home() / ".local" / "state") / "pdtui"
 
 
 def default_run_dir(cfg: PairConfig) -> Path:
