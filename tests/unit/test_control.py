@@ -505,3 +505,47 @@ def test_down_during_start_up_ends_headless_up_cleanly(short_tmp: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.communicate()
+
+
+def test_the_dashboard_is_driven_by_pdtui_ctl_and_closes_on_down(short_tmp: Path) -> None:
+    """`pdtui up` with its dashboard on a pseudo-terminal (fake engines): kill and restart from
+    `pdtui ctl`, then `down` closes the dashboard with 0 and removes the socket."""
+    import pty
+    import threading
+
+    home = short_tmp / "h"
+    profile = fake_profile(short_tmp)
+    port = config_mod.load_profile(profile).proxy_port
+    sock = home / "state" / "ctl" / f"{port}.sock"
+    master, slave = pty.openpty()
+    env = env_for(home, TERM="xterm-256color", COLUMNS="120", LINES="40")
+    up = subprocess.Popen([sys.executable, "-c", FAKE_ENGINES, "up", "--profile", str(profile)], env=env, cwd=ROOT,
+                          stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    screen: list[bytes] = []
+
+    def drain() -> None:  # the terminal must be read, or the dashboard blocks writing to it
+        with contextlib.suppress(OSError):
+            while chunk := os.read(master, 65536):
+                screen.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        wait_ready(home, sock, up)
+        args = ("--proxy-port", str(port))
+        assert ctl(home, "kill", "D", *args).returncode == 0
+        restart = ctl(home, "restart", "D", *args, "--json")
+        assert restart.returncode == 0 and json.loads(restart.stdout)["ok"], restart.stderr
+        down = ctl(home, "down", *args)
+        assert down.returncode == 0, down.stderr
+        assert up.wait(timeout=20) == 0
+        assert not sock.exists()
+        out = b"".join(screen).decode(errors="replace")
+        assert "pdtui: logs in" in out and "\x1b[" in out  # the run folder, then the dashboard was drawn
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        os.close(master)
+        reader.join(5)
