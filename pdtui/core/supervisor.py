@@ -267,11 +267,29 @@ class Instance:
         if self.side_channel_port:
             check_port_free(self.host, self.side_channel_port, f"{self.name} ({self.role}) NIXL side channel")
 
+    async def _wait_ports_free(self, timeout_s: float) -> None:
+        """Ports of a process killed a moment ago are released as it is reaped: wait a bounded
+        moment before calling them taken."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.check_ports()
+                return
+            except PortInUse:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
     async def spawn(self) -> None:
         """Launch the process (not waiting for readiness)."""
         if self.alive:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
-        self.check_ports()
+        if self._waiter is not None and not self._waiter.done():
+            # the last death's clean-up is still killing and reaping: let it finish first, or its
+            # end would be taken for the new process's, and its orphans would still hold the ports
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._waiter), 20)
+        await self._wait_ports_free(5.0)
         ensure_reaper()
         self.generation += 1
         self.tag = f"{RUN_TAG}:{self.name}:{self.generation}"

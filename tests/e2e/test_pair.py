@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from pdtui.core import kvmath
-from pdtui.core.events import ConnectorEvent, InstanceStateChanged, PairReady, RequestTraced
+from pdtui.core.events import ConnectorEvent, InstanceStateChanged, Notice, PairReady, RequestTraced
 
 pytestmark = pytest.mark.e2e
 
@@ -180,3 +180,250 @@ def test_kill_prefill_falls_back_to_decode_colocated_then_restart_brings_the_pai
         if outcome == "pair":
             break
     assert outcome == "pair"
+
+
+# ----- faults from outside (issue 11): kill -9 from another process, as the OOM killer does -----
+
+def _stream_until_error(pair, rid: str, out: dict, started: threading.Event, max_tokens: int = 3000) -> None:
+    """A client in another thread: one long stream; records how it ended and when (wall clock)."""
+    try:
+        stream = client(pair).completions.create(
+            model="tiny", prompt=unique_prompt(200), max_tokens=max_tokens, stream=True,
+            extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": rid})
+        for _ in stream:
+            out["chunks"] = out.get("chunks", 0) + 1
+            if out["chunks"] >= 3:
+                started.set()
+        out["end"] = "finished"
+    except Exception as e:  # noqa: BLE001 - how it ended is what is checked
+        out["end"] = f"{type(e).__name__}: {e}"
+    finally:
+        out["t_end"] = time.time()
+        started.set()
+
+
+def _victim_pid(pair, name: str, which: str) -> int:
+    inst = pair.rt.instances[name]
+    if which == "api-server":
+        return inst.pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the watcher finds the engine core by its title
+        cores = [p for p, title in dict(inst.members).items() if "EngineCore" in title]
+        if cores:
+            return cores[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no EngineCore process seen under {name}: {inst.members}")
+
+
+def _ports_of(pair, name: str) -> list[int]:
+    inst = pair.rt.instances[name]
+    return [p for p in (inst.port, inst.side_channel_port) if p]
+
+
+def _wait_ports_free(ports: list[int], timeout_s: float) -> float:
+    from pdtui.core.supervisor import PortInUse, check_port_free
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            for port in ports:
+                check_port_free("127.0.0.1", port, "e2e")
+            return time.monotonic() - t0
+        except PortInUse:
+            assert time.monotonic() - t0 < timeout_s, f"ports {ports} still held after {timeout_s} s"
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("name,which", [("D", "api-server"), ("D", "engine-core"), ("P", "api-server"),
+                                        ("P", "engine-core")])
+def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, which):
+    """kill -9 of an engine process from another process during streams: an exited event within
+    2 s with the signal, the streams end with an SSE error within 2 s (D), nothing of the instance
+    left (processes, ports), the restart works and the pair serves again; for P the fallback is
+    counted while it is down."""
+    from pdtui.core.supervisor import is_alive
+
+    inst = pair.rt.instances[name]
+    streams = []
+    if name == "D":
+        for k in range(2):
+            out: dict = {}
+            started = threading.Event()
+            th = threading.Thread(target=_stream_until_error, args=(pair, f"e2e-out-{which}-{k}", out, started))
+            th.start()
+            streams.append((th, out, started))
+        for _, _, started in streams:
+            assert started.wait(120), "a stream never started"
+    victim = _victim_pid(pair, name, which)
+    family = [inst.pid, *inst.members]
+    n_exited = len(pair.of(InstanceStateChanged, instance=name, state="exited"))
+    t_kill = time.time()
+    import os
+
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 10
+    while len(pair.of(InstanceStateChanged, instance=name, state="exited")) == n_exited:
+        assert time.monotonic() < deadline, f"no exited event for {name} within 10 s"
+        time.sleep(0.02)
+    exited = pair.of(InstanceStateChanged, instance=name, state="exited")[-1]
+    seen_s = exited.t - t_kill
+    assert seen_s < 2.0, f"{name}'s death seen after {seen_s:.2f} s"
+    assert "unexpectedly" in exited.detail and ("EngineCore" if which == "engine-core" else "API server") in exited.detail
+    for th, out, _ in streams:
+        th.join(10)
+        assert not th.is_alive(), "a client hangs after D died"
+        assert out["end"] != "finished", "a stream whose decode instance died ended cleanly"
+        assert out["t_end"] - t_kill < 2.0, f"the client's error came {out['t_end'] - t_kill:.2f} s after the kill"
+    deadline = time.monotonic() + 5
+    while any(is_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in family if is_alive(p)], "an engine process outlived the instance"
+    freed_s = _wait_ports_free(_ports_of(pair, name), 5)
+    notice = pair.wait_for(Notice, timeout=5, instance=name, level="error")
+    assert "died" in notice.text and str(inst.log_path) in notice.text
+    print(f"\n[e2e] kill -9 of {name}'s {which} (pid {victim}): exited event after {seen_s * 1000:.0f} ms,"
+          f" streams ended after {max((o['t_end'] - t_kill for _, o, _ in streams), default=0) * 1000:.0f} ms,"
+          f" ports free {freed_s * 1000:.0f} ms after that")
+
+    if name == "P":  # while P is down, requests fall back to D colocated, and are counted
+        rid = f"e2e-out-fallback-{uuid.uuid4().hex[:6]}"
+        client(pair).completions.create(model="tiny", prompt=unique_prompt(100), max_tokens=2,
+                                        extra_headers={"X-Request-Id": rid})
+        t = trace_of(pair, rid)
+        assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down")
+        assert 'pdtui_fallbacks_total{reason="prefill_down"}' in httpx.get(f"{pair.cfg.proxy_url}/metrics").text
+
+    pair.call(pair.rt.restart(name), 600)
+    deadline = time.monotonic() + 120
+    outcome = None
+    while time.monotonic() < deadline:  # the first request after a restart may pay the new handshake
+        rid = f"e2e-out-after-{uuid.uuid4().hex[:6]}"
+        client(pair).completions.create(model="tiny", prompt=unique_prompt(300), max_tokens=4,
+                                        extra_headers={"X-Request-Id": rid})
+        outcome = trace_of(pair, rid).outcome
+        if outcome == "pair":
+            break
+    assert outcome == "pair"
+
+
+def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(pair, tmp_path):
+    """Random kill -9s of random engine processes (API servers, engine cores) every few seconds
+    under load, each followed by a restart, for a bounded time. At the end: every request has
+    exactly one terminal outcome at the client and exactly one trace, no stream hung, nothing of
+    a killed instance lives on, and the recording of it all replays in the dashboard."""
+    import os
+    import random
+
+    from pdtui.core.supervisor import is_alive
+
+    rng = random.Random(11)
+    stop = threading.Event()
+    outcomes: dict[str, str] = {}
+    n_events_before = len(pair.events)
+
+    def load(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            rid = f"e2e-chaos-{k}-{i}"
+            i += 1
+            try:
+                with httpx.stream("POST", f"{pair.cfg.proxy_url}/v1/completions", headers={"X-Request-Id": rid},
+                                  json={"model": "tiny", "prompt": unique_prompt(150), "max_tokens": 60,
+                                        "stream": True, "ignore_eos": True},
+                                  timeout=httpx.Timeout(30.0, connect=5.0)) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        outcomes[rid] = f"http {r.status_code}"
+                        time.sleep(0.2)
+                        continue
+                    text = "".join(r.iter_text())
+                events = [e.strip() for e in text.split("\n\n") if e.strip()]
+                last = events[-1] if events else ""
+                outcomes[rid] = ("done" if last == "data: [DONE]" else "error event" if '"error"' in last
+                                 else "cut without error")
+            except httpx.ReadTimeout:
+                outcomes[rid] = "HUNG"
+            except httpx.HTTPError as e:
+                outcomes[rid] = f"transport {type(e).__name__}"
+
+    workers = [threading.Thread(target=load, args=(k,)) for k in range(2)]
+    for w in workers:
+        w.start()
+    kills = []
+    restarts: list[threading.Thread] = []
+    t_end = time.monotonic() + 45
+    while time.monotonic() < t_end:
+        time.sleep(rng.uniform(4, 8))
+        name, which = rng.choice(["P", "D"]), rng.choice(["api-server", "engine-core"])
+        inst = pair.rt.instances[name]
+        if not inst.ready:
+            continue  # still restarting from the last kill
+        try:
+            victim = _victim_pid(pair, name, which)
+        except AssertionError:
+            continue
+        family = [inst.pid, *inst.members]
+        os.kill(victim, 9)
+        kills.append((name, which, victim, family))
+
+        def restart(name=name) -> None:
+            deadline = time.monotonic() + 10
+            while pair.rt.instances[name].alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pair.call(pair.rt.restart(name), 600)
+
+        th = threading.Thread(target=restart)
+        th.start()
+        restarts.append(th)
+    stop.set()
+    for w in workers:
+        w.join(60)
+        assert not w.is_alive(), "a load client hangs"
+    for th in restarts:
+        th.join(600)
+    assert kills, "the chaos run killed nothing"
+
+    # every request: exactly one terminal outcome at the client, none hung, and exactly one trace
+    assert outcomes and "HUNG" not in outcomes.values(), [k for k, v in outcomes.items() if v == "HUNG"]
+    broken = [k for k, v in outcomes.items() if v == "cut without error" or v.startswith("transport")]
+    assert not broken, {k: outcomes[k] for k in broken}  # the proxy never ends a broken stream silently
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        traces = [e for e in pair.events[n_events_before:] if isinstance(e, RequestTraced)
+                  and e.request_id.startswith("e2e-chaos-")]
+        if {t.request_id for t in traces} >= set(outcomes):
+            break
+        time.sleep(0.2)
+    by_id: dict[str, int] = {}
+    for t in traces:
+        by_id[t.request_id] = by_id.get(t.request_id, 0) + 1
+    assert set(by_id) == set(outcomes) and set(by_id.values()) == {1}, {k: v for k, v in by_id.items() if v != 1}
+    # nothing of a killed instance lives on
+    for name, which, victim, family in kills:
+        assert not [p for p in family if is_alive(p)], f"left from the kill of {name}'s {which}"
+    for name in ("P", "D"):
+        assert pair.rt.instances[name].ready, f"{name} did not come back"
+    summary = {v: list(outcomes.values()).count(v) for v in set(outcomes.values())}
+    print(f"\n[e2e] chaos: {len(kills)} kills {[(n, w) for n, w, _, _ in kills]}, {len(outcomes)} requests: {summary}")
+
+    # the recording of the whole session replays in the dashboard
+    import asyncio
+
+    from pdtui.app.app import make_app
+    from pdtui.app.replay import ReplayRuntime
+
+    rec = tmp_path / "session.jsonl"
+    rec.write_text("".join(e.to_json() + "\n" for e in list(pair.events)))
+
+    async def replay() -> None:
+        rt = ReplayRuntime(rec, speed=0)
+        app = make_app(rt, replay=True)
+        async with app.run_test(size=(160, 48)) as pilot:
+            for _ in range(600):
+                await pilot.pause(0.05)
+                if app.ended:
+                    break
+            assert app.ended
+            assert app.snapshot.counts["error"] >= 1
+
+    asyncio.run(replay())

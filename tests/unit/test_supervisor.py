@@ -216,3 +216,24 @@ def test_the_reaper_kills_everything_when_pdtui_itself_is_killed(tmp_path):
     finally:
         if pdtui.poll() is None:
             pdtui.kill()
+
+
+def test_a_restart_the_moment_the_process_is_gone_waits_for_the_clean_up_of_the_last_death():
+    """Found by the chaos run: a start issued while the last death's clean-up still ran had that
+    clean-up's 'exited' taken for the new process's."""
+    events: list = []
+
+    async def go():
+        inst = make("family", events)
+        await inst.start()
+        await _wait_until(lambda: inst.members, 5)
+        os.kill(inst.pid, 9)
+        await _wait_until(lambda: not inst.alive, 5)  # the return code is in; the clean-up is not done
+        await inst.start()
+        await asyncio.sleep(1.0)
+        assert inst.ready and inst.state == "ready", inst.state
+        await inst.stop()
+
+    run(go())
+    states = [e.state for e in events if isinstance(e, InstanceStateChanged)]
+    assert states == ["starting", "ready", "exited", "starting", "ready", "stopping", "exited"], states
