@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdtui.core.events import Event, RequestTraced  # noqa: E402
-from pdtui.core.proxy import ProxySettings  # noqa: E402
-from pdtui.core.proxy_process import ProxyProcess  # noqa: E402
+from pdtui.core.events import Event, RequestTraced
+from pdtui.core.proxy import ProxySettings
+from pdtui.core.proxy_process import ProxyProcess
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -67,10 +67,9 @@ async def main(args: argparse.Namespace) -> int:
         print(f"headless: {seen}", file=sys.stderr)
         return 0
 
+    from pdtui.app.app import make_app
     from scripts.bench_refresh import RECORDING, fresh, load_mix
     from tests.functional.fake_runtime import FakeRuntime, started, state
-
-    from pdtui.app.app import make_app
 
     fake = FakeRuntime()
     app = make_app(fake, freeze_gc=True)
