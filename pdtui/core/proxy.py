@@ -187,14 +187,7 @@ class _SseScan:
                 and b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
             # The usual chunk: one whole token event (vLLM writes one per chunk), nothing rare in it.
             if _token_search(data) is not None:
-                trace = self.trace
-                trace.tokens_seen += 1
-                if self.last is None:
-                    trace.decode_ttft_ms = (now - self.t_sent) * 1000
-                    trace.ttft_ms = (now - trace.t0) * 1000
-                else:
-                    trace.itl_ms.append((now - self.last) * 1000)
-                self.last = now
+                self._token(now)
             return
         if self.carry:
             data, self.carry = self.carry + data, b""
@@ -221,8 +214,12 @@ class _SseScan:
                 trace.completion_tokens = int(m.group(1))
             if trace.prompt_tokens is None and (m := _PROMPT_TOKENS.search(event)) is not None:
                 trace.prompt_tokens = int(m.group(1))
-        if _TOKEN.search(event) is None:
-            return
+        if _token_search(event) is not None:
+            self._token(now)
+
+    def _token(self, now: float) -> None:
+        """A token-carrying event arrived at ``now``: TTFT for the first, a gap for the others."""
+        trace = self.trace
         trace.tokens_seen += 1
         if self.last is None:
             trace.decode_ttft_ms = (now - self.t_sent) * 1000
