@@ -3,17 +3,22 @@
 Started by the first instance a pdtui launches (``supervisor.ensure_reaper``), in a session of its
 own so that Ctrl-C in the terminal does not reach it. Its stdin is a pipe whose write end only
 that pdtui holds: when pdtui ends, however it ends (quit, crash, SIGTERM, ``kill -9``, the OOM
-killer), the pipe reports end-of-file and the reaper SIGKILLs every process whose environment
-carries ``PDTUI_TAG=RUN_TAG...``: the engines, their engine cores and workers (also any that
-left their process group), the proxy. A pdtui that shut down cleanly leaves nothing to kill.
+killer), the pipe reports end-of-file and the reaper SIGKILLs every process group pdtui told it about
+(an instance's API server leads one: ``+PGID`` lines on the pipe, ``-PGID`` when it ended), every
+process in those sessions (engine cores and workers that left the group keep the session), and
+every process whose environment carries ``PDTUI_TAG=RUN_TAG...`` (the proxy; vLLM's renamed
+engine processes no longer show theirs: setproctitle overwrites /proc/<pid>/environ). A pdtui that shut down cleanly leaves nothing to kill.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
+import time
 
-from pdtui.core.supervisor import kill_tagged
+from pdtui.core.supervisor import kill_tagged, session_processes
 
 
 def main(argv: list[str]) -> int:
@@ -22,12 +27,27 @@ def main(argv: list[str]) -> int:
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    groups: set[int] = set()
     try:
-        while sys.stdin.buffer.read(4096):
-            pass
+        for line in sys.stdin.buffer:  # "+PGID" / "-PGID" as instances start and end
+            with contextlib.suppress(ValueError):
+                pgid = int(line[1:])
+                (groups.add if line[:1] == b"+" else groups.discard)(pgid)
     except OSError:
         pass
-    kill_tagged(argv[0] + ":", timeout_s=10.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        left = session_processes(groups)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed = kill_tagged(argv[0] + ":", timeout_s=1.0)
+        if not left and not killed:
+            break
+        time.sleep(0.05)
     return 0
 
 

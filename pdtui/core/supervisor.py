@@ -176,6 +176,29 @@ def ensure_reaper() -> None:
                                env={**os.environ, TAG_VAR: ""})
 
 
+def reaper_watch(pgid: int, on: bool = True) -> None:
+    """Tell the reaper about a process group (an instance's API server leads its group and its
+    session): it kills the group and the session when pdtui ends. The environment tag alone is not
+    enough: vLLM's engine core and workers rename themselves (setproctitle), which on Linux
+    overwrites what /proc/<pid>/environ shows. ``on=False`` once the group is gone (pids recycle)."""
+    if _reaper is None or _reaper.stdin is None or _reaper.poll() is not None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        _reaper.stdin.write(f"{'+' if on else '-'}{pgid}\n".encode())
+        _reaper.stdin.flush()
+
+
+def session_processes(sids: set[int]) -> list[int]:
+    """Live processes whose session id is in ``sids`` (children that left the group keep it)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            st = proc_stat(int(entry.name))
+            if st is not None and st[2] in sids and st[0] not in ("Z", "X") and int(entry.name) != os.getpid():
+                out.append(int(entry.name))
+    return out
+
+
 class Instance:
     """One supervised vLLM server."""
 
@@ -312,6 +335,7 @@ class Instance:
             limit=1 << 20,
         )
         self.pid = self.proc.pid
+        reaper_watch(self.pid)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = self.log_path.open("a", buffering=1)
@@ -406,6 +430,9 @@ class Instance:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
         await asyncio.to_thread(kill_tagged, self.tag, 5.0)
+        for p in session_processes({pid}):  # renamed engine processes no longer show their tag
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
         for _ in range(40):  # the API server's return code arrives from the child watcher
             if proc.returncode is not None:
                 break
@@ -419,6 +446,11 @@ class Instance:
                 self._log_file.write(f"===== pdtui: {self.name} ended: {self.death}\n")
                 self._log_file.close()
             self._log_file = None
+        for _ in range(40):  # bounded: the session's processes are reaped
+            if not session_processes({pid}):
+                reaper_watch(pid, on=False)
+                break
+            await asyncio.sleep(0.05)
         code = proc.returncode
         self.exit_code = code
         how = self._expected_exit or f"exited unexpectedly: {self.death}"

@@ -5,7 +5,8 @@ usage: fake_server.py PORT MODE
   crash        print a traceback-like error and exit 3 at once
   stubborn     like ready, but ignore SIGTERM and start a grandchild that ignores it too
   family       like ready, with a grandchild titled like vLLM's engine core (VLLM::EngineCore) that
-               holds the log pipe, as vLLM's does, and leaves the process group
+               holds the log pipe, as vLLM's does, leaves the process group, and shows no
+               PDTUI_TAG (as a process renamed by setproctitle)
 """
 
 import http.server
@@ -25,8 +26,9 @@ if mode == "stubborn":
     child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
     print(f"GRANDCHILD {child.pid}", flush=True)
 if mode == "family":
+    # no PDTUI_TAG in its environment: vLLM's renamed processes (setproctitle) do not show theirs
     child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(600)",
-                              "VLLM::EngineCore"])
+                              "VLLM::EngineCore"], env={"PATH": os.environ.get("PATH", "")})
     print(f"GRANDCHILD {child.pid}", flush=True)
 time.sleep(0.3)
 
