@@ -35,6 +35,8 @@ examples:
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
   pdtui bench --quick                      single instance vs the pair, same prompts: toll and purchase
+  pdtui proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200
+                                           the P/D proxy alone, over a pair started by hand
   pdtui ctl status                         what a running pdtui (dashboard or --headless) is doing
   pdtui ctl restart D                      restart D from another terminal, wait until it is ready
 
