@@ -174,7 +174,6 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
-        self.paused = False
         self.queue: collections.deque[tuple[Request, bool]] = collections.deque()
         self.response: Response | None = None
         self.task: asyncio.Task[None] | None = None
@@ -208,13 +207,11 @@ class ServerConnection(asyncio.Protocol):
             self.response._set_lost()
 
     def pause_writing(self) -> None:
-        self.paused = True
         r = self.response
         if r is not None and r.on_pause is not None:
             r.on_pause()
 
     def resume_writing(self) -> None:
-        self.paused = False
         r = self.response
         if r is not None and r.on_resume is not None:
             r.on_resume()
@@ -347,7 +344,6 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.reused = False
         self.got_bytes = False
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
@@ -500,7 +496,6 @@ class UpstreamPool:
             fresh = conn is None
             if conn is None:
                 conn = await self._connect()
-            conn.reused = not fresh
             self.busy.add(conn)
             conn.send_request(method.encode(), self.prefix + path.encode(), headers, body)
             try:

@@ -13,12 +13,10 @@ engine processes no longer show theirs: setproctitle overwrites /proc/<pid>/envi
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
-import time
 
-from pdtui.core.supervisor import kill_tagged, session_processes
+from pdtui.core.supervisor import kill_family
 
 
 def main(argv: list[str]) -> int:
@@ -35,19 +33,7 @@ def main(argv: list[str]) -> int:
                 (groups.add if line[:1] == b"+" else groups.discard)(pgid)
     except OSError:
         pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-        left = session_processes(groups)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        killed = kill_tagged(argv[0] + ":", timeout_s=1.0)
-        if not left and not killed:
-            break
-        time.sleep(0.05)
+    kill_family(argv[0] + ":", groups, timeout_s=10.0)
     return 0
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +109,25 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _other_pids() -> list[int]:
+    """Every process id in /proc but this process's own."""
+    me = os.getpid()
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and int(e.name) != me]
+
+
+def _sigkill(pids: Iterable[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def engine_processes(root: int) -> dict[int, str]:
     """vLLM's engine-core and worker processes under ``root`` (any depth), by their titles."""
     children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            st = proc_stat(int(entry.name))
-            if st is not None:
-                children[st[1]].append(int(entry.name))
+    for pid in _other_pids():
+        st = proc_stat(pid)
+        if st is not None:
+            children[st[1]].append(pid)
     found: dict[int, str] = {}
     todo = list(children.get(root, []))
     while todo:
@@ -132,33 +143,34 @@ def tagged_processes(prefix: str) -> list[int]:
     """Every live process whose environment has ``PDTUI_TAG`` starting with ``prefix``."""
     want = f"{TAG_VAR}={prefix}".encode()
     out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in _other_pids():
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read()
         except OSError:
             continue
-        if any(var.startswith(want) for var in env.split(b"\0")) and is_alive(int(entry.name)):
-            out.append(int(entry.name))
+        if any(var.startswith(want) for var in env.split(b"\0")) and is_alive(pid):
+            out.append(pid)
     return out
 
 
-def kill_tagged(prefix: str, timeout_s: float = 5.0) -> list[int]:
-    """SIGKILL every process tagged ``prefix`` until none is left (bounded); the pids killed."""
-    killed: list[int] = []
+def kill_family(tag_prefix: str, groups: Iterable[int] = (), pids: Iterable[int] = (),
+                timeout_s: float = 5.0) -> None:
+    """SIGKILL, until none is left (bounded): ``pids``, the process groups ``groups``, every
+    process in the sessions ``groups`` lead (children that left the group keep the session), and
+    every process tagged ``tag_prefix``. Both views are needed: vLLM's engine core and workers
+    rename themselves (setproctitle), which on Linux overwrites what /proc/<pid>/environ shows."""
+    groups = set(groups)
+    _sigkill(pids)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pids = tagged_processes(prefix)
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        killed.extend(p for p in pids if p not in killed)
+    while True:
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
+        left = session_processes(groups) + tagged_processes(tag_prefix)
+        if not left or time.monotonic() > deadline:
+            return
+        _sigkill(left)
         time.sleep(0.05)
-    return killed
 
 
 _reaper: subprocess.Popen[bytes] | None = None
@@ -191,11 +203,10 @@ def reaper_watch(pgid: int, on: bool = True) -> None:
 def session_processes(sids: set[int]) -> list[int]:
     """Live processes whose session id is in ``sids`` (children that left the group keep it)."""
     out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            st = proc_stat(int(entry.name))
-            if st is not None and st[2] in sids and st[0] not in ("Z", "X") and int(entry.name) != os.getpid():
-                out.append(int(entry.name))
+    for pid in _other_pids():
+        st = proc_stat(pid)
+        if st is not None and st[2] in sids and st[0] not in ("Z", "X"):
+            out.append(pid)
     return out
 
 
@@ -237,7 +248,6 @@ class Instance:
         self._waiter: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._expected_exit: str | None = None
-        self.log_dir = log_dir
         self.log_path: Path | None = log_dir / f"{spec.name}.log" if log_dir else None
         """Every line the instance printed, across restarts: the evidence a crash leaves."""
         self._log_file: Any = None
@@ -425,14 +435,9 @@ class Instance:
             sig = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
             self.death = f"its API server (pid {pid}) exited with {sig}"
         # Whatever died first, nothing of this instance may outlive it.
-        _signal_group(pid, signal.SIGKILL)
-        for p in self.members:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, signal.SIGKILL)
-        await asyncio.to_thread(kill_tagged, self.tag, 5.0)
-        for p in session_processes({pid}):  # renamed engine processes no longer show their tag
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, signal.SIGKILL)
+        await asyncio.to_thread(kill_family, self.tag, {pid}, list(self.members), 5.0)
+        if not session_processes({pid}):
+            reaper_watch(pid, on=False)
         for _ in range(40):  # the API server's return code arrives from the child watcher
             if proc.returncode is not None:
                 break
@@ -446,11 +451,6 @@ class Instance:
                 self._log_file.write(f"===== pdtui: {self.name} ended: {self.death}\n")
                 self._log_file.close()
             self._log_file = None
-        for _ in range(40):  # bounded: the session's processes are reaped
-            if not session_processes({pid}):
-                reaper_watch(pid, on=False)
-                break
-            await asyncio.sleep(0.05)
         code = proc.returncode
         self.exit_code = code
         how = self._expected_exit or f"exited unexpectedly: {self.death}"
