@@ -434,6 +434,10 @@ class Instance:
             code = proc.returncode
             sig = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
             self.death = f"its API server (pid {pid}) exited with {sig}"
+        if self._expected_exit is None:
+            # Say so at once: the proxy stops sending to it and ends its streams now, not after
+            # the clean-up below (a process with GiBs of KV pool takes a while to be torn down).
+            self._set_state("exited", f"exited unexpectedly: {self.death}", exit_code=proc.returncode)
         # Whatever died first, nothing of this instance may outlive it.
         await asyncio.to_thread(kill_family, self.tag, {pid}, list(self.members), 5.0)
         if not session_processes({pid}):
@@ -453,10 +457,11 @@ class Instance:
             self._log_file = None
         code = proc.returncode
         self.exit_code = code
-        how = self._expected_exit or f"exited unexpectedly: {self.death}"
-        if self._expected_exit and code is not None and code < 0:
-            how += f" (signal {signal.Signals(-code).name})"
-        self._set_state("exited", how, exit_code=code)
+        if self._expected_exit is not None:
+            how = self._expected_exit
+            if code is not None and code < 0:
+                how += f" (signal {signal.Signals(-code).name})"
+            self._set_state("exited", how, exit_code=code)
         self._exited.set()
 
     async def wait_exit(self, timeout: float | None = None) -> int | None:
@@ -465,6 +470,8 @@ class Instance:
 
     async def stop(self, grace_s: float | None = None, reason: str = "stopped") -> int | None:
         """SIGTERM the group, wait the grace period, then SIGKILL the group."""
+        if self.death is not None and not self._exited.is_set():  # dying: its clean-up is under way
+            await asyncio.wait_for(self._exited.wait(), timeout=20.0)
         if not self.alive or self.pid is None:
             return self.exit_code
         self._expected_exit = reason
@@ -480,6 +487,8 @@ class Instance:
 
     async def kill(self, reason: str = "killed") -> int | None:
         """SIGKILL the whole group at once (the failure drill)."""
+        if self.death is not None and not self._exited.is_set():
+            await asyncio.wait_for(self._exited.wait(), timeout=20.0)
         if not self.alive or self.pid is None:
             return self.exit_code
         self._expected_exit = reason

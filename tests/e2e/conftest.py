@@ -83,6 +83,14 @@ class RuntimeThread:
         inst = self.rt.instances[name]
         return parse_metrics(httpx.get(f"{inst.url}/metrics", timeout=10).text)
 
+    def ensure_ready(self, timeout: float = 600) -> None:
+        """Restart any instance that is not ready: a test that killed one and then failed must
+        not leave the next test a broken pair (one failure, not a cascade of them)."""
+        for name, inst in self.rt.instances.items():
+            if not inst.ready:
+                print(f"\n[e2e] {name} was left {inst.state} by an earlier test: restarting it")
+                self.call(self.rt.restart(name), timeout)
+
     def close(self) -> None:
         STARTED_GROUPS.update(e.pid for e in self.events if getattr(e, "state", None) == "starting" and e.pid)
         try:

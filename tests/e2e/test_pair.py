@@ -111,6 +111,7 @@ def test_bad_input_gets_4xx_json_and_the_proxy_stays_up(pair):
 
 
 def test_kill_decode_mid_stream_the_client_gets_an_error_then_restart(pair):
+    pair.ensure_ready()
     rid = f"e2e-killd-{uuid.uuid4().hex[:6]}"
     got: dict = {"chunks": 0, "error": None, "finished": False}
     first_chunks = threading.Event()
@@ -155,6 +156,7 @@ def test_kill_decode_mid_stream_the_client_gets_an_error_then_restart(pair):
 
 
 def test_kill_prefill_falls_back_to_decode_colocated_then_restart_brings_the_pair_back(pair):
+    pair.ensure_ready()
     pair.call(pair.rt.kill("P"), 30)
     before = pair.metrics("D")
     rid = f"e2e-killp-{uuid.uuid4().hex[:6]}"
@@ -243,6 +245,7 @@ def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, whic
     counted while it is down."""
     from pdtui.core.supervisor import is_alive
 
+    pair.ensure_ready()
     inst = pair.rt.instances[name]
     streams = []
     if name == "D":
@@ -316,6 +319,7 @@ def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(
 
     from pdtui.core.supervisor import is_alive
 
+    pair.ensure_ready()
     rng = random.Random(11)
     stop = threading.Event()
     outcomes: dict[str, str] = {}
