@@ -17,9 +17,9 @@ from pdtui.core.logparse import parse_line
 
 
 def req(rid: str, outcome: str = "pair", **kw) -> RequestTraced:
-    base = dict(request_id=rid, endpoint="/v1/completions", stream=True, outcome=outcome, status=200,
-                prefill="P", decode="D", prefill_ms=100.0, hop_ms=1.0, decode_ttft_ms=50.0, ttft_ms=151.0,
-                itl_ms=[10.0, 20.0], total_ms=200.0, blocks=2, kv_bytes=262144)
+    base = {"request_id": rid, "endpoint": "/v1/completions", "stream": True, "outcome": outcome, "status": 200,
+            "prefill": "P", "decode": "D", "prefill_ms": 100.0, "hop_ms": 1.0, "decode_ttft_ms": 50.0,
+            "ttft_ms": 151.0, "itl_ms": [10.0, 20.0], "total_ms": 200.0, "blocks": 2, "kv_bytes": 262144}
     base.update(kw)
     return RequestTraced(**base)
 

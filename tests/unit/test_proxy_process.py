@@ -169,16 +169,16 @@ def test_told_that_d_went_down_the_proxy_ends_its_streams_at_once_with_an_error_
             try:
                 proc.set_up("D", True)
                 await asyncio.sleep(0.2)
-                async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
-                    async with client.stream("POST", "/v1/completions", json={
-                            "model": "m", "prompt": "x", "max_tokens": 2000, "stream": True}) as r:
-                        seen, told = b"", None
-                        async for chunk in r.aiter_bytes():
-                            seen += chunk
-                            if told is None and seen.count(b"data: {") >= 5:
-                                proc.set_up("D", False)  # what the Runtime says when D's process dies
-                                told = time.monotonic()
-                        ended = time.monotonic()
+                body = {"model": "m", "prompt": "x", "max_tokens": 2000, "stream": True}
+                async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client, \
+                        client.stream("POST", "/v1/completions", json=body) as r:
+                    seen, told = b"", None
+                    async for chunk in r.aiter_bytes():
+                        seen += chunk
+                        if told is None and seen.count(b"data: {") >= 5:
+                            proc.set_up("D", False)  # what the Runtime says when D's process dies
+                            told = time.monotonic()
+                    ended = time.monotonic()
                 assert told is not None and ended - told < 1.0
                 last = [x for x in seen.decode().split("\n\n") if x.strip()][-1]
                 assert '"error"' in last and "went down" in last and "[DONE]" not in seen.decode()
