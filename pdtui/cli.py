@@ -78,6 +78,9 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
     p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
                    help="what D does when the KV pull fails: fail the request (500) or recompute")
+    p.add_argument("--prefill-failure", choices=("retry", "decode-locally"), default=None,
+                   help="the proxy, when P fails after the request reached it: retry once then an error"
+                   " (default), or decode-locally (D computes the prompt: the old fallback)")
     p.add_argument("--proxy-port", type=int, default=None, help="port of the embedded proxy (default 8000)")
     p.add_argument("--port-offset", type=int, default=0,
                    help="add N to every port of the profile, to run beside another pair")
@@ -89,6 +92,7 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
+        "prefill_failure": args.prefill_failure,
         "proxy_port": args.proxy_port, "host": args.host,
     }, source=lambda name: "--" + name.replace("_", "-"))
     if args.port_offset:

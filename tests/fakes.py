@@ -9,7 +9,7 @@ import contextlib
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -40,6 +40,8 @@ class FakeVllm:
     """Keep the stream open this long after [DONE] (clients hang up first)."""
     empty_at: tuple[int, ...] = ()
     """Indices of streamed chunks sent with empty text (vLLM does, for a token with no text yet)."""
+    kv_params: bool = True
+    """P mode: put kv_transfer_params in the answer (False: a P without a kv_producer config)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -69,6 +71,9 @@ class FakeVllm:
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         if self.status != 200:
             await _json(send, self.status, {"error": {"message": f"fake {self.role} says {self.status}"}})
+            return
+        if self.role == "prefill" and not self.kv_params:
+            await _json(send, 200, {"choices": [{"text": " w1"}], "usage": {"prompt_tokens": self.prompt_tokens}})
             return
         if self.role == "prefill":
             await _json(send, 200, {
@@ -127,3 +132,63 @@ async def serving(app: FakeVllm):
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 5)
+
+
+@dataclass
+class FakeRawUpstream:
+    """A fake upstream at the socket level, for failures an ASGI server cannot make: it reads one
+    HTTP request per connection, records its JSON body, then plays ``respond(body)``: bytes are
+    written as they are (any split, any cut), a float sleeps that many seconds; then it closes the
+    connection. Its responses should say ``connection: close``."""
+
+    respond: Any
+    """Callable[[dict], list[bytes | float]]."""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    _server: asyncio.base_events.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            body = await reader.readexactly(length) if length else b""
+            req = json.loads(body) if body else {}
+            self.requests.append(req)
+            for step in self.respond(req):
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                else:
+                    writer.write(step)
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
+def raw_head(status: int = 200, ctype: bytes = b"text/event-stream", length: int | None = None) -> bytes:
+    """A response head for FakeRawUpstream: chunked unless ``length`` is given; connection: close."""
+    framing = b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length
+    return b"HTTP/1.1 %d X\r\ncontent-type: %s\r\n%s\r\nconnection: close\r\n\r\n" % (status, ctype, framing)
+
+
+def raw_chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (an empty ``data`` is the last one)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)

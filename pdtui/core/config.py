@@ -132,14 +132,18 @@ class PairConfig:
     """kv_transfer_config.kv_buffer_device: cpu on CPU machines, cuda on GPUs."""
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     """What D does when pulling the KV fails: fail the request (500) or recompute the prompt."""
+    prefill_failure: Literal["retry", "decode-locally"] = "retry"
+    """What the proxy does when P fails after the request reached it: "retry" (502/503/504 or a
+    broken connection once more, then an error to the client; other 5xx an error) or
+    "decode-locally" (D computes the prompt: the old fallback, which slows every stream on D)."""
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     """kv_transfer_config.kv_connector_extra_config, identical on every instance."""
     nixl_progress_delay_us: int | None = None
     """Quiet NIXL's UCX progress thread: it busy-polls a core per instance (docs/ucx-busy-poll.md).
-    When set, the connector is loaded through pdtui.core.nixl_quiet, which makes the thread sleep
+    When set, the connector is loaded through pdtui.engine.nixl_quiet, which makes the thread sleep
     in poll() up to this many microseconds. The cpu profile sets 1000; None leaves NIXL alone."""
     ucx_error_handling_mode: str | None = None
-    """NIXL UCX backend parameter (set through pdtui.core.nixl_quiet). NIXL's default, "peer",
+    """NIXL UCX backend parameter (set through pdtui.engine.nixl_quiet). NIXL's default, "peer",
     leaves only tcp on one host; "none" lets UCX read GPU KV over cuda_ipc (docs/gpu-transport.md)."""
     load_format: str | None = None
     """--load-format; synthetic models always use "dummy" (random weights)."""
@@ -214,6 +218,8 @@ def validate(cfg: PairConfig) -> None:
         raise ConfigError("the profile has no decode instance ([[instance]] with role = \"decode\")")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device = {cfg.device!r}: must be \"cpu\" or \"cuda\"")
+    if cfg.prefill_failure not in ("retry", "decode-locally"):
+        raise ConfigError(f"prefill_failure = {cfg.prefill_failure!r}: must be \"retry\" or \"decode-locally\"")
     if cfg.kv_load_failure_policy not in ("fail", "recompute"):
         raise ConfigError(
             f"kv_load_failure_policy = {cfg.kv_load_failure_policy!r}: must be \"fail\" or \"recompute\""

@@ -122,6 +122,12 @@ class RequestTraced(Event):
     fallback_reason: str | None = None
     error: str | None = None
     warmup: bool = False
+    prefill_attempts: int = 0
+    """P requests sent for it: 0 (no P was up), 1, or 2 (one retry after 502/503/504 or a break)."""
+    prefill_branch: str | None = None
+    """How the P leg ended when it did not simply pair: a key of pdtui.core.proxy.PREFILL_BRANCHES
+    (fallback_down, fallback_unreachable, retry_ok, error_retry_failed, error_5xx, error_no_kv,
+    decode_locally); None when the first P request paired."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ class UpstreamError(ConnectionError):
     """The upstream connection failed or closed before the response was complete."""
 
 
+class ConnectFailed(UpstreamError):
+    """No connection to the upstream could be made (refused, unreachable, or the connect timed
+    out): the request was never sent."""
+
+
 def _reason(status: int) -> bytes:
     try:
         return http.HTTPStatus(status).phrase.encode()
@@ -478,8 +483,11 @@ class UpstreamPool:
 
     async def _connect(self) -> ClientConnection:
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: ClientConnection(self), self.host, self.port), self.connect_timeout_s)
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: ClientConnection(self), self.host, self.port), self.connect_timeout_s)
+        except (OSError, TimeoutError) as e:
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {type(e).__name__}: {e}") from e
         return conn
 
     async def request(self, method: str, path: str, headers: Headers, body: bytes = b"",

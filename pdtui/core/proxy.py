@@ -8,8 +8,15 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    ``kv_transfer_params={"do_remote_decode": true, ...}``. Read the body, close it.
 3. D leg: the client's body plus P's returned ``kv_transfer_params``, verbatim; D's bytes are
    streamed back with D's status and content type. P's sampled token is discarded.
-4. Failures: P down or 5xx before D was called -> D colocated (the plain body), counted as a
-   fallback. P 4xx -> that error to the client (the input is bad; D would say the same). D fails
+4. Failures: no P up, or no connection to P could be made -> D colocated (the plain body),
+   counted as a fallback: the only fallback, decided before the request reached a P. P answered
+   502/503/504 or broke off after the request was sent -> sent once more (to another P when there
+   is one); if that fails too, the error goes to the client. Any other P 5xx, or a 200 without
+   ``kv_transfer_params`` -> an error to the client: never a silent prefill on D, which would hurt
+   every other stream's ITL (llm-d and Dynamo dropped that fallback). ``ProxySettings.prefill_failure
+   = "decode-locally"`` brings the old behaviour back (every P failure -> D colocated). Every branch is
+   counted in ``pdtui_prefill_branch_total``. P 4xx -> that error to the client (the input is bad;
+   D would say the same). D fails
    before the first byte -> an HTTP error with a JSON body. D dies mid-stream -> a final SSE error
    event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat). Client
    disconnects -> D's connection is closed, which makes vLLM abort the request.
@@ -44,7 +51,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdtui.core import httpio, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.httpio import Request, Response, UpstreamError, UpstreamPool
+from pdtui.core.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -58,6 +65,18 @@ PREFILL_KV_PARAMS = {
 }
 WARMUP_HEADER = "x-pdtui-warmup"
 DECODE_CHOICES = ("least-loaded", "round-robin")
+PREFILL_FAILURE_POLICIES = ("retry", "decode-locally")
+RETRY_STATUSES = (502, 503, 504)
+PREFILL_BRANCHES = {
+    "fallback_down": "no prefill instance was up: D computed the prompt (before dispatch)",
+    "fallback_unreachable": "no connection to P could be made: D computed the prompt (before dispatch)",
+    "retry_ok": "P failed with 502/503/504 or broke off; the one retry paired",
+    "error_retry_failed": "P failed with 502/503/504 or broke off, and so did the retry: an error to the client",
+    "error_5xx": "P answered another 5xx: an error to the client",
+    "error_no_kv": "P answered 200 without kv_transfer_params (or not JSON): an error to the client",
+    "decode_locally": "prefill_failure=decode-locally: P failed after dispatch and D computed the prompt",
+}
+"""How a request's P leg ended when it did not simply pair (``RequestTraced.prefill_branch``)."""
 JSON = b"application/json"
 _UPSTREAM_ERRORS = (OSError, TimeoutError, UpstreamError)
 
@@ -96,6 +115,10 @@ class ProxySettings:
     """How a decode instance is picked: "least-loaded" (fewest requests in flight, ties to the
     first: the pair's default) or "round-robin" (each request to the next instance that is up, in
     list order, whatever their load: vLLM's examples/disagg toy proxies, the bench's two-single)."""
+    prefill_failure: str = "retry"
+    """What a P failure after dispatch does: "retry" (502/503/504 or a broken connection: one more
+    try, on another P if there is one, then an error; other 5xx: an error) or "decode-locally"
+    (pdtui before issue 14: D computes the prompt itself, a fallback)."""
 
 
 class ProxyError(Exception):
@@ -133,6 +156,8 @@ class _Trace:
     blocks: int | None = None
     kv_bytes: int | None = None
     fallback_reason: str | None = None
+    prefill_attempts: int = 0
+    prefill_branch: str | None = None
     error: str | None = None
     tokens_seen: int = 0
     paired: bool = False
@@ -148,7 +173,7 @@ class _Trace:
             prefill_ms=_r(self.prefill_ms), hop_ms=_r(self.hop_ms), decode_ttft_ms=_r(self.decode_ttft_ms),
             ttft_ms=_r(self.ttft_ms), itl_ms=[round(x, 3) for x in self.itl_ms], total_ms=_r(total),
             blocks=self.blocks, kv_bytes=self.kv_bytes, fallback_reason=self.fallback_reason, error=self.error,
-            warmup=self.warmup,
+            warmup=self.warmup, prefill_attempts=self.prefill_attempts, prefill_branch=self.prefill_branch,
         )
 
 
@@ -281,6 +306,12 @@ class ProxyMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("pdtui_requests", "Requests through the proxy", ["outcome"], registry=self.registry)
         self.fallbacks = Counter("pdtui_fallbacks", "Requests served by D colocated", ["reason"], registry=self.registry)
+        self.prefill_branch = Counter("pdtui_prefill_branch", "P legs that did not simply pair, by how they"
+                                      " ended (pdtui.core.proxy.PREFILL_BRANCHES)", ["branch"], registry=self.registry)
+        self.prefill_retries = Counter("pdtui_prefill_retries", "P legs sent a second time (after 502/503/504 or"
+                                       " a broken connection)", registry=self.registry)
+        for branch in PREFILL_BRANCHES:
+            self.prefill_branch.labels(branch)
         self.kv_bytes = Counter("pdtui_kv_bytes", "KV bytes offered by P (blocks x block_size x bytes/token)", registry=self.registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
@@ -293,6 +324,10 @@ class ProxyMetrics:
         self.requests.labels(t.outcome).inc()
         if t.outcome == "fallback":
             self.fallbacks.labels(_reason_label(t.fallback_reason)).inc()
+        if t.prefill_branch is not None:
+            self.prefill_branch.labels(t.prefill_branch).inc()
+        if t.prefill_attempts > 1:
+            self.prefill_retries.inc()
         if t.kv_bytes:
             self.kv_bytes.inc(t.kv_bytes)
         if t.ttft_ms is not None:
@@ -393,6 +428,8 @@ class Proxy:
         s = self.settings
         if s.decode_choice not in DECODE_CHOICES:
             raise ValueError(f"decode_choice {s.decode_choice!r}: one of {', '.join(DECODE_CHOICES)}")
+        if s.prefill_failure not in PREFILL_FAILURE_POLICIES:
+            raise ValueError(f"prefill_failure {s.prefill_failure!r}: one of {', '.join(PREFILL_FAILURE_POLICIES)}")
         self._next_decode = 0
         self._relays: set[_Relay] = set()
         self._watchdog: asyncio.Task[None] | None = None
@@ -536,13 +573,8 @@ class Proxy:
             trace.outcome = "pair" if trace.paired else "fallback"
 
     async def _prefill(self, trace: _Trace, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The P leg. Returns P's kv_transfer_params, or None to fall back to D colocated."""
-        ups = self._candidates(self.prefills)
-        if not ups:
-            trace.fallback_reason = "prefill_down: no prefill instance is up"
-            return None
-        up = ups[0]
-        trace.prefill = up.name
+        """The P leg, with the fallback policy (the module's docstring, point 4). Returns P's
+        kv_transfer_params, or None to serve the request on D colocated (a fallback)."""
         p_body = dict(body)
         p_body["max_tokens"] = 1
         if "max_completion_tokens" in p_body:
@@ -551,20 +583,65 @@ class Proxy:
         for k in ("stream_options", "min_tokens"):
             p_body.pop(k, None)
         p_body["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
+        payload = json.dumps(p_body).encode()
+        tried: list[str] = []
+        first: _PrefillFailed | None = None
+        while True:
+            ups = self._candidates(self.prefills)
+            if not ups:
+                after = f" (for the retry, after: {first.message})" if first else ""
+                self._fall_back(trace, "fallback_down", f"prefill_down: no prefill instance is up{after}")
+                return None
+            up = next((u for u in ups if u.name not in tried), ups[0])
+            tried.append(up.name)
+            trace.prefill = up.name
+            trace.prefill_attempts += 1
+            try:
+                params = await self._prefill_once(trace, up, payload)
+            except _PrefillFailed as f:
+                if f.kind == "unreachable":
+                    self._fall_back(trace, "fallback_unreachable", f"prefill_unreachable: {f.message}")
+                    return None
+                if self.settings.prefill_failure == "decode-locally":
+                    self._fall_back(trace, "decode_locally", f.reason)
+                    return None
+                if f.kind == "retryable" and first is None:
+                    first = f
+                    continue
+                branch = {"retryable": "error_retry_failed", "no_kv": "error_no_kv"}.get(f.kind, "error_5xx")
+                trace.prefill_branch = branch
+                message = f.message if first is None else f"{f.message} (retried after: {first.message})"
+                trace.status, trace.error = f.status, message
+                raise ProxyError(f.status, message, "upstream_error") from None
+            if first is not None:
+                trace.prefill_branch = "retry_ok"
+            return params
+
+    def _fall_back(self, trace: _Trace, branch: str, reason: str) -> None:
+        trace.prefill_branch, trace.fallback_reason = branch, reason
+
+    async def _prefill_once(self, trace: _Trace, up: Upstream, payload: bytes) -> dict[str, Any]:
+        """One P request. Returns P's kv_transfer_params; raises _PrefillFailed, or _Relayed for a 4xx."""
         assert up.pool is not None
         t = time.perf_counter()
         up.inflight += 1
         conn = None
         try:
             async with asyncio.timeout(self.settings.prefill_timeout_s):
-                conn = await up.pool.request("POST", trace.endpoint, _json_headers(trace.request_id),
-                                             json.dumps(p_body).encode())
+                conn = await up.pool.request("POST", trace.endpoint, _json_headers(trace.request_id), payload)
                 content = await conn.read_all()
+        except ConnectFailed as e:
+            raise _PrefillFailed("unreachable", 502, f"{up.name}: {e}", f"prefill_unreachable: {e}") from None
+        except TimeoutError as e:
+            if conn is not None:
+                conn.close()
+            why = f"prefill {up.name} did not answer within {self.settings.prefill_timeout_s:g} s"
+            raise _PrefillFailed("retryable", 504, why, f"prefill_unreachable: {why}") from e
         except _UPSTREAM_ERRORS as e:
             if conn is not None:
                 conn.close()
-            trace.fallback_reason = f"prefill_unreachable: {type(e).__name__}: {e}"
-            return None
+            why = f"prefill {up.name} broke off: {type(e).__name__}: {e}"
+            raise _PrefillFailed("retryable", 502, why, f"prefill_unreachable: {type(e).__name__}: {e}") from None
         except asyncio.CancelledError:
             if conn is not None:
                 conn.close()
@@ -576,8 +653,9 @@ class Proxy:
         trace.prefill_ms = (time.perf_counter() - t) * 1000
         if status >= 500:
             text = content[:200].decode("utf-8", "replace")
-            trace.fallback_reason = f"prefill_5xx: {up.name} answered {status}: {text}"
-            return None
+            why = f"prefill {up.name} answered {status}: {text}"
+            kind = "retryable" if status in RETRY_STATUSES else "fatal"
+            raise _PrefillFailed(kind, status, why, f"prefill_5xx: {up.name} answered {status}: {text}")
         if status >= 400:
             # Bad input: D would refuse it the same way. Pass P's answer through.
             trace.status = status
@@ -586,17 +664,15 @@ class Proxy:
         try:
             data = json.loads(content)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            trace.fallback_reason = "prefill_5xx: prefill answered 200 with a body that is not JSON"
-            return None
+            raise _PrefillFailed("no_kv", 502, f"prefill {up.name} answered 200 with a body that is not JSON",
+                                 "prefill_5xx: prefill answered 200 with a body that is not JSON") from None
         params = data.get("kv_transfer_params") if isinstance(data, dict) else None
         usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
-        if not params:
-            trace.fallback_reason = (
-                "no_kv_transfer_params: prefill returned none (is it running with a kv_producer"
-                " kv_transfer_config?)"
-            )
-            return None
+        if not params or not isinstance(params, dict):
+            why = (f"prefill {up.name} returned no kv_transfer_params (is it running with a kv_producer"
+                   " kv_transfer_config?)")
+            raise _PrefillFailed("no_kv", 502, why, f"no_kv_transfer_params: {why}")
         trace.blocks = kvmath.count_blocks(params.get("remote_block_ids"))
         if self.settings.geometry is not None:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
@@ -695,6 +771,17 @@ def _check_limits(body: dict[str, Any]) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ProxyError(400, f"{key} must be an integer of at least 1, got {value!r}", "invalid_request_error")
+
+
+class _PrefillFailed(Exception):
+    """One P request failed. ``kind``: unreachable (never sent: a fallback is allowed), retryable
+    (502/503/504, broke off, timed out), fatal (another 5xx), no_kv (200 without kv_transfer_params).
+    ``status`` is what the client gets if it ends the request; ``reason`` is the fallback reason
+    under prefill_failure="decode-locally" (the words pdtui used before)."""
+
+    def __init__(self, kind: str, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.kind, self.status, self.message, self.reason = kind, status, message, reason
 
 
 class _Relayed(Exception):

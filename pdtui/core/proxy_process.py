@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from pdtui.core import kvmath
 from pdtui.core.events import Event, Notice, ProxyStarted, RequestTraced, from_json
-from pdtui.core.proxy import DECODE_CHOICES, Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.proxy import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, Proxy, ProxyServer, ProxySettings, Upstream
 
 STDOUT_LINE_LIMIT = 2**26
 """A trace carries every inter-token gap: 64 MiB fits any stream."""
@@ -77,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-geometry", default=None, metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--decode-choice", choices=DECODE_CHOICES, default="least-loaded",
                    help="how a decode instance is picked (default least-loaded)")
+    p.add_argument("--prefill-failure", choices=PREFILL_FAILURE_POLICIES, default="retry",
+                   help="when P fails after the request reached it: retry (502/503/504 or a broken connection"
+                   " are sent once more, to another P if there is one, then the client gets the error; other"
+                   " 5xx: the error) or decode-locally (D computes the prompt itself: pdtui's behaviour before"
+                   " issue 14, which slows every other stream on D). No P up or no connection to P falls"
+                   " back to D either way (default retry)")
     p.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds for the whole P leg (default 300)")
     p.add_argument("--decode-timeout", type=float, default=300.0,
                    help="longest silence from D before its stream is called broken, seconds (default 300)")
@@ -98,7 +104,8 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
     if args.prefill_timeout <= 0 or args.decode_timeout <= 0 or args.health_interval <= 0:
         raise ProxyOptionError("timeouts and --health-interval must be positive")
     return ProxySettings(block_size=args.block_size, geometry=geometry, prefill_timeout_s=args.prefill_timeout,
-                         decode_read_timeout_s=args.decode_timeout, decode_choice=args.decode_choice)
+                         decode_read_timeout_s=args.decode_timeout, decode_choice=args.decode_choice,
+                         prefill_failure=args.prefill_failure)
 
 
 class _EventWriter:
@@ -316,6 +323,7 @@ class ProxyProcess:
         s = self.settings
         argv = [self.python, "-m", "pdtui", "proxy", "--managed", "--host", self.host, "--port", str(self.port),
                 "--block-size", str(s.block_size), "--decode-choice", s.decode_choice,
+                "--prefill-failure", s.prefill_failure,
                 "--prefill-timeout", str(s.prefill_timeout_s), "--decode-timeout", str(s.decode_read_timeout_s)]
         if s.geometry is not None:
             argv += ["--kv-geometry", json.dumps(asdict(s.geometry))]

@@ -72,7 +72,8 @@ class Runtime:
             [(n, i.url) for n, i in self.instances.items() if i.role == "prefill"],
             [(n, i.url) for n, i in self.instances.items() if i.role == "decode"],
             host=cfg.host, port=cfg.proxy_port,
-            settings=ProxySettings(block_size=cfg.block_size, geometry=self.geometry),
+            settings=ProxySettings(block_size=cfg.block_size, geometry=self.geometry,
+                                   prefill_failure=cfg.prefill_failure),
             on_event=self.emit, log_path=self.log_dir / "proxy.log",
         )
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)

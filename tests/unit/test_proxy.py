@@ -12,17 +12,18 @@ import pytest
 
 from pdtui.core import kvmath
 from pdtui.core.proxy import PREFILL_KV_PARAMS, Proxy, ProxyServer, ProxySettings, Upstream
-from tests.fakes import FakeVllm, free_port, serving
+from tests.fakes import FakeRawUpstream, FakeVllm, free_port, serving
 
 GEO = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
 
 
 @contextlib.asynccontextmanager
-async def stack(p: FakeVllm, d: FakeVllm, p_up: bool = True):
+async def stack(p: FakeVllm, d: FakeVllm, p_up: bool = True, prefill_failure: str = "retry"):
     traces = []
     async with serving(p), serving(d):
         proxy = Proxy([Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)],
-                      ProxySettings(block_size=16, geometry=GEO, prefill_timeout_s=5, decode_read_timeout_s=5),
+                      ProxySettings(block_size=16, geometry=GEO, prefill_timeout_s=5, decode_read_timeout_s=5,
+                                    prefill_failure=prefill_failure),
                       on_trace=traces.append)
         server = ProxyServer(proxy, "127.0.0.1", free_port())
         await server.start()
@@ -82,17 +83,128 @@ def test_non_streamed_chat_passes_d_answer_through():
     run(go())
 
 
-@pytest.mark.parametrize("p_status,p_up,reason", [(500, True, "prefill_5xx"), (200, False, "prefill_down")])
-def test_prefill_failure_falls_back_to_decode_colocated(p_status, p_up, reason):
+def test_no_prefill_up_falls_back_to_decode_colocated():
     async def go():
-        p, d = FakeVllm("prefill", status=p_status), FakeVllm("decode")
-        async with stack(p, d, p_up=p_up) as (client, traces):
+        p, d = FakeVllm("prefill"), FakeVllm("decode")
+        async with stack(p, d, p_up=False) as (client, traces):
             r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
             assert r.status_code == 200
-            assert "kv_transfer_params" not in d.requests[0]
-            assert traces[0].outcome == "fallback" and traces[0].fallback_reason.startswith(reason)
+            assert p.requests == [] and "kv_transfer_params" not in d.requests[0]
+            (t,) = traces
+            assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down")
+            assert t.prefill_branch == "fallback_down" and t.prefill_attempts == 0
+            metrics = (await client.get("/metrics")).text
+            assert 'pdtui_fallbacks_total{reason="prefill_down"} 1.0' in metrics
+            assert 'pdtui_prefill_branch_total{branch="fallback_down"} 1.0' in metrics
+            assert 'pdtui_prefill_branch_total{branch="error_5xx"} 0.0' in metrics  # every branch shown
+
+    run(go())
+
+
+@pytest.mark.parametrize("p_status", [502, 503, 504])
+def test_prefill_502_503_504_is_retried_once_then_the_client_gets_it(p_status):
+    async def go():
+        p, d = FakeVllm("prefill", status=p_status), FakeVllm("decode")
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
+            assert r.status_code == p_status and f"answered {p_status}" in r.json()["error"]["message"]
+            assert len(p.requests) == 2 and d.requests == []  # no silent prefill on D
+            (t,) = traces
+            assert t.outcome == "error" and t.status == p_status and t.fallback_reason is None
+            assert t.prefill_branch == "error_retry_failed" and t.prefill_attempts == 2
+            metrics = (await client.get("/metrics")).text
+            assert 'pdtui_prefill_branch_total{branch="error_retry_failed"} 1.0' in metrics
+            assert "pdtui_prefill_retries_total 1.0" in metrics
+            assert 'pdtui_requests_total{outcome="error"} 1.0' in metrics
+
+    run(go())
+
+
+def test_a_retry_goes_to_another_prefill_and_pairs():
+    async def go():
+        bad, good, d = FakeVllm("prefill", status=503), FakeVllm("prefill", blocks=2), FakeVllm("decode")
+        traces = []
+        async with serving(bad), serving(good), serving(d):
+            proxy = Proxy([Upstream("P", "prefill", bad.url), Upstream("P2", "prefill", good.url)],
+                          [Upstream("D", "decode", d.url)], on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 200
+                    metrics = (await client.get("/metrics")).text
+            finally:
+                await server.stop()
+        assert len(bad.requests) == 1 and len(good.requests) == 1
+        assert d.requests[0]["kv_transfer_params"]["remote_block_ids"] == [[0, 1]]
+        (t,) = traces
+        assert t.outcome == "pair" and t.prefill == "P2" and t.prefill_branch == "retry_ok" and t.prefill_attempts == 2
+        assert 'pdtui_prefill_branch_total{branch="retry_ok"} 1.0' in metrics
+
+    run(go())
+
+
+@pytest.mark.parametrize("p_status", [500, 501])
+def test_other_prefill_5xx_is_an_error_to_the_client_not_a_fallback(p_status):
+    async def go():
+        p, d = FakeVllm("prefill", status=p_status), FakeVllm("decode")
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
+            assert r.status_code == p_status and "fake prefill says" in r.json()["error"]["message"]
+            assert len(p.requests) == 1 and d.requests == []
+            (t,) = traces
+            assert t.outcome == "error" and t.prefill_branch == "error_5xx" and t.prefill_attempts == 1
+            assert 'pdtui_prefill_branch_total{branch="error_5xx"} 1.0' in (await client.get("/metrics")).text
+
+    run(go())
+
+
+def test_prefill_200_without_kv_transfer_params_is_an_error():
+    async def go():
+        p, d = FakeVllm("prefill", kv_params=False), FakeVllm("decode")
+        async with stack(p, d) as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
+            assert r.status_code == 502 and "no kv_transfer_params" in r.json()["error"]["message"]
+            assert d.requests == [] and traces[0].prefill_branch == "error_no_kv"
+
+    run(go())
+
+
+@pytest.mark.parametrize("p_status,kv_params,reason", [(500, True, "prefill_5xx"), (503, True, "prefill_5xx"),
+                                                       (200, False, "no_kv_transfer_params")])
+def test_decode_locally_keeps_the_old_fallback(p_status, kv_params, reason):
+    async def go():
+        p, d = FakeVllm("prefill", status=p_status, kv_params=kv_params), FakeVllm("decode")
+        async with stack(p, d, prefill_failure="decode-locally") as (client, traces):
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
+            assert r.status_code == 200
+            assert len(p.requests) == 1 and "kv_transfer_params" not in d.requests[0]
+            (t,) = traces
+            assert t.outcome == "fallback" and t.fallback_reason.startswith(reason)
+            assert t.prefill_branch == "decode_locally"
             metrics = (await client.get("/metrics")).text
             assert f'pdtui_fallbacks_total{{reason="{reason}"}} 1.0' in metrics
+            assert 'pdtui_prefill_branch_total{branch="decode_locally"} 1.0' in metrics
+
+    run(go())
+
+
+def test_prefill_breaking_off_after_the_request_is_retried_not_a_fallback():
+    async def go():
+        d, traces = FakeVllm("decode"), []
+        async with FakeRawUpstream(lambda body: [b"HTTP/1.1 200 OK\r\ncontent-le"]) as p, serving(d):
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 502 and "broke off" in r.json()["error"]["message"]
+            finally:
+                await server.stop()
+        assert len(p.requests) == 2 and d.requests == []
+        assert traces[0].prefill_branch == "error_retry_failed" and traces[0].outcome == "error"
 
     run(go())
 
@@ -113,6 +225,7 @@ def test_prefill_unreachable_falls_back():
             finally:
                 await server.stop()
         assert traces[0].outcome == "fallback" and traces[0].fallback_reason.startswith("prefill_unreachable")
+        assert traces[0].prefill_branch == "fallback_unreachable"
 
     run(go())
 

@@ -232,3 +232,20 @@ def test_proxy_cpus_from_the_environment(monkeypatch):
                 await proc.stop()
 
     run(go())
+
+
+def test_prefill_failure_flag_reaches_the_settings_and_the_managed_argv():
+    import argparse
+
+    from pdtui.core.proxy_process import add_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from(parser.parse_args([])).prefill_failure == "retry"
+    assert settings_from(parser.parse_args(["--prefill-failure", "decode-locally"])).prefill_failure == "decode-locally"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefill-failure", "fallback"])
+    proc = ProxyProcess([], [("D", "http://127.0.0.1:1")], host="127.0.0.1", port=1,
+                        settings=ProxySettings(prefill_failure="decode-locally"), on_event=lambda e: None)
+    argv = proc.argv()
+    assert argv[argv.index("--prefill-failure") + 1] == "decode-locally"
