@@ -9,6 +9,7 @@ the control socket), the load keys the load generator.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterable
@@ -83,6 +84,7 @@ class PdtuiApp(App[int]):
         self._last_refresh = float("-inf")
         self._refresh_pending: Timer | None = None
         self._notice_shown: Notice | None = None
+        self._load_sizer: tuple[loadgen.Sizer | None] | None = None
 
     # ----- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -263,18 +265,37 @@ class PdtuiApp(App[int]):
         self.show_notice(f"load: {desc} ...")
         self.run_load(scenario)
 
+    async def _sizer(self) -> loadgen.Sizer | None:
+        """The model's own tokenizer, found once (loading a large one takes a moment: a thread)."""
+        if self._load_sizer is None:
+            from pdtui.core import config as config_mod
+
+            cfg = self.runtime.cfg
+            try:
+                model = config_mod.model_path(cfg) if isinstance(cfg, config_mod.PairConfig) else cfg.model_name
+            except (OSError, ValueError):  # the generated model cannot be written here: size by the engine
+                model = getattr(cfg, "model_name", "")
+            self._load_sizer = (await asyncio.to_thread(loadgen.local_sizer, model),)
+        return self._load_sizer[0]
+
     @work(group="load", description="load generator", exit_on_error=False)
     async def run_load(self, scenario: str) -> None:
-        res = await loadgen.run(scenario, self.runtime.cfg.proxy_url, self.runtime.cfg.model_name)
-        self.post_message(LoadFinished(scenario, res.ok, res.errors))
+        cfg = self.runtime.cfg
+        engines = [i.url for i in getattr(self.runtime, "instances", {}).values()
+                   if getattr(i, "role", "") == "prefill" and getattr(i, "url", "")]
+        res = await loadgen.run(scenario, cfg.proxy_url, cfg.model_name, sizer=await self._sizer(),
+                                max_model_len=getattr(cfg, "max_model_len", None),
+                                engine_url=engines[0] if engines else None)
+        self.post_message(LoadFinished(scenario, res.ok, res.errors, res.sizes(), res.first_error))
 
     @on(LoadFinished)
     def load_finished(self, message: LoadFinished) -> None:
         self.load_totals["ok"] += message.ok
         self.load_totals["errors"] += message.errors
         level = "error" if message.errors else "info"
-        self.show_notice(f"load {message.name}: {message.ok} ok, {message.errors} errors"
-                         f" (total {self.load_totals['ok']} ok, {self.load_totals['errors']} errors)", level)
+        why = f"; first error: {message.error}" if message.error else ""
+        self.show_notice(f"load {message.name}: {message.ok} ok, {message.errors} errors, {message.detail}"
+                         f" (total {self.load_totals['ok']} ok, {self.load_totals['errors']} errors){why}", level)
 
     def action_clear_histograms(self) -> None:
         self.state.clear_latency()

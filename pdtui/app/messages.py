@@ -34,6 +34,9 @@ class LoadFinished(Message):
     ok: int
     errors: int
     detail: str = ""
+    """The prompt sizes sent, by the model's tokenizer ("prompts 3,000 tokens")."""
+    error: str = ""
+    """The first error's words (an HTTP status and body, an SSE error event)."""
 
 
 @dataclass
