@@ -203,6 +203,9 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         await pilot.press("K")
         await until(f"{p}'s pane shows the exit", lambda s: s.instance(p) is not None and s.instance(p).bad, 30)
         req = await one_request("fallback")
+        if req.prefill_branch not in ("fallback_down", "fallback_unreachable"):
+            raise DrillFailed(f"{req.request_id} fell back by {req.prefill_branch}: only a P that is down or"
+                              " cannot be reached may send a request to D colocated")
         _select(app, req.request_id)
         await done("kill-p", f"{p} {state_of(p)}; {req.request_id} fell back to {d} colocated"
                    f" ({req.fallback_reason}), TTFT {req.ttft_ms:.0f} ms")

@@ -86,6 +86,8 @@ class InstanceView:
     """Requests that ended in error with this instance on their path."""
     fallbacks: int = 0
     pairs: int = 0
+    retries: int = 0
+    """P legs this prefill instance answered on a retry (RequestTraced.prefill_attempts > 1)."""
 
     @property
     def kv_usage(self) -> float | None:
@@ -249,6 +251,8 @@ class DashState:
                     self._set(name, fallbacks=inst.fallbacks + 1)
                 else:
                     self._set(name, pairs=inst.pairs + 1)
+            if ev.prefill and ev.prefill_attempts > 1:
+                self._set(ev.prefill, retries=self._inst(ev.prefill).retries + 1)
         elif isinstance(ev, Notice):
             self.notices.append(ev)
         elif isinstance(ev, PairReady):

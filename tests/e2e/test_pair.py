@@ -164,7 +164,7 @@ def test_kill_prefill_falls_back_to_decode_colocated_then_restart_brings_the_pai
     r = client(pair).completions.create(model="tiny", prompt=prompt, max_tokens=4, extra_headers={"X-Request-Id": rid})
     assert r.choices[0].text
     t = trace_of(pair, rid)
-    assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down")
+    assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down") and t.prefill_branch == "fallback_down"
     after = pair.metrics("D")
     assert after[LOCAL] - before[LOCAL] == 260  # D prefilled it itself
     assert after[EXT] - before[EXT] == 0
@@ -293,7 +293,7 @@ def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, whic
         client(pair).completions.create(model="tiny", prompt=unique_prompt(100), max_tokens=2,
                                         extra_headers={"X-Request-Id": rid})
         t = trace_of(pair, rid)
-        assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down")
+        assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down") and t.prefill_branch == "fallback_down"
         assert 'pdtui_fallbacks_total{reason="prefill_down"}' in httpx.get(f"{pair.cfg.proxy_url}/metrics").text
 
     pair.call(pair.rt.restart(name), 600)

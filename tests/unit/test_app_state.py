@@ -47,6 +47,16 @@ def test_fold_requests_counts_and_windows() -> None:
     assert s.snapshot().ttft == () and s.snapshot().requests  # the table is kept
 
 
+def test_a_prefill_retry_is_counted_on_the_p_that_answered_it() -> None:
+    s = DashState()
+    s.apply(req("a", prefill="P2", prefill_attempts=2, prefill_branch="retry_ok"))
+    s.apply(req("b", outcome="error", prefill="P", prefill_attempts=2, prefill_branch="error_retry_failed"))
+    s.apply(req("c"))
+    snap = s.snapshot()
+    assert snap.instance("P2").retries == 1 and snap.instance("P").retries == 1  # type: ignore[union-attr]
+    assert snap.instance("D").retries == 0  # type: ignore[union-attr]
+
+
 def test_instances_logs_bounded_and_metrics() -> None:
     s = DashState()
     s.apply(InstanceStateChanged(instance="D", role="decode", state="starting", t=10.0))

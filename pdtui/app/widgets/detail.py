@@ -81,6 +81,9 @@ class RequestDetail(Static):
             t.append(f"\nITL p50 {p50:.1f} ms, max {mx:.1f} ms over {len(r.itl_ms)} gaps ({r.chunks} chunks)")
         t.append("\nfreight: ", style="bold")
         t.append(self.formula())
+        if r.prefill_branch:
+            style = "yellow" if r.prefill_branch.startswith(("fallback", "retry", "decode")) else "red"
+            t.append(f"\nP leg: {r.prefill_branch} ({r.prefill_attempts} P request(s))", style=style)
         if r.fallback_reason:
             t.append(f"\nfallback: {r.fallback_reason}", style="yellow")
         if r.error:

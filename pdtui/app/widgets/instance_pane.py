@@ -131,6 +131,8 @@ class InstancePane(Static):
         out.append(f"{v.fallbacks}", style="yellow")
         out.append(" err ")
         out.append(f"{v.errors}", style="bold red" if v.errors else "")
+        if v.retries:
+            out.append(f" retry {v.retries}", style="yellow")
         room = max(self.TAIL, self.content_size.height - 4)
         tail = v.log[-(max(room, self.TAIL_EXPANDED) if self.expanded else room):]
         for line in tail:
