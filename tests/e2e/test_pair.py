@@ -350,7 +350,7 @@ def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(
             except httpx.HTTPError as e:
                 outcomes[rid] = f"transport {type(e).__name__}"
 
-    workers = [threading.Thread(target=load, args=(k,)) for k in range(2)]
+    workers = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(2)]
     for w in workers:
         w.start()
     kills = []
@@ -376,23 +376,28 @@ def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(
             except StartupFailed as e:  # killed while starting: start it again
                 failed_starts.append(f"{name}: {str(e).splitlines()[0]}")
 
-    keepers = [threading.Thread(target=keeper, args=(n,)) for n in ("P", "D")]
+    keepers = [threading.Thread(target=keeper, args=(n,), daemon=True) for n in ("P", "D")]
     for k in keepers:
         k.start()
     t_end = time.monotonic() + 45
-    while time.monotonic() < t_end:
-        time.sleep(rng.uniform(2, 5))
-        name, which = rng.choice(["P", "D"]), rng.choice(["api-server", "engine-core", "api-server"])
-        inst = pair.rt.instances[name]
-        if not inst.alive:
-            continue  # dead and not yet restarted
-        if which == "engine-core" and not any("EngineCore" in t for t in dict(inst.members).values()):
-            which = "api-server"  # still starting: its engine core is not up yet
-        victim = _victim_pid(pair, name, which)
-        family = [inst.pid, *inst.members]
-        os.kill(victim, 9)
-        kills.append((name, which, inst.state, victim, family))
-    stop.set()
+    try:
+        while time.monotonic() < t_end:
+            time.sleep(rng.uniform(2, 5))
+            name, which = rng.choice(["P", "D"]), rng.choice(["api-server", "engine-core", "api-server"])
+            inst = pair.rt.instances[name]
+            if not inst.alive:
+                continue  # dead and not yet restarted
+            if which == "engine-core" and not any("EngineCore" in t for t in dict(inst.members).values()):
+                which = "api-server"  # still starting: its engine core is not up yet
+            victim = _victim_pid(pair, name, which)
+            family = [inst.pid, *inst.members]
+            try:
+                os.kill(victim, 9)
+            except ProcessLookupError:
+                continue  # it died on its own between the choice and the kill (a start-up that failed)
+            kills.append((name, which, inst.state, victim, family))
+    finally:  # whatever failed above, no load client or keeper thread outlives the test
+        stop.set()
     for w in workers:
         w.join(60)
         assert not w.is_alive(), "a load client hangs"
