@@ -199,7 +199,7 @@ def launch(role: str, http_port: int, side_port: int, core: int, fix: str, tmp: 
     if shim:
         kv["kv_connector_module_path"] = NOPROG_MODULE_NAME
     cmd = [
-        PYTHON, "-m", "pdtui.core.vllm_entry", "serve", MODEL,
+        PYTHON, "-m", "pdtui.engine.vllm_entry", "serve", MODEL,
         "--load-format", "dummy", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(http_port),
         "--max-model-len", "2048", "--kv-cache-memory-bytes", "268435456",

@@ -10,7 +10,7 @@ the model's core is visible. Variants (``--variants``, comma-separated, in order
 
   single       config.render_single: the bench's single arm (OMP threads on P's core 0)
   single-2     the same, VLLM_CPU_OMP_THREADS_BIND=0-1 (two OMP threads, both cores)
-  p            P as the pair launches it (kv_producer, NixlConnector, pdtui.core.nixl_quiet);
+  p            P as the pair launches it (kv_producer, NixlConnector, pdtui.engine.nixl_quiet);
                the request carries kv_transfer_params do_remote_decode like the proxy's (D is
                not running: P keeps the blocks for a pull that never comes, which costs nothing
                here)
@@ -22,7 +22,7 @@ the model's core is visible. Variants (``--variants``, comma-separated, in order
   pd-scrape    the same, while both /metrics are scraped every second (what pdtui's Runtime does)
 
 ``--vllm-pinning`` drops PDTUI_NIXL_KEEP_AFFINITY from P's and D's environment: vLLM's NIXL worker
-then moves their model threads to the machine's last core (as before pdtui.core.nixl_quiet undid it).
+then moves their model threads to the machine's last core (as before pdtui.engine.nixl_quiet undid it).
 
 Everything it starts runs in its own session and is killed by process group in a ``finally``.
 

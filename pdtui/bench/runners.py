@@ -132,7 +132,7 @@ class Reporter:
 
 
 def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, Any]:
-    from pdtui.core.vllm_entry import installed_vllm
+    from pdtui.core.versions import installed_vllm
 
     cpu = ""
     with contextlib.suppress(OSError):
@@ -372,11 +372,11 @@ def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: lis
 
 async def vllm_bench_serve(cfg: PairConfig, base_url: str, result: Path, dataset: list[str],
                            on_started: Callable[[], None] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run `vllm bench serve` (python -m pdtui.core.vllm_entry bench serve, in its own session)
+    """Run `vllm bench serve` (python -m pdtui.engine.vllm_entry bench serve, in its own session)
     against ``base_url``; its detailed result file is gzipped beside bench.json.gz. Returns
     (argv, return code, start-up seconds, the file or the output's tail) and the parsed result
     (None if it failed). ``on_started`` is called when it begins timing (STARTED)."""
-    argv = [sys.executable, "-m", "pdtui.core.vllm_entry", "bench", "serve", "--backend", "vllm",
+    argv = [sys.executable, "-m", "pdtui.engine.vllm_entry", "bench", "serve", "--backend", "vllm",
             "--base-url", base_url, "--endpoint", "/v1/completions", "--model", cfg.model_name,
             "--tokenizer", config_mod.model_path(cfg), *dataset, "--ignore-eos", "--temperature", "0",
             "--num-warmups", "0",

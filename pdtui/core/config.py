@@ -65,7 +65,9 @@ FORBIDDEN_EXTRA_FLAGS = {
     "--host": "host",
 }
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "launch"
+# The launch profiles, package data: in the repo pdtui/profiles is a link to launch/ (edit them
+# there), in a wheel a folder of the package, so `pdtui config --profile cpu` works from anywhere.
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
 
 class ConfigError(ValueError):
@@ -86,7 +88,7 @@ class InstanceConfig:
     """Short label in the UI and events (default: P, D, D2, ...)."""
     cpu_core: int | None = None
     """CPU device: pin this instance's compute threads to this core (VLLM_CPU_OMP_THREADS_BIND).
-    With NixlConnector loaded through pdtui.core.nixl_quiet, the model thread is kept there
+    With NixlConnector loaded through pdtui.engine.nixl_quiet, the model thread is kept there
     (vLLM's NIXL worker would move it to the machine's last core; docs/bench.md)."""
     cuda_devices: str | None = None
     """GPU device: CUDA_VISIBLE_DEVICES for this instance, e.g. "0"."""
@@ -291,7 +293,7 @@ def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
     if cfg.kv_connector_extra_config:
         out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
     if _tunes_nixl(cfg) and out["kv_connector"] == "NixlConnector":
-        out["kv_connector_module_path"] = "pdtui.core.nixl_quiet"
+        out["kv_connector_module_path"] = "pdtui.engine.nixl_quiet"
     return out
 
 
@@ -340,7 +342,7 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
     argv = [
         python or sys.executable,
         "-m",
-        "pdtui.core.vllm_entry",
+        "pdtui.engine.vllm_entry",
         "serve",
         mpath,
         "--host",
@@ -388,7 +390,7 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
     if kv_transfer and cfg.ucx_error_handling_mode is not None:
         env["PDTUI_UCX_ERROR_HANDLING_MODE"] = cfg.ucx_error_handling_mode
     if kv_transfer and _tunes_nixl(cfg):
-        # the engine imports pdtui.core.nixl_quiet: make sure it finds this pdtui
+        # the engine imports pdtui.engine.nixl_quiet: make sure it finds this pdtui
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
     if cfg.device == "cpu":
@@ -467,7 +469,8 @@ def from_dict(data: dict[str, Any], profile_name: str = "profile") -> PairConfig
 
 
 def load_profile(path_or_name: str | Path) -> PairConfig:
-    """A profile by path, or by name from launch/ (``cpu``, ``one-gpu``, ...)."""
+    """A profile by path, or by name from the package's profiles (launch/ in the repo: ``cpu``,
+    ``one-gpu``, ...)."""
     path = Path(path_or_name)
     if not path.exists():
         candidate = PROFILE_DIR / f"{path_or_name}.toml"

@@ -42,7 +42,7 @@ from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl
 from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.supervisor import Instance, StartupFailed, check_port_free
-from pdtui.core.vllm_entry import installed_vllm
+from pdtui.core.versions import installed_vllm
 
 WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handshake. " * 2
 

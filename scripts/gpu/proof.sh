@@ -12,7 +12,7 @@ export PYTHONPATH="$REPO:/root/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLL
 export PDTUI_HOME=/root/pdtui-home
 # stop a previous run (processes started with setsid outlive a call)
 if [ -f /tmp/pdtui.pgid ]; then kill -INT -- -"$(cat /tmp/pdtui.pgid)" 2>/dev/null; sleep 15; kill -KILL -- -"$(cat /tmp/pdtui.pgid)" 2>/dev/null; fi
-pkill -9 -f pdtui.core.vllm_entry 2>/dev/null; sleep 1
+pkill -9 -f pdtui.engine.vllm_entry 2>/dev/null; sleep 1
 [ -n "$ENVJSON" ] && export PDTUI_ENV="$ENVJSON"
 cd /tmp  # never from a folder holding a vllm/ directory
 setsid python3 -m pdtui up --headless --profile one-gpu --logs --record "$OUT/$TAG.jsonl" > "$OUT/$TAG.out" 2> "$OUT/$TAG.err" &

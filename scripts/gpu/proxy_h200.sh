@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg NCCL_NVLS_ENABLE=0 PATH="/tmp/site2/bin
 nproc; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 case "${1:-bench}" in
 bench)
-  pkill -9 -f pdtui.core.vllm_entry 2>/dev/null; sleep 1
+  pkill -9 -f pdtui.engine.vllm_entry 2>/dev/null; sleep 1
   cd /tmp  # never from a folder holding a vllm/ directory
   # the proxy on a core of its own, away from the API servers and the bench's client
   export PDTUI_PROXY_CPUS=${PDTUI_PROXY_CPUS:-3}
@@ -25,7 +25,7 @@ bench)
     --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
   rc=${PIPESTATUS[0]}
   set +x
-  pkill -9 -f pdtui.core.vllm_entry 2>/dev/null
+  pkill -9 -f pdtui.engine.vllm_entry 2>/dev/null
   ls -la "$OUT/bench"
   exit $rc ;;
 transparency)

@@ -39,7 +39,7 @@ def test_cpu_profile_pins_cores_and_uses_the_cpu_buffer(tmp_path):
     assert _flag(p.argv, "--kv-cache-memory-bytes") == _flag(d.argv, "--kv-cache-memory-bytes")
     assert (tmp_path / "tiny" / "config.json").exists()  # the synthetic model was made on first use
     ktc = json.loads(_flag(d.argv, "--kv-transfer-config"))
-    assert ktc["kv_connector"] == "NixlConnector" and ktc["kv_connector_module_path"] == "pdtui.core.nixl_quiet"
+    assert ktc["kv_connector"] == "NixlConnector" and ktc["kv_connector_module_path"] == "pdtui.engine.nixl_quiet"
     assert d.env["PDTUI_NIXL_PROG_DELAY_US"] == "1000"
     # vLLM's NIXL worker moves the model thread to the last core; nixl_quiet keeps it on its own
     assert p.env["PDTUI_NIXL_KEEP_AFFINITY"] == d.env["PDTUI_NIXL_KEEP_AFFINITY"] == "1"
@@ -132,7 +132,7 @@ def test_gpu_profiles_read_the_kv_over_cuda_ipc():
         for spec in (p, d):
             assert spec.env["PDTUI_UCX_ERROR_HANDLING_MODE"] == "none"
             assert "cuda_ipc" in spec.env["UCX_TLS"] and spec.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
-            assert json.loads(_flag(spec.argv, "--kv-transfer-config"))["kv_connector_module_path"] == "pdtui.core.nixl_quiet"
+            assert json.loads(_flag(spec.argv, "--kv-transfer-config"))["kv_connector_module_path"] == "pdtui.engine.nixl_quiet"
 
 
 @pytest.mark.parametrize("name", ["cpu", "one-gpu", "two-gpu"])

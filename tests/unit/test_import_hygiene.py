@@ -1,16 +1,115 @@
-"""The core must not import the UI (STYLE.md: a clean core with no UI, a thin app)."""
+"""The import contract (STYLE.md: a clean core with no UI, a thin app), checked two ways.
 
+Statically, over every module's source (imports inside functions included):
+- ``pdtui.core`` never imports textual, rich, plotext, the app (``pdtui.app``), vLLM, NIXL, torch
+  or the engine side (``pdtui.engine``);
+- ``pdtui.engine`` (code that runs INSIDE the vLLM processes) imports only the standard library,
+  vLLM, NIXL, itself and the few stdlib-only core modules in ``ENGINE_MAY_IMPORT``;
+- nothing outside ``pdtui.engine`` imports it (the core names its modules as strings).
+And at run time: importing the core, the CLI and the bench loads neither textual nor plotext nor vLLM
+(not rich: httpx imports it for its own command line when it is installed).
+"""
+
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pdtui
+
+PKG = Path(pdtui.__file__).resolve().parent
+CORE_NEVER = ("textual", "textual_plotext", "plotext", "rich", "pdtui.app", "pdtui.engine", "vllm", "nixl",
+              "nixl_cu12", "nixl_cu13", "torch")
+ENGINE_MAY_IMPORT = ("pdtui.core.versions",)
+ENGINE_THIRD_PARTY = ("vllm", "nixl", "nixl_cu12", "nixl_cu13")
+
+
+def _module_name(path: Path) -> str:
+    if not path.is_relative_to(PKG.parent):
+        return path.stem
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import statement in the file, relative ones resolved."""
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # `from pdtui.core import config` imports pdtui.core.config; `from pdtui.core.versions import
+            # installed_vllm` is seen as pdtui.core.versions.installed_vllm, under pdtui.core.versions
+            out += [(node.lineno, f"{mod}.{a.name}" if mod.startswith("pdtui") else mod) for a in node.names]
+    return out
+
+
+def _under(mod: str, prefixes: tuple[str, ...]) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def _violations(folder: str, ok) -> list[str]:
+    bad = []
+    for path in sorted((PKG / folder).rglob("*.py") if folder else PKG.rglob("*.py")):
+        for line, mod in imports_of(path):
+            if not ok(path, mod):
+                bad.append(f"{path.relative_to(PKG.parent)}:{line} imports {mod}")
+    return bad
+
+
+def test_core_imports_no_ui_no_app_no_vllm_no_engine():
+    bad = _violations("core", lambda path, mod: not _under(mod, CORE_NEVER))
+    assert not bad, "the core must stay UI-free and vLLM-free:\n" + "\n".join(bad)
+
+
+def test_engine_side_imports_only_stdlib_vllm_nixl():
+    def ok(path, mod):
+        top = mod.split(".")[0]
+        return (top in sys.stdlib_module_names or top in ENGINE_THIRD_PARTY or _under(mod, ("pdtui.engine",))
+                or _under(mod, ENGINE_MAY_IMPORT) or mod == "__future__")
+    bad = _violations("engine", ok)
+    assert not bad, "engine-side modules run inside vLLM; keep them apart from the core:\n" + "\n".join(bad)
+
+
+def test_core_modules_the_engine_may_import_are_stdlib_only():
+    for name in ENGINE_MAY_IMPORT:
+        path = PKG.parent / (name.replace(".", "/") + ".py")
+        bad = [mod for _, mod in imports_of(path) if mod.split(".")[0] not in sys.stdlib_module_names
+               and mod != "__future__"]
+        assert not bad, f"{name} is imported inside vLLM's processes: standard library only, not {bad}"
+
+
+def test_nothing_outside_the_engine_side_imports_it():
+    def ok(path, mod):
+        return path.is_relative_to(PKG / "engine") or not _under(mod, ("pdtui.engine",))
+    bad = _violations("", ok)
+    assert not bad, "pdtui's own process must not import pdtui.engine (it imports vLLM):\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    # the static checks above are only as good as imports_of(): a lazy import must be seen
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from textual.app import App\n    import vllm.config\n    return App\n")
+    assert [m for _, m in imports_of(probe)] == ["textual.app", "vllm.config"]
 
 
 def test_core_imports_no_textual():
     code = (
         "import sys\n"
         "import pdtui.core.runtime, pdtui.core.proxy, pdtui.core.supervisor, pdtui.core.config, pdtui.cli\n"
-        "import pdtui.bench.workload, pdtui.bench.runners, pdtui.bench.report, pdtui.bench.command\n"
+        "import pdtui.core.preflight, pdtui.core.control\n"
+        "import pdtui.bench.workload, pdtui.bench.runners, pdtui.bench.report\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'textual_plotext', 'plotext'))\n"
         "assert not bad, bad\n"
+        "assert not [m for m in sys.modules if m.startswith(('pdtui.app', 'pdtui.engine'))]\n"
+        "import pdtui.bench.command\n"
         "assert 'vllm' not in sys.modules, 'the core must not import vllm (it runs in the children)'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
