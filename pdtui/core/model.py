@@ -68,6 +68,20 @@ SHAPES: dict[str, ModelShape] = {
         vocab_size=151936,
         max_position_embeddings=32768,
     ),
+    # Llama-3.1-8B's geometry (32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336,
+    # vocab 128256): 128 KiB of KV per token in bf16, the lab's 256 MiB for a 2031-token prompt.
+    # Built as a Qwen2ForCausalLM like the others (one tokenizer and loader path); its KV and its
+    # per-token compute are the 8B's, which is what the pair's economics depend on.
+    "llama3.1-8b": ModelShape(
+        name="llama3.1-8b",
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ),
 }
 
 

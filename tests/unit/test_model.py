@@ -38,6 +38,17 @@ def test_qwen_shape_has_the_real_geometry(tmp_path):
     assert geo.bytes_per_token == 12288
 
 
+def test_8b_shape_has_llama_3_1_8b_kv_geometry(tmp_path):
+    """The lab's 8B: 128 KiB of KV per token in bf16, so a 2031-token prompt in 16-token blocks
+    ships 127 blocks = 254 MiB (the lab rounds it to 256 MiB)."""
+    out = model.synth("llama3.1-8b", tmp_path / "l")
+    geo = kvmath.geometry_from_dir(out)
+    assert (geo.layers, geo.kv_heads, geo.head_dim, geo.dtype_bytes) == (32, 8, 128, 2)
+    assert geo.bytes_per_token == 128 * 1024
+    blocks = kvmath.blocks_for_tokens(2031, 16)
+    assert kvmath.shipped_bytes(blocks, 16, geo) == 127 * 16 * 128 * 1024
+
+
 def test_ensure_reuses_a_complete_directory(tmp_path):
     first = model.ensure("tiny", tmp_path)
     stamp = (first / "tokenizer.json").stat().st_mtime_ns
