@@ -45,23 +45,28 @@ event (scripts/bench_refresh.py, docs/dashboard.md)."""
 class PdtuiApp(App[int]):
     CSS_PATH = "pdtui.tcss"
     TITLE = "pdtui"
+    KILL = Binding.Group("Kill D/P", compact=True)
+    RESTART = Binding.Group("Restart D/P", compact=True)
+    LOAD = Binding.Group("Load", compact=True)
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
-        Binding("k", "kill('decode')", "Kill D"),
-        Binding("K", "kill('prefill')", "Kill P"),
-        Binding("r", "restart('decode')", "Restart D"),
-        Binding("R", "restart('prefill')", "Restart P"),
-        Binding("1", "load('single')", "1 req"),
-        Binding("2", "load('steady')", "Streams", show=False),
-        Binding("3", "load('big')", "Big", show=False),
-        Binding("4", "load('mix')", "Mix"),
+        Binding("k", "kill('decode')", "Kill D", group=KILL),
+        Binding("K", "kill('prefill')", "Kill P", group=KILL),
+        Binding("r", "restart('decode')", "Restart D", group=RESTART),
+        Binding("R", "restart('prefill')", "Restart P", group=RESTART),
+        Binding("1", "load('single')", "1 req", group=LOAD),
+        Binding("2", "load('steady')", "Streams", group=LOAD),
+        Binding("3", "load('big')", "Big", group=LOAD),
+        Binding("4", "load('mix')", "Mix", group=LOAD),
         Binding("c", "clear_histograms", "Clear", show=False),
         Binding("s", "screenshot", "Shot"),
         Binding("l", "toggle_logs", "Logs"),
         Binding("t", "show_tab('transfers')", "Transfers", show=False),
         Binding("h", "show_tab('latency')", "Latency", show=False),
     ]
+    AUTO_FOCUS = "#table"
+    """The transfers table has the focus from the start: the arrows move its cursor without a Tab."""
 
     def __init__(self, runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
                  screenshot_dir: Path | str = "screenshots", speed: float | None = None,
@@ -84,6 +89,7 @@ class PdtuiApp(App[int]):
         self._last_refresh = float("-inf")
         self._refresh_pending: Timer | None = None
         self._notice_shown: Notice | None = None
+        self._notice_settled: Notice | None = None
         self._load_sizer: tuple[loadgen.Sizer | None] | None = None
 
     # ----- layout -------------------------------------------------------------------------
@@ -128,7 +134,10 @@ class PdtuiApp(App[int]):
                 pane.refresh()
 
     def on_resize(self) -> None:
-        self.screen.set_class(self.size.width >= 120 and self.size.height >= 40, "-wide")
+        wide = self.size.width >= 120 and self.size.height >= 40
+        self.screen.set_class(wide, "-wide")
+        for detail in self.query(RequestDetail):
+            detail.wide = wide
 
     # ----- the event stream ---------------------------------------------------------------
     @work(group="events", description="fold the runtime's events", exit_on_error=False)
@@ -187,6 +196,20 @@ class PdtuiApp(App[int]):
         if snap.notices and snap.notices[-1] is not self._notice_shown:
             n = self._notice_shown = snap.notices[-1]
             self.show_notice(n.text, n.level)
+        self._settle_notice(snap)
+
+    def _settle_notice(self, snap: Snapshot) -> None:
+        """A notice about an instance ("restarting D", "killing D") that its process has answered
+        since, by starting again and being ready, gives way to that: it would otherwise stay on the
+        status line after the restart."""
+        n = self._notice_shown
+        if n is None or not n.instance or n is self._notice_settled:
+            return
+        v = snap.instance(n.instance)
+        if v is not None and v.state == "ready" and v.started_t is not None and v.started_t >= n.t:
+            self._notice_settled = n
+            took = f" in {v.elapsed_s:.1f}s" if v.elapsed_s is not None else ""
+            self.show_notice(f"{v.name} ({v.role}) ready again{took}")
 
     def show_notice(self, text: str, level: str = "info") -> None:
         notice = self.query_one("#notice", Static)
@@ -246,7 +269,9 @@ class PdtuiApp(App[int]):
 
     async def _run_control(self, verb: str, name: str) -> None:
         try:
-            await getattr(self.control, verb)(name)
+            answer = await getattr(self.control, verb)(name)
+            if verb == "restart" and isinstance(answer, dict) and answer.get("ready_s") is not None:
+                self.show_notice(f"{name} restarted: ready in {answer['ready_s']:.1f}s")
         except ControlError as e:  # already restarting, shutting down, failed to come back
             self.show_notice(f"{verb} {name}: {e}", "error" if e.code == "failed" else "warning")
             if e.code == "failed":

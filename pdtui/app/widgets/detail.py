@@ -4,7 +4,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from pdtui.app.state import freight_tokens, itl_stats, timeline
+from pdtui.app.state import fmt_num, freight_tokens, itl_stats, timeline
 from pdtui.core.events import RequestTraced
 from pdtui.core.kvmath import KvGeometry
 
@@ -34,8 +34,11 @@ class RequestDetail(Static):
     from row to row (or following the newest) does not make the table above jump."""
     DEFAULT_CSS = """
     RequestDetail { height: auto; min-height: 9; max-height: 45%; border-top: solid $primary; padding: 0 1; }
+    RequestDetail.-compact { height: 6; min-height: 6; max-height: 6; }
     """
 
+    wide: reactive[bool] = reactive(True)
+    """The timeline as bars (a large screen), else five lines with the freight and the reason first."""
     request: reactive[RequestTraced | None] = reactive(None)
     """The request shown. The table's cursor follows the newest request, so this changes with
     nearly every refresh: the screen is laid out again only when the pane's height changes (more
@@ -49,7 +52,14 @@ class RequestDetail(Static):
         self.bytes_per_token = bytes_per_token
         self._lines = 0
 
+    def watch_wide(self, wide: bool) -> None:
+        self.set_class(not wide, "-compact")
+        self.refresh(layout=True)
+
     def watch_request(self) -> None:
+        if not self.wide:  # a fixed height: a new request repaints, never lays out the screen
+            self.refresh()
+            return
         width = self.content_region.width or self.app.size.width
         lines = max(self.MIN_LINES, len(self.render().wrap(self.app.console, max(1, width))))
         self.refresh(layout=lines != self._lines)
@@ -64,10 +74,49 @@ class RequestDetail(Static):
         r = self.request
         if r is None:
             return Text("select a request (arrows / enter) to see its timeline and KV freight", style="dim")
+        return self.render_wide(r) if self.wide else self.render_compact(r)
+
+    @staticmethod
+    def reason(r: RequestTraced) -> Text | None:
+        """Why it did not simply pair: the P leg's branch (set only then), the fallback, the error."""
+        parts: list[Text] = []
+        if r.prefill_branch:
+            style = "yellow" if r.prefill_branch.startswith(("fallback", "retry", "decode")) else "red"
+            parts.append(Text(f"P leg: {r.prefill_branch} ({r.prefill_attempts} P request(s))", style=style))
+        if r.fallback_reason:
+            parts.append(Text(f"fallback: {r.fallback_reason}", style="yellow"))
+        if r.error:
+            parts.append(Text(f"error: {r.error[:300]}", style="red"))
+        return Text("; ").join(parts) if parts else None
+
+    def summary(self, r: RequestTraced) -> Text:
+        t = Text()
+        t.append(f"{r.request_id.removeprefix('pdtui-')} ", style="bold")
+        t.append(f"{r.outcome} {r.status} ", style=OUTCOME_STYLE.get(r.outcome, ""))
+        t.append(f"{r.prefill or '-'}→{r.decode or '-'} prompt {fmt_num(r.prompt_tokens, ',')} "
+                 f"completion {fmt_num(r.completion_tokens, ',')} {'stream' if r.stream else 'non-stream'} "
+                 f"{r.endpoint}")
+        return t
+
+    def render_compact(self, r: RequestTraced) -> Text:
+        """80x24: five lines, the reason and the freight before the timeline."""
         t = Text(overflow="fold")
-        t.append(f"{r.request_id} ", style="bold")
-        t.append(f"{r.endpoint} {'stream' if r.stream else 'non-stream'} {r.outcome} {r.status} "
-                 f"{r.prefill or '-'}→{r.decode or '-'}  prompt {r.prompt_tokens} completion {r.completion_tokens}")
+        t.append_text(self.summary(r))
+        why = self.reason(r)
+        if why is not None:
+            t.append("\n")
+            t.append_text(why)
+        t.append("\nfreight: ", style="bold")
+        t.append(self.formula())
+        legs = " + ".join(f"{LEG_SHORT.get(name, name)} {stop - start:,.0f}" for name, start, stop in timeline(r))
+        p50, mx = itl_stats(r)
+        itl = f"; ITL p50 {p50:.1f} max {mx:.1f}" if p50 is not None else ""
+        t.append(f"\n{legs} ms{itl}" if legs else f"\nno timeline{itl}", style="cyan")
+        return t
+
+    def render_wide(self, r: RequestTraced) -> Text:
+        t = Text(overflow="fold")
+        t.append_text(self.summary(r))
         legs = timeline(r)
         end = max((e for _, _, e in legs), default=0.0) or 1.0
         for name, start, stop in legs:
@@ -81,11 +130,13 @@ class RequestDetail(Static):
             t.append(f"\nITL p50 {p50:.1f} ms, max {mx:.1f} ms over {len(r.itl_ms)} gaps ({r.chunks} chunks)")
         t.append("\nfreight: ", style="bold")
         t.append(self.formula())
-        if r.prefill_branch:
-            style = "yellow" if r.prefill_branch.startswith(("fallback", "retry", "decode")) else "red"
-            t.append(f"\nP leg: {r.prefill_branch} ({r.prefill_attempts} P request(s))", style=style)
-        if r.fallback_reason:
-            t.append(f"\nfallback: {r.fallback_reason}", style="yellow")
-        if r.error:
-            t.append(f"\nerror: {r.error[:300]}", style="red")
+        why = self.reason(r)
+        if why is not None:
+            t.append("\n")
+            t.append_text(why)
         return t
+
+
+LEG_SHORT = {"P prefill (+1 token)": "P", "proxy hop": "hop", "D first token incl. KV pull": "D 1st tok incl. pull",
+             "D decode stream": "decode"}
+OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}

@@ -21,7 +21,7 @@ class PairHeader(Static):
     """Profile, model and shape, connector, proxy URL, vLLM version, uptime; REPLAY when it is one."""
 
     DEFAULT_CSS = """
-    PairHeader { height: auto; background: $primary-background; color: $text; padding: 0 1; }
+    PairHeader { height: 1; background: $primary-background; color: $text; padding: 0 1; }
     PairHeader.-replay { background: $warning-darken-2; }
     """
 
@@ -50,23 +50,24 @@ class PairHeader(Static):
 
     def render(self) -> Text:
         h = self.header
-        t = Text(no_wrap=False, overflow="fold")
+        t = Text(no_wrap=True, overflow="ellipsis")
         if self.replay:
             speed = f" x{self.speed:g}" if self.speed else ""
             t.append(f" REPLAY{speed} ", style="bold reverse")
             t.append(" ")
         t.append("pdtui ", style="bold")
         t.append(f"{h.profile} ", style="bold cyan")
+        # what changes first (uptime, ready, stopped), then what describes the pair: one line at 80
+        up = self.uptime()
+        if up is not None:
+            t.append(f"up {fmt_duration(up)} ", style="bold")
+        if h.ready_s is not None:
+            t.append(f"ready {h.ready_s:.0f}s ", style="green")
+        if h.stopped:
+            t.append(f"STOPPED ({h.stopped}) ", style="bold red")
         shape = f" ({h.model_shape})" if h.model_shape and h.model_shape != h.model else ""
         t.append(f"{h.model}{shape} ")
         t.append(f"{h.connector} ", style="magenta")
-        t.append(f"{h.proxy_url} ", style="underline")
-        t.append(f"{h.vllm_version or 'vLLM ?'} ", style="dim")
-        up = self.uptime()
-        if up is not None:
-            t.append(f"up {fmt_duration(up)}", style="bold")
-        if h.ready_s is not None:
-            t.append(f" ready {h.ready_s:.0f}s", style="green")
-        if h.stopped:
-            t.append(f" STOPPED ({h.stopped})", style="bold red")
+        t.append(f"{h.proxy_url.removeprefix('http://')} ", style="underline")
+        t.append(f"{h.vllm_version or 'vLLM ?'}", style="dim")
         return t

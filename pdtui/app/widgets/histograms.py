@@ -75,6 +75,8 @@ class LatencyHistogram(PlotextPlot):
             vs = [v for v, o in self.samples if o == outcome]
             if vs:
                 plt.hist(vs, bins=self.bins, label=f"{outcome} {len(vs)}", color=COLORS[outcome])
+        # the axis from 0: plotext pads the range of the bins on both sides, which went below 0
+        plt.xlim(0, max(values) * 1.05 or 1.0)
         marks = self.marks()
         for q, color in MARKS:
             v = marks[q]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -106,35 +107,52 @@ class InstancePane(Static):
         return next((ms[k] for k in ("compat_ok", "registered", "connector_created", "nixl_available") if k in ms), "")
 
     def render(self) -> Text:
+        """Most important first, so a short pane (80x24: five lines) loses only the log tail: the
+        state, the request counters, the KV pool and queue, the connector, then the log."""
         v = self.view
         assert v is not None
         out = Text(no_wrap=True, overflow="ellipsis")
         out.append_text(self.state_line(v))
-        out.append("\n")
-        for label, style in self.flags(v):
-            out.append(label + " ", style=style)
-        out.append(self.connector_words(v), style="italic dim")
-        out.append("\nKV ")
-        pool = v.pool_tokens
-        out.append(f"{pool:,} tok" if pool else "? tok")
-        usage = v.kv_usage
-        out.append(f" use {usage * 100:.1f}%" if usage is not None else " use -",
-                   style="bold red" if usage and usage > 0.9 else "bold")
-        if v.free_blocks is not None:
-            out.append(f" free {v.free_blocks:,}/{v.pool_blocks:,} blk")
-        out.append(f"\nrun {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
-        if v.kv_pulled_bytes:
-            out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
-        out.append("  pair ")
-        out.append(f"{v.pairs}", style="green")
+        out.append("\npair ")
+        out.append(f"{v.pairs}", style="bold green")
         out.append(" fb ")
-        out.append(f"{v.fallbacks}", style="yellow")
+        out.append(f"{v.fallbacks}", style="bold yellow" if v.fallbacks else "")
         out.append(" err ")
         out.append(f"{v.errors}", style="bold red" if v.errors else "")
         if v.retries:
             out.append(f" retry {v.retries}", style="yellow")
+        out.append(f"  run {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
+        out.append("\nKV use ")
+        usage = v.kv_usage
+        out.append(f"{usage * 100:.1f}%" if usage is not None else "-",
+                   style="bold red" if usage and usage > 0.9 else "bold")
+        pool = v.pool_tokens
+        out.append(f" of {pool:,} tok" if pool else " of ? tok")
+        if v.free_blocks is not None:
+            out.append(f" free {v.free_blocks:,}/{v.pool_blocks:,} blk")
+        if v.kv_pulled_bytes:
+            out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
+        out.append("\n")
+        for label, style in self.flags(v):
+            out.append(label + " ", style=style)
+        out.append(self.connector_words(v), style="italic dim")
         room = max(self.TAIL, self.content_size.height - 4)
         tail = v.log[-(max(room, self.TAIL_EXPANDED) if self.expanded else room):]
         for line in tail:
-            out.append("\n" + line, style="dim")
+            out.append("\n" + short_log(line), style="dim")
         return out
+
+
+VLLM_PREFIX = re.compile(r"^\((?:\w+) pid=\d+\) (DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d (\d\d:\d\d:\d\d)"
+                         r"(?:\.\d+)? \[[^\]]*\] ?")
+
+
+def short_log(line: str) -> str:
+    """A vLLM log line without its 50-character prefix ("(APIServer pid=2670) INFO 11-25 04:40:55
+    [api_utils.py:286] "): the time, W or E for a warning or an error, then the message."""
+    line = line.rstrip("\r")
+    m = VLLM_PREFIX.match(line)
+    if m is None:
+        return line
+    level = "" if m[1] in ("INFO", "DEBUG") else m[1][0] + " "
+    return f"{m[2]} {level}{line[m.end():]}"

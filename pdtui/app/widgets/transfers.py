@@ -20,7 +20,24 @@ from pdtui.app.state import REQUESTS, fmt_num, itl_stats, mib, transfer_ms
 from pdtui.core.events import RequestTraced
 
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
-COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50", "ITL max", "outcome")
+COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50/max", "outcome")
+
+
+OUTCOME_WIDTH = len("fallback")
+
+
+def outcome_cell(r: RequestTraced) -> Text:
+    """The outcome, then why for an error or a fallback (the status, the proxy's reason)."""
+    style = OUTCOME_STYLE.get(r.outcome, "")
+    if r.outcome == "error":
+        t = Text(f"error {r.status}", style=style)
+        if r.error:
+            t.append(f" {r.error[:80]}", style="red")
+        return t
+    t = Text(r.outcome, style=style)
+    if r.outcome == "fallback" and r.fallback_reason:
+        t.append(f" {r.fallback_reason}", style="yellow")
+    return t
 
 
 class TransfersTable(ScrollView, can_focus=True):
@@ -112,9 +129,8 @@ class TransfersTable(ScrollView, can_focus=True):
             fmt_num(r.prefill_ms, ".0f"),
             fmt_num(transfer_ms(r), ".0f"),
             fmt_num(r.ttft_ms, ".0f"),
-            fmt_num(p50, ".1f"),
-            fmt_num(mx, ".1f"),
-            Text(r.outcome if r.outcome != "error" else f"error {r.status}", style=OUTCOME_STYLE.get(r.outcome, "")),
+            f"{fmt_num(p50, '.1f')}/{fmt_num(mx, '.1f')}" if p50 is not None else "-",
+            outcome_cell(r),
         )
 
     def update(self, requests: Sequence[RequestTraced]) -> None:
@@ -153,7 +169,7 @@ class TransfersTable(ScrollView, can_focus=True):
 
     def _grow_widths(self, cells: tuple[str | Text, ...]) -> None:
         grown = False
-        for i, cell in enumerate(cells):
+        for i, cell in enumerate(cells[:-1]):  # the last (outcome and reason) runs to the edge
             w = cell.cell_len if isinstance(cell, Text) else cell_len(cell)
             if w > self._widths[i]:
                 self._widths[i] = w
@@ -163,7 +179,9 @@ class TransfersTable(ScrollView, can_focus=True):
             self._styled.clear()
 
     def _total_width(self) -> int:
-        return sum(w + 2 for w in self._widths)
+        """The columns but the last, and the last as wide as "fallback": a reason after it is cut at
+        the screen's edge rather than widening the table (a horizontal scrollbar takes a row)."""
+        return sum(w + 2 for w in self._widths[:-1]) + 1 + OUTCOME_WIDTH
 
     # ----- cursor -------------------------------------------------------------------------
     def validate_cursor_row(self, row: int) -> int:
@@ -220,7 +238,7 @@ class TransfersTable(ScrollView, can_focus=True):
         for cell, width in zip(cells, self._widths, strict=True):
             text.append(" ")
             text.append_text(cell if isinstance(cell, Text) else Text(cell))
-            text.append(" " * (width - (cell.cell_len if isinstance(cell, Text) else cell_len(cell)) + 1))
+            text.append(" " * max(0, width - (cell.cell_len if isinstance(cell, Text) else cell_len(cell)) + 1))
         return Strip(Segment.simplify(text.render(self.app.console)), text.cell_len)
 
     def render_line(self, y: int) -> Strip:

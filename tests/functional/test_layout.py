@@ -1,0 +1,100 @@
+"""The dashboard at 80x24 (a default SSH terminal) and 160x48: what must be on the screen, read
+back from the screen's own lines, and the keys that must work without a Tab first."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdtui.app.app import make_app
+from pdtui.app.widgets import TransfersTable
+from pdtui.app.widgets.instance_pane import short_log
+from pdtui.core.events import LogLine, Notice
+from tests.functional.fake_runtime import T0, FakeRuntime, request, state
+from tests.functional.test_dashboard import clock, pair_up, screen_text, settle
+
+pytestmark = pytest.mark.anyio
+SIZES = [(80, 24), (160, 48)]
+LOG = "(APIServer pid=2670) WARNING 11-25 04:40:55 [system_utils.py:255] Found ulimit of 20000"
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+async def test_the_important_things_are_on_the_screen(size: tuple[int, int]) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)
+        fake.emit(LogLine(instance="D", line=LOG, t=T0 + 64),
+                  request("pdtui-aaaa0001", T0 + 70), request("pdtui-aaaa0002", T0 + 71, outcome="fallback",
+                                                               prefill=None, fallback_reason="prefill_down"),
+                  request("pdtui-aaaa0003", T0 + 72, outcome="error", status=502, error="D died mid-stream"))
+        await settle(pilot, app)
+        text = screen_text(app)
+        lines = text.splitlines()
+        assert len(lines) == size[1] and all(len(line) == size[0] for line in lines)
+        # both panes' counters, whole
+        assert text.count("pair 1 fb 1 err 1") == 1 and text.count("pair 1 fb 0 err 1") == 1
+        # the footer's keys, every group of them
+        footer = lines[-1]
+        for key in ("q Quit", "kK Kill D/P", "rR Restart D/P", "1234 Load", "s Shot", "l Logs"):
+            assert key in footer
+        # the error row: its status and, in the detail (the newest row is selected), the reason
+        assert "error 502" in text and "error: D died mid-stream" in text
+        # the freight formula of the selected request, whole
+        assert "= 524,288 B = 0.50 MiB" in text
+        # the log line without vLLM's prefix: the time, W for a warning, the message
+        assert "04:40:55 W Found ulimit of 20000" in text
+        assert "completion None" not in text
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+async def test_arrows_move_the_cursor_without_a_tab(size: tuple[int, int]) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)
+        fake.emit(*(request(f"pdtui-r{i:04d}", T0 + 70 + i) for i in range(3)))
+        await settle(pilot, app)
+        table = app.query_one(TransfersTable)
+        assert app.focused is table and table.cursor_row == 2
+        await pilot.press("up", "up")
+        await settle(pilot, app)
+        assert table.cursor_row == 0
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+async def test_new_rows_stay_visible(size: tuple[int, int]) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)
+        for i in range(60):
+            fake.emit(request(f"pdtui-r{i:04d}", T0 + 70 + i))
+            if i % 7 == 0:
+                await pilot.pause(0.02)
+        await settle(pilot, app)
+        table = app.query_one(TransfersTable)
+        assert table.cursor_row == 59
+        assert " r0059 " in screen_text(app)  # the newest row is on the screen, not below it
+
+
+async def test_a_restart_notice_gives_way_once_the_instance_is_ready_again() -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(Notice(level="info", instance="D", text="dashboard: restarting D", t=T0 + 100),
+                  state("D", "stopping", T0 + 100.5), state("D", "exited", T0 + 101, exit_code=0),
+                  state("D", "starting", T0 + 101.5, pid=13))
+        await settle(pilot, app)
+        notice = str(app.query_one("#notice").render())
+        assert "restarting D" in notice
+        fake.emit(state("D", "ready", T0 + 140, pid=13, elapsed_s=38.5))
+        await settle(pilot, app)
+        notice = str(app.query_one("#notice").render())
+        assert "restarting D" not in notice and "D (decode) ready again in 38.5s" in notice
+
+
+def test_short_log_keeps_lines_that_are_not_vllm_s() -> None:
+    assert short_log(LOG) == "04:40:55 W Found ulimit of 20000"
+    assert short_log("(EngineCore pid=7) INFO 11-25 04:40:55 [core.py:1] ok\r") == "04:40:55 ok"
+    assert short_log("Traceback (most recent call last):") == "Traceback (most recent call last):"
