@@ -313,7 +313,27 @@ def _ctl_hint(cfg: config_mod.PairConfig) -> str:
     return "" if cfg.proxy_port == 8000 else f" --proxy-port {cfg.proxy_port}"
 
 
+NOT_A_TERMINAL = (
+    "pdtui: the dashboard draws on stderr and reads keys from stdin, and {which} not a terminal"
+    " (redirected?), so nothing would show. Run it without redirecting them{alternative}.")
+
+
+def _terminal_missing(alternative: str) -> int | None:
+    """Textual draws on stderr: with ``2>file`` the screen stayed blank and the engines started
+    behind it. Said on stdout (stderr is what is redirected), before anything starts; 2, or None
+    when stdin and stderr are terminals."""
+    missing = [name for name, stream in (("stdin", sys.stdin), ("stderr", sys.stderr))
+               if stream is None or not stream.isatty()]
+    if not missing:
+        return None
+    which = " and ".join(missing) + (" are" if len(missing) > 1 else " is")
+    print(NOT_A_TERMINAL.format(which=which, alternative=alternative), flush=True)
+    return 2
+
+
 def run_up(args: argparse.Namespace) -> int:
+    if not args.headless and (code := _terminal_missing(", or `pdtui up --headless` (events as JSON lines)")):
+        return code
     cfg = load_config(args)
     _preflight(cfg)  # a second pdtui on these ports ends here, before any dashboard exists
     if args.headless:
@@ -355,6 +375,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def run_drill(args: argparse.Namespace) -> int:
+    if not args.headless and (code := _terminal_missing(", or `pdtui drill --headless`")):
+        return code
     cfg = load_config(args)
     size = _size(args.size) if args.headless else None
     if args.witness_tokens < 50:
@@ -415,6 +437,8 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.speed < 0:
         print("pdtui: --speed must be 0 (as fast as possible) or more", file=sys.stderr)
         return 2
+    if code := _terminal_missing(""):
+        return code
 
     async def go() -> int:
         try:
