@@ -393,7 +393,7 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
     record = args.record.open("w") if args.record else None
     if record:
         rt.record_to(record)
-    app = make_app(rt, screenshot_dir=args.shots or "screenshots")
+    app = make_app(rt, screenshot_dir=args.shots)
     result: list[drill.DrillResult] = []
 
     def log(text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -69,7 +70,7 @@ class PdtuiApp(App[int]):
     """The transfers table has the focus from the start: the arrows move its cursor without a Tab."""
 
     def __init__(self, runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
-                 screenshot_dir: Path | str = "screenshots", speed: float | None = None,
+                 screenshot_dir: Path | str | None = None, speed: float | None = None,
                  freeze_gc: bool = False) -> None:
         super().__init__()
         self.freeze_gc = freeze_gc
@@ -77,7 +78,8 @@ class PdtuiApp(App[int]):
         self.replay = replay
         self.clock = clock
         self.speed = speed
-        self.screenshot_dir = Path(screenshot_dir)
+        self.screenshot_dir = Path(screenshot_dir) if screenshot_dir is not None else default_screenshot_dir()
+        """Where `s` writes its SVG: never the repository's tracked screenshots/ unless asked."""
         self.state = DashState()
         self.snapshot: Snapshot = self.state.snapshot()
         self.load_totals = {"ok": 0, "errors": 0}
@@ -327,9 +329,14 @@ class PdtuiApp(App[int]):
         self.post_message(EventsFolded(self.state.version))
 
     def action_screenshot(self) -> None:
-        self.screenshot_dir.mkdir(parents=True, exist_ok=True)
-        path = self.save_screenshot(path=str(self.screenshot_dir))
+        try:
+            self.screenshot_dir.mkdir(parents=True, exist_ok=True)
+            path = Path(self.save_screenshot(path=str(self.screenshot_dir))).resolve()
+        except OSError as e:
+            self.show_notice(f"screenshot not saved: {e}", "error")
+            return
         self.show_notice(f"screenshot saved: {path}")
+        self.notify(str(path), title="Screenshot saved", timeout=8)
 
     def action_toggle_logs(self) -> None:
         row = self.query_one("#instances")
@@ -364,8 +371,15 @@ class PdtuiApp(App[int]):
         yield SystemCommand("Toggle log tails", "Expand or shrink the instances' log tails", self.action_toggle_logs)
 
 
+def default_screenshot_dir() -> Path:
+    """$PDTUI_HOME/screenshots when PDTUI_HOME is set, else the current directory (it was the
+    relative screenshots/, the repository's tracked folder when run from a checkout)."""
+    home = os.environ.get("PDTUI_HOME")
+    return Path(home).expanduser() / "screenshots" if home else Path.cwd()
+
+
 def make_app(runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
-             screenshot_dir: Path | str = "screenshots", speed: float | None = None,
+             screenshot_dir: Path | str | None = None, speed: float | None = None,
              freeze_gc: bool = False) -> PdtuiApp:
     """The one factory for the CLI and the tests (the CLI passes ``freeze_gc=True``)."""
     return PdtuiApp(runtime, replay=replay or bool(getattr(runtime, "replay", False)), clock=clock,

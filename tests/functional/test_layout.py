@@ -98,3 +98,25 @@ def test_short_log_keeps_lines_that_are_not_vllm_s() -> None:
     assert short_log(LOG) == "04:40:55 W Found ulimit of 20000"
     assert short_log("(EngineCore pid=7) INFO 11-25 04:40:55 [core.py:1] ok\r") == "04:40:55 ok"
     assert short_log("Traceback (most recent call last):") == "Traceback (most recent call last):"
+
+
+@pytest.mark.parametrize("home", [True, False], ids=["PDTUI_HOME", "cwd"])
+async def test_s_writes_the_screenshot_outside_the_repository_and_shows_the_path(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, home: bool) -> None:
+    if home:
+        monkeypatch.setenv("PDTUI_HOME", str(tmp_path / "home"))
+        where = tmp_path / "home" / "screenshots"
+    else:
+        monkeypatch.delenv("PDTUI_HOME", raising=False)
+        monkeypatch.chdir(tmp_path)
+        where = tmp_path
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)  # no screenshot_dir: the default
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        await settle(pilot, app)
+        await pilot.press("s")
+        await settle(pilot, app)
+        shots = list(where.glob("*.svg"))
+        assert len(shots) == 1
+        assert f"screenshot saved: {shots[0].resolve()}" in str(app.query_one("#notice").render())
