@@ -24,11 +24,13 @@ file > the defaults below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import sys
 import tomllib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -413,39 +415,76 @@ _PAIR_FIELDS = {f.name: f for f in fields(PairConfig) if f.name not in _NOT_SETT
 _INSTANCE_FIELDS = {f.name: f for f in fields(InstanceConfig) if f.name != "overrides"}
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Turn a string from the environment or the command line into the field's type."""
-    if not isinstance(value, str):
-        return value
-    if isinstance(default, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name} = {value!r}: expected true or false")
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{name} = {value!r}: expected an integer") from None
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} = {value!r}: expected a number") from None
-    if isinstance(default, (dict, list)):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{name} = {value!r}: expected JSON ({e})") from None
-    return value
+# ----- typed fields: every value checked against its field's annotation (pydantic) ------------
+#
+# A profile is TOML, which has types: its values are checked strictly (port = "8100" is refused,
+# not read as 8100; warmup = "no" is refused, not taken as true). Environment variables and flags
+# are strings: they are parsed into the field's type (PDTUI_WARMUP=no is false, PDTUI_ENV is JSON).
+# Every refusal names the field and where it was set: the file and its table, the variable, the flag.
+
+_SAYS = {"int_type": "expected an integer", "int_parsing": "expected an integer",
+         "int_from_float": "expected an integer", "bool_type": "expected true or false",
+         "bool_parsing": "expected true or false", "float_type": "expected a number",
+         "float_parsing": "expected a number", "string_type": "expected a string",
+         "dict_type": "expected a table (name = value pairs)", "list_type": "expected a list"}
 
 
-def from_dict(data: dict[str, Any], profile_name: str = "profile") -> PairConfig:
+@functools.cache
+def _adapter(cls: type, name: str) -> Any:
+    from pydantic import TypeAdapter  # loaded with a profile, not by `pdtui ctl`
+
+    return TypeAdapter(typing.get_type_hints(cls)[name])
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def typed(cls: type, name: str, value: Any, *, strict: bool, where: str) -> tuple[Any, str | None]:
+    """(the value as field ``name`` of ``cls`` holds it, None) or (None, what is wrong, naming the
+    field and where it was set). ``strict``: no conversion (TOML: ``where`` is the file and table);
+    else strings are parsed (``where`` is the variable or flag, e.g. PDTUI_WARMUP, --proxy-port)."""
+    from pydantic import ValidationError
+
+    try:
+        return _adapter(cls, name).validate_python(value, strict=strict), None
+    except ValidationError as e:
+        err = e.errors()[0]
+        says = _SAYS.get(err["type"], err["msg"].replace("Input should be", "expected"))
+        at, item = "".join(f"[{p!r}]" for p in err["loc"]), value
+        for p in err["loc"]:  # show the item at fault: env['A'] = 1, not the whole table
+            try:
+                item = item[p]
+            except (LookupError, TypeError):
+                break
+        if strict and isinstance(value, str) and err["type"] in ("int_type", "float_type", "bool_type"):
+            says += f" (no quotes: {name} = {value})" if err["type"] != "bool_type" else " (write true or false, no quotes)"
+        if strict:
+            return None, f"{where}: {name}{at} = {_show(item)}: {says}"
+        return None, f"{where}{at} = {_show(item)} (field {name}): {says}"
+
+
+def _problems(errors: list[str], where: str) -> ConfigError:
+    if len(errors) == 1:
+        return ConfigError(errors[0])
+    return ConfigError(f"{len(errors)} problems in {where}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def from_dict(data: dict[str, Any], profile_name: str = "profile", where: str | None = None) -> PairConfig:
+    """A PairConfig from a profile's tables, every value type-checked (``where``: the file, named
+    in the refusals)."""
+    where = where or profile_name
     pair = dict(data.get("pair", {}))
     unknown = set(pair) - set(_PAIR_FIELDS)
     if unknown:
         raise ConfigError(f"[pair] has unknown field(s): {', '.join(sorted(unknown))}")
+    errors: list[str] = []
+    for name, value in pair.items():
+        pair[name], err = typed(PairConfig, name, value, strict=True, where=f"{where} [pair]")
+        errors += [err] if err else []
     cfg = PairConfig(**pair, profile_name=profile_name)
     counts = {"prefill": 0, "decode": 0}
     for i, raw in enumerate(data.get("instance", [])):
@@ -460,11 +499,20 @@ def from_dict(data: dict[str, Any], profile_name: str = "profile") -> PairConfig
         for need in ("port", "side_channel_port"):
             if need not in raw:
                 raise ConfigError(f"[[instance]] #{i + 1} ({role}): '{need}' is required")
+        table = f"{where} [[instance]] #{i + 1} ({role})"
+        for name, value in raw.items():
+            raw[name], err = typed(InstanceConfig, name, value, strict=True, where=table)
+            errors += [err] if err else []
+        for name, value in overrides.items():
+            overrides[name], err = typed(PairConfig, name, value, strict=True, where=table)
+            errors += [err] if err else []
         counts[role] += 1
         if not raw.get("name"):
             letter = "P" if role == "prefill" else "D"
             raw["name"] = letter if counts[role] == 1 else f"{letter}{counts[role]}"
         cfg.instances.append(InstanceConfig(**raw, overrides=overrides))
+    if errors:
+        raise _problems(errors, where)
     return cfg
 
 
@@ -484,7 +532,7 @@ def load_profile(path_or_name: str | Path) -> PairConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        cfg = from_dict(data, profile_name=path.stem)
+        cfg = from_dict(data, profile_name=path.stem, where=show_path(path))
     except TypeError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.profile_path = show_path(path)
@@ -516,7 +564,15 @@ def apply_overrides(cfg: PairConfig, overrides: dict[str, Any],
         if name not in _PAIR_FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
         current = getattr(cfg, name)
-        new = _coerce(name, value, current)
+        label = source(name) if source is not None else name
+        if isinstance(current, (dict, list)) and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{label} = {value!r}: expected JSON ({e})") from None
+        new, err = typed(PairConfig, name, value, strict=False, where=label)
+        if err:
+            raise ConfigError(err)
         if isinstance(current, dict) and isinstance(new, dict):
             new = {**current, **new}  # env, extra config: add to the profile's, don't drop it
         setattr(cfg, name, new)

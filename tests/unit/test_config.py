@@ -1,4 +1,8 @@
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -159,3 +163,106 @@ def test_prefill_failure_is_a_pair_field_checked_by_validate():
     cfg.prefill_failure = "fallback"  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="prefill_failure = 'fallback'"):
         config.validate(cfg)
+
+
+# ----- typed fields: a wrong type is refused naming the field and where it was set -------------
+
+CPU_PAIR = """
+[pair]
+model = "tiny"
+device = "cpu"
+block_size = 128
+{pair}
+[[instance]]
+role = "prefill"
+port = {port}
+side_channel_port = 5600
+[[instance]]
+role = "decode"
+port = 8200
+side_channel_port = 5700
+{decode}
+"""
+
+
+def _profile(tmp_path, pair="", port="8100", decode=""):
+    path = tmp_path / "mine.toml"
+    path.write_text(CPU_PAIR.format(pair=pair, port=port, decode=decode))
+    return path
+
+
+def test_every_field_of_the_config_has_a_checked_type():
+    # every annotation resolves, and every default passes its own strict check
+    for cls in (config.PairConfig, config.InstanceConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in ("role", "port", "side_channel_port"):
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            value, err = config.typed(cls, f.name, default, strict=True, where="x")
+            assert err is None and value == default, (cls.__name__, f.name, err)
+
+
+def test_a_quoted_port_in_a_profile_is_refused_naming_the_field_and_the_file(tmp_path):
+    path = _profile(tmp_path, port='"8100"')
+    with pytest.raises(ConfigError) as e:
+        config.load_profile(path)
+    msg = str(e.value)
+    assert "mine.toml [[instance]] #1 (prefill): port = \"8100\": expected an integer" in msg, msg
+    assert "no quotes: port = 8100" in msg
+
+
+def test_warmup_no_in_a_profile_is_refused_not_taken_as_true(tmp_path):
+    with pytest.raises(ConfigError, match=r'mine.toml \[pair\]: warmup = "no": expected true or false'):
+        config.load_profile(_profile(tmp_path, pair='warmup = "no"'))
+    assert config.load_profile(_profile(tmp_path, pair="warmup = false")).warmup is False
+
+
+def test_every_wrong_type_of_a_profile_is_named_at_once(tmp_path):
+    path = _profile(tmp_path, pair='warmup = "no"\nenv = {A = 1}', port='"8100"',
+                    decode='cpu_core = 1.5\nextra_args = ["--foo", 2]\nblock_size = "128"')
+    with pytest.raises(ConfigError) as e:
+        config.load_profile(path)
+    msg = str(e.value)
+    assert msg.startswith("6 problems in "), msg
+    for part in ('warmup = "no"', "env['A'] = 1: expected a string", 'port = "8100"',
+                 "(decode): cpu_core = 1.5: expected an integer", "extra_args[1] = 2: expected a string",
+                 '(decode): block_size = "128": expected an integer'):
+        assert part in msg, (part, msg)
+
+
+def test_literal_fields_name_their_choices(tmp_path):
+    path = _profile(tmp_path)
+    path.write_text(path.read_text().replace('device = "cpu"', 'device = "gpu"'))
+    with pytest.raises(ConfigError, match=r"device = \"gpu\": expected 'cpu' or 'cuda'"):
+        config.load_profile(path)
+
+
+def test_environment_values_are_parsed_and_refusals_name_the_variable():
+    cfg = config.load_profile("cpu")
+    config.apply_overrides(cfg, config.env_overrides({"PDTUI_WARMUP": "no", "PDTUI_READY_TIMEOUT_S": "90"}),
+                           source=lambda n: f"PDTUI_{n.upper()}")
+    assert cfg.warmup is False and cfg.ready_timeout_s == 90.0
+    for env, words in (({"PDTUI_PROXY_PORT": "80x"}, 'PDTUI_PROXY_PORT = "80x" (field proxy_port): expected an integer'),
+                       ({"PDTUI_WARMUP": "maybe"}, 'PDTUI_WARMUP = "maybe" (field warmup): expected true or false'),
+                       ({"PDTUI_ENV": '{"A": 1}'}, "PDTUI_ENV['A'] = 1 (field env): expected a string"),
+                       ({"PDTUI_EXTRA_ARGS": "--x"}, "PDTUI_EXTRA_ARGS = '--x': expected JSON")):
+        with pytest.raises(ConfigError) as e:
+            config.apply_overrides(config.load_profile("cpu"), config.env_overrides(env),
+                                   source=lambda n: f"PDTUI_{n.upper()}")
+        assert words in str(e.value), (words, str(e.value))
+
+
+def test_a_flag_refusal_names_the_flag():
+    with pytest.raises(ConfigError, match=r"--prefill-failure = \"sometimes\" \(field prefill_failure\): expected"):
+        config.apply_overrides(config.load_profile("cpu"), {"prefill_failure": "sometimes"},
+                               source=lambda n: "--" + n.replace("_", "-"))
+
+
+def test_pdtui_config_refuses_a_quoted_port_with_exit_2_and_no_traceback(tmp_path):
+    path = _profile(tmp_path, port='"8100"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDTUI_")}
+    out = subprocess.run([sys.executable, "-m", "pdtui", "config", "--profile", str(path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert 'mine.toml [[instance]] #1 (prefill): port = "8100": expected an integer' in out.stderr
+    assert "Traceback" not in out.stderr
