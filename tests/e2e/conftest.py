@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,16 +28,21 @@ STARTED_GROUPS: set[int] = set()
 PORT_OFFSET = int(os.environ.get("PDTUI_E2E_PORT_OFFSET", "31000"))
 
 
-def _ports_free(cfg: config_mod.PairConfig) -> bool:
+def _ports_taken(cfg: config_mod.PairConfig) -> list[int]:
     ports = [cfg.proxy_port] + [p for i in cfg.instances for p in (i.port, i.side_channel_port)]
+    taken = []
     for port in ports:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
-                return False
-    return True
+                taken.append(port)
+    return taken
+
+
+def _ports_free(cfg: config_mod.PairConfig) -> bool:
+    return not _ports_taken(cfg)
 
 
 class RuntimeThread:
@@ -103,7 +109,9 @@ class RuntimeThread:
 @pytest.fixture(scope="module")
 def pair() -> Iterator[RuntimeThread]:
     cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
-    assert _ports_free(cfg), f"e2e ports (offset {PORT_OFFSET}) are taken: is another test run going?"
+    taken = _ports_taken(cfg)
+    assert not taken, (f"e2e ports {taken} (offset {PORT_OFFSET}) are taken: is another test run going?"
+                       f" (ss -ltnp: {subprocess.run(['ss', '-ltnp'], check=False, capture_output=True, text=True).stdout[-1500:]})")
     rt = RuntimeThread(cfg)
     try:
         t0 = time.monotonic()
