@@ -193,8 +193,8 @@ class PdtuiApp(App[int]):
             pane.view = view
             pane.now = now
         self.query_one(TransfersTable).update(snap.requests)
-        self.query_one("#ttft", LatencyHistogram).update(snap.ttft)
-        self.query_one("#itl", LatencyHistogram).update(snap.itl)
+        self.query_one("#ttft", LatencyHistogram).update(snap.ttft, snap.ttft_recent)
+        self.query_one("#itl", LatencyHistogram).update(snap.itl, snap.itl_recent)
         if snap.notices and snap.notices[-1] is not self._notice_shown:
             n = self._notice_shown = snap.notices[-1]
             self.show_notice(n.text, n.level)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ REQUESTS = 200
 LATENCY_WINDOW = 1000
 """Samples kept per histogram (TTFT: one per request; ITL: one per chunk gap)."""
 NOTICES = 50
+WINDOW_S = 30.0
+"""The histograms' recent window: samples of the last this many seconds (event time), drawn next to
+all since the start, so a change of load shows at once (vLLM's vmon does the same)."""
 
 # Connector milestones a pane shows, in the order they happen.
 MILESTONES = ("nixl_available", "connector_created", "registered", "handshake", "compat_ok", "compat_failed",
@@ -161,6 +165,9 @@ class Snapshot:
     last_t: float | None
     """Time of the newest event (a replay's clock)."""
     version: int
+    ttft_recent: tuple[tuple[float, str], ...] = ()
+    """The TTFT samples of requests traced in the last WINDOW_S seconds before last_t."""
+    itl_recent: tuple[tuple[float, str], ...] = ()
 
     def instance(self, name: str) -> InstanceView | None:
         return next((i for i in self.instances if i.name == name), None)
@@ -179,6 +186,9 @@ class DashState:
         self.requests: collections.deque[RequestTraced] = collections.deque(maxlen=REQUESTS)
         self.ttft: collections.deque[tuple[float, str]] = collections.deque(maxlen=LATENCY_WINDOW)
         self.itl: collections.deque[tuple[float, str]] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._ttft_t: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._itl_t: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        """Event time of each sample, in step with ttft and itl (same length, same order)."""
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0}
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
         self.last_t: float | None = None
@@ -240,8 +250,10 @@ class DashState:
             self.counts[ev.outcome] = self.counts.get(ev.outcome, 0) + 1
             if ev.ttft_ms is not None and ev.outcome != "error":
                 self.ttft.append((ev.ttft_ms, ev.outcome))
+                self._ttft_t.append(ev.t)
             for gap in ev.itl_ms:
                 self.itl.append((gap, ev.outcome))
+                self._itl_t.append(ev.t)
             on_path = [n for n in (ev.prefill, ev.decode) if n]
             for name in on_path:
                 inst = self._inst(name)
@@ -307,13 +319,30 @@ class DashState:
         self.version += 1
         self.ttft.clear()
         self.itl.clear()
+        self._ttft_t.clear()
+        self._itl_t.clear()
 
     def snapshot(self) -> Snapshot:
         instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())))
                           for i in self.instances.values())
         return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
                         ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),
-                        notices=tuple(self.notices), last_t=self.last_t, version=self.version)
+                        notices=tuple(self.notices), last_t=self.last_t, version=self.version,
+                        ttft_recent=self._recent(self.ttft, self._ttft_t),
+                        itl_recent=self._recent(self.itl, self._itl_t))
+
+    def _recent(self, samples: collections.deque[tuple[float, str]],
+                times: collections.deque[float]) -> tuple[tuple[float, str], ...]:
+        """The samples of the last WINDOW_S seconds: the newest are at the end, so walk back."""
+        if self.last_t is None or not times:
+            return ()
+        cut = self.last_t - WINDOW_S
+        n = 0
+        for t in reversed(times):
+            if t < cut:
+                break
+            n += 1
+        return tuple(itertools.islice(samples, len(samples) - n, None))
 
 
 def transfer_ms(req: RequestTraced) -> float | None:

@@ -140,6 +140,10 @@ class PairConfig:
     """What the proxy does when P fails after the request reached it: "retry" (502/503/504 or a
     broken connection once more, then an error to the client; other 5xx an error) or
     "decode-locally" (D computes the prompt: the old fallback, which slows every stream on D)."""
+    tokenize_once: bool = False
+    """The proxy: D gets a /v1/completions prompt as P's token ids (no second tokenization)."""
+    first_token_from_p: bool = False
+    """The proxy: P's sampled token goes to the client at once; D continues from prompt + that token."""
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     """kv_transfer_config.kv_connector_extra_config, identical on every instance."""
     nixl_progress_delay_us: int | None = None

@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdtui.core import httpio, kvmath
+from pdtui.core import firsttoken, httpio, kvmath
 from pdtui.core.events import RequestTraced
 from pdtui.core.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 
@@ -119,6 +119,14 @@ class ProxySettings:
     """What a P failure after dispatch does: "retry" (502/503/504 or a broken connection: one more
     try, on another P if there is one, then an error; other 5xx: an error) or "decode-locally"
     (pdtui before issue 14: D computes the prompt itself, a fallback)."""
+    tokenize_once: bool = False
+    """/v1/completions: P is asked for its token ids (``return_token_ids``) and D gets the prompt as
+    those ids, so D does not tokenize it again (docs/proxy.md, the TTFT toll)."""
+    first_token_from_p: bool = False
+    """/v1/completions: P's sampled token goes to the client the moment P answers, and D continues
+    from the prompt's ids plus that token with max_tokens - 1 (``pdtui.core.firsttoken``). Requests
+    it cannot serve token for token (n > 1, echo, logprobs, stop strings, ...) take the normal path,
+    counted in ``pdtui_switch_total``."""
 
 
 class ProxyError(Exception):
@@ -163,6 +171,10 @@ class _Trace:
     paired: bool = False
     done_seen: bool = False
     """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
+    switch: str | None = None
+    switch_skipped: str | None = None
+    p_answer: Any = None
+    """P's parsed answer (the TTFT switches read its token ids)."""
 
     def freeze(self) -> RequestTraced:
         total = (time.perf_counter() - self.t0) * 1000
@@ -174,6 +186,7 @@ class _Trace:
             ttft_ms=_r(self.ttft_ms), itl_ms=[round(x, 3) for x in self.itl_ms], total_ms=_r(total),
             blocks=self.blocks, kv_bytes=self.kv_bytes, fallback_reason=self.fallback_reason, error=self.error,
             warmup=self.warmup, prefill_attempts=self.prefill_attempts, prefill_branch=self.prefill_branch,
+            switch=self.switch, switch_skipped=self.switch_skipped,
         )
 
 
@@ -312,6 +325,10 @@ class ProxyMetrics:
                                        " a broken connection)", registry=self.registry)
         for branch in PREFILL_BRANCHES:
             self.prefill_branch.labels(branch)
+        self.switch = Counter("pdtui_switch", "Requests served by a TTFT switch (first_token, first_token_p_only,"
+                              " tokenize_once)", ["path"], registry=self.registry)
+        self.switch_skipped = Counter("pdtui_switch_skipped", "Requests that took the normal path with a TTFT"
+                                      " switch on, by reason", ["reason"], registry=self.registry)
         self.kv_bytes = Counter("pdtui_kv_bytes", "KV bytes offered by P (blocks x block_size x bytes/token)", registry=self.registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
@@ -328,6 +345,10 @@ class ProxyMetrics:
             self.prefill_branch.labels(t.prefill_branch).inc()
         if t.prefill_attempts > 1:
             self.prefill_retries.inc()
+        if t.switch is not None:
+            self.switch.labels(t.switch).inc()
+        if t.switch_skipped is not None:
+            self.switch_skipped.labels(t.switch_skipped).inc()
         if t.kv_bytes:
             self.kv_bytes.inc(t.kv_bytes)
         if t.ttft_ms is not None:
@@ -406,6 +427,72 @@ class _Relay:
             trace.error = trace.error or "client disconnected; decode request closed (vLLM aborts it)"
         self.conn.close()
         self.done.set_result(None)
+
+
+@dataclass
+class _Stitch:
+    """first_token_from_p: P's token, already sent to the client at ``t_first`` (streamed)."""
+
+    p: firsttoken.PAnswer
+    want_ids: bool
+    t_first: float | None = None
+
+
+class _StitchScan(_SseScan):
+    """The scan of D's stream after P's token: D's first token is the second (a gap, the seam)."""
+
+    __slots__ = ()
+
+    def _token(self, now: float) -> None:
+        if self.trace.decode_ttft_ms is None:
+            self.trace.decode_ttft_ms = (now - self.t_sent) * 1000
+        super()._token(now)
+
+
+class _StitchRelay(_Relay):
+    """D's stream after P's token (first_token_from_p): the client's response has begun. Relayed as
+    ``_Relay`` does, byte for byte, except two rare events: D's first (its prompt_token_ids, only
+    when the client asked for ids) and its usage (P's token moved from prompt to completion). Only
+    a chunk that does not end an event is held until it does, so each check sees whole events."""
+
+    __slots__ = ("hold", "ids_pending")
+
+    def __init__(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
+                 t_sent: float, stitch: _Stitch) -> None:
+        super().__init__(trace, up, conn, resp, t_sent)
+        self.scan = _StitchScan(trace, t_sent)
+        self.scan.last = stitch.t_first
+        self.hold = b""
+        self.ids_pending = stitch.want_ids
+
+    def start(self, ctype: bytes) -> None:
+        resp = self.resp
+        resp.on_lost = self.client_lost
+        resp.on_pause = self.conn.pause_reading
+        resp.on_resume = self.conn.resume_reading
+        self.conn.attach(self.on_chunk, self.on_end)
+        if resp.lost:  # the client left while D's head was on its way
+            self.client_lost()
+
+    def on_chunk(self, data: bytes) -> None:
+        if self.hold or not data.endswith(b"\n\n"):
+            data = self.hold + data
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self.hold, self.last_rx = data, time.perf_counter()
+                return
+            data, self.hold = data[:end + 2], data[end + 2:]
+        if self.ids_pending and b'"prompt_token_ids"' in data:
+            data, self.ids_pending = firsttoken.drop_prompt_ids(data), False
+        if b'"usage' in data:
+            data = firsttoken.fix_usage(data)
+        super().on_chunk(data)
+
+    def on_end(self, err: BaseException | None) -> None:
+        if self.hold and err is None:
+            data, self.hold = self.hold, b""
+            super().on_chunk(data)
+        super().on_end(err)
 
 
 class Proxy:
@@ -568,9 +655,72 @@ class Proxy:
             d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
-        await self._decode(trace, d_body, resp, t_hop)
+        stitch = self._switches(trace, body, d_body) if kv_params is not None else None
+        if stitch is not None:
+            await self._first_token(trace, d_body, resp, t_hop, stitch)
+        else:
+            await self._decode(trace, d_body, resp, t_hop)
         if trace.outcome != "error":
             trace.outcome = "pair" if trace.paired else "fallback"
+
+    def _switches(self, trace: _Trace, body: dict[str, Any], d_body: dict[str, Any]) -> _Stitch | None:
+        """The TTFT switches (pdtui.core.firsttoken), once P has paired: D's body rewritten for
+        tokenize_once, or a _Stitch when first_token_from_p serves this request."""
+        s = self.settings
+        p = firsttoken.p_answer(trace.p_answer) if (s.first_token_from_p or s.tokenize_once) else None
+        trace.p_answer = None
+        if s.first_token_from_p:
+            why = firsttoken.first_token_skip(trace.endpoint, body)
+            if why is None and p is None:
+                why = "no_token_ids"
+            if why is None and p is not None and firsttoken.crosses_block(p, s.block_size):
+                why = "block_boundary"
+            if why is None and p is not None:
+                d_body.update(firsttoken.decode_body(body, d_body["kv_transfer_params"], p))
+                return _Stitch(p, want_ids=bool(body.get("return_token_ids")))
+            trace.switch_skipped = why
+        if s.tokenize_once:
+            why = firsttoken.tokenize_once_skip(trace.endpoint, body) or (None if p is not None else "no_token_ids")
+            if why is None and p is not None:
+                d_body["prompt"] = p.prompt_ids
+                trace.switch = "tokenize_once"
+            else:
+                trace.switch_skipped = trace.switch_skipped or why
+        return None
+
+    async def _first_token(self, trace: _Trace, d_body: dict[str, Any], resp: Response, t_hop: float,
+                           stitch: _Stitch) -> None:
+        """first_token_from_p: P's token to the client now; D continues (or P's token ended it)."""
+        p = stitch.p
+        head = [(b"content-type", b"text/event-stream"), (b"x-request-id", trace.request_id.encode()),
+                (b"cache-control", b"no-cache")]
+        if p.finished:  # EOS or a stop token at P: no D leg. P keeps the blocks until its KV lease ends.
+            trace.switch, trace.decode = "first_token_p_only", None
+            trace.ttft_ms = (time.perf_counter() - trace.t0) * 1000
+            trace.tokens_seen, trace.completion_tokens, trace.status, trace.outcome = 1, 1, 200, "ok"
+            if trace.stream:
+                include_usage = bool((d_body.get("stream_options") or {}).get("include_usage"))
+                resp.start(200, head)
+                resp.finish(firsttoken.p_only_stream(p, stitch.want_ids, include_usage))
+            else:
+                resp.send(200, firsttoken.p_only_json(p, stitch.want_ids), JSON,
+                          [(b"x-request-id", trace.request_id.encode())])
+            return
+        trace.switch = "first_token"
+        if trace.stream:
+            resp.start(200, head)
+            resp.write(firsttoken.first_event(p, stitch.want_ids))
+            stitch.t_first = now = time.perf_counter()
+            trace.ttft_ms, trace.tokens_seen, trace.status = (now - trace.t0) * 1000, 1, 200
+        try:
+            await self._decode(trace, d_body, resp, t_hop, stitch)
+        except (ProxyError, _Relayed) as e:
+            if not resp.started:
+                raise
+            why = e.message if isinstance(e, ProxyError) else e.content[:300].decode("utf-8", "replace")
+            trace.outcome, trace.status = "error", 200
+            trace.error = f"decode failed after P's token was sent: {why}"
+            resp.finish(b"data: " + error_body(502, trace.error, "upstream_error") + b"\n\n")
 
     async def _prefill(self, trace: _Trace, body: dict[str, Any]) -> dict[str, Any] | None:
         """The P leg, with the fallback policy (the module's docstring, point 4). Returns P's
@@ -583,6 +733,8 @@ class Proxy:
         for k in ("stream_options", "min_tokens"):
             p_body.pop(k, None)
         p_body["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
+        if (self.settings.first_token_from_p or self.settings.tokenize_once) and trace.endpoint == "/v1/completions":
+            p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.firsttoken)
         payload = json.dumps(p_body).encode()
         tried: list[str] = []
         first: _PrefillFailed | None = None
@@ -667,6 +819,7 @@ class Proxy:
             raise _PrefillFailed("no_kv", 502, f"prefill {up.name} answered 200 with a body that is not JSON",
                                  "prefill_5xx: prefill answered 200 with a body that is not JSON") from None
         params = data.get("kv_transfer_params") if isinstance(data, dict) else None
+        trace.p_answer = data
         usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
         if not params or not isinstance(params, dict):
@@ -691,7 +844,8 @@ class Proxy:
         ups = self._candidates(self.decodes)
         return ups[0] if ups else None
 
-    async def _decode(self, trace: _Trace, body: dict[str, Any], resp: Response, t_hop: float) -> None:
+    async def _decode(self, trace: _Trace, body: dict[str, Any], resp: Response, t_hop: float,
+                      stitch: _Stitch | None = None) -> None:
         up = self.pick_decode()
         if up is None:
             trace.status, trace.error = 503, "no decode instance is up"
@@ -710,7 +864,7 @@ class Proxy:
             except _UPSTREAM_ERRORS as e:
                 trace.status, trace.error = 502, f"decode {up.name} unreachable: {type(e).__name__}: {e}"
                 raise ProxyError(502, trace.error, "upstream_error") from None
-            await self._relay_decode(trace, up, conn, resp, t_sent)
+            await self._relay_decode(trace, up, conn, resp, t_sent, stitch)
         finally:
             up.inflight -= 1
             if conn is not None:
@@ -728,7 +882,7 @@ class Proxy:
             raise ProxyError(502, trace.error, "upstream_error") from None
 
     async def _relay_decode(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
-                            t_sent: float) -> None:
+                            t_sent: float, stitch: _Stitch | None = None) -> None:
         ctype = conn.headers.get(b"content-type", JSON)
         if conn.status != 200:
             content = await self._read_decode(trace, up, conn)
@@ -742,6 +896,12 @@ class Proxy:
             now = time.perf_counter()
             trace.decode_ttft_ms = (now - t_sent) * 1000
             trace.ttft_ms = (now - trace.t0) * 1000
+            if stitch is not None:  # P's token in front of D's answer (first_token_from_p)
+                try:
+                    content = firsttoken.merge_json(stitch.p, content, stitch.want_ids)
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    trace.status, trace.error = 502, f"decode {up.name} answered 200 with a body that is not a completion"
+                    raise ProxyError(502, trace.error, "upstream_error") from None
             with contextlib.suppress(json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 usage = json.loads(content).get("usage") or {}
                 trace.completion_tokens = usage.get("completion_tokens")
@@ -749,7 +909,8 @@ class Proxy:
             trace.status, trace.outcome = 200, "ok"
             resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
-        relay = _Relay(trace, up, conn, resp, t_sent)
+        relay = _Relay(trace, up, conn, resp, t_sent) if stitch is None else \
+            _StitchRelay(trace, up, conn, resp, t_sent, stitch)
         self._relays.add(relay)
         try:
             relay.start(ctype)

@@ -83,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    " 5xx: the error) or decode-locally (D computes the prompt itself: pdtui's behaviour before"
                    " issue 14, which slows every other stream on D). No P up or no connection to P falls"
                    " back to D either way (default retry)")
+    p.add_argument("--tokenize-once", action="store_true",
+                   help="/v1/completions: D gets the prompt as P's token ids and does not tokenize it again")
+    p.add_argument("--first-token-from-p", action="store_true",
+                   help="/v1/completions: P's token goes to the client the moment P answers; D continues from"
+                   " the prompt plus that token (the same output, token for token, under greedy sampling)")
     p.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds for the whole P leg (default 300)")
     p.add_argument("--decode-timeout", type=float, default=300.0,
                    help="longest silence from D before its stream is called broken, seconds (default 300)")
@@ -105,7 +110,8 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
         raise ProxyOptionError("timeouts and --health-interval must be positive")
     return ProxySettings(block_size=args.block_size, geometry=geometry, prefill_timeout_s=args.prefill_timeout,
                          decode_read_timeout_s=args.decode_timeout, decode_choice=args.decode_choice,
-                         prefill_failure=args.prefill_failure)
+                         prefill_failure=args.prefill_failure, tokenize_once=args.tokenize_once,
+                         first_token_from_p=args.first_token_from_p)
 
 
 class _EventWriter:
@@ -325,6 +331,8 @@ class ProxyProcess:
                 "--block-size", str(s.block_size), "--decode-choice", s.decode_choice,
                 "--prefill-failure", s.prefill_failure,
                 "--prefill-timeout", str(s.prefill_timeout_s), "--decode-timeout", str(s.decode_read_timeout_s)]
+        argv += ["--tokenize-once"] if s.tokenize_once else []
+        argv += ["--first-token-from-p"] if s.first_token_from_p else []
         if s.geometry is not None:
             argv += ["--kv-geometry", json.dumps(asdict(s.geometry))]
         for name, url in self.prefills:

@@ -120,3 +120,29 @@ async def test_s_writes_the_screenshot_outside_the_repository_and_shows_the_path
         shots = list(where.glob("*.svg"))
         assert len(shots) == 1
         assert f"screenshot saved: {shots[0].resolve()}" in str(app.query_one("#notice").render())
+
+
+async def test_histograms_draw_only_when_shown_and_show_the_last_window() -> None:
+    from pdtui.app.state import WINDOW_S
+    from pdtui.app.widgets import LatencyHistogram
+
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        # 20 slow requests long ago, then 10 fast ones within the window
+        fake.emit(*(request(f"pdtui-o{i:04d}", T0 + 70 + i, ttft_ms=900.0) for i in range(20)))
+        fake.emit(*(request(f"pdtui-n{i:04d}", T0 + 200 + i, ttft_ms=100.0) for i in range(10)))
+        await settle(pilot, app)
+        ttft = app.query_one("#ttft", LatencyHistogram)
+        assert ttft.draws == 0  # the Transfers tab is shown: plotext never ran
+        assert len(ttft.samples) == 30 and [v for v, _ in ttft.recent] == [100.0] * 10
+        assert WINDOW_S < 200 - 90
+        await pilot.press("h")
+        for _ in range(40):  # drawn in a thread: bounded wait
+            if ttft.draws:
+                break
+            await pilot.pause(0.05)
+        await settle(pilot, app)
+        assert ttft.draws >= 1
+        assert "TTFT p50 900 p99 900 | 30s 100/100" in screen_text(app)
