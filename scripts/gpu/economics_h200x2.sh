@@ -17,7 +17,7 @@ nproc; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheade
 pkill -9 -f vllm_entry 2>/dev/null; sleep 1
 cd /tmp  # never from a folder holding a vllm/ directory
 set -x
-timeout "${LIMIT_S:-560}" python3 -m pdtui bench --profile two-gpu --model "$MODEL" --arms "${ARMS:-single-proxied,pair}" \
+timeout -s INT -k 30 "${LIMIT_S:-560}" python3 -m pdtui bench --profile two-gpu --model "$MODEL" --arms "${ARMS:-single-proxied,pair}" \
   --workloads follow,interference --requests "${REQUESTS:-10}" --prompt-len 2031 --streams 32 --rate "$RATE" \
   --duration "${DURATION:-20}" --out "$OUT/bench-$MODEL" 2>&1 | tee "$OUT/bench-$MODEL.txt"
 rc=${PIPESTATUS[0]}
