@@ -1,0 +1,322 @@
+"""The TTFT switches (first_token_from_p, tokenize_once: pdtui.core.firsttoken) against a fake
+engine that counts tokens (FakeTokenVllm), on 127.0.0.1. The same switches against real vLLM,
+greedy, token for token: tests/e2e/test_pair.py::test_ttft_switches_give_the_single_instance_output_token_for_token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pdtui.core import firsttoken
+from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+from tests.fakes import AbortConnection, _json, free_port, serving
+
+FIRST = 7
+"""The fake model's first token after a text prompt; each next token is the last one + 1."""
+PROMPT_IDS = list(range(FIRST - 40, FIRST))
+"""The fake's ids of any text prompt of 40 tokens: the model is "the last id + 1"."""
+
+
+@dataclass
+class FakeTokenVllm:
+    """A fake vLLM whose "model" is arithmetic: the next token is the last id + 1, and a text prompt
+    is ``prompt_len`` ids ending in 6 (so the answer is 7, 8, 9, ...). Honours max_tokens,
+    return_token_ids, stream_options.include_usage, and names its answer cmpl-<X-Request-Id> as
+    vLLM does. P mode (``kv_transfer_params`` with do_remote_decode) adds kv_transfer_params; its
+    finish reason is ``p_finish`` (stop: EOS). ``split``: every SSE event in two writes;
+    ``die_after``: the connection drops after that many token events."""
+
+    role: str
+    prompt_len: int = 40
+    p_finish: str = "length"
+    split: bool = False
+    die_after: int | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if scope["path"] == "/health":
+            await _json(send, 200, {})
+            return
+        req = json.loads(body)
+        self.requests.append(req)
+        rid = dict(scope["headers"]).get(b"x-request-id", b"x").decode()
+        prompt = req.get("prompt", "(chat)")
+        by_ids = isinstance(prompt, list) and all(isinstance(i, int) for i in prompt)
+        ids = list(prompt) if by_ids else list(range(FIRST - self.prompt_len, FIRST))
+        start = ids[-1] + 1
+        n = req.get("max_tokens") or 16
+        out = list(range(start, start + n))
+        want = bool(req.get("return_token_ids"))
+        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": 5, "model": "m"}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        if (req.get("kv_transfer_params") or {}).get("do_remote_decode"):
+            await _json(send, 200, {**head, "choices": [
+                {"index": 0, "text": f" t{out[0]}", "logprobs": None, "finish_reason": self.p_finish,
+                 "stop_reason": None, "prompt_token_ids": ids if want else None,
+                 "token_ids": out[:1] if want else None}],
+                "usage": usage, "kv_transfer_params": {
+                    "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[0, 1]],
+                    "remote_engine_id": "fake-p", "remote_host": "127.0.0.1", "remote_port": 1}})
+            return
+        if not req.get("stream"):
+            await _json(send, 200, {**head, "choices": [
+                {"index": 0, "text": "".join(f" t{t}" for t in out), "logprobs": None, "finish_reason": "length",
+                 "stop_reason": None, "prompt_token_ids": ids if want else None, "token_ids": out if want else None}],
+                "usage": usage})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        events = []
+        for i, t in enumerate(out):
+            events.append({**head, "choices": [
+                {"index": 0, "text": f" t{t}", "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
+                 "stop_reason": None, "prompt_token_ids": ids if want and i == 0 else None,
+                 "token_ids": [t] if want else None}]})
+        if (req.get("stream_options") or {}).get("include_usage"):
+            events.append({**head, "choices": [], "usage": usage})
+        for i, ev in enumerate(events):
+            if self.die_after is not None and i == self.die_after:
+                raise AbortConnection("fake decode dies mid-stream")
+            data = f"data: {json.dumps(ev, separators=(',', ':'))}\n\n".encode()
+            for part in (data[:len(data) // 2], data[len(data) // 2:]) if self.split else (data,):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+                await asyncio.sleep(0.001)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+@contextlib.asynccontextmanager
+async def stack(p: FakeTokenVllm, d: FakeTokenVllm, **switches: bool):
+    traces = []
+    async with serving(p), serving(d):  # type: ignore[arg-type]
+        proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)],
+                      ProxySettings(block_size=16, prefill_timeout_s=5, decode_read_timeout_s=5, **switches),
+                      on_trace=traces.append)
+        server = ProxyServer(proxy, "127.0.0.1", free_port())
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                yield client, traces
+        finally:
+            await server.stop()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def parse(r: httpx.Response, stream: bool) -> dict[str, Any]:
+    """The client's view: ids, text, token ids, prompt ids, finish, usage, [DONE]."""
+    if not stream:
+        obj = r.json()
+        c = obj["choices"][0]
+        return {"ids": [obj["id"]], "text": c["text"], "tokens": c.get("token_ids"), "prompt_ids": c.get("prompt_token_ids"),
+                "finish": c["finish_reason"], "usage": obj["usage"], "done": None, "errors": []}
+    out: dict[str, Any] = {"ids": [], "text": "", "tokens": [], "prompt_ids": [], "finish": None, "usage": None,
+                           "done": False, "errors": []}
+    for line in r.text.split("\n"):
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            out["done"] = True
+            continue
+        obj = json.loads(line[6:])
+        if "error" in obj:
+            out["errors"].append(obj["error"]["message"])
+            continue
+        out["ids"].append(obj["id"])
+        out["usage"] = obj.get("usage") or out["usage"]
+        for c in obj["choices"]:
+            out["text"] += c["text"]
+            out["tokens"] += c.get("token_ids") or []
+            out["prompt_ids"] += c.get("prompt_token_ids") or []
+            out["finish"] = c.get("finish_reason") or out["finish"]
+    return out
+
+
+def body(stream: bool, **kw: Any) -> dict[str, Any]:
+    b = {"model": "m", "prompt": "hello", "max_tokens": 5, "return_token_ids": True, "stream": stream, **kw}
+    if stream:
+        b["stream_options"] = {"include_usage": True}
+    return b
+
+
+def test_first_token_from_p_stitches_one_answer_equal_to_the_single_instance():
+    async def go():
+        for stream in (False, True):
+            for split in (False, True):
+                p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode", split=split)
+                async with stack(p, d, first_token_from_p=True) as (client, traces):
+                    r = await client.post("/v1/completions", json=body(stream), headers={"X-Request-Id": "r1"})
+                    got = parse(r, stream)
+                    async with httpx.AsyncClient(base_url=d.url) as direct:  # the single instance's answer
+                        ref = parse(await direct.post("/v1/completions", json=body(stream),
+                                                      headers={"X-Request-Id": "r1"}), stream)
+                    assert got["tokens"] == ref["tokens"] == [7, 8, 9, 10, 11], (stream, split, got)
+                    assert got["text"] == ref["text"] == " t7 t8 t9 t10 t11"
+                    assert set(got["ids"]) == {"cmpl-r1"} and got["finish"] == "length"
+                    assert got["prompt_ids"] == ref["prompt_ids"] == PROMPT_IDS  # once, the client's
+                    assert got["usage"] == ref["usage"] == {"prompt_tokens": 40, "completion_tokens": 5,
+                                                            "total_tokens": 45}
+                    assert got["done"] is ref["done"]
+                    # the legs: P asked for ids; D from prompt ids + P's token, one token fewer
+                    assert p.requests[0]["return_token_ids"] is True and p.requests[0]["max_tokens"] == 1
+                    db = d.requests[0]
+                    assert db["prompt"] == [*PROMPT_IDS, 7] and db["max_tokens"] == 4
+                    assert db["kv_transfer_params"]["remote_block_ids"] == [[0, 1]]
+                    (t,) = traces
+                    assert (t.outcome, t.switch, t.switch_skipped) == ("pair", "first_token", None)
+                    assert t.completion_tokens == 5 and t.prompt_tokens == 40
+                    if stream:  # P's token is the first; D's first token is a gap (the seam)
+                        assert t.chunks == 5 and len(t.itl_ms) == 4 and t.ttft_ms < t.prefill_ms + t.decode_ttft_ms + 5
+                        assert t.decode_ttft_ms is not None
+
+    run(go())
+
+
+def test_without_asking_for_ids_the_stitched_stream_has_none():
+    async def go():
+        p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
+        async with stack(p, d, first_token_from_p=True) as (client, _):
+            b = body(True)
+            del b["return_token_ids"]
+            got = parse(await client.post("/v1/completions", json=b), True)
+            assert got["text"] == " t7 t8 t9 t10 t11" and got["tokens"] == [] and got["prompt_ids"] == []
+            assert "return_token_ids" not in d.requests[0] and got["usage"]["completion_tokens"] == 5
+
+    run(go())
+
+
+def test_eos_at_p_ends_the_request_there_with_no_decode_leg():
+    async def go():
+        for stream in (False, True):
+            p, d = FakeTokenVllm("prefill", p_finish="stop"), FakeTokenVllm("decode")
+            async with stack(p, d, first_token_from_p=True) as (client, traces):
+                got = parse(await client.post("/v1/completions", json=body(stream), headers={"X-Request-Id": "e"}),
+                            stream)
+                assert got["tokens"] == [7] and got["text"] == " t7" and got["finish"] == "stop"
+                assert got["usage"] == {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}
+                assert set(got["ids"]) == {"cmpl-e"} and d.requests == []
+                assert got["done"] is (True if stream else None)
+                assert traces[0].switch == "first_token_p_only" and traces[0].decode is None
+
+    run(go())
+
+
+def test_what_cannot_be_served_token_for_token_takes_the_normal_path_counted():
+    async def go():
+        cases = {  # body changes -> the reason
+            "logprobs": {"logprobs": 1}, "n": {"n": 2}, "echo": {"echo": True}, "stop_strings": {"stop": ["x"]},
+            "max_tokens_1": {"max_tokens": 1}, "penalties": {"frequency_penalty": 0.5},
+            "prompt_batch": {"prompt": ["a", "b"]},
+        }
+        for reason, change in cases.items():
+            p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
+            async with stack(p, d, first_token_from_p=True) as (client, traces):
+                b = {**body(False), **change}
+                r = await client.post("/v1/completions", json=b)
+                assert r.status_code == 200, (reason, r.text)
+                db = d.requests[0]
+                assert db["prompt"] == b["prompt"] and db.get("max_tokens") == b["max_tokens"], reason
+                assert (traces[0].switch, traces[0].switch_skipped) == (None, reason)
+                metrics = (await client.get("/metrics")).text
+                assert f'pdtui_switch_skipped_total{{reason="{reason}"}} 1.0' in metrics
+
+    run(go())
+
+
+def test_a_prompt_of_a_multiple_of_the_block_size_takes_the_normal_path():
+    """prompt + 1 token would need a block more on D than P sent (block_size 16, 32 tokens)."""
+    async def go():
+        p, d = FakeTokenVllm("prefill", prompt_len=32), FakeTokenVllm("decode", prompt_len=32)
+        async with stack(p, d, first_token_from_p=True, tokenize_once=True) as (client, traces):
+            got = parse(await client.post("/v1/completions", json=body(True)), True)
+            assert got["tokens"] == [7, 8, 9, 10, 11]
+            # normal path, but tokenize_once still applies: D gets the prompt as P's ids
+            assert d.requests[0]["prompt"] == list(range(FIRST - 32, FIRST)) and d.requests[0]["max_tokens"] == 5
+            assert (traces[0].switch, traces[0].switch_skipped) == ("tokenize_once", "block_boundary")
+
+    run(go())
+
+
+def test_tokenize_once_gives_d_the_prompt_as_ids_and_chat_as_it_is():
+    async def go():
+        p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
+        async with stack(p, d, tokenize_once=True) as (client, traces):
+            b = body(False)
+            del b["return_token_ids"]
+            r = await client.post("/v1/completions", json=b)
+            assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] is None
+            assert p.requests[0]["return_token_ids"] is True
+            assert d.requests[0]["prompt"] == PROMPT_IDS and "return_token_ids" not in d.requests[0]
+            assert traces[0].switch == "tokenize_once"
+            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+            r = await client.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200 and "return_token_ids" not in p.requests[1]
+            assert d.requests[1]["messages"] == chat["messages"] and "prompt" not in d.requests[1]
+            assert (traces[1].switch, traces[1].switch_skipped) == (None, "chat")
+
+    run(go())
+
+
+def test_decode_dying_after_p_token_ends_the_stream_with_an_error_event():
+    async def go():
+        p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode", die_after=2)
+        async with stack(p, d, first_token_from_p=True) as (client, traces):
+            got = parse(await client.post("/v1/completions", json=body(True)), True)
+            assert got["tokens"] == [7, 8, 9] and got["errors"] and got["done"] is False
+            assert traces[0].outcome == "error"
+
+    run(go())
+
+
+def test_decode_refusing_after_p_token_ends_the_stream_with_an_error_event():
+    async def go():
+        p = FakeTokenVllm("prefill")
+        async with serving(p):  # type: ignore[arg-type]
+            dead = free_port()  # nothing listens there
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", f"http://127.0.0.1:{dead}")],
+                          ProxySettings(block_size=16, prefill_timeout_s=5, decode_read_timeout_s=5,
+                                        connect_timeout_s=1, first_token_from_p=True))
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json=body(True))
+                    got = parse(r, True)
+                    assert r.status_code == 200 and got["tokens"] == [7] and got["errors"] and not got["done"]
+            finally:
+                await server.stop()
+
+    run(go())
+
+
+def test_usage_and_prompt_ids_rewrites_touch_only_their_fields():
+    p = firsttoken.PAnswer(id="cmpl-x", created=1, model="m", text=" a", token_id=5, prompt_ids=[1, 2],
+                           finish_reason="length", stop_reason=None)
+    ev = b'data: {"id":"cmpl-x","choices":[],"usage":{"prompt_tokens":3,"total_tokens":9,"completion_tokens":6}}\n\n'
+    assert firsttoken.fix_usage(ev) == ev.replace(b'"prompt_tokens":3', b'"prompt_tokens":2').replace(
+        b'"completion_tokens":6', b'"completion_tokens":7')
+    first = b'data: {"choices":[{"text":" b","prompt_token_ids":[1,2,5],"token_ids":[6]}]}\n\n'
+    assert firsttoken.drop_prompt_ids(first) == first.replace(b"[1,2,5]", b"null")
+    merged = json.loads(firsttoken.merge_json(p, json.dumps({"choices": [{"text": " b", "token_ids": [6]}],
+                                                                "usage": {"prompt_tokens": 3, "completion_tokens": 1,
+                                                                          "total_tokens": 4}}).encode(), True))
+    assert merged["choices"][0] == {"text": " a b", "token_ids": [5, 6], "prompt_token_ids": [1, 2]}
+    assert merged["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
