@@ -42,7 +42,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdtui.core import kvmath
+from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
 
 Scope = dict[str, Any]
@@ -51,14 +51,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
-PREFILL_KV_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
+PREFILL_KV_PARAMS = dict(connectors.NIXL.prefill_kv_params)
 WARMUP_HEADER = "x-pdtui-warmup"
 DECODE_CHOICES = ("least-loaded", "round-robin")
 

@@ -55,7 +55,7 @@ from pdtui.bench import report, workload
 from pdtui.bench.report import bytes_check
 from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
-from pdtui.core import scrape
+from pdtui.core import connectors, scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
 from pdtui.core.proxy import ProxySettings
@@ -644,7 +644,7 @@ async def _scrape_d(rt: Runtime) -> dict[str, float]:
     return total
 
 
-NIXL_BYTES = "vllm:nixl_bytes_transferred_sum"
+NIXL_BYTES = f"{connectors.NIXL.bytes_metric}_sum"  # a histogram: _sum is the bytes
 
 
 async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,

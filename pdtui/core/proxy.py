@@ -49,20 +49,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdtui.core import firsttoken, httpio, kvmath
+from pdtui.core import connectors, firsttoken, httpio, kvmath
 from pdtui.core.events import RequestTraced
 from pdtui.core.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
-PREFILL_KV_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
+PREFILL_KV_PARAMS = dict(connectors.NIXL.prefill_kv_params)  # what P gets: pdtui/core/connectors.py
 WARMUP_HEADER = "x-pdtui-warmup"
 DECODE_CHOICES = ("least-loaded", "round-robin")
 PREFILL_FAILURE_POLICIES = ("retry", "decode-locally")

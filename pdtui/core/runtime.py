@@ -23,7 +23,7 @@ from typing import IO, Any
 import httpx
 
 from pdtui.core import config as config_mod
-from pdtui.core import kvmath, scrape
+from pdtui.core import connectors, kvmath, scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.control import Control, ControlServer, default_socket_path
 from pdtui.core.events import (
@@ -232,9 +232,9 @@ class Runtime:
         if self._tcp_warned or not event.fields.get("over_tcp") or event.fields.get("scope") != "intra-node":
             return
         self._tcp_warned = True
-        self.emit(Notice(level="warning", instance=event.instance, text=(
-            f"UCX moves the KV over {event.fields.get('rma') or event.fields.get('transport')} although P and D share this host"
-            " (no CUDA IPC lane): expect ~3 ms per MiB. See docs/gpu-transport.md.")))
+        words = connectors.NIXL.transport_words["same_host_tcp"]  # pdtui/core/connectors.py
+        self.emit(Notice(level="warning", instance=event.instance, text=words.format(
+            transport=event.fields.get("rma") or event.fields.get("transport"))))
 
     def _infer_transport(self, event: ConnectorEvent) -> None:
         """Without UCX's info lines: GPU-to-GPU reads on one host under 2 GB/s are not CUDA IPC.
@@ -244,12 +244,10 @@ class Runtime:
         mbps = event.fields.get("Throughput (MB/s)")
         if self._tcp_warned or self._transport_seen or self.cfg.device != "cuda" or not isinstance(mbps, (int, float)) or not mbps:
             return
-        if mbps < 2000:
+        if mbps < (connectors.NIXL.slow_reads_below_mbps or 0):
             self._tcp_warned = True
-            self.emit(Notice(level="warning", instance=event.instance, text=(
-                f"KV transfers run at {mbps:.0f} MB/s between two processes on one host: that is TCP"
-                " loopback, not CUDA IPC (hundreds of GB/s). Set PDTUI_ENV='{\"UCX_LOG_LEVEL\":\"info\"}'"
-                " to see UCX's lanes. See docs/gpu-transport.md.")))
+            self.emit(Notice(level="warning", instance=event.instance,
+                             text=connectors.NIXL.transport_words["slow_reads"].format(mbps=mbps)))
 
     def _check_pools(self) -> None:
         if self._pool_warned:

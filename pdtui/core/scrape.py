@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdtui.core import connectors
+
 # family name (as the parser reports it, without _total) -> labels to keep in the key
 WANTED: dict[str, tuple[str, ...]] = {
     "vllm:kv_cache_usage_perc": (),
@@ -21,15 +23,10 @@ WANTED: dict[str, tuple[str, ...]] = {
     "vllm:num_preemptions": (),
     "vllm:prefix_cache_queries": (),
     "vllm:prefix_cache_hits": (),
-    "vllm:nixl_xfer_time_seconds": (),
-    "vllm:nixl_bytes_transferred": (),
-    "vllm:nixl_num_descriptors": (),
-    "vllm:nixl_num_failed_transfers": (),
-    "vllm:nixl_num_failed_notifications": (),
-    "vllm:nixl_num_kv_expired_reqs": (),
-    "vllm:nixl_post_time_seconds": (),
     "vllm:time_to_first_token_seconds": (),
     "vllm:inter_token_latency_seconds": (),
+    # the connectors' own (pdtui/core/connectors.py), e.g. vllm:nixl_bytes_transferred
+    **{name: () for c in connectors.CONNECTORS.values() for name in c.metrics},
 }
 # From cache_config_info's labels: the KV pool's geometry.
 CACHE_INFO_LABELS = ("block_size", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_memory_bytes")

@@ -5,6 +5,6 @@
 
 They import vLLM; pdtui's own process (the core, the bench, the app) must not, so nothing outside
 this package imports them: the core names them by module path, as strings. Here only the standard
-library, vLLM, NIXL and the stdlib-only ``pdtui.core.versions`` and ``pdtui.core.connectors`` are
-imported. tests/unit/test_import_hygiene.py enforces both directions.
+library, vLLM, NIXL and the stdlib-only ``pdtui.core.versions`` (which vLLM) and
+``pdtui.core.connectors`` (the tuning variables' names) are imported. tests/unit/test_import_hygiene.py enforces both directions.
 """

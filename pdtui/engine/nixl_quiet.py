@@ -12,7 +12,7 @@ Turning the thread off instead (``enable_prog_thread=False``) hangs the first tr
 P never progresses UCX, so D's pull never completes. Measured in docs/ucx-busy-poll.md.
 
 It re-exports vLLM's own ``NixlConnector`` class, so every check on the connector's name and
-type still holds. The delay comes from ``PDTUI_NIXL_PROG_DELAY_US`` (default 1000). This leans on
+type still holds. The delay comes from ``PDTUI_NIXL_PROG_DELAY_US`` (the names: ``NIXL.tuning_env``) (default 1000). This leans on
 nixl internals (the ``nixlBind`` binding the agent is built with): if they move, it logs a
 warning and leaves NIXL as it is.
 """
@@ -24,6 +24,8 @@ import os
 import types
 
 from vllm.logger import init_logger
+
+from pdtui.core.connectors import NIXL
 
 try:  # vLLM >= 0.3x: a package
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
@@ -120,12 +122,13 @@ def _keep_affinity() -> None:
     cls._pdtui_keep_affinity = True
 
 
+_ENV = NIXL.tuning_env  # the variables pdtui.core.config sets (pdtui/core/connectors.py)
 try:
-    if os.environ.get("PDTUI_NIXL_KEEP_AFFINITY") == "1":
+    if os.environ.get(_ENV["keep_affinity"]) == "1":
         _keep_affinity()
-    if os.environ.get("PDTUI_NIXL_PROG_DELAY_US"):
-        _patch(int(os.environ["PDTUI_NIXL_PROG_DELAY_US"]))
-    if os.environ.get("PDTUI_UCX_ERROR_HANDLING_MODE"):
-        _ucx_params({"ucx_error_handling_mode": os.environ["PDTUI_UCX_ERROR_HANDLING_MODE"]})
+    if os.environ.get(_ENV["progress_delay_us"]):
+        _patch(int(os.environ[_ENV["progress_delay_us"]]))
+    if os.environ.get(_ENV["ucx_error_handling_mode"]):
+        _ucx_params({"ucx_error_handling_mode": os.environ[_ENV["ucx_error_handling_mode"]]})
 except Exception as e:  # noqa: BLE001 - never break the connector over an optimisation
     log.warning("pdtui: could not tune NIXL: %s", e)

@@ -20,7 +20,7 @@ import pdtui
 PKG = Path(pdtui.__file__).resolve().parent
 CORE_NEVER = ("textual", "textual_plotext", "plotext", "rich", "pdtui.app", "pdtui.engine", "vllm", "nixl",
               "nixl_cu12", "nixl_cu13", "torch")
-ENGINE_MAY_IMPORT = ("pdtui.core.versions",)
+ENGINE_MAY_IMPORT = ("pdtui.core.versions", "pdtui.core.connectors")
 ENGINE_THIRD_PARTY = ("vllm", "nixl", "nixl_cu12", "nixl_cu13")
 
 

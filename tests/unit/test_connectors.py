@@ -1,0 +1,94 @@
+"""One place describes a connector (pdtui/core/connectors.py); the modules that act on it read it there."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import pdtui
+from pdtui.bench import fake_sse, runners
+from pdtui.core import config, connectors, logparse, preflight, proxy, scrape
+from pdtui.core.connectors import NIXL
+
+PKG = Path(pdtui.__file__).resolve().parent
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+# NIXL's words that must live only in connectors.py (outside docstrings): its variables, its metric
+# families, the module pdtui loads into it, what the proxy sends P
+NIXL_WORDS = ("VLLM_NIXL_SIDE_CHANNEL", "PDTUI_NIXL_", "PDTUI_UCX_", "vllm:nixl_", "pdtui.engine.nixl_quiet",
+              "do_remote_decode")
+# not yet read from the registry: the dashboard (pdtui/app, being redone), the bench's fake upstream
+# (it plays P, so it answers in NIXL's words) and the bench's help text
+NOT_YET = ("app/state.py", "bench/fake_sse.py", "bench/command.py")
+
+
+def _string_constants(path: Path):
+    tree = ast.parse(path.read_text())
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.lineno, node.value
+
+
+def test_nixl_knowledge_lives_in_connectors_py_only():
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel == "core/connectors.py" or rel in NOT_YET:
+            continue
+        found += [f"{rel}:{line}: {text[:60]!r}" for line, text in _string_constants(path)
+                  if any(w in text for w in NIXL_WORDS)]
+    assert not found, ("NIXL's names belong in pdtui/core/connectors.py; read them from there (connectors.NIXL:"
+                       " .metrics, .bytes_metric, .xfer_time_metric, .side_channel_env, .tuning_env, ...):\n"
+                       + "\n".join(found))
+
+
+def test_nixl_is_the_first_entry_and_its_description_is_whole():
+    assert list(connectors.CONNECTORS) == ["NixlConnector"] and connectors.known("NixlConnector") is NIXL
+    assert connectors.known("LMCacheConnectorV1") is None
+    assert set(NIXL.kv_roles) == {"prefill", "decode"} and set(NIXL.side_channel_env) == {"port", "host"}
+    assert {NIXL.bytes_metric, NIXL.xfer_time_metric} <= set(NIXL.metrics) and NIXL.blocks_param in NIXL.decode_needs
+    assert set(NIXL.transport_words) == {"same_host_tcp", "slow_reads"} and NIXL.slow_reads_below_mbps
+
+
+def test_config_renders_the_connectors_environment_and_module(tmp_path):
+    cfg = config.load_profile("cpu")
+    for spec, inst in zip(config.render(cfg, model_root=tmp_path), cfg.instances, strict=True):
+        assert spec.env[NIXL.side_channel_env["port"]] == str(inst.side_channel_port)
+        assert spec.env[NIXL.side_channel_env["host"]] == cfg.host
+        assert spec.env[NIXL.tuning_env["progress_delay_us"]] == "1000"
+        assert spec.env[NIXL.tuning_env["keep_affinity"]] == "1"
+        ktc = json.loads(spec.argv[spec.argv.index("--kv-transfer-config") + 1])
+        assert ktc["kv_connector_module_path"] == NIXL.tuned_module
+        assert ktc["kv_role"] == NIXL.kv_roles[inst.role]
+
+
+@pytest.mark.parametrize("name", ["LMCacheConnectorV1", "P2pNcclConnector", "nixlconnector"])
+def test_a_connector_not_in_the_registry_is_refused_before_launch(name):
+    cfg = config.load_profile("cpu")
+    config.apply_overrides(cfg, {"connector": name}, source=lambda n: "--connector")
+    found = [p for p in preflight.problems(cfg, check_in_use=False, mem_available=1 << 40) if p.field == "connector"]
+    assert len(found) == 1, found
+    assert f"connector = {name!r} (from --connector)" in found[0].text
+    assert "pdtui drives NixlConnector only" in found[0].text and "pdtui/core/connectors.py" in found[0].text
+
+
+def test_the_proxy_sends_p_the_connectors_params_and_the_fake_p_answers_what_d_needs():
+    assert proxy.PREFILL_KV_PARAMS == dict(NIXL.prefill_kv_params)
+    assert set(NIXL.decode_needs) <= set(fake_sse.FAKE_PREFILL_KV_PARAMS)
+
+
+def test_scrape_and_bench_read_the_connectors_metrics():
+    assert set(NIXL.metrics) <= set(scrape.WANTED)
+    assert runners.NIXL_BYTES == NIXL.bytes_metric + "_sum"
+
+
+def test_every_nixl_log_rule_is_tried_and_its_milestones_parse_from_real_logs():
+    tried = [what for what, _ in logparse._RULES]
+    assert tried[: len(NIXL.log_rules)] == [what for what, _ in NIXL.log_rules]
+    seen = {p.what for f in FIXTURES.rglob("*.log") for line in f.read_text(errors="replace").splitlines()
+            if (p := logparse.parse_line(line)) is not None}
+    # the ones a healthy CPU and GPU run log at INFO (handshake is DEBUG; failures need a failure)
+    for what in ("nixl_available", "registered", "compat_ok", "transfer_plan", "ucx_backend", "ucx_transport"):
+        assert what in seen, (what, sorted(seen))
