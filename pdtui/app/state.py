@@ -65,6 +65,77 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+XFER_TIME = "vllm:nixl_xfer_time_seconds"
+
+
+def buckets(values: dict[str, float], family: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of a histogram kept with BUCKETS, by bound; +Inf last."""
+    prefix = f'{family}_bucket{{le="'
+    out = [(float(k[len(prefix):-2]), v) for k, v in values.items() if k.startswith(prefix)]
+    return sorted(out)
+
+
+def quantile(bounds: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus's histogram_quantile: the bucket the q-th observation falls in, linear inside it
+    (from 0 for the first); the highest finite bound if it falls in +Inf; None for no observations."""
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    rank = q * bounds[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in bounds:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = upper, count
+    return lower
+
+
+def bucket_diff(new: list[tuple[float, float]], old: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The observations between two scrapes of a cumulative histogram (same bounds)."""
+    before = dict(old)
+    return [(le, max(0.0, c - before.get(le, 0.0))) for le, c in new]
+
+
+@dataclass(frozen=True)
+class NixlView:
+    """NIXL's own figures from an instance's /metrics (vllm.distributed.kv_transfer...nixl.stats):
+    per-transfer time p50/p99 since the start and over the last WINDOW_S seconds (on D, which
+    reads), failed transfers and notifications (D), KV expired before D read it (on P)."""
+
+    transfers: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    recent_transfers: int = 0
+    recent_p50_ms: float | None = None
+    recent_p99_ms: float | None = None
+    failed: int = 0
+    failed_notifications: int = 0
+    expired: int = 0
+
+    @staticmethod
+    def of(values: dict[str, float], past: list[tuple[float, float]] | None) -> NixlView | None:
+        bounds = buckets(values, XFER_TIME)
+        counters = {k: int(values.get(f"vllm:nixl_{k}", 0)) for k in
+                    ("num_failed_transfers", "num_failed_notifications", "num_kv_expired_reqs")}
+        if not bounds and not any(counters.values()) and f"{XFER_TIME}_count" not in values:
+            return None
+        recent = bucket_diff(bounds, past) if past is not None else bounds
+
+        def ms(b: list[tuple[float, float]], q: float) -> float | None:
+            v = quantile(b, q)
+            return None if v is None else v * 1000
+
+        return NixlView(
+            transfers=int(bounds[-1][1]) if bounds else int(values.get(f"{XFER_TIME}_count", 0)),
+            p50_ms=ms(bounds, 0.5), p99_ms=ms(bounds, 0.99),
+            recent_transfers=int(recent[-1][1]) if recent else 0,
+            recent_p50_ms=ms(recent, 0.5), recent_p99_ms=ms(recent, 0.99),
+            failed=counters["num_failed_transfers"], failed_notifications=counters["num_failed_notifications"],
+            expired=counters["num_kv_expired_reqs"])
+
+
 @dataclass(frozen=True)
 class InstanceView:
     name: str
@@ -91,6 +162,8 @@ class InstanceView:
     fallbacks: int = 0
     pairs: int = 0
     retries: int = 0
+    nixl: NixlView | None = None
+    """NIXL's own figures (None until the engine reports any)."""
     """P legs this prefill instance answered on a retry (RequestTraced.prefill_attempts > 1)."""
 
     @property
@@ -191,6 +264,8 @@ class DashState:
         """Event time of each sample, in step with ttft and itl (same length, same order)."""
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0}
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
+        self._xfer_past: dict[str, collections.deque[tuple[float, list[tuple[float, float]]]]] = {}
+        """Per instance, (time, NIXL transfer-time buckets) of the scrapes of the last WINDOW_S s."""
         self.last_t: float | None = None
         self.version = 0
 
@@ -225,6 +300,8 @@ class DashState:
                 changes["milestones"] = ()  # a new process: its start-up and connector over again
                 if inst.state in ("exited", "failed"):
                     changes["metrics"] = {}
+                    changes["nixl"] = None
+                self._xfer_past.pop(ev.instance, None)  # a new process counts from 0
             self._set(ev.instance, **changes)
             if ev.state in PROCESS_GONE and inst.state not in PROCESS_GONE:
                 self._forget_handshakes(ev.instance)
@@ -242,7 +319,7 @@ class DashState:
                 self._set(ev.instance, handshake_failed=ev.text)
         elif isinstance(ev, MetricsSampled):
             self._inst(ev.instance)
-            self._set(ev.instance, metrics=dict(ev.values))
+            self._set(ev.instance, metrics=dict(ev.values), nixl=self._nixl(ev))
         elif isinstance(ev, RequestTraced):
             if ev.warmup:
                 return
@@ -271,6 +348,18 @@ class DashState:
             self.header = dataclasses.replace(self.header, ready_s=ev.elapsed_s)
         elif isinstance(ev, RuntimeStopped):
             self.header = dataclasses.replace(self.header, stopped=ev.reason or "stopped")
+
+    def _nixl(self, ev: MetricsSampled) -> NixlView | None:
+        """NIXL's figures, the recent ones against the newest scrape at least WINDOW_S old (else the
+        oldest kept: a window that is still filling)."""
+        bounds = buckets(ev.values, XFER_TIME)
+        past = self._xfer_past.setdefault(ev.instance, collections.deque())
+        while len(past) > 1 and past[1][0] <= ev.t - WINDOW_S:
+            past.popleft()
+        base = past[0][1] if past else None
+        if bounds:
+            past.append((ev.t, bounds))
+        return NixlView.of(ev.values, base)
 
     def _counterpart(self, name: str) -> str | None:
         return {"decode": "prefill", "prefill": "decode"}.get(self.instances[name].role)

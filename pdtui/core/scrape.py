@@ -28,6 +28,9 @@ WANTED: dict[str, tuple[str, ...]] = {
     # the connectors' own (pdtui/core/connectors.py), e.g. vllm:nixl_bytes_transferred
     **{name: () for c in connectors.CONNECTORS.values() for name in c.metrics},
 }
+# Histograms whose buckets are kept too (key ``name_bucket{le="..."}``), for quantiles: NIXL's own
+# per-transfer time, p50/p99 per D (as vLLM's vmon shows it).
+BUCKETS = ("vllm:nixl_xfer_time_seconds",)
 # From cache_config_info's labels: the KV pool's geometry.
 CACHE_INFO_LABELS = ("block_size", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_memory_bytes")
 
@@ -56,10 +59,10 @@ def parse_metrics(text: str) -> dict[str, float]:
             continue
         for sample in family.samples:
             name = sample.name
-            if name.endswith(("_created", "_bucket")):
+            if name.endswith("_created") or (name.endswith("_bucket") and family.name not in BUCKETS):
                 continue
             name = name.removesuffix("_total")
-            key = _key(name, sample.labels, keep)
+            key = _key(name, sample.labels, ("le", *keep) if name.endswith("_bucket") else keep)
             out[key] = out.get(key, 0.0) + float(sample.value)  # sum over engines/ranks
     return out
 

