@@ -30,6 +30,11 @@ prompts, in one invocation. The arms run one after another (default single,singl
   two-single      (optional, --arms ...,two-single) two colocated instances, on P's and on D's
                   port and core/GPU, behind the proxy with no prefill instance, round-robin
                   (vLLM's own fair baseline): the same hardware as the pair
+  pair-tokenize-once, pair-first-token, pair-both
+                  (optional) the pair with the proxy's TTFT switches on (tokenize_once,
+                  first_token_from_p, both): a table gives the toll per arm, the follow TTFT split
+                  into steps that add up to it, and the second-token gap, where first-token-from-P
+                  moves the hop and D's leg (docs/proxy.md, the TTFT toll)
 
 and each arm gets the same workloads, measured the same way by a streaming client (a process of
 its own; the proxy never shares an event loop with the bench's own work):

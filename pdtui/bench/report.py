@@ -90,11 +90,36 @@ def window_gaps(times: Sequence[float], window: Sequence[float] | None) -> list[
             if window is None or (window[0] <= a and b <= window[1])]
 
 
+SPLIT_KEYS = ("prefill_ms", "hop_ms", "decode_ttft_ms", "proxy_ms", "client_ms")
+"""The client's TTFT in steps that add up to it (``toll_split``)."""
+
+
 def toll_split(s: Sample) -> dict[str, float | None] | None:
-    """Pair arm: prefill (P queue + prefill), hop (proxy), transfer + D's first step, from the trace."""
+    """Pair arms: the client's TTFT in named steps that add up to it. From the proxy's trace:
+    prefill_ms (the P leg: P's queue, prefill and one token, with the loopback both ways), hop_ms
+    (the proxy, from P's answer to D's request sent), decode_ttft_ms (D's leg to its first token:
+    tokenization, queue, the KV read, the first step). Derived: proxy_ms (the proxy's TTFT less
+    those: parsing the body, writing the first token) and client_ms (the client's TTFT less the
+    proxy's: the client's loopback and its own reading). With first_token_from_p the first token
+    is P's: hop and D's leg come after it, in the second-token gap (``seam_ms``), and count 0 here."""
     if not s.trace:
         return None
-    return {k: s.trace.get(k) for k in ("prefill_ms", "hop_ms", "decode_ttft_ms")}
+    t = s.trace
+    out: dict[str, float | None] = {k: t.get(k) for k in ("prefill_ms", "hop_ms", "decode_ttft_ms")}
+    if t.get("switch") in ("first_token", "first_token_p_only"):
+        out["seam_ms"] = (t.get("hop_ms") or 0.0) + (t.get("decode_ttft_ms") or 0.0)
+        out["hop_ms"], out["decode_ttft_ms"] = 0.0, 0.0
+    proxy_ttft = t.get("ttft_ms")
+    inner = [out[k] for k in ("prefill_ms", "hop_ms", "decode_ttft_ms")]
+    out["proxy_ms"] = proxy_ttft - sum(inner) if proxy_ttft is not None and None not in inner else None  # type: ignore[arg-type]
+    out["client_ms"] = s.ttft_ms - proxy_ttft if s.ttft_ms is not None and proxy_ttft is not None else None
+    return out
+
+
+def second_gap_ms(s: Sample) -> float | None:
+    """The gap from the first token chunk to the second, as the client saw it."""
+    gaps = gaps_ms(s)
+    return gaps[0] if gaps else None
 
 
 def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]) -> dict[str, Any]:
@@ -128,12 +153,19 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
         },
         "failed": failed,
     }
+    out["follow"]["second_gap_ms"] = dist([x for s in follow if (x := second_gap_ms(s)) is not None])
     splits = [toll_split(s) for s in follow]
     splits = [x for x in splits if x]
     if splits:
         out["follow"]["toll_split_ms"] = {
-            k: dist([x[k] for x in splits if x[k] is not None]) for k in ("prefill_ms", "hop_ms", "decode_ttft_ms")
+            k: dist([x[k] for x in splits if x.get(k) is not None]) for k in (*SPLIT_KEYS, "seam_ms")
         }
+        switches: dict[str, int] = {}
+        for s in follow:
+            key = (s.trace or {}).get("switch") or (f"skipped: {s.trace['switch_skipped']}"
+                                                   if (s.trace or {}).get("switch_skipped") else "none")
+            switches[key] = switches.get(key, 0) + 1
+        out["follow"]["switches"] = switches
     return out
 
 
@@ -141,7 +173,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-PROXIED = ("pair", "single-proxied", "two-single")
+PROXIED = ("pair", "single-proxied", "two-single", "pair-tokenize-once", "pair-first-token", "pair-both")
 """Arms measured through pdtui's proxy (a process of its own); ``single`` is measured straight at
 its engine."""
 THROUGH_PROXY = "both through pdtui's proxy"
@@ -252,6 +284,35 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "proxy_cost": cost, "text": text}
 
 
+def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The toll per pair arm (``pair`` and the switch arms, runners.SWITCH_ARMS), the follow TTFT
+    split into steps that add up to it (p50 of each; "sum" is their total against the TTFT p50),
+    the second-token gap (where first_token_from_p moves the hop and D's leg) and the steady
+    streams' ITL p99. Empty unless a switch arm ran."""
+    arms = [a for a in summaries if a == "pair" or a.startswith("pair-")]
+    if arms == ["pair"] or not arms:
+        return []
+    base = baseline_for(summaries, "ttft")
+    s_ttft = _stat(summaries.get(base), "ttft") if base else None
+    lines = ["", f"toll per switch (follow TTFT p50 against {base or 'no single arm'}; steps p50, ms):", "",
+             ("| arm | TTFT p50 | toll | P leg | hop | D leg | proxy | client | sum | 2nd-token gap p50 | seam p50"
+              " | ITL p99 | served |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for arm in arms:
+        f = summaries[arm]["follow"]
+        ttft = f["ttft_ms"]["p50"]
+        toll = _ratio(ttft, s_ttft)
+        ts = f.get("toll_split_ms") or {}
+        parts = [(ts.get(k) or {}).get("p50") for k in SPLIT_KEYS]
+        total = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
+        served = ", ".join(f"{k} {n}" for k, n in (f.get("switches") or {}).items())
+        lines.append(f"| {arm} | {_ms(ttft)} | {'-' if toll is None else f'{(toll - 1) * 100:+.0f}%'} | "
+                     + " | ".join(_ms(p) for p in parts) + f" | {_ms(total)} | {_ms(f['second_gap_ms']['p50'])}"
+                     f" | {_ms((ts.get('seam_ms') or {}).get('p50'))}"
+                     f" | {_ms(_stat(summaries[arm], 'itl99'))} | {served} |")
+    return lines
+
+
 def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -288,6 +349,7 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
         lines += ["", (f"pair toll split (follow, p50): P prefill {_ms(ts['prefill_ms']['p50'])} ms"
                        f" + proxy hop {_ms(ts['hop_ms']['p50'])} ms"
                        f" + transfer & D first step {_ms(ts['decode_ttft_ms']['p50'])} ms")]
+    lines += switch_table(summaries)
     lines += [""] + verdict(summaries)["text"]
     checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}
     if checks:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gzip
 import itertools
 import json
@@ -65,7 +66,14 @@ from pdtui.core.supervisor import Instance
 
 ARMS = ("single", "single-proxied", "pair")
 """The default: the pair, and the single instance both straight and through the same proxy."""
-ALL_ARMS = ("single", "single-proxied", "pair", "two-single")
+SWITCH_ARMS: dict[str, dict[str, bool]] = {
+    "pair-tokenize-once": {"tokenize_once": True},
+    "pair-first-token": {"first_token_from_p": True},
+    "pair-both": {"tokenize_once": True, "first_token_from_p": True},
+}
+"""The pair with the proxy's TTFT switches on (pdtui.core.firsttoken), each a pair of its own
+started through the same Runtime and proxy process as ``pair``: the toll per switch in one run."""
+ALL_ARMS = ("single", "single-proxied", "pair", "two-single", *SWITCH_ARMS)
 WORKLOADS = tuple(workload.WORKLOADS)
 
 
@@ -185,6 +193,8 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
                 await run_pair(cfg, opts, result, reporter, clock)
             elif arm == "two-single":
                 await run_two_single(cfg, opts, result, reporter, clock)
+            elif arm in SWITCH_ARMS:
+                await run_pair(cfg, opts, result, reporter, clock, name=arm, switches=SWITCH_ARMS[arm])
             else:
                 raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
     finally:
@@ -648,9 +658,15 @@ NIXL_BYTES = f"{connectors.NIXL.bytes_metric}_sum"  # a histogram: _sum is the b
 
 
 async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                   clock: Clock) -> ArmResult:
+                   clock: Clock, name: str = "pair", switches: dict[str, bool] | None = None) -> ArmResult:
+    """The pair through its Runtime's proxy process; ``switches`` sets the proxy's TTFT switches
+    (config fields tokenize_once, first_token_from_p) for this arm only."""
+    if switches:
+        cfg = copy.copy(cfg)
+        for key, value in switches.items():
+            setattr(cfg, key, value)
     rt = Runtime(cfg)
-    arm = result.arms["pair"] = ArmResult("pair", url=cfg.proxy_url, t_start=clock())
+    arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
     arm.launch = _launch(rt.specs)
     traces: dict[str, RequestTraced] = {}
     events = rt.subscribe()
@@ -662,11 +678,11 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
             elif isinstance(ev, InstanceStateChanged):
                 if ev.state == "starting" and ev.pid:
                     arm.pgids.append(ev.pid)
-                reporter.phase("pair", f"{ev.instance} {ev.state} {ev.detail}".strip())
+                reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
             elif isinstance(ev, PairReady):
                 arm.warmup.append({"instance": "+".join(rt.instances), "via": "proxy (the Runtime's warm-up)",
                                    "outcome": ev.warmup_outcome})
-                reporter.phase("pair", f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
+                reporter.phase(name, f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
             elif isinstance(ev, Notice):
                 arm.notices.append(f"{ev.level}: {ev.text}")
 
@@ -687,7 +703,7 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
         """Join the traces and check the KV bytes of our requests, once, before any cross-check
         (whose prompts would add to D's byte counter)."""
         nonlocal before
-        reporter.phase("pair", "joining traces")
+        reporter.phase(name, "joining traces")
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await _wait_traces(arm.samples, traces, timeout_s=10)
         _join(arm.samples, traces)
@@ -721,7 +737,8 @@ async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], 
 def _trace_dict(t: RequestTraced) -> dict[str, Any]:
     return {k: getattr(t, k) for k in ("outcome", "status", "prefill", "decode", "prompt_tokens", "chunks",
                                        "prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms", "total_ms",
-                                       "blocks", "kv_bytes", "fallback_reason", "error")}
+                                       "blocks", "kv_bytes", "fallback_reason", "error", "switch",
+                                       "switch_skipped")}
 
 
 def _join(samples: list[Sample], traces: dict[str, RequestTraced]) -> None:
