@@ -453,14 +453,19 @@ def timeline(req: RequestTraced) -> list[tuple[str, float, float]]:
     """(leg, start ms, end ms) from the proxy receiving the request."""
     out: list[tuple[str, float, float]] = []
     t = 0.0
+    first_from_p = req.switch in ("first_token", "first_token_p_only")
     if req.prefill_ms is not None:
         out.append(("P prefill (+1 token)", t, t + req.prefill_ms))
         t += req.prefill_ms
+    if first_from_p and req.ttft_ms is not None:  # first_token_from_p: P's token went to the client
+        out.append(("first token sent (P's)", req.ttft_ms, req.ttft_ms))
+        t = max(t, req.ttft_ms)
     if req.hop_ms is not None:
         out.append(("proxy hop", t, t + req.hop_ms))
         t += req.hop_ms
     if req.decode_ttft_ms is not None:
-        out.append(("D first token incl. KV pull", t, t + req.decode_ttft_ms))
+        leg = "D 2nd token incl. KV pull" if first_from_p else "D first token incl. KV pull"
+        out.append((leg, t, t + req.decode_ttft_ms))
         t += req.decode_ttft_ms
     if req.total_ms is not None and req.total_ms > t:
         out.append(("D decode stream", t, req.total_ms))

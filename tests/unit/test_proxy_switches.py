@@ -320,3 +320,21 @@ def test_usage_and_prompt_ids_rewrites_touch_only_their_fields():
                                                                           "total_tokens": 4}}).encode(), True))
     assert merged["choices"][0] == {"text": " a b", "token_ids": [5, 6], "prompt_token_ids": [1, 2]}
     assert merged["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+
+
+def test_the_timeline_shows_the_first_token_sent_from_p_and_d_leg_after_it():
+    from pdtui.app.state import timeline
+    from pdtui.app.widgets.detail import RequestDetail
+    from pdtui.core.events import RequestTraced
+
+    r = RequestTraced(request_id="r", endpoint="/v1/completions", stream=True, outcome="pair", status=200,
+                      prefill_ms=25.0, hop_ms=0.5, decode_ttft_ms=19.0, ttft_ms=25.4, total_ms=80.0,
+                      switch="first_token")
+    legs = timeline(r)
+    assert [name for name, _, _ in legs] == ["P prefill (+1 token)", "first token sent (P's)", "proxy hop",
+                                             "D 2nd token incl. KV pull", "D decode stream"]
+    assert legs[1][1] == legs[1][2] == 25.4 and legs[2][1] == 25.4
+    assert "switch: first_token" in str(RequestDetail.reason(r))
+    skipped = RequestTraced(request_id="s", endpoint="/v1/completions", stream=True, outcome="pair", status=200,
+                            switch_skipped="block_boundary")
+    assert "block_boundary: normal path" in str(RequestDetail.reason(skipped))

@@ -87,6 +87,9 @@ class RequestDetail(Static):
             parts.append(Text(f"fallback: {r.fallback_reason}", style="yellow"))
         if r.error:
             parts.append(Text(f"error: {r.error[:300]}", style="red"))
+        if r.switch or r.switch_skipped:  # the proxy's TTFT switches (pdtui.core.firsttoken)
+            skipped = f" ({r.switch_skipped}: normal path)" if r.switch_skipped else ""
+            parts.append(Text(f"switch: {r.switch or 'none'}{skipped}", style="cyan"))
         return Text("; ").join(parts) if parts else None
 
     def summary(self, r: RequestTraced) -> Text:
@@ -138,5 +141,6 @@ class RequestDetail(Static):
 
 
 LEG_SHORT = {"P prefill (+1 token)": "P", "proxy hop": "hop", "D first token incl. KV pull": "D 1st tok incl. pull",
+             "first token sent (P's)": "1st tok sent", "D 2nd token incl. KV pull": "D 2nd tok incl. pull",
              "D decode stream": "decode"}
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
