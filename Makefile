@@ -39,7 +39,7 @@ test: lint
 	$(PY) -m pytest -v tests
 
 lint:
-	$(VENV)/bin/ruff check pdtui tests
+	$(VENV)/bin/ruff check pdtui tests scripts
 	$(PY) -m pytest -q tests/unit/test_import_hygiene.py
 
 unit:

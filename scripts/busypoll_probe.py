@@ -29,9 +29,10 @@ Fix modes (see docs/ucx-busy-poll.md):
 from __future__ import annotations
 
 import argparse
+import http.client
+import itertools
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -206,9 +207,9 @@ def launch(role: str, http_port: int, side_port: int, core: int, fix: str, tmp: 
         "--served-model-name", "tiny",
         "--kv-transfer-config", json.dumps(kv),
     ]
-    log = open(os.path.join(tmp, f"{role}.log"), "wb")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # setsid: pid == pgid
+    with open(os.path.join(tmp, f"{role}.log"), "wb") as log:  # the child keeps its own copy
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # setsid: pid == pgid
 
 
 def kill_group(procs: list[subprocess.Popen]) -> None:
@@ -238,7 +239,7 @@ def http_status(url: str) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-    except Exception:
+    except (OSError, ValueError, http.client.HTTPException):  # refused, reset, timed out: not up yet
         return 0
 
 
@@ -284,7 +285,7 @@ def pd_request(p_url: str, d_url: str, prompt: str, max_tokens: int, timeout: fl
         raise RuntimeError(f"P returned no kv_transfer_params: {p_resp}")
     ts, times, _ = post_stream(d_url + "/v1/completions",
                                dict(base, max_tokens=max_tokens, stream=True, kv_transfer_params=kvp), timeout)
-    itl = [b - a for a, b in zip(times, times[1:])]
+    itl = [b - a for a, b in itertools.pairwise(times)]
     # SSE chunks can coalesce several tokens when the server falls behind, so also report
     # the decode time per token over the whole stream (max_tokens is exact: ignore_eos).
     per_tok = (times[-1] - times[0]) / (max_tokens - 1) if len(times) > 1 else None

@@ -30,7 +30,7 @@ WANTED: dict[str, tuple[str, ...]] = {
 }
 # Histograms whose buckets are kept too (key ``name_bucket{le="..."}``), for quantiles: NIXL's own
 # per-transfer time, p50/p99 per D (as vLLM's vmon shows it).
-BUCKETS = ("vllm:nixl_xfer_time_seconds",)
+BUCKETS = (connectors.NIXL.xfer_time_metric,)  # vllm:nixl_xfer_time_seconds
 # From cache_config_info's labels: the KV pool's geometry.
 CACHE_INFO_LABELS = ("block_size", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_memory_bytes")
 
