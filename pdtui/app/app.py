@@ -192,7 +192,7 @@ class PdtuiApp(App[int]):
                 row.mount(pane)
             pane.view = view
             pane.now = now
-        self.query_one(TransfersTable).update(snap.requests)
+        self.query_one(TransfersTable).update(snap.requests, snap.handshakes)
         self.query_one("#ttft", LatencyHistogram).update(snap.ttft, snap.ttft_recent)
         self.query_one("#itl", LatencyHistogram).update(snap.itl, snap.itl_recent)
         if snap.notices and snap.notices[-1] is not self._notice_shown:
@@ -237,6 +237,7 @@ class PdtuiApp(App[int]):
     def select_request(self, message: RequestSelected) -> None:
         # a selection posted just before the app shuts down arrives when the widgets are gone
         for detail in self.query(RequestDetail):
+            detail.handshake = self.snapshot.handshakes.get(message.request_id)
             detail.request = self.snapshot.request(message.request_id)
 
     # ----- controls -----------------------------------------------------------------------

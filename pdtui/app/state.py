@@ -238,6 +238,10 @@ class Snapshot:
     last_t: float | None
     """Time of the newest event (a replay's clock)."""
     version: int
+    handshakes: dict[str, str] = field(default_factory=dict)
+    """Request id -> why it paid the NIXL handshake ("first after D started"): D handshakes with a
+    P on its first pull from it, so the first paired request after either started pays it (1.3 to
+    1.5 s on an H100) unless the warm-up request did."""
     ttft_recent: tuple[tuple[float, str], ...] = ()
     """The TTFT samples of requests traced in the last WINDOW_S seconds before last_t."""
     itl_recent: tuple[tuple[float, str], ...] = ()
@@ -264,6 +268,9 @@ class DashState:
         """Event time of each sample, in step with ttft and itl (same length, same order)."""
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0}
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
+        self.handshakes: dict[str, str] = {}
+        self._unshaken: dict[str, str] = {}
+        """D instance -> why its next paired request pays a handshake (D or a P started since)."""
         self._xfer_past: dict[str, collections.deque[tuple[float, list[tuple[float, float]]]]] = {}
         """Per instance, (time, NIXL transfer-time buckets) of the scrapes of the last WINDOW_S s."""
         self.last_t: float | None = None
@@ -302,6 +309,7 @@ class DashState:
                     changes["metrics"] = {}
                     changes["nixl"] = None
                 self._xfer_past.pop(ev.instance, None)  # a new process counts from 0
+                self._started(ev.instance, ev.role)
             self._set(ev.instance, **changes)
             if ev.state in PROCESS_GONE and inst.state not in PROCESS_GONE:
                 self._forget_handshakes(ev.instance)
@@ -321,8 +329,13 @@ class DashState:
             self._inst(ev.instance)
             self._set(ev.instance, metrics=dict(ev.values), nixl=self._nixl(ev))
         elif isinstance(ev, RequestTraced):
-            if ev.warmup:
+            why = self._unshaken.pop(ev.decode, None) if ev.decode and ev.outcome == "pair" else None
+            if ev.warmup:  # the warm-up paid it, if it was due
                 return
+            if why is not None:
+                self.handshakes[ev.request_id] = why
+                if len(self.handshakes) > REQUESTS:
+                    self.handshakes.pop(next(iter(self.handshakes)))
             self.requests.append(ev)
             self.counts[ev.outcome] = self.counts.get(ev.outcome, 0) + 1
             if ev.ttft_ms is not None and ev.outcome != "error":
@@ -348,6 +361,16 @@ class DashState:
             self.header = dataclasses.replace(self.header, ready_s=ev.elapsed_s)
         elif isinstance(ev, RuntimeStopped):
             self.header = dataclasses.replace(self.header, stopped=ev.reason or "stopped")
+
+    def _started(self, name: str, role: str) -> None:
+        """A process started: the next paired request through this D (or through every D, for a P)
+        makes D handshake again."""
+        if role == "decode":
+            self._unshaken[name] = f"first through {name} after it started"
+        elif role == "prefill":
+            for d in self.instances.values():
+                if d.role == "decode":
+                    self._unshaken.setdefault(d.name, f"first after {name} started")
 
     def _nixl(self, ev: MetricsSampled) -> NixlView | None:
         """NIXL's figures, the recent ones against the newest scrape at least WINDOW_S old (else the
@@ -417,6 +440,7 @@ class DashState:
         return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
                         ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),
                         notices=tuple(self.notices), last_t=self.last_t, version=self.version,
+                        handshakes=dict(self.handshakes),
                         ttft_recent=self._recent(self.ttft, self._ttft_t),
                         itl_recent=self._recent(self.itl, self._itl_t))
 

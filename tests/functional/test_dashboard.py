@@ -37,7 +37,7 @@ def pair_up(fake: FakeRuntime) -> None:
     fake.emit(started(), state("P", "starting", T0 + 1, pid=11), state("D", "starting", T0 + 2, pid=12),
               ConnectorEvent(instance="D", what="registered", text="Registering KV_Caches. use_mla: False", t=T0 + 50),
               state("P", "ready", T0 + 61, pid=11, elapsed_s=60.0), state("D", "ready", T0 + 62, pid=12, elapsed_s=60.0),
-              *handshake(T0 + 62.5),
+              *handshake(T0 + 62.5), request("pdtui-warmup", T0 + 62.8, warmup=True),  # as Runtime.start()
               MetricsSampled(instance="D", t=T0 + 63, values={
                   "vllm:kv_cache_usage_perc": 0.25, "vllm:num_requests_running": 3, "vllm:num_requests_waiting": 1,
                   "cache_config:kv_cache_size_tokens": 262144, "cache_config:num_gpu_blocks": 2048}))

@@ -170,3 +170,27 @@ async def test_nixl_figures_per_instance(size: tuple[int, int]) -> None:
         assert "expired 3" in text  # P: KV freed before D read it
         if size[0] >= 160:
             assert "xfer p50/p99 5.0/24.7ms 30s 5.0/24.7 (2 transfers, 2 recent)" in text
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+async def test_the_first_request_after_a_restart_is_tagged_as_paying_the_handshake(size: tuple[int, int]) -> None:
+    from pdtui.app.widgets import RequestDetail
+
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)
+        fake.emit(request("pdtui-warm", T0 + 63, warmup=True),  # the warm-up paid the first one
+                  request("pdtui-aaaa0001", T0 + 70),
+                  state("D", "exited", T0 + 80, exit_code=-9), state("D", "starting", T0 + 81, pid=13),
+                  state("D", "ready", T0 + 120, pid=13, elapsed_s=39.0),
+                  request("pdtui-aaaa0002", T0 + 121, ttft_ms=3900.0), request("pdtui-aaaa0003", T0 + 122))
+        await settle(pilot, app)
+        assert app.snapshot.handshakes == {"pdtui-aaaa0002": "first through D after it started"}
+        table = app.query_one(TransfersTable)
+        assert [str(table.get_row(k)[-1]) for k in table.keys] == ["pair", "pair +hs", "pair"]
+        await pilot.press("up")
+        await settle(pilot, app)
+        detail = app.query_one(RequestDetail)
+        assert detail.request is not None and detail.request.request_id == "pdtui-aaaa0002"
+        assert "aaaa0002 pair 200 paid the NIXL handshake (first through D after it started)" in screen_text(app)

@@ -67,3 +67,23 @@ def test_no_nixl_figures_without_the_metrics() -> None:
     s = DashState()
     s.apply(MetricsSampled(instance="P", t=1.0, values={"vllm:num_requests_running": 1.0}))
     assert s.snapshot().instance("P").nixl is None  # type: ignore[union-attr]
+
+
+def test_handshake_tag_after_a_p_restart_skips_fallbacks_and_warmups() -> None:
+    from pdtui.core.events import RequestTraced
+
+    def req(rid: str, t: float, outcome: str = "pair", **kw) -> RequestTraced:
+        return RequestTraced(request_id=rid, endpoint="/v1/completions", stream=True, outcome=outcome, status=200,
+                             prefill=kw.pop("prefill", "P"), decode="D", t=t, **kw)
+
+    s = DashState()
+    for name, role in (("P", "prefill"), ("D", "decode")):
+        s.apply(InstanceStateChanged(instance=name, role=role, state="starting", t=0.0))
+    s.apply(req("w", 1.0, warmup=True))
+    s.apply(req("a", 2.0))
+    assert s.handshakes == {}  # the warm-up paid it
+    s.apply(InstanceStateChanged(instance="P", role="prefill", state="starting", t=3.0))
+    s.apply(req("b", 4.0, outcome="fallback", prefill=None))  # D colocated: no pull, no handshake
+    s.apply(req("c", 5.0))
+    s.apply(req("d", 6.0))
+    assert s.snapshot().handshakes == {"c": "first after P started"}

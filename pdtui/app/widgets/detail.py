@@ -51,6 +51,8 @@ class RequestDetail(Static):
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
         self._lines = 0
+        self.handshake: str | None = None
+        """Why the request shown paid the NIXL handshake (DashState.handshakes), or None."""
 
     def watch_wide(self, wide: bool) -> None:
         self.set_class(not wide, "-compact")
@@ -96,6 +98,8 @@ class RequestDetail(Static):
         t = Text()
         t.append(f"{r.request_id.removeprefix('pdtui-')} ", style="bold")
         t.append(f"{r.outcome} {r.status} ", style=OUTCOME_STYLE.get(r.outcome, ""))
+        if self.handshake:
+            t.append(f"paid the NIXL handshake ({self.handshake}) ", style="bold magenta")
         t.append(f"{r.prefill or '-'}→{r.decode or '-'} prompt {fmt_num(r.prompt_tokens, ',')} "
                  f"completion {fmt_num(r.completion_tokens, ',')} {'stream' if r.stream else 'non-stream'} "
                  f"{r.endpoint}")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from rich.cells import cell_len
@@ -26,9 +26,12 @@ COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50/m
 OUTCOME_WIDTH = len("fallback")
 
 
-def outcome_cell(r: RequestTraced) -> Text:
-    """The outcome, then why for an error or a fallback (the status, the proxy's reason)."""
+def outcome_cell(r: RequestTraced, handshake: bool = False) -> Text:
+    """The outcome, then why for an error or a fallback (the status, the proxy's reason); "+hs"
+    for the request that paid the NIXL handshake."""
     style = OUTCOME_STYLE.get(r.outcome, "")
+    if handshake:
+        return Text.assemble((r.outcome, style), (" +hs", "bold magenta"))
     if r.outcome == "error":
         t = Text(f"error {r.status}", style=style)
         if r.error:
@@ -119,7 +122,7 @@ class TransfersTable(ScrollView, can_focus=True):
         return self._rows[key]
 
     @staticmethod
-    def row_of(r: RequestTraced) -> tuple[str | Text, ...]:
+    def row_of(r: RequestTraced, handshake: bool = False) -> tuple[str | Text, ...]:
         p50, mx = itl_stats(r)
         return (
             r.request_id.removeprefix("pdtui-")[:10],
@@ -130,10 +133,10 @@ class TransfersTable(ScrollView, can_focus=True):
             fmt_num(transfer_ms(r), ".0f"),
             fmt_num(r.ttft_ms, ".0f"),
             f"{fmt_num(p50, '.1f')}/{fmt_num(mx, '.1f')}" if p50 is not None else "-",
-            outcome_cell(r),
+            outcome_cell(r, handshake),
         )
 
-    def update(self, requests: Sequence[RequestTraced]) -> None:
+    def update(self, requests: Sequence[RequestTraced], handshakes: Mapping[str, str] | None = None) -> None:
         """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
         rows, drop the oldest. Only what comes after the newest row is new."""
         start = 0
@@ -145,7 +148,7 @@ class TransfersTable(ScrollView, can_focus=True):
             return
         follow = not self._keys or self.cursor_row >= len(self._keys) - 1
         for r in new:
-            cells = self.row_of(r)
+            cells = self.row_of(r, handshakes is not None and r.request_id in handshakes)
             self._rows[r.request_id] = cells
             self._keys.append(r.request_id)
             self._grow_widths(cells)
