@@ -17,17 +17,19 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
+from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
-from pdtui.app import loadgen
+from pdtui.app import engine_config, loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
@@ -36,6 +38,7 @@ from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
 from pdtui.core.supervisor import PortInUse
 
+CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
 """Shortest time between two refreshes of the views (20 Hz). Events fold into the state as they
@@ -65,6 +68,7 @@ class PdtuiApp(App[int]):
         Binding("l", "toggle_logs", "Logs"),
         Binding("t", "show_tab('transfers')", "Transfers", show=False),
         Binding("h", "show_tab('latency')", "Latency", show=False),
+        Binding("g", "show_tab('config')", "Config", show=False),
     ]
     AUTO_FOCUS = "#table"
     """The transfers table has the focus from the start: the arrows move its cursor without a Tab."""
@@ -93,6 +97,11 @@ class PdtuiApp(App[int]):
         self._notice_shown: Notice | None = None
         self._notice_settled: Notice | None = None
         self._load_sizer: tuple[loadgen.Sizer | None] | None = None
+        self.engine_configs: dict[str, dict[str, str]] = {}
+        """What each ready engine reports of its configuration (pdtui.app.engine_config)."""
+        self._probed: dict[str, float | None] = {}
+        self.probe_transport: httpx.AsyncBaseTransport | None = None
+        """For tests: the transport of the configuration probe's client."""
 
     # ----- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -107,6 +116,8 @@ class PdtuiApp(App[int]):
             with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
                 yield LatencyHistogram("TTFT", id="ttft")
                 yield LatencyHistogram("ITL", phase=REPLOT_INTERVAL_S / 2, id="itl")
+            with TabPane("Config", id="config-tab"), VerticalScroll():
+                yield Static(CONFIG_WAITING, id="config")
         yield Static("", id="notice")
         yield Footer()
 
@@ -192,6 +203,10 @@ class PdtuiApp(App[int]):
                 row.mount(pane)
             pane.view = view
             pane.now = now
+            if (not self.replay and view.state == "ready" and view.url
+                    and self._probed.get(view.name, -1.0) != view.started_t):
+                self._probed[view.name] = view.started_t
+                self.probe_engine(view.name, view.url)
         self.query_one(TransfersTable).update(snap.requests, snap.handshakes)
         self.query_one("#ttft", LatencyHistogram).update(snap.ttft, snap.ttft_recent)
         self.query_one("#itl", LatencyHistogram).update(snap.itl, snap.itl_recent)
@@ -212,6 +227,36 @@ class PdtuiApp(App[int]):
             self._notice_settled = n
             took = f" in {v.elapsed_s:.1f}s" if v.elapsed_s is not None else ""
             self.show_notice(f"{v.name} ({v.role}) ready again{took}")
+
+    @work(group="probe", description="ask an engine its configuration", exit_on_error=False)
+    async def probe_engine(self, name: str, url: str) -> None:
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), transport=self.probe_transport) as client:
+                found = await engine_config.probe(client, url)
+        except (httpx.HTTPError, ValueError):  # gone again, or not vLLM: nothing to compare
+            return
+        if found:
+            self.engine_configs[name] = found
+            self.show_engine_configs()
+
+    def show_engine_configs(self) -> None:
+        """P and D side by side in the Config tab; the differences in the header, critical in red."""
+        roles = {v.name: v.role for v in self.snapshot.instances}
+        names = sorted(self.engine_configs, key=lambda n: (roles.get(n) != "prefill", n))
+        configs = {n: self.engine_configs[n] for n in names}
+        diffs = engine_config.differences(configs)
+        self.query_one(PairHeader).mismatch = engine_config.summary(diffs) if diffs else ""
+        table = Table(title="What the engines report (GET /v1/models, vllm:cache_config_info)", expand=False,
+                      title_justify="left", box=None, padding=(0, 1))
+        table.add_column("key", style="bold")
+        for n in names:
+            table.add_column(f"{n} ({roles.get(n, '?')})")
+        differing = {k for k, _ in diffs}
+        keys = sorted(set().union(*configs.values()), key=lambda k: (k not in differing, k))
+        for k in keys:
+            style = ("bold red" if k in engine_config.CRITICAL else "yellow") if k in differing else ""
+            table.add_row(k, *(configs[n].get(k, "-") for n in names), style=style)
+        self.query_one("#config", Static).update(table)
 
     def show_notice(self, text: str, level: str = "info") -> None:
         notice = self.query_one("#notice", Static)
@@ -347,7 +392,7 @@ class PdtuiApp(App[int]):
             pane.expanded = expanded
 
     def action_show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = "transfers" if tab == "transfers" else "latency-tab"
+        self.query_one(TabbedContent).active = {"transfers": "transfers", "config": "config-tab"}.get(tab, "latency-tab")
 
     async def action_quit(self) -> None:
         self.show_notice("stopping the engines and the proxy ...", "warning")

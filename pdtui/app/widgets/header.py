@@ -27,6 +27,8 @@ class PairHeader(Static):
 
     header: reactive[Header] = reactive(Header, layout=True)
     """The pair's description, from RuntimeStarted/ProxyStarted/PairReady/RuntimeStopped."""
+    mismatch: reactive[str] = reactive("")
+    """Where the engines' own reports of their configuration differ (pdtui.app.engine_config)."""
     last_t: reactive[float | None] = reactive(None)
     """Newest event time: a replay's clock."""
 
@@ -65,6 +67,8 @@ class PairHeader(Static):
             t.append(f"ready {h.ready_s:.0f}s ", style="green")
         if h.stopped:
             t.append(f"STOPPED ({h.stopped}) ", style="bold red")
+        if self.mismatch:
+            t.append(f"P≠D {self.mismatch} ", style="bold red")
         shape = f" ({h.model_shape})" if h.model_shape and h.model_shape != h.model else ""
         t.append(f"{h.model}{shape} ")
         t.append(f"{h.connector} ", style="magenta")
