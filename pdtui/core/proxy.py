@@ -406,7 +406,10 @@ class _Relay:
         trace.error = f"decode {self.up.name} broke the stream after {trace.tokens_seen} tokens: {why}"
         trace.outcome = "error"
         self.conn.close()
-        self.resp.finish(b"data: " + error_body(502, trace.error, "upstream_error") + b"\n\n")
+        # D may have stopped inside an event: end it first, or the error would be glued onto it and
+        # the client would see one event of broken JSON instead of the error (found by the fuzzing)
+        end_partial = b"\n\n" if self.scan.carry else b""
+        self.resp.finish(end_partial + b"data: " + error_body(502, trace.error, "upstream_error") + b"\n\n")
         self.done.set_result(None)
 
     def client_lost(self) -> None:
@@ -600,20 +603,14 @@ class Proxy:
         return sorted((u for u in ups if u.is_up()), key=lambda u: u.inflight)
 
     async def _generate(self, req: Request, resp: Response) -> None:
-        if req.body_too_large:
-            raise ProxyError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
-        media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media_type != "application/json":  # as vLLM's validate_json_request
-            raise ProxyError(415, f"Unsupported Media Type: Only 'application/json' is allowed"
-                             f" (got {media_type or 'no content-type'})", "invalid_request_error")
-        try:
-            body = json.loads(req.body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProxyError(400, f"request body is not valid JSON: {e}", "invalid_request_error") from None
-        if not isinstance(body, dict):
-            raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
-        _check_limits(body)
         rid = req.headers.get("x-request-id") or f"pdtui-{uuid.uuid4().hex[:16]}"
+        try:
+            body = _parse_body(req)
+        except ProxyError as e:  # refused at the door, before any engine: traced all the same
+            trace = _Trace(request_id=rid, endpoint=req.path, stream=False)
+            trace.status, trace.error = e.status, e.message
+            self._traced(trace)
+            raise
         trace = _Trace(request_id=rid, endpoint=req.path, stream=bool(body.get("stream")))
         trace.warmup = WARMUP_HEADER in req.headers
         work = asyncio.ensure_future(self._serve(trace, body, resp))
@@ -634,9 +631,12 @@ class Proxy:
             lost.cancel()
             if not work.done():
                 work.cancel()
-            event = trace.freeze()
-            self.metrics.observe(event)
-            self.on_trace(event)
+            self._traced(trace)
+
+    def _traced(self, trace: _Trace) -> None:
+        event = trace.freeze()
+        self.metrics.observe(event)
+        self.on_trace(event)
 
     async def _serve(self, trace: _Trace, body: dict[str, Any], resp: Response) -> None:
         if not any(u.is_up() for u in self.decodes):  # before P prefills and pins blocks for nothing
@@ -914,6 +914,24 @@ class Proxy:
 
 def _json_headers(request_id: str) -> httpio.Headers:
     return [(b"content-type", JSON), (b"x-request-id", request_id.encode())]
+
+
+def _parse_body(req: Request) -> dict[str, Any]:
+    """The request's JSON object, or a ProxyError with the 4xx that vLLM would answer."""
+    if req.body_too_large:
+        raise ProxyError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":  # as vLLM's validate_json_request
+        raise ProxyError(415, f"Unsupported Media Type: Only 'application/json' is allowed"
+                         f" (got {media_type or 'no content-type'})", "invalid_request_error")
+    try:
+        body = json.loads(req.body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProxyError(400, f"request body is not valid JSON: {e}", "invalid_request_error") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
+    _check_limits(body)
+    return body
 
 
 def _check_limits(body: dict[str, Any]) -> None:

@@ -365,7 +365,9 @@ def test_a_body_that_is_not_declared_json_is_a_415_like_vllm(ctype):
             if ctype is None:  # httpx sends no content-type for raw bytes
                 assert "content-type" not in r.request.headers
             assert r.status_code == 415 and "Only 'application/json'" in r.json()["error"]["message"]
-            assert p.requests == [] and d.requests == [] and traces == []
+            assert p.requests == [] and d.requests == []
+            (t,) = traces  # refused at the door, traced all the same
+            assert t.outcome == "error" and t.status == 415 and t.prefill is None and t.decode is None
             r = await client.post("/v1/completions", content=b'{"model": "m", "prompt": "x", "max_tokens": 2}',
                                   headers={"content-type": "application/json; charset=utf-8"})
             assert r.status_code == 200
