@@ -27,9 +27,9 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static, TabbedContent, TabPane
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker, WorkerState, get_current_worker
 
-from pdtui.app import engine_config, loadgen
+from pdtui.app import engine_config, gpu, loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
@@ -39,6 +39,7 @@ from pdtui.core.events import Notice
 from pdtui.core.supervisor import PortInUse
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
+GPU_INTERVAL_S = 1.0
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
 """Shortest time between two refreshes of the views (20 Hz). Events fold into the state as they
@@ -101,11 +102,15 @@ class PdtuiApp(App[int]):
         """What each ready engine reports of its configuration (pdtui.app.engine_config)."""
         self._probed: dict[str, float | None] = {}
         self.probe_transport: httpx.AsyncBaseTransport | None = None
+        self.nvml_module = "pynvml"
+        """The NVML module the GPU line reads (tests name a fake one)."""
+        self.gpu_views: tuple[gpu.GpuView, ...] = ()
         """For tests: the transport of the configuration probe's client."""
 
     # ----- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield PairHeader(clock=self.clock, replay=self.replay, speed=self.speed, id="header")
+        yield Static("", id="gpus")
         with Horizontal(id="instances"):
             for name, inst in getattr(self.runtime, "instances", {}).items():
                 yield InstancePane(name, getattr(inst, "role", "?"), clock=self.clock, id=f"pane-{name}")
@@ -127,6 +132,7 @@ class PdtuiApp(App[int]):
         self.start_runtime()
         if not self.replay:
             self.control.on_down(lambda: self.exit(0))  # `pdtui ctl down`: the engines are stopped, close
+            self.sample_gpus()
             self.set_interval(1.0, self._tick_startup)
         if self.freeze_gc:
             self.call_after_refresh(self._freeze_gc)
@@ -227,6 +233,29 @@ class PdtuiApp(App[int]):
             self._notice_settled = n
             took = f" in {v.elapsed_s:.1f}s" if v.elapsed_s is not None else ""
             self.show_notice(f"{v.name} ({v.role}) ready again{took}")
+
+    @work(group="gpus", description="sample the GPUs (NVML)", thread=True, exclusive=True, exit_on_error=False)
+    def sample_gpus(self) -> None:
+        """Each GPU's memory and NVLink/PCIe traffic once a second, in a thread (NVML calls block).
+        No nvidia-ml-py or no driver (a CPU box): returns at once and the line stays hidden."""
+        nvml = gpu.open_nvml(self.nvml_module)
+        if nvml is None:
+            return
+        sampler = gpu.GpuSampler(nvml)
+        worker = get_current_worker()
+        try:
+            while not worker.is_cancelled:
+                views = sampler.sample()
+                self.call_from_thread(self._show_gpus, views)
+                time.sleep(GPU_INTERVAL_S)
+        except RuntimeError:  # the app closed between two samples
+            return
+
+    def _show_gpus(self, views: tuple[gpu.GpuView, ...]) -> None:
+        self.gpu_views = views
+        line = self.query_one("#gpus", Static)
+        line.update(Text("\n".join(gpu.line(g) for g in views), no_wrap=True, overflow="ellipsis"))
+        line.set_class(bool(views), "-shown")
 
     @work(group="probe", description="ask an engine its configuration", exit_on_error=False)
     async def probe_engine(self, name: str, url: str) -> None:
