@@ -9,8 +9,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,7 @@ from pdtui.core.events import (
     RuntimeStarted,
     RuntimeStopped,
 )
+from pdtui.core.stats import percentile  # the one definition (vllm bench serve's), re-exported
 
 LOG_LINES = 200
 """Log lines kept per instance (the pane shows the tail of these)."""
@@ -54,15 +53,6 @@ PEER_MILESTONES = ("compat_ok", "compat_failed", *HANDSHAKE_DONE)
 """What D learnt from a handshake: forgotten when that peer's process goes (a restarted P has a new
 engine id and D must handshake again; vLLM logs it again when it does)."""
 PROCESS_GONE = ("starting", "exited", "failed")
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 XFER_TIME = "vllm:nixl_xfer_time_seconds"

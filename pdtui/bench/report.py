@@ -2,7 +2,7 @@
 
 Pure functions over samples (``workload.Sample``) so they are tested without engines:
 
-- ``percentile``: linear interpolation between closest ranks (numpy's default), p in 0..100;
+- ``percentile``: pdtui.core.stats.percentile, the one definition (vllm bench serve's: numpy's linear);
 - ``summarize_arm``: TTFT of the follow requests and of the big prompts, the steady streams' ITL
   inside the measured window, the toll split of the pair;
 - ``verdict``: toll = pair TTFT p50 / single TTFT p50 (> 1: the pair is slower to first token);
@@ -26,21 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.bench.workload import Sample
+from pdtui.core.stats import percentile  # the one definition (vllm bench serve's)
 
 SCHEMA = "pdtui-bench/1"
 PCTS = (50, 90, 99)
-
-
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """The p-th percentile (0..100), linear between closest ranks; None for no values."""
-    if not values:
-        return None
-    if not 0 <= p <= 100:
-        raise ValueError(f"percentile {p} is outside 0..100")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * p / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def dist(values: Sequence[float]) -> dict[str, Any]:

@@ -76,6 +76,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdtui.core.stats import percentile
+
 DEFAULT_RATES = (3200, 6400, 12800)
 DEFAULT_STREAMS = 32
 DEFAULT_DURATION_S = 10.0
@@ -446,13 +448,9 @@ def custom_arm(spec: str) -> Arm:
 
 # ----- stats ------------------------------------------------------------------------------------
 def quantile(sorted_xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return math.nan
-    pos = (len(sorted_xs) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+    """q in 0..1, by pdtui.core.stats.percentile (the one definition); nan for no values."""
+    v = percentile(sorted_xs, q * 100)
+    return math.nan if v is None else v
 
 
 def stalls(slow_gaps: list[list[float]], within_s: float = 0.005) -> list[dict[str, float]]:

@@ -20,7 +20,7 @@ from pdtui.app.state import REQUESTS, fmt_num, itl_stats, mib, transfer_ms
 from pdtui.core.events import RequestTraced
 
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
-COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "xfer ms", "D TTFT", "ITL p50/max", "outcome")
+COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "D TTFT", "TTFT", "ITL p50/max", "outcome")
 
 
 OUTCOME_WIDTH = len("fallback")
@@ -46,8 +46,9 @@ def outcome_cell(r: RequestTraced, handshake: bool = False) -> Text:
 class TransfersTable(ScrollView, can_focus=True):
     """Recent requests, newest last; the row under the cursor is the one the detail pane shows.
 
-    "xfer ms" is D's first token including the KV pull (the proxy's decode_ttft_ms); "D TTFT" is the
-    client-facing TTFT (P leg + hop + D leg). The table keeps the ``REQUESTS`` newest requests, as
+    Columns are named after the trace's fields they show: "P ms" prefill_ms, "D TTFT" decode_ttft_ms
+    (D's first token from the proxy's request to D, KV pull included), "TTFT" ttft_ms (the client's:
+    P leg + hop + D leg). The table keeps the ``REQUESTS`` newest requests, as
     the state does; the cursor follows the newest unless moved off it. Once full, the table's size
     no longer changes (a new row drops the oldest), so a new request repaints it without a layout of
     the screen.
