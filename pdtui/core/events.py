@@ -15,6 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+OUTCOMES = ("pair", "fallback", "error")
+"""The only values of RequestTraced.outcome."""
+
 
 @dataclass(frozen=True)
 class Event:
@@ -94,7 +97,9 @@ class RequestTraced(Event):
     request_id: str
     endpoint: str
     stream: bool
-    outcome: str  # pair | fallback | error
+    outcome: str
+    """pair (P's KV went to D and D answered) | fallback (D colocated computed the prompt: no P was
+    up or reachable) | error (anything else, refusals at the proxy's door included): OUTCOMES."""
     status: int
     prefill: str | None = None
     decode: str | None = None
@@ -134,6 +139,10 @@ class RequestTraced(Event):
     switch_skipped: str | None = None
     """A switch was on but this request took the normal path, and why (firsttoken.first_token_skip's
     reasons, block_boundary, no_token_ids)."""
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"RequestTraced.outcome {self.outcome!r}: one of {', '.join(OUTCOMES)}")
 
 
 @dataclass(frozen=True)

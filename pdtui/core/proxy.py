@@ -36,14 +36,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import json
 import re
 import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -134,53 +135,68 @@ def error_body(status: int, message: str, type_: str = "proxy_error") -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": status}}).encode()
 
 
-@dataclass
-class _Trace:
-    """Mutable while a request runs; frozen into a RequestTraced at the end."""
+_RECORD = tuple(f for f in dataclasses.fields(RequestTraced) if f.init and f.name not in ("t", "total_ms"))
+_RECORD_NAMES = tuple(f.name for f in _RECORD)
+_ROUNDED_MS = ("prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms")
 
-    request_id: str
-    endpoint: str
-    stream: bool
-    t0: float = field(default_factory=time.perf_counter)
-    warmup: bool = False
-    outcome: str = "error"
-    status: int = 0
-    prefill: str | None = None
-    decode: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prefill_ms: float | None = None
-    hop_ms: float | None = None
-    decode_ttft_ms: float | None = None
-    ttft_ms: float | None = None
-    itl_ms: list[float] = field(default_factory=list)
-    blocks: int | None = None
-    kv_bytes: int | None = None
-    fallback_reason: str | None = None
-    prefill_attempts: int = 0
-    prefill_branch: str | None = None
-    error: str | None = None
-    tokens_seen: int = 0
-    paired: bool = False
-    done_seen: bool = False
-    """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
-    switch: str | None = None
-    switch_skipped: str | None = None
-    p_answer: Any = None
-    """P's parsed answer (the TTFT switches read its token ids)."""
+
+class _Trace:
+    """A request's record while it runs: the fields of RequestTraced itself (one definition, no
+    twin copied field by field), mutable, plus the working state below. ``freeze()`` hands the
+    record to RequestTraced at the end. Slots: the relay's per-chunk updates stay attribute stores."""
+
+    __slots__ = (*_RECORD_NAMES, "done_seen", "p_answer", "paired", "t0")
+
+    def __init__(self, request_id: str, endpoint: str, stream: bool) -> None:
+        for f in _RECORD:
+            if f.default is not dataclasses.MISSING:
+                setattr(self, f.name, f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+        self.request_id, self.endpoint, self.stream = request_id, endpoint, stream
+        self.outcome: str = "error"
+        """pair | fallback | error (events.OUTCOMES): error until the request is served."""
+        self.status: int = 0
+        self.t0 = time.perf_counter()
+        self.paired = False
+        """P's kv_transfer_params went to D."""
+        self.done_seen = False
+        """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
+        self.p_answer: Any = None
+        """P's parsed answer (the TTFT switches read its token ids)."""
+
+    # The fields as mypy sees them (set in __init__ from RequestTraced's defaults).
+    if TYPE_CHECKING:
+        warmup: bool
+        prefill: str | None
+        decode: str | None
+        prompt_tokens: int | None
+        completion_tokens: int | None
+        chunks: int
+        prefill_ms: float | None
+        hop_ms: float | None
+        decode_ttft_ms: float | None
+        ttft_ms: float | None
+        itl_ms: list[float]
+        blocks: int | None
+        kv_bytes: int | None
+        fallback_reason: str | None
+        error: str | None
+        prefill_attempts: int
+        prefill_branch: str | None
+        switch: str | None
+        switch_skipped: str | None
+
+    def served(self) -> str:
+        """The outcome of a request that was served: pair when P's KV went to D, else fallback."""
+        return "pair" if self.paired else "fallback"
 
     def freeze(self) -> RequestTraced:
-        total = (time.perf_counter() - self.t0) * 1000
-        return RequestTraced(
-            request_id=self.request_id, endpoint=self.endpoint, stream=self.stream, outcome=self.outcome,
-            status=self.status, prefill=self.prefill, decode=self.decode, prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens, chunks=self.tokens_seen,
-            prefill_ms=_r(self.prefill_ms), hop_ms=_r(self.hop_ms), decode_ttft_ms=_r(self.decode_ttft_ms),
-            ttft_ms=_r(self.ttft_ms), itl_ms=[round(x, 3) for x in self.itl_ms], total_ms=_r(total),
-            blocks=self.blocks, kv_bytes=self.kv_bytes, fallback_reason=self.fallback_reason, error=self.error,
-            warmup=self.warmup, prefill_attempts=self.prefill_attempts, prefill_branch=self.prefill_branch,
-            switch=self.switch, switch_skipped=self.switch_skipped,
-        )
+        rec = {name: getattr(self, name) for name in _RECORD_NAMES}
+        for name in _ROUNDED_MS:
+            rec[name] = _r(rec[name])
+        rec["itl_ms"] = [round(x, 3) for x in self.itl_ms]
+        return RequestTraced(**rec, total_ms=_r((time.perf_counter() - self.t0) * 1000))
 
 
 def _r(x: float | None) -> float | None:
@@ -251,7 +267,7 @@ class _SseScan:
     def _token(self, now: float) -> None:
         """A token-carrying event arrived at ``now``: TTFT for the first, a gap for the others."""
         trace = self.trace
-        trace.tokens_seen += 1
+        trace.chunks += 1
         if self.last is None:
             trace.decode_ttft_ms = (now - self.t_sent) * 1000
             trace.ttft_ms = (now - trace.t0) * 1000
@@ -394,7 +410,7 @@ class _Relay:
         if self.scan.error:
             trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
         else:
-            trace.outcome = "ok"
+            trace.outcome = trace.served()
         self.resp.finish()
         self.done.set_result(None)
 
@@ -403,7 +419,7 @@ class _Relay:
         if self.done.done():
             return
         trace = self.trace
-        trace.error = f"decode {self.up.name} broke the stream after {trace.tokens_seen} tokens: {why}"
+        trace.error = f"decode {self.up.name} broke the stream after {trace.chunks} tokens: {why}"
         trace.outcome = "error"
         self.conn.close()
         # D may have stopped inside an event: end it first, or the error would be glued onto it and
@@ -417,7 +433,7 @@ class _Relay:
             return
         trace = self.trace
         if trace.done_seen and self.scan.error is None:
-            trace.outcome = "ok"
+            trace.outcome = trace.served()
         else:
             trace.outcome, trace.status = "error", 499
             trace.error = trace.error or "client disconnected; decode request closed (vLLM aborts it)"
@@ -653,8 +669,6 @@ class Proxy:
             await self._first_token(trace, d_body, resp, t_hop, stitch)
         else:
             await self._decode(trace, d_body, resp, t_hop)
-        if trace.outcome != "error":
-            trace.outcome = "pair" if trace.paired else "fallback"
 
     def _switches(self, trace: _Trace, body: dict[str, Any], d_body: dict[str, Any]) -> _Stitch | None:
         """The TTFT switches (pdtui.core.firsttoken), once P has paired: D's body rewritten for
@@ -690,7 +704,7 @@ class Proxy:
         if p.finished:  # EOS or a stop token at P: no D leg. P keeps the blocks until its KV lease ends.
             trace.switch, trace.decode = "first_token_p_only", None
             trace.ttft_ms = (time.perf_counter() - trace.t0) * 1000
-            trace.tokens_seen, trace.completion_tokens, trace.status, trace.outcome = 1, 1, 200, "ok"
+            trace.chunks, trace.completion_tokens, trace.status, trace.outcome = 1, 1, 200, trace.served()
             if trace.stream:
                 include_usage = bool((d_body.get("stream_options") or {}).get("include_usage"))
                 resp.start(200, head)
@@ -704,7 +718,7 @@ class Proxy:
             resp.start(200, head)
             resp.write(firsttoken.first_event(p, stitch.want_ids))
             stitch.t_first = now = time.perf_counter()
-            trace.ttft_ms, trace.tokens_seen, trace.status = (now - trace.t0) * 1000, 1, 200
+            trace.ttft_ms, trace.chunks, trace.status = (now - trace.t0) * 1000, 1, 200
         try:
             await self._decode(trace, d_body, resp, t_hop, stitch)
         except (ProxyError, _Relayed) as e:
@@ -899,7 +913,7 @@ class Proxy:
                 usage = json.loads(content).get("usage") or {}
                 trace.completion_tokens = usage.get("completion_tokens")
                 trace.prompt_tokens = trace.prompt_tokens or usage.get("prompt_tokens")
-            trace.status, trace.outcome = 200, "ok"
+            trace.status, trace.outcome = 200, trace.served()
             resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
         relay = _Relay(trace, up, conn, resp, t_sent) if stitch is None else \

@@ -416,16 +416,16 @@ def test_the_byte_scan_counts_what_a_json_parse_would():
     done = b"data: [DONE]\n\n"
     stream = ev[0] + role + empty + ev[1] + chat + ev[2] + ev[3] + usage + done
     whole, _ = _scan([stream])
-    assert whole.tokens_seen == 5 and whole.completion_tokens == 5 and whole.prompt_tokens == 7 and whole.done_seen
+    assert whole.chunks == 5 and whole.completion_tokens == 5 and whole.prompt_tokens == 7 and whole.done_seen
     # one event per chunk: a gap per token event after the first, the chunks' own times
     per, _ = _scan([ev[0], role, empty, ev[1], chat, ev[2], ev[3], usage, done])
-    assert per.tokens_seen == 5 and per.itl_ms == [3000.0, 1000.0, 1000.0, 1000.0] and per.done_seen
+    assert per.chunks == 5 and per.itl_ms == [3000.0, 1000.0, 1000.0, 1000.0] and per.done_seen
     # split at every byte: the same count, nothing lost at the seams
     split, _ = _scan([stream[i:i + 1] for i in range(len(stream))])
-    assert split.tokens_seen == 5 and split.completion_tokens == 5 and split.done_seen
+    assert split.chunks == 5 and split.completion_tokens == 5 and split.done_seen
 
 
 def test_the_byte_scan_sees_an_error_event_and_a_space_after_colons():
     trace, scan = _scan([b'data: {"choices": [{"index": 0, "text": " x"}]}\n\n',
                          b'data: {"error": {"message": "engine died", "code": 500}}\n\n'])
-    assert trace.tokens_seen == 1 and scan.error == "engine died" and not trace.done_seen
+    assert trace.chunks == 1 and scan.error == "engine died" and not trace.done_seen
