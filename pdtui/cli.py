@@ -332,12 +332,12 @@ def _terminal_missing(alternative: str) -> int | None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    if not args.headless and (code := _terminal_missing(", or `pdtui up --headless` (events as JSON lines)")):
-        return code
     cfg = load_config(args)
     _preflight(cfg)  # a second pdtui on these ports ends here, before any dashboard exists
     if args.headless:
         return asyncio.run(_up_headless(cfg, args))
+    if code := _terminal_missing(", or `pdtui up --headless` (events as JSON lines)"):
+        return code  # after the checks that need no terminal, before anything starts
     return asyncio.run(_up_dashboard(cfg, args))
 
 
@@ -375,13 +375,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def run_drill(args: argparse.Namespace) -> int:
-    if not args.headless and (code := _terminal_missing(", or `pdtui drill --headless`")):
-        return code
     cfg = load_config(args)
     size = _size(args.size) if args.headless else None
     if args.witness_tokens < 50:
         raise ConfigError("--witness-tokens must be at least 50: the stream has to outlive the kill")
     _preflight(cfg)
+    if not args.headless and (code := _terminal_missing(", or `pdtui drill --headless`")):
+        return code
     return asyncio.run(_drill(cfg, args, size))
 
 

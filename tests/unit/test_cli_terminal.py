@@ -18,7 +18,9 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
 
 
 def test_up_with_stderr_and_stdin_redirected_says_so_and_starts_nothing() -> None:
-    out = run(["up"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # after the preflight (which needs no terminal: its refusals come first), on ports nobody holds
+    out = run(["up", "--port-offset", "41000"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
     assert out.returncode == 2
     assert "stdin and stderr are not a terminal" in out.stdout and "pdtui up --headless" in out.stdout
     assert "logs in" not in out.stderr  # no Runtime was made: nothing started
