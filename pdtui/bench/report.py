@@ -105,6 +105,32 @@ def toll_split(s: Sample) -> dict[str, float | None] | None:
     return out
 
 
+ENGINE_KEYS = ("p_outside_ms", "p_engine_other_ms", "p_queue_ms", "p_prefill_ms",
+               "d_outside_ms", "d_engine_other_ms", "d_queue_ms", "d_first_step_ms")
+
+
+def engine_split(s: Sample) -> dict[str, float] | None:
+    """With the engines' spans (``traces_port``, pdtui.core.otlp): the P leg and D's leg split by
+    the engines' own clocks. Measured: queue (waiting to be scheduled) and prefill / first step
+    (scheduled to first token). Inferred: *_engine_other (the engine's time outside those: arrival
+    to queued, and the output's way out) and *_outside (the leg as the proxy timed it less the
+    engine's span: HTTP both ways, JSON, tokenization before the span begins)."""
+    t = s.trace or {}
+    eng = t.get("engine") or {}
+    p = next((v for k, v in eng.items() if k.startswith("P")), None)
+    d = next((v for k, v in eng.items() if k.startswith("D")), None)
+    out: dict[str, float] = {}
+    if p and None not in (t.get("prefill_ms"), p.get("e2e_ms"), p.get("queue_ms"), p.get("prefill_ms")):
+        out["p_outside_ms"] = t["prefill_ms"] - p["e2e_ms"]
+        out["p_engine_other_ms"] = p["e2e_ms"] - p["queue_ms"] - p["prefill_ms"]
+        out["p_queue_ms"], out["p_prefill_ms"] = p["queue_ms"], p["prefill_ms"]
+    if d and None not in (t.get("decode_ttft_ms"), d.get("ttft_ms"), d.get("queue_ms"), d.get("prefill_ms")):
+        out["d_outside_ms"] = t["decode_ttft_ms"] - d["ttft_ms"]
+        out["d_engine_other_ms"] = d["ttft_ms"] - d["queue_ms"] - d["prefill_ms"]
+        out["d_queue_ms"], out["d_first_step_ms"] = d["queue_ms"], d["prefill_ms"]
+    return out or None
+
+
 def second_gap_ms(s: Sample) -> float | None:
     """The gap from the first token chunk to the second, as the client saw it."""
     gaps = gaps_ms(s)
@@ -155,6 +181,9 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
                                                    if (s.trace or {}).get("switch_skipped") else "none")
             switches[key] = switches.get(key, 0) + 1
         out["follow"]["switches"] = switches
+    engine = [x for s in follow if (x := engine_split(s))]
+    if engine:
+        out["follow"]["engine_split_ms"] = {k: dist([x[k] for x in engine if k in x]) for k in ENGINE_KEYS}
     return out
 
 
@@ -299,6 +328,14 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
                      + " | ".join(_ms(p) for p in parts) + f" | {_ms(total)} | {_ms(f['second_gap_ms']['p50'])}"
                      f" | {_ms((ts.get('seam_ms') or {}).get('p50'))}"
                      f" | {_ms(_stat(summaries[arm], 'itl99'))} | {served} |")
+    engine = [(a, summaries[a]["follow"]["engine_split_ms"]) for a in arms if "engine_split_ms" in summaries[a]["follow"]]
+    if engine:
+        lines += ["", ("inside the legs, by the engines' own spans (p50, ms; queue and prefill/first step measured,"
+                       " the rest inferred: pdtui.core.otlp):"), "",
+                  "| arm | P outside | P other | P queue | P prefill | D outside | D other | D queue | D first step |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for arm, es in engine:
+            lines.append(f"| {arm} | " + " | ".join(_ms(es[k]["p50"]) for k in ENGINE_KEYS) + " |")
     return lines
 
 

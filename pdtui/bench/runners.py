@@ -58,7 +58,7 @@ from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
 from pdtui.core import connectors, scrape
 from pdtui.core.config import PairConfig
-from pdtui.core.events import Event, InstanceStateChanged, Notice, PairReady, RequestTraced
+from pdtui.core.events import EngineSpan, Event, InstanceStateChanged, Notice, PairReady, RequestTraced
 from pdtui.core.proxy import ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.runtime import Runtime
@@ -669,12 +669,16 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
     arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
     arm.launch = _launch(rt.specs)
     traces: dict[str, RequestTraced] = {}
+    spans: dict[str, dict[str, EngineSpan]] = {}
+    """Request id -> instance -> its engine span (cfg.traces_port: pdtui.core.otlp)."""
     events = rt.subscribe()
 
     async def collect() -> None:
         async for ev in events:
             if isinstance(ev, RequestTraced) and not ev.warmup:
                 traces[ev.request_id] = ev
+            elif isinstance(ev, EngineSpan):
+                spans.setdefault(ev.request_id, {})[ev.instance] = ev
             elif isinstance(ev, InstanceStateChanged):
                 if ev.state == "starting" and ev.pid:
                     arm.pgids.append(ev.pid)
@@ -707,6 +711,10 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await _wait_traces(arm.samples, traces, timeout_s=10)
         _join(arm.samples, traces)
+        if cfg.traces_port is not None:  # the engines export their spans every 200 ms
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await _wait_spans(arm.samples, spans, timeout_s=5)
+            _join_spans(arm.samples, spans)
         if before is not None:
             after = None
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -725,6 +733,21 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
             await collector
 
     return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
+
+
+async def _wait_spans(samples: list[Sample], spans: dict[str, dict[str, EngineSpan]], timeout_s: float) -> None:
+    want = {s.request_id for s in samples if s.trace and s.trace.get("outcome") == "pair"}
+    deadline = time.monotonic() + timeout_s
+    while not all(len(spans.get(r, {})) >= 2 for r in want) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def _join_spans(samples: list[Sample], spans: dict[str, dict[str, EngineSpan]]) -> None:
+    """Each sample's trace gets ``engine``: instance -> its span's times (ms) and counts."""
+    keys = ("ttft_ms", "queue_ms", "prefill_ms", "decode_ms", "e2e_ms", "prompt_tokens", "completion_tokens")
+    for s in samples:
+        if s.trace is not None and s.request_id in spans:
+            s.trace["engine"] = {inst: {k: getattr(sp, k) for k in keys} for inst, sp in spans[s.request_id].items()}
 
 
 async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:

@@ -145,6 +145,10 @@ class PairConfig:
     """The proxy: D gets a /v1/completions prompt as P's token ids (no second tokenization)."""
     first_token_from_p: bool = False
     """The proxy: P's sampled token goes to the client at once; D continues from prompt + that token."""
+    traces_port: int | None = None
+    """When set: pdtui receives the engines' per-request OpenTelemetry spans on this port (OTLP/HTTP,
+    pdtui.core.otlp; each engine runs with --otlp-traces-endpoint) and joins them to the proxy's
+    traces. None: no engine traces."""
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     """kv_transfer_config.kv_connector_extra_config, identical on every instance."""
     nixl_progress_delay_us: int | None = None
@@ -388,6 +392,8 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         argv += ["--kv-cache-memory-bytes", str(inst.kv_cache_memory_bytes)]
     if inst.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
+    if cfg.traces_port is not None:  # the engine's per-request spans to pdtui's receiver (pdtui.core.otlp)
+        argv += ["--otlp-traces-endpoint", f"http://{cfg.host}:{cfg.traces_port}/v1/traces/{inst.name}"]
     argv += cfg.extra_args + inst.extra_args
     conn = _conn(cfg, inst)
     side = conn.side_channel_env if conn is not None else {}
@@ -402,6 +408,8 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
     }
     if cfg.synthetic_shape:
         env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if cfg.traces_port is not None:  # OTLP over HTTP (protobuf), exported every 200 ms
+        env |= {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     if kv_transfer and cfg.nixl_progress_delay_us is not None and "progress_delay_us" in tune:
         env[tune["progress_delay_us"]] = str(cfg.nixl_progress_delay_us)
     if kv_transfer and cfg.ucx_error_handling_mode is not None and "ucx_error_handling_mode" in tune:
@@ -612,6 +620,8 @@ def shift_ports(cfg: PairConfig, offset: int) -> PairConfig:
     cfg = dataclasses.replace(cfg, instances=[dataclasses.replace(i) for i in cfg.instances],
                               sources={**cfg.sources, "port_offset": f"--port-offset {offset}"})
     cfg.proxy_port += offset
+    if cfg.traces_port is not None:
+        cfg.traces_port += offset
     for inst in cfg.instances:
         inst.port += offset
         inst.side_channel_port += offset

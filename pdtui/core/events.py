@@ -180,6 +180,28 @@ class PairReady(Event):
 
 
 @dataclass(frozen=True)
+class EngineSpan(Event):
+    """One request as a vLLM engine traced it ("llm_request", exported over OTLP with
+    --otlp-traces-endpoint; pdtui.core.otlp says what each field measures). Milliseconds."""
+
+    kind: ClassVar[str] = "engine_span"
+    instance: str
+    request_id: str
+    """The proxy's X-Request-Id (vLLM's id without its cmpl-/chatcmpl- prefix and prompt index)."""
+    engine_request_id: str
+    arrival_s: float
+    """Unix seconds: the request reached the engine client (after HTTP, JSON and tokenization)."""
+    end_s: float
+    ttft_ms: float | None = None
+    queue_ms: float | None = None
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
+    e2e_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class RuntimeStopped(Event):
     kind: ClassVar[str] = "runtime_stopped"
     reason: str = ""
@@ -198,6 +220,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ProxyStarted,
         PairReady,
         RuntimeStopped,
+        EngineSpan,
     )
 }
 

@@ -38,6 +38,7 @@ from pdtui.core.events import (
     RuntimeStarted,
     RuntimeStopped,
 )
+from pdtui.core.otlp import OtlpReceiver
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
 from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
@@ -68,6 +69,8 @@ class Runtime:
         # The proxy runs as a process of its own (pdtui proxy --managed): the dashboard's loop never
         # holds a stream back. It learns the instances' states from emit(), and its events come back
         # through emit() too.
+        self.otlp: OtlpReceiver | None = None
+        """The engines' per-request spans (cfg.traces_port): EngineSpan events, joined by request id."""
         self.proxy = ProxyProcess(
             [(n, i.url) for n, i in self.instances.items() if i.role == "prefill"],
             [(n, i.url) for n, i in self.instances.items() if i.role == "decode"],
@@ -150,6 +153,10 @@ class Runtime:
             except OSError as e:  # a folder that is not ours, a path too long: run on, without `pdtui ctl`
                 self.emit(Notice(level="warning", text=f"no control socket (pdtui ctl will not reach this pdtui): {e}"))
         await self.proxy.start()  # emits ProxyStarted
+        if self.cfg.traces_port is not None:
+            self.otlp = OtlpReceiver(self.cfg.host, self.cfg.traces_port, self.emit,
+                                     on_error=lambda text: self.emit(Notice(level="warning", text=text)))
+            await self.otlp.start()
         try:
             for inst in self.instances.values():
                 await inst.spawn()
@@ -293,6 +300,8 @@ class Runtime:
         await self.proxy.stop()
         await asyncio.gather(*(i.stop(reason="stopped by pdtui") for i in self.instances.values()),
                              return_exceptions=True)
+        if self.otlp is not None:  # after the engines: their last spans are flushed at exit
+            await self.otlp.stop()
         self.emit(RuntimeStopped(reason=reason))
         self.hub.close()
         for t in self._tasks:
