@@ -1,6 +1,7 @@
 """The dashboard over the real CPU pair, driven by Pilot through its own keys (pdtui.app.drill):
 kill D during a stream, D's pane shows the exit and the errored request is counted, restart D,
-kill P and see the fallback, restart P and see the pair again."""
+kill P and see the fallback, restart P and see the pair again; then the load key 3 on the same
+pair: four 3,000-token prompts (by the model's tokenizer) all through the pair, with usage."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from pdtui.app import drill
 from pdtui.app.app import make_app
+from pdtui.app.messages import LoadFinished
 from pdtui.app.widgets import InstancePane, RequestDetail
 from pdtui.core import config as config_mod
 from pdtui.core.events import InstanceStateChanged
@@ -44,8 +46,9 @@ async def test_drill_on_the_real_pair(tmp_path: Path) -> None:
 
     collector = asyncio.create_task(collect())
     lines: list[str] = []
+    seen: list[object] = []
     try:
-        async with app.run_test(size=(160, 48)) as pilot:
+        async with app.run_test(size=(160, 48), message_hook=seen.append) as pilot:
             res = await drill.run(pilot, shots=tmp_path, ready_timeout_s=240, step_timeout_s=180,
                                   witness_tokens=2000, log=lines.append)
             print("\n" + res.table())
@@ -68,6 +71,26 @@ async def test_drill_on_the_real_pair(tmp_path: Path) -> None:
             shots = sorted(p.name for p in tmp_path.glob("*.svg"))
             assert shots == [f"{i:02d}-{s.name}.svg" for i, s in enumerate(res.steps, 1)]
             assert "EXITED" in (tmp_path / "03-kill-d.svg").read_text().upper()
+            # the load key 3 on the same pair: 4 prompts of 3,000 tokens by the tiny model's tokenizer
+            # (a words estimate made them 18,954 tokens, over max_model_len 4096: P answered 400)
+            await pilot.press("t")
+            await pilot.press("3")
+            for _ in range(1200):  # bounded: 4 sequential requests on 2 shared cores
+                if any(isinstance(m, LoadFinished) and m.name == "big" for m in seen):
+                    break
+                await pilot.pause(0.25)
+            done = [m for m in seen if isinstance(m, LoadFinished) and m.name == "big"]  # the drill's are others
+            assert done, "load key 3 did not finish within 300 s"
+            assert (done[0].name, done[0].ok, done[0].errors, done[0].detail) == ("big", 4, 0, "prompts 3,000 tokens"), \
+                done[0]
+            for _ in range(40):
+                if app.snapshot.requests and app.snapshot.requests[-1].prompt_tokens == 3000:
+                    break
+                await pilot.pause(0.25)
+            last = app.snapshot.requests[-1]
+            assert (last.outcome, last.prompt_tokens, last.completion_tokens) == ("pair", 3000, 8)
+            await pilot.pause(0.3)
+            assert "completion None" not in str(app.query_one(RequestDetail).render())
     finally:
         await rt.aclose(reason="test over")
         collector.cancel()
