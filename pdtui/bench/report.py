@@ -181,6 +181,11 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
                                                    if (s.trace or {}).get("switch_skipped") else "none")
             switches[key] = switches.get(key, 0) + 1
         out["follow"]["switches"] = switches
+        ranked = sorted((s for s in follow if s.ttft_ms is not None and s.trace), key=lambda s: s.ttft_ms or 0.0)
+        if ranked:  # the median request (the lower one of an even count): its steps add up to its TTFT
+            mid = ranked[(len(ranked) - 1) // 2]
+            out["follow"]["median_split_ms"] = {"request_id": mid.request_id, "ttft_ms": mid.ttft_ms,
+                                                **(toll_split(mid) or {})}
     engine = [x for s in follow if (x := engine_split(s))]
     if engine:
         out["follow"]["engine_split_ms"] = {k: dist([x[k] for x in engine if k in x]) for k in ENGINE_KEYS}
@@ -304,7 +309,7 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     """The toll per pair arm (``pair`` and the switch arms, runners.SWITCH_ARMS), the follow TTFT
-    split into steps that add up to it (p50 of each; "sum" is their total against the TTFT p50),
+    split into steps that add up to it (those of the median request: "sum" is its TTFT),
     the second-token gap (where first_token_from_p moves the hop and D's leg) and the steady
     streams' ITL p99. Empty unless a switch arm ran."""
     arms = [a for a in summaries if a == "pair" or a.startswith("pair-")]
@@ -312,7 +317,8 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
         return []
     base = baseline_for(summaries, "ttft")
     s_ttft = _stat(summaries.get(base), "ttft") if base else None
-    lines = ["", f"toll per switch (follow TTFT p50 against {base or 'no single arm'}; steps p50, ms):", "",
+    lines = ["", (f"toll per switch (follow TTFT p50 against {base or 'no single arm'}; the steps are the median"
+                  " request's, and add up to its TTFT; ms):"), "",
              ("| arm | TTFT p50 | toll | P leg | hop | D leg | proxy | client | sum | 2nd-token gap p50 | seam p50"
               " | ITL p99 | served |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -321,7 +327,8 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
         ttft = f["ttft_ms"]["p50"]
         toll = _ratio(ttft, s_ttft)
         ts = f.get("toll_split_ms") or {}
-        parts = [(ts.get(k) or {}).get("p50") for k in SPLIT_KEYS]
+        mid = f.get("median_split_ms") or {}
+        parts = [mid.get(k) for k in SPLIT_KEYS]
         total = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
         served = ", ".join(f"{k} {n}" for k, n in (f.get("switches") or {}).items())
         lines.append(f"| {arm} | {_ms(ttft)} | {'-' if toll is None else f'{(toll - 1) * 100:+.0f}%'} | "
