@@ -81,6 +81,12 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-failure", choices=("retry", "decode-locally"), default=None,
                    help="the proxy, when P fails after the request reached it: retry once then an error"
                    " (default), or decode-locally (D computes the prompt: the old fallback)")
+    p.add_argument("--tokenize-once", action="store_const", const=True, default=None,
+                   help="the proxy: D gets a /v1/completions prompt as P's token ids (docs/ttft-toll.md)")
+    p.add_argument("--first-token-from-p", action="store_const", const=True, default=None,
+                   help="the proxy: P's token goes to the client at once, D continues from it (docs/ttft-toll.md)")
+    p.add_argument("--traces-port", type=int, default=None,
+                   help="receive the engines' per-request OpenTelemetry spans on this port (docs/ttft-toll.md)")
     p.add_argument("--proxy-port", type=int, default=None, help="port of the embedded proxy (default 8000)")
     p.add_argument("--port-offset", type=int, default=0,
                    help="add N to every port of the profile, to run beside another pair")
@@ -92,7 +98,8 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
-        "prefill_failure": args.prefill_failure,
+        "prefill_failure": args.prefill_failure, "tokenize_once": args.tokenize_once,
+        "first_token_from_p": args.first_token_from_p, "traces_port": args.traces_port,
         "proxy_port": args.proxy_port, "host": args.host,
     }, source=lambda name: "--" + name.replace("_", "-"))
     if args.port_offset:
