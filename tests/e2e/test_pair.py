@@ -224,6 +224,78 @@ def test_bad_input_gets_4xx_json_and_the_proxy_stays_up(pair):
     assert r.status_code == 200
 
 
+# ----- vLLM's own P/D edge cases (tests/v1/kv_connector/nixl_integration/test_edge_cases.py) ---------
+# Greedy output through the pair must equal D's own output for the same request: a prompt shorter
+# than one block, one that D already holds whole in its prefix cache, and one it holds in part.
+
+CACHED = 'vllm:prompt_tokens_by_source{source="local_cache_hit"}'
+
+
+def d_client(pair) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{pair.rt.instances['D'].url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy(c: openai.OpenAI, prompt: str, rid: str | None = None) -> str:
+    headers = {"X-Request-Id": rid} if rid else {}
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, extra_headers=headers)
+    return r.choices[0].text
+
+
+def sources(before: dict[str, float], after: dict[str, float]) -> tuple[int, int, int]:
+    """D's prompt tokens by source between two scrapes: (pulled from P, computed, from its cache)."""
+    return tuple(int(after.get(k, 0) - before.get(k, 0)) for k in (EXT, LOCAL, CACHED))  # type: ignore[return-value]
+
+
+def test_edge_a_prompt_shorter_than_one_block_through_the_pair_is_what_d_says(pair):
+    pair.ensure_ready()
+    prompt = unique_prompt(pair.cfg.block_size // 4)
+    rid = f"e2e-short-{uuid.uuid4().hex[:6]}"
+    before = pair.metrics("D")
+    through = greedy(client(pair), prompt, rid)
+    t = trace_of(pair, rid)
+    assert t.outcome == "pair" and t.prompt_tokens == len(prompt), t
+    mid = pair.metrics("D")
+    assert greedy(d_client(pair), prompt) == through
+    assert sources(before, mid) == (len(prompt), 0, 0)  # the partial block came from P
+    print(f"\n[e2e] short prompt ({len(prompt)} tokens, block {pair.cfg.block_size}): {t.blocks} blocks offered;"
+          f" D's sources (pulled, computed, cached) {sources(before, mid)}")
+
+
+def test_edge_a_prompt_d_holds_whole_in_its_prefix_cache(pair):
+    pair.ensure_ready()
+    prompt = unique_prompt(3 * pair.cfg.block_size)  # whole blocks only
+    own = greedy(d_client(pair), prompt)  # D computes it and keeps its blocks
+    rid = f"e2e-fullhit-{uuid.uuid4().hex[:6]}"
+    before = pair.metrics("D")
+    through = greedy(client(pair), prompt, rid)
+    after = pair.metrics("D")
+    t = trace_of(pair, rid)
+    assert t.outcome == "pair" and through == own, (t, through, own)
+    pulled, computed, cached = sources(before, after)
+    print(f"\n[e2e] full prefix hit on D ({len(prompt)} tokens): D's sources (pulled, computed, cached)"
+          f" {(pulled, computed, cached)}")
+    # D took whole blocks from its cache and the last one from P (vLLM keeps the last token to compute)
+    assert computed == 0 and cached + pulled == len(prompt) and cached >= len(prompt) - pair.cfg.block_size
+
+
+def test_edge_a_prompt_d_holds_in_part_in_its_prefix_cache(pair):
+    pair.ensure_ready()
+    head = unique_prompt(2 * pair.cfg.block_size)
+    greedy(d_client(pair), head)  # D holds the first two blocks
+    prompt = head + unique_prompt(pair.cfg.block_size + pair.cfg.block_size // 2)
+    rid = f"e2e-parthit-{uuid.uuid4().hex[:6]}"
+    before = pair.metrics("D")
+    through = greedy(client(pair), prompt, rid)
+    after = pair.metrics("D")
+    t = trace_of(pair, rid)
+    assert t.outcome == "pair", t
+    assert greedy(d_client(pair), prompt) == through
+    pulled, computed, cached = sources(before, after)
+    print(f"\n[e2e] partial prefix hit on D ({len(prompt)} tokens, {len(head)} cached): D's sources"
+          f" (pulled, computed, cached) {(pulled, computed, cached)}")
+    assert computed == 0 and cached == len(head) and pulled == len(prompt) - len(head)
+
+
 def test_kill_decode_mid_stream_the_client_gets_an_error_then_restart(pair):
     pair.ensure_ready()
     rid = f"e2e-killd-{uuid.uuid4().hex[:6]}"
