@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""The TTFT switches A/B on ONE pair: the same engines behind four proxies, requests interleaved.
+
+The bench's switch arms (pdtui bench --arms pair,pair-tokenize-once,pair-first-token) start a pair
+per arm, so on a shared machine the arms' P legs drift apart by more than the switches move (the
+CPU runs in docs/ttft-toll.md). Here one pair serves every variant: the pair's own proxy (no
+switch) and three more proxy processes over the same P and D (tokenize_once, first_token_from_p,
+both). Each round sends one follow request (a unique prompt of --prompt-len tokens, streamed,
+max_tokens --max-tokens, ignore_eos) through each proxy in turn, rotating the order each round.
+Printed per variant, p50 over the rounds (ms): the client's TTFT, the P leg, the hop, D's leg,
+TTFT less the P leg (what the pair adds beyond P), the second-token gap, and the engines' spans
+when --traces-port is set.
+
+    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ttft_switches.py --port-offset 21000 --rounds 12
+    scripts/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
+
+Everything it starts stops in a ``finally`` (the Runtime's aclose, each proxy's stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdtui.bench.workload import make_prompt
+from pdtui.core import config as config_mod
+from pdtui.core.events import EngineSpan, Event, RequestTraced
+from pdtui.core.proxy import ProxySettings
+from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.runtime import Runtime
+
+VARIANTS = {"none": {}, "tokenize_once": {"tokenize_once": True}, "first_token": {"first_token_from_p": True},
+            "both": {"tokenize_once": True, "first_token_from_p": True}}
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict, rid: str) -> tuple[float | None, float | None]:
+    """Client TTFT and second-token gap (ms) of one streamed completion."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers={"X-Request-Id": rid}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"text":"' in line.replace('": "', '":"') and '"text":""' not in line:
+                times.append(time.perf_counter())
+    ttft = (times[0] - t0) * 1000 if times else None
+    gap = (times[1] - times[0]) * 1000 if len(times) > 1 else None
+    return ttft, gap
+
+
+def p50(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.median(xs):.1f}" if xs else "-"
+
+
+async def main(args: argparse.Namespace) -> int:
+    cfg = config_mod.load_profile(args.profile or config_mod.default_profile_name())
+    if args.model:
+        cfg.model = args.model
+    cfg.traces_port = args.traces_port
+    cfg = config_mod.shift_ports(cfg, args.port_offset)
+    traces: dict[str, RequestTraced] = {}
+    spans: dict[str, dict[str, EngineSpan]] = {}
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, RequestTraced):
+            traces[ev.request_id] = ev
+        elif isinstance(ev, EngineSpan):
+            spans.setdefault(ev.request_id, {})[ev.instance] = ev
+
+    rt = Runtime(cfg)
+    events = rt.subscribe()
+
+    async def pump() -> None:
+        async for ev in events:
+            on_event(ev)
+
+    pumper = asyncio.create_task(pump())
+    proxies: dict[str, ProxyProcess] = {}
+    urls = {"none": cfg.proxy_url}
+    try:
+        ready = await rt.start()
+        print(f"pair ready in {ready:.1f} s", flush=True)
+        pre = [(n, i.url) for n, i in rt.instances.items() if i.role == "prefill"]
+        dec = [(n, i.url) for n, i in rt.instances.items() if i.role == "decode"]
+        for k, (name, switches) in enumerate((n, s) for n, s in VARIANTS.items() if s):
+            port = cfg.proxy_port + 50 + k
+            proxies[name] = p = ProxyProcess(pre, dec, host=cfg.host, port=port, on_event=on_event,
+                                             settings=ProxySettings(block_size=cfg.block_size, **switches))
+            for n in rt.instances:
+                p.set_up(n, True)
+            await p.start()
+            urls[name] = p.url
+        rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        async with httpx.AsyncClient(timeout=300) as client:
+            for rnd in range(args.rounds + 1):  # round 0 warms every proxy up, not counted
+                order = list(VARIANTS)[rnd % len(VARIANTS):] + list(VARIANTS)[:rnd % len(VARIANTS)]
+                for v in order:
+                    rid = f"ab-{v}-{rnd}-{uuid.uuid4().hex[:6]}"
+                    body = {"model": cfg.model_name, "prompt": make_prompt(rnd, f"ab-{v}", rnd, args.prompt_len),
+                            "max_tokens": args.max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.0}
+                    ttft, gap = await one(client, urls[v], body, rid)
+                    if rnd:
+                        rows[v].append({"rid": rid, "ttft": ttft, "gap": gap})
+                    await asyncio.sleep(args.pause)
+        await asyncio.sleep(1.0)  # the last traces and spans
+        print(f"\n{args.rounds} rounds, prompt {args.prompt_len} tokens, p50 ms "
+              f"({cfg.profile_name}, {cfg.model}, block {cfg.block_size})\n")
+        head = "| variant | TTFT | P leg | hop | D leg | TTFT - P leg | 2nd-token gap | served |"
+        print(head + (" P queue | P prefill | D queue | D first step |" if args.traces_port else ""))
+        print("|---" * (head.count("|") - 1 + (4 if args.traces_port else 0)) + "|")
+        for v, rs in rows.items():
+            ts = [traces.get(r["rid"]) for r in rs]
+            col = {k: [getattr(t, k) for t in ts if t is not None and getattr(t, k) is not None]
+                   for k in ("prefill_ms", "hop_ms", "decode_ttft_ms")}
+            beyond = [r["ttft"] - t.prefill_ms for r, t in zip(rs, ts)
+                      if t is not None and r["ttft"] is not None and t.prefill_ms is not None]
+            served = {}
+            for t in ts:
+                key = (t.switch or "none") if t else "?"
+                served[key] = served.get(key, 0) + 1
+            line = (f"| {v} | {p50([r['ttft'] for r in rs])} | {p50(col['prefill_ms'])} | {p50(col['hop_ms'])}"
+                    f" | {p50(col['decode_ttft_ms'])} | {p50(beyond)} | {p50([r['gap'] for r in rs])}"
+                    f" | {', '.join(f'{k} {n}' for k, n in served.items())} |")
+            if args.traces_port:
+                sp = [spans.get(r["rid"], {}) for r in rs]
+                line += (f" {p50([s['P'].queue_ms for s in sp if 'P' in s])} | {p50([s['P'].prefill_ms for s in sp if 'P' in s])}"
+                         f" | {p50([s['D'].queue_ms for s in sp if 'D' in s])} | {p50([s['D'].prefill_ms for s in sp if 'D' in s])} |")
+            print(line)
+        return 0
+    finally:
+        for p in proxies.values():
+            await p.stop()
+        await rt.aclose(reason="ttft_switches done")
+        pumper.cancel()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--port-offset", type=int, default=21000)
+    ap.add_argument("--traces-port", type=int, default=None, help="also collect the engines' spans (OTLP)")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--prompt-len", type=int, default=2031)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--pause", type=float, default=0.2, help="seconds between requests")
+    sys.exit(asyncio.run(main(ap.parse_args())))
