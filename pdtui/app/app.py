@@ -312,6 +312,7 @@ class PdtuiApp(App[int]):
         # a selection posted just before the app shuts down arrives when the widgets are gone
         for detail in self.query(RequestDetail):
             detail.handshake = self.snapshot.handshakes.get(message.request_id)
+            detail.spans = dict(self.snapshot.spans.get(message.request_id) or {})
             detail.request = self.snapshot.request(message.request_id)
 
     # ----- controls -----------------------------------------------------------------------

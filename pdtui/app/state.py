@@ -15,6 +15,7 @@ from typing import Any
 from pdtui.core import scrape
 from pdtui.core.events import (
     ConnectorEvent,
+    EngineSpan,
     Event,
     InstanceStateChanged,
     LogLine,
@@ -232,6 +233,8 @@ class Snapshot:
     """Request id -> why it paid the NIXL handshake ("first after D started"): D handshakes with a
     P on its first pull from it, so the first paired request after either started pays it (1.3 to
     1.5 s on an H100) unless the warm-up request did."""
+    spans: dict[str, dict[str, EngineSpan]] = field(default_factory=dict)
+    """Request id -> instance -> the engine's own span of it (traces_port: pdtui.core.otlp)."""
     ttft_recent: tuple[tuple[float, str], ...] = ()
     """The TTFT samples of requests traced in the last WINDOW_S seconds before last_t."""
     itl_recent: tuple[tuple[float, str], ...] = ()
@@ -259,6 +262,8 @@ class DashState:
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0}
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
         self.handshakes: dict[str, str] = {}
+        self.spans: dict[str, dict[str, EngineSpan]] = {}
+        """Request id -> instance -> its EngineSpan: the newest REQUESTS request ids."""
         self._unshaken: dict[str, str] = {}
         """D instance -> why its next paired request pays a handshake (D or a P started since)."""
         self._xfer_past: dict[str, collections.deque[tuple[float, list[tuple[float, float]]]]] = {}
@@ -318,6 +323,10 @@ class DashState:
         elif isinstance(ev, MetricsSampled):
             self._inst(ev.instance)
             self._set(ev.instance, metrics=dict(ev.values), nixl=self._nixl(ev))
+        elif isinstance(ev, EngineSpan):
+            self.spans.setdefault(ev.request_id, {})[ev.instance] = ev
+            if len(self.spans) > REQUESTS:
+                self.spans.pop(next(iter(self.spans)))
         elif isinstance(ev, RequestTraced):
             why = self._unshaken.pop(ev.decode, None) if ev.decode and ev.outcome == "pair" else None
             if ev.warmup:  # the warm-up paid it, if it was due
@@ -430,7 +439,7 @@ class DashState:
         return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
                         ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),
                         notices=tuple(self.notices), last_t=self.last_t, version=self.version,
-                        handshakes=dict(self.handshakes),
+                        handshakes=dict(self.handshakes), spans=dict(self.spans),
                         ttft_recent=self._recent(self.ttft, self._ttft_t),
                         itl_recent=self._recent(self.itl, self._itl_t))
 

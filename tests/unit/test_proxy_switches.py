@@ -338,3 +338,21 @@ def test_the_timeline_shows_the_first_token_sent_from_p_and_d_leg_after_it():
     skipped = RequestTraced(request_id="s", endpoint="/v1/completions", stream=True, outcome="pair", status=200,
                             switch_skipped="block_boundary")
     assert "block_boundary: normal path" in str(RequestDetail.reason(skipped))
+
+
+def test_the_detail_pane_shows_the_engines_spans_of_the_request():
+    from pdtui.app.state import DashState
+    from pdtui.app.widgets.detail import RequestDetail
+    from pdtui.core.events import EngineSpan
+
+    st = DashState()
+    st.apply(EngineSpan(instance="D", request_id="r", engine_request_id="cmpl-r-0", arrival_s=1.0, end_s=2.0,
+                        ttft_ms=35.0, queue_ms=16.2, prefill_ms=8.5, e2e_ms=90.0))
+    st.apply(EngineSpan(instance="P", request_id="r", engine_request_id="cmpl-r-0", arrival_s=0.9, end_s=1.0,
+                        ttft_ms=150.0, queue_ms=0.0, prefill_ms=147.2, e2e_ms=160.0))
+    spans = st.snapshot().spans["r"]
+    assert set(spans) == {"P", "D"} and spans["D"].queue_ms == 16.2
+    detail = RequestDetail()
+    detail.spans = dict(spans)
+    line = str(detail.engine_line())
+    assert line.startswith("engine: D queue 16.2 prefill 8.5 ttft 35.0") and "P queue 0.0 prefill 147.2" in line

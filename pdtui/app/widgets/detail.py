@@ -5,7 +5,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from pdtui.app.state import fmt_num, freight_tokens, itl_stats, timeline
-from pdtui.core.events import RequestTraced
+from pdtui.core.events import EngineSpan, RequestTraced
 from pdtui.core.kvmath import KvGeometry
 
 BAR = 24
@@ -53,6 +53,20 @@ class RequestDetail(Static):
         self._lines = 0
         self.handshake: str | None = None
         """Why the request shown paid the NIXL handshake (DashState.handshakes), or None."""
+        self.spans: dict[str, EngineSpan] = {}
+        """The engines' own spans of the request shown (instance -> EngineSpan; traces_port)."""
+
+    def engine_line(self) -> Text | None:
+        """Inside the legs, by the engines' clocks: queue and prefill/first step (measured), the
+        span's start to first token and its whole (pdtui.core.otlp says what each covers)."""
+        if not self.spans:
+            return None
+        t = Text("engine: ", style="bold")
+        for name in sorted(self.spans):
+            s = self.spans[name]
+            t.append(f"{name} queue {fmt_num(s.queue_ms, '.1f')} prefill {fmt_num(s.prefill_ms, '.1f')}"
+                     f" ttft {fmt_num(s.ttft_ms, '.1f')} e2e {fmt_num(s.e2e_ms, '.1f')} ms  ")
+        return t
 
     def watch_wide(self, wide: bool) -> None:
         self.set_class(not wide, "-compact")
@@ -137,6 +151,10 @@ class RequestDetail(Static):
             t.append(f"\nITL p50 {p50:.1f} ms, max {mx:.1f} ms over {len(r.itl_ms)} gaps ({r.chunks} chunks)")
         t.append("\nfreight: ", style="bold")
         t.append(self.formula())
+        engine = self.engine_line()
+        if engine is not None:
+            t.append("\n")
+            t.append_text(engine)
         why = self.reason(r)
         if why is not None:
             t.append("\n")
