@@ -18,7 +18,9 @@ logprobs, echo, n > 1, batches of prompts, continuous usage), max_tokens = 1 (P 
 blocks for nobody), chat (vLLM's chat endpoint takes no token ids: D cannot be handed the token
 without rewriting every chunk), and, after P answered, a prompt whose length is a multiple of the
 block size: prompt + 1 token then needs one more block on D than P sent, and vLLM 0.32.0's NIXL
-worker asserts ``num_decode_blocks <= len(prefill_group)`` (``_apply_prefix_caching``).
+worker asserts ``num_decode_blocks <= len(prefill_group)`` (``_apply_prefix_caching``). That check
+needs the engines' block size: when P's blocks are not ceil(prompt / block_size) (a wrong
+``--block-size``, or a model with several KV cache groups) the request takes the normal path too.
 """
 
 from __future__ import annotations

@@ -682,6 +682,8 @@ class Proxy:
                 why = "no_token_ids"
             if why is None and p is not None and firsttoken.crosses_block(p, s.block_size):
                 why = "block_boundary"
+            if why is None and p is not None and trace.blocks != kvmath.blocks_for_tokens(len(p.prompt_ids), s.block_size):
+                why = "block_size_mismatch"  # P's blocks disagree with block_size: the boundary can't be told
             if why is None and p is not None:
                 d_body.update(firsttoken.decode_body(body, d_body["kv_transfer_params"], p))
                 return _Stitch(p, want_ids=bool(body.get("return_token_ids")))

@@ -36,6 +36,8 @@ class FakeTokenVllm:
     p_finish: str = "length"
     split: bool = False
     die_after: int | None = None
+    blocks: int | None = None
+    """P mode: blocks offered (default: the prompt in blocks of 16, as the stack's block_size)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -73,7 +75,8 @@ class FakeTokenVllm:
                  "stop_reason": None, "prompt_token_ids": ids if want else None,
                  "token_ids": out[:1] if want else None}],
                 "usage": usage, "kv_transfer_params": {
-                    "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[0, 1]],
+                    "do_remote_prefill": True, "do_remote_decode": False,
+                    "remote_block_ids": [list(range(self.blocks if self.blocks is not None else -(-len(ids) // 16)))],
                     "remote_engine_id": "fake-p", "remote_host": "127.0.0.1", "remote_port": 1}})
             return
         if not req.get("stream"):
@@ -179,7 +182,7 @@ def test_first_token_from_p_stitches_one_answer_equal_to_the_single_instance():
                     assert p.requests[0]["return_token_ids"] is True and p.requests[0]["max_tokens"] == 1
                     db = d.requests[0]
                     assert db["prompt"] == [*PROMPT_IDS, 7] and db["max_tokens"] == 4
-                    assert db["kv_transfer_params"]["remote_block_ids"] == [[0, 1]]
+                    assert db["kv_transfer_params"]["remote_block_ids"] == [[0, 1, 2]]  # 40 tokens, blocks of 16
                     (t,) = traces
                     assert (t.outcome, t.switch, t.switch_skipped) == ("pair", "first_token", None)
                     assert t.completion_tokens == 5 and t.prompt_tokens == 40
@@ -224,10 +227,11 @@ def test_what_cannot_be_served_token_for_token_takes_the_normal_path_counted():
         cases = {  # body changes -> the reason
             "logprobs": {"logprobs": 1}, "n": {"n": 2}, "echo": {"echo": True}, "stop_strings": {"stop": ["x"]},
             "max_tokens_1": {"max_tokens": 1}, "penalties": {"frequency_penalty": 0.5},
-            "prompt_batch": {"prompt": ["a", "b"]},
+            "prompt_batch": {"prompt": ["a", "b"]}, "block_size_mismatch": {},
         }
-        for reason, change in cases.items():
-            p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
+        for reason, change in cases.items():  # block_size_mismatch: P's blocks are not ceil(40 / 16)
+            p = FakeTokenVllm("prefill", blocks=5 if reason == "block_size_mismatch" else None)
+            d = FakeTokenVllm("decode")
             async with stack(p, d, first_token_from_p=True) as (client, traces):
                 b = {**body(False), **change}
                 r = await client.post("/v1/completions", json=b)
