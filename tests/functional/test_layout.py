@@ -3,6 +3,8 @@ back from the screen's own lines, and the keys that must work without a Tab firs
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pdtui.app.app import make_app
@@ -145,7 +147,12 @@ async def test_histograms_draw_only_when_shown_and_show_the_last_window() -> Non
             await pilot.pause(0.05)
         await settle(pilot, app)
         assert ttft.draws >= 1
-        assert "TTFT p50 900 p99 900 | 30s 100/100" in screen_text(app)
+        text = screen_text(app)
+        assert "TTFT p50 900 p99 900 | 30s 100/100" in text
+        # the x axes start at 0 (plotext padded the bins' range below it: "-47.3" under the ITL plot)
+        axes = [line for line in text.splitlines()[10:-1] if re.fullmatch(r"[\s\d.,-]+", line) and re.search(r"\d", line)]
+        assert axes and not any(re.search(r"(?<![\w.])-\d", line) for line in axes)
+        assert re.search(r"(?<![\d.])0\.0(?![\d])", axes[-1])
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
