@@ -262,7 +262,7 @@ class PdtuiApp(App[int]):
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), transport=self.probe_transport) as client:
                 found = await engine_config.probe(client, url)
-        except (httpx.HTTPError, ValueError):  # gone again, or not vLLM: nothing to compare
+        except (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError):  # gone, or not vLLM: nothing to show
             return
         if found:
             self.engine_configs[name] = found
