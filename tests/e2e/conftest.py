@@ -25,7 +25,10 @@ from pdtui.core.runtime import Runtime
 STARTED_GROUPS: set[int] = set()
 
 # Ports of the e2e pair: the cpu profile shifted, so a developer's own pair on 8000.. is untouched.
-PORT_OFFSET = int(os.environ.get("PDTUI_E2E_PORT_OFFSET", "31000"))
+# Every port under 32768: Linux's ephemeral range (32768-60999 here) is where any outgoing
+# connection on the box takes its source port, so a port up there can be held a moment after
+# preflight found it free (seen: D's NIXL side channel, "ZMQError: Address already in use").
+PORT_OFFSET = int(os.environ.get("PDTUI_E2E_PORT_OFFSET", "21000"))
 
 
 def _ports_taken(cfg: config_mod.PairConfig) -> list[int]:

@@ -1,7 +1,7 @@
 """`pdtui bench` end to end on the CPU: the default arms (single, single-proxied, pair), both
 workloads, tiny counts.
 
-Its own ports (offset 32000, not the pair fixture's 31000), its own engines, stopped before
+Its own ports (offset 22000, not the pair fixture's 21000; all under 32768, see conftest.py), its own engines, stopped before
 test_pair.py starts its pair. Structure and consistency are asserted; timings are printed, never
 asserted. About 1.5 minutes on 2 cores (94 s with the three arms, 86 s with two before).
 """
@@ -24,7 +24,7 @@ from tests.e2e.test_zz_no_leftovers import processes_in_groups
 
 pytestmark = pytest.mark.e2e
 
-OFFSET = int(os.environ.get("PDTUI_E2E_BENCH_PORT_OFFSET", "32000"))
+OFFSET = int(os.environ.get("PDTUI_E2E_BENCH_PORT_OFFSET", "22000"))
 CROSS_CHECK = os.environ.get("PDTUI_E2E_BENCH_CROSS_CHECK") == "1"
 """Also run the `vllm bench serve` cross-check (about 1 more minute per arm): off in CI."""
 PROMPT = 300

@@ -21,7 +21,7 @@ from pdtui.core.runtime import Runtime
 from tests.e2e.conftest import STARTED_GROUPS, _ports_free
 
 pytestmark = pytest.mark.anyio
-PORT_OFFSET = int(os.environ.get("PDTUI_E2E_DASH_PORT_OFFSET", "34000"))
+PORT_OFFSET = int(os.environ.get("PDTUI_E2E_DASH_PORT_OFFSET", "24000"))  # under 32768: conftest.py
 
 
 @pytest.fixture
