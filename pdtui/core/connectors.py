@@ -92,6 +92,9 @@ NIXL = Connector(
         ("compat_failed", r"NIXL compatibility hash mismatch\. Local: (?P<local>\w+), Remote: (?P<remote>\w+)"),
         ("transfer_plan", r"Transfer plan: (?P<plan>.*)$"),
         ("transfer_failure", r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$"),
+        # The thread that answers D's handshakes died (e.g. its port was taken after pdtui's check):
+        # the server still answers /health but can never be half of a pair (logparse.FATAL).
+        ("side_channel_died", r"^Exception in thread nixl_handshake_listener"),
         # UCX's lane summary, printed with UCX_LOG_LEVEL=info:
         # "ucp_context_0 intra-node cfg#1 rma_am(tcp/lo)  amo_am(tcp/lo)  device(cuda_ipc/cuda)  am(...)"
         ("ucx_transport", r"ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ (?P<lanes>(?:\w+\([^)]*\)\s*)+)$"),

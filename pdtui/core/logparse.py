@@ -46,6 +46,10 @@ def _kv(text: str) -> dict[str, Any]:
     return out
 
 
+FATAL = {"side_channel_died": "connector's side-channel listener thread died"}
+"""Milestones after which the process may still answer /health but can never serve as half of a
+pair: the supervisor ends the instance (reported, restartable) instead of leaving it 'ready'."""
+
 # The connectors' milestones first (pdtui/core/connectors.py: NIXL's handshake, registration,
 # transfers, UCX's lanes), then vLLM's own, whatever the connector.
 _RULES: list[tuple[str, re.Pattern[str]]] = [

@@ -390,6 +390,8 @@ class Instance:
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         parser = logparse.LogParser()
+        fatal: str | None = None
+        fatal_timer: asyncio.TimerHandle | None = None
         while True:
             try:
                 raw = await proc.stdout.readline()
@@ -408,6 +410,21 @@ class Instance:
             parsed = parser.feed(line)
             if parsed:
                 self._emit(ConnectorEvent(instance=self.name, what=parsed.what, text=parsed.text, fields=parsed.fields))
+                if parsed.what in logparse.FATAL and fatal is None:
+                    # the traceback's last line says why; a bounded wait for it
+                    fatal = logparse.FATAL[parsed.what]
+                    fatal_timer = asyncio.get_running_loop().call_later(2.0, self._end_of, fatal)
+                elif fatal is not None and parsed.what == "engine_error" and fatal_timer is not None:
+                    fatal_timer.cancel()
+                    fatal_timer = None
+                    self._end_of(f"{fatal}: {parsed.text}")
+
+    def _end_of(self, cause: str) -> None:
+        """A part of the engine it cannot serve without died (logparse.FATAL), while the process
+        lives on: end the instance, as if that part had been a process (the watcher kills and
+        reports it, and a restart brings it back)."""
+        if self.death is None and self.alive and self._expected_exit is None:
+            self.death = f"its {cause}"
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         """Death is seen from the processes, never from the pipes: on Python 3.11 ``proc.wait()``
@@ -419,7 +436,7 @@ class Instance:
         reported as exited with the signal or code and what died first."""
         pid = proc.pid
         tick = 0
-        while proc.returncode is None:
+        while proc.returncode is None and self.death is None:
             dead = [(p, t) for p, t in self.members.items() if not is_alive(p)]
             if dead:
                 p, t = dead[0]

@@ -7,6 +7,8 @@ usage: fake_server.py PORT MODE
   family       like ready, with a grandchild titled like vLLM's engine core (VLLM::EngineCore) that
                holds the log pipe, as vLLM's does, leaves the process group, and shows no
                PDTUI_TAG (as a process renamed by setproctitle)
+  listener-dies  like ready, but first prints the traceback of vLLM's NIXL handshake-listener
+               thread dying on a taken port (the process lives on and answers /health)
 """
 
 import http.server
@@ -30,6 +32,10 @@ if mode == "family":
     child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(600)",
                               "VLLM::EngineCore"], env={"PATH": os.environ.get("PATH", "")})
     print(f"GRANDCHILD {child.pid}", flush=True)
+if mode == "listener-dies":
+    print("Exception in thread nixl_handshake_listener:\nTraceback (most recent call last):\n"
+          '  File "zmq/backend/cython/_zmq.py", line 190, in zmq.backend.cython._zmq._check_rc\n'
+          "zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5700')", flush=True)
 time.sleep(0.3)
 
 

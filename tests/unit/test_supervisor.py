@@ -237,3 +237,25 @@ def test_a_restart_the_moment_the_process_is_gone_waits_for_the_clean_up_of_the_
     run(go())
     states = [e.state for e in events if isinstance(e, InstanceStateChanged)]
     assert states == ["starting", "ready", "exited", "starting", "ready", "stopping", "exited"], states
+
+
+def test_a_dead_side_channel_listener_ends_the_instance_with_its_cause():
+    """vLLM's NIXL handshake listener is a thread: when it dies (its port taken after pdtui's
+    check), the server lives on and answers /health but can never be half of a pair. It must not
+    show 'ready': the start fails with the thread's exception, and nothing of it is left."""
+    events: list = []
+
+    async def go():
+        inst = make("listener-dies", events)
+        with pytest.raises(StartupFailed) as e:
+            await inst.start()
+        assert not inst.alive
+        return inst, str(e.value)
+
+    inst, msg = run(go())
+    assert "Address already in use" in msg, msg
+    exited = [e for e in events if isinstance(e, InstanceStateChanged) and e.state == "exited"]
+    assert exited and "side-channel listener thread died" in exited[0].detail
+    assert "Address already in use" in exited[0].detail
+    assert not [e for e in events if isinstance(e, InstanceStateChanged) and e.state == "ready"]
+    assert not alive(inst.pid)
