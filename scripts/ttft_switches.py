@@ -11,7 +11,7 @@ Printed per variant, p50 over the rounds (ms): the client's TTFT, the P leg, the
 TTFT less the P leg (what the pair adds beyond P), the second-token gap, and the engines' spans
 when --traces-port is set.
 
-    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ttft_switches.py --port-offset 21000 --rounds 12
+    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ttft_switches.py --port-offset 23000 --rounds 12
     scripts/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
 
 Everything it starts stops in a ``finally`` (the Runtime's aclose, each proxy's stop).
@@ -147,7 +147,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default=None)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--port-offset", type=int, default=21000)
+    ap.add_argument("--port-offset", type=int, default=23000)
     ap.add_argument("--traces-port", type=int, default=None, help="also collect the engines' spans (OTLP)")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--prompt-len", type=int, default=2031)
