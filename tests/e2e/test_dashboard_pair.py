@@ -50,7 +50,7 @@ async def test_drill_on_the_real_pair(tmp_path: Path) -> None:
     try:
         async with app.run_test(size=(160, 48), message_hook=seen.append) as pilot:
             res = await drill.run(pilot, shots=tmp_path, ready_timeout_s=240, step_timeout_s=180,
-                                  witness_tokens=2000, log=lines.append)
+                                  witness_tokens=3000, log=lines.append)
             print("\n" + res.table())
             assert res.ok, res.failed
             assert [s.name for s in res.steps] == ["ready", "load", "kill-d", "restart-d", "kill-p", "restart-p",
