@@ -65,7 +65,7 @@ or a malformed request."""
 CTL_EPILOG = """\
 examples:
   pdtui ctl status                         the pdtui on proxy port 8000
-  pdtui ctl kill D --port-offset 34000     the one started with --port-offset 34000
+  pdtui ctl kill D --port-offset 20000     the one started with --port-offset 20000
   pdtui ctl restart D --json               wait for D, then one JSON line: {"ok": true, "ready_s": ...}
   pdtui ctl down --socket /path/to/8000.sock"""
 
@@ -299,9 +299,12 @@ def _preflight(cfg: config_mod.PairConfig, *, ports: bool = True) -> list[Any]:
     """Refuse (PreflightError, exit 2) what cannot launch here: a GPU profile with no GPU, KV over
     the free memory, a connector other than NixlConnector, ports in use, another pdtui answering
     on this proxy port's control socket. Before any engine, and before the dashboard exists."""
-    from pdtui.core.preflight import preflight
+    from pdtui.core.preflight import ephemeral_warnings, preflight
 
-    return preflight(cfg, ports=ports)
+    found = preflight(cfg, ports=ports)
+    for text in ephemeral_warnings(cfg):
+        print(f"pdtui: warning: {text}", file=sys.stderr)
+    return found
 
 
 def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace) -> Any:

@@ -67,7 +67,7 @@ Ctrl-C stops the engines and still writes what was measured.
 EPILOG = """\
 examples:
   pdtui bench --quick                          CPU-friendly: small counts, 2 to 3 minutes on 2 cores
-  pdtui bench --port-offset 40000 --quick      beside another pair (ports 48000, 48100, 48200, ...)
+  pdtui bench --port-offset 20000 --quick      beside another pair (ports 28000, 28100, 28200, ...)
   pdtui bench --quick --arms single,single-proxied,pair,two-single
   pdtui bench --arms pair --workloads follow --requests 20
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4

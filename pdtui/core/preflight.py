@@ -239,6 +239,33 @@ def _in_use(cfg: PairConfig, control_socket: Path | None) -> list[Problem]:
     return out
 
 
+def ephemeral_range() -> tuple[int, int] | None:
+    """The kernel's range of source ports for outgoing connections (Linux), if it can be read."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return None
+
+
+def ephemeral_warnings(cfg: PairConfig, span: tuple[int, int] | None = None) -> list[str]:
+    """Ports of the pair inside the ephemeral range: any outgoing connection on the machine may take
+    one as its source port between this check and the engine's bind (seen on a shared box: D's
+    NIXL side-channel port taken, its handshake thread dead). Not a refusal: a warning."""
+    span = span if span is not None else ephemeral_range()
+    if span is None:
+        return []
+    ports = [("proxy_port", cfg.proxy_port)] + [
+        (f"{i.name} {what}", port) for i in cfg.instances
+        for what, port in (("port", i.port), ("side_channel_port", i.side_channel_port)) if port]
+    inside = [f"{name} {port}" for name, port in ports if span[0] <= port <= span[1]]
+    if not inside:
+        return []
+    return [(f"ports in the kernel's ephemeral range {span[0]}-{span[1]} (net.ipv4.ip_local_port_range): "
+             f"{', '.join(inside)}. An outgoing connection may take one before the engine binds it; "
+             f"prefer ports under {span[0]} (e.g. --port-offset 20000, not 30000 or more).")]
+
+
 def _ctl_flags(cfg: PairConfig) -> str:
     return "" if cfg.proxy_port == 8000 else f" --proxy-port {cfg.proxy_port}"
 

@@ -199,3 +199,16 @@ def test_every_problem_is_listed_in_one_refusal() -> None:
     if not config_mod.has_gpu():
         assert text.startswith("2 problems:") and 'device = "cuda"' in text
     assert "connector = 'Foo' (from PDTUI_CONNECTOR)" in text and text.endswith("Nothing was started.")
+
+
+def test_ports_in_the_ephemeral_range_are_named_in_a_warning():
+    """The default ports (8000..8200, 5600/5700) are under Linux's usual 32768-60999; a port offset
+    of 31000 puts the side channels at 36600/36700, where any outgoing connection may take them."""
+    from pdtui.core.preflight import ephemeral_warnings
+
+    cfg = config_mod.load_profile("cpu")
+    assert ephemeral_warnings(cfg, (32768, 60999)) == []
+    shifted = config_mod.shift_ports(cfg, 31000)
+    (text,) = ephemeral_warnings(shifted, (32768, 60999))
+    assert "D side_channel_port 36700" in text and "proxy_port 39000" in text and "32768-60999" in text
+    assert ephemeral_warnings(config_mod.shift_ports(cfg, 20000), (32768, 60999)) == []
