@@ -296,44 +296,52 @@ def test_edge_a_prompt_d_holds_in_part_in_its_prefix_cache(pair):
     assert computed == 0 and cached == len(head) and pulled == len(prompt) - len(head)
 
 
+def _ended_before(pair, rid: str, t: float) -> bool:
+    """Did the proxy end request ``rid`` cleanly before wall time ``t``? (Its trace is stamped
+    when the proxy ends the request.) A starved client can read its first chunks after D has sent
+    the whole stream, which fits in the socket buffers: then a kill after those chunks breaks
+    nothing, and the test's premise, not the product, failed."""
+    traces = [e for e in pair.of(RequestTraced) if e.request_id == rid]
+    return bool(traces) and traces[-1].outcome == "pair" and traces[-1].t < t
+
+
 def test_kill_decode_mid_stream_the_client_gets_an_error_then_restart(pair):
     pair.ensure_ready()
-    rid = f"e2e-killd-{uuid.uuid4().hex[:6]}"
-    got: dict = {"chunks": 0, "error": None, "finished": False}
-    first_chunks = threading.Event()
+    for attempt in range(3):  # a new stream if D had already sent the whole one (see _ended_before)
+        rid = f"e2e-killd-{uuid.uuid4().hex[:6]}"
+        got: dict = {"chunks": 0, "error": None, "finished": False}
+        first_chunk = threading.Event()
 
-    def consume() -> None:
-        try:
-            stream = client(pair).completions.create(
-                model="tiny", prompt=unique_prompt(300), max_tokens=3000, stream=True,
-                extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": rid},
-            )
-            for _ in stream:
-                got["chunks"] += 1
-                if got["chunks"] >= 3:
-                    first_chunks.set()
-            got["finished"] = True
-        except Exception as e:  # noqa: BLE001 - any error is the point
-            got["error"] = e
-        finally:
-            first_chunks.set()
+        def consume(rid: str = rid, got: dict = got, first_chunk: threading.Event = first_chunk) -> None:
+            try:
+                stream = client(pair).completions.create(
+                    model="tiny", prompt=unique_prompt(300), max_tokens=3700, stream=True,
+                    extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": rid},
+                )
+                for _ in stream:
+                    got["chunks"] += 1
+                    first_chunk.set()
+                got["finished"] = True
+            except Exception as e:  # noqa: BLE001 - any error is the point
+                got["error"] = e
+            finally:
+                first_chunk.set()
 
-    reader = threading.Thread(target=consume, daemon=True)
-    reader.start()
-    assert first_chunks.wait(120), "the stream never started"
-    assert got["error"] is None and not got["finished"], got
-    # The premise: D is still generating it. A starved client can read its first chunks after D
-    # has sent the whole stream (3000 tokens fit in the socket buffers), and then a kill breaks
-    # nothing: seen once on a loaded 2-core box. D's own gauge says whether it still runs.
-    deadline = time.monotonic() + 10
-    while pair.metrics("D").get("vllm:num_requests_running", 0) < 1:
-        assert time.monotonic() < deadline and not got["finished"], (
-            f"D finished the stream before the kill ({got['chunks']} chunks read): the premise failed")
-        time.sleep(0.05)
-    code = pair.call(pair.rt.kill("D"), 30)
-    reader.join(60)
-    assert not reader.is_alive(), "the client hangs after D died"
-    assert code == -9
+        reader = threading.Thread(target=consume, daemon=True)
+        reader.start()
+        assert first_chunk.wait(120), "the stream never started"
+        assert got["error"] is None, got
+        t_kill = time.time()
+        code = pair.call(pair.rt.kill("D"), 30)
+        reader.join(60)
+        assert not reader.is_alive(), "the client hangs after D died"
+        assert code == -9
+        time.sleep(0.5)  # the trace of a stream that ended before the kill is on its way
+        if got["finished"] and _ended_before(pair, rid, t_kill):
+            print(f"\n[e2e] attempt {attempt + 1}: D had sent the whole stream before the kill; again")
+            pair.call(pair.rt.restart("D"), 600)
+            continue
+        break
     assert not got["finished"], (f"a stream whose decode instance died ended cleanly after {got['chunks']} chunks;"
                                  f" its trace: {[t for t in pair.of(RequestTraced) if t.request_id == rid]}")
     assert isinstance(got["error"], openai.APIError), got["error"]
@@ -381,16 +389,16 @@ def test_kill_prefill_falls_back_to_decode_colocated_then_restart_brings_the_pai
 
 # ----- faults from outside (issue 11): kill -9 from another process, as the OOM killer does -----
 
-def _stream_until_error(pair, rid: str, out: dict, started: threading.Event, max_tokens: int = 3000) -> None:
+def _stream_until_error(pair, rid: str, out: dict, started: threading.Event, max_tokens: int = 3700) -> None:
     """A client in another thread: one long stream; records how it ended and when (wall clock)."""
+    out["rid"] = rid
     try:
         stream = client(pair).completions.create(
             model="tiny", prompt=unique_prompt(200), max_tokens=max_tokens, stream=True,
             extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": rid})
         for _ in stream:
             out["chunks"] = out.get("chunks", 0) + 1
-            if out["chunks"] >= 3:
-                started.set()
+            started.set()
         out["end"] = "finished"
     except Exception as e:  # noqa: BLE001 - how it ended is what is checked
         out["end"] = f"{type(e).__name__}: {e}"
@@ -452,10 +460,6 @@ def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, whic
             streams.append((th, out, started))
         for _, _, started in streams:
             assert started.wait(120), "a stream never started"
-        deadline = time.monotonic() + 10  # the premise: D still generates them (see the kill-D test)
-        while pair.metrics("D").get("vllm:num_requests_running", 0) < len(streams):
-            assert time.monotonic() < deadline, f"D is not running both streams before the kill: {streams}"
-            time.sleep(0.05)
     victim = _victim_pid(pair, name, which)
     family = [inst.pid, *inst.members]
     n_exited = len(pair.of(InstanceStateChanged, instance=name, state="exited"))
@@ -471,9 +475,14 @@ def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, whic
     seen_s = exited.t - t_kill
     assert seen_s < 2.0, f"{name}'s death seen after {seen_s:.2f} s"
     assert "unexpectedly" in exited.detail and ("EngineCore" if which == "engine-core" else "API server") in exited.detail
-    for th, out, _ in streams:
+    for th, _, _ in streams:
         th.join(10)
         assert not th.is_alive(), "a client hangs after D died"
+    time.sleep(0.5)  # the trace of a stream that ended before the kill is on its way
+    # a stream D had sent whole before the kill (a starved client reads late) tests nothing
+    in_flight = [out for _, out, _ in streams if not (out["end"] == "finished" and _ended_before(pair, out["rid"], t_kill))]
+    assert in_flight or not streams, "both streams had ended before the kill: the test's premise failed"
+    for out in in_flight:
         assert out["end"] != "finished", "a stream whose decode instance died ended cleanly"
         assert out["t_end"] - t_kill < 2.0, f"the client's error came {out['t_end'] - t_kill:.2f} s after the kill"
     deadline = time.monotonic() + 5
