@@ -11,7 +11,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+import httpx
 import uvicorn
+
+from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
 
 
 def free_port() -> int:
@@ -54,12 +57,7 @@ class FakeVllm:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"] == "/health":
             await _json(send, 200, {})
             return
@@ -108,6 +106,35 @@ async def _wait_disconnect(receive, flag: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     flag.set()
+
+
+async def read_body(receive) -> bytes:
+    """An ASGI request's whole body."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+
+
+@contextlib.asynccontextmanager
+async def proxy_stack(p: Any, d: Any, p_up: bool = True, **settings: Any):
+    """The proxy (in this loop) over fake P and D, and a client to it: yields (client, traces).
+    ``settings`` go to ProxySettings over short test timeouts and block size 16."""
+    traces: list[Any] = []
+    async with serving(p), serving(d):
+        proxy = Proxy([Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)],
+                      ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5,
+                                       **settings}),
+                      on_trace=traces.append)
+        server = ProxyServer(proxy, "127.0.0.1", free_port())
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                yield client, traces
+        finally:
+            await server.stop()
 
 
 async def _json(send, status: int, obj: Any) -> None:

@@ -4,34 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import httpx
 import pytest
 
 from pdtui.core import kvmath
-from pdtui.core.proxy import PREFILL_KV_PARAMS, Proxy, ProxyServer, ProxySettings, Upstream
-from tests.fakes import FakeRawUpstream, FakeVllm, free_port, serving
+from pdtui.core.proxy import PREFILL_KV_PARAMS, Proxy, ProxyServer, Upstream
+from tests.fakes import FakeRawUpstream, FakeVllm, free_port, proxy_stack, serving
 
 GEO = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
 
 
-@contextlib.asynccontextmanager
-async def stack(p: FakeVllm, d: FakeVllm, p_up: bool = True, prefill_failure: str = "retry"):
-    traces = []
-    async with serving(p), serving(d):
-        proxy = Proxy([Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)],
-                      ProxySettings(block_size=16, geometry=GEO, prefill_timeout_s=5, decode_read_timeout_s=5,
-                                    prefill_failure=prefill_failure),
-                      on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield client, traces
-        finally:
-            await server.stop()
+def stack(p: FakeVllm, d: FakeVllm, p_up: bool = True, prefill_failure: str = "retry"):
+    return proxy_stack(p, d, p_up, geometry=GEO, prefill_failure=prefill_failure)
 
 
 def run(coro):

@@ -5,7 +5,6 @@ greedy, token for token: tests/e2e/test_pair.py::test_ttft_switches_give_the_sin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ import httpx
 
 from pdtui.core import firsttoken
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
-from tests.fakes import AbortConnection, _json, free_port, serving
+from tests.fakes import AbortConnection, _json, free_port, proxy_stack, read_body, serving
 
 FIRST = 7
 """The fake model's first token after a text prompt; each next token is the last one + 1."""
@@ -48,12 +47,7 @@ class FakeTokenVllm:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"] == "/health":
             await _json(send, 200, {})
             return
@@ -104,20 +98,8 @@ class FakeTokenVllm:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
-@contextlib.asynccontextmanager
-async def stack(p: FakeTokenVllm, d: FakeTokenVllm, **switches: bool):
-    traces = []
-    async with serving(p), serving(d):  # type: ignore[arg-type]
-        proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)],
-                      ProxySettings(block_size=16, prefill_timeout_s=5, decode_read_timeout_s=5, **switches),
-                      on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield client, traces
-        finally:
-            await server.stop()
+def stack(p: FakeTokenVllm, d: FakeTokenVllm, **switches: bool):
+    return proxy_stack(p, d, **switches)
 
 
 def run(coro):
