@@ -226,16 +226,21 @@ def _in_use(cfg: PairConfig, control_socket: Path | None) -> list[Problem]:
                            f" {path} answers ({who}). Stop it (`pdtui ctl down{_ctl_flags(cfg)}`), or run beside it"
                            " with --port-offset N.", in_use=True))
     shifted = f", {cfg.sources['port_offset']}" if "port_offset" in cfg.sources else ""
-    checks = [("proxy_port", cfg.proxy_port, "proxy")]
-    for inst in cfg.instances:
-        checks += [(f"{inst.name} port", inst.port, f"{inst.name} ({inst.role}) HTTP"),
-                   (f"{inst.name} side_channel_port", inst.side_channel_port, f"{inst.name} ({inst.role}) NIXL side channel")]
-    for name, port, what in checks:
+    for name, port, what in _ports(cfg):
         try:
             check_port_free(cfg.host, port, what)
         except PortInUse as e:
             where = _from(cfg, "proxy_port") if name == "proxy_port" else _in(cfg)
             out.append(Problem(name.split()[-1], f"{name} = {port} ({where}{shifted}): {e}", in_use=True))
+    return out
+
+
+def _ports(cfg: PairConfig) -> list[tuple[str, int, str]]:
+    """Every port the pair binds: (field as named to the user, port, what listens there)."""
+    out = [("proxy_port", cfg.proxy_port, "proxy")]
+    for inst in cfg.instances:
+        out += [(f"{inst.name} port", inst.port, f"{inst.name} ({inst.role}) HTTP"),
+                (f"{inst.name} side_channel_port", inst.side_channel_port, f"{inst.name} ({inst.role}) NIXL side channel")]
     return out
 
 
@@ -255,10 +260,7 @@ def ephemeral_warnings(cfg: PairConfig, span: tuple[int, int] | None = None) -> 
     span = span if span is not None else ephemeral_range()
     if span is None:
         return []
-    ports = [("proxy_port", cfg.proxy_port)] + [
-        (f"{i.name} {what}", port) for i in cfg.instances
-        for what, port in (("port", i.port), ("side_channel_port", i.side_channel_port)) if port]
-    inside = [f"{name} {port}" for name, port in ports if span[0] <= port <= span[1]]
+    inside = [f"{name} {port}" for name, port, _ in _ports(cfg) if port and span[0] <= port <= span[1]]
     if not inside:
         return []
     return [(f"ports in the kernel's ephemeral range {span[0]}-{span[1]} (net.ipv4.ip_local_port_range): "
