@@ -191,6 +191,9 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
             print(f"\n{name}: KV bytes of {kb['requests']} requests: traces {kb['trace_kv_bytes']:,} B,"
                   f" D's nixl_bytes_transferred +{(kb['d_metric_delta'] or 0):,.0f} B:"
                   f" {'match' if kb['match'] else 'MISMATCH'}; formula {'ok' if kb['formula_ok'] else 'NOT ok'}")
+        for note in arm.get("notices") or []:
+            if note.startswith(("warning", "error")):
+                print(f"{name}: {note}")
         if arm.get("error"):
             print(f"\n{name}: ERROR {arm['error']}")
     if not args.no_plots and data["arms"]:

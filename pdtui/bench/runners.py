@@ -183,24 +183,58 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
                          f" workloads {', '.join(WORKLOADS)}")
     result.config = config_mod.describe(cfg)
     result.environment = environment(cfg)
+    failed: list[BaseException] = []
     try:
         for arm in opts.arms:
-            if arm == "single":
-                await run_single(cfg, opts, result, reporter, clock)
-            elif arm == "single-proxied":
-                await run_single_proxied(cfg, opts, result, reporter, clock)
-            elif arm == "pair":
-                await run_pair(cfg, opts, result, reporter, clock)
-            elif arm == "two-single":
-                await run_two_single(cfg, opts, result, reporter, clock)
-            elif arm in SWITCH_ARMS:
-                await run_pair(cfg, opts, result, reporter, clock, name=arm, switches=SWITCH_ARMS[arm])
-            else:
-                raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
+            retried: str | None = None
+            for attempt in (1, 2):
+                err: Exception | None = None
+                try:
+                    await _run_named(arm, cfg, opts, result, reporter, clock)
+                except Exception as e:  # noqa: BLE001 - kept in the arm; the other arms still run
+                    err = e
+                if err is not None and attempt == 1 and transient_start_failure(err):
+                    retried = str(err).splitlines()[0]
+                    reporter.phase(arm, f"start failed on a port race, starting again: {retried}")
+                    continue
+                if retried and arm in result.arms:
+                    result.arms[arm].notices.append(f"warning: the first start failed ({retried}) and was retried once")
+                if err is not None:
+                    failed.append(err)
+                break
+        if failed:  # every arm ran; the run still fails, with the first error
+            raise failed[0]
     finally:
         result.finished_at = time.time()
         reporter.done()
     return result
+
+
+def transient_start_failure(e: BaseException) -> bool:
+    """An engine that failed to start because a port it picked itself was taken in the meantime
+    (torch.distributed's or ZMQ's ``EADDRINUSE``, seen on two H200s: vLLM chooses a free port, binds
+    it later, and another process can take it in between). Worth one more start; anything else is not."""
+    from pdtui.core.supervisor import StartupFailed
+
+    text = str(e)
+    return isinstance(e, StartupFailed) and ("EADDRINUSE" in text or "Address already in use" in text
+                                              or "address already in use" in text)
+
+
+async def _run_named(arm: str, cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                     clock: Clock) -> None:
+    if arm == "single":
+        await run_single(cfg, opts, result, reporter, clock)
+    elif arm == "single-proxied":
+        await run_single_proxied(cfg, opts, result, reporter, clock)
+    elif arm == "pair":
+        await run_pair(cfg, opts, result, reporter, clock)
+    elif arm == "two-single":
+        await run_two_single(cfg, opts, result, reporter, clock)
+    elif arm in SWITCH_ARMS:
+        await run_pair(cfg, opts, result, reporter, clock, name=arm, switches=SWITCH_ARMS[arm])
+    else:
+        raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
 
 
 async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: BenchOptions,
