@@ -392,25 +392,46 @@ def chat_json(p: PAnswer, content: bytes, want_ids: bool, first: bool) -> bytes:
     return _dumps(obj)
 
 
+_JSTR = rb'"(?:[^"\\]|\\.)*"'
+_TOKEN_EVENT = re.compile(
+    rb'data: \{"id":' + _JSTR + rb',"object":"text_completion","created":\d+,"model":' + _JSTR
+    + rb',"choices":\[\{"index":(\d+),"text":(' + _JSTR + rb'),"logprobs":null,"finish_reason":null,'
+    rb'"stop_reason":null,"prompt_token_ids":null,"token_ids":(null|\[[0-9,]*\])\}\]\}')
+"""The usual event of D's stream, as vLLM 0.32.0 writes it: one token, nothing else set. The fast
+path rewrites it in bytes (the token's text kept as vLLM escaped it); any other event is parsed."""
+
+
 class ChatStream:
     """D's /v1/completions stream (whole SSE events) rewritten into vLLM's chat stream: the role
     chunk before D's first event unless P's token went first (``first``), then per event the chat
     chunk: P's id, created and model; ``delta.content`` for ``text``; ``stop_reason`` only on the
     finishing chunk; no prompt ids (the role chunk carries them); usage with P's token moved from
-    prompt to completion when ``first``. [DONE], errors and anything not a completion pass as they are."""
+    prompt to completion when ``first``. [DONE], errors and anything not a completion pass as they are.
 
-    __slots__ = ("first", "head", "p", "role_pending", "want_ids")
+    A token event in vLLM's exact layout (``_TOKEN_EVENT``) is rewritten in bytes; the rest (D's
+    first event with the prompt's ids, the finishing one, usage) with a JSON parse and dump."""
+
+    __slots__ = ("first", "head", "p", "prefix", "role_pending", "want_ids")
 
     def __init__(self, p: PAnswer, want_ids: bool, first: bool) -> None:
         self.p, self.want_ids, self.first = p, want_ids, first
         self.role_pending = not first
         self.head = _head(p)
+        self.prefix = b"data: " + _dumps({**self.head, "choices": []})[:-3] + b'[{"index":'
 
     def translate(self, data: bytes) -> bytes:
         """Whole events (``data`` ends with a blank line) in, the chat events out."""
         return b"".join(self.event(ev) for ev in data[:-2].split(b"\n\n"))
 
     def event(self, ev: bytes) -> bytes:
+        m = _TOKEN_EVENT.fullmatch(ev)
+        if m is not None:
+            role = b""
+            if self.role_pending:
+                role, self.role_pending = chat_role_event(self.p, self.want_ids), False
+            return b"".join((role, self.prefix, m.group(1), b',"delta":{"content":', m.group(2),
+                             b'},"logprobs":null,"finish_reason":null,"token_ids":',
+                             m.group(3) if self.want_ids else b"null", b"}]}\n\n"))
         payload = ev[5:].strip() if ev.startswith(b"data:") else b""
         obj = None
         if payload.startswith(b"{"):

@@ -547,6 +547,27 @@ def test_usage_and_prompt_ids_rewrites_touch_only_their_fields():
     assert merged["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
 
 
+def test_chat_token_events_rewritten_in_bytes_equal_the_json_rewrite():
+    """ChatStream's fast path (vLLM's exact token-event layout, rewritten in bytes) and its JSON
+    path (any other layout: here the same event with json.dumps' spaces) give the same chunk."""
+    p = firsttoken.PAnswer(id="chatcmpl-x", created=5, model="m", text=" a", token_id=1, prompt_ids=[1, 2],
+                           finish_reason="length", stop_reason=None)
+    for text in (" w1", 'a "quoted" \\ back\nslash', "é ü 猫 🙂", "\u0001\t", ""):
+        for want_ids in (True, False):
+            obj = {"id": "cmpl-x", "object": "text_completion", "created": 9, "model": "m", "choices": [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None,
+                 "prompt_token_ids": None, "token_ids": [42]}]}
+            compact = b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+            spaced = b"data: " + json.dumps(obj, ensure_ascii=False).encode()
+            assert firsttoken._TOKEN_EVENT.fullmatch(compact) and not firsttoken._TOKEN_EVENT.fullmatch(spaced)
+            for first in (True, False):  # not first: the role chunk goes in front of the first event
+                fast = firsttoken.ChatStream(p, want_ids, first).event(compact)
+                slow = firsttoken.ChatStream(p, want_ids, first).event(spaced)
+                assert fast == slow, (text, want_ids, first, fast, slow)
+            chunk = json.loads(fast.split(b"\n\n")[-2][6:])
+            assert chunk["choices"][0]["delta"] == {"content": text} and chunk["id"] == "chatcmpl-x"
+
+
 def test_the_timeline_shows_the_first_token_sent_from_p_and_d_leg_after_it():
     from pdtui.app.state import timeline
     from pdtui.app.widgets.detail import RequestDetail
