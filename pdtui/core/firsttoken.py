@@ -15,7 +15,8 @@ Chat (/v1/chat/completions): P gets the chat request (it renders the template) a
 the rendered prompt's ids. vLLM's chat endpoint takes no token ids, so D gets a /v1/completions
 request from those ids (plus P's token), and the proxy writes D's answer back in the chat format
 (``ChatStream``, ``chat_json``): P's id, the role chunk first, one chat chunk per D event. That
-rewrites every chunk (a JSON parse and dump each), so it is only on this path.
+rewrites every chunk (in bytes for the usual token event, JSON for the rare ones), so it is only
+on this path.
 
 What takes the normal path instead (``skip_reason``, counted in ``pdtui_switch_skipped_total``):
 anything where D continuing from the token would not give the single instance's output token for
