@@ -20,6 +20,10 @@ from typing import Any
 
 NVLINK_TX = 138
 """NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX in nvml.h (RX is 139), when pynvml does not name them."""
+ALL_LINKS = 0xFFFFFFFF
+"""The field's scopeId for every link together (UINT_MAX); scopeId 0, pynvml's default, is link 0 only."""
+MAX_LINKS = 18
+"""Links summed one by one when a driver refuses ALL_LINKS (an H100 or H200 has 18)."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,26 @@ class GpuSampler:
         except self.nvml.NVMLError:  # not supported on this device, or a transient failure
             return None
 
+    def _counters(self, handle: Any) -> tuple[int, int] | None:
+        """Cumulative NVLink data KiB (TX, RX) over every link: the all-links scope, else the sum of
+        the links that answer; None when none does."""
+        get = self.nvml.nvmlDeviceGetFieldValues
+        values = self._try(lambda: get(handle, [(self.tx_field, ALL_LINKS), (self.rx_field, ALL_LINKS)]))
+        if values and all(getattr(v, "nvmlReturn", 1) == 0 for v in values):
+            return int(values[0].value.ullVal), int(values[1].value.ullVal)
+        ids = [(f, link) for link in range(MAX_LINKS) for f in (self.tx_field, self.rx_field)]
+        values = self._try(lambda: get(handle, ids))
+        ok = [(fid, v) for (fid, _), v in zip(ids, values or [], strict=False) if getattr(v, "nvmlReturn", 1) == 0]
+        if not ok:
+            return None
+        return (sum(int(v.value.ullVal) for fid, v in ok if fid == self.tx_field),
+                sum(int(v.value.ullVal) for fid, v in ok if fid == self.rx_field))
+
     def _nvlink(self, i: int, handle: Any, now: float) -> tuple[float | None, float | None]:
-        values = self._try(lambda: self.nvml.nvmlDeviceGetFieldValues(handle, [self.tx_field, self.rx_field]))
-        if not values or any(getattr(v, "nvmlReturn", 1) != 0 for v in values):
+        counters = self._counters(handle)
+        if counters is None:
             return None, None
-        tx, rx = (int(v.value.ullVal) for v in values)
+        tx, rx = counters
         prev = self._nvlink_prev.get(i)
         self._nvlink_prev[i] = (now, tx, rx)
         if prev is None or now <= prev[0]:

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Issue 10 on two H200s (nvidia-h200-x2), after the 3 install calls of shared/gpu/README.md.
-# Carry .whl: textual, textual-plotext, plotext, rich, markdown-it-py, mdit-py-plugins,
-# linkify-it-py, uc-micro-py, platformdirs, pygments, orjson, vllm-router (Python 3.12 wheels).
+# Carry .whl and .whl-router (Python 3.12 wheels: scripts/gpu/make_whl.sh, ROUTER=1 for vllm-router).
 #   bash scripts/gpu/proxy_h200.sh bench          pdtui bench: single, single-proxied, pair (two-gpu)
 #   bash scripts/gpu/proxy_h200.sh transparency   the transparency bench on the box's CPUs, with the
 #                                                 dashboard arms, the proxy pinned to its own core
 # Writes $OUT/...; prints the tables.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl $(ls .whl-router/*.whl 2>/dev/null) || exit 1
 REPO=$(pwd)
 export PYTHONPATH="$REPO:/tmp/site2:/root/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PDTUI_HOME=/root/pdtui-home
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg NCCL_NVLS_ENABLE=0 PATH="/tmp/site2/bin:$PATH"

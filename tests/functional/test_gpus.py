@@ -34,9 +34,11 @@ class _Field:
     value: _U
 
 
-def fake_nvml(nvlink_kib: list[int]) -> types.ModuleType:
+def fake_nvml(nvlink_kib: list[int], per_link: bool = False) -> types.ModuleType:
     """FakeNvml: pynvml's functions that pdtui calls, two H200s; GPU1 has no NVLink counters. Each
-    sample of GPU0's NVLink TX counter takes the next value of ``nvlink_kib`` (cumulative KiB)."""
+    sample of GPU0's NVLink TX counter takes the next value of ``nvlink_kib`` (cumulative KiB, all
+    links). ``per_link``: the driver refuses the all-links scope and answers for links 0 and 1 only,
+    each with half the traffic."""
     m = types.ModuleType("fake_nvml")
 
     class NVMLError(Exception):
@@ -51,10 +53,17 @@ def fake_nvml(nvlink_kib: list[int]) -> types.ModuleType:
     m.nvmlDeviceGetMemoryInfo = lambda h: _Mem(used=(40 + h) * 2**30, total=140 * 2**30)
     m.nvmlDeviceGetPcieThroughput = lambda h, which: 2000 if which == 0 else 1000  # KB/s
 
-    def fields(h: int, ids: list[int]) -> list[_Field]:
+    def fields(h: int, ids: list[tuple[int, int]]) -> list[_Field]:
         if h == 1:
             raise NVMLError("Not Supported")
-        return [_Field(0, _U(nvlink_kib.pop(0) if nvlink_kib else 0)), _Field(0, _U(0))]
+        if not per_link:
+            assert [scope for _, scope in ids] == [gpu.ALL_LINKS] * 2, ids  # scope 0 would be link 0 only
+            return [_Field(0, _U(nvlink_kib.pop(0) if nvlink_kib else 0)), _Field(0, _U(0))]
+        if ids[0][1] == gpu.ALL_LINKS:
+            return [_Field(3, _U(0)) for _ in ids]  # NVML_ERROR_NOT_SUPPORTED for that scope
+        tx = nvlink_kib.pop(0) if nvlink_kib else 0
+        return [_Field(0 if link < 2 else 3, _U(tx // 2 if fid == gpu.NVLINK_TX and link < 2 else 0))
+                for fid, link in ids]
 
     m.nvmlDeviceGetFieldValues = fields
     return m
@@ -87,6 +96,14 @@ def test_sampler_rates_from_the_cumulative_nvlink_counter() -> None:
     assert gpu.line(second[0]) == ("GPU0 H200 mem 40.0/140.0 GiB nvlink tx 1.1 GB/s rx 0 B/s"
                                    " pcie tx 2.0 MB/s rx 1.0 MB/s")
     assert "nvlink tx - rx -" in gpu.line(second[1])
+
+
+def test_sampler_sums_the_links_when_the_driver_refuses_the_all_links_scope() -> None:
+    now = [100.0]
+    sampler = gpu.GpuSampler(fake_nvml([1_000, 1_000 + 2 * 1024 * 1024], per_link=True), clock=lambda: now[0])
+    sampler.sample()
+    now[0] += 2.0
+    assert sampler.sample()[0].nvlink_tx == 1024 * 1024 * 1024
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
