@@ -82,7 +82,7 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
                    help="the proxy, when P fails after the request reached it: retry once then an error"
                    " (default), or decode-locally (D computes the prompt: the old fallback)")
     p.add_argument("--tokenize-once", action="store_const", const=True, default=None,
-                   help="the proxy: D gets a /v1/completions prompt as P's token ids (docs/ttft-toll.md)")
+                   help="the proxy: D gets the prompt as P's token ids, chat included (docs/ttft-toll.md)")
     p.add_argument("--first-token-from-p", action="store_const", const=True, default=None,
                    help="the proxy: P's token goes to the client at once, D continues from it (docs/ttft-toll.md)")
     p.add_argument("--traces-port", type=int, default=None,

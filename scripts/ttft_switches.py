@@ -12,8 +12,11 @@ by round (P is a kv_producer; a request with no kv_transfer_params is a plain re
 round sends one follow request (a unique prompt of --prompt-len tokens, streamed,
 max_tokens --max-tokens, ignore_eos) through each proxy in turn, rotating the order each round.
 Printed per variant, p50 over the rounds (ms): the client's TTFT, its toll against `single`, the P leg, the hop, D's leg,
-TTFT less the P leg (what the pair adds beyond P), the second-token gap, and the engines' spans
-when --traces-port is set.
+TTFT less the P leg (what the pair adds beyond P), the second-token gap, the proxy's own TTFT, the
+proxy process's CPU time per request (user + system, from /proc; with ``--max-tokens`` large this is
+mostly the per-chunk relay), and the engines' spans when --traces-port is set. ``--chat``: the same
+through /v1/chat/completions (one user message of --prompt-len characters; the template adds its
+own tokens).
 
     flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ttft_switches.py --port-offset 23000 --rounds 12
     scripts/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -51,17 +55,28 @@ VARIANTS = {"single": None, "none": {}, "tokenize_once": {"tokenize_once": True}
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict, rid: str) -> tuple[float | None, float | None]:
-    """Client TTFT and second-token gap (ms) of one streamed completion."""
+    """Client TTFT and second-token gap (ms) of one streamed completion (or chat completion)."""
     t0 = time.perf_counter()
     times: list[float] = []
-    async with client.stream("POST", f"{url}/v1/completions", json=body, headers={"X-Request-Id": rid}) as r:
+    chat = "messages" in body
+    path, key = ("/v1/chat/completions", '"content":"') if chat else ("/v1/completions", '"text":"')
+    async with client.stream("POST", f"{url}{path}", json=body, headers={"X-Request-Id": rid}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"text":"' in line.replace('": "', '":"') and '"text":""' not in line:
+            line = line.replace('": "', '":"')
+            if line.startswith("data: {") and key in line and key + '"' not in line:
                 times.append(time.perf_counter())
     ttft = (times[0] - t0) * 1000 if times else None
     gap = (times[1] - times[0]) * 1000 if len(times) > 1 else None
     return ttft, gap
+
+
+def cpu_s(pid: int | None) -> float:
+    """A process's user + system CPU time (s), from /proc/PID/stat."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def p50(xs: list[float]) -> str:
@@ -119,29 +134,40 @@ async def main(args: argparse.Namespace) -> int:
             await p.start()
             urls[name] = p.url
         rows: dict[str, list[dict]] = {v: [] for v in variants}
+        pids = {v: rt.proxy.pid if v == "none" else proxies[v].pid for v in variants}
+        cpu0: dict[str, float] = {}
         async with httpx.AsyncClient(timeout=300) as client:
             for rnd in range(args.rounds + 1):  # round 0 warms every proxy up, not counted
+                if rnd == 1:
+                    cpu0 = {v: cpu_s(pid) for v, pid in pids.items()}
                 order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
                 for v in order:
                     rid = f"ab-{v}-{rnd}-{uuid.uuid4().hex[:6]}"
-                    body = {"model": cfg.model_name, "prompt": make_prompt(rnd, f"ab-{v}", rnd, args.prompt_len),
-                            "max_tokens": args.max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.0}
+                    text = make_prompt(rnd, f"ab-{v}", rnd, args.prompt_len)
+                    body = {"model": cfg.model_name, "max_tokens": args.max_tokens, "stream": True, "ignore_eos": True,
+                            "temperature": 0.0}
+                    if args.chat:
+                        body["messages"] = [{"role": "user", "content": text}]
+                    else:
+                        body["prompt"] = text
                     ttft, gap = await one(client, urls[v], body, rid)
                     if rnd:
                         rows[v].append({"rid": rid, "ttft": ttft, "gap": gap})
                     await asyncio.sleep(args.pause)
+        cpu = {v: (cpu_s(pid) - cpu0[v]) * 1000 / args.rounds for v, pid in pids.items()}
         await asyncio.sleep(1.0)  # the last traces and spans
-        print(f"\n{args.rounds} rounds, prompt {args.prompt_len} tokens, p50 ms "
-              f"({cfg.profile_name}, {cfg.model}, block {cfg.block_size})\n")
+        print(f"\n{args.rounds} rounds, {'chat, ' if args.chat else ''}prompt {args.prompt_len} tokens,"
+              f" {args.max_tokens} out, p50 ms ({cfg.profile_name}, {cfg.model}, block {cfg.block_size})\n")
         base = statistics.median([r["ttft"] for r in rows["single"] if r["ttft"] is not None] or [0]) \
             if "single" in rows else 0
-        head = "| variant | TTFT | toll | P leg | hop | D leg | TTFT - P leg | 2nd-token gap | served |"
+        head = ("| variant | TTFT | toll | P leg | hop | D leg | TTFT - P leg | 2nd-token gap | proxy's TTFT | served |"
+                " proxy CPU/req |")
         print(head + (" P queue | P prefill | D queue | D first step |" if args.traces_port else ""))
         print("|---" * (head.count("|") - 1 + (4 if args.traces_port else 0)) + "|")
         for v, rs in rows.items():
             ts = [traces.get(r["rid"]) for r in rs]
             col = {k: [getattr(t, k) for t in ts if t is not None and getattr(t, k) is not None]
-                   for k in ("prefill_ms", "hop_ms", "decode_ttft_ms")}
+                   for k in ("prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms")}
             beyond = [r["ttft"] - t.prefill_ms for r, t in zip(rs, ts)
                       if t is not None and r["ttft"] is not None and t.prefill_ms is not None]
             served = {}
@@ -152,7 +178,7 @@ async def main(args: argparse.Namespace) -> int:
             toll = f"{statistics.median(ttfts) / base - 1:+.1%}" if base and ttfts and v != "single" else ""
             line = (f"| {v} | {p50([r['ttft'] for r in rs])} | {toll} | {p50(col['prefill_ms'])} | {p50(col['hop_ms'])}"
                     f" | {p50(col['decode_ttft_ms'])} | {p50(beyond)} | {p50([r['gap'] for r in rs])}"
-                    f" | {', '.join(f'{k} {n}' for k, n in served.items())} |")
+                    f" | {p50(col['ttft_ms'])} | {', '.join(f'{k} {n}' for k, n in served.items())} | {cpu[v]:.2f} |")
             if args.traces_port:
                 sp = [spans.get(r["rid"], {}) for r in rs]
                 line += (f" {p50([s['P'].queue_ms for s in sp if 'P' in s])} | {p50([s['P'].prefill_ms for s in sp if 'P' in s])}"
@@ -170,6 +196,7 @@ async def main(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({"profile": cfg.profile_name, "model": cfg.model,
                                                    "block_size": cfg.block_size, "prompt_len": args.prompt_len,
                                                    "max_tokens": args.max_tokens, "rounds": args.rounds,
+                                                   "chat": args.chat, "proxy_cpu_ms_per_request": cpu,
                                                    "rows": rows}, indent=1))
         return 0
     finally:
@@ -192,4 +219,5 @@ if __name__ == "__main__":
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS)} (default: all); none is the pair's own proxy")
     ap.add_argument("--json", default=None, help="write every request's figures here")
+    ap.add_argument("--chat", action="store_true", help="/v1/chat/completions instead of /v1/completions")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -142,9 +142,11 @@ class PairConfig:
     broken connection once more, then an error to the client; other 5xx an error) or
     "decode-locally" (D computes the prompt: the old fallback, which slows every stream on D)."""
     tokenize_once: bool = False
-    """The proxy: D gets a /v1/completions prompt as P's token ids (no second tokenization)."""
+    """The proxy: D gets the prompt as P's token ids (no second tokenization); a chat request goes to D
+    as /v1/completions from the rendered prompt's ids, answered back as chat."""
     first_token_from_p: bool = False
-    """The proxy: P's sampled token goes to the client at once; D continues from prompt + that token."""
+    """The proxy: P's sampled token goes to the client at once; D continues from prompt + that token
+    (completions and chat)."""
     traces_port: int | None = None
     """When set: pdtui receives the engines' per-request OpenTelemetry spans on this port (OTLP/HTTP,
     pdtui.core.otlp; each engine runs with --otlp-traces-endpoint) and joins them to the proxy's

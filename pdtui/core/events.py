@@ -138,7 +138,7 @@ class RequestTraced(Event):
     continued), first_token_p_only (P's token ended it: no D leg), tokenize_once; None: neither."""
     switch_skipped: str | None = None
     """A switch was on but this request took the normal path, and why (firsttoken.first_token_skip's
-    reasons, block_boundary, no_token_ids)."""
+    and chat_skip's reasons, block_boundary, no_token_ids, chat_parser)."""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

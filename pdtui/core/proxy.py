@@ -72,6 +72,8 @@ PREFILL_BRANCHES = {
 }
 """How a request's P leg ended when it did not simply pair (``RequestTraced.prefill_branch``)."""
 JSON = b"application/json"
+SSE = b"text/event-stream; charset=utf-8"
+"""vLLM's content type for a stream (what the proxy sends when it writes a stream itself)."""
 _UPSTREAM_ERRORS = (OSError, TimeoutError, UpstreamError)
 
 
@@ -114,13 +116,14 @@ class ProxySettings:
     try, on another P if there is one, then an error; other 5xx: an error) or "decode-locally"
     (pdtui before issue 14: D computes the prompt itself, a fallback)."""
     tokenize_once: bool = False
-    """/v1/completions: P is asked for its token ids (``return_token_ids``) and D gets the prompt as
-    those ids, so D does not tokenize it again (docs/proxy.md, the TTFT toll)."""
+    """P is asked for its token ids (``return_token_ids``) and D gets the prompt as those ids, so D
+    does not tokenize it again (docs/ttft-toll.md). Chat: D gets /v1/completions from the rendered
+    prompt's ids, and the proxy writes its answer back as chat (every chunk rewritten)."""
     first_token_from_p: bool = False
-    """/v1/completions: P's sampled token goes to the client the moment P answers, and D continues
-    from the prompt's ids plus that token with max_tokens - 1 (``pdtui.core.firsttoken``). Requests
-    it cannot serve token for token (n > 1, echo, logprobs, stop strings, ...) take the normal path,
-    counted in ``pdtui_switch_total``."""
+    """P's sampled token goes to the client the moment P answers, and D continues from the prompt's
+    ids plus that token with max_tokens - 1 (``pdtui.core.firsttoken``), for completions and chat.
+    Requests it cannot serve token for token (n > 1, echo, logprobs, stop strings, tools, ...) take
+    the normal path, counted in ``pdtui_switch_skipped_total``."""
 
 
 class ProxyError(Exception):
@@ -443,11 +446,15 @@ class _Relay:
 
 @dataclass
 class _Stitch:
-    """first_token_from_p: P's token, already sent to the client at ``t_first`` (streamed)."""
+    """A switch's answer in the making. ``first``: first_token_from_p, P's token already sent to
+    the client at ``t_first`` (streamed). ``chat``: a chat request whose D leg is /v1/completions
+    from P's ids, written back as chat (firsttoken.ChatStream, chat_json); tokenize_once or first."""
 
     p: firsttoken.PAnswer
     want_ids: bool
     t_first: float | None = None
+    first: bool = True
+    chat: bool = False
 
 
 class _StitchScan(_SseScan):
@@ -505,6 +512,45 @@ class _StitchRelay(_Relay):
             data, self.hold = self.hold, b""
             super().on_chunk(data)
         super().on_end(err)
+
+
+class _ChatRelay(_StitchRelay):
+    """A chat request served from D's /v1/completions stream (a switch, ``_Stitch.chat``): every
+    whole event rewritten into the chat chunk vLLM's chat endpoint would send (firsttoken.ChatStream:
+    a byte rewrite of the usual token event, a JSON parse and dump of the rare ones; +2.7 us per
+    chunk over the byte relay, docs/ttft-toll.md "Chat").
+    With P's token first the client's response has begun (as _StitchRelay); with tokenize_once
+    alone it starts here, and the role chunk goes out with D's first event."""
+
+    __slots__ = ("chat",)
+
+    def __init__(self, trace: _Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
+                 t_sent: float, stitch: _Stitch) -> None:
+        super().__init__(trace, up, conn, resp, t_sent, stitch)
+        self.chat = firsttoken.ChatStream(stitch.p, stitch.want_ids, stitch.first)
+        if not stitch.first:
+            self.scan = _SseScan(trace, t_sent)
+
+    def start(self, ctype: bytes) -> None:
+        if self.chat.first:
+            super().start(ctype)
+        else:
+            _Relay.start(self, ctype)
+
+    def on_chunk(self, data: bytes) -> None:
+        data = self.hold + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.hold, self.last_rx = data, time.perf_counter()
+            return
+        data, self.hold = data[:end + 2], data[end + 2:]
+        _Relay.on_chunk(self, self.chat.translate(data))
+
+    def on_end(self, err: BaseException | None) -> None:
+        if self.hold and err is None:  # D ended inside an event: pass it on as it is
+            data, self.hold = self.hold, b""
+            _Relay.on_chunk(self, data)
+        _Relay.on_end(self, err)
 
 
 class Proxy:
@@ -665,34 +711,47 @@ class Proxy:
             trace.paired = True
         t_hop = time.perf_counter()
         stitch = self._switches(trace, body, d_body) if kv_params is not None else None
-        if stitch is not None:
+        if stitch is not None and stitch.first:
             await self._first_token(trace, d_body, resp, t_hop, stitch)
         else:
-            await self._decode(trace, d_body, resp, t_hop)
+            await self._decode(trace, d_body, resp, t_hop, stitch)
 
     def _switches(self, trace: _Trace, body: dict[str, Any], d_body: dict[str, Any]) -> _Stitch | None:
         """The TTFT switches (pdtui.core.firsttoken), once P has paired: D's body rewritten for
-        tokenize_once, or a _Stitch when first_token_from_p serves this request."""
+        tokenize_once, or a _Stitch when first_token_from_p serves this request, or a chat request
+        is served from D's /v1/completions (either switch)."""
         s = self.settings
-        p = firsttoken.p_answer(trace.p_answer) if (s.first_token_from_p or s.tokenize_once) else None
+        if not (s.first_token_from_p or s.tokenize_once):
+            return None
+        chat = trace.endpoint == firsttoken.CHAT
+        p = (firsttoken.chat_p_answer if chat else firsttoken.p_answer)(trace.p_answer)
         trace.p_answer = None
+        after_p = "no_token_ids" if p is None else firsttoken.chat_parser_seen(p) if chat else None
+        want_ids = bool(body.get("return_token_ids"))
+        kv_params = d_body["kv_transfer_params"]
         if s.first_token_from_p:
-            why = firsttoken.first_token_skip(trace.endpoint, body)
-            if why is None and p is None:
-                why = "no_token_ids"
+            why = firsttoken.first_token_skip(trace.endpoint, body) or after_p
             if why is None and p is not None and firsttoken.crosses_block(p, s.block_size):
                 why = "block_boundary"
             if why is None and p is not None and trace.blocks != kvmath.blocks_for_tokens(len(p.prompt_ids), s.block_size):
                 why = "block_size_mismatch"  # P's blocks disagree with block_size: the boundary can't be told
             if why is None and p is not None:
-                d_body.update(firsttoken.decode_body(body, d_body["kv_transfer_params"], p))
-                return _Stitch(p, want_ids=bool(body.get("return_token_ids")))
+                if chat:
+                    d_body.clear()
+                    d_body.update(firsttoken.chat_decode_body(body, kv_params, p, first=True))
+                else:
+                    d_body.update(firsttoken.decode_body(body, kv_params, p))
+                return _Stitch(p, want_ids=want_ids, chat=chat)
             trace.switch_skipped = why
         if s.tokenize_once:
-            why = firsttoken.tokenize_once_skip(trace.endpoint, body) or (None if p is not None else "no_token_ids")
+            why = firsttoken.tokenize_once_skip(trace.endpoint, body) or after_p
             if why is None and p is not None:
-                d_body["prompt"] = p.prompt_ids
                 trace.switch = "tokenize_once"
+                if chat:
+                    d_body.clear()
+                    d_body.update(firsttoken.chat_decode_body(body, kv_params, p, first=False))
+                    return _Stitch(p, want_ids=want_ids, first=False, chat=True)
+                d_body["prompt"] = p.prompt_ids
             else:
                 trace.switch_skipped = trace.switch_skipped or why
         return None
@@ -701,7 +760,7 @@ class Proxy:
                            stitch: _Stitch) -> None:
         """first_token_from_p: P's token to the client now; D continues (or P's token ended it)."""
         p = stitch.p
-        head = [(b"content-type", b"text/event-stream"), (b"x-request-id", trace.request_id.encode()),
+        head = [(b"content-type", SSE), (b"x-request-id", trace.request_id.encode()),
                 (b"cache-control", b"no-cache")]
         if p.finished:  # EOS or a stop token at P: no D leg. P keeps the blocks until its KV lease ends.
             trace.switch, trace.decode = "first_token_p_only", None
@@ -710,15 +769,17 @@ class Proxy:
             if trace.stream:
                 include_usage = bool((d_body.get("stream_options") or {}).get("include_usage"))
                 resp.start(200, head)
-                resp.finish(firsttoken.p_only_stream(p, stitch.want_ids, include_usage))
+                only = firsttoken.chat_p_only_stream if stitch.chat else firsttoken.p_only_stream
+                resp.finish(only(p, stitch.want_ids, include_usage))
             else:
-                resp.send(200, firsttoken.p_only_json(p, stitch.want_ids), JSON,
-                          [(b"x-request-id", trace.request_id.encode())])
+                answer = firsttoken.chat_p_only_json if stitch.chat else firsttoken.p_only_json
+                resp.send(200, answer(p, stitch.want_ids), JSON, [(b"x-request-id", trace.request_id.encode())])
             return
         trace.switch = "first_token"
         if trace.stream:
             resp.start(200, head)
-            resp.write(firsttoken.first_event(p, stitch.want_ids))
+            first = firsttoken.chat_first_events if stitch.chat else firsttoken.first_event
+            resp.write(first(p, stitch.want_ids))
             stitch.t_first = now = time.perf_counter()
             trace.ttft_ms, trace.chunks, trace.status = (now - trace.t0) * 1000, 1, 200
         try:
@@ -742,7 +803,8 @@ class Proxy:
         for k in ("stream_options", "min_tokens"):
             p_body.pop(k, None)
         p_body["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
-        if (self.settings.first_token_from_p or self.settings.tokenize_once) and trace.endpoint == "/v1/completions":
+        if (self.settings.first_token_from_p or self.settings.tokenize_once) and (
+                trace.endpoint == firsttoken.COMPLETIONS or firsttoken.chat_skip(body) is None):
             p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.firsttoken)
         payload = json.dumps(p_body).encode()
         tried: list[str] = []
@@ -861,6 +923,7 @@ class Proxy:
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
         trace.decode = up.name
         assert up.pool is not None
+        path = firsttoken.COMPLETIONS if stitch is not None and stitch.chat else trace.endpoint
         payload = json.dumps(body).encode()
         t_sent = time.perf_counter()
         trace.hop_ms = (t_sent - t_hop) * 1000
@@ -868,7 +931,7 @@ class Proxy:
         conn = None
         try:
             try:
-                conn = await up.pool.request("POST", trace.endpoint, _json_headers(trace.request_id), payload,
+                conn = await up.pool.request("POST", path, _json_headers(trace.request_id), payload,
                                              head_timeout_s=self.settings.decode_read_timeout_s)
             except _UPSTREAM_ERRORS as e:
                 trace.status, trace.error = 502, f"decode {up.name} unreachable: {type(e).__name__}: {e}"
@@ -905,9 +968,10 @@ class Proxy:
             now = time.perf_counter()
             trace.decode_ttft_ms = (now - t_sent) * 1000
             trace.ttft_ms = (now - trace.t0) * 1000
-            if stitch is not None:  # P's token in front of D's answer (first_token_from_p)
+            if stitch is not None:  # P's token in front of D's answer (first_token_from_p), or chat from D's
                 try:
-                    content = firsttoken.merge_json(stitch.p, content, stitch.want_ids)
+                    content = firsttoken.chat_json(stitch.p, content, stitch.want_ids, stitch.first) if stitch.chat \
+                        else firsttoken.merge_json(stitch.p, content, stitch.want_ids)
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                     trace.status, trace.error = 502, f"decode {up.name} answered 200 with a body that is not a completion"
                     raise ProxyError(502, trace.error, "upstream_error") from None
@@ -919,6 +983,7 @@ class Proxy:
             resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
         relay = _Relay(trace, up, conn, resp, t_sent) if stitch is None else \
+            _ChatRelay(trace, up, conn, resp, t_sent, stitch) if stitch.chat else \
             _StitchRelay(trace, up, conn, resp, t_sent, stitch)
         self._relays.add(relay)
         try:

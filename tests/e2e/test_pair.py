@@ -203,6 +203,115 @@ def test_ttft_switches_give_the_single_instance_output_token_for_token(pair, swi
             assert t.completion_tokens == len(got["token_ids"]), (what, t)
 
 
+CHAT_WRAP = 19
+"""Tokens the tiny model's ChatML template adds around one user message: <|im_start|>, "user\\n",
+<|im_end|>, "\\n", then the generation prompt <|im_start|> "assistant\\n" (special tokens are one id,
+the rest one per byte)."""
+
+
+def _shape(obj: dict) -> tuple:
+    """An event's field names in order, top level and choice: what vLLM's exclude_unset decides."""
+    choice = obj["choices"][0] if obj.get("choices") else {}
+    return tuple(obj), tuple(choice), tuple(choice.get("delta") or choice.get("message") or {})
+
+
+def _chat(url: str, body: dict, rid: str) -> dict:
+    """One /v1/chat/completions request, streamed or not, as the client sees it: content, token ids,
+    prompt ids, finish, usage, role, the ids and (streamed) the [DONE]; the shapes of the role chunk,
+    the finishing chunk and the usage chunk; non-streamed, the whole answer less its id and created."""
+    headers = {"X-Request-Id": rid}
+    if not body.get("stream"):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        obj = r.json()
+        c = obj["choices"][0]
+        return {"ids": {obj["id"]}, "content": c["message"]["content"], "token_ids": c.get("token_ids"),
+                "prompt_token_ids": obj.get("prompt_token_ids"), "finish": c["finish_reason"], "usage": obj["usage"],
+                "role": c["message"]["role"], "whole": json.dumps({**obj, "id": None, "created": None})}
+    out = {"ids": set(), "content": "", "token_ids": [], "prompt_token_ids": None, "finish": None, "usage": None,
+           "role": None, "done": False, "shapes": []}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            assert not out["done"], "an event after [DONE]"
+            if line == "data: [DONE]":
+                out["done"] = True
+                continue
+            obj = json.loads(line[6:])
+            assert "error" not in obj, obj
+            assert obj["object"] == "chat.completion.chunk", obj
+            out["ids"].add(obj["id"])
+            if obj.get("usage"):
+                out["usage"] = obj["usage"]
+                out["shapes"].append(("usage", _shape(obj)))
+            if out["role"] is None:  # vLLM's first chunk: the role, empty content, the prompt's ids
+                out["role"] = obj["choices"][0]["delta"]
+                out["prompt_token_ids"] = obj.get("prompt_token_ids")
+                out["shapes"].append(("role", _shape(obj)))
+                continue
+            for c in obj["choices"]:
+                assert "role" not in c["delta"], "a role after the first chunk"
+                out["content"] += c["delta"].get("content") or ""
+                out["token_ids"] += c.get("token_ids") or []
+                if c.get("finish_reason"):
+                    out["finish"] = c["finish_reason"]
+                    out["shapes"].append(("finish", _shape(obj)))
+    return out
+
+
+def test_ttft_switches_give_the_single_instance_chat_output_token_for_token(pair, switched):
+    """The switches for /v1/chat/completions: P renders the chat and answers with its ids, D answers
+    /v1/completions from them (plus P's token), the proxy writes that back as chat. Greedy, the
+    client's answer equals D's own chat answer to the same request sent straight to it, token for
+    token, streamed and not; the role chunk first, the same fields in the same places (vLLM's
+    exclude_unset shapes), one id (chatcmpl-<X-Request-Id>), usage that adds up, [DONE]."""
+    url, traces = switched
+    bs = pair.cfg.block_size
+    d_url = pair.rt.instances["D"].url
+    cases = [  # (rendered prompt tokens, extra body, the trace's switch, its switch_skipped)
+        (300, {}, "first_token", None),
+        (bs - 1, {"max_completion_tokens": 9}, "first_token", None),
+        (bs, {}, "tokenize_once", "block_boundary"),
+        (bs + 1, {"ignore_eos": True}, "first_token", None),
+        (200, {"stop": ["zzzz"]}, "tokenize_once", "stop_strings"),
+        (150, {"logprobs": True}, None, "logprobs"),
+    ]
+    for stream in (False, True):
+        for n_tokens, extra, switch, skipped in cases:
+            messages = [{"role": "user", "content": unique_prompt(n_tokens - CHAT_WRAP)}]
+            body = {"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0.0,
+                    "return_token_ids": True, "stream": stream, **extra}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            rid = f"e2e-chat-{uuid.uuid4().hex[:8]}"
+            got = _chat(url, body, rid)  # first: D's prefix cache holds none of the prompt
+            ref = _chat(d_url, body, f"{rid}-single")
+            what = (n_tokens, stream, extra)
+            assert got["ids"] == {f"chatcmpl-{rid}"}, what
+            assert len(got["prompt_token_ids"]) == n_tokens, (what, len(got["prompt_token_ids"]))
+            assert got["token_ids"] == ref["token_ids"] and len(got["token_ids"]) >= 1, (what, got, ref)
+            assert got["content"] == ref["content"], (what, got["content"], ref["content"])
+            assert got["prompt_token_ids"] == ref["prompt_token_ids"], what
+            assert (got["finish"], got["role"]) == (ref["finish"], ref["role"]), what
+            assert got["usage"] == ref["usage"], what
+            assert got["usage"]["completion_tokens"] == len(got["token_ids"]), what
+            if stream:
+                assert got["done"] and got["role"] == {"role": "assistant", "content": ""}, what
+                assert got["shapes"] == ref["shapes"], (what, got["shapes"], ref["shapes"])
+            elif not extra.get("logprobs"):  # (logprob values: P's KV against D's own, not bit for bit)
+                assert got["whole"] == ref["whole"], what  # every field, in vLLM's order
+            deadline = time.monotonic() + 30
+            while not any(x.request_id == rid for x in list(traces)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            t = next(x for x in reversed(traces) if x.request_id == rid)
+            ok = {switch, "first_token_p_only"} if switch == "first_token" else {switch}
+            assert (t.outcome, t.endpoint, t.switch_skipped) == ("pair", "/v1/chat/completions", skipped), (what, t)
+            assert t.switch in ok, (what, t)
+            assert t.completion_tokens == len(got["token_ids"]), (what, t)
+
+
 def test_bad_input_gets_4xx_json_and_the_proxy_stays_up(pair):
     url = f"{pair.cfg.proxy_url}/v1/completions"
     cases = {
