@@ -191,6 +191,11 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
             print(f"\n{name}: KV bytes of {kb['requests']} requests: traces {kb['trace_kv_bytes']:,} B,"
                   f" D's nixl_bytes_transferred +{(kb['d_metric_delta'] or 0):,.0f} B:"
                   f" {'match' if kb['match'] else 'MISMATCH'}; formula {'ok' if kb['formula_ok'] else 'NOT ok'}")
+        rc = arm["summary"].get("recompute") or {}
+        if rc.get("checked"):
+            print(f"\n{name}: silent recompute: {rc['recomputed']} of {rc['checked']} paired requests had D compute"
+                  f" more than one block of the prompt ({rc['d_computed_tokens']:,} prompt tokens computed on D)"
+                  + (f": {', '.join(rc['request_ids'][:5])}" if rc["recomputed"] else ""))
         if arm.get("error"):
             print(f"\n{name}: ERROR {arm['error']}")
     if not args.no_plots and data["arms"]:
