@@ -108,7 +108,7 @@ def switched(pair):
                          [(n, i.url) for n, i in rt.instances.items() if i.role == "decode"],
                          host="127.0.0.1", port=free_port(),
                          settings=ProxySettings(block_size=pair.cfg.block_size, tokenize_once=True,
-                                                first_token_from_p=True),
+                                                first_token_from_p=True, decode_reports_cached=True),
                          on_event=lambda ev: traces.append(ev) if isinstance(ev, RequestTraced) else None)
     for name in rt.instances:
         proxy.set_up(name, True)
@@ -205,6 +205,9 @@ def test_ttft_switches_give_the_single_instance_output_token_for_token(pair, swi
             ok = {switch, "first_token_p_only"} if switch == "first_token" else {switch}
             assert (t.outcome, t.switch_skipped) == ("pair", skipped) and t.switch in ok, (what, t)
             assert t.completion_tokens == len(got["token_ids"]), (what, t)
+            # D's own count, on its prompt of P's ids (+ P's token): it pulled the whole prompt
+            if t.switch != "first_token_p_only":
+                assert (t.d_computed_tokens, t.recomputed) == (0, False), (what, t)
 
 
 def test_bad_input_gets_4xx_json_and_the_proxy_stays_up(pair):
