@@ -248,24 +248,27 @@ class _SseScan:
         self.carry = b""
         self.error: str | None = None
 
-    def feed(self, data: bytes, now: float) -> None:
+    def feed(self, data: bytes, now: float) -> bool:
+        """Scan one chunk; True when it was the usual one (no partial event before or after it, no
+        usage, error or [DONE]: the relay need not look at it again)."""
         if not self.carry and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2 \
                 and b"[DONE]" not in data \
                 and b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
             # The usual chunk: one whole token event (vLLM writes one per chunk), nothing rare in it.
             if _token_search(data) is not None:
                 self._token(now)
-            return
+            return True
         if self.carry:
             data, self.carry = self.carry + data, b""
         end = data.rfind(b"\n\n")
         if end < 0:
             self.carry = data
-            return
+            return False
         if end + 2 < len(data):
             self.carry = data[end + 2:]
         for event in data[:end].split(b"\n\n"):
             self._event(event, now)
+        return False
 
     def _event(self, event: bytes, now: float) -> None:
         trace = self.trace
@@ -324,7 +327,9 @@ class _UsageCheck:
     as they are unless they hold a usage or end inside an event (then the partial event waits for
     its end: a client can read no half event anyway); the final usage event (``"choices":[]``, JSON
     parsed once per request) is dropped when the client did not ask for usage (``drop``), else its
-    cached_tokens becomes P's figure (``p_cached``), the number vLLM's D would have reported."""
+    cached_tokens becomes P's figure (``p_cached``), the number vLLM's D would have reported.
+    vLLM writes that event (``exclude_none``) as compact JSON, ``"choices":[]``; its token events,
+    even with continuous usage stats, always have a choice."""
 
     __slots__ = ("block_size", "drop", "extra_prompt", "hold", "p_cached", "trace")
 
@@ -356,15 +361,15 @@ class _UsageCheck:
         return _CACHED_TOKENS.sub(lambda m: m.group(1) + str(self.p_cached).encode(), data, count=1)
 
     def feed(self, data: bytes) -> bytes:
-        if not self.hold and data.endswith(b"\n\n") and b'"usage' not in data:
-            return data  # the usual chunk: whole token events
+        if not self.hold and data.endswith(b"\n\n") and _FINAL_USAGE[0] not in data and _FINAL_USAGE[1] not in data:
+            return data  # the usual chunk: whole token events (their choices are never empty)
         data = self.hold + data
         end = data.rfind(b"\n\n")
         if end < 0:
             self.hold = data
             return b""
         data, self.hold = data[:end + 2], data[end + 2:]
-        if b'"usage' not in data:
+        if not any(m in data for m in _FINAL_USAGE):
             return data
         return b"".join(self._event(e) for e in data[:-2].split(b"\n\n"))
 
@@ -374,7 +379,7 @@ class _UsageCheck:
         return data
 
     def _event(self, event: bytes) -> bytes:
-        if b'"usage' not in event or not any(m in event for m in _FINAL_USAGE):
+        if not any(m in event for m in _FINAL_USAGE) or b'"usage' not in event:
             return event + b"\n\n"
         try:
             obj = json.loads(_data_of(event))
@@ -501,8 +506,9 @@ class _Relay:
 
     def on_chunk(self, data: bytes) -> None:
         now = self.last_rx = time.perf_counter()
-        self.scan.feed(data, now)
-        if self.trace.usage_check is not None:
+        if not self.scan.feed(data, now) and self.trace.usage_check is not None:
+            # not the usual chunk (the scan's carry and the check's hold are the same partial event,
+            # so a usual chunk leaves the check nothing to do): the final usage event may be in it
             data = self.trace.usage_check.feed(data)
             if not data:
                 return
