@@ -7,7 +7,8 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    ``stream=false``, no ``stream_options``/``min_tokens``, and
    ``kv_transfer_params={"do_remote_decode": true, ...}``. Read the body, close it.
 3. D leg: the client's body plus P's returned ``kv_transfer_params``, verbatim; D's bytes are
-   streamed back with D's status and content type. P's sampled token is discarded.
+   streamed back with D's status and content type. P's sampled token is discarded. (With
+   ``decode_reports_cached``: the exceptions of the silent-recompute check, below.)
 4. Failures: no P up, or no connection to P could be made -> D colocated (the plain body),
    counted as a fallback: the only fallback, decided before the request reached a P. P answered
    502/503/504 or broke off after the request was sent -> sent once more (to another P when there
