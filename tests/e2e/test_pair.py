@@ -264,6 +264,7 @@ def test_edge_a_prompt_shorter_than_one_block_through_the_pair_is_what_d_says(pa
     mid = pair.metrics("D")
     assert greedy(d_client(pair), prompt) == through
     assert sources(before, mid) == (len(prompt), 0, 0)  # the partial block came from P
+    assert (t.d_computed_tokens, t.recomputed) == (0, False)  # D's own usage says the same, per request
     print(f"\n[e2e] short prompt ({len(prompt)} tokens, block {pair.cfg.block_size}): {t.blocks} blocks offered;"
           f" D's sources (pulled, computed, cached) {sources(before, mid)}")
 
@@ -283,6 +284,7 @@ def test_edge_a_prompt_d_holds_whole_in_its_prefix_cache(pair):
           f" {(pulled, computed, cached)}")
     # D took whole blocks from its cache and the last one from P (vLLM keeps the last token to compute)
     assert computed == 0 and cached + pulled == len(prompt) and cached >= len(prompt) - pair.cfg.block_size
+    assert (t.d_computed_tokens, t.recomputed) == (computed, False)  # per request, D's usage agrees
 
 
 def test_edge_a_prompt_d_holds_in_part_in_its_prefix_cache(pair):
@@ -301,6 +303,7 @@ def test_edge_a_prompt_d_holds_in_part_in_its_prefix_cache(pair):
     print(f"\n[e2e] partial prefix hit on D ({len(prompt)} tokens, {len(head)} cached): D's sources"
           f" (pulled, computed, cached) {(pulled, computed, cached)}")
     assert computed == 0 and cached == len(head) and pulled == len(prompt) - len(head)
+    assert (t.d_computed_tokens, t.recomputed) == (computed, False)  # per request, D's usage agrees
 
 
 def _ended_before(pair, rid: str, t: float) -> bool:
