@@ -324,13 +324,14 @@ class _UsageCheck:
 
     ``record`` reads one usage object: d_computed_tokens = prompt_tokens + ``extra_prompt`` -
     prompt_tokens_details.cached_tokens (absent details: D cached nothing, as vLLM 0.22.1 says it);
-    more than ``block_size`` makes the request ``recomputed``. ``feed`` is the stream's: chunks pass
-    as they are unless they hold a usage or end inside an event (then the partial event waits for
-    its end: a client can read no half event anyway); the final usage event (``"choices":[]``, JSON
-    parsed once per request) is dropped when the client did not ask for usage (``drop``), else its
-    cached_tokens becomes P's figure (``p_cached``), the number vLLM's D would have reported.
-    vLLM writes that event (``exclude_none``) as compact JSON, ``"choices":[]``; its token events,
-    even with continuous usage stats, always have a choice."""
+    more than ``block_size`` makes the request ``recomputed``. ``feed`` is the stream's, for the
+    chunks the byte scan did not call usual: they pass as they are unless they hold an event with
+    empty choices or end inside an event (then the partial event waits for its end: a client can
+    read no half event anyway); the final usage event (JSON parsed once per request) is dropped when
+    the client did not ask for usage (``drop``), else its cached_tokens becomes P's figure
+    (``p_cached``), the number vLLM's D would have reported. vLLM writes that event
+    (``exclude_none``) as compact JSON, ``"choices":[]``; its token events, even with continuous
+    usage stats, always have a choice."""
 
     __slots__ = ("block_size", "drop", "extra_prompt", "hold", "p_cached", "trace")
 
