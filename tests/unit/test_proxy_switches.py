@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 
 from pdtui.core import firsttoken
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
@@ -37,6 +38,9 @@ class FakeTokenVllm:
     die_after: int | None = None
     blocks: int | None = None
     """P mode: blocks offered (default: the prompt in blocks of 16, as the stack's block_size)."""
+    computed: int | None = None
+    """D mode, set: its usage has prompt_tokens_details, cached_tokens = its prompt less this many
+    (vLLM with --enable-prompt-tokens-details)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -62,7 +66,9 @@ class FakeTokenVllm:
         out = list(range(start, start + n))
         want = bool(req.get("return_token_ids"))
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": 5, "model": "m"}
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        usage: dict[str, Any] = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        if self.computed is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": len(ids) - self.computed}
         if (req.get("kv_transfer_params") or {}).get("do_remote_decode"):
             await _json(send, 200, {**head, "choices": [
                 {"index": 0, "text": f" t{out[0]}", "logprobs": None, "finish_reason": self.p_finish,
@@ -171,6 +177,30 @@ def test_first_token_from_p_stitches_one_answer_equal_to_the_single_instance():
                     if stream:  # P's token is the first; D's first token is a gap (the seam)
                         assert t.chunks == 5 and len(t.itl_ms) == 4 and t.ttft_ms < t.prefill_ms + t.decode_ttft_ms + 5
                         assert t.decode_ttft_ms is not None
+
+    run(go())
+
+
+@pytest.mark.parametrize("computed", [0, 41])
+def test_first_token_from_p_reads_what_d_computed_of_its_own_prompt(computed):
+    """D's prompt is P's 40 ids plus P's token, 41: the check reads D's usage before P's token moves
+    to the completion; a client that did not ask for usage sees none, one that did sees 40 + 5."""
+    async def go():
+        for stream in (False, True):
+            for asked in ((False, True) if stream else (True,)):
+                p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode", split=True, computed=computed)
+                async with stack(p, d, first_token_from_p=True, decode_reports_cached=True) as (client, traces):
+                    b = body(stream)
+                    if not asked:
+                        del b["stream_options"]
+                    got = parse(await client.post("/v1/completions", json=b, headers={"X-Request-Id": "r1"}), stream)
+                    assert got["tokens"] == [7, 8, 9, 10, 11] and got["done"] is (True if stream else None)
+                    want = {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45,
+                            "prompt_tokens_details": {"cached_tokens": 41 - computed}}
+                    assert got["usage"] == (want if asked else None), (stream, asked, got["usage"])
+                    assert d.requests[0]["prompt"] == [*PROMPT_IDS, 7]
+                    (t,) = traces
+                    assert (t.switch, t.d_computed_tokens, t.recomputed) == ("first_token", computed, computed > 16)
 
     run(go())
 
