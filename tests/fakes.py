@@ -45,6 +45,14 @@ class FakeVllm:
     """Indices of streamed chunks sent with empty text (vLLM does, for a token with no text yet)."""
     kv_params: bool = True
     """P mode: put kv_transfer_params in the answer (False: a P without a kv_producer config)."""
+    p_cached: int | None = None
+    """P mode: its prefix-cache hits, sent as kv_transfer_params.remote_prefill_cached_tokens (vLLM 0.32)."""
+    cached_tokens: int | None = None
+    """D mode, set: D runs with --enable-prompt-tokens-details and reports this many cached prompt
+    tokens, or P's remote_prefill_cached_tokens when its params carry them (vLLM 0.32's output
+    processor does that); a stream asking for usage gets vLLM's final usage event (choices [],
+    compact JSON). -1: details left out, as vLLM 0.22.1 does when D cached nothing. None: the
+    plain fake (usage without details, no usage event)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,12 +86,14 @@ class FakeVllm:
                 "choices": [{"text": " w1"}], "usage": {"prompt_tokens": self.prompt_tokens},
                 "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
                                        "remote_block_ids": [list(range(self.blocks))], "remote_engine_id": "fake-p",
-                                       "remote_host": "127.0.0.1", "remote_port": 1},
+                                       "remote_host": "127.0.0.1", "remote_port": 1,
+                                       **({"remote_prefill_cached_tokens": self.p_cached}
+                                          if self.p_cached is not None else {})},
             })
             return
+        usage = self._usage(req)
         if not req.get("stream"):
-            await _json(send, 200, {"choices": [{"text": " w1" * self.tokens}],
-                                    "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens}})
+            await _json(send, 200, {"choices": [{"text": " w1" * self.tokens}], "usage": usage})
             return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         watch = asyncio.create_task(_wait_disconnect(receive, self.disconnected))
@@ -95,11 +105,28 @@ class FakeVllm:
                 await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
                             "more_body": True})
                 await asyncio.sleep(self.delay_s)
+            if self.cached_tokens is not None and (req.get("stream_options") or {}).get("include_usage"):
+                event = {"id": "cmpl-fake", "object": "text_completion", "choices": [], "usage": usage}
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
             await asyncio.sleep(self.linger_after_done_s)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watch.cancel()
+
+
+    def _usage(self, req: dict[str, Any]) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens}
+        if self.cached_tokens is None:
+            return usage
+        usage["total_tokens"] = self.prompt_tokens + self.tokens
+        params = req.get("kv_transfer_params") or {}
+        cached = self.cached_tokens
+        if params.get("do_remote_prefill") and isinstance(params.get("remote_prefill_cached_tokens"), int):
+            cached = params["remote_prefill_cached_tokens"]
+        usage["prompt_tokens_details"] = {"cached_tokens": cached} if cached >= 0 else None
+        return usage
 
 
 async def _wait_disconnect(receive, flag: asyncio.Event) -> None:

@@ -12,7 +12,9 @@ Steps (each waits, bounded, for its consequence in the dashboard's state, then s
 6. ``restart-p`` ``R`` restarts P; ``1`` again: back to the pair, whose row is selected so the
                  freight formula shows (the teaching overlay);
 7. ``latency``   ``2`` again, steady streams through the restored pair; then ``h`` shows the TTFT and
-                 ITL histograms.
+                 ITL histograms. Checked here too: no paired request of the drill was a silent
+                 recompute (D computed more than a block of its prompt: RequestTraced.recomputed),
+                 and D reported what it computed for the paired requests (else the check is blind).
 
 Used by ``pdtui drill`` (to rehearse before class, to make the screenshots, and on the GPU box) and by
 the real-pair Pilot test in tests/e2e. Nothing here talks to an engine except the witness client,
@@ -221,9 +223,17 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
                     lambda s: not any(w.group == "load" and not w.is_finished for w in app.workers), step_timeout_s)
         if count("pair") <= pairs_before:
             raise DrillFailed("the steady streams after the restarts did not go through the pair")
+        checked = [r for r in snap().requests if r.outcome == "pair" and r.d_computed_tokens is not None]
+        if count("recompute"):
+            bad = [f"{r.request_id} ({r.d_computed_tokens} of {r.prompt_tokens})" for r in snap().requests if r.recomputed]
+            raise DrillFailed(f"{count('recompute')} paired request(s) had D compute the prompt itself: {', '.join(bad[:5])}")
+        if not checked:
+            raise DrillFailed("no paired request says how many prompt tokens D computed: the recompute check is blind"
+                              " (is D running with --enable-prompt-tokens-details?)")
         await pilot.press("h")
         await done("latency", f"histograms of {len(snap().ttft)} TTFT and {len(snap().itl)} ITL samples"
-                   f" (pair {count('pair')}, fallback {count('fallback')}, error {count('error')})")
+                   f" (pair {count('pair')}, fallback {count('fallback')}, error {count('error')});"
+                   f" no silent recompute in {len(checked)} paired requests")
     except DrillFailed as e:
         res.failed = str(e)
         log(f"[drill] FAILED after {time.monotonic() - t0:.1f} s: {e}")

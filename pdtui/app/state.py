@@ -153,6 +153,8 @@ class InstanceView:
     fallbacks: int = 0
     pairs: int = 0
     retries: int = 0
+    recomputes: int = 0
+    """Paired requests this decode instance computed the prompt of itself (RequestTraced.recomputed)."""
     nixl: NixlView | None = None
     """NIXL's own figures (None until the engine reports any)."""
     """P legs this prefill instance answered on a retry (RequestTraced.prefill_attempts > 1)."""
@@ -259,7 +261,8 @@ class DashState:
         self._ttft_t: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._itl_t: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         """Event time of each sample, in step with ttft and itl (same length, same order)."""
-        self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0}
+        self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0, "recompute": 0}
+        """Per outcome, and "recompute": paired requests whose D computed the prompt (RequestTraced.recomputed)."""
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
         self.handshakes: dict[str, str] = {}
         self.spans: dict[str, dict[str, EngineSpan]] = {}
@@ -337,6 +340,10 @@ class DashState:
                     self.handshakes.pop(next(iter(self.handshakes)))
             self.requests.append(ev)
             self.counts[ev.outcome] = self.counts.get(ev.outcome, 0) + 1
+            if ev.recomputed:
+                self.counts["recompute"] += 1
+                if ev.decode:
+                    self._set(ev.decode, recomputes=self._inst(ev.decode).recomputes + 1)
             if ev.ttft_ms is not None and ev.outcome != "error":
                 self.ttft.append((ev.ttft_ms, ev.outcome))
                 self._ttft_t.append(ev.t)

@@ -194,6 +194,11 @@ def run(cfg: PairConfig, args: argparse.Namespace) -> int:
         for note in arm.get("notices") or []:
             if note.startswith(("warning", "error")):
                 print(f"{name}: {note}")
+        rc = arm["summary"].get("recompute") or {}
+        if rc.get("checked"):
+            print(f"\n{name}: silent recompute: {rc['recomputed']} of {rc['checked']} paired requests had D compute"
+                  f" more than one block of the prompt ({rc['d_computed_tokens']:,} prompt tokens computed on D)"
+                  + (f": {', '.join(rc['request_ids'][:5])}" if rc["recomputed"] else ""))
         if arm.get("error"):
             print(f"\n{name}: ERROR {arm['error']}")
     if not args.no_plots and data["arms"]:

@@ -167,6 +167,7 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             "stalls": _stalls(window_itl(samples, windows.get("interference"), every_chunk=True)),
         },
         "failed": failed,
+        "recompute": recompute_count(samples),
     }
     out["follow"]["second_gap_ms"] = dist([x for s in follow if (x := second_gap_ms(s)) is not None])
     splits = [toll_split(s) for s in follow]
@@ -190,6 +191,15 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
     if engine:
         out["follow"]["engine_split_ms"] = {k: dist([x[k] for x in engine if k in x]) for k in ENGINE_KEYS}
     return out
+
+
+def recompute_count(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Silent recompute (RequestTraced.recomputed): of the paired requests whose D reported the
+    prompt tokens it computed, how many computed more than one block, and which."""
+    paired = [s for s in samples if not s.warmup and s.trace and s.trace.get("d_computed_tokens") is not None]
+    bad = [s.request_id for s in paired if (s.trace or {}).get("recomputed")]
+    return {"checked": len(paired), "recomputed": len(bad), "request_ids": bad,
+            "d_computed_tokens": sum((s.trace or {}).get("d_computed_tokens") or 0 for s in paired)}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

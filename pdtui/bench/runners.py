@@ -795,7 +795,7 @@ def _trace_dict(t: RequestTraced) -> dict[str, Any]:
     return {k: getattr(t, k) for k in ("outcome", "status", "prefill", "decode", "prompt_tokens", "chunks",
                                        "prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms", "total_ms",
                                        "blocks", "kv_bytes", "fallback_reason", "error", "switch",
-                                       "switch_skipped")}
+                                       "switch_skipped", "d_computed_tokens", "recomputed")}
 
 
 def _join(samples: list[Sample], traces: dict[str, RequestTraced]) -> None:

@@ -385,6 +385,9 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
     if kv_transfer:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(cfg, inst), separators=(",", ":"))]
     argv.append("--disable-uvicorn-access-log")
+    # usage.prompt_tokens_details.cached_tokens: the proxy reads D's to tell a silent recompute
+    # (ProxySettings.decode_reports_cached); every instance, so the single arm's usage looks the same
+    argv.append("--enable-prompt-tokens-details")
     load_format = "dummy" if cfg.synthetic_shape else cfg.load_format
     if load_format:
         argv += ["--load-format", load_format]

@@ -139,6 +139,14 @@ class RequestTraced(Event):
     switch_skipped: str | None = None
     """A switch was on but this request took the normal path, and why (firsttoken.first_token_skip's
     and chat_skip's reasons, block_boundary, no_token_ids, chat_parser)."""
+    d_computed_tokens: int | None = None
+    """Prompt tokens D computed itself (N of prompt_tokens' M), on a paired request whose D reports
+    cached tokens (ProxySettings.decode_reports_cached): D's own usage, prompt_tokens -
+    prompt_tokens_details.cached_tokens. 0 when the whole prompt came from P's KV. None: not known
+    (not paired, D does not report it, or D's answer ended before its usage)."""
+    recomputed: bool = False
+    """The silent-recompute error class: paired, yet D computed more than one block of the prompt
+    (d_computed_tokens > block_size). The outcome stays pair (the client got its answer)."""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

@@ -7,7 +7,8 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    ``stream=false``, no ``stream_options``/``min_tokens``, and
    ``kv_transfer_params={"do_remote_decode": true, ...}``. Read the body, close it.
 3. D leg: the client's body plus P's returned ``kv_transfer_params``, verbatim; D's bytes are
-   streamed back with D's status and content type. P's sampled token is discarded.
+   streamed back with D's status and content type. P's sampled token is discarded. (With
+   ``decode_reports_cached``: the exceptions of the silent-recompute check, below.)
 4. Failures: no P up, or no connection to P could be made -> D colocated (the plain body),
    counted as a fallback: the only fallback, decided before the request reached a P. P answered
    502/503/504 or broke off after the request was sent -> sent once more (to another P when there
@@ -22,6 +23,16 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    disconnects -> D's connection is closed, which makes vLLM abort the request.
 
 Every request ends in one ``RequestTraced`` (the ``on_trace`` callback) with its timings.
+
+Silent recompute (``ProxySettings.decode_reports_cached``: D runs with
+``--enable-prompt-tokens-details``; docs/architecture.md states the contract): on a paired request
+the proxy takes ``remote_prefill_cached_tokens`` (P's prefix-cache hits) out of the params D gets,
+so D's usage reports D's own cached tokens; it records ``d_computed_tokens`` = D's prompt_tokens -
+cached_tokens and calls the request ``recomputed`` (an error class, counted in
+``pdtui_recompute_total``) when that is more than one block. The client's usage gets P's figure
+back, as vLLM would report it. A stream whose client did not ask for usage is sent to D with
+``stream_options.include_usage`` and D's usage event is dropped on its way: only the final usage
+event is parsed and touched, never a token chunk.
 
 The data path (docs/proxy.md): HTTP on asyncio protocols with httptools (``pdtui.core.httpio``),
 one event loop of its own (``pdtui proxy``, a process, uvloop when installed). A chunk D streams is
@@ -124,6 +135,12 @@ class ProxySettings:
     ids plus that token with max_tokens - 1 (``pdtui.core.firsttoken``), for completions and chat.
     Requests it cannot serve token for token (n > 1, echo, logprobs, stop strings, tools, ...) take
     the normal path, counted in ``pdtui_switch_skipped_total``."""
+    decode_reports_cached: bool = False
+    """The decode instances run with ``--enable-prompt-tokens-details`` (``pdtui up`` starts them
+    so): on a paired request the proxy records how many prompt tokens D computed itself and counts
+    more than one block as a silent recompute (the module's docstring). vLLM 0.22.1 leaves
+    prompt_tokens_details out when D cached nothing, which only this setting lets the proxy read as
+    0. False: D's params and usage pass as they are, and d_computed_tokens stays None."""
 
 
 class ProxyError(Exception):
@@ -148,7 +165,7 @@ class _Trace:
     twin copied field by field), mutable, plus the working state below. ``freeze()`` hands the
     record to RequestTraced at the end. Slots: the relay's per-chunk updates stay attribute stores."""
 
-    __slots__ = (*_RECORD_NAMES, "done_seen", "p_answer", "paired", "t0")
+    __slots__ = (*_RECORD_NAMES, "done_seen", "p_answer", "paired", "t0", "usage_check")
 
     def __init__(self, request_id: str, endpoint: str, stream: bool) -> None:
         for f in _RECORD:
@@ -167,6 +184,8 @@ class _Trace:
         """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
         self.p_answer: Any = None
         """P's parsed answer (the TTFT switches read its token ids)."""
+        self.usage_check: _UsageCheck | None = None
+        """Paired with decode_reports_cached: reads D's usage (d_computed_tokens), edits it for the client."""
 
     # The fields as mypy sees them (set in __init__ from RequestTraced's defaults).
     if TYPE_CHECKING:
@@ -189,6 +208,8 @@ class _Trace:
         prefill_branch: str | None
         switch: str | None
         switch_skipped: str | None
+        d_computed_tokens: int | None
+        recomputed: bool
 
     def served(self) -> str:
         """The outcome of a request that was served: pair when P's KV went to D, else fallback."""
@@ -231,24 +252,27 @@ class _SseScan:
         self.carry = b""
         self.error: str | None = None
 
-    def feed(self, data: bytes, now: float) -> None:
+    def feed(self, data: bytes, now: float) -> bool:
+        """Scan one chunk; True when it was the usual one (no partial event before or after it, no
+        usage, error or [DONE]: the relay need not look at it again)."""
         if not self.carry and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2 \
                 and b"[DONE]" not in data \
                 and b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
             # The usual chunk: one whole token event (vLLM writes one per chunk), nothing rare in it.
             if _token_search(data) is not None:
                 self._token(now)
-            return
+            return True
         if self.carry:
             data, self.carry = self.carry + data, b""
         end = data.rfind(b"\n\n")
         if end < 0:
             self.carry = data
-            return
+            return False
         if end + 2 < len(data):
             self.carry = data[end + 2:]
         for event in data[:end].split(b"\n\n"):
             self._event(event, now)
+        return False
 
     def _event(self, event: bytes, now: float) -> None:
         trace = self.trace
@@ -291,6 +315,95 @@ class _SseScan:
 def _data_of(event: bytes) -> bytes:
     """The data of one SSE event (its data: lines joined)."""
     return b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
+_CACHED_TOKENS = re.compile(rb'("cached_tokens": ?)(-?\d+|null)')
+_FINAL_USAGE = (b'"choices":[]', b'"choices": []')
+
+
+def _rebuild(d_body: dict[str, Any], new: dict[str, Any]) -> None:
+    """D's body replaced by ``new`` (a chat request served from /v1/completions), keeping the
+    stream_options the usage check gave it (D asked for its usage: ``Proxy._check_usage``)."""
+    opts = d_body.get("stream_options")
+    d_body.clear()
+    d_body.update(new)
+    if opts is not None:
+        d_body["stream_options"] = opts
+
+
+class _UsageCheck:
+    """D's usage on a paired request (``ProxySettings.decode_reports_cached``): how many prompt
+    tokens D computed itself, and the client's view of it.
+
+    ``record`` reads one usage object: d_computed_tokens = prompt_tokens + ``extra_prompt`` -
+    prompt_tokens_details.cached_tokens (absent details: D cached nothing, as vLLM 0.22.1 says it);
+    more than ``block_size`` makes the request ``recomputed``. ``feed`` is the stream's, for the
+    chunks the byte scan did not call usual: they pass as they are unless they hold an event with
+    empty choices or end inside an event (then the partial event waits for its end: a client can
+    read no half event anyway); the final usage event (JSON parsed once per request) is dropped when
+    the client did not ask for usage (``drop``), else its cached_tokens becomes P's figure
+    (``p_cached``), the number vLLM's D would have reported. vLLM writes that event
+    (``exclude_none``) as compact JSON, ``"choices":[]``; its token events, even with continuous
+    usage stats, always have a choice."""
+
+    __slots__ = ("block_size", "drop", "extra_prompt", "hold", "p_cached", "trace")
+
+    def __init__(self, trace: _Trace, block_size: int, p_cached: int | None, drop: bool) -> None:
+        self.trace, self.block_size, self.p_cached, self.drop = trace, block_size, p_cached, drop
+        self.extra_prompt = 0
+        """Tokens D's prompt had beyond the usage's prompt_tokens (first_token_from_p: P's token,
+        which firsttoken.fix_usage moved to the completion before this sees the event)."""
+        self.hold = b""
+
+    def record(self, usage: Any) -> None:
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+            return
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        n = max(0, usage["prompt_tokens"] + self.extra_prompt - (cached if isinstance(cached, int) else 0))
+        self.trace.d_computed_tokens = n
+        self.trace.recomputed = n > self.block_size
+
+    def client_json(self, content: bytes) -> bytes:
+        """A non-streamed answer: record D's usage, give the client P's cached_tokens."""
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            self.record(json.loads(content).get("usage"))
+        return self.restore(content)
+
+    def restore(self, data: bytes) -> bytes:
+        if self.p_cached is None:
+            return data
+        return _CACHED_TOKENS.sub(lambda m: m.group(1) + str(self.p_cached).encode(), data, count=1)
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.hold and data.endswith(b"\n\n") and _FINAL_USAGE[0] not in data and _FINAL_USAGE[1] not in data:
+            return data  # the usual chunk: whole token events (their choices are never empty)
+        data = self.hold + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.hold = data
+            return b""
+        data, self.hold = data[:end + 2], data[end + 2:]
+        if not any(m in data for m in _FINAL_USAGE):
+            return data
+        return b"".join(self._event(e) for e in data[:-2].split(b"\n\n"))
+
+    def flush(self) -> bytes:
+        """What is held when D's stream ends (an event D left unfinished), for the client as it is."""
+        data, self.hold = self.hold, b""
+        return data
+
+    def _event(self, event: bytes) -> bytes:
+        if not any(m in event for m in _FINAL_USAGE) or b'"usage' not in event:
+            return event + b"\n\n"
+        try:
+            obj = json.loads(_data_of(event))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return event + b"\n\n"
+        if not isinstance(obj, dict) or obj.get("choices") != [] or not isinstance(obj.get("usage"), dict):
+            return event + b"\n\n"
+        self.record(obj["usage"])
+        return b"" if self.drop else self.restore(event) + b"\n\n"
 
 
 class _BulkHistogram:
@@ -341,6 +454,10 @@ class ProxyMetrics:
                               " tokenize_once)", ["path"], registry=self.registry)
         self.switch_skipped = Counter("pdtui_switch_skipped", "Requests that took the normal path with a TTFT"
                                       " switch on, by reason", ["reason"], registry=self.registry)
+        self.recompute = Counter("pdtui_recompute", "Paired requests whose D computed more than one block of the"
+                                 " prompt itself: silent recompute (RequestTraced.recomputed)", registry=self.registry)
+        self.d_computed = Counter("pdtui_d_computed_tokens", "Prompt tokens D computed itself on paired requests"
+                                  " (RequestTraced.d_computed_tokens)", registry=self.registry)
         self.kv_bytes = Counter("pdtui_kv_bytes", "KV bytes offered by P (blocks x block_size x bytes/token)", registry=self.registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
@@ -363,6 +480,10 @@ class ProxyMetrics:
             self.switch_skipped.labels(t.switch_skipped).inc()
         if t.kv_bytes:
             self.kv_bytes.inc(t.kv_bytes)
+        if t.recomputed:
+            self.recompute.inc()
+        if t.d_computed_tokens:
+            self.d_computed.inc(t.d_computed_tokens)
         if t.ttft_ms is not None:
             self.ttft.labels(t.outcome).observe(t.ttft_ms / 1000)
         self.itl.observe_ms(t.outcome, t.itl_ms)
@@ -400,7 +521,12 @@ class _Relay:
 
     def on_chunk(self, data: bytes) -> None:
         now = self.last_rx = time.perf_counter()
-        self.scan.feed(data, now)
+        if not self.scan.feed(data, now) and self.trace.usage_check is not None:
+            # not the usual chunk (the scan's carry and the check's hold are the same partial event,
+            # so a usual chunk leaves the check nothing to do): the final usage event may be in it
+            data = self.trace.usage_check.feed(data)
+            if not data:
+                return
         self.resp.write(data)
 
     def on_end(self, err: BaseException | None) -> None:
@@ -414,7 +540,7 @@ class _Relay:
             trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
         else:
             trace.outcome = trace.served()
-        self.resp.finish()
+        self.resp.finish(trace.usage_check.flush() if trace.usage_check is not None else b"")
         self.done.set_result(None)
 
     def broken(self, why: str) -> None:
@@ -481,6 +607,8 @@ class _StitchRelay(_Relay):
         super().__init__(trace, up, conn, resp, t_sent)
         self.scan = _StitchScan(trace, t_sent)
         self.scan.last = stitch.t_first
+        if trace.usage_check is not None:
+            trace.usage_check.extra_prompt = 1  # D's prompt: the client's + P's token (fix_usage moves it)
         self.hold = b""
         self.ids_pending = stitch.want_ids
 
@@ -530,6 +658,8 @@ class _ChatRelay(_StitchRelay):
         self.chat = firsttoken.ChatStream(stitch.p, stitch.want_ids, stitch.first)
         if not stitch.first:
             self.scan = _SseScan(trace, t_sent)
+            if trace.usage_check is not None:
+                trace.usage_check.extra_prompt = 0  # D's prompt is the client's: no P token in it
 
     def start(self, ctype: bytes) -> None:
         if self.chat.first:
@@ -707,6 +837,8 @@ class Proxy:
         kv_params = await self._prefill(trace, body)
         d_body = dict(body)
         if kv_params is not None:
+            if self.settings.decode_reports_cached:
+                kv_params = self._check_usage(trace, body, d_body, kv_params)
             d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
@@ -715,6 +847,21 @@ class Proxy:
             await self._first_token(trace, d_body, resp, t_hop, stitch)
         else:
             await self._decode(trace, d_body, resp, t_hop, stitch)
+
+    def _check_usage(self, trace: _Trace, body: dict[str, Any], d_body: dict[str, Any],
+                     kv_params: dict[str, Any]) -> dict[str, Any]:
+        """decode_reports_cached, paired: D's params without P's cached tokens (D then reports its
+        own), D asked for usage in a stream; returns D's params (the module's docstring)."""
+        kv_params = dict(kv_params)
+        p_cached = kv_params.pop("remote_prefill_cached_tokens", None)
+        opts = body.get("stream_options")
+        drop = trace.stream and not (isinstance(opts, dict) and opts.get("include_usage"))
+        if drop:  # usage for the proxy only, and no usage in every chunk
+            d_body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True,
+                                        "continuous_usage_stats": False}
+        trace.usage_check = _UsageCheck(trace, self.settings.block_size,
+                                        p_cached if isinstance(p_cached, int) else None, drop)
+        return kv_params
 
     def _switches(self, trace: _Trace, body: dict[str, Any], d_body: dict[str, Any]) -> _Stitch | None:
         """The TTFT switches (pdtui.core.firsttoken), once P has paired: D's body rewritten for
@@ -737,8 +884,7 @@ class Proxy:
                 why = "block_size_mismatch"  # P's blocks disagree with block_size: the boundary can't be told
             if why is None and p is not None:
                 if chat:
-                    d_body.clear()
-                    d_body.update(firsttoken.chat_decode_body(body, kv_params, p, first=True))
+                    _rebuild(d_body, firsttoken.chat_decode_body(body, kv_params, p, first=True))
                 else:
                     d_body.update(firsttoken.decode_body(body, kv_params, p))
                 return _Stitch(p, want_ids=want_ids, chat=chat)
@@ -748,8 +894,7 @@ class Proxy:
             if why is None and p is not None:
                 trace.switch = "tokenize_once"
                 if chat:
-                    d_body.clear()
-                    d_body.update(firsttoken.chat_decode_body(body, kv_params, p, first=False))
+                    _rebuild(d_body, firsttoken.chat_decode_body(body, kv_params, p, first=False))
                     return _Stitch(p, want_ids=want_ids, first=False, chat=True)
                 d_body["prompt"] = p.prompt_ids
             else:
@@ -968,6 +1113,8 @@ class Proxy:
             now = time.perf_counter()
             trace.decode_ttft_ms = (now - t_sent) * 1000
             trace.ttft_ms = (now - trace.t0) * 1000
+            if trace.usage_check is not None:  # D's own usage, before P's token is merged in
+                content = trace.usage_check.client_json(content)
             if stitch is not None:  # P's token in front of D's answer (first_token_from_p), or chat from D's
                 try:
                     content = firsttoken.chat_json(stitch.p, content, stitch.want_ids, stitch.first) if stitch.chat \

@@ -88,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-token-from-p", action="store_true",
                    help="/v1/completions: P's token goes to the client the moment P answers; D continues from"
                    " the prompt plus that token (the same output, token for token, under greedy sampling)")
+    p.add_argument("--decode-reports-cached", action="store_true",
+                   help="the decode instances run with --enable-prompt-tokens-details: record, per paired request,"
+                   " the prompt tokens D computed itself, and count more than one block as a silent recompute"
+                   " (pdtui up starts its instances so)")
     p.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds for the whole P leg (default 300)")
     p.add_argument("--decode-timeout", type=float, default=300.0,
                    help="longest silence from D before its stream is called broken, seconds (default 300)")
@@ -111,7 +115,8 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
     return ProxySettings(block_size=args.block_size, geometry=geometry, prefill_timeout_s=args.prefill_timeout,
                          decode_read_timeout_s=args.decode_timeout, decode_choice=args.decode_choice,
                          prefill_failure=args.prefill_failure, tokenize_once=args.tokenize_once,
-                         first_token_from_p=args.first_token_from_p)
+                         first_token_from_p=args.first_token_from_p,
+                         decode_reports_cached=args.decode_reports_cached)
 
 
 class _EventWriter:
@@ -333,6 +338,7 @@ class ProxyProcess:
                 "--prefill-timeout", str(s.prefill_timeout_s), "--decode-timeout", str(s.decode_read_timeout_s)]
         argv += ["--tokenize-once"] if s.tokenize_once else []
         argv += ["--first-token-from-p"] if s.first_token_from_p else []
+        argv += ["--decode-reports-cached"] if s.decode_reports_cached else []
         if s.geometry is not None:
             argv += ["--kv-geometry", json.dumps(asdict(s.geometry))]
         for name, url in self.prefills:

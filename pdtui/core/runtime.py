@@ -77,7 +77,8 @@ class Runtime:
             host=cfg.host, port=cfg.proxy_port,
             settings=ProxySettings(block_size=cfg.block_size, geometry=self.geometry,
                                    prefill_failure=cfg.prefill_failure, tokenize_once=cfg.tokenize_once,
-                                   first_token_from_p=cfg.first_token_from_p),
+                                   first_token_from_p=cfg.first_token_from_p,
+                                   decode_reports_cached=True),  # every instance: --enable-prompt-tokens-details
             on_event=self.emit, log_path=self.log_dir / "proxy.log",
         )
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)

@@ -136,6 +136,11 @@ def test_bench_default_arms_tiny_cpu(tmp_path):
     certain = kb["trace_kv_bytes"] - kb["uncertain_kv_bytes"]
     assert certain <= kb["d_metric_delta"] <= kb["trace_kv_bytes"] and kb["match"], kb
     assert kb["uncertain_kv_bytes"] <= 2 * cfg.block_size * 1024 * 2, kb  # at most the 2 streams in flight
+    # silent recompute: every paired request that ran to its end says what D computed (0), none recomputed
+    done = [x["trace"] for x in pair["samples"] if not x["warmup"] and x["trace"] and x["trace"]["outcome"] == "pair"]
+    assert done and [t["d_computed_tokens"] for t in done] == [0] * len(done), done
+    rc = pair["summary"]["recompute"]
+    assert rc["recomputed"] == 0 and rc["checked"] >= len(done), (rc, len(done), len(pair["samples"]))
     v = data["verdict"]
     assert v["toll"] is not None and v["purchase"] is not None
     # the pair is measured through the proxy: so is the arm it is compared with

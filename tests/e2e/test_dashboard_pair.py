@@ -61,6 +61,7 @@ async def test_drill_on_the_real_pair(tmp_path: Path) -> None:
             m = re.search(r"errors (\d+) -> (\d+)", kill_d)
             assert m and int(m[2]) > int(m[1])
             assert "fell back to D colocated (prefill_down" in res.steps[4].detail
+            assert re.search(r"no silent recompute in [1-9]\d* paired requests", res.steps[6].detail)
             # the live widgets at the end: both panes ready again, D's counters kept, a pair row selected
             d_pane = app.query_one("#pane-D", InstancePane)
             assert d_pane.view.state == "ready" and d_pane.view.errors >= 1 and d_pane.view.fallbacks >= 1
@@ -89,6 +90,7 @@ async def test_drill_on_the_real_pair(tmp_path: Path) -> None:
                 await pilot.pause(0.25)
             last = app.snapshot.requests[-1]
             assert (last.outcome, last.prompt_tokens, last.completion_tokens) == ("pair", 3000, 8)
+            assert (last.d_computed_tokens, last.recomputed) == (0, False)  # D pulled the whole prompt
             await pilot.pause(0.3)
             assert "completion None" not in str(app.query_one(RequestDetail).render())
     finally:

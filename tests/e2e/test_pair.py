@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import threading
 import time
 import uuid
@@ -86,6 +88,8 @@ def test_streamed_completion_arrives_by_kv_transfer_and_the_freight_adds_up(pair
     assert after["vllm:nixl_bytes_transferred_sum"] - before["vllm:nixl_bytes_transferred_sum"] == t.kv_bytes
     assert after["vllm:nixl_bytes_transferred_count"] - before["vllm:nixl_bytes_transferred_count"] == 1
     assert t.ttft_ms > 0 and len(t.itl_ms) == t.chunks - 1
+    # D's own usage (the proxy asked for it, the client did not get it): D computed none of the prompt
+    assert (t.d_computed_tokens, t.recomputed) == (0, False)
     print(f"\n[e2e] {t.prompt_tokens} tokens -> {t.blocks} blocks x {block_size} x {geo.bytes_per_token} B"
           f" = {t.kv_bytes:,} B; P {t.prefill_ms:.0f} ms, D TTFT {t.decode_ttft_ms:.0f} ms, {t.chunks} chunks")
 
@@ -104,7 +108,7 @@ def switched(pair):
                          [(n, i.url) for n, i in rt.instances.items() if i.role == "decode"],
                          host="127.0.0.1", port=free_port(),
                          settings=ProxySettings(block_size=pair.cfg.block_size, tokenize_once=True,
-                                                first_token_from_p=True),
+                                                first_token_from_p=True, decode_reports_cached=True),
                          on_event=lambda ev: traces.append(ev) if isinstance(ev, RequestTraced) else None)
     for name in rt.instances:
         proxy.set_up(name, True)
@@ -201,6 +205,9 @@ def test_ttft_switches_give_the_single_instance_output_token_for_token(pair, swi
             ok = {switch, "first_token_p_only"} if switch == "first_token" else {switch}
             assert (t.outcome, t.switch_skipped) == ("pair", skipped) and t.switch in ok, (what, t)
             assert t.completion_tokens == len(got["token_ids"]), (what, t)
+            # D's own count, on its prompt of P's ids (+ P's token): it pulled the whole prompt
+            if t.switch != "first_token_p_only":
+                assert (t.d_computed_tokens, t.recomputed) == (0, False), (what, t)
 
 
 CHAT_WRAP = 19
@@ -366,6 +373,7 @@ def test_edge_a_prompt_shorter_than_one_block_through_the_pair_is_what_d_says(pa
     mid = pair.metrics("D")
     assert greedy(d_client(pair), prompt) == through
     assert sources(before, mid) == (len(prompt), 0, 0)  # the partial block came from P
+    assert (t.d_computed_tokens, t.recomputed) == (0, False)  # D's own usage says the same, per request
     print(f"\n[e2e] short prompt ({len(prompt)} tokens, block {pair.cfg.block_size}): {t.blocks} blocks offered;"
           f" D's sources (pulled, computed, cached) {sources(before, mid)}")
 
@@ -385,6 +393,7 @@ def test_edge_a_prompt_d_holds_whole_in_its_prefix_cache(pair):
           f" {(pulled, computed, cached)}")
     # D took whole blocks from its cache and the last one from P (vLLM keeps the last token to compute)
     assert computed == 0 and cached + pulled == len(prompt) and cached >= len(prompt) - pair.cfg.block_size
+    assert (t.d_computed_tokens, t.recomputed) == (computed, False)  # per request, D's usage agrees
 
 
 def test_edge_a_prompt_d_holds_in_part_in_its_prefix_cache(pair):
@@ -403,6 +412,7 @@ def test_edge_a_prompt_d_holds_in_part_in_its_prefix_cache(pair):
     print(f"\n[e2e] partial prefix hit on D ({len(prompt)} tokens, {len(head)} cached): D's sources"
           f" (pulled, computed, cached) {(pulled, computed, cached)}")
     assert computed == 0 and cached == len(head) and pulled == len(prompt) - len(head)
+    assert (t.d_computed_tokens, t.recomputed) == (computed, False)  # per request, D's usage agrees
 
 
 def _ended_before(pair, rid: str, t: float) -> bool:
@@ -465,6 +475,70 @@ def test_kill_decode_mid_stream_the_client_gets_an_error_then_restart(pair):
                                         extra_headers={"X-Request-Id": rid + "-after"})
     assert r.choices[0].text
     assert trace_of(pair, rid + "-after").outcome == "pair"
+
+
+def _successes(pair, name: str) -> float:
+    return sum(v for k, v in pair.metrics(name).items() if k.startswith("vllm:request_success"))
+
+
+def _kill_p_between_its_answer_and_d_s_pull(pair, rid: str, prompt: str) -> dict:
+    """A transfer that fails for real: D's process group is stopped (SIGSTOP), the request goes
+    through the proxy, P prefills and answers, P is killed (SIGKILL to its group), then D goes on
+    (SIGCONT) and pulls from a P that is gone. Returns the client's answer (or its error)."""
+    d_group = pair.rt.instances["D"].pid
+    out: dict = {}
+    before = _successes(pair, "P")
+
+    def call() -> None:
+        try:
+            r = httpx.post(f"{pair.cfg.proxy_url}/v1/completions", headers={"X-Request-Id": rid}, timeout=180,
+                           json={"model": "tiny", "prompt": prompt, "max_tokens": 4, "stream": True})
+            out["status"], out["events"] = r.status_code, [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        except httpx.HTTPError as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+
+    os.killpg(d_group, signal.SIGSTOP)
+    try:
+        client_thread = threading.Thread(target=call)
+        client_thread.start()
+        deadline = time.monotonic() + 60
+        while _successes(pair, "P") <= before:  # P answered the proxy
+            assert time.monotonic() < deadline, "P did not finish the request within 60 s"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the proxy sends D its request (D's kernel takes it; D reads it once it goes on)
+        pair.call(pair.rt.kill("P"), 30)
+    finally:
+        os.killpg(d_group, signal.SIGCONT)
+    client_thread.join(180)
+    return out
+
+
+def test_kill_prefill_between_its_answer_and_d_s_pull_is_a_silent_recompute_the_proxy_counts(pair):
+    """Issue 14 part 2. D runs kv_load_failure_policy = "recompute" (the fixture): its pull from a
+    killed P fails, D computes the prompt itself and answers 200: the client cannot tell. The proxy
+    says it: D computed N of M prompt tokens (D's own usage), a recompute in the trace and /metrics."""
+    pair.ensure_ready()
+    before = pair.metrics("D")
+    rid = f"e2e-recompute-{uuid.uuid4().hex[:6]}"
+    got = _kill_p_between_its_answer_and_d_s_pull(pair, rid, unique_prompt(700))
+    after = pair.metrics("D")
+    assert got.get("status") == 200 and got["events"][-1] == "[DONE]", got  # silent: a clean answer
+    assert not any('"usage"' in e or '"error"' in e for e in got["events"]), got["events"][-3:]
+    t = trace_of(pair, rid)
+    assert (t.outcome, t.prompt_tokens, t.prefill) == ("pair", 700, "P"), t
+    assert t.d_computed_tokens == 700 and t.recomputed, t  # D's usage: nothing cached, all computed
+    # the premise: D's pull failed for real (NIXL_ERR_REMOTE_DISCONNECT in D's log, seen by pdtui)
+    deadline = time.monotonic() + 30
+    while not any(rid in e.text for e in pair.of(ConnectorEvent, instance="D", what="transfer_failure")):
+        assert time.monotonic() < deadline, "no NIXL transfer failure of this request in D's log"
+        time.sleep(0.2)
+    # D's aggregate counters agree: the prompt was computed on D, none of it came by transfer
+    assert after[LOCAL] - before[LOCAL] == 700 and after[EXT] - before[EXT] == 0
+    metrics = httpx.get(f"{pair.cfg.proxy_url}/metrics", timeout=10).text
+    assert "pdtui_recompute_total 1.0" in metrics
+    print(f"\n[e2e] P killed between its answer and D's pull: D computed {t.d_computed_tokens} of"
+          f" {t.prompt_tokens} prompt tokens, HTTP {got['status']}, D TTFT {t.decode_ttft_ms:.0f} ms")
+    pair.call(pair.rt.restart("P"), 600)
 
 
 def test_kill_prefill_falls_back_to_decode_colocated_then_restart_brings_the_pair_back(pair):

@@ -337,3 +337,17 @@ async def test_freeze_gc_after_the_first_paint_only_when_asked(monkeypatch: pyte
         async with app.run_test(size=(80, 24)) as pilot:
             await settle(pilot, app)
         assert frozen == want
+
+
+def test_a_silent_recompute_is_a_red_row_and_its_detail_says_what_d_computed() -> None:
+    ok = request("ok", T0, prompt=700, d_computed_tokens=0)
+    bad = request("bad", T0, prompt=700, d_computed_tokens=700, recomputed=True)
+    ok_row, bad_row = TransfersTable.row_of(ok), TransfersTable.row_of(bad)
+    assert str(ok_row[-1]) == "pair" and not any(getattr(c, "style", "") == "bold red" for c in ok_row)
+    assert str(bad_row[-1]) == "recompute: D computed 700 of 700 prompt tokens"
+    assert all(getattr(c, "style", None) == "bold red" for c in bad_row)  # the whole row, every cell
+    detail = RequestDetail()
+    assert "D computed 0 of 700 prompt tokens" in detail.summary(ok).plain
+    line = detail.summary(bad)
+    assert "D computed 700 of 700 prompt tokens" in line.plain
+    assert any(span.style == "bold red" for span in line.spans)

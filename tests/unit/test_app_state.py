@@ -42,13 +42,22 @@ def test_fold_requests_counts_and_windows() -> None:
     s.apply(req("c", outcome="error", ttft_ms=None, itl_ms=[5.0]))
     snap = s.snapshot()
     assert [r.request_id for r in snap.requests] == ["a", "b", "c"]
-    assert snap.counts == {"pair": 1, "fallback": 1, "error": 1}
+    assert snap.counts == {"pair": 1, "fallback": 1, "error": 1, "recompute": 0}
     assert snap.ttft == ((151.0, "pair"), (151.0, "fallback"))
     assert len(snap.itl) == 5
     d = snap.instance("D")
     assert d is not None and (d.pairs, d.fallbacks, d.errors) == (1, 1, 1)
     s.clear_latency()
     assert s.snapshot().ttft == () and s.snapshot().requests  # the table is kept
+
+
+def test_a_silent_recompute_is_counted_apart_and_on_its_d() -> None:
+    s = DashState()
+    s.apply(req("a", prompt_tokens=700, d_computed_tokens=0))
+    s.apply(req("b", prompt_tokens=700, d_computed_tokens=700, recomputed=True, decode="D2"))
+    snap = s.snapshot()
+    assert snap.counts == {"pair": 2, "fallback": 0, "error": 0, "recompute": 1}  # still a pair, and counted
+    assert snap.instance("D2").recomputes == 1 and snap.instance("D").recomputes == 0  # type: ignore[union-attr]
 
 
 def test_a_prefill_retry_is_counted_on_the_p_that_answered_it() -> None:

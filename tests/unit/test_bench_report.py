@@ -251,3 +251,13 @@ def test_an_older_bench_file_still_reads_and_reports(tmp_path):
     v = report.verdict(sums)
     assert v["toll"] == pytest.approx(data["verdict"]["toll"], abs=1e-3) and v["same_path"]["toll"] is False
     assert "crosses paths" in report.table(sums)
+
+
+def test_the_report_counts_silent_recomputes_among_the_paired_requests_d_reported():
+    samples = [_s("pair", "follow", 0, trace={"outcome": "pair", "d_computed_tokens": 0, "recomputed": False}),
+               _s("pair", "follow", 1, trace={"outcome": "pair", "d_computed_tokens": 300, "recomputed": True}),
+               _s("pair", "follow", 2, trace={"outcome": "fallback"}),  # not checked: D computed it by design
+               _s("pair", "follow", 3, warmup=True, trace={"outcome": "pair", "d_computed_tokens": 300,
+                                                            "recomputed": True})]
+    rc = report.summarize_arm(samples, {})["recompute"]
+    assert rc == {"checked": 2, "recomputed": 1, "request_ids": ["bench-pair-follow-1"], "d_computed_tokens": 300}

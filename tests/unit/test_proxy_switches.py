@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 
 from pdtui.core import firsttoken
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
@@ -50,6 +51,9 @@ class FakeTokenVllm:
     """P mode: blocks offered (default: the prompt in blocks of 16, as the stack's block_size)."""
     p_reasoning: str | None = None
     """P mode, chat: the message's reasoning (as with a reasoning parser on the server)."""
+    computed: int | None = None
+    """D mode, set: its usage has prompt_tokens_details, cached_tokens = its prompt less this many
+    (vLLM with --enable-prompt-tokens-details)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -79,6 +83,8 @@ class FakeTokenVllm:
         want = bool(req.get("return_token_ids"))
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": 5, "model": "m"}
         usage = _usage(len(ids), n)
+        if self.computed is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": len(ids) - self.computed}
         if (req.get("kv_transfer_params") or {}).get("do_remote_decode"):
             await _json(send, 200, {**head, "choices": [
                 {"index": 0, "text": f" t{out[0]}", "logprobs": None, "finish_reason": self.p_finish,
@@ -93,7 +99,7 @@ class FakeTokenVllm:
             await _json(send, 200, {**head, "choices": [
                 {"index": 0, "text": "".join(f" t{t}" for t in out), "logprobs": None, "finish_reason": "length",
                  "stop_reason": None, "prompt_token_ids": ids if want else None, "token_ids": out if want else None}],
-                "system_fingerprint": FP, "usage": {**usage, "prompt_tokens_details": None,
+                "system_fingerprint": FP, "usage": {**usage, "prompt_tokens_details": usage.get("prompt_tokens_details"),
                                                     "completion_tokens_details": None}})
             return
         events = []
@@ -243,6 +249,31 @@ def test_first_token_from_p_stitches_one_answer_equal_to_the_single_instance():
     run(go())
 
 
+@pytest.mark.parametrize("computed", [0, 41])
+def test_first_token_from_p_reads_what_d_computed_of_its_own_prompt(computed):
+    """D's prompt is P's 40 ids plus P's token, 41: the check reads D's usage before P's token moves
+    to the completion; a client that did not ask for usage sees none, one that did sees 40 + 5."""
+    async def go():
+        for stream in (False, True):
+            for asked in ((False, True) if stream else (True,)):
+                p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode", split=True, computed=computed)
+                async with stack(p, d, first_token_from_p=True, decode_reports_cached=True) as (client, traces):
+                    b = body(stream)
+                    if not asked:
+                        del b["stream_options"]
+                    got = parse(await client.post("/v1/completions", json=b, headers={"X-Request-Id": "r1"}), stream)
+                    assert got["tokens"] == [7, 8, 9, 10, 11] and got["done"] is (True if stream else None)
+                    want = {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45,
+                            "prompt_tokens_details": {"cached_tokens": 41 - computed}}
+                    usage = got["usage"] and {k: v for k, v in got["usage"].items() if v is not None}
+                    assert usage == (want if asked else None), (stream, asked, got["usage"])
+                    assert d.requests[0]["prompt"] == [*PROMPT_IDS, 7]
+                    (t,) = traces
+                    assert (t.switch, t.d_computed_tokens, t.recomputed) == ("first_token", computed, computed > 16)
+
+    run(go())
+
+
 def test_without_asking_for_ids_the_stitched_stream_has_none():
     async def go():
         p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
@@ -388,6 +419,35 @@ def test_chat_through_either_switch_is_the_single_instance_answer_byte_for_byte(
                                     assert (t.prompt_tokens, t.completion_tokens) == (40, 5), (what, t)
                                 if stream:
                                     assert t.chunks == 5 and len(t.itl_ms) == 4, (what, t)
+
+    run(go())
+
+
+@pytest.mark.parametrize("computed", [0, 30])
+def test_chat_under_either_switch_reads_what_d_computed(computed):
+    """decode_reports_cached with chat served from D's /v1/completions: D is asked for its usage
+    even when the client was not (the chat body is rebuilt from the client's, and keeps that), the
+    trace has D's own N (D's prompt: P's 40 ids, plus P's token under first_token_from_p), and a
+    client that did not ask for usage gets no usage event."""
+    async def go():
+        for name, switches in SWITCHES.items():
+            for stream in (False, True):
+                for asked in ((False, True) if stream else (True,)):
+                    p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode", computed=computed)
+                    async with stack(p, d, decode_reports_cached=True, **switches) as (client, traces):
+                        b = chat_body(stream)
+                        if not asked:
+                            del b["stream_options"]
+                        r = await client.post("/v1/chat/completions", json=b, headers={"X-Request-Id": "u"})
+                        what = (name, stream, asked)
+                        assert r.status_code == 200 and b"t7" in r.content, what
+                        dq = d.requests[0]
+                        assert dq["path"] == "/v1/completions", what
+                        if stream:
+                            assert dq["stream_options"]["include_usage"] is True, what
+                            assert (b'"choices":[]' in r.content) is asked, what
+                        (t,) = traces
+                        assert (t.d_computed_tokens, t.recomputed) == (computed, computed > 16), (what, t)
 
     run(go())
 

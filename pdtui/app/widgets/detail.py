@@ -117,6 +117,9 @@ class RequestDetail(Static):
         t.append(f"{r.prefill or '-'}→{r.decode or '-'} prompt {fmt_num(r.prompt_tokens, ',')} "
                  f"completion {fmt_num(r.completion_tokens, ',')} {'stream' if r.stream else 'non-stream'} "
                  f"{r.endpoint}")
+        if r.d_computed_tokens is not None:  # paired: what D's own usage says it computed
+            t.append(f" D computed {r.d_computed_tokens:,} of {fmt_num(r.prompt_tokens, ',')} prompt tokens",
+                     style="bold red" if r.recomputed else "green")
         return t
 
     def render_compact(self, r: RequestTraced) -> Text:

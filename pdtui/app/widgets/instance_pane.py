@@ -143,6 +143,8 @@ class InstancePane(Static):
         out.append(f"{v.errors}", style="bold red" if v.errors else "")
         if v.retries:
             out.append(f" retry {v.retries}", style="yellow")
+        if v.recomputes:
+            out.append(f" recompute {v.recomputes}", style="bold red")
         out.append(f"  run {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
         out.append("\nKV use ")
         usage = v.kv_usage

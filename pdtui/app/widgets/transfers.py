@@ -20,6 +20,8 @@ from pdtui.app.state import REQUESTS, fmt_num, itl_stats, mib, transfer_ms
 from pdtui.core.events import RequestTraced
 
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
+RECOMPUTE_STYLE = "bold red"
+"""A paired request whose D computed more than one block of the prompt (RequestTraced.recomputed): the whole row."""
 COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "D TTFT", "TTFT", "ITL p50/max", "outcome")
 
 
@@ -30,6 +32,9 @@ def outcome_cell(r: RequestTraced, handshake: bool = False) -> Text:
     """The outcome, then why for an error or a fallback (the status, the proxy's reason); "+hs"
     for the request that paid the NIXL handshake."""
     style = OUTCOME_STYLE.get(r.outcome, "")
+    if r.recomputed:  # paired, yet D computed the prompt: an error class of its own
+        return Text(f"recompute: D computed {r.d_computed_tokens:,} of {fmt_num(r.prompt_tokens, ',')} prompt tokens",
+                    style=RECOMPUTE_STYLE)
     if handshake:
         return Text.assemble((r.outcome, style), (" +hs", "bold magenta"))
     if r.outcome == "error":
@@ -125,7 +130,7 @@ class TransfersTable(ScrollView, can_focus=True):
     @staticmethod
     def row_of(r: RequestTraced, handshake: bool = False) -> tuple[str | Text, ...]:
         p50, mx = itl_stats(r)
-        return (
+        cells = (
             r.request_id.removeprefix("pdtui-")[:10],
             fmt_num(r.prompt_tokens, ","),
             fmt_num(r.blocks),
@@ -136,6 +141,9 @@ class TransfersTable(ScrollView, can_focus=True):
             f"{fmt_num(p50, '.1f')}/{fmt_num(mx, '.1f')}" if p50 is not None else "-",
             outcome_cell(r, handshake),
         )
+        if r.recomputed:  # a red row
+            return tuple(c if isinstance(c, Text) else Text(c, style=RECOMPUTE_STYLE) for c in cells)
+        return cells
 
     def update(self, requests: Sequence[RequestTraced], handshakes: Mapping[str, str] | None = None) -> None:
         """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
