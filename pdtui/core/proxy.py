@@ -262,16 +262,10 @@ class _SseScan:
             if _token_search(data) is not None:
                 self._token(now)
             return True
-        if self.carry:
-            data, self.carry = self.carry + data, b""
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.carry = data
-            return False
-        if end + 2 < len(data):
-            self.carry = data[end + 2:]
-        for event in data[:end].split(b"\n\n"):
-            self._event(event, now)
+        whole, self.carry = _cut_events(self.carry, data)
+        if whole:
+            for event in whole[:-2].split(b"\n\n"):
+                self._event(event, now)
         return False
 
     def _event(self, event: bytes, now: float) -> None:
@@ -331,6 +325,16 @@ def _rebuild(d_body: dict[str, Any], new: dict[str, Any]) -> None:
         d_body["stream_options"] = opts
 
 
+def _cut_events(held: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """``held + data`` split after its last event end (a blank line): the whole events, and the
+    partial event after them, to hold until the next chunk. No event end: (b"", all of it)."""
+    data = held + data
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return b"", data
+    return data[:end + 2], data[end + 2:]
+
+
 class _UsageCheck:
     """D's usage on a paired request (``ProxySettings.decode_reports_cached``): how many prompt
     tokens D computed itself, and the client's view of it.
@@ -378,12 +382,7 @@ class _UsageCheck:
     def feed(self, data: bytes) -> bytes:
         if not self.hold and data.endswith(b"\n\n") and _FINAL_USAGE[0] not in data and _FINAL_USAGE[1] not in data:
             return data  # the usual chunk: whole token events (their choices are never empty)
-        data = self.hold + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.hold = data
-            return b""
-        data, self.hold = data[:end + 2], data[end + 2:]
+        data, self.hold = _cut_events(self.hold, data)
         if not any(m in data for m in _FINAL_USAGE):
             return data
         return b"".join(self._event(e) for e in data[:-2].split(b"\n\n"))
@@ -621,14 +620,19 @@ class _StitchRelay(_Relay):
         if resp.lost:  # the client left while D's head was on its way
             self.client_lost()
 
-    def on_chunk(self, data: bytes) -> None:
+    def _whole(self, data: bytes) -> bytes:
+        """``data`` up to its last event end, the rest held for the next chunk (b"": nothing whole
+        yet, all of it held)."""
         if self.hold or not data.endswith(b"\n\n"):
-            data = self.hold + data
-            end = data.rfind(b"\n\n")
-            if end < 0:
-                self.hold, self.last_rx = data, time.perf_counter()
-                return
-            data, self.hold = data[:end + 2], data[end + 2:]
+            data, self.hold = _cut_events(self.hold, data)
+            if not data:
+                self.last_rx = time.perf_counter()
+        return data
+
+    def on_chunk(self, data: bytes) -> None:
+        data = self._whole(data)
+        if not data:
+            return
         if self.ids_pending and b'"prompt_token_ids"' in data:
             data, self.ids_pending = firsttoken.drop_prompt_ids(data), False
         if b'"usage' in data:
@@ -668,13 +672,9 @@ class _ChatRelay(_StitchRelay):
             _Relay.start(self, ctype)
 
     def on_chunk(self, data: bytes) -> None:
-        data = self.hold + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.hold, self.last_rx = data, time.perf_counter()
-            return
-        data, self.hold = data[:end + 2], data[end + 2:]
-        _Relay.on_chunk(self, self.chat.translate(data))
+        data = self._whole(data)
+        if data:
+            _Relay.on_chunk(self, self.chat.translate(data))
 
     def on_end(self, err: BaseException | None) -> None:
         if self.hold and err is None:  # D ended inside an event: pass it on as it is
