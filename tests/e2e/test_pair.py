@@ -121,6 +121,25 @@ def switched(pair):
         pair.call(proxy.stop(), 30)
 
 
+def _sse(url: str, path: str, body: dict, headers: dict) -> tuple[list[dict], bool]:
+    """One streamed request's events as the client reads them, parsed (none an error), and whether
+    [DONE] ended the stream (nothing may follow it)."""
+    events, done = [], False
+    with httpx.stream("POST", f"{url}{path}", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            assert not done, "an event after [DONE]"
+            if line == "data: [DONE]":
+                done = True
+                continue
+            obj = json.loads(line[6:])
+            assert "error" not in obj, obj
+            events.append(obj)
+    return events, done
+
+
 def _completion(url: str, body: dict, rid: str) -> dict:
     """One /v1/completions request, streamed or not, as the client sees it: text, token ids,
     prompt ids, finish reason, usage, and (streamed) the ids of every chunk and the [DONE]."""
@@ -133,31 +152,22 @@ def _completion(url: str, body: dict, rid: str) -> dict:
         return {"ids": {obj["id"]}, "text": c["text"], "token_ids": c.get("token_ids"),
                 "prompt_token_ids": c.get("prompt_token_ids"), "finish": c["finish_reason"], "usage": obj["usage"],
                 "logprobs": len((c.get("logprobs") or {}).get("tokens") or [])}
+    events, done = _sse(url, "/v1/completions", body, headers)
     out = {"ids": set(), "text": "", "token_ids": [], "prompt_token_ids": None, "finish": None, "usage": None,
-           "done": False, "logprobs": 0}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            assert not out["done"], "an event after [DONE]"
-            if line == "data: [DONE]":
-                out["done"] = True
-                continue
-            obj = json.loads(line[6:])
-            assert "error" not in obj, obj
-            out["ids"].add(obj["id"])
-            if obj.get("usage"):
-                out["usage"] = obj["usage"]
-            for c in obj["choices"]:
-                out["text"] += c["text"]
-                out["token_ids"] += c.get("token_ids") or []
-                out["logprobs"] += len((c.get("logprobs") or {}).get("tokens") or [])
-                if c.get("prompt_token_ids"):
-                    assert out["prompt_token_ids"] is None, "prompt_token_ids twice"
-                    out["prompt_token_ids"] = c["prompt_token_ids"]
-                if c.get("finish_reason"):
-                    out["finish"] = c["finish_reason"]
+           "done": done, "logprobs": 0}
+    for obj in events:
+        out["ids"].add(obj["id"])
+        if obj.get("usage"):
+            out["usage"] = obj["usage"]
+        for c in obj["choices"]:
+            out["text"] += c["text"]
+            out["token_ids"] += c.get("token_ids") or []
+            out["logprobs"] += len((c.get("logprobs") or {}).get("tokens") or [])
+            if c.get("prompt_token_ids"):
+                assert out["prompt_token_ids"] is None, "prompt_token_ids twice"
+                out["prompt_token_ids"] = c["prompt_token_ids"]
+            if c.get("finish_reason"):
+                out["finish"] = c["finish_reason"]
     return out
 
 
@@ -235,36 +245,27 @@ def _chat(url: str, body: dict, rid: str) -> dict:
         return {"ids": {obj["id"]}, "content": c["message"]["content"], "token_ids": c.get("token_ids"),
                 "prompt_token_ids": obj.get("prompt_token_ids"), "finish": c["finish_reason"], "usage": obj["usage"],
                 "role": c["message"]["role"], "whole": json.dumps({**obj, "id": None, "created": None})}
+    events, done = _sse(url, "/v1/chat/completions", body, headers)
     out = {"ids": set(), "content": "", "token_ids": [], "prompt_token_ids": None, "finish": None, "usage": None,
-           "role": None, "done": False, "shapes": []}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            assert not out["done"], "an event after [DONE]"
-            if line == "data: [DONE]":
-                out["done"] = True
-                continue
-            obj = json.loads(line[6:])
-            assert "error" not in obj, obj
-            assert obj["object"] == "chat.completion.chunk", obj
-            out["ids"].add(obj["id"])
-            if obj.get("usage"):
-                out["usage"] = obj["usage"]
-                out["shapes"].append(("usage", _shape(obj)))
-            if out["role"] is None:  # vLLM's first chunk: the role, empty content, the prompt's ids
-                out["role"] = obj["choices"][0]["delta"]
-                out["prompt_token_ids"] = obj.get("prompt_token_ids")
-                out["shapes"].append(("role", _shape(obj)))
-                continue
-            for c in obj["choices"]:
-                assert "role" not in c["delta"], "a role after the first chunk"
-                out["content"] += c["delta"].get("content") or ""
-                out["token_ids"] += c.get("token_ids") or []
-                if c.get("finish_reason"):
-                    out["finish"] = c["finish_reason"]
-                    out["shapes"].append(("finish", _shape(obj)))
+           "role": None, "done": done, "shapes": []}
+    for obj in events:
+        assert obj["object"] == "chat.completion.chunk", obj
+        out["ids"].add(obj["id"])
+        if obj.get("usage"):
+            out["usage"] = obj["usage"]
+            out["shapes"].append(("usage", _shape(obj)))
+        if out["role"] is None:  # vLLM's first chunk: the role, empty content, the prompt's ids
+            out["role"] = obj["choices"][0]["delta"]
+            out["prompt_token_ids"] = obj.get("prompt_token_ids")
+            out["shapes"].append(("role", _shape(obj)))
+            continue
+        for c in obj["choices"]:
+            assert "role" not in c["delta"], "a role after the first chunk"
+            out["content"] += c["delta"].get("content") or ""
+            out["token_ids"] += c.get("token_ids") or []
+            if c.get("finish_reason"):
+                out["finish"] = c["finish_reason"]
+                out["shapes"].append(("finish", _shape(obj)))
     return out
 
 
