@@ -410,6 +410,9 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "PYTHONUNBUFFERED": "1",
+        # a native crash (SIGILL, SIGSEGV, SIGABRT, SIGBUS, SIGFPE) prints "Fatal Python error: ..."
+        # and every thread's stack into the instance's log; the supervisor names the signal from it
+        "PYTHONFAULTHANDLER": "1",
     }
     if cfg.synthetic_shape:
         env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -14,6 +14,14 @@ import importlib.metadata as md
 import sys
 
 from pdtui.core.versions import installed_vllm
+from pdtui.engine import amx
+
+# Before anything imports torch or vLLM, in every engine process: the API server runs this module
+# as __main__, and multiprocessing's spawn/forkserver children (EngineCore, workers) re-import it as
+# __mp_main__ (a fork child inherits the grant). Without it, vLLM 0.32.0's AMX attention kernel dies
+# with SIGILL on AMX Xeons: pdtui.engine.amx says why.
+if __name__ in ("__main__", "__mp_main__"):
+    amx.request()
 
 
 def _patch_metadata() -> None:
