@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from pdtui.core import death as death_words
 from pdtui.core import logparse
 from pdtui.core.config import LaunchSpec
 from pdtui.core.events import ConnectorEvent, Event, InstanceStateChanged, LogLine
@@ -97,8 +98,19 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
 
 
 def is_alive(pid: int) -> bool:
-    st = proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
+    """Running, and not on its way out: a zombie, or a process the kernel is tearing down
+    (PF_EXITING in /proc/<pid>/stat's flags), is dead. A killed process with a large or
+    NIXL-registered KV pool can take seconds to release its memory before it is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    fields = raw[raw.rfind(b")") + 2:].split()
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
+
+
+PF_EXITING = 0x4
 
 
 def _cmdline(pid: int) -> str:
@@ -438,19 +450,20 @@ class Instance:
         tick = 0
         while proc.returncode is None and self.death is None:
             dead = [(p, t) for p, t in self.members.items() if not is_alive(p)]
-            if dead:
+            if dead and self._expected_exit is None:
                 p, t = dead[0]
                 self.death = f"its {t} (pid {p}) died"
+                self.death += await self._cause(p, None)
                 break
             if tick % 4 == 0:  # new engine processes appear during start-up: look once a second
                 with contextlib.suppress(OSError):
                     self.members.update(engine_processes(pid))
             tick += 1
             await asyncio.sleep(WATCH_INTERVAL_S)
-        if proc.returncode is not None and self.death is None:
+        if proc.returncode is not None and self.death is None and self._expected_exit is None:
             code = proc.returncode
-            sig = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
-            self.death = f"its API server (pid {pid}) exited with {sig}"
+            status = (-code) if code < 0 else (code << 8)
+            self.death = f"its API server (pid {pid}) exited" + await self._cause(pid, status)
         if self._expected_exit is None:
             # Say so at once: the proxy stops sending to it and ends its streams now, not after
             # the clean-up below (a process with GiBs of KV pool takes a while to be torn down).
@@ -468,8 +481,14 @@ class Instance:
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout=1.0)
             self._reader.cancel()
         if self._log_file is not None:
+            code = proc.returncode
+            if self._expected_exit is not None:
+                end = f"stopped as pdtui asked ({self._expected_exit}); the API server exited with " + (
+                    death_words.describe_status(-code if code < 0 else code << 8) if code is not None else "an unknown status")
+            else:
+                end = f"DIED: {self.death}"
             with contextlib.suppress(OSError, ValueError):
-                self._log_file.write(f"===== pdtui: {self.name} ended: {self.death}\n")
+                self._log_file.write(f"===== pdtui: {self.name} {end}\n")
                 self._log_file.close()
             self._log_file = None
         code = proc.returncode
@@ -480,6 +499,38 @@ class Instance:
                 how += f" (signal {signal.Signals(-code).name})"
             self._set_state("exited", how, exit_code=code)
         self._exited.set()
+
+    async def _cause(self, pid: int, status: int | None) -> str:
+        """How ``pid`` died, in words, for ``self.death``: ``" with signal SIGILL (illegal
+        instruction: ...) in cpu_attention_with_kv_cache (vllm/_custom_ops.py:1234)"``. ``status``:
+        its wait status when pdtui reaped it (the API server); else read from /proc while it is a
+        zombie, before vLLM reaps it (bounded: 0.3 s), and from the crash report in the log."""
+        for _ in range(6):
+            if status is not None:
+                break
+            status = death_words.wait_status(pid)
+            if status is None:
+                await asyncio.sleep(0.05)
+        sig = death_words.signal_name(status & 0x7F) if status is not None and status & 0x7F else None
+        crash = None
+        if sig is None or sig in ("SIGILL", "SIGSEGV", "SIGABRT", "SIGBUS", "SIGFPE"):
+            # faulthandler wrote its report before the signal ended the process; the log reader
+            # may be a moment behind (bounded)
+            for _ in range(6):
+                crash = death_words.crash_report(self.log_tail)
+                if crash is not None:
+                    break
+                await asyncio.sleep(0.05)
+        if sig == "SIGKILL":
+            return " with signal " + await asyncio.to_thread(death_words.killed_words, pid)
+        if sig is not None:
+            where = f" in {crash.where}" if crash is not None and crash.where and crash.signal == sig else ""
+            return f" with signal {death_words.words(sig)}{where}"
+        if status is not None:
+            return f" with {death_words.describe_status(status)}"
+        if crash is not None:
+            return f": {crash} (its crash report in the log)"
+        return " (its status was reaped by vLLM before pdtui read it; no crash report in the log)"
 
     async def wait_exit(self, timeout: float | None = None) -> int | None:
         await asyncio.wait_for(self._exited.wait(), timeout)

@@ -7,6 +7,7 @@ usage: fake_server.py PORT MODE
   family       like ready, with a grandchild titled like vLLM's engine core (VLLM::EngineCore) that
                holds the log pipe, as vLLM's does, leaves the process group, and shows no
                PDTUI_TAG (as a process renamed by setproctitle)
+  family-sigill  like family, but the grandchild dies of SIGILL after 1 s with faulthandler on
   listener-dies  like ready, but first prints the traceback of vLLM's NIXL handshake-listener
                thread dying on a taken port (the process lives on and answers /health)
 """
@@ -31,6 +32,14 @@ if mode == "family":
     # no PDTUI_TAG in its environment: vLLM's renamed processes (setproctitle) do not show theirs
     child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(600)",
                               "VLLM::EngineCore"], env={"PATH": os.environ.get("PATH", "")})
+    print(f"GRANDCHILD {child.pid}", flush=True)
+if mode == "family-sigill":
+    # the engine-core stand-in crashes on an instruction the CPU refuses, 1 s after start, with
+    # faulthandler on (as pdtui starts the engines): its report goes to the shared log pipe
+    child = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c",
+                              ("import os, signal, time\ndef cpu_attention_with_kv_cache():\n"
+                              "    time.sleep(1.0); os.kill(os.getpid(), signal.SIGILL)\n"
+                              "cpu_attention_with_kv_cache()"), "VLLM::EngineCore"])
     print(f"GRANDCHILD {child.pid}", flush=True)
 if mode == "listener-dies":
     print("Exception in thread nixl_handshake_listener:\nTraceback (most recent call last):\n"

@@ -169,6 +169,7 @@ def test_a_kill_from_outside_is_seen_within_2s_everything_goes_and_a_restart_wor
         exited = [e for e in events if isinstance(e, InstanceStateChanged) and e.state == "exited"][-1]
         assert "unexpectedly" in exited.detail
         assert ("API server" if victim == "api-server" else "VLLM::EngineCore") in exited.detail
+        assert "signal SIGKILL (killed" in exited.detail, exited.detail
         await _wait_until(lambda: not alive(api) and not alive(core), 2)
         # its port is free again, and a restart works
         check_port_free("127.0.0.1", inst.port, "test")
@@ -180,7 +181,8 @@ def test_a_kill_from_outside_is_seen_within_2s_everything_goes_and_a_restart_wor
     seen = run(go())
     print(f"\n[supervisor] {victim} killed from outside: seen after {seen * 1000:.0f} ms")
     log = (tmp_path / "D.log").read_text()
-    assert log.count("===== pdtui: D (decode) started") == 2 and "ended: its" in log
+    assert log.count("===== pdtui: D (decode) started") == 2 and "DIED: its" in log and "SIGKILL (killed" in log
+    assert "stopped as pdtui asked (stopped)" in log.splitlines()[-1]
 
 
 def test_the_reaper_kills_everything_when_pdtui_itself_is_killed(tmp_path):
@@ -259,3 +261,43 @@ def test_a_dead_side_channel_listener_ends_the_instance_with_its_cause():
     assert "Address already in use" in exited[0].detail
     assert not [e for e in events if isinstance(e, InstanceStateChanged) and e.state == "ready"]
     assert not alive(inst.pid)
+
+
+def test_a_crash_by_signal_is_named_in_words_with_where_it_happened(tmp_path):
+    """The engine core stand-in dies of SIGILL with faulthandler on (as on an AMX Xeon without the
+    tile permission): the exited event names the signal in words and the function it died in."""
+    events: list = []
+
+    async def go():
+        inst = make("family-sigill", events, log_dir=tmp_path)
+        await inst.start()
+        await asyncio.wait_for(inst.wait_exit(), 10)
+
+    run(go())
+    exited = [e for e in events if isinstance(e, InstanceStateChanged) and e.state == "exited"][-1]
+    assert "VLLM::EngineCore" in exited.detail, exited.detail
+    assert "SIGILL (illegal instruction" in exited.detail and "cpu_attention_with_kv_cache" in exited.detail, exited.detail
+    log = (tmp_path / "D.log").read_text()
+    assert "Fatal Python error: Illegal instruction" in log and "===== pdtui: D DIED: its VLLM::EngineCore" in log
+
+
+def test_death_words_read_crash_reports_and_the_kernel_oom_line(tmp_path):
+    from pdtui.core import death
+
+    lines = ["INFO ok", "Fatal Python error: Illegal instruction", "",
+             "Current thread 0x00007f (most recent call first):",
+             '  File "/x/site-packages/vllm/_custom_ops.py", line 3021 in cpu_attention_with_kv_cache',
+             '  File "/x/site-packages/vllm/v1/attention/backends/cpu_attn.py", line 400 in forward']
+    crash = death.crash_report(lines)
+    assert crash is not None and crash.signal == "SIGILL"
+    assert crash.where == "cpu_attention_with_kv_cache (vllm/_custom_ops.py:3021)"
+    vllm_line = [("(EngineCore pid=9) ERROR [multiproc_executor.py:316] Worker proc VllmWorker-0 died"
+                 " unexpectedly (exit code: -4), shutting down executor.")]
+    assert death.crash_report(vllm_line).signal == "SIGILL"
+    assert death.crash_report(["nothing here"]) is None
+    kmsg = tmp_path / "kmsg"  # a stand-in for /dev/kmsg: one record per line
+    kmsg.write_text("6,100,5,-;Out of memory: Killed process 4242 (VLLM::Worker) total-vm:9000kB\n")
+    assert "OOM killer" in death.killed_words(4242, str(kmsg)) and "4242" in death.killed_words(4242, str(kmsg))
+    assert "not by the OOM killer" in death.killed_words(4243, str(kmsg))
+    assert "not readable" in death.killed_words(4242, str(tmp_path / "missing"))
+    assert death.describe_status(9) == "signal SIGKILL (killed)" and death.describe_status(3 << 8) == "code 3"
