@@ -495,8 +495,12 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and not rt.control.down_requested:
             elapsed = starting.result()
-            print(f"pdtui: pair ready in {elapsed:.1f} s; proxy at {cfg.proxy_url} (Ctrl-C stops everything)",
-                  file=sys.stderr, flush=True)
+            if rt.broken is not None:  # up, but the warm-up says the pair does not work
+                print(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {cfg.proxy_url}"
+                      " serving anyway (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+            else:
+                print(f"pdtui: pair ready in {elapsed:.1f} s (warm-up through P and D included); proxy at"
+                      f" {cfg.proxy_url} (Ctrl-C stops everything)", file=sys.stderr, flush=True)
             await stopping
         else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()

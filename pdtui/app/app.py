@@ -36,7 +36,7 @@ from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, Reques
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
 from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
-from pdtui.core.supervisor import PortInUse
+from pdtui.core.supervisor import PortInUse, StartupFailed
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
 GPU_INTERVAL_S = 1.0
@@ -89,6 +89,8 @@ class PdtuiApp(App[int]):
         self.snapshot: Snapshot = self.state.snapshot()
         self.load_totals = {"ok": 0, "errors": 0}
         self.ended = False
+        self.start_error: str | None = None
+        """Why the start failed (an engine died during start-up or the warm-up), or None."""
         self._events = runtime.subscribe()
         self.control: Control = getattr(runtime, "control", None) or Control(runtime)
         """kill/restart/down: the same object `pdtui ctl` reaches through the control socket."""
@@ -172,6 +174,11 @@ class PdtuiApp(App[int]):
             await self.runtime.start()
         except PortInUse as e:  # another pdtui took the ports meanwhile: never stay open over it
             self.exit(return_code=1, message=f"pdtui: {e}")
+        except StartupFailed as e:  # an engine died during start-up or the warm-up: everything
+            # was stopped; the dashboard stays open on the cause and the logs (r/R start again)
+            self.start_error = str(e)
+            first = self.start_error.splitlines()[0]
+            self.show_notice(f"start-up failed: {first}", "error")
 
     @on(EventsFolded)
     def events_folded(self) -> None:

@@ -115,11 +115,17 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
     def snap() -> Snapshot:
         return app.snapshot
 
-    async def until(what: str, pred: Callable[[Snapshot], bool], timeout: float) -> None:
+    async def until(what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
+        """Wait for ``pred``; bounded. ``starting``: a start that failed (an engine died during
+        start-up or the warm-up) or a pair that came up broken ends the wait at once, with the cause."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not app.is_running:
                 raise DrillFailed(f"{what}: the dashboard was closed")
+            if starting and app.start_error:
+                raise DrillFailed(f"start-up failed: {app.start_error.splitlines()[0]}")
+            if starting and snap().header.broken:
+                raise DrillFailed(f"the pair came up broken: {snap().header.broken}")
             if pred(snap()):
                 return
             await pilot.pause(0.2)
@@ -167,7 +173,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
     try:
         await until("both instances ready and the warm-up done",
                     lambda s: s.header.ready_s is not None and bool(s.instances)
-                    and all(i.state == "ready" for i in s.instances), ready_timeout_s)
+                    and all(i.state == "ready" for i in s.instances), ready_timeout_s, starting=True)
         p, d = role("prefill"), role("decode")
         await done("ready", f"pair ready in {snap().header.ready_s:.1f} s (warm-up included)")
 

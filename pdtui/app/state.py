@@ -21,6 +21,7 @@ from pdtui.core.events import (
     LogLine,
     MetricsSampled,
     Notice,
+    PairBroken,
     PairReady,
     ProxyStarted,
     RequestTraced,
@@ -215,6 +216,8 @@ class Header:
     block_size: int = 0
     started_t: float | None = None
     ready_s: float | None = None
+    broken: str | None = None
+    """Why the pair is up but not working (PairBroken: the warm-up's outcome), or None."""
     stopped: str | None = None
 
 
@@ -364,7 +367,9 @@ class DashState:
         elif isinstance(ev, Notice):
             self.notices.append(ev)
         elif isinstance(ev, PairReady):
-            self.header = dataclasses.replace(self.header, ready_s=ev.elapsed_s)
+            self.header = dataclasses.replace(self.header, ready_s=ev.elapsed_s, broken=None)
+        elif isinstance(ev, PairBroken):
+            self.header = dataclasses.replace(self.header, broken=ev.reason)
         elif isinstance(ev, RuntimeStopped):
             self.header = dataclasses.replace(self.header, stopped=ev.reason or "stopped")
 

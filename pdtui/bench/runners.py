@@ -58,11 +58,11 @@ from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
 from pdtui.core import connectors, scrape
 from pdtui.core.config import PairConfig
-from pdtui.core.events import EngineSpan, Event, InstanceStateChanged, Notice, PairReady, RequestTraced
+from pdtui.core.events import EngineSpan, Event, InstanceStateChanged, Notice, PairBroken, PairReady, RequestTraced
 from pdtui.core.proxy import ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.runtime import Runtime
-from pdtui.core.supervisor import Instance
+from pdtui.core.supervisor import Instance, StartupFailed
 
 ARMS = ("single", "single-proxied", "pair")
 """The default: the pair, and the single instance both straight and through the same proxy."""
@@ -721,6 +721,10 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                 arm.warmup.append({"instance": "+".join(rt.instances), "via": "proxy (the Runtime's warm-up)",
                                    "outcome": ev.warmup_outcome})
                 reporter.phase(name, f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
+            elif isinstance(ev, PairBroken):
+                arm.warmup.append({"instance": "+".join(rt.instances), "via": "proxy (the Runtime's warm-up)",
+                                   "outcome": ev.warmup_outcome})
+                reporter.phase(name, f"pair BROKEN after {ev.elapsed_s:.1f} s: {ev.reason}")
             elif isinstance(ev, Notice):
                 arm.notices.append(f"{ev.level}: {ev.text}")
 
@@ -730,10 +734,12 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
     async def start() -> float:
         nonlocal before
         try:
-            ready = await rt.start()
+            ready = await rt.start()  # WarmupFailed (a StartupFailed) at once if an engine died
         finally:
             if rt.proxy.pid:
                 arm.pids.append(rt.proxy.pid)
+        if rt.broken is not None:  # no measurement of a pair whose KV path does not work
+            raise StartupFailed(f"the pair came up broken: {rt.broken}")
         before = await _scrape_d(rt)
         return ready
 

@@ -188,6 +188,20 @@ class PairReady(Event):
 
 
 @dataclass(frozen=True)
+class PairBroken(Event):
+    """Every instance answered /health, but the warm-up says the pair does not work: an engine
+    died during it (the start then fails), or the request ended other than as a P/D transfer
+    (the pair stays up, and says so)."""
+
+    kind: ClassVar[str] = "pair_broken"
+    elapsed_s: float
+    reason: str
+    instance: str | None = None
+    """The instance that died, if one did."""
+    warmup_outcome: str | None = None
+
+
+@dataclass(frozen=True)
 class EngineSpan(Event):
     """One request as a vLLM engine traced it ("llm_request", exported over OTLP with
     --otlp-traces-endpoint; pdtui.core.otlp says what each field measures). Milliseconds."""
@@ -227,6 +241,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Notice,
         ProxyStarted,
         PairReady,
+        PairBroken,
         RuntimeStopped,
         EngineSpan,
     )

@@ -33,6 +33,7 @@ from pdtui.core.events import (
     InstanceStateChanged,
     MetricsSampled,
     Notice,
+    PairBroken,
     PairReady,
     RequestTraced,
     RuntimeStarted,
@@ -42,7 +43,7 @@ from pdtui.core.otlp import OtlpReceiver
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
 from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
-from pdtui.core.supervisor import Instance, StartupFailed, check_port_free
+from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free
 from pdtui.core.versions import installed_vllm
 
 WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handshake. " * 2
@@ -88,6 +89,7 @@ class Runtime:
         self._closed = False
         self._pool_warned = False
         self._tcp_warned = False
+        self._warmup_error: str | None = None
         self._transport_seen = False
         """UCX printed which transport reads the KV (its table): no guessing from throughput then."""
         self.t_start: float | None = None
@@ -164,13 +166,64 @@ class Runtime:
                 self._tasks.append(asyncio.create_task(self._scrape(inst), name=f"{inst.name}-scrape"))
                 self._tasks.append(asyncio.create_task(self._watch(inst), name=f"{inst.name}-watch"))
             await asyncio.gather(*(inst.wait_ready() for inst in self.instances.values()))
+            outcome, broken = await self._warmup_or_death() if self.cfg.warmup else (None, None)
         except BaseException:
             await self.aclose(reason="start-up failed")
             raise
-        outcome = await self.warmup() if self.cfg.warmup else None
         elapsed = time.monotonic() - self.t_start
-        self.emit(PairReady(elapsed_s=round(elapsed, 3), warmup_outcome=outcome))
+        if broken is not None:
+            self.emit(PairBroken(elapsed_s=round(elapsed, 3), reason=broken, warmup_outcome=outcome))
+        else:
+            self.emit(PairReady(elapsed_s=round(elapsed, 3), warmup_outcome=outcome))
         return elapsed
+
+    @property
+    def broken(self) -> str | None:
+        """Why the pair is up but not working (the warm-up's outcome), or None."""
+        for ev in reversed(self.history):
+            if isinstance(ev, PairBroken):
+                return ev.reason
+            if isinstance(ev, PairReady):
+                return None
+        return None
+
+    def _dead(self) -> Instance | None:
+        return next((i for i in self.instances.values() if i.death is not None or not i.alive), None)
+
+    async def _warmup_or_death(self) -> tuple[str | None, str | None]:
+        """The warm-up request, raced against the instances' deaths: (its outcome, why the pair is
+        broken or None). An instance that dies during it (seen within the watcher's 0.25 s) fails
+        the start at once with its cause (WarmupFailed), whatever the request is still doing; one
+        that dies just after a failed answer is waited for a moment (bounded), so the cause named
+        is the death, not the error it caused."""
+        warm = asyncio.create_task(self.warmup(), name="warm-up")
+        try:
+            while not warm.done():
+                if (dead := self._dead()) is not None:
+                    raise WarmupFailed(self._death_words(dead, "during the warm-up request"))
+                await asyncio.wait({warm}, timeout=0.1)
+            outcome = warm.result()
+            if outcome != "pair":
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    if (dead := self._dead()) is not None:
+                        raise WarmupFailed(self._death_words(dead, "during the warm-up request"))
+                    await asyncio.sleep(0.1)
+        finally:
+            if not warm.done():
+                warm.cancel()
+                with contextlib.suppress(BaseException):
+                    await warm
+        if outcome == "pair":
+            return outcome, None
+        why = self._warmup_error or f"it ended as {outcome}"
+        return outcome, (f"the warm-up request through the pair failed: {why}; the KV transfer path is"
+                         f" not working (logs: {self.log_dir})")
+
+    def _death_words(self, inst: Instance, when: str) -> str:
+        # the death's cause (signal, crash site) is settled a moment after the exit is seen
+        return (f"{inst.name} ({inst.role}) died {when}: {inst.death or 'its API server exited'}."
+                f" Log: {inst.log_path}")
 
     async def warmup(self, timeout_s: float = 180.0) -> str | None:
         """One P/D request through the proxy, so that the first real one doesn't pay the handshake."""
@@ -188,17 +241,20 @@ class Runtime:
                     got.append(ev)
                     return
 
+        self._warmup_error = None
         try:
             await asyncio.wait_for(asyncio.gather(send(), wait_trace()), timeout_s)
         except (TimeoutError, httpx.HTTPError) as e:
-            self.emit(Notice(level="warning", text=f"warm-up request failed: {type(e).__name__}: {e}"))
+            self._warmup_error = f"{type(e).__name__}: {e}"
+            self.emit(Notice(level="warning", text=f"warm-up request failed: {self._warmup_error}"))
             return None
         finally:
             await events.aclose()
         trace = got[0]
         if trace.outcome != "pair":
-            self.emit(Notice(level="warning", text=f"warm-up request ended as {trace.outcome}:"
-                             f" {trace.fallback_reason or trace.error}; the KV transfer path is not working"))
+            self._warmup_error = f"it ended as {trace.outcome}: {trace.fallback_reason or trace.error}"
+            self.emit(Notice(level="warning", text=f"warm-up request {self._warmup_error};"
+                             " the KV transfer path is not working"))
         return trace.outcome
 
     async def _watch(self, inst: Instance) -> None:

@@ -38,6 +38,11 @@ class StartupFailed(RuntimeError):
     """An instance died or never became ready; the message carries the log tail."""
 
 
+class WarmupFailed(StartupFailed):
+    """Every instance answered /health, then one died during the warm-up request: the start
+    failed, and the message names the instance and how it died."""
+
+
 class PortInUse(RuntimeError):
     pass
 
@@ -452,8 +457,8 @@ class Instance:
             dead = [(p, t) for p, t in self.members.items() if not is_alive(p)]
             if dead and self._expected_exit is None:
                 p, t = dead[0]
-                self.death = f"its {t} (pid {p}) died"
-                self.death += await self._cause(p, None)
+                cause = await self._cause(p, None)  # bounded: 0.6 s at most
+                self.death = f"its {t} (pid {p}) died{cause}"
                 break
             if tick % 4 == 0:  # new engine processes appear during start-up: look once a second
                 with contextlib.suppress(OSError):

@@ -122,8 +122,9 @@ def pair() -> Iterator[RuntimeThread]:
     rt = RuntimeThread(cfg)
     try:
         t0 = time.monotonic()
-        elapsed = rt.call(rt.rt.start(), 600)
-        print(f"\n[e2e] CPU pair ready (warm-up included) in {elapsed:.1f} s (wall {time.monotonic() - t0:.1f} s)")
+        elapsed = rt.call(rt.rt.start(), 600)  # WarmupFailed at once if an engine died during the warm-up
+        assert rt.rt.broken is None, f"the e2e pair came up broken: {rt.rt.broken}"
+        print(f"\n[e2e] CPU pair ready (warm-up through P and D: pair) in {elapsed:.1f} s (wall {time.monotonic() - t0:.1f} s)")
         yield rt
     finally:
         rt.close()

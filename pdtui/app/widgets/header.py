@@ -63,7 +63,9 @@ class PairHeader(Static):
         up = self.uptime()
         if up is not None:
             t.append(f"up {fmt_duration(up)} ", style="bold")
-        if h.ready_s is not None:
+        if h.broken is not None:  # up, but the warm-up says the pair does not work
+            t.append("BROKEN ", style="bold red")
+        elif h.ready_s is not None:
             t.append(f"ready {h.ready_s:.0f}s ", style="green")
         if h.stopped:
             t.append(f"STOPPED ({h.stopped}) ", style="bold red")
