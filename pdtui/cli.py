@@ -122,10 +122,34 @@ def _add_ctl_args(ctl: argparse.ArgumentParser) -> None:
                      help="restart: give up waiting after this many seconds (default: the instance's ready timeout)")
 
 
+class _Version(argparse.Action):
+    """--version: pdtui's and the engines' versions (looked up only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
+def version_text() -> str:
+    """pdtui's version, then the engines' (vLLM, NIXL, torch) from their metadata, none imported."""
+    import platform
+
+    import pdtui
+    from pdtui.core import versions
+
+    lines = [f"pdtui {pdtui.__version__} ({Path(pdtui.__file__).parent})"]
+    lines += [f"{dist} {ver or 'not installed'}" for dist, ver in versions.engines()]
+    return "\n".join([*lines, f"python {platform.python_version()}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdtui", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action=_Version, help="print pdtui's and the engines' versions, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     up = sub.add_parser("up", help="launch P + D + the proxy", description=(
