@@ -4,6 +4,8 @@
 config`` (which reports ports in use as a note, not a refusal: it launches nothing). It checks:
 
 - ``device``: "cuda" on a machine with no NVIDIA GPU (``config.has_gpu()``);
+- ``model``: a synthetic shape, a path that exists (a folder with a config.json or params.json),
+  or a Hugging Face id in the local hub cache (offline: pdtui downloads nothing);
 - ``connector``: one pdtui knows (``pdtui.core.connectors.CONNECTORS``: its environment, log
   lines, metrics and proxy contract are what pdtui sets, parses, shows and checks): NixlConnector;
 - ``kv_cache_memory_bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``): the KV every instance asks for, summed,
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from pdtui.core import config as config_mod
 from pdtui.core import connectors
+from pdtui.core import model as model_mod
 from pdtui.core.config import ConfigError, PairConfig
 
 GiB = 1 << 30
@@ -89,6 +92,7 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
                                " it knows; another connector would launch and be silently wrong). Set connector ="
                                f" \"{connectors.NIXL.name}\"."))
             break
+    out += _model(cfg)
     if cfg.device == "cpu":
         out += _cpu_memory(cfg, mem_available)
     elif gpu_here:
@@ -96,6 +100,38 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
     if check_in_use:
         out += _in_use(cfg, control_socket)
     return out
+
+
+# ----- the model ---------------------------------------------------------------------------------
+
+
+def _engine_env(cfg: PairConfig) -> dict[str, str]:
+    """The environment the engines get, as far as the pair decides it (instances add theirs)."""
+    return {**os.environ, **cfg.env}
+
+
+def _model(cfg: PairConfig) -> list[Problem]:
+    """A model that is not here: not a shape, no such path, not in the local Hugging Face cache.
+    vLLM would look it up on the hub and fail seconds into the start (``PDTUI_MODEL=nonexistent-model``:
+    9 s); pdtui asks nothing of the network."""
+    inst = cfg.instances[0]
+    name = str(cfg.resolved(inst, "model"))
+    env = _engine_env(cfg)
+    if model_mod.locate(name, env) is not None:
+        return []
+    where = _in(cfg) if "model" in inst.overrides else _from(cfg, "model")
+    if Path(name).is_dir():
+        return [Problem("model", f"model = {name!r} ({where}): a folder, but not a model's: it has no"
+                        f" {' or '.join(model_mod.MODEL_FOLDER_FILES)}. Give the folder that holds the model's"
+                        f" config.json, a synthetic shape ({', '.join(model_mod.SHAPES)}), or a Hugging Face id"
+                        " in the local cache.")]
+    hub = model_mod.hf_hub_cache(env)
+    as_id = (f", and not in the local Hugging Face cache ({hub} has no models--{name.replace('/', '--')}"
+             " with a config.json; HF_HUB_CACHE / HF_HOME move it)") if not name.startswith(("/", ".", "~")) else ""
+    return [Problem("model", f"model = {name!r} ({where}): not a synthetic shape, no such path{as_id}. pdtui"
+                    " looks only here and downloads nothing. Give a synthetic shape"
+                    f" ({', '.join(model_mod.SHAPES)}), a model folder (with its config.json), or a Hugging Face"
+                    f" id downloaded first (`hf download {name if name.count('/') == 1 else 'ORG/NAME'}`).")]
 
 
 # ----- memory ------------------------------------------------------------------------------------

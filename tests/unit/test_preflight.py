@@ -6,6 +6,7 @@ described by the test (GPUs, free memory)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from pdtui.core import config as config_mod
+from pdtui.core import model as model_mod
 from pdtui.core.control import Control, ControlServer
-from pdtui.core.preflight import Gpu, PreflightError, problems
+from pdtui.core.preflight import Gpu, PreflightError, Problem, problems
 from tests.fakes import free_port
 from tests.unit.test_control import StubRuntime
 
@@ -37,9 +39,10 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def pdtui(home: Path, *args: str, timeout: float = 30, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess[str], float]:
-    env = {**os.environ, "PDTUI_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    env.pop("PDTUI_CONNECTOR", None)
+def pdtui(home: Path, *args: str, timeout: float = 30, cwd: Path = ROOT,
+          env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PDTUI_")}, "PDTUI_HOME": str(home),
+           "PYTHONPATH": str(ROOT), **(env or {})}
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "pdtui", *args], capture_output=True, text=True, timeout=timeout,
                          env=env, cwd=cwd, stdin=subprocess.DEVNULL, check=False)
@@ -212,3 +215,63 @@ def test_ports_in_the_ephemeral_range_are_named_in_a_warning():
     (text,) = ephemeral_warnings(shifted, (32768, 60999))
     assert "D side_channel_port 36700" in text and "proxy_port 39000" in text and "32768-60999" in text
     assert ephemeral_warnings(config_mod.shift_ports(cfg, 20000), (32768, 60999)) == []
+
+
+# ----- the model: a shape, a model folder, or a Hugging Face id already here (no network) ---------
+
+
+def test_a_model_that_is_not_here_is_refused_naming_the_field_and_its_source(short_tmp: Path) -> None:
+    """It used to pass config and preflight and fail 9 s into the start."""
+    hub = short_tmp / "hub"
+    env = {"PDTUI_MODEL": "nonexistent-model", "HF_HUB_CACHE": str(hub)}
+    for cmd in (["up", "--headless"], ["config"]):
+        out, took = pdtui(short_tmp, *cmd, env=env)
+        assert_refused(out, took, "model = 'nonexistent-model' (from PDTUI_MODEL)", "not a synthetic shape",
+                       f"{hub} has no models--nonexistent-model", "tiny, qwen2.5-0.5b", "hf download ORG/NAME")
+    path = profile_with(short_tmp, "nomodel", **{'model = "tiny"': 'model = "org/absent"'})
+    out, took = pdtui(short_tmp, "up", "--headless", "--profile", str(path), env={"HF_HUB_CACHE": str(hub)})
+    assert_refused(out, took, f"model = 'org/absent' (set in {path})", "models--org--absent", "hf download org/absent")
+
+
+def hub_with(hub: Path, repo: str, config: dict[str, object] | None = None) -> Path:
+    """A Hugging Face hub cache holding ``repo`` as huggingface_hub lays it out."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    (snap / "config.json").write_text(json.dumps(config or {}))
+    return snap
+
+
+def model_fields(cfg: config_mod.PairConfig) -> list[Problem]:
+    return [p for p in problems(cfg, check_in_use=False, mem_available=64 * GiB) if p.field == "model"]
+
+
+def test_a_model_is_accepted_as_a_shape_a_folder_or_a_cached_hub_id(short_tmp: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = cfg_of("cpu")
+    assert model_fields(cfg) == []  # tiny
+    hub = short_tmp / "hub"
+    snap = hub_with(hub, "Qwen/Qwen2.5-0.5B-Instruct")
+    config_mod.apply_overrides(cfg, {"model": "Qwen/Qwen2.5-0.5B-Instruct"}, source=lambda n: "--model")
+    assert [p.text.split(":")[0] for p in model_fields(cfg)] == ["model = 'Qwen/Qwen2.5-0.5B-Instruct' (from --model)"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert model_fields(cfg) == []
+    assert model_mod.locate("Qwen/Qwen2.5-0.5B-Instruct") == model_mod.Located("hf-cache", snap)
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(short_tmp))  # $HF_HOME/hub
+    assert model_fields(cfg) == []
+    monkeypatch.delenv("HF_HOME")
+    cfg.env["HF_HUB_CACHE"] = str(hub)  # the engines' environment, set in the profile
+    assert model_fields(cfg) == []
+
+    folder = short_tmp / "mine"
+    folder.mkdir()
+    config_mod.apply_overrides(cfg, {"model": str(folder)}, source=lambda n: "PDTUI_MODEL")
+    (found,) = model_fields(cfg)  # a folder, but not a model's
+    assert f"model = '{folder}' (from PDTUI_MODEL): a folder, but not a model's" in found.text
+    (folder / "config.json").write_text("{}")
+    assert model_fields(cfg) == []
