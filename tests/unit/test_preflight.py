@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 
 from pdtui.core import config as config_mod
+from pdtui.core import cpu, versions
 from pdtui.core import model as model_mod
 from pdtui.core.control import Control, ControlServer
-from pdtui.core.preflight import Gpu, PreflightError, Problem, problems
+from pdtui.core.preflight import Gpu, PreflightError, Problem, problems, report
 from tests.fakes import free_port
+from tests.unit.test_amx import EPYC, SAPPHIRE
 from tests.unit.test_control import StubRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,7 +226,7 @@ def test_a_model_that_is_not_here_is_refused_naming_the_field_and_its_source(sho
     """It used to pass config and preflight and fail 9 s into the start."""
     hub = short_tmp / "hub"
     env = {"PDTUI_MODEL": "nonexistent-model", "HF_HUB_CACHE": str(hub)}
-    for cmd in (["up", "--headless"], ["config"]):
+    for cmd in (["up", "--headless"], ["config"], ["preflight"]):
         out, took = pdtui(short_tmp, *cmd, env=env)
         assert_refused(out, took, "model = 'nonexistent-model' (from PDTUI_MODEL)", "not a synthetic shape",
                        f"{hub} has no models--nonexistent-model", "tiny, qwen2.5-0.5b", "hf download ORG/NAME")
@@ -275,3 +277,66 @@ def test_a_model_is_accepted_as_a_shape_a_folder_or_a_cached_hub_id(short_tmp: P
     assert f"model = '{folder}' (from PDTUI_MODEL): a folder, but not a model's" in found.text
     (folder / "config.json").write_text("{}")
     assert model_fields(cfg) == []
+
+
+# ----- what the engines will do here: CPU features, attention path, AMX ------------------------------
+
+
+def report_of(cfg: config_mod.PairConfig, cpuinfo: str) -> dict[str, str]:
+    return dict(report(cfg, cpuinfo=cpu.read(cpuinfo, arch="x86_64"), environ={}, mem_available=8 * GiB))
+
+
+def test_the_report_names_the_cpu_features_and_the_attention_path_of_the_cpu_profile() -> None:
+    cfg = cfg_of("cpu")
+    epyc = report_of(cfg, EPYC)
+    assert epyc["cpu"] == "AMD EPYC (x86_64): AVX-512 no, AMX no, bf16 in hardware no, AVX2 yes"
+    assert epyc["attention"].startswith("vec (AVX2 vectors; no AMX on this CPU); for dtype bfloat16"
+                                        " (\"auto\": the model's), block 128 (set in launch/cpu.toml), head size 64 (tiny)")
+    assert "amx" not in epyc  # nothing is asked of Linux on a CPU without AMX
+    assert epyc["kv cache"].startswith("P 256.0 MiB = 262,144 tokens, D 256.0 MiB = 262,144 tokens (1,024 B per token")
+    assert epyc["model"].startswith("tiny: a synthetic shape")
+    dist, ver = versions.installed_vllm() or ("vllm", None)
+    assert epyc["engines"].startswith(f"{dist} {ver or 'not installed'}, nixl ")
+
+    xeon = report_of(cfg, SAPPHIRE)
+    assert "AVX-512 yes, AMX yes (amx_tile, amx_bf16, amx_int8), bf16 in hardware yes" in xeon["cpu"]
+    assert xeon["attention"].startswith("amx (AMX tiles")
+    assert "pdtui asks Linux for the AMX tile state (arch_prctl XTILEDATA) in every engine process" in xeon["amx"]
+    assert "without it D's first decode dies with SIGILL" in xeon["amx"] and "PDTUI_AMX_REQUEST=0 turns it off" in xeon["amx"]
+
+    cfg.env[cpu.AMX_REQUEST_ENV] = "0"  # PDTUI_ENV='{"PDTUI_AMX_REQUEST": "0"}': reproduce the crash
+    assert report_of(cfg, SAPPHIRE)["amx"].startswith("PDTUI_AMX_REQUEST=0 for P, D: pdtui does NOT ask")
+    del cfg.env[cpu.AMX_REQUEST_ENV]
+    config_mod.apply_overrides(cfg, {"dtype": "float16"}, source=lambda n: "PDTUI_DTYPE")
+    fp16 = report_of(cfg, SAPPHIRE)
+    assert fp16["attention"].startswith("vec (AVX-512 vectors; dtype float16, AMX needs bfloat16); for dtype float16"
+                                        " (from PDTUI_DTYPE)")
+    assert "harmless where the amx kernel is not taken" in fp16["amx"]
+    assert "(1,024 B per token" in fp16["kv cache"]
+
+
+def test_the_report_reads_dtype_and_head_size_from_the_models_config(short_tmp: Path) -> None:
+    folder = short_tmp / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({  # head size 80: vLLM takes vec16, AMX or not
+        "num_hidden_layers": 4, "hidden_size": 160, "num_attention_heads": 2, "torch_dtype": "float32"}))
+    cfg = cfg_of("cpu")
+    config_mod.apply_overrides(cfg, {"model": str(folder)}, source=lambda n: "--model")
+    got = report_of(cfg, SAPPHIRE)
+    assert got["attention"].startswith("vec16 (head size 80 is not a multiple of 32); for dtype bfloat16 (\"auto\":"
+                                       " the model's float32, taken to bfloat16 on the CPU as vLLM does)")
+    assert got["model"] == f"{folder}: a local model folder"
+    # 256 MiB / (2,560 B x block 128) = 819.2: whole blocks, 819 x 128 tokens, as the engine counts them
+    assert got["kv cache"].startswith("P 256.0 MiB = 104,832 tokens, D 256.0 MiB = 104,832 tokens (2,560 B per"
+                                      " token: 4 layers x 2 KV heads x 80 head_dim x 2 (K,V) x 2 B bfloat16)")
+    one_gpu = dict(report(cfg_of("one-gpu"), environ={}))
+    assert "cpu" not in one_gpu and "attention" not in one_gpu  # the CPU's kernels matter on device cpu only
+
+
+def test_pdtui_preflight_prints_this_machines_report_and_passes(short_tmp: Path) -> None:
+    out, _ = pdtui(short_tmp, "preflight", "--port-offset", str(free_offset()))
+    assert out.returncode == 0, out.stderr
+    here = cpu.read()
+    assert f"  cpu        {here.model} ({here.arch}): {here.features()}\n" in out.stdout
+    assert "  attention  " in out.stdout and "  engines    " in out.stdout
+    assert out.stdout.rstrip().endswith("ok: nothing here stops this pair (`pdtui up` would start it)")
