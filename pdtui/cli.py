@@ -32,6 +32,7 @@ examples:
   pdtui up --headless --record run.jsonl   events as JSON lines, and a recording for replay
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
+  pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
   pdtui bench --quick                      single instance vs the pair, same prompts: toll and purchase
@@ -122,10 +123,34 @@ def _add_ctl_args(ctl: argparse.ArgumentParser) -> None:
                      help="restart: give up waiting after this many seconds (default: the instance's ready timeout)")
 
 
+class _Version(argparse.Action):
+    """--version: pdtui's and the engines' versions (looked up only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
+def version_text() -> str:
+    """pdtui's version, then the engines' (vLLM, NIXL, torch) from their metadata, none imported."""
+    import platform
+
+    import pdtui
+    from pdtui.core import versions
+
+    lines = [f"pdtui {pdtui.__version__} ({Path(pdtui.__file__).parent})"]
+    lines += [f"{dist} {ver or 'not installed'}" for dist, ver in versions.engines()]
+    return "\n".join([*lines, f"python {platform.python_version()}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdtui", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action=_Version, help="print pdtui's and the engines' versions, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     up = sub.add_parser("up", help="launch P + D + the proxy", description=(
@@ -176,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="1 = real time, 10 = ten times faster, 0 = as fast as possible (default 1)")
     rep.add_argument("--max-gap", type=float, default=None,
                      help="cap one wait between events at this many seconds (after --speed)")
+
+    pre = sub.add_parser("preflight", help="check the pair against this machine, and say what the engines will do",
+                         description=(
+        "Run the checks `pdtui up` runs before it starts anything (the device, the model, the connector, the KV"
+        " memory, the ports, another pdtui on the proxy port), and print what the engines will do here: the"
+        " CPU's features and the attention kernel vLLM will take (device cpu), the AMX tile-state request, the"
+        " model, the KV pool in tokens, the engines' versions. Exit 0 when nothing stops the pair, 2 (naming"
+        " each problem) when something does. Launches nothing. " + PRECEDENCE),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pair_flags(pre)
 
     cfg = sub.add_parser("config", help="show the rendered vllm serve command lines, and check the pair")
     _add_pair_flags(cfg)
@@ -238,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_up(args)
         if args.command == "config":
             return run_config(args)
+        if args.command == "preflight":
+            return run_preflight(args)
         if args.command == "replay":
             return run_replay(args)
         if args.command == "drill":
@@ -292,6 +329,21 @@ def run_config(args: argparse.Namespace) -> int:
     for s in specs:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in s.env.items())
         print(f"\n# {s.name} ({s.role}) at {s.url}\n{env} \\\n  {shlex.join(s.argv)}")
+    return 0
+
+
+def run_preflight(args: argparse.Namespace) -> int:
+    """The report on stdout, then `up`'s checks: a refusal goes to stderr with exit 2 (main)."""
+    from pdtui.core.preflight import report
+
+    cfg = load_config(args)
+    where = f" ({cfg.profile_path})" if cfg.profile_path else ""
+    print(f"pdtui preflight: profile {cfg.profile_name}{where}, device {cfg.device}, proxy {cfg.proxy_url}")
+    for topic, text in report(cfg):
+        print(f"  {topic:<10} {text}")
+    sys.stdout.flush()
+    _preflight(cfg)
+    print("ok: nothing here stops this pair (`pdtui up` would start it)")
     return 0
 
 

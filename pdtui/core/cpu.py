@@ -19,6 +19,10 @@ CPUINFO = Path("/proc/cpuinfo")
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 """The kernel's names for AMX (``/proc/cpuinfo`` flags); ``amx_tile`` is the one tiles need."""
 
+AMX_REQUEST_ENV = "PDTUI_AMX_REQUEST"
+"""``pdtui.engine.amx.ENV_OFF`` (the core does not import the engine side): ``0`` in an engine's
+environment skips its AMX tile-state request, to reproduce the SIGILL."""
+
 
 @dataclass(frozen=True)
 class CpuInfo:

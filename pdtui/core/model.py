@@ -204,3 +204,88 @@ def ensure(shape_name: str, root: Path | None = None) -> Path:
     if marker.exists() and json.loads(marker.read_text()) == asdict(SHAPES[shape_name]):
         return out
     return synth(shape_name, out)
+
+
+# ----- where a model named in a profile is (no network) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where the engines will find a profile's ``model``."""
+
+    kind: str
+    """"shape" (a synthetic shape pdtui writes), "dir" (a path that exists) or "hf-cache" (a
+    Hugging Face id downloaded into the local hub cache)."""
+    path: Path | None
+    """The folder holding its config.json (a cached snapshot for "hf-cache"); None for a shape."""
+
+    def describe(self, name: str) -> str:
+        if self.kind == "shape":
+            return f"{name}: a synthetic shape (config and tokenizer written by pdtui, random weights)"
+        if self.kind == "dir":
+            return f"{name}: a local " + ("model folder" if self.path is not None and self.path.is_dir() else "file")
+        return f"{name}: in the Hugging Face cache, {self.path}"
+
+
+MODEL_FOLDER_FILES = ("config.json", "params.json")
+"""What makes a folder a model vLLM can read (a Hugging Face config, or Mistral's format)."""
+
+
+def hf_hub_cache(environ: dict[str, str] | None = None) -> Path:
+    """The folder huggingface_hub downloads into, as its ``constants`` decide it: HF_HUB_CACHE,
+    else the older HUGGINGFACE_HUB_CACHE, else ``$HF_HOME/hub`` (HF_HOME defaulting to
+    ``$XDG_CACHE_HOME/huggingface``, then ``~/.cache/huggingface``)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(model_id: str, environ: dict[str, str] | None = None) -> Path | None:
+    """The snapshot folder of Hugging Face model ``model_id`` (``org/name``) in the local hub cache
+    that holds a config.json (``refs/main``'s first), or None: nothing is asked of the network."""
+    repo = hf_hub_cache(environ) / f"models--{model_id.replace('/', '--')}"
+    snapshots = repo / "snapshots"
+    try:
+        main = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        main = ""
+    candidates = ([snapshots / main] if main else []) + (sorted(snapshots.iterdir()) if snapshots.is_dir() else [])
+    for snap in candidates:
+        if (snap / "config.json").is_file():
+            return snap
+    return None
+
+
+def locate(model: str, environ: dict[str, str] | None = None) -> Located | None:
+    """Where ``model`` is: a synthetic shape, a model folder (with the config.json vLLM reads, or a
+    Mistral-format params.json), a file (vLLM loads a .gguf), or a Hugging Face id already in the
+    local cache. None: not here (pdtui does not download; vLLM would try to, and fail seconds into
+    the start, or later on a machine without the network)."""
+    if model in SHAPES:
+        return Located("shape", None)
+    path = Path(model)
+    if path.is_file() or any((path / f).is_file() for f in MODEL_FOLDER_FILES):
+        return Located("dir", path)
+    if path.exists():
+        return None
+    snap = cached_snapshot(model, environ) if model and not model.startswith(("/", ".", "~")) else None
+    return Located("hf-cache", snap) if snap is not None else None
+
+
+def model_config(model: str, environ: dict[str, str] | None = None) -> dict | None:
+    """The model's config.json as a dict (a shape's as pdtui writes it), or None when not here."""
+    found = locate(model, environ)
+    if found is None:
+        return None
+    if found.kind == "shape":
+        return config_json(SHAPES[model])
+    config = (found.path / "config.json") if found.path is not None and found.path.is_dir() else None
+    try:
+        return json.loads(config.read_text()) if config is not None else None
+    except (OSError, ValueError):
+        return None

@@ -1,9 +1,11 @@
 """Preflight: refuse a launch that cannot work on this machine, before anything is started.
 
-``preflight(cfg)`` is called by ``pdtui up``, ``pdtui drill``, ``pdtui bench`` and ``pdtui
-config`` (which reports ports in use as a note, not a refusal: it launches nothing). It checks:
+``preflight(cfg)`` is called by ``pdtui up``, ``pdtui drill``, ``pdtui bench``, ``pdtui preflight``
+and ``pdtui config`` (which reports ports in use as a note, not a refusal: it launches nothing). It checks:
 
 - ``device``: "cuda" on a machine with no NVIDIA GPU (``config.has_gpu()``);
+- ``model``: a synthetic shape, a path that exists (a folder with a config.json or params.json),
+  or a Hugging Face id in the local hub cache (offline: pdtui downloads nothing);
 - ``connector``: one pdtui knows (``pdtui.core.connectors.CONNECTORS``: its environment, log
   lines, metrics and proxy contract are what pdtui sets, parses, shows and checks): NixlConnector;
 - ``kv_cache_memory_bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``): the KV every instance asks for, summed,
@@ -15,18 +17,27 @@ config`` (which reports ports in use as a note, not a refusal: it launches nothi
 
 Every problem is collected and named by its field and where its value came from (the profile
 file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
+
+``report(cfg)`` says what the engines will do here, refusing nothing (``pdtui preflight`` prints
+it): on device cpu the CPU's features and the attention kernel vLLM will take
+(``pdtui.core.cpu``), the AMX tile-state request on AMX CPUs, the model, each KV pool in tokens,
+the engines' versions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pdtui.core import config as config_mod
-from pdtui.core import connectors
+from pdtui.core import connectors, kvmath, versions
+from pdtui.core import cpu as cpu_mod
+from pdtui.core import model as model_mod
 from pdtui.core.config import ConfigError, PairConfig
 
 GiB = 1 << 30
@@ -89,6 +100,7 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
                                " it knows; another connector would launch and be silently wrong). Set connector ="
                                f" \"{connectors.NIXL.name}\"."))
             break
+    out += _model(cfg)
     if cfg.device == "cpu":
         out += _cpu_memory(cfg, mem_available)
     elif gpu_here:
@@ -96,6 +108,135 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
     if check_in_use:
         out += _in_use(cfg, control_socket)
     return out
+
+
+# ----- the model ---------------------------------------------------------------------------------
+
+
+def _engine_env(cfg: PairConfig) -> dict[str, str]:
+    """The environment the engines get, as far as the pair decides it (instances add theirs)."""
+    return {**os.environ, **cfg.env}
+
+
+def _model(cfg: PairConfig) -> list[Problem]:
+    """A model that is not here: not a shape, no such path, not in the local Hugging Face cache.
+    vLLM would look it up on the hub and fail seconds into the start (``PDTUI_MODEL=nonexistent-model``:
+    9 s); pdtui asks nothing of the network."""
+    inst = cfg.instances[0]
+    name = str(cfg.resolved(inst, "model"))
+    env = _engine_env(cfg)
+    if model_mod.locate(name, env) is not None:
+        return []
+    where = _in(cfg) if "model" in inst.overrides else _from(cfg, "model")
+    if Path(name).is_dir():
+        return [Problem("model", f"model = {name!r} ({where}): a folder, but not a model's: it has no"
+                        f" {' or '.join(model_mod.MODEL_FOLDER_FILES)}. Give the folder that holds the model's"
+                        f" config.json, a synthetic shape ({', '.join(model_mod.SHAPES)}), or a Hugging Face id"
+                        " in the local cache.")]
+    hub = model_mod.hf_hub_cache(env)
+    as_id = (f", and not in the local Hugging Face cache ({hub} has no models--{name.replace('/', '--')}"
+             " with a config.json; HF_HUB_CACHE / HF_HOME move it)") if not name.startswith(("/", ".", "~")) else ""
+    return [Problem("model", f"model = {name!r} ({where}): not a synthetic shape, no such path{as_id}. pdtui"
+                    " looks only here and downloads nothing. Give a synthetic shape"
+                    f" ({', '.join(model_mod.SHAPES)}), a model folder (with its config.json), or a Hugging Face"
+                    f" id downloaded first (`hf download {name if name.count('/') == 1 else 'ORG/NAME'}`).")]
+
+
+# ----- what the engines will do here (reported, not refused) -------------------------------------
+
+
+VLLM_RULE = "0.32.0"
+"""The vLLM release whose CPU attention rule ``pdtui.core.cpu.attention_path`` mirrors."""
+
+_DTYPE_NAMES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
+
+
+def engine_dtype(cfg: PairConfig, model_cfg: dict[str, Any] | None) -> tuple[str | None, str]:
+    """(the dtype the engines compute in, how it was decided, for people). ``dtype = "auto"`` takes
+    the model's config.json ``torch_dtype``; a float32 model is computed in bfloat16 on the CPU, as
+    vLLM does (``_resolve_auto_dtype``: the platform's first supported dtype). None: unknown here."""
+    asked = str(cfg.resolved(cfg.instances[0], "dtype"))
+    if asked != "auto":
+        return _DTYPE_NAMES.get(asked, asked), _from(cfg, "dtype")
+    text = (model_cfg or {}).get("text_config", model_cfg) or {}
+    mine = str(text.get("torch_dtype") or text.get("dtype") or (model_cfg or {}).get("torch_dtype") or "")
+    mine = mine.removeprefix("torch.")
+    mine = _DTYPE_NAMES.get(mine, mine)
+    if not mine:
+        return None, "\"auto\", and the model's config.json is not here"
+    if mine == "float32" and cfg.device == "cpu":
+        return "bfloat16", "\"auto\": the model's float32, taken to bfloat16 on the CPU as vLLM does"
+    return mine, "\"auto\": the model's"
+
+
+def report(cfg: PairConfig, *, cpuinfo: cpu_mod.CpuInfo | None = None, environ: dict[str, str] | None = None,
+           mem_available: int | None = None) -> list[tuple[str, str]]:
+    """What the engines will run on and do here, as (topic, text) lines for people: the CPU
+    features that pick vLLM's CPU kernels and the attention path they will take (device cpu), the
+    AMX tile-state request on AMX CPUs, the model, the KV pool in tokens, the engines' versions.
+    ``cpuinfo`` and ``environ``: another machine, for tests."""
+    env = {**(_engine_env(cfg) if environ is None else environ), **cfg.env}
+    inst = cfg.instances[0]
+    name = str(cfg.resolved(inst, "model"))
+    found = model_mod.locate(name, env)
+    model_cfg = model_mod.model_config(name, env) if found is not None else None
+    dtype, dtype_why = engine_dtype(cfg, model_cfg)
+    try:
+        geo = kvmath.geometry_from_config(model_cfg, dtype or "auto") if model_cfg else None
+    except (KeyError, TypeError, ValueError):
+        geo = None
+    out: list[tuple[str, str]] = []
+    if cfg.device == "cpu":
+        c = cpuinfo if cpuinfo is not None else cpu_mod.read()
+        out.append(("cpu", f"{c.model} ({c.arch}): {c.features()}"))
+        block = int(cfg.resolved(inst, "block_size"))
+        given = (f"dtype {dtype or 'unknown'} ({dtype_why}), block {block} ({_from(cfg, 'block_size')})"
+                 + (f", head size {geo.head_dim} ({name})" if geo is not None else ""))
+        vllm = versions.installed_vllm()
+        rule = f"vLLM {VLLM_RULE}'s _get_attn_isa" + (f"; {vllm[0]} {vllm[1]} is installed" if vllm is not None
+                                                      and not vllm[1].startswith(VLLM_RULE) else "")
+        path = cpu_mod.attention_path(c, dtype, block, geo.head_dim if geo is not None else None) if dtype else ""
+        out.append(("attention", f"{path}; for {given} ({rule})" if path else f"not known here: {given}"))
+        if c.amx:
+            off = [i.name for i in cfg.instances if {**env, **i.env}.get(cpu_mod.AMX_REQUEST_ENV) == "0"]
+            why = ("the amx attention kernel needs it: without it D's first decode dies with SIGILL"
+                   if path.startswith("amx") else "harmless where the amx kernel is not taken")
+            if off:
+                text = (f"{cpu_mod.AMX_REQUEST_ENV}=0 for {', '.join(off)}: pdtui does NOT ask for the AMX tile"
+                        f" state there; {why}. Unset it unless you mean to reproduce the crash.")
+            else:
+                text = ("pdtui asks Linux for the AMX tile state (arch_prctl XTILEDATA) in every engine process"
+                        f" (pdtui/engine/amx.py); {why}. {cpu_mod.AMX_REQUEST_ENV}=0 turns it off, to reproduce"
+                        " the crash.")
+            out.append(("amx", text))
+    out.append(("model", found.describe(name) if found is not None else f"{name}: not found here"))
+    if geo is not None:
+        out += _kv_tokens(cfg, geo, mem_available)
+    out.append(("engines", ", ".join(f"{d} {v or 'not installed'}" for d, v in versions.engines())))
+    return out
+
+
+def _kv_tokens(cfg: PairConfig, geo: kvmath.KvGeometry, mem_available: int | None) -> list[tuple[str, str]]:
+    """Each instance's KV pool in tokens of the model, as the engine will count them (whole blocks)."""
+    kv_dtype = str(cfg.kv_cache_dtype)
+    if kv_dtype != "auto":
+        if kv_dtype not in kvmath.DTYPE_BYTES:
+            return []
+        geo = dataclasses.replace(geo, dtype=kv_dtype, dtype_bytes=kvmath.DTYPE_BYTES[kv_dtype])
+    per_block = geo.bytes_per_token * cfg.block_size
+    parts = []
+    for inst in cfg.instances:
+        asked = kv_asked(cfg, inst)[0]
+        if not asked:
+            parts.append(f"{inst.name} sized by vLLM")
+            continue
+        parts.append(f"{inst.name} {human(asked)} = {asked // per_block * cfg.block_size:,} tokens")
+    avail = mem_available if mem_available is not None else (mem_available_bytes() if cfg.device == "cpu" else None)
+    total = sum(kv_asked(cfg, i)[0] or 0 for i in cfg.instances)
+    of = f"; {human(total)} in all of {human(avail)} available" if avail is not None and total else ""
+    text = (f"{', '.join(parts)} ({geo.bytes_per_token:,} B per token: {geo.layers} layers x {geo.kv_heads} KV"
+            f" heads x {geo.head_dim} head_dim x 2 (K,V) x {geo.dtype_bytes} B {geo.dtype}){of}")
+    return [("kv cache", text)]
 
 
 # ----- memory ------------------------------------------------------------------------------------
@@ -292,4 +433,4 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-__all__ = ["Gpu", "PreflightError", "Problem", "preflight", "problems", "query_gpus"]
+__all__ = ["Gpu", "PreflightError", "Problem", "preflight", "problems", "query_gpus", "report"]

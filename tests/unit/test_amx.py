@@ -106,3 +106,8 @@ def test_cpu_features_and_attention_path() -> None:
     assert cpu.attention_path(xeon, "bfloat16", 16).startswith("vec16")
     assert cpu.attention_path(xeon, "bfloat16", 128, head_size=80).startswith("vec16")
     assert "AMX yes (amx_tile, amx_bf16, amx_int8)" in xeon.features()
+
+
+def test_the_core_names_the_same_switch_as_the_engine_side() -> None:
+    # preflight (the core) may not import pdtui.engine: it keeps its own copy of the name
+    assert cpu.AMX_REQUEST_ENV == amx.ENV_OFF == "PDTUI_AMX_REQUEST"

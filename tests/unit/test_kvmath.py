@@ -1,4 +1,7 @@
-from pdtui.core import kvmath
+import re
+from pathlib import Path
+
+from pdtui.core import kvmath, model
 
 QWEN05 = {"num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "hidden_size": 896,
           "torch_dtype": "bfloat16"}
@@ -33,3 +36,14 @@ def test_count_blocks_flat_and_per_group():
     assert kvmath.count_blocks([4, 5, 6]) == 3          # older vLLM: flat
     assert kvmath.count_blocks([[4, 5, 6, 7]]) == 4     # newer: one list per KV cache group
     assert kvmath.count_blocks([[1, 2], [3]]) == 3
+
+
+def test_the_cpu_profiles_comment_says_how_many_tokens_its_kv_pool_holds():
+    """vLLM reports 262,144 tokens of KV cache for each instance of the cpu profile (the dashboard's
+    "KV use ... of 262,144 tok"); the comment once said 16k."""
+    text = (Path(__file__).resolve().parents[2] / "launch" / "cpu.toml").read_text()
+    found = re.search(r"kv_cache_memory_bytes = (\d+)\s+# .*?([\d,]+) tokens of the tiny model", text)
+    assert found, "the cpu profile's KV comment"
+    tiny = kvmath.geometry_from_config(model.config_json(model.SHAPES["tiny"]))
+    assert tiny.bytes_per_token == 1024  # 2 (K,V) x 2 layers x 2 KV heads x 64 head_dim x 2 B (bfloat16)
+    assert int(found[2].replace(",", "")) == int(found[1]) // tiny.bytes_per_token == 262_144

@@ -6,6 +6,7 @@ described by the test (GPUs, free memory)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -19,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from pdtui.core import config as config_mod
+from pdtui.core import cpu, versions
+from pdtui.core import model as model_mod
 from pdtui.core.control import Control, ControlServer
-from pdtui.core.preflight import Gpu, PreflightError, problems
+from pdtui.core.preflight import Gpu, PreflightError, Problem, problems, report
 from tests.fakes import free_port
+from tests.unit.test_amx import EPYC, SAPPHIRE
 from tests.unit.test_control import StubRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,9 +41,10 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def pdtui(home: Path, *args: str, timeout: float = 30, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess[str], float]:
-    env = {**os.environ, "PDTUI_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    env.pop("PDTUI_CONNECTOR", None)
+def pdtui(home: Path, *args: str, timeout: float = 30, cwd: Path = ROOT,
+          env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PDTUI_")}, "PDTUI_HOME": str(home),
+           "PYTHONPATH": str(ROOT), **(env or {})}
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "pdtui", *args], capture_output=True, text=True, timeout=timeout,
                          env=env, cwd=cwd, stdin=subprocess.DEVNULL, check=False)
@@ -97,8 +102,8 @@ def test_a_gpu_profile_on_a_machine_without_gpu_is_refused_at_once(short_tmp: Pa
 
 
 def test_kv_over_the_machines_memory_is_refused(short_tmp: Path) -> None:
-    path = profile_with(short_tmp, "huge", **{"kv_cache_memory_bytes = 268435456   # 256 MiB: 16k tokens of the tiny model":
-                                              "kv_cache_memory_bytes = 10000000000000"})  # 10 TB for P
+    path = profile_with(short_tmp, "huge", **{"kv_cache_memory_bytes = 268435456   #":
+                                              "kv_cache_memory_bytes = 10000000000000   #"})  # 10 TB for P
     out, took = pdtui(short_tmp, "up", "--headless", "--profile", str(path))
     assert_refused(out, took, "kv_cache_memory_bytes", f"set in {path}", "P 9.1 TiB", "MemAvailable")
 
@@ -212,3 +217,126 @@ def test_ports_in_the_ephemeral_range_are_named_in_a_warning():
     (text,) = ephemeral_warnings(shifted, (32768, 60999))
     assert "D side_channel_port 36700" in text and "proxy_port 39000" in text and "32768-60999" in text
     assert ephemeral_warnings(config_mod.shift_ports(cfg, 20000), (32768, 60999)) == []
+
+
+# ----- the model: a shape, a model folder, or a Hugging Face id already here (no network) ---------
+
+
+def test_a_model_that_is_not_here_is_refused_naming_the_field_and_its_source(short_tmp: Path) -> None:
+    """It used to pass config and preflight and fail 9 s into the start."""
+    hub = short_tmp / "hub"
+    env = {"PDTUI_MODEL": "nonexistent-model", "HF_HUB_CACHE": str(hub)}
+    for cmd in (["up", "--headless"], ["config"], ["preflight"]):
+        out, took = pdtui(short_tmp, *cmd, env=env)
+        assert_refused(out, took, "model = 'nonexistent-model' (from PDTUI_MODEL)", "not a synthetic shape",
+                       f"{hub} has no models--nonexistent-model", "tiny, qwen2.5-0.5b", "hf download ORG/NAME")
+    path = profile_with(short_tmp, "nomodel", **{'model = "tiny"': 'model = "org/absent"'})
+    out, took = pdtui(short_tmp, "up", "--headless", "--profile", str(path), env={"HF_HUB_CACHE": str(hub)})
+    assert_refused(out, took, f"model = 'org/absent' (set in {path})", "models--org--absent", "hf download org/absent")
+
+
+def hub_with(hub: Path, repo: str, config: dict[str, object] | None = None) -> Path:
+    """A Hugging Face hub cache holding ``repo`` as huggingface_hub lays it out."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    (snap / "config.json").write_text(json.dumps(config or {}))
+    return snap
+
+
+def model_fields(cfg: config_mod.PairConfig) -> list[Problem]:
+    return [p for p in problems(cfg, check_in_use=False, mem_available=64 * GiB) if p.field == "model"]
+
+
+def test_a_model_is_accepted_as_a_shape_a_folder_or_a_cached_hub_id(short_tmp: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = cfg_of("cpu")
+    assert model_fields(cfg) == []  # tiny
+    hub = short_tmp / "hub"
+    snap = hub_with(hub, "Qwen/Qwen2.5-0.5B-Instruct")
+    config_mod.apply_overrides(cfg, {"model": "Qwen/Qwen2.5-0.5B-Instruct"}, source=lambda n: "--model")
+    assert [p.text.split(":")[0] for p in model_fields(cfg)] == ["model = 'Qwen/Qwen2.5-0.5B-Instruct' (from --model)"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert model_fields(cfg) == []
+    assert model_mod.locate("Qwen/Qwen2.5-0.5B-Instruct") == model_mod.Located("hf-cache", snap)
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(short_tmp))  # $HF_HOME/hub
+    assert model_fields(cfg) == []
+    monkeypatch.delenv("HF_HOME")
+    cfg.env["HF_HUB_CACHE"] = str(hub)  # the engines' environment, set in the profile
+    assert model_fields(cfg) == []
+
+    folder = short_tmp / "mine"
+    folder.mkdir()
+    config_mod.apply_overrides(cfg, {"model": str(folder)}, source=lambda n: "PDTUI_MODEL")
+    (found,) = model_fields(cfg)  # a folder, but not a model's
+    assert f"model = '{folder}' (from PDTUI_MODEL): a folder, but not a model's" in found.text
+    (folder / "config.json").write_text("{}")
+    assert model_fields(cfg) == []
+
+
+# ----- what the engines will do here: CPU features, attention path, AMX ------------------------------
+
+
+def report_of(cfg: config_mod.PairConfig, cpuinfo: str) -> dict[str, str]:
+    return dict(report(cfg, cpuinfo=cpu.read(cpuinfo, arch="x86_64"), environ={}, mem_available=8 * GiB))
+
+
+def test_the_report_names_the_cpu_features_and_the_attention_path_of_the_cpu_profile() -> None:
+    cfg = cfg_of("cpu")
+    epyc = report_of(cfg, EPYC)
+    assert epyc["cpu"] == "AMD EPYC (x86_64): AVX-512 no, AMX no, bf16 in hardware no, AVX2 yes"
+    assert epyc["attention"].startswith("vec (AVX2 vectors; no AMX on this CPU); for dtype bfloat16"
+                                        " (\"auto\": the model's), block 128 (set in launch/cpu.toml), head size 64 (tiny)")
+    assert "amx" not in epyc  # nothing is asked of Linux on a CPU without AMX
+    assert epyc["kv cache"].startswith("P 256.0 MiB = 262,144 tokens, D 256.0 MiB = 262,144 tokens (1,024 B per token")
+    assert epyc["model"].startswith("tiny: a synthetic shape")
+    dist, ver = versions.installed_vllm() or ("vllm", None)
+    assert epyc["engines"].startswith(f"{dist} {ver or 'not installed'}, nixl ")
+
+    xeon = report_of(cfg, SAPPHIRE)
+    assert "AVX-512 yes, AMX yes (amx_tile, amx_bf16, amx_int8), bf16 in hardware yes" in xeon["cpu"]
+    assert xeon["attention"].startswith("amx (AMX tiles")
+    assert "pdtui asks Linux for the AMX tile state (arch_prctl XTILEDATA) in every engine process" in xeon["amx"]
+    assert "without it D's first decode dies with SIGILL" in xeon["amx"] and "PDTUI_AMX_REQUEST=0 turns it off" in xeon["amx"]
+
+    cfg.env[cpu.AMX_REQUEST_ENV] = "0"  # PDTUI_ENV='{"PDTUI_AMX_REQUEST": "0"}': reproduce the crash
+    assert report_of(cfg, SAPPHIRE)["amx"].startswith("PDTUI_AMX_REQUEST=0 for P, D: pdtui does NOT ask")
+    del cfg.env[cpu.AMX_REQUEST_ENV]
+    config_mod.apply_overrides(cfg, {"dtype": "float16"}, source=lambda n: "PDTUI_DTYPE")
+    fp16 = report_of(cfg, SAPPHIRE)
+    assert fp16["attention"].startswith("vec (AVX-512 vectors; dtype float16, AMX needs bfloat16); for dtype float16"
+                                        " (from PDTUI_DTYPE)")
+    assert "harmless where the amx kernel is not taken" in fp16["amx"]
+    assert "(1,024 B per token" in fp16["kv cache"]
+
+
+def test_the_report_reads_dtype_and_head_size_from_the_models_config(short_tmp: Path) -> None:
+    folder = short_tmp / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({  # head size 80: vLLM takes vec16, AMX or not
+        "num_hidden_layers": 4, "hidden_size": 160, "num_attention_heads": 2, "torch_dtype": "float32"}))
+    cfg = cfg_of("cpu")
+    config_mod.apply_overrides(cfg, {"model": str(folder)}, source=lambda n: "--model")
+    got = report_of(cfg, SAPPHIRE)
+    assert got["attention"].startswith("vec16 (head size 80 is not a multiple of 32); for dtype bfloat16 (\"auto\":"
+                                       " the model's float32, taken to bfloat16 on the CPU as vLLM does)")
+    assert got["model"] == f"{folder}: a local model folder"
+    # 256 MiB / (2,560 B x block 128) = 819.2: whole blocks, 819 x 128 tokens, as the engine counts them
+    assert got["kv cache"].startswith("P 256.0 MiB = 104,832 tokens, D 256.0 MiB = 104,832 tokens (2,560 B per"
+                                      " token: 4 layers x 2 KV heads x 80 head_dim x 2 (K,V) x 2 B bfloat16)")
+    one_gpu = dict(report(cfg_of("one-gpu"), environ={}))
+    assert "cpu" not in one_gpu and "attention" not in one_gpu  # the CPU's kernels matter on device cpu only
+
+
+def test_pdtui_preflight_prints_this_machines_report_and_passes(short_tmp: Path) -> None:
+    out, _ = pdtui(short_tmp, "preflight", "--port-offset", str(free_offset()))
+    assert out.returncode == 0, out.stderr
+    here = cpu.read()
+    assert f"  cpu        {here.model} ({here.arch}): {here.features()}\n" in out.stdout
+    assert "  attention  " in out.stdout and "  engines    " in out.stdout
+    assert out.stdout.rstrip().endswith("ok: nothing here stops this pair (`pdtui up` would start it)")
