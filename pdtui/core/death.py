@@ -99,9 +99,9 @@ class Crash:
 
 
 def _short(path: str) -> str:
-    for mark in ("/site-packages/", "/dist-packages/"):
+    for mark in ("/site-packages/", "/dist-packages/", "/pdtui/"):
         if mark in path:
-            return path.split(mark, 1)[1]
+            return ("pdtui/" if mark == "/pdtui/" else "") + path.split(mark, 1)[1]
     return os.path.basename(path)
 
 
@@ -113,12 +113,13 @@ def crash_report(lines: Iterable[str]) -> Crash | None:
     for i in range(len(lines) - 1, -1, -1):
         m = _FATAL.search(lines[i])
         if m and m.group("what") in FAULTHANDLER:
-            where = None
-            for nxt in lines[i + 1:i + 40]:
-                f = _FRAME.match(nxt)
-                if f:
-                    where = f"{f.group('func')} ({_short(f.group('file'))}:{f.group('line')})"
-                    break
+            # every thread's stack follows; the crashing one is "Current thread ...", innermost first
+            after = lines[i + 1:i + 400]
+            cur = next((k for k, text in enumerate(after) if text.startswith("Current thread")), None)
+            frames = [f for f in (_FRAME.match(text) for text in (after[cur + 1:cur + 40] if cur is not None else []))]
+            frames = frames[:frames.index(None)] if None in frames else frames
+            where = " < ".join(f"{f.group('func')} ({_short(f.group('file'))}:{f.group('line')})"
+                               for f in frames[:2] if f is not None) or None
             return Crash(FAULTHANDLER[m.group("what")], where, lines[i].strip())
     for i in range(len(lines) - 1, -1, -1):
         m = _VLLM_WORKER.search(lines[i])

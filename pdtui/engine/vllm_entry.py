@@ -14,7 +14,7 @@ import importlib.metadata as md
 import sys
 
 from pdtui.core.versions import installed_vllm
-from pdtui.engine import amx
+from pdtui.engine import amx, faults
 
 # Before anything imports torch or vLLM, in every engine process: the API server runs this module
 # as __main__, and multiprocessing's spawn/forkserver children (EngineCore, workers) re-import it as
@@ -22,6 +22,7 @@ from pdtui.engine import amx
 # with SIGILL on AMX Xeons: pdtui.engine.amx says why.
 if __name__ in ("__main__", "__mp_main__"):
     amx.request()
+    faults.install()  # PDTUI_FAULT, for drills and tests only: unset, nothing happens
 
 
 def _patch_metadata() -> None:

@@ -285,12 +285,15 @@ def test_death_words_read_crash_reports_and_the_kernel_oom_line(tmp_path):
     from pdtui.core import death
 
     lines = ["INFO ok", "Fatal Python error: Illegal instruction", "",
+             "Thread 0x00007e (most recent call first):",
+             '  File "/usr/lib/python3.11/threading.py", line 81 in _worker', "",
              "Current thread 0x00007f (most recent call first):",
              '  File "/x/site-packages/vllm/_custom_ops.py", line 3021 in cpu_attention_with_kv_cache',
              '  File "/x/site-packages/vllm/v1/attention/backends/cpu_attn.py", line 400 in forward']
     crash = death.crash_report(lines)
     assert crash is not None and crash.signal == "SIGILL"
-    assert crash.where == "cpu_attention_with_kv_cache (vllm/_custom_ops.py:3021)"
+    assert crash.where == ("cpu_attention_with_kv_cache (vllm/_custom_ops.py:3021)"
+                           " < forward (vllm/v1/attention/backends/cpu_attn.py:400)")
     vllm_line = [("(EngineCore pid=9) ERROR [multiproc_executor.py:316] Worker proc VllmWorker-0 died"
                  " unexpectedly (exit code: -4), shutting down executor.")]
     assert death.crash_report(vllm_line).signal == "SIGILL"
