@@ -28,6 +28,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -181,16 +182,32 @@ async def serve(args: argparse.Namespace) -> int:
 
     ups_p = [Upstream(n, "prefill", u, is_up=is_up(n)) for n, u in prefills]
     ups_d = [Upstream(n, "decode", u, is_up=is_up(n)) for n, u in decodes]
-    proxy = Proxy(ups_p, ups_d, settings, on_trace=emit, health=lambda: dict(info))
+
+    def on_trace(ev: Event) -> None:
+        emit(ev)
+        if isinstance(ev, RequestTraced) and (ev.outcome != "pair" or ev.recomputed):
+            _log(_trace_words(ev))
+
+    proxy = Proxy(ups_p, ups_d, settings, on_trace=on_trace, health=lambda: dict(info))
     server = ProxyServer(proxy, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    why_stop: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (why_stop.append(sig.name), stop.set()))
     tasks: list[asyncio.Task[Any]] = []
+    if args.managed:  # standalone: stderr is the user's terminal, whose first line says where it listens
+        _log(f"starting (pid {os.getpid()}, managed by pdtui pid {os.getppid()});"
+             f" prefill {', '.join(f'{n} {u}' for n, u in prefills) or 'none'}; decode {', '.join(f'{n} {u}' for n, u in decodes)};"
+             f" settings {json.dumps(asdict(settings), default=str, separators=(',', ':'))}")
+
+    def on_down(name: str) -> None:
+        _log(f"{name} is down: its streams in flight are ended with an error event")
+        proxy.upstream_down(name)
+
     try:
         if args.managed:
-            tasks.append(asyncio.create_task(_read_control(up, info, stop, proxy.upstream_down)))
+            tasks.append(asyncio.create_task(_read_control(up, info, stop, on_down)))
         else:
             await _poll_health(ups_p + ups_d, up, emit, once=True)
             tasks.append(asyncio.create_task(_poll_health(ups_p + ups_d, up, emit, interval_s=args.health_interval)))
@@ -202,10 +219,16 @@ async def serve(args: argparse.Namespace) -> int:
         gc.freeze()
         url = f"http://{args.host}:{args.port}"
         emit(ProxyStarted(url=url))
+        if args.managed:
+            _log(f"listening on {url}")
         if not args.managed:
             names = ", ".join(f"{u.name} {'up' if up.get(u.name) else 'DOWN'}" for u in ups_p + ups_d)
             print(f"pdtui proxy: listening on {url}; {names} (Ctrl-C stops)", file=sys.stderr, flush=True)
         await stop.wait()
+        _log(f"stopping: {why_stop[0] if why_stop else 'stdin closed (pdtui ended or asked)' if args.managed else 'asked'}")
+    except BaseException as e:
+        _log(f"failed: {type(e).__name__}: {e}")
+        raise
     finally:
         for t in tasks:
             t.cancel()
@@ -214,6 +237,23 @@ async def serve(args: argparse.Namespace) -> int:
         if record is not None:
             record.close()
     return 0
+
+
+def _log(text: str) -> None:
+    """One line of the proxy's own log: its stderr, which the Runtime keeps as proxy.log in the run
+    folder (ProxyProcess.log_path). Rare lines only (start, upstreams, stop, each request that did
+    not pair): nothing per chunk, nothing per successful request."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pdtui proxy: {text}", file=sys.stderr, flush=True)
+
+
+def _trace_words(t: RequestTraced) -> str:
+    legs = f" (P {t.prefill or '-'}, D {t.decode or '-'})"
+    if t.outcome == "pair":
+        return (f"request {t.request_id}: paired{legs} but D computed {t.d_computed_tokens} of"
+                f" {t.prompt_tokens} prompt tokens itself (silent recompute)")
+    why = t.error if t.outcome == "error" else (t.fallback_reason or t.prefill_branch)
+    return f"request {t.request_id}: {t.outcome}, HTTP {t.status}{legs}: {why}"
 
 
 async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio.Event,

@@ -249,3 +249,41 @@ def test_prefill_failure_flag_reaches_the_settings_and_the_managed_argv():
                         settings=ProxySettings(prefill_failure="decode-locally"), on_event=lambda e: None)
     argv = proc.argv()
     assert argv[argv.index("--prefill-failure") + 1] == "decode-locally"
+
+
+def test_the_proxy_log_says_what_happened(tmp_path):
+    """proxy.log in the run folder was 0 bytes (issue 20): now it has the start (upstreams and
+    settings), each request that did not pair and why, an upstream going down, and the stop."""
+    log = tmp_path / "proxy.log"
+
+    async def go():
+        p, d = FakeVllm("prefill", blocks=4), FakeVllm("decode", tokens=3)
+        async with serving(p), serving(d):
+            proc = ProxyProcess([("P", p.url)], [("D", d.url)], host="127.0.0.1", port=free_port(),
+                                settings=ProxySettings(block_size=16, geometry=GEO), on_event=lambda e: None,
+                                log_path=log)
+            await proc.start()
+            try:
+                proc.set_up("D", True)  # P never up: the request falls back to D
+                await asyncio.sleep(0.2)
+                async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+                    r = await client.post("/v1/completions", headers={"X-Request-Id": "log-1"},
+                                          json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 200
+                    proc.set_up("D", False)
+                    await asyncio.sleep(0.2)
+                    r = await client.post("/v1/completions", headers={"X-Request-Id": "log-2"},
+                                          json={"model": "m", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 503
+                    await asyncio.sleep(0.2)
+            finally:
+                await proc.stop()
+
+    run(go())
+    text = log.read_text()
+    assert "pdtui proxy: starting" in text and f"prefill P {FakeVllm.__name__}" not in text
+    assert "decode D http://127.0.0.1:" in text and '"block_size":16' in text
+    assert "listening on http://127.0.0.1:" in text
+    assert "request log-1: fallback, HTTP 200" in text
+    assert "D is down" in text and "request log-2: error, HTTP 503" in text
+    assert "stopping:" in text.splitlines()[-1]
