@@ -226,8 +226,14 @@ class Runtime:
                 f" Log: {inst.log_path}")
 
     async def warmup(self, timeout_s: float = 180.0) -> str | None:
-        """One P/D request through the proxy, so that the first real one doesn't pay the handshake."""
-        body = {"model": self.cfg.model_name, "prompt": WARMUP_PROMPT, "max_tokens": 2, "ignore_eos": True}
+        """One P/D request through the proxy, so that the first real one doesn't pay the handshake,
+        nor the first use of logprobs: vLLM 0.32.0's sampler computes logprob ranks in a
+        ``torch.compile``d function, whose first call has torch's inductor probe the CPU's vector
+        ISA and build C++ (py-spy: ``torch/_inductor/cpu_vec_isa.py _probe_load`` running the
+        compiler), measured 19.6 s on P's first logprobs request with a cold cache, 2-3 s with a warm
+        one (results/2026-12-07-amx/README.md). Both legs carry ``logprobs``, so P and D pay it here."""
+        body = {"model": self.cfg.model_name, "prompt": WARMUP_PROMPT, "max_tokens": 2, "ignore_eos": True,
+                "logprobs": 1}
         got: list[RequestTraced] = []
         events = self.subscribe()
 
