@@ -26,7 +26,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Static, TabbedContent, TabPane, Tabs
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from pdtui.app import engine_config, gpu, loadgen
@@ -121,7 +121,7 @@ class PdtuiApp(App[int]):
             with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
                 yield LatencyHistogram("TTFT", id="ttft")
                 yield LatencyHistogram("ITL", phase=REPLOT_INTERVAL_S / 2, id="itl")
-            with TabPane("Config", id="config-tab"), VerticalScroll():
+            with TabPane("Config", id="config-tab"), VerticalScroll(id="config-scroll"):
                 yield Static(CONFIG_WAITING, id="config")
         yield Static("", id="notice")
         yield Footer()
@@ -423,6 +423,18 @@ class PdtuiApp(App[int]):
 
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = {"transfers": "transfers", "config": "config-tab"}.get(tab, "latency-tab")
+
+    @on(TabbedContent.TabActivated)
+    def tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """Each tab gives the focus to what its keys move: the requests table (arrows, End), the
+        configuration's scroll, or on the Latency tab (nothing to move) the tab bar, whose
+        left/right go to the other tabs. Textual drops the focus of a widget that a tab hides and
+        gives it back to nothing: the arrows then did nothing until Tab was pressed (issue 20)."""
+        target = {"transfers": "#table", "config-tab": "#config-scroll"}.get(event.pane.id or "")
+        if target is None:
+            event.tabbed_content.query_one(Tabs).focus()
+        else:
+            self.query_one(target).focus()
 
     async def action_quit(self) -> None:
         self.show_notice("stopping the engines and the proxy ...", "warning")

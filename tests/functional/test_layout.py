@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from textual.widgets import Tabs
 
 from pdtui.app.app import make_app
 from pdtui.app.widgets import TransfersTable
@@ -61,6 +62,38 @@ async def test_arrows_move_the_cursor_without_a_tab(size: tuple[int, int]) -> No
         await pilot.press("up", "up")
         await settle(pilot, app)
         assert table.cursor_row == 0
+
+
+@pytest.mark.parametrize("away", ["h", "g"], ids=["latency", "config"])
+@pytest.mark.parametrize("back", ["key", "click"])
+async def test_arrows_and_end_work_at_once_after_another_tab(away: str, back: str) -> None:
+    """Issue 20: after the Latency or Config tab and back, the arrows and End did nothing until
+    Tab was pressed 1-3 times (the focus was left on the hidden table, then on nothing)."""
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(*(request(f"pdtui-r{i:04d}", T0 + 70 + i) for i in range(6)))
+        await settle(pilot, app)
+        table = app.query_one(TransfersTable)
+        await pilot.press(away)
+        await settle(pilot, app)
+        # the Config tab: its scroll has the focus (the arrows scroll it); the Latency tab: the tab
+        # bar (nothing to move in the plots; left/right go to the other tabs)
+        assert app.focused is not None and app.focused.id == ("config-scroll" if away == "g" else None)
+        assert away == "g" or isinstance(app.focused, Tabs)
+        if back == "key":
+            await pilot.press("t")
+        else:
+            await pilot.click("#--content-tab-transfers")
+        await settle(pilot, app)
+        assert app.focused is table
+        await pilot.press("up", "up")
+        await settle(pilot, app)
+        assert table.cursor_row == 3
+        await pilot.press("end")
+        await settle(pilot, app)
+        assert table.cursor_row == 5
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
