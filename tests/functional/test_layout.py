@@ -112,6 +112,55 @@ async def test_new_rows_stay_visible(size: tuple[int, int]) -> None:
         assert " r0059 " in screen_text(app)  # the newest row is on the screen, not below it
 
 
+async def test_the_newest_row_stays_visible_with_another_row_selected() -> None:
+    """Issue 20: with a row selected (the cursor off the newest), a drill's new error rows stayed
+    below the screen. The view follows the newest row while it shows it; only scrolling it off
+    (keys or the wheel) stops that, End or scrolling back down brings it back (docs/dashboard.md)."""
+    from textual import events
+
+    from pdtui.app.widgets import RequestDetail
+
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(*(request(f"pdtui-r{i:04d}", T0 + 70 + i) for i in range(6)))
+        await settle(pilot, app)
+        table, detail = app.query_one(TransfersTable), app.query_one(RequestDetail)
+
+        def rows(t: TransfersTable) -> str:  # what the table shows (the detail shows an id too)
+            return "\n".join(t.render_line(y).text for y in range(t.size.height))
+
+        await pilot.press("up")  # select the row before the newest: both on the screen
+        await settle(pilot, app)
+        fake.emit(*(request(f"pdtui-e{i:04d}", T0 + 80 + i, outcome="error", status=502, error="D died mid-stream")
+                    for i in range(4)))
+        await settle(pilot, app)
+        assert " e0003 " in rows(table)  # the newest error row is on the screen
+        assert table.keys[table.cursor_row] == "pdtui-r0004"  # the selection stays on its request
+        assert detail.request is not None and detail.request.request_id == "pdtui-r0004"
+        # scrolled away on purpose (Home): new rows leave the view where it is
+        await pilot.press("home")
+        await settle(pilot, app)
+        fake.emit(*(request(f"pdtui-f{i:04d}", T0 + 90 + i) for i in range(3)))
+        await settle(pilot, app)
+        assert table.scroll_y == 0 and table.cursor_row == 0 and " f0002 " not in rows(table)
+        # End: the cursor and the view follow the newest again
+        await pilot.press("end")
+        fake.emit(request("pdtui-g0000", T0 + 95))
+        await settle(pilot, app)
+        assert " g0000 " in rows(table) and table.keys[table.cursor_row] == "pdtui-g0000"
+        # the mouse wheel up (the newest row off the screen), then new rows: the view stays
+        for _ in range(3):
+            table.post_message(events.MouseScrollUp(table, 3, 2, 0, -1, 0, False, False, False))
+        await settle(pilot, app)
+        top = table.scroll_y
+        assert top < table.row_count - 6 and " g0000 " not in rows(table)
+        fake.emit(request("pdtui-h0000", T0 + 96))
+        await settle(pilot, app)
+        assert table.scroll_y == top and " h0000 " not in rows(table)
+
+
 async def test_a_restart_notice_gives_way_once_the_instance_is_ready_again() -> None:
     fake = FakeRuntime()
     app = make_app(fake, clock=clock)
