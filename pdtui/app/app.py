@@ -10,6 +10,7 @@ the control socket), the load keys the load generator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import os
 import time
@@ -31,14 +32,19 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from pdtui.app import engine_config, gpu, loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
+from pdtui.app.notices import NOTICES, ShownNotice, one_line
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
+from pdtui.app.widgets.notices import NoticesScreen
 from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
 from pdtui.core.supervisor import PortInUse
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
+FOOTER_PALETTE_MIN = 92
+"""Columns from which the footer also shows the command palette's key (^p): below, it needs the
+room for the dashboard's own keys (Ctrl-P opens the palette all the same)."""
 GPU_INTERVAL_S = 1.0
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
@@ -67,6 +73,7 @@ class PdtuiApp(App[int]):
         Binding("c", "clear_histograms", "Clear", show=False),
         Binding("s", "screenshot", "Shot"),
         Binding("l", "toggle_logs", "Logs"),
+        Binding("n", "notices", "Notices"),
         Binding("t", "show_tab('transfers')", "Transfers", show=False),
         Binding("h", "show_tab('latency')", "Latency", show=False),
         Binding("g", "show_tab('config')", "Config", show=False),
@@ -97,6 +104,8 @@ class PdtuiApp(App[int]):
         self._refresh_pending: Timer | None = None
         self._notice_shown: Notice | None = None
         self._notice_settled: Notice | None = None
+        self.notices: collections.deque[ShownNotice] = collections.deque(maxlen=NOTICES)
+        """What the notice line showed, each whole: the notices screen (`n`) lists them."""
         self._load_sizer: tuple[loadgen.Sizer | None] | None = None
         self.engine_configs: dict[str, dict[str, str]] = {}
         """What each ready engine reports of its configuration (pdtui.app.engine_config)."""
@@ -157,6 +166,8 @@ class PdtuiApp(App[int]):
         self.screen.set_class(wide, "-wide")
         for detail in self.query(RequestDetail):
             detail.wide = wide
+        for footer in self.query(Footer):
+            footer.show_command_palette = self.size.width >= FOOTER_PALETTE_MIN
 
     # ----- the event stream ---------------------------------------------------------------
     @work(group="events", description="fold the runtime's events", exit_on_error=False)
@@ -218,7 +229,7 @@ class PdtuiApp(App[int]):
         self.query_one("#itl", LatencyHistogram).update(snap.itl, snap.itl_recent)
         if snap.notices and snap.notices[-1] is not self._notice_shown:
             n = self._notice_shown = snap.notices[-1]
-            self.show_notice(n.text, n.level)
+            self.show_notice(n.text, n.level, t=n.t)
         self._settle_notice(snap)
 
     def _settle_notice(self, snap: Snapshot) -> None:
@@ -287,9 +298,15 @@ class PdtuiApp(App[int]):
             table.add_row(k, *(configs[n].get(k, "-") for n in names), style=style)
         self.query_one("#config", Static).update(table)
 
-    def show_notice(self, text: str, level: str = "info") -> None:
+    def show_notice(self, text: str, level: str = "info", *, line: str | None = None, t: float | None = None) -> None:
+        """Show a notice on the notice line: ``line`` if given, else ``text`` if it fits, else its
+        first clause (who, what, why: pdtui.app.notices.one_line), cut to the width; keep it
+        whole for the notices screen (`n`)."""
         notice = self.query_one("#notice", Static)
-        notice.update(Text(text, no_wrap=True, overflow="ellipsis"))
+        width = notice.content_region.width or max(1, self.size.width - 2)
+        shown = line if line is not None else one_line(text, width)
+        self.notices.append(ShownNotice(self.clock() if t is None else t, level, text, shown))
+        notice.update(Text(shown, no_wrap=True, overflow="ellipsis"))
         notice.set_class(level == "warning", "-warning")
         notice.set_class(level == "error", "-error")
 
@@ -396,9 +413,11 @@ class PdtuiApp(App[int]):
         self.load_totals["ok"] += message.ok
         self.load_totals["errors"] += message.errors
         level = "error" if message.errors else "info"
+        counts = f"load {message.name}: {message.ok} ok, {message.errors} errors"
         why = f"; first error: {message.error}" if message.error else ""
-        self.show_notice(f"load {message.name}: {message.ok} ok, {message.errors} errors, {message.detail}"
-                         f" (total {self.load_totals['ok']} ok, {self.load_totals['errors']} errors){why}", level)
+        self.show_notice(f"{counts}, {message.detail} (total {self.load_totals['ok']} ok,"
+                         f" {self.load_totals['errors']} errors){why}", level,
+                         line=f"{counts}: {message.error}" if message.error else None)
 
     def action_clear_histograms(self) -> None:
         self.state.clear_latency()
@@ -420,6 +439,11 @@ class PdtuiApp(App[int]):
         row.set_class(expanded, "-expanded")
         for pane in self.query(InstancePane):
             pane.expanded = expanded
+
+    def action_notices(self) -> None:
+        """The last notices whole, newest first, wrapped (the notice line shows one line)."""
+        if not isinstance(self.screen, NoticesScreen):
+            self.push_screen(NoticesScreen(self.notices))
 
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = {"transfers": "transfers", "config": "config-tab"}.get(tab, "latency-tab")
@@ -457,6 +481,7 @@ class PdtuiApp(App[int]):
         yield SystemCommand("Clear histograms", "Forget the TTFT and ITL samples", self.action_clear_histograms)
         yield SystemCommand("Save screenshot", f"SVG into {self.screenshot_dir}/", self.action_screenshot)
         yield SystemCommand("Toggle log tails", "Expand or shrink the instances' log tails", self.action_toggle_logs)
+        yield SystemCommand("Notices", "The last notices whole, newest first", self.action_notices)
 
 
 def default_screenshot_dir() -> Path:

@@ -38,7 +38,7 @@ async def test_the_important_things_are_on_the_screen(size: tuple[int, int]) -> 
         assert text.count("pair 1 fb 1 err 1") == 1 and text.count("pair 1 fb 0 err 1") == 1
         # the footer's keys, every group of them
         footer = lines[-1]
-        for key in ("q Quit", "kK Kill D/P", "rR Restart D/P", "1234 Load", "s Shot", "l Logs"):
+        for key in ("q Quit", "kK Kill D/P", "rR Restart D/P", "1234 Load", "s Shot", "l Logs", "n Notices"):
             assert key in footer
         # the error row: its status and, in the detail (the newest row is selected), the reason
         assert "error 502" in text and "error: D died mid-stream" in text
