@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,13 +31,14 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from pdtui.app import engine_config, gpu, loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
-from pdtui.app.notices import NOTICES, ShownNotice, one_line
+from pdtui.app.notices import NOTICES, ShownNotice, file_line, one_line
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
 from pdtui.app.widgets.notices import NoticesScreen
 from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
+from pdtui.core.paths import state_dir
 from pdtui.core.supervisor import PortInUse
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
@@ -90,8 +90,8 @@ class PdtuiApp(App[int]):
         self.replay = replay
         self.clock = clock
         self.speed = speed
-        self.screenshot_dir = Path(screenshot_dir) if screenshot_dir is not None else default_screenshot_dir()
-        """Where `s` writes its SVG: never the repository's tracked screenshots/ unless asked."""
+        self._screenshot_dir = Path(screenshot_dir) if screenshot_dir is not None else None
+        """The folder `s` writes into, when given (pdtui drill --shots, tests): screenshot_dir."""
         self.state = DashState()
         self.snapshot: Snapshot = self.state.snapshot()
         self.load_totals = {"ok": 0, "errors": 0}
@@ -298,13 +298,15 @@ class PdtuiApp(App[int]):
             table.add_row(k, *(configs[n].get(k, "-") for n in names), style=style)
         self.query_one("#config", Static).update(table)
 
+    def _notice_width(self) -> int:
+        return self.query_one("#notice", Static).content_region.width or max(1, self.size.width - 2)
+
     def show_notice(self, text: str, level: str = "info", *, line: str | None = None, t: float | None = None) -> None:
         """Show a notice on the notice line: ``line`` if given, else ``text`` if it fits, else its
         first clause (who, what, why: pdtui.app.notices.one_line), cut to the width; keep it
         whole for the notices screen (`n`)."""
         notice = self.query_one("#notice", Static)
-        width = notice.content_region.width or max(1, self.size.width - 2)
-        shown = line if line is not None else one_line(text, width)
+        shown = line if line is not None else one_line(text, self._notice_width())
         self.notices.append(ShownNotice(self.clock() if t is None else t, level, text, shown))
         notice.update(Text(shown, no_wrap=True, overflow="ellipsis"))
         notice.set_class(level == "warning", "-warning")
@@ -423,14 +425,32 @@ class PdtuiApp(App[int]):
         self.state.clear_latency()
         self.post_message(EventsFolded(self.state.version))
 
+    @property
+    def run_dir(self) -> Path | None:
+        """This run's folder, with its logs (RuntimeStarted.run_dir); None before the runtime
+        said it, and in a replay (the recording's is another run's, maybe on another machine)."""
+        run_dir = self.state.header.run_dir
+        return Path(run_dir) if run_dir and not self.replay else None
+
+    @property
+    def screenshot_dir(self) -> Path:
+        """Where `s` writes its SVG: the folder given (pdtui drill --shots), else the run's folder
+        (next to the logs), else, in a replay, <state dir>/screenshots. Never the current folder:
+        from a checkout, that left SVGs untracked in the repository (issue 20)."""
+        return self._screenshot_dir or self.run_dir or default_screenshot_dir()
+
     def action_screenshot(self) -> None:
+        folder = self.screenshot_dir
         try:
-            self.screenshot_dir.mkdir(parents=True, exist_ok=True)
-            path = Path(self.save_screenshot(path=str(self.screenshot_dir))).resolve()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = Path(self.save_screenshot(path=str(folder))).resolve()
         except OSError as e:
             self.show_notice(f"screenshot not saved: {e}", "error")
             return
-        self.show_notice(f"screenshot saved: {path}")
+        said = "screenshot saved: "
+        in_run = self._screenshot_dir is None and self.run_dir is not None
+        self.show_notice(f"{said}{path}", line=f"{said}{path.name} in the run folder" if in_run
+                         else file_line(said, path, self._notice_width()))
         self.notify(str(path), title="Screenshot saved", timeout=8)
 
     def action_toggle_logs(self) -> None:
@@ -485,10 +505,10 @@ class PdtuiApp(App[int]):
 
 
 def default_screenshot_dir() -> Path:
-    """$PDTUI_HOME/screenshots when PDTUI_HOME is set, else the current directory (it was the
-    relative screenshots/, the repository's tracked folder when run from a checkout)."""
-    home = os.environ.get("PDTUI_HOME")
-    return Path(home).expanduser() / "screenshots" if home else Path.cwd()
+    """<state dir>/screenshots ($PDTUI_HOME/state, else $XDG_STATE_HOME/pdtui, else
+    ~/.local/state/pdtui: pdtui.core.paths), next to the run folders: where `s` writes without a
+    run folder (a replay)."""
+    return state_dir() / "screenshots"
 
 
 def make_app(runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,

@@ -12,8 +12,8 @@ from pdtui.app.app import make_app
 from pdtui.app.widgets import TransfersTable
 from pdtui.app.widgets.instance_pane import short_log
 from pdtui.core.events import LogLine, Notice
-from tests.functional.fake_runtime import T0, FakeRuntime, request, state
-from tests.functional.test_dashboard import clock, pair_up, screen_text, settle
+from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
+from tests.functional.test_dashboard import FIXTURE, clock, pair_up, screen_text, settle
 
 pytestmark = pytest.mark.anyio
 SIZES = [(80, 24), (160, 48)]
@@ -184,26 +184,72 @@ def test_short_log_keeps_lines_that_are_not_vllm_s() -> None:
     assert short_log("Traceback (most recent call last):") == "Traceback (most recent call last):"
 
 
-@pytest.mark.parametrize("home", [True, False], ids=["PDTUI_HOME", "cwd"])
-async def test_s_writes_the_screenshot_outside_the_repository_and_shows_the_path(
-        tmp_path, monkeypatch: pytest.MonkeyPatch, home: bool) -> None:
-    if home:
-        monkeypatch.setenv("PDTUI_HOME", str(tmp_path / "home"))
-        where = tmp_path / "home" / "screenshots"
-    else:
-        monkeypatch.delenv("PDTUI_HOME", raising=False)
-        monkeypatch.chdir(tmp_path)
-        where = tmp_path
+async def test_s_writes_the_screenshot_into_the_run_folder_and_the_line_fits(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: `s` wrote into the current folder (the repository's root, left untracked) and its
+    notice, the whole path, was cut at 80 columns. Live, the SVG goes into the run's folder
+    (RuntimeStarted.run_dir, where the logs are); the line names the file, `n` the whole path."""
+    from pdtui.app.widgets.notices import NoticesScreen
+
+    monkeypatch.delenv("PDTUI_HOME", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run = tmp_path / "state" / "pdtui" / "runs" / "20261130-120000-9000-a-run-folder-with-a-long-name"
     fake = FakeRuntime()
-    app = make_app(fake, clock=clock)  # no screenshot_dir: the default
+    app = make_app(fake, clock=clock)  # no screenshot_dir: pdtui up's case
     async with app.run_test(size=(80, 24)) as pilot:
         pair_up(fake)
+        fake.emit(started(run_dir=str(run)))
+        await settle(pilot, app)
+        await pilot.press("s")
+        await settle(pilot, app)
+        shots = list(run.glob("*.svg"))
+        assert len(shots) == 1 and not list((tmp_path / "cwd").iterdir())
+        line = screen_text(app).splitlines()[-2].strip()
+        assert line == f"screenshot saved: {shots[0].name} in the run folder"
+        await pilot.press("n")
+        await settle(pilot, app)
+        assert isinstance(app.screen, NoticesScreen)
+        assert any(n.text == f"screenshot saved: {shots[0]}" for n in app.screen.notices)
+
+
+@pytest.mark.parametrize("home", [True, False], ids=["PDTUI_HOME", "XDG_STATE_HOME"])
+async def test_s_in_a_replay_writes_into_the_state_folder_not_the_recorded_run_folder(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, home: bool) -> None:
+    """A replay has no run folder of its own (the recording's run_dir is another run's, maybe on
+    another machine): the SVG goes into <state dir>/screenshots, never the current folder."""
+    import json
+
+    from pdtui.app.replay import ReplayRuntime
+
+    if home:
+        monkeypatch.setenv("PDTUI_HOME", str(tmp_path / "home"))
+        where = tmp_path / "home" / "state" / "screenshots"
+    else:
+        monkeypatch.delenv("PDTUI_HOME", raising=False)
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        where = tmp_path / "state" / "pdtui" / "screenshots"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    lines = FIXTURE.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["run_dir"] = str(tmp_path / "recorded-run")
+    recording = tmp_path / "run.jsonl"
+    recording.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    rt = ReplayRuntime(recording, speed=0)
+    app = make_app(rt, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await rt.finished.wait()
         await settle(pilot, app)
         await pilot.press("s")
         await settle(pilot, app)
         shots = list(where.glob("*.svg"))
-        assert len(shots) == 1
-        assert f"screenshot saved: {shots[0].resolve()}" in str(app.query_one("#notice").render())
+        assert len(shots) == 1 and not list((tmp_path / "cwd").iterdir())
+        assert not (tmp_path / "recorded-run").exists()
+        line = screen_text(app).splitlines()[-2].strip()
+        assert line.startswith(f"screenshot saved: {shots[0].name} in ") and line.endswith("/screenshots")
+        assert app.notices[-1].text == f"screenshot saved: {shots[0]}"
 
 
 async def test_histograms_draw_only_when_shown_and_show_the_last_window() -> None:
