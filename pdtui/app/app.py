@@ -10,8 +10,8 @@ the control socket), the load keys the load generator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,19 +26,25 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Static, TabbedContent, TabPane, Tabs
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from pdtui.app import engine_config, gpu, loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
+from pdtui.app.notices import NOTICES, ShownNotice, file_line, one_line
 from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
+from pdtui.app.widgets.notices import NoticesScreen
 from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
+from pdtui.core.paths import state_dir
 from pdtui.core.supervisor import PortInUse, StartupFailed
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
+FOOTER_PALETTE_MIN = 92
+"""Columns from which the footer also shows the command palette's key (^p): below, it needs the
+room for the dashboard's own keys (Ctrl-P opens the palette all the same)."""
 GPU_INTERVAL_S = 1.0
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
@@ -67,6 +73,7 @@ class PdtuiApp(App[int]):
         Binding("c", "clear_histograms", "Clear", show=False),
         Binding("s", "screenshot", "Shot"),
         Binding("l", "toggle_logs", "Logs"),
+        Binding("n", "notices", "Notices"),
         Binding("t", "show_tab('transfers')", "Transfers", show=False),
         Binding("h", "show_tab('latency')", "Latency", show=False),
         Binding("g", "show_tab('config')", "Config", show=False),
@@ -83,8 +90,8 @@ class PdtuiApp(App[int]):
         self.replay = replay
         self.clock = clock
         self.speed = speed
-        self.screenshot_dir = Path(screenshot_dir) if screenshot_dir is not None else default_screenshot_dir()
-        """Where `s` writes its SVG: never the repository's tracked screenshots/ unless asked."""
+        self._screenshot_dir = Path(screenshot_dir) if screenshot_dir is not None else None
+        """The folder `s` writes into, when given (pdtui drill --shots, tests): screenshot_dir."""
         self.state = DashState()
         self.snapshot: Snapshot = self.state.snapshot()
         self.load_totals = {"ok": 0, "errors": 0}
@@ -99,6 +106,8 @@ class PdtuiApp(App[int]):
         self._refresh_pending: Timer | None = None
         self._notice_shown: Notice | None = None
         self._notice_settled: Notice | None = None
+        self.notices: collections.deque[ShownNotice] = collections.deque(maxlen=NOTICES)
+        """What the notice line showed, each whole: the notices screen (`n`) lists them."""
         self._load_sizer: tuple[loadgen.Sizer | None] | None = None
         self.engine_configs: dict[str, dict[str, str]] = {}
         """What each ready engine reports of its configuration (pdtui.app.engine_config)."""
@@ -123,7 +132,7 @@ class PdtuiApp(App[int]):
             with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
                 yield LatencyHistogram("TTFT", id="ttft")
                 yield LatencyHistogram("ITL", phase=REPLOT_INTERVAL_S / 2, id="itl")
-            with TabPane("Config", id="config-tab"), VerticalScroll():
+            with TabPane("Config", id="config-tab"), VerticalScroll(id="config-scroll"):
                 yield Static(CONFIG_WAITING, id="config")
         yield Static("", id="notice")
         yield Footer()
@@ -159,6 +168,8 @@ class PdtuiApp(App[int]):
         self.screen.set_class(wide, "-wide")
         for detail in self.query(RequestDetail):
             detail.wide = wide
+        for footer in self.query(Footer):
+            footer.show_command_palette = self.size.width >= FOOTER_PALETTE_MIN
 
     # ----- the event stream ---------------------------------------------------------------
     @work(group="events", description="fold the runtime's events", exit_on_error=False)
@@ -225,7 +236,7 @@ class PdtuiApp(App[int]):
         self.query_one("#itl", LatencyHistogram).update(snap.itl, snap.itl_recent)
         if snap.notices and snap.notices[-1] is not self._notice_shown:
             n = self._notice_shown = snap.notices[-1]
-            self.show_notice(n.text, n.level)
+            self.show_notice(n.text, n.level, t=n.t)
         self._settle_notice(snap)
 
     def _settle_notice(self, snap: Snapshot) -> None:
@@ -294,9 +305,17 @@ class PdtuiApp(App[int]):
             table.add_row(k, *(configs[n].get(k, "-") for n in names), style=style)
         self.query_one("#config", Static).update(table)
 
-    def show_notice(self, text: str, level: str = "info") -> None:
+    def _notice_width(self) -> int:
+        return self.query_one("#notice", Static).content_region.width or max(1, self.size.width - 2)
+
+    def show_notice(self, text: str, level: str = "info", *, line: str | None = None, t: float | None = None) -> None:
+        """Show a notice on the notice line: ``line`` if given, else ``text`` if it fits, else its
+        first clause (who, what, why: pdtui.app.notices.one_line), cut to the width; keep it
+        whole for the notices screen (`n`)."""
         notice = self.query_one("#notice", Static)
-        notice.update(Text(text, no_wrap=True, overflow="ellipsis"))
+        shown = line if line is not None else one_line(text, self._notice_width())
+        self.notices.append(ShownNotice(self.clock() if t is None else t, level, text, shown))
+        notice.update(Text(shown, no_wrap=True, overflow="ellipsis"))
         notice.set_class(level == "warning", "-warning")
         notice.set_class(level == "error", "-error")
 
@@ -403,22 +422,42 @@ class PdtuiApp(App[int]):
         self.load_totals["ok"] += message.ok
         self.load_totals["errors"] += message.errors
         level = "error" if message.errors else "info"
+        counts = f"load {message.name}: {message.ok} ok, {message.errors} errors"
         why = f"; first error: {message.error}" if message.error else ""
-        self.show_notice(f"load {message.name}: {message.ok} ok, {message.errors} errors, {message.detail}"
-                         f" (total {self.load_totals['ok']} ok, {self.load_totals['errors']} errors){why}", level)
+        self.show_notice(f"{counts}, {message.detail} (total {self.load_totals['ok']} ok,"
+                         f" {self.load_totals['errors']} errors){why}", level,
+                         line=f"{counts}: {message.error}" if message.error else None)
 
     def action_clear_histograms(self) -> None:
         self.state.clear_latency()
         self.post_message(EventsFolded(self.state.version))
 
+    @property
+    def run_dir(self) -> Path | None:
+        """This run's folder, with its logs (RuntimeStarted.run_dir); None before the runtime
+        said it, and in a replay (the recording's is another run's, maybe on another machine)."""
+        run_dir = self.state.header.run_dir
+        return Path(run_dir) if run_dir and not self.replay else None
+
+    @property
+    def screenshot_dir(self) -> Path:
+        """Where `s` writes its SVG: the folder given (pdtui drill --shots), else the run's folder
+        (next to the logs), else, in a replay, <state dir>/screenshots. Never the current folder:
+        from a checkout, that left SVGs untracked in the repository (issue 20)."""
+        return self._screenshot_dir or self.run_dir or default_screenshot_dir()
+
     def action_screenshot(self) -> None:
+        folder = self.screenshot_dir
         try:
-            self.screenshot_dir.mkdir(parents=True, exist_ok=True)
-            path = Path(self.save_screenshot(path=str(self.screenshot_dir))).resolve()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = Path(self.save_screenshot(path=str(folder))).resolve()
         except OSError as e:
             self.show_notice(f"screenshot not saved: {e}", "error")
             return
-        self.show_notice(f"screenshot saved: {path}")
+        said = "screenshot saved: "
+        in_run = self._screenshot_dir is None and self.run_dir is not None
+        self.show_notice(f"{said}{path}", line=f"{said}{path.name} in the run folder" if in_run
+                         else file_line(said, path, self._notice_width()))
         self.notify(str(path), title="Screenshot saved", timeout=8)
 
     def action_toggle_logs(self) -> None:
@@ -428,8 +467,25 @@ class PdtuiApp(App[int]):
         for pane in self.query(InstancePane):
             pane.expanded = expanded
 
+    def action_notices(self) -> None:
+        """The last notices whole, newest first, wrapped (the notice line shows one line)."""
+        if not isinstance(self.screen, NoticesScreen):
+            self.push_screen(NoticesScreen(self.notices))
+
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = {"transfers": "transfers", "config": "config-tab"}.get(tab, "latency-tab")
+
+    @on(TabbedContent.TabActivated)
+    def tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """Each tab gives the focus to what its keys move: the requests table (arrows, End), the
+        configuration's scroll, or on the Latency tab (nothing to move) the tab bar, whose
+        left/right go to the other tabs. Textual drops the focus of a widget that a tab hides and
+        gives it back to nothing: the arrows then did nothing until Tab was pressed (issue 20)."""
+        target = {"transfers": "#table", "config-tab": "#config-scroll"}.get(event.pane.id or "")
+        if target is None:
+            event.tabbed_content.query_one(Tabs).focus()
+        else:
+            self.query_one(target).focus()
 
     async def action_quit(self) -> None:
         self.show_notice("stopping the engines and the proxy ...", "warning")
@@ -452,13 +508,14 @@ class PdtuiApp(App[int]):
         yield SystemCommand("Clear histograms", "Forget the TTFT and ITL samples", self.action_clear_histograms)
         yield SystemCommand("Save screenshot", f"SVG into {self.screenshot_dir}/", self.action_screenshot)
         yield SystemCommand("Toggle log tails", "Expand or shrink the instances' log tails", self.action_toggle_logs)
+        yield SystemCommand("Notices", "The last notices whole, newest first", self.action_notices)
 
 
 def default_screenshot_dir() -> Path:
-    """$PDTUI_HOME/screenshots when PDTUI_HOME is set, else the current directory (it was the
-    relative screenshots/, the repository's tracked folder when run from a checkout)."""
-    home = os.environ.get("PDTUI_HOME")
-    return Path(home).expanduser() / "screenshots" if home else Path.cwd()
+    """<state dir>/screenshots ($PDTUI_HOME/state, else $XDG_STATE_HOME/pdtui, else
+    ~/.local/state/pdtui: pdtui.core.paths), next to the run folders: where `s` writes without a
+    run folder (a replay)."""
+    return state_dir() / "screenshots"
 
 
 def make_app(runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,

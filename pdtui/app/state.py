@@ -219,6 +219,9 @@ class Header:
     broken: str | None = None
     """Why the pair is up but not working (PairBroken: the warm-up's outcome), or None."""
     stopped: str | None = None
+    run_dir: str | None = None
+    """The run's folder (RuntimeStarted.run_dir: the engines' and the proxy's logs); in a replay,
+    the recorded run's, which may be on another machine."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,8 @@ class DashState:
             self.header = Header(
                 profile=ev.profile, model=ev.model, model_shape=ev.model_shape, connector=ev.connector,
                 device=ev.device, proxy_url=ev.proxy_url, vllm_version=ev.vllm_version,
-                kv_bytes_per_token=ev.kv_bytes_per_token, block_size=ev.block_size, started_t=ev.t)
+                kv_bytes_per_token=ev.kv_bytes_per_token, block_size=ev.block_size, started_t=ev.t,
+                run_dir=ev.run_dir)
             for spec in ev.instances:
                 self._inst(spec["name"], spec.get("role", "?"))
                 self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""))

