@@ -651,7 +651,8 @@ def _ctl_text(a: dict[str, Any]) -> str:
     up = a.get("uptime_s")
     uptime = f"{up:.0f} s" if up is not None else "not started"
     lines = [f"pdtui pid {a.get('pid')}, profile {a.get('profile')}, proxy {a.get('proxy_url')}, up {uptime}"
-             + (f", pair ready in {a['pair_ready_s']:.1f} s" if a.get("pair_ready_s") is not None else "")
+             + (f", pair up but BROKEN: {a['pair_broken']}" if a.get("pair_broken")
+                else f", pair ready in {a['pair_ready_s']:.1f} s" if a.get("pair_ready_s") is not None else "")
              + (" (shutting down)" if a.get("closing") else ""),
              f"run folder {a.get('run_dir')}"]
     for i in a.get("instances", []):

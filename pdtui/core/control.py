@@ -144,7 +144,7 @@ class Control:
             "model": getattr(cfg, "model_name", None), "proxy_url": getattr(cfg, "proxy_url", None),
             "run_dir": str(log_dir) if log_dir else None,
             "uptime_s": round(time.monotonic() - t_start, 1) if t_start is not None else None,
-            "pair_ready_s": pair_ready_s, "closing": bool(getattr(rt, "_closed", False)),
+            "pair_ready_s": pair_ready_s, "pair_broken": getattr(rt, "broken", None), "closing": bool(getattr(rt, "_closed", False)),
             "socket": str(self.socket_path) if self.socket_path else None, "instances": instances}
 
     async def kill(self, which: str, *, source: str | None = None) -> dict[str, Any]:
