@@ -494,7 +494,7 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"pdtui: no such recording: {args.file}", file=sys.stderr)
         return 2
     from pdtui.app.app import make_app
-    from pdtui.app.replay import BadRecording, ReplayRuntime
+    from pdtui.core.replay import BadRecording, Replay
 
     if args.speed < 0:
         print("pdtui: --speed must be 0 (as fast as possible) or more", file=sys.stderr)
@@ -504,7 +504,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         try:
-            rt = ReplayRuntime(args.file, speed=args.speed, max_gap_s=args.max_gap)
+            rt = Replay(args.file, speed=args.speed, max_gap_s=args.max_gap)
         except BadRecording as e:
             print(f"pdtui: {e}", file=sys.stderr)
             return 2

@@ -1,4 +1,4 @@
-"""PdtuiApp: the dashboard over a Runtime (live) or a ReplayRuntime (a recording).
+"""PdtuiApp: the dashboard over a Runtime (live) or a Replay (a recording).
 
 The app is a subscriber: one worker folds ``runtime.subscribe()`` into ``DashState`` and posts a
 coalesced ``EventsFolded``; at most every ``REFRESH_INTERVAL_S`` the app takes one snapshot and
@@ -15,7 +15,7 @@ import gc
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httpx
 from rich.table import Table
@@ -39,6 +39,7 @@ from pdtui.app.widgets.notices import NoticesScreen
 from pdtui.core.control import Control, ControlError
 from pdtui.core.events import Notice
 from pdtui.core.paths import state_dir
+from pdtui.core.source import Source
 from pdtui.core.supervisor import PortInUse, StartupFailed
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
@@ -81,7 +82,7 @@ class PdtuiApp(App[int]):
     AUTO_FOCUS = "#table"
     """The transfers table has the focus from the start: the arrows move its cursor without a Tab."""
 
-    def __init__(self, runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
+    def __init__(self, runtime: Source, *, replay: bool = False, clock: Callable[[], float] = time.time,
                  screenshot_dir: Path | str | None = None, speed: float | None = None,
                  freeze_gc: bool = False) -> None:
         super().__init__()
@@ -99,9 +100,9 @@ class PdtuiApp(App[int]):
         self.start_error: str | None = None
         """Why the start failed (an engine died during start-up or the warm-up), or None."""
         self._events = runtime.subscribe()
-        self.control: Control = getattr(runtime, "control", None) or Control(runtime)
+        self.control: Control = runtime.control
         """kill/restart/down: the same object `pdtui ctl` reaches through the control socket."""
-        self._geometry = getattr(runtime, "geometry", None)
+        self._geometry = runtime.geometry
         self._last_refresh = float("-inf")
         self._refresh_pending: Timer | None = None
         self._notice_shown: Notice | None = None
@@ -123,8 +124,8 @@ class PdtuiApp(App[int]):
         yield PairHeader(clock=self.clock, replay=self.replay, speed=self.speed, id="header")
         yield Static("", id="gpus")
         with Horizontal(id="instances"):
-            for name, inst in getattr(self.runtime, "instances", {}).items():
-                yield InstancePane(name, getattr(inst, "role", "?"), clock=self.clock, id=f"pane-{name}")
+            for name, inst in self.runtime.instances.items():
+                yield InstancePane(name, inst.role, clock=self.clock, id=f"pane-{name}")
         with TabbedContent(id="main", initial="transfers"):
             with TabPane("Transfers", id="transfers"):
                 yield TransfersTable(id="table")
@@ -343,14 +344,14 @@ class PdtuiApp(App[int]):
 
     # ----- controls -----------------------------------------------------------------------
     def instance_for(self, role_or_name: str) -> str | None:
-        names = [i.name for i in self.snapshot.instances] or list(getattr(self.runtime, "instances", {}))
+        names = [i.name for i in self.snapshot.instances] or list(self.runtime.instances)
         if role_or_name in names:
             return role_or_name
         for inst in self.snapshot.instances:
             if inst.role == role_or_name:
                 return inst.name
-        for name, inst in getattr(self.runtime, "instances", {}).items():
-            if getattr(inst, "role", None) == role_or_name:
+        for name, inst in self.runtime.instances.items():
+            if inst.role == role_or_name:
                 return name
         return None
 
@@ -373,7 +374,7 @@ class PdtuiApp(App[int]):
 
     async def _run_control(self, verb: str, name: str) -> None:
         try:
-            answer = await getattr(self.control, verb)(name)
+            answer = await (self.control.restart(name) if verb == "restart" else self.control.kill(name))
             if verb == "restart" and isinstance(answer, dict) and answer.get("ready_s") is not None:
                 self.show_notice(f"{name} restarted: ready in {answer['ready_s']:.1f}s")
         except ControlError as e:  # already restarting, shutting down, failed to come back
@@ -397,23 +398,17 @@ class PdtuiApp(App[int]):
     async def _sizer(self) -> loadgen.Sizer | None:
         """The model's own tokenizer, found once (loading a large one takes a moment: a thread)."""
         if self._load_sizer is None:
-            from pdtui.core import config as config_mod
-
-            cfg = self.runtime.cfg
-            try:
-                model = config_mod.model_path(cfg) if isinstance(cfg, config_mod.PairConfig) else cfg.model_name
-            except (OSError, ValueError):  # the generated model cannot be written here: size by the engine
-                model = getattr(cfg, "model_name", "")
+            run = self.runtime.run  # no model here (a replay): local_sizer tries the served name
+            model = run.model or run.model_name
             self._load_sizer = (await asyncio.to_thread(loadgen.local_sizer, model),)
         return self._load_sizer[0]
 
     @work(group="load", description="load generator", exit_on_error=False)
     async def run_load(self, scenario: str) -> None:
-        cfg = self.runtime.cfg
-        engines = [i.url for i in getattr(self.runtime, "instances", {}).values()
-                   if getattr(i, "role", "") == "prefill" and getattr(i, "url", "")]
-        res = await loadgen.run(scenario, cfg.proxy_url, cfg.model_name, sizer=await self._sizer(),
-                                max_model_len=getattr(cfg, "max_model_len", None),
+        run = self.runtime.run
+        engines = [i.url for i in self.runtime.instances.values() if i.role == "prefill" and i.url]
+        res = await loadgen.run(scenario, run.proxy_url, run.model_name, sizer=await self._sizer(),
+                                max_model_len=run.max_model_len,
                                 engine_url=engines[0] if engines else None)
         self.post_message(LoadFinished(scenario, res.ok, res.errors, res.sizes(), res.first_error))
 
@@ -497,7 +492,7 @@ class PdtuiApp(App[int]):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         names = [(i.name, i.role) for i in self.snapshot.instances] or [
-            (n, getattr(i, "role", "?")) for n, i in getattr(self.runtime, "instances", {}).items()]
+            (n, i.role) for n, i in self.runtime.instances.items()]
         for name, role in names:
             yield SystemCommand(f"Kill {name}", f"SIGKILL {name} ({role}) and watch the consequence",
                                 lambda n=name: self.action_kill(n))
@@ -518,9 +513,9 @@ def default_screenshot_dir() -> Path:
     return state_dir() / "screenshots"
 
 
-def make_app(runtime: Any, *, replay: bool = False, clock: Callable[[], float] = time.time,
+def make_app(runtime: Source, *, replay: bool = False, clock: Callable[[], float] = time.time,
              screenshot_dir: Path | str | None = None, speed: float | None = None,
              freeze_gc: bool = False) -> PdtuiApp:
     """The one factory for the CLI and the tests (the CLI passes ``freeze_gc=True``)."""
-    return PdtuiApp(runtime, replay=replay or bool(getattr(runtime, "replay", False)), clock=clock,
+    return PdtuiApp(runtime, replay=replay or runtime.replay, clock=clock,
                     screenshot_dir=screenshot_dir, speed=speed, freeze_gc=freeze_gc)

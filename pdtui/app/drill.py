@@ -177,7 +177,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         p, d = role("prefill"), role("decode")
         await done("ready", f"pair ready in {snap().header.ready_s:.1f} s (warm-up included)")
 
-        cfg = app.runtime.cfg
+        cfg = app.runtime.run
         w = Witness()
         witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name, witness_tokens, w))
         await pilot.press("2")

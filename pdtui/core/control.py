@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import socket
@@ -35,11 +34,14 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdtui.core.ctl_client import MAX_SOCKET_PATH, NotListening, default_socket_path, probe, request, socket_dir
 from pdtui.core.events import InstanceStateChanged, Notice, PairReady
 from pdtui.core.supervisor import PortInUse
+
+if TYPE_CHECKING:
+    from pdtui.core.source import Source
 
 VERBS = ("status", "kill", "restart", "down")
 
@@ -60,11 +62,10 @@ class ControlInUse(PortInUse):
 
 
 class Control:
-    """The operations on a running pair, over a Runtime (or anything with its interface:
-    ``instances``, ``kill``, ``restart``, ``aclose``, ``cfg``; ``history``, ``t_start``,
-    ``log_dir`` and ``emit`` are used when present)."""
+    """The operations on a running pair, over its :class:`pdtui.core.source.Source` (the live
+    Runtime, a replay, the tests' fake)."""
 
-    def __init__(self, runtime: Any, *, socket_path: Path | None = None) -> None:
+    def __init__(self, runtime: Source, *, socket_path: Path | None = None) -> None:
         self.runtime = runtime
         self.socket_path = socket_path
         """Set by the ControlServer serving this Control (shown in status)."""
@@ -92,26 +93,25 @@ class Control:
     # ----- names ----------------------------------------------------------------------------
     def resolve(self, which: str) -> str:
         """An instance name (``D``), its lower case (``d``) or a role (``decode``: the first one)."""
-        instances = getattr(self.runtime, "instances", {})
+        instances = self.runtime.instances
         if which in instances:
             return which
         for name in instances:
             if name.lower() == str(which).lower():
                 return name
         for name, inst in instances.items():
-            if getattr(inst, "role", None) == which:
+            if inst.role == which:
                 return name
-        have = ", ".join(f"{n} ({getattr(i, 'role', '?')})" for n, i in instances.items()) or "none"
+        have = ", ".join(f"{n} ({i.role})" for n, i in instances.items()) or "none"
         raise ControlError(f"no instance {which!r}; this pdtui has {have}", "unknown_instance")
 
     def _check_open(self) -> None:
-        if getattr(self.runtime, "_closed", False):
+        if self.runtime.closed:
             raise ControlError("this pdtui is shutting down", "closed")
 
     def _note(self, source: str | None, text: str, name: str | None = None) -> None:
-        emit = getattr(self.runtime, "emit", None)
-        if source and emit is not None:
-            emit(Notice(level="info", instance=name, text=f"{source}: {text}"))
+        if source:
+            self.runtime.emit(Notice(level="info", instance=name, text=f"{source}: {text}"))
 
     # ----- the operations -------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
@@ -119,7 +119,7 @@ class Control:
         deaths, starts, pair_ready_s = self._last_exit, self._starts, self._pair_ready_s
         if not self._observed:
             deaths, starts = {}, {}
-            for ev in reversed(list(getattr(rt, "history", ()))):
+            for ev in reversed(list(rt.history)):
                 if isinstance(ev, InstanceStateChanged):
                     if ev.state == "exited" and ev.instance not in deaths:
                         deaths[ev.instance] = _exit_of(ev)
@@ -128,23 +128,20 @@ class Control:
                 elif isinstance(ev, PairReady) and pair_ready_s is None:
                     pair_ready_s = ev.elapsed_s
         instances = []
-        for name, inst in getattr(rt, "instances", {}).items():
-            log_path = getattr(inst, "log_path", None)
+        for name, inst in rt.instances.items():
+            log_path = inst.log_path
             instances.append({
-                "name": name, "role": getattr(inst, "role", "?"), "state": getattr(inst, "state", "?"),
-                "pid": getattr(inst, "pid", None), "url": getattr(inst, "url", None),
-                "ready": bool(getattr(inst, "ready", getattr(inst, "state", None) == "ready")),
+                "name": name, "role": inst.role, "state": inst.state, "pid": inst.pid, "url": inst.url,
+                "ready": inst.ready,
                 "restarting": name in self._restarting, "restarts": max(0, starts.get(name, 0) - 1),
                 "log": str(log_path) if log_path else None, "last_death": deaths.get(name)})
-        cfg = getattr(rt, "cfg", None)
-        t_start = getattr(rt, "t_start", None)
-        log_dir = getattr(rt, "log_dir", None)
+        t_start, log_dir = rt.t_start, rt.log_dir
         return {
-            "ok": True, "verb": "status", "pid": os.getpid(), "profile": getattr(cfg, "profile_name", None),
-            "model": getattr(cfg, "model_name", None), "proxy_url": getattr(cfg, "proxy_url", None),
+            "ok": True, "verb": "status", "pid": os.getpid(), "profile": rt.run.profile,
+            "model": rt.run.model_name, "proxy_url": rt.run.proxy_url,
             "run_dir": str(log_dir) if log_dir else None,
             "uptime_s": round(time.monotonic() - t_start, 1) if t_start is not None else None,
-            "pair_ready_s": pair_ready_s, "pair_broken": getattr(rt, "broken", None), "closing": bool(getattr(rt, "_closed", False)),
+            "pair_ready_s": pair_ready_s, "pair_broken": rt.broken, "closing": rt.closed,
             "socket": str(self.socket_path) if self.socket_path else None, "instances": instances}
 
     async def kill(self, which: str, *, source: str | None = None) -> dict[str, Any]:
@@ -152,13 +149,12 @@ class Control:
         self._check_open()
         name = self.resolve(which)
         inst = self.runtime.instances[name]
-        was = getattr(inst, "state", None)
+        was = inst.state
         self._note(source, f"kill {name}", name)
         # the key keeps the Runtime's own wording; another source is named in the exit it leaves
-        kill = self.runtime.kill
-        code = await (kill(name, reason=f"killed by {source}") if source and _takes(kill, "reason") else kill(name))
-        return {"ok": True, "verb": "kill", "instance": name, "role": getattr(inst, "role", None), "was": was,
-                "exit_code": code, "state": getattr(inst, "state", None)}
+        code = await (self.runtime.kill(name, reason=f"killed by {source}") if source else self.runtime.kill(name))
+        return {"ok": True, "verb": "kill", "instance": name, "role": inst.role, "was": was,
+                "exit_code": code, "state": inst.state}
 
     async def restart(self, which: str, *, source: str | None = None, timeout_s: float | None = None,
                       progress: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
@@ -172,8 +168,7 @@ class Control:
             raise ControlError(f"{name} is already restarting", "busy")
         inst = self.runtime.instances[name]
         if timeout_s is None:
-            timeout_s = (getattr(inst, "ready_timeout_s", None) or getattr(getattr(self.runtime, "cfg", None),
-                         "ready_timeout_s", 600.0) or 600.0) + (getattr(inst, "stop_grace_s", 10.0) or 0) + 15
+            timeout_s = (inst.ready_timeout_s or self.runtime.run.ready_timeout_s) + inst.stop_grace_s + 15
         self._note(source, f"restart {name}", name)
         t0 = time.monotonic()
         task = asyncio.ensure_future(self.runtime.restart(name))
@@ -182,7 +177,7 @@ class Control:
         seen: tuple[Any, Any] | None = None
         deadline = t0 + timeout_s
         while not task.done():
-            now = (getattr(inst, "state", None), getattr(inst, "pid", None))
+            now = (inst.state, inst.pid)
             if progress is not None and now != seen:
                 text = (f"restarting {name} (it was {now[0]})" if seen is None
                         else f"{name} {now[0]}" + (f" (pid {now[1]})" if now[0] == "starting" else ""))
@@ -199,8 +194,8 @@ class Control:
             ready_s = task.result()
         except Exception as e:  # StartupFailed: the message carries the cause and the log tail
             raise ControlError(f"{name} did not come back: {e}", "failed") from e
-        return {"ok": True, "verb": "restart", "instance": name, "role": getattr(inst, "role", None),
-                "ready_s": round(ready_s, 3), "pid": getattr(inst, "pid", None), "state": getattr(inst, "state", None),
+        return {"ok": True, "verb": "restart", "instance": name, "role": inst.role,
+                "ready_s": round(ready_s, 3), "pid": inst.pid, "state": inst.state,
                 "elapsed_s": round(time.monotonic() - t0, 3)}
 
     def _restart_done(self, name: str, task: asyncio.Task[float]) -> None:
@@ -218,7 +213,7 @@ class Control:
         self.down_requested = True
         self._note(source, "down: stopping everything")
         t0 = time.monotonic()
-        names = list(getattr(self.runtime, "instances", {}))
+        names = list(self.runtime.instances)
         await self.runtime.aclose(reason=f"{source}: down" if source else "down")
         if notify:
             self.notify_down()
@@ -262,13 +257,6 @@ class Control:
 def _exit_of(ev: InstanceStateChanged) -> dict[str, Any]:
     return {"t": ev.t, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.t)), "exit_code": ev.exit_code,
             "detail": ev.detail, "unexpected": ev.detail.startswith("exited unexpectedly")}
-
-
-def _takes(fn: Callable[..., Any], keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ----- the socket ------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class RuntimeStarted(Event):
     instances: list[dict[str, Any]]
     run_dir: str | None = None
     """Where this run's engine and proxy logs are written."""
+    kv_geometry: dict[str, Any] | None = None
+    """The KV geometry behind kv_bytes_per_token (kvmath.KvGeometry's fields), so that a replay
+    shows the same freight formula as the live run; None in recordings made before it."""
 
 
 @dataclass(frozen=True)

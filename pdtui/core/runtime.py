@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ from pdtui.core.otlp import OtlpReceiver
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
 from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.source import RunInfo
 from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free
 from pdtui.core.versions import installed_vllm
 
@@ -93,6 +95,11 @@ class Runtime:
         self._transport_seen = False
         """UCX printed which transport reads the KV (its table): no guessing from throughput then."""
         self.t_start: float | None = None
+        self.replay = False
+        self.run = RunInfo(profile=cfg.profile_name, model_name=cfg.model_name, proxy_url=cfg.proxy_url,
+                           block_size=cfg.block_size, model=config_mod.model_path(cfg, model_root),
+                           max_model_len=cfg.max_model_len, ready_timeout_s=cfg.ready_timeout_s)
+        """What a watcher needs of the config (pdtui.core.source.Source)."""
         self.control = Control(self)
         """status/kill/restart/down: what the dashboard's keys and `pdtui ctl` call (pdtui.core.control)."""
         self.control_socket: Path | None = (control_socket or default_socket_path(cfg.proxy_port)) if serve_control else None
@@ -147,6 +154,7 @@ class Runtime:
                 block_size=self.cfg.block_size, kv_load_failure_policy=self.cfg.kv_load_failure_policy,
                 instances=[{"name": s.name, "role": s.role, "url": s.url, "argv": s.argv, "env": s.env} for s in self.specs],
                 run_dir=str(self.log_dir),
+                kv_geometry=dataclasses.asdict(self.geometry) if self.geometry else None,
             )
         )
         self.check_ports()
@@ -176,6 +184,11 @@ class Runtime:
         else:
             self.emit(PairReady(elapsed_s=round(elapsed, 3), warmup_outcome=outcome))
         return elapsed
+
+    @property
+    def closed(self) -> bool:
+        """aclose() has begun."""
+        return self._closed
 
     @property
     def broken(self) -> str | None:

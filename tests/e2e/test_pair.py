@@ -863,13 +863,13 @@ def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(
     import asyncio
 
     from pdtui.app.app import make_app
-    from pdtui.app.replay import ReplayRuntime
+    from pdtui.core.replay import Replay
 
     rec = tmp_path / "session.jsonl"
     rec.write_text("".join(e.to_json() + "\n" for e in list(pair.events)))
 
     async def replay() -> None:
-        rt = ReplayRuntime(rec, speed=0)
+        rt = Replay(rec, speed=0)
         app = make_app(rt, replay=True)
         async with app.run_test(size=(160, 48)) as pilot:
             for _ in range(600):

@@ -1,4 +1,4 @@
-"""FakeRuntime: the Runtime's interface, scripted by the test (no engines, no proxy).
+"""FakeRuntime: a fake :class:`pdtui.core.source.Source`, scripted by the test (no engines, no proxy).
 
 The test calls ``emit()`` to play events; ``kill``/``restart``/``aclose`` are recorded in
 ``calls``. ``on_kill`` lets a test script the consequence of a kill.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pdtui.app.replay import ReplayConfig, ReplayInstance
+from pdtui.core.control import Control
 from pdtui.core.events import Event, EventHub, InstanceStateChanged, RequestTraced, RuntimeStarted
 from pdtui.core.kvmath import KvGeometry
+from pdtui.core.replay import ReplayInstance
+from pdtui.core.source import RunInfo
 
 T0 = 1_795_582_316.0
 
@@ -21,7 +24,7 @@ T0 = 1_795_582_316.0
 @dataclass
 class FakeRuntime:
     geometry: KvGeometry | None = field(default_factory=lambda: KvGeometry(2, 2, 64, "float16", 2))
-    cfg: ReplayConfig = field(default_factory=lambda: ReplayConfig("cpu", "tiny", "http://127.0.0.1:9000", 128))
+    run: RunInfo = field(default_factory=lambda: RunInfo("cpu", "tiny", "http://127.0.0.1:9000", 128))
     on_kill: Callable[[str], None] | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -30,6 +33,13 @@ class FakeRuntime:
                           "D": ReplayInstance("D", "decode", "http://127.0.0.1:9200", "starting")}
         self.hub = EventHub()
         self.started = asyncio.Event()
+        self.history: list[Event] = []
+        self.replay = False
+        self.closed = False
+        self.broken: str | None = None
+        self.log_dir: Path | None = None
+        self.t_start: float | None = None
+        self.control = Control(self)
 
     def subscribe(self) -> AsyncIterator[Event]:
         return self.hub.subscribe()
@@ -38,6 +48,7 @@ class FakeRuntime:
         for ev in events:
             if isinstance(ev, InstanceStateChanged) and ev.instance in self.instances:
                 self.instances[ev.instance].state = ev.state
+            self.history.append(ev)
             self.hub.publish(ev)
 
     async def start(self) -> float:
@@ -45,7 +56,7 @@ class FakeRuntime:
         self.started.set()
         return 0.0
 
-    async def kill(self, name: str) -> int | None:
+    async def kill(self, name: str, reason: str = "killed") -> int | None:
         self.calls.append(("kill", name))
         if self.on_kill:
             self.on_kill(name)
@@ -61,6 +72,7 @@ class FakeRuntime:
 
     async def aclose(self, reason: str = "closed") -> None:
         self.calls.append(("aclose", reason))
+        self.closed = True
         self.hub.close()
 
 

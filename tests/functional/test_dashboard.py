@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pdtui.app.app import REPLAY_DISABLED, make_app
 from pdtui.app.messages import EventsFolded, LoadFinished
-from pdtui.app.replay import ReplayRuntime
 from pdtui.app.state import REQUESTS
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
 from pdtui.core.events import ConnectorEvent, LogLine, MetricsSampled, Notice
+from pdtui.core.replay import Replay
 from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
@@ -158,7 +159,7 @@ async def test_clear_histograms_and_screenshot(tmp_path: Path) -> None:
 
 
 async def test_replay_reaches_end_and_is_marked() -> None:
-    rt = ReplayRuntime(FIXTURE, speed=0)
+    rt = Replay(FIXTURE, speed=0)
     app = make_app(rt, clock=clock, speed=0)
     async with app.run_test(size=(80, 24)) as pilot:
         await rt.finished.wait()
@@ -179,7 +180,7 @@ async def test_replay_paces_by_recorded_time() -> None:
     async def fake_sleep(s: float) -> None:
         waits.append(s)
 
-    rt = ReplayRuntime(FIXTURE, speed=10, sleep=fake_sleep)
+    rt = Replay(FIXTURE, speed=10, sleep=fake_sleep)
     events = rt.subscribe()
     duration = await rt.start()
     got = [ev async for ev in events]
@@ -203,7 +204,7 @@ async def test_start_failure_is_shown() -> None:
 
 async def test_load_against_unreachable_proxy_counts_errors() -> None:
     fake = FakeRuntime()
-    fake.cfg.proxy_url = "http://127.0.0.1:9"  # discard port: connection refused
+    fake.run = dataclasses.replace(fake.run, proxy_url="http://127.0.0.1:9")  # discard port: connection refused
     seen: list[object] = []
     app = make_app(fake, clock=clock)
     async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:

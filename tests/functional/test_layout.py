@@ -221,7 +221,7 @@ async def test_s_in_a_replay_writes_into_the_state_folder_not_the_recorded_run_f
     another machine): the SVG goes into <state dir>/screenshots, never the current folder."""
     import json
 
-    from pdtui.app.replay import ReplayRuntime
+    from pdtui.core.replay import Replay
 
     if home:
         monkeypatch.setenv("PDTUI_HOME", str(tmp_path / "home"))
@@ -237,7 +237,7 @@ async def test_s_in_a_replay_writes_into_the_state_folder_not_the_recorded_run_f
     first["run_dir"] = str(tmp_path / "recorded-run")
     recording = tmp_path / "run.jsonl"
     recording.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
-    rt = ReplayRuntime(recording, speed=0)
+    rt = Replay(recording, speed=0)
     app = make_app(rt, clock=clock)
     async with app.run_test(size=(80, 24)) as pilot:
         await rt.finished.wait()

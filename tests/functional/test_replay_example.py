@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 
 from pdtui.app.app import make_app
-from pdtui.app.replay import BadRecording, ReplayRuntime, read_recording
 from pdtui.app.widgets import InstancePane
 from pdtui.core.events import InstanceStateChanged
+from pdtui.core.replay import BadRecording, Replay, read_recording
 
 EXAMPLE = Path(__file__).parent.parent.parent / "examples" / "gpu-drill.jsonl.xz"
 pytestmark = pytest.mark.anyio
 
 
 async def test_gpu_drill_example_replays_to_the_end() -> None:
-    rt = ReplayRuntime(EXAMPLE, speed=0)
+    rt = Replay(EXAMPLE, speed=0)
     app = make_app(rt)
     async with app.run_test(size=(160, 48)) as pilot:
         for _ in range(200):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pdtui.app.app import make_app
-from pdtui.app.replay import ReplayRuntime
 from pdtui.core.events import Notice
+from pdtui.core.replay import Replay
 from tests.functional.fake_runtime import T0, FakeRuntime, request, state
 from tests.functional.test_dashboard import pair_up
 
@@ -25,7 +25,7 @@ def frozen() -> float:
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
 def test_replay_end(snap_compare, size: tuple[int, int]) -> None:
-    rt = ReplayRuntime(FIXTURE, speed=0)
+    rt = Replay(FIXTURE, speed=0)
     app = make_app(rt, clock=frozen, speed=0)
 
     async def run_before(pilot) -> None:

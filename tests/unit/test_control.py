@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ import pytest
 from pdtui.core import config as config_mod
 from pdtui.core.control import Control, ControlError, ControlInUse, ControlServer, NotListening, request
 from pdtui.core.events import InstanceStateChanged, Notice
+from pdtui.core.source import RunInfo
 from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +57,7 @@ class StubInstance:
         self.name, self.role, self.url = name, role, f"http://127.0.0.1:9{len(name)}00"
         self.state, self.pid = "ready", 1000 + len(name)
         self.ready_timeout_s, self.stop_grace_s = 5.0, 1.0
+        self.log_path: Path | None = None
 
     @property
     def ready(self) -> bool:
@@ -64,18 +65,19 @@ class StubInstance:
 
 
 class StubRuntime:
-    """The interface Control uses; restart takes ``restart_s`` and fails if ``fail_restart``."""
+    """A stub Source (pdtui.core.source) for Control; restart takes ``restart_s`` and fails if
+    ``fail_restart``."""
 
     def __init__(self) -> None:
         self.instances = {"P": StubInstance("P", "prefill"), "D": StubInstance("D", "decode"),
                           "D2": StubInstance("D2", "decode")}
         self.history: list[Any] = []
         self.calls: list[tuple[str, Any]] = []
-        self.cfg = SimpleNamespace(profile_name="cpu", model_name="tiny", proxy_url="http://127.0.0.1:9000",
-                                   ready_timeout_s=5.0)
+        self.run = RunInfo("cpu", "tiny", "http://127.0.0.1:9000", 128, ready_timeout_s=5.0)
+        self.replay, self.broken, self.geometry = False, None, None
         self.t_start = time.monotonic() - 12.0
         self.log_dir = Path("/tmp/run")
-        self._closed = False
+        self.closed = False
         self.restart_s = 0.3
         self.fail_restart = False
 
@@ -107,7 +109,7 @@ class StubRuntime:
 
     async def aclose(self, reason: str = "closed") -> None:
         self.calls.append(("aclose", reason))
-        self._closed = True
+        self.closed = True
         for name in self.instances:
             self.instances[name].state = "exited"
 

@@ -1,19 +1,23 @@
-"""ReplayRuntime: the Runtime's interface, driven by a recording (``pdtui up --record FILE``).
+"""Replay: a recording (``pdtui up --record FILE``) played as a :class:`pdtui.core.source.Source`.
 
 The dashboard cannot tell it from a live Runtime except by ``replay = True``: events arrive in
 file order, spaced as they were recorded divided by ``speed``. Controls (kill, restart, load)
-raise ``ReplayControlsDisabled``.
+raise ``ReplayControlsDisabled``. The KV geometry comes from the recording (RuntimeStarted's
+bytes per token), so a replay shows the same freight formula as the live run did.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdtui.core.control import Control
 from pdtui.core.events import Event, EventHub, InstanceStateChanged, RuntimeStarted, from_json
+from pdtui.core.kvmath import KvGeometry
+from pdtui.core.source import RunInfo
 
 _END = object()
 
@@ -51,49 +55,60 @@ def read_recording(path: Path) -> list[Event]:
 
 
 @dataclass
-class ReplayConfig:
-    """The few PairConfig fields the dashboard reads, from the recording's RuntimeStarted."""
-
-    profile_name: str = "?"
-    model_name: str = "?"
-    proxy_url: str = ""
-    block_size: int = 0
-
-
-@dataclass
 class ReplayInstance:
+    """An instance of the recorded run: its name, role and URL from RuntimeStarted, its state as
+    the replayed events move it (InstanceView)."""
+
     name: str
     role: str
     url: str = ""
     state: str = "unknown"
+    pid: int | None = None
+    log_path: Path | None = None
+    ready_timeout_s: float = 600.0
+    stop_grace_s: float = 10.0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
 
 
 @dataclass
-class ReplayRuntime:
+class Replay:
     path: Path
     speed: float = 1.0
     """1 = real time; 10 = ten times faster; 0 or less = as fast as possible."""
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
     max_gap_s: float | None = None
     """Cap on one wait between events (after dividing by speed); None = no cap."""
-    replay: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.events: list[Event] = read_recording(self.path)
-        self.cfg = ReplayConfig()
+        self.run = RunInfo(profile="?", model_name="?", proxy_url="", block_size=0)
         self.instances: dict[str, ReplayInstance] = {}
-        self.geometry = None
+        self.geometry: KvGeometry | None = None
         self.history: list[Event] = []
         self.finished = asyncio.Event()
         self.hub = EventHub()
-        self._closed = False
+        self.replay = True
+        self.closed = False
+        self.broken: str | None = None
+        self.log_dir: Path | None = None
+        self.t_start: float | None = None
+        self.control = Control(self)
         for ev in self.events:
             if isinstance(ev, RuntimeStarted):
-                self.cfg = ReplayConfig(ev.profile, ev.model, ev.proxy_url, ev.block_size)
+                self.run = RunInfo(profile=ev.profile, model_name=ev.model, proxy_url=ev.proxy_url,
+                                   block_size=ev.block_size)
                 for spec in ev.instances:
                     self.instances[spec["name"]] = ReplayInstance(spec["name"], spec.get("role", "?"), spec.get("url", ""))
+                if ev.kv_geometry:
+                    self.geometry = KvGeometry(**ev.kv_geometry)
                 break
+
+    def emit(self, event: Event) -> None:
+        self._emit(event)
 
     def subscribe(self) -> AsyncIterator[Event]:
         return self.hub.subscribe()
@@ -110,9 +125,12 @@ class ReplayRuntime:
 
     async def start(self) -> float:
         """Play the recording; return its recorded duration in seconds."""
+        import time
+
+        self.t_start = time.monotonic()
         prev: float | None = None
         for ev in self.events:
-            if self._closed:
+            if self.closed:
                 break
             if prev is not None and self.speed > 0:
                 gap = max(0.0, ev.t - prev) / self.speed
@@ -128,7 +146,7 @@ class ReplayRuntime:
             return 0.0
         return self.events[-1].t - self.events[0].t
 
-    async def kill(self, name: str) -> int | None:
+    async def kill(self, name: str, reason: str = "killed") -> int | None:
         raise ReplayControlsDisabled("this is a replay: kill is disabled")
 
     async def restart(self, name: str) -> float:
@@ -138,7 +156,7 @@ class ReplayRuntime:
         raise ReplayControlsDisabled("this is a replay: stop is disabled")
 
     async def aclose(self, reason: str = "closed") -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         self._emit(_END)
