@@ -361,9 +361,10 @@ def _preflight(cfg: config_mod.PairConfig, *, ports: bool = True) -> list[Any]:
 
 def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace) -> Any:
     """The Runtime of `up` and `drill`, its log folder printed (stderr) before anything starts."""
+    from pdtui.core import topology
     from pdtui.core.runtime import Runtime
 
-    rt = Runtime(cfg, log_dir=args.log_dir)
+    rt = Runtime(topology.pair(cfg), log_dir=args.log_dir)
     print(f"pdtui: logs in {rt.log_dir}", file=sys.stderr, flush=True)
     if rt.control_socket is not None:
         print(f"pdtui: control socket {rt.control_socket} (pdtui ctl status{_ctl_hint(cfg)})", file=sys.stderr,

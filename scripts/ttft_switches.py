@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pdtui.bench.runners import arm_proxy
 from pdtui.bench.workload import make_prompt
 from pdtui.core import config as config_mod
+from pdtui.core import topology
 from pdtui.core.events import EngineSpan, Event, RequestTraced
 from pdtui.core.proxy import ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
@@ -99,7 +100,7 @@ async def main(args: argparse.Namespace) -> int:
         elif isinstance(ev, EngineSpan):
             spans.setdefault(ev.request_id, {})[ev.instance] = ev
 
-    rt = Runtime(cfg)
+    rt = Runtime(topology.pair(cfg))
     events = rt.subscribe()
 
     async def pump() -> None:

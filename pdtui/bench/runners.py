@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import gzip
 import itertools
 import json
@@ -56,13 +55,14 @@ from pdtui.bench import report, workload
 from pdtui.bench.report import bytes_check
 from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
-from pdtui.core import connectors, scrape
+from pdtui.core import connectors, scrape, topology
 from pdtui.core.config import PairConfig
 from pdtui.core.events import EngineSpan, Event, InstanceStateChanged, Notice, PairBroken, PairReady, RequestTraced
 from pdtui.core.proxy import ProxySettings
 from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.runtime import Runtime
 from pdtui.core.supervisor import Instance, StartupFailed
+from pdtui.core.topology import Topology
 
 ARMS = ("single", "single-proxied", "pair")
 """The default: the pair, and the single instance both straight and through the same proxy."""
@@ -221,20 +221,19 @@ def transient_start_failure(e: BaseException) -> bool:
                                               or "address already in use" in text)
 
 
+def arm_topology(arm: str, cfg: PairConfig) -> Topology:
+    """The topology of a bench arm, from the one config (pdtui.core.topology.ARMS; the switch arms
+    are the pair with their ProxySettings switches)."""
+    if arm in SWITCH_ARMS:
+        return topology.pair(cfg, name=arm, **SWITCH_ARMS[arm])
+    if arm in topology.ARMS:
+        return topology.ARMS[arm](cfg)
+    raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
+
+
 async def _run_named(arm: str, cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                      clock: Clock) -> None:
-    if arm == "single":
-        await run_single(cfg, opts, result, reporter, clock)
-    elif arm == "single-proxied":
-        await run_single_proxied(cfg, opts, result, reporter, clock)
-    elif arm == "pair":
-        await run_pair(cfg, opts, result, reporter, clock)
-    elif arm == "two-single":
-        await run_two_single(cfg, opts, result, reporter, clock)
-    elif arm in SWITCH_ARMS:
-        await run_pair(cfg, opts, result, reporter, clock, name=arm, switches=SWITCH_ARMS[arm])
-    else:
-        raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
+    await run_topology(arm_topology(arm, cfg), opts, result, reporter, clock)
 
 
 async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: BenchOptions,
@@ -497,40 +496,6 @@ def _launch(specs: list[config_mod.LaunchSpec]) -> list[dict[str, Any]]:
     return [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
 
 
-def _on_state(name: str, reporter: Reporter) -> Callable[[Event], None]:
-    def on_event(ev: Event) -> None:
-        if isinstance(ev, InstanceStateChanged):
-            reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
-
-    return on_event
-
-
-async def _spawn_all(arm: ArmResult, insts: list[Instance]) -> float:
-    for i in insts:
-        await i.spawn()
-        if i.pid:
-            arm.pgids.append(i.pid)
-    return max(await asyncio.gather(*(i.wait_ready() for i in insts)))
-
-
-async def run_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                     clock: Clock) -> ArmResult:
-    """One colocated instance, measured straight at its own URL (no proxy)."""
-    spec = config_mod.render_single(cfg)
-    arm = result.arms["single"] = ArmResult("single", url=spec.url, t_start=clock())
-    arm.launch = _launch([spec])
-    inst = Instance(spec, _on_state("single", reporter), ready_timeout_s=cfg.ready_timeout_s,
-                    stop_grace_s=cfg.stop_grace_s, host=cfg.host, port=cfg.prefills[0].port)
-
-    async def start() -> float:
-        ready = await _spawn_all(arm, [inst])
-        await warm_instances(arm, cfg, opts, [inst], reporter)
-        return ready
-
-    return await _run_arm(arm, cfg, opts, reporter, clock, start=start,
-                          stop=lambda: inst.stop(reason="bench arm done"))
-
-
 WARMUP_MAX_TOKENS = 4
 
 
@@ -566,26 +531,22 @@ async def warm_instances(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, in
 
 
 def proxied_settings(block_size: int) -> ProxySettings:
-    """The proxy of the single-proxied and two-single arms: no prefill instance (every request goes
-    to a colocated instance as it is, a plain relay) and round-robin over the instances that are
-    up, whatever their load: vLLM's own fair baseline (its examples/disagg toy proxies pick
-    round-robin too). With one instance round-robin is that instance."""
+    """The proxy of the single-proxied and two-single arms (pdtui.core.topology._singles): no
+    prefill instance, round-robin over the instances that are up."""
     return ProxySettings(block_size=block_size, decode_choice="round-robin")
 
 
 def arm_proxy(host: str, port: int, instances: list[tuple[str, str]], block_size: int,
               on_event: Callable[[Event], None]) -> ProxyProcess:
-    """The proxy process of single-proxied and two-single: ``instances`` (name, url) as its decode
-    instances, no prefill instance, ``proxied_settings``. Every instance is down until the proxy
-    is told otherwise (``follow_states``)."""
+    """A proxy process as single-proxied's: ``instances`` (name, url) as its decode instances, no
+    prefill instance, ``proxied_settings`` (scripts that put one beside a running pair use it)."""
     return ProxyProcess([], instances, host=host, port=port, settings=proxied_settings(block_size),
                         on_event=on_event)
 
 
 def follow_states(proxy: ProxyProcess, then: Callable[[Event], None]) -> Callable[[Event], None]:
     """An Instance's event callback: tells ``proxy`` that the instance is up when it becomes
-    ready and down on any other state (stopping, exited, failed, starting again), then hands the
-    event on to ``then``."""
+    ready and down on any other state, then hands the event on to ``then``."""
 
     def on_event(ev: Event) -> None:
         if isinstance(ev, InstanceStateChanged):
@@ -596,9 +557,8 @@ def follow_states(proxy: ProxyProcess, then: Callable[[Event], None]) -> Callabl
 
 
 async def proxy_sees_up(url: str, names: list[str], timeout_s: float = 10.0) -> None:
-    """Wait until the proxy's /health lists every one of ``names`` as an up decode instance (the
-    state goes to it through a pipe): no warm-up request through it is sent before it can reach
-    every instance. Raises TimeoutError after ``timeout_s``."""
+    """Wait until the proxy's /health lists every one of ``names`` as an up decode instance.
+    Raises TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
@@ -609,70 +569,6 @@ async def proxy_sees_up(url: str, names: list[str], timeout_s: float = 10.0) -> 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the proxy at {url} did not see {', '.join(names)} up within {timeout_s:.0f} s")
             await asyncio.sleep(0.05)
-
-
-async def run_proxied(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter, clock: Clock,
-                      name: str, where: list[tuple[str, config_mod.InstanceConfig]]) -> ArmResult:
-    """Colocated instances (``config.render_single`` on each instance config of ``where``) behind
-    pdtui's proxy process on the proxy port, with no prefill instance (``proxied_settings``). The
-    proxy is told each instance's state as its InstanceStateChanged events come (up once ready,
-    down once it stops or exits); its RequestTraced events are joined with the client's samples."""
-    specs = [config_mod.render_single(cfg, name=n, inst=i) for n, i in where]
-    arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
-    arm.launch = _launch(specs)
-    traces: dict[str, RequestTraced] = {}
-    on_state = _on_state(name, reporter)
-
-    def on_proxy_event(ev: Event) -> None:
-        if isinstance(ev, RequestTraced):
-            traces[ev.request_id] = ev
-        elif isinstance(ev, Notice):
-            arm.notices.append(f"{ev.level}: {ev.text}")
-
-    proxy = arm_proxy(cfg.host, cfg.proxy_port, [(s.name, s.url) for s in specs], cfg.block_size, on_proxy_event)
-    insts = [Instance(s, follow_states(proxy, on_state), ready_timeout_s=cfg.ready_timeout_s,
-                      stop_grace_s=cfg.stop_grace_s, host=cfg.host, port=i.port)
-             for s, (_, i) in zip(specs, where, strict=True)]
-
-    async def start() -> float:
-        try:
-            await proxy.start()
-        finally:
-            if proxy.pid:
-                arm.pids.append(proxy.pid)
-        ready = await _spawn_all(arm, insts)
-        await warm_instances(arm, cfg, opts, insts, reporter)
-        await proxy_sees_up(proxy.url, [i.name for i in insts])
-        return ready
-
-    async def settle() -> None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await _wait_traces(arm.samples, traces, timeout_s=5)
-        _join(arm.samples, traces)
-
-    async def stop() -> None:
-        with contextlib.suppress(Exception):
-            await proxy.stop()
-        await asyncio.gather(*(i.stop(reason="bench arm done") for i in insts), return_exceptions=True)
-
-    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle,
-                          warmups=len(insts))
-
-
-async def run_single_proxied(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                             clock: Clock) -> ArmResult:
-    """The single arm's instance (P's port and core/GPU) measured through the proxy process, as the
-    pair is: single-proxied vs single is the proxy's own cost, and the pair's verdict compares
-    against this arm (report.verdict)."""
-    return await run_proxied(cfg, opts, result, reporter, clock, "single-proxied", [("S", cfg.prefills[0])])
-
-
-async def run_two_single(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                         clock: Clock) -> ArmResult:
-    """Two colocated instances (on P's and on D's port and core/GPU) behind the proxy process with
-    no prefill instance, round-robin (``proxied_settings``): the same hardware as the pair."""
-    return await run_proxied(cfg, opts, result, reporter, clock, "two-single",
-                             [("S1", cfg.prefills[0]), ("S2", cfg.decodes[0])])
 
 
 async def _scrape_d(rt: Runtime) -> dict[str, float]:
@@ -691,16 +587,16 @@ async def _scrape_d(rt: Runtime) -> dict[str, float]:
 NIXL_BYTES = f"{connectors.NIXL.bytes_metric}_sum"  # a histogram: _sum is the bytes
 
 
-async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
-                   clock: Clock, name: str = "pair", switches: dict[str, bool] | None = None) -> ArmResult:
-    """The pair through its Runtime's proxy process; ``switches`` sets the proxy's TTFT switches
-    (config fields tokenize_once, first_token_from_p) for this arm only."""
-    if switches:
-        cfg = copy.copy(cfg)
-        for key, value in switches.items():
-            setattr(cfg, key, value)
-    rt = Runtime(cfg)
-    arm = result.arms[name] = ArmResult(name, url=cfg.proxy_url, t_start=clock())
+async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, reporter: Reporter,
+                       clock: Clock) -> ArmResult:
+    """One arm: its topology started through a Runtime (the instances, and the proxy if it has
+    one), warmed up (the pair: the Runtime's request through P and D; colocated instances: one
+    request straight to each, ``warm_instances``), measured at ``topo.url``; the proxy's traces
+    joined with the client's samples; the pair's KV bytes checked against D's counter."""
+    name, cfg = topo.name, topo.cfg
+    paired = topo.proxy is not None and bool(topo.proxy.prefills)
+    rt = Runtime(topo)
+    arm = result.arms[name] = ArmResult(name, url=rt.url, t_start=clock())
     arm.launch = _launch(rt.specs)
     traces: dict[str, RequestTraced] = {}
     spans: dict[str, dict[str, EngineSpan]] = {}
@@ -717,7 +613,7 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
                 if ev.state == "starting" and ev.pid:
                     arm.pgids.append(ev.pid)
                 reporter.phase(name, f"{ev.instance} {ev.state} {ev.detail}".strip())
-            elif isinstance(ev, PairReady):
+            elif isinstance(ev, PairReady) and paired:
                 arm.warmup.append({"instance": "+".join(rt.instances), "via": "proxy (the Runtime's warm-up)",
                                    "outcome": ev.warmup_outcome})
                 reporter.phase(name, f"pair ready in {ev.elapsed_s:.1f} s (warm-up {ev.warmup_outcome})")
@@ -736,11 +632,14 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
         try:
             ready = await rt.start()  # WarmupFailed (a StartupFailed) at once if an engine died
         finally:
-            if rt.proxy.pid:
+            if rt.proxy is not None and rt.proxy.pid:
                 arm.pids.append(rt.proxy.pid)
         if rt.broken is not None:  # no measurement of a pair whose KV path does not work
             raise StartupFailed(f"the pair came up broken: {rt.broken}")
-        before = await _scrape_d(rt)
+        if paired:
+            before = await _scrape_d(rt)
+        else:
+            await warm_instances(arm, cfg, opts, list(rt.instances.values()), reporter)
         return ready
 
     async def settle() -> None:
@@ -749,9 +648,9 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
         nonlocal before
         reporter.phase(name, "joining traces")
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await _wait_traces(arm.samples, traces, timeout_s=10)
+            await _wait_traces(arm.samples, traces, timeout_s=10 if paired else 5)
         _join(arm.samples, traces)
-        if cfg.traces_port is not None:  # the engines export their spans every 200 ms
+        if cfg.traces_port is not None and paired:  # the engines export their spans every 200 ms
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await _wait_spans(arm.samples, spans, timeout_s=5)
             _join_spans(arm.samples, spans)
@@ -772,7 +671,9 @@ async def run_pair(cfg: PairConfig, opts: BenchOptions, result: BenchResult, rep
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await collector
 
-    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop, settle=settle)
+    return await _run_arm(arm, cfg, opts, reporter, clock, start=start, stop=stop,
+                          settle=settle if topo.proxy is not None else None,
+                          warmups=1 if paired or topo.proxy is None else len(rt.instances))
 
 
 async def _wait_spans(samples: list[Sample], spans: dict[str, dict[str, EngineSpan]], timeout_s: float) -> None:

@@ -1,6 +1,6 @@
 """The Runtime: owns the instances, the proxy and the scrapers; emits one stream of typed events.
 
-    rt = Runtime(cfg)
+    rt = Runtime(topology.pair(cfg))  # or any Topology: a bench arm, NpMd
     events = rt.subscribe()          # before start(), to see everything
     await rt.start()                 # instances ready, proxy up, pair warmed up
     ...                              # rt.kill("D"), rt.restart("D"), ...
@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import IO, Any
 import httpx
 
 from pdtui.core import config as config_mod
-from pdtui.core import connectors, kvmath, scrape
+from pdtui.core import connectors, scrape
 from pdtui.core.config import PairConfig
 from pdtui.core.control import Control, ControlServer, default_socket_path
 from pdtui.core.events import (
@@ -42,48 +41,57 @@ from pdtui.core.events import (
 )
 from pdtui.core.otlp import OtlpReceiver
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
-from pdtui.core.proxy import WARMUP_HEADER, ProxySettings
+from pdtui.core.proxy import WARMUP_HEADER
 from pdtui.core.proxy_process import ProxyProcess
 from pdtui.core.source import RunInfo
 from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free
+from pdtui.core.topology import Topology
 from pdtui.core.versions import installed_vllm
 
 WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handshake. " * 2
 
 
 class Runtime:
-    def __init__(self, cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None,
-                 log_dir: Path | None = None, control_socket: Path | None = None, serve_control: bool = True) -> None:
+    """Starts and watches one :class:`pdtui.core.topology.Topology` (the pair of a profile, or a
+    bench arm); implements :class:`pdtui.core.source.Source`."""
+
+    def __init__(self, topology: Topology, *, log_dir: Path | None = None, control_socket: Path | None = None,
+                 serve_control: bool = True) -> None:
+        cfg = topology.cfg
         config_mod.validate(cfg)
+        attached = [m.name for m in topology.members if m.launch is None]
+        if attached:
+            raise ValueError(f"{topology.name}: members {', '.join(attached)} are attached (a URL only);"
+                             " this Runtime starts and supervises launched members only")
+        self.topology = topology
         self.cfg = cfg
-        self.specs = config_mod.render(cfg, model_root=model_root, python=python)
-        self.geometry = _geometry(cfg, config_mod.model_path(cfg, model_root))
+        self.specs = [m.launch for m in topology.members if m.launch is not None]
+        self.geometry = topology.geometry
         found = installed_vllm()
         self.vllm_version = f"{found[0]} {found[1]}" if found else None
         self.log_dir = log_dir or default_run_dir(cfg)
         """Engine logs (one file per instance, across restarts) and the proxy's: what a crash leaves."""
         self.instances: dict[str, Instance] = {}
-        for spec, inst_cfg in zip(self.specs, cfg.instances):
-            self.instances[spec.name] = Instance(
-                spec, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                host=cfg.host, port=inst_cfg.port, side_channel_port=inst_cfg.side_channel_port,
-                log_dir=self.log_dir,
+        for m in topology.members:
+            assert m.launch is not None
+            self.instances[m.name] = Instance(
+                m.launch, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
+                host=cfg.host, port=m.port, side_channel_port=m.side_channel_port, log_dir=self.log_dir,
             )
         # The proxy runs as a process of its own (pdtui proxy --managed): the dashboard's loop never
         # holds a stream back. It learns the instances' states from emit(), and its events come back
         # through emit() too.
         self.otlp: OtlpReceiver | None = None
         """The engines' per-request spans (cfg.traces_port): EngineSpan events, joined by request id."""
-        self.proxy = ProxyProcess(
-            [(n, i.url) for n, i in self.instances.items() if i.role == "prefill"],
-            [(n, i.url) for n, i in self.instances.items() if i.role == "decode"],
-            host=cfg.host, port=cfg.proxy_port,
-            settings=ProxySettings(block_size=cfg.block_size, geometry=self.geometry,
-                                   prefill_failure=cfg.prefill_failure, tokenize_once=cfg.tokenize_once,
-                                   first_token_from_p=cfg.first_token_from_p,
-                                   decode_reports_cached=True),  # every instance: --enable-prompt-tokens-details
+        plan = topology.proxy
+        self.proxy: ProxyProcess | None = None if plan is None else ProxyProcess(
+            [(n, self.instances[n].url) for n in plan.prefills],
+            [(n, self.instances[n].url) for n in plan.decodes],
+            host=plan.host, port=plan.port, settings=plan.settings,
             on_event=self.emit, log_path=self.log_dir / "proxy.log",
         )
+        self.url = topology.url
+        """Where clients send requests: the proxy's URL, or the one instance's without a proxy."""
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)
         self.latest_metrics: dict[str, dict[str, float]] = {}
         self.hub = EventHub()
@@ -96,8 +104,8 @@ class Runtime:
         """UCX printed which transport reads the KV (its table): no guessing from throughput then."""
         self.t_start: float | None = None
         self.replay = False
-        self.run = RunInfo(profile=cfg.profile_name, model_name=cfg.model_name, proxy_url=cfg.proxy_url,
-                           block_size=cfg.block_size, model=config_mod.model_path(cfg, model_root),
+        self.run = RunInfo(profile=cfg.profile_name, model_name=cfg.model_name, proxy_url=self.url,
+                           block_size=cfg.block_size, model=topology.model,
                            max_model_len=cfg.max_model_len, ready_timeout_s=cfg.ready_timeout_s)
         """What a watcher needs of the config (pdtui.core.source.Source)."""
         self.control = Control(self)
@@ -110,7 +118,7 @@ class Runtime:
     def emit(self, event: Event) -> None:
         self.history.append(event)
         self.control.observe(event)
-        if isinstance(event, InstanceStateChanged) and event.instance in self.instances:
+        if isinstance(event, InstanceStateChanged) and event.instance in self.instances and self.proxy is not None:
             self.proxy.set_up(event.instance, self.instances[event.instance].ready)
             self.proxy.set_info({"states": {n: i.state for n, i in self.instances.items()}})
         if isinstance(event, ConnectorEvent) and event.what in ("ucx_transport", "kv_read_transport"):
@@ -138,7 +146,8 @@ class Runtime:
 
     # ----- lifecycle ----------------------------------------------------------------------
     def check_ports(self) -> None:
-        check_port_free(self.cfg.host, self.cfg.proxy_port, "proxy")
+        if self.topology.proxy is not None:
+            check_port_free(self.topology.proxy.host, self.topology.proxy.port, "proxy")
         for inst in self.instances.values():
             inst.check_ports()
 
@@ -148,7 +157,8 @@ class Runtime:
         self.emit(
             RuntimeStarted(
                 profile=self.cfg.profile_name, model=self.cfg.model_name, model_shape=self.cfg.synthetic_shape,
-                connector=self.cfg.connector, device=self.cfg.device, proxy_url=self.cfg.proxy_url,
+                connector=self.cfg.connector if self.topology.connector else "none", device=self.cfg.device,
+                proxy_url=self.url,
                 vllm_version=self.vllm_version,
                 kv_bytes_per_token=self.geometry.bytes_per_token if self.geometry else None,
                 block_size=self.cfg.block_size, kv_load_failure_policy=self.cfg.kv_load_failure_policy,
@@ -163,7 +173,8 @@ class Runtime:
                 self._control_server = await ControlServer(self.control, self.control_socket).start()
             except OSError as e:  # a folder that is not ours, a path too long: run on, without `pdtui ctl`
                 self.emit(Notice(level="warning", text=f"no control socket (pdtui ctl will not reach this pdtui): {e}"))
-        await self.proxy.start()  # emits ProxyStarted
+        if self.proxy is not None:
+            await self.proxy.start()  # emits ProxyStarted
         if self.cfg.traces_port is not None:
             self.otlp = OtlpReceiver(self.cfg.host, self.cfg.traces_port, self.emit,
                                      on_error=lambda text: self.emit(Notice(level="warning", text=text)))
@@ -174,7 +185,9 @@ class Runtime:
                 self._tasks.append(asyncio.create_task(self._scrape(inst), name=f"{inst.name}-scrape"))
                 self._tasks.append(asyncio.create_task(self._watch(inst), name=f"{inst.name}-watch"))
             await asyncio.gather(*(inst.wait_ready() for inst in self.instances.values()))
-            outcome, broken = await self._warmup_or_death() if self.cfg.warmup else (None, None)
+            await self._proxy_sees_up()
+            warm = self.topology.warmup and self.topology.proxy is not None and bool(self.topology.proxy.prefills)
+            outcome, broken = await self._warmup_or_death() if warm else (None, None)
         except BaseException:
             await self.aclose(reason="start-up failed")
             raise
@@ -184,6 +197,25 @@ class Runtime:
         else:
             self.emit(PairReady(elapsed_s=round(elapsed, 3), warmup_outcome=outcome))
         return elapsed
+
+    async def _proxy_sees_up(self, timeout_s: float = 10.0) -> None:
+        """Wait until the proxy's /health lists every instance as up (their states reach it through
+        a pipe): no request, the warm-up's or a client's, is sent before it can reach them all."""
+        if self.topology.proxy is None:
+            return
+        plan = self.topology.proxy
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    h = (await client.get(f"{plan.url}/health")).json()
+                    if all(h.get("prefill", {}).get(n) for n in plan.prefills) and \
+                            all(h.get("decode", {}).get(n) for n in plan.decodes):
+                        return
+                if time.monotonic() > deadline:
+                    raise StartupFailed(f"the proxy at {plan.url} did not see {', '.join(self.instances)} up"
+                                        f" within {timeout_s:.0f} s")
+                await asyncio.sleep(0.05)
 
     @property
     def closed(self) -> bool:
@@ -252,7 +284,7 @@ class Runtime:
 
         async def send() -> None:
             async with httpx.AsyncClient(timeout=timeout_s) as client:
-                await client.post(f"{self.cfg.proxy_url}/v1/completions", json=body, headers={WARMUP_HEADER: "1"})
+                await client.post(f"{self.url}/v1/completions", json=body, headers={WARMUP_HEADER: "1"})
 
         async def wait_trace() -> None:
             async for ev in events:
@@ -373,7 +405,8 @@ class Runtime:
         for t in self._tasks:
             if t.get_name() != "recorder":
                 t.cancel()
-        await self.proxy.stop()
+        if self.proxy is not None:
+            await self.proxy.stop()
         await asyncio.gather(*(i.stop(reason="stopped by pdtui") for i in self.instances.values()),
                              return_exceptions=True)
         if self.otlp is not None:  # after the engines: their last spans are flushed at exit
@@ -396,14 +429,4 @@ def default_run_dir(cfg: PairConfig) -> Path:
     return path
 
 
-def _geometry(cfg: PairConfig, model_arg: str) -> kvmath.KvGeometry | None:
-    path = Path(model_arg)
-    if (path / "config.json").exists():
-        try:
-            return kvmath.geometry_from_dir(path, cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else cfg.dtype)
-        except (KeyError, ValueError, json.JSONDecodeError):
-            return None
-    return None
-
-
-__all__ = ["Runtime", "StartupFailed"]
+__all__ = ["Runtime", "StartupFailed", "Topology"]

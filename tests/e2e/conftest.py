@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from pdtui.core import config as config_mod
+from pdtui.core import topology
 from pdtui.core.events import Event
 from pdtui.core.runtime import Runtime
 
@@ -60,7 +61,7 @@ class RuntimeThread:
         self.rt: Runtime = self.call(self._make(), 30)
 
     async def _make(self) -> Runtime:
-        rt = Runtime(self.cfg)
+        rt = Runtime(topology.pair(self.cfg))
         stream = rt.subscribe()
 
         async def pump() -> None:

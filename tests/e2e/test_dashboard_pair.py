@@ -16,6 +16,7 @@ from pdtui.app.app import make_app
 from pdtui.app.messages import LoadFinished
 from pdtui.app.widgets import InstancePane, RequestDetail
 from pdtui.core import config as config_mod
+from pdtui.core import topology
 from pdtui.core.events import InstanceStateChanged
 from pdtui.core.runtime import Runtime
 from tests.e2e.conftest import STARTED_GROUPS, _ports_free
@@ -32,7 +33,7 @@ def anyio_backend() -> str:
 async def test_drill_on_the_real_pair(tmp_path: Path) -> None:
     cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
     assert _ports_free(cfg), f"ports at offset {PORT_OFFSET} are taken"
-    rt = Runtime(cfg)
+    rt = Runtime(topology.pair(cfg))
     pids: set[int] = set()
     events = rt.subscribe()
     app = make_app(rt, screenshot_dir=tmp_path)

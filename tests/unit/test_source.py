@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pdtui.core import config as config_mod
-from pdtui.core import source
+from pdtui.core import source, topology
 from pdtui.core.replay import Replay
 from pdtui.core.runtime import Runtime
 from tests.functional.fake_runtime import FakeRuntime
@@ -25,7 +25,7 @@ def _members(proto: type) -> set[str]:
 
 @pytest.fixture(scope="module")
 def live() -> Runtime:
-    return Runtime(config_mod.shift_ports(config_mod.load_profile("cpu"), 44000), serve_control=False)
+    return Runtime(topology.pair(config_mod.shift_ports(config_mod.load_profile("cpu"), 44000)), serve_control=False)
 
 
 def test_every_source_has_every_member_of_the_protocol(live: Runtime) -> None:

@@ -4,13 +4,14 @@ average read 496 MB/s while UCX's table said zero-copy cuda_ipc)."""
 from __future__ import annotations
 
 from pdtui.core import config as config_mod
+from pdtui.core import topology
 from pdtui.core.events import ConnectorEvent, Notice
 from pdtui.core.runtime import Runtime
 
 
 def _runtime() -> tuple[Runtime, list]:
     cfg = config_mod.load_profile("cpu")
-    rt = Runtime(cfg)
+    rt = Runtime(topology.pair(cfg))
     rt.cfg.device = "cuda"  # the inference only applies to GPUs
     seen: list = []
     rt.hub.publish = seen.append  # type: ignore[method-assign]
