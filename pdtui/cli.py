@@ -79,13 +79,7 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
     p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
                    help="what D does when the KV pull fails: fail the request (500) or recompute")
-    p.add_argument("--prefill-failure", choices=("retry", "decode-locally"), default=None,
-                   help="the proxy, when P fails after the request reached it: retry once then an error"
-                   " (default), or decode-locally (D computes the prompt: the old fallback)")
-    p.add_argument("--tokenize-once", action="store_const", const=True, default=None,
-                   help="the proxy: D gets the prompt as P's token ids, chat included (docs/ttft-toll.md)")
-    p.add_argument("--first-token-from-p", action="store_const", const=True, default=None,
-                   help="the proxy: P's token goes to the client at once, D continues from it (docs/ttft-toll.md)")
+    add_switch_flags(p)
     p.add_argument("--traces-port", type=int, default=None,
                    help="receive the engines' per-request OpenTelemetry spans on this port (docs/ttft-toll.md)")
     p.add_argument("--proxy-port", type=int, default=None, help="port of the embedded proxy (default 8000)")
@@ -94,14 +88,27 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
 
 
+def add_switch_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per proxy switch of the config (config.proxy_switches): a bool is --name (on), a
+    Literal its choices; unset (None) leaves the profile's or the environment's value."""
+    import typing
+
+    hints = typing.get_type_hints(config_mod.PairConfig)
+    for f in config_mod.proxy_switches():
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=f.metadata["switch"])
+        else:
+            p.add_argument(flag, choices=typing.get_args(hints[f.name]), default=None, help=f.metadata["switch"])
+
+
 def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     cfg = config_mod.load_profile(args.profile or config_mod.default_profile_name())
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
-        "prefill_failure": args.prefill_failure, "tokenize_once": args.tokenize_once,
-        "first_token_from_p": args.first_token_from_p, "traces_port": args.traces_port,
-        "proxy_port": args.proxy_port, "host": args.host,
+        **{f.name: getattr(args, f.name) for f in config_mod.proxy_switches()},
+        "traces_port": args.traces_port, "proxy_port": args.proxy_port, "host": args.host,
     }, source=lambda name: "--" + name.replace("_", "-"))
     if args.port_offset:
         cfg = config_mod.shift_ports(cfg, args.port_offset)

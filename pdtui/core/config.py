@@ -137,14 +137,21 @@ class PairConfig:
     """kv_transfer_config.kv_buffer_device: cpu on CPU machines, cuda on GPUs."""
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     """What D does when pulling the KV fails: fail the request (500) or recompute the prompt."""
-    prefill_failure: Literal["retry", "decode-locally"] = "retry"
+    # ----- the proxy's switches: a field with "switch" metadata is a flag of `pdtui up`/`drill`/`bench`
+    # (cli.add_switch_flags), a PDTUI_ variable and a profile key, and goes to the ProxySettings field
+    # of the same name (topology.proxy_settings). A new switch: a field here, one in ProxySettings.
+    prefill_failure: Literal["retry", "decode-locally"] = field(default="retry", metadata={"switch": (
+        "the proxy, when P fails after the request reached it: retry once then an error"
+        " (default), or decode-locally (D computes the prompt: the old fallback)")})
     """What the proxy does when P fails after the request reached it: "retry" (502/503/504 or a
     broken connection once more, then an error to the client; other 5xx an error) or
     "decode-locally" (D computes the prompt: the old fallback, which slows every stream on D)."""
-    tokenize_once: bool = False
+    tokenize_once: bool = field(default=False, metadata={"switch": (
+        "the proxy: D gets the prompt as P's token ids, chat included (docs/ttft-toll.md)")})
     """The proxy: D gets the prompt as P's token ids (no second tokenization); a chat request goes to D
     as /v1/completions from the rendered prompt's ids, answered back as chat."""
-    first_token_from_p: bool = False
+    first_token_from_p: bool = field(default=False, metadata={"switch": (
+        "the proxy: P's token goes to the client at once, D continues from it (docs/ttft-toll.md)")})
     """The proxy: P's sampled token goes to the client at once; D continues from prompt + that token
     (completions and chat)."""
     traces_port: int | None = None
@@ -437,6 +444,11 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
     env |= cfg.env | inst.env
     return LaunchSpec(inst.name, inst.role, argv, env, f"http://{cfg.host}:{inst.port}")
+
+
+def proxy_switches() -> list[dataclasses.Field[Any]]:
+    """PairConfig's fields that are proxy switches (their metadata's "switch" is the flag's help)."""
+    return [f for f in fields(PairConfig) if "switch" in f.metadata]
 
 
 # ----- loading ---------------------------------------------------------------------------------

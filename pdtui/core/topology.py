@@ -102,8 +102,8 @@ def geometry_of(cfg: PairConfig, model: str) -> kvmath.KvGeometry | None:
 def proxy_settings(cfg: PairConfig, geometry: kvmath.KvGeometry | None, **override: object) -> ProxySettings:
     """The pair's proxy settings, from the config: the one place a config field becomes a switch.
     ``override``: the bench's per-arm switches (ProxySettings field names)."""
-    settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, prefill_failure=cfg.prefill_failure,
-                             tokenize_once=cfg.tokenize_once, first_token_from_p=cfg.first_token_from_p,
+    switches = {f.name: getattr(cfg, f.name) for f in config_mod.proxy_switches()}
+    settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, **switches,  # type: ignore[arg-type]
                              decode_reports_cached=True)  # every instance: --enable-prompt-tokens-details
     return dataclasses.replace(settings, **override) if override else settings  # type: ignore[arg-type]
 
