@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,48 +278,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["up", *(argv or [])])
     try:
-        if args.command == "up":
-            return run_up(args)
-        if args.command == "config":
-            return run_config(args)
-        if args.command == "preflight":
-            return run_preflight(args)
-        if args.command == "replay":
-            return run_replay(args)
-        if args.command == "drill":
-            return run_drill(args)
-        if args.command == "ctl":
-            return run_ctl(args)
-        if args.command == "bench":
-            from pdtui.bench import command as bench_cmd
-
-            cfg = load_config(args)
-            _preflight(cfg)
-            return bench_cmd.run(cfg, args)
-        if args.command == "proxy":
-            from pdtui.core import proxy_process
-            from pdtui.core.supervisor import PortInUse
-
-            try:
-                return proxy_process.main(args)
-            except (proxy_process.ProxyOptionError, PortInUse, OSError) as e:
-                print(f"pdtui proxy: {e}", file=sys.stderr)
-                return 2
-        if args.command == "model":
-            if args.model_command != "synth":
-                parser.parse_args(["model", "--help"])
-            out = args.out or (model_mod.default_model_root() / args.shape)
-            path = model_mod.synth(args.shape, out)
-            print(f"wrote {args.shape} model to {path} (serve with --load-format dummy)")
-            return 0
+        return COMMANDS[args.command](args) if args.command in COMMANDS else _help(parser)
     except PreflightError as e:
         print(f"pdtui: refused before launch: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
         print(f"pdtui: config error: {e}", file=sys.stderr)
         return 2
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pdtui.bench import command as bench_cmd
+
+    cfg = load_config(args)
+    _preflight(cfg)
+    return bench_cmd.run(cfg, args)
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    from pdtui.core import proxy_process
+    from pdtui.core.supervisor import PortInUse
+
+    try:
+        return proxy_process.main(args)
+    except (proxy_process.ProxyOptionError, PortInUse, OSError) as e:
+        print(f"pdtui proxy: {e}", file=sys.stderr)
+        return 2
+
+
+def run_model(args: argparse.Namespace) -> int:
+    if args.model_command != "synth":
+        build_parser().parse_args(["model", "--help"])
+    out = args.out or (model_mod.default_model_root() / args.shape)
+    path = model_mod.synth(args.shape, out)
+    print(f"wrote {args.shape} model to {path} (serve with --load-format dummy)")
+    return 0
 
 
 def run_config(args: argparse.Namespace) -> int:
@@ -379,6 +379,29 @@ def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace) -> Any:
     return rt
 
 
+@contextlib.asynccontextmanager
+async def _run_context(rt: Any, args: argparse.Namespace, on_signal: Callable[[], Any],
+                       signals: tuple[signal.Signals, ...], reason: Callable[[], str]) -> AsyncIterator[None]:
+    """The one life of a live run, for `up` (dashboard and headless) and `drill`: its recording
+    (--record) from the first event, ``on_signal`` on each of ``signals`` (a closed terminal, a
+    kill, Ctrl-C), and whatever ends it (a return, an error, a signal), ``rt.aclose()`` with
+    ``reason()`` and the recording closed."""
+    record = args.record.open("w") if args.record else None
+    if record:
+        rt.record_to(record)
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await rt.aclose(reason=reason())
+        if record:
+            record.close()
+
+
 def _ctl_hint(cfg: config_mod.PairConfig) -> str:
     return "" if cfg.proxy_port == 8000 else f" --proxy-port {cfg.proxy_port}"
 
@@ -417,20 +440,12 @@ async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) ->
     from pdtui.app.app import make_app  # textual stays out of the headless path
 
     rt = _runtime(cfg, args)
-    record = args.record.open("w") if args.record else None
-    if record:
-        rt.record_to(record)
     app = make_app(rt, freeze_gc=True)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or a kill: leave through aclose()
-        loop.add_signal_handler(sig, app.exit)
-    try:
-        await app.run_async()
-        return app.return_code or 0
+    try:  # a closed terminal or a kill: leave through aclose()
+        async with _run_context(rt, args, app.exit, (signal.SIGTERM, signal.SIGHUP), lambda: "dashboard closed"):
+            await app.run_async()
+            return app.return_code or 0
     finally:
-        await rt.aclose(reason="dashboard closed")
-        if record:
-            record.close()
         print(f"pdtui: logs in {rt.log_dir}", file=sys.stderr, flush=True)
 
 
@@ -460,9 +475,6 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
     from pdtui.app.app import make_app
 
     rt = _runtime(cfg, args)
-    record = args.record.open("w") if args.record else None
-    if record:
-        rt.record_to(record)
     app = make_app(rt, screenshot_dir=args.shots)
     result: list[drill.DrillResult] = []
 
@@ -479,15 +491,8 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
         if app.is_running:
             await app.action_quit()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, app.exit)
-    try:
+    async with _run_context(rt, args, app.exit, (signal.SIGTERM, signal.SIGHUP), lambda: "drill over"):
         await app.run_async(headless=args.headless, size=size, auto_pilot=autopilot)
-    finally:
-        await rt.aclose(reason="drill over")
-        if record:
-            record.close()
     if not result:
         print("pdtui drill: stopped before the drill finished", file=sys.stderr)
         return 1
@@ -528,17 +533,10 @@ def run_replay(args: argparse.Namespace) -> int:
 
 async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
     from pdtui.core.events import LogLine
-    from pdtui.core.supervisor import PortInUse, StartupFailed
 
     rt = _runtime(cfg, args)
     stop = asyncio.Event()
     rt.control.on_down(stop.set)  # `pdtui ctl down`: everything is stopped, return
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
-    record = args.record.open("w") if args.record else None
-    if record:
-        rt.record_to(record)
     events = rt.subscribe()
 
     async def printer() -> None:
@@ -549,6 +547,20 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
 
     printing = asyncio.create_task(printer())
     code = 0
+    try:
+        async with _run_context(rt, args, stop.set, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+                                lambda: "signal" if stop.is_set() else "exit"):
+            code = await _serve_headless(rt, cfg, stop)
+    finally:
+        await printing
+    return code
+
+
+async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Event) -> int:
+    """Start, say ready (or broken) on stderr, serve until a signal or `pdtui ctl down`; 1 if the
+    start failed."""
+    from pdtui.core.supervisor import PortInUse, StartupFailed
+
     try:
         starting = asyncio.create_task(rt.start())
         stopping = asyncio.create_task(stop.wait())
@@ -564,20 +576,15 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
             await stopping
         else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()
-            with contextlib_suppress():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await starting
         if rt.control.down_requested:  # let `down` finish and answer before this pdtui ends
-            with contextlib_suppress():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(stopping, 120)
     except (StartupFailed, PortInUse) as e:
         print(f"pdtui: {e}", file=sys.stderr)
-        code = 1
-    finally:
-        await rt.aclose(reason="signal" if stop.is_set() else "exit")
-        await printing
-        if record:
-            record.close()
-    return code
+        return 1
+    return 0
 
 
 def ctl_socket_path(args: argparse.Namespace) -> Path:
@@ -682,10 +689,11 @@ def _signame(num: int) -> str:
         return str(num)
 
 
-def contextlib_suppress() -> Any:
-    import contextlib
-
-    return contextlib.suppress(asyncio.CancelledError, Exception)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": run_up, "config": run_config, "preflight": run_preflight, "replay": run_replay, "drill": run_drill,
+    "ctl": run_ctl, "bench": run_bench, "proxy": run_proxy, "model": run_model,
+}
+"""Each subcommand (build_parser) and the function that runs it: a new command is a parser and a line here."""
 
 
 if __name__ == "__main__":
