@@ -73,7 +73,8 @@ SWITCH_ARMS: dict[str, dict[str, bool]] = {
 }
 """The pair with the proxy's TTFT switches on (pdtui.core.firsttoken), each a pair of its own
 started through the same Runtime and proxy process as ``pair``: the toll per switch in one run."""
-ALL_ARMS = ("single", "single-proxied", "pair", "two-single", *SWITCH_ARMS)
+ALL_ARMS = (*topology.ARMS, *SWITCH_ARMS)
+"""Every arm: a topology of pdtui.core.topology.ARMS (a new arm is a builder there), or a switch arm."""
 WORKLOADS = tuple(workload.WORKLOADS)
 
 
