@@ -127,7 +127,7 @@ def pair(cfg: PairConfig, *, model_root: Path | None = None, python: str | None 
 
 
 def _singles(cfg: PairConfig, name: str, where: list[tuple[str, InstanceConfig]], proxied: bool,
-             model_root: Path | None, python: str | None) -> Topology:
+             model_root: Path | None, python: str | None, decode_choice: str = "round-robin") -> Topology:
     specs = [config_mod.render_single(cfg, model_root=model_root, python=python, name=n, inst=i) for n, i in where]
     model = config_mod.model_path(cfg, model_root)
     members = tuple(_launched(s, i) for s, (_, i) in zip(specs, where, strict=True))
@@ -136,7 +136,7 @@ def _singles(cfg: PairConfig, name: str, where: list[tuple[str, InstanceConfig]]
         # no prefill instance: every request goes to a colocated instance as it is (a plain relay),
         # round-robin over those up whatever their load: vLLM's own fair baseline (its
         # examples/disagg toy proxies pick round-robin too); with one instance it is that one
-        plan = ProxyPlan(cfg.host, cfg.proxy_port, ProxySettings(block_size=cfg.block_size, decode_choice="round-robin"),
+        plan = ProxyPlan(cfg.host, cfg.proxy_port, ProxySettings(block_size=cfg.block_size, decode_choice=decode_choice),
                          (), tuple(m.name for m in members))
     return Topology(name, cfg, members, plan, None, geometry_of(cfg, model), False, model)
 
@@ -157,10 +157,18 @@ def two_single(cfg: PairConfig, *, model_root: Path | None = None, python: str |
     return _singles(cfg, "two-single", [("S1", cfg.prefills[0]), ("S2", cfg.decodes[0])], True, model_root, python)
 
 
+def two_single_least_loaded(cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None) -> Topology:
+    """two-single with the proxy's least-loaded choice (fewest requests in flight, as the pair picks
+    its D) instead of round-robin: whether a load-aware router alone buys what disaggregation does."""
+    return _singles(cfg, "two-single-least-loaded", [("S1", cfg.prefills[0]), ("S2", cfg.decodes[0])], True,
+                    model_root, python, decode_choice="least-loaded")
+
+
 ARMS: dict[str, Callable[..., Topology]] = {
     "single": single,
     "single-proxied": single_proxied,
     "two-single": two_single,
+    "two-single-least-loaded": two_single_least_loaded,
     "pair": pair,
 }
 """The bench's arms by name: each builds its topology from the one config."""
