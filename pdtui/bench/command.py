@@ -30,6 +30,8 @@ prompts, in one invocation. The arms run one after another (default single,singl
   two-single      (optional, --arms ...,two-single) two colocated instances, on P's and on D's
                   port and core/GPU, behind the proxy with no prefill instance, round-robin
                   (vLLM's own fair baseline): the same hardware as the pair
+  two-single-least-loaded  (optional) two-single, the proxy picking the instance with fewest
+                  requests in flight (as the pair picks D): a load-aware router without P/D
   pair-tokenize-once, pair-first-token, pair-both
                   (optional) the pair with the proxy's TTFT switches on (tokenize_once,
                   first_token_from_p, both): a table gives the toll per arm, the follow TTFT split
