@@ -58,16 +58,22 @@ def words(sig: str) -> str:
     return f"{sig} ({w})" if w else sig
 
 
-def wait_status(pid: int) -> int | None:
-    """The wait status of a process that is exiting or a zombie (``/proc/<pid>/stat`` field 52),
-    None if it is gone (reaped), still running, or the field is not there."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/<pid>/stat`` after the command name, split: [0] the state (field 3), [1] the ppid,
+    [3] the session, [6] the flags, [49] the exit code (field 52); None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except OSError:
         return None
-    fields = raw[raw.rfind(b")") + 2:].split()
-    if len(fields) < 50:
+    return raw[raw.rfind(b")") + 2:].split()
+
+
+def wait_status(pid: int) -> int | None:
+    """The wait status of a process that is exiting or a zombie (``/proc/<pid>/stat`` field 52),
+    None if it is gone (reaped), still running, or the field is not there."""
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 50:
         return None
     state, flags, code = fields[0], int(fields[6]), int(fields[49])
     if state in (b"Z", b"X") or (flags & 0x4 and code):  # PF_EXITING

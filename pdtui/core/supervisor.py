@@ -93,12 +93,9 @@ _ENGINE_TITLE = re.compile(r"\b\w+::(EngineCore\w*|Worker\w*|DPCoordinator\w*)")
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, session id) of a process, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
+    fields = death_words.stat_fields(pid)
+    if fields is None:
         return None
-    fields = raw[raw.rfind(b")") + 2:].split()
     return fields[0].decode(), int(fields[1]), int(fields[3])
 
 
@@ -106,13 +103,8 @@ def is_alive(pid: int) -> bool:
     """Running, and not on its way out: a zombie, or a process the kernel is tearing down
     (PF_EXITING in /proc/<pid>/stat's flags), is dead. A killed process with a large or
     NIXL-registered KV pool can take seconds to release its memory before it is a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return False
-    fields = raw[raw.rfind(b")") + 2:].split()
-    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
+    fields = death_words.stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
 
 
 PF_EXITING = 0x4
