@@ -10,7 +10,7 @@ What runs, each in its own process, all on 127.0.0.1 and free ports:
           chunks (224 bytes of `data: {...}\\n\\n`), one every `interval` per stream on an
           absolute grid, so its own lateness never accumulates
   proxy   the arm under test, started from its command line (none for `direct`)
-  client  pdtui.bench.sse_client: --streams keep-alive streaming requests, each restarted as soon
+  client  pdtui.bench.transparency_client: --streams keep-alive streaming requests, each restarted as soon
           as it ends (steady load); every SSE event carrying `data: {` is stamped with
           time.perf_counter() in data_received (several events in one read are gaps of 0, as a
           real client sees them)
@@ -566,7 +566,7 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             out.unlink(missing_ok=True)
             outs.append(out)
             clients.append(procs.spawn("client", f"client{i}", [
-                sys.executable, "-m", "pdtui.bench.sse_client", "--port", str(port), "--path", _path(opts),
+                sys.executable, "-m", "pdtui.bench.transparency_client", "--port", str(port), "--path", _path(opts),
                 "--streams", str(n), "--max-tokens", str(opts.max_tokens), "--length-spread", repr(opts.length_spread),
                 "--ramp", repr(min(1.0, opts.warmup_s)), "--seed", str(i), "--window-start", repr(w0),
                 "--window-end", repr(w1), "--out", str(out)]))

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from pdtui.bench import transparency
-from pdtui.bench.sse_client import ChunkedDecoder
 from pdtui.bench.transparency import Options
+from pdtui.bench.transparency_client import ChunkedDecoder
 
 
 def _gone(pid: int) -> bool:
