@@ -7,7 +7,7 @@ written as it is; any other goes through ``proxy._UsageCheck.feed`` too, whose o
 event is JSON-parsed and edited once per request. This times each on the chunks vLLM 0.32.0 writes
 (compact JSON) and prints the figures (docs/architecture.md keeps them).
 
-    PYTHONPATH=. python scripts/usage_check_cost.py
+    PYTHONPATH=. python scripts/bench/usage_check_cost.py
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ mostly the per-chunk relay), and the engines' spans when --traces-port is set. `
 through /v1/chat/completions (one user message of --prompt-len characters; the template adds its
 own tokens).
 
-    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ttft_switches.py --port-offset 23000 --rounds 12
-    scripts/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
+    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/bench/ttft_switches.py --port-offset 23000 --rounds 12
+    scripts/bench/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
     ... --variants single,none,first_token --json out.json     # a subset; every row and p50 to a file
 
 Everything it starts stops in a ``finally`` (the Runtime's aclose, each proxy's stop).
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pdtui.bench.runners import arm_proxy
 from pdtui.bench.workload import make_prompt

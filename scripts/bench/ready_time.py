@@ -2,7 +2,7 @@
 start of the command to its pair_ready event (both /health answers and the warm-up request), plus
 the Runtime's own elapsed_s (from the engines' launch). Prints one line per run and the median.
 
-    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ready_time.py --runs 3 --profile cpu
+    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/bench/ready_time.py --runs 3 --profile cpu
 
 Each run stops the pair (SIGTERM, as Ctrl-C) and waits for pdtui to exit before the next one, and
 runs on ports of its own (--port-offset, then +1000 per run), all under 32768: with offset 35000,
