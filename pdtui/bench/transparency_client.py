@@ -5,7 +5,7 @@ Not the SSE client of the rest of pdtui (pdtui.core.sse_client, httpx: the load 
 `pdtui bench`). This one is an instrument for one job: hold 32 streams at up to 12,800 chunks/s on
 a shared core for about 10 us of CPU per chunk, so that the proxy under test, not the client,
 makes the gaps (httpx's receive path alone took 62 us per chunk in the old proxy, profiled in
-results/2026-11-30-cpu-transparency). Its rule for an event (any
+results/2026-11-30-cpu-proxy). Its rule for an event (any
 complete ``data: {`` event counts, ``[DONE]`` does not) is the bench's, documented below.
 
 Run as its own process (``pdtui.bench.transparency`` starts it)::

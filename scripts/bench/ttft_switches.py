@@ -3,7 +3,7 @@
 
 The bench's switch arms (pdtui bench --arms pair,pair-tokenize-once,pair-first-token) start a pair
 per arm, so on a shared machine the arms' P legs drift apart by more than the switches move (the
-CPU runs in docs/ttft-toll.md). Here one pair serves every variant: the pair's own proxy (no
+CPU runs in results/2026-11-30-cpu-ttft-toll). Here one pair serves every variant: the pair's own proxy (no
 switch) and three more proxy processes over the same P and D (tokenize_once, first_token_from_p,
 both), and a fifth, `single`, with P as its only instance and no prefill leg (the single-proxied arm's
 proxy, `runners.arm_proxy`): P's engine serving the whole request through the same proxy code, so the
