@@ -24,7 +24,6 @@ which is what a user's second terminal would be.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import httpx
 
 from pdtui.app.loadgen import prompt_of
 from pdtui.app.state import Snapshot
+from pdtui.core import sse_client
 
 
 class DrillFailed(AssertionError):
@@ -68,38 +68,36 @@ class DrillResult:
 
 @dataclass
 class Witness:
-    """One long stream through the proxy, as a client in another terminal would hold it."""
+    """One long stream through the proxy, as a client in another terminal would hold it: the core's
+    SSE client fills ``rec`` while the stream runs, and the drill reads it meanwhile."""
 
-    chunks: int = 0
-    done: bool = False
-    error: str | None = None
-    status: int | None = None
+    rec: sse_client.SseStream = field(default_factory=sse_client.SseStream)
+
+    @property
+    def chunks(self) -> int:
+        """Data events so far, ``[DONE]`` and an error event aside."""
+        return self.rec.events
+
+    @property
+    def done(self) -> bool:
+        return self.rec.done
+
+    @property
+    def status(self) -> int | None:
+        return self.rec.status
+
+    @property
+    def error(self) -> str | None:
+        """Why the stream did not end clean, once that is known: an error event (its message), a
+        status other than 200, a transport failure, or its end without ``[DONE]``."""
+        return self.rec.error()
 
 
 async def witness_stream(base_url: str, model: str, max_tokens: int, w: Witness) -> None:
     body = {"model": model, "prompt": prompt_of(40, int(time.time())), "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True}
-    try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client, \
-                client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
-            w.status = r.status_code
-            if r.status_code != 200:
-                w.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    w.done = True
-                elif '"error"' in data and "error" in json.loads(data):
-                    w.error = json.loads(data)["error"].get("message", data)[:200]
-                else:
-                    w.chunks += 1
-        if not w.done and w.error is None:
-            w.error = "the stream ended without [DONE]"
-    except (httpx.HTTPError, ValueError) as e:
-        w.error = f"{type(e).__name__}: {e}"
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+        await sse_client.stream(client, f"{base_url}/v1/completions", body, w.rec)
 
 
 async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_timeout_s: float = 300.0,

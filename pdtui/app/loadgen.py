@@ -1,8 +1,8 @@
 """The built-in load generator: OpenAI requests with httpx to the proxy (no Textual here).
 
-Each scenario returns a ``Result``: ok, errors, and the prompt sizes actually sent. A stream that
-ends with an SSE error event, or without ``[DONE]``, counts as an error: that is what a killed D
-looks like to a client.
+Each scenario returns a ``Result``: ok, errors, and the prompt sizes actually sent. Streams go
+through the core's SSE client (pdtui.core.sse_client); one that ends with an SSE error event, or
+without ``[DONE]``, counts as an error: that is what a killed D looks like to a client.
 
 Prompts are cut to their size by the model's own tokenizer (pdtui.core.prompts) and never longer
 than max_model_len less the tokens asked for: a words-based estimate was 6x off on the generated
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
 
+from pdtui.core import sse_client
 from pdtui.core.prompts import EngineTokenizer, TokenCounter, filler, prompt_budget
 
 _seq = itertools.count(1)
@@ -109,29 +109,23 @@ async def one_request(load: Load, res: Result, *, prompt_tokens: int = 200, max_
     if stream:  # the last chunk carries the usage: the proxy's trace gets completion_tokens from it
         body["stream_options"] = {"include_usage": True}
     url = f"{load.base_url}/v1/completions"
-    try:
-        if not stream:
+    if not stream:
+        try:
             r = await load.client.post(url, json=body)
-            res.add(r.status_code == 200, sent, f"HTTP {r.status_code}: {r.text[:200]}")
+        except (httpx.HTTPError, ValueError) as e:
+            res.add(False, sent, f"{type(e).__name__}: {e}")
             return
-        async with load.client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                res.add(False, sent, f"HTTP {r.status_code}: {text[:200]}")
-                return
-            done = False
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                elif '"error"' in data and "error" in (doc := json.loads(data)):
-                    res.add(False, sent, str(doc["error"])[:200])
-                    return
-            res.add(done, sent, "" if done else "stream ended without [DONE]")
-    except (httpx.HTTPError, ValueError) as e:
-        res.add(False, sent, f"{type(e).__name__}: {e}")
+        res.add(r.status_code == 200, sent, f"HTTP {r.status_code}: {r.text[:200]}")
+        return
+    rec = await sse_client.stream(load.client, url, body)
+    if rec.transport_error is not None:
+        res.add(False, sent, rec.transport_error)
+    elif rec.status != 200:
+        res.add(False, sent, f"HTTP {rec.status}: {rec.body[:200]}")
+    elif rec.error_event is not None:
+        res.add(False, sent, str(rec.error_event)[:200])
+    else:
+        res.add(rec.done, sent, "" if rec.done else "stream ended without [DONE]")
 
 
 Scenario = Callable[[Load], Awaitable[Result]]

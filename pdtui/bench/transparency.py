@@ -10,7 +10,7 @@ What runs, each in its own process, all on 127.0.0.1 and free ports:
           chunks (224 bytes of `data: {...}\\n\\n`), one every `interval` per stream on an
           absolute grid, so its own lateness never accumulates
   proxy   the arm under test, started from its command line (none for `direct`)
-  client  pdtui.bench.sse_client: --streams keep-alive streaming requests, each restarted as soon
+  client  pdtui.bench.transparency_client: --streams keep-alive streaming requests, each restarted as soon
           as it ends (steady load); every SSE event carrying `data: {` is stamped with
           time.perf_counter() in data_received (several events in one read are gaps of 0, as a
           real client sees them)
@@ -19,9 +19,12 @@ Arms (--arms; an arm that cannot run here is reported as skipped, with the reaso
 
   direct        client -> fake: the floor, and the proof that fake and client do not bunch by
                 themselves
-  pdtui-legacy  client -> the embedded proxy as it was before the rewrite (uvicorn + httpx; a
-                frozen copy in pdtui.bench.legacy_proxy) in a subprocess on plain asyncio
-                (asyncio.run, as the Runtime ran it under Textual): the baseline
+  pdtui-legacy  client -> the embedded proxy as it was before the rewrite (uvicorn + httpx; the
+                frozen copy pdtui/bench/legacy_proxy.py, read from git at LEGACY_PROXY_REF into a
+                temporary folder with the pdtui package of that commit) in a subprocess on plain
+                asyncio (asyncio.run, as the Runtime ran it under Textual): the baseline. Skipped,
+                saying why, where git or that commit is not at hand (an installed wheel, a shallow
+                clone)
   pdtui         client -> `python -m pdtui proxy --decode URL --port N` (its stdout, the events,
                 is a pipe this process drains, as the Runtime's): included when
                 `python -m pdtui proxy --help` works
@@ -137,9 +140,11 @@ class Processes:
     """Every process this bench starts, each in its own process group; ``stop_all`` ends them all
     (SIGTERM to the group, SIGKILL after a grace period), and is called whatever happens."""
 
-    def __init__(self, log_dir: Path, pin: dict[str, set[int]] | None) -> None:
+    def __init__(self, log_dir: Path, pin: dict[str, set[int]] | None, scratch: Path | None = None) -> None:
         self.log_dir = log_dir
         self.pin = pin or {}
+        self.scratch = scratch
+        """A folder for files the arms need (removed by whoever made it)."""
         self.children: list[Child] = []
         self.all_pids: list[int] = []
         self.selector = selectors.DefaultSelector()
@@ -341,6 +346,8 @@ class ArmContext:
     prefill_url: str | None
     port: int
     python: str = sys.executable
+    scratch: Path | None = None
+    """A folder of this run's, removed at its end (the legacy arm's source goes there)."""
 
 
 @dataclass
@@ -353,18 +360,102 @@ class Arm:
     """Returns why the arm cannot run here (None: it can)."""
 
 
+LEGACY_PROXY_REF = "d55dfe20379e985880835decea348232d54ca63a"
+"""The commit the pdtui-legacy arm takes the old proxy from: main's last commit with
+pdtui/bench/legacy_proxy.py, a frozen copy of pdtui/core/proxy.py as it was at d2a8a0d (uvicorn +
+httpx, before the data path moved to asyncio protocols + httptools in e199ea2). The file left the
+tree (issue 21: the lab out of the product); the arm reads the whole pdtui package of this commit,
+so the old proxy runs with the events, kvmath and connectors it was written against, not today's."""
+LEGACY_PROXY_PATH = "pdtui/bench/legacy_proxy.py"
+LEGACY_PROXY_TREE = ("pdtui/__init__.py", "pdtui/core", "pdtui/bench")
+"""What of LEGACY_PROXY_REF's tree the arm extracts (enough for transparency.serve_inproc_proxy)."""
+LEGACY_MAIN = (
+    "import sys\n"
+    "tree, decode, port, prefill = sys.argv[1:5]\n"
+    "sys.path.insert(0, tree)\n"
+    "import pdtui\n"
+    "assert pdtui.__file__.startswith(tree), f'pdtui from {pdtui.__file__}, not from {tree}'\n"
+    "from pdtui.bench.transparency import serve_inproc_proxy\n"
+    "print(f'pdtui-legacy: the old proxy from {tree}', file=sys.stderr, flush=True)\n"
+    "sys.exit(serve_inproc_proxy(decode, prefill or None, int(port), legacy=True))\n"
+)
+"""The legacy arm's process: LEGACY_PROXY_REF's pdtui first on sys.path, then that commit's own
+serve_inproc_proxy(legacy=True), which serves its pdtui.bench.legacy_proxy."""
+
+
+class LegacyUnavailable(RuntimeError):
+    """The old proxy cannot be read from git here; the message says why and what would do."""
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=60, check=False,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise LegacyUnavailable(
+            "git is not installed: the pdtui-legacy arm reads the old proxy from the repository's history") from None
+    except subprocess.TimeoutExpired:
+        raise LegacyUnavailable(f"git -C {repo} {' '.join(args)} took over 60 s") from None
+
+
+def legacy_unavailable(ref: str = LEGACY_PROXY_REF, repo: Path | None = None) -> str | None:
+    """Why the pdtui-legacy arm cannot run here (None: it can): no git, not a git checkout (an
+    installed wheel), ``ref`` not in the history (a shallow clone: ``git fetch --unshallow``), or
+    httpx/uvicorn missing."""
+    repo = _repo_root() if repo is None else repo
+    try:
+        top = _git(repo, "rev-parse", "--show-toplevel")
+        if top.returncode != 0:
+            return (f"{repo} is not a git checkout (an installed wheel?): the pdtui-legacy arm reads the old proxy"
+                    f" from the repository's history, {LEGACY_PROXY_PATH} at {ref[:12]}; run the bench from a clone")
+        have = _git(repo, "cat-file", "-e", f"{ref}:{LEGACY_PROXY_PATH}")
+        if have.returncode != 0:
+            return (f"commit {ref[:12]} (with {LEGACY_PROXY_PATH}) is not in the repository at {repo}"
+                    " (a shallow clone? `git fetch --unshallow`)")
+    except LegacyUnavailable as e:
+        return str(e)
+    try:
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        return f"the old proxy needs httpx and uvicorn ({e})"
+    return None
+
+
+def legacy_tree(dest: Path, ref: str = LEGACY_PROXY_REF, repo: Path | None = None) -> Path:
+    """Write ``LEGACY_PROXY_TREE`` as it is at ``ref`` under ``dest`` (``git archive``); returns
+    ``dest``, the folder to put first on sys.path. Raises LegacyUnavailable, saying why."""
+    import io
+    import tarfile
+
+    repo = _repo_root() if repo is None else repo
+    why = legacy_unavailable(ref, repo)
+    if why:
+        raise LegacyUnavailable(why)
+    r = _git(repo, "archive", "--format=tar", ref, *LEGACY_PROXY_TREE)
+    if r.returncode != 0:
+        raise LegacyUnavailable(f"git archive {ref[:12]} failed: {r.stderr.decode(errors='replace').strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
 def _legacy_argv(ctx: ArmContext) -> list[str]:
-    argv = [ctx.python, "-m", "pdtui.bench.transparency", "--serve-legacy-proxy", "--decode", ctx.decode_url,
-            "--port", str(ctx.port)]
-    return argv + (["--prefill", ctx.prefill_url] if ctx.prefill_url else [])
+    if ctx.scratch is None:
+        raise LegacyUnavailable("no scratch folder to put the old proxy's source in")
+    tree = ctx.scratch / f"legacy-{LEGACY_PROXY_REF[:12]}"
+    if not (tree / LEGACY_PROXY_PATH).exists():
+        legacy_tree(tree)
+    return [ctx.python, "-c", LEGACY_MAIN, str(tree), ctx.decode_url, str(ctx.port), ctx.prefill_url or ""]
 
 
 def _legacy_check(pd: bool) -> str | None:
-    try:
-        import pdtui.bench.legacy_proxy  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means the arm cannot run
-        return f"the frozen legacy proxy does not import ({type(e).__name__}: {e}); it needs httpx and uvicorn"
-    return None
+    return legacy_unavailable()
 
 
 def _asyncio_argv(ctx: ArmContext) -> list[str]:
@@ -423,8 +514,8 @@ def _router_check(pd: bool) -> str | None:
 def builtin_arms() -> dict[str, Arm]:
     return {
         "direct": Arm("direct", "client -> fake", None),
-        "pdtui-legacy": Arm("pdtui-legacy", "pdtui.bench.legacy_proxy (uvicorn + httpx) on plain asyncio",
-                            _legacy_argv, _legacy_check),
+        "pdtui-legacy": Arm("pdtui-legacy", f"{LEGACY_PROXY_PATH} at {LEGACY_PROXY_REF[:12]} (uvicorn + httpx)"
+                            " on plain asyncio", _legacy_argv, _legacy_check),
         "pdtui": Arm("pdtui", "python -m pdtui proxy", _pdtui_argv, _pdtui_check),
         "pdtui-asyncio": Arm("pdtui-asyncio", "pdtui.core.proxy Proxy + ProxyServer on plain asyncio",
                              _asyncio_argv, _asyncio_check),
@@ -548,7 +639,7 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             port = fake_ports["decode"]
         else:
             port = free_port()
-            argv = arm.argv(ArmContext(decode_url, prefill_url, port))
+            argv = arm.argv(ArmContext(decode_url, prefill_url, port, scratch=procs.scratch))
             point.argv = argv
             proxy = procs.spawn("proxy", arm.name, argv)
         point.ready_s = wait_ready(procs, proxy, port, opts.ready_timeout_s, _path(opts))
@@ -566,7 +657,7 @@ def run_point(procs: Processes, opts: Options, arm: Arm, rate: float, fake_ports
             out.unlink(missing_ok=True)
             outs.append(out)
             clients.append(procs.spawn("client", f"client{i}", [
-                sys.executable, "-m", "pdtui.bench.sse_client", "--port", str(port), "--path", _path(opts),
+                sys.executable, "-m", "pdtui.bench.transparency_client", "--port", str(port), "--path", _path(opts),
                 "--streams", str(n), "--max-tokens", str(opts.max_tokens), "--length-spread", repr(opts.length_spread),
                 "--ramp", repr(min(1.0, opts.warmup_s)), "--seed", str(i), "--window-start", repr(w0),
                 "--window-end", repr(w1), "--out", str(out)]))
@@ -755,7 +846,8 @@ def run(opts: Options, progress: Callable[[str], None] = log) -> dict[str, Any]:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="pdtui-transparency-")
         log_dir = Path(tmp.name)
-    procs = Processes(log_dir, pin)
+    scratch = tempfile.TemporaryDirectory(prefix="pdtui-transparency-src-")
+    procs = Processes(log_dir, pin, Path(scratch.name))
     old_affinity = os.sched_getaffinity(0)
     if pin and "client" in pin:
         os.sched_setaffinity(0, pin["client"])  # this process sleeps, but keep it off the proxy's core
@@ -797,6 +889,7 @@ def run(opts: Options, progress: Callable[[str], None] = log) -> dict[str, Any]:
         _ratios(result["points"])
         if tmp is not None:
             tmp.cleanup()
+        scratch.cleanup()
     return result
 
 
@@ -880,18 +973,15 @@ def write_out(result: dict[str, Any], out_dir: Path, text: str) -> None:
     (out_dir / "transparency.md").write_text(text)
 
 
-# ----- the legacy proxy, served the way the Runtime serves it ------------------------------------
-def serve_inproc_proxy(decode: str, prefill: str | None, port: int, legacy: bool) -> int:
-    """``Proxy`` + ``ProxyServer`` on plain asyncio (``asyncio.run``, the default loop, as the
-    Runtime ran the proxy under Textual), until SIGTERM or SIGINT: the frozen legacy copy
-    (pdtui.bench.legacy_proxy) or today's pdtui.core.proxy."""
+# ----- today's proxy in one process on plain asyncio (pdtui-asyncio) -----------------------------
+def serve_inproc_proxy(decode: str, prefill: str | None, port: int) -> int:
+    """``Proxy`` + ``ProxyServer`` of pdtui.core.proxy on plain asyncio (``asyncio.run``, the default
+    loop, as the Runtime ran the proxy under Textual), until SIGTERM or SIGINT. (The pdtui-legacy arm
+    runs LEGACY_PROXY_REF's own copy of this function, which also served the legacy proxy.)"""
     import asyncio
 
-    if legacy:
-        from pdtui.bench.legacy_proxy import Proxy, ProxyServer, ProxySettings, Upstream
-    else:
-        from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream  # type: ignore[assignment]
-    what = "pdtui-legacy" if legacy else "pdtui-asyncio"
+    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+    what = "pdtui-asyncio"
 
     async def main() -> None:
         prefills = [Upstream("P", "prefill", prefill)] if prefill else []
@@ -953,8 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="profile each Python proxy over its window with py-spy (pip install py-spy): raw stacks"
                          " and a summary by layer (pdtui.bench.pyspy_summary) in --out; sampling pauses the"
                          " proxy, so those points' gaps are not comparable with an unprofiled run")
-    # The legacy proxy's own entry point (the pdtui-legacy arm starts it).
-    ap.add_argument("--serve-legacy-proxy", action="store_true", help=argparse.SUPPRESS)
+    # The pdtui-asyncio arm's own entry point.
     ap.add_argument("--serve-inproc-proxy", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--decode", help=argparse.SUPPRESS)
     ap.add_argument("--prefill", help=argparse.SUPPRESS)
@@ -986,10 +1075,10 @@ def options_from_args(args: argparse.Namespace, explicit: set[str] | None = None
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.serve_legacy_proxy or args.serve_inproc_proxy:
+    if args.serve_inproc_proxy:
         if not args.decode or not args.port:
-            ap.error("--serve-legacy-proxy/--serve-inproc-proxy need --decode URL and --port N")
-        return serve_inproc_proxy(args.decode, args.prefill, args.port, legacy=args.serve_legacy_proxy)
+            ap.error("--serve-inproc-proxy needs --decode URL and --port N")
+        return serve_inproc_proxy(args.decode, args.prefill, args.port)
     raw = sys.argv[1:] if argv is None else argv
     explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in raw if a.startswith("--")}
     opts = options_from_args(args, explicit)

@@ -1,6 +1,6 @@
-"""Seeded prompts, a streaming client that times every token chunk, and the two workloads.
+"""Seeded prompts, the samples the streaming client (pdtui.core.sse_client) fills, and the two workloads.
 
-Both arms are measured here, on the client side, identically: the time from sending a request to
+Every arm is measured here, on the client side, identically: the time from sending a request to
 its first token-carrying SSE chunk (TTFT), and every gap between token-carrying chunks (ITL, per
 chunk). A chunk whose text is empty (vLLM sends one for a token that decodes to no text yet, e.g.
 the first byte of a multi-byte character, or a special token) is not counted as a token chunk but
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from pdtui.core import sse_client
 
 ALPHABET = string.ascii_lowercase + "      "
 
@@ -88,50 +90,29 @@ class Clock:
 
 async def stream_completion(client: httpx.AsyncClient, base_url: str, model: str, prompt: str,
                             sample: Sample, clock: Clock) -> Sample:
-    """POST a streamed completion and time every token-carrying chunk into ``sample`` as they come,
-    so a cancelled request keeps what was measured."""
+    """POST a streamed completion with the core's SSE client (pdtui.core.sse_client) and time every
+    token-carrying chunk into ``sample`` as they come (its ``chunk_t`` and ``empty_t`` are the
+    client's lists), so a cancelled request keeps what was measured. The answer is read up to
+    ``[DONE]``; an error event, a status other than 200 or a transport failure is ``sample.error``."""
     body = {"model": model, "prompt": prompt, "max_tokens": sample.max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0}
-    sample.t_send = clock()
+    rec = sse_client.SseStream(chunk_t=sample.chunk_t, empty_t=sample.empty_t)
     try:
-        async with client.stream("POST", f"{base_url}/v1/completions", json=body,
-                                 headers={"X-Request-Id": sample.request_id}) as r:
-            sample.status = r.status_code
-            if r.status_code != 200:
-                sample.error = (await r.aread()).decode(errors="replace")[:500]
-                return sample
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                now = clock()
-                try:
-                    obj = json.loads(data)
-                except json.JSONDecodeError:
-                    continue
-                if "error" in obj:
-                    sample.error = json.dumps(obj["error"])[:500]
-                    break
-                choices = obj.get("choices") or []
-                if not choices:
-                    continue
-                if not choices[0].get("text"):
-                    sample.empty_t.append(now)
-                    continue
-                if sample.chunk_t:
-                    sample.itl_ms.append((now - sample.chunk_t[-1]) * 1000.0)
-                else:
-                    sample.ttft_ms = (now - sample.t_send) * 1000.0
-                sample.chunk_t.append(now)
-    except asyncio.CancelledError:
-        sample.cancelled = True
-        raise
-    except httpx.HTTPError as e:
-        sample.error = f"{type(e).__name__}: {e}"
+        await sse_client.stream(client, f"{base_url}/v1/completions", body, rec,
+                                headers={"X-Request-Id": sample.request_id}, clock=clock, stop_at_done=True)
     finally:
-        sample.t_end = clock()
+        sample.t_send = rec.t_send if rec.t_send is not None else sample.t_send
+        sample.status = rec.status
+        if rec.status is not None and rec.status != 200:
+            sample.error = rec.body
+        elif rec.error_event is not None:
+            sample.error = json.dumps(rec.error_event)[:500]
+        elif rec.transport_error is not None:
+            sample.error = rec.transport_error
+        sample.ttft_ms = rec.ttft_ms
+        sample.itl_ms = rec.itl_ms
+        sample.cancelled = rec.cancelled
+        sample.t_end = rec.t_end
     return sample
 
 

@@ -8,6 +8,10 @@ Statically, over every module's source (imports inside functions included):
 - nothing outside ``pdtui.engine`` imports it (the core names its modules as strings).
 And at run time: importing the core, the CLI and the bench loads neither textual nor plotext nor vLLM
 (not rich: httpx imports it for its own command line when it is installed).
+
+The maintained benchmarks (scripts/bench/) import nothing from tests/ and use no private name of
+pdtui, imported or read off a module (two proxy benchmarks excepted, for the proxy's modules only,
+until the proxy package gives what they time public names).
 """
 
 import ast
@@ -124,3 +128,66 @@ def test_bench_never_imports_textual_even_when_plotting(tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----- the maintained benchmarks (scripts/bench/) ------------------------------------------------
+BENCH_SCRIPTS = PKG.parent / "scripts" / "bench"
+PROXY_PRIVATE_FOR_NOW = {"usage_check_cost.py", "chat_relay_cost.py"}
+"""They time the proxy's own relay classes, which have no public names yet; the proxy package
+(issue 21, its owner) gives them some. Until then they may name private names of the proxy's
+modules (PROXY_MODULES), and nothing else private."""
+PROXY_MODULES = ("pdtui.core.proxy", "pdtui.core.firsttoken")
+
+
+def _private(name: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
+
+
+def bench_script_violations(path: Path) -> list[str]:
+    """What in a maintained benchmark reaches into tests/ or into pdtui's private names: imports, and
+    attributes read off a pdtui module it imported (``proxy._SseScan``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    allowed = PROXY_MODULES if path.name in PROXY_PRIVATE_FOR_NOW else ()
+    modules: dict[str, str] = {}  # local name -> the pdtui module it is bound to
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname or "." not in a.name:
+                    modules[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                modules[a.asname or a.name] = f"{node.module}.{a.name}"
+    for line, mod in imports_of(path):
+        if _under(mod, ("tests",)):
+            bad.append(f"{path.name}:{line} imports {mod} (a benchmark is not a test: nothing from tests/)")
+        elif _under(mod, ("pdtui",)) and _private(mod) and not _under(mod.rpartition(".")[0], allowed):
+            bad.append(f"{path.name}:{line} imports the private {mod}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _private(node.attr)
+                and _under(modules.get(node.value.id, ""), ("pdtui",))
+                and not _under(modules[node.value.id], allowed)):
+            bad.append(f"{path.name}:{node.lineno} reads the private {modules[node.value.id]}.{node.attr}")
+    return bad
+
+
+def test_maintained_benchmarks_import_nothing_from_tests_and_no_private_names_of_pdtui():
+    scripts = sorted(BENCH_SCRIPTS.glob("*.py"))
+    assert len(scripts) >= 5, f"the maintained benchmarks are in {BENCH_SCRIPTS}"
+    bad = [v for path in scripts for v in bench_script_violations(path)]
+    assert not bad, "scripts/bench/ is maintained: public pdtui names only, nothing from tests/:\n" + "\n".join(bad)
+    assert PROXY_PRIVATE_FOR_NOW <= {p.name for p in scripts}
+
+
+def test_the_benchmark_check_sees_tests_private_imports_and_private_attributes(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from tests.fakes import FakeVllm\nfrom pdtui.core.events import _Secret\n"
+                     "from pdtui.core import events\nevents._hub\nfrom pdtui.core import proxy\nproxy._SseScan\n")
+    assert [v.split(" ", 1)[1] for v in bench_script_violations(probe)] == [
+        "imports tests.fakes (a benchmark is not a test: nothing from tests/)",
+        "imports the private pdtui.core.events._Secret", "reads the private pdtui.core.events._hub",
+        "reads the private pdtui.core.proxy._SseScan"]
+    allowed = tmp_path / "usage_check_cost.py"
+    allowed.write_text("from pdtui.core import proxy\nproxy._SseScan\nfrom pdtui.core.proxy import _Trace\n"
+                       "from pdtui.core import events\nevents._hub\n")
+    assert [v.split(" ", 1)[1] for v in bench_script_violations(allowed)] == ["reads the private pdtui.core.events._hub"]

@@ -4,13 +4,16 @@ measures and that it leaves no process behind, never the speed (the machine may 
 import gzip
 import json
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pdtui.bench import transparency
-from pdtui.bench.sse_client import ChunkedDecoder
 from pdtui.bench.transparency import Options
+from pdtui.bench.transparency_client import ChunkedDecoder
 
 
 def _gone(pid: int) -> bool:
@@ -33,7 +36,11 @@ def test_every_arm_that_can_run_measures_gaps(tiny_run):
     points = {p.arm: p for p in result["points"]}
     assert set(points) == set(transparency.DEFAULT_ARMS)
     assert points["direct"].status == "ok"
-    assert points["pdtui-legacy"].status in ("ok", "skipped")  # skipped only without httpx/uvicorn
+    why = transparency.legacy_unavailable()
+    if why is None:  # git, this repository's history and httpx/uvicorn are here: the old proxy runs
+        assert points["pdtui-legacy"].status == "ok", points["pdtui-legacy"].reason
+    else:
+        assert points["pdtui-legacy"].status == "skipped" and points["pdtui-legacy"].reason == why
     ran = [p for p in points.values() if p.status != "skipped"]
     assert len(ran) >= 2
     for p in ran:
@@ -50,6 +57,39 @@ def test_every_arm_that_can_run_measures_gaps(tiny_run):
     for p in points.values():
         if p.status == "skipped":
             assert p.reason  # says why (and, for vllm-router, how to install it)
+
+
+def test_the_legacy_arm_runs_the_old_proxy_read_from_git_at_its_commit(tiny_run, tmp_path):
+    if transparency.legacy_unavailable() is not None:
+        pytest.skip(transparency.legacy_unavailable())
+    _, _, out = tiny_run
+    ref = transparency.LEGACY_PROXY_REF
+    # the product no longer carries it; the arm's process ran that commit's copy, in this run's scratch folder
+    assert not (Path(transparency.__file__).parent / "legacy_proxy.py").exists()
+    (log,) = [p for p in (out / "logs").glob("*-pdtui-legacy.log")]
+    text = log.read_text()
+    assert "pdtui-legacy: the old proxy from " in text and f"legacy-{ref[:12]}" in text
+    assert "pdtui-legacy proxy: http://127.0.0.1:" in text  # that commit's serve_inproc_proxy, serving it
+    tree = transparency.legacy_tree(tmp_path / "src")
+    shown = subprocess.run(["git", "show", f"{ref}:{transparency.LEGACY_PROXY_PATH}"], capture_output=True,
+                           check=True, cwd=Path(transparency.__file__).parent).stdout
+    assert (tree / transparency.LEGACY_PROXY_PATH).read_bytes() == shown
+    assert (tree / "pdtui/core/events.py").exists() and not (tree / "pdtui/app").exists()
+
+
+def test_without_git_or_its_commit_the_legacy_arm_is_skipped_saying_why(tmp_path, monkeypatch):
+    if shutil.which("git") is not None:
+        assert "not in the repository" in transparency.legacy_unavailable(ref="0" * 40)
+        assert "a shallow clone?" in transparency.legacy_unavailable(ref="0" * 40)
+        assert "not a git checkout (an installed wheel?)" in transparency.legacy_unavailable(repo=tmp_path)
+        with pytest.raises(transparency.LegacyUnavailable, match="not a git checkout"):
+            transparency.legacy_tree(tmp_path / "src", repo=tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on it
+    assert transparency.legacy_unavailable().startswith("git is not installed")
+    opts = Options(streams=2, rates=(200.0,), duration_s=0.5, warmup_s=0.2, max_tokens=16,
+                   arms=("direct", "pdtui-legacy"))
+    (why,) = [w for a, w in transparency.resolve_arms(opts) if a.name == "pdtui-legacy"]
+    assert why and why.startswith("git is not installed")
 
 
 def test_no_process_is_left_behind(tiny_run):

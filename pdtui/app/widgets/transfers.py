@@ -69,7 +69,7 @@ class TransfersTable(ScrollView, can_focus=True):
     rendered once, when it arrives, and a repaint only crops and styles cached strips. DataTable
     re-rendered every visible cell through Rich on each added row (its caches are keyed on a counter
     that add_row bumps): 50 ms of CPU per repaint at 160x48, the dashboard's hot spot
-    (scripts/bench_refresh.py, docs/dashboard.md).
+    (scripts/bench/bench_refresh.py, docs/dashboard.md).
 
     Posts ``RequestSelected`` when the cursor lands on another request (keys, mouse, following).
     """

@@ -3,7 +3,7 @@
 
 The bench's switch arms (pdtui bench --arms pair,pair-tokenize-once,pair-first-token) start a pair
 per arm, so on a shared machine the arms' P legs drift apart by more than the switches move (the
-CPU runs in docs/ttft-toll.md). Here one pair serves every variant: the pair's own proxy (no
+CPU runs in results/2026-11-30-cpu-ttft-toll). Here one pair serves every variant: the pair's own proxy (no
 switch) and three more proxy processes over the same P and D (tokenize_once, first_token_from_p,
 both), and a fifth, `single`, with P as its only instance and no prefill leg (the single-proxied arm's
 proxy, `runners.arm_proxy`): P's engine serving the whole request through the same proxy code, so the
@@ -18,8 +18,8 @@ mostly the per-chunk relay), and the engines' spans when --traces-port is set. `
 through /v1/chat/completions (one user message of --prompt-len characters; the template adds its
 own tokens).
 
-    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ttft_switches.py --port-offset 23000 --rounds 12
-    scripts/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
+    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/bench/ttft_switches.py --port-offset 23000 --rounds 12
+    scripts/bench/ttft_switches.py --profile two-gpu --model qwen2.5-0.5b --rounds 50 --prompt-len 2031   # the H200s
     ... --variants single,none,first_token --json out.json     # a subset; every row and p50 to a file
 
 Everything it starts stops in a ``finally`` (the Runtime's aclose, each proxy's stop).
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pdtui.bench.runners import arm_proxy
 from pdtui.bench.workload import make_prompt

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run pdtui itself on the lent GPU machine (after shared/gpu/README.md's 3 install calls put vLLM
 # 0.22.1 + nixl into /root/site). Usage, in the repo root on the device:
-#   bash scripts/gpu/proof.sh TAG [PDTUI_ENV_JSON]
+#   bash results/2026-11-25-h100-one-gpu/proof.sh TAG [PDTUI_ENV_JSON]
 # TAG names the outputs; PDTUI_ENV_JSON adds environment to both engines, e.g. '{"UCX_TLS":"cuda_ipc,cuda_copy,tcp"}'.
 # Writes to $OUT: TAG.jsonl (the recording), TAG.out (headless stdout), TAG-P.metrics, TAG-D.metrics, TAG.summary.
 set -u
@@ -24,7 +24,7 @@ until grep -q '"pair_ready"' "$OUT/$TAG.out" 2>/dev/null; do
   if [ $(( $(date +%s) - t0 )) -gt 300 ]; then echo "not ready in 300 s"; tail -30 "$OUT/$TAG.err"; break; fi
 done
 echo "[proof] ready after $(( $(date +%s) - t0 )) s"
-python3 "$REPO/scripts/gpu/follow.py" --proxy http://127.0.0.1:8000 --n "${FOLLOW_N:-6}" --prompt-tokens 2031 \
+python3 "$REPO/results/2026-11-25-h100-one-gpu/follow.py" --proxy http://127.0.0.1:8000 --n "${FOLLOW_N:-6}" --prompt-tokens 2031 \
    --record "$OUT/$TAG.jsonl" --metrics-out "$OUT/$TAG" | tee "$OUT/$TAG.summary"
 grep -h '"ucx_transport"\|"compat_ok"\|"transfer_plan"\|"kv_pool"\|"notice"' "$OUT/$TAG.out" | cut -c1-400 | head -20
 kill -INT -- -"$(cat /tmp/pdtui.pgid)" 2>/dev/null; sleep 12; kill -KILL -- -"$(cat /tmp/pdtui.pgid)" 2>/dev/null

@@ -6,16 +6,16 @@ starts it) over one decode URL, and hands the proxy's events to either
 - nothing but a plain consumer (``--view headless``: what `pdtui up --headless` does), or
 - the real dashboard (``--view dashboard``: ``make_app`` as the CLI makes it, freeze_gc on,
   headless Textual at ``--size``, on the Latency tab so the histograms redraw), over
-  FakeRuntime (tests/functional/fake_runtime.py, named as a fake: no engines) which gets every
-  RequestTraced the proxy emits, plus ``--extra-rate`` events per second of the recorded mix
-  (metrics, logs, connector lines, requests; scripts/bench_refresh.py's mix) so the dashboard
+  bench_refresh.BenchRuntime (no engines) which gets every RequestTraced the proxy emits, plus
+  ``--extra-rate`` events per second of the recorded mix (metrics, logs, connector lines, requests;
+  scripts/bench/bench_refresh.py's mix) so the dashboard
   is as busy as under a real pair.
 
 Run it as arms of the transparency bench, which measures the streams' gaps at the client:
 
     python -m pdtui.bench.transparency --rates 6400,12800 --arms direct \\
-      --arm 'headless={python} scripts/proxy_under_dashboard.py --decode {decode} --port {port} --view headless' \\
-      --arm 'dashboard={python} scripts/proxy_under_dashboard.py --decode {decode} --port {port} --view dashboard'
+      --arm 'headless={python} scripts/bench/proxy_under_dashboard.py --decode {decode} --port {port} --view headless' \\
+      --arm 'dashboard={python} scripts/bench/proxy_under_dashboard.py --decode {decode} --port {port} --view dashboard'
 
 (from the repo root, PYTHONPATH=.). The proxy's CPU column then includes the dashboard's (all
 descendants are counted); the figure that matters is the gap p99 against the headless arm.
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pdtui.core.events import Event, RequestTraced
 from pdtui.core.proxy import ProxySettings
@@ -68,10 +68,9 @@ async def main(args: argparse.Namespace) -> int:
         return 0
 
     from pdtui.app.app import make_app
-    from scripts.bench_refresh import RECORDING, fresh, load_mix
-    from tests.functional.fake_runtime import FakeRuntime, started, state
+    from scripts.bench.bench_refresh import RECORDING, BenchRuntime, fresh, load_mix, started, state
 
-    fake = FakeRuntime()
+    fake = BenchRuntime()
     app = make_app(fake, freeze_gc=True)
 
     def on_event(ev: Event) -> None:

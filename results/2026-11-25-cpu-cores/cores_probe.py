@@ -26,7 +26,7 @@ then moves their model threads to the machine's last core (as before pdtui.engin
 
 Everything it starts runs in its own session and is killed by process group in a ``finally``.
 
-    PYTHONPATH=. /work/venv-probe/bin/python scripts/cores_probe.py --port-offset 33000
+    .venv/bin/python results/2026-11-25-cpu-cores/cores_probe.py --port-offset 33000
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pdtui.bench.workload import make_prompt
 from pdtui.core import config as config_mod

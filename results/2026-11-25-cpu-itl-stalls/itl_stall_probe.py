@@ -10,7 +10,7 @@ engine core's output timestamps, before the API server and the client: a stall t
 but the histogram does not happened after the engine (API server, socket, client). Everything it
 starts is killed by process group in a ``finally``.
 
-    PYTHONPATH=. /work/venv-probe/bin/python scripts/itl_stall_probe.py --port-offset 33000
+    .venv/bin/python results/2026-11-25-cpu-itl-stalls/itl_stall_probe.py --port-offset 33000
 """
 
 from __future__ import annotations
@@ -21,18 +21,35 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx
 
 from pdtui.bench.workload import Clock, Sample, make_prompt, stream_completion
 from pdtui.core import config as config_mod
-from scripts.cores_probe import wait_health
 
 HIST = "vllm:inter_token_latency_seconds"
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
+    """(cores_probe.wait_health, copied when the two probes moved into results/.)"""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"instance exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("not ready")
 
 
 def server_itl(url: str) -> dict[float, float]:

@@ -4,7 +4,7 @@ all-links scope (scopeId UINT_MAX, what pdtui.app.gpu asks first), the sum of li
 one (its fallback), and link 0 alone (pynvml's default scopeId 0). Cumulative KiB, TX/RX, per GPU,
 one line each; `-` where NVML answers with an error. Run beside a pair moving KV over NVLink:
 
-    python3 scripts/gpu/nvml_probe.py --seconds 200 > nvml.txt &
+    python3 results/2026-11-30-h200x2-drill/nvml_probe.py --seconds 200 > nvml.txt &
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue 13 on two H200s (nvidia-h200-x2), after the 3 install calls of shared/gpu/README.md: the
 # TTFT toll with and without the switches, 0.5B shape (the two-gpu profile's model), one GPU per role.
-#   bash scripts/gpu/toll_h200x2.sh switches   scripts/ttft_switches.py: ONE pair, five proxies over it
+#   bash results/2026-11-30-h200x2-switches/toll_h200x2.sh switches   scripts/bench/ttft_switches.py: ONE pair, five proxies over it
 #                                              (single = P alone, none, tokenize_once, first_token, both),
 #                                              follow requests interleaved round by round, the engines'
 #                                              OTLP spans on (traces port 8017)
-#   bash scripts/gpu/toll_h200x2.sh bench      pdtui bench: single-proxied, pair, pair-first-token,
+#   bash results/2026-11-30-h200x2-switches/toll_h200x2.sh bench      pdtui bench: single-proxied, pair, pair-first-token,
 #                                              pair-both (ARMS), follow + interference: the toll per arm
 #                                              and ITL p99 under mixed load (no spans: nothing extra runs)
-# Carry .whl (scripts/gpu/make_whl.sh: the dashboard's wheels, OpenTelemetry, nvidia-ml-py).
+# Carry .whl (results/2026-11-30-h200x2-switches/make_whl.sh: the dashboard's wheels, OpenTelemetry, nvidia-ml-py).
 # Env: ROUNDS (40), REQUESTS (20), DURATION (20), RATE (4), ARMS, LIMIT_S (560). Writes $OUT/...
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,7 +23,7 @@ cd /tmp  # never from a folder holding a vllm/ directory
 case "${1:-switches}" in
 switches)
   set -x
-  timeout -s INT -k 30 "${LIMIT_S:-560}" python3 "$REPO/scripts/ttft_switches.py" --profile two-gpu \
+  timeout -s INT -k 30 "${LIMIT_S:-560}" python3 "$REPO/scripts/bench/ttft_switches.py" --profile two-gpu \
     --port-offset 0 --traces-port 8017 --rounds "${ROUNDS:-40}" --prompt-len 2031 --max-tokens 16 \
     --json "$OUT/switches.json" 2>&1 | tee "$OUT/switches.txt"
   rc=${PIPESTATUS[0]} ;;

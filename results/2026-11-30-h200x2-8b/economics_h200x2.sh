@@ -3,7 +3,7 @@
 # The pair's economics at the 8B size: `pdtui bench` on the two-gpu profile with the llama3.1-8b
 # shape (Llama-3.1-8B's KV geometry, dummy weights): single-proxied (GPU 0) against the pair
 # (P on GPU 0, D on GPU 1), both through pdtui's proxy, follow + interference.
-#   bash scripts/gpu/economics_h200x2.sh [MODEL] [RATE]      (defaults: llama3.1-8b 4)
+#   bash results/2026-11-30-h200x2-8b/economics_h200x2.sh [MODEL] [RATE]      (defaults: llama3.1-8b 4)
 # Carry .whl (see proxy_h200.sh). Writes $OUT/bench-<model>/ and $OUT/bench-<model>.txt.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

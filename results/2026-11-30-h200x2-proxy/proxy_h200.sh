@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 10 on two H200s (nvidia-h200-x2), after the 3 install calls of shared/gpu/README.md.
-# Carry .whl and .whl-router (Python 3.12 wheels: scripts/gpu/make_whl.sh, ROUTER=1 for vllm-router).
-#   bash scripts/gpu/proxy_h200.sh bench          pdtui bench: single, single-proxied, pair (two-gpu)
-#   bash scripts/gpu/proxy_h200.sh transparency   the transparency bench on the box's CPUs, with the
+# Carry .whl and .whl-router (Python 3.12 wheels: results/2026-11-30-h200x2-switches/make_whl.sh, ROUTER=1 for vllm-router).
+#   bash results/2026-11-30-h200x2-proxy/proxy_h200.sh bench          pdtui bench: single, single-proxied, pair (two-gpu)
+#   bash results/2026-11-30-h200x2-proxy/proxy_h200.sh transparency   the transparency bench on the box's CPUs, with the
 #                                                 dashboard arms, the proxy pinned to its own core
 # Writes $OUT/...; prints the tables.
 set -u
@@ -29,7 +29,7 @@ bench)
   exit $rc ;;
 transparency)
   cd "$REPO"
-  D='{python} scripts/proxy_under_dashboard.py --decode {decode} --port {port} --proxy-cpu 2'
+  D='{python} scripts/bench/proxy_under_dashboard.py --decode {decode} --port {port} --proxy-cpu 2'
   set -x
   timeout 400 python3 -m pdtui.bench.transparency --rates 3200,6400,12800 --arms direct,pdtui,pdtui-legacy,vllm-router \
     --arm "headless=$D --view headless --ui-cpu 3" --arm "dashboard=$D --view dashboard --ui-cpu 3" \

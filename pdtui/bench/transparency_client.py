@@ -1,8 +1,16 @@
-"""The streaming client of the transparency bench: N steady SSE streams, every token's arrival time.
+"""The transparency bench's load client: N steady SSE streams over raw keep-alive connections, every
+event's arrival time.
+
+Not the SSE client of the rest of pdtui (pdtui.core.sse_client, httpx: the load keys, the drill,
+`pdtui bench`). This one is an instrument for one job: hold 32 streams at up to 12,800 chunks/s on
+a shared core for about 10 us of CPU per chunk, so that the proxy under test, not the client,
+makes the gaps (httpx's receive path alone took 62 us per chunk in the old proxy, profiled in
+results/2026-11-30-cpu-proxy). Its rule for an event (any
+complete ``data: {`` event counts, ``[DONE]`` does not) is the bench's, documented below.
 
 Run as its own process (``pdtui.bench.transparency`` starts it)::
 
-    python -m pdtui.bench.sse_client --port 8100 --streams 32 --max-tokens 256 \\
+    python -m pdtui.bench.transparency_client --port 8100 --streams 32 --max-tokens 256 \\
         --window-start T0 --window-end T1 --out gaps.json
 
 ``T0``/``T1`` are ``time.perf_counter()`` values (``CLOCK_MONOTONIC`` on Linux, so the same clock
@@ -313,7 +321,7 @@ class SseClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pdtui.bench.sse_client", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m pdtui.bench.transparency_client", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)

@@ -2,7 +2,7 @@
 
 Prints per request: TTFT seen by the client, the proxy's toll split (P leg, hop, D first token incl.
 the KV pull), blocks and bytes, and D's NIXL counters (bytes, transfer seconds) around it.
-Stdlib + httpx only, so it runs on the device machine. Used by scripts/gpu/proof.sh.
+Stdlib + httpx only, so it runs on the device machine. Used by proof.sh, beside it.
 """
 
 from __future__ import annotations

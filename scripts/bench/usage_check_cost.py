@@ -5,9 +5,9 @@ On a paired stream with ``decode_reports_cached`` (pdtui up's proxy), a chunk th
 written as it is; any other goes through ``proxy._UsageCheck.feed`` too, whose own fast path is one
 ``endswith`` and two substring checks (a chunk of several whole token events). The final usage
 event is JSON-parsed and edited once per request. This times each on the chunks vLLM 0.32.0 writes
-(compact JSON) and prints the figures (docs/architecture.md keeps them).
+(compact JSON) and prints the figures (results/2026-11-30-cpu-proxy keeps them).
 
-    PYTHONPATH=. python scripts/usage_check_cost.py
+    PYTHONPATH=. python scripts/bench/usage_check_cost.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `pdtui bench` on the lent GPU machine (after the 3 install calls of shared/gpu/README.md).
-# Carry .whl (Python 3.12 wheels: scripts/gpu/make_whl.sh).
+# Carry .whl (Python 3.12 wheels: results/2026-11-30-h200x2-switches/make_whl.sh).
 set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl || exit 1
