@@ -51,7 +51,7 @@ REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
 REFRESH_INTERVAL_S = 0.05
 """Shortest time between two refreshes of the views (20 Hz). Events fold into the state as they
 come; the views follow at most this often, so a burst costs one refresh per interval, not one per
-event (scripts/bench_refresh.py, docs/dashboard.md)."""
+event (scripts/bench/bench_refresh.py, docs/dashboard.md)."""
 
 
 class PdtuiApp(App[int]):
@@ -154,7 +154,7 @@ class PdtuiApp(App[int]):
         """Move everything alive after the first paint (modules, CSS, the widgets) out of the
         collector's sight: its full passes then scan only what the running dashboard allocates. At
         200 events/s they came every ~2 s and took 60-95 ms each, the refresh-latency tail
-        (scripts/bench_refresh.py). For the process that runs one dashboard (the CLI), not for tests
+        (scripts/bench/bench_refresh.py). For the process that runs one dashboard (the CLI), not for tests
         that start many: frozen objects are never freed."""
         gc.freeze()
 
