@@ -19,7 +19,9 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
 
 def test_up_with_stderr_and_stdin_redirected_says_so_and_starts_nothing() -> None:
     # after the preflight (which needs no terminal: its refusals come first), on ports nobody holds
-    out = run(["up", "--port-offset", "41000"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    # ports 24000-24200, 21600-21700: under Linux's ephemeral range (32768-60999), where any outgoing
+    # connection on a busy box can hold a port for a moment (a CI run failed so at offset 41000)
+    out = run(["up", "--port-offset", "16000"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
               stderr=subprocess.PIPE)
     assert out.returncode == 2
     assert "stdin and stderr are not a terminal" in out.stdout and "pdtui up --headless" in out.stdout
