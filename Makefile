@@ -41,12 +41,14 @@ lock:
 	rm -rf $(LOCK_VENV)
 	@echo "constraints.txt refreshed: now make install && make test, then commit it"
 
-# Lint and the import contract first (seconds), then everything.
+# Lint, types and the import contract first (seconds; mypy's first run takes up to a minute and
+# leaves .mypy_cache), then everything.
 test: lint
 	$(PY) -m pytest -v tests
 
 lint:
 	$(VENV)/bin/ruff check pdtui tests scripts
+	$(PY) -m mypy  # pdtui/, as pyproject.toml's [tool.mypy] says
 	$(PY) -m pytest -q tests/unit/test_import_hygiene.py
 
 unit:

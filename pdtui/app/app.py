@@ -489,7 +489,7 @@ class PdtuiApp(App[int]):
         finally:
             self.exit(0)
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         names = [(i.name, i.role) for i in self.snapshot.instances] or [
             (n, i.role) for n, i in self.runtime.instances.items()]

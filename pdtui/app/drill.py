@@ -188,7 +188,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
 
         errors_before = count("error")
         await pilot.press("k")
-        await until(f"{d}'s pane shows the exit", lambda s: s.instance(d) is not None and s.instance(d).bad,
+        await until(f"{d}'s pane shows the exit", lambda s: (v := s.instance(d)) is not None and v.bad,
                     30)
         deadline = time.monotonic() + 60
         while not witness_task.done() and time.monotonic() < deadline:
@@ -199,6 +199,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
             raise DrillFailed(f"the witness stream ended cleanly after D was killed (done={w.done})")
         await until("the errored request counted", lambda s: s.counts.get("error", 0) > errors_before, 60)
         dv = snap().instance(d)
+        assert dv is not None  # its pane showed the exit (the first wait after `k`)
         await done("kill-d", f"{d} {dv.state} ({dv.detail or dv.exit_code}); witness got {w.chunks} chunks then"
                    f" '{w.error}'; errors {errors_before} -> {count('error')}")
 
@@ -207,7 +208,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
                    f" ({req.blocks} blocks, TTFT {req.ttft_ms:.0f} ms)")
 
         await pilot.press("K")
-        await until(f"{p}'s pane shows the exit", lambda s: s.instance(p) is not None and s.instance(p).bad, 30)
+        await until(f"{p}'s pane shows the exit", lambda s: (v := s.instance(p)) is not None and v.bad, 30)
         req = await one_request("fallback")
         if req.prefill_branch not in ("fallback_down", "fallback_unreachable"):
             raise DrillFailed(f"{req.request_id} fell back by {req.prefill_branch}: only a P that is down or"

@@ -16,6 +16,7 @@ import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 NVLINK_TX = 138
@@ -108,9 +109,9 @@ class GpuSampler:
         out = []
         nvml = self.nvml
         for i, (h, name) in enumerate(zip(self.handles, self.names, strict=True)):
-            mem = self._try(lambda h=h: nvml.nvmlDeviceGetMemoryInfo(h))
-            tx = self._try(lambda h=h: nvml.nvmlDeviceGetPcieThroughput(h, nvml.NVML_PCIE_UTIL_TX_BYTES))
-            rx = self._try(lambda h=h: nvml.nvmlDeviceGetPcieThroughput(h, nvml.NVML_PCIE_UTIL_RX_BYTES))
+            mem = self._try(partial(nvml.nvmlDeviceGetMemoryInfo, h))
+            tx = self._try(partial(nvml.nvmlDeviceGetPcieThroughput, h, nvml.NVML_PCIE_UTIL_TX_BYTES))
+            rx = self._try(partial(nvml.nvmlDeviceGetPcieThroughput, h, nvml.NVML_PCIE_UTIL_RX_BYTES))
             nv_tx, nv_rx = self._nvlink(i, h, now)
             out.append(GpuView(i, name, int(mem.used) if mem else 0, int(mem.total) if mem else 0,
                                None if tx is None else tx * 1000.0, None if rx is None else rx * 1000.0,

@@ -170,16 +170,16 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
         "recompute": recompute_count(samples),
     }
     out["follow"]["second_gap_ms"] = dist([x for s in follow if (x := second_gap_ms(s)) is not None])
-    splits = [toll_split(s) for s in follow]
-    splits = [x for x in splits if x]
+    splits = [t for s in follow if (t := toll_split(s))]
     if splits:
         out["follow"]["toll_split_ms"] = {
-            k: dist([x[k] for x in splits if x.get(k) is not None]) for k in (*SPLIT_KEYS, "seam_ms")
+            k: dist([v for x in splits if (v := x.get(k)) is not None]) for k in (*SPLIT_KEYS, "seam_ms")
         }
         switches: dict[str, int] = {}
         for s in follow:
-            key = (s.trace or {}).get("switch") or (f"skipped: {s.trace['switch_skipped']}"
-                                                   if (s.trace or {}).get("switch_skipped") else "none")
+            trace = s.trace or {}
+            key = trace.get("switch") or (f"skipped: {trace['switch_skipped']}"
+                                          if trace.get("switch_skipped") else "none")
             switches[key] = switches.get(key, 0) + 1
         out["follow"]["switches"] = switches
         ranked = sorted((s for s in follow if s.ttft_ms is not None and s.trace), key=lambda s: s.ttft_ms or 0.0)
@@ -187,7 +187,7 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             mid = ranked[(len(ranked) - 1) // 2]
             out["follow"]["median_split_ms"] = {"request_id": mid.request_id, "ttft_ms": mid.ttft_ms,
                                                 **(toll_split(mid) or {})}
-    engine = [x for s in follow if (x := engine_split(s))]
+    engine = [e for s in follow if (e := engine_split(s))]
     if engine:
         out["follow"]["engine_split_ms"] = {k: dist([x[k] for x in engine if k in x]) for k in ENGINE_KEYS}
     return out
@@ -285,14 +285,14 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
     toll, purchase = _ratio(p_ttft, s_ttft), _ratio(s_itl, p_itl)
     text = []
-    if toll is None:
+    if toll is None or t_base is None:
         text.append("toll: not measured (no follow TTFT in the pair or in a single arm)")
     else:
         text.append(f"toll: pair TTFT p50 {p_ttft:.1f} ms vs {t_base} {s_ttft:.1f} ms = {toll:.2f}x"
                     f" ({(toll - 1) * 100:+.0f}%)" + (": the pair is slower to the first token" if toll > 1
                                                      else ": the pair is not slower to the first token")
                     + f" {_path_note(t_base)}")
-    if purchase is None:
+    if purchase is None or i_base is None:
         text.append("purchase: not measured (no steady-stream ITL in the pair or in a single arm)")
     else:
         text.append(f"purchase: {i_base} ITL p99 {s_itl:.1f} ms / pair ITL p99 {p_itl:.1f} ms = {purchase:.2f}x"

@@ -781,7 +781,7 @@ def resolve_arms(opts: Options) -> list[tuple[Arm, str | None]]:
     known = builtin_arms()
     custom = {a.name: a for a in (custom_arm(s) for s in opts.custom_arms)}
     names = list(opts.arms) + [n for n in custom if n not in opts.arms]
-    out = []
+    out: list[tuple[Arm, str | None]] = []
     for name in names:
         if name in custom:
             out.append((custom[name], None))

@@ -306,7 +306,7 @@ def model_path(cfg: PairConfig, model_root: Path | None = None) -> str:
 def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kv_connector": cfg.resolved(inst, "connector"),
-        "kv_role": _conn(cfg, inst).kv_roles[inst.role] if _conn(cfg, inst) else inst.kv_role,
+        "kv_role": c.kv_roles[inst.role] if (c := _conn(cfg, inst)) else inst.kv_role,
         "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
         "kv_load_failure_policy": cfg.kv_load_failure_policy,
     }

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -280,12 +280,13 @@ class EventHub:
         for q in self._queues:
             q.put_nowait(self._END)
 
-    def subscribe(self) -> AsyncIterator[Event]:
-        """An async iterator over every event from now on; it ends at close()."""
+    def subscribe(self) -> AsyncGenerator[Event, None]:
+        """An async iterator over every event from now on; it ends at close(). Its ``aclose()``
+        unsubscribes early."""
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._queues.append(q)
 
-        async def gen() -> AsyncIterator[Event]:
+        async def gen() -> AsyncGenerator[Event, None]:
             try:
                 while True:
                     item = await q.get()

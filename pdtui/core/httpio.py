@@ -25,7 +25,7 @@ import asyncio
 import collections
 import http
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -111,14 +111,14 @@ class Response:
         """Flow control: the client's socket buffer is full / has drained."""
         self._lost_waiter: asyncio.Future[None] | None = None
 
-    def start(self, status: int, headers: Headers = (), *, length: int | None = None) -> None:
+    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]] = (), *, length: int | None = None) -> None:
         """Send the head: with ``length`` a fixed-length body follows, without it a chunked one."""
         assert not self.started
         self.started, self.status = True, status
         self.chunked = length is None
         lines = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
         lines.extend(b"%s: %s" % (k, v) for k, v in headers)
-        lines.append(b"transfer-encoding: chunked" if self.chunked else b"content-length: %d" % length)
+        lines.append(b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length)
         if not self.keep_alive:
             lines.append(b"connection: close")
         if not self.lost:
@@ -142,7 +142,7 @@ class Response:
             self._transport.write(b"0\r\n\r\n")
         self._conn._response_done(self)
 
-    def send(self, status: int, body: bytes, ctype: bytes | str, headers: Headers = ()) -> None:
+    def send(self, status: int, body: bytes, ctype: bytes | str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """A whole answer with a known length."""
         if isinstance(ctype, str):
             ctype = ctype.encode()

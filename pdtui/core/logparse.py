@@ -88,7 +88,7 @@ def parse_line(line: str) -> Parsed | None:
         m = pattern.search(msg)
         if not m:
             continue
-        fields = {k: v for k, v in m.groupdict().items() if v is not None}
+        fields: dict[str, Any] = {k: v for k, v in m.groupdict().items() if v is not None}
         if what == "kv_metrics":
             fields = _kv(fields.pop("metrics"))
         elif what == "kv_pool":

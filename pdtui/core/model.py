@@ -15,6 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer  # at run time, loaded by the function that builds one
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -99,7 +103,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def config_json(shape: ModelShape) -> dict:
+def config_json(shape: ModelShape) -> dict[str, Any]:
     eos = shape.vocab_size - len(SPECIAL_TOKENS) + 2  # <|im_end|>
     return {
         "architectures": ["Qwen2ForCausalLM"],
@@ -128,7 +132,7 @@ def config_json(shape: ModelShape) -> dict:
     }
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer whose vocabulary covers exactly ``vocab_size`` ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -277,7 +281,7 @@ def locate(model: str, environ: dict[str, str] | None = None) -> Located | None:
     return Located("hf-cache", snap) if snap is not None else None
 
 
-def model_config(model: str, environ: dict[str, str] | None = None) -> dict | None:
+def model_config(model: str, environ: dict[str, str] | None = None) -> dict[str, Any] | None:
     """The model's config.json as a dict (a shape's as pdtui writes it), or None when not here."""
     found = locate(model, environ)
     if found is None:

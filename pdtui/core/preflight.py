@@ -265,8 +265,8 @@ def mem_available_bytes() -> int | None:
 
 
 def _cpu_memory(cfg: PairConfig, mem_available: int | None) -> list[Problem]:
-    asks = [(inst.name, *kv_asked(cfg, inst)) for inst in cfg.instances]
-    asks = [(n, b, how) for n, b, how in asks if b]
+    asked = [(inst.name, *kv_asked(cfg, inst)) for inst in cfg.instances]
+    asks = [(n, b, how) for n, b, how in asked if b]
     if not asks:
         return []
     avail = mem_available if mem_available is not None else mem_available_bytes()
@@ -339,11 +339,11 @@ def _gpu_memory(cfg: PairConfig, gpus: list[Gpu]) -> list[Problem]:
             out.append(Problem("kv_cache_memory_bytes", f"kv_cache_memory_bytes ({where}): GPU {d} would hold"
                                f" {human(total)} of KV cache ({each}), but has {human(free)} free (nvidia-smi"
                                " memory.free; the models' weights not counted). Lower kv_cache_memory_bytes."))
-    for d, asks in sorted(util.items()):
+    for d, shares in sorted(util.items()):
         g = by_index[d]
-        want = sum(u for _, u in asks) * g.total_bytes
+        want = sum(u for _, u in shares) * g.total_bytes
         if want > g.free_bytes:
-            each = ", ".join(f"{n} {u:g}" for n, u in asks)
+            each = ", ".join(f"{n} {u:g}" for n, u in shares)
             out.append(Problem("gpu_memory_utilization", f"gpu_memory_utilization ({where}): on GPU {d} the instances"
                                f" ask for {each} of {human(g.total_bytes)} = {human(want)}, but {human(g.free_bytes)}"
                                " is free (nvidia-smi); vLLM refuses to start below its share. Lower it."))

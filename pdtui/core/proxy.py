@@ -53,7 +53,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -425,7 +425,7 @@ class _BulkHistogram:
             counts[bisect.bisect_left(bounds, v)] += 1
         s[1] += sum(values_ms) / 1000
 
-    def collect(self):
+    def collect(self) -> Iterator[HistogramMetricFamily]:
         fam = HistogramMetricFamily(self.name, self.doc, labels=["outcome"])
         for label, (counts, total) in self.series.items():
             cum, buckets = 0, []
@@ -461,7 +461,7 @@ class ProxyMetrics:
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
         self.itl = _BulkHistogram("pdtui_itl_seconds", "Inter-token gaps", buckets)
-        self.registry.register(self.itl)  # type: ignore[arg-type]
+        self.registry.register(self.itl)
 
     def observe(self, t: RequestTraced) -> None:
         if t.warmup:

@@ -193,8 +193,13 @@ async def serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     why_stop: list[str] = []
+
+    def on_signal(name: str) -> None:
+        why_stop.append(name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda sig=sig: (why_stop.append(sig.name), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig.name)
     tasks: list[asyncio.Task[Any]] = []
     if args.managed:  # standalone: stderr is the user's terminal, whose first line says where it listens
         _log(f"starting (pid {os.getpid()}, managed by pdtui pid {os.getppid()});"

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pdtui.core.control import Control
 from pdtui.core.events import Event, EventHub, InstanceStateChanged, RuntimeStarted, from_json
@@ -36,7 +36,8 @@ def read_recording(path: Path) -> list[Event]:
     import gzip
     import lzma
 
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    openers: dict[str, Callable[..., IO[str]]] = {".xz": lzma.open, ".gz": gzip.open}
+    opener = openers.get(path.suffix, open)
     events: list[Event] = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:

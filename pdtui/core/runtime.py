@@ -16,7 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import IO, Any
 
@@ -129,7 +129,7 @@ class Runtime:
             self.latest_metrics[event.instance] = event.values
         self.hub.publish(event)
 
-    def subscribe(self) -> AsyncIterator[Event]:
+    def subscribe(self) -> AsyncGenerator[Event, None]:
         """An async iterator over every event from now on; it ends when the Runtime closes."""
         return self.hub.subscribe()
 

@@ -458,8 +458,8 @@ class Instance:
             tick += 1
             await asyncio.sleep(WATCH_INTERVAL_S)
         if proc.returncode is not None and self.death is None and self._expected_exit is None:
-            code = proc.returncode
-            status = (-code) if code < 0 else (code << 8)
+            rc = proc.returncode
+            status = (-rc) if rc < 0 else (rc << 8)
             self.death = f"its API server (pid {pid}) exited" + await self._cause(pid, status)
         if self._expected_exit is None:
             # Say so at once: the proxy stops sending to it and ends its streams now, not after

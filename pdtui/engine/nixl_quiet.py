@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import types
+from typing import Any
 
 from vllm.logger import init_logger
 
@@ -37,7 +38,7 @@ _DONE = "_pdtui_quiet_progress"
 
 
 def _patch(delay_us: int) -> None:
-    api = None
+    api: Any = None  # nixl's untyped binding module
     for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
         try:
             api = importlib.import_module(name)
@@ -52,7 +53,7 @@ def _patch(delay_us: int) -> None:
         return
     proxy = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
 
-    def agent(name, cfg, _orig=real.nixlAgent):
+    def agent(name: str, cfg: Any, _orig: Any = real.nixlAgent) -> Any:
         cfg.pthrDelay = delay_us
         return _orig(name, cfg)
 
@@ -80,7 +81,8 @@ def _ucx_params(params: dict[str, str]) -> None:
             continue
         real = agent_cls.create_backend
 
-        def create_backend(self, backend, initParams=None, _real=real):
+        def create_backend(self: Any, backend: str, initParams: dict[str, str] | None = None,
+                           _real: Any = real) -> Any:
             init = dict(initParams or {})
             if backend == "UCX":
                 init.update(params)
@@ -109,7 +111,7 @@ def _keep_affinity() -> None:
         return
     real_init = cls.__init__
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         before = os.sched_getaffinity(0)
         real_init(self, *args, **kwargs)
         after = os.sched_getaffinity(0)

@@ -10,10 +10,15 @@ from textual.app import RenderResult
 from textual.timer import Timer
 from textual_plotext import PlotextPlot
 
-from pdtui.app.state import WINDOW_S, percentile
+from pdtui.app.state import WINDOW_S
+from pdtui.core.stats import percentile  # the one definition (vllm bench serve's)
 
 COLORS = {"pair": "green", "fallback": "orange", "error": "red"}
 RECENT_COLOR = "cyan"
+Samples = tuple[tuple[float, str], ...]
+"""(ms, outcome) pairs, oldest first."""
+DrawKey = tuple[Samples, Samples, int, int, str]
+"""What a figure is drawn from: the samples, the recent ones, the width, the height, the theme."""
 MARKS = ((50, "blue"), (90, "magenta"), (99, "red"))
 REPLOT_INTERVAL_S = 1.0
 """Shortest time between two replots (1 Hz; it was 4 Hz): plotext redraws the whole figure (about
@@ -45,12 +50,12 @@ class LatencyHistogram(PlotextPlot):
         self.title = title
         self.bins = bins
         self.phase = phase
-        self.samples: tuple[tuple[float, str], ...] = ()
-        self.recent: tuple[tuple[float, str], ...] = ()
+        self.samples: Samples = ()
+        self.recent: Samples = ()
         self._last_replot = float("-inf")
         self._replot_pending: Timer | None = None
         self._drawn: Text = Text("")
-        self._drawn_key: tuple[object, ...] | None = None
+        self._drawn_key: DrawKey | None = None
         self._lock = threading.Lock()
         self.draws = 0
         """Figures drawn (tests and the benchmark read it)."""
@@ -101,23 +106,22 @@ class LatencyHistogram(PlotextPlot):
         width, height = self.size
         if not width or not height or not self.is_mounted:  # a hidden tab: drawn once it is shown
             return
-        key = (self.samples, self.recent, width, height, self.app.theme)
+        key: DrawKey = (self.samples, self.recent, width, height, self.app.theme)
         if key == self._drawn_key:
             return
         self._last_replot = time.monotonic()
         self.run_worker(lambda: self._draw(key), thread=True, group=f"plot-{self.id}", exit_on_error=False,
                         description=f"draw the {self.title} histogram")
 
-    def _draw(self, key: tuple[object, ...]) -> None:
+    def _draw(self, key: DrawKey) -> None:
         samples, recent, width, height, theme = key
-        assert isinstance(samples, tuple) and isinstance(recent, tuple)
         with self._lock:
             plt = self.plt
             plt.clear_data()
             plt.clear_figure()
             plt.plotsize(width, height)
             plt._set_size(width, height)  # as PlotextPlot.render() does (textual-plotext issue 5)
-            plt.theme(self._get_plotext_theme_name(str(theme)))
+            plt.theme(self._get_plotext_theme_name(theme))
             values = [v for v, _ in samples]
             if values:
                 for outcome in ("pair", "fallback"):
@@ -140,7 +144,7 @@ class LatencyHistogram(PlotextPlot):
         with contextlib.suppress(RuntimeError):  # the app closed meanwhile
             self.app.call_from_thread(self._drawn_now, key, drawn)
 
-    def _drawn_now(self, key: tuple[object, ...], drawn: Text) -> None:
+    def _drawn_now(self, key: DrawKey, drawn: Text) -> None:
         self._drawn, self._drawn_key = drawn, key
         self.refresh()
 
