@@ -15,7 +15,7 @@ import gc
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 from rich.table import Table
@@ -350,8 +350,8 @@ class PdtuiApp(App[int]):
         for inst in self.snapshot.instances:
             if inst.role == role_or_name:
                 return inst.name
-        for name, inst in self.runtime.instances.items():
-            if inst.role == role_or_name:
+        for name, member in self.runtime.instances.items():
+            if member.role == role_or_name:
                 return name
         return None
 
@@ -441,19 +441,21 @@ class PdtuiApp(App[int]):
         from a checkout, that left SVGs untracked in the repository (issue 20)."""
         return self._screenshot_dir or self.run_dir or default_screenshot_dir()
 
-    def action_screenshot(self) -> None:
-        folder = self.screenshot_dir
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """`s`: an SVG of the screen into ``path`` (default: screenshot_dir), named ``filename``
+        (default: Textual's, the title and the time)."""
+        folder = Path(path) if path else self.screenshot_dir
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = Path(self.save_screenshot(path=str(folder))).resolve()
+            saved = Path(self.save_screenshot(filename=filename, path=str(folder))).resolve()
         except OSError as e:
             self.show_notice(f"screenshot not saved: {e}", "error")
             return
         said = "screenshot saved: "
         in_run = self._screenshot_dir is None and self.run_dir is not None
-        self.show_notice(f"{said}{path}", line=f"{said}{path.name} in the run folder" if in_run
-                         else file_line(said, path, self._notice_width()))
-        self.notify(str(path), title="Screenshot saved", timeout=8)
+        self.show_notice(f"{said}{saved}", line=f"{said}{saved.name} in the run folder" if in_run
+                         else file_line(said, saved, self._notice_width()))
+        self.notify(str(saved), title="Screenshot saved", timeout=8)
 
     def action_toggle_logs(self) -> None:
         row = self.query_one("#instances")

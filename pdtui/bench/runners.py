@@ -226,7 +226,7 @@ def arm_topology(arm: str, cfg: PairConfig) -> Topology:
     """The topology of a bench arm, from the one config (pdtui.core.topology.ARMS; the switch arms
     are the pair with their ProxySettings switches)."""
     if arm in SWITCH_ARMS:
-        return topology.pair(cfg, name=arm, **SWITCH_ARMS[arm])
+        return topology.pair(cfg, name=arm, switches=SWITCH_ARMS[arm])
     if arm in topology.ARMS:
         return topology.ARMS[arm](cfg)
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +103,7 @@ def proxy_settings(cfg: PairConfig, geometry: kvmath.KvGeometry | None, **overri
     """The pair's proxy settings, from the config: the one place a config field becomes a switch.
     ``override``: the bench's per-arm switches (ProxySettings field names)."""
     switches = {f.name: getattr(cfg, f.name) for f in config_mod.proxy_switches()}
-    settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, **switches,  # type: ignore[arg-type]
+    settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, **switches,
                              decode_reports_cached=True)  # every instance: --enable-prompt-tokens-details
     return dataclasses.replace(settings, **override) if override else settings  # type: ignore[arg-type]
 
@@ -113,14 +113,14 @@ def _launched(spec: LaunchSpec, inst: InstanceConfig) -> Member:
 
 
 def pair(cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None,
-         name: str = "pair", **switches: object) -> Topology:
+         name: str = "pair", switches: Mapping[str, object] | None = None) -> Topology:
     """The P/D pair (or NpMd) of the config, behind pdtui's proxy; ``switches``: ProxySettings
     fields set for this topology only (the bench's switch arms)."""
     specs = config_mod.render(cfg, model_root=model_root, python=python)
     model = config_mod.model_path(cfg, model_root)
     geometry = geometry_of(cfg, model)
     members = tuple(_launched(s, i) for s, i in zip(specs, cfg.instances, strict=True))
-    plan = ProxyPlan(cfg.host, cfg.proxy_port, proxy_settings(cfg, geometry, **switches),
+    plan = ProxyPlan(cfg.host, cfg.proxy_port, proxy_settings(cfg, geometry, **(switches or {})),
                      tuple(m.name for m in members if m.role == "prefill"),
                      tuple(m.name for m in members if m.role == "decode"))
     return Topology(name, cfg, members, plan, connectors.known(cfg.connector), geometry, cfg.warmup, model)
