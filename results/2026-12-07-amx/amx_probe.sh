@@ -28,3 +28,10 @@ r = subprocess.run([sys.executable, '-c', \"$probe\"]); print('exec child rc', r
 echo "== E: spawn";      $PY $here/spawn_main.py spawn; echo "rc $?"
 echo "== F: forkserver"; $PY $here/spawn_main.py forkserver; echo "rc $?"
 echo "== G: PDTUI_AMX_REQUEST=0 (the way to reproduce)"; PDTUI_AMX_REQUEST=0 $PY -c "import sys; sys.path.insert(0, '$PWD'); from pdtui.engine import amx; print(amx.request()); $probe"; echo "rc $?"
+echo "== H: the C probe (no Python): ask, then a tile sequence"; $here/amxperm; echo "rc $?"
+echo "== I: the C probe without asking"; $here/amxperm noask; echo "rc $?"
+python3 - <<'PY' 2>/dev/null || true
+import torch
+print("torch._init_amx():", torch.cpu._init_amx())
+a = torch.randn(256, 256, dtype=torch.bfloat16); print("bf16 matmul ok:", float((a @ a).float().sum()) == float((a @ a).float().sum()))
+PY

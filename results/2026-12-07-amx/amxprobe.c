@@ -4,10 +4,11 @@
 #include <stdint.h>
 #include <string.h>
 
-struct tilecfg { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((packed));
+/* 64-byte aligned: an unaligned config from the stack was a general protection fault on the device's Xeon */
+struct tilecfg { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((packed, aligned(64)));
 
 int probe(void) {
-    struct tilecfg c;
+    static struct tilecfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     c.rows[0] = 16;
