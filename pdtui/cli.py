@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_flags(bench)
     bench_cmd.add_arguments(bench)
 
-    from pdtui.core import proxy_process
+    from pdtui.core.proxy import process as proxy_process
 
     prox = sub.add_parser("proxy", help="the P/D proxy alone, over engines pdtui did not start", description=(
         "Serve the P/D proxy that `pdtui up` runs inside, over instances started by hand (`vllm serve` with a"
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             _preflight(cfg)
             return bench_cmd.run(cfg, args)
         if args.command == "proxy":
-            from pdtui.core import proxy_process
+            from pdtui.core.proxy import process as proxy_process
             from pdtui.core.supervisor import PortInUse
 
             try:

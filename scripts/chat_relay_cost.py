@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a chunk of D's stream costs the proxy in CPU, per relay: the default byte relay, the
 first-token stitch (completions), and chat served from D's /v1/completions (tokenize_once, and
-first_token_from_p), which rewrites every chunk (pdtui.core.firsttoken.ChatStream).
+first_token_from_p), which rewrites every chunk (pdtui.core.proxy.firsttoken.ChatStream).
 
 No engine, no socket: the relay's ``on_chunk`` is called with vLLM 0.32.0's own events (the shapes
 the CPU engine sent, a token of ``--text`` per event, token ids if ``--ids``), one event per chunk as
@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdtui.core import firsttoken
-from pdtui.core.proxy import Upstream, _ChatRelay, _Relay, _Stitch, _StitchRelay, _Trace
+from pdtui.core.proxy import firsttoken
+from pdtui.core.proxy.contract import Upstream, _ChatRelay, _Relay, _Stitch, _StitchRelay, _Trace
 
 
 class _NullConn:

@@ -45,8 +45,7 @@ from pdtui.bench.runners import arm_proxy
 from pdtui.bench.workload import make_prompt
 from pdtui.core import config as config_mod
 from pdtui.core.events import EngineSpan, Event, RequestTraced
-from pdtui.core.proxy import ProxySettings
-from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.proxy import ProxyProcess, ProxySettings
 from pdtui.core.runtime import Runtime
 
 VARIANTS = {"single": None, "none": {}, "tokenize_once": {"tokenize_once": True},

@@ -16,7 +16,7 @@ import json
 import time
 import timeit
 
-from pdtui.core import proxy
+from pdtui.core.proxy import contract as proxy
 
 TOKEN = (b'data: {"id":"cmpl-e2e-1234abcd-0-89abcdef","object":"text_completion","created":1764486000,'
          b'"model":"tiny","choices":[{"index":0,"text":" fox","logprobs":null,"finish_reason":null,'

@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, Callable[[str], bool]]] = [
      lambda f: f.startswith(("anyio/", "sniffio/"))),
     ("json (stdlib)", lambda f: f.startswith("json/")),
     ("prometheus_client", lambda f: f.startswith("prometheus_client/")),
-    ("pdtui httpio (HTTP/1.1 on asyncio protocols)", lambda f: f.endswith("core/httpio.py")),
+    ("pdtui httpio (HTTP/1.1 on asyncio protocols)", lambda f: f.endswith("proxy/httpio.py")),
     ("pdtui proxy code (own lines)", lambda f: "legacy_proxy" in f or "pdtui/core/" in f),
 ]
 
@@ -59,7 +59,7 @@ ROLES: list[tuple[str, Callable[[str, str], bool]]] = [
      lambda fn, f: f.startswith(("httpx/", "httpcore/", "h11/", "anyio/"))),
     ("client side receive (uvicorn httptools data_received / ASGI receive)", lambda fn, f: f.startswith("uvicorn/")),
     ("pdtui httpio (relay inside data_received, client/server connections)",
-     lambda fn, f: f.endswith("core/httpio.py")),
+     lambda fn, f: f.endswith("proxy/httpio.py")),
     ("prometheus_client", lambda fn, f: f.startswith("prometheus_client/")),
     ("pdtui proxy per-request code (body, trace, P leg, metrics)",
      lambda fn, f: "legacy_proxy" in f or "pdtui/core/" in f),

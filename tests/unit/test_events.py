@@ -30,7 +30,7 @@ def test_a_request_is_one_record_and_its_outcome_only_a_documented_value():
     import pytest
 
     from pdtui.core.events import OUTCOMES, RequestTraced
-    from pdtui.core.proxy import _Trace
+    from pdtui.core.proxy.contract import _Trace
 
     with pytest.raises(ValueError, match="one of pair, fallback, error"):
         RequestTraced(request_id="r", endpoint="/v1/completions", stream=True, outcome="ok", status=200)

@@ -17,8 +17,8 @@ import pytest
 
 from pdtui.core import kvmath
 from pdtui.core.events import ProxyStarted, RequestTraced
-from pdtui.core.proxy import ProxySettings
-from pdtui.core.proxy_process import ProxyOptionError, ProxyProcess, parse_upstreams
+from pdtui.core.proxy import ProxyOptionError, ProxyProcess, ProxySettings
+from pdtui.core.proxy.process import parse_upstreams
 from tests.fakes import FakeVllm, free_port, serving
 
 GEO = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
@@ -207,7 +207,7 @@ def test_standalone_command_with_stdout_to_a_file(tmp_path):
 
 
 def test_proxy_cpus_from_the_environment(monkeypatch):
-    from pdtui.core.proxy_process import cpus_from_env
+    from pdtui.core.proxy.process import cpus_from_env
 
     cpu = max(os.sched_getaffinity(0))
     monkeypatch.setenv("PDTUI_PROXY_CPUS", str(cpu))
@@ -237,7 +237,7 @@ def test_proxy_cpus_from_the_environment(monkeypatch):
 def test_prefill_failure_flag_reaches_the_settings_and_the_managed_argv():
     import argparse
 
-    from pdtui.core.proxy_process import add_arguments, settings_from
+    from pdtui.core.proxy.process import add_arguments, settings_from
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

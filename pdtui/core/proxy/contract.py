@@ -34,7 +34,7 @@ back, as vLLM would report it. A stream whose client did not ask for usage is se
 ``stream_options.include_usage`` and D's usage event is dropped on its way: only the final usage
 event is parsed and touched, never a token chunk.
 
-The data path (docs/proxy.md): HTTP on asyncio protocols with httptools (``pdtui.core.httpio``),
+The data path (docs/proxy.md): HTTP on asyncio protocols with httptools (``pdtui.core.proxy.httpio``),
 one event loop of its own (``pdtui proxy``, a process, uvloop when installed). A chunk D streams is
 relayed inside the upstream connection's ``data_received``: a time stamp, a byte scan for SSE
 event boundaries and token-carrying events (``_SseScan``; a JSON parse only for the rare usage or
@@ -61,9 +61,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdtui.core import connectors, firsttoken, httpio, kvmath
+from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
+from pdtui.core.proxy import firsttoken, httpio
+from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -132,7 +133,7 @@ class ProxySettings:
     prompt's ids, and the proxy writes its answer back as chat (every chunk rewritten)."""
     first_token_from_p: bool = False
     """P's sampled token goes to the client the moment P answers, and D continues from the prompt's
-    ids plus that token with max_tokens - 1 (``pdtui.core.firsttoken``), for completions and chat.
+    ids plus that token with max_tokens - 1 (``pdtui.core.proxy.firsttoken``), for completions and chat.
     Requests it cannot serve token for token (n > 1, echo, logprobs, stop strings, tools, ...) take
     the normal path, counted in ``pdtui_switch_skipped_total``."""
     decode_reports_cached: bool = False
@@ -864,7 +865,7 @@ class Proxy:
         return kv_params
 
     def _switches(self, trace: _Trace, body: dict[str, Any], d_body: dict[str, Any]) -> _Stitch | None:
-        """The TTFT switches (pdtui.core.firsttoken), once P has paired: D's body rewritten for
+        """The TTFT switches (pdtui.core.proxy.firsttoken), once P has paired: D's body rewritten for
         tokenize_once, or a _Stitch when first_token_from_p serves this request, or a chat request
         is served from D's /v1/completions (either switch)."""
         s = self.settings
@@ -950,7 +951,7 @@ class Proxy:
         p_body["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
         if (self.settings.first_token_from_p or self.settings.tokenize_once) and (
                 trace.endpoint == firsttoken.COMPLETIONS or firsttoken.chat_skip(body) is None):
-            p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.firsttoken)
+            p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.proxy.firsttoken)
         payload = json.dumps(p_body).encode()
         tried: list[str] = []
         first: _PrefillFailed | None = None
@@ -1195,7 +1196,7 @@ class ProxyServer:
     """The proxy served in the caller's event loop (tests; ``pdtui proxy``'s own process).
 
     ``pdtui up`` and the bench never run it in their own loop: they run ``pdtui proxy`` as a
-    process (``pdtui.core.proxy_process.ProxyProcess``), so the dashboard's drawing, its garbage
+    process (``pdtui.core.proxy.process.ProxyProcess``), so the dashboard's drawing, its garbage
     collections and the bench's client never hold a stream back."""
 
     def __init__(self, proxy: Proxy, host: str, port: int) -> None:
