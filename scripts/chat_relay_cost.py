@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdtui.core.proxy import firsttoken
-from pdtui.core.proxy.contract import Upstream, _ChatRelay, _Relay, _Stitch, _StitchRelay, _Trace
+from pdtui.core.proxy import Upstream, firsttoken
+from pdtui.core.proxy.relay import ChatRelay, Relay, Stitch, StitchRelay
+from pdtui.core.proxy.trace import Trace
 
 
 class _NullConn:
@@ -86,18 +87,18 @@ def p_answer(chat: bool) -> firsttoken.PAnswer:
 def make(kind: str, ids: bool):
     chat = kind.startswith("chat")
     endpoint = firsttoken.CHAT if chat else firsttoken.COMPLETIONS
-    trace = _Trace("r1", endpoint, True)
+    trace = Trace("r1", endpoint, True)
     resp = _CountingResponse()
     up, conn = Upstream("D", "decode", "http://127.0.0.1:1"), _NullConn()
     now = time.perf_counter()
     if kind in ("relay", "relay-chat"):
-        relay = _Relay(trace, up, conn, resp, now)  # type: ignore[arg-type]
+        relay = Relay(trace, up, conn, resp, now)  # type: ignore[arg-type]
     elif kind == "stitch":
-        relay = _StitchRelay(trace, up, conn, resp, now, _Stitch(p_answer(False), ids, t_first=now))  # type: ignore[arg-type]
+        relay = StitchRelay(trace, up, conn, resp, now, Stitch(p_answer(False), ids, t_first=now))  # type: ignore[arg-type]
     else:
         first = kind == "chat-first-token"
-        stitch = _Stitch(p_answer(True), ids, t_first=now if first else None, first=first, chat=True)
-        relay = _ChatRelay(trace, up, conn, resp, now, stitch)  # type: ignore[arg-type]
+        stitch = Stitch(p_answer(True), ids, t_first=now if first else None, first=first, chat=True)
+        relay = ChatRelay(trace, up, conn, resp, now, stitch)  # type: ignore[arg-type]
     relay.start(b"text/event-stream; charset=utf-8")
     return relay, resp
 

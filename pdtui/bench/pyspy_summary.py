@@ -51,8 +51,8 @@ LAYERS: list[tuple[str, Callable[[str], bool]]] = [
 ]
 
 ROLES: list[tuple[str, Callable[[str, str], bool]]] = [
-    ("per-chunk SSE scan in pdtui (_SseTimer: event split + json.loads; _SseScan)",
-     lambda fn, f: fn.startswith(("_SseTimer.", "_SseScan."))),
+    ("per-chunk SSE scan in pdtui (_SseTimer: event split + json.loads; SseScan)",
+     lambda fn, f: fn.startswith(("_SseTimer.", "_SseScan.", "SseScan."))),
     ("relay send to the client (uvicorn RequestResponseCycle.send + transport write)",
      lambda fn, f: f.startswith("uvicorn/") and fn.endswith(".send")),
     ("upstream receive (httpx aiter_raw -> httpcore -> h11 -> anyio -> socket recv)",

@@ -384,10 +384,11 @@ def test_with_no_decode_up_the_prefill_leg_is_never_run():
 def _scan(chunks: list[bytes]):
     import time as _time
 
-    from pdtui.core.proxy.contract import _SseScan, _Trace
+    from pdtui.core.proxy.sse import SseScan
+    from pdtui.core.proxy.trace import Trace
 
-    trace = _Trace(request_id="r", endpoint="/v1/completions", stream=True)
-    scan = _SseScan(trace, _time.perf_counter())
+    trace = Trace(request_id="r", endpoint="/v1/completions", stream=True)
+    scan = SseScan(trace, _time.perf_counter())
     for k, c in enumerate(chunks):
         scan.feed(c, 1000.0 + k)
     return trace, scan

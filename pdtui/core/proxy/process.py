@@ -37,14 +37,9 @@ from urllib.parse import urlsplit
 
 from pdtui.core import kvmath
 from pdtui.core.events import Event, Notice, ProxyStarted, RequestTraced, from_json
-from pdtui.core.proxy.contract import (
-    DECODE_CHOICES,
-    PREFILL_FAILURE_POLICIES,
-    Proxy,
-    ProxyServer,
-    ProxySettings,
-    Upstream,
-)
+from pdtui.core.proxy.contract import Proxy, Upstream
+from pdtui.core.proxy.server import ProxyServer
+from pdtui.core.proxy.settings import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, ProxySettings
 
 STDOUT_LINE_LIMIT = 2**26
 """A trace carries every inter-token gap: 64 MiB fits any stream."""
