@@ -57,7 +57,7 @@ from pdtui.core.events import RequestTraced
 from pdtui.core.proxy import firsttoken, httpio
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
-from pdtui.core.proxy.relay import ChatRelay, Relay, Stitch, StitchRelay
+from pdtui.core.proxy.relay import Relay, Stitch, relay_for
 from pdtui.core.proxy.settings import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, ProxySettings
 from pdtui.core.proxy.sse import error_body
 from pdtui.core.proxy.trace import Trace
@@ -295,7 +295,7 @@ class Proxy:
 
     def _switches(self, trace: Trace, body: dict[str, Any], d_body: dict[str, Any]) -> Stitch | None:
         """The TTFT switches (pdtui.core.proxy.firsttoken), once P has paired: D's body rewritten for
-        tokenize_once, or a _Stitch when first_token_from_p serves this request, or a chat request
+        tokenize_once, or a Stitch when first_token_from_p serves this request, or a chat request
         is served from D's /v1/completions (either switch)."""
         s = self.settings
         if not (s.first_token_from_p or s.tokenize_once):
@@ -559,9 +559,7 @@ class Proxy:
             trace.status, trace.outcome = 200, trace.served()
             resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
-        relay = Relay(trace, up, conn, resp, t_sent) if stitch is None else \
-            ChatRelay(trace, up, conn, resp, t_sent, stitch) if stitch.chat else \
-            StitchRelay(trace, up, conn, resp, t_sent, stitch)
+        relay = relay_for(trace, up, conn, resp, t_sent, stitch)
         self._relays.add(relay)
         try:
             relay.start(ctype)

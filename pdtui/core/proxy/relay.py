@@ -6,12 +6,27 @@ relayed inside the upstream connection's ``data_received``: a time stamp, a byte
 event boundaries and token-carrying events (``SseScan``; a JSON parse only for the rare usage or
 error event), and one write to the client. Per-request work (the JSON body, the P leg, the trace)
 is ordinary async code (``pdtui.core.proxy.contract``).
+
+A relay is put together per request (``relay_for``), not subclassed. A chunk goes through:
+
+1. ``WholeEvents``, only on a TTFT switch's path: a chunk that does not end an event is held until
+   it does, so the chunk filters see whole events: ``StitchEdits`` (first_token_from_p on
+   /v1/completions: two rare events edited in bytes) or ``firsttoken.ChatStream.translate`` (chat
+   served from D's /v1/completions: every event rewritten as chat);
+2. the scan (``SseScan``): times the token-carrying events into the trace and says whether the
+   chunk was the usual one (one whole token event, nothing rare in it);
+3. the usage check (``UsageCheck``, paired with decode_reports_cached), only for a chunk the scan
+   did not call usual: the scan's carry and the check's hold are the same partial event, so a
+   usual chunk leaves it nothing to do;
+
+then one write to the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,42 +38,65 @@ if TYPE_CHECKING:
     from pdtui.core.proxy.contract import Upstream
     from pdtui.core.proxy.trace import Trace
 
+ChunkFilter = Callable[[bytes], bytes]
+"""Whole SSE events in, the bytes for the client out."""
+
+_perf_counter = time.perf_counter
+
 
 class Relay:
-    """D's streamed answer, relayed chunk by chunk from the upstream's ``data_received``."""
+    """D's streamed answer, relayed chunk by chunk from the upstream's ``data_received`` (the
+    module's docstring: the scan, and the filters and the usage check when a request has them)."""
 
-    __slots__ = ("conn", "done", "last_rx", "resp", "scan", "trace", "up")
+    __slots__ = ("begun", "conn", "done", "events", "last_rx", "resp", "scan", "trace", "up", "usage")
 
-    def __init__(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
-                 t_sent: float) -> None:
-        self.trace, self.up, self.conn, self.resp = trace, up, conn, resp
-        self.scan = SseScan(trace, t_sent)
-        self.last_rx = time.perf_counter()
+    def __init__(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response, scan: SseScan,
+                 *, events: WholeEvents | None = None, begun: bool = False) -> None:
+        self.trace, self.up, self.conn, self.resp, self.scan = trace, up, conn, resp, scan
+        self.events = events
+        """Whole events for a switch's filters; None: bytes go on as they come."""
+        self.usage = trace.usage_check
+        self.begun = begun
+        """The client's response began before D's (P's token went first): no head to send."""
+        self.last_rx = _perf_counter()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def start(self, ctype: bytes) -> None:
-        trace, resp = self.trace, self.resp
-        resp.start(200, [(b"content-type", ctype), (b"x-request-id", trace.request_id.encode()),
-                         (b"cache-control", b"no-cache")])
-        trace.status = 200
+        trace, resp, conn = self.trace, self.resp, self.conn
+        if not self.begun:
+            resp.start(200, [(b"content-type", ctype), (b"x-request-id", trace.request_id.encode()),
+                             (b"cache-control", b"no-cache")])
+            trace.status = 200
         resp.on_lost = self.client_lost
-        resp.on_pause = self.conn.pause_reading
-        resp.on_resume = self.conn.resume_reading
-        self.conn.attach(self.on_chunk, self.on_end)
+        resp.on_pause = conn.pause_reading
+        resp.on_resume = conn.resume_reading
+        conn.attach(self.on_chunk if self.events is None else self.on_chunk_events, self.on_end)
+        if self.begun and resp.lost:  # the client left while D's head was on its way
+            self.client_lost()
 
     def on_chunk(self, data: bytes) -> None:
-        now = self.last_rx = time.perf_counter()
-        if not self.scan.feed(data, now) and self.trace.usage_check is not None:
-            # not the usual chunk (the scan's carry and the check's hold are the same partial event,
-            # so a usual chunk leaves the check nothing to do): the final usage event may be in it
-            data = self.trace.usage_check.feed(data)
+        """One chunk of D's stream: scanned, checked if it is not the usual one, written."""
+        now = self.last_rx = _perf_counter()
+        if not self.scan.feed(data, now) and self.usage is not None:
+            data = self.usage.feed(data)  # the final usage event may be in it
             if not data:
                 return
         self.resp.write(data)
 
+    def on_chunk_events(self, data: bytes) -> None:
+        """A chunk on a switch's path: whole events through the filters first, then as ``on_chunk``."""
+        assert self.events is not None
+        data = self.events.feed(data)
+        if data:
+            self.on_chunk(data)
+        else:
+            self.last_rx = _perf_counter()
+
     def on_end(self, err: BaseException | None) -> None:
         if self.done.done():
             return
+        if err is None and self.events is not None and (rest := self.events.flush()):
+            self.on_chunk(rest)  # D ended inside an event: it goes on as it is
         trace = self.trace
         if err is not None:
             self.broken(f"{type(err).__name__}: {err}")
@@ -67,7 +105,7 @@ class Relay:
             trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
         else:
             trace.outcome = trace.served()
-        self.resp.finish(trace.usage_check.flush() if trace.usage_check is not None else b"")
+        self.resp.finish(self.usage.flush() if self.usage is not None else b"")
         self.done.set_result(None)
 
     def broken(self, why: str) -> None:
@@ -97,6 +135,56 @@ class Relay:
         self.done.set_result(None)
 
 
+class WholeEvents:
+    """The first stage of a switch's relay: a chunk that does not end an event is held until it
+    does, and whole events go through the chunk filters, in order. What is held when D's stream
+    ends goes to the client as it is (``flush``)."""
+
+    __slots__ = ("filter", "hold")
+
+    def __init__(self, *filters: ChunkFilter) -> None:
+        self.filter = filters[0] if len(filters) == 1 else _chain(filters)
+        self.hold = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """``data``'s whole events, filtered (b"": nothing whole yet, all of it held)."""
+        if self.hold or not data.endswith(b"\n\n"):
+            data, self.hold = cut_events(self.hold, data)
+            if not data:
+                return data
+        return self.filter(data)
+
+    def flush(self) -> bytes:
+        data, self.hold = self.hold, b""
+        return data
+
+
+def _chain(filters: tuple[ChunkFilter, ...]) -> ChunkFilter:
+    def chained(data: bytes) -> bytes:
+        for f in filters:
+            data = f(data)
+        return data
+    return chained
+
+
+class StitchEdits:
+    """first_token_from_p on /v1/completions: D's stream goes on byte for byte except two rare
+    events, D's first (its prompt_token_ids, dropped: the client got them with P's token; only when
+    the client asked for ids) and its usage (P's token moved from the prompt to the completion)."""
+
+    __slots__ = ("ids_pending",)
+
+    def __init__(self, want_ids: bool) -> None:
+        self.ids_pending = want_ids
+
+    def edit(self, data: bytes) -> bytes:
+        if self.ids_pending and b'"prompt_token_ids"' in data:
+            data, self.ids_pending = firsttoken.drop_prompt_ids(data), False
+        if b'"usage' in data:
+            data = firsttoken.fix_usage(data)
+        return data
+
+
 @dataclass
 class Stitch:
     """A switch's answer in the making. ``first``: first_token_from_p, P's token already sent to
@@ -110,103 +198,19 @@ class Stitch:
     chat: bool = False
 
 
-class StitchScan(SseScan):
-    """The scan of D's stream after P's token: D's first token is the second (a gap, the seam)."""
-
-    __slots__ = ()
-
-    def _token(self, now: float) -> None:
-        if self.trace.decode_ttft_ms is None:
-            self.trace.decode_ttft_ms = (now - self.t_sent) * 1000
-        super()._token(now)
-
-
-class StitchRelay(Relay):
-    """D's stream after P's token (first_token_from_p): the client's response has begun. Relayed as
-    ``Relay`` does, byte for byte, except two rare events: D's first (its prompt_token_ids, only
-    when the client asked for ids) and its usage (P's token moved from prompt to completion). Only
-    a chunk that does not end an event is held until it does, so each check sees whole events."""
-
-    __slots__ = ("hold", "ids_pending")
-
-    def __init__(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
-                 t_sent: float, stitch: Stitch) -> None:
-        super().__init__(trace, up, conn, resp, t_sent)
-        self.scan = StitchScan(trace, t_sent)
-        self.scan.last = stitch.t_first
-        if trace.usage_check is not None:
-            trace.usage_check.extra_prompt = 1  # D's prompt: the client's + P's token (fix_usage moves it)
-        self.hold = b""
-        self.ids_pending = stitch.want_ids
-
-    def start(self, ctype: bytes) -> None:
-        resp = self.resp
-        resp.on_lost = self.client_lost
-        resp.on_pause = self.conn.pause_reading
-        resp.on_resume = self.conn.resume_reading
-        self.conn.attach(self.on_chunk, self.on_end)
-        if resp.lost:  # the client left while D's head was on its way
-            self.client_lost()
-
-    def _whole(self, data: bytes) -> bytes:
-        """``data`` up to its last event end, the rest held for the next chunk (b"": nothing whole
-        yet, all of it held)."""
-        if self.hold or not data.endswith(b"\n\n"):
-            data, self.hold = cut_events(self.hold, data)
-            if not data:
-                self.last_rx = time.perf_counter()
-        return data
-
-    def on_chunk(self, data: bytes) -> None:
-        data = self._whole(data)
-        if not data:
-            return
-        if self.ids_pending and b'"prompt_token_ids"' in data:
-            data, self.ids_pending = firsttoken.drop_prompt_ids(data), False
-        if b'"usage' in data:
-            data = firsttoken.fix_usage(data)
-        super().on_chunk(data)
-
-    def on_end(self, err: BaseException | None) -> None:
-        if self.hold and err is None:
-            data, self.hold = self.hold, b""
-            super().on_chunk(data)
-        super().on_end(err)
-
-
-class ChatRelay(StitchRelay):
-    """A chat request served from D's /v1/completions stream (a switch, ``Stitch.chat``): every
-    whole event rewritten into the chat chunk vLLM's chat endpoint would send (firsttoken.ChatStream:
-    a byte rewrite of the usual token event, a JSON parse and dump of the rare ones; +2.7 us per
-    chunk over the byte relay, docs/ttft-toll.md "Chat").
-    With P's token first the client's response has begun (as StitchRelay); with tokenize_once
-    alone it starts here, and the role chunk goes out with D's first event."""
-
-    __slots__ = ("chat",)
-
-    def __init__(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
-                 t_sent: float, stitch: Stitch) -> None:
-        super().__init__(trace, up, conn, resp, t_sent, stitch)
-        self.chat = firsttoken.ChatStream(stitch.p, stitch.want_ids, stitch.first)
-        if not stitch.first:
-            self.scan = SseScan(trace, t_sent)
-            if trace.usage_check is not None:
-                trace.usage_check.extra_prompt = 0  # D's prompt is the client's: no P token in it
-
-    def start(self, ctype: bytes) -> None:
-        if self.chat.first:
-            super().start(ctype)
-        else:
-            Relay.start(self, ctype)
-
-    def on_chunk(self, data: bytes) -> None:
-        data = self._whole(data)
-        if data:
-            Relay.on_chunk(self, self.chat.translate(data))
-
-    def on_end(self, err: BaseException | None) -> None:
-        if self.hold and err is None:  # D ended inside an event: pass it on as it is
-            data, self.hold = self.hold, b""
-            Relay.on_chunk(self, data)
-        Relay.on_end(self, err)
-
+def relay_for(trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response, t_sent: float,
+              stitch: Stitch | None) -> Relay:
+    """The relay of one streamed request: the byte relay; or, on a switch's path, with its filter on
+    whole events. A chat request served from D's /v1/completions has every event rewritten as chat
+    (ChatStream: a byte rewrite of the usual token event, a JSON parse and dump of the rare ones;
+    +2.7 us per chunk over the byte relay, docs/ttft-toll.md "Chat"); with P's token first the
+    client's response has begun, with tokenize_once alone it starts here and the role chunk goes
+    out with D's first event."""
+    if stitch is None:
+        return Relay(trace, up, conn, resp, SseScan(trace, t_sent))
+    edit: ChunkFilter = firsttoken.ChatStream(stitch.p, stitch.want_ids, stitch.first).translate if stitch.chat \
+        else StitchEdits(stitch.want_ids).edit
+    if stitch.first and trace.usage_check is not None:
+        trace.usage_check.extra_prompt = 1  # D's prompt: the client's + P's token (moved to the completion)
+    scan = SseScan(trace, t_sent, seam=stitch.t_first if stitch.first else None)
+    return Relay(trace, up, conn, resp, scan, events=WholeEvents(edit), begun=stitch.first)

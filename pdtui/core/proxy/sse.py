@@ -33,11 +33,14 @@ class SseScan:
     one regex search, all in C. Only an event with a usage object or an error is looked at closer.
     """
 
-    __slots__ = ("carry", "error", "last", "t_sent", "trace")
+    __slots__ = ("carry", "error", "last", "seam", "t_sent", "trace")
 
-    def __init__(self, trace: Trace, t_sent: float) -> None:
+    def __init__(self, trace: Trace, t_sent: float, seam: float | None = None) -> None:
         self.trace = trace
         self.t_sent = t_sent
+        self.seam = seam
+        """When P's token went to the client (first_token_from_p): D's first token is then the
+        second, a gap from it (the seam), not the TTFT."""
         self.last: float | None = None
         self.carry = b""
         self.error: str | None = None
@@ -79,9 +82,12 @@ class SseScan:
         """A token-carrying event arrived at ``now``: TTFT for the first, a gap for the others."""
         trace = self.trace
         trace.chunks += 1
-        if self.last is None:
+        if self.last is None:  # D's first token
             trace.decode_ttft_ms = (now - self.t_sent) * 1000
-            trace.ttft_ms = (now - trace.t0) * 1000
+            if self.seam is None:
+                trace.ttft_ms = (now - trace.t0) * 1000
+            else:
+                trace.itl_ms.append((now - self.seam) * 1000)
         else:
             trace.itl_ms.append((now - self.last) * 1000)
         self.last = now
