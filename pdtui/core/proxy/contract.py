@@ -19,8 +19,10 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    counted in ``pdtui_prefill_branch_total``. P 4xx -> that error to the client (the input is bad;
    D would say the same). D fails
    before the first byte -> an HTTP error with a JSON body. D dies mid-stream -> a final SSE error
-   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat). Client
-   disconnects -> D's connection is closed, which makes vLLM abort the request.
+   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat). So does
+   an SSE event of D's over 8 MiB without its end (``sse.MAX_EVENT_BYTES``, the most the proxy holds of
+   one event), and D's connection is closed. Client disconnects -> D's connection is closed, which
+   makes vLLM abort the request.
 
 Every request ends in one ``RequestTraced`` (the ``on_trace`` callback) with its timings.
 

@@ -19,7 +19,8 @@ A relay is put together per request (``relay_for``), not subclassed. A chunk goe
    did not call usual: the scan's carry and the check's hold are the same partial event, so a
    usual chunk leaves it nothing to do;
 
-then one write to the client.
+then one write to the client. A partial event held by any stage is bounded (``sse.MAX_EVENT_BYTES``,
+8 MiB): past it the request ends with a final SSE error event (``Relay.too_large``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from pdtui.core.proxy import firsttoken, httpio
 from pdtui.core.proxy.httpio import Response
-from pdtui.core.proxy.sse import SseScan, cut_events, error_body
+from pdtui.core.proxy.sse import MAX_EVENT_BYTES, EventTooLarge, SseScan, cut_events, error_body
 
 if TYPE_CHECKING:
     from pdtui.core.proxy.contract import Upstream
@@ -77,16 +78,24 @@ class Relay:
     def on_chunk(self, data: bytes) -> None:
         """One chunk of D's stream: scanned, checked if it is not the usual one, written."""
         now = self.last_rx = _perf_counter()
-        if not self.scan.feed(data, now) and self.usage is not None:
-            data = self.usage.feed(data)  # the final usage event may be in it
-            if not data:
-                return
+        try:
+            if not self.scan.feed(data, now) and self.usage is not None:
+                data = self.usage.feed(data)  # the final usage event may be in it
+                if not data:
+                    return
+        except EventTooLarge as e:
+            self.too_large(e)
+            return
         self.resp.write(data)
 
     def on_chunk_events(self, data: bytes) -> None:
         """A chunk on a switch's path: whole events through the filters first, then as ``on_chunk``."""
         assert self.events is not None
-        data = self.events.feed(data)
+        try:
+            data = self.events.feed(data)
+        except EventTooLarge as e:
+            self.too_large(e)
+            return
         if data:
             self.on_chunk(data)
         else:
@@ -110,16 +119,27 @@ class Relay:
 
     def broken(self, why: str) -> None:
         """D's stream broke: a final SSE error event, then the end of the body; never [DONE]."""
+        if not self.done.done():
+            self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}")
+
+    def too_large(self, e: EventTooLarge) -> None:
+        """D sent more of one event than the proxy holds (MAX_EVENT_BYTES): this request ends."""
+        self.fail(f"decode {self.up.name} sent an SSE event over {MAX_EVENT_BYTES // 2**20} MiB ({e.size} bytes"
+                  " held without its end), the most the proxy holds of one event (as vllm-router caps a"
+                  " frame); the stream was ended")
+
+    def fail(self, error: str) -> None:
+        """End the request with ``error``: D's connection closed (vLLM aborts the request), a final
+        SSE error event to the client, then the end of the body; never [DONE]."""
         if self.done.done():
             return
         trace = self.trace
-        trace.error = f"decode {self.up.name} broke the stream after {trace.chunks} tokens: {why}"
-        trace.outcome = "error"
+        trace.error, trace.outcome = error, "error"
         self.conn.close()
         # D may have stopped inside an event: end it first, or the error would be glued onto it and
         # the client would see one event of broken JSON instead of the error (found by the fuzzing)
         end_partial = b"\n\n" if self.scan.carry else b""
-        self.resp.finish(end_partial + b"data: " + error_body(502, trace.error, "upstream_error") + b"\n\n")
+        self.resp.finish(end_partial + b"data: " + error_body(502, error, "upstream_error") + b"\n\n")
         self.done.set_result(None)
 
     def client_lost(self) -> None:

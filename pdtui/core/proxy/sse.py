@@ -11,6 +11,20 @@ if TYPE_CHECKING:
     from pdtui.core.proxy.trace import Trace
 
 
+MAX_EVENT_BYTES = 8 * 2**20
+"""The most of one SSE event the proxy holds while it waits for the event's end (the scan's carry,
+the usage check's and a switch's hold), as vllm-router caps a frame at 8 MiB. Past it that request
+ends with an error (``EventTooLarge``); nothing else is affected."""
+
+
+class EventTooLarge(Exception):
+    """D sent more than MAX_EVENT_BYTES of one event without its end."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes of one SSE event without its end (the cap: {MAX_EVENT_BYTES})")
+        self.size = size
+
+
 def error_body(status: int, message: str, type_: str = "proxy_error") -> bytes:
     """The proxy's error in OpenAI's shape: an HTTP error's JSON body, or after ``data: `` a stream's
     final event."""
@@ -109,10 +123,15 @@ def data_of(event: bytes) -> bytes:
 
 def cut_events(held: bytes, data: bytes) -> tuple[bytes, bytes]:
     """``held + data`` split after its last event end (a blank line): the whole events, and the
-    partial event after them, to hold until the next chunk. No event end: (b"", all of it)."""
+    partial event after them, to hold until the next chunk. No event end: (b"", all of it). A
+    partial event over MAX_EVENT_BYTES raises EventTooLarge."""
     data = held + data
     end = data.rfind(b"\n\n")
     if end < 0:
+        if len(data) > MAX_EVENT_BYTES:
+            raise EventTooLarge(len(data))
         return b"", data
+    if len(data) - end - 2 > MAX_EVENT_BYTES:
+        raise EventTooLarge(len(data) - end - 2)
     return data[:end + 2], data[end + 2:]
 
