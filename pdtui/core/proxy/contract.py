@@ -4,8 +4,9 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
 
 1. One id per request, sent to both legs as ``X-Request-Id``.
 2. P leg: the body with ``max_tokens=1`` (and ``max_completion_tokens=1`` if present),
-   ``stream=false``, no ``stream_options``/``min_tokens``, and
-   ``kv_transfer_params={"do_remote_decode": true, ...}``. Read the body, close it.
+   ``stream=false``, no ``stream_options``/``min_tokens``, and ``kv_transfer_params`` as the
+   connector wants them (its entry in ``pdtui.core.connectors``: NIXL's ``{"do_remote_decode": true,
+   ...}``). Read the body, close it.
 3. D leg: the client's body plus P's returned ``kv_transfer_params``, verbatim; D's bytes are
    streamed back with D's status and content type. P's sampled token is discarded. (With
    ``decode_reports_cached``: the exceptions of the silent-recompute check, below.)
@@ -28,7 +29,8 @@ Every request ends in one ``RequestTraced`` (the ``on_trace`` callback) with its
 
 Silent recompute (``ProxySettings.decode_reports_cached``: D runs with
 ``--enable-prompt-tokens-details``; docs/architecture.md states the contract): on a paired request
-the proxy takes ``remote_prefill_cached_tokens`` (P's prefix-cache hits) out of the params D gets,
+the proxy takes P's prefix-cache hits (the connector's ``cached_param``, NIXL's
+``remote_prefill_cached_tokens``) out of the params D gets,
 so D's usage reports D's own cached tokens; it records ``d_computed_tokens`` = D's prompt_tokens -
 cached_tokens and calls the request ``recomputed`` (an error class, counted in
 ``pdtui_recompute_total``) when that is more than one block. The client's usage gets P's figure
@@ -67,7 +69,8 @@ from pdtui.core.proxy.usage import UsageCheck
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
-PREFILL_KV_PARAMS = dict(connectors.NIXL.prefill_kv_params)  # what P gets: pdtui/core/connectors.py
+PREFILL_KV_PARAMS = dict(connectors.NIXL.prefill_kv_params)
+"""What P gets with the default connector (``ProxySettings.connector``: its entry's ``prefill_kv_params``)."""
 WARMUP_HEADER = "x-pdtui-warmup"
 RETRY_STATUSES = (502, 503, 504)
 JSON = b"application/json"
@@ -133,6 +136,11 @@ class Proxy:
         self.health_info = health or (dict)
         self.metrics = ProxyMetrics()
         s = self.settings
+        connector = connectors.known(s.connector)
+        if connector is None:
+            raise ValueError(f"connector {s.connector!r}: one of {connectors.names()}")
+        self.connector = connector
+        """The KV connector's entry: the names of the kv_transfer_params the proxy sends and reads."""
         if s.decode_choice not in DECODE_CHOICES:
             raise ValueError(f"decode_choice {s.decode_choice!r}: one of {', '.join(DECODE_CHOICES)}")
         if s.prefill_failure not in PREFILL_FAILURE_POLICIES:
@@ -285,7 +293,8 @@ class Proxy:
         """decode_reports_cached, paired: D's params without P's cached tokens (D then reports its
         own), D asked for usage in a stream; returns D's params (the module's docstring)."""
         kv_params = dict(kv_params)
-        p_cached = kv_params.pop("remote_prefill_cached_tokens", None)
+        cached_param = self.connector.cached_param
+        p_cached = kv_params.pop(cached_param, None) if cached_param else None
         opts = body.get("stream_options")
         drop = trace.stream and not (isinstance(opts, dict) and opts.get("include_usage"))
         if drop:  # usage for the proxy only, and no usage in every chunk
@@ -379,7 +388,7 @@ class Proxy:
         p_body["stream"] = False
         for k in ("stream_options", "min_tokens"):
             p_body.pop(k, None)
-        p_body["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
+        p_body["kv_transfer_params"] = dict(self.connector.prefill_kv_params)
         if (self.settings.first_token_from_p or self.settings.tokenize_once) and (
                 trace.endpoint == firsttoken.COMPLETIONS or firsttoken.chat_skip(body) is None):
             p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.proxy.firsttoken)
@@ -471,10 +480,11 @@ class Proxy:
         usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
         if not params or not isinstance(params, dict):
-            why = (f"prefill {up.name} returned no kv_transfer_params (is it running with a kv_producer"
+            why = (f"prefill {up.name} returned no kv_transfer_params (is it running with a"
+                   f" {self.connector.kv_roles['prefill']}"
                    " kv_transfer_config?)")
             raise _PrefillFailed("no_kv", 502, why, f"no_kv_transfer_params: {why}")
-        trace.blocks = kvmath.count_blocks(params.get("remote_block_ids"))
+        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param))
         if self.settings.geometry is not None:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
         return params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdtui.core import kvmath
+from pdtui.core import connectors, kvmath
 
 DECODE_CHOICES = ("least-loaded", "round-robin")
 PREFILL_FAILURE_POLICIES = ("retry", "decode-locally")
@@ -42,4 +42,7 @@ class ProxySettings:
     more than one block as a silent recompute (the module's docstring). vLLM 0.22.1 leaves
     prompt_tokens_details out when D cached nothing, which only this setting lets the proxy read as
     0. False: D's params and usage pass as they are, and d_computed_tokens stays None."""
+    connector: str = connectors.NIXL.name
+    """The KV connector the engines run (``pdtui.core.connectors``): the names of the
+    kv_transfer_params the proxy sends P and reads in P's answer come from its entry."""
 
