@@ -14,9 +14,9 @@
 """
 
 from pdtui.core.proxy.contract import PREFILL_KV_PARAMS, WARMUP_HEADER, Proxy, Upstream
-from pdtui.core.proxy.process import ProxyOptionError, ProxyProcess
+from pdtui.core.proxy.process import ProxyProcess
 from pdtui.core.proxy.server import ProxyServer
-from pdtui.core.proxy.settings import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, ProxySettings
+from pdtui.core.proxy.settings import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, ProxyOptionError, ProxySettings
 from pdtui.core.proxy.trace import PREFILL_BRANCHES
 
 __all__ = [

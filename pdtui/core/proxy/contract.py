@@ -62,7 +62,7 @@ from pdtui.core.proxy import firsttoken, httpio
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
 from pdtui.core.proxy.relay import Relay, Stitch, relay_for
-from pdtui.core.proxy.settings import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, ProxySettings
+from pdtui.core.proxy.settings import ProxySettings
 from pdtui.core.proxy.sse import error_body
 from pdtui.core.proxy.trace import Trace
 from pdtui.core.proxy.usage import UsageCheck
@@ -141,10 +141,6 @@ class Proxy:
             raise ValueError(f"connector {s.connector!r}: one of {connectors.names()}")
         self.connector = connector
         """The KV connector's entry: the names of the kv_transfer_params the proxy sends and reads."""
-        if s.decode_choice not in DECODE_CHOICES:
-            raise ValueError(f"decode_choice {s.decode_choice!r}: one of {', '.join(DECODE_CHOICES)}")
-        if s.prefill_failure not in PREFILL_FAILURE_POLICIES:
-            raise ValueError(f"prefill_failure {s.prefill_failure!r}: one of {', '.join(PREFILL_FAILURE_POLICIES)}")
         self._next_decode = 0
         self._relays: set[Relay] = set()
         self._watchdog: asyncio.Task[None] | None = None
