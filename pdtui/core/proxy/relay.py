@@ -106,6 +106,8 @@ class Relay:
             return
         if err is None and self.events is not None and (rest := self.events.flush()):
             self.on_chunk(rest)  # D ended inside an event: it goes on as it is
+            if self.done.done():  # that ended the request (an event over the cap)
+                return
         trace = self.trace
         if err is not None:
             self.broken(f"{type(err).__name__}: {err}")
