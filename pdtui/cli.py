@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_flags(bench)
     bench_cmd.add_arguments(bench)
 
-    from pdtui.core import proxy_process
+    from pdtui.core.proxy import process as proxy_process
 
     prox = sub.add_parser("proxy", help="the P/D proxy alone, over engines pdtui did not start", description=(
         "Serve the P/D proxy that `pdtui up` runs inside, over instances started by hand (`vllm serve` with a"
@@ -301,12 +301,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_proxy(args: argparse.Namespace) -> int:
-    from pdtui.core import proxy_process
+    from pdtui.core.proxy import ProxyOptionError
+    from pdtui.core.proxy import process as proxy_process
     from pdtui.core.supervisor import PortInUse
 
     try:
         return proxy_process.main(args)
-    except (proxy_process.ProxyOptionError, PortInUse, OSError) as e:
+    except (ProxyOptionError, PortInUse, OSError) as e:
         print(f"pdtui proxy: {e}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdtui.core import scrape
+from pdtui.core import connectors, scrape
 from pdtui.core.events import (
     ConnectorEvent,
     EngineSpan,
@@ -57,7 +57,9 @@ engine id and D must handshake again; vLLM logs it again when it does)."""
 PROCESS_GONE = ("starting", "exited", "failed")
 
 
-XFER_TIME = "vllm:nixl_xfer_time_seconds"
+XFER_TIME = connectors.NIXL.xfer_time_metric
+COUNTERS = connectors.NIXL.counters
+"""failed_transfers, failed_notifications, expired -> their metric families (the connector's entry)."""
 
 
 def buckets(values: dict[str, float], family: str) -> list[tuple[float, float]]:
@@ -109,8 +111,7 @@ class NixlView:
     @staticmethod
     def of(values: dict[str, float], past: list[tuple[float, float]] | None) -> NixlView | None:
         bounds = buckets(values, XFER_TIME)
-        counters = {k: int(values.get(f"vllm:nixl_{k}", 0)) for k in
-                    ("num_failed_transfers", "num_failed_notifications", "num_kv_expired_reqs")}
+        counters = {k: int(values.get(family, 0)) for k, family in COUNTERS.items()}
         if not bounds and not any(counters.values()) and f"{XFER_TIME}_count" not in values:
             return None
         recent = bucket_diff(bounds, past) if past is not None else bounds
@@ -124,8 +125,8 @@ class NixlView:
             p50_ms=ms(bounds, 0.5), p99_ms=ms(bounds, 0.99),
             recent_transfers=int(recent[-1][1]) if recent else 0,
             recent_p50_ms=ms(recent, 0.5), recent_p99_ms=ms(recent, 0.99),
-            failed=counters["num_failed_transfers"], failed_notifications=counters["num_failed_notifications"],
-            expired=counters["num_kv_expired_reqs"])
+            failed=counters["failed_transfers"], failed_notifications=counters["failed_notifications"],
+            expired=counters["expired"])
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class InstanceView:
 
     @property
     def kv_pulled_bytes(self) -> float | None:
-        return self.metrics.get("vllm:nixl_bytes_transferred_sum")
+        return self.metrics.get(f"{connectors.NIXL.bytes_metric}_sum")
 
     @property
     def external_tokens(self) -> float | None:

@@ -15,7 +15,7 @@
 - with ``--cross-check``, ``vllm bench serve`` against each arm in each workload's shape
   (``cross_check``), compared in report.py.
 
-The proxy always runs as a process of its own (``pdtui.core.proxy_process.ProxyProcess``): it never
+The proxy always runs as a process of its own (``pdtui.core.proxy.ProxyProcess``): it never
 shares an event loop with the bench's own work (this module's loop, which starts and watches the
 engines, reads the client's output and collects the traces). The load client is a process of its
 own too (``run_client``).
@@ -58,8 +58,7 @@ from pdtui.core import config as config_mod
 from pdtui.core import connectors, scrape, topology
 from pdtui.core.config import PairConfig
 from pdtui.core.events import EngineSpan, Event, InstanceStateChanged, Notice, PairBroken, PairReady, RequestTraced
-from pdtui.core.proxy import ProxySettings
-from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.proxy import ProxyProcess, ProxySettings
 from pdtui.core.runtime import Runtime
 from pdtui.core.supervisor import Instance, StartupFailed
 from pdtui.core.topology import Topology
@@ -71,7 +70,7 @@ SWITCH_ARMS: dict[str, dict[str, bool]] = {
     "pair-first-token": {"first_token_from_p": True},
     "pair-both": {"tokenize_once": True, "first_token_from_p": True},
 }
-"""The pair with the proxy's TTFT switches on (pdtui.core.firsttoken), each a pair of its own
+"""The pair with the proxy's TTFT switches on (pdtui.core.proxy.firsttoken), each a pair of its own
 started through the same Runtime and proxy process as ``pair``: the toll per switch in one run."""
 ALL_ARMS = (*topology.ARMS, *SWITCH_ARMS)
 """Every arm: a topology of pdtui.core.topology.ARMS (a new arm is a builder there), or a switch arm."""

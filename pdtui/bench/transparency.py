@@ -795,19 +795,36 @@ def resolve_arms(opts: Options) -> list[tuple[Arm, str | None]]:
     return out
 
 
-def _file_sha(path: Path) -> str | None:
+PROXY_PACKAGE = "pdtui/core/proxy"
+"""The proxy's code, one package: its sha1 (every .py file's name and bytes, in name order) is in meta."""
+
+
+def _package_sha(files: dict[str, bytes]) -> str | None:
+    if not files:
+        return None
+    h = hashlib.sha1()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name])
+    return h.hexdigest()[:12]
+
+
+def _tree_sha(rel: str) -> str | None:
+    root = Path(__file__).resolve().parents[2] / rel
     with contextlib.suppress(OSError):
-        return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+        return _package_sha({p.name: p.read_bytes() for p in root.glob("*.py")})
     return None
 
 
-def _git_head_blob(rel: str) -> str | None:
+def _git_head_sha(rel: str) -> str | None:
     root = Path(__file__).resolve().parents[2]
     with contextlib.suppress(Exception):
-        r = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, timeout=10,
-                           check=False)
-        if r.returncode == 0:
-            return hashlib.sha1(r.stdout).hexdigest()[:12]
+        names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", f"HEAD:{rel}"], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.split()
+        files = {}
+        for name in (n for n in names if n.endswith(".py")):
+            files[name] = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{rel}/{name}"], capture_output=True,
+                                         timeout=10, check=True).stdout
+        return _package_sha(files)
     return None
 
 
@@ -817,7 +834,6 @@ def meta(opts: Options, pin: dict[str, set[int]] | None) -> dict[str, Any]:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio (uvloop missing)"
-    proxy_py = Path(__file__).resolve().parents[1] / "core" / "proxy.py"
     router_version = None
     with contextlib.suppress(Exception):
         from importlib.metadata import version
@@ -827,7 +843,7 @@ def meta(opts: Options, pin: dict[str, set[int]] | None) -> dict[str, Any]:
         "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
         "fake_client_loop": loop, "options": asdict(opts),
         "pin": {k: sorted(v) for k, v in pin.items()} if pin else None,
-        "proxy_py_sha1": _file_sha(proxy_py), "proxy_py_head_sha1": _git_head_blob("pdtui/core/proxy.py"),
+        "proxy_py_sha1": _tree_sha(PROXY_PACKAGE), "proxy_py_head_sha1": _git_head_sha(PROXY_PACKAGE),
         "vllm_router_version": router_version, "cpu_note": CPU_NOTE,
     }
 
@@ -956,7 +972,7 @@ def table(result: dict[str, Any]) -> str:
          " was measured on a busy machine: run it again."),
         f"- Pinning: {pin}.",
         f"- Machine: {m['platform']}, {m['cpus']} CPUs, load average at start {load}; {m['date']}.",
-        (f"- pdtui/core/proxy.py sha1 {m['proxy_py_sha1']} (HEAD's: {m['proxy_py_head_sha1']});"
+        (f"- {PROXY_PACKAGE}/ sha1 {m['proxy_py_sha1']} (HEAD's: {m['proxy_py_head_sha1']});"
          f" vllm-router {m['vllm_router_version'] or 'not installed'}."),
     ]
     return "\n".join(rows + notes) + "\n"

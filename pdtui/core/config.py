@@ -40,7 +40,7 @@ from pdtui.core import connectors
 from pdtui.core import model as synth_model
 
 Role = Literal["prefill", "decode"]
-KV_ROLE: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer"}
+KV_ROLE: dict[str, str] = dict(connectors.NIXL.kv_roles)  # the connector's entry: prefill -> kv_producer, ...
 
 # Fields every instance must agree on; an instance table may set them, validate() compares.
 KV_SHAPED = (

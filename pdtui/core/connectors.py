@@ -11,13 +11,14 @@ side; they now read it from here:
 - ``preflight``: a connector that is not in ``CONNECTORS`` is refused before anything starts;
 - ``logparse``: ``log_line_prefix`` and ``log_rules`` (milestones in the engine's own words);
 - ``scrape`` and the bench: ``metrics`` and ``bytes_metric``;
-- ``proxy``: ``prefill_kv_params`` (sent to P), ``decode_needs`` and ``blocks_param`` (P's answer);
+- the dashboard (``pdtui/app/state.py``): ``xfer_time_metric``, ``bytes_metric`` and ``counters``;
+- ``proxy``: ``prefill_kv_params`` (sent to P), ``blocks_param`` and ``cached_param`` (P's answer);
 - ``runtime``: the transport warnings' words and threshold;
 - ``pdtui.engine.nixl_quiet`` (inside vLLM): the tuning variables' names.
 
 Standard library only: the engine side imports it inside vLLM's processes. Adding a connector means
 a new entry here, then making each module above do the right thing with it (the dashboard's pane
-flags, ``pdtui/app/state.py``, still read NIXL's milestones by name).
+flags still name NIXL's milestones, ``pdtui/app/state.py``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class Connector:
     """Keys of P's answer's kv_transfer_params that D needs (the proxy passes them on as they are)."""
     blocks_param: str
     """The key of P's kv_transfer_params that lists the KV blocks it offers (kvmath.count_blocks)."""
+    cached_param: str | None
+    """The key of P's kv_transfer_params with P's prefix-cache hits, which D would report as its own
+    cached tokens: the proxy's silent-recompute check takes it out of D's params (None: none)."""
+    counters: MappingProxyType[str, str]
+    """pdtui's name -> a counter family of ``metrics``: "failed_transfers", "failed_notifications"
+    (on D), "expired" (KV that expired on P before D read it); the dashboard's connector figures."""
     transport_words: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """Warnings about the transport: "same_host_tcp" (format: transport), "slow_reads" (format: mbps)."""
     slow_reads_below_mbps: float | None = None
@@ -120,6 +127,12 @@ NIXL = Connector(
     }),
     decode_needs=("do_remote_prefill", "remote_engine_id", "remote_block_ids", "remote_host", "remote_port"),
     blocks_param="remote_block_ids",
+    cached_param="remote_prefill_cached_tokens",
+    counters=MappingProxyType({
+        "failed_transfers": "vllm:nixl_num_failed_transfers",
+        "failed_notifications": "vllm:nixl_num_failed_notifications",
+        "expired": "vllm:nixl_num_kv_expired_reqs",
+    }),
     transport_words=MappingProxyType({
         "same_host_tcp": "UCX moves the KV over {transport} although P and D share this host"
                          " (no CUDA IPC lane): expect ~3 ms per MiB. See docs/gpu-transport.md.",

@@ -137,7 +137,7 @@ class RequestTraced(Event):
     (fallback_down, fallback_unreachable, retry_ok, error_retry_failed, error_5xx, error_no_kv,
     decode_locally); None when the first P request paired."""
     switch: str | None = None
-    """The TTFT switch that served it (pdtui.core.firsttoken): first_token (P's token sent at once, D
+    """The TTFT switch that served it (pdtui.core.proxy.firsttoken): first_token (P's token sent at once, D
     continued), first_token_p_only (P's token ended it: no D leg), tokenize_once; None: neither."""
     switch_skipped: str | None = None
     """A switch was on but this request took the normal path, and why (firsttoken.first_token_skip's

@@ -30,8 +30,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pdtui.core import httpio
 from pdtui.core.events import EngineSpan
+from pdtui.core.proxy import httpio
 
 SPAN_NAME = "llm_request"
 PATH = "/v1/traces"

@@ -41,8 +41,7 @@ from pdtui.core.events import (
 )
 from pdtui.core.otlp import OtlpReceiver
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
-from pdtui.core.proxy import WARMUP_HEADER
-from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.proxy import WARMUP_HEADER, ProxyProcess
 from pdtui.core.source import RunInfo
 from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free
 from pdtui.core.topology import Topology

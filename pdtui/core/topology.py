@@ -103,7 +103,7 @@ def proxy_settings(cfg: PairConfig, geometry: kvmath.KvGeometry | None, **overri
     """The pair's proxy settings, from the config: the one place a config field becomes a switch.
     ``override``: the bench's per-arm switches (ProxySettings field names)."""
     switches = {f.name: getattr(cfg, f.name) for f in config_mod.proxy_switches()}
-    settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, **switches,
+    settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, connector=cfg.connector, **switches,
                              decode_reports_cached=True)  # every instance: --enable-prompt-tokens-details
     return dataclasses.replace(settings, **override) if override else settings  # type: ignore[arg-type]
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """What a chunk of D's stream costs the proxy in CPU, per relay: the default byte relay, the
 first-token stitch (completions), and chat served from D's /v1/completions (tokenize_once, and
-first_token_from_p), which rewrites every chunk (pdtui.core.firsttoken.ChatStream).
+first_token_from_p), which rewrites every chunk (pdtui.core.proxy.firsttoken.ChatStream).
 
-No engine, no socket: the relay's ``on_chunk`` is called with vLLM 0.32.0's own events (the shapes
+No engine, no socket: the relay's chunk callback is called with vLLM 0.32.0's own events (the shapes
 the CPU engine sent, a token of ``--text`` per event, token ids if ``--ids``), one event per chunk as
 vLLM writes them, into a response that only counts bytes. So the figure is the proxy's Python work
 per chunk (scan, rewrite, timing), without the write to the client's socket, which every relay
@@ -25,13 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pdtui.core import firsttoken
-from pdtui.core.proxy import Upstream, _ChatRelay, _Relay, _Stitch, _StitchRelay, _Trace
+from pdtui.core.proxy import Upstream, firsttoken
+from pdtui.core.proxy.relay import Stitch, relay_for
+from pdtui.core.proxy.trace import Trace
 
 
 class _NullConn:
+    on_chunk = None
+
     def attach(self, on_chunk, on_end) -> None:
-        pass
+        self.on_chunk = on_chunk  # what the upstream connection would call per chunk
 
     def pause_reading(self) -> None:
         pass
@@ -86,20 +89,20 @@ def p_answer(chat: bool) -> firsttoken.PAnswer:
 def make(kind: str, ids: bool):
     chat = kind.startswith("chat")
     endpoint = firsttoken.CHAT if chat else firsttoken.COMPLETIONS
-    trace = _Trace("r1", endpoint, True)
+    trace = Trace("r1", endpoint, True)
     resp = _CountingResponse()
     up, conn = Upstream("D", "decode", "http://127.0.0.1:1"), _NullConn()
     now = time.perf_counter()
     if kind in ("relay", "relay-chat"):
-        relay = _Relay(trace, up, conn, resp, now)  # type: ignore[arg-type]
+        stitch = None
     elif kind == "stitch":
-        relay = _StitchRelay(trace, up, conn, resp, now, _Stitch(p_answer(False), ids, t_first=now))  # type: ignore[arg-type]
+        stitch = Stitch(p_answer(False), ids, t_first=now)
     else:
         first = kind == "chat-first-token"
-        stitch = _Stitch(p_answer(True), ids, t_first=now if first else None, first=first, chat=True)
-        relay = _ChatRelay(trace, up, conn, resp, now, stitch)  # type: ignore[arg-type]
+        stitch = Stitch(p_answer(True), ids, t_first=now if first else None, first=first, chat=True)
+    relay = relay_for(trace, up, conn, resp, now, stitch)  # type: ignore[arg-type]
     relay.start(b"text/event-stream; charset=utf-8")
-    return relay, resp
+    return relay, conn.on_chunk, resp
 
 
 KINDS = {
@@ -116,8 +119,7 @@ async def measure(kind: str, args: argparse.Namespace) -> float:
     events = [make_event(i, args.text, args.ids) for i in range(args.chunks)]
     best = float("inf")
     for _ in range(args.repeat):
-        relay, resp = make(kind, args.ids)
-        on_chunk = relay.on_chunk
+        relay, on_chunk, resp = make(kind, args.ids)
         t0 = time.process_time()
         for ev in events:
             on_chunk(ev)

@@ -34,8 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pdtui.core.events import Event, RequestTraced
-from pdtui.core.proxy import ProxySettings
-from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.proxy import ProxyProcess, ProxySettings
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -46,8 +46,7 @@ from pdtui.bench.workload import make_prompt
 from pdtui.core import config as config_mod
 from pdtui.core import topology
 from pdtui.core.events import EngineSpan, Event, RequestTraced
-from pdtui.core.proxy import ProxySettings
-from pdtui.core.proxy_process import ProxyProcess
+from pdtui.core.proxy import ProxyProcess, ProxySettings
 from pdtui.core.runtime import Runtime
 
 VARIANTS = {"single": None, "none": {}, "tokenize_once": {"tokenize_once": True},

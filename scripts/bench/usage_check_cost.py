@@ -1,8 +1,8 @@
 """What the silent-recompute check adds to the proxy's relay, per chunk and per request.
 
 On a paired stream with ``decode_reports_cached`` (pdtui up's proxy), a chunk that the byte scan
-(``proxy._SseScan.feed``, which every chunk already pays) calls usual (one whole token event) is
-written as it is; any other goes through ``proxy._UsageCheck.feed`` too, whose own fast path is one
+(``SseScan.feed``, which every chunk already pays) calls usual (one whole token event) is
+written as it is; any other goes through ``UsageCheck.feed`` too, whose own fast path is one
 ``endswith`` and two substring checks (a chunk of several whole token events). The final usage
 event is JSON-parsed and edited once per request. This times each on the chunks vLLM 0.32.0 writes
 (compact JSON) and prints the figures (results/2026-11-30-cpu-proxy keeps them).
@@ -16,7 +16,9 @@ import json
 import time
 import timeit
 
-from pdtui.core import proxy
+from pdtui.core.proxy.sse import SseScan
+from pdtui.core.proxy.trace import Trace
+from pdtui.core.proxy.usage import UsageCheck
 
 TOKEN = (b'data: {"id":"cmpl-e2e-1234abcd-0-89abcdef","object":"text_completion","created":1764486000,'
          b'"model":"tiny","choices":[{"index":0,"text":" fox","logprobs":null,"finish_reason":null,'
@@ -33,9 +35,9 @@ def per_call_ns(fn, n: int) -> float:
 
 
 def main() -> None:
-    trace = proxy._Trace("r", "/v1/completions", True)
-    scan = proxy._SseScan(trace, time.perf_counter())
-    check = proxy._UsageCheck(trace, 128, p_cached=0, drop=True)
+    trace = Trace("r", "/v1/completions", True)
+    scan = SseScan(trace, time.perf_counter())
+    check = UsageCheck(trace, 128, p_cached=0, drop=True)
     now = time.perf_counter()
     n = 200_000
     empty_ns = per_call_ns(lambda: check.flush(), n)  # a method call that does nothing: the harness
@@ -43,7 +45,7 @@ def main() -> None:
     check_ns = per_call_ns(lambda: check.feed(TOKEN * 2), n)  # two events in one chunk: not the usual one
 
     def final() -> None:
-        c = proxy._UsageCheck(trace, 128, p_cached=0, drop=False)
+        c = UsageCheck(trace, 128, p_cached=0, drop=False)
         c.feed(USAGE + b"data: [DONE]\n\n")
 
     final_ns = per_call_ns(final, 20_000)

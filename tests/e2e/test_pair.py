@@ -98,8 +98,7 @@ def test_streamed_completion_arrives_by_kv_transfer_and_the_freight_adds_up(pair
 def switched(pair):
     """A second proxy process over the module's engines, with both TTFT switches on (the pair's own
     proxy keeps them off): yields (its URL, its RequestTraced events)."""
-    from pdtui.core.proxy import ProxySettings
-    from pdtui.core.proxy_process import ProxyProcess
+    from pdtui.core.proxy import ProxyProcess, ProxySettings
     from tests.fakes import free_port
 
     traces: list[RequestTraced] = []

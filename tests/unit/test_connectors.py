@@ -18,9 +18,9 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # families, the module pdtui loads into it, what the proxy sends P
 NIXL_WORDS = ("VLLM_NIXL_SIDE_CHANNEL", "PDTUI_NIXL_", "PDTUI_UCX_", "vllm:nixl_", "pdtui.engine.nixl_quiet",
               "do_remote_decode")
-# not yet read from the registry: the dashboard (pdtui/app, being redone), the bench's fake upstream
-# (it plays P, so it answers in NIXL's words) and the bench's help text
-NOT_YET = ("app/state.py", "bench/fake_sse.py", "bench/command.py")
+# not yet read from the registry: the bench's fake upstream (it plays P, so it answers in NIXL's
+# words) and the bench's help text
+NOT_YET = ("bench/fake_sse.py", "bench/command.py")
 
 
 def _string_constants(path: Path):
@@ -49,6 +49,9 @@ def test_nixl_is_the_first_entry_and_its_description_is_whole():
     assert connectors.known("LMCacheConnectorV1") is None
     assert set(NIXL.kv_roles) == {"prefill", "decode"} and set(NIXL.side_channel_env) == {"port", "host"}
     assert {NIXL.bytes_metric, NIXL.xfer_time_metric} <= set(NIXL.metrics) and NIXL.blocks_param in NIXL.decode_needs
+    assert set(NIXL.counters) == {"failed_transfers", "failed_notifications", "expired"}
+    assert set(NIXL.counters.values()) <= set(NIXL.metrics) and NIXL.cached_param
+    assert config.KV_ROLE == dict(NIXL.kv_roles)
     assert set(NIXL.transport_words) == {"same_host_tcp", "slow_reads"} and NIXL.slow_reads_below_mbps
 
 
@@ -92,3 +95,47 @@ def test_every_nixl_log_rule_is_tried_and_its_milestones_parse_from_real_logs():
     # the ones a healthy CPU and GPU run log at INFO (handshake is DEBUG; failures need a failure)
     for what in ("nixl_available", "registered", "compat_ok", "transfer_plan", "ucx_backend", "ucx_transport"):
         assert what in seen, (what, sorted(seen))
+
+
+def test_the_proxy_reads_the_connectors_parameter_names_from_its_entry(monkeypatch):
+    """Another connector's names, end to end through the proxy: what P is sent, where P's answer
+    lists its blocks, and which of its params D must not get (P's cache hits)."""
+    import asyncio
+    import dataclasses
+    from types import MappingProxyType
+
+    import httpx
+
+    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+    from tests.fakes import FakeRawUpstream, FakeVllm, free_port, raw_head, serving
+
+    other = dataclasses.replace(NIXL, name="OtherConnector", prefill_kv_params=MappingProxyType({"produce": True}),
+                                decode_needs=("blocks", "peer"), blocks_param="blocks", cached_param="hits")
+    monkeypatch.setattr(connectors, "CONNECTORS", MappingProxyType({**connectors.CONNECTORS, other.name: other}))
+
+    def p_answer(body):
+        answer = json.dumps({"choices": [{"text": " a"}], "usage": {"prompt_tokens": 60},
+                             "kv_transfer_params": {"blocks": [[0, 1, 2, 3]], "peer": "p1", "hits": 5}}).encode()
+        return [raw_head(200, b"application/json", len(answer)) + answer]
+
+    async def go():
+        d, traces = FakeVllm("decode", tokens=2), []
+        async with FakeRawUpstream(p_answer) as p, serving(d):
+            settings = ProxySettings(connector="OtherConnector", decode_reports_cached=True)
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], settings,
+                          on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+            finally:
+                await server.stop()
+        assert r.status_code == 200
+        assert p.requests[0]["kv_transfer_params"] == {"produce": True}
+        assert d.requests[0]["kv_transfer_params"] == {"blocks": [[0, 1, 2, 3]], "peer": "p1"}
+        assert traces[0].outcome == "pair" and traces[0].blocks == 4
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+    with pytest.raises(ValueError, match="connector 'NoSuchConnector'"):
+        Proxy([], [], ProxySettings(connector="NoSuchConnector"))

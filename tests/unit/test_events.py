@@ -30,16 +30,16 @@ def test_a_request_is_one_record_and_its_outcome_only_a_documented_value():
     import pytest
 
     from pdtui.core.events import OUTCOMES, RequestTraced
-    from pdtui.core.proxy import _Trace
+    from pdtui.core.proxy.trace import Trace
 
     with pytest.raises(ValueError, match="one of pair, fallback, error"):
         RequestTraced(request_id="r", endpoint="/v1/completions", stream=True, outcome="ok", status=200)
     # the proxy's working record has RequestTraced's fields, not a copy kept by hand
-    trace = _Trace("r", "/v1/completions", True)
+    trace = Trace("r", "/v1/completions", True)
     trace.chunks, trace.itl_ms = 2, [1.23456]
     event = trace.freeze()
     names = {f.name for f in dataclasses.fields(RequestTraced)} - {"t", "total_ms"}
-    assert names <= set(_Trace.__slots__)
+    assert names <= set(Trace.__slots__)
     assert event.outcome == "error" and event.outcome in OUTCOMES and event.chunks == 2 and event.itl_ms == [1.235]
     trace.paired = True
     assert trace.served() == "pair"

@@ -384,10 +384,11 @@ def test_with_no_decode_up_the_prefill_leg_is_never_run():
 def _scan(chunks: list[bytes]):
     import time as _time
 
-    from pdtui.core.proxy import _SseScan, _Trace
+    from pdtui.core.proxy.sse import SseScan
+    from pdtui.core.proxy.trace import Trace
 
-    trace = _Trace(request_id="r", endpoint="/v1/completions", stream=True)
-    scan = _SseScan(trace, _time.perf_counter())
+    trace = Trace(request_id="r", endpoint="/v1/completions", stream=True)
+    scan = SseScan(trace, _time.perf_counter())
     for k, c in enumerate(chunks):
         scan.feed(c, 1000.0 + k)
     return trace, scan
@@ -415,3 +416,139 @@ def test_the_byte_scan_sees_an_error_event_and_a_space_after_colons():
     trace, scan = _scan([b'data: {"choices": [{"index": 0, "text": " x"}]}\n\n',
                          b'data: {"error": {"message": "engine died", "code": 500}}\n\n'])
     assert trace.chunks == 1 and scan.error == "engine died" and not trace.done_seen
+
+
+def test_an_event_over_the_cap_ends_that_request_with_an_error_and_nothing_else():
+    """D sends 9 MiB of one event without its end: that request ends with a final SSE error event
+    (never [DONE]), its trace says why, D's connection is closed; a stream beside it and the next
+    request are served as usual."""
+    from pdtui.core.proxy.sse import MAX_EVENT_BYTES
+    from tests.fakes import raw_chunk, raw_head
+
+    token = b'data: {"choices":[{"index":0,"text":" a"}]}\n\n'
+    piece = 2**20
+
+    def respond(body):
+        if body.get("prompt") == "big":
+            start = b'data: {"choices":[{"index":0,"text":"'
+            return [raw_head(), raw_chunk(token), raw_chunk(start),
+                    *(raw_chunk(b"x" * piece) for _ in range(MAX_EVENT_BYTES // piece + 1)), 20.0, raw_chunk(b"")]
+        return [raw_head(), *(x for _ in range(5) for x in (raw_chunk(token), 0.05)), raw_chunk(b"data: [DONE]\n\n"),
+                raw_chunk(b"")]
+
+    async def go():
+        p = FakeVllm("prefill")
+        traces: list = []
+        async with serving(p), FakeRawUpstream(respond) as d:
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    def post(prompt: str, rid: str):
+                        return client.post("/v1/completions", headers={"X-Request-Id": rid},
+                                           json={"model": "m", "prompt": prompt, "max_tokens": 5, "stream": True})
+
+                    t0 = asyncio.get_running_loop().time()
+                    big, beside = await asyncio.gather(post("big", "big"), post("x", "beside"))
+                    took = asyncio.get_running_loop().time() - t0
+                    after = await post("x", "after")
+            finally:
+                await server.stop()
+        assert took < 10  # ended at the cap, not when D's 20 s pause would have
+        assert big.status_code == 200 and "[DONE]" not in big.text
+        err = json.loads(sse_events(big.text)[-1])["error"]
+        assert err["code"] == 502 and "over 8 MiB" in err["message"] and "vllm-router" in err["message"]
+        for r in (beside, after):
+            assert r.status_code == 200 and sse_events(r.text)[-1] == "[DONE]" and len(sse_events(r.text)) == 6
+        by_id = {t.request_id: t for t in traces}
+        assert by_id["big"].outcome == "error" and by_id["big"].chunks == 1 and "over 8 MiB" in by_id["big"].error
+        assert by_id["beside"].outcome == by_id["after"].outcome == "pair"
+
+    run(go())
+
+
+def test_every_partial_event_buffer_is_bounded_by_the_cap():
+    """The scan's carry, the usage check's hold and a switch's hold: up to the cap a partial event
+    is held; one byte more raises EventTooLarge, which the relay turns into that request's error."""
+    import time as _time
+
+    from pdtui.core.proxy.relay import WholeEvents
+    from pdtui.core.proxy.sse import MAX_EVENT_BYTES, EventTooLarge, SseScan, cut_events
+    from pdtui.core.proxy.trace import Trace
+    from pdtui.core.proxy.usage import UsageCheck
+
+    assert MAX_EVENT_BYTES == 8 * 2**20
+    whole = b'data: {"choices":[{"index":0,"text":" a"}]}\n\n'
+    partial = b"data: " + b"x" * (MAX_EVENT_BYTES - 6)
+    assert cut_events(b"", whole + partial) == (whole, partial)
+    assert cut_events(partial[:100], partial[100:]) == (b"", partial)
+    with pytest.raises(EventTooLarge):
+        cut_events(partial, b"x")
+    with pytest.raises(EventTooLarge):
+        cut_events(b"", whole + partial + b"x")
+    trace = Trace("r", "/v1/completions", True)
+    scan = SseScan(trace, _time.perf_counter())
+    holders = [lambda c: scan.feed(c, 0.0), UsageCheck(trace, 16, p_cached=None, drop=True).feed,
+               WholeEvents(lambda b: b).feed]
+    for feed in holders:
+        feed(whole + partial)  # held, at the cap
+        with pytest.raises(EventTooLarge):
+            feed(b"x")
+
+
+def test_on_a_switchs_path_an_event_over_the_cap_ends_the_stream_after_whole_events():
+    """first_token_from_p: the relay holds a partial event for its filter; past the cap the client
+    has whole events only, then the error event, and D's connection is closed."""
+    from pdtui.core.proxy import firsttoken
+    from pdtui.core.proxy.relay import Stitch, relay_for
+    from pdtui.core.proxy.sse import MAX_EVENT_BYTES
+    from pdtui.core.proxy.trace import Trace
+
+    class Conn:
+        closed = False
+
+        def attach(self, on_chunk, on_end):
+            self.on_chunk, self.on_end = on_chunk, on_end
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    class Resp:
+        lost, started = False, True
+
+        def __init__(self):
+            self.out, self.finished = [], False
+            self.on_lost = self.on_pause = self.on_resume = None
+
+        def write(self, data):
+            self.out.append(data)
+
+        def finish(self, data=b""):
+            self.out.append(data)
+            self.finished = True
+
+    async def go():
+        p = firsttoken.PAnswer(id="cmpl-r", created=1, model="m", text=" a", token_id=5, prompt_ids=[1, 2],
+                               finish_reason="length", stop_reason=None, raw=None)
+        trace, conn, resp = Trace("r", firsttoken.COMPLETIONS, True), Conn(), Resp()
+        relay = relay_for(trace, Upstream("D", "decode", "http://127.0.0.1:1"), conn, resp, 0.0,  # type: ignore[arg-type]
+                          Stitch(p, want_ids=False, t_first=0.0))
+        relay.start(b"text/event-stream")
+        token = b'data: {"choices":[{"index":0,"text":" b"}]}\n\n'
+        conn.on_chunk(token + b'data: {"choices":[{"index":0,"text":"')
+        for _ in range(MAX_EVENT_BYTES // 2**20 + 1):
+            conn.on_chunk(b"x" * 2**20)
+        assert relay.done.done() and conn.closed and resp.finished
+        out = b"".join(resp.out)
+        assert out.startswith(token) and out.count(b"\n\n") == 2  # the whole event, then the error
+        assert json.loads(sse_events(out.decode())[-1])["error"]["code"] == 502
+        assert trace.outcome == "error" and "over 8 MiB" in trace.error and trace.chunks == 1
+
+    run(go())

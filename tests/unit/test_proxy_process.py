@@ -17,8 +17,8 @@ import pytest
 
 from pdtui.core import kvmath
 from pdtui.core.events import ProxyStarted, RequestTraced
-from pdtui.core.proxy import ProxySettings
-from pdtui.core.proxy_process import ProxyOptionError, ProxyProcess, parse_upstreams
+from pdtui.core.proxy import ProxyOptionError, ProxyProcess, ProxySettings
+from pdtui.core.proxy.process import parse_upstreams
 from tests.fakes import FakeVllm, free_port, serving
 
 GEO = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
@@ -207,7 +207,7 @@ def test_standalone_command_with_stdout_to_a_file(tmp_path):
 
 
 def test_proxy_cpus_from_the_environment(monkeypatch):
-    from pdtui.core.proxy_process import cpus_from_env
+    from pdtui.core.proxy.process import cpus_from_env
 
     cpu = max(os.sched_getaffinity(0))
     monkeypatch.setenv("PDTUI_PROXY_CPUS", str(cpu))
@@ -234,21 +234,63 @@ def test_proxy_cpus_from_the_environment(monkeypatch):
     run(go())
 
 
-def test_prefill_failure_flag_reaches_the_settings_and_the_managed_argv():
+def _parser():
     import argparse
 
-    from pdtui.core.proxy_process import add_arguments, settings_from
+    from pdtui.core.proxy.process import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert settings_from(parser.parse_args([])).prefill_failure == "retry"
-    assert settings_from(parser.parse_args(["--prefill-failure", "decode-locally"])).prefill_failure == "decode-locally"
+    return parser
+
+
+def test_the_standalone_flags_are_the_settings_fields_and_keep_their_names(tmp_path):
+    from pdtui.core.proxy.process import settings_from
+
+    parser = _parser()
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert {"--block-size", "--model", "--decode-choice", "--prefill-failure", "--tokenize-once",
+            "--first-token-from-p", "--decode-reports-cached", "--prefill-timeout", "--decode-timeout",
+            "--connector", "--prefill", "--decode", "--host", "--port", "--record", "--health-interval"} <= flags
+    assert settings_from(parser.parse_args([])) == ProxySettings()
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2, "hidden_size": 256,
+                                                      "torch_dtype": "bfloat16"}))
+    got = settings_from(parser.parse_args([
+        "--block-size", "128", "--model", str(tmp_path), "--decode-choice", "round-robin",
+        "--prefill-failure", "decode-locally", "--tokenize-once", "--first-token-from-p", "--decode-reports-cached",
+        "--prefill-timeout", "7.5", "--decode-timeout", "9", "--connector", "NixlConnector"]))
+    assert got == ProxySettings(block_size=128, geometry=kvmath.geometry_from_dir(tmp_path), decode_choice="round-robin",
+                                prefill_failure="decode-locally", tokenize_once=True, first_token_from_p=True,
+                                decode_reports_cached=True, prefill_timeout_s=7.5, decode_read_timeout_s=9.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--prefill-failure", "fallback"])
-    proc = ProxyProcess([], [("D", "http://127.0.0.1:1")], host="127.0.0.1", port=1,
-                        settings=ProxySettings(prefill_failure="decode-locally"), on_event=lambda e: None)
+    for argv, words in ((["--block-size", "0"], "--block-size must be at least 1"),
+                        (["--decode-timeout", "0"], "--decode-timeout must be positive"),
+                        (["--health-interval", "-1"], "--health-interval must be positive"),
+                        (["--model", str(tmp_path / "nowhere")], "no config.json there")):
+        with pytest.raises(ProxyOptionError, match=words):
+            settings_from(parser.parse_args(argv))
+
+
+def test_the_settings_travel_to_the_managed_process_as_one_json_argument():
+    from pdtui.core.proxy.process import settings_from
+
+    settings = ProxySettings(block_size=128, geometry=GEO, decode_choice="round-robin", prefill_failure="decode-locally",
+                             tokenize_once=True, first_token_from_p=True, decode_reports_cached=True,
+                             prefill_timeout_s=7.5, decode_read_timeout_s=9.0, connect_timeout_s=2.0)
+    assert ProxySettings.from_json(settings.to_json()) == settings
+    assert ProxySettings.from_json("{}") == ProxySettings()
+    proc = ProxyProcess([("P", "http://127.0.0.1:2")], [("D", "http://127.0.0.1:1")], host="127.0.0.1", port=1,
+                        settings=settings, on_event=lambda e: None)
     argv = proc.argv()
-    assert argv[argv.index("--prefill-failure") + 1] == "decode-locally"
+    assert argv[argv.index("--settings") + 1] == settings.to_json() and "--prefill-failure" not in argv
+    assert settings_from(_parser().parse_args(argv[4:])) == settings  # what `pdtui proxy` rebuilds
+    for text, words in (('{"block_size": 16, "warp": 9}', "no such field: warp"), ("[]", "a JSON object"),
+                        ("{", "not JSON"), ('{"block_size": 0}', "block_size must be at least 1"),
+                        ('{"decode_choice": "random"}', "decode_choice 'random': one of least-loaded, round-robin")):
+        with pytest.raises(ProxyOptionError, match=words):
+            ProxySettings.from_json(text)
 
 
 def test_the_proxy_log_says_what_happened(tmp_path):

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from pdtui.core.proxy import Proxy, ProxyServer, Upstream
+from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
 from tests.fakes import FakeRawUpstream, FakeVllm, free_port, proxy_stack, raw_chunk, raw_head, serving
 
 PROMPT = 40  # FakeVllm's prompt_tokens; block_size 16 in proxy_stack
@@ -178,8 +178,7 @@ def test_d_s_usage_event_split_anywhere_is_still_read_and_edited_whole(include_u
             traces: list = []
             async with serving(p), d:
                 proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)],
-                              on_trace=traces.append)
-                proxy.settings.decode_reports_cached = True
+                              ProxySettings(decode_reports_cached=True), on_trace=traces.append)
                 server = ProxyServer(proxy, "127.0.0.1", free_port())
                 await server.start()
                 try:

@@ -1,4 +1,4 @@
-"""The TTFT switches (first_token_from_p, tokenize_once: pdtui.core.firsttoken) against a fake
+"""The TTFT switches (first_token_from_p, tokenize_once: pdtui.core.proxy.firsttoken) against a fake
 engine that counts tokens (FakeTokenVllm), on 127.0.0.1. The same switches against real vLLM,
 greedy, token for token: tests/e2e/test_pair.py::test_ttft_switches_give_the_single_instance_output_token_for_token."""
 
@@ -12,8 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdtui.core import firsttoken
-from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream, firsttoken
 from tests.fakes import AbortConnection, _json, free_port, proxy_stack, read_body, serving
 
 FIRST = 7

@@ -157,12 +157,12 @@ def test_pin_spec_is_checked():
 def test_pyspy_summary_groups_samples_by_layer_and_role():
     from pdtui.bench.pyspy_summary import summarize
 
-    entry = "main (pdtui/core/proxy_process.py:1);Runner.run (asyncio/runners.py:118)"
+    entry = "main (pdtui/core/proxy/process.py:1);Runner.run (asyncio/runners.py:118)"
     legacy = ("main (x.py:1);BaseEventLoop.run_forever (asyncio/base_events.py:607);"
               "BaseEventLoop._run_once (asyncio/base_events.py:1922)")
     raw = "\n".join([
         f'process 1:"python -m pdtui proxy";{entry} 60',  # time inside uvloop's C loop
-        f"{entry};Response.write (pdtui/core/httpio.py:10) 20",
+        f"{entry};Response.write (pdtui/core/proxy/httpio.py:10) 20",
         f"{legacy};_SseTimer.feed (pdtui/bench/legacy_proxy.py:1);loads (json/__init__.py:346) 15",
         f"{legacy};Response.aiter_raw (httpx/_models.py:1);ChunkedReader.__call__ (h11/_readers.py:1) 5",
     ])

@@ -103,7 +103,7 @@ class RequestDetail(Static):
             parts.append(Text(f"fallback: {r.fallback_reason}", style="yellow"))
         if r.error:
             parts.append(Text(f"error: {r.error[:300]}", style="red"))
-        if r.switch or r.switch_skipped:  # the proxy's TTFT switches (pdtui.core.firsttoken)
+        if r.switch or r.switch_skipped:  # the proxy's TTFT switches (pdtui.core.proxy.firsttoken)
             skipped = f" ({r.switch_skipped}: normal path)" if r.switch_skipped else ""
             parts.append(Text(f"switch: {r.switch or 'none'}{skipped}", style="cyan"))
         return Text("; ").join(parts) if parts else None

@@ -5,6 +5,8 @@ work: a plotext draw (~25 ms), a garbage collection or a burst of events there w
 stream relayed through it (measured, docs/proxy.md). So ``pdtui up`` and ``pdtui bench`` start
 ``pdtui proxy`` as a child process and talk to it through pipes:
 
+- its command line carries the settings, whole, as ``--settings JSON`` (``ProxySettings.to_json``):
+  nothing here names a setting, so a new one needs no change in this module;
 - its stdout carries the events (``RequestTraced``, ``ProxyStarted``, ``Notice``) as JSON lines,
   written without ever blocking the relay (an asyncio pipe transport buffers them);
 - in ``--managed`` mode its stdin carries the up/down state of each upstream, as the Runtime
@@ -30,21 +32,17 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from pdtui.core import kvmath
 from pdtui.core.events import Event, Notice, ProxyStarted, RequestTraced, from_json
-from pdtui.core.proxy import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.proxy.contract import Proxy, Upstream
+from pdtui.core.proxy.server import ProxyServer
+from pdtui.core.proxy.settings import ProxyOptionError, ProxySettings, add_flags, from_flags
 
 STDOUT_LINE_LIMIT = 2**26
 """A trace carries every inter-token gap: 64 MiB fits any stream."""
-
-
-class ProxyOptionError(ValueError):
-    pass
 
 
 def parse_upstreams(values: list[str], role: str) -> list[tuple[str, str]]:
@@ -72,52 +70,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file")
-    p.add_argument("--block-size", type=int, default=16, help="the engines' KV block size, for the freight (default 16)")
-    p.add_argument("--model", type=Path, default=None, metavar="DIR",
-                   help="a model directory with config.json: per-token KV bytes for the freight (kv_bytes)")
-    p.add_argument("--kv-geometry", default=None, metavar="JSON", help=argparse.SUPPRESS)
-    p.add_argument("--decode-choice", choices=DECODE_CHOICES, default="least-loaded",
-                   help="how a decode instance is picked (default least-loaded)")
-    p.add_argument("--prefill-failure", choices=PREFILL_FAILURE_POLICIES, default="retry",
-                   help="when P fails after the request reached it: retry (502/503/504 or a broken connection"
-                   " are sent once more, to another P if there is one, then the client gets the error; other"
-                   " 5xx: the error) or decode-locally (D computes the prompt itself: pdtui's behaviour before"
-                   " issue 14, which slows every other stream on D). No P up or no connection to P falls"
-                   " back to D either way (default retry)")
-    p.add_argument("--tokenize-once", action="store_true",
-                   help="/v1/completions: D gets the prompt as P's token ids and does not tokenize it again")
-    p.add_argument("--first-token-from-p", action="store_true",
-                   help="/v1/completions: P's token goes to the client the moment P answers; D continues from"
-                   " the prompt plus that token (the same output, token for token, under greedy sampling)")
-    p.add_argument("--decode-reports-cached", action="store_true",
-                   help="the decode instances run with --enable-prompt-tokens-details: record, per paired request,"
-                   " the prompt tokens D computed itself, and count more than one block as a silent recompute"
-                   " (pdtui up starts its instances so)")
-    p.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds for the whole P leg (default 300)")
-    p.add_argument("--decode-timeout", type=float, default=300.0,
-                   help="longest silence from D before its stream is called broken, seconds (default 300)")
+    add_flags(p)  # one per ProxySettings field with a flag: pdtui.core.proxy.settings
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between /health polls of each upstream (default 1; not with --managed)")
     p.add_argument("--managed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--settings", default=None, metavar="JSON", help=argparse.SUPPRESS)  # ProxyProcess: all of them
 
 
 def settings_from(args: argparse.Namespace) -> ProxySettings:
-    geometry = None
-    if args.kv_geometry:
-        geometry = kvmath.KvGeometry(**json.loads(args.kv_geometry))
-    elif args.model is not None:
-        if not (args.model / "config.json").exists():
-            raise ProxyOptionError(f"--model {args.model}: no config.json there")
-        geometry = kvmath.geometry_from_dir(args.model, "auto")
-    if args.block_size < 1:
-        raise ProxyOptionError("--block-size must be at least 1")
-    if args.prefill_timeout <= 0 or args.decode_timeout <= 0 or args.health_interval <= 0:
-        raise ProxyOptionError("timeouts and --health-interval must be positive")
-    return ProxySettings(block_size=args.block_size, geometry=geometry, prefill_timeout_s=args.prefill_timeout,
-                         decode_read_timeout_s=args.decode_timeout, decode_choice=args.decode_choice,
-                         prefill_failure=args.prefill_failure, tokenize_once=args.tokenize_once,
-                         first_token_from_p=args.first_token_from_p,
-                         decode_reports_cached=args.decode_reports_cached)
+    """``--settings`` (ProxyProcess hands the settings whole), else the settings' own flags."""
+    if args.health_interval <= 0:
+        raise ProxyOptionError("--health-interval must be positive")
+    return ProxySettings.from_json(args.settings) if args.settings else from_flags(args)
 
 
 class _EventWriter:
@@ -204,7 +168,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.managed:  # standalone: stderr is the user's terminal, whose first line says where it listens
         _log(f"starting (pid {os.getpid()}, managed by pdtui pid {os.getppid()});"
              f" prefill {', '.join(f'{n} {u}' for n, u in prefills) or 'none'}; decode {', '.join(f'{n} {u}' for n, u in decodes)};"
-             f" settings {json.dumps(asdict(settings), default=str, separators=(',', ':'))}")
+             f" settings {settings.to_json()}")
 
     def on_down(name: str) -> None:
         _log(f"{name} is down: its streams in flight are ended with an error event")
@@ -376,16 +340,9 @@ class ProxyProcess:
         return f"http://{self.host}:{self.port}"
 
     def argv(self) -> list[str]:
-        s = self.settings
+        """The child's command line: the settings as one JSON argument, whatever they hold."""
         argv = [self.python, "-m", "pdtui", "proxy", "--managed", "--host", self.host, "--port", str(self.port),
-                "--block-size", str(s.block_size), "--decode-choice", s.decode_choice,
-                "--prefill-failure", s.prefill_failure,
-                "--prefill-timeout", str(s.prefill_timeout_s), "--decode-timeout", str(s.decode_read_timeout_s)]
-        argv += ["--tokenize-once"] if s.tokenize_once else []
-        argv += ["--first-token-from-p"] if s.first_token_from_p else []
-        argv += ["--decode-reports-cached"] if s.decode_reports_cached else []
-        if s.geometry is not None:
-            argv += ["--kv-geometry", json.dumps(asdict(s.geometry))]
+                "--settings", self.settings.to_json()]
         for name, url in self.prefills:
             argv += ["--prefill", f"{name}={url}"]
         for name, url in self.decodes:

@@ -458,10 +458,17 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        """Drop the connection (an upstream vLLM aborts the request)."""
+        """Drop the connection (an upstream vLLM aborts the request). Called from the sink itself,
+        the rest of the bytes the parser holds go nowhere: the stream's reader has ended."""
+        if self._sink is not None:
+            self._sink = _discard
         if not self.closed:
             self.transport.close()
         self.closed = True
+
+
+def _discard(data: bytes) -> None:
+    pass
 
 
 class UpstreamPool:
