@@ -206,6 +206,35 @@ def test_standalone_command_with_stdout_to_a_file(tmp_path):
     assert events[0] == "notice" and "proxy_started" in events
 
 
+def test_standalone_command_with_stdout_to_dev_null_serves_streams():
+    """`pdtui proxy ... > /dev/null` (nohup, a service manager) died at once with SIGABRT in
+    uvloop (issue 22): it serves, here 50 streamed requests through a fake D, and stops cleanly."""
+
+    async def go() -> int:
+        d = FakeVllm("decode", tokens=4)
+        port = free_port()
+        async with serving(d):
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pdtui", "proxy", "--decode", d.url, "--port", str(port),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                line = await asyncio.wait_for(child.stderr.readline(), 30)
+                assert b"listening on" in line, line
+                ok = 0
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                    for k in range(50):
+                        r = await client.post("/v1/completions", json={"model": "m", "prompt": f"x{k}",
+                                                                        "max_tokens": 4, "stream": True})
+                        ok += r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+                assert ok == 50
+            finally:
+                child.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(child.wait(), 10)
+        return code
+
+    assert run(go()) == 0
+
+
 def test_proxy_cpus_from_the_environment(monkeypatch):
     from pdtui.core.proxy.process import cpus_from_env
 

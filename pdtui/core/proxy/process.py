@@ -99,7 +99,9 @@ class _EventWriter:
             mode = os.fstat(sys.stdout.fileno()).st_mode
         except (OSError, ValueError):
             return  # no stdout at all
-        if stat.S_ISREG(mode):  # `> file`: uvloop aborts on a pipe transport over a regular file
+        if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(sys.stdout.fileno())):
+            # `> file`, `> /dev/null` (nohup, a service manager): uvloop aborts (SIGABRT, no message)
+            # on a pipe transport over either; a write to them never waits on a reader
             self.file = sys.stdout.buffer
             return
         pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
