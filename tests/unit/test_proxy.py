@@ -253,6 +253,46 @@ def test_decode_dies_mid_stream_ends_with_an_error_event_never_done():
     run(go())
 
 
+def test_an_error_event_from_decode_ends_the_stream_without_done():
+    """vLLM's D whose engine died answers an open stream with its error event and then
+    `data: [DONE]`: the client gets the tokens and the error event, never the [DONE] after it (the
+    stream must not end as if clean), and the trace names D's report (issue 22, item 4)."""
+    from tests.fakes import raw_chunk, raw_head
+
+    token = b'data: {"choices":[{"index":0,"text":" a"}]}\n\n'
+    error = b'data: {"error": {"message": "EngineCore encountered an issue", "code": 500}}\n\n'
+
+    def respond(body):
+        if body.get("prompt") == "split":  # the error event cut in two, [DONE] in the same chunk as its end
+            return [raw_head(), raw_chunk(token), raw_chunk(error[:20]), raw_chunk(error[20:] + b"data: [DONE]\n\n"),
+                    raw_chunk(b"")]
+        return [raw_head(), raw_chunk(token), raw_chunk(token), raw_chunk(error), raw_chunk(b"data: [DONE]\n\n"),
+                raw_chunk(b"")]
+
+    async def go():
+        p = FakeVllm("prefill")
+        traces: list = []
+        async with serving(p), FakeRawUpstream(respond) as d:
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    answers = [await client.post("/v1/completions", headers={"X-Request-Id": prompt},
+                                                 json={"model": "m", "prompt": prompt, "max_tokens": 5, "stream": True})
+                               for prompt in ("whole", "split")]
+            finally:
+                await server.stop()
+        for r, tokens in zip(answers, (2, 1), strict=True):
+            events = sse_events(r.text)
+            assert "[DONE]" not in events and len(events) == tokens + 1, events
+            assert json.loads(events[-1])["error"]["message"] == "EngineCore encountered an issue"
+        for t in traces:
+            assert t.outcome == "error" and t.error == "decode D reported: EngineCore encountered an issue"
+
+    run(go())
+
+
 def test_client_disconnect_closes_the_decode_request():
     async def go():
         p, d = FakeVllm("prefill"), FakeVllm("decode", tokens=500, delay_s=0.02)

@@ -79,14 +79,36 @@ class Relay:
         """One chunk of D's stream: scanned, checked if it is not the usual one, written."""
         now = self.last_rx = _perf_counter()
         try:
-            if not self.scan.feed(data, now) and self.usage is not None:
-                data = self.usage.feed(data)  # the final usage event may be in it
-                if not data:
+            if not self.scan.feed(data, now):
+                if self.scan.error is not None:
+                    self.reported(data)
                     return
+                if self.usage is not None:
+                    data = self.usage.feed(data)  # the final usage event may be in it
+                    if not data:
+                        return
         except EventTooLarge as e:
             self.too_large(e)
             return
         self.resp.write(data)
+
+    def reported(self, data: bytes) -> None:
+        """D sent an error event (vLLM does when its engine dies under a stream, and follows it with
+        ``data: [DONE]``): the client gets D's events up to the end of that error event, then the end
+        of the body: never [DONE] after an error (the README's promise), never a clean end. D's
+        connection is closed; the trace says D reported it."""
+        if self.done.done():
+            return
+        start = max(data.find(b'"error"'), 0)  # 0: the error event began in an earlier chunk (held)
+        end = data.find(b"\n\n", start)
+        data = data[:end + 2] if end >= 0 else data
+        if self.usage is not None:
+            data = self.usage.feed(data) + self.usage.flush()
+        trace = self.trace
+        trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
+        self.conn.close()
+        self.resp.finish(data)
+        self.done.set_result(None)
 
     def on_chunk_events(self, data: bytes) -> None:
         """A chunk on a switch's path: whole events through the filters first, then as ``on_chunk``."""
