@@ -1,6 +1,6 @@
 """D's pane and the bench report from D's measured KV reads (tests/unit/test_kv_reads.py has the
 parser): their p50/p99 are numpy's percentiles of the per-request values, the two agree, and no
-figure comes from inside a histogram bucket any more."""
+figure comes from inside a histogram bucket any more, on screen or in a report."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import pdtui
 from pdtui.app import state as state_mod
 from pdtui.app.state import WINDOW_S, DashState, bucket_of, bucket_text, buckets
 from pdtui.app.widgets.instance_pane import InstancePane
+from pdtui.bench import report
+from pdtui.bench.runners import _join_reads, add_read
 from pdtui.core.connectors import NIXL
 from pdtui.core.events import ConnectorEvent, InstanceStateChanged, MetricsSampled
 from pdtui.core.logparse import KvRead, LogParser
 from pdtui.core.scrape import parse_metrics
+from tests.unit.test_bench_report import _s
 from tests.unit.test_kv_reads import FIX, metrics, reads_in_fixture
 
 XFER = NIXL.xfer_time_metric
@@ -155,3 +158,48 @@ def test_the_warm_ups_read_is_left_out_like_the_warm_up() -> None:
     s.apply(warmup("w2", 2000.5))
     s.apply(late)
     assert s.snapshot().instance("D").nixl.reads == 16  # type: ignore[union-attr]
+
+
+def test_the_bench_report_takes_the_same_per_request_values() -> None:
+    reads = reads_in_fixture()
+    samples = [_s("pair", "follow", i, ttft=100.0, chunk_t=[1.0, 1.01], trace={"outcome": "pair"})
+               for i in range(len(reads))]
+    samples.append(_s("pair", "follow", "w", ttft=100.0, chunk_t=[0.0], warmup=True, trace={"outcome": "pair"}))
+    by_id = {s.request_id: r for s, r in zip(samples, reads, strict=False)}
+    _join_reads(samples, {rid: KvRead(rid, r.engine_request_id, r.ms, r.bytes, r.descs, r.handles, r.post_ms)
+                          for rid, r in by_id.items()})
+    summary = report.summarize_arm(samples, {"follow": [0.0, 3.0]})
+    k = summary["kv_read"]
+    ms = [r.ms for r in reads]
+    assert k["n"] == 17
+    assert k["ms"]["mean"] == pytest.approx(float(numpy.mean(ms)), rel=1e-12)
+    assert k["ms"]["p50"] == pytest.approx(float(numpy.percentile(ms, 50)), rel=1e-12)
+    assert k["ms"]["p99"] == pytest.approx(float(numpy.percentile(ms, 99)), rel=1e-12)
+    assert k["gbps"]["p50"] == pytest.approx(float(numpy.percentile([r.gbps for r in reads], 50)), rel=1e-12)
+    # the pane's figures over the same reads are the report's
+    s, _ = fold()
+    n = s.snapshot().instance("D").nixl  # type: ignore[union-attr]
+    assert (n.mean_ms, n.p50_ms, n.p99_ms) == pytest.approx((k["ms"]["mean"], k["ms"]["p50"], k["ms"]["p99"]))
+    line = report.kv_read_lines({"pair": summary})
+    assert line == [(f"pair KV read, measured per request by NIXL on D (17 reads): mean {k['ms']['mean']:.2f} ms,"
+                     f" p50 {k['ms']['p50']:.2f}, p99 {k['ms']['p99']:.1f}, max 91.4; 0.31 MiB mean,"
+                     f" {k['gbps']['p50']:.3g} GB/s p50")]
+
+
+def test_a_report_without_measured_reads_says_so_and_shows_no_transfer_time() -> None:
+    samples = [_s("pair", "follow", i, ttft=100.0, chunk_t=[1.0, 1.01],
+                  trace={"outcome": "pair", "prefill_ms": 50.0, "hop_ms": 1.0, "decode_ttft_ms": 40.0,
+                         "ttft_ms": 95.0}) for i in range(3)]
+    summary = report.summarize_arm(samples, {"follow": [0.0, 3.0]})
+    assert "kv_read" not in summary
+    text = report.table({"pair": summary})
+    assert "pair KV read: not measured per request" in text and "KV read, measured" not in text
+
+
+def test_the_bench_keeps_one_read_per_request_merging_ranks() -> None:
+    a = KvRead("r", "cmpl-r-0-00000000", ms=2.0, bytes=100, descs=2, handles=1, post_ms=0.5)
+    b = KvRead("r", "cmpl-r-0-00000000", ms=3.0, bytes=300, descs=2, handles=1, post_ms=0.25)
+    reads: dict[str, KvRead] = {}
+    add_read(reads, a)
+    add_read(reads, b)
+    assert reads["r"].bytes == 400 and reads["r"].ranks == 2 and reads["r"].ms == 3.0
