@@ -340,6 +340,7 @@ class PdtuiApp(App[int]):
         for detail in self.query(RequestDetail):
             detail.handshake = self.snapshot.handshakes.get(message.request_id)
             detail.spans = dict(self.snapshot.spans.get(message.request_id) or {})
+            detail.kv_read = self.snapshot.kv_reads.get(message.request_id)
             detail.request = self.snapshot.request(message.request_id)
 
     # ----- controls -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from pdtui.core.events import (
     RuntimeStarted,
     RuntimeStopped,
 )
+from pdtui.core.logparse import KvRead
 from pdtui.core.stats import percentile  # the one definition (vllm bench serve's), re-exported
 
 LOG_LINES = 200
@@ -60,6 +62,8 @@ PROCESS_GONE = ("starting", "exited", "failed")
 XFER_TIME = connectors.NIXL.xfer_time_metric
 COUNTERS = connectors.NIXL.counters
 """failed_transfers, failed_notifications, expired -> their metric families (the connector's entry)."""
+READS_KEPT = LATENCY_WINDOW
+"""Measured KV reads kept per instance for its p50/p99 (the newest; the count goes on)."""
 
 
 def buckets(values: dict[str, float], family: str) -> list[tuple[float, float]]:
@@ -69,62 +73,94 @@ def buckets(values: dict[str, float], family: str) -> list[tuple[float, float]]:
     return sorted(out)
 
 
-def quantile(bounds: list[tuple[float, float]], q: float) -> float | None:
-    """Prometheus's histogram_quantile: the bucket the q-th observation falls in, linear inside it
-    (from 0 for the first); the highest finite bound if it falls in +Inf; None for no observations."""
+def bucket_of(bounds: list[tuple[float, float]], q: float) -> tuple[float, float] | None:
+    """The bucket (lower, upper] the q-th observation of a histogram falls in: all that its
+    buckets know of a quantile, a bound and never a value (vLLM's xfer-time buckets start at 5,
+    10, 25 ms: a 2 ms read and a 4.9 ms one are both "<=5 ms"). None for no observations."""
     if not bounds or bounds[-1][1] <= 0:
         return None
     rank = q * bounds[-1][1]
-    lower, below = 0.0, 0.0
+    lower = 0.0
     for upper, count in bounds:
         if count >= rank:
-            if upper == float("inf"):
-                return lower
-            inside = count - below
-            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = upper, count
-    return lower
+            return lower, upper
+        lower = upper
+    return lower, float("inf")
 
 
-def bucket_diff(new: list[tuple[float, float]], old: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The observations between two scrapes of a cumulative histogram (same bounds)."""
-    before = dict(old)
-    return [(le, max(0.0, c - before.get(le, 0.0))) for le, c in new]
+def bucket_text(b: tuple[float, float] | None, scale: float = 1000.0, unit: str = "ms") -> str:
+    """A bucket as a bound: "<=5ms", "10-25ms", ">2500ms"; "-" for none."""
+    if b is None:
+        return "-"
+    lo, hi = (x * scale for x in b)
+    if hi == float("inf"):
+        return f">{lo:g}{unit}"
+    return f"<={hi:g}{unit}" if lo == 0 else f"{lo:g}-{hi:g}{unit}"
+
+
+def fmt_rate(gbps: float | None) -> str:
+    """GB/s with three significant digits below 1 (a CPU pair's 0.00287), else two decimals."""
+    if gbps is None:
+        return "-"
+    return format(gbps, ".2f" if gbps >= 1 else ".3g")
+
+
+def fmt_ms(v: float | None) -> str:
+    """Milliseconds with the digits a KV read needs: 0.31, 5.26, 24.7, 1305."""
+    if v is None:
+        return "-"
+    return format(v, ".2f" if v < 10 else ".1f" if v < 100 else ".0f")
 
 
 @dataclass(frozen=True)
 class NixlView:
-    """NIXL's own figures from an instance's /metrics (vllm.distributed.kv_transfer...nixl.stats):
-    per-transfer time p50/p99 since the start and over the last WINDOW_S seconds (on D, which
-    reads), failed transfers and notifications (D), KV expired before D read it (on P)."""
+    """NIXL's figures for one instance. Transfer times are measured per request: D's "pdtui: KV
+    read" lines (pdtui.engine.nixl_quiet: NIXL's telemetry of each read), p50/p99 with
+    pdtui.core.stats.percentile over the newest READS_KEPT since the process started and over the
+    last WINDOW_S s. From /metrics (vllm.distributed.kv_transfer...nixl.stats): vLLM's own count of
+    transfers and their exact mean (_sum/_count of vllm:nixl_xfer_time_seconds), the buckets its
+    p50/p99 fall in (bounds, for an engine that does not log its reads), failed transfers and
+    notifications (D), KV expired before D read it (on P)."""
 
-    transfers: int = 0
+    reads: int = 0
+    """Measured reads since the process started (requests whose KV D read)."""
+    kept: int = 0
+    """Of those, the newest kept for the percentiles (at most READS_KEPT)."""
     p50_ms: float | None = None
     p99_ms: float | None = None
-    recent_transfers: int = 0
+    mean_ms: float | None = None
+    recent_reads: int = 0
     recent_p50_ms: float | None = None
     recent_p99_ms: float | None = None
+    transfers: int = 0
+    """vLLM's count of transfers (vllm:nixl_xfer_time_seconds_count; a request may take several)."""
+    hist_mean_ms: float | None = None
+    """vLLM's exact mean transfer time (_sum/_count): a check on the measured mean, not a quantile."""
+    hist_p50: tuple[float, float] | None = None
+    """The (lower, upper] bucket in seconds that vLLM's p50 falls in: a bound, never shown as a value."""
+    hist_p99: tuple[float, float] | None = None
     failed: int = 0
     failed_notifications: int = 0
     expired: int = 0
 
     @staticmethod
-    def of(values: dict[str, float], past: list[tuple[float, float]] | None) -> NixlView | None:
+    def of(values: dict[str, float], reads: Sequence[tuple[float, str, float]], count: int,
+           now: float | None) -> NixlView | None:
+        """From the latest /metrics ``values`` and the measured ``reads`` kept: (time, request, ms)."""
         bounds = buckets(values, XFER_TIME)
         counters = {k: int(values.get(family, 0)) for k, family in COUNTERS.items()}
-        if not bounds and not any(counters.values()) and f"{XFER_TIME}_count" not in values:
+        n = int(values.get(f"{XFER_TIME}_count", bounds[-1][1] if bounds else 0))
+        if not reads and not bounds and not any(counters.values()) and f"{XFER_TIME}_count" not in values:
             return None
-        recent = bucket_diff(bounds, past) if past is not None else bounds
-
-        def ms(b: list[tuple[float, float]], q: float) -> float | None:
-            v = quantile(b, q)
-            return None if v is None else v * 1000
-
+        ms = [x for _, _, x in reads]
+        recent = [x for t, _, x in reads if now is not None and t >= now - WINDOW_S]
+        total = values.get(f"{XFER_TIME}_sum")
         return NixlView(
-            transfers=int(bounds[-1][1]) if bounds else int(values.get(f"{XFER_TIME}_count", 0)),
-            p50_ms=ms(bounds, 0.5), p99_ms=ms(bounds, 0.99),
-            recent_transfers=int(recent[-1][1]) if recent else 0,
-            recent_p50_ms=ms(recent, 0.5), recent_p99_ms=ms(recent, 0.99),
+            reads=count, kept=len(ms), p50_ms=percentile(ms, 50), p99_ms=percentile(ms, 99),
+            mean_ms=sum(ms) / len(ms) if ms else None,
+            recent_reads=len(recent), recent_p50_ms=percentile(recent, 50), recent_p99_ms=percentile(recent, 99),
+            transfers=n, hist_mean_ms=total / n * 1000 if n and total is not None else None,
+            hist_p50=bucket_of(bounds, 0.5), hist_p99=bucket_of(bounds, 0.99),
             failed=counters["failed_transfers"], failed_notifications=counters["failed_notifications"],
             expired=counters["expired"])
 
@@ -158,7 +194,7 @@ class InstanceView:
     recomputes: int = 0
     """Paired requests this decode instance computed the prompt of itself (RequestTraced.recomputed)."""
     nixl: NixlView | None = None
-    """NIXL's own figures (None until the engine reports any)."""
+    """NIXL's figures: measured reads, vLLM's counters (None until the engine reports any)."""
     """P legs this prefill instance answered on a retry (RequestTraced.prefill_attempts > 1)."""
 
     @property
@@ -247,6 +283,8 @@ class Snapshot:
     ttft_recent: tuple[tuple[float, str], ...] = ()
     """The TTFT samples of requests traced in the last WINDOW_S seconds before last_t."""
     itl_recent: tuple[tuple[float, str], ...] = ()
+    kv_reads: dict[str, KvRead] = field(default_factory=dict)
+    """Request id -> D's measured read of its KV (pdtui.engine.nixl_quiet's line), the newest REQUESTS."""
 
     def instance(self, name: str) -> InstanceView | None:
         return next((i for i in self.instances if i.name == name), None)
@@ -276,8 +314,14 @@ class DashState:
         """Request id -> instance -> its EngineSpan: the newest REQUESTS request ids."""
         self._unshaken: dict[str, str] = {}
         """D instance -> why its next paired request pays a handshake (D or a P started since)."""
-        self._xfer_past: dict[str, collections.deque[tuple[float, list[tuple[float, float]]]]] = {}
-        """Per instance, (time, NIXL transfer-time buckets) of the scrapes of the last WINDOW_S s."""
+        self.kv_reads: dict[str, KvRead] = {}
+        """Request id -> D's measured read of its KV: the newest REQUESTS request ids."""
+        self._reads: dict[str, collections.deque[tuple[float, str, float]]] = {}
+        """Per instance, (time, request id, ms) of its newest READS_KEPT measured reads."""
+        self._read_count: dict[str, int] = {}
+        """Per instance, its measured reads since its process started (warm-ups left out)."""
+        self._warmups: collections.deque[str] = collections.deque(maxlen=16)
+        """Request ids of the Runtime's warm-ups: left out of every figure, their reads too."""
         self.last_t: float | None = None
         self.version = 0
 
@@ -314,7 +358,8 @@ class DashState:
                 if inst.state in ("exited", "failed"):
                     changes["metrics"] = {}
                     changes["nixl"] = None
-                self._xfer_past.pop(ev.instance, None)  # a new process counts from 0
+                self._reads.pop(ev.instance, None)  # a new process counts from 0
+                self._read_count.pop(ev.instance, None)
                 self._started(ev.instance, ev.role)
             self._set(ev.instance, **changes)
             if ev.state in PROCESS_GONE and inst.state not in PROCESS_GONE:
@@ -322,6 +367,9 @@ class DashState:
         elif isinstance(ev, LogLine):
             self._inst(ev.instance)
             self._logs[ev.instance].append(ev.line)
+        elif isinstance(ev, ConnectorEvent) and ev.what == "kv_read":  # one per request: no milestone
+            self._inst(ev.instance)
+            self._read(ev)
         elif isinstance(ev, ConnectorEvent):
             inst = self._inst(ev.instance)
             ms = dict(inst.milestones)
@@ -333,14 +381,17 @@ class DashState:
                 self._set(ev.instance, handshake_failed=ev.text)
         elif isinstance(ev, MetricsSampled):
             self._inst(ev.instance)
-            self._set(ev.instance, metrics=dict(ev.values), nixl=self._nixl(ev))
+            self._set(ev.instance, metrics=dict(ev.values))
+            self._set(ev.instance, nixl=self._nixl(ev.instance))
         elif isinstance(ev, EngineSpan):
             self.spans.setdefault(ev.request_id, {})[ev.instance] = ev
             if len(self.spans) > REQUESTS:
                 self.spans.pop(next(iter(self.spans)))
         elif isinstance(ev, RequestTraced):
             why = self._unshaken.pop(ev.decode, None) if ev.decode and ev.outcome == "pair" else None
-            if ev.warmup:  # the warm-up paid it, if it was due
+            if ev.warmup:  # the warm-up paid it, if it was due; its KV read is no measurement either
+                self._warmups.append(ev.request_id)
+                self._unread(ev.request_id)
                 return
             if why is not None:
                 self.handshakes[ev.request_id] = why
@@ -388,17 +439,43 @@ class DashState:
                 if d.role == "decode":
                     self._unshaken.setdefault(d.name, f"first after {name} started")
 
-    def _nixl(self, ev: MetricsSampled) -> NixlView | None:
-        """NIXL's figures, the recent ones against the newest scrape at least WINDOW_S old (else the
-        oldest kept: a window that is still filling)."""
-        bounds = buckets(ev.values, XFER_TIME)
-        past = self._xfer_past.setdefault(ev.instance, collections.deque())
-        while len(past) > 1 and past[1][0] <= ev.t - WINDOW_S:
-            past.popleft()
-        base = past[0][1] if past else None
-        if bounds:
-            past.append((ev.t, bounds))
-        return NixlView.of(ev.values, base)
+    def _read(self, ev: ConnectorEvent) -> None:
+        """D measured the read of a request's KV: kept for the request's row and the pane's figures.
+        A second line for the same request is another of D's workers (TP > 1): merged."""
+        read = KvRead.of(ev.fields)
+        if read.request_id in self._warmups:
+            return
+        kept = self._reads.setdefault(ev.instance, collections.deque(maxlen=READS_KEPT))
+        have = self.kv_reads.get(read.request_id)
+        if have is not None and have.engine_request_id == read.engine_request_id:
+            read = have.merged(read)
+            for i in range(len(kept) - 1, -1, -1):
+                if kept[i][1] == read.request_id:
+                    kept[i] = (kept[i][0], read.request_id, read.ms)
+                    break
+        else:
+            kept.append((ev.t, read.request_id, read.ms))
+            self._read_count[ev.instance] = self._read_count.get(ev.instance, 0) + 1
+        self.kv_reads[read.request_id] = read
+        if len(self.kv_reads) > REQUESTS:
+            self.kv_reads.pop(next(iter(self.kv_reads)))
+        self._set(ev.instance, nixl=self._nixl(ev.instance))
+
+    def _unread(self, request_id: str) -> None:
+        """A warm-up request's read, logged before its trace said it was one: out of the figures."""
+        if self.kv_reads.pop(request_id, None) is None:
+            return
+        for name, kept in self._reads.items():
+            left = [x for x in kept if x[1] != request_id]
+            if len(left) != len(kept):
+                self._reads[name] = collections.deque(left, maxlen=READS_KEPT)
+                self._read_count[name] -= 1
+                self._set(name, nixl=self._nixl(name))
+
+    def _nixl(self, name: str) -> NixlView | None:
+        """The instance's NIXL figures from its latest /metrics and its measured reads."""
+        return NixlView.of(self.instances[name].metrics, self._reads.get(name, ()), self._read_count.get(name, 0),
+                           self.last_t)
 
     def _counterpart(self, name: str) -> str | None:
         return {"decode": "prefill", "prefill": "decode"}.get(self.instances[name].role)
@@ -458,7 +535,7 @@ class DashState:
                         notices=tuple(self.notices), last_t=self.last_t, version=self.version,
                         handshakes=dict(self.handshakes), spans=dict(self.spans),
                         ttft_recent=self._recent(self.ttft, self._ttft_t),
-                        itl_recent=self._recent(self.itl, self._itl_t))
+                        itl_recent=self._recent(self.itl, self._itl_t), kv_reads=dict(self.kv_reads))
 
     def _recent(self, samples: collections.deque[tuple[float, str]],
                 times: collections.deque[float]) -> tuple[tuple[float, str], ...]:

@@ -4,7 +4,8 @@ Pure functions over samples (``workload.Sample``) so they are tested without eng
 
 - ``percentile``: pdtui.core.stats.percentile, the one definition (vllm bench serve's: numpy's linear);
 - ``summarize_arm``: TTFT of the follow requests and of the big prompts, the steady streams' ITL
-  inside the measured window, the toll split of the pair;
+  inside the measured window, the toll split of the pair, D's KV reads as measured per request
+  (``kv_reads``: from each request's own read, never from vLLM's histogram buckets);
 - ``verdict``: toll = pair TTFT p50 / single TTFT p50 (> 1: the pair is slower to first token);
   purchase = single ITL p99 / pair ITL p99 (> 1: the pair bought smoother decode). "single" is
   ``single-proxied`` when that arm ran: the pair is measured through pdtui's proxy, and so is it;
@@ -190,7 +191,47 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
     engine = [e for s in follow if (e := engine_split(s))]
     if engine:
         out["follow"]["engine_split_ms"] = {k: dist([x[k] for x in engine if k in x]) for k in ENGINE_KEYS}
+    reads = kv_reads(samples)
+    if reads is not None:
+        out["kv_read"] = reads
     return out
+
+
+def kv_reads(samples: Sequence[Sample]) -> dict[str, Any] | None:
+    """D's read of each request's KV, measured by NIXL per request (``trace["kv_read"]``: the
+    "pdtui: KV read" line of pdtui.engine.nixl_quiet, joined by X-Request-Id), over every
+    measured request of the arm (follow, streams, big prompts; not the warm-ups): the time (ms),
+    the bytes and the achieved GB/s, each a ``dist``. None when no request has one (not a pair, or
+    an engine that does not log its reads): the report then says so and shows no transfer time."""
+    reads = [r for s in samples if not s.warmup and (r := (s.trace or {}).get("kv_read"))]
+    if not reads:
+        return None
+    return {"n": len(reads), "ms": dist([r["ms"] for r in reads]), "bytes": dist([float(r["bytes"]) for r in reads]),
+            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None])}
+
+
+def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per arm whose D read KV: the measured per-request read time and rate."""
+    lines = []
+    for arm, s in summaries.items():
+        k = s.get("kv_read")
+        if not k:
+            continue
+        ms, gbps = k["ms"], k["gbps"]
+        lines.append(f"{arm} KV read, measured per request by NIXL on D ({k['n']} reads): mean {_ms3(ms['mean'])} ms,"
+                     f" p50 {_ms3(ms['p50'])}, p99 {_ms3(ms['p99'])}, max {_ms3(ms['max'])};"
+                     f" {k['bytes']['mean'] / 2**20:.2f} MiB mean, {_gbps(gbps['p50'])} GB/s p50")
+    return lines
+
+
+def _ms3(x: float | None) -> str:
+    """A read time with the digits it needs (0.31, 5.26, 24.7 ms)."""
+    return "-" if x is None else format(x, ".2f" if x < 10 else ".1f")
+
+
+def _gbps(x: float | None) -> str:
+    """GB/s: three significant digits below 1 (a CPU pair's 0.00287), else two decimals."""
+    return "-" if x is None else format(x, ".2f" if x >= 1 else ".3g")
 
 
 def recompute_count(samples: Sequence[Sample]) -> dict[str, Any]:
@@ -392,6 +433,12 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
         lines += ["", (f"pair toll split (follow, p50): P prefill {_ms(ts['prefill_ms']['p50'])} ms"
                        f" + proxy hop {_ms(ts['hop_ms']['p50'])} ms"
                        f" + transfer & D first step {_ms(ts['decode_ttft_ms']['p50'])} ms")]
+    reads = kv_read_lines(summaries)
+    if reads:
+        lines += ["", *reads]
+    elif pair:
+        lines += ["", ("pair KV read: not measured per request (D logged no reads: its connector was not"
+                       " loaded through pdtui's tuned module, docs/freight.md)")]
     lines += switch_table(summaries)
     lines += [""] + verdict(summaries)["text"]
     checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}

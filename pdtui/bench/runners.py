@@ -8,7 +8,8 @@
   the pair's toll and purchase compare like with like, and single-proxied vs single is the proxy's
   own cost;
 - ``pair``: the ``Runtime`` (P + D + proxy process); every client sample is joined with the
-  proxy's ``RequestTraced`` by X-Request-Id, and D's ``vllm:nixl_bytes_transferred`` is scraped
+  proxy's ``RequestTraced`` by X-Request-Id and with D's measured read of its KV (the "kv_read"
+  ConnectorEvent: pdtui.core.logparse.KvRead), and D's ``vllm:nixl_bytes_transferred`` is scraped
   before and after the load to check the traces' bytes;
 - ``two-single``: two colocated instances on P's and D's port and core/GPU behind the proxy
   process, round-robin (``proxied_settings``);
@@ -57,7 +58,17 @@ from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
 from pdtui.core import connectors, scrape, topology
 from pdtui.core.config import PairConfig
-from pdtui.core.events import EngineSpan, Event, InstanceStateChanged, Notice, PairBroken, PairReady, RequestTraced
+from pdtui.core.events import (
+    ConnectorEvent,
+    EngineSpan,
+    Event,
+    InstanceStateChanged,
+    Notice,
+    PairBroken,
+    PairReady,
+    RequestTraced,
+)
+from pdtui.core.logparse import KvRead
 from pdtui.core.proxy import ProxyProcess, ProxySettings
 from pdtui.core.runtime import Runtime
 from pdtui.core.supervisor import Instance, StartupFailed
@@ -601,6 +612,8 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
     traces: dict[str, RequestTraced] = {}
     spans: dict[str, dict[str, EngineSpan]] = {}
     """Request id -> instance -> its engine span (cfg.traces_port: pdtui.core.otlp)."""
+    reads: dict[str, KvRead] = {}
+    """Request id -> D's measured read of its KV (pdtui.engine.nixl_quiet's line)."""
     events = rt.subscribe()
 
     async def collect() -> None:
@@ -609,6 +622,8 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
                 traces[ev.request_id] = ev
             elif isinstance(ev, EngineSpan):
                 spans.setdefault(ev.request_id, {})[ev.instance] = ev
+            elif isinstance(ev, ConnectorEvent) and ev.what == "kv_read":
+                add_read(reads, KvRead.of(ev.fields))
             elif isinstance(ev, InstanceStateChanged):
                 if ev.state == "starting" and ev.pid:
                     arm.pgids.append(ev.pid)
@@ -650,6 +665,10 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await _wait_traces(arm.samples, traces, timeout_s=10 if paired else 5)
         _join(arm.samples, traces)
+        if paired:  # D logs a read before its first token, but through another pipe than the trace's
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await _wait_reads(arm.samples, reads, timeout_s=2)
+            _join_reads(arm.samples, reads)
         if cfg.traces_port is not None and paired:  # the engines export their spans every 200 ms
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await _wait_spans(arm.samples, spans, timeout_s=5)
@@ -689,6 +708,29 @@ def _join_spans(samples: list[Sample], spans: dict[str, dict[str, EngineSpan]]) 
     for s in samples:
         if s.trace is not None and s.request_id in spans:
             s.trace["engine"] = {inst: {k: getattr(sp, k) for k in keys} for inst, sp in spans[s.request_id].items()}
+
+
+def add_read(reads: dict[str, KvRead], read: KvRead) -> None:
+    """Keep D's read of a request; a second line for it is another of D's workers (TP > 1): merged."""
+    have = reads.get(read.request_id)
+    reads[read.request_id] = have.merged(read) if have and have.engine_request_id == read.engine_request_id else read
+
+
+async def _wait_reads(samples: list[Sample], reads: dict[str, KvRead], timeout_s: float) -> None:
+    want = {s.request_id for s in samples if s.trace and s.trace.get("outcome") == "pair"}
+    deadline = time.monotonic() + timeout_s
+    while not want <= set(reads) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def _join_reads(samples: list[Sample], reads: dict[str, KvRead]) -> None:
+    """Each sample's trace gets ``kv_read``: D's read of its KV as NIXL measured it (ms, bytes,
+    descriptors, transfers, post ms, achieved GB/s, D's ranks); none for a request D read nothing for."""
+    for s in samples:
+        r = reads.get(s.request_id)
+        if s.trace is not None and r is not None:
+            s.trace["kv_read"] = {"ms": r.ms, "bytes": r.bytes, "descs": r.descs, "handles": r.handles,
+                                  "post_ms": r.post_ms, "gbps": r.gbps, "ranks": r.ranks}
 
 
 async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:

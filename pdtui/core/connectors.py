@@ -53,7 +53,8 @@ class Connector:
     bytes_metric: str
     """The family that counts the KV bytes D pulled (a histogram: _sum is the bytes)."""
     xfer_time_metric: str
-    """The histogram of the time of each transfer (its buckets give p50/p99 per D)."""
+    """The histogram of the time of each transfer. Its buckets only bound a quantile (5, 10, 25 ms
+    ...), and its _sum/_count give an exact mean; the per-request times come from ``read_log``."""
     prefill_kv_params: MappingProxyType[str, Any]
     """kv_transfer_params the proxy sends P with max_tokens=1."""
     decode_needs: tuple[str, ...]
@@ -70,6 +71,9 @@ class Connector:
     """Warnings about the transport: "same_host_tcp" (format: transport), "slow_reads" (format: mbps)."""
     slow_reads_below_mbps: float | None = None
     """GPU-to-GPU reads on one host slower than this are not a GPU lane (runtime's warning)."""
+    read_log: str | None = None
+    """%-format of the line the tuned module logs on D per request whose KV it read (request id,
+    rank, handles, bytes, descriptors, read and post times in ms); ``log_rules``' "kv_read" parses it."""
 
 
 NIXL = Connector(
@@ -83,6 +87,7 @@ NIXL = Connector(
         "progress_delay_us": "PDTUI_NIXL_PROG_DELAY_US",
         "ucx_error_handling_mode": "PDTUI_UCX_ERROR_HANDLING_MODE",
         "keep_affinity": "PDTUI_NIXL_KEEP_AFFINITY",
+        "read_log": "PDTUI_NIXL_READ_LOG",
     }),
     # "2026-11-25 04:41:16 NIXL INFO    _api.py:405 Backend UCX was instantiated"
     log_line_prefix=r"^[\d-]+ [\d:.,]+ NIXL (?P<level>[A-Z]+)\s+(?P<src>\S+)\s+(?P<msg>.*)$",
@@ -99,6 +104,11 @@ NIXL = Connector(
         ("compat_failed", r"NIXL compatibility hash mismatch\. Local: (?P<local>\w+), Remote: (?P<remote>\w+)"),
         ("transfer_plan", r"Transfer plan: (?P<plan>.*)$"),
         ("transfer_failure", r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$"),
+        # pdtui.engine.nixl_quiet on D, one line per request whose KV it read (``read_log``): the
+        # telemetry NIXL gives vLLM's xfer_time histogram, per request instead of per bucket
+        ("kv_read", (r"^pdtui: KV read req=(?P<req>\S+) rank=(?P<rank>\d+) handles=(?P<handles>\d+)"
+                     r" bytes=(?P<bytes>\d+) descs=(?P<descs>\d+) xfer_ms=(?P<xfer_ms>[\d.]+)"
+                     r" post_ms=(?P<post_ms>[\d.]+)")),
         # The thread that answers D's handshakes died (e.g. its port was taken after pdtui's check):
         # the server still answers /health but can never be half of a pair (logparse.FATAL).
         ("side_channel_died", r"^Exception in thread nixl_handshake_listener"),
@@ -141,6 +151,7 @@ NIXL = Connector(
                       " to see UCX's lanes. See docs/gpu-transport.md.",
     }),
     slow_reads_below_mbps=2000.0,
+    read_log="pdtui: KV read req=%s rank=%d handles=%d bytes=%d descs=%d xfer_ms=%.3f post_ms=%.3f",
 )
 
 CONNECTORS: MappingProxyType[str, Connector] = MappingProxyType({c.name: c for c in (NIXL,)})

@@ -4,7 +4,9 @@ The names differ across versions (vLLM 0.22 logs ``NixlConnector`` from ``worker
 0.32 logs ``NixlPullConnector`` from ``base_worker.py``), but the messages that matter are stable:
 "Creating v1 connector with name", "Registering KV_Caches", "NIXL compatibility check passed",
 "Transfer plan", "NIXL transfer failure" and the API server's periodic "KV Transfer metrics".
-Every pattern is tested on log text captured from real runs (tests/fixtures/).
+Besides vLLM's own words, D's "pdtui: KV read ..." line (pdtui.engine.nixl_quiet) gives each
+request's measured KV read (``KvRead``). Every pattern is tested on log text captured from real
+runs (tests/fixtures/).
 """
 
 from __future__ import annotations
@@ -44,6 +46,62 @@ def _kv(text: str) -> dict[str, Any]:
         except ValueError:
             out[k] = v
     return out
+
+
+_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def proxy_request_id(engine_request_id: str) -> str:
+    """The proxy's X-Request-Id inside the id vLLM's engine core knows a request by. vLLM names a
+    completion ``cmpl-<X-Request-Id>-<prompt index>`` and a chat ``chatcmpl-<X-Request-Id>``, and
+    its input processor adds ``-<8 random hex digits>`` (vllm/v1/engine/input_processor.py
+    ``assign_request_id``; not with VLLM_DISABLE_REQUEST_ID_RANDOMIZATION, which vLLM deprecates):
+    ``cmpl-pdtui-5e0c...-0-9f1b2c3d`` -> ``pdtui-5e0c...``."""
+    rid = _ENGINE_SUFFIX.sub("", engine_request_id)
+    if rid.startswith("cmpl-"):
+        return re.sub(r"-\d+$", "", rid[5:])
+    if rid.startswith("chatcmpl-"):
+        return rid[9:]
+    return rid
+
+
+@dataclass(frozen=True)
+class KvRead:
+    """D's read of one request's KV blocks, measured by NIXL (the telemetry vLLM's
+    vllm:nixl_xfer_time_seconds histogram is fed), from pdtui.engine.nixl_quiet's line."""
+
+    request_id: str
+    """The proxy's X-Request-Id (``proxy_request_id``)."""
+    engine_request_id: str
+    ms: float
+    """From the post of the first read to the poll that saw the last one done (NIXL's xferDuration)."""
+    bytes: int
+    descs: int
+    """NIXL descriptors (after merging), summed over the reads."""
+    handles: int
+    """NIXL transfers (vLLM's histogram counts these; one per request on a pair of one rank each)."""
+    post_ms: float
+    """Time in NIXL's post calls, summed (inside ``ms``)."""
+    ranks: int = 1
+    """D's workers that read a part of it (TP > 1: one line each, ``merged``)."""
+
+    @staticmethod
+    def of(fields: dict[str, Any]) -> KvRead:
+        """From a "kv_read" milestone's fields (``parse_line``)."""
+        return KvRead(request_id=fields["request_id"], engine_request_id=fields["req"], ms=fields["xfer_ms"],
+                      bytes=fields["bytes"], descs=fields["descs"], handles=fields["handles"],
+                      post_ms=fields["post_ms"])
+
+    def merged(self, other: KvRead) -> KvRead:
+        """The same request read by another of D's workers (ranks read in parallel: the slower one's time)."""
+        return KvRead(self.request_id, self.engine_request_id, max(self.ms, other.ms), self.bytes + other.bytes,
+                      self.descs + other.descs, self.handles + other.handles, self.post_ms + other.post_ms,
+                      self.ranks + other.ranks)
+
+    @property
+    def gbps(self) -> float | None:
+        """Achieved rate, GB/s (10^9 bytes per second); None for a read of no measurable time."""
+        return self.bytes / self.ms / 1e6 if self.ms > 0 else None
 
 
 FATAL = {"side_channel_died": "connector's side-channel listener thread died"}
@@ -99,6 +157,9 @@ def parse_line(line: str) -> Parsed | None:
             fields["over_tcp"] = bool(fields["rma"]) and "tcp" in fields["rma"]
         elif what == "handshake":
             fields["seconds"] = float(fields["seconds"])
+        elif what == "kv_read":
+            fields = {k: (v if k == "req" else float(v) if k.endswith("_ms") else int(v)) for k, v in fields.items()}
+            fields["request_id"] = proxy_request_id(fields["req"])
         elif what == "kv_load_failed" and level not in ("WARNING", "ERROR", "CRITICAL"):
             continue
         return Parsed(what, msg.strip(), fields)

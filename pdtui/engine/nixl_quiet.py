@@ -15,6 +15,10 @@ It re-exports vLLM's own ``NixlConnector`` class, so every check on the connecto
 type still holds. The delay comes from ``PDTUI_NIXL_PROG_DELAY_US`` (the names: ``NIXL.tuning_env``) (default 1000). This leans on
 nixl internals (the ``nixlBind`` binding the agent is built with): if they move, it logs a
 warning and leaves NIXL as it is.
+
+It also logs, on D, one line per request whose KV it read (``_log_reads``): the measured read
+time and bytes that pdtui joins to the request's row (docs/freight.md). Off with
+``PDTUI_NIXL_READ_LOG=0``.
 """
 
 from __future__ import annotations
@@ -124,6 +128,77 @@ def _keep_affinity() -> None:
     cls._pdtui_keep_affinity = True
 
 
+def _log_reads() -> None:
+    """Log one line per request whose KV this worker read: NIXL's own telemetry of each read.
+
+    vLLM's ``_pop_done_transfers`` (nixl/base_worker.py) polls D's outstanding reads each engine
+    step; for each one done it takes ``nixl_wrapper.get_xfer_telemetry(handle)`` (startTime,
+    postDuration, xferDuration in microseconds, totalBytes, descCount) and hands it to
+    ``xfer_stats.record_transfer``, which becomes the ``vllm:nixl_xfer_time_seconds`` histogram:
+    the request id is lost there. This wraps ``_pop_done_transfers`` for D's reads (the
+    ``_recving_transfers`` dict, keyed by request id), notes which request each handle belongs to,
+    catches the telemetry vLLM asks for, and once a request has no read outstanding logs
+    ``NIXL.read_log``: its handles, bytes and descriptors summed, the read time from the first
+    handle's start to the last one's end (one handle: its xferDuration, post included, to the poll
+    that saw it done, the figure vLLM's histogram gets), the post times summed. A request with a
+    failed read logs nothing (vLLM logs the failure). Nothing is read or posted that vLLM does not
+    read itself: the cost is a dict and a list per poll with reads outstanding, and the line.
+    """
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+
+    cls = base_worker.NixlBaseConnectorWorker
+    if getattr(cls, "_pdtui_log_reads", False):
+        return
+    real_pop = cls._pop_done_transfers
+    fmt = NIXL.read_log
+
+    def _watch(self: Any) -> types.SimpleNamespace:
+        """Once per worker: its NIXL wrapper's get_xfer_telemetry notes each answer against the
+        request of the handle, while _pop_done_transfers below has said whose handles they are."""
+        state = types.SimpleNamespace(owner={}, reads={})
+        wrapper = self.nixl_wrapper
+        real_tel = wrapper.get_xfer_telemetry
+
+        def get_xfer_telemetry(handle: Any) -> Any:
+            res = real_tel(handle)
+            rid = state.owner.get(id(handle))
+            if rid is not None and res is not None:
+                state.reads.setdefault(rid, []).append(res)
+            return res
+
+        wrapper.get_xfer_telemetry = get_xfer_telemetry  # this agent only
+        self._pdtui_reads = state
+        return state
+
+    def _pop_done_transfers(self: Any, transfers: dict[str, list[Any]], _real: Any = real_pop) -> Any:
+        if not transfers or transfers is not getattr(self, "_recving_transfers", None):
+            return _real(self, transfers)
+        state = getattr(self, "_pdtui_reads", None) or _watch(self)
+        state.owner = {id(h): rid for rid, handles in transfers.items() for h in handles}
+        try:
+            done, failed = _real(self, transfers)
+        finally:
+            state.owner = {}
+        reads = state.reads
+        for rid in failed:
+            reads.pop(rid, None)
+        for rid in done:
+            tels = reads.pop(rid, None)
+            if tels and rid not in failed:
+                start = min(t.startTime for t in tels)
+                end = max(t.startTime + t.xferDuration for t in tels)
+                log.info(fmt, rid, getattr(self, "tp_rank", 0), len(tels), sum(t.totalBytes for t in tels),
+                         sum(t.descCount for t in tels), (end - start) / 1e3,
+                         sum(t.postDuration for t in tels) / 1e3)
+        if len(reads) > 4096:  # reads vLLM dropped without a done or a failure (an abort): forget them
+            reads.clear()
+        return done, failed
+
+    cls._pop_done_transfers = _pop_done_transfers
+    cls._pdtui_log_reads = True
+    log.info("pdtui: logging each KV read's NIXL telemetry per request")
+
+
 _ENV = NIXL.tuning_env  # the variables pdtui.core.config sets (pdtui/core/connectors.py)
 try:
     if os.environ.get(_ENV["keep_affinity"]) == "1":
@@ -132,5 +207,7 @@ try:
         _patch(int(os.environ[_ENV["progress_delay_us"]]))
     if os.environ.get(_ENV["ucx_error_handling_mode"]):
         _ucx_params({"ucx_error_handling_mode": os.environ[_ENV["ucx_error_handling_mode"]]})
+    if os.environ.get(_ENV["read_log"]) != "0":
+        _log_reads()
 except Exception as e:  # noqa: BLE001 - never break the connector over an optimisation
     log.warning("pdtui: could not tune NIXL: %s", e)

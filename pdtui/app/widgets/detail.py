@@ -4,9 +4,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from pdtui.app.state import fmt_num, freight_tokens, itl_stats, timeline
+from pdtui.app.state import fmt_ms, fmt_num, fmt_rate, freight_tokens, itl_stats, timeline
 from pdtui.core.events import EngineSpan, RequestTraced
 from pdtui.core.kvmath import KvGeometry
+from pdtui.core.logparse import KvRead
 
 BAR = 24
 
@@ -55,6 +56,25 @@ class RequestDetail(Static):
         """Why the request shown paid the NIXL handshake (DashState.handshakes), or None."""
         self.spans: dict[str, EngineSpan] = {}
         """The engines' own spans of the request shown (instance -> EngineSpan; traces_port)."""
+        self.kv_read: KvRead | None = None
+        """D's measured read of the request shown's KV (DashState.kv_reads), or None."""
+
+    def read_text(self, compact: bool = False) -> Text | None:
+        """D's read of this request's KV as NIXL measured it: time, bytes, achieved GB/s. Fewer
+        bytes than the freight formula's: D had the rest of the prompt's blocks in its own cache."""
+        k, r = self.kv_read, self.request
+        if k is None or r is None:
+            return None
+        rate = fmt_rate(k.gbps)
+        if compact:
+            return Text(f"KV read {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate} GB/s", style="bold")
+        t = Text("KV read ", style="bold")
+        t.append(f"(measured by NIXL on D): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) = "
+                 f"{rate} GB/s; {k.descs} descriptors, {k.handles} transfer{'s' if k.handles != 1 else ''}"
+                 f"{f' on {k.ranks} ranks' if k.ranks > 1 else ''}, post {fmt_ms(k.post_ms)} ms")
+        if r.kv_bytes and k.bytes < r.kv_bytes:
+            t.append(f"; of P's {r.kv_bytes:,} B, D had the rest cached", style="dim")
+        return t
 
     def engine_line(self) -> Text | None:
         """Inside the legs, by the engines' clocks: queue and prefill/first step (measured), the
@@ -135,7 +155,12 @@ class RequestDetail(Static):
         legs = " + ".join(f"{LEG_SHORT.get(name, name)} {stop - start:,.0f}" for name, start, stop in timeline(r))
         p50, mx = itl_stats(r)
         itl = f"; ITL p50 {p50:.1f} max {mx:.1f}" if p50 is not None else ""
-        t.append(f"\n{legs} ms{itl}" if legs else f"\nno timeline{itl}", style="cyan")
+        read = self.read_text(compact=True)
+        t.append("\n")
+        if read is not None:
+            t.append_text(read)
+            t.append("; ")
+        t.append(f"{legs} ms{itl}" if legs else f"no timeline{itl}", style="cyan")
         return t
 
     def render_wide(self, r: RequestTraced) -> Text:
@@ -154,6 +179,10 @@ class RequestDetail(Static):
             t.append(f"\nITL p50 {p50:.1f} ms, max {mx:.1f} ms over {len(r.itl_ms)} gaps ({r.chunks} chunks)")
         t.append("\nfreight: ", style="bold")
         t.append(self.formula())
+        read = self.read_text()
+        if read is not None:
+            t.append("\n")
+            t.append_text(read)
         engine = self.engine_line()
         if engine is not None:
             t.append("\n")

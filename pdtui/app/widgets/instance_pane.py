@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from pdtui.app.state import WINDOW_S, InstanceView, fmt_num
+from pdtui.app.state import WINDOW_S, InstanceView, bucket_text, fmt_ms, fmt_num
 
 STARTUP_STEPS = ("nixl_available", "kv_pool", "connector_created", "registered")
 STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "stopping": "yellow", "exited": "bold red",
@@ -107,10 +107,14 @@ class InstancePane(Static):
         return next((ms[k] for k in ("compat_ok", "registered", "connector_created", "nixl_available") if k in ms), "")
 
     @staticmethod
-    def nixl_text(v: InstanceView, wide: bool = False) -> Text | None:
-        """NIXL's own figures, failures first: failed transfers/notifications (D), KV expired before
-        it was read (P counts those), per-transfer time p50/p99 in ms since the start and over the
-        last WINDOW_S s. None before the engine reports any."""
+    def nixl_text(v: InstanceView, wide: bool = False, width: int | None = None) -> Text | None:
+        """NIXL's figures, failures first: failed transfers/notifications (D), KV expired before
+        it was read (P counts those), then the KV read time p50/p99 in ms, measured per request
+        (D's "pdtui: KV read" lines), since the start and over the last WINDOW_S s. An engine that
+        logs no reads (NixlConnector not loaded through pdtui.engine.nixl_quiet) gets what vLLM's
+        histogram can say: the buckets its p50/p99 fall in, as bounds, and its exact mean. ``wide``
+        adds how they were measured, and the mean where ``width`` leaves room. None before the
+        engine reports any."""
         n = v.nixl
         if n is None:
             return None
@@ -119,13 +123,21 @@ class InstancePane(Static):
             t.append(f"fail {n.failed}/{n.failed_notifications} ", style="bold red" if n.failed else "")
         if n.expired or v.role == "prefill":
             t.append(f"expired {n.expired} ", style="bold red" if n.expired else "")
-        if n.transfers:
+        if n.reads:
             label = "xfer p50/p99 " if wide else "xfer "
-            t.append(f"{label}{fmt_num(n.p50_ms, '.1f')}/{fmt_num(n.p99_ms, '.1f')}ms ")
-            t.append(f"{WINDOW_S:.0f}s {fmt_num(n.recent_p50_ms, '.1f')}/{fmt_num(n.recent_p99_ms, '.1f')}",
-                     style="cyan")
+            t.append(f"{label}{fmt_ms(n.p50_ms)}/{fmt_ms(n.p99_ms)}ms ")
+            t.append(f"{WINDOW_S:.0f}s {fmt_ms(n.recent_p50_ms)}/{fmt_ms(n.recent_p99_ms)}", style="cyan")
             if wide:
-                t.append(f" ({n.transfers} transfers, {n.recent_transfers} recent)", style="dim")
+                of = f"{n.kept} of {n.reads}" if n.kept < n.reads else f"{n.reads}"
+                t.append(f" (measured, {of} transfers)", style="dim")
+                mean = f" mean {fmt_ms(n.mean_ms)}ms"
+                if width is None or len(t.plain) + len(mean) <= width:
+                    t.append(mean, style="dim")
+        elif n.transfers:
+            bounds = f"p50 {bucket_text(n.hist_p50)} p99 {bucket_text(n.hist_p99)} " if n.hist_p50 else ""
+            t.append(f"xfer {bounds}mean {fmt_ms(n.hist_mean_ms)}ms")
+            if wide:
+                t.append(f" (vLLM's histogram, not measured per request: {n.transfers} transfers)", style="dim")
         return t
 
     def render(self) -> Text:
@@ -161,7 +173,7 @@ class InstancePane(Static):
             out.append(label + " ", style=style)
         out.append(self.connector_words(v), style="italic dim")
         used = 4
-        nixl = self.nixl_text(v, wide=self.content_size.width >= 60)
+        nixl = self.nixl_text(v, wide=self.content_size.width >= 60, width=self.content_size.width)
         if nixl is not None:  # before the log: at 80x24 it takes the log's one line
             out.append("\n")
             out.append_text(nixl)
