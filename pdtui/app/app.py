@@ -313,7 +313,10 @@ class PdtuiApp(App[int]):
         """Show a notice on the notice line: ``line`` if given, else ``text`` if it fits, else its
         first clause (who, what, why: pdtui.app.notices.one_line), cut to the width; keep it
         whole for the notices screen (`n`)."""
-        notice = self.query_one("#notice", Static)
+        found = self.query("#notice")
+        if not found:  # shutting down: the widgets are gone (a load worker can finish after them)
+            return
+        notice = found.first(Static)
         shown = line if line is not None else one_line(text, self._notice_width())
         self.notices.append(ShownNotice(self.clock() if t is None else t, level, text, shown))
         notice.update(Text(shown, no_wrap=True, overflow="ellipsis"))

@@ -186,6 +186,18 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
             raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
         await done("load", f"steady streams running; witness stream at {w.chunks} chunks")
 
+        for _ in range(3):  # the kill must find the witness streaming: one that ended already (D sends
+            if not witness_task.done():  # tokens in bunches when it lags: 3000 can be done in seconds)
+                break
+            log("[drill] the witness stream ended before the kill; a new one")
+            w = Witness()
+            witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name, witness_tokens, w))
+            deadline = time.monotonic() + step_timeout_s
+            while w.chunks < 20 and w.error is None and time.monotonic() < deadline:
+                await pilot.pause(0.1)
+        if witness_task.done():
+            raise DrillFailed(f"the witness stream keeps ending before the kill ({w.chunks} chunks, done={w.done});"
+                              " a longer one: --witness-tokens")
         errors_before = count("error")
         await pilot.press("k")
         await until(f"{d}'s pane shows the exit", lambda s: (v := s.instance(d)) is not None and v.bad,
