@@ -69,10 +69,10 @@ from pdtui.core.events import (
     RequestTraced,
 )
 from pdtui.core.logparse import KvRead
-from pdtui.core.proxy import ProxyProcess, ProxySettings
-from pdtui.core.runtime import Runtime
+from pdtui.core.proxy import ProxyProcess
+from pdtui.core.runtime import Runtime, proxy_sees_up  # noqa: F401 - proxy_sees_up: scripts and tests
 from pdtui.core.supervisor import Instance, StartupFailed
-from pdtui.core.topology import Topology
+from pdtui.core.topology import Topology, proxied_settings
 
 ARMS = ("single", "single-proxied", "pair")
 """The default: the pair, and the single instance both straight and through the same proxy."""
@@ -541,12 +541,6 @@ async def warm_instances(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, in
                 arm.notices.append(f"warning: the warm-up request to {inst.name} failed: {rec['error']}")
 
 
-def proxied_settings(block_size: int) -> ProxySettings:
-    """The proxy of the single-proxied and two-single arms (pdtui.core.topology._singles): no
-    prefill instance, round-robin over the instances that are up."""
-    return ProxySettings(block_size=block_size, decode_choice="round-robin")
-
-
 def arm_proxy(host: str, port: int, instances: list[tuple[str, str]], block_size: int,
               on_event: Callable[[Event], None]) -> ProxyProcess:
     """A proxy process as single-proxied's: ``instances`` (name, url) as its decode instances, no
@@ -565,21 +559,6 @@ def follow_states(proxy: ProxyProcess, then: Callable[[Event], None]) -> Callabl
         then(ev)
 
     return on_event
-
-
-async def proxy_sees_up(url: str, names: list[str], timeout_s: float = 10.0) -> None:
-    """Wait until the proxy's /health lists every one of ``names`` as an up decode instance.
-    Raises TimeoutError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while True:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                up = (await client.get(f"{url}/health")).json().get("decode") or {}
-                if all(up.get(n) for n in names):
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the proxy at {url} did not see {', '.join(names)} up within {timeout_s:.0f} s")
-            await asyncio.sleep(0.05)
 
 
 async def _scrape_d(rt: Runtime) -> dict[str, float]:

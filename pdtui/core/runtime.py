@@ -99,6 +99,7 @@ class Runtime:
         self._pool_warned = False
         self._tcp_warned = False
         self._warmup_error: str | None = None
+        self._broken: str | None = None
         self._transport_seen = False
         """UCX printed which transport reads the KV (its table): no guessing from throughput then."""
         self.t_start: float | None = None
@@ -191,6 +192,7 @@ class Runtime:
             await self.aclose(reason="start-up failed")
             raise
         elapsed = time.monotonic() - self.t_start
+        self._broken = broken  # kept: the PairBroken event leaves the bounded history in a long run
         if broken is not None:
             self.emit(PairBroken(elapsed_s=round(elapsed, 3), reason=broken, warmup_outcome=outcome))
         else:
@@ -200,21 +202,13 @@ class Runtime:
     async def _proxy_sees_up(self, timeout_s: float = 10.0) -> None:
         """Wait until the proxy's /health lists every instance as up (their states reach it through
         a pipe): no request, the warm-up's or a client's, is sent before it can reach them all."""
-        if self.topology.proxy is None:
-            return
         plan = self.topology.proxy
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    h = (await client.get(f"{plan.url}/health")).json()
-                    if all(h.get("prefill", {}).get(n) for n in plan.prefills) and \
-                            all(h.get("decode", {}).get(n) for n in plan.decodes):
-                        return
-                if time.monotonic() > deadline:
-                    raise StartupFailed(f"the proxy at {plan.url} did not see {', '.join(self.instances)} up"
-                                        f" within {timeout_s:.0f} s")
-                await asyncio.sleep(0.05)
+        if plan is None:
+            return
+        try:
+            await proxy_sees_up(plan.url, list(plan.decodes), timeout_s, prefills=list(plan.prefills))
+        except TimeoutError as e:
+            raise StartupFailed(str(e)) from None
 
     @property
     def closed(self) -> bool:
@@ -224,12 +218,7 @@ class Runtime:
     @property
     def broken(self) -> str | None:
         """Why the pair is up but not working (the warm-up's outcome), or None."""
-        for ev in reversed(self.history):
-            if isinstance(ev, PairBroken):
-                return ev.reason
-            if isinstance(ev, PairReady):
-                return None
-        return None
+        return self._broken
 
     def _dead(self) -> Instance | None:
         return next((i for i in self.instances.values() if i.death is not None or not i.alive), None)
@@ -415,6 +404,24 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, timeout=5)
+
+
+async def proxy_sees_up(url: str, decodes: list[str], timeout_s: float = 10.0, *,
+                        prefills: list[str] | None = None) -> None:
+    """Wait until the proxy at ``url`` lists every one of ``decodes`` (and ``prefills``) as up in
+    its /health. Raises TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                h = (await client.get(f"{url}/health")).json()
+                if all((h.get("decode") or {}).get(n) for n in decodes) and \
+                        all((h.get("prefill") or {}).get(n) for n in prefills or ()):
+                    return
+            if time.monotonic() > deadline:
+                names = ", ".join([*(prefills or ()), *decodes])
+                raise TimeoutError(f"the proxy at {url} did not see {names} up within {timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
 
 
 def default_run_dir(cfg: PairConfig) -> Path:

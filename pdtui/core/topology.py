@@ -126,6 +126,12 @@ def pair(cfg: PairConfig, *, model_root: Path | None = None, python: str | None 
     return Topology(name, cfg, members, plan, connectors.known(cfg.connector), geometry, cfg.warmup, model)
 
 
+def proxied_settings(block_size: int, decode_choice: str = "round-robin") -> ProxySettings:
+    """The proxy in front of colocated instances (single-proxied, two-single): no prefill instance,
+    every request to one of them as it is, picked round-robin by default."""
+    return ProxySettings(block_size=block_size, decode_choice=decode_choice)
+
+
 def _singles(cfg: PairConfig, name: str, where: list[tuple[str, InstanceConfig]], proxied: bool,
              model_root: Path | None, python: str | None, decode_choice: str = "round-robin") -> Topology:
     specs = [config_mod.render_single(cfg, model_root=model_root, python=python, name=n, inst=i) for n, i in where]
@@ -136,7 +142,7 @@ def _singles(cfg: PairConfig, name: str, where: list[tuple[str, InstanceConfig]]
         # no prefill instance: every request goes to a colocated instance as it is (a plain relay),
         # round-robin over those up whatever their load: vLLM's own fair baseline (its
         # examples/disagg toy proxies pick round-robin too); with one instance it is that one
-        plan = ProxyPlan(cfg.host, cfg.proxy_port, ProxySettings(block_size=cfg.block_size, decode_choice=decode_choice),
+        plan = ProxyPlan(cfg.host, cfg.proxy_port, proxied_settings(cfg.block_size, decode_choice),
                          (), tuple(m.name for m in members))
     return Topology(name, cfg, members, plan, None, geometry_of(cfg, model), False, model)
 
