@@ -4,8 +4,8 @@ done unattended, with a check that each consequence shows where people look.
 Steps (each waits, bounded, for its consequence in the dashboard's state, then saves an SVG):
 
 1. ``ready``     both instances ready and the warm-up request through the pair done;
-2. ``load``      ``2`` starts steady decode streams; a witness stream of our own is streaming;
-3. ``kill-d``    ``k`` kills D mid-stream: D's pane turns red, the witness stream ends with an
+2. ``load``      ``2`` starts steady decode streams;
+3. ``kill-d``    a witness stream of our own starts; once it streams, ``k`` kills D mid-stream: D's pane turns red, the witness stream ends with an
                  explicit error (never a clean end), the error counter moves;
 4. ``restart-d`` ``r`` restarts D; ``1`` sends one request: it goes through the pair again;
 5. ``kill-p``    ``K`` kills P; ``1`` sends one request: it falls back to D colocated;
@@ -72,6 +72,7 @@ class Witness:
     SSE client fills ``rec`` while the stream runs, and the drill reads it meanwhile."""
 
     rec: sse_client.SseStream = field(default_factory=sse_client.SseStream)
+    request_id: str = field(default_factory=lambda: f"drill-witness-{time.time_ns():x}")
 
     @property
     def chunks(self) -> int:
@@ -97,7 +98,8 @@ async def witness_stream(base_url: str, model: str, max_tokens: int, w: Witness)
     body = {"model": model, "prompt": prompt_of(40, int(time.time())), "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
-        await sse_client.stream(client, f"{base_url}/v1/completions", body, w.rec)
+        await sse_client.stream(client, f"{base_url}/v1/completions", body, w.rec,
+                                headers={"X-Request-Id": w.request_id})
 
 
 async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_timeout_s: float = 300.0,
@@ -176,26 +178,29 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         await done("ready", f"pair ready in {snap().header.ready_s:.1f} s (warm-up included)")
 
         cfg = app.runtime.run
-        w = Witness()
-        witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name, witness_tokens, w))
         await pilot.press("2")
-        deadline = time.monotonic() + step_timeout_s
-        while w.chunks < 20 and w.error is None and time.monotonic() < deadline:
-            await pilot.pause(0.1)
-        if w.chunks < 20:
-            raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
-        await done("load", f"steady streams running; witness stream at {w.chunks} chunks")
+        await until("steady streams running", lambda s: any(w.group == "load" and not w.is_finished
+                                                               for w in app.workers), step_timeout_s)
+        await done("load", "steady streams running")
 
-        for _ in range(3):  # the kill must find the witness streaming: one that ended already (D sends
-            if not witness_task.done():  # tokens in bunches when it lags: 3000 can be done in seconds)
-                break
-            log("[drill] the witness stream ended before the kill; a new one")
-            w = Witness()
-            witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name, witness_tokens, w))
+        # The witness starts only now, right before the kill: D must still be generating it when it dies.
+        # A client that lags (this one shares the dashboard's loop) can still be reading a stream D has
+        # long finished, and a kill then ends nothing (the stream is complete in the sockets' buffers).
+        w = Witness()
+        for attempt in range(3):
+            if attempt:
+                log("[drill] the witness stream ended before the kill; a new one")
+                w = Witness()
+            task = witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name,
+                                                                     witness_tokens, w))
             deadline = time.monotonic() + step_timeout_s
             while w.chunks < 20 and w.error is None and time.monotonic() < deadline:
                 await pilot.pause(0.1)
-        if witness_task.done():
+            if w.chunks < 20:
+                raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
+            if not task.done():
+                break
+        if task.done():
             raise DrillFailed(f"the witness stream keeps ending before the kill ({w.chunks} chunks, done={w.done});"
                               " a longer one: --witness-tokens")
         errors_before = count("error")
@@ -203,12 +208,18 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         await until(f"{d}'s pane shows the exit", lambda s: (v := s.instance(d)) is not None and v.bad,
                     30)
         deadline = time.monotonic() + 60
-        while not witness_task.done() and time.monotonic() < deadline:
+        while not task.done() and time.monotonic() < deadline:
             await pilot.pause(0.1)
-        if not witness_task.done():
+        if not task.done():
             raise DrillFailed("the witness stream still hangs 60 s after D was killed")
         if w.done or w.error is None:
-            raise DrillFailed(f"the witness stream ended cleanly after D was killed (done={w.done})")
+            # the proxy's own trace of the witness says whether D's stream was complete before D died
+            row = snap().request(w.request_id)
+            if row is not None and row.outcome != "error":
+                raise DrillFailed(f"D had finished the witness ({w.request_id}, traced as {row.outcome}) before"
+                                  f" the kill reached it; the client was still reading (a longer one: --witness-tokens)")
+            raise DrillFailed(f"the witness stream ended cleanly after D was killed (done={w.done},"
+                              f" traced as {row.outcome if row else 'nothing'})")
         await until("the errored request counted", lambda s: s.counts.get("error", 0) > errors_before, 60)
         dv = snap().instance(d)
         assert dv is not None  # its pane showed the exit (the first wait after `k`)
