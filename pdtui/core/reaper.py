@@ -7,7 +7,9 @@ killer), the pipe reports end-of-file and the reaper SIGKILLs every process grou
 (an instance's API server leads one: ``+PGID`` lines on the pipe, ``-PGID`` when it ended), every
 process in those sessions (engine cores and workers that left the group keep the session), and
 every process whose environment carries ``PDTUI_TAG=RUN_TAG...`` (the proxy; vLLM's renamed
-engine processes no longer show theirs: setproctitle overwrites /proc/<pid>/environ). A pdtui that shut down cleanly leaves nothing to kill.
+engine processes no longer show theirs: setproctitle overwrites /proc/<pid>/environ); then it
+removes the instances' temp folders (``supervisor.make_scratch``). A pdtui that shut down cleanly
+leaves nothing to kill.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import signal
 import sys
 
-from pdtui.core.supervisor import kill_family
+from pdtui.core.supervisor import kill_family, remove_scratch
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +36,7 @@ def main(argv: list[str]) -> int:
     except OSError:
         pass
     kill_family(argv[0] + ":", groups, timeout_s=10.0)
+    remove_scratch(argv[0])  # the engines' temp folders (supervisor.make_scratch)
     return 0
 
 

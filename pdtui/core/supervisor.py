@@ -14,10 +14,12 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -197,6 +199,38 @@ def ensure_reaper() -> None:
                                env={**os.environ, TAG_VAR: ""})
 
 
+def scratch_prefix(run_tag: str = RUN_TAG) -> str:
+    """The name every scratch folder of this pdtui's instances starts with (in the temp folder)."""
+    return f"pdtui-{run_tag}-"
+
+
+def make_scratch(name: str, generation: int, run_tag: str = RUN_TAG) -> Path:
+    """A folder of its own for one start of an instance, in the temp folder: vLLM puts its ZeroMQ
+    sockets (``VLLM_RPC_BASE_PATH``, one per engine link) and gloo's rendezvous file
+    (``TMPDIR``) there. vLLM removes them only on a clean exit; an engine killed by a signal left
+    them in /tmp for good (over a thousand after a day of drills). pdtui removes the folder when
+    the instance ends, however it ends, and the reaper removes those of a pdtui that died."""
+    return Path(tempfile.mkdtemp(prefix=f"{scratch_prefix(run_tag)}{name}-{generation}-"))
+
+
+def remove_scratch(run_tag: str = RUN_TAG) -> list[str]:
+    """Remove every scratch folder of ``run_tag``'s instances; returns what was removed."""
+    gone = []
+    for p in Path(tempfile.gettempdir()).glob(f"{scratch_prefix(run_tag)}*"):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(str(p))
+    return gone
+
+
+def scratch_env(scratch: Path, env: dict[str, str]) -> dict[str, str]:
+    """The engine's environment with its temp files in ``scratch``. Torch's compile cache stays
+    where it was (it must outlive the instance: a GPU start reuses it)."""
+    user = os.environ.get("USER") or str(os.getuid())
+    keep = {"TORCHINDUCTOR_CACHE_DIR": env.get("TORCHINDUCTOR_CACHE_DIR")
+            or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")}
+    return {**env, **keep, "TMPDIR": str(scratch), "VLLM_RPC_BASE_PATH": str(scratch)}
+
+
 def reaper_watch(pgid: int, on: bool = True) -> None:
     """Tell the reaper about a process group (an instance's API server leads its group and its
     session): it kills the group and the session when pdtui ends. The environment tag alone is not
@@ -264,6 +298,8 @@ class Instance:
         self.tag = ""
         self.members: dict[int, str] = {}
         """vLLM's engine-core and worker processes seen under the API server (pid -> title)."""
+        self.scratch: Path | None = None
+        """This start's temp folder (make_scratch), removed when the instance ends."""
         self.death: str | None = None
         """Which process died first, and how (an exit nobody asked for)."""
 
@@ -335,7 +371,8 @@ class Instance:
         ensure_reaper()
         self.generation += 1
         self.tag = f"{RUN_TAG}:{self.name}:{self.generation}"
-        env = {**os.environ, **self.spec.env, **self.extra_env, TAG_VAR: self.tag}
+        self.scratch = make_scratch(self.name, self.generation)
+        env = scratch_env(self.scratch, {**os.environ, **self.spec.env, **self.extra_env, TAG_VAR: self.tag})
         self.members = {}
         self.death = None
         self._exited = asyncio.Event()
@@ -469,6 +506,8 @@ class Instance:
         await asyncio.to_thread(kill_family, self.tag, {pid}, list(self.members), 5.0)
         if not session_processes({pid}):
             reaper_watch(pid, on=False)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         for _ in range(40):  # the API server's return code arrives from the child watcher
             if proc.returncode is not None:
                 break

@@ -6,7 +6,8 @@ usage: fake_server.py PORT MODE
   stubborn     like ready, but ignore SIGTERM and start a grandchild that ignores it too
   family       like ready, with a grandchild titled like vLLM's engine core (VLLM::EngineCore) that
                holds the log pipe, as vLLM's does, leaves the process group, and shows no
-               PDTUI_TAG (as a process renamed by setproctitle)
+               PDTUI_TAG (as a process renamed by setproctitle); it leaves files where vLLM
+               leaves its ZeroMQ sockets and gloo's file (VLLM_RPC_BASE_PATH, TMPDIR)
   family-sigill  like family, but the grandchild dies of SIGILL after 1 s with faulthandler on
   listener-dies  like ready, but first prints the traceback of vLLM's NIXL handshake-listener
                thread dying on a taken port (the process lives on and answers /health)
@@ -29,6 +30,10 @@ if mode == "stubborn":
     child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
     print(f"GRANDCHILD {child.pid}", flush=True)
 if mode == "family":
+    # leaves what vLLM leaves when killed: a ZeroMQ socket file and gloo's rendezvous file
+    import tempfile
+    open(os.path.join(os.environ.get("VLLM_RPC_BASE_PATH", tempfile.gettempdir()), "fake-ipc-socket"), "w").close()
+    open(os.path.join(tempfile.gettempdir(), "vllm_dist_fake"), "w").close()
     # no PDTUI_TAG in its environment: vLLM's renamed processes (setproctitle) do not show theirs
     child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(600)",
                               "VLLM::EngineCore"], env={"PATH": os.environ.get("PATH", "")})

@@ -32,6 +32,20 @@ STARTED_GROUPS: set[int] = set()
 PORT_OFFSET = int(os.environ.get("PDTUI_E2E_PORT_OFFSET", "21000"))
 
 
+def engine_temp_files() -> set[str]:
+    """What vLLM leaves in the temp folder itself when it is killed: its ZeroMQ sockets (named by
+    a uuid4) and gloo's rendezvous files. pdtui gives each engine a folder of its own instead
+    (supervisor.make_scratch); test_zz_no_leftovers.py checks that no new ones appear."""
+    import re
+    import tempfile
+
+    uuid_name = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    return {n for n in os.listdir(tempfile.gettempdir()) if uuid_name.match(n) or n.startswith("vllm_dist_")}
+
+
+TEMP_FILES_BEFORE = engine_temp_files()
+
+
 def _ports_taken(cfg: config_mod.PairConfig) -> list[int]:
     ports = [cfg.proxy_port] + [p for i in cfg.instances for p in (i.port, i.side_channel_port)]
     taken = []

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pdtui.core import config as config_mod
-from tests.e2e.conftest import PORT_OFFSET, STARTED_GROUPS, _ports_free
+from tests.e2e.conftest import PORT_OFFSET, STARTED_GROUPS, TEMP_FILES_BEFORE, _ports_free, engine_temp_files
 
 pytestmark = pytest.mark.e2e
 
@@ -46,3 +46,17 @@ def test_no_vllm_process_is_left_running():
     assert tagged_processes(RUN_TAG + ":") == []
     cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
     assert _ports_free(cfg), "a port of the e2e pair is still held"
+
+
+def test_no_engine_left_a_file_in_the_temp_folder():
+    """The e2e tests killed engines with SIGKILL dozens of times: vLLM's sockets and gloo's files
+    went to each start's own folder (supervisor.make_scratch), and every such folder is gone."""
+    import tempfile
+
+    from pdtui.core.supervisor import RUN_TAG, scratch_prefix
+
+    assert STARTED_GROUPS, "no engine was started: this test would see nothing"
+    new = engine_temp_files() - TEMP_FILES_BEFORE
+    assert not new, f"{len(new)} engine files left in {tempfile.gettempdir()}: {sorted(new)[:5]}"
+    left = list(Path(tempfile.gettempdir()).glob(scratch_prefix(RUN_TAG) + "*"))
+    assert not left, f"engine temp folders left: {left[:5]}"

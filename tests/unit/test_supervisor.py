@@ -161,6 +161,9 @@ def test_a_kill_from_outside_is_seen_within_2s_everything_goes_and_a_restart_wor
         await _wait_until(lambda: inst.members, 5)  # the watcher found the engine core by its title
         api, core = inst.pid, _grandchild(inst)
         assert inst.members == {core: "VLLM::EngineCore"}
+        scratch = inst.scratch  # where the engine's sockets and temp files went (not /tmp itself)
+        assert scratch is not None and sorted(f.name for f in scratch.iterdir()) == ["fake-ipc-socket",
+                                                                                     "vllm_dist_fake"]
         t0 = time.monotonic()
         os.kill(api if victim == "api-server" else core, 9)
         await asyncio.wait_for(inst.wait_exit(), 5)
@@ -171,11 +174,13 @@ def test_a_kill_from_outside_is_seen_within_2s_everything_goes_and_a_restart_wor
         assert ("API server" if victim == "api-server" else "VLLM::EngineCore") in exited.detail
         assert "signal SIGKILL (killed" in exited.detail, exited.detail
         await _wait_until(lambda: not alive(api) and not alive(core), 2)
-        # its port is free again, and a restart works
+        assert not scratch.exists(), list(scratch.iterdir())  # no socket of a killed engine left
+        # its port is free again, and a restart works, with a temp folder of its own
         check_port_free("127.0.0.1", inst.port, "test")
         await inst.start()
-        assert inst.ready
+        assert inst.ready and inst.scratch is not None and inst.scratch != scratch and inst.scratch.exists()
         await inst.stop()
+        assert not inst.scratch.exists()
         return seen
 
     seen = run(go())
@@ -186,7 +191,8 @@ def test_a_kill_from_outside_is_seen_within_2s_everything_goes_and_a_restart_wor
 
 
 def test_the_reaper_kills_everything_when_pdtui_itself_is_killed(tmp_path):
-    """kill -9 of pdtui: nothing it launched may outlive it (the pipe to the reaper closes)."""
+    """kill -9 of pdtui: nothing it launched may outlive it (the pipe to the reaper closes), nor the
+    engines' temp folder."""
     import subprocess
     import textwrap
     import time
@@ -202,19 +208,24 @@ def test_the_reaper_kills_everything_when_pdtui_itself_is_killed(tmp_path):
             while not inst.members:
                 await asyncio.sleep(0.05)
             print(inst.pid, *inst.members, flush=True)
+            print(inst.scratch, flush=True)
             await asyncio.sleep(600)
         asyncio.run(go())
     """))
     pdtui = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in pdtui.stdout.readline().split()]
-        assert len(pids) == 2 and all(alive(p) for p in pids)
+        scratch = Path(pdtui.stdout.readline().strip())
+        assert len(pids) == 2 and all(alive(p) for p in pids) and scratch.is_dir()
         pdtui.kill()
         pdtui.wait(10)
         deadline = time.monotonic() + 10
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(alive(p) for p in pids), [p for p in pids if alive(p)]
+        while scratch.exists() and time.monotonic() < deadline:  # the reaper removes it after the kills
+            time.sleep(0.05)
+        assert not scratch.exists(), "the engines' temp folder outlived pdtui"
     finally:
         if pdtui.poll() is None:
             pdtui.kill()
