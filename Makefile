@@ -42,9 +42,12 @@ lock:
 	@echo "constraints.txt refreshed: now make install && make test, then commit it"
 
 # Lint, types and the import contract first (seconds; mypy's first run takes up to a minute and
-# leaves .mypy_cache), then everything.
+# leaves .mypy_cache), then the unit and functional tests on JOBS processes (pytest-xdist), then
+# the e2e tests on their own: they share one real pair and use every core.
+JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 test: lint
-	$(PY) -m pytest -v tests
+	$(PY) -m pytest -v -n $(JOBS) tests/unit tests/functional
+	$(PY) -m pytest -v tests/e2e
 
 lint:
 	$(VENV)/bin/ruff check pdtui tests scripts
@@ -52,7 +55,7 @@ lint:
 	$(PY) -m pytest -q tests/unit/test_import_hygiene.py
 
 unit:
-	$(PY) -m pytest -v tests/unit
+	$(PY) -m pytest -v -n $(JOBS) tests/unit tests/functional
 
 e2e:
 	$(PY) -m pytest -v tests/e2e
