@@ -11,7 +11,8 @@ LOCK_VENV ?= .venv-lock
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install $(LOCK) -e ".[$(EXTRA),dev]"
+	@# uv with pip's own settings (about 4x faster), pip if uv fails: scripts/uv_install.py
+	$(PY) scripts/uv_install.py $(PY) $(LOCK) -e ".[$(EXTRA),dev]"
 ifeq ($(EXTRA),cpu)
 	@# pip pulls CUDA builds of these beside torch 2.13.0+cpu; each breaks `import vllm`.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
