@@ -1,7 +1,9 @@
 """The service and its viewers (issue 23, detach and attach): the control socket's ``subscribe``
 (header, history, live events, its last line), a slow viewer dropped and never waited for, the
 RemoteSource that reads it (reconnects without losing or repeating an event), read-only viewers,
-and the TCP listener's token. In-process (a stub run, no engines). No vLLM here.
+and the TCP listener's token. In-process first (a stub run, no engines); then `pdtui up --detach`
+over fake engines (tests/child_scripts/fake_engines) driven as a user would, `pdtui ctl down`
+leaving nothing behind. No vLLM here.
 """
 
 from __future__ import annotations
@@ -11,20 +13,28 @@ import collections
 import json
 import os
 import shutil
+import signal
 import socket
+import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from pdtui.core import config as config_mod
 from pdtui.core.control import Control, ControlError, ControlServer, ControlTcpServer, request
 from pdtui.core.events import Event, EventHub, InstanceStateChanged, Notice, RuntimeStopped, from_json
 from pdtui.core.kvmath import KvGeometry
 from pdtui.core.remote import RemoteRefused, RemoteSource
 from pdtui.core.source import RunInfo
+from tests.fake_service import ROOT, alive, ctl, fake_env, fake_profile, port_free, wait_gone
+from tests.fakes import free_port
 from tests.functional.fake_runtime import request as traced
 
 TOKEN = "a-token-of-forty-three-characters-xxxxxxxxx"
@@ -359,3 +369,130 @@ def test_tcp_needs_the_right_token_and_a_read_only_viewer_cannot_kill(short_tmp:
     assert out["kill"]["ok"] and out["kill"]["instance"] == "D" and rt.calls == [("kill", "D", "killed by pdtui attach")]
     assert "pdtui attach: kill D" in out["notices"]
     assert out["d_state"] == "exited"  # the viewer's instance followed the service's event
+
+
+# ----- `pdtui up --detach` over fake engines -----------------------------------------------------------
+
+
+def test_up_detach_returns_once_ready_serves_on_and_ctl_down_leaves_nothing(short_tmp: Path) -> None:
+    """`pdtui up --detach --listen`: returns 0 once the pair is ready, saying where everything is;
+    the service runs in a session of its own, ignores SIGHUP, answers on its socket and on TCP
+    (token 0600, wrong or no token refused), proxies a stream; `pdtui ctl down` then stops it,
+    its engines and ports, and removes the socket."""
+    home = short_tmp / "h"
+    profile = fake_profile(short_tmp)
+    cfg = config_mod.load_profile(profile)
+    sock = home / "state" / "ctl" / f"{cfg.proxy_port}.sock"
+    tcp = free_port()
+    t0 = time.monotonic()
+    up = subprocess.run([sys.executable, "-m", "pdtui", "up", "--detach", "--profile", str(profile),
+                         "--listen", f"127.0.0.1:{tcp}"], env=fake_env(home), cwd=ROOT, capture_output=True,
+                        text=True, timeout=90, check=False)
+    took = time.monotonic() - t0
+    service: int | None = None
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = request(sock, {"verb": "status"}, timeout_s=10)
+        service = status["pid"]
+        run_dir = Path(status["run_dir"])
+        out = up.stdout
+        assert f"service running (pid {service}): pair ready in" in out and cfg.proxy_url in out
+        assert f"control socket  {sock}" in out and f"run folder      {run_dir}" in out
+        assert f"recording       {run_dir / 'events.jsonl'}" in out
+        assert f"TCP             127.0.0.1:{tcp}, token in {run_dir / 'token'}" in out
+        assert f"pdtui attach --proxy-port {cfg.proxy_port}" in out and f"pdtui ctl down --proxy-port {cfg.proxy_port}" in out
+        assert f"starting the service (pid {service}); its output goes to {run_dir / 'service.out'}" in up.stderr
+        assert "P ready, D ready" in up.stderr  # the progress, a line per change off a terminal
+        assert took < 60
+        # a service of its own: another session, SIGHUP ignored, its output in the run folder
+        assert os.getsid(service) == service != os.getsid(0)
+        os.kill(service, signal.SIGHUP)
+        time.sleep(0.5)
+        assert alive(service) and request(sock, {"verb": "status"}, timeout_s=10)["ok"]
+        assert "pair ready in" in (run_dir / "service.out").read_text()
+        token_file = run_dir / "token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        # TCP: the token or nothing
+        assert request(("127.0.0.1", tcp), {"verb": "status"})["code"] == "forbidden"
+        assert request(("127.0.0.1", tcp), {"verb": "down"}, token="x" * 43)["code"] == "forbidden"
+        st = ctl(home, "status", "--connect", f"127.0.0.1:{tcp}", "--token-file", str(token_file), "--json")
+        assert st.returncode == 0 and json.loads(st.stdout)["pid"] == service, st.stderr
+        assert json.loads(st.stdout)["tcp"] == f"127.0.0.1:{tcp}"
+        assert token not in up.stdout + up.stderr  # where it is, never the token itself
+        # the proxy serves
+        with httpx.Client(timeout=20) as client:
+            r = client.post(f"{cfg.proxy_url}/v1/completions", json={"model": cfg.model_name, "prompt": "hi",
+                                                                        "max_tokens": 5, "stream": True})
+            assert r.status_code == 200 and r.text.count("data: ") == 6 and "[DONE]" in r.text
+        engines = [i["pid"] for i in status["instances"]]
+        assert all(alive(p) for p in engines)
+
+        down = ctl(home, "down", "--proxy-port", str(cfg.proxy_port))
+        assert down.returncode == 0 and "stopped P, D" in down.stdout, down.stderr
+        assert wait_gone([service, *engines]) == []
+        service = None
+        assert not sock.exists()
+        ports = [cfg.proxy_port, tcp, *(i.port for i in cfg.instances), *(i.side_channel_port for i in cfg.instances)]
+        assert [p for p in ports if not port_free(p)] == []
+        recorded = (run_dir / "events.jsonl").read_text().splitlines()
+        assert '"runtime_started"' in recorded[0] and '"runtime_stopped"' in recorded[-1]
+        assert any('"event":"request"' in line for line in recorded)
+    finally:
+        if service is not None and alive(service):
+            os.killpg(service, signal.SIGKILL)
+
+
+def test_up_detach_exits_1_with_the_cause_when_the_service_dies_starting(short_tmp: Path) -> None:
+    home = short_tmp / "h"
+    profile = fake_profile(short_tmp)
+    cfg = config_mod.load_profile(profile)
+    up = subprocess.run([sys.executable, "-m", "pdtui", "up", "--detach", "--profile", str(profile)],
+                        env=fake_env(home, "crash"), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "the service exited with code 1 during start-up" in up.stderr
+    assert "ValueError: fake engine refuses to start" in up.stderr  # the tail of its output says why
+    assert up.stdout == ""
+    assert not (home / "state" / "ctl" / f"{cfg.proxy_port}.sock").exists()
+    assert port_free(cfg.proxy_port)
+
+
+def test_up_detach_refuses_what_it_can_before_starting_anything(short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from pdtui import cli
+
+    home = short_tmp / "h"
+    monkeypatch.setenv("PDTUI_HOME", str(home))
+    profile = fake_profile(short_tmp)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert cli.main(["up", "--detach", "--profile", str(profile), "--listen", f"127.0.0.1:{port}"]) == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+    assert cli.main(["up", "--detach", "--profile", str(profile), "--listen", "nowhere"]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+    assert cli.main(["up", "--detach", "--profile", str(profile), "--token-file", "/nonexistent"]) == 2
+    assert "without --listen nothing uses it" in capsys.readouterr().err
+    assert not (home / "state" / "runs").exists()  # nothing started, no run folder
+
+
+def test_the_detached_service_gets_every_flag_given() -> None:
+    """`up --detach`'s service command line: `up --headless --service`, its run folder and
+    recording, and every other flag as parsed (an abbreviation expanded, --detach never copied)."""
+    from pdtui import cli
+
+    args = cli.build_parser().parse_args(["up", "--det", "--port-offset", "100", "--model", "tiny", "--logs",
+                                          "--listen", "127.0.0.1:8799", "--token-file", "tok",
+                                          "--kv-load-failure-policy", "recompute", "--record", "x.jsonl"])
+    got = cli._service_args(args, Path("/r"), Path("/r/x.jsonl"))
+    assert got[:7] == ["up", "--headless", "--service", "--log-dir", "/r", "--record", "/r/x.jsonl"]
+    rest = got[7:]
+    assert "--detach" not in rest and "--det" not in rest and rest.count("--record") == 0
+    assert rest[rest.index("--port-offset") + 1] == "100" and rest[rest.index("--model") + 1] == "tiny"
+    assert rest[rest.index("--listen") + 1] == "127.0.0.1:8799"
+    assert rest[rest.index("--token-file") + 1] == str(Path("tok").resolve())  # the service's cwd may differ
+    assert rest[rest.index("--kv-load-failure-policy") + 1] == "recompute" and "--logs" in rest
+    again = cli.build_parser().parse_args(got)  # and it parses back to the same settings
+    assert (again.port_offset, again.model, again.listen, again.service, again.detach) == (100, "tiny",
+                                                                                         "127.0.0.1:8799", True, False)
