@@ -679,7 +679,7 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
     try:
         async with _run_context(rt, args, stop.set, (signal.SIGINT, signal.SIGTERM, *hangup),
                                 lambda: "signal" if stop.is_set() else "exit"), _tcp_control(rt, args):
-            code = await _serve_headless(rt, cfg, stop)
+            code = await _serve_headless(rt, cfg, stop, "pdtui ctl down" + _ctl_hint(cfg) if args.service else "Ctrl-C")
     finally:
         await printing
     return code
@@ -748,9 +748,9 @@ def _token(args: argparse.Namespace, run_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
-async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Event) -> int:
+async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Event, stopper: str = "Ctrl-C") -> int:
     """Start, say ready (or broken) on stderr, serve until a signal or `pdtui ctl down`; 1 if the
-    start failed."""
+    start failed. ``stopper``: what stops it, in the ready line."""
     from pdtui.core.supervisor import PortInUse, StartupFailed
 
     try:
@@ -761,10 +761,10 @@ async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Eve
             elapsed = starting.result()
             if rt.broken is not None:  # up, but the warm-up says the pair does not work
                 print(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {cfg.proxy_url}"
-                      " serving anyway (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+                      f" serving anyway ({stopper} stops everything)", file=sys.stderr, flush=True)
             else:
                 print(f"pdtui: pair ready in {elapsed:.1f} s (warm-up through P and D included); proxy at"
-                      f" {cfg.proxy_url} (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+                      f" {cfg.proxy_url} ({stopper} stops everything)", file=sys.stderr, flush=True)
             await stopping
         else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()
@@ -922,9 +922,10 @@ def _wait_service(proc: Any, sock: Path, deadline: float, progress: _Progress) -
         if mine is None:
             progress.show(elapsed, "starting the service")
         else:
-            states = ", ".join(f"{i['name']} {i['state']}" for i in mine.get("instances", []))
-            warm = mine.get("pair_ready_s") is None and not mine.get("pair_broken") and "starting" not in states
-            progress.show(elapsed, states + (", warm-up through the pair" if warm else ""))
+            instances = mine.get("instances", [])
+            states = ", ".join(f"{i['name']} {i['state']}" for i in instances)
+            warm = mine.get("pair_ready_s") is None and instances and all(i["state"] == "ready" for i in instances)
+            progress.show(elapsed, states + (", then the proxy and the warm-up through the pair" if warm else ""))
             if mine.get("pair_broken"):
                 return "broken", mine
             if mine.get("pair_ready_s") is not None:
