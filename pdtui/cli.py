@@ -42,6 +42,9 @@ examples:
                                            the P/D proxy alone, over a pair started by hand
   pdtui ctl status                         what a running pdtui (dashboard or --headless) is doing
   pdtui ctl restart D                      restart D from another terminal, wait until it is ready
+  pdtui up --detach                        the pair as a service in the background: returns once it is ready
+  pdtui attach                             the dashboard on that service (as many as you like; q leaves it running)
+  pdtui ctl down                           stop the service
 
 then, in another terminal:
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -54,7 +57,8 @@ then, in another terminal:
 CTL_DESCRIPTION = """\
 Control a running `pdtui up` (dashboard or --headless) or `pdtui drill` from another terminal,
 through its control socket: a Unix socket only you can reach (folder 0700, socket 0600, the peer's
-uid checked), <state dir>/ctl/<proxy port>.sock. The dashboard's keys do the same things.
+uid checked), <state dir>/ctl/<proxy port>.sock, or a TCP listener (pdtui up --listen) with
+--connect HOST:PORT --token-file FILE. The dashboard's keys do the same things.
 
   status        the instances (state, pid, URL, ready, last death, restarts, log file), the proxy
                 URL, the run folder, the uptime
@@ -70,7 +74,100 @@ examples:
   pdtui ctl status                         the pdtui on proxy port 8000
   pdtui ctl kill D --port-offset 20000     the one started with --port-offset 20000
   pdtui ctl restart D --json               wait for D, then one JSON line: {"ok": true, "ready_s": ...}
-  pdtui ctl down --socket /path/to/8000.sock"""
+  pdtui ctl down --socket /path/to/8000.sock
+  pdtui ctl status --connect 127.0.0.1:8799 --token-file ~/.pdtui-token"""
+
+
+UP_DESCRIPTION = """\
+Launch the prefill and decode instances and the embedded proxy, wait until the pair is ready
+(both /health 200 and one warm-up request through P and D), then serve: under the dashboard until
+q or Ctrl-C, or --headless (events as JSON lines) until a signal or `pdtui ctl down`.
+
+--detach runs the same pair as a service that outlives this terminal: it starts `pdtui up
+--headless` in a session of its own (stdin /dev/null, its output in <run folder>/service.out, every
+event recorded to <run folder>/events.jsonl unless --record says where), shows the start's progress,
+and returns once the pair is ready (exit 0), printing where the control socket, the logs and the
+recording are. Exit 1 if the service died during start-up (the last lines of its output say why)
+or was not ready within the ready timeout (it is then stopped); 3 if the pair is up but BROKEN (the
+warm-up did not pass through P and D; `pdtui ctl status` says why). Then any number of `pdtui attach`
+dashboards watch it; quitting one leaves the service running. `pdtui ctl down` stops it.
+
+Nothing listens beyond 127.0.0.1 and the owner-only Unix socket unless asked: --listen HOST:PORT
+also serves the control protocol on TCP, for `pdtui attach --connect` and `pdtui ctl --connect`, and
+every request there must carry the token (--token-file, or a new one written 0600 to <run
+folder>/token). The protocol is plain text: over a network, prefer SSH forwarding (pdtui attach
+--help).
+
+""" + PRECEDENCE
+
+UP_EPILOG = """\
+examples:
+  pdtui up                                  the dashboard over the pair; q stops everything
+  pdtui up --headless --record run.jsonl    events as JSON lines on stdout, and a recording
+  pdtui up --detach                         the service in the background; then `pdtui attach`
+  pdtui up --detach --port-offset 100       a second service beside the first (attach/ctl: --port-offset 100)
+  pdtui up --detach --listen 127.0.0.1:8799 also on TCP, with a token (printed: where it is)"""
+
+ATTACH_DESCRIPTION = """\
+Open the dashboard on a pdtui service that runs on its own (`pdtui up --detach`; any running `pdtui
+up` works too): the history first (a late viewer sees the table and the histograms filled), then
+every event as it comes; the same panes and keys. Kill and restart (k/K, r/R) go to the service
+through its control socket, as `pdtui ctl` does. Quitting (q), a closed terminal or a lost SSH
+session ends this viewer only: the service and its other viewers run on (`pdtui ctl down` stops
+it; the dashboard closes when it does). --read-only: a viewer with no kill or restart keys (hidden,
+refused with a notice if pressed; the service refuses them too).
+
+Which service: the one on the default profile's proxy port (8000), or --port-offset N, --proxy-port
+N, --socket PATH (a socket forwarded by ssh), or --connect HOST:PORT --token-file FILE (one started
+with --listen). A viewer the service drops (it fell thousands of events behind) or whose connection
+breaks reconnects for up to 10 s and says so; what it missed meanwhile is taken from the service's
+history when it still reaches back that far."""
+
+ATTACH_EPILOG = """\
+examples:
+  pdtui attach                              the service on this machine's default proxy port
+  pdtui attach --port-offset 100            the one started with --port-offset 100
+  pdtui attach --read-only                  a viewer that cannot kill or restart anything
+
+over SSH, from a laptop (the service runs on `host`; a Unix socket forwarded, owner-only there):
+  ssh -N -L /tmp/pdtui.sock:/root/.local/state/pdtui/ctl/8000.sock host &
+  pdtui attach --socket /tmp/pdtui.sock
+  ssh -N -L 8000:127.0.0.1:8000 host &      also the proxy, for the load keys (1-4) and curl
+
+or a TCP listener (pdtui up --detach --listen 127.0.0.1:8799 on host), forwarded, with its token:
+  scp host:/root/.local/state/pdtui/runs/<run>/token ~/.pdtui-token && chmod 600 ~/.pdtui-token
+  ssh -N -L 8799:127.0.0.1:8799 host &
+  pdtui attach --connect 127.0.0.1:8799 --token-file ~/.pdtui-token"""
+
+
+def _add_up_args(up: argparse.ArgumentParser) -> None:
+    """Every flag of `pdtui up` (``_service_args`` rebuilds a detached service's command line from them)."""
+    _add_pair_flags(up)
+    up.add_argument("--headless", action="store_true", help="print events as JSON lines instead of the dashboard")
+    up.add_argument("--detach", action="store_true",
+                    help="run as a service in the background: return once the pair is ready, print where it is;"
+                    " `pdtui attach` watches it, `pdtui ctl down` stops it")
+    up.add_argument("--record", type=Path, default=None,
+                    help="also write every event to this JSONL file (for replay; --detach: default <run folder>/"
+                    "events.jsonl)")
+    up.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
+    up.add_argument("--log-dir", type=Path, default=None,
+                    help="write the engines' and the proxy's logs here (default: a new run folder under the state"
+                    " dir, ~/.local/state/pdtui/runs/; printed at start)")
+    up.add_argument("--listen", metavar="HOST:PORT", default=None,
+                    help="also serve the control protocol on TCP (pdtui attach --connect); every request needs the"
+                    " token. Off by default: only the owner-only Unix socket")
+    up.add_argument("--token-file", type=Path, default=None,
+                    help="--listen: the token is this file's first line (default: a new one, written 0600 to"
+                    " <run folder>/token)")
+    up.add_argument("--service", action="store_true", help=argparse.SUPPRESS)  # what --detach starts
+
+
+def _add_attach_service_args(p: argparse.ArgumentParser) -> None:
+    """`pdtui attach` to a running service: which one, and read-only."""
+    _add_service_address_args(p)
+    p.add_argument("--read-only", action="store_true",
+                   help="no kill or restart keys (hidden; refused with a notice, and by the service, if pressed)")
 
 
 def _add_pair_flags(p: argparse.ArgumentParser) -> None:
@@ -121,15 +218,27 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
 def _add_ctl_args(ctl: argparse.ArgumentParser) -> None:
     ctl.add_argument("verb", choices=("status", "kill", "restart", "down"), help="what to do")
     ctl.add_argument("instance", nargs="?", default=None, help="kill and restart: the instance (P, D, D2, ...)")
-    ctl.add_argument("--profile", default=None,
-                     help="the profile that pdtui runs (its proxy port names it; default: this machine's default)")
-    ctl.add_argument("--proxy-port", type=int, default=None, help="that pdtui's proxy port (default: the profile's)")
-    ctl.add_argument("--port-offset", type=int, default=0, help="the --port-offset that pdtui was started with")
-    ctl.add_argument("--socket", type=Path, default=None,
-                     help="the control socket itself (default: <state dir>/ctl/<proxy port>.sock)")
+    _add_service_address_args(ctl)
     ctl.add_argument("--json", action="store_true", help="print the answer as one JSON line")
     ctl.add_argument("--timeout", type=float, default=None,
                      help="restart: give up waiting after this many seconds (default: the instance's ready timeout)")
+
+
+def _add_service_address_args(p: argparse.ArgumentParser) -> None:
+    """Which running pdtui: the same flags for `pdtui ctl` and `pdtui attach` (ctl_address reads them)."""
+    p.add_argument("--profile", default=None,
+                   help="the profile that pdtui runs (its proxy port names it; default: this machine's default)")
+    p.add_argument("--proxy-port", type=int, default=None, help="that pdtui's proxy port (default: the profile's)")
+    p.add_argument("--port-offset", type=int, default=0, help="the --port-offset that pdtui was started with")
+    p.add_argument("--socket", type=Path, default=None,
+                   help="the control socket itself (default: <state dir>/ctl/<proxy port>.sock), e.g. one forwarded"
+                   " by ssh -L")
+    p.add_argument("--connect", metavar="HOST:PORT", default=None,
+                   help="a pdtui that listens on TCP (pdtui up --listen HOST:PORT), instead of the socket; needs"
+                   " --token-file")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="--connect: the file holding that pdtui's token (its <run folder>/token, or the"
+                   " --token-file it was given)")
 
 
 class _Version(argparse.Action):
@@ -162,17 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, help="print pdtui's and the engines' versions, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    up = sub.add_parser("up", help="launch P + D + the proxy", description=(
-        "Launch the prefill and decode instances and the embedded proxy, wait until the pair is ready"
-        " (both /health 200 and one warm-up request through P and D), then serve until Ctrl-C. " + PRECEDENCE),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_pair_flags(up)
-    up.add_argument("--headless", action="store_true", help="print events as JSON lines instead of the dashboard")
-    up.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file (for replay)")
-    up.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
-    up.add_argument("--log-dir", type=Path, default=None,
-                    help="write the engines' and the proxy's logs here (default: a new run folder under the state"
-                    " dir, ~/.local/state/pdtui/runs/; printed at start)")
+    up = sub.add_parser("up", help="launch P + D + the proxy (under the dashboard, headless, or detached)",
+                        description=UP_DESCRIPTION, epilog=UP_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_up_args(up)
+
+    attach = sub.add_parser("attach", help="the dashboard on a running service (pdtui up --detach), here or over SSH",
+                            description=ATTACH_DESCRIPTION, epilog=ATTACH_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_attach_service_args(attach)
 
     drill = sub.add_parser("drill", help="run the failure drills on the dashboard, unattended, and check them",
                            description=(
@@ -399,6 +506,7 @@ async def _run_context(rt: Any, args: argparse.Namespace, on_signal: Callable[[]
         for sig in signals:
             loop.remove_signal_handler(sig)
         await rt.aclose(reason=reason())
+        await rt.control.wait_streams(2.0)  # each `pdtui attach` gets its stream's last line
         if record:
             record.close()
 
@@ -427,8 +535,14 @@ def _terminal_missing(alternative: str) -> int | None:
 
 def run_up(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    if args.listen is not None:
+        _listen_address(args)  # a malformed --listen: refused before anything starts
+    if args.token_file is not None and args.listen is None:
+        raise ConfigError("--token-file is the token of --listen HOST:PORT; without --listen nothing uses it")
+    if args.detach and not args.service:
+        return run_up_detached(cfg, args)
     _preflight(cfg)  # a second pdtui on these ports ends here, before any dashboard exists
-    if args.headless:
+    if args.headless or args.service:
         return asyncio.run(_up_headless(cfg, args))
     if code := _terminal_missing(", or `pdtui up --headless` (events as JSON lines)"):
         return code  # after the checks that need no terminal, before anything starts
@@ -443,7 +557,8 @@ async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) ->
     rt = _runtime(cfg, args)
     app = make_app(rt, freeze_gc=True)
     try:  # a closed terminal or a kill: leave through aclose()
-        async with _run_context(rt, args, app.exit, (signal.SIGTERM, signal.SIGHUP), lambda: "dashboard closed"):
+        async with _run_context(rt, args, app.exit, (signal.SIGTERM, signal.SIGHUP), lambda: "dashboard closed"), \
+                _tcp_control(rt, args):
             await app.run_async()
             return app.return_code or 0
     finally:
@@ -533,33 +648,109 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
+    """Events as JSON lines on stdout, until a signal or `pdtui ctl down`. As the detached service
+    (``--service``): no events on stdout (they go to the recording), and SIGHUP ignored, as it
+    is when started under nohup: the service outlives its terminal. A stdout that goes away (a
+    closed pipe) ends the printing, not the pair."""
     from pdtui.core.events import LogLine
 
     rt = _runtime(cfg, args)
     stop = asyncio.Event()
     rt.control.on_down(stop.set)  # `pdtui ctl down`: everything is stopped, return
-    events = rt.subscribe()
+    if args.service:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    events = None if args.service else rt.subscribe()
 
     async def printer() -> None:
+        if events is None:
+            return
         async for ev in events:
             if isinstance(ev, LogLine) and not args.logs:
                 continue
-            print(ev.to_json(), flush=True)
+            try:
+                print(ev.to_json(), flush=True)
+            except OSError:  # stdout is gone (EPIPE, EIO): serve on, print no more
+                break
+        await events.aclose()
 
     printing = asyncio.create_task(printer())
     code = 0
     try:
-        async with _run_context(rt, args, stop.set, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
-                                lambda: "signal" if stop.is_set() else "exit"):
-            code = await _serve_headless(rt, cfg, stop)
+        async with _run_context(rt, args, stop.set, (signal.SIGINT, signal.SIGTERM, *hangup),
+                                lambda: "signal" if stop.is_set() else "exit"), _tcp_control(rt, args):
+            code = await _serve_headless(rt, cfg, stop, "pdtui ctl down" + _ctl_hint(cfg) if args.service else "Ctrl-C")
     finally:
         await printing
     return code
 
 
-async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Event) -> int:
+def _listen_address(args: argparse.Namespace) -> tuple[str, int]:
+    from pdtui.core.ctl_client import parse_hostport
+
+    try:
+        return parse_hostport(args.listen)
+    except ValueError as e:
+        raise ConfigError(f"--listen {e}") from None
+
+
+@contextlib.asynccontextmanager
+async def _tcp_control(rt: Any, args: argparse.Namespace) -> AsyncIterator[None]:
+    """`--listen HOST:PORT`: the control protocol on TCP too, behind a token (--token-file, or a
+    new one written 0600 to the run folder), for as long as the run."""
+    if args.listen is None:
+        yield
+        return
+    from pdtui.core.control import ControlTcpServer
+
+    host, port = _listen_address(args)
+    token, where = _token(args, rt.log_dir)
+    try:
+        server = await ControlTcpServer(rt.control, host, port, token).start()
+    except OSError as e:
+        raise ConfigError(f"--listen {args.listen}: {e.strerror or e}") from None
+    wide = "" if host in ("127.0.0.1", "localhost", "::1") else (
+        "; it is reachable beyond this machine, in plain text: prefer 127.0.0.1 and SSH forwarding")
+    print(f"pdtui: control on TCP {rt.control.tcp_address} (token in {where}{wide})", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+def _token(args: argparse.Namespace, run_dir: Path) -> tuple[str, Path]:
+    """The --listen token: --token-file's first line, or a new one written 0600 to <run dir>/token."""
+    import os
+    import secrets
+    import stat
+
+    from pdtui.core.ctl_client import read_token
+
+    if args.token_file is not None:
+        try:
+            token = read_token(args.token_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--token-file: {e}") from None
+        if len(token) < 16:
+            raise ConfigError(f"--token-file {args.token_file}: a token of at least 16 characters, e.g."
+                              " `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        if stat.S_IMODE(os.stat(args.token_file).st_mode) & 0o077:
+            print(f"pdtui: warning: {args.token_file} can be read by others (chmod 600 it)", file=sys.stderr)
+        return token, args.token_file
+    path = Path(run_dir) / "token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, path
+
+
+async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Event, stopper: str = "Ctrl-C") -> int:
     """Start, say ready (or broken) on stderr, serve until a signal or `pdtui ctl down`; 1 if the
-    start failed."""
+    start failed. ``stopper``: what stops it, in the ready line."""
     from pdtui.core.supervisor import PortInUse, StartupFailed
 
     try:
@@ -570,10 +761,10 @@ async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Eve
             elapsed = starting.result()
             if rt.broken is not None:  # up, but the warm-up says the pair does not work
                 print(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {cfg.proxy_url}"
-                      " serving anyway (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+                      f" serving anyway ({stopper} stops everything)", file=sys.stderr, flush=True)
             else:
                 print(f"pdtui: pair ready in {elapsed:.1f} s (warm-up through P and D included); proxy at"
-                      f" {cfg.proxy_url} (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+                      f" {cfg.proxy_url} ({stopper} stops everything)", file=sys.stderr, flush=True)
             await stopping
         else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()
@@ -586,6 +777,273 @@ async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Eve
         print(f"pdtui: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----- the detached service (pdtui up --detach) --------------------------------------------------
+
+SERVICE_SKIP = frozenset({"help", "detach", "headless", "service", "log_dir", "record"})
+"""`up` flags a detached service's command line does not copy (it sets them itself)."""
+
+
+def _service_args(args: argparse.Namespace, run_dir: Path, record: Path) -> list[str]:
+    """The detached service's `pdtui ...` arguments: `up --headless --service`, its run folder and
+    recording, and every other `up` flag given (as parsed, so an abbreviation is not copied blind)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_up_args(flags)
+    out = ["up", "--headless", "--service", "--log-dir", str(run_dir), "--record", str(record)]
+    for action in flags._actions:
+        if not action.option_strings or action.dest in SERVICE_SKIP:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value is None or value == action.default:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:  # store_true, store_const
+            out.append(flag)
+        else:
+            out += [flag, str(Path(value).resolve()) if isinstance(value, Path) else str(value)]
+    return out
+
+
+def run_up_detached(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
+    """`pdtui up --detach`: the checks here, then `pdtui up --headless --service` in a session of
+    its own, its progress shown until the pair is ready (0), broken (3), or the service died or
+    timed out (1, with the last lines of its output); then where everything is."""
+    import subprocess
+    import time
+
+    from pdtui.core import ctl_client
+    from pdtui.core.runtime import default_run_dir
+    from pdtui.core.supervisor import PortInUse, check_port_free
+
+    _preflight(cfg)
+    if args.listen is not None:
+        host, port = _listen_address(args)
+        try:
+            check_port_free(host, port, "--listen")
+        except PortInUse as e:
+            raise ConfigError(str(e)) from None
+    if args.token_file is not None:
+        try:
+            ctl_client.read_token(args.token_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--token-file: {e}") from None
+    run_dir = Path(args.log_dir or default_run_dir(cfg)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = Path(args.record or run_dir / "events.jsonl").resolve()
+    out_path = run_dir / "service.out"
+    sock = ctl_client.default_socket_path(cfg.proxy_port)
+    argv = [sys.executable, "-m", "pdtui", *_service_args(args, run_dir, record)]
+    with open(out_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    print(f"pdtui: starting the service (pid {proc.pid}); its output goes to {out_path}", file=sys.stderr, flush=True)
+    # the service's own bounds end it first: each engine's ready timeout, the proxy, the warm-up (180 s)
+    bound = cfg.ready_timeout_s + (180.0 if cfg.warmup else 0.0) + 60.0
+    t0 = time.monotonic()
+    progress = _Progress()
+    try:
+        outcome, status = _wait_service(proc, sock, t0 + bound, progress)
+    except KeyboardInterrupt:
+        progress.end()
+        print("pdtui: interrupted: stopping the service", file=sys.stderr, flush=True)
+        _stop_service(proc, sock)
+        return 130
+    progress.end()
+    if outcome in ("died", "timeout"):
+        if outcome == "died":
+            print(f"pdtui: the service exited with code {proc.returncode} during start-up"
+                  f" ({time.monotonic() - t0:.0f} s). The last lines of {out_path}:", file=sys.stderr)
+        else:
+            print(f"pdtui: the pair was not ready within {bound:.0f} s: stopping the service. The last lines"
+                  f" of {out_path}:", file=sys.stderr)
+            _stop_service(proc, sock)
+        for line in _tail(out_path, 20):
+            print(f"  | {line}", file=sys.stderr)
+        print(f"pdtui: logs in {run_dir}", file=sys.stderr)
+        return 1
+    hint = _ctl_hint(cfg)
+    ready_s = status.get("pair_ready_s")
+    head = (f"pair up in {time.monotonic() - t0:.1f} s but BROKEN: {status.get('pair_broken')}" if outcome == "broken"
+            else f"pair ready in {ready_s:.1f} s")
+    where = [("control socket", str(sock)),
+             ("run folder", f"{run_dir} (engine and proxy logs, service.out)"),
+             ("recording", str(record))]
+    if args.listen is not None:
+        token = Path(args.token_file).resolve() if args.token_file else run_dir / "token"
+        where.append(("TCP", f"{status.get('tcp') or args.listen}, token in {token}"))
+    where += [("watch it", f"pdtui attach{hint}   (--read-only: no kill/restart keys)"),
+              ("stop it", f"pdtui ctl down{hint}")]
+    print(f"pdtui: service running (pid {proc.pid}): {head}; proxy at {cfg.proxy_url}")
+    for what, text in where:
+        print(f"  {what:<15} {text}")
+    return 3 if outcome == "broken" else 0
+
+
+class _Progress:
+    """The start's progress on stderr: one line rewritten on a terminal, else a line per change."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.open = False
+        self.last: str | None = None
+
+    def show(self, elapsed: float, text: str) -> None:
+        line = f"pdtui: {elapsed:3.0f} s: {text}"
+        if self.tty:
+            import shutil
+
+            sys.stderr.write("\r\x1b[K" + line[: max(20, shutil.get_terminal_size((100, 24)).columns - 1)])
+            sys.stderr.flush()
+            self.open = True
+        elif text != self.last:
+            print(line, file=sys.stderr, flush=True)
+        self.last = text
+
+    def end(self) -> None:
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
+
+
+def _wait_service(proc: Any, sock: Path, deadline: float, progress: _Progress) -> tuple[str, dict[str, Any]]:
+    """Until the pair is ready or broken, the service died, or ``deadline`` (time.monotonic())."""
+    import time
+
+    from pdtui.core.ctl_client import probe
+
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            return "died", {}
+        st = probe(sock, 2.0) if sock.exists() else None
+        mine = st if st and st.get("pid") == proc.pid else None  # not another pdtui's
+        elapsed = time.monotonic() - t0
+        if mine is None:
+            progress.show(elapsed, "starting the service")
+        else:
+            instances = mine.get("instances", [])
+            states = ", ".join(f"{i['name']} {i['state']}" for i in instances)
+            warm = mine.get("pair_ready_s") is None and instances and all(i["state"] == "ready" for i in instances)
+            progress.show(elapsed, states + (", then the proxy and the warm-up through the pair" if warm else ""))
+            if mine.get("pair_broken"):
+                return "broken", mine
+            if mine.get("pair_ready_s") is not None:
+                return "ready", mine
+        if time.monotonic() > deadline:
+            return "timeout", mine or {}
+        time.sleep(0.5)
+
+
+def _stop_service(proc: Any, sock: Path) -> None:
+    """`down` through its socket, else SIGTERM then SIGKILL to its process group (its engines die
+    with it: PR_SET_PDEATHSIG and the reaper)."""
+    import os
+    import subprocess
+
+    from pdtui.core.ctl_client import request
+
+    with contextlib.suppress(OSError, ValueError):
+        if sock.exists():
+            request(sock, {"verb": "down", "source": "pdtui up --detach"}, timeout_s=60)
+    for sig, wait_s in ((None, 30.0), (signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        return [f"(cannot read it: {e})"]
+    return [line for line in lines if line.strip()][-n:] or ["(nothing)"]
+
+
+# ----- pdtui attach: the dashboard on a running service --------------------------------------------
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    return run_attach_service(args)
+
+
+def run_attach_service(args: argparse.Namespace) -> int:
+    """`pdtui attach` with no engine URLs: a RemoteSource on the service's control socket, under
+    the dashboard."""
+    try:
+        address, token = ctl_address(args)
+    except (OSError, ValueError) as e:
+        print(f"pdtui attach: {e}", file=sys.stderr)
+        return 2
+    if code := _terminal_missing(""):
+        return code
+    return asyncio.run(_attach_service(address, token, args))
+
+
+async def _attach_service(address: Any, token: str | None, args: argparse.Namespace) -> int:
+    from pdtui.app.app import make_app
+    from pdtui.core.ctl_client import NotListening, describe
+    from pdtui.core.remote import RemoteRefused, RemoteSource
+
+    remote = RemoteSource(address, token=token, read_only=args.read_only)
+    try:
+        await remote.connect()
+    except NotListening as e:
+        print(f"pdtui attach: {e}. Start one with `pdtui up --detach`, or name the one you mean with"
+              f" --port-offset N, --proxy-port N, --socket PATH or --connect HOST:PORT{_other_sockets(address)}",
+              file=sys.stderr)
+        return 1
+    except RemoteRefused as e:
+        print(f"pdtui attach: {e}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError, ValueError) as e:
+        print(f"pdtui attach: {describe(address)}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    app = make_app(remote, freeze_gc=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or SSH session: this viewer ends, alone
+        loop.add_signal_handler(sig, app.exit)
+    try:
+        await app.run_async()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await remote.aclose()
+    with contextlib.suppress(OSError):  # the terminal may be gone
+        if remote.ended == "closed":
+            print(f"pdtui attach: {remote.end_reason}", file=sys.stderr)
+        else:
+            print(f"pdtui attach: left the service at {describe(address)}; it runs on (`pdtui ctl down` stops it)",
+                  file=sys.stderr)
+    return app.return_code or 0
+
+
+def _other_sockets(address: Any) -> str:
+    if not isinstance(address, Path) or not address.parent.is_dir():
+        return ""
+    others = sorted(p.name for p in address.parent.glob("*.sock") if p != address)
+    return f"; sockets there: {', '.join(others)}" if others else ""
+
+
+def ctl_address(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The control socket meant (ctl_socket_path), or --connect HOST:PORT with --token-file's token."""
+    from pdtui.core import ctl_client
+
+    if args.connect is None:
+        if args.token_file is not None:
+            raise ValueError("--token-file goes with --connect HOST:PORT (the Unix socket needs no token)")
+        return ctl_socket_path(args), None
+    if args.socket is not None:
+        raise ValueError("--socket or --connect, not both")
+    if args.token_file is None:
+        raise ValueError(f"--connect {args.connect} needs --token-file FILE: the token of the pdtui that listens"
+                         " there (its <run folder>/token, or the --token-file it was given)")
+    return ctl_client.parse_hostport(args.connect), ctl_client.read_token(args.token_file)
 
 
 def ctl_socket_path(args: argparse.Namespace) -> Path:
@@ -614,7 +1072,11 @@ def run_ctl(args: argparse.Namespace) -> int:
     if args.verb in ("status", "down") and args.instance:
         print(f"pdtui ctl {args.verb}: takes no instance (got {args.instance!r})", file=sys.stderr)
         return 2
-    path = ctl_socket_path(args)
+    try:
+        path, token = ctl_address(args)
+    except (OSError, ValueError) as e:
+        print(f"pdtui ctl: {e}", file=sys.stderr)
+        return 2
     req: dict[str, Any] = {"verb": args.verb}
     if args.instance:
         req["instance"] = args.instance
@@ -626,20 +1088,18 @@ def run_ctl(args: argparse.Namespace) -> int:
         print(f"pdtui ctl: {p.get('progress')} ({p.get('elapsed_s', 0):.1f} s)", file=sys.stderr, flush=True)
 
     try:
-        answer = control.request(path, req, timeout_s=timeout, on_progress=progress)
+        answer = control.request(path, req, timeout_s=timeout, on_progress=progress, token=token)
     except control.NotListening as e:
-        others = sorted(p.name for p in path.parent.glob("*.sock") if p != path) if path.parent.is_dir() else []
-        hint = f"; sockets there: {', '.join(others)}" if others else ""
         msg = (f"{e}. Start one with `pdtui up`, or name the one you mean with --port-offset N,"
-               f" --proxy-port N or --socket PATH{hint}")
+               f" --proxy-port N or --socket PATH{_other_sockets(path)}")
         if args.json:
-            print(json.dumps({"ok": False, "code": "not_listening", "error": msg, "socket": str(path)}))
+            print(json.dumps({"ok": False, "code": "not_listening", "error": msg, "socket": control.describe(path)}))
         print(f"pdtui ctl: {msg}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         if args.json:
-            print(json.dumps({"ok": False, "code": "failed", "error": str(e), "socket": str(path)}))
-        print(f"pdtui ctl: {path}: {e}", file=sys.stderr)
+            print(json.dumps({"ok": False, "code": "failed", "error": str(e), "socket": control.describe(path)}))
+        print(f"pdtui ctl: {control.describe(path)}: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer))
@@ -670,7 +1130,9 @@ def _ctl_text(a: dict[str, Any]) -> str:
              + (f", pair up but BROKEN: {a['pair_broken']}" if a.get("pair_broken")
                 else f", pair ready in {a['pair_ready_s']:.1f} s" if a.get("pair_ready_s") is not None else "")
              + (" (shutting down)" if a.get("closing") else ""),
-             f"run folder {a.get('run_dir')}"]
+             f"run folder {a.get('run_dir')}"
+             + (f"; viewers {a['viewers']}" if a.get("viewers") else "")
+             + (f"; TCP {a['tcp']}" if a.get("tcp") else "")]
     for i in a.get("instances", []):
         line = f"  {i['name']:<4} {i['role']:<8} {i['state']:<9} pid {i.get('pid') or '-':<8} {i.get('url')}"
         if i.get("restarts"):
@@ -692,7 +1154,7 @@ def _signame(num: int) -> str:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": run_up, "config": run_config, "preflight": run_preflight, "replay": run_replay, "drill": run_drill,
-    "ctl": run_ctl, "bench": run_bench, "proxy": run_proxy, "model": run_model,
+    "ctl": run_ctl, "bench": run_bench, "proxy": run_proxy, "model": run_model, "attach": run_attach,
 }
 """Each subcommand (build_parser) and the function that runs it: a new command is a parser and a line here."""
 

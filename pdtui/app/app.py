@@ -4,7 +4,9 @@ The app is a subscriber: one worker folds ``runtime.subscribe()`` into ``DashSta
 coalesced ``EventsFolded``; at most every ``REFRESH_INTERVAL_S`` the app takes one snapshot and
 hands it to the widgets. Nothing from the engines is imported here; the kill and restart keys
 call the runtime's ``Control`` (pdtui.core.control: the same methods ``pdtui ctl`` reaches through
-the control socket), the load keys the load generator.
+the control socket; over ``pdtui attach``, a RemoteControl that forwards them to that socket), the
+load keys the load generator. A read-only viewer (``pdtui attach --read-only``) has no kill or
+restart keys: hidden, and a press of one is refused with a notice.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from pdtui.app.state import DashState, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
 from pdtui.app.widgets.notices import NoticesScreen
-from pdtui.core.control import Control, ControlError
+from pdtui.core.control import ControlError
 from pdtui.core.events import Notice
 from pdtui.core.paths import state_dir
-from pdtui.core.source import Source
+from pdtui.core.source import Controls, Source
 from pdtui.core.supervisor import PortInUse, StartupFailed
 
 CONFIG_WAITING = "The engines' own configuration shows here once each is ready (not in a replay)."
@@ -48,6 +50,8 @@ FOOTER_PALETTE_MIN = 92
 room for the dashboard's own keys (Ctrl-P opens the palette all the same)."""
 GPU_INTERVAL_S = 1.0
 REPLAY_DISABLED = "This is a replay: kill, restart and load are disabled."
+READ_ONLY_REFUSED = ("This viewer is read-only (pdtui attach --read-only): {verb} is refused. Attach without"
+                     " --read-only, or use `pdtui ctl {verb} NAME`, to act on the service.")
 REFRESH_INTERVAL_S = 0.05
 """Shortest time between two refreshes of the views (20 Hz). Events fold into the state as they
 come; the views follow at most this often, so a burst costs one refresh per interval, not one per
@@ -67,6 +71,9 @@ class PdtuiApp(App[int]):
         Binding("K", "kill('prefill')", "Kill P", group=KILL),
         Binding("r", "restart('decode')", "Restart D", group=RESTART),
         Binding("R", "restart('prefill')", "Restart P", group=RESTART),
+        # a read-only viewer's (check_action): the same keys, hidden, refused with a notice
+        Binding("k,K", "refuse('kill')", show=False),
+        Binding("r,R", "refuse('restart')", show=False),
         Binding("1", "load('single')", "1 req", group=LOAD),
         Binding("2", "load('steady')", "Streams", group=LOAD),
         Binding("3", "load('big')", "Big", group=LOAD),
@@ -100,8 +107,10 @@ class PdtuiApp(App[int]):
         self.start_error: str | None = None
         """Why the start failed (an engine died during start-up or the warm-up), or None."""
         self._events = runtime.subscribe()
-        self.control: Control = runtime.control
+        self.control: Controls = runtime.control
         """kill/restart/down: the same object `pdtui ctl` reaches through the control socket."""
+        self.read_only = self.control.read_only
+        """No kill or restart keys (pdtui attach --read-only)."""
         self._geometry = runtime.geometry
         self._last_refresh = float("-inf")
         self._refresh_pending: Timer | None = None
@@ -139,12 +148,14 @@ class PdtuiApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "replay" if self.replay else "live"
+        self.sub_title = ("replay" if self.replay else
+                          ("attached, read-only" if self.read_only else "attached") if self.runtime.remote else "live")
         self.consume_events()
         self.start_runtime()
         if not self.replay:
             self.control.on_down(lambda: self.exit(0))  # `pdtui ctl down`: the engines are stopped, close
-            self.sample_gpus()
+            if not self.runtime.remote:  # attached from elsewhere, this machine's GPUs are not the run's
+                self.sample_gpus()
             self.set_interval(1.0, self._tick_startup)
         if self.freeze_gc:
             self.call_after_refresh(self._freeze_gc)
@@ -365,9 +376,25 @@ class PdtuiApp(App[int]):
             self.notify(REPLAY_DISABLED, severity="warning")
         return self.replay
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """A read-only viewer's kill and restart bindings are hidden and give way to ``refuse``."""
+        if action in ("kill", "restart"):
+            return not self.read_only
+        if action == "refuse":
+            return self.read_only
+        return True
+
+    def action_refuse(self, verb: str) -> None:
+        text = READ_ONLY_REFUSED.format(verb=verb)
+        self.show_notice(text, "warning")
+        self.notify(text, severity="warning")
+
     def _control(self, which: str, verb: str) -> None:
         """Run ``control.<verb>(name)`` (kill or restart) in a worker, for an instance named or by role."""
         if self._refuse_in_replay():
+            return
+        if self.read_only:
+            self.action_refuse(verb)
             return
         name = self.instance_for(which)
         if name is None:
@@ -489,7 +516,8 @@ class PdtuiApp(App[int]):
             self.query_one(target).focus()
 
     async def action_quit(self) -> None:
-        self.show_notice("stopping the engines and the proxy ...", "warning")
+        self.show_notice("leaving: the service runs on (`pdtui ctl down` stops it)" if self.runtime.remote
+                         else "stopping the engines and the proxy ...", "warning")
         try:
             await self.runtime.aclose()
         finally:
@@ -499,7 +527,7 @@ class PdtuiApp(App[int]):
         yield from super().get_system_commands(screen)
         names = [(i.name, i.role) for i in self.snapshot.instances] or [
             (n, i.role) for n, i in self.runtime.instances.items()]
-        for name, role in names:
+        for name, role in names if not self.read_only else ():
             yield SystemCommand(f"Kill {name}", f"SIGKILL {name} ({role}) and watch the consequence",
                                 lambda n=name: self.action_kill(n))
             yield SystemCommand(f"Restart {name}", f"Stop and start {name} ({role})",

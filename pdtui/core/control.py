@@ -1,7 +1,8 @@
-"""Control of a running pdtui: status, kill, restart, down. One class for every way in.
+"""Control of a running pdtui: status, kill, restart, down, subscribe. One class for every way in.
 
 ``Control(runtime)`` holds the logic; the dashboard's keys (k/K, r/R), ``pdtui drill`` (which
-presses those keys) and the control socket (``pdtui ctl``) all call the same methods::
+presses those keys) and the control socket (``pdtui ctl``, ``pdtui attach``) all call the same
+methods::
 
     control = runtime.control                 # a Runtime makes its own; Control(rt) for any other
     await control.status()                    # {"ok": true, "instances": [...], "proxy_url": ...}
@@ -10,7 +11,8 @@ presses those keys) and the control socket (``pdtui ctl``) all call the same met
     await control.down()                      # stop everything; the pdtui that serves it exits
 
 Every answer is a JSON-able dict with ``ok``; a refusal raises ``ControlError`` (its ``code``:
-``unknown_verb``, ``unknown_instance``, ``bad_request``, ``busy``, ``closed``, ``failed``).
+``unknown_verb``, ``unknown_instance``, ``bad_request``, ``busy``, ``closed``, ``failed``,
+``forbidden``).
 
 The socket (``ControlServer``): a Unix socket at ``state_dir()/ctl/<proxy port>.sock`` (the proxy
 port names a pdtui on this box), in a folder of mode 0700, the socket itself 0600, and every
@@ -20,12 +22,50 @@ out; a restart sends progress lines (``{"progress": ...}``) before its answer. A
 left by a pdtui that died is replaced once nothing answers on it; a live one is refused
 (``ControlInUse``: another pdtui owns this proxy port). ``request()`` is the client side
 (``pdtui.core.ctl_client``, light to import: `pdtui ctl` runs on a box whose cores the engines take).
+
+A request line may also carry ``"read_only": true`` (a viewer that asked for no controls:
+``kill``, ``restart`` and ``down`` are then refused, ``code: forbidden``) and ``"source": "pdtui
+attach"`` (a short name shown in the notice a kill or restart leaves; default ``pdtui ctl``).
+
+``subscribe`` (``pdtui attach``: the dashboard of a running service) streams instead of answering
+once. First one header line::
+
+    {"ok": true, "verb": "subscribe", "pid": ..., "run": {RunInfo's fields},
+     "instances": [{"name", "role", "url", "state", "pid", "ready", "log", "ready_timeout_s",
+                    "stop_grace_s"}, ...],
+     "geometry": {KvGeometry's fields} | null, "broken": str | null, "log_dir": str | null,
+     "t_start_age_s": float | null, "read_only": bool, "preamble": K, "history": N,
+     "seq": S | null, "backlog": B}
+
+then K preamble events: those that say how things stand but have left the bounded history (the
+run's RuntimeStarted, ProxyStarted, the last PairReady or PairBroken, each instance's last start,
+its state and its connector milestones since; none while the history still holds them), then the
+N events of the Runtime's ``history`` (bounded), one ``Event.to_json()`` line each
+(``pdtui.core.events.from_json`` reads them), then every event from then on, as it comes. The
+history is copied in the same step of the loop as the subscription is made, so no event falls
+between the two and none comes twice. ``seq`` numbers the first history event (the events this
+Control has observed, counted from 1; the live ones follow on), so a viewer that reconnects skips
+what it already has and can tell what it missed; null when the source does not feed ``observe``.
+Lines that are not events have no ``"event"`` key; the last one says why the stream ends:
+``{"ok": true, "verb": "subscribe", "end": "closed", "reason": ...}`` when the run closed, or
+``{"ok": false, "verb": "subscribe", "end": "overflow", "code": "overflow", "error": ...}`` when
+the viewer fell more than ``backlog`` events behind: each subscriber has a bounded backlog of its
+own, and a slow one is dropped, never waited for (the Runtime's ``emit`` never blocks on a
+viewer). A viewer that hangs up ends its stream; nothing else changes.
+
+``ControlTcpServer`` serves the same protocol on TCP (``pdtui up --listen HOST:PORT``): the first
+line of every connection carries ``"token"``, compared in constant time; a missing or wrong one is
+answered ``{"ok": false, "code": "forbidden", ...}`` and the connection closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -37,13 +77,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pdtui.core.ctl_client import MAX_SOCKET_PATH, NotListening, default_socket_path, probe, request, socket_dir
-from pdtui.core.events import InstanceStateChanged, Notice, PairReady
+from pdtui.core.events import (
+    ConnectorEvent,
+    Event,
+    InstanceStateChanged,
+    Notice,
+    PairBroken,
+    PairReady,
+    ProxyStarted,
+    RuntimeStarted,
+    RuntimeStopped,
+)
 from pdtui.core.supervisor import PortInUse
 
 if TYPE_CHECKING:
     from pdtui.core.source import Source
 
-VERBS = ("status", "kill", "restart", "down")
+VERBS = ("status", "kill", "restart", "down", "subscribe")
+CONTROLS = ("kill", "restart", "down")
+"""The verbs a read-only connection may not use."""
+STREAM_BACKLOG = 10_000
+"""Events a subscriber may fall behind before the server drops it (some 50 s at 200 events/s)."""
 
 
 class ControlError(Exception):
@@ -65,10 +119,19 @@ class Control:
     """The operations on a running pair, over its :class:`pdtui.core.source.Source` (the live
     Runtime, a replay, the tests' fake)."""
 
+    read_only = False
+    """Every operation is allowed here (pdtui.core.source.Controls; a remote viewer's may not be)."""
+
     def __init__(self, runtime: Source, *, socket_path: Path | None = None) -> None:
         self.runtime = runtime
         self.socket_path = socket_path
         """Set by the ControlServer serving this Control (shown in status)."""
+        self.tcp_address: str | None = None
+        """Set by a ControlTcpServer serving this Control (host:port, shown in status)."""
+        self.seq = 0
+        """How many events ``observe`` was fed: the number of the last one (subscribe's ``seq``)."""
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._standing: dict[tuple[str, ...], tuple[int, Event]] = {}
         self._down_handlers: list[Callable[[], Any]] = []
         self._restarting: dict[str, asyncio.Task[float]] = {}
         self.down_requested = False
@@ -82,6 +145,7 @@ class Control:
         times it started, kept for ``status`` however long the run (the history is bounded). A
         runtime that does not feed it is read from its ``history`` instead."""
         self._observed = True
+        self.seq += 1
         if isinstance(ev, InstanceStateChanged):
             if ev.state == "exited":
                 self._last_exit[ev.instance] = _exit_of(ev)
@@ -89,6 +153,33 @@ class Control:
                 self._starts[ev.instance] = self._starts.get(ev.instance, 0) + 1
         elif isinstance(ev, PairReady):
             self._pair_ready_s = ev.elapsed_s
+        self._keep_standing(ev)
+
+    def _keep_standing(self, ev: Event) -> None:
+        """The events that say how things stand however old they are: the run's start, the
+        proxy's, the pair's ready or broken, each instance's last start, its state and its
+        connector milestones since. A viewer that subscribes after they left the bounded history
+        gets them first (subscribe's preamble), so its header and panes are not blank."""
+        keep = self._standing
+        if isinstance(ev, RuntimeStarted):
+            keep.clear()
+            keep[("run",)] = (self.seq, ev)
+        elif isinstance(ev, ProxyStarted):
+            keep[("proxy",)] = (self.seq, ev)
+        elif isinstance(ev, (PairReady, PairBroken)):
+            keep[("pair",)] = (self.seq, ev)
+        elif isinstance(ev, InstanceStateChanged):
+            if ev.state == "starting":  # a new process: its milestones over again
+                for key in [k for k in keep if k[0] == "connector" and k[1] == ev.instance]:
+                    del keep[key]
+                keep[("start", ev.instance)] = (self.seq, ev)
+            keep[("state", ev.instance)] = (self.seq, ev)
+        elif isinstance(ev, ConnectorEvent) and ev.what != "kv_read":
+            keep[("connector", ev.instance, ev.what)] = (self.seq, ev)
+
+    def standing_before(self, seq: int) -> list[Event]:
+        """The standing events (``_keep_standing``) older than event ``seq``, in their order."""
+        return [ev for n, ev in sorted({n: ev for n, ev in self._standing.values()}.items()) if n < seq]
 
     # ----- names ----------------------------------------------------------------------------
     def resolve(self, which: str) -> str:
@@ -142,7 +233,8 @@ class Control:
             "run_dir": str(log_dir) if log_dir else None,
             "uptime_s": round(time.monotonic() - t_start, 1) if t_start is not None else None,
             "pair_ready_s": pair_ready_s, "pair_broken": rt.broken, "closing": rt.closed,
-            "socket": str(self.socket_path) if self.socket_path else None, "instances": instances}
+            "socket": str(self.socket_path) if self.socket_path else None, "tcp": self.tcp_address,
+            "viewers": len(self._streams), "instances": instances}
 
     async def kill(self, which: str, *, source: str | None = None) -> dict[str, Any]:
         """SIGKILL the instance's process group: the dashboard's k/K."""
@@ -226,16 +318,33 @@ class Control:
             with contextlib.suppress(Exception):
                 handler()
 
+    async def wait_streams(self, timeout_s: float = 2.0) -> None:
+        """Once the run is closed: wait (bounded) until every subscriber has been sent its last
+        line, so that a pdtui that exits next does not cut them off before ``end``."""
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=timeout_s)
+
     # ----- one request, as the socket gets it ------------------------------------------------
     async def handle(self, request: Any, *, source: str | None = "pdtui ctl",
                      progress: Callable[[dict[str, Any]], Any] | None = None, notify: bool = True) -> dict[str, Any]:
-        """Answer one request dict (``{"verb": ..., "instance": ...}``); errors become answers."""
+        """Answer one request dict (``{"verb": ..., "instance": ...}``); errors become answers.
+        The request's own ``source`` (a short name) replaces ``source``; ``read_only`` refuses
+        the controls."""
         try:
             if not isinstance(request, dict):
                 raise ControlError("a request is a JSON object, e.g. {\"verb\": \"status\"}", "bad_request")
             verb = request.get("verb")
             if verb not in VERBS:
                 raise ControlError(f"unknown verb {verb!r}; one of: {', '.join(VERBS)}", "unknown_verb")
+            if verb in CONTROLS and request.get("read_only"):
+                raise ControlError(f"{verb} refused: this is a read-only viewer (attached with --read-only)",
+                                   "forbidden")
+            named = request.get("source")
+            if isinstance(named, str) and 0 < len(named) <= 40 and named.isprintable():
+                source = named
+            if verb == "subscribe":
+                raise ControlError("subscribe streams events: ask it of the control socket (pdtui attach)",
+                                   "bad_request")
             if verb in ("kill", "restart"):
                 which = request.get("instance")
                 if not isinstance(which, str) or not which:
@@ -281,15 +390,198 @@ def _check_length(path: Path) -> None:
                       f" bytes): {path}; set PDTUI_HOME to a shorter folder")
 
 
-class ControlServer:
+class _Listener:
+    """What the Unix and the TCP listeners share: one request line per connection, answered by
+    the Control; ``subscribe`` streams (the module's docstring). A subclass says who may ask
+    (``_refusal``)."""
+
+    def __init__(self, control: Control, *, backlog: int = STREAM_BACKLOG) -> None:
+        self.control = control
+        self.backlog = backlog
+        """Events one subscriber may fall behind before it is dropped."""
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    def _refusal(self, writer: asyncio.StreamWriter, req: Any) -> str | None:
+        """Why this peer may not ask anything (None: it may)."""
+        raise NotImplementedError
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        after: Callable[[], None] | None = None
+
+        async def send(obj: dict[str, Any]) -> None:
+            writer.write((json.dumps(obj, default=str) + "\n").encode())
+            await writer.drain()
+
+        def progress(obj: dict[str, Any]) -> None:
+            if not writer.is_closing():
+                writer.write((json.dumps(obj, default=str) + "\n").encode())
+
+        try:
+            bad: Exception | None = None
+            req: Any = None
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout=10.0)
+                req = json.loads(line) if line.strip() else None
+            except (TimeoutError, ValueError) as e:
+                bad = e
+            # read first: the refusal is not lost to a reset
+            if (why := self._refusal(writer, req)) is not None:
+                await send({"ok": False, "code": "forbidden", "error": why})
+                return
+            if bad is not None:
+                await send({"ok": False, "code": "bad_request", "error": f"expected one JSON line: {bad}"})
+                return
+            if isinstance(req, dict):
+                req.pop("token", None)  # never passed on, never echoed
+            if isinstance(req, dict) and req.get("verb") == "subscribe":
+                await self._stream(req, reader, writer)
+                return
+            is_down = isinstance(req, dict) and req.get("verb") == "down"
+            answer = await self.control.handle(req, progress=progress, notify=not is_down)
+            if is_down and answer.get("ok"):
+                after = self.control.notify_down
+            await send(answer)
+        except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            # the loop is closing with this connection open (a viewer's stream): end quietly. Python
+            # 3.11's start_unix_server callback calls task.exception() on a cancelled task and logs
+            # the CancelledError it raises as "Exception in callback"
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+                try:
+                    await asyncio.wait_for(writer.wait_closed(), 2.0)
+                except TimeoutError:  # a viewer that reads nothing more: drop what is left for it
+                    writer.transport.abort()
+            if task is not None:
+                self._handlers.discard(task)
+            if after is not None:  # the answer is out: now the pdtui may exit
+                after()
+
+    # ----- subscribe --------------------------------------------------------------------------
+    async def _stream(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The header, the history, then the live events, until the run closes, the viewer hangs
+        up or falls ``backlog`` events behind (module docstring)."""
+        control, rt = self.control, self.control.runtime
+        if rt.closed:
+            writer.write((json.dumps({**ControlError("this pdtui is shutting down", "closed").answer(),
+                                      "verb": "subscribe"}) + "\n").encode())
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            control._streams.add(task)
+        # the subscription and the copy of the history in one step of the loop: an event is in
+        # one or the other, never in both, never in neither
+        events = rt.subscribe()
+        history = list(rt.history)
+        first_seq = control.seq - len(history) + 1 if control._observed else None
+        preamble = control.standing_before(first_seq) if first_seq is not None else []
+        t_start = rt.t_start
+        header = {
+            "ok": True, "verb": "subscribe", "pid": os.getpid(), "run": dataclasses.asdict(rt.run),
+            "instances": [{"name": name, "role": inst.role, "url": inst.url, "state": inst.state, "pid": inst.pid,
+                           "ready": inst.ready, "log": str(inst.log_path) if inst.log_path else None,
+                           "ready_timeout_s": inst.ready_timeout_s, "stop_grace_s": inst.stop_grace_s}
+                          for name, inst in rt.instances.items()],
+            "geometry": dataclasses.asdict(rt.geometry) if rt.geometry is not None else None,
+            "broken": rt.broken, "log_dir": str(rt.log_dir) if rt.log_dir else None,
+            "t_start_age_s": round(time.monotonic() - t_start, 3) if t_start is not None else None,
+            "read_only": bool(req.get("read_only")), "preamble": len(preamble), "history": len(history),
+            "seq": first_seq, "backlog": self.backlog}
+        backlog: collections.deque[Event] = collections.deque()
+        wake = asyncio.Event()
+        end: list[dict[str, Any]] = []
+        stopped: list[str] = []
+
+        overflowed = asyncio.Event()
+
+        async def pump() -> None:
+            """Moves the events into this viewer's bounded backlog; never waits on the viewer. Past
+            the bound it drops them until it is cancelled (which ends the subscription)."""
+            try:
+                async for ev in events:
+                    if overflowed.is_set():
+                        continue
+                    if len(backlog) >= self.backlog:
+                        end.append({"ok": False, "verb": "subscribe", "end": "overflow", "code": "overflow",
+                                    "error": f"this viewer fell {self.backlog} events behind: the service dropped"
+                                    " it (the service runs on)"})
+                        overflowed.set()
+                        continue
+                    if isinstance(ev, RuntimeStopped):
+                        stopped.append(ev.reason)
+                    backlog.append(ev)
+                    wake.set()
+                end.append({"ok": True, "verb": "subscribe", "end": "closed",
+                            "reason": stopped[-1] if stopped else "closed"})
+            finally:
+                wake.set()
+
+        async def write() -> None:
+            writer.write((json.dumps(header, default=str) + "\n").encode())
+            writer.write("".join(ev.to_json() + "\n" for ev in preamble).encode())
+            for i in range(0, len(history), 256):
+                writer.write("".join(ev.to_json() + "\n" for ev in history[i:i + 256]).encode())
+                await writer.drain()
+            while True:
+                if backlog:
+                    lines = [backlog.popleft().to_json() for _ in range(min(len(backlog), 256))]
+                    writer.write(("\n".join(lines) + "\n").encode())
+                    await writer.drain()
+                    continue
+                if end and end[0]["end"] == "closed":
+                    return
+                wake.clear()
+                await wake.wait()
+
+        async def hung_up() -> None:
+            while await reader.read(4096):
+                pass
+
+        pumping = asyncio.ensure_future(pump())  # first: it is iterating before anything can cancel it
+        writing = asyncio.ensure_future(write())
+        hangup = asyncio.ensure_future(hung_up())
+        dropped = asyncio.ensure_future(overflowed.wait())
+        try:
+            waiting = {pumping, writing, hangup, dropped}
+            while True:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if hangup in done or writing in done or dropped in done:
+                    break  # the viewer hung up or broke the connection, all is written (closed), or overflow
+                waiting.discard(pumping)  # the run closed: the writer sends what is left
+            gone = hangup.done() or (writing.done() and (writing.cancelled() or writing.exception() is not None))
+            if end and not gone:
+                writing.cancel()  # overflow: what is still queued is dropped (it stays in the history)
+                with contextlib.suppress(BaseException):
+                    await writing
+                writer.write((json.dumps(end[0]) + "\n").encode())
+        finally:
+            for t in (pumping, writing, hangup, dropped):
+                t.cancel()
+            for t in (pumping, writing, hangup, dropped):
+                with contextlib.suppress(BaseException):
+                    await t
+            if task is not None:
+                control._streams.discard(task)
+
+
+class ControlServer(_Listener):
     """Serves a Control on a Unix socket in the running loop (see the module's docstring)."""
 
-    def __init__(self, control: Control, path: Path) -> None:
-        self.control = control
+    def __init__(self, control: Control, path: Path, *, backlog: int = STREAM_BACKLOG) -> None:
+        super().__init__(control, backlog=backlog)
         self.path = Path(path)
-        self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> ControlServer:
         _check_length(self.path)
@@ -312,7 +604,7 @@ class ControlServer:
 
     def close(self) -> None:
         """Stop listening and remove the socket file (if it is still ours). Connections being
-        answered (a ``down`` in progress) finish on their own."""
+        answered (a ``down`` in progress, the subscribers until the run closes) finish on their own."""
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -322,50 +614,46 @@ class ControlServer:
                     self.path.unlink()
             self._inode = None
 
-    @property
-    def serving(self) -> bool:
-        return self._server is not None
+    def _refusal(self, writer: asyncio.StreamWriter, req: Any) -> str | None:
+        uid = _peer_uid(writer)
+        if uid is not None and uid != os.getuid():
+            return f"uid {uid} may not control this pdtui"
+        return None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        after: Callable[[], None] | None = None
 
-        async def send(obj: dict[str, Any]) -> None:
-            writer.write((json.dumps(obj, default=str) + "\n").encode())
-            await writer.drain()
+class ControlTcpServer(_Listener):
+    """Serves a Control on TCP (``pdtui up --listen``): every connection's first line carries
+    ``"token"``, compared in constant time; nothing is served without it."""
 
-        def progress(obj: dict[str, Any]) -> None:
-            if not writer.is_closing():
-                writer.write((json.dumps(obj, default=str) + "\n").encode())
+    def __init__(self, control: Control, host: str, port: int, token: str, *, backlog: int = STREAM_BACKLOG) -> None:
+        super().__init__(control, backlog=backlog)
+        if len(token) < 16:
+            raise ValueError("a token of at least 16 characters")
+        self.host, self.port = host, port
+        self._digest = hashlib.sha256(token.encode()).digest()
 
-        try:
-            try:
-                line = await asyncio.wait_for(reader.readline(), timeout=10.0)
-                uid = _peer_uid(writer)
-                if uid is not None and uid != os.getuid():  # read first: its answer is not lost to a reset
-                    await send({"ok": False, "code": "forbidden", "error": f"uid {uid} may not control this pdtui"})
-                    return
-                req = json.loads(line) if line.strip() else None
-            except (TimeoutError, ValueError) as e:
-                await send({"ok": False, "code": "bad_request", "error": f"expected one JSON line: {e}"})
-                return
-            is_down = isinstance(req, dict) and req.get("verb") == "down"
-            answer = await self.control.handle(req, progress=progress, notify=not is_down)
-            if is_down and answer.get("ok"):
-                after = self.control.notify_down
-            await send(answer)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-                await asyncio.wait_for(writer.wait_closed(), 2.0)
-            if task is not None:
-                self._handlers.discard(task)
-            if after is not None:  # the answer is out: now the pdtui may exit
-                after()
+    async def start(self) -> ControlTcpServer:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=1 << 16)
+        if self.port == 0:
+            self.port = self._server.sockets[0].getsockname()[1]
+        self.control.tcp_address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            self.control.tcp_address = None
+
+    def _refusal(self, writer: asyncio.StreamWriter, req: Any) -> str | None:
+        token = req.get("token") if isinstance(req, dict) else None
+        if not isinstance(token, str) or not token:
+            return ("this listener needs a token: the request line carries \"token\" (pdtui attach --connect"
+                    " HOST:PORT --token-file FILE)")
+        # equal-length digests, compared in constant time: the answer's timing says nothing of the token
+        if not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._digest):
+            return "wrong token"
+        return None
 
 
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
@@ -380,5 +668,6 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     return uid
 
 
-__all__ = ["VERBS", "Control", "ControlError", "ControlInUse", "ControlServer", "NotListening",
+__all__ = ["CONTROLS", "STREAM_BACKLOG", "VERBS", "Control", "ControlError", "ControlInUse", "ControlServer",
+           "ControlTcpServer", "NotListening",
            "default_socket_path", "probe", "request", "socket_dir"]

@@ -93,6 +93,7 @@ class Replay:
         self.finished = asyncio.Event()
         self.hub = EventHub()
         self.replay = True
+        self.remote = False
         self.closed = False
         self.broken: str | None = None
         self.log_dir: Path | None = None

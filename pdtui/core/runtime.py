@@ -104,6 +104,7 @@ class Runtime:
         """UCX printed which transport reads the KV (its table): no guessing from throughput then."""
         self.t_start: float | None = None
         self.replay = False
+        self.remote = False
         self.run = RunInfo(profile=cfg.profile_name, model_name=cfg.model_name, proxy_url=self.url,
                            block_size=cfg.block_size, model=topology.model,
                            max_model_len=cfg.max_model_len, ready_timeout_s=cfg.ready_timeout_s)

@@ -1,25 +1,22 @@
 """The written contract between what runs (or replays) a pair and what watches and drives it.
 
 The dashboard (``pdtui.app``), the control plane (``pdtui.core.control``: its keys and ``pdtui
-ctl``), the drill and the tests read and call a run only through :class:`Source`. Three things
+ctl``), the drill and the tests read and call a run only through :class:`Source`. Four things
 satisfy it: the live :class:`pdtui.core.runtime.Runtime`, the :class:`pdtui.core.replay.Replay`
-of a recording, and the functional tests' fake (``tests/functional/fake_runtime.py``); an attached
-run (engines pdtui did not start) is the next. Nothing on the other side probes for attributes:
-what is here is what there is.
+of a recording, the :class:`pdtui.core.remote.RemoteSource` of a service running in another
+process (``pdtui attach``), and the functional tests' fake (``tests/functional/fake_runtime.py``).
+Nothing on the other side probes for attributes: what is here is what there is.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 from pdtui.core.events import Event
 from pdtui.core.kvmath import KvGeometry
-
-if TYPE_CHECKING:
-    from pdtui.core.control import Control
 
 
 @dataclass(frozen=True)
@@ -63,6 +60,24 @@ class InstanceView(Protocol):
     def stop_grace_s(self) -> float: ...
 
 
+class Controls(Protocol):
+    """The operations on a run as the dashboard's keys and ``pdtui ctl`` call them: a
+    :class:`pdtui.core.control.Control` over the run in this process, or a
+    :class:`pdtui.core.remote.RemoteControl` that forwards them to the service's control socket.
+    Answers are JSON-able dicts with ``ok``; a refusal raises ``pdtui.core.control.ControlError``."""
+
+    @property
+    def read_only(self) -> bool:
+        """True: kill, restart and down are refused (``code: forbidden``); the dashboard hides their keys."""
+    async def status(self) -> dict[str, Any]: ...
+    async def kill(self, which: str, *, source: str | None = None) -> dict[str, Any]: ...
+    async def restart(self, which: str, *, source: str | None = None, timeout_s: float | None = None,
+                      progress: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]: ...
+    async def down(self, *, source: str | None = None, notify: bool = True) -> dict[str, Any]: ...
+    def on_down(self, handler: Callable[[], Any]) -> None:
+        """Call ``handler`` once the run has stopped (its ``down``, from any client)."""
+
+
 class Source(Protocol):
     """A run of a pair, live or replayed: its events, its instances, and the operations on it."""
 
@@ -80,6 +95,10 @@ class Source(Protocol):
     def replay(self) -> bool:
         """True for a recording: the operations raise, the dashboard says it is a replay."""
     @property
+    def remote(self) -> bool:
+        """True for a viewer of a service in another process (``pdtui attach``): ``aclose()`` hangs
+        up and leaves the service running, and this machine's GPUs are not the run's."""
+    @property
     def closed(self) -> bool:
         """aclose() has begun: no operation is taken any more."""
     @property
@@ -92,7 +111,7 @@ class Source(Protocol):
     def t_start(self) -> float | None:
         """time.monotonic() at start(), None before."""
     @property
-    def control(self) -> Control:
+    def control(self) -> Controls:
         """The operations (kill, restart, down, status) as the keys and ``pdtui ctl`` call them."""
 
     def subscribe(self) -> AsyncIterator[Event]:

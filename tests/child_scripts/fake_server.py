@@ -11,6 +11,9 @@ usage: fake_server.py PORT MODE
   family-sigill  like family, but the grandchild dies of SIGILL after 1 s with faulthandler on
   listener-dies  like ready, but first prints the traceback of vLLM's NIXL handshake-listener
                thread dying on a taken port (the process lives on and answers /health)
+  pd           like ready, and answers POST /v1/completions as P and D do for the proxy (HTTP/1.1,
+               keep-alive): a P leg (kv_transfer_params.do_remote_decode) gets kv_transfer_params
+               back, a D leg streams max_tokens chunks one every $PDTUI_FAKE_ITL_S (default 0.02 s)
 """
 
 import http.server
@@ -62,5 +65,52 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class PdHandler(Handler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        import json
+
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+        params = body.get("kv_transfer_params") or {}
+        if params.get("do_remote_decode"):  # the P leg: prefill, hand the KV's whereabouts back
+            out = json.dumps({"id": "cmpl-p", "choices": [{"index": 0, "text": " w0"}],
+                              "usage": {"prompt_tokens": 40, "completion_tokens": 1},
+                              "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
+                                                     "remote_block_ids": [[0]], "remote_engine_id": "fake-p",
+                                                     "remote_host": "127.0.0.1", "remote_port": 1}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
+        self.send_response(200)  # the D leg: stream
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        itl = float(os.environ.get("PDTUI_FAKE_ITL_S", "0.02"))
+
+        def chunk(data):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        for i in range(int(body.get("max_tokens") or 16)):
+            event = {"id": "cmpl-d", "object": "text_completion",
+                     "choices": [{"index": 0, "text": f" w{i}", "logprobs": None, "finish_reason": None}]}
+            chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+            time.sleep(itl)
+        chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
 print(f"INFO 11-25 04:41:17 [fake.py:2] serving on {port} pid {os.getpid()}", flush=True)
+if mode == "pd":
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), PdHandler).serve_forever()
 http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()

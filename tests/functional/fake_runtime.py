@@ -44,6 +44,7 @@ class FakeRuntime:
         self.started = asyncio.Event()
         self.history: list[Event] = []
         self.replay = False
+        self.remote = False
         self.closed = False
         self.broken: str | None = None
         self.log_dir: Path | None = None

@@ -29,7 +29,7 @@ from pdtui.core import config as config_mod
 from pdtui.core.control import Control, ControlError, ControlInUse, ControlServer, NotListening, request
 from pdtui.core.events import InstanceStateChanged, Notice
 from pdtui.core.source import RunInfo
-from tests.fakes import free_port
+from tests.fake_service import ctl, env_for, fake_profile, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = ROOT / "tests" / "child_scripts" / "fake_server.py"
@@ -360,17 +360,6 @@ def test_another_user_can_neither_reach_the_socket_nor_be_served(short_tmp: Path
 # ----- a real Runtime over fake engines, driven by `pdtui ctl` ---------------------------------------
 
 
-def fake_profile(folder: Path) -> Path:
-    """The cpu profile on free ports, no warm-up, a short stop grace (fake engines ignore nothing)."""
-    text = (ROOT / "launch" / "cpu.toml").read_text()
-    for old in ("8000", "8100", "8200", "5600", "5700"):
-        text = text.replace(f"= {old}", f"= {free_port()}")
-    text = text.replace("[pair]", "[pair]\nwarmup = false\nstop_grace_s = 2.0", 1)
-    path = folder / "fake.toml"
-    path.write_text(text)
-    return path
-
-
 FAKE_ENGINES = f"""
 import os, sys
 from pdtui.core import runtime
@@ -390,29 +379,6 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 """`python -c FAKE_ENGINES up ...`: the real CLI, whose Runtime launches fake_server.py for each instance
 (FAKE_MODE=never: a process that never gets ready)."""
-
-
-def env_for(home: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "PDTUI_HOME": str(home), "PYTHONPATH": str(ROOT), **extra}
-
-
-def ctl(home: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pdtui", "ctl", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env_for(home), cwd=ROOT, check=False)
-
-
-def wait_ready(home: Path, sock: Path, proc: subprocess.Popen[str], timeout: float = 40,
-               ready: bool = True) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if sock.exists():
-            with contextlib.suppress(OSError, ValueError):
-                st = request(sock, {"verb": "status"}, timeout_s=5)
-                if st.get("pair_ready_s") is not None or (not ready and all(i["pid"] for i in st["instances"])):
-                    return st
-        time.sleep(0.1)
-    raise AssertionError("the fake pair did not get ready")
 
 
 def test_headless_up_is_driven_by_pdtui_ctl(short_tmp: Path) -> None:

@@ -1,5 +1,6 @@
-"""The written contract (pdtui.core.source.Source): the live Runtime, the Replay and the functional
-tests' fake each have every member it names, and the app and Control probe nothing."""
+"""The written contract (pdtui.core.source.Source): the live Runtime, the Replay, the RemoteSource
+and the functional tests' fake each have every member it names (their controls every member of
+Controls), and the app and Control probe nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from pdtui.core import config as config_mod
 from pdtui.core import source, topology
+from pdtui.core.remote import RemoteSource
 from pdtui.core.replay import Replay
 from pdtui.core.runtime import Runtime
 from tests.functional.fake_runtime import FakeRuntime
@@ -29,9 +31,11 @@ def live() -> Runtime:
 
 
 def test_every_source_has_every_member_of_the_protocol(live: Runtime) -> None:
-    for src in (live, Replay(RECORDING, speed=0), FakeRuntime()):
+    for src in (live, Replay(RECORDING, speed=0), FakeRuntime(), RemoteSource(Path("/nonexistent.sock"))):
         missing = [m for m in _members(source.Source) if not hasattr(src, m)]
         assert not missing, f"{type(src).__name__} lacks {missing}"
+        lacks = [m for m in _members(source.Controls) if not hasattr(src.control, m)]
+        assert not lacks, f"{type(src).__name__}'s control lacks {lacks}"
         for name, inst in src.instances.items():
             lacks = [m for m in _members(source.InstanceView) if not hasattr(inst, m)]
             assert not lacks, f"{type(src).__name__}'s instance {name} lacks {lacks}"
