@@ -3,9 +3,10 @@
 The dashboard (``pdtui.app``), the control plane (``pdtui.core.control``: its keys and ``pdtui
 ctl``), the drill and the tests read and call a run only through :class:`Source`. Three things
 satisfy it: the live :class:`pdtui.core.runtime.Runtime`, the :class:`pdtui.core.replay.Replay`
-of a recording, and the functional tests' fake (``tests/functional/fake_runtime.py``); an attached
-run (engines pdtui did not start) is the next. Nothing on the other side probes for attributes:
-what is here is what there is.
+of a recording, and the functional tests' fake (``tests/functional/fake_runtime.py``). An attached
+run (engines pdtui did not start, ``pdtui attach``) is a Runtime too, its instances
+``pdtui.core.attached.AttachedInstance``. Nothing on the other side probes for attributes: what is
+here is what there is.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class InstanceView(Protocol):
     def url(self) -> str: ...
     @property
     def state(self) -> str:
-        """stopped | starting | ready | stopping | exited (or unknown, in a replay)."""
+        """stopped | starting | ready | stopping | exited | failed; unreachable (an attached
+        instance that stopped answering other than by a refused connection); unknown, in a replay."""
     @property
     def pid(self) -> int | None: ...
     @property

@@ -28,7 +28,16 @@ from pdtui import cli
 from pdtui.core import logparse, remote, topology
 from pdtui.core.attached import AttachedInstance, LogFollower, run_command
 from pdtui.core.control import ControlError
-from pdtui.core.events import ConnectorEvent, Event, InstanceStateChanged, LogLine, MetricsSampled, Notice
+from pdtui.core.events import (
+    ConnectorEvent,
+    Event,
+    InstanceStateChanged,
+    LogLine,
+    MetricsSampled,
+    Notice,
+    RuntimeStarted,
+    WitnessSampled,
+)
 from pdtui.core.preflight import PreflightError, attached_problems, preflight_attached
 from pdtui.core.runtime import Runtime
 from pdtui.core.topology import Attach, Member
@@ -440,8 +449,39 @@ def test_without_commands_the_keys_are_refused_saying_how_to_give_one(engines: C
     assert "it stopped answering" in died and "cannot restart it (no --restart D=CMD)" in died
     assert states(events, "P")[-1] == "stopped" and p.proc is not None and p.proc.poll() is None
     started_ev = events[0]
-    assert getattr(started_ev, "observe", False) and started_ev.instances[1] == {  # type: ignore[attr-defined]
+    assert isinstance(started_ev, RuntimeStarted) and started_ev.observe and started_ev.instances[1] == {
         "name": "D", "role": "decode", "url": d.url, "attached": True, "log": None, "kill": None, "restart": None}
+
+
+# ----- witness requests (observe only) -------------------------------------------------------------
+
+
+def test_witness_requests_are_small_bounded_in_rate_and_measured_from_outside(engines: Callable[..., Engine]) -> None:
+    from pdtui.core import witness
+
+    [router] = started(engines("decode"))  # any OpenAI server streams; a fake D stands in for the router
+    got: list[Event] = []
+
+    async def go() -> None:
+        task = asyncio.create_task(witness.run(router.url, "tiny", got.append, interval_s=0.4, max_tokens=8))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    run(go())
+    assert 2 <= len(got) <= 3  # one at once, one started every 0.4 s at most
+    w = got[0]
+    assert isinstance(w, WitnessSampled) and w.status == 200 and w.error is None and w.chunks == 8
+    assert w.ttft_ms is not None and len(w.itl_ms) == 7 and w.request_id.startswith("pdtui-witness-")
+    gone = f"http://127.0.0.1:{free_port()}"
+
+    async def refused() -> Any:
+        async with httpx.AsyncClient() as client:
+            return await witness.sample(client, gone, "tiny")
+
+    bad = run(refused())
+    assert bad.status is None and bad.error is not None and "ConnectError" in bad.error
 
 
 # ----- the command line --------------------------------------------------------------------------------
