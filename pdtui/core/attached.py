@@ -418,6 +418,8 @@ class AttachedInstance:
             self._expected_exit = None
             raise
         self._wake.set()  # look now, not at the next tick
+        if self.state == "starting":  # it never answered since pdtui looked: nothing to see go
+            return None
         try:
             await asyncio.wait_for(self._exited.wait(), self.stop_grace_s)
         except TimeoutError:

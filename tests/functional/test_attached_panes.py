@@ -6,6 +6,9 @@ FakeRuntime (no engines)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,11 @@ import pytest
 from pdtui.app.app import make_app
 from pdtui.app.state import PROXY_NEEDED
 from pdtui.app.widgets import InstancePane, LatencyHistogram, RequestDetail, TransfersTable
+from pdtui.core import topology
+from pdtui.core.attached import AttachedInstance
 from pdtui.core.events import MetricsSampled, RuntimeStarted, WitnessSampled
+from pdtui.core.runtime import Runtime
+from tests.fakes import FakeVllmEngine
 from tests.functional.fake_runtime import T0, FakeRuntime, state
 
 pytestmark = pytest.mark.anyio
@@ -109,3 +116,37 @@ async def test_observe_with_a_router_shows_witness_requests_labelled_as_such() -
         assert ttft.title == "TTFT (witness)" and ttft.samples == ((84.0, "witness"),)
         assert app.query_one("#itl", LatencyHistogram).samples == ((20.0, "witness"), (21.0, "witness"))
         assert app.check_action("load", ("single",)) is True  # the load keys go to the router
+
+
+async def test_observe_only_over_a_real_runtime_of_fake_engines_then_quit_leaves_them_running() -> None:
+    """The real Runtime (no proxy: observe only) over two FAKE engines in child processes: the panes
+    go ready and scraped, the per-request panes say they need the proxy, the keys are off, and
+    quitting stops watching, not the engines."""
+    engines = [FakeVllmEngine("prefill").start(), FakeVllmEngine("decode").start()]
+    folder = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
+    try:
+        p, d = (e.wait() for e in engines)
+        rt = Runtime(topology.attached([p.url], [d.url], model_name="tiny", block_size=128, observe=True),
+                     log_dir=folder / "run", control_socket=folder / "c.sock")
+        for inst in rt.instances.values():
+            assert isinstance(inst, AttachedInstance)
+            inst.interval_s = 0.1
+        app = make_app(rt)
+        async with app.run_test(size=(120, 40)) as pilot:
+            for _ in range(200):
+                await pilot.pause(0.05)
+                views = app.snapshot.instances
+                if len(views) == 2 and all(v.state == "ready" and v.metrics for v in views):
+                    break
+            assert [(v.name, v.state) for v in app.snapshot.instances] == [("P", "ready"), ("D", "ready")]
+            assert PROXY_NEEDED in str(app.query_one("#proxy-needed").render())
+            assert "kv wait 0 pull 0 done 0" in pane_text(app, "D")
+            assert app.check_action("kill", ("decode",)) is None
+            await pilot.press("q")
+            await pilot.pause(0.2)
+        assert rt.closed and all(i.state == "stopped" for i in rt.instances.values())
+        assert all(e.proc is not None and e.proc.poll() is None for e in engines)
+    finally:
+        for e in engines:
+            e.kill()
+        shutil.rmtree(folder, ignore_errors=True)

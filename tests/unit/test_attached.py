@@ -41,48 +41,16 @@ from pdtui.core.events import (
 from pdtui.core.preflight import PreflightError, attached_problems, preflight_attached
 from pdtui.core.runtime import Runtime
 from pdtui.core.topology import Attach, Member
+from tests.fakes import FakeVllmEngine as Engine
 from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE = ROOT / "tests" / "child_scripts" / "fake_vllm.py"
+FAKE = ROOT / "tests" / "child_scripts" / "fake_vllm.py"  # what FakeVllmEngine runs
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def run(coro: Any, timeout: float = 60) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-class Engine:
-    """A fake vLLM engine in a child process (tests/child_scripts/fake_vllm.py)."""
-
-    def __init__(self, role: str, *args: str, port: int | None = None) -> None:
-        self.role, self.args = role, list(args)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Engine:
-        self.proc = subprocess.Popen([sys.executable, str(FAKE), "--port", str(self.port), "--role", self.role,
-                                      *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return self
-
-    def wait(self, timeout_s: float = 20.0) -> Engine:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code in (200, 503):
-                    return self
-            assert self.proc is not None and self.proc.poll() is None, "the fake engine exited"
-            time.sleep(0.05)
-        raise TimeoutError(f"fake engine on {self.port} not up")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
