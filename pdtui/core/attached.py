@@ -11,7 +11,7 @@ down and the panes work as they do for a launched one:
   down is taken for a new process (``starting`` then ``ready``: the panes forget its handshakes).
 - **Log** (``--log NAME=FILE``): the file is followed as it grows, every line through the one log
   path (``pdtui.core.logparse.LogFeed``, as the supervisor's pipe), from the start of the engine's
-  current run (its last ``non-default args`` line: pdtui.core.remote.run_start). From there, not
+  current run (its last ``non-default args`` line: pdtui.core.engine_facts.run_start). From there, not
   from the end: an engine is attached after it started, and its registration and connector lines
   are in the file already; from its very start, a long-lived file would replay old processes'
   lines. What came before attach is digested, not replayed (pdtui.core.logparse.LogFeed.digest).
@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from pdtui.core import logparse, remote
+from pdtui.core import engine_facts, logparse
 from pdtui.core.control import ControlError
 from pdtui.core.events import Event, InstanceStateChanged, Notice
 from pdtui.core.supervisor import LOG_TAIL_LINES, TAG_VAR, StartupFailed
@@ -176,11 +176,11 @@ class LogFollower:
     async def _catch_up(self, size: int) -> int:
         """Digest what the file holds of the engine's current run (in a thread: it may be MiBs);
         returns where following starts."""
-        start = await asyncio.to_thread(remote.run_start, self.path)
+        start = await asyncio.to_thread(engine_facts.run_start, self.path)
         if start is None:
             if size:
                 self._note("warning", f"log {self.path}: no `non-default args` line of a vLLM start in its last"
-                           f" {remote.LOG_TAIL_READ >> 20} MiB, so pdtui follows it from its end: the engine's"
+                           f" {engine_facts.LOG_TAIL_READ >> 20} MiB, so pdtui follows it from its end: the engine's"
                            " start-up milestones (registration, pool) are not seen")
             return size
 
@@ -322,9 +322,9 @@ class AttachedInstance:
                 try:
                     r = await client.get(f"{self.url}/health")
                     if r.status_code != 200:
-                        why = remote.cause(status=r.status_code)
+                        why = engine_facts.cause(status=r.status_code)
                 except httpx.HTTPError as e:
-                    why, refused = remote.cause(e), remote.refused(e)
+                    why, refused = engine_facts.cause(e), engine_facts.refused(e)
                     if not refused and doubts + 1 < TIMEOUTS_FOR_DOWN:
                         doubts += 1
                         await asyncio.sleep(0.05)

