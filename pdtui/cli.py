@@ -108,7 +108,7 @@ examples:
   pdtui up --detach --port-offset 100       a second service beside the first (attach/ctl: --port-offset 100)
   pdtui up --detach --listen 127.0.0.1:8799 also on TCP, with a token (printed: where it is)"""
 
-ATTACH_DESCRIPTION = """\
+ATTACH_SERVICE_TEXT = """\
 Open the dashboard on a pdtui service that runs on its own (`pdtui up --detach`; any running `pdtui
 up` works too): the history first (a late viewer sees the table and the histograms filled), then
 every event as it comes; the same panes and keys. Kill and restart (k/K, r/R) go to the service
@@ -123,7 +123,7 @@ with --listen). A viewer the service drops (it fell thousands of events behind) 
 breaks reconnects for up to 10 s and says so; what it missed meanwhile is taken from the service's
 history when it still reaches back that far."""
 
-ATTACH_EPILOG = """\
+ATTACH_SERVICE_EXAMPLES = """\
 examples:
   pdtui attach                              the service on this machine's default proxy port
   pdtui attach --port-offset 100            the one started with --port-offset 100
@@ -215,6 +215,83 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     return cfg
 
 
+ATTACH_ENGINES_TEXT = """\
+The dashboard (or --headless) over prefill and decode engines someone else started (`vllm serve`
+with a NixlConnector kv_transfer_config, on this box or others), given by URL. Before anything is
+sent, every URL must answer /health, each engine's kv role must fit its side as far as it can be
+read (its log, vLLM's /server_info in development mode, else /metrics), and the engines must agree
+on the model, block size, KV cache dtype, dtype (where readable), max_model_len and vLLM version:
+a mismatch is refused naming the field and both values (exit 2).
+
+pdtui's proxy then goes in front of them (--proxy-port): send requests there. Their /metrics are
+scraped; their log files (--log NAME=FILE) are followed for registration, handshake and transfer
+lines, else the panes say they show metrics alone. The kill and restart keys run the commands you
+give (--kill NAME=CMD, --restart NAME=CMD, run with /bin/sh); without one the key is off and the
+pane says why. Closing pdtui stops its proxy and leaves the engines running.
+
+--observe: for a deployment behind someone else's router: no proxy, metrics only; --witness URL
+sends one small streamed request every 5 s through that router for TTFT/ITL from outside.
+
+Instances are named in the order given: P and D, or P1, P2, ... and D1, D2, ... when there are
+several; NAME in --log/--kill/--restart is one of those."""
+
+ATTACH_ENGINES_EXAMPLES = """\
+engines you started yourself:
+  pdtui attach --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200
+  pdtui attach --prefill http://10.0.0.1:8100 --decode http://10.0.0.2:8200,http://10.0.0.3:8200 \\
+      --log P=/var/log/vllm-p.log --restart D1='ssh 10.0.0.2 systemctl restart vllm-decode'
+  pdtui attach --headless --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \\
+      --kill D='kill -9 12345' --restart D='systemctl --user restart vllm-d'
+  pdtui attach --observe --prefill http://p:8000 --decode http://d:8000 --witness http://router:8000"""
+
+
+ATTACH_DESCRIPTION = ("Two ways in. Without --prefill/--decode: a viewer of a running pdtui service.\n\n"
+                      + ATTACH_SERVICE_TEXT + "\n\nWith --prefill/--decode: engines pdtui did not start.\n\n"
+                      + ATTACH_ENGINES_TEXT)
+ATTACH_EPILOG = ATTACH_SERVICE_EXAMPLES + "\n\n" + ATTACH_ENGINES_EXAMPLES
+
+
+def _add_attach_engine_args(p: argparse.ArgumentParser) -> None:
+    """`pdtui attach`'s arguments for engines given by URL (``run_attach_engines``)."""
+    p.add_argument("--prefill", action="append", default=[], metavar="URL[,URL...]",
+                   help="the prefill engines' URLs (named P, or P1, P2, ...); repeat or separate with commas")
+    p.add_argument("--decode", action="append", default=[], metavar="URL[,URL...]",
+                   help="the decode engines' URLs (named D, or D1, D2, ...)")
+    p.add_argument("--model-name", default=None,
+                   help="the model name clients send (default: the one every engine serves, /v1/models)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV block size, when the engines do not report it (vllm:cache_config_info)")
+    p.add_argument("--log", action="append", default=[], metavar="NAME=FILE",
+                   help="an engine's log file, followed as it grows for its connector lines (repeatable)")
+    p.add_argument("--kill", action="append", default=[], metavar="NAME=CMD",
+                   help="a shell command that kills NAME: the k/K key and `pdtui ctl kill NAME` run it")
+    p.add_argument("--restart", action="append", default=[], metavar="NAME=CMD",
+                   help="a shell command that restarts NAME (it should return once the old engine is gone);"
+                   " pdtui then waits until /health answers")
+    p.add_argument("--command-timeout", type=float, default=120.0,
+                   help="seconds a --kill or --restart command may run before it is killed (default 120)")
+    p.add_argument("--observe", action="store_true",
+                   help="observe only: no proxy, metrics (and --witness) only; for someone else's router")
+    p.add_argument("--witness", default=None, metavar="URL",
+                   help="with --observe: the router to send a small witness request through every 5 s")
+    p.add_argument("--decode-reports-cached", action="store_true",
+                   help="the decode engines run with --enable-prompt-tokens-details: check every paired"
+                   " request for a silent recompute (without it, D's usage cannot tell)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="send no warm-up request through the pair before calling it ready")
+    add_switch_flags(p)
+    # --proxy-port is the service flags' (one flag, one meaning: that pdtui's proxy port): with
+    # URLs, the port pdtui's proxy serves on (default 8000), which also names its control socket
+    p.add_argument("--host", default="127.0.0.1", help="address the proxy binds (default 127.0.0.1)")
+    p.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds a restarted engine may take to answer /health (default 300)")
+    p.add_argument("--headless", action="store_true", help="print events as JSON lines instead of the dashboard")
+    p.add_argument("--record", type=Path, default=None, help="also write every event to this JSONL file (for replay)")
+    p.add_argument("--logs", action="store_true", help="--headless: include the engines' log lines")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="the run folder (the proxy's log, screenshots; default: a new one under the state dir)")
+
+
 def _add_ctl_args(ctl: argparse.ArgumentParser) -> None:
     ctl.add_argument("verb", choices=("status", "kill", "restart", "down"), help="what to do")
     ctl.add_argument("instance", nargs="?", default=None, help="kill and restart: the instance (P, D, D2, ...)")
@@ -276,10 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_up_args(up)
 
-    attach = sub.add_parser("attach", help="the dashboard on a running service (pdtui up --detach), here or over SSH",
+    attach = sub.add_parser("attach", help="the dashboard on a running service (pdtui up --detach), here or over"
+                            " SSH; or over engines pdtui did not start (--prefill URL --decode URL)",
                             description=ATTACH_DESCRIPTION, epilog=ATTACH_EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_attach_service_args(attach)
+    _add_attach_engine_args(attach)
 
     drill = sub.add_parser("drill", help="run the failure drills on the dashboard, unattended, and check them",
                            description=(
@@ -357,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "  pdtui proxy --decode http://127.0.0.1:8200 --port 8001    # no P/D: the proxy's own cost"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     proxy_process.add_arguments(prox)
+
 
     model = sub.add_parser("model", help="synthetic models (config + tokenizer, no weights)")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION")
@@ -474,12 +554,13 @@ def _preflight(cfg: config_mod.PairConfig, *, ports: bool = True) -> list[Any]:
     return found
 
 
-def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace) -> Any:
-    """The Runtime of `up` and `drill`, its log folder printed (stderr) before anything starts."""
+def _runtime(cfg: config_mod.PairConfig, args: argparse.Namespace, topo: Any = None) -> Any:
+    """The Runtime of `up`, `drill` and `attach` (``topo``: a topology other than the config's
+    pair), its log folder printed (stderr) before anything starts."""
     from pdtui.core import topology
     from pdtui.core.runtime import Runtime
 
-    rt = Runtime(topology.pair(cfg), log_dir=args.log_dir)
+    rt = Runtime(topo or topology.pair(cfg), log_dir=args.log_dir)
     print(f"pdtui: logs in {rt.log_dir}", file=sys.stderr, flush=True)
     if rt.control_socket is not None:
         print(f"pdtui: control socket {rt.control_socket} (pdtui ctl status{_ctl_hint(cfg)})", file=sys.stderr,
@@ -549,12 +630,12 @@ def run_up(args: argparse.Namespace) -> int:
     return asyncio.run(_up_dashboard(cfg, args))
 
 
-async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
+async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace, topo: Any = None) -> int:
     """The dashboard over a live Runtime. Whatever ends the app (q, Ctrl-C, a closed terminal, a
     crash, `pdtui ctl down`), ``aclose()`` runs, so both engines and the proxy stop."""
     from pdtui.app.app import make_app  # textual stays out of the headless path
 
-    rt = _runtime(cfg, args)
+    rt = _runtime(cfg, args, topo)
     app = make_app(rt, freeze_gc=True)
     try:  # a closed terminal or a kill: leave through aclose()
         async with _run_context(rt, args, app.exit, (signal.SIGTERM, signal.SIGHUP), lambda: "dashboard closed"), \
@@ -647,20 +728,21 @@ def run_replay(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
-async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> int:
-    """Events as JSON lines on stdout, until a signal or `pdtui ctl down`. As the detached service
-    (``--service``): no events on stdout (they go to the recording), and SIGHUP ignored, as it
-    is when started under nohup: the service outlives its terminal. A stdout that goes away (a
-    closed pipe) ends the printing, not the pair."""
+async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace, topo: Any = None) -> int:
+    """Events as JSON lines on stdout, until a signal or `pdtui ctl down` (`up --headless`, `attach
+    --headless`). As the detached service (``--service``): no events on stdout (they go to the
+    recording), and SIGHUP ignored, as it is when started under nohup: the service outlives its
+    terminal. A stdout that goes away (a closed pipe) ends the printing, not the pair."""
     from pdtui.core.events import LogLine
 
-    rt = _runtime(cfg, args)
+    rt = _runtime(cfg, args, topo)
     stop = asyncio.Event()
     rt.control.on_down(stop.set)  # `pdtui ctl down`: everything is stopped, return
-    if args.service:
+    service = getattr(args, "service", False)  # `attach --headless` has no --service
+    if service:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
-    events = None if args.service else rt.subscribe()
+    events = None if service else rt.subscribe()
 
     async def printer() -> None:
         if events is None:
@@ -679,7 +761,7 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace) -> 
     try:
         async with _run_context(rt, args, stop.set, (signal.SIGINT, signal.SIGTERM, *hangup),
                                 lambda: "signal" if stop.is_set() else "exit"), _tcp_control(rt, args):
-            code = await _serve_headless(rt, cfg, stop, "pdtui ctl down" + _ctl_hint(cfg) if args.service else "Ctrl-C")
+            code = await _serve_headless(rt, stop, "pdtui ctl down" + _ctl_hint(cfg) if service else "Ctrl-C")
     finally:
         await printing
     return code
@@ -698,7 +780,7 @@ def _listen_address(args: argparse.Namespace) -> tuple[str, int]:
 async def _tcp_control(rt: Any, args: argparse.Namespace) -> AsyncIterator[None]:
     """`--listen HOST:PORT`: the control protocol on TCP too, behind a token (--token-file, or a
     new one written 0600 to the run folder), for as long as the run."""
-    if args.listen is None:
+    if getattr(args, "listen", None) is None:  # `attach --headless` has no --listen
         yield
         return
     from pdtui.core.control import ControlTcpServer
@@ -748,7 +830,7 @@ def _token(args: argparse.Namespace, run_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
-async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Event, stopper: str = "Ctrl-C") -> int:
+async def _serve_headless(rt: Any, stop: asyncio.Event, stopper: str = "Ctrl-C") -> int:
     """Start, say ready (or broken) on stderr, serve until a signal or `pdtui ctl down`; 1 if the
     start failed. ``stopper``: what stops it, in the ready line."""
     from pdtui.core.supervisor import PortInUse, StartupFailed
@@ -759,12 +841,19 @@ async def _serve_headless(rt: Any, cfg: config_mod.PairConfig, stop: asyncio.Eve
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and not rt.control.down_requested:
             elapsed = starting.result()
-            if rt.broken is not None:  # up, but the warm-up says the pair does not work
-                print(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {cfg.proxy_url}"
+            if rt.topology.observe:
+                names = ", ".join(rt.instances)
+                via = f"; witness requests through {rt.topology.router}" if rt.topology.router else ""
+                print(f"pdtui: observing {names} in {elapsed:.1f} s (metrics only, no proxy{via}); {stopper}"
+                      " detaches", file=sys.stderr, flush=True)
+            elif rt.broken is not None:  # up, but the warm-up says the pair does not work
+                print(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {rt.url}"
                       f" serving anyway ({stopper} stops everything)", file=sys.stderr, flush=True)
             else:
-                print(f"pdtui: pair ready in {elapsed:.1f} s (warm-up through P and D included); proxy at"
-                      f" {cfg.proxy_url} ({stopper} stops everything)", file=sys.stderr, flush=True)
+                warm = " (warm-up through P and D included)" if rt.topology.warmup else ""
+                ends = "stops the proxy; attached engines run on" if rt.specs == [] else "stops everything"
+                print(f"pdtui: pair ready in {elapsed:.1f} s{warm}; proxy at {rt.url} ({stopper} {ends})",
+                      file=sys.stderr, flush=True)
             await stopping
         else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()
@@ -968,10 +1057,6 @@ def _tail(path: Path, n: int) -> list[str]:
 # ----- pdtui attach: the dashboard on a running service --------------------------------------------
 
 
-def run_attach(args: argparse.Namespace) -> int:
-    return run_attach_service(args)
-
-
 def run_attach_service(args: argparse.Namespace) -> int:
     """`pdtui attach` with no engine URLs: a RemoteSource on the service's control socket, under
     the dashboard."""
@@ -1044,6 +1129,119 @@ def ctl_address(args: argparse.Namespace) -> tuple[Any, str | None]:
         raise ValueError(f"--connect {args.connect} needs --token-file FILE: the token of the pdtui that listens"
                          " there (its <run folder>/token, or the --token-file it was given)")
     return ctl_client.parse_hostport(args.connect), ctl_client.read_token(args.token_file)
+def _attach_urls(values: list[str], flag: str) -> list[str]:
+    """URLs from repeated and comma-separated flags; a malformed one is a ConfigError (exit 2)."""
+    from urllib.parse import urlsplit
+
+    out = []
+    for value in values:
+        for url in (u.strip() for u in value.split(",")):
+            try:
+                parts = urlsplit(url)
+                port = parts.port
+            except ValueError as e:
+                raise ConfigError(f"{flag} {url!r}: not a URL ({e}); expected http://HOST:PORT") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                    or parts.query or (port is None and ":" in parts.netloc.rsplit("]", 1)[-1]):
+                raise ConfigError(f"{flag} {url!r}: not an engine's URL; expected http://HOST:PORT (the address"
+                                  " `vllm serve` listens on, no path)")
+            out.append(url.rstrip("/"))
+    return out
+
+
+def _attach_named(values: list[str], flag: str, names: list[str]) -> dict[str, str]:
+    """NAME=VALUE flags: NAME one of ``names`` (case does not matter), each at most once."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        match = next((n for n in names if n.lower() == name.strip().lower()), None)
+        if not sep or not rest.strip():
+            raise ConfigError(f"{flag} {value!r}: expected NAME=VALUE, e.g. {flag} {names[-1]}=...")
+        if match is None:
+            raise ConfigError(f"{flag} {name}=...: no instance {name!r}; this attach has {', '.join(names)}"
+                              " (named from --prefill and --decode, in order)")
+        if match in out:
+            raise ConfigError(f"{flag} {match}: given twice")
+        out[match] = rest.strip()
+    return out
+
+
+ATTACH_SERVICE_ONLY = ("socket", "connect", "token_file", "read_only", "port_offset", "profile")
+ATTACH_ENGINES_ONLY = ("log", "kill", "restart", "observe", "witness", "model_name", "block_size", "headless",
+                       "record", "logs", "log_dir", "decode_reports_cached", "no_warmup")
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    """`pdtui attach`: engines given by URL (--prefill/--decode) -> run_attach_engines; else a
+    viewer of a running service -> run_attach_service. A flag of the other form is refused."""
+    engines = bool(args.prefill or args.decode)
+    defaults = build_parser().parse_args(["attach"])
+    other = ATTACH_SERVICE_ONLY if engines else ATTACH_ENGINES_ONLY
+    given = [n for n in other if getattr(args, n) != getattr(defaults, n)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        what = "a viewer of a running service (no --prefill/--decode)" if engines else "engines given by URL (--prefill/--decode)"
+        print(f"pdtui attach: {flags} is for {what} (pdtui attach --help)", file=sys.stderr)
+        return 2
+    if engines:
+        return run_attach_engines(args)
+    return run_attach_service(args)
+
+
+def run_attach_engines(args: argparse.Namespace) -> int:
+    """Engines someone else started, by URL: checked (preflight_attached), then the dashboard or
+    --headless over a Runtime of their attached topology, as `up` over a launched pair."""
+    from pdtui.core import topology
+    from pdtui.core.ctl_client import default_socket_path
+    from pdtui.core.preflight import preflight_attached
+
+    if args.proxy_port is None:
+        args.proxy_port = 8000
+    prefills, decodes = _attach_urls(args.prefill, "--prefill"), _attach_urls(args.decode, "--decode")
+    if not prefills or not decodes:
+        raise ConfigError("pdtui attach needs both sides: --prefill URL and --decode URL")
+    ps, ds = topology.attached_names(len(prefills), "P"), topology.attached_names(len(decodes), "D")
+    names = ps + ds
+    logs = {n: Path(f).expanduser() for n, f in _attach_named(args.log, "--log", names).items()}
+    for n, path in logs.items():
+        if not path.is_file():
+            raise ConfigError(f"--log {n}={path}: no such file")
+    kills = _attach_named(args.kill, "--kill", names)
+    restarts = _attach_named(args.restart, "--restart", names)
+    if args.witness is not None and not args.observe:
+        raise ConfigError("--witness needs --observe: with pdtui's proxy in the path every request is measured")
+    router = _attach_urls([args.witness], "--witness")[0] if args.witness else None
+    if args.command_timeout <= 0 or args.ready_timeout <= 0:
+        raise ConfigError("--command-timeout and --ready-timeout are positive numbers of seconds")
+    check = preflight_attached(list(zip(ps, prefills, strict=True)), list(zip(ds, decodes, strict=True)),
+                               model_name=args.model_name, logs=logs, observe=args.observe,
+                               proxy=None if args.observe else (args.host, args.proxy_port),
+                               control_socket=default_socket_path(args.proxy_port))
+    for note in check.notes:
+        print(f"pdtui attach: note: {note}", file=sys.stderr)
+    model_name = args.model_name or check.served_name
+    if model_name is None:
+        raise ConfigError("the engines report no model name in common (/v1/models); give --model-name")
+    first = check.facts[0]
+    block_size = args.block_size or next((f.block_size for f in check.facts if f.block_size), None)
+    if block_size is None:
+        raise ConfigError("no engine reports its block size (vllm:cache_config_info on /metrics); give --block-size")
+    attach = {n: topology.Attach(log=logs.get(n), kill=kills.get(n), restart=restarts.get(n),
+                                 command_timeout_s=args.command_timeout) for n in names}
+    switches = {f.name: getattr(args, f.name) for f in config_mod.proxy_switches() if getattr(args, f.name) is not None}
+    topo = topology.attached(
+        prefills, decodes, model_name=model_name, model=first.model, block_size=block_size,
+        max_model_len=first.max_model_len, kv_cache_dtype=first.cache.get("cache_dtype") or "auto",
+        dtype=first.dtype or "auto", host=args.host, proxy_port=args.proxy_port, observe=args.observe,
+        router=router, attach=attach, ready_timeout_s=args.ready_timeout, warmup=not args.no_warmup,
+        decode_reports_cached=args.decode_reports_cached, switches=switches,
+        vllm_version=f"vLLM {first.version} (the engines')" if first.version else None)
+    print(f"pdtui attach: {topo.describe()}", file=sys.stderr, flush=True)
+    if args.headless:
+        return asyncio.run(_up_headless(topo.cfg, args, topo))
+    if code := _terminal_missing(", or `pdtui attach --headless ...` (events as JSON lines)"):
+        return code
+    return asyncio.run(_up_dashboard(topo.cfg, args, topo))
 
 
 def ctl_socket_path(args: argparse.Namespace) -> Path:
@@ -1117,11 +1315,14 @@ def _ctl_text(a: dict[str, Any]) -> str:
     if verb == "kill":
         code = a.get("exit_code")
         how = f"signal {_signame(-code)}" if isinstance(code, int) and code < 0 else f"code {code}"
-        if a.get("was") not in ("starting", "ready", "stopping"):
+        if a.get("was") not in ("starting", "ready", "stopping", "failed"):
             return f"{a['instance']} ({a.get('role')}) was not running ({a.get('was')})"
+        if code is None:  # attached: the user's command killed it, /health says the rest
+            return f"killed {a['instance']} ({a.get('role')}) with its --kill command: now {a.get('state')}"
         return f"killed {a['instance']} ({a.get('role')}): it exited with {how}"
     if verb == "restart":
-        return f"{a['instance']} ({a.get('role')}) ready in {a['ready_s']:.1f} s (pid {a.get('pid')})"
+        pid = f"pid {a.get('pid')}" if a.get("pid") is not None else "attached"
+        return f"{a['instance']} ({a.get('role')}) ready in {a['ready_s']:.1f} s ({pid})"
     if verb == "down":
         return f"pdtui (pid {a.get('pid')}) stopped {', '.join(a.get('stopped', []))} and the proxy in {a['elapsed_s']:.1f} s"
     up = a.get("uptime_s")

@@ -8,7 +8,11 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 import httpx
@@ -246,3 +250,41 @@ def raw_head(status: int = 200, ctype: bytes = b"text/event-stream", length: int
 def raw_chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk (an empty ``data`` is the last one)."""
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+FAKE_VLLM = Path(__file__).resolve().parent / "child_scripts" / "fake_vllm.py"
+
+
+class FakeVllmEngine:
+    """A FAKE vLLM engine in a child process (tests/child_scripts/fake_vllm.py: vLLM 0.32's /health,
+    /v1/models, /version, /metrics with cache_config_info and the kv-role traces, completions), for
+    `pdtui attach`'s tests: something to attach to, kill by pid and start again on its port."""
+
+    def __init__(self, role: str, *args: str, port: int | None = None) -> None:
+        self.role, self.args = role, list(args)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeVllmEngine:
+        self.proc = subprocess.Popen([sys.executable, str(FAKE_VLLM), "--port", str(self.port), "--role", self.role,
+                                      *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def wait(self, timeout_s: float = 20.0) -> FakeVllmEngine:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code in (200, 503):
+                    return self
+            assert self.proc is not None and self.proc.poll() is None, "the fake engine exited"
+            time.sleep(0.05)
+        raise TimeoutError(f"fake engine on {self.port} not up")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

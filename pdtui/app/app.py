@@ -34,7 +34,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from pdtui.app import engine_config, gpu, loadgen
 from pdtui.app.messages import EventsFolded, LoadFinished, RequestSelected, StreamEnded
 from pdtui.app.notices import NOTICES, ShownNotice, file_line, one_line
-from pdtui.app.state import DashState, Snapshot
+from pdtui.app.state import PROXY_NEEDED, DashState, Header, Snapshot
 from pdtui.app.widgets import InstancePane, LatencyHistogram, PairHeader, RequestDetail, TransfersTable
 from pdtui.app.widgets.histograms import REPLOT_INTERVAL_S
 from pdtui.app.widgets.notices import NoticesScreen
@@ -127,6 +127,9 @@ class PdtuiApp(App[int]):
         """The NVML module the GPU line reads (tests name a fake one)."""
         self.gpu_views: tuple[gpu.GpuView, ...] = ()
         """For tests: the transport of the configuration probe's client."""
+        self._observe_shown: tuple[bool, str | None] = (False, None)
+        self._keys_shown: tuple[Any, ...] = ()
+        """What the kill/restart/load keys' availability was computed from (refresh_bindings on a change)."""
 
     # ----- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -137,6 +140,7 @@ class PdtuiApp(App[int]):
                 yield InstancePane(name, inst.role, clock=self.clock, id=f"pane-{name}")
         with TabbedContent(id="main", initial="transfers"):
             with TabPane("Transfers", id="transfers"):
+                yield Static("", id="proxy-needed")
                 yield TransfersTable(id="table")
                 yield RequestDetail(geometry=self._geometry, id="detail")
             with TabPane("Latency", id="latency-tab"), Horizontal(id="latency"):
@@ -231,6 +235,15 @@ class PdtuiApp(App[int]):
             detail.bytes_per_token = snap.header.kv_bytes_per_token
         row = self.query_one("#instances", Horizontal)
         now = snap.last_t if self.replay else None
+        if (snap.header.observe, snap.header.router) != self._observe_shown:
+            self._show_observe(snap.header)
+        if snap.header.observe:
+            self._show_witness(snap)
+        keys = (snap.header.observe, snap.header.router,
+                *((v.name, v.role, v.refuses("kill"), v.refuses("restart")) for v in snap.instances))
+        if keys != self._keys_shown:
+            self._keys_shown = keys
+            self.refresh_bindings()
         for view in snap.instances:
             panes = self.query(f"#pane-{view.name}").results(InstancePane)
             pane = next(panes, None)
@@ -239,6 +252,7 @@ class PdtuiApp(App[int]):
                 row.mount(pane)
             pane.view = view
             pane.now = now
+            pane.observe = snap.header.observe
             if (not self.replay and view.state == "ready" and view.url
                     and self._probed.get(view.name, -1.0) != view.started_t):
                 self._probed[view.name] = view.started_t
@@ -250,6 +264,58 @@ class PdtuiApp(App[int]):
             n = self._notice_shown = snap.notices[-1]
             self.show_notice(n.text, n.level, t=n.t)
         self._settle_notice(snap)
+
+    def _show_observe(self, h: Header) -> None:
+        """Observe only (pdtui attach --observe): no proxy in the path, so the per-request panes
+        say why they are empty; the histograms show witness requests when there is a router."""
+        self._observe_shown = (h.observe, h.router)
+        needed = self.query_one("#proxy-needed", Static)
+        needed.set_class(h.observe, "-shown")
+        self.query_one(TransfersTable).display = not h.observe
+        if not h.observe:
+            return
+        how = (f"witness requests through {h.router} (one every few seconds) give TTFT/ITL from outside: Latency tab"
+               if h.router else "--witness URL sends a few small requests through your router for TTFT/ITL from outside")
+        needed.update(Text(f"{PROXY_NEEDED}: observe only, the requests go through your router. {how}.",
+                           style="bold yellow"))
+        detail = self.query_one(RequestDetail)
+        detail.placeholder = f"{PROXY_NEEDED} (pdtui attach without --observe puts it there)"
+        detail.refresh()
+        for hist_id, title in (("#ttft", "TTFT"), ("#itl", "ITL")):
+            hist = self.query_one(hist_id, LatencyHistogram)
+            if h.router:
+                hist.relabel(f"{title} (witness)", f"witness requests through {h.router}: none answered yet")
+            else:
+                hist.relabel(title, f"{PROXY_NEEDED}; --witness URL for TTFT/ITL from outside")
+
+    def _show_witness(self, snap: Snapshot) -> None:
+        h = snap.header
+        if not h.router:
+            return
+        sent, errors = snap.counts.get("witness", 0), snap.counts.get("witness_errors", 0)
+        text = Text(f"{PROXY_NEEDED}: observe only, the requests go through your router.\n", style="bold yellow")
+        text.append(f"witness requests through {h.router}: {sent} sent, {errors} failed", style="yellow")
+        if snap.witness_error:
+            text.append(f"; last: {snap.witness_error}", style="red")
+        text.append(" (TTFT/ITL from outside: Latency tab)", style="dim")
+        self.query_one("#proxy-needed", Static).update(text)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """A read-only viewer's kill and restart bindings are hidden and give way to ``refuse``. The
+        kill and restart keys are off (shown greyed) for an attached instance without the user's
+        command (its pane says why); the load keys in observe mode without a router."""
+        if action in ("kill", "restart") and self.read_only:
+            return False
+        if action == "refuse":
+            return self.read_only
+        if action in ("kill", "restart") and parameters:
+            name = self.instance_for(str(parameters[0]))
+            view = self.snapshot.instance(name) if name is not None else None
+            if view is not None and view.refuses(action) is not None:
+                return None
+        if action == "load" and self.snapshot.header.observe and not self.snapshot.header.router:
+            return None
+        return True
 
     def _settle_notice(self, snap: Snapshot) -> None:
         """A notice about an instance ("restarting D", "killing D") that its process has answered
@@ -375,14 +441,6 @@ class PdtuiApp(App[int]):
             self.show_notice(REPLAY_DISABLED, "warning")
             self.notify(REPLAY_DISABLED, severity="warning")
         return self.replay
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """A read-only viewer's kill and restart bindings are hidden and give way to ``refuse``."""
-        if action in ("kill", "restart"):
-            return not self.read_only
-        if action == "refuse":
-            return self.read_only
-        return True
 
     def action_refuse(self, verb: str) -> None:
         text = READ_ONLY_REFUSED.format(verb=verb)

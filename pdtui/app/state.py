@@ -28,6 +28,7 @@ from pdtui.core.events import (
     RequestTraced,
     RuntimeStarted,
     RuntimeStopped,
+    WitnessSampled,
 )
 from pdtui.core.logparse import KvRead
 from pdtui.core.stats import percentile  # the one definition (vllm bench serve's), re-exported
@@ -56,7 +57,13 @@ lines are DEBUG and show only with VLLM_LOGGING_LEVEL=DEBUG. P logs nothing when
 PEER_MILESTONES = ("compat_ok", "compat_failed", *HANDSHAKE_DONE)
 """What D learnt from a handshake: forgotten when that peer's process goes (a restarted P has a new
 engine id and D must handshake again; vLLM logs it again when it does)."""
-PROCESS_GONE = ("starting", "exited", "failed")
+PROCESS_GONE = ("starting", "exited", "failed", "unreachable")
+DOWN = ("exited", "failed", "unreachable")
+"""States of an instance that is not there (unreachable: an attached one that stopped answering)."""
+PROXY_NEEDED = "per-request figures need pdtui's proxy in the path"
+"""What the per-request panes say in observe mode (pdtui attach --observe)."""
+KV_FETCH = "vllm:num_requests_kv_fetch_by_stage"
+KV_FETCH_STAGES = (("waiting_to_start", "wait"), ("in_progress", "pull"), ("completed_waiting", "done"))
 
 
 XFER_TIME = connectors.NIXL.xfer_time_metric
@@ -195,7 +202,27 @@ class InstanceView:
     """Paired requests this decode instance computed the prompt of itself (RequestTraced.recomputed)."""
     nixl: NixlView | None = None
     """NIXL's figures: measured reads, vLLM's counters (None until the engine reports any)."""
-    """P legs this prefill instance answered on a retry (RequestTraced.prefill_attempts > 1)."""
+    attached: bool = False
+    """pdtui did not start it (pdtui attach): watched by URL, driven by the user's commands."""
+    log_file: str | None = None
+    """Attached: the log file followed, None: its metrics alone."""
+    kill_cmd: str | None = None
+    """Attached: the user's kill command (--kill), None: the kill key is off."""
+    restart_cmd: str | None = None
+
+    def refuses(self, verb: str) -> str | None:
+        """Why the kill or restart key is off for it (an attached instance without the command), or None."""
+        if not self.attached or (self.kill_cmd if verb == "kill" else self.restart_cmd):
+            return None
+        return f"no --{verb} {self.name}=CMD"
+
+    @property
+    def kv_fetch(self) -> tuple[int, ...] | None:
+        """D's waiting requests by the stage of their KV pull (wait, pull, done), None if not reported."""
+        keys = [f'{KV_FETCH}{{stage="{stage}"}}' for stage, _ in KV_FETCH_STAGES]
+        if not any(k in self.metrics for k in keys):
+            return None
+        return tuple(int(self.metrics.get(k, 0)) for k in keys)
 
     @property
     def kv_usage(self) -> float | None:
@@ -236,7 +263,7 @@ class InstanceView:
 
     @property
     def bad(self) -> bool:
-        return self.state == "failed" or (self.state == "exited" and self.exit_code not in (0, None)) or (
+        return self.state in ("failed", "unreachable") or (self.state == "exited" and self.exit_code not in (0, None)) or (
             self.state == "exited" and ("killed" in self.detail or "unexpectedly" in self.detail))
 
 
@@ -259,6 +286,12 @@ class Header:
     run_dir: str | None = None
     """The run's folder (RuntimeStarted.run_dir: the engines' and the proxy's logs); in a replay,
     the recorded run's, which may be on another machine."""
+    observe: bool = False
+    """Observe only (RuntimeStarted.observe): no proxy in the path, no per-request figures."""
+    router: str | None = None
+    """Observe only: the user's router, where witness requests go (None: no witness)."""
+    attached: bool = False
+    """Some instance is attached (pdtui did not start it)."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +318,8 @@ class Snapshot:
     itl_recent: tuple[tuple[float, str], ...] = ()
     kv_reads: dict[str, KvRead] = field(default_factory=dict)
     """Request id -> D's measured read of its KV (pdtui.engine.nixl_quiet's line), the newest REQUESTS."""
+    witness_error: str | None = None
+    """The last witness request's error (observe only), None when it was clean."""
 
     def instance(self, name: str) -> InstanceView | None:
         return next((i for i in self.instances if i.name == name), None)
@@ -307,7 +342,9 @@ class DashState:
         self._itl_t: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         """Event time of each sample, in step with ttft and itl (same length, same order)."""
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0, "recompute": 0}
-        """Per outcome, and "recompute": paired requests whose D computed the prompt (RequestTraced.recomputed)."""
+        """Per outcome, and "recompute": paired requests whose D computed the prompt (RequestTraced.recomputed);
+        "witness" and "witness_errors" once witness requests come (observe only)."""
+        self.witness_error: str | None = None
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
         self.handshakes: dict[str, str] = {}
         self.spans: dict[str, dict[str, EngineSpan]] = {}
@@ -342,10 +379,13 @@ class DashState:
                 profile=ev.profile, model=ev.model, model_shape=ev.model_shape, connector=ev.connector,
                 device=ev.device, proxy_url=ev.proxy_url, vllm_version=ev.vllm_version,
                 kv_bytes_per_token=ev.kv_bytes_per_token, block_size=ev.block_size, started_t=ev.t,
-                run_dir=ev.run_dir)
+                run_dir=ev.run_dir, observe=ev.observe, router=ev.router,
+                attached=any(spec.get("attached") for spec in ev.instances))
             for spec in ev.instances:
                 self._inst(spec["name"], spec.get("role", "?"))
-                self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""))
+                self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""),
+                          attached=bool(spec.get("attached")), log_file=spec.get("log"), kill_cmd=spec.get("kill"),
+                          restart_cmd=spec.get("restart"))
         elif isinstance(ev, ProxyStarted):
             self.header = dataclasses.replace(self.header, proxy_url=ev.url)
         elif isinstance(ev, InstanceStateChanged):
@@ -355,7 +395,7 @@ class DashState:
             if ev.state == "starting":
                 changes["started_t"] = ev.t
                 changes["milestones"] = ()  # a new process: its start-up and connector over again
-                if inst.state in ("exited", "failed"):
+                if inst.state in DOWN:
                     changes["metrics"] = {}
                     changes["nixl"] = None
                 self._reads.pop(ev.instance, None)  # a new process counts from 0
@@ -420,6 +460,8 @@ class DashState:
                     self._set(name, pairs=inst.pairs + 1)
             if ev.prefill and ev.prefill_attempts > 1:
                 self._set(ev.prefill, retries=self._inst(ev.prefill).retries + 1)
+        elif isinstance(ev, WitnessSampled):
+            self._witness(ev)
         elif isinstance(ev, Notice):
             self.notices.append(ev)
         elif isinstance(ev, PairReady):
@@ -428,6 +470,21 @@ class DashState:
             self.header = dataclasses.replace(self.header, broken=ev.reason)
         elif isinstance(ev, RuntimeStopped):
             self.header = dataclasses.replace(self.header, stopped=ev.reason or "stopped")
+
+    def _witness(self, ev: WitnessSampled) -> None:
+        """A witness request through the user's router: its TTFT and gaps as samples of their own
+        (outcome "witness"), never mixed with traced requests."""
+        self.counts["witness"] = self.counts.get("witness", 0) + 1
+        self.witness_error = ev.error
+        if ev.error is not None:
+            self.counts["witness_errors"] = self.counts.get("witness_errors", 0) + 1
+            return
+        if ev.ttft_ms is not None:
+            self.ttft.append((ev.ttft_ms, "witness"))
+            self._ttft_t.append(ev.t)
+        for gap in ev.itl_ms:
+            self.itl.append((gap, "witness"))
+            self._itl_t.append(ev.t)
 
     def _started(self, name: str, role: str) -> None:
         """A process started: the next paired request through this D (or through every D, for a P)
@@ -535,7 +592,8 @@ class DashState:
                         notices=tuple(self.notices), last_t=self.last_t, version=self.version,
                         handshakes=dict(self.handshakes), spans=dict(self.spans),
                         ttft_recent=self._recent(self.ttft, self._ttft_t),
-                        itl_recent=self._recent(self.itl, self._itl_t), kv_reads=dict(self.kv_reads))
+                        itl_recent=self._recent(self.itl, self._itl_t), kv_reads=dict(self.kv_reads),
+                        witness_error=self.witness_error)
 
     def _recent(self, samples: collections.deque[tuple[float, str]],
                 times: collections.deque[float]) -> tuple[tuple[float, str], ...]:

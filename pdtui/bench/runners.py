@@ -45,7 +45,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,8 @@ from pdtui.core.events import (
 from pdtui.core.logparse import KvRead
 from pdtui.core.proxy import ProxyProcess
 from pdtui.core.runtime import Runtime, proxy_sees_up  # noqa: F401 - proxy_sees_up: scripts and tests
-from pdtui.core.supervisor import Instance, StartupFailed
+from pdtui.core.source import InstanceView
+from pdtui.core.supervisor import StartupFailed
 from pdtui.core.topology import Topology, proxied_settings
 
 ARMS = ("single", "single-proxied", "pair")
@@ -510,7 +511,7 @@ def _launch(specs: list[config_mod.LaunchSpec]) -> list[dict[str, Any]]:
 WARMUP_MAX_TOKENS = 4
 
 
-async def warm_instances(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, insts: list[Instance],
+async def warm_instances(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, insts: Sequence[InstanceView],
                          reporter: Reporter) -> None:
     """One request straight to each instance's own URL (not through the proxy), one after another,
     in the big prompts' shape (``--prompt-len`` tokens, a prompt of its own, a few tokens out), so

@@ -12,7 +12,7 @@ methods::
 
 Every answer is a JSON-able dict with ``ok``; a refusal raises ``ControlError`` (its ``code``:
 ``unknown_verb``, ``unknown_instance``, ``bad_request``, ``busy``, ``closed``, ``failed``,
-``forbidden``).
+``forbidden``, ``unavailable``: an attached instance without the user's --kill/--restart command).
 
 The socket (``ControlServer``): a Unix socket at ``state_dir()/ctl/<proxy port>.sock`` (the proxy
 port names a pdtui on this box), in a folder of mode 0700, the socket itself 0600, and every
@@ -263,13 +263,16 @@ class Control:
             timeout_s = (inst.ready_timeout_s or self.runtime.run.ready_timeout_s) + inst.stop_grace_s + 15
         self._note(source, f"restart {name}", name)
         t0 = time.monotonic()
+        was = (inst.state, inst.pid)
         task = asyncio.ensure_future(self.runtime.restart(name))
         self._restarting[name] = task
         task.add_done_callback(lambda t: self._restart_done(name, t))
+        await asyncio.sleep(0)  # its first step: a refusal (an attached instance without --restart) ends it here
         seen: tuple[Any, Any] | None = None
         deadline = t0 + timeout_s
+        first = True
         while not task.done():
-            now = (inst.state, inst.pid)
+            now, first = (was if first else (inst.state, inst.pid)), False
             if progress is not None and now != seen:
                 text = (f"restarting {name} (it was {now[0]})" if seen is None
                         else f"{name} {now[0]}" + (f" (pid {now[1]})" if now[0] == "starting" else ""))
@@ -284,6 +287,8 @@ class Control:
             await asyncio.wait({task}, timeout=0.2)
         try:
             ready_s = task.result()
+        except ControlError:  # refused (an attached instance without --restart), or its command failed
+            raise
         except Exception as e:  # StartupFailed: the message carries the cause and the log tail
             raise ControlError(f"{name} did not come back: {e}", "failed") from e
         return {"ok": True, "verb": "restart", "instance": name, "role": inst.role,

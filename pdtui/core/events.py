@@ -55,6 +55,11 @@ class RuntimeStarted(Event):
     kv_geometry: dict[str, Any] | None = None
     """The KV geometry behind kv_bytes_per_token (kvmath.KvGeometry's fields), so that a replay
     shows the same freight formula as the live run; None in recordings made before it."""
+    observe: bool = False
+    """Observe only (``pdtui attach --observe``): no pdtui proxy in the path, so no per-request
+    figures; metrics (and witness requests) only."""
+    router: str | None = None
+    """Observe only: the user's router (``--witness URL``), where witness requests go."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,22 @@ class EngineSpan(Event):
 
 
 @dataclass(frozen=True)
+class WitnessSampled(Event):
+    """One small streamed request pdtui sent through someone else's router (``pdtui attach
+    --observe --witness URL``): TTFT and ITL as a client of that router sees them. Not a trace: the
+    router's path (which P, which D, paired or not) is not known here."""
+
+    kind: ClassVar[str] = "witness"
+    url: str
+    request_id: str
+    status: int | None
+    ttft_ms: float | None = None
+    itl_ms: list[float] = field(default_factory=list)
+    chunks: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class RuntimeStopped(Event):
     kind: ClassVar[str] = "runtime_stopped"
     reason: str = ""
@@ -247,6 +268,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PairBroken,
         RuntimeStopped,
         EngineSpan,
+        WitnessSampled,
     )
 }
 

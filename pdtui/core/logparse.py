@@ -11,11 +11,15 @@ runs (tests/fixtures/).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pdtui.core import connectors
+from pdtui.core.events import ConnectorEvent, Event, LogLine
 
 # "(Worker pid=2793) INFO 11-25 04:41:16 [factory.py:62] message"  (vLLM's own format)
 _VLLM_PREFIX = re.compile(
@@ -204,3 +208,85 @@ class LogParser:
             if "+--" not in line:
                 self._in_gpu_read = None
         return parse_line(line)
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What ``LogFeed.digest`` kept of lines written before pdtui looked."""
+
+    lines: tuple[str, ...]
+    milestones: tuple[Parsed, ...]
+
+
+class LogFeed:
+    """One instance's log lines, however they arrive (a launched engine's output pipe, a log file
+    followed as it grows: ``pdtui.core.attached``), through the one path: vLLM's access lines
+    dropped (``is_noise``), the rest kept in ``tail`` and emitted as ``LogLine``, each milestone
+    (``LogParser``) as a ``ConnectorEvent``; a FATAL milestone calls ``on_fatal`` with its cause,
+    once the traceback's last line has said why (bounded: 2 s)."""
+
+    FATAL_WAIT_S = 2.0
+
+    def __init__(self, name: str, emit: Callable[[Event], None], tail: collections.deque[str],
+                 on_fatal: Callable[[str], None]) -> None:
+        self.name = name
+        self._emit = emit
+        self.tail = tail
+        self._on_fatal = on_fatal
+        self.parser = LogParser()
+        self._fatal: str | None = None
+        self._fatal_timer: asyncio.TimerHandle | None = None
+
+    def feed(self, line: str) -> None:
+        if is_noise(line):
+            return
+        self.tail.append(line)
+        self._emit(LogLine(instance=self.name, line=line))
+        self._parsed(self.parser.feed(line))
+
+    def catch_up(self, lines: Iterable[str]) -> None:
+        """Lines written before pdtui looked (a followed file's current run): ``replay(digest(lines))``."""
+        self.replay(self.digest(lines))
+
+    def digest(self, lines: Iterable[str]) -> Digest:
+        """Parse ``lines`` in order, keeping what a pane needs now, not a flood of events: the last
+        ``tail.maxlen`` lines and the newest milestone of each kind (per-request reads left out:
+        their requests are not in this run's table). Emits nothing and touches no loop: a thread
+        may run it for a large file, then the loop ``replay``s the result."""
+        latest: dict[str, Parsed] = {}
+        kept: collections.deque[str] = collections.deque(maxlen=self.tail.maxlen)
+        for line in lines:
+            if is_noise(line):
+                continue
+            kept.append(line)
+            parsed = self.parser.feed(line)
+            if parsed is not None and parsed.what != "kv_read":
+                latest.pop(parsed.what, None)  # re-inserted last: the order they happened in
+                latest[parsed.what] = parsed
+        return Digest(tuple(kept), tuple(latest.values()))
+
+    def replay(self, digest: Digest) -> None:
+        """Emit a digest: its lines as LogLine, then its milestones (a FATAL one counts)."""
+        for line in digest.lines:
+            self.tail.append(line)
+            self._emit(LogLine(instance=self.name, line=line))
+        for parsed in digest.milestones:
+            self._parsed(parsed)
+
+    def _parsed(self, parsed: Parsed | None) -> None:
+        if parsed is None:
+            return
+        self._emit(ConnectorEvent(instance=self.name, what=parsed.what, text=parsed.text, fields=parsed.fields))
+        if parsed.what in FATAL and self._fatal is None:
+            # the traceback's last line says why; a bounded wait for it
+            self._fatal = FATAL[parsed.what]
+            self._fatal_timer = asyncio.get_running_loop().call_later(self.FATAL_WAIT_S, self._on_fatal, self._fatal)
+        elif self._fatal is not None and parsed.what == "engine_error" and self._fatal_timer is not None:
+            self._fatal_timer.cancel()
+            self._fatal_timer = None
+            self._on_fatal(f"{self._fatal}: {parsed.text}")
+
+    def close(self) -> None:
+        if self._fatal_timer is not None:
+            self._fatal_timer.cancel()
+            self._fatal_timer = None

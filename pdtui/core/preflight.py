@@ -18,6 +18,16 @@ and ``pdtui config`` (which reports ports in use as a note, not a refusal: it la
 Every problem is collected and named by its field and where its value came from (the profile
 file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
 
+``preflight_attached(...)`` is ``pdtui attach``'s: engines someone else started, checked before
+anything is sent to them (pdtui.core.engine_facts reads what they say): each URL answers /health; each
+engine's kv-transfer role fits its side, as far as it can be read remotely (``/server_info`` in
+vLLM's development mode, the log given with --log, else ``/metrics``: engine_facts.py says what vLLM
+exposes); every engine agrees on what must agree (the model, block size, KV cache dtype, the model
+dtype where readable, max_model_len, the vLLM version that NIXL's compatibility hash includes);
+the served model name; the proxy port and control socket free. A mismatch is refused naming the
+field and every engine's value; what could not be read is a note. Observe only (``--observe``):
+the engines' own mismatches are notes, not refusals (pdtui sends nothing into the pair).
+
 ``report(cfg)`` says what the engines will do here, refusing nothing (``pdtui preflight`` prints
 it): on device cpu the CPU's features and the attention kernel vLLM will take
 (``pdtui.core.cpu``), the AMX tile-state request on AMX CPUs, the model, each KV pool in tokens,
@@ -30,12 +40,13 @@ import dataclasses
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pdtui.core import config as config_mod
-from pdtui.core import connectors, kvmath, versions
+from pdtui.core import connectors, engine_facts, kvmath, versions
 from pdtui.core import cpu as cpu_mod
 from pdtui.core import model as model_mod
 from pdtui.core.config import ConfigError, PairConfig
@@ -107,6 +118,92 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
         out += _gpu_memory(cfg, gpus if gpus is not None else query_gpus())
     if check_in_use:
         out += _in_use(cfg, control_socket)
+    return out
+
+
+# ----- engines pdtui did not start (pdtui attach) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttachedCheck:
+    """What ``attached_problems`` found: every engine's facts, the refusals, and what it could not read."""
+
+    facts: list[engine_facts.Facts]
+    problems: list[Problem]
+    notes: list[str]
+
+    @property
+    def served_name(self) -> str | None:
+        """The model name every engine serves (the first in common), None if none."""
+        served = [f.served for f in self.facts if f.served]
+        common = set.intersection(*(set(s) for s in served)) if served else set()
+        return next((n for n in served[0] if n in common), None) if served else None
+
+
+def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tuple[str, str]], *,
+                      model_name: str | None = None, logs: Mapping[str, Path] | None = None, observe: bool = False,
+                      proxy: tuple[str, int] | None = None, control_socket: Path | None = None,
+                      read: Any = None) -> AttachedCheck:
+    """Ask every engine (``(name, url)`` per side) and check them as a pair (the module's
+    docstring). ``proxy``: (host, port) pdtui's proxy will bind (None: observe); ``read``: the
+    engine reader (``engine_facts.read``), for tests."""
+    reader = read or engine_facts.read
+    logs = logs or {}
+    facts = [reader(n, role, url, log=logs.get(n))
+             for role, side in (("prefill", prefills), ("decode", decodes)) for n, url in side]
+    out: list[Problem] = []
+    notes: list[str] = []
+    for f in facts:
+        if f.health is not None:
+            out.append(Problem("url", f"{f.label} does not answer /health: {f.health}. Is `vllm serve` running"
+                               " there, and is that its --host and --port?"))
+    up = [f for f in facts if f.health is None]
+    found: list[tuple[str, str]] = []
+    for f in up:
+        found += engine_facts.role_problems(f)
+        notes += f.notes
+    if len(up) == len(facts):
+        found += engine_facts.compare(up)
+        if model_name is not None:
+            lacking = [f for f in up if f.served and model_name not in f.served]
+            if lacking:
+                out.append(Problem("model_name", f"--model-name {model_name!r}: not served by "
+                                   + ", ".join(f"{f.name} (serves {', '.join(f.served)})" for f in lacking)))
+        notes += [f"not compared: {t}" for t in engine_facts.unread(up)]
+    if observe:
+        notes += [f"{text} (observe only: pdtui sends nothing into the pair, so it is not refused)"
+                  for _, text in found]
+    else:
+        out += [Problem(field, text) for field, text in found]
+    out += _attach_in_use(proxy, control_socket)
+    return AttachedCheck(facts, out, notes)
+
+
+def preflight_attached(prefills: Sequence[tuple[str, str]], decodes: Sequence[tuple[str, str]],
+                       **kw: Any) -> AttachedCheck:
+    """``attached_problems``, raising PreflightError naming every problem."""
+    check = attached_problems(prefills, decodes, **kw)
+    if check.problems:
+        raise PreflightError(check.problems)
+    return check
+
+
+def _attach_in_use(proxy: tuple[str, int] | None, control_socket: Path | None) -> list[Problem]:
+    from pdtui.core import ctl_client as control
+    from pdtui.core.supervisor import PortInUse, check_port_free
+
+    out: list[Problem] = []
+    if control_socket is not None:
+        found = control.probe(control_socket, timeout_s=2.0)
+        if found is not None:
+            out.append(Problem("proxy_port", f"another pdtui answers on the control socket {control_socket}"
+                               f" (pid {found.get('pid')}, proxy {found.get('proxy_url')}): pick another"
+                               " --proxy-port", in_use=True))
+    if proxy is not None:
+        try:
+            check_port_free(proxy[0], proxy[1], "pdtui's proxy")
+        except PortInUse as e:
+            out.append(Problem("proxy_port", f"--proxy-port {proxy[1]}: {e}", in_use=True))
     return out
 
 
@@ -433,4 +530,5 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-__all__ = ["Gpu", "PreflightError", "Problem", "preflight", "problems", "query_gpus", "report"]
+__all__ = ["AttachedCheck", "Gpu", "PreflightError", "Problem", "attached_problems", "preflight", "preflight_attached",
+           "problems", "query_gpus", "report"]

@@ -1,6 +1,6 @@
 """The Runtime: owns the instances, the proxy and the scrapers; emits one stream of typed events.
 
-    rt = Runtime(topology.pair(cfg))  # or any Topology: a bench arm, NpMd
+    rt = Runtime(topology.pair(cfg))  # or any Topology: a bench arm, NpMd, engines attached by URL
     events = rt.subscribe()          # before start(), to see everything
     await rt.start()                 # instances ready, proxy up, pair warmed up
     ...                              # rt.kill("D"), rt.restart("D"), ...
@@ -23,9 +23,10 @@ from typing import IO, Any
 import httpx
 
 from pdtui.core import config as config_mod
-from pdtui.core import connectors, scrape
+from pdtui.core import connectors, scrape, witness
+from pdtui.core.attached import AttachedInstance
 from pdtui.core.config import PairConfig
-from pdtui.core.control import Control, ControlServer, default_socket_path
+from pdtui.core.control import Control, ControlError, ControlServer, default_socket_path
 from pdtui.core.events import (
     ConnectorEvent,
     Event,
@@ -44,35 +45,37 @@ from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl
 from pdtui.core.proxy import WARMUP_HEADER, ProxyProcess
 from pdtui.core.source import RunInfo
 from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free
-from pdtui.core.topology import Topology
+from pdtui.core.topology import Attach, Member, Topology
 from pdtui.core.versions import installed_vllm
 
 WARMUP_PROMPT = "pdtui warm-up: the first request of a pair pays the NIXL handshake. " * 2
 
 
 class Runtime:
-    """Starts and watches one :class:`pdtui.core.topology.Topology` (the pair of a profile, or a
-    bench arm); implements :class:`pdtui.core.source.Source`."""
+    """Starts and watches one :class:`pdtui.core.topology.Topology` (the pair of a profile, a
+    bench arm, engines attached by URL); implements :class:`pdtui.core.source.Source`. A launched
+    member is a supervisor :class:`Instance`, an attached one an :class:`AttachedInstance` (same
+    surface, same events); the rest (proxy, scrapers, control) does not tell them apart."""
 
     def __init__(self, topology: Topology, *, log_dir: Path | None = None, control_socket: Path | None = None,
                  serve_control: bool = True) -> None:
         cfg = topology.cfg
-        config_mod.validate(cfg)
-        attached = [m.name for m in topology.members if m.launch is None]
-        if attached:
-            raise ValueError(f"{topology.name}: members {', '.join(attached)} are attached (a URL only);"
-                             " this Runtime starts and supervises launched members only")
         self.topology = topology
         self.cfg = cfg
         self.specs = [m.launch for m in topology.members if m.launch is not None]
+        if self.specs:  # the config rendered their command lines: it must hold as a pair
+            config_mod.validate(cfg)
         self.geometry = topology.geometry
         found = installed_vllm()
-        self.vllm_version = f"{found[0]} {found[1]}" if found else None
+        self.vllm_version = topology.vllm_version or (f"{found[0]} {found[1]}" if found else None)
         self.log_dir = log_dir or default_run_dir(cfg)
         """Engine logs (one file per instance, across restarts) and the proxy's: what a crash leaves."""
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, Instance | AttachedInstance] = {}
         for m in topology.members:
-            assert m.launch is not None
+            if m.launch is None:
+                self.instances[m.name] = AttachedInstance(m, self.emit, ready_timeout_s=cfg.ready_timeout_s,
+                                                          stop_grace_s=cfg.stop_grace_s)
+                continue
             self.instances[m.name] = Instance(
                 m.launch, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
                 host=cfg.host, port=m.port, side_channel_port=m.side_channel_port, log_dir=self.log_dir,
@@ -163,9 +166,10 @@ class Runtime:
                 vllm_version=self.vllm_version,
                 kv_bytes_per_token=self.geometry.bytes_per_token if self.geometry else None,
                 block_size=self.cfg.block_size, kv_load_failure_policy=self.cfg.kv_load_failure_policy,
-                instances=[{"name": s.name, "role": s.role, "url": s.url, "argv": s.argv, "env": s.env} for s in self.specs],
+                instances=[_described(m) for m in self.topology.members],
                 run_dir=str(self.log_dir),
                 kv_geometry=dataclasses.asdict(self.geometry) if self.geometry else None,
+                observe=self.topology.observe, router=self.topology.router,
             )
         )
         self.check_ports()
@@ -186,6 +190,9 @@ class Runtime:
                 self._tasks.append(asyncio.create_task(self._scrape(inst), name=f"{inst.name}-scrape"))
                 self._tasks.append(asyncio.create_task(self._watch(inst), name=f"{inst.name}-watch"))
             await asyncio.gather(*(inst.wait_ready() for inst in self.instances.values()))
+            if self.topology.router is not None:  # observe: witness requests through the user's router
+                self._tasks.append(asyncio.create_task(
+                    witness.run(self.topology.router, self.cfg.model_name, self.emit), name="witness"))
             await self._proxy_sees_up()
             warm = self.topology.warmup and self.topology.proxy is not None and bool(self.topology.proxy.prefills)
             outcome, broken = await self._warmup_or_death() if warm else (None, None)
@@ -221,7 +228,7 @@ class Runtime:
         """Why the pair is up but not working (the warm-up's outcome), or None."""
         return self._broken
 
-    def _dead(self) -> Instance | None:
+    def _dead(self) -> Instance | AttachedInstance | None:
         return next((i for i in self.instances.values() if i.death is not None or not i.alive), None)
 
     async def _warmup_or_death(self) -> tuple[str | None, str | None]:
@@ -254,7 +261,7 @@ class Runtime:
         return outcome, (f"the warm-up request through the pair failed: {why}; the KV transfer path is"
                          f" not working (logs: {self.log_dir})")
 
-    def _death_words(self, inst: Instance, when: str) -> str:
+    def _death_words(self, inst: Instance | AttachedInstance, when: str) -> str:
         # the death's cause (signal, crash site) is settled a moment after the exit is seen
         return (f"{inst.name} ({inst.role}) died {when}: {inst.death or 'its API server exited'}."
                 f" Log: {inst.log_path}")
@@ -297,7 +304,7 @@ class Runtime:
                              " the KV transfer path is not working"))
         return trace.outcome
 
-    async def _watch(self, inst: Instance) -> None:
+    async def _watch(self, inst: Instance | AttachedInstance) -> None:
         """Report an instance that dies on its own."""
         while not self._closed:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -307,14 +314,13 @@ class Runtime:
             if inst._expected_exit is None:
                 tail = " | ".join(line.strip()[-160:] for line in list(inst.log_tail)[-3:])
                 self.emit(Notice(level="error", instance=inst.name,
-                                 text=f"{inst.name} ({inst.role}) died: {inst.death}; all its processes were killed."
-                                 f" Restart it with r/R or `pdtui ctl restart {inst.name}`. Log: {inst.log_path}."
-                                 f" Last lines: {tail}"))
+                                 text=f"{inst.name} ({inst.role}) died: {inst.death}; {inst.after_death}."
+                                 f" Log: {inst.log_path}." + (f" Last lines: {tail}" if tail else "")))
             # wait for a restart to re-arm
             while not self._closed and not inst.alive:
                 await asyncio.sleep(0.5)
 
-    async def _scrape(self, inst: Instance) -> None:
+    async def _scrape(self, inst: Instance | AttachedInstance) -> None:
         """Poll, post, sleep, re-arm: never more than one scrape in flight per instance."""
         async with httpx.AsyncClient(timeout=httpx.Timeout(3.0)) as client:
             while not self._closed:
@@ -366,14 +372,21 @@ class Runtime:
                              " kv_cache_memory_bytes in the profile."))
 
     # ----- drills -------------------------------------------------------------------------
-    def instance(self, name: str) -> Instance:
+    def instance(self, name: str) -> Instance | AttachedInstance:
         if name not in self.instances:
             raise KeyError(f"no instance {name!r}; have {', '.join(self.instances)}")
         return self.instances[name]
 
+    def _refused(self, inst: Instance | AttachedInstance, verb: str) -> None:
+        """An attached instance without the user's command for ``verb``: a ControlError saying so."""
+        why = inst.refuses(verb)
+        if why is not None:
+            raise ControlError(why, "unavailable")
+
     async def kill(self, name: str, reason: str = "killed by pdtui (drill)") -> int | None:
         inst = self.instance(name)
-        self.emit(Notice(level="warning", instance=name, text=f"killing {name} ({inst.role}): SIGKILL to its process group"))
+        self._refused(inst, "kill")
+        self.emit(Notice(level="warning", instance=name, text=f"killing {name} ({inst.role}): {inst.kill_means}"))
         return await inst.kill(reason=reason)
 
     async def stop_instance(self, name: str) -> int | None:
@@ -381,9 +394,9 @@ class Runtime:
 
     async def restart(self, name: str) -> float:
         inst = self.instance(name)
+        self._refused(inst, "restart")
         self.emit(Notice(level="info", instance=name, text=f"restarting {name} ({inst.role})"))
-        await inst.stop(reason="restarting")
-        return await inst.start()
+        return await inst.restart()
 
     async def aclose(self, reason: str = "closed") -> None:
         if self._closed:
@@ -423,6 +436,15 @@ async def proxy_sees_up(url: str, decodes: list[str], timeout_s: float = 10.0, *
                 names = ", ".join([*(prefills or ()), *decodes])
                 raise TimeoutError(f"the proxy at {url} did not see {names} up within {timeout_s:.0f} s")
             await asyncio.sleep(0.05)
+
+
+def _described(m: Member) -> dict[str, Any]:
+    """A member as RuntimeStarted lists it: its command line, or (attached) its log and commands."""
+    out: dict[str, Any] = {"name": m.name, "role": m.role, "url": m.url}
+    if m.launch is not None:
+        return {**out, "argv": m.launch.argv, "env": m.launch.env}
+    a = m.attach or Attach()
+    return {**out, "attached": True, "log": str(a.log) if a.log else None, "kill": a.kill, "restart": a.restart}
 
 
 def default_run_dir(cfg: PairConfig) -> Path:

@@ -16,6 +16,8 @@ WANTED: dict[str, tuple[str, ...]] = {
     "vllm:kv_cache_usage_perc": (),
     "vllm:num_requests_running": (),
     "vllm:num_requests_waiting": (),
+    # D only (a kv consumer, vLLM 0.32): waiting requests by the stage of their KV pull
+    "vllm:num_requests_kv_fetch_by_stage": ("stage",),
     "vllm:prompt_tokens_by_source": ("source",),
     "vllm:prompt_tokens": (),
     "vllm:generation_tokens": (),

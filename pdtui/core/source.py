@@ -4,8 +4,11 @@ The dashboard (``pdtui.app``), the control plane (``pdtui.core.control``: its ke
 ctl``), the drill and the tests read and call a run only through :class:`Source`. Four things
 satisfy it: the live :class:`pdtui.core.runtime.Runtime`, the :class:`pdtui.core.replay.Replay`
 of a recording, the :class:`pdtui.core.remote.RemoteSource` of a service running in another
-process (``pdtui attach``), and the functional tests' fake (``tests/functional/fake_runtime.py``).
-Nothing on the other side probes for attributes: what is here is what there is.
+process (``pdtui attach`` with no URLs), and the functional tests' fake
+(``tests/functional/fake_runtime.py``). A run over engines pdtui did not start (``pdtui attach
+--prefill URL --decode URL``) is a Runtime too, its instances
+``pdtui.core.attached.AttachedInstance``. Nothing on the other side probes for attributes: what is
+here is what there is.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class InstanceView(Protocol):
     def url(self) -> str: ...
     @property
     def state(self) -> str:
-        """stopped | starting | ready | stopping | exited (or unknown, in a replay)."""
+        """stopped | starting | ready | stopping | exited | failed; unreachable (an attached
+        instance that stopped answering other than by a refused connection); unknown, in a replay."""
     @property
     def pid(self) -> int | None: ...
     @property

@@ -31,7 +31,7 @@ import httpx
 from pdtui.core import death as death_words
 from pdtui.core import logparse
 from pdtui.core.config import LaunchSpec
-from pdtui.core.events import ConnectorEvent, Event, InstanceStateChanged, LogLine
+from pdtui.core.events import Event, InstanceStateChanged
 
 LOG_TAIL_LINES = 400
 
@@ -312,6 +312,18 @@ class Instance:
     def ready(self) -> bool:
         return self.state == "ready" and self.alive
 
+    kill_means = "SIGKILL to its process group"
+    """What a kill does, for the Runtime's notice (an attached instance runs the user's command)."""
+
+    @property
+    def after_death(self) -> str:
+        """What follows its death, for the Runtime's notice."""
+        return f"all its processes were killed. Restart it with r/R or `pdtui ctl restart {self.name}`"
+
+    def refuses(self, verb: str) -> str | None:
+        """Why ``verb`` (kill, restart) cannot be done: never, for an instance pdtui launched."""
+        return None
+
     def _set_state(self, state: str, detail: str = "", **kw: Any) -> None:
         self.state = state
         elapsed = time.monotonic() - self.started_at if self.started_at else None
@@ -435,35 +447,22 @@ class Instance:
 
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        parser = logparse.LogParser()
-        fatal: str | None = None
-        fatal_timer: asyncio.TimerHandle | None = None
-        while True:
-            try:
-                raw = await proc.stdout.readline()
-            except ValueError:  # a line over the limit: take what is there
-                raw = await proc.stdout.read(1 << 16)
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if self._log_file is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    self._log_file.write(line + "\n")
-            if logparse.is_noise(line):
-                continue
-            self.log_tail.append(line)
-            self._emit(LogLine(instance=self.name, line=line))
-            parsed = parser.feed(line)
-            if parsed:
-                self._emit(ConnectorEvent(instance=self.name, what=parsed.what, text=parsed.text, fields=parsed.fields))
-                if parsed.what in logparse.FATAL and fatal is None:
-                    # the traceback's last line says why; a bounded wait for it
-                    fatal = logparse.FATAL[parsed.what]
-                    fatal_timer = asyncio.get_running_loop().call_later(2.0, self._end_of, fatal)
-                elif fatal is not None and parsed.what == "engine_error" and fatal_timer is not None:
-                    fatal_timer.cancel()
-                    fatal_timer = None
-                    self._end_of(f"{fatal}: {parsed.text}")
+        feed = logparse.LogFeed(self.name, self._emit, self.log_tail, self._end_of)
+        try:
+            while True:
+                try:
+                    raw = await proc.stdout.readline()
+                except ValueError:  # a line over the limit: take what is there
+                    raw = await proc.stdout.read(1 << 16)
+                if not raw:
+                    return
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if self._log_file is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        self._log_file.write(line + "\n")
+                feed.feed(line)
+        finally:
+            feed.close()
 
     def _end_of(self, cause: str) -> None:
         """A part of the engine it cannot serve without died (logparse.FATAL), while the process

@@ -4,7 +4,8 @@ A topology is its members (each instance: name, role, URL, and how it comes to e
 from a rendered command line, or attached by URL), the proxy in front of them (its address, its
 settings, which members it sends prefills and decodes to) and the connector entry, resolved once.
 Profiles and flags build one (``pair``); so do the bench's arms (``single``, ``single_proxied``,
-``two_single``, ``pair`` with its switches: ``ARMS``) and any script. A new arm is one more builder
+``two_single``, ``pair`` with its switches: ``ARMS``), engines someone else started (``attached``:
+``pdtui attach``) and any script. A new arm is one more builder
 here; a new proxy switch is a field of ``ProxySettings`` plus the config field it is read from in
 :func:`proxy_settings`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,20 @@ from pdtui.core import config as config_mod
 from pdtui.core import connectors, kvmath
 from pdtui.core.config import InstanceConfig, LaunchSpec, PairConfig
 from pdtui.core.proxy import ProxySettings
+
+
+@dataclass(frozen=True)
+class Attach:
+    """How pdtui follows and drives an engine it did not start (``pdtui attach``)."""
+
+    log: Path | None = None
+    """Its log file, followed as it grows (--log NAME=FILE); None: its metrics alone."""
+    kill: str | None = None
+    """A shell command that kills it (--kill NAME=CMD); None: the kill key is off."""
+    restart: str | None = None
+    """A shell command that restarts it (--restart NAME=CMD); None: the restart key is off."""
+    command_timeout_s: float = 120.0
+    """How long either command may run before it is killed and reported as failed."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,8 @@ class Member:
     """The command line pdtui starts it with; None: attached (someone else serves ``url``)."""
     port: int | None = None
     side_channel_port: int | None = None
+    attach: Attach | None = None
+    """Attached members: their log and the user's kill and restart commands."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +84,20 @@ class Topology:
     """One P/D request through the proxy before the run is called ready (the pair's handshake)."""
     model: str
     """The model as the engines load it (a folder, or a Hugging Face id)."""
+    observe: bool = False
+    """Observe only: engines behind someone else's router, no proxy; metrics (and witnesses) only."""
+    router: str | None = None
+    """Observe only: the user's router (--witness URL), where witness requests and the load keys go."""
+    vllm_version: str | None = None
+    """The engines' vLLM as they report it (/version), for attached ones; None: the one installed here."""
 
     @property
     def url(self) -> str:
-        """Where clients send requests: the proxy, or the one member without one."""
+        """Where clients send requests: the proxy, the user's router (observe), or the one member."""
         if self.proxy is not None:
             return self.proxy.url
+        if self.router is not None:
+            return self.router
         return self.members[0].url
 
     def member(self, name: str) -> Member:
@@ -124,6 +149,47 @@ def pair(cfg: PairConfig, *, model_root: Path | None = None, python: str | None 
                      tuple(m.name for m in members if m.role == "prefill"),
                      tuple(m.name for m in members if m.role == "decode"))
     return Topology(name, cfg, members, plan, connectors.known(cfg.connector), geometry, cfg.warmup, model)
+
+
+def attached_names(n: int, letter: str) -> list[str]:
+    """P, or P1, P2, ... when there are several."""
+    return [letter] if n == 1 else [f"{letter}{i}" for i in range(1, n + 1)]
+
+
+def attached(prefills: Sequence[str], decodes: Sequence[str], *, model_name: str, block_size: int,
+             model: str | None = None, max_model_len: int | None = None, dtype: str = "auto",
+             kv_cache_dtype: str = "auto", host: str = "127.0.0.1", proxy_port: int = 8000, observe: bool = False,
+             router: str | None = None, attach: Mapping[str, Attach] | None = None, ready_timeout_s: float = 600.0,
+             warmup: bool = True, decode_reports_cached: bool = False,
+             switches: Mapping[str, object] | None = None, vllm_version: str | None = None,
+             name: str = "attached") -> Topology:
+    """Engines someone else started (``vllm serve`` by hand, on this box or others), by URL:
+    members named P (P1, P2, ...) and D (D1, D2, ...) in the order given, ``launch=None``.
+    pdtui's proxy goes in front of them unless ``observe`` (then ``router``, the user's own, is
+    where witness requests go). ``model_name``: what clients send as ``model``; ``model``: what the
+    engines loaded (/v1/models root), for the KV geometry when it is readable here; the rest as
+    the engines report it (pdtui.core.engine_facts). ``attach``: per member name, its log and commands.
+    ``decode_reports_cached``: D runs with --enable-prompt-tokens-details, so the proxy's
+    silent-recompute check can read D's usage (off: a D without it would read as recomputing)."""
+    ps, ds = attached_names(len(prefills), "P"), attached_names(len(decodes), "D")
+    extra = attach or {}
+    members = tuple(Member(n, role, url.rstrip("/"), None, attach=extra.get(n, Attach()))
+                    for names, urls, role in ((ps, prefills, "prefill"), (ds, decodes, "decode"))
+                    for n, url in zip(names, urls, strict=True))
+    cfg = PairConfig(model=model or model_name, served_model_name=model_name, block_size=block_size,
+                     dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, proxy_port=proxy_port,
+                     ready_timeout_s=ready_timeout_s, warmup=warmup and not observe,
+                     profile_name="observe" if observe else "attached")
+    if max_model_len is not None:
+        cfg.max_model_len = max_model_len
+    for field_name, value in (switches or {}).items():
+        setattr(cfg, field_name, value)
+    geometry = geometry_of(cfg, cfg.model)
+    plan = None if observe else ProxyPlan(
+        host, proxy_port, proxy_settings(cfg, geometry, decode_reports_cached=decode_reports_cached),
+        tuple(ps), tuple(ds))
+    return Topology(name, cfg, members, plan, connectors.NIXL, geometry, cfg.warmup, cfg.model, observe=observe,
+                    router=router.rstrip("/") if router else None, vllm_version=vllm_version)
 
 
 def proxied_settings(block_size: int, decode_choice: str = "round-robin") -> ProxySettings:

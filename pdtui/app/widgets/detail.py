@@ -58,6 +58,8 @@ class RequestDetail(Static):
         """The engines' own spans of the request shown (instance -> EngineSpan; traces_port)."""
         self.kv_read: KvRead | None = None
         """D's measured read of the request shown's KV (DashState.kv_reads), or None."""
+        self.placeholder = "select a request (arrows / enter) to see its timeline and KV freight"
+        """What it says with no request shown (observe only: why there are none)."""
 
     def read_text(self, compact: bool = False) -> Text | None:
         """D's read of this request's KV as NIXL measured it: time, bytes, achieved GB/s. Fewer
@@ -109,7 +111,7 @@ class RequestDetail(Static):
     def render(self) -> Text:
         r = self.request
         if r is None:
-            return Text("select a request (arrows / enter) to see its timeline and KV freight", style="dim")
+            return Text(self.placeholder, style="dim")
         return self.render_wide(r) if self.wide else self.render_compact(r)
 
     @staticmethod

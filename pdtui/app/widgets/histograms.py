@@ -13,7 +13,7 @@ from textual_plotext import PlotextPlot
 from pdtui.app.state import WINDOW_S
 from pdtui.core.stats import percentile  # the one definition (vllm bench serve's)
 
-COLORS = {"pair": "green", "fallback": "orange", "error": "red"}
+COLORS = {"pair": "green", "fallback": "orange", "error": "red", "witness": "yellow"}
 RECENT_COLOR = "cyan"
 Samples = tuple[tuple[float, str], ...]
 """(ms, outcome) pairs, oldest first."""
@@ -59,6 +59,8 @@ class LatencyHistogram(PlotextPlot):
         self._lock = threading.Lock()
         self.draws = 0
         """Figures drawn (tests and the benchmark read it)."""
+        self.empty_text = "no samples yet"
+        """The title with no samples (observe only: why there are none)."""
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -82,6 +84,15 @@ class LatencyHistogram(PlotextPlot):
         due += (self.phase - due) % REPLOT_INTERVAL_S
         self._replot_pending = self.set_timer(due - now, self.replot, name="replot")
 
+    def relabel(self, title: str, empty_text: str) -> None:
+        """A new title and words for no samples (observe only: witness samples, or why there are
+        none); drawn again."""
+        if (title, empty_text) == (self.title, self.empty_text):
+            return
+        self.title, self.empty_text = title, empty_text
+        self._drawn_key = None
+        self.replot()
+
     def marks(self, samples: Sequence[tuple[float, str]] | None = None) -> dict[int, float | None]:
         values = [v for v, _ in (self.samples if samples is None else samples)]
         return {q: percentile(values, q) for q, _ in MARKS}
@@ -91,7 +102,7 @@ class LatencyHistogram(PlotextPlot):
         samples = self.samples if samples is None else samples
         recent_samples = self.recent if recent_samples is None else recent_samples
         if not samples:
-            return f"{self.title}: no samples yet"
+            return f"{self.title}: {self.empty_text}"
         marks = self.marks(samples)
         recent = self.marks(recent_samples)
         last = f"{recent[50]:.0f}/{recent[99]:.0f}" if recent_samples else "none"
@@ -124,7 +135,7 @@ class LatencyHistogram(PlotextPlot):
             plt.theme(self._get_plotext_theme_name(theme))
             values = [v for v, _ in samples]
             if values:
-                for outcome in ("pair", "fallback"):
+                for outcome in ("pair", "fallback", "witness"):
                     vs = [v for v, o in samples if o == outcome]
                     if vs:
                         plt.hist(vs, bins=self.bins, label=f"{outcome} {len(vs)}", color=COLORS[outcome])

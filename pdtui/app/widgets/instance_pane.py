@@ -8,17 +8,20 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from pdtui.app.state import WINDOW_S, InstanceView, bucket_text, fmt_ms, fmt_num
+from pdtui.app.state import DOWN, KV_FETCH_STAGES, WINDOW_S, InstanceView, bucket_text, fmt_ms, fmt_num
 
 STARTUP_STEPS = ("nixl_available", "kv_pool", "connector_created", "registered")
 STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "stopping": "yellow", "exited": "bold red",
-               "failed": "bold red", "unknown": "dim"}
+               "failed": "bold red", "unreachable": "bold red", "unknown": "dim", "stopped": "dim"}
 
 
 class InstancePane(Static):
     """One engine: state, connector milestones in the engine's words, KV pool, queue, log tail.
+    An attached engine (pdtui attach) says so, whether its log is followed or its metrics alone
+    are shown, and which of the kill and restart keys work for it (and why not).
 
-    Classes: ``-ready``, ``-starting``, ``-down`` (exited or failed: red), ``-expanded`` (long log tail).
+    Classes: ``-ready``, ``-starting``, ``-down`` (exited, failed or unreachable: red),
+    ``-expanded`` (long log tail).
     """
 
     DEFAULT_CSS = """
@@ -35,6 +38,8 @@ class InstancePane(Static):
     """Show a long log tail instead of the last lines."""
     now: reactive[float | None] = reactive(None)
     """Clock for the start-up progress (event time in a replay)."""
+    observe: reactive[bool] = reactive(False)
+    """Observe only (no proxy in the path): no per-request counts, the engine's queue by stage instead."""
 
     TAIL = 2
     TAIL_EXPANDED = 40
@@ -49,18 +54,18 @@ class InstancePane(Static):
     def watch_view(self, view: InstanceView | None) -> None:
         if view is None:
             return
-        self.border_title = f"{view.name} ({view.role})"
+        self.border_title = f"{view.name} ({view.role}{', attached' if view.attached else ''})"
         self.border_subtitle = view.url.removeprefix("http://")
         self.set_class(view.state == "ready", "-ready")
         self.set_class(view.state in ("starting", "stopping"), "-starting")
-        self.set_class(view.state in ("exited", "failed"), "-down")
+        self.set_class(view.state in DOWN, "-down")
 
     def watch_expanded(self, expanded: bool) -> None:
         self.set_class(expanded, "-expanded")
 
     def state_line(self, v: InstanceView) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
-        t.append(v.state.upper() if v.state in ("exited", "failed") else v.state, style=STATE_STYLE.get(v.state, ""))
+        t.append(v.state.upper() if v.state in DOWN else v.state, style=STATE_STYLE.get(v.state, ""))
         if v.state == "starting":
             done = sum(1 for s in STARTUP_STEPS if s in dict(v.milestones))
             now = self.now if self.now is not None else self.clock()
@@ -68,7 +73,7 @@ class InstancePane(Static):
             t.append(f" {'▰' * done}{'▱' * (len(STARTUP_STEPS) - done)} {max(0, secs):.0f}s", style="yellow")
         elif v.state == "ready":
             t.append(f" in {v.elapsed_s:.1f}s" if v.elapsed_s is not None else "", style="green")
-        elif v.state in ("exited", "failed"):
+        elif v.state in DOWN:
             t.append(f" code {v.exit_code}" if v.exit_code is not None else "", style="bold red")
         if v.detail and v.state != "starting":
             t.append(f"  {v.detail}", style="dim")
@@ -90,6 +95,28 @@ class InstancePane(Static):
         if "compat_failed" in ms:
             out.append(("compat✗", "bold red"))
         return out
+
+    @staticmethod
+    def attached_text(v: InstanceView) -> Text:
+        """An attached engine's keys: why those without the user's command are off (first: it is
+        what a short pane must keep), then the commands the others run. The border says attached."""
+        t = Text()
+        off = [verb for verb, cmd in (("kill", v.kill_cmd), ("restart", v.restart_cmd)) if not cmd]
+        if off:
+            keys = "/".join(verb[0] for verb in off)
+            t.append(f"{keys} off: no {'/'.join(f'--{verb}' for verb in off)} {v.name}=CMD  ", style="yellow")
+        for key, cmd in (("k", v.kill_cmd), ("r", v.restart_cmd)):
+            if cmd:
+                t.append(f"{key}: {cmd}  ", style="cyan")
+        return t
+
+    @staticmethod
+    def queue_text(v: InstanceView) -> str:
+        """D's waiting requests by the stage of their KV pull (vLLM 0.32's gauge), when it reports them."""
+        stages = v.kv_fetch
+        if stages is None:
+            return ""
+        return "  kv " + " ".join(f"{label} {n}" for (_, label), n in zip(KV_FETCH_STAGES, stages, strict=True))
 
     @staticmethod
     def connector_words(v: InstanceView) -> str:
@@ -147,17 +174,20 @@ class InstancePane(Static):
         assert v is not None
         out = Text(no_wrap=True, overflow="ellipsis")
         out.append_text(self.state_line(v))
-        out.append("\npair ")
-        out.append(f"{v.pairs}", style="bold green")
-        out.append(" fb ")
-        out.append(f"{v.fallbacks}", style="bold yellow" if v.fallbacks else "")
-        out.append(" err ")
-        out.append(f"{v.errors}", style="bold red" if v.errors else "")
-        if v.retries:
-            out.append(f" retry {v.retries}", style="yellow")
-        if v.recomputes:
-            out.append(f" recompute {v.recomputes}", style="bold red")
-        out.append(f"  run {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
+        if self.observe:  # nothing goes through pdtui: the engine's own queue
+            out.append(f"\nrun {fmt_num(v.running)} wait {fmt_num(v.waiting)}{self.queue_text(v)}")
+        else:
+            out.append("\npair ")
+            out.append(f"{v.pairs}", style="bold green")
+            out.append(" fb ")
+            out.append(f"{v.fallbacks}", style="bold yellow" if v.fallbacks else "")
+            out.append(" err ")
+            out.append(f"{v.errors}", style="bold red" if v.errors else "")
+            if v.retries:
+                out.append(f" retry {v.retries}", style="yellow")
+            if v.recomputes:
+                out.append(f" recompute {v.recomputes}", style="bold red")
+            out.append(f"  run {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
         out.append("\nKV use ")
         usage = v.kv_usage
         out.append(f"{usage * 100:.1f}%" if usage is not None else "-",
@@ -169,15 +199,23 @@ class InstancePane(Static):
         if v.kv_pulled_bytes:
             out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
         out.append("\n")
-        for label, style in self.flags(v):
-            out.append(label + " ", style=style)
-        out.append(self.connector_words(v), style="italic dim")
+        if v.attached and not v.log_file:  # no log: no milestones, handshakes or compatibility to show
+            out.append("metrics only ", style="yellow")
+            out.append("(no --log: connector lines unseen)", style="dim")
+        else:
+            for label, style in self.flags(v):
+                out.append(label + " ", style=style)
+            out.append(self.connector_words(v), style="italic dim")
         used = 4
         nixl = self.nixl_text(v, wide=self.content_size.width >= 60, width=self.content_size.width)
         if nixl is not None:  # before the log: at 80x24 it takes the log's one line
             out.append("\n")
             out.append_text(nixl)
-            used = 5
+            used += 1
+        if v.attached:
+            out.append("\n")
+            out.append_text(self.attached_text(v))
+            used += 1
         room = max(self.TAIL, self.content_size.height - used)
         tail = v.log[-(max(room, self.TAIL_EXPANDED) if self.expanded else room):]
         for line in tail:
