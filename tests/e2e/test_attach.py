@@ -38,9 +38,11 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -118,7 +120,11 @@ def hand_started(name: str, role: str, port: int, side_port: int, core: int, mod
             "--disable-uvicorn-access-log", "--kv-transfer-config", json.dumps(kv)]
     env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
            "UCX_NET_DEVICES": "lo", "VLLM_CPU_OMP_THREADS_BIND": str(core), "PDTUI_NIXL_PROG_DELAY_US": "1000",
-           "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+           "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           # vLLM's ZeroMQ sockets and gloo's file: in a folder the test removes (killed engines leave
+           # them; test_zz_no_leftovers.py checks the temp folder); short, for a socket path
+           "TMPDIR": str(folder / "tmp"), "VLLM_RPC_BASE_PATH": str(folder / "tmp")}
+    (folder / "tmp").mkdir(exist_ok=True)
     return HandStarted(name, f"http://127.0.0.1:{port}", folder, argv, env)
 
 
@@ -158,8 +164,9 @@ def test_a_pair_started_by_hand_is_checked_watched_by_two_viewers_and_drilled_by
     assert _ports_free(cfg), f"ports at offset {OFFSET} are taken"
     model = config_mod.model_path(cfg)
     pc, dc = cfg.instances
-    p = hand_started("P", "prefill", pc.port, pc.side_channel_port, 0, model, tmp_path)
-    d = hand_started("D", "decode", dc.port, dc.side_channel_port, 1, model, tmp_path)
+    short = Path(tempfile.mkdtemp(prefix="pdtui-e2e-attach-"))  # a Unix socket path holds 107 bytes
+    p = hand_started("P", "prefill", pc.port, pc.side_channel_port, 0, model, short)
+    d = hand_started("D", "decode", dc.port, dc.side_channel_port, 1, model, short)
     sessions: list[int] = []
     service: subprocess.Popen[str] | None = None
     try:
@@ -231,6 +238,7 @@ def test_a_pair_started_by_hand_is_checked_watched_by_two_viewers_and_drilled_by
     while not _ports_free(cfg) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ports_free(cfg), "a port of the attached pair is still held"
+    shutil.rmtree(short, ignore_errors=True)
 
 
 async def _viewers_and_drill(sock: Path, cfg: config_mod.PairConfig, rid: str, shots: Path) -> None:
