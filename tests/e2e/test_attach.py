@@ -230,15 +230,15 @@ def test_a_pair_started_by_hand_is_checked_watched_by_two_viewers_and_drilled_by
             for pid in session_alive(sid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while any(session_alive(s) for s in sessions) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while any(session_alive(s) for s in sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(short, ignore_errors=True)
     assert not [s for s in sessions if session_alive(s)], "an engine process was left"
     deadline = time.monotonic() + 10
     while not _ports_free(cfg) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ports_free(cfg), "a port of the attached pair is still held"
-    shutil.rmtree(short, ignore_errors=True)
 
 
 async def _viewers_and_drill(sock: Path, cfg: config_mod.PairConfig, rid: str, shots: Path) -> None:
