@@ -314,8 +314,14 @@ def test_client_disconnect_closes_the_decode_request():
 @pytest.mark.parametrize("raw,needle", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
-    (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "max_tokens must be an integer of at least 1"),
-    (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens must be"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "max_tokens must be at least 1, got -1."),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "0"}', "max_tokens must be at least 1, got 0."),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens: Input should be a valid integer"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": 4.5}', "max_tokens: Input should be a valid integer"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": 4, "min_tokens": 5}', "min_tokens must be less than or equal"),
+    (b'{"model": "m", "prompt": "x", "stream": false, "stream_options": {"include_usage": true}}',
+     "Stream options can only be defined when `stream=True`"),
+    (b'{"model": "m", "prompt": "x", "stream": "maybe"}', "stream: Input should be a valid boolean"),
 ])
 def test_bad_input_is_a_400_json_error_and_reaches_no_engine(raw, needle):
     async def go():

@@ -15,9 +15,11 @@ A relay is put together per request (``relay_for``), not subclassed. A chunk goe
    served from D's /v1/completions: every event rewritten as chat);
 2. the scan (``SseScan``): times the token-carrying events into the trace and says whether the
    chunk was the usual one (one whole token event, nothing rare in it);
-3. the usage check (``UsageCheck``, paired with decode_reports_cached), only for a chunk the scan
-   did not call usual: the scan's carry and the check's hold are the same partial event, so a
-   usual chunk leaves it nothing to do;
+3. the usage check (``UsageCheck``, paired with decode_reports_cached), for a chunk the scan did
+   not call usual (the scan's carry and the check's hold are the same partial event, so a usual
+   chunk leaves it nothing to do), and, when D's usage event is to be dropped, for the usual chunk
+   that ends its choice (``"finish_reason":"``, one substring check per chunk): it waits for the
+   usage event's system_fingerprint;
 
 then one write to the client. A partial event held by any stage is bounded (``sse.MAX_EVENT_BYTES``,
 8 MiB): past it the request ends with a final SSE error event (``Relay.too_large``).
@@ -57,6 +59,8 @@ class Relay:
         self.events = events
         """Whole events for a switch's filters; None: bytes go on as they come."""
         self.usage = trace.usage_check
+        if self.usage is not None:
+            self.usage.up = up  # D's fingerprint as last seen (UsageCheck: n > 1)
         self.begun = begun
         """The client's response began before D's (P's token went first): no head to send."""
         self.last_rx = _perf_counter()
@@ -87,6 +91,10 @@ class Relay:
                     data = self.usage.feed(data)  # the final usage event may be in it
                     if not data:
                         return
+            elif self.usage is not None and self.usage.watches(data):
+                data = self.usage.feed(data)  # a terminal event: it waits for D's system_fingerprint
+                if not data:
+                    return
         except EventTooLarge as e:
             self.too_large(e)
             return
@@ -163,7 +171,8 @@ class Relay:
         # D may have stopped inside an event: end it first, or the error would be glued onto it and
         # the client would see one event of broken JSON instead of the error (found by the fuzzing)
         end_partial = b"\n\n" if self.scan.carry else b""
-        self.resp.finish(end_partial + b"data: " + error_body(502, error, "upstream_error") + b"\n\n")
+        held = b"".join(self.usage.held or ()) if self.usage is not None else b""  # whole events D sent
+        self.resp.finish(held + end_partial + b"data: " + error_body(502, error, "upstream_error") + b"\n\n")
         self.done.set_result(None)
 
     def client_lost(self) -> None:
