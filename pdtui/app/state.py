@@ -187,7 +187,9 @@ class InstanceView:
     handshake_failed: str = ""
     """vLLM's words for the last failed handshake ("NIXL transfer failure: handshake_setup_failed ...")."""
     errors: int = 0
-    """Requests that ended in error with this instance on their path."""
+    """Requests that ended in error because this instance failed (RequestTraced.failed): a P's
+    failed leg, a D that broke a stream, refused with a 5xx or reported an error. A D's failure is
+    not counted on the P that prefilled for it, nor a client's 4xx on anyone."""
     fallbacks: int = 0
     pairs: int = 0
     retries: int = 0
@@ -409,15 +411,16 @@ class DashState:
             for gap in ev.itl_ms:
                 self.itl.append((gap, ev.outcome))
                 self._itl_t.append(ev.t)
-            on_path = [n for n in (ev.prefill, ev.decode) if n]
-            for name in on_path:
-                inst = self._inst(name)
-                if ev.outcome == "error":
-                    self._set(name, errors=inst.errors + 1)
-                elif ev.outcome == "fallback":
-                    self._set(name, fallbacks=inst.fallbacks + 1)
-                else:
-                    self._set(name, pairs=inst.pairs + 1)
+            if ev.outcome == "error":  # the instance that failed it, not every one on its path
+                if ev.failed:
+                    self._set(ev.failed, errors=self._inst(ev.failed).errors + 1)
+            else:
+                for name in (n for n in (ev.prefill, ev.decode) if n):
+                    inst = self._inst(name)
+                    if ev.outcome == "fallback":
+                        self._set(name, fallbacks=inst.fallbacks + 1)
+                    else:
+                        self._set(name, pairs=inst.pairs + 1)
             if ev.prefill and ev.prefill_attempts > 1:
                 self._set(ev.prefill, retries=self._inst(ev.prefill).retries + 1)
         elif isinstance(ev, Notice):

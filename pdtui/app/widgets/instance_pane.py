@@ -77,7 +77,10 @@ class InstancePane(Static):
     @staticmethod
     def flags(v: InstanceView) -> list[tuple[str, str]]:
         """reg (KV caches registered with NIXL), hs (a NIXL handshake holds with the other side: lit
-        on both panes by D's "Transfer plan" line, dark again when either process goes), compat."""
+        on both panes by D's "Transfer plan" line, dark again when either process goes), compat
+        (the NIXL compatibility check: D's alone, which asks P for its hash when it handshakes; P
+        checks nothing and logs nothing of it, so its pane says ``compat n/a`` rather than a dot
+        that would never light)."""
         ms = dict(v.milestones)
         out = [("reg✓", "green") if "registered" in ms else ("reg·", "dim")]
         if v.handshakes:
@@ -86,6 +89,9 @@ class InstancePane(Static):
             out.append(("hs✗", "bold red"))
         else:
             out.append(("hs·", "dim"))
+        if v.role == "prefill" and "compat_ok" not in ms and "compat_failed" not in ms:
+            out.append(("compat n/a", "dim"))
+            return out
         out.append(("compat✓", "green") if "compat_ok" in ms else ("compat·", "dim"))
         if "compat_failed" in ms:
             out.append(("compat✗", "bold red"))

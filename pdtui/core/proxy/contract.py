@@ -162,7 +162,7 @@ class Proxy:
                 await self._watchdog
             self._watchdog = None
         for relay in list(self._relays):
-            relay.broken("the proxy is shutting down")
+            relay.broken("the proxy is shutting down", d_failed=False)
         for up in self.prefills + self.decodes:
             await up.aclose()
 
@@ -427,7 +427,7 @@ class Proxy:
                 branch = {"retryable": "error_retry_failed", "no_kv": "error_no_kv"}.get(f.kind, "error_5xx")
                 trace.prefill_branch = branch
                 message = f.message if first is None else f"{f.message} (retried after: {first.message})"
-                trace.status, trace.error = f.status, message
+                trace.status, trace.error, trace.failed = f.status, message, up.name
                 raise ProxyError(f.status, message, "upstream_error") from None
             if first is not None:
                 trace.prefill_branch = "retry_ok"
@@ -528,7 +528,8 @@ class Proxy:
                 conn = await up.pool.request("POST", path, _json_headers(trace.request_id), payload,
                                              head_timeout_s=self.settings.decode_read_timeout_s)
             except _UPSTREAM_ERRORS as e:
-                trace.status, trace.error = 502, f"decode {up.name} unreachable: {type(e).__name__}: {e}"
+                trace.status, trace.failed = 502, up.name
+                trace.error = f"decode {up.name} unreachable: {type(e).__name__}: {e}"
                 raise ProxyError(502, trace.error, "upstream_error") from None
             await self._relay_decode(trace, up, conn, resp, t_sent, stitch)
         finally:
@@ -544,7 +545,8 @@ class Proxy:
         try:
             return await asyncio.wait_for(conn.read_all(), self.settings.decode_read_timeout_s)
         except _UPSTREAM_ERRORS as e:
-            trace.status, trace.error = 502, f"decode {up.name} failed before answering: {type(e).__name__}: {e}"
+            trace.status, trace.failed = 502, up.name
+            trace.error = f"decode {up.name} failed before answering: {type(e).__name__}: {e}"
             raise ProxyError(502, trace.error, "upstream_error") from None
 
     async def _relay_decode(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
@@ -553,6 +555,8 @@ class Proxy:
         if conn.status != 200:
             content = await self._read_decode(trace, up, conn)
             trace.status, trace.error = conn.status, content[:500].decode("utf-8", "replace")
+            if conn.status >= 500:  # a 4xx is the client's input, refused
+                trace.failed = up.name
             if b"json" not in ctype:
                 content = error_body(conn.status, f"decode {up.name}: {trace.error}", "upstream_error")
                 ctype = JSON
@@ -569,7 +573,8 @@ class Proxy:
                     content = firsttoken.chat_json(stitch.p, content, stitch.want_ids, stitch.first) if stitch.chat \
                         else firsttoken.merge_json(stitch.p, content, stitch.want_ids)
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    trace.status, trace.error = 502, f"decode {up.name} answered 200 with a body that is not a completion"
+                    trace.status, trace.failed = 502, up.name
+                    trace.error = f"decode {up.name} answered 200 with a body that is not a completion"
                     raise ProxyError(502, trace.error, "upstream_error") from None
             with contextlib.suppress(json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 usage = json.loads(content).get("usage") or {}

@@ -114,6 +114,7 @@ class Relay:
             data = self.usage.feed(data) + self.usage.flush()
         trace = self.trace
         trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
+        trace.failed = self.up.name
         self.conn.close()
         self.resp.finish(data)
         self.done.set_result(None)
@@ -144,15 +145,18 @@ class Relay:
             return
         if self.scan.error:
             trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
+            trace.failed = self.up.name
         else:
             trace.outcome = trace.served()
         self.resp.finish(self.usage.flush() if self.usage is not None else b"")
         self.done.set_result(None)
 
-    def broken(self, why: str) -> None:
-        """D's stream broke: a final SSE error event, then the end of the body; never [DONE]."""
+    def broken(self, why: str, d_failed: bool = True) -> None:
+        """D's stream broke: a final SSE error event, then the end of the body; never [DONE].
+        ``d_failed``: D's failure (its pane counts it), not the proxy's own end."""
         if not self.done.done():
-            self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}")
+            self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}",
+                      d_failed=d_failed)
 
     def too_large(self, e: EventTooLarge) -> None:
         """D sent more of one event than the proxy holds (MAX_EVENT_BYTES): this request ends."""
@@ -160,13 +164,14 @@ class Relay:
                   " held without its end), the most the proxy holds of one event (as vllm-router caps a"
                   " frame); the stream was ended")
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, d_failed: bool = True) -> None:
         """End the request with ``error``: D's connection closed (vLLM aborts the request), a final
         SSE error event to the client, then the end of the body; never [DONE]."""
         if self.done.done():
             return
         trace = self.trace
         trace.error, trace.outcome = error, "error"
+        trace.failed = self.up.name if d_failed else None
         self.conn.close()
         # D may have stopped inside an event: end it first, or the error would be glued onto it and
         # the client would see one event of broken JSON instead of the error (found by the fuzzing)
