@@ -142,11 +142,14 @@ class NixlView:
     failed: int = 0
     failed_notifications: int = 0
     expired: int = 0
+    meaning: connectors.CounterMeaning = field(default_factory=lambda: connectors.nixl_counter_meaning(None))
+    """What this vLLM counts in failed (vLLM PR #55854 changed it): the label the pane shows."""
 
     @staticmethod
     def of(values: dict[str, float], reads: Sequence[tuple[float, str, float]], count: int,
-           now: float | None) -> NixlView | None:
-        """From the latest /metrics ``values`` and the measured ``reads`` kept: (time, request, ms)."""
+           now: float | None, vllm_version: str | None = None) -> NixlView | None:
+        """From the latest /metrics ``values`` and the measured ``reads`` kept: (time, request, ms);
+        the counters labelled by what the engines' ``vllm_version`` counts in them."""
         bounds = buckets(values, XFER_TIME)
         counters = {k: int(values.get(family, 0)) for k, family in COUNTERS.items()}
         n = int(values.get(f"{XFER_TIME}_count", bounds[-1][1] if bounds else 0))
@@ -162,7 +165,7 @@ class NixlView:
             transfers=n, hist_mean_ms=total / n * 1000 if n and total is not None else None,
             hist_p50=bucket_of(bounds, 0.5), hist_p99=bucket_of(bounds, 0.99),
             failed=counters["failed_transfers"], failed_notifications=counters["failed_notifications"],
-            expired=counters["expired"])
+            expired=counters["expired"], meaning=connectors.nixl_counter_meaning(vllm_version))
 
 
 @dataclass(frozen=True)
@@ -478,7 +481,7 @@ class DashState:
     def _nixl(self, name: str) -> NixlView | None:
         """The instance's NIXL figures from its latest /metrics and its measured reads."""
         return NixlView.of(self.instances[name].metrics, self._reads.get(name, ()), self._read_count.get(name, 0),
-                           self.last_t)
+                           self.last_t, self.header.vllm_version)
 
     def _counterpart(self, name: str) -> str | None:
         return {"decode": "prefill", "prefill": "decode"}.get(self.instances[name].role)

