@@ -668,3 +668,18 @@ def test_the_detail_pane_shows_the_engines_spans_of_the_request():
     detail.spans = dict(spans)
     line = str(detail.engine_line())
     assert line.startswith("engine: D queue 16.2 prefill 8.5 ttft 35.0") and "P queue 0.0 prefill 147.2" in line
+
+
+def test_first_token_from_p_without_max_tokens_makes_vllms_16_not_17():
+    """A completion without max_tokens is 16 tokens in vLLM: with P's token first D must make 15
+    (D was sent no max_tokens and made 16 more)."""
+    async def go():
+        p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
+        async with stack(p, d, first_token_from_p=True) as (client, traces):
+            b = {"model": "m", "prompt": "hello", "return_token_ids": True}
+            got = parse(await client.post("/v1/completions", json=b), False)
+            assert d.requests[0]["max_tokens"] == 15
+            assert got["tokens"] == list(range(FIRST, FIRST + 16))
+            assert traces[0].switch == "first_token"
+
+    run(go())
