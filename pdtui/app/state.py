@@ -149,11 +149,14 @@ class NixlView:
     failed: int = 0
     failed_notifications: int = 0
     expired: int = 0
+    meaning: connectors.CounterMeaning = field(default_factory=lambda: connectors.nixl_counter_meaning(None))
+    """What this vLLM counts in failed (vLLM PR #55854 changed it): the label the pane shows."""
 
     @staticmethod
     def of(values: dict[str, float], reads: Sequence[tuple[float, str, float]], count: int,
-           now: float | None) -> NixlView | None:
-        """From the latest /metrics ``values`` and the measured ``reads`` kept: (time, request, ms)."""
+           now: float | None, vllm_version: str | None = None) -> NixlView | None:
+        """From the latest /metrics ``values`` and the measured ``reads`` kept: (time, request, ms);
+        the counters labelled by what the engines' ``vllm_version`` counts in them."""
         bounds = buckets(values, XFER_TIME)
         counters = {k: int(values.get(family, 0)) for k, family in COUNTERS.items()}
         n = int(values.get(f"{XFER_TIME}_count", bounds[-1][1] if bounds else 0))
@@ -169,7 +172,7 @@ class NixlView:
             transfers=n, hist_mean_ms=total / n * 1000 if n and total is not None else None,
             hist_p50=bucket_of(bounds, 0.5), hist_p99=bucket_of(bounds, 0.99),
             failed=counters["failed_transfers"], failed_notifications=counters["failed_notifications"],
-            expired=counters["expired"])
+            expired=counters["expired"], meaning=connectors.nixl_counter_meaning(vllm_version))
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,9 @@ class InstanceView:
     handshake_failed: str = ""
     """vLLM's words for the last failed handshake ("NIXL transfer failure: handshake_setup_failed ...")."""
     errors: int = 0
-    """Requests that ended in error with this instance on their path."""
+    """Requests that ended in error because this instance failed (RequestTraced.failed): a P's
+    failed leg, a D that broke a stream, refused with a 5xx or reported an error. A D's failure is
+    not counted on the P that prefilled for it, nor a client's 4xx on anyone."""
     fallbacks: int = 0
     pairs: int = 0
     retries: int = 0
@@ -449,15 +454,16 @@ class DashState:
             for gap in ev.itl_ms:
                 self.itl.append((gap, ev.outcome))
                 self._itl_t.append(ev.t)
-            on_path = [n for n in (ev.prefill, ev.decode) if n]
-            for name in on_path:
-                inst = self._inst(name)
-                if ev.outcome == "error":
-                    self._set(name, errors=inst.errors + 1)
-                elif ev.outcome == "fallback":
-                    self._set(name, fallbacks=inst.fallbacks + 1)
-                else:
-                    self._set(name, pairs=inst.pairs + 1)
+            if ev.outcome == "error":  # the instance that failed it, not every one on its path
+                if ev.failed:
+                    self._set(ev.failed, errors=self._inst(ev.failed).errors + 1)
+            else:
+                for name in (n for n in (ev.prefill, ev.decode) if n):
+                    inst = self._inst(name)
+                    if ev.outcome == "fallback":
+                        self._set(name, fallbacks=inst.fallbacks + 1)
+                    else:
+                        self._set(name, pairs=inst.pairs + 1)
             if ev.prefill and ev.prefill_attempts > 1:
                 self._set(ev.prefill, retries=self._inst(ev.prefill).retries + 1)
         elif isinstance(ev, WitnessSampled):
@@ -532,7 +538,7 @@ class DashState:
     def _nixl(self, name: str) -> NixlView | None:
         """The instance's NIXL figures from its latest /metrics and its measured reads."""
         return NixlView.of(self.instances[name].metrics, self._reads.get(name, ()), self._read_count.get(name, 0),
-                           self.last_t)
+                           self.last_t, self.header.vllm_version)
 
     def _counterpart(self, name: str) -> str | None:
         return {"decode": "prefill", "prefill": "decode"}.get(self.instances[name].role)

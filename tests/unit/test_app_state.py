@@ -39,7 +39,7 @@ def test_fold_requests_counts_and_windows() -> None:
     s.apply(req("w", warmup=True))
     s.apply(req("a"))
     s.apply(req("b", outcome="fallback", prefill=None))
-    s.apply(req("c", outcome="error", ttft_ms=None, itl_ms=[5.0]))
+    s.apply(req("c", outcome="error", ttft_ms=None, itl_ms=[5.0], failed="D"))
     snap = s.snapshot()
     assert [r.request_id for r in snap.requests] == ["a", "b", "c"]
     assert snap.counts == {"pair": 1, "fallback": 1, "error": 1, "recompute": 0}
@@ -58,6 +58,21 @@ def test_a_silent_recompute_is_counted_apart_and_on_its_d() -> None:
     snap = s.snapshot()
     assert snap.counts == {"pair": 2, "fallback": 0, "error": 0, "recompute": 1}  # still a pair, and counted
     assert snap.instance("D2").recomputes == 1 and snap.instance("D").recomputes == 0  # type: ignore[union-attr]
+
+
+def test_each_pane_counts_the_errors_its_instance_failed() -> None:
+    """RequestTraced.failed names the instance that failed a request: D breaking a stream is D's
+    error, not the P that prefilled for it; a client's 4xx is nobody's (issue 22, item 4)."""
+    s = DashState()
+    s.apply(req("a"))
+    for i in range(4):
+        s.apply(req(f"d{i}", outcome="error", failed="D", error="decode D broke the stream"))
+    s.apply(req("p", outcome="error", failed="P", decode=None, prefill_branch="error_5xx"))
+    s.apply(req("c", outcome="error", status=400, failed=None, decode=None))
+    snap = s.snapshot()
+    assert snap.counts["error"] == 6
+    assert snap.instance("D").errors == 4 and snap.instance("P").errors == 1  # type: ignore[union-attr]
+    assert snap.instance("P").pairs == 1 and snap.instance("D").pairs == 1  # type: ignore[union-attr]
 
 
 def test_a_prefill_retry_is_counted_on_the_p_that_answered_it() -> None:

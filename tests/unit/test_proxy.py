@@ -98,6 +98,7 @@ def test_prefill_502_503_504_is_retried_once_then_the_client_gets_it(p_status):
             (t,) = traces
             assert t.outcome == "error" and t.status == p_status and t.fallback_reason is None
             assert t.prefill_branch == "error_retry_failed" and t.prefill_attempts == 2
+            assert t.failed == "P"  # P failed it, not D (never asked)
             metrics = (await client.get("/metrics")).text
             assert 'pdtui_prefill_branch_total{branch="error_retry_failed"} 1.0' in metrics
             assert "pdtui_prefill_retries_total 1.0" in metrics
@@ -141,6 +142,7 @@ def test_other_prefill_5xx_is_an_error_to_the_client_not_a_fallback(p_status):
             assert len(p.requests) == 1 and d.requests == []
             (t,) = traces
             assert t.outcome == "error" and t.prefill_branch == "error_5xx" and t.prefill_attempts == 1
+            assert t.failed == "P"
             assert 'pdtui_prefill_branch_total{branch="error_5xx"} 1.0' in (await client.get("/metrics")).text
 
     run(go())
@@ -152,7 +154,7 @@ def test_prefill_200_without_kv_transfer_params_is_an_error():
         async with stack(p, d) as (client, traces):
             r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 5})
             assert r.status_code == 502 and "no kv_transfer_params" in r.json()["error"]["message"]
-            assert d.requests == [] and traces[0].prefill_branch == "error_no_kv"
+            assert d.requests == [] and traces[0].prefill_branch == "error_no_kv" and traces[0].failed == "P"
 
     run(go())
 
@@ -223,6 +225,7 @@ def test_prefill_4xx_is_the_clients_error_not_a_fallback():
             r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
             assert r.status_code == 400 and "fake prefill says 400" in r.json()["error"]["message"]
             assert d.requests == [] and traces[0].outcome == "error"
+            assert traces[0].failed is None  # the client's input: no instance failed
 
     run(go())
 
@@ -233,7 +236,7 @@ def test_decode_fails_before_first_byte_gives_a_json_error():
         async with stack(p, d) as (client, traces):
             r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "stream": True})
             assert r.status_code == 500 and "error" in r.json()
-            assert traces[0].outcome == "error" and traces[0].status == 500
+            assert traces[0].outcome == "error" and traces[0].status == 500 and traces[0].failed == "D"
 
     run(go())
 
@@ -249,6 +252,7 @@ def test_decode_dies_mid_stream_ends_with_an_error_event_never_done():
             err = json.loads(events[-1])["error"]
             assert "broke the stream after 3 tokens" in err["message"] and err["code"] == 502
             assert traces[0].outcome == "error" and traces[0].chunks == 3
+            assert traces[0].failed == "D" and traces[0].prefill == "P"  # P did its part
 
     run(go())
 
@@ -289,6 +293,7 @@ def test_an_error_event_from_decode_ends_the_stream_without_done():
             assert json.loads(events[-1])["error"]["message"] == "EngineCore encountered an issue"
         for t in traces:
             assert t.outcome == "error" and t.error == "decode D reported: EngineCore encountered an issue"
+            assert t.failed == "D"
 
     run(go())
 
@@ -307,6 +312,7 @@ def test_client_disconnect_closes_the_decode_request():
                     break
                 await asyncio.sleep(0.05)
             assert traces[0].status == 499 and "client disconnected" in traces[0].error
+            assert traces[0].failed is None  # the client left: no instance failed
 
     run(go())
 
@@ -314,16 +320,23 @@ def test_client_disconnect_closes_the_decode_request():
 @pytest.mark.parametrize("raw,needle", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
-    (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "max_tokens must be an integer of at least 1"),
-    (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens must be"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "max_tokens must be at least 1, got -1."),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "0"}', "max_tokens must be at least 1, got 0."),
+    (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens: Input should be a valid integer"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": 4.5}', "max_tokens: Input should be a valid integer"),
+    (b'{"model": "m", "prompt": "x", "max_tokens": 4, "min_tokens": 5}', "min_tokens must be less than or equal"),
+    (b'{"model": "m", "prompt": "x", "stream": false, "stream_options": {"include_usage": true}}',
+     "Stream options can only be defined when `stream=True`"),
+    (b'{"model": "m", "prompt": "x", "stream": "maybe"}', "stream: Input should be a valid boolean"),
 ])
 def test_bad_input_is_a_400_json_error_and_reaches_no_engine(raw, needle):
     async def go():
         p, d = FakeVllm("prefill"), FakeVllm("decode")
-        async with stack(p, d) as (client, _):
+        async with stack(p, d) as (client, traces):
             r = await client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400 and needle in r.json()["error"]["message"]
             assert p.requests == [] and d.requests == []
+            assert traces[0].outcome == "error" and traces[0].failed is None
             assert (await client.get("/health")).status_code == 200  # still up
 
     run(go())

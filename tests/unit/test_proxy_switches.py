@@ -25,6 +25,13 @@ FP = "vllm-fake-0"
 """The fake's system_fingerprint."""
 
 
+def lax_bool(v: Any) -> bool:
+    """A bool field as vLLM's pydantic model reads it (lax mode): "false", "off", "0" are False."""
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "on", "t", "true", "y", "yes")
+    return bool(v)
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
@@ -77,7 +84,7 @@ class FakeTokenVllm:
         by_ids = isinstance(prompt, list) and all(isinstance(i, int) for i in prompt)
         ids = list(prompt) if by_ids else list(range(FIRST - self.prompt_len, FIRST))
         start = ids[-1] + 1
-        n = req.get("max_tokens") or 16
+        n = int(req.get("max_tokens") or 16)  # "4" is 4, as vLLM's pydantic model reads it
         out = list(range(start, start + n))
         want = bool(req.get("return_token_ids"))
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": 5, "model": "m"}
@@ -94,7 +101,7 @@ class FakeTokenVllm:
                     "remote_block_ids": [list(range(self.blocks if self.blocks is not None else -(-len(ids) // 16)))],
                     "remote_engine_id": "fake-p", "remote_host": "127.0.0.1", "remote_port": 1}})
             return
-        if not req.get("stream"):
+        if not lax_bool(req.get("stream")):
             await _json(send, 200, {**head, "choices": [
                 {"index": 0, "text": "".join(f" t{t}" for t in out), "logprobs": None, "finish_reason": "length",
                  "stop_reason": None, "prompt_token_ids": ids if want else None, "token_ids": out if want else None}],
@@ -102,7 +109,7 @@ class FakeTokenVllm:
                                                     "completion_tokens_details": None}})
             return
         events = []
-        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        include_usage = lax_bool((req.get("stream_options") or {}).get("include_usage"))
         for i, t in enumerate(out):
             events.append({**head, "choices": [
                 {"index": 0, "text": f" t{t}", "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
@@ -130,13 +137,13 @@ class FakeTokenVllm:
         """vLLM's chat endpoint over the same arithmetic model: the messages render to
         ``prompt_len`` ids ending in 6."""
         ids = list(range(FIRST - self.prompt_len, FIRST))
-        n = req.get("max_completion_tokens") or req.get("max_tokens") or 16
+        n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
         out = list(range(FIRST, FIRST + n))
         want = bool(req.get("return_token_ids"))
         p_mode = bool((req.get("kv_transfer_params") or {}).get("do_remote_decode"))
         finish = self.p_finish if p_mode else "length"
         head = {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": 5, "model": "m"}
-        if not req.get("stream"):
+        if not lax_bool(req.get("stream")):
             message = {"role": "assistant", "content": "".join(f" t{t}" for t in out), "refusal": None,
                        "annotations": None, "audio": None, "function_call": None,
                        "reasoning": self.p_reasoning if p_mode else None}
@@ -155,7 +162,7 @@ class FakeTokenVllm:
         events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                          "finish_reason": None}],
                    "prompt_token_ids": ids if want else None, "prompt_text": None}]
-        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        include_usage = lax_bool((req.get("stream_options") or {}).get("include_usage"))
         for i, t in enumerate(out):
             c: dict[str, Any] = {"index": 0, "delta": {"content": f" t{t}"}, "logprobs": None,
                                  "finish_reason": "length" if i == n - 1 else None}
@@ -661,3 +668,18 @@ def test_the_detail_pane_shows_the_engines_spans_of_the_request():
     detail.spans = dict(spans)
     line = str(detail.engine_line())
     assert line.startswith("engine: D queue 16.2 prefill 8.5 ttft 35.0") and "P queue 0.0 prefill 147.2" in line
+
+
+def test_first_token_from_p_without_max_tokens_makes_vllms_16_not_17():
+    """A completion without max_tokens is 16 tokens in vLLM: with P's token first D must make 15
+    (D was sent no max_tokens and made 16 more)."""
+    async def go():
+        p, d = FakeTokenVllm("prefill"), FakeTokenVllm("decode")
+        async with stack(p, d, first_token_from_p=True) as (client, traces):
+            b = {"model": "m", "prompt": "hello", "return_token_ids": True}
+            got = parse(await client.post("/v1/completions", json=b), False)
+            assert d.requests[0]["max_tokens"] == 15
+            assert got["tokens"] == list(range(FIRST, FIRST + 16))
+            assert traces[0].switch == "first_token"
+
+    run(go())

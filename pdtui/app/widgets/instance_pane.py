@@ -82,7 +82,10 @@ class InstancePane(Static):
     @staticmethod
     def flags(v: InstanceView) -> list[tuple[str, str]]:
         """reg (KV caches registered with NIXL), hs (a NIXL handshake holds with the other side: lit
-        on both panes by D's "Transfer plan" line, dark again when either process goes), compat."""
+        on both panes by D's "Transfer plan" line, dark again when either process goes), compat
+        (the NIXL compatibility check: D's alone, which asks P for its hash when it handshakes; P
+        checks nothing and logs nothing of it, so its pane says ``compat n/a`` rather than a dot
+        that would never light)."""
         ms = dict(v.milestones)
         out = [("reg✓", "green") if "registered" in ms else ("reg·", "dim")]
         if v.handshakes:
@@ -91,6 +94,9 @@ class InstancePane(Static):
             out.append(("hs✗", "bold red"))
         else:
             out.append(("hs·", "dim"))
+        if v.role == "prefill" and "compat_ok" not in ms and "compat_failed" not in ms:
+            out.append(("compat n/a", "dim"))
+            return out
         out.append(("compat✓", "green") if "compat_ok" in ms else ("compat·", "dim"))
         if "compat_failed" in ms:
             out.append(("compat✗", "bold red"))
@@ -135,8 +141,10 @@ class InstancePane(Static):
 
     @staticmethod
     def nixl_text(v: InstanceView, wide: bool = False, width: int | None = None) -> Text | None:
-        """NIXL's figures, failures first: failed transfers/notifications (D), KV expired before
-        it was read (P counts those), then the KV read time p50/p99 in ms, measured per request
+        """NIXL's figures, failures first: failed transfers/notifications (D), labelled by what the
+        engines' vLLM counts in them (``connectors.nixl_counter_meaning``: ``read✗ F`` up to
+        0.22.1, ``xport✗ F`` from 0.32.0, ``fail? F`` for a version between or unknown; the
+        notifications after it when any failed), KV expired before it was read (P counts those), then the KV read time p50/p99 in ms, measured per request
         (D's "pdtui: KV read" lines), since the start and over the last WINDOW_S s. An engine that
         logs no reads (NixlConnector not loaded through pdtui.engine.nixl_quiet) gets what vLLM's
         histogram can say: the buckets its p50/p99 fall in, as bounds, and its exact mean. ``wide``
@@ -146,8 +154,9 @@ class InstancePane(Static):
         if n is None:
             return None
         t = Text()
-        if n.failed or n.failed_notifications or v.role == "decode":
-            t.append(f"fail {n.failed}/{n.failed_notifications} ", style="bold red" if n.failed else "")
+        if n.failed or n.failed_notifications or v.role == "decode":  # labelled by what this vLLM counts
+            label = n.meaning.label(n.failed, n.failed_notifications)
+            t.append(f"{label} ", style="bold red" if n.failed or n.failed_notifications else "")
         if n.expired or v.role == "prefill":
             t.append(f"expired {n.expired} ", style="bold red" if n.expired else "")
         if n.reads:

@@ -58,7 +58,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.proxy import firsttoken, httpio
+from pdtui.core.proxy import fields, firsttoken, httpio
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
 from pdtui.core.proxy.relay import Relay, Stitch, relay_for
@@ -89,6 +89,9 @@ class Upstream:
     is_up: Callable[[], bool] = lambda: True
     inflight: int = 0
     pool: UpstreamPool | None = None
+    fingerprint: str | None = None
+    """D's system_fingerprint as its last usage event said ("": it sends none), None: not seen since
+    it came up (UsageCheck stamps it on a dropped usage event's terminal events, n > 1)."""
 
     def open(self, connect_timeout_s: float) -> None:
         if self.pool is None:
@@ -159,12 +162,15 @@ class Proxy:
                 await self._watchdog
             self._watchdog = None
         for relay in list(self._relays):
-            relay.broken("the proxy is shutting down")
+            relay.broken("the proxy is shutting down", d_failed=False)
         for up in self.prefills + self.decodes:
             await up.aclose()
 
     def upstream_down(self, name: str) -> None:
         """``name`` is gone (its process died or is stopping): end its streams in flight now."""
+        for up in self.prefills + self.decodes:
+            if up.name == name:
+                up.fingerprint = None  # a restart may serve another configuration
         for relay in list(self._relays):
             if relay.up.name == name:
                 relay.broken(f"{name} went down (pdtui saw its process exit)")
@@ -234,14 +240,18 @@ class Proxy:
         rid = req.headers.get("x-request-id") or f"pdtui-{uuid.uuid4().hex[:16]}"
         try:
             body = _parse_body(req)
+            try:
+                asked = fields.read(body, chat=req.path == firsttoken.CHAT)
+            except fields.FieldError as e:
+                raise ProxyError(400, str(e), "invalid_request_error") from None
         except ProxyError as e:  # refused at the door, before any engine: traced all the same
             trace = Trace(request_id=rid, endpoint=req.path, stream=False)
             trace.status, trace.error = e.status, e.message
             self._traced(trace)
             raise
-        trace = Trace(request_id=rid, endpoint=req.path, stream=bool(body.get("stream")))
+        trace = Trace(request_id=rid, endpoint=req.path, stream=asked.stream)
         trace.warmup = WARMUP_HEADER in req.headers
-        work = asyncio.ensure_future(self._serve(trace, body, resp))
+        work = asyncio.ensure_future(self._serve(trace, body, asked, resp))
         lost = asyncio.ensure_future(resp.wait_lost())
         try:
             await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -266,7 +276,7 @@ class Proxy:
         self.metrics.observe(event)
         self.on_trace(event)
 
-    async def _serve(self, trace: Trace, body: dict[str, Any], resp: Response) -> None:
+    async def _serve(self, trace: Trace, body: dict[str, Any], asked: fields.Fields, resp: Response) -> None:
         if not any(u.is_up() for u in self.decodes):  # before P prefills and pins blocks for nothing
             trace.status, trace.error = 503, "no decode instance is up"
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
@@ -274,7 +284,7 @@ class Proxy:
         d_body = dict(body)
         if kv_params is not None:
             if self.settings.decode_reports_cached:
-                kv_params = self._check_usage(trace, body, d_body, kv_params)
+                kv_params = self._check_usage(trace, body, asked, d_body, kv_params)
             d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
@@ -284,7 +294,7 @@ class Proxy:
         else:
             await self._decode(trace, d_body, resp, t_hop, stitch)
 
-    def _check_usage(self, trace: Trace, body: dict[str, Any], d_body: dict[str, Any],
+    def _check_usage(self, trace: Trace, body: dict[str, Any], asked: fields.Fields, d_body: dict[str, Any],
                      kv_params: dict[str, Any]) -> dict[str, Any]:
         """decode_reports_cached, paired: D's params without P's cached tokens (D then reports its
         own), D asked for usage in a stream; returns D's params (the module's docstring)."""
@@ -292,12 +302,13 @@ class Proxy:
         cached_param = self.connector.cached_param
         p_cached = kv_params.pop(cached_param, None) if cached_param else None
         opts = body.get("stream_options")
-        drop = trace.stream and not (isinstance(opts, dict) and opts.get("include_usage"))
+        drop = trace.stream and not asked.include_usage
         if drop:  # usage for the proxy only, and no usage in every chunk
             d_body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True,
                                         "continuous_usage_stats": False}
         trace.usage_check = UsageCheck(trace, self.settings.block_size,
-                                        p_cached if isinstance(p_cached, int) else None, drop)
+                                        p_cached if isinstance(p_cached, int) else None, drop,
+                                        single=(fields.as_int(body.get("n")) or 1) == 1)
         return kv_params
 
     def _switches(self, trace: Trace, body: dict[str, Any], d_body: dict[str, Any]) -> Stitch | None:
@@ -311,7 +322,7 @@ class Proxy:
         p = (firsttoken.chat_p_answer if chat else firsttoken.p_answer)(trace.p_answer)
         trace.p_answer = None
         after_p = "no_token_ids" if p is None else firsttoken.chat_parser_seen(p) if chat else None
-        want_ids = bool(body.get("return_token_ids"))
+        want_ids = fields.flag(body.get("return_token_ids"))
         kv_params = d_body["kv_transfer_params"]
         if s.first_token_from_p:
             why = firsttoken.first_token_skip(trace.endpoint, body) or after_p
@@ -349,7 +360,7 @@ class Proxy:
             trace.ttft_ms = (time.perf_counter() - trace.t0) * 1000
             trace.chunks, trace.completion_tokens, trace.status, trace.outcome = 1, 1, 200, trace.served()
             if trace.stream:
-                include_usage = bool((d_body.get("stream_options") or {}).get("include_usage"))
+                include_usage = fields.flag((d_body.get("stream_options") or {}).get("include_usage"))
                 resp.start(200, head)
                 only = firsttoken.chat_p_only_stream if stitch.chat else firsttoken.p_only_stream
                 resp.finish(only(p, stitch.want_ids, include_usage))
@@ -416,7 +427,7 @@ class Proxy:
                 branch = {"retryable": "error_retry_failed", "no_kv": "error_no_kv"}.get(f.kind, "error_5xx")
                 trace.prefill_branch = branch
                 message = f.message if first is None else f"{f.message} (retried after: {first.message})"
-                trace.status, trace.error = f.status, message
+                trace.status, trace.error, trace.failed = f.status, message, up.name
                 raise ProxyError(f.status, message, "upstream_error") from None
             if first is not None:
                 trace.prefill_branch = "retry_ok"
@@ -517,7 +528,8 @@ class Proxy:
                 conn = await up.pool.request("POST", path, _json_headers(trace.request_id), payload,
                                              head_timeout_s=self.settings.decode_read_timeout_s)
             except _UPSTREAM_ERRORS as e:
-                trace.status, trace.error = 502, f"decode {up.name} unreachable: {type(e).__name__}: {e}"
+                trace.status, trace.failed = 502, up.name
+                trace.error = f"decode {up.name} unreachable: {type(e).__name__}: {e}"
                 raise ProxyError(502, trace.error, "upstream_error") from None
             await self._relay_decode(trace, up, conn, resp, t_sent, stitch)
         finally:
@@ -533,7 +545,8 @@ class Proxy:
         try:
             return await asyncio.wait_for(conn.read_all(), self.settings.decode_read_timeout_s)
         except _UPSTREAM_ERRORS as e:
-            trace.status, trace.error = 502, f"decode {up.name} failed before answering: {type(e).__name__}: {e}"
+            trace.status, trace.failed = 502, up.name
+            trace.error = f"decode {up.name} failed before answering: {type(e).__name__}: {e}"
             raise ProxyError(502, trace.error, "upstream_error") from None
 
     async def _relay_decode(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
@@ -542,6 +555,8 @@ class Proxy:
         if conn.status != 200:
             content = await self._read_decode(trace, up, conn)
             trace.status, trace.error = conn.status, content[:500].decode("utf-8", "replace")
+            if conn.status >= 500:  # a 4xx is the client's input, refused
+                trace.failed = up.name
             if b"json" not in ctype:
                 content = error_body(conn.status, f"decode {up.name}: {trace.error}", "upstream_error")
                 ctype = JSON
@@ -558,7 +573,8 @@ class Proxy:
                     content = firsttoken.chat_json(stitch.p, content, stitch.want_ids, stitch.first) if stitch.chat \
                         else firsttoken.merge_json(stitch.p, content, stitch.want_ids)
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    trace.status, trace.error = 502, f"decode {up.name} answered 200 with a body that is not a completion"
+                    trace.status, trace.failed = 502, up.name
+                    trace.error = f"decode {up.name} answered 200 with a body that is not a completion"
                     raise ProxyError(502, trace.error, "upstream_error") from None
             with contextlib.suppress(json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 usage = json.loads(content).get("usage") or {}
@@ -594,19 +610,7 @@ def _parse_body(req: Request) -> dict[str, Any]:
         raise ProxyError(400, f"request body is not valid JSON: {e}", "invalid_request_error") from None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object", "invalid_request_error")
-    _check_limits(body)
     return body
-
-
-def _check_limits(body: dict[str, Any]) -> None:
-    """Refuse what the P leg would hide: P always runs with max_tokens=1, so a bad max_tokens would
-    only surface at D, after P had prefilled and pinned the KV blocks for nothing."""
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ProxyError(400, f"{key} must be an integer of at least 1, got {value!r}", "invalid_request_error")
 
 
 class _PrefillFailed(Exception):

@@ -37,6 +37,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pdtui.core.proxy.fields import COMPLETIONS_DEFAULT_MAX_TOKENS, as_int
+
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
@@ -49,10 +51,10 @@ _STRUCTURED = ("response_format", "structured_outputs", "guided_json", "guided_r
                "guided_grammar")
 
 
-def _max_tokens(body: dict[str, Any]) -> Any:
-    """The request's max_tokens as vLLM reads it (chat: max_completion_tokens first)."""
-    m = body.get("max_completion_tokens")
-    return m if m is not None else body.get("max_tokens")
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """The request's max_tokens as vLLM reads it (chat: max_completion_tokens first; "4" is 4)."""
+    m = as_int(body.get("max_completion_tokens"))
+    return m if m is not None else as_int(body.get("max_tokens"))
 
 
 def chat_skip(body: dict[str, Any]) -> str | None:
@@ -119,7 +121,7 @@ def first_token_skip(endpoint: str, body: dict[str, Any]) -> str | None:
         return "penalties"
     if any(body.get(k) for k in _STRUCTURED):
         return "structured_output"
-    if (_max_tokens(body) if endpoint == CHAT else body.get("max_tokens")) == 1:
+    if (_max_tokens(body) if endpoint == CHAT else as_int(body.get("max_tokens"))) == 1:
         return "max_tokens_1"
     if (body.get("stream_options") or {}).get("continuous_usage_stats"):
         return "continuous_usage"
@@ -205,8 +207,8 @@ def decode_body(body: dict[str, Any], kv_params: dict[str, Any], p: PAnswer) -> 
     d = dict(body)
     d["kv_transfer_params"] = kv_params
     d["prompt"] = [*p.prompt_ids, p.token_id]
-    if isinstance(body.get("max_tokens"), int):
-        d["max_tokens"] = body["max_tokens"] - 1
+    m = as_int(body.get("max_tokens"))  # null or absent: vLLM's 16
+    d["max_tokens"] = (COMPLETIONS_DEFAULT_MAX_TOKENS if m is None else m) - 1
     return d
 
 
@@ -299,7 +301,9 @@ def chat_decode_body(body: dict[str, Any], kv_params: dict[str, Any], p: PAnswer
     0.32.0), max_tokens as chat reads it (one fewer when ``first``)."""
     d = {k: v for k, v in body.items() if k not in _CHAT_ONLY}
     d["prompt"] = [*p.prompt_ids, p.token_id] if first else list(p.prompt_ids)
-    d["max_tokens"] = _max_tokens(body) - (1 if first else 0)
+    m = _max_tokens(body)
+    assert m is not None  # chat_skip refused an unset max_tokens
+    d["max_tokens"] = m - (1 if first else 0)
     d["kv_transfer_params"] = kv_params
     return d
 

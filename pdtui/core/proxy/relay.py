@@ -15,9 +15,11 @@ A relay is put together per request (``relay_for``), not subclassed. A chunk goe
    served from D's /v1/completions: every event rewritten as chat);
 2. the scan (``SseScan``): times the token-carrying events into the trace and says whether the
    chunk was the usual one (one whole token event, nothing rare in it);
-3. the usage check (``UsageCheck``, paired with decode_reports_cached), only for a chunk the scan
-   did not call usual: the scan's carry and the check's hold are the same partial event, so a
-   usual chunk leaves it nothing to do;
+3. the usage check (``UsageCheck``, paired with decode_reports_cached), for a chunk the scan did
+   not call usual (the scan's carry and the check's hold are the same partial event, so a usual
+   chunk leaves it nothing to do), and, when D's usage event is to be dropped, for the usual chunk
+   that ends its choice (``"finish_reason":"``, one substring check per chunk): it waits for the
+   usage event's system_fingerprint;
 
 then one write to the client. A partial event held by any stage is bounded (``sse.MAX_EVENT_BYTES``,
 8 MiB): past it the request ends with a final SSE error event (``Relay.too_large``).
@@ -57,6 +59,8 @@ class Relay:
         self.events = events
         """Whole events for a switch's filters; None: bytes go on as they come."""
         self.usage = trace.usage_check
+        if self.usage is not None:
+            self.usage.up = up  # D's fingerprint as last seen (UsageCheck: n > 1)
         self.begun = begun
         """The client's response began before D's (P's token went first): no head to send."""
         self.last_rx = _perf_counter()
@@ -87,6 +91,10 @@ class Relay:
                     data = self.usage.feed(data)  # the final usage event may be in it
                     if not data:
                         return
+            elif self.usage is not None and self.usage.watches(data):
+                data = self.usage.feed(data)  # a terminal event: it waits for D's system_fingerprint
+                if not data:
+                    return
         except EventTooLarge as e:
             self.too_large(e)
             return
@@ -106,6 +114,7 @@ class Relay:
             data = self.usage.feed(data) + self.usage.flush()
         trace = self.trace
         trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
+        trace.failed = self.up.name
         self.conn.close()
         self.resp.finish(data)
         self.done.set_result(None)
@@ -136,15 +145,18 @@ class Relay:
             return
         if self.scan.error:
             trace.outcome, trace.error = "error", f"decode {self.up.name} reported: {self.scan.error}"
+            trace.failed = self.up.name
         else:
             trace.outcome = trace.served()
         self.resp.finish(self.usage.flush() if self.usage is not None else b"")
         self.done.set_result(None)
 
-    def broken(self, why: str) -> None:
-        """D's stream broke: a final SSE error event, then the end of the body; never [DONE]."""
+    def broken(self, why: str, d_failed: bool = True) -> None:
+        """D's stream broke: a final SSE error event, then the end of the body; never [DONE].
+        ``d_failed``: D's failure (its pane counts it), not the proxy's own end."""
         if not self.done.done():
-            self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}")
+            self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}",
+                      d_failed=d_failed)
 
     def too_large(self, e: EventTooLarge) -> None:
         """D sent more of one event than the proxy holds (MAX_EVENT_BYTES): this request ends."""
@@ -152,18 +164,20 @@ class Relay:
                   " held without its end), the most the proxy holds of one event (as vllm-router caps a"
                   " frame); the stream was ended")
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, d_failed: bool = True) -> None:
         """End the request with ``error``: D's connection closed (vLLM aborts the request), a final
         SSE error event to the client, then the end of the body; never [DONE]."""
         if self.done.done():
             return
         trace = self.trace
         trace.error, trace.outcome = error, "error"
+        trace.failed = self.up.name if d_failed else None
         self.conn.close()
         # D may have stopped inside an event: end it first, or the error would be glued onto it and
         # the client would see one event of broken JSON instead of the error (found by the fuzzing)
         end_partial = b"\n\n" if self.scan.carry else b""
-        self.resp.finish(end_partial + b"data: " + error_body(502, error, "upstream_error") + b"\n\n")
+        held = b"".join(self.usage.held or ()) if self.usage is not None else b""  # whole events D sent
+        self.resp.finish(held + end_partial + b"data: " + error_body(502, error, "upstream_error") + b"\n\n")
         self.done.set_result(None)
 
     def client_lost(self) -> None:

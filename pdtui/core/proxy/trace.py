@@ -71,6 +71,7 @@ class Trace:
         kv_bytes: int | None
         fallback_reason: str | None
         error: str | None
+        failed: str | None
         prefill_attempts: int
         prefill_branch: str | None
         switch: str | None

@@ -14,6 +14,14 @@ if TYPE_CHECKING:
 
 _CACHED_TOKENS = re.compile(rb'("cached_tokens": ?)(-?\d+|null)')
 _FINAL_USAGE = (b'"choices":[]', b'"choices": []')
+TERMINAL = b'"finish_reason":"'
+"""A token event that ends its choice (vLLM writes ``"finish_reason":null`` on the others, compact)."""
+_FINGERPRINT = b'"system_fingerprint"'
+_AFTER_FINGERPRINT = (b',"prompt_token_ids":', b',"prompt_text":', b',"metrics":')
+"""The top-level keys vLLM 0.32.0 writes after system_fingerprint (its models' field order: chat's
+prompt_token_ids, prompt_text, metrics; completions' metrics). Inside a JSON string a quote is
+escaped, so these bytes are keys; no choice of a chat chunk has them, and a completions chunk's
+choice-level prompt_token_ids is never looked for (``stamp``)."""
 
 
 class UsageCheck:
@@ -29,16 +37,34 @@ class UsageCheck:
     the client did not ask for usage (``drop``), else its cached_tokens becomes P's figure
     (``p_cached``), the number vLLM's D would have reported. vLLM writes that event
     (``exclude_none``) as compact JSON, ``"choices":[]``; its token events, even with continuous
-    usage stats, always have a choice."""
+    usage stats, always have a choice.
 
-    __slots__ = ("block_size", "drop", "extra_prompt", "hold", "p_cached", "trace")
+    The fingerprint (``drop``): vLLM stamps ``system_fingerprint`` on the terminal chunk (the token
+    event with a finish reason) only when no usage event follows; asked for usage, it writes it on
+    the usage event instead. A client that did not ask would lose it with the dropped usage event,
+    so a terminal event waits for it: from the first terminal event the stream's events are held, in
+    order, until D's usage event, and go on with the usage event's system_fingerprint stamped where
+    vLLM writes it (``stamp``) in its place (n = 1: the two events come one after the other). With
+    n > 1 a choice that ends early would hold the others' tokens: its terminal event is stamped at
+    once with D's fingerprint as seen on D's last usage event (``Upstream.fingerprint``), and held
+    only while the proxy has not seen one from that D. A stream that ends before its usage event
+    (D broke, or sent none) gets the held events as they are (``flush``)."""
 
-    def __init__(self, trace: Trace, block_size: int, p_cached: int | None, drop: bool) -> None:
+    __slots__ = ("block_size", "drop", "extra_prompt", "held", "hold", "p_cached", "single", "trace", "up")
+
+    def __init__(self, trace: Trace, block_size: int, p_cached: int | None, drop: bool,
+                 single: bool = True) -> None:
         self.trace, self.block_size, self.p_cached, self.drop = trace, block_size, p_cached, drop
         self.extra_prompt = 0
         """Tokens D's prompt had beyond the usage's prompt_tokens (first_token_from_p: P's token,
         which firsttoken.fix_usage moved to the completion before this sees the event)."""
         self.hold = b""
+        self.held: list[bytes] | None = None
+        """Whole events (each with its blank line) waiting for D's usage event: its fingerprint."""
+        self.single = single
+        """n = 1: a terminal event always waits for the usage event (the fingerprint is exact)."""
+        self.up: Any = None
+        """D (contract.Upstream): its ``fingerprint`` as last seen, for n > 1 (set by the relay)."""
 
     def record(self, usage: Any) -> None:
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
@@ -60,28 +86,80 @@ class UsageCheck:
             return data
         return _CACHED_TOKENS.sub(lambda m: m.group(1) + str(self.p_cached).encode(), data, count=1)
 
+    def watches(self, data: bytes) -> bool:
+        """A usual chunk (one whole token event) that must go through ``feed`` all the same: events
+        are held, or this one ends its choice (its fingerprint comes with the usage event)."""
+        return self.drop and (self.held is not None or TERMINAL in data)
+
     def feed(self, data: bytes) -> bytes:
-        if not self.hold and data.endswith(b"\n\n") and _FINAL_USAGE[0] not in data and _FINAL_USAGE[1] not in data:
+        if not self.hold and self.held is None and data.endswith(b"\n\n") and _FINAL_USAGE[0] not in data \
+                and _FINAL_USAGE[1] not in data and not (self.drop and TERMINAL in data):
             return data  # the usual chunk: whole token events (their choices are never empty)
         data, self.hold = cut_events(self.hold, data)
-        if not any(m in data for m in _FINAL_USAGE):
+        if not data or (self.held is None and not any(m in data for m in _FINAL_USAGE)
+                        and not (self.drop and TERMINAL in data)):
             return data
         return b"".join(self._event(e) for e in data[:-2].split(b"\n\n"))
 
     def flush(self) -> bytes:
-        """What is held when D's stream ends (an event D left unfinished), for the client as it is."""
-        data, self.hold = self.hold, b""
+        """What is held when D's stream ends (events waiting for a usage event that did not come, an
+        event D left unfinished), for the client as it is."""
+        data = b"".join(self.held or ()) + self.hold
+        self.held, self.hold = None, b""
         return data
 
     def _event(self, event: bytes) -> bytes:
         if not any(m in event for m in _FINAL_USAGE) or b'"usage' not in event:
-            return event + b"\n\n"
+            return self._token_event(event + b"\n\n")
         try:
             obj = json.loads(data_of(event))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return event + b"\n\n"
+            return self._token_event(event + b"\n\n")
         if not isinstance(obj, dict) or obj.get("choices") != [] or not isinstance(obj.get("usage"), dict):
-            return event + b"\n\n"
+            return self._token_event(event + b"\n\n")
         self.record(obj["usage"])
-        return b"" if self.drop else self.restore(event) + b"\n\n"
+        if not self.drop:
+            return self.restore(event) + b"\n\n"
+        fp = obj.get("system_fingerprint")
+        if self.up is not None:
+            self.up.fingerprint = fp if isinstance(fp, str) else ""
+        held, self.held = self.held or [], None
+        if not isinstance(fp, str):  # D runs with --fingerprint-mode none: nothing to stamp
+            return b"".join(held)
+        return b"".join(stamp(e, fp) if _terminal(e) else e for e in held)
+
+    def _token_event(self, event: bytes) -> bytes:
+        """A whole event other than the usage event: on its way, or held (the class's docstring)."""
+        if not self.drop:
+            return event
+        if self.held is not None:
+            self.held.append(event)
+            return b""
+        if not _terminal(event):
+            return event
+        known = None if self.single or self.up is None else self.up.fingerprint
+        if known is None:
+            self.held = [event]
+            return b""
+        return stamp(event, known) if known else event
+
+
+def _terminal(event: bytes) -> bool:
+    return TERMINAL in event and _FINGERPRINT not in event
+
+
+def stamp(event: bytes, fingerprint: str) -> bytes:
+    """``event`` (one whole SSE event, a token chunk) with ``"system_fingerprint"`` where vLLM
+    writes it: after the choices (and usage), before the keys its model has after it, else last."""
+    body_end = event.rstrip().rfind(b"}")
+    if body_end < 0:
+        return event
+    at = body_end
+    keys = _AFTER_FINGERPRINT if b'"chat.completion.chunk"' in event else _AFTER_FINGERPRINT[2:]
+    for key in keys:
+        i = event.find(key)
+        if 0 <= i < at:
+            at = i
+    value = json.dumps(fingerprint, ensure_ascii=False).encode()
+    return event[:at] + b',"system_fingerprint":' + value + event[at:]
 
