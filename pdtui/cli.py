@@ -479,12 +479,69 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+BENCH_ENGINES_ONLY = ("model_name", "block_size", "decode_reports_cached")
+"""`pdtui bench` flags for engines given by URL."""
+BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy")
+"""`pdtui bench` flags for the engines pdtui launches."""
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    """`pdtui bench`: the arms pdtui launches from the profile, or, with --prefill/--decode/--single,
+    the arms over engines someone else started (``_bench_engines``). A flag of the other form is refused."""
     from pdtui.bench import command as bench_cmd
 
+    engines = bool(args.prefill or args.decode or args.single)
+    defaults = build_parser().parse_args(["bench"])
+    other = BENCH_LAUNCH_ONLY if engines else BENCH_ENGINES_ONLY
+    given = [n for n in other if getattr(args, n) != getattr(defaults, n)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        what = ("the engines pdtui launches (with --prefill/--decode/--single the engines are yours, started with"
+                " their own settings)" if engines else "engines given by URL (--prefill/--decode/--single)")
+        raise ConfigError(f"{flags} is for {what} (pdtui bench --help)")
+    if engines:
+        return _bench_engines(args)
     cfg = load_config(args)
     _preflight(cfg)
     return bench_cmd.run(cfg, args)
+
+
+def _bench_engines(args: argparse.Namespace) -> int:
+    """`pdtui bench --prefill URL --decode URL [--single URL]`: the arms over engines someone else
+    started: the arms asked checked against the engines given, then the engines checked as
+    `pdtui attach` checks them (preflight_attached, --single's among them), before anything is sent."""
+    from pdtui.bench import command as bench_cmd
+    from pdtui.bench.runners import AttachedEngines
+    from pdtui.core import topology
+    from pdtui.core.ctl_client import default_socket_path
+    from pdtui.core.preflight import preflight_attached
+
+    prefills, decodes = _attach_urls(args.prefill, "--prefill"), _attach_urls(args.decode, "--decode")
+    singles = _attach_urls([args.single], "--single") if args.single else []
+    if len(singles) > 1:
+        raise ConfigError(f"--single {args.single}: one URL, the one colocated engine of the single arms")
+    if bool(prefills) != bool(decodes):
+        raise ConfigError("pdtui bench over engines you started needs both sides of the pair: --prefill URL and"
+                          " --decode URL (or --single URL alone, for the single arms)")
+    arms = bench_cmd.chosen_arms(args, (bool(prefills), bool(singles)))
+    host = args.host or "127.0.0.1"
+    proxy_port = (args.proxy_port or 8000) + args.port_offset
+    ps, ds = topology.attached_names(len(prefills), "P"), topology.attached_names(len(decodes), "D")
+    check = preflight_attached(list(zip(ps, prefills, strict=True)), list(zip(ds, decodes, strict=True)),
+                               singles=[("S", u) for u in singles], model_name=args.model_name,
+                               proxy=(host, proxy_port), control_socket=default_socket_path(proxy_port))
+    for note in check.notes:
+        print(f"pdtui bench: note: {note}", file=sys.stderr)
+    switches = {f.name: getattr(args, f.name) for f in config_mod.proxy_switches() if getattr(args, f.name) is not None}
+    engines = AttachedEngines(
+        prefills=tuple(prefills), decodes=tuple(decodes), single=singles[0] if singles else None, host=host,
+        proxy_port=proxy_port, switches=switches, decode_reports_cached=args.decode_reports_cached,
+        traces_port=args.traces_port,
+        engines=tuple({"name": f.name, "role": f.role, "url": f.url, "vllm": f.version} for f in check.facts),
+        **_attached_facts(check, args.model_name, args.block_size))
+    for arm in arms:
+        print(f"pdtui bench: {engines.topology(arm).describe()}", file=sys.stderr, flush=True)
+    return bench_cmd.run(engines.topology(arms[0]).cfg, args, engines)
 
 
 def run_proxy(args: argparse.Namespace) -> int:
@@ -1219,29 +1276,38 @@ def run_attach_engines(args: argparse.Namespace) -> int:
                                control_socket=default_socket_path(args.proxy_port))
     for note in check.notes:
         print(f"pdtui attach: note: {note}", file=sys.stderr)
-    model_name = args.model_name or check.served_name
-    if model_name is None:
-        raise ConfigError("the engines report no model name in common (/v1/models); give --model-name")
-    first = check.facts[0]
-    block_size = args.block_size or next((f.block_size for f in check.facts if f.block_size), None)
-    if block_size is None:
-        raise ConfigError("no engine reports its block size (vllm:cache_config_info on /metrics); give --block-size")
     attach = {n: topology.Attach(log=logs.get(n), kill=kills.get(n), restart=restarts.get(n),
                                  command_timeout_s=args.command_timeout) for n in names}
     switches = {f.name: getattr(args, f.name) for f in config_mod.proxy_switches() if getattr(args, f.name) is not None}
     topo = topology.attached(
-        prefills, decodes, model_name=model_name, model=first.model, block_size=block_size,
-        max_model_len=first.max_model_len, kv_cache_dtype=first.cache.get("cache_dtype") or "auto",
-        dtype=first.dtype or "auto", host=args.host, proxy_port=args.proxy_port, observe=args.observe,
+        prefills, decodes, host=args.host, proxy_port=args.proxy_port, observe=args.observe,
         router=router, attach=attach, ready_timeout_s=args.ready_timeout, warmup=not args.no_warmup,
         decode_reports_cached=args.decode_reports_cached, switches=switches,
-        vllm_version=f"vLLM {first.version} (the engines')" if first.version else None)
+        **_attached_facts(check, args.model_name, args.block_size))
     print(f"pdtui attach: {topo.describe()}", file=sys.stderr, flush=True)
     if args.headless:
         return asyncio.run(_up_headless(topo.cfg, args, topo))
     if code := _terminal_missing(", or `pdtui attach --headless ...` (events as JSON lines)"):
         return code
     return asyncio.run(_up_dashboard(topo.cfg, args, topo))
+
+
+def _attached_facts(check: Any, model_name: str | None, block_size: int | None) -> dict[str, Any]:
+    """What engines someone else started say of themselves (a preflight_attached check), as
+    topology.attached takes it: the model name they serve in common (or --model-name), the block
+    size (or --block-size), the first engine's model, max_model_len, dtypes and vLLM version.
+    `pdtui attach` and `pdtui bench` over engines build their topologies from it."""
+    model_name = model_name or check.served_name
+    if model_name is None:
+        raise ConfigError("the engines report no model name in common (/v1/models); give --model-name")
+    first = check.facts[0]
+    block_size = block_size or next((f.block_size for f in check.facts if f.block_size), None)
+    if block_size is None:
+        raise ConfigError("no engine reports its block size (vllm:cache_config_info on /metrics); give --block-size")
+    return {"model_name": model_name, "model": first.model, "block_size": block_size,
+            "max_model_len": first.max_model_len, "kv_cache_dtype": first.cache.get("cache_dtype") or "auto",
+            "dtype": first.dtype or "auto",
+            "vllm_version": f"vLLM {first.version} (the engines')" if first.version else None}
 
 
 def ctl_socket_path(args: argparse.Namespace) -> Path:

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.bench import report
-from pdtui.bench.runners import ALL_ARMS, ARMS, WORKLOADS, BenchOptions, BenchResult, Reporter, run_bench
+from pdtui.bench.runners import (
+    ALL_ARMS,
+    ARMS,
+    WORKLOADS,
+    AttachedEngines,
+    BenchOptions,
+    BenchResult,
+    Reporter,
+    attached_refusal,
+    run_bench,
+)
 from pdtui.bench.workload import BIG_PROMPT_LEN, FollowSpec, InterferenceSpec
 from pdtui.core.config import ConfigError, PairConfig
 
@@ -67,6 +77,15 @@ pdtui.bench.report.read_json reads it), itl_hist.png, ttft.png, toll.png, and wi
 vllm bench serve's detailed results (vllm-bench-serve-*.json.gz). The method, the tolerances and
 how to read the numbers: docs/bench.md.
 Ctrl-C stops the engines and still writes what was measured.
+
+Engines you started yourself (`vllm serve`, here or on other boxes): --prefill URL --decode URL
+makes the pair arms that pair behind pdtui's proxy, built and checked as `pdtui attach` does
+(refused before anything is sent, naming the field, exit 2); --single URL (a colocated vLLM with
+no KV connector, the same model and settings) is the engine of single and single-proxied. Only
+the arms those engines can run are allowed (two-single needs engines pdtui starts). pdtui starts,
+pins and stops none of them: the report says so, with their URLs and the vLLM they report. The
+engines keep their prefix caches from arm to arm, so each arm's prompts carry its name and a nonce
+of the run; the rest (the warm-ups, the traces, the KV bytes against D's /metrics) is as above.
 """
 
 EPILOG = """\
@@ -76,6 +95,8 @@ examples:
   pdtui bench --quick --arms single,single-proxied,pair,two-single
   pdtui bench --arms pair --workloads follow --requests 20
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
+  pdtui bench --quick --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \
+      --single http://127.0.0.1:8300           engines you started: single, single-proxied, pair
 """
 
 QUICK = {"requests": 3, "streams": 2, "duration": 10.0, "rate": 0.3, "stream_max_tokens": 512, "max_tokens": 32}
@@ -87,8 +108,9 @@ FULL = {"requests": _F.requests, "streams": _I.streams, "duration": _I.duration_
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
-    g.add_argument("--arms", default=",".join(ARMS),
-                   help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)})")
+    g.add_argument("--arms", default=None,
+                   help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)};"
+                   " over engines given by URL, those of them that can run)")
     g.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated (default {','.join(WORKLOADS)})")
     g.add_argument("--quick", action="store_true",
@@ -115,25 +137,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--big-max-tokens", type=int, default=16, help="max_tokens of a big prompt (default 16)")
     g.add_argument("--warmup-s", type=float, default=2.0,
                    help="streams run this long before the window opens (default 2)")
+    g = p.add_argument_group("engines you started (pdtui launches nothing; checked as by `pdtui attach`)")
+    g.add_argument("--prefill", action="append", default=[], metavar="URL[,URL...]",
+                   help="the pair's prefill engines (named P, or P1, P2, ...); with --decode: the pair arms")
+    g.add_argument("--decode", action="append", default=[], metavar="URL[,URL...]",
+                   help="the pair's decode engines (named D, or D1, D2, ...)")
+    g.add_argument("--single", default=None, metavar="URL",
+                   help="a colocated vLLM with no KV connector, the same model and settings: the single arms'")
+    g.add_argument("--model-name", default=None,
+                   help="the model name to send (default: the one every engine serves, /v1/models)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="KV block size, when the engines do not report it (vllm:cache_config_info)")
+    g.add_argument("--decode-reports-cached", action="store_true",
+                   help="D runs with --enable-prompt-tokens-details: check every paired request for a silent"
+                   " recompute (as pdtui attach's flag)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None,
                    help="directory for bench.json.gz and the PNGs (default bench-runs/<time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG and terminal plots")
 
 
-def options_from_args(args: argparse.Namespace) -> BenchOptions:
+def chosen_arms(args: argparse.Namespace, over: tuple[bool, bool] | None = None) -> tuple[str, ...]:
+    """--arms, each a known arm, or the default. ``over``: engines given by URL, (a pair, a single):
+    the default is then the default arms they can run, and an arm they cannot run is refused with
+    the reason (ConfigError: exit 2, before anything is sent to them)."""
+    if args.arms is None:
+        arms = ARMS if over is None else tuple(a for a in ARMS if attached_refusal(a, pair=over[0], single=over[1]) is None)
+    else:
+        arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    bad = [x for x in arms if x not in ALL_ARMS]
+    if bad or not arms:
+        raise ConfigError(f"--arms {','.join(arms)}: each must be one of {', '.join(ALL_ARMS)}")
+    refused = [why for a in arms if over is not None and (why := attached_refusal(a, pair=over[0], single=over[1]))]
+    if refused:
+        raise ConfigError(f"--arms {','.join(arms)}: " + "; ".join(refused))
+    return arms
+
+
+def options_from_args(args: argparse.Namespace, engines: AttachedEngines | None = None) -> BenchOptions:
+    """The options of a run; ``engines``: engines given by URL, every arm over them (an arm they
+    cannot run is refused with the reason, and without --arms the default arms they can run)."""
     base = QUICK if args.quick else FULL
 
     def pick(name: str) -> Any:
         v = getattr(args, name)
         return base[name] if v is None else v
 
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    over = None if engines is None else (bool(engines.prefills and engines.decodes), engines.single is not None)
+    arms = chosen_arms(args, over)
     workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
-    for got, known, what in ((arms, ALL_ARMS, "--arms"), (workloads, WORKLOADS, "--workloads")):
-        bad = [x for x in got if x not in known]
-        if bad or not got:
-            raise ConfigError(f"{what} {','.join(got)}: each must be one of {', '.join(known)}")
+    bad = [x for x in workloads if x not in WORKLOADS]
+    if bad or not workloads:
+        raise ConfigError(f"--workloads {','.join(workloads)}: each must be one of {', '.join(WORKLOADS)}")
     return BenchOptions(
         arms=arms,
         workloads=workloads,
@@ -143,6 +198,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                                       stream_max_tokens=pick("stream_max_tokens"), warmup_s=args.warmup_s),
         seed=args.seed,
         cross_check=args.cross_check,
+        engines=engines,
     )
 
 
@@ -178,8 +234,9 @@ class RichReporter(Reporter):
         self.prog.stop()
 
 
-def run(cfg: PairConfig, args: argparse.Namespace) -> int:
-    opts = options_from_args(args)
+def run(cfg: PairConfig, args: argparse.Namespace, engines: AttachedEngines | None = None) -> int:
+    """The bench of ``cfg``'s arms, or of the arms over ``engines`` given by URL (``cfg``: theirs)."""
+    opts = options_from_args(args, engines)
     out = args.out or Path("bench-runs") / time.strftime("%Y%m%d-%H%M%S")
     opts.out_dir = out
     result = BenchResult(flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
@@ -235,7 +292,8 @@ async def _main(cfg: PairConfig, opts: BenchOptions, result: BenchResult) -> int
         await task
         return 0
     except asyncio.CancelledError:
-        print("pdtui bench: interrupted; engines stopped, writing what was measured", file=sys.stderr)
+        stopped = "engines stopped" if opts.engines is None else "pdtui's proxy stopped, your engines run on"
+        print(f"pdtui bench: interrupted; {stopped}, writing what was measured", file=sys.stderr)
         return 130
     except (StartupFailed, PortInUse) as e:
         result.error = str(e)

@@ -864,21 +864,35 @@ def to_json(result: Any) -> dict[str, Any]:
 
 
 def placement(arms: dict[str, Any]) -> str | None:
-    """Where each arm's model threads run on a CPU machine, from the arms' launch environments
-    (None on GPUs): the comparison is one core per vLLM instance in every arm (docs/bench.md)."""
-    parts = []
+    """Where each arm's engines run: on a CPU machine the cores of the launched ones' model threads,
+    from the arms' launch environments (None on GPUs): the comparison is one core per vLLM
+    instance in every arm (docs/bench.md); engines attached by URL (``attached`` members): their
+    URLs and the vLLM they report, started and stopped by someone else, caches kept across arms."""
+    parts, attached = [], []
     for name, arm in arms.items():
-        cores = [f"{x['name']} on {x['env']['VLLM_CPU_OMP_THREADS_BIND']}" for x in arm.get("launch") or []
+        launch = arm.get("launch") or []
+        cores = [f"{x['name']} on {x['env']['VLLM_CPU_OMP_THREADS_BIND']}" for x in launch
                  if x.get("env", {}).get("VLLM_CPU_OMP_THREADS_BIND")]
         if cores:
             parts.append(f"{name}: {', '.join(cores)}")
-    if not parts:
-        return None
-    return ("cores of the model threads (VLLM_CPU_OMP_THREADS_BIND; P's and D's kept there by nixl_quiet): "
-            + "; ".join(parts) + ". API servers, engine cores, the proxy process and the load client may run on any core."
-            " One core per vLLM instance in every arm: the single instance (straight or behind the proxy)"
-            " computes on one core like each member of the pair; two-single has the pair's hardware"
-            " (docs/bench.md, 'Cores').")
+        given = [f"{x['name']} {x['url']}" for x in launch if x.get("attached")]
+        if given:
+            attached.append(f"{name}: {', '.join(given)}")
+    out = []
+    if parts:
+        out.append("cores of the model threads (VLLM_CPU_OMP_THREADS_BIND; P's and D's kept there by nixl_quiet): "
+                   + "; ".join(parts) + ". API servers, engine cores, the proxy process and the load client may run"
+                   " on any core. One core per vLLM instance in every arm: the single instance (straight or behind"
+                   " the proxy) computes on one core like each member of the pair; two-single has the pair's"
+                   " hardware (docs/bench.md, 'Cores').")
+    if attached:
+        versions = sorted({str(x.get("vllm") or "vLLM version not reported") for arm in arms.values()
+                           for x in arm.get("launch") or [] if x.get("attached")})
+        out.append("engines attached by URL (" + "; ".join(attached) + f"; {', '.join(versions)}): pdtui did not"
+                   " start them, place them or stop them. Nothing was restarted between arms: the engines kept"
+                   " their prefix caches across arms, so each arm's prompts carry its name and this run's nonce"
+                   " (prompt_salt) and none was cached before.")
+    return "\n".join(out) or None
 
 
 def _rounded(obj: Any) -> Any:

@@ -30,6 +30,15 @@ The pair is warmed by its Runtime (one P/D request through the proxy) and the cl
 
 Whatever happens (an error, Ctrl-C = task cancellation), each arm stops what it started in a
 ``finally`` and the ``BenchResult`` keeps every sample measured so far.
+
+Engines someone else started (``pdtui bench --prefill URL --decode URL [--single URL]``,
+``AttachedEngines``): each arm is the same kind of topology with attached members
+(pdtui.core.topology.attached, as `pdtui attach` builds it; ``attached_single``), run by the same
+``run_topology``: nothing is launched or pinned, and at the end of an arm pdtui stops its proxy and
+stops watching them, no more. Nothing is restarted between arms, so the engines keep their prefix
+caches: the prompts of such an arm carry its name and a nonce of the run (``ArmResult.prompt_salt``),
+so that no arm, and no later run, finds its prompts cached (launched arms start with empty caches
+and share the seed's prompts).
 """
 
 from __future__ import annotations
@@ -42,10 +51,12 @@ import json
 import math
 import os
 import platform
+import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +100,92 @@ ALL_ARMS = (*topology.ARMS, *SWITCH_ARMS)
 WORKLOADS = tuple(workload.WORKLOADS)
 
 
+PAIR_ARMS = ("pair", *SWITCH_ARMS)
+"""The arms that are a P/D pair behind the proxy (the pair, with or without switches)."""
+
+
+def attached_refusal(arm: str, *, pair: bool, single: bool) -> str | None:
+    """Why ``arm`` cannot run over engines given by URL (``pair``: --prefill and --decode given;
+    ``single``: --single given), or None."""
+    if arm in PAIR_ARMS:
+        return None if pair else f"the {arm} arm needs a pair: --prefill URL and --decode URL"
+    if arm in ("single", "single-proxied"):
+        return None if single else (
+            f"the {arm} arm needs --single URL: a colocated vLLM you started with no KV connector (the same"
+            " model and settings as the pair); pdtui launches no engine beside engines given by URL")
+    if arm in ALL_ARMS:
+        return (f"the {arm} arm needs two colocated instances on the pair's cores, which pdtui starts itself:"
+                " not over engines given by URL")
+    return f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}"
+
+
+@dataclass(frozen=True)
+class AttachedEngines:
+    """Engines someone else started, given to `pdtui bench` by URL and checked first
+    (pdtui.core.preflight.preflight_attached): a P/D pair (``prefills``, ``decodes``) and/or one
+    colocated vLLM with no KV connector (``single``). Every arm is a topology over them
+    (``topology``): the pair arms as `pdtui attach` builds its pair, the arm's switches added;
+    single and single-proxied over ``single``. What the engines report of themselves
+    (``model_name`` ... ``vllm_version``) is taken as `pdtui attach` takes it."""
+
+    model_name: str
+    block_size: int
+    prefills: tuple[str, ...] = ()
+    decodes: tuple[str, ...] = ()
+    single: str | None = None
+    model: str | None = None
+    """What they loaded (/v1/models root): the KV geometry, when it is a folder here."""
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    vllm_version: str | None = None
+    """As they report it (/version), in words."""
+    host: str = "127.0.0.1"
+    proxy_port: int = 8000
+    switches: Mapping[str, object] = field(default_factory=dict)
+    """The proxy's switches given (ProxySettings fields); the switch arms add theirs."""
+    decode_reports_cached: bool = False
+    """D runs with --enable-prompt-tokens-details: the silent-recompute check (as `pdtui attach`'s flag)."""
+    traces_port: int | None = None
+    engines: tuple[dict[str, Any], ...] = ()
+    """Each engine as the report names it: name, role, url, vllm (the version it reports)."""
+
+    def refuses(self, arm: str) -> str | None:
+        """Why ``arm`` cannot run over these engines, or None."""
+        return attached_refusal(arm, pair=bool(self.prefills and self.decodes), single=self.single is not None)
+
+    def default_arms(self) -> tuple[str, ...]:
+        """The default arms (ARMS) that can run over these engines."""
+        return tuple(a for a in ARMS if self.refuses(a) is None)
+
+    def topology(self, arm: str) -> Topology:
+        """The arm's topology over these engines (every member attached, ``launch=None``)."""
+        if (why := self.refuses(arm)) is not None:
+            raise ValueError(why)
+        facts: dict[str, Any] = {
+            "model_name": self.model_name, "block_size": self.block_size, "model": self.model,
+            "max_model_len": self.max_model_len, "dtype": self.dtype, "kv_cache_dtype": self.kv_cache_dtype,
+            "host": self.host, "proxy_port": self.proxy_port, "vllm_version": self.vllm_version}
+        if arm in PAIR_ARMS:
+            return topology.attached(self.prefills, self.decodes, name=arm,
+                                     switches={**self.switches, **SWITCH_ARMS.get(arm, {})},
+                                     decode_reports_cached=self.decode_reports_cached,
+                                     traces_port=self.traces_port, **facts)
+        assert self.single is not None
+        return topology.attached_single(self.single, proxied=arm == "single-proxied", name=arm, **facts)
+
+    def environment(self) -> dict[str, Any]:
+        """What the report says of engines pdtui did not start."""
+        return {
+            "vllm": self.vllm_version, "device": None, "engines": [dict(e) for e in self.engines],
+            "attached": ("engines attached by URL (listed under engines, with the vLLM version each reports):"
+                         " pdtui did not start them, pin their cores or stop them; cpu, gpu and platform here are"
+                         " this machine's, where the load client and pdtui's proxy ran"),
+            "prefix_caches": ("kept across arms: nothing was restarted between arms, so each arm's prompts carry"
+                              " its name and this run's nonce (prompt_salt) and none was cached before"),
+        }
+
+
 @dataclass
 class BenchOptions:
     arms: tuple[str, ...] = ARMS
@@ -100,6 +197,8 @@ class BenchOptions:
     """After the workloads, run `vllm bench serve` against the arm's URL in each workload's shape."""
     out_dir: Path | None = None
     """Where `vllm bench serve` writes its result files (and its trace of the big prompts)."""
+    engines: AttachedEngines | None = None
+    """Engines someone else started (--prefill/--decode/--single): every arm over them, none launched."""
 
 
 @dataclass
@@ -128,6 +227,9 @@ class ArmResult:
     error: str | None = None
     t_start: float | None = None
     t_end: float | None = None
+    prompt_salt: str = ""
+    """In every prompt's tag when the arm's engines keep their prefix caches (attached: the arm's
+    name and the run's nonce); "" for launched arms, whose engines start empty: the seed's prompts."""
 
 
 @dataclass
@@ -141,6 +243,8 @@ class BenchResult:
     environment: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     arms: dict[str, ArmResult] = field(default_factory=dict)
+    nonce: str = field(default_factory=lambda: secrets.token_hex(4))
+    """This run's, for the prompt salt of arms over attached engines (kept in each arm's prompt_salt)."""
 
 
 class Reporter:
@@ -151,7 +255,7 @@ class Reporter:
     def done(self) -> None: ...
 
 
-def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+def environment(cfg: PairConfig, engines: AttachedEngines | None = None) -> dict[str, Any]:
     from pdtui.core.versions import installed_vllm
 
     cpu = ""
@@ -181,6 +285,7 @@ def environment(cfg: PairConfig, runtime: Runtime | None = None) -> dict[str, An
         "python": platform.python_version(), "vllm": f"{found[0]} {found[1]}" if found else None,
         "model": cfg.model, "model_path": model_arg, "kv_geometry": geo, "device": cfg.device,
         "block_size": cfg.block_size, "max_model_len": cfg.max_model_len, "profile": cfg.profile_name,
+        **(engines.environment() if engines is not None else {}),
     }
 
 
@@ -193,8 +298,12 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
     if bad:
         raise ValueError(f"unknown arm or workload {', '.join(bad)}: arms are {', '.join(ALL_ARMS)},"
                          f" workloads {', '.join(WORKLOADS)}")
+    if opts.engines is not None:
+        refused = [why for a in opts.arms if (why := opts.engines.refuses(a)) is not None]
+        if refused:
+            raise ValueError("; ".join(refused))
     result.config = config_mod.describe(cfg)
-    result.environment = environment(cfg)
+    result.environment = environment(cfg, engines=opts.engines)
     failed: list[BaseException] = []
     try:
         for arm in opts.arms:
@@ -233,9 +342,11 @@ def transient_start_failure(e: BaseException) -> bool:
                                               or "address already in use" in text)
 
 
-def arm_topology(arm: str, cfg: PairConfig) -> Topology:
+def arm_topology(arm: str, cfg: PairConfig, engines: AttachedEngines | None = None) -> Topology:
     """The topology of a bench arm, from the one config (pdtui.core.topology.ARMS; the switch arms
-    are the pair with their ProxySettings switches)."""
+    are the pair with their ProxySettings switches), or over ``engines`` someone else started."""
+    if engines is not None:
+        return engines.topology(arm)
     if arm in SWITCH_ARMS:
         return topology.pair(cfg, name=arm, switches=SWITCH_ARMS[arm])
     if arm in topology.ARMS:
@@ -245,7 +356,7 @@ def arm_topology(arm: str, cfg: PairConfig) -> Topology:
 
 async def _run_named(arm: str, cfg: PairConfig, opts: BenchOptions, result: BenchResult, reporter: Reporter,
                      clock: Clock) -> None:
-    await run_topology(arm_topology(arm, cfg), opts, result, reporter, clock)
+    await run_topology(arm_topology(arm, cfg, opts.engines), opts, result, reporter, clock)
 
 
 async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: BenchOptions,
@@ -261,7 +372,8 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
     follow = dataclasses.asdict(opts.follow)
     follow["warmup"] = max(follow["warmup"], warmups)
     spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
-            "seed": opts.seed, "follow": follow, "interference": dataclasses.asdict(opts.interference)}
+            "seed": opts.seed, "salt": arm.prompt_salt, "follow": follow,
+            "interference": dataclasses.asdict(opts.interference)}
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdtui-bench-", delete=False) as f:
         json.dump(spec, f)
     pkg_root = str(Path(__file__).resolve().parents[2])
@@ -333,19 +445,32 @@ async def cross_check(cfg: PairConfig, opts: BenchOptions, arm: ArmResult) -> di
     out_dir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {}
     startup_s = None
+    seed = salted_seed(opts.seed, arm.prompt_salt)
     if "follow" in opts.workloads:
         f = opts.follow
         res["follow"], data = await vllm_bench_serve(
             cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-follow.json",
             ["--dataset-name", "random", "--random-input-len", str(f.prompt_len), "--random-output-len",
              str(f.max_tokens), "--random-range-ratio", "0", "--num-prompts", str(f.requests),
-             "--max-concurrency", "1", "--request-rate", "inf", "--seed", str(opts.seed)])
+             "--max-concurrency", "1", "--request-rate", "inf", "--seed", str(seed)])
         if data is not None:
             res["follow"]["theirs"] = report.vllm_bench_follow(data)
         startup_s = res["follow"].get("startup_s")
     if "interference" in opts.workloads:
         res["interference"] = await _cross_interference(cfg, opts, arm, out_dir, startup_s)
     return res
+
+
+def salt_number(salt: str) -> int:
+    """A number of the arm's prompt salt (0 for none): moves `vllm bench serve`'s seeds and hash ids."""
+    return zlib.crc32(salt.encode()) & 0xFFFFF if salt else 0
+
+
+def salted_seed(seed: int, salt: str) -> int:
+    """`vllm bench serve`'s --seed for an arm: ours, or, for an arm whose engines kept their prefix
+    caches (a salt), one of its own, so that its random prompts are new to them too (the runs use
+    seed, seed + 1 and seed + 2: the arms' seeds are 16 apart at least)."""
+    return seed + 16 * salt_number(salt)
 
 
 async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResult, out_dir: Path,
@@ -356,14 +481,16 @@ async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResul
     began first loaded the machine while the other still imported vLLM: 30 s apart once.)
     report.vllm_bench_interference measures how long the streams really ran first."""
     sp = opts.interference
-    plan = interference_plan(sp, arm.samples, arm.windows.get("interference"), startup_s)
+    seed = salted_seed(opts.seed, arm.prompt_salt)
+    plan = interference_plan(sp, arm.samples, arm.windows.get("interference"), startup_s,
+                             first_hash_id=1 + 10**7 * salt_number(arm.prompt_salt))
     trace = out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.trace.jsonl"
     trace.write_text("".join(json.dumps(x) + "\n" for x in plan.pop("big_trace")))
     timing = asyncio.Event()
     bigs_task = asyncio.create_task(vllm_bench_serve(
         cfg, arm.url, out_dir / f"vllm-bench-serve-{arm.arm}-interference-big.json",
         ["--dataset-name", "timed_trace", "--dataset-path", str(trace), "--num-prompts", str(plan["big_prompts"]),
-         "--seed", str(opts.seed + 2)], on_started=timing.set))
+         "--seed", str(seed + 2)], on_started=timing.set))
     try:
         waiter = asyncio.create_task(timing.wait())
         await asyncio.wait([bigs_task, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -376,7 +503,7 @@ async def _cross_interference(cfg: PairConfig, opts: BenchOptions, arm: ArmResul
                 ["--dataset-name", "random", "--random-input-len", str(sp.stream_prompt_len),
                  "--random-output-len", str(sp.stream_max_tokens), "--random-range-ratio", "0",
                  "--num-prompts", str(plan["stream_requests"]), "--max-concurrency", str(sp.streams),
-                 "--request-rate", "inf", "--seed", str(opts.seed + 1)])
+                 "--request-rate", "inf", "--seed", str(seed + 1)])
         bigs_res, bigs = await bigs_task
     finally:
         if not bigs_task.done():
@@ -398,12 +525,13 @@ STREAMS_MARGIN = 1.6
 
 
 def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: list[float] | None,
-                      startup_s: float | None = None) -> dict[str, Any]:
+                      startup_s: float | None = None, first_hash_id: int = 1) -> dict[str, Any]:
     """The big prompts as a timed trace, the first at lead = the streams' start-up (1.25 x
     ``startup_s``, follow's cross-check run's, + 3 s) + ``--warmup-s`` + our streams' first-token
     time, then every 1/rate s (unique prompts so prefix caching can't help, as with ours); and how
     many stream requests their streams' run needs to outlast them: our streams' token rate under
-    interference x (lead + our window + 2 s) x STREAMS_MARGIN."""
+    interference x (lead + our window + 2 s) x STREAMS_MARGIN. ``first_hash_id``: where the trace's
+    hash ids (its prompts' blocks) begin; an arm over engines that kept their caches starts its own."""
     ours = [s for s in samples if s.workload == "stream" and s.chunk_t]
     first_s = max((s.ttft_ms or 0.0 for s in ours if s.request_id.endswith(".0")), default=1000.0) / 1000.0
     boot = 1.25 * startup_s + 3.0 if startup_s else STREAMS_STARTUP_S
@@ -417,7 +545,7 @@ def interference_plan(spec: InterferenceSpec, samples: list[Sample], window: lis
     n_req = spec.streams * max(1, math.ceil(per_stream / spec.stream_max_tokens))
     n_big = max(1, int(spec.duration_s * spec.rate)) if spec.rate > 0 else 0
     chunk = 16  # vllm bench serve's --timed-trace-chunk-hash-size: one hash id per 16 prompt tokens
-    ids = itertools.count(1)
+    ids = itertools.count(first_hash_id)
     big_trace = [{"timestamp": round(lead + i / spec.rate, 6), "input_length": spec.prompt_len,
                   "output_length": spec.big_max_tokens,
                   "hash_ids": [next(ids) for _ in range(math.ceil(spec.prompt_len / chunk))]} for i in range(n_big)]
@@ -504,8 +632,12 @@ async def _run_arm(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, reporter
     return arm
 
 
-def _launch(specs: list[config_mod.LaunchSpec]) -> list[dict[str, Any]]:
-    return [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]
+def _launch(topo: Topology) -> list[dict[str, Any]]:
+    """Each member as the report names it: the argv and env pdtui started it with, or, attached,
+    its URL and the vLLM it reports (pdtui started nothing there)."""
+    return [{"name": m.name, "role": m.role, "argv": m.launch.argv, "env": m.launch.env} if m.launch is not None
+            else {"name": m.name, "role": m.role, "url": m.url, "attached": True, "vllm": topo.vllm_version}
+            for m in topo.members]
 
 
 WARMUP_MAX_TOKENS = 4
@@ -523,7 +655,8 @@ async def warm_instances(arm: ArmResult, cfg: PairConfig, opts: BenchOptions, in
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
         for inst in insts:
             reporter.phase(arm.arm, f"warming up {inst.name} at {inst.url}")
-            body = {"model": cfg.model_name, "prompt": workload.make_prompt(opts.seed, f"warmup-{inst.name}", 0, prompt_len),
+            prompt = workload.make_prompt(opts.seed, f"warmup-{inst.name}", 0, prompt_len, arm.prompt_salt)
+            body = {"model": cfg.model_name, "prompt": prompt,
                     "max_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True, "temperature": 0.0}
             rec: dict[str, Any] = {"instance": inst.name, "url": inst.url, "via": "direct", "status": None,
                                    "ms": None, "error": None}
@@ -583,12 +716,16 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
     """One arm: its topology started through a Runtime (the instances, and the proxy if it has
     one), warmed up (the pair: the Runtime's request through P and D; colocated instances: one
     request straight to each, ``warm_instances``), measured at ``topo.url``; the proxy's traces
-    joined with the client's samples; the pair's KV bytes checked against D's counter."""
+    joined with the client's samples; the pair's KV bytes checked against D's counter. Attached
+    members (``launch=None``) go the same way: the Runtime watches them instead of starting them,
+    they lead no process group of ours (``pgids``: none), and closing it stops pdtui's proxy and
+    leaves them running, caches and all (so the arm's prompts are salted)."""
     name, cfg = topo.name, topo.cfg
     paired = topo.proxy is not None and bool(topo.proxy.prefills)
     rt = Runtime(topo)
-    arm = result.arms[name] = ArmResult(name, url=rt.url, t_start=clock())
-    arm.launch = _launch(rt.specs)
+    arm = result.arms[name] = ArmResult(name, url=rt.url, t_start=clock(),
+                                        prompt_salt=f"{name}.{result.nonce}" if topo.all_attached else "")
+    arm.launch = _launch(topo)
     traces: dict[str, RequestTraced] = {}
     spans: dict[str, dict[str, EngineSpan]] = {}
     """Request id -> instance -> its engine span (cfg.traces_port: pdtui.core.otlp)."""

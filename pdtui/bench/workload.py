@@ -11,6 +11,9 @@ Nothing here knows which arm it is talking to.
 Prompts: with the byte-level synthetic tokenizer one ASCII character is one token, so a prompt of
 N characters is N tokens. Every prompt starts with its own tag (seed, workload, index), so no two
 share a first block and prefix caching can't help; the same seed gives both arms the same prompts.
+An arm over engines that kept their prefix caches from an earlier arm or run (attached by URL)
+adds its salt to the tag (``LoadTarget.salt``: the arm and the run's nonce), so its prompts are new
+to them too.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from pdtui.core import sse_client
 ALPHABET = string.ascii_lowercase + "      "
 
 
-def make_prompt(seed: int, workload: str, index: int, length: int) -> str:
-    """``length`` ASCII characters (= tokens with the byte-level tokenizer), unique per (workload, index)."""
-    head = f"[{seed}:{workload}:{index}] "
-    rng = random.Random(f"{seed}:{workload}:{index}")
+def make_prompt(seed: int, workload: str, index: int, length: int, salt: str = "") -> str:
+    """``length`` ASCII characters (= tokens with the byte-level tokenizer), unique per (workload,
+    index), and per ``salt`` when one is given (without one: the seed's prompts, the same in every arm)."""
+    tag = f"{seed}:{salt}:{workload}:{index}" if salt else f"{seed}:{workload}:{index}"
+    head = f"[{tag}] "
+    rng = random.Random(tag)
     body = "".join(rng.choice(ALPHABET) for _ in range(max(0, length - len(head))))
     return (head + body)[:length]
 
@@ -129,6 +134,8 @@ class LoadTarget:
     windows: dict[str, list[float]]
     """workload -> [t0, t1]: the measured window (warm-up excluded)."""
     on_progress: Callable[[str, float, float], None] = lambda what, done, total: None
+    salt: str = ""
+    """In every prompt's tag (make_prompt): "" but for an arm over engines that kept their caches."""
 
     def new_sample(self, workload: str, index: int | str, prompt_tokens: int, max_tokens: int,
                    warmup: bool = False) -> Sample:
@@ -175,14 +182,15 @@ class InterferenceSpec:
     """After every stream has its first token: this long before the window opens."""
 
 
-def follow_prompt(seed: int, i: int, warmup: int, length: int) -> str:
+def follow_prompt(seed: int, i: int, warmup: int, length: int, salt: str = "") -> str:
     """The i-th follow request's prompt (warm-ups first). Measured request j gets index j + 1 (index
     0 is the first warm-up's), whatever the number of warm-ups: every arm gets the same measured
     prompts, also the two-single arm, which warms up once per instance; further warm-ups get
     prompts of their own."""
     if i < warmup:
-        return make_prompt(seed, "follow", 0, length) if i == 0 else make_prompt(seed, "follow-warmup", i, length)
-    return make_prompt(seed, "follow", i - warmup + 1, length)
+        return (make_prompt(seed, "follow", 0, length, salt) if i == 0
+                else make_prompt(seed, "follow-warmup", i, length, salt))
+    return make_prompt(seed, "follow", i - warmup + 1, length, salt)
 
 
 async def run_follow(t: LoadTarget, spec: FollowSpec, seed: int) -> None:
@@ -191,7 +199,7 @@ async def run_follow(t: LoadTarget, spec: FollowSpec, seed: int) -> None:
     for i in range(total):
         warm = i < spec.warmup
         index = f"w{i}" if warm else i - spec.warmup
-        prompt = follow_prompt(seed, i, spec.warmup, spec.prompt_len)
+        prompt = follow_prompt(seed, i, spec.warmup, spec.prompt_len, t.salt)
         s = t.new_sample("follow", index, spec.prompt_len, spec.max_tokens, warmup=warm)
         if i == spec.warmup:
             t.windows["follow"] = [t.clock(), t.clock()]
@@ -210,7 +218,7 @@ async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> 
     async def stream_loop(k: int) -> None:
         n = 0
         while not stop.is_set():
-            prompt = make_prompt(seed, f"stream{k}", n, spec.stream_prompt_len)
+            prompt = make_prompt(seed, f"stream{k}", n, spec.stream_prompt_len, t.salt)
             s = t.new_sample("stream", f"{k}.{n}", spec.stream_prompt_len, spec.stream_max_tokens)
             await t.send(s, prompt)
             if s.ttft_ms is not None:
@@ -239,7 +247,7 @@ async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> 
             due = t0 + i / spec.rate
             await asyncio.sleep(max(0.0, due - t.clock()))
             s = t.new_sample("big", i, spec.prompt_len, spec.big_max_tokens)
-            bigs.append(asyncio.create_task(t.send(s, make_prompt(seed, "big", i, spec.prompt_len))))
+            bigs.append(asyncio.create_task(t.send(s, make_prompt(seed, "big", i, spec.prompt_len, t.salt))))
             t.on_progress("interference", t.clock() - t0, spec.duration_s)
         while t.clock() < t0 + spec.duration_s:
             await asyncio.sleep(min(0.5, t0 + spec.duration_s - t.clock()))
@@ -289,7 +297,8 @@ async def run_spec(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None])
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
                                      limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)) as client:
             target = LoadTarget(spec["arm"], spec["base_url"], spec["model"], client, clock, samples, windows,
-                                on_progress=lambda what, d, t: emit({"progress": [what, d, t]}))
+                                on_progress=lambda what, d, t: emit({"progress": [what, d, t]}),
+                                salt=spec.get("salt") or "")
             for wl in spec["workloads"]:
                 emit({"phase": f"{wl}: running"})
                 spec_cls, run = WORKLOADS[wl]

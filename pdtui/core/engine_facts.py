@@ -66,7 +66,7 @@ class Facts:
 
     name: str
     role: str
-    """The side pdtui was told it is: prefill | decode."""
+    """The side pdtui was told it is: prefill | decode | single (the bench's colocated baseline)."""
     url: str
     health: str | None = None
     """Why it is not usable, in words (connection refused, timeout, HTTP 503); None: /health 200."""
@@ -274,9 +274,17 @@ def _role_from_metrics(f: Facts) -> None:
 
 
 def role_problems(f: Facts) -> list[tuple[str, str]]:
-    """(field, text) of what makes this engine unfit for its side, from what it said."""
+    """(field, text) of what makes this engine unfit for its side, from what it said. A single
+    (``pdtui bench --single URL``) is one colocated vLLM: any kv-transfer config is unfit."""
     out: list[tuple[str, str]] = []
     known = connectors.names()
+    if f.role == "single":
+        if f.kv_role not in (None, "none") or f.connector_metrics:
+            what = ", ".join(x for x in (f.kv_connector, f.kv_role) if x) or "a connector"
+            how = f.role_from or "/metrics: the connector's families"
+            out.append(("kv_role", (f"{f.label} has a kv-transfer config ({what}; {how}): the single arm is one"
+                                    " colocated vLLM with no KV connector; start it without --kv-transfer-config")))
+        return out
     if f.kv_role == "none" or (f.connector_metrics is False and f.kv_role is None):
         how = f"{f.role_from}" if f.role_from else "/metrics: none of the connector's families"
         want = "kv_producer" if f.role == "prefill" else "kv_consumer"
@@ -321,15 +329,16 @@ def value(f: Facts, key: str) -> str | None:
     return None if v in (None, "None", "") else v
 
 
-def compare(facts: list[Facts]) -> list[tuple[str, str]]:
+def compare(facts: list[Facts], must: str = "P and D must agree on it") -> list[tuple[str, str]]:
     """(field, text) for each field the engines report differently, naming every value. A field an
-    engine does not report is not a difference (another vLLM version, no log)."""
+    engine does not report is not a difference (another vLLM version, no log). ``must``: why they
+    must agree, in words."""
     out: list[tuple[str, str]] = []
     for key, what in AGREE:
         have = [(f, v) for f in facts if (v := value(f, key)) is not None]
         if len({v for _, v in have}) > 1:
             vals = ", ".join(f"{f.name} {v!r}" for f, v in have)
-            out.append((key, f"the engines disagree on {key}, {what}: {vals}. P and D must agree on it"))
+            out.append((key, f"the engines disagree on {key}, {what}: {vals}. {must}"))
     served = [set(f.served) for f in facts if f.served]
     if len(served) > 1 and not set.intersection(*served):
         vals = ", ".join(f"{f.name} {', '.join(f.served)}" for f in facts if f.served)
@@ -338,10 +347,11 @@ def compare(facts: list[Facts]) -> list[tuple[str, str]]:
 
 
 def unread(facts: list[Facts]) -> list[str]:
-    """What could not be compared, for the notes: fields no engine or only some reported."""
+    """What could not be compared, for the notes: fields no engine or only some reported (a
+    single's KV connector is none, by design)."""
     out = []
     for key, what in AGREE:
-        missing = [f.name for f in facts if value(f, key) is None]
+        missing = [f.name for f in facts if value(f, key) is None and not (key == "kv_connector" and f.role == "single")]
         if missing and key != "kv_cache_layout":
             out.append(f"{key} ({what}) not read from {', '.join(missing)}")
     return out

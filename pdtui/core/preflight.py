@@ -18,15 +18,17 @@ and ``pdtui config`` (which reports ports in use as a note, not a refusal: it la
 Every problem is collected and named by its field and where its value came from (the profile
 file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
 
-``preflight_attached(...)`` is ``pdtui attach``'s: engines someone else started, checked before
-anything is sent to them (pdtui.core.engine_facts reads what they say): each URL answers /health; each
-engine's kv-transfer role fits its side, as far as it can be read remotely (``/server_info`` in
-vLLM's development mode, the log given with --log, else ``/metrics``: engine_facts.py says what vLLM
-exposes); every engine agrees on what must agree (the model, block size, KV cache dtype, the model
-dtype where readable, max_model_len, the vLLM version that NIXL's compatibility hash includes);
-the served model name; the proxy port and control socket free. A mismatch is refused naming the
-field and every engine's value; what could not be read is a note. Observe only (``--observe``):
-the engines' own mismatches are notes, not refusals (pdtui sends nothing into the pair).
+``preflight_attached(...)`` is ``pdtui attach``'s and ``pdtui bench --prefill/--decode``'s: engines
+someone else started, checked before anything is sent to them (pdtui.core.engine_facts reads what
+they say): each URL answers /health; each engine's kv-transfer role fits its side, as far as it can
+be read remotely (``/server_info`` in vLLM's development mode, the log given with --log, else
+``/metrics``: engine_facts.py says what vLLM exposes); every engine agrees on what must agree (the
+model, block size, KV cache dtype, the model dtype where readable, max_model_len, the vLLM version
+that NIXL's compatibility hash includes); the served model name; the proxy port and control socket
+free. The bench's ``--single URL`` (``singles``): no kv-transfer config, and the pair's model and
+settings. A mismatch is refused naming the field and every engine's value; what could not be read
+is a note. Observe only (``--observe``): the engines' own mismatches are notes, not refusals (pdtui
+sends nothing into the pair).
 
 ``report(cfg)`` says what the engines will do here, refusing nothing (``pdtui preflight`` prints
 it): on device cpu the CPU's features and the attention kernel vLLM will take
@@ -143,14 +145,16 @@ class AttachedCheck:
 def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tuple[str, str]], *,
                       model_name: str | None = None, logs: Mapping[str, Path] | None = None, observe: bool = False,
                       proxy: tuple[str, int] | None = None, control_socket: Path | None = None,
-                      read: Any = None) -> AttachedCheck:
+                      read: Any = None, singles: Sequence[tuple[str, str]] = ()) -> AttachedCheck:
     """Ask every engine (``(name, url)`` per side) and check them as a pair (the module's
     docstring). ``proxy``: (host, port) pdtui's proxy will bind (None: observe); ``read``: the
-    engine reader (``engine_facts.read``), for tests."""
+    engine reader (``engine_facts.read``), for tests. ``singles``: colocated engines the bench
+    measures the pair against (``pdtui bench --single URL``): each must run without a KV connector
+    and, beside a pair, run what the pair runs (model, block size, dtypes, max_model_len, version)."""
     reader = read or engine_facts.read
     logs = logs or {}
     facts = [reader(n, role, url, log=logs.get(n))
-             for role, side in (("prefill", prefills), ("decode", decodes)) for n, url in side]
+             for role, side in (("prefill", prefills), ("decode", decodes), ("single", singles)) for n, url in side]
     out: list[Problem] = []
     notes: list[str] = []
     for f in facts:
@@ -163,7 +167,11 @@ def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tup
         found += engine_facts.role_problems(f)
         notes += f.notes
     if len(up) == len(facts):
-        found += engine_facts.compare(up)
+        pair = [f for f in up if f.role != "single"]
+        found += engine_facts.compare(pair)
+        for single in (f for f in up if f.role == "single" and pair):
+            found += engine_facts.compare([pair[0], single], must="The single arm is the pair's baseline: it must"
+                                          " run what the pair runs")
         if model_name is not None:
             lacking = [f for f in up if f.served and model_name not in f.served]
             if lacking:

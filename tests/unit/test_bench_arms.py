@@ -32,7 +32,7 @@ def fake_arms(monkeypatch: pytest.MonkeyPatch, plan: dict[str, list[Exception | 
             raise err
 
     monkeypatch.setattr(runners, "_run_named", fake_run_named)
-    monkeypatch.setattr(runners, "environment", lambda cfg: {})
+    monkeypatch.setattr(runners, "environment", lambda cfg, engines=None: {})
     return starts
 
 
