@@ -12,7 +12,8 @@ and append to its log). Then:
 2. `pdtui attach --headless --prefill URL --decode URL` (a process: the service) with the logs and
    the commands: preflight passes, the warm-up pairs;
 3. a request through pdtui's proxy: D's own counters say the prompt came by KV transfer and D
-   computed none of it;
+   computed none of it; `pdtui bench --prefill URL --decode URL --arms pair` (tiny counts) through
+   the same engines: samples joined to traces, the freight against D's counter, the engines left up;
 4. two viewers of the service (`pdtui attach` without URLs: RemoteSource), the dashboard under Pilot
    one of them. It attaches after the request: the history brings the row, with its blocks and the
    bytes from the formula; the other viewer saw the same trace; a read-only request to kill is
@@ -51,6 +52,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdtui.bench import report
 from pdtui.core import config as config_mod
 from pdtui.core import kvmath
 from pdtui.core.ctl_client import default_socket_path, request
@@ -208,6 +210,22 @@ def test_a_pair_started_by_hand_is_checked_watched_by_two_viewers_and_drilled_by
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text[:500]
         after = parse_metrics(httpx.get(f"{d.url}/metrics", timeout=10).text)
         assert after[EXT] - before[EXT] == 700 and after[LOCAL] - before[LOCAL] == 0
+
+        # the bench through the same engines (its own proxy beside the service's): the pair arm
+        out = tmp_path / "bench"
+        bench = pdtui("bench", "--prefill", p.url, "--decode", d.url, "--proxy-port", str(cfg.proxy_port + 1),
+                      "--arms", "pair", "--requests", "2", "--prompt-len", "300", "--max-tokens", "16",
+                      "--streams", "2", "--duration", "3", "--rate", "0.4", "--stream-max-tokens", "128",
+                      "--big-max-tokens", "8", "--warmup-s", "1", "--out", str(out), "--no-plots", timeout=600)
+        assert bench.returncode == 0, (bench.stdout[-2000:], bench.stderr[-3000:])
+        data = report.read_json(next(out.glob("*.json.gz")))
+        arm = data["arms"]["pair"]
+        assert arm["error"] is None and arm["summary"]["follow"]["ok"] == 2, arm["summary"]
+        joined = [x for x in arm["samples"] if not x["warmup"] and x["trace"] and x["trace"]["outcome"] == "pair"]
+        assert joined and all(x["trace"]["kv_bytes"] == x["trace"]["blocks"] * cfg.block_size * 1024 for x in joined)
+        assert arm["kv_bytes"]["match"], arm["kv_bytes"]
+        for e in (p, d):  # the bench left the engines it did not start running
+            httpx.get(f"{e.url}/health", timeout=5).raise_for_status()
 
         asyncio.run(_viewers_and_drill(default_socket_path(cfg.proxy_port), cfg, rid, tmp_path))
 
