@@ -97,18 +97,40 @@ class BenchInstance:
     role: str
     url: str
     state: str = "starting"
+    pid: int | None = None
+    log_path: Path | None = None
+    ready_timeout_s: float = 600.0
+    stop_grace_s: float = 10.0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
 
 
 class BenchRuntime:
-    """What the dashboard reads of a Runtime, fed by the benchmark: ``emit`` publishes events to the
-    app's subscription; no engines, no proxy, no controls (the benchmark presses none)."""
+    """A Source (pdtui.core.source) fed by the benchmark: ``emit`` publishes events to the app's
+    subscription; no engines, no proxy, and controls that refuse (the benchmark presses none).
+    tests/unit/test_source.py checks it has every member of the protocol."""
 
     def __init__(self) -> None:
+        from pdtui.core.control import Control
+        from pdtui.core.source import RunInfo
+
         self.cfg = BenchConfig()
+        self.run = RunInfo(profile=self.cfg.profile_name, model_name=self.cfg.model_name,
+                           proxy_url=self.cfg.proxy_url, block_size=self.cfg.block_size)
         self.geometry = None
         self.instances = {"P": BenchInstance("P", "prefill", "http://127.0.0.1:9100"),
                           "D": BenchInstance("D", "decode", "http://127.0.0.1:9200")}
         self.hub = EventHub()
+        self.history: list[Event] = []
+        self.replay = False
+        self.remote = False
+        self.closed = False
+        self.broken: str | None = None
+        self.log_dir: Path | None = None
+        self.t_start: float | None = None
+        self.control = Control(self)
 
     def subscribe(self) -> Any:
         return self.hub.subscribe()
@@ -120,10 +142,21 @@ class BenchRuntime:
             self.hub.publish(ev)
 
     async def start(self) -> float:
+        self.t_start = time.monotonic()
         return 0.0
 
     async def aclose(self, reason: str = "closed") -> None:
+        self.closed = True
         self.hub.close()
+
+    async def kill(self, name: str, reason: str = "killed") -> int | None:
+        raise RuntimeError("the refresh benchmark has no engines to kill")
+
+    async def restart(self, name: str) -> float:
+        raise RuntimeError("the refresh benchmark has no engines to restart")
+
+    async def stop_instance(self, name: str) -> int | None:
+        raise RuntimeError("the refresh benchmark has no engines to stop")
 
 
 def started(t: float) -> RuntimeStarted:

@@ -61,13 +61,53 @@ async def main(args: argparse.Namespace) -> int:
                 t_end = time.perf_counter() + args.burn_ms / 1000
                 while time.perf_counter() < t_end:
                     pass
-            await asyncio.sleep(args.burn_ms / 1000 if args.burn_ms else 0.1)
+                # then idle so that the loop is busy --burn-duty of the time (1: never idle)
+                idle = args.burn_ms / 1000 * (1 - args.burn_duty) / args.burn_duty
+                await asyncio.sleep(idle)
+            else:
+                await asyncio.sleep(0.1)
         await proc.stop()
         print(f"headless: {seen}", file=sys.stderr)
         return 0
 
-    from pdtui.app.app import make_app
     from scripts.bench.bench_refresh import RECORDING, BenchRuntime, fresh, load_mix, started, state
+
+    if args.view == "fold":
+        # the dashboard's state folding every event (pdtui.app.state), a snapshot 20 times a second,
+        # and no Textual: what the dashboard computes, without painting
+        from pdtui.app.state import DashState
+
+        folded = DashState()
+
+        def on_fold(ev: Event) -> None:
+            seen["events"] += 1
+            seen["requests"] += isinstance(ev, RequestTraced)
+            folded.apply(ev)
+
+        proc = ProxyProcess([], [("D", args.decode)], host="127.0.0.1", port=args.port, settings=ProxySettings(),
+                            on_event=on_fold, cpus=[args.proxy_cpu] if args.proxy_cpu is not None else None)
+        t0 = time.time()
+        for ev in (started(t0), state("P", "ready", t0), state("D", "ready", t0)):
+            folded.apply(ev)
+        await proc.start()
+        proc.set_up("D", True)
+        mix = [ev for ev in load_mix(RECORDING) if not isinstance(ev, RequestTraced)]
+        i, t_next, t_snap = 0, time.perf_counter(), 0.0
+        while not stop.is_set():
+            now = time.perf_counter()
+            while args.extra_rate > 0 and t_next <= now:
+                folded.apply(fresh(mix[i % len(mix)], i, time.time()))
+                i += 1
+                t_next += 1 / args.extra_rate
+            if now - t_snap >= 0.05:
+                folded.snapshot()
+                t_snap = now
+            await asyncio.sleep(0.01)
+        await proc.stop()
+        print(f"fold: {seen}, extra events {i}", file=sys.stderr)
+        return 0
+
+    from pdtui.app.app import make_app
 
     fake = BenchRuntime()
     app = make_app(fake, freeze_gc=True)
@@ -78,8 +118,11 @@ async def main(args: argparse.Namespace) -> int:
             seen["requests"] += 1
             fake.emit(ev)
 
+    # the proxy on its own CPU as in the other views: without cpus= it inherits this process's
+    # affinity (--ui-cpu), and the dashboard and the proxy then share one core (the 2026-11-30
+    # runs did so: results/2026-12-07-dashboard-tail)
     proc = ProxyProcess([], [("D", args.decode)], host="127.0.0.1", port=args.port, settings=ProxySettings(),
-                        on_event=on_event)
+                        on_event=on_event, cpus=[args.proxy_cpu] if args.proxy_cpu is not None else None)
     width, height = (int(x) for x in args.size.split("x"))
     async with app.run_test(size=(width, height)) as pilot:
         t0 = time.time()
@@ -111,12 +154,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decode", required=True)
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--view", choices=("headless", "dashboard"), default="dashboard")
+    p.add_argument("--view", choices=("headless", "fold", "dashboard"), default="dashboard",
+                   help="headless: a plain consumer; fold: the dashboard's state without Textual; dashboard: it all")
     p.add_argument("--size", default="160x48")
     p.add_argument("--extra-rate", type=float, default=200.0, help="recorded events per second besides the traces")
     p.add_argument("--nice", type=int, default=0, help="renice the dashboard's process by N once the proxy runs")
     p.add_argument("--burn-ms", type=float, default=0.0,
                    help="headless: hold the consumer's loop busy this long, then idle as long (a stand-in for draws)")
+    p.add_argument("--burn-duty", type=float, default=0.5,
+                   help="--burn-ms: the share of time the loop is held (default 0.5; 1: a core kept busy)")
     p.add_argument("--proxy-cpu", type=int, default=None, help="pin the proxy process to this CPU")
     p.add_argument("--ui-cpu", type=int, default=None, help="pin this process (the dashboard or consumer) to this CPU")
     sys.exit(asyncio.run(main(p.parse_args())))

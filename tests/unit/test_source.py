@@ -1,5 +1,5 @@
-"""The written contract (pdtui.core.source.Source): the live Runtime, the Replay, the RemoteSource
-and the functional tests' fake each have every member it names (their controls every member of
+"""The written contract (pdtui.core.source.Source): the live Runtime, the Replay, the RemoteSource,
+the functional tests' fake and the benchmarks' BenchRuntime each have every member it names (their controls every member of
 Controls), and the app and Control probe nothing."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pdtui.core import source, topology
 from pdtui.core.remote import RemoteSource
 from pdtui.core.replay import Replay
 from pdtui.core.runtime import Runtime
+from scripts.bench.bench_refresh import BenchRuntime
 from tests.functional.fake_runtime import FakeRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,8 @@ def live() -> Runtime:
 
 
 def test_every_source_has_every_member_of_the_protocol(live: Runtime) -> None:
-    for src in (live, Replay(RECORDING, speed=0), FakeRuntime(), RemoteSource(Path("/nonexistent.sock"))):
+    for src in (live, Replay(RECORDING, speed=0), FakeRuntime(), RemoteSource(Path("/nonexistent.sock")),
+                BenchRuntime()):  # scripts/bench's, under the dashboard in the refresh and tail benchmarks
         missing = [m for m in _members(source.Source) if not hasattr(src, m)]
         assert not missing, f"{type(src).__name__} lacks {missing}"
         lacks = [m for m in _members(source.Controls) if not hasattr(src.control, m)]
