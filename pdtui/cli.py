@@ -32,8 +32,9 @@ examples:
   pdtui up --record run.jsonl              the dashboard, and a recording for replay
   pdtui replay run.jsonl --speed 10        the dashboard driven by a recording, 10x faster
   pdtui up --headless --record run.jsonl   events as JSON lines, and a recording for replay
-  pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d) or a path
+  pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d, 1p2d-small) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
+  pdtui drill --profile 1p2d-small --scenario headroom   fill one D's KV pool, check new requests go elsewhere
   pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
@@ -379,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
+    drill.add_argument("--scenario", choices=("failure", "headroom"), default="failure",
+                       help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
+                       " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
+                       " send more, and check they all went to another D, none failed and the full D preempted"
+                       " nothing; expected and observed printed)")
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
                        " state dir; printed at start)")
@@ -739,8 +745,14 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
             app.show_notice(text)
 
     async def autopilot(pilot: Any) -> None:
-        res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
-                              witness_tokens=args.witness_tokens, log=log)
+        if args.scenario == "headroom":
+            from pdtui.app import drill_headroom
+
+            res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,
+                                           ready_timeout_s=args.ready_timeout, log=log)
+        else:
+            res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
+                                  witness_tokens=args.witness_tokens, log=log)
         result.append(res)
         if app.is_running:
             await app.action_quit()

@@ -16,6 +16,9 @@ Steps (each waits, bounded, for its consequence in the dashboard's state, then s
                  recompute (D computed more than a block of its prompt: RequestTraced.recomputed),
                  and D reported what it computed for the paired requests (else the check is blind).
 
+``pdtui drill --scenario headroom`` runs the other drill, pdtui.app.drill_headroom (the choice of
+D by headroom, on a pair with several D).
+
 Used by ``pdtui drill`` (to rehearse before class, to make the screenshots, and on the GPU box) and by
 the real-pair Pilot test in tests/e2e. Nothing here talks to an engine except the witness client,
 which is what a user's second terminal would be.
@@ -49,10 +52,21 @@ class Step:
     screenshot: str | None = None
 
 
+@dataclass(frozen=True)
+class Check:
+    """One line of a drill's verdict: what should be seen, what was, and whether it held."""
+
+    expected: str
+    observed: str
+    held: bool
+
+
 @dataclass
 class DrillResult:
     steps: list[Step] = field(default_factory=list)
     failed: str | None = None
+    checks: list[Check] = field(default_factory=list)
+    """The verdict's lines, expected beside observed (the headroom drill's)."""
 
     @property
     def ok(self) -> bool:
@@ -61,6 +75,9 @@ class DrillResult:
     def table(self) -> str:
         lines = [f"{'step':<10} {'s':>7}  what was seen"]
         lines += [f"{s.name:<10} {s.seconds:>7.1f}  {s.detail}" for s in self.steps]
+        if self.checks:
+            lines += ["", f"{'':<4} {'expected':<64} observed"]
+            lines += [f"{'ok' if c.held else 'NOT':<4} {c.expected:<64} {c.observed}" for c in self.checks]
         if self.failed:
             lines.append(f"FAILED: {self.failed}")
         return "\n".join(lines)

@@ -18,6 +18,7 @@ from pdtui.core.events import (
     ConnectorEvent,
     EngineSpan,
     Event,
+    HeadroomReported,
     InstanceStateChanged,
     LogLine,
     MetricsSampled,
@@ -207,6 +208,9 @@ class InstanceView:
     """Paired requests this decode instance computed the prompt of itself (RequestTraced.recomputed)."""
     nixl: NixlView | None = None
     """NIXL's figures: measured reads, vLLM's counters (None until the engine reports any)."""
+    headroom: HeadroomReported | None = None
+    """A decode instance's headroom as the proxy counts it (free blocks at its latest scrape less
+    those promised to requests in flight: pdtui.core.proxy.routing); None until the proxy says."""
     attached: bool = False
     """pdtui did not start it (pdtui attach): watched by URL, driven by the user's commands."""
     log_file: str | None = None
@@ -403,6 +407,7 @@ class DashState:
                 if inst.state in DOWN:
                     changes["metrics"] = {}
                     changes["nixl"] = None
+                    changes["headroom"] = None
                 self._reads.pop(ev.instance, None)  # a new process counts from 0
                 self._read_count.pop(ev.instance, None)
                 self._started(ev.instance, ev.role)
@@ -428,6 +433,9 @@ class DashState:
             self._inst(ev.instance)
             self._set(ev.instance, metrics=dict(ev.values))
             self._set(ev.instance, nixl=self._nixl(ev.instance))
+        elif isinstance(ev, HeadroomReported):
+            self._inst(ev.instance, "decode")
+            self._set(ev.instance, headroom=ev)
         elif isinstance(ev, EngineSpan):
             self.spans.setdefault(ev.request_id, {})[ev.instance] = ev
             if len(self.spans) > REQUESTS:

@@ -15,6 +15,7 @@ from pdtui.bench import report
 from pdtui.bench.runners import (
     ALL_ARMS,
     ARMS,
+    DEFAULT_WORKLOADS,
     WORKLOADS,
     AttachedEngines,
     BenchOptions,
@@ -23,7 +24,7 @@ from pdtui.bench.runners import (
     attached_refusal,
     run_bench,
 )
-from pdtui.bench.workload import BIG_PROMPT_LEN, FollowSpec, InterferenceSpec
+from pdtui.bench.workload import BIG_PROMPT_LEN, FillSpec, FollowSpec, InterferenceSpec
 from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
@@ -47,6 +48,10 @@ prompts, in one invocation. The arms run one after another (default single,singl
                   first_token_from_p, both): a table gives the toll per arm, the follow TTFT split
                   into steps that add up to it, and the second-token gap, where first-token-from-P
                   moves the hop and D's leg (docs/proxy.md, the TTFT toll)
+  pair-least-loaded, pair-round-robin, pair-headroom
+                  (optional) the pair under each of the proxy's choices of D (docs/proxy.md,
+                  "Choosing D"): with several D (--profile 1p2d-small) and --workloads fill, the
+                  report counts per arm the failed requests, D's preemptions and where they went
 
 and each arm gets the same workloads, measured the same way by a streaming client (a process of
 its own; the proxy never shares an event loop with the bench's own work):
@@ -56,6 +61,9 @@ its own; the proxy never shares an event loop with the bench's own work):
                 D's first step, from the proxy's trace), and ITL
   interference  N steady decode streams (ignore_eos, long max_tokens) while big prompts arrive at
                 a fixed rate: the streams' ITL p50/p90/p99/max and the big prompts' TTFT
+  fill          (optional, --workloads fill) long streams started one after another and held to
+                their end, whose KV fills a decode pool (1p2d-small's first D): per arm the
+                failures, D's preemptions (vllm:num_preemptions) and the requests each D took
 
 On CPU every vLLM instance computes on one core (VLLM_CPU_OMP_THREADS_BIND): the single instance
 on P's, like each member of the pair. Warm-up is excluded, and it reaches every instance before
@@ -95,6 +103,7 @@ examples:
   pdtui bench --quick --arms single,single-proxied,pair,two-single
   pdtui bench --arms pair --workloads follow --requests 20
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
+  pdtui bench --profile 1p2d-small --workloads fill --arms pair-round-robin,pair-least-loaded,pair-headroom
   pdtui bench --quick --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \
       --single http://127.0.0.1:8300           engines you started: single, single-proxied, pair
 """
@@ -111,8 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arms", default=None,
                    help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)};"
                    " over engines given by URL, those of them that can run)")
-    g.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help=f"comma-separated (default {','.join(WORKLOADS)})")
+    g.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                   help=f"comma-separated, of {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     g.add_argument("--quick", action="store_true",
                    help="small CPU-friendly defaults: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     g.add_argument("--cross-check", action="store_true",
@@ -137,6 +146,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--big-max-tokens", type=int, default=16, help="max_tokens of a big prompt (default 16)")
     g.add_argument("--warmup-s", type=float, default=2.0,
                    help="streams run this long before the window opens (default 2)")
+    g = p.add_argument_group("fill (the routing arms' load)")
+    _fill = FillSpec()
+    g.add_argument("--fill-requests", type=int, default=_fill.requests,
+                   help=f"long streams, each held to its end (default {_fill.requests})")
+    g.add_argument("--fill-prompt-len", type=int, default=_fill.prompt_len,
+                   help=f"tokens per fill prompt (default {_fill.prompt_len})")
+    g.add_argument("--fill-max-tokens", type=int, default=_fill.max_tokens,
+                   help=f"tokens each fill stream makes (default {_fill.max_tokens})")
+    g.add_argument("--fill-interval", type=float, default=_fill.interval_s,
+                   help=f"seconds between two fill streams' starts (default {_fill.interval_s:g})")
     g = p.add_argument_group("engines you started (pdtui launches nothing; checked as by `pdtui attach`)")
     g.add_argument("--prefill", action="append", default=[], metavar="URL[,URL...]",
                    help="the pair's prefill engines (named P, or P1, P2, ...); with --decode: the pair arms")
@@ -196,6 +215,8 @@ def options_from_args(args: argparse.Namespace, engines: AttachedEngines | None 
         interference=InterferenceSpec(streams=pick("streams"), duration_s=pick("duration"), rate=pick("rate"),
                                       prompt_len=args.prompt_len, big_max_tokens=args.big_max_tokens,
                                       stream_max_tokens=pick("stream_max_tokens"), warmup_s=args.warmup_s),
+        fill=FillSpec(requests=args.fill_requests, prompt_len=args.fill_prompt_len, max_tokens=args.fill_max_tokens,
+                      interval_s=args.fill_interval),
         seed=args.seed,
         cross_check=args.cross_check,
         engines=engines,
@@ -256,6 +277,9 @@ def run(cfg: PairConfig, args: argparse.Namespace, engines: AttachedEngines | No
         for note in arm.get("notices") or []:
             if note.startswith(("warning", "error")):
                 print(f"{name}: {note}")
+        routed = arm["summary"].get("routing") or {}
+        if routed.get("requests") and (name in report.ROUTING_ARMS or arm["summary"].get("fill")):
+            print(f"\n{name}: {report.routing_line(routed)}")
         rc = arm["summary"].get("recompute") or {}
         if rc.get("checked"):
             print(f"\n{name}: silent recompute: {rc['recomputed']} of {rc['checked']} paired requests had D compute"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.bench.workload import Sample
+from pdtui.core.proxy.routing import DECODE_CHOICES
 from pdtui.core.stats import percentile  # the one definition (vllm bench serve's)
 
 SCHEMA = "pdtui-bench/1"
@@ -246,6 +247,9 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
     reads = kv_reads(samples)
     if reads is not None:
         out["kv_read"] = reads
+    fill = fill_summary(samples, windows)
+    if fill is not None:
+        out["fill"] = fill
     return out
 
 
@@ -295,11 +299,74 @@ def recompute_count(samples: Sequence[Sample]) -> dict[str, Any]:
             "d_computed_tokens": sum((s.trace or {}).get("d_computed_tokens") or 0 for s in paired)}
 
 
+def routing_summary(samples: Sequence[Sample], preemptions: dict[str, int] | None = None) -> dict[str, Any]:
+    """Where the arm's requests went and how they ended, for comparing the choices of D (the
+    routing arms, the fill workload): requests (not the warm-ups), the failed ones (not ok, not cut
+    by the bench), how many each D took (their traces' decode; "-": no trace or no D), each D's
+    preemptions over the load (``preemptions``: vllm:num_preemptions' rise, runners) and the
+    reason of the last request each D took (RequestTraced.decode_reason)."""
+    reqs = [s for s in samples if not s.warmup]
+    failed = [s.request_id for s in reqs if not s.ok and not s.cancelled]
+    by_decode: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for s in reqs:
+        trace = s.trace or {}
+        d = trace.get("decode") or "-"
+        by_decode[d] = by_decode.get(d, 0) + 1
+        if trace.get("decode_reason"):
+            reasons[d] = trace["decode_reason"]
+    pre = dict(preemptions or {})
+    return {"requests": len(reqs), "failed": len(failed), "failed_ids": failed[:20], "by_decode": by_decode,
+            "preemptions": pre, "preempted": sum(pre.values()) if preemptions is not None else None,
+            "last_reason": reasons}
+
+
+def routing_line(r: dict[str, Any]) -> str:
+    """One line of routing_summary: the failures, D's preemptions and where the requests went."""
+    pre = r.get("preemptions") or {}
+    pre_text = ", ".join(f"{d} {n}" for d, n in pre.items()) if pre else "not measured"
+    went = ", ".join(f"{d} {n}" for d, n in sorted((r.get("by_decode") or {}).items()))
+    return f"{r['requests']} requests, {r['failed']} failed; D's preemptions: {pre_text}; requests per D: {went}"
+
+
+def routing_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """Per pair arm: requests, failed, preempted, per D. Shown when a routing arm or the fill
+    workload ran (the comparison of the choices of D); empty otherwise."""
+    shown = [a for a, s in summaries.items() if s.get("routing") and (a in ROUTING_ARMS or s.get("fill"))]
+    if not shown:
+        return []
+    lines = ["", "choice of D (failed: not answered in full; preempted: D's vllm:num_preemptions over the load):", "",
+             "| arm | requests | failed | preempted | requests per D | preemptions per D |",
+             "|---|---:|---:|---:|---|---|"]
+    for arm in shown:
+        r = summaries[arm]["routing"]
+        pre = r.get("preemptions") or {}
+        went = ", ".join(f"{d} {n}" for d, n in sorted((r.get("by_decode") or {}).items()))
+        lines.append(f"| {arm} | {r['requests']} | {r['failed']} | {'-' if r.get('preempted') is None else r['preempted']}"
+                     f" | {went} | {', '.join(f'{d} {n}' for d, n in pre.items()) or '-'} |")
+    return lines
+
+
+def fill_summary(samples: Sequence[Sample], windows: dict[str, Sequence[float]]) -> dict[str, Any] | None:
+    """The fill workload's streams: how many, how many ended whole, their TTFT and ITL; None if it did not run."""
+    fill = measured(samples, "fill")
+    if not fill:
+        return None
+    ok = [s for s in fill if s.ok]
+    w = windows.get("fill")
+    return {"requests": len(fill), "ok": len(ok), "window_s": (w[1] - w[0]) if w else None,
+            "ttft_ms": dist([s.ttft_ms for s in ok if s.ttft_ms is not None]),
+            "itl_ms": dist([g for s in ok for g in s.itl_ms])}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-PROXIED = ("pair", "single-proxied", "two-single", "pair-tokenize-once", "pair-first-token", "pair-both")
+ROUTING_ARMS = tuple(f"pair-{choice}" for choice in DECODE_CHOICES)
+"""The pair under each choice of D (runners.ROUTING_ARMS): compared by routing_table, not by the switch table."""
+PROXIED = ("pair", "single-proxied", "two-single", "pair-tokenize-once", "pair-first-token", "pair-both",
+           *ROUTING_ARMS)
 """Arms measured through pdtui's proxy (a process of its own); ``single`` is measured straight at
 its engine."""
 THROUGH_PROXY = "both through pdtui's proxy"
@@ -531,7 +598,7 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     split into steps that add up to it (those of the median request: "sum" is its TTFT),
     the second-token gap (where first_token_from_p moves the hop and D's leg) and the steady
     streams' ITL p99. Empty unless a switch arm ran."""
-    arms = [a for a in summaries if a == "pair" or a.startswith("pair-")]
+    arms = [a for a in summaries if a == "pair" or (a.startswith("pair-") and a not in ROUTING_ARMS)]
     if arms == ["pair"] or not arms:
         return []
     base = baseline_for(summaries, "ttft")
@@ -627,6 +694,7 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
         lines += ["", ("pair KV read: not measured per request (D logged no reads: its connector was not"
                        " loaded through pdtui's tuned module, docs/freight.md)")]
     lines += switch_table(summaries)
+    lines += routing_table(summaries)
     lines += [""] + verdict(summaries)["text"]
     checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}
     if checks:
@@ -841,6 +909,8 @@ def to_json(result: Any) -> dict[str, Any]:
     summaries = {}
     for name, arm in result.arms.items():
         summaries[name] = summarize_arm(arm.samples, arm.windows)
+        if name in PROXIED and name not in ("single-proxied", "two-single"):  # the pair arms: where each request went
+            summaries[name]["routing"] = routing_summary(arm.samples, getattr(arm, "preemptions", None))
         d = {k: v for k, v in dataclasses.asdict(arm).items() if k != "samples"}
         d["samples"] = [{**dataclasses.asdict(s), "chunks": s.chunks} for s in arm.samples]
         if arm.cross_check:

@@ -65,7 +65,7 @@ import httpx
 
 from pdtui.bench import report, workload
 from pdtui.bench.report import bytes_check
-from pdtui.bench.workload import Clock, FollowSpec, InterferenceSpec, Sample
+from pdtui.bench.workload import Clock, FillSpec, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
 from pdtui.core import connectors, scrape, topology
 from pdtui.core.config import PairConfig
@@ -80,7 +80,7 @@ from pdtui.core.events import (
     RequestTraced,
 )
 from pdtui.core.logparse import KvRead
-from pdtui.core.proxy import ProxyProcess
+from pdtui.core.proxy import DECODE_CHOICES, ProxyProcess
 from pdtui.core.runtime import Runtime, proxy_sees_up  # noqa: F401 - proxy_sees_up: scripts and tests
 from pdtui.core.source import InstanceView
 from pdtui.core.supervisor import StartupFailed
@@ -95,13 +95,23 @@ SWITCH_ARMS: dict[str, dict[str, bool]] = {
 }
 """The pair with the proxy's TTFT switches on (pdtui.core.proxy.firsttoken), each a pair of its own
 started through the same Runtime and proxy process as ``pair``: the toll per switch in one run."""
-ALL_ARMS = (*topology.ARMS, *SWITCH_ARMS)
-"""Every arm: a topology of pdtui.core.topology.ARMS (a new arm is a builder there), or a switch arm."""
+ROUTING_ARMS: dict[str, dict[str, str]] = {
+    f"pair-{choice}": {"decode_choice": choice} for choice in DECODE_CHOICES}
+"""The pair under each of the proxy's choices of D (pdtui.core.proxy.routing): pair-least-loaded,
+pair-round-robin, pair-headroom. They compare with several D (the 1p2d profiles) at a load that
+fills a pool (the fill workload): the report counts failed requests and D's preemptions per arm."""
+ARM_SWITCHES: dict[str, Mapping[str, object]] = {**SWITCH_ARMS, **ROUTING_ARMS}
+"""The proxy settings each pair arm sets (ProxySettings fields): the switch arms' and the routing arms'."""
+ALL_ARMS = (*topology.ARMS, *SWITCH_ARMS, *ROUTING_ARMS)
+"""Every arm: a topology of pdtui.core.topology.ARMS (a new arm is a builder there), a switch arm
+or a routing arm."""
 WORKLOADS = tuple(workload.WORKLOADS)
+DEFAULT_WORKLOADS = workload.DEFAULT_WORKLOADS
+"""What runs without --workloads: follow and interference (fill is asked for by name)."""
 
 
-PAIR_ARMS = ("pair", *SWITCH_ARMS)
-"""The arms that are a P/D pair behind the proxy (the pair, with or without switches)."""
+PAIR_ARMS = ("pair", *SWITCH_ARMS, *ROUTING_ARMS)
+"""The arms that are a P/D pair behind the proxy (the pair, with or without switches, under each choice of D)."""
 
 
 def attached_refusal(arm: str, *, pair: bool, single: bool) -> str | None:
@@ -168,7 +178,7 @@ class AttachedEngines:
             "host": self.host, "proxy_port": self.proxy_port, "vllm_version": self.vllm_version}
         if arm in PAIR_ARMS:
             return topology.attached(self.prefills, self.decodes, name=arm,
-                                     switches={**self.switches, **SWITCH_ARMS.get(arm, {})},
+                                     switches={**self.switches, **ARM_SWITCHES.get(arm, {})},
                                      decode_reports_cached=self.decode_reports_cached,
                                      traces_port=self.traces_port, **facts)
         assert self.single is not None
@@ -189,9 +199,10 @@ class AttachedEngines:
 @dataclass
 class BenchOptions:
     arms: tuple[str, ...] = ARMS
-    workloads: tuple[str, ...] = WORKLOADS
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     follow: FollowSpec = field(default_factory=FollowSpec)
     interference: InterferenceSpec = field(default_factory=InterferenceSpec)
+    fill: FillSpec = field(default_factory=FillSpec)
     seed: int = 0
     cross_check: bool = False
     """After the workloads, run `vllm bench serve` against the arm's URL in each workload's shape."""
@@ -221,6 +232,8 @@ class ArmResult:
     error), or the pair's Runtime warm-up (via, outcome)."""
     kv_bytes: dict[str, Any] | None = None
     """Pair: sum of the traces' kv_bytes vs D's nixl_bytes_transferred delta."""
+    preemptions: dict[str, int] | None = None
+    """Pair: each D's preemptions over the arm's load (vllm:num_preemptions' rise)."""
     notices: list[str] = field(default_factory=list)
     cross_check: dict[str, Any] | None = None
     """`vllm bench serve` against this arm: its TTFT/ITL percentiles beside ours (--cross-check)."""
@@ -344,11 +357,11 @@ def transient_start_failure(e: BaseException) -> bool:
 
 def arm_topology(arm: str, cfg: PairConfig, engines: AttachedEngines | None = None) -> Topology:
     """The topology of a bench arm, from the one config (pdtui.core.topology.ARMS; the switch arms
-    are the pair with their ProxySettings switches), or over ``engines`` someone else started."""
+    and the routing arms are the pair with their ProxySettings switches), or over ``engines`` someone else started."""
     if engines is not None:
         return engines.topology(arm)
-    if arm in SWITCH_ARMS:
-        return topology.pair(cfg, name=arm, switches=SWITCH_ARMS[arm])
+    if arm in ARM_SWITCHES:
+        return topology.pair(cfg, name=arm, switches=ARM_SWITCHES[arm])
     if arm in topology.ARMS:
         return topology.ARMS[arm](cfg)
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ALL_ARMS)}")
@@ -373,7 +386,7 @@ async def run_client(arm: ArmResult, base_url: str, cfg: PairConfig, opts: Bench
     follow["warmup"] = max(follow["warmup"], warmups)
     spec = {"arm": arm.arm, "base_url": base_url, "model": cfg.model_name, "workloads": list(opts.workloads),
             "seed": opts.seed, "salt": arm.prompt_salt, "follow": follow,
-            "interference": dataclasses.asdict(opts.interference)}
+            "interference": dataclasses.asdict(opts.interference), "fill": dataclasses.asdict(opts.fill)}
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdtui-bench-", delete=False) as f:
         json.dump(spec, f)
     pkg_root = str(Path(__file__).resolve().parents[2])
@@ -695,17 +708,37 @@ def follow_states(proxy: ProxyProcess, then: Callable[[Event], None]) -> Callabl
     return on_event
 
 
-async def _scrape_d(rt: Runtime) -> dict[str, float]:
-    """A fresh scrape of every decode instance, summed."""
-    total: dict[str, float] = {}
+async def _scrape_each_d(rt: Runtime) -> dict[str, dict[str, float]]:
+    """A fresh scrape of every decode instance, by name."""
+    out: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient(timeout=10) as client:
         for inst in rt.instances.values():
-            if inst.role != "decode":
-                continue
-            values = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
-            for k, v in values.items():
-                total[k] = total.get(k, 0.0) + v
+            if inst.role == "decode":
+                out[inst.name] = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
+    return out
+
+
+def summed(each: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Instances' scrapes summed, series by series."""
+    total: dict[str, float] = {}
+    for values in each.values():
+        for k, v in values.items():
+            total[k] = total.get(k, 0.0) + v
     return total
+
+
+async def _scrape_d(rt: Runtime) -> dict[str, float]:
+    """A fresh scrape of every decode instance, summed."""
+    return summed(await _scrape_each_d(rt))
+
+
+PREEMPTIONS = "vllm:num_preemptions"
+
+
+def preemptions(before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]) -> dict[str, int]:
+    """Each D's preemptions between two scrapes (vllm:num_preemptions' rise; a D missing from either: none)."""
+    return {name: int(after[name].get(PREEMPTIONS, 0.0) - before[name].get(PREEMPTIONS, 0.0))
+            for name in before if name in after}
 
 
 NIXL_BYTES = f"{connectors.NIXL.bytes_metric}_sum"  # a histogram: _sum is the bytes
@@ -757,7 +790,8 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
                 arm.notices.append(f"{ev.level}: {ev.text}")
 
     collector = asyncio.create_task(collect(), name="bench-collect")
-    before: dict[str, float] | None = None
+    before: dict[str, dict[str, float]] | None = None
+    """Each D's scrape before the load (the pair: KV bytes and preemptions are their rise)."""
 
     async def start() -> float:
         nonlocal before
@@ -769,7 +803,7 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
         if rt.broken is not None:  # no measurement of a pair whose KV path does not work
             raise StartupFailed(f"the pair came up broken: {rt.broken}")
         if paired:
-            before = await _scrape_d(rt)
+            before = await _scrape_each_d(rt)
         else:
             await warm_instances(arm, cfg, opts, list(rt.instances.values()), reporter)
         return ready
@@ -793,12 +827,14 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
         if before is not None:
             after = None
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                after = await _scrape_d(rt)
+                after = await _scrape_each_d(rt)
             ours = {s.request_id for s in arm.samples}
             arm.kv_bytes = bytes_check(
-                [_trace_dict(t) for rid, t in traces.items() if rid in ours], before.get(NIXL_BYTES),
-                after.get(NIXL_BYTES) if after else None,
+                [_trace_dict(t) for rid, t in traces.items() if rid in ours], summed(before).get(NIXL_BYTES),
+                summed(after).get(NIXL_BYTES) if after else None,
                 rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
+            if after:
+                arm.preemptions = preemptions(before, after)
             before = None
 
     async def stop() -> None:
@@ -861,7 +897,7 @@ def _trace_dict(t: RequestTraced) -> dict[str, Any]:
     return {k: getattr(t, k) for k in ("outcome", "status", "prefill", "decode", "prompt_tokens", "chunks",
                                        "prefill_ms", "hop_ms", "decode_ttft_ms", "ttft_ms", "total_ms",
                                        "blocks", "kv_bytes", "fallback_reason", "error", "switch",
-                                       "switch_skipped", "d_computed_tokens", "recomputed")}
+                                       "switch_skipped", "d_computed_tokens", "recomputed", "decode_reason")}
 
 
 def _join(samples: list[Sample], traces: dict[str, RequestTraced]) -> None:

@@ -1,4 +1,5 @@
-"""Seeded prompts, the samples the streaming client (pdtui.core.sse_client) fills, and the two workloads.
+"""Seeded prompts, the samples the streaming client (pdtui.core.sse_client) fills, and the workloads
+(follow and interference by default; fill, for the choice of D).
 
 Every arm is measured here, on the client side, identically: the time from sending a request to
 its first token-carrying SSE chunk (TTFT), and every gap between token-carrying chunks (ITL, per
@@ -52,7 +53,8 @@ class Sample:
 
     arm: str
     workload: str
-    """follow | stream (a steady decode stream of interference) | big (a big prompt of interference)"""
+    """follow | stream (a steady decode stream of interference) | big (a big prompt of interference) |
+    fill (a long stream of the fill workload)"""
     request_id: str
     prompt_tokens: int
     max_tokens: int
@@ -182,6 +184,24 @@ class InterferenceSpec:
     """After every stream has its first token: this long before the window opens."""
 
 
+@dataclass
+class FillSpec:
+    """Long streams started one after another and each held to its end (ignore_eos), so that their
+    KV, which grows as they decode, fills a decode instance's pool: the routing arms' load
+    (pair-headroom, pair-least-loaded, pair-round-robin). The defaults fit the 1p2d-small profile
+    (launch/1p2d-small.toml): its first D holds 127 usable blocks of 128 tokens, each stream ends
+    at 2,000 tokens = 16 blocks, 20 streams = 320 blocks: more than half of them do not fit that D,
+    all of them fit the two. A router blind to the pools sends about half to the small D, which then
+    preempts (vllm:num_preemptions) or fails them; one that counts blocks sends it 7."""
+
+    requests: int = 20
+    prompt_len: int = 1000
+    max_tokens: int = 1000
+    interval_s: float = 0.25
+    """Between two starts: the proxy's promises count a request the moment it is sent to D, so
+    this only spreads the prefills."""
+
+
 def follow_prompt(seed: int, i: int, warmup: int, length: int, salt: str = "") -> str:
     """The i-th follow request's prompt (warm-ups first). Measured request j gets index j + 1 (index
     0 is the first warm-up's), whatever the number of warm-ups: every arm gets the same measured
@@ -267,11 +287,45 @@ async def run_interference(t: LoadTarget, spec: InterferenceSpec, seed: int) -> 
                 await task
 
 
+async def run_fill(t: LoadTarget, spec: FillSpec, seed: int) -> None:
+    """``spec.requests`` long streams, one started every ``interval_s``, all held to their end: the
+    KV of a pool fills (FillSpec). Every one counts: a failure, an error event or a cut is the
+    sample's error (report.routing_summary counts them per arm, with D's preemptions)."""
+    t.windows["fill"] = [t.clock(), t.clock()]
+    tasks: list[asyncio.Task[Sample]] = []
+    done = 0
+
+    def finished(_: asyncio.Task[Sample]) -> None:
+        nonlocal done
+        done += 1
+        t.on_progress("fill", done, spec.requests)
+
+    try:
+        for i in range(spec.requests):
+            if i:
+                await asyncio.sleep(spec.interval_s)
+            s = t.new_sample("fill", i, spec.prompt_len, spec.max_tokens)
+            task = asyncio.create_task(t.send(s, make_prompt(seed, "fill", i, spec.prompt_len, t.salt)))
+            task.add_done_callback(finished)
+            tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        t.windows["fill"][1] = t.clock()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
 WORKLOADS: dict[str, tuple[type, Callable[[LoadTarget, Any, int], Awaitable[None]]]] = {
     "follow": (FollowSpec, run_follow),
     "interference": (InterferenceSpec, run_interference),
+    "fill": (FillSpec, run_fill),
 }
-"""Workload name -> (its spec, its runner), in the order `pdtui bench` runs them by default."""
+"""Workload name -> (its spec, its runner), in the order `pdtui bench` runs them."""
+DEFAULT_WORKLOADS = ("follow", "interference")
+"""What `pdtui bench` runs without --workloads (fill: the routing arms' load, asked for by name)."""
 
 
 # ----- the load generator as its own process ------------------------------------------------------

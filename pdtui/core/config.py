@@ -146,6 +146,14 @@ class PairConfig:
     """What the proxy does when P fails after the request reached it: "retry" (502/503/504 or a
     broken connection once more, then an error to the client; other 5xx an error) or
     "decode-locally" (D computes the prompt: the old fallback, which slows every stream on D)."""
+    decode_choice: Literal["least-loaded", "round-robin", "headroom"] = field(default="least-loaded", metadata={
+        "switch": ("the proxy, with several decode instances: how it picks D (least-loaded, round-robin, or"
+                   " headroom: the least loaded D whose free KV blocks, less those promised, hold the request's;"
+                   " docs/proxy.md)")})
+    """How the proxy picks D (pdtui.core.proxy.routing): "least-loaded" (fewest requests in flight,
+    the default), "round-robin", or "headroom" (the least loaded of the D's whose free KV blocks at
+    their latest scrape, less those promised to requests in flight, hold the blocks the request
+    needs; none: the one with the most)."""
     tokenize_once: bool = field(default=False, metadata={"switch": (
         "the proxy: D gets the prompt as P's token ids, chat included (docs/ttft-toll.md)")})
     """The proxy: D gets the prompt as P's token ids (no second tokenization); a chat request goes to D
@@ -242,6 +250,9 @@ def validate(cfg: PairConfig) -> None:
         raise ConfigError(f"device = {cfg.device!r}: must be \"cpu\" or \"cuda\"")
     if cfg.prefill_failure not in ("retry", "decode-locally"):
         raise ConfigError(f"prefill_failure = {cfg.prefill_failure!r}: must be \"retry\" or \"decode-locally\"")
+    if cfg.decode_choice not in ("least-loaded", "round-robin", "headroom"):
+        raise ConfigError(f"decode_choice = {cfg.decode_choice!r}: must be \"least-loaded\", \"round-robin\""
+                          " or \"headroom\"")
     if cfg.kv_load_failure_policy not in ("fail", "recompute"):
         raise ConfigError(
             f"kv_load_failure_policy = {cfg.kv_load_failure_policy!r}: must be \"fail\" or \"recompute\""

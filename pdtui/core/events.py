@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 OUTCOMES = ("pair", "fallback", "error")
 """The only values of RequestTraced.outcome."""
+ONLY_D = "only D"
+"""RequestTraced.decode_reason when the proxy has one decode instance: no choice was made."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,10 @@ class RequestTraced(Event):
     recomputed: bool = False
     """The silent-recompute error class: paired, yet D computed more than one block of the prompt
     (d_computed_tokens > block_size). The outcome stays pair (the client got its answer)."""
+    decode_reason: str | None = None
+    """Why this D took it, in a few words (pdtui.core.proxy.routing: the policy and what it
+    compared, e.g. "headroom: D2 412-24=388 >= 6 needed; D 18-16=2 < 6"; "only D" with one D).
+    None: no D was chosen (refused at the door, or no D leg)."""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -173,6 +179,28 @@ class MetricsSampled(Event):
     kind: ClassVar[str] = "metrics"
     instance: str
     values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class HeadroomReported(Event):
+    """One D's headroom as the proxy counts it (pdtui.core.proxy.routing), sent by the proxy each
+    time the Runtime tells it a new scrape of that D: free blocks at the scrape, the blocks promised
+    to requests in flight that the scrape does not show, the pool's size."""
+
+    kind: ClassVar[str] = "headroom"
+    instance: str
+    total_blocks: int
+    free_blocks: int
+    promised_blocks: int
+    requests: int
+    """Requests in flight to it through the proxy."""
+    scrape_t: float
+    """When the scrape it is measured against was asked for (Unix seconds)."""
+
+    @property
+    def headroom(self) -> int:
+        """Free blocks less those promised: what a new request can count on."""
+        return self.free_blocks - self.promised_blocks
 
 
 @dataclass(frozen=True)
@@ -267,6 +295,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ConnectorEvent,
         RequestTraced,
         MetricsSampled,
+        HeadroomReported,
         Notice,
         ProxyStarted,
         PairReady,

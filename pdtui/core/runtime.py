@@ -326,10 +326,13 @@ class Runtime:
             while not self._closed:
                 if inst.ready:
                     try:
+                        t_asked = time.time()  # what the scrape shows is no older: the proxy's headroom
                         r = await client.get(f"{inst.url}/metrics")
                         if r.status_code == 200:
                             values = scrape.parse_metrics(r.text)
                             self.emit(MetricsSampled(instance=inst.name, values=values))
+                            if self.proxy is not None:  # the choice of D by headroom, of P by queue
+                                self.proxy.set_capacity({inst.name: {"t": t_asked, **scrape.capacity(values)}})
                             self._check_pools()
                     except (httpx.HTTPError, ValueError):
                         pass
@@ -366,7 +369,8 @@ class Runtime:
         if len(sizes) < len(self.instances) or None in sizes.values():
             return
         self._pool_warned = True
-        if len(set(sizes.values())) > 1:
+        pinned = bool(self.cfg.instances) and all(i.kv_cache_memory_bytes for i in self.cfg.instances)
+        if len(set(sizes.values())) > 1 and not pinned:  # pinned apart on purpose (1p2d-small): no warning
             desc = ", ".join(f"{n} {s:,} tokens" for n, s in sizes.items())
             self.emit(Notice(level="warning", text=f"KV pools differ: {desc}. Pin them with"
                              " kv_cache_memory_bytes in the profile."))

@@ -78,3 +78,14 @@ def kv_pool_tokens(values: dict[str, float]) -> int | None:
     if blocks and block_size:
         return int(blocks * block_size)
     return None
+
+
+def capacity(values: dict[str, float]) -> dict[str, float | int | None]:
+    """What the proxy's choice of D and P reads of a scrape (pdtui.core.proxy.routing.Capacity, less
+    its time): the pool's blocks (cache_config_info's num_gpu_blocks), the share in use
+    (kv_cache_usage_perc, 0 to 1) and the queue (num_requests_waiting). None where not reported."""
+    blocks = values.get("cache_config:num_gpu_blocks")
+    usage = values.get("vllm:kv_cache_usage_perc")
+    waiting = values.get("vllm:num_requests_waiting")
+    return {"total_blocks": int(blocks) if blocks else None, "used_perc": usage,
+            "waiting": None if waiting is None else int(waiting)}

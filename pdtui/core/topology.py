@@ -136,6 +136,7 @@ def proxy_settings(cfg: PairConfig, geometry: kvmath.KvGeometry | None, **overri
     ``override``: the bench's per-arm switches (ProxySettings field names)."""
     switches = {f.name: getattr(cfg, f.name) for f in config_mod.proxy_switches()}
     settings = ProxySettings(block_size=cfg.block_size, geometry=geometry, connector=cfg.connector, **switches,
+                             max_model_len=cfg.max_model_len,
                              decode_reports_cached=True)  # every instance: --enable-prompt-tokens-details
     return dataclasses.replace(settings, **override) if override else settings  # type: ignore[arg-type]
 

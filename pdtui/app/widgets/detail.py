@@ -5,7 +5,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from pdtui.app.state import fmt_ms, fmt_num, fmt_rate, freight_tokens, itl_stats, timeline
-from pdtui.core.events import EngineSpan, RequestTraced
+from pdtui.core.events import ONLY_D, EngineSpan, RequestTraced
 from pdtui.core.kvmath import KvGeometry
 from pdtui.core.logparse import KvRead
 
@@ -130,6 +130,15 @@ class RequestDetail(Static):
             parts.append(Text(f"switch: {r.switch or 'none'}{skipped}", style="cyan"))
         return Text("; ").join(parts) if parts else None
 
+    @staticmethod
+    def decode_text(r: RequestTraced, compact: bool = False) -> Text | None:
+        """Why its D took it (RequestTraced.decode_reason: the proxy's policy and what it compared);
+        compact (80x24) leaves out "only D", true of every request of a pair with one D."""
+        why = r.decode_reason
+        if not why or (compact and why == ONLY_D):
+            return None
+        return Text(f"D chosen: {why}", style="magenta")
+
     def summary(self, r: RequestTraced) -> Text:
         t = Text()
         t.append(f"{r.request_id.removeprefix('pdtui-')} ", style="bold")
@@ -149,9 +158,10 @@ class RequestDetail(Static):
         t = Text(overflow="fold")
         t.append_text(self.summary(r))
         why = self.reason(r)
-        if why is not None:
+        chosen = self.decode_text(r, compact=True)
+        if why is not None or chosen is not None:
             t.append("\n")
-            t.append_text(why)
+            t.append_text(Text("; ").join(x for x in (why, chosen) if x is not None))
         t.append("\nfreight: ", style="bold")
         t.append(self.formula())
         legs = " + ".join(f"{LEG_SHORT.get(name, name)} {stop - start:,.0f}" for name, start, stop in timeline(r))
@@ -193,6 +203,10 @@ class RequestDetail(Static):
         if why is not None:
             t.append("\n")
             t.append_text(why)
+        chosen = self.decode_text(r)
+        if chosen is not None:
+            t.append("\n")
+            t.append_text(chosen)
         return t
 
 

@@ -43,6 +43,8 @@ class InstancePane(Static):
 
     TAIL = 2
     TAIL_EXPANDED = 40
+    COMPACT_BELOW = 32
+    """Content columns under which the pane shows its short lines (2P2D at 80 columns: 16 each)."""
 
     def __init__(self, name: str, role: str = "?", *, clock: Callable[[], float] = time.time,
                  id: str | None = None, classes: str | None = None) -> None:
@@ -176,11 +178,69 @@ class InstancePane(Static):
                 t.append(f" (vLLM's histogram, not measured per request: {n.transfers} transfers)", style="dim")
         return t
 
+    @staticmethod
+    def headroom_text(v: InstanceView, short: bool = False, room: int | None = None) -> Text | None:
+        """A decode instance's headroom as the proxy counts it: free blocks at its latest scrape
+        less those promised to requests in flight, of the pool's blocks (pdtui.core.proxy.routing),
+        and how it is made when ``room`` columns leave space; None until the proxy has said."""
+        h = v.headroom
+        if h is None:
+            return None
+        t = Text()
+        low = h.headroom < max(1, h.total_blocks // 10)
+        t.append(f"room {h.headroom:,}" if short else f"room {h.headroom:,}/{h.total_blocks:,} blk",
+                 style="bold red" if low else "bold")
+        how = f" ({h.free_blocks:,} free - {h.promised_blocks:,} promised)"
+        if not short and (room is None or len(t.plain) + len(how) <= room):
+            t.append(how, style="dim")
+        return t
+
+    def render_compact(self, v: InstanceView) -> Text:
+        """A narrow pane (several P or D side by side at 80 columns): the same things, in short:
+        state; pairs, fallbacks, errors, running, waiting; KV use and room (or free blocks); the
+        connector's flags; NIXL's figures; the log tail."""
+        out = Text(no_wrap=True, overflow="ellipsis")
+        out.append_text(self.state_line(v))
+        out.append("\n")
+        if self.observe:
+            out.append(f"run {fmt_num(v.running)} wait {fmt_num(v.waiting)}")
+        else:
+            out.append(f"p{v.pairs}", style="bold green")
+            out.append(f" f{v.fallbacks}", style="bold yellow" if v.fallbacks else "")
+            out.append(f" e{v.errors}", style="bold red" if v.errors else "")
+            out.append(f" r{fmt_num(v.running)} w{fmt_num(v.waiting)}")
+        out.append("\nKV ")
+        usage = v.kv_usage
+        out.append(f"{usage * 100:.0f}%" if usage is not None else "-",
+                   style="bold red" if usage and usage > 0.9 else "bold")
+        room = self.headroom_text(v, short=True)
+        if room is not None:
+            out.append(" ")
+            out.append_text(room)
+        elif v.free_blocks is not None:
+            out.append(f" free {v.free_blocks:,}")
+        out.append("\n")
+        for label, style in self.flags(v):
+            out.append(label + " ", style=style)
+        used = 4
+        nixl = self.nixl_text(v)
+        if nixl is not None:
+            out.append("\n")
+            out.append_text(nixl)
+            used += 1
+        room_lines = max(self.TAIL, self.content_size.height - used)
+        for line in v.log[-(max(room_lines, self.TAIL_EXPANDED) if self.expanded else room_lines):]:
+            out.append("\n" + short_log(line), style="dim")
+        return out
+
     def render(self) -> Text:
         """Most important first, so a short pane (80x24: five lines) loses only the log tail: the
-        state, the request counters, the KV pool and queue, the connector, then the log."""
+        state, the request counters, the KV pool and queue, the connector, then the log. A narrow
+        pane (several of each role at 80 columns) shows the same in short (``render_compact``)."""
         v = self.view
         assert v is not None
+        if 0 < self.content_size.width < self.COMPACT_BELOW:
+            return self.render_compact(v)
         out = Text(no_wrap=True, overflow="ellipsis")
         out.append_text(self.state_line(v))
         if self.observe:  # nothing goes through pdtui: the engine's own queue
@@ -201,10 +261,20 @@ class InstancePane(Static):
         usage = v.kv_usage
         out.append(f"{usage * 100:.1f}%" if usage is not None else "-",
                    style="bold red" if usage and usage > 0.9 else "bold")
-        pool = v.pool_tokens
-        out.append(f" of {pool:,} tok" if pool else " of ? tok")
-        if v.free_blocks is not None:
-            out.append(f" free {v.free_blocks:,}/{v.pool_blocks:,} blk")
+        width = self.content_size.width
+        left = width - len(out.plain.rsplit("\n", 1)[-1]) - 1 if width else None
+        headroom = self.headroom_text(v, room=left)
+        if headroom is not None:  # a D the proxy counts for: its room first, the pool in tokens where it fits
+            out.append(" ")
+            out.append_text(headroom)
+            pool = v.pool_tokens
+            if pool and (not width or len(out.plain.rsplit("\n", 1)[-1]) + len(f" pool {pool:,} tok") <= width):
+                out.append(f" pool {pool:,} tok", style="dim")
+        else:
+            pool = v.pool_tokens
+            out.append(f" of {pool:,} tok" if pool else " of ? tok")
+            if v.free_blocks is not None:
+                out.append(f" free {v.free_blocks:,}/{v.pool_blocks:,} blk")
         if v.kv_pulled_bytes:
             out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
         out.append("\n")

@@ -2,6 +2,7 @@
 
 - ``contract``: the P/D contract (P then D, the fallback policy, the choice of D): ``Proxy``;
 - ``settings``: what the proxy is told at its start (``ProxySettings``);
+- ``routing``: the choice of D (least-loaded, round-robin, headroom) and of P, each D's headroom;
 - ``relay``: D's stream relayed to the client chunk by chunk, inside ``data_received``;
 - ``sse``: SSE framing on bytes (event ends, the byte scan that times tokens, the error event);
 - ``usage``: the silent-recompute check on D's usage;
@@ -15,8 +16,9 @@
 
 from pdtui.core.proxy.contract import PREFILL_KV_PARAMS, WARMUP_HEADER, Proxy, Upstream
 from pdtui.core.proxy.process import ProxyProcess
+from pdtui.core.proxy.routing import DECODE_CHOICES
 from pdtui.core.proxy.server import ProxyServer
-from pdtui.core.proxy.settings import DECODE_CHOICES, PREFILL_FAILURE_POLICIES, ProxyOptionError, ProxySettings
+from pdtui.core.proxy.settings import PREFILL_FAILURE_POLICIES, ProxyOptionError, ProxySettings
 from pdtui.core.proxy.trace import PREFILL_BRANCHES
 
 __all__ = [

@@ -58,7 +58,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.proxy import fields, firsttoken, httpio
+from pdtui.core.proxy import fields, firsttoken, httpio, routing
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
 from pdtui.core.proxy.relay import Relay, Stitch, relay_for
@@ -144,7 +144,9 @@ class Proxy:
             raise ValueError(f"connector {s.connector!r}: one of {connectors.names()}")
         self.connector = connector
         """The KV connector's entry: the names of the kv_transfer_params the proxy sends and reads."""
-        self._next_decode = 0
+        self.router = routing.Router(s.decode_choice)
+        """The choices of D and P and each D's promised blocks (pdtui.core.proxy.routing); the
+        Runtime's scrapes reach it through ``router.set_capacity``."""
         self._relays: set[Relay] = set()
         self._watchdog: asyncio.Task[None] | None = None
         for up in prefills + decodes:
@@ -272,6 +274,7 @@ class Proxy:
             self._traced(trace)
 
     def _traced(self, trace: Trace) -> None:
+        self.router.release(trace)  # D frees the request's blocks
         event = trace.freeze()
         self.metrics.observe(event)
         self.on_trace(event)
@@ -403,7 +406,7 @@ class Proxy:
         tried: list[str] = []
         first: _PrefillFailed | None = None
         while True:
-            ups = self._candidates(self.prefills)
+            ups = self.router.order_prefills(self.prefills)  # by load, then queue
             if not ups:
                 after = f" (for the retry, after: {first.message})" if first else ""
                 self._fall_back(trace, "fallback_down", f"prefill_down: no prefill instance is up{after}")
@@ -496,22 +499,23 @@ class Proxy:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
         return params
 
-    def pick_decode(self) -> Upstream | None:
-        """The decode instance for the next request (``settings.decode_choice``); None if none is up."""
-        if self.settings.decode_choice == "round-robin":
-            n = len(self.decodes)
-            for k in range(n):
-                up = self.decodes[(self._next_decode + k) % n]
-                if up.is_up():
-                    self._next_decode = (self._next_decode + k + 1) % n
-                    return up
-            return None
-        ups = self._candidates(self.decodes)
-        return ups[0] if ups else None
+    def pick_decode(self, trace: Trace | None = None, body: dict[str, Any] | None = None) -> Upstream | None:
+        """The decode instance for the next request (``settings.decode_choice``, pdtui.core.proxy.routing);
+        None if none is up. With the request's ``trace`` (and D's ``body``), the reason goes into
+        its trace and the blocks it will take are promised to that D until the trace ends."""
+        s = self.settings
+        demand = None if trace is None else routing.demand_of(trace.prompt_tokens, trace.blocks, body or {},
+                                                              s.block_size, s.max_model_len)
+        up, why = self.router.pick_decode(self.decodes, demand)
+        if trace is not None:
+            trace.decode_reason = why
+            if up is not None and demand is not None:
+                self.router.promise(trace, up.name, demand, trace)
+        return up
 
     async def _decode(self, trace: Trace, body: dict[str, Any], resp: Response, t_hop: float,
                       stitch: Stitch | None = None) -> None:
-        up = self.pick_decode()
+        up = self.pick_decode(trace, body)
         if up is None:
             trace.status, trace.error = 503, "no decode instance is up"
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")

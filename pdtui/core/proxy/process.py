@@ -10,8 +10,12 @@ stream relayed through it (measured, docs/proxy.md). So ``pdtui up`` and ``pdtui
 - its stdout carries the events (``RequestTraced``, ``ProxyStarted``, ``Notice``) as JSON lines,
   written without ever blocking the relay (an asyncio pipe transport buffers them);
 - in ``--managed`` mode its stdin carries the up/down state of each upstream, as the Runtime
-  knows it (``{"up": {"D": false}}``), and extra ``/health`` info; when stdin closes (pdtui ended,
-  however it ended) the proxy exits. Without ``--managed`` it polls each upstream's ``/health``.
+  knows it (``{"up": {"D": false}}``), extra ``/health`` info, and each instance's KV pool and
+  queue at every scrape (``{"capacity": {"D": {"t": ..., "total_blocks": 2048, "used_perc": 0.1,
+  "waiting": 0}}}``: the choice of D by headroom and of P by queue, pdtui.core.proxy.routing), to
+  which it answers with a ``HeadroomReported`` event per D; when stdin closes (pdtui ended, however
+  it ended) the proxy exits. Without ``--managed`` it polls each upstream's ``/health`` (and, with
+  ``--decode-choice headroom``, its ``/metrics``).
 
 Run alone, over engines pdtui did not start::
 
@@ -36,8 +40,9 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from pdtui.core.events import Event, Notice, ProxyStarted, RequestTraced, from_json
+from pdtui.core.events import Event, HeadroomReported, Notice, ProxyStarted, RequestTraced, from_json
 from pdtui.core.proxy.contract import Proxy, Upstream
+from pdtui.core.proxy.routing import Capacity
 from pdtui.core.proxy.server import ProxyServer
 from pdtui.core.proxy.settings import ProxyOptionError, ProxySettings, add_flags, from_flags
 
@@ -176,12 +181,17 @@ async def serve(args: argparse.Namespace) -> int:
         _log(f"{name} is down: its streams in flight are ended with an error event")
         proxy.upstream_down(name)
 
+    def on_capacity(caps: dict[str, Any]) -> None:
+        told_about(proxy, caps, emit)
+
     try:
         if args.managed:
-            tasks.append(asyncio.create_task(_read_control(up, info, stop, on_down)))
+            tasks.append(asyncio.create_task(_read_control(up, info, stop, on_down, on_capacity)))
         else:
             await _poll_health(ups_p + ups_d, up, emit, once=True)
             tasks.append(asyncio.create_task(_poll_health(ups_p + ups_d, up, emit, interval_s=args.health_interval)))
+            if settings.decode_choice == "headroom":
+                tasks.append(asyncio.create_task(_poll_metrics(ups_p + ups_d, up, on_capacity, args.health_interval)))
         await server.start()
         # Everything alive now lives as long as the process: out of the collector's sight, so a
         # full collection stays short (the legacy proxy stalled every stream 18-38 ms per gen-2
@@ -227,11 +237,27 @@ def _trace_words(t: RequestTraced) -> str:
     return f"request {t.request_id}: {t.outcome}, HTTP {t.status}{legs}: {why}"
 
 
+def told_about(proxy: Proxy, caps: dict[str, Any], emit: Callable[[Event], None]) -> None:
+    """New scrapes (``{name: {"t": ..., "total_blocks": ..., ...}}``): into the proxy's routing,
+    and each D's headroom out as an event (the dashboard's panes show it)."""
+    decodes = {u.name for u in proxy.decodes}
+    for name, raw in caps.items():
+        cap = Capacity.of(raw)
+        if cap is None:
+            continue
+        proxy.router.set_capacity(str(name), cap)
+        h = proxy.router.headroom(str(name)) if name in decodes else None
+        if h is not None:
+            emit(HeadroomReported(instance=h.name, total_blocks=h.total_blocks, free_blocks=h.free_blocks,
+                                  promised_blocks=h.promised_blocks, requests=h.requests, scrape_t=cap.t))
+
+
 async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio.Event,
-                        on_down: Callable[[str], None]) -> None:
-    """--managed: lines of JSON on stdin ({"up": {...}, "info": {...}}); EOF ends the proxy. An
-    upstream that goes down has its streams in flight ended at once (an SSE error event): its
-    processes are gone or going, and their sockets may linger."""
+                        on_down: Callable[[str], None],
+                        on_capacity: Callable[[dict[str, Any]], None] = lambda caps: None) -> None:
+    """--managed: lines of JSON on stdin ({"up": {...}, "info": {...}, "capacity": {...}}); EOF
+    ends the proxy. An upstream that goes down has its streams in flight ended at once (an SSE error
+    event): its processes are gone or going, and their sockets may linger."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -244,6 +270,8 @@ async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio
                     if was and not value:
                         on_down(str(name))
                 info.update(msg.get("info") or {})
+                if isinstance(caps := msg.get("capacity"), dict):
+                    on_capacity(caps)
     finally:
         stop.set()
 
@@ -270,6 +298,30 @@ async def _poll_health(ups: list[Upstream], up: dict[str, bool], emit: Callable[
             up[name] = ok
         if once:
             return
+        await asyncio.sleep(interval_s)
+
+
+async def _poll_metrics(ups: list[Upstream], up: dict[str, bool], on_capacity: Callable[[dict[str, Any]], None],
+                        interval_s: float = 1.0) -> None:
+    """Without a Runtime, with --decode-choice headroom: each upstream's /metrics, as the Runtime
+    scrapes it, for the choice of D (and P's queue). Poll, tell, sleep."""
+    from pdtui.core import scrape
+
+    while True:
+        for u in ups:
+            if not up.get(u.name) or u.pool is None:
+                continue
+            t = time.time()
+            try:
+                conn = await u.pool.request("GET", "/metrics", [], head_timeout_s=2.0)
+                text = await asyncio.wait_for(conn.read_all(), 2.0)
+                ok = conn.status == 200
+                u.pool.release(conn)
+            except (OSError, TimeoutError, ConnectionError):
+                continue
+            if ok:
+                with contextlib.suppress(ValueError):
+                    on_capacity({u.name: {"t": t, **scrape.capacity(scrape.parse_metrics(text.decode()))}})
         await asyncio.sleep(interval_s)
 
 
@@ -383,6 +435,12 @@ class ProxyProcess:
             return
         self._state[name] = up
         self._send({"up": {name: up}})
+
+    def set_capacity(self, caps: dict[str, dict[str, Any]]) -> None:
+        """Instances' KV pools and queues at a scrape (``{name: {"t": ..., "total_blocks": ...,
+        "used_perc": ..., "waiting": ...}}``: pdtui.core.proxy.routing.Capacity): the choice of D by
+        headroom, of P by queue; the proxy answers with a HeadroomReported event per D."""
+        self._send({"capacity": caps})
 
     def set_info(self, info: dict[str, Any]) -> None:
         """Extra fields for the proxy's /health answer."""

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pdtui.core import connectors, kvmath
+from pdtui.core.proxy.routing import DECODE_CHOICES
 
-DECODE_CHOICES = ("least-loaded", "round-robin")
 PREFILL_FAILURE_POLICIES = ("retry", "decode-locally")
 
 Rule = tuple[str, Callable[[Any], bool]]
@@ -42,6 +42,16 @@ def flag(name: str, help: str, *, choices: tuple[str, ...] | Callable[[], tuple[
     return {"flag": name, "help": help, "choices": choices, "rule": rule, "metavar": metavar, "read": read}
 
 
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ProxyOptionError(f"{name} {text!r}: expected a whole number") from None
+    if value < 1:
+        raise ProxyOptionError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def _geometry_from_dir(text: str) -> kvmath.KvGeometry:
     model = Path(text)
     if not (model / "config.json").exists():
@@ -58,10 +68,23 @@ class ProxySettings:
         metavar="DIR", read=_geometry_from_dir))
     """What one token of KV costs (None: kv_bytes is not counted)."""
     decode_choice: str = field(default="least-loaded", metadata=flag(
-        "--decode-choice", "how a decode instance is picked (default least-loaded)", choices=DECODE_CHOICES))
-    """How a decode instance is picked: "least-loaded" (fewest requests in flight, ties to the
-    first: the pair's default) or "round-robin" (each request to the next instance that is up, in
-    list order, whatever their load: vLLM's examples/disagg toy proxies, the bench's two-single)."""
+        "--decode-choice", "how a decode instance is picked: least-loaded (fewest requests in flight), round-robin,"
+        " or headroom (the least loaded of those whose free KV blocks, less those promised to requests in"
+        " flight, hold this request's; with it, `pdtui proxy` also polls each engine's /metrics)"
+        " (default least-loaded)", choices=DECODE_CHOICES))
+    """How a decode instance is picked (pdtui.core.proxy.routing): "least-loaded" (fewest requests
+    in flight, ties to the first: the pair's default), "round-robin" (each request to the next
+    instance that is up, in list order, whatever their load: vLLM's examples/disagg toy proxies, the
+    bench's two-single) or "headroom" (the least loaded of the D's whose free KV blocks less those
+    promised to requests in flight hold the blocks this request needs, a D with no scrape under 3 s
+    old counted among them; none: the one with the most). Each trace says why its D was chosen
+    (``decode_reason``)."""
+    max_model_len: int | None = field(default=None, metadata=flag(
+        "--max-model-len", "the engines' max_model_len: how far a chat request without max_tokens may grow"
+        " (the headroom choice's need; default: not counted)", metavar="N", rule=AT_LEAST_1,
+        read=lambda v: _positive_int("--max-model-len", v)))
+    """The engines' max_model_len: the room a chat request without max_tokens may take on D (the
+    headroom choice counts it as the request's growth). None: such growth is not counted."""
     prefill_failure: str = field(default="retry", metadata=flag(
         "--prefill-failure", "when P fails after the request reached it: retry (502/503/504 or a broken connection"
         " are sent once more, to another P if there is one, then the client gets the error; other"
