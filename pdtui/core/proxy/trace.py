@@ -78,6 +78,7 @@ class Trace:
         switch_skipped: str | None
         d_computed_tokens: int | None
         recomputed: bool
+        migrations: list[dict[str, Any]]
 
     def served(self) -> str:
         """The outcome of a request that was served: pair when P's KV went to D, else fallback."""
