@@ -20,7 +20,9 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    counted in ``pdtui_prefill_branch_total``. P 4xx -> that error to the client (the input is bad;
    D would say the same). D fails
    before the first byte -> an HTTP error with a JSON body. D dies mid-stream -> a final SSE error
-   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat). So does
+   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat), unless
+   another D is up and the stream can go on there from the token ids D sent (``migrate``: the
+   migration, docs/proxy.md). So does
    an SSE event of D's over 8 MiB without its end (``sse.MAX_EVENT_BYTES``, the most the proxy holds of
    one event), and D's connection is closed. Client disconnects -> D's connection is closed, which
    makes vLLM abort the request.
@@ -49,7 +51,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.proxy import fields, firsttoken, httpio
+from pdtui.core.proxy import fields, firsttoken, httpio, migrate
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
 from pdtui.core.proxy.relay import Relay, Stitch, relay_for
@@ -388,14 +390,7 @@ class Proxy:
     async def _prefill(self, trace: Trace, body: dict[str, Any]) -> dict[str, Any] | None:
         """The P leg, with the fallback policy (the module's docstring, point 4). Returns P's
         kv_transfer_params, or None to serve the request on D colocated (a fallback)."""
-        p_body = dict(body)
-        p_body["max_tokens"] = 1
-        if "max_completion_tokens" in p_body:
-            p_body["max_completion_tokens"] = 1
-        p_body["stream"] = False
-        for k in ("stream_options", "min_tokens"):
-            p_body.pop(k, None)
-        p_body["kv_transfer_params"] = dict(self.connector.prefill_kv_params)
+        p_body = prefill_body(body, self.connector.prefill_kv_params)
         if (self.settings.first_token_from_p or self.settings.tokenize_once) and (
                 trace.endpoint == firsttoken.COMPLETIONS or firsttoken.chat_skip(body) is None):
             p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.proxy.firsttoken)
@@ -518,6 +513,7 @@ class Proxy:
         trace.decode = up.name
         assert up.pool is not None
         path = firsttoken.COMPLETIONS if stitch is not None and stitch.chat else trace.endpoint
+        mig, body = migrate.arm(self, trace, body, path, stitch)  # D's token ids asked for when it can go on elsewhere
         payload = json.dumps(body).encode()
         t_sent = time.perf_counter()
         trace.hop_ms = (t_sent - t_hop) * 1000
@@ -531,7 +527,7 @@ class Proxy:
                 trace.status, trace.failed = 502, up.name
                 trace.error = f"decode {up.name} unreachable: {type(e).__name__}: {e}"
                 raise ProxyError(502, trace.error, "upstream_error") from None
-            await self._relay_decode(trace, up, conn, resp, t_sent, stitch)
+            await self._relay_decode(trace, up, conn, resp, t_sent, stitch, mig)
         finally:
             up.inflight -= 1
             if conn is not None:
@@ -540,6 +536,8 @@ class Proxy:
                 else:
                     up.pool.busy.discard(conn)
                     conn.close()
+        if mig is not None and mig.pending is not None:  # D died under the stream: on to another D
+            await mig.run(resp)
 
     async def _read_decode(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection) -> bytes:
         try:
@@ -550,7 +548,8 @@ class Proxy:
             raise ProxyError(502, trace.error, "upstream_error") from None
 
     async def _relay_decode(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
-                            t_sent: float, stitch: Stitch | None = None) -> None:
+                            t_sent: float, stitch: Stitch | None = None,
+                            migration: migrate.Migration | None = None) -> None:
         ctype = conn.headers.get(b"content-type", JSON)
         if conn.status != 200:
             content = await self._read_decode(trace, up, conn)
@@ -583,13 +582,26 @@ class Proxy:
             trace.status, trace.outcome = 200, trace.served()
             resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
-        relay = relay_for(trace, up, conn, resp, t_sent, stitch)
+        relay = relay_for(trace, up, conn, resp, t_sent, stitch, migration)
         self._relays.add(relay)
         try:
             relay.start(ctype)
             await relay.done
         finally:
             self._relays.discard(relay)
+
+
+def prefill_body(body: dict[str, Any], kv_params: Mapping[str, Any]) -> dict[str, Any]:
+    """P's body (the module's docstring, point 2): one token, not streamed, the connector's params."""
+    p_body = dict(body)
+    p_body["max_tokens"] = 1
+    if "max_completion_tokens" in p_body:
+        p_body["max_completion_tokens"] = 1
+    p_body["stream"] = False
+    for k in ("stream_options", "min_tokens"):
+        p_body.pop(k, None)
+    p_body["kv_transfer_params"] = dict(kv_params)
+    return p_body
 
 
 def _json_headers(request_id: str) -> httpio.Headers:
