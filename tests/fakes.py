@@ -288,3 +288,195 @@ class FakeVllmEngine:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+# ----- a fake whose next token is a function of the whole context (migration) --------------------
+
+CHAIN_VOCAB = 50_000
+CHAIN_FP = "fp-chain"
+"""FakeChainVllm's system_fingerprint."""
+
+
+def chain_tokens(context: list[int], n: int) -> list[int]:
+    """FakeChainVllm's "greedy model": each next id a hash of every id before it (prompt and output),
+    so a stream continued from prompt + the ids sent, anywhere, is the unbroken stream's rest."""
+    h, out = 0, []
+    for t in context:
+        h = (h * 31 + t) % 1_000_003
+    for _ in range(n):
+        t = 100 + (h * 2_654_435_761) % CHAIN_VOCAB
+        out.append(t)
+        h = (h * 31 + t) % 1_000_003
+    return out
+
+
+def chain_prompt(text: str) -> list[int]:
+    """FakeChainVllm's tokenizer: a byte per id."""
+    return [1000 + b for b in text.encode()]
+
+
+def chain_chat_prompt(messages: list[dict[str, Any]]) -> list[int]:
+    """FakeChainVllm's chat template, rendered and tokenized."""
+    return chain_prompt("".join(f"<{m.get('role')}>{m.get('content')}" for m in messages) + "<assistant>")
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass
+class FakeChainVllm:
+    """A FAKE vLLM for the migration tests: its "model" is ``chain_tokens`` (the next id depends on
+    the whole context, so D continuing from prompt + ids sent gives the unbroken rest: greedy
+    decoding as the fake knows it), its JSON vLLM 0.32.0's shapes and order (completions and chat,
+    streamed and not: ``prompt_token_ids`` on the first event and ``token_ids`` per event as lists
+    with ``return_token_ids``, else null; the chat role chunk; ``system_fingerprint`` on the terminal
+    chunk unless a usage event follows, then on that). Takes prompts as text or ids; honours
+    max_tokens (chat: max_completion_tokens first), return_token_ids, stream_options.include_usage.
+    P mode (kv_transfer_params with do_remote_decode): one token, not streamed, with
+    kv_transfer_params (blocks of 16). ``die_after``: a stream's connection drops after that many
+    token events (0: right after the head; the role chunk goes first on chat). ``details``: usage
+    has prompt_tokens_details, cached_tokens = the whole prompt when D got P's params, else 0."""
+
+    role: str
+    created: int = 5
+    die_after: int | None = None
+    delay_s: float = 0.003
+    status: int = 200
+    details: bool = False
+    fail_after: int | None = None
+    """Answer 500 to every request after this many."""
+    on_die: Any = None
+    """Called when a stream's connection is about to drop (die_after)."""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive)
+        if scope["path"] == "/health":
+            await _json(send, 200, {})
+            return
+        req = json.loads(body)
+        self.requests.append({**req, "path": scope["path"]})
+        if self.fail_after is not None and len(self.requests) > self.fail_after:
+            await _json(send, 500, {"error": {"message": f"fake {self.role} says 500"}})
+            return
+        if self.status != 200:
+            await _json(send, self.status, {"error": {"message": f"fake {self.role} says {self.status}"}})
+            return
+        rid = dict(scope["headers"]).get(b"x-request-id", b"x").decode()
+        chat = scope["path"] == "/v1/chat/completions"
+        if chat:
+            ids = chain_chat_prompt(req.get("messages") or [])
+            n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
+        else:
+            prompt = req.get("prompt")
+            ids = list(prompt) if isinstance(prompt, list) else chain_prompt(str(prompt))
+            n = int(req.get("max_tokens") or 16)
+        params = req.get("kv_transfer_params") or {}
+        p_mode = bool(params.get("do_remote_decode"))
+        out = chain_tokens(ids, 1 if p_mode else n)
+        want = bool(req.get("return_token_ids"))
+        usage: dict[str, Any] = {"prompt_tokens": len(ids), "total_tokens": len(ids) + len(out),
+                                 "completion_tokens": len(out)}
+        if self.details:
+            usage["prompt_tokens_details"] = {"cached_tokens": len(ids) if params.get("do_remote_prefill") else 0}
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion" if chat else "text_completion",
+                "created": self.created, "model": "m"}
+        if p_mode or not req.get("stream"):
+            await self._whole(send, head, chat, ids, out, want, usage, p_mode)
+            return
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        events: list[dict[str, Any]] = []
+        if chat:
+            head["object"] = "chat.completion.chunk"
+            events.append({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}],
+                           "prompt_token_ids": ids if want else None, "prompt_text": None})
+        for i, t in enumerate(out):
+            last = i == len(out) - 1
+            if chat:
+                c: dict[str, Any] = {"index": 0, "delta": {"content": f" w{t}"}, "logprobs": None,
+                                     "finish_reason": "length" if last else None}
+                if last:
+                    c["stop_reason"] = None
+                c["token_ids"] = [t] if want else None
+            else:
+                c = {"index": 0, "text": f" w{t}", "logprobs": None, "finish_reason": "length" if last else None,
+                     "stop_reason": None, "prompt_token_ids": ids if want and i == 0 else None,
+                     "token_ids": [t] if want else None}
+            events.append({**head, "choices": [c]})
+        if include_usage:
+            events.append({**head, "choices": [], "usage": usage, "system_fingerprint": CHAIN_FP})
+        else:
+            events[-1]["system_fingerprint"] = CHAIN_FP
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        tokens = 0
+        for ev in events:
+            if ev["choices"] and "role" not in ev["choices"][0].get("delta", {}):
+                if self.die_after is not None and tokens == self.die_after:
+                    if self.on_die is not None:
+                        self.on_die()
+                    raise AbortConnection("fake decode dies mid-stream")
+                tokens += 1
+            await send({"type": "http.response.body", "body": b"data: " + _compact(ev) + b"\n\n", "more_body": True})
+            await asyncio.sleep(self.delay_s)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _whole(self, send, head: dict[str, Any], chat: bool, ids: list[int], out: list[int], want: bool,
+                     usage: dict[str, Any], p_mode: bool) -> None:
+        text = "".join(f" w{t}" for t in out)
+        kv = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [list(range(-(-len(ids) // 16)))],
+              "remote_engine_id": "fake-p", "remote_host": "127.0.0.1", "remote_port": 1} if p_mode else None
+        if chat:
+            obj: dict[str, Any] = {**head, "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None, "annotations": None,
+                                        "audio": None, "function_call": None, "reasoning": None},
+                "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": out if want else None}],
+                "service_tier": None, "system_fingerprint": CHAIN_FP, "usage": usage,
+                "prompt_logprobs": None, "prompt_token_ids": ids if want else None, "prompt_text": None,
+                "kv_transfer_params": kv}
+        else:
+            obj = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                                        "stop_reason": None, "prompt_token_ids": ids if want else None,
+                                        "token_ids": out if want else None}],
+                   "system_fingerprint": CHAIN_FP, "usage": usage, "kv_transfer_params": kv}
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": _compact(obj)})
+
+
+@contextlib.asynccontextmanager
+async def proxy_over(prefills: list[Any], decodes: list[Any], up: dict[str, bool] | None = None, **settings: Any):
+    """The proxy (in this loop) over fake P1.. and D1.. (one of each: P, D), and a client to it:
+    yields (client, traces, proxy). ``up``: instance name -> is it up (a dict the test may change).
+    ``settings`` go to ProxySettings over short test timeouts and block size 16."""
+    up = up if up is not None else {}
+    traces: list[Any] = []
+
+    def names(letter: str, n: int) -> list[str]:
+        return [letter] if n == 1 else [f"{letter}{i}" for i in range(1, n + 1)]
+
+    def ups(fakes: list[Any], letter: str, role: str) -> list[Upstream]:
+        return [Upstream(name, role, f.url, is_up=lambda name=name: up.get(name, True))
+                for name, f in zip(names(letter, len(fakes)), fakes, strict=True)]
+
+    async with contextlib.AsyncExitStack() as stack:
+        for f in (*prefills, *decodes):
+            await stack.enter_async_context(serving(f))
+        proxy = Proxy(ups(prefills, "P", "prefill"), ups(decodes, "D", "decode"),
+                      ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5, **settings}),
+                      on_trace=traces.append)
+        server = ProxyServer(proxy, "127.0.0.1", free_port())
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                yield client, traces, proxy
+        finally:
+            await server.stop()

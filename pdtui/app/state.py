@@ -352,6 +352,7 @@ class DashState:
         """Event time of each sample, in step with ttft and itl (same length, same order)."""
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0, "recompute": 0}
         """Per outcome, and "recompute": paired requests whose D computed the prompt (RequestTraced.recomputed);
+        "migrated" once a stream went on on another D after its D died (RequestTraced.migrated);
         "witness" and "witness_errors" once witness requests come (observe only)."""
         self.witness_error: str | None = None
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
@@ -452,6 +453,8 @@ class DashState:
                     self.handshakes.pop(next(iter(self.handshakes)))
             self.requests.append(ev)
             self.counts[ev.outcome] = self.counts.get(ev.outcome, 0) + 1
+            if ev.migrated:  # D died under it and it went on on another D
+                self.counts["migrated"] = self.counts.get("migrated", 0) + 1
             if ev.recomputed:
                 self.counts["recompute"] += 1
                 if ev.decode:

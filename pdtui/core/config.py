@@ -162,6 +162,14 @@ class PairConfig:
         "the proxy: P's token goes to the client at once, D continues from it (docs/ttft-toll.md)")})
     """The proxy: P's sampled token goes to the client at once; D continues from prompt + that token
     (completions and chat)."""
+    migrate: Literal["off", "via-prefill", "on-decode"] = field(default="via-prefill", metadata={"switch": (
+        "the proxy, when a decode instance dies under a stream and another is up: continue the stream there,"
+        " via P again (via-prefill, default), computed on the new D (on-decode), or an error (off);"
+        " needs two decode instances (docs/proxy.md, Migration)")})
+    """The proxy's migration (pdtui.core.proxy.migrate): a stream whose D died after its first token
+    goes on on another D that is up, "via-prefill" (P prefills the prompt plus the tokens sent, the
+    new D pulls it: a second transfer) or "on-decode" (the new D computes it), or "off" (the error
+    event). With one decode instance there is nowhere to go: the error event either way."""
     traces_port: int | None = None
     """When set: pdtui receives the engines' per-request OpenTelemetry spans on this port (OTLP/HTTP,
     pdtui.core.otlp; each engine runs with --otlp-traces-endpoint) and joins them to the proxy's
@@ -253,6 +261,8 @@ def validate(cfg: PairConfig) -> None:
     if cfg.decode_choice not in ("least-loaded", "round-robin", "headroom"):
         raise ConfigError(f"decode_choice = {cfg.decode_choice!r}: must be \"least-loaded\", \"round-robin\""
                           " or \"headroom\"")
+    if cfg.migrate not in ("off", "via-prefill", "on-decode"):
+        raise ConfigError(f"migrate = {cfg.migrate!r}: must be \"off\", \"via-prefill\" or \"on-decode\"")
     if cfg.kv_load_failure_policy not in ("fail", "recompute"):
         raise ConfigError(
             f"kv_load_failure_policy = {cfg.kv_load_failure_policy!r}: must be \"fail\" or \"recompute\""

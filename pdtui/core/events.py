@@ -166,6 +166,23 @@ class RequestTraced(Event):
     """Why this D took it, in a few words (pdtui.core.proxy.routing: the policy and what it
     compared, e.g. "headroom: D2 412-24=388 >= 6 needed; D 18-16=2 < 6"; "only D" with one D).
     None: no D was chosen (refused at the door, or no D leg)."""
+    migrations: list[dict[str, Any]] = field(default_factory=list)
+    """D died under the stream (pdtui.core.proxy.migrate, docs/proxy.md "Migration"): one entry per
+    death the proxy saw with migration on and two D or more, in order. Keys: ``from`` (the D that
+    died), ``why`` (how), ``tokens`` (tokens it had sent), ``result`` (ok: the stream went on on
+    ``to``; failed: the attempt did not get the new D's first token; no_decode: no other D was up;
+    limit: ``migrate_max`` reached; ineligible: this request cannot be continued token for token,
+    ``error`` says why), ``to``, ``path`` (prefill: P prefilled prompt + tokens and the new D pulled
+    it; decode: the new D computed it), ``prefill``, ``prefill_ms``, ``blocks`` and ``kv_bytes`` (the
+    second transfer), ``decode_ttft_ms`` (the new D's first token from its request), ``seam_ms``
+    (from the old D's last token to the new D's first, as the client saw it), ``d_computed_tokens``
+    (the new D's own usage: prompt tokens it computed), ``error``. The outcome stays pair when the
+    stream ended clean on the new D."""
+
+    @property
+    def migrated(self) -> bool:
+        """The stream went on on another D after its D died (a migration whose result is ok)."""
+        return any(m.get("result") == "ok" for m in self.migrations)
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import IO, Any
@@ -267,39 +268,56 @@ class Runtime:
                 f" Log: {inst.log_path}")
 
     async def warmup(self, timeout_s: float = 180.0) -> str | None:
-        """One P/D request through the proxy, so that the first real one doesn't pay the handshake,
-        nor the first use of logprobs: vLLM 0.32.0's sampler computes logprob ranks in a
-        ``torch.compile``d function, whose first call has torch's inductor probe the CPU's vector
-        ISA and build C++ (py-spy: ``torch/_inductor/cpu_vec_isa.py _probe_load`` running the
-        compiler), measured 19.6 s on P's first logprobs request with a cold cache, 2-3 s with a warm
-        one (results/2026-12-07-amx/README.md). Both legs carry ``logprobs``, so P and D pay it here."""
+        """One P/D request through the proxy for every (P, D) of the topology, one after another, so
+        that no client's request (nor a migration to another D) pays a NIXL handshake, nor the first
+        use of logprobs: vLLM 0.32.0's sampler computes logprob ranks in a ``torch.compile``d
+        function, whose first call has torch's inductor probe the CPU's vector ISA and build C++
+        (py-spy: ``torch/_inductor/cpu_vec_isa.py _probe_load`` running the compiler), measured 19.6 s
+        on P's first logprobs request with a cold cache, 2-3 s with a warm one
+        (results/2026-12-07-amx/README.md). Both legs carry ``logprobs``, so P and D pay it here.
+        Returns "pair" when every one went through the pair, else the first other outcome."""
+        plan = self.topology.proxy
+        pairs = [(p, d) for p in plan.prefills for d in plan.decodes] if plan is not None else []
+        if len(pairs) <= 1:
+            return await self._warm_one(None, timeout_s)
+        for p, d in pairs:
+            outcome = await self._warm_one((p, d), timeout_s)
+            if outcome != "pair":
+                return outcome
+        return "pair"
+
+    async def _warm_one(self, target: tuple[str, str] | None, timeout_s: float) -> str | None:
         body = {"model": self.cfg.model_name, "prompt": WARMUP_PROMPT, "max_tokens": 2, "ignore_eos": True,
                 "logprobs": 1}
+        rid = f"pdtui-warmup-{target[0]}-{target[1]}-{uuid.uuid4().hex[:8]}" if target else f"pdtui-warmup-{uuid.uuid4().hex[:8]}"
+        header = f"P={target[0]},D={target[1]}" if target else "1"
         got: list[RequestTraced] = []
         events = self.subscribe()
 
         async def send() -> None:
             async with httpx.AsyncClient(timeout=timeout_s) as client:
-                await client.post(f"{self.url}/v1/completions", json=body, headers={WARMUP_HEADER: "1"})
+                await client.post(f"{self.url}/v1/completions", json=body,
+                                  headers={WARMUP_HEADER: header, "X-Request-Id": rid})
 
         async def wait_trace() -> None:
             async for ev in events:
-                if isinstance(ev, RequestTraced) and ev.warmup:
+                if isinstance(ev, RequestTraced) and ev.warmup and ev.request_id == rid:
                     got.append(ev)
                     return
 
         self._warmup_error = None
+        which = f" ({target[0]} to {target[1]})" if target else ""
         try:
             await asyncio.wait_for(asyncio.gather(send(), wait_trace()), timeout_s)
         except (TimeoutError, httpx.HTTPError) as e:
-            self._warmup_error = f"{type(e).__name__}: {e}"
+            self._warmup_error = f"{type(e).__name__}: {e}{which}"
             self.emit(Notice(level="warning", text=f"warm-up request failed: {self._warmup_error}"))
             return None
         finally:
             await events.aclose()
         trace = got[0]
         if trace.outcome != "pair":
-            self._warmup_error = f"it ended as {trace.outcome}: {trace.fallback_reason or trace.error}"
+            self._warmup_error = f"it ended as {trace.outcome}{which}: {trace.fallback_reason or trace.error}"
             self.emit(Notice(level="warning", text=f"warm-up request {self._warmup_error};"
                              " the KV transfer path is not working"))
         return trace.outcome

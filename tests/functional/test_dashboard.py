@@ -9,7 +9,7 @@ import pytest
 
 from pdtui.app.app import REPLAY_DISABLED, make_app
 from pdtui.app.messages import EventsFolded, LoadFinished
-from pdtui.app.state import REQUESTS
+from pdtui.app.state import REQUESTS, DashState
 from pdtui.app.widgets import InstancePane, RequestDetail, TransfersTable
 from pdtui.core.events import ConnectorEvent, LogLine, MetricsSampled, Notice
 from pdtui.core.replay import Replay
@@ -358,3 +358,26 @@ def test_a_silent_recompute_is_a_red_row_and_its_detail_says_what_d_computed() -
     line = detail.summary(bad)
     assert "D computed 700 of 700 prompt tokens" in line.plain
     assert any(span.style == "bold red" for span in line.spans)
+
+
+def test_a_migrated_request_shows_both_transfers_the_path_and_the_seam() -> None:
+    """D1 died after 37 tokens and the stream went on on D2 via P (pdtui.core.proxy.migrate): the row
+    says where it went and shows both transfers; the detail has the migration in words; the state
+    counts it."""
+    m = {"from": "D", "why": "UpstreamError: connection closed", "tokens": 37, "result": "ok", "to": "D2",
+         "path": "prefill", "prefill": "P", "prefill_ms": 80.2, "blocks": 5, "kv_bytes": 5 * 128 * 1024,
+         "decode_ttft_ms": 120.5, "seam_ms": 310.4}
+    r = request("mig", T0, blocks=4, migrations=[m])
+    assert r.migrated
+    row = TransfersTable.row_of(r)
+    assert row[2] == "4+5" and row[3] == "0.50+0.62"
+    assert str(row[-1]) == "pair migrated D→D2 @37 seam 310 ms"
+    why = RequestDetail.reason(r)
+    assert why is not None and "migration ok: D died after 37 tokens -> D2 (via P, 2nd transfer 5 blocks 0.62 MiB" \
+        in why.plain and "seam 310 ms" in why.plain
+    folded = DashState()
+    folded.apply(r)
+    assert folded.counts["migrated"] == 1 and folded.counts["pair"] == 1
+    failed = request("bad", T0, outcome="error", migrations=[{**m, "result": "limit", "to": None,
+                                                              "error": "migrate_max (1) migrations done"}])
+    assert not failed.migrated and TransfersTable.row_of(failed)[2] == "4"

@@ -27,6 +27,26 @@ def freight_formula(req: RequestTraced, geometry: KvGeometry | None, block_size:
     return prefix + "KV geometry unknown"
 
 
+def migration_text(m: dict[str, object]) -> str:
+    """One migration in words: who died when, where the stream went, the second transfer, the seam."""
+    t = f"migration {m.get('result')}: {m.get('from')} died after {m.get('tokens')} tokens"
+    if m.get("to") is not None:
+        via = f"via {m.get('prefill')}" if m.get("path") == "prefill" else "computed on it"
+        t += f" -> {m.get('to')} ({via}"
+        if m.get("blocks") is not None:
+            kv = m.get("kv_bytes")
+            mib = f" {kv / 2**20:.2f} MiB" if isinstance(kv, int) else ""
+            t += f", 2nd transfer {m.get('blocks')} blocks{mib}, P {_ms(m.get('prefill_ms'))} ms"
+        t += f"; its first token {_ms(m.get('decode_ttft_ms'))} ms, seam {_ms(m.get('seam_ms'))} ms)"
+    if m.get("error"):
+        t += f": {m.get('error')}"
+    return t
+
+
+def _ms(v: object) -> str:
+    return fmt_num(float(v) if isinstance(v, int | float) else None)
+
+
 class RequestDetail(Static):
     """The selected request's timeline (P leg, hop, D's first token incl. the pull, decode) and its freight."""
 
@@ -125,6 +145,8 @@ class RequestDetail(Static):
             parts.append(Text(f"fallback: {r.fallback_reason}", style="yellow"))
         if r.error:
             parts.append(Text(f"error: {r.error[:300]}", style="red"))
+        for m in r.migrations:  # D died under the stream (pdtui.core.proxy.migrate)
+            parts.append(Text(migration_text(m), style="magenta" if m.get("result") == "ok" else "red"))
         if r.switch or r.switch_skipped:  # the proxy's TTFT switches (pdtui.core.proxy.firsttoken)
             skipped = f" ({r.switch_skipped}: normal path)" if r.switch_skipped else ""
             parts.append(Text(f"switch: {r.switch or 'none'}{skipped}", style="cyan"))

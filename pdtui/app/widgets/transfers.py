@@ -20,6 +20,8 @@ from pdtui.app.state import REQUESTS, fmt_num, itl_stats, mib, transfer_ms
 from pdtui.core.events import RequestTraced
 
 OUTCOME_STYLE = {"pair": "green", "fallback": "yellow", "error": "bold red"}
+MIGRATED_STYLE = "bold magenta"
+"""The stream went on on another D after its D died (RequestTraced.migrated)."""
 RECOMPUTE_STYLE = "bold red"
 """A paired request whose D computed more than one block of the prompt (RequestTraced.recomputed): the whole row."""
 COLUMNS = ("id", "prompt", "blk", "MiB", "P ms", "D TTFT", "TTFT", "ITL p50/max", "outcome")
@@ -37,6 +39,8 @@ def outcome_cell(r: RequestTraced, handshake: bool = False) -> Text:
                     style=RECOMPUTE_STYLE)
     if handshake:
         return Text.assemble((r.outcome, style), (" +hs", "bold magenta"))
+    if r.migrated and r.outcome != "error":
+        return Text.assemble((r.outcome, style), (f" {migration_words(r)}", MIGRATED_STYLE))
     if r.outcome == "error":
         t = Text(f"error {r.status}", style=style)
         if r.error:
@@ -46,6 +50,23 @@ def outcome_cell(r: RequestTraced, handshake: bool = False) -> Text:
     if r.outcome == "fallback" and r.fallback_reason:
         t.append(f" {r.fallback_reason}", style="yellow")
     return t
+
+
+def migration_words(r: RequestTraced) -> str:
+    """The path of a migrated stream: "migrated D1→D2 @37 seam 250 ms" (each migration that went on)."""
+    legs = [m for m in r.migrations if m.get("result") == "ok"]
+    return "migrated " + ", ".join(f"{m['from']}→{m['to']} @{m.get('tokens', '?')} seam {fmt_num(m.get('seam_ms'))} ms"
+                                   for m in legs)
+
+
+def transfers_cell(r: RequestTraced, own: str, key: str, spec: str = ".0f") -> str:
+    """A transfer's figure, then each migration's second transfer after a "+" (blocks, or MiB from
+    kv_bytes): "2+2"."""
+    more = [m.get(key) for m in r.migrations if m.get("result") == "ok" and m.get("path") == "prefill"]
+    if not more:
+        return own
+    div = 2**20 if key == "kv_bytes" else 1
+    return "+".join([own, *(fmt_num(v / div if isinstance(v, int | float) else None, spec) for v in more)])
 
 
 class TransfersTable(ScrollView, can_focus=True):
@@ -145,8 +166,8 @@ class TransfersTable(ScrollView, can_focus=True):
         cells = (
             r.request_id.removeprefix("pdtui-")[:10],
             fmt_num(r.prompt_tokens, ","),
-            fmt_num(r.blocks),
-            fmt_num(mib(r.kv_bytes), ".2f"),
+            transfers_cell(r, fmt_num(r.blocks), "blocks"),
+            transfers_cell(r, fmt_num(mib(r.kv_bytes), ".2f"), "kv_bytes", ".2f"),
             fmt_num(r.prefill_ms, ".0f"),
             fmt_num(transfer_ms(r), ".0f"),
             fmt_num(r.ttft_ms, ".0f"),

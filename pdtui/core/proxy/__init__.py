@@ -9,6 +9,7 @@
 - ``trace``: a request's record while it runs (``Trace``), frozen into ``RequestTraced``;
 - ``metrics``: the proxy's own /metrics;
 - ``firsttoken``: the two TTFT switches, pure functions over bodies and bytes;
+- ``migrate``: a stream whose D died continued on another D (the token ids D sent, the new legs);
 - ``httpio``: HTTP/1.1 on asyncio protocols and httptools, under everything above;
 - ``server``: the proxy on a socket in the caller's loop (``ProxyServer``);
 - ``process``: the proxy as a process of its own (``pdtui proxy``) and its handle (``ProxyProcess``).
@@ -18,11 +19,17 @@ from pdtui.core.proxy.contract import PREFILL_KV_PARAMS, WARMUP_HEADER, Proxy, U
 from pdtui.core.proxy.process import ProxyProcess
 from pdtui.core.proxy.routing import DECODE_CHOICES
 from pdtui.core.proxy.server import ProxyServer
-from pdtui.core.proxy.settings import PREFILL_FAILURE_POLICIES, ProxyOptionError, ProxySettings
+from pdtui.core.proxy.settings import (
+    MIGRATE_POLICIES,
+    PREFILL_FAILURE_POLICIES,
+    ProxyOptionError,
+    ProxySettings,
+)
 from pdtui.core.proxy.trace import PREFILL_BRANCHES
 
 __all__ = [
     "DECODE_CHOICES",
+    "MIGRATE_POLICIES",
     "PREFILL_BRANCHES",
     "PREFILL_FAILURE_POLICIES",
     "PREFILL_KV_PARAMS",

@@ -20,7 +20,9 @@ The contract (DESIGN.md section 3, vLLM's ``toy_proxy_server.py``):
    counted in ``pdtui_prefill_branch_total``. P 4xx -> that error to the client (the input is bad;
    D would say the same). D fails
    before the first byte -> an HTTP error with a JSON body. D dies mid-stream -> a final SSE error
-   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat). So does
+   event, then the end of the body: never ``[DONE]``, never a retry (tokens would repeat), unless
+   another D is up and the stream can go on there from the token ids D sent (``migrate``: the
+   migration, docs/proxy.md). So does
    an SSE event of D's over 8 MiB without its end (``sse.MAX_EVENT_BYTES``, the most the proxy holds of
    one event), and D's connection is closed. Client disconnects -> D's connection is closed, which
    makes vLLM abort the request.
@@ -49,7 +51,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.proxy import fields, firsttoken, httpio, routing
+from pdtui.core.proxy import fields, firsttoken, httpio, migrate, routing
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
 from pdtui.core.proxy.relay import Relay, Stitch, relay_for
@@ -253,6 +255,9 @@ class Proxy:
             raise
         trace = Trace(request_id=rid, endpoint=req.path, stream=asked.stream)
         trace.warmup = WARMUP_HEADER in req.headers
+        if trace.warmup:  # "1", or "P=name,D=name": the P and the D this warm-up is for
+            trace.warm_target = dict(part.split("=", 1) for part in req.headers[WARMUP_HEADER].split(",")
+                                     if "=" in part)
         work = asyncio.ensure_future(self._serve(trace, body, asked, resp))
         lost = asyncio.ensure_future(resp.wait_lost())
         try:
@@ -391,14 +396,7 @@ class Proxy:
     async def _prefill(self, trace: Trace, body: dict[str, Any]) -> dict[str, Any] | None:
         """The P leg, with the fallback policy (the module's docstring, point 4). Returns P's
         kv_transfer_params, or None to serve the request on D colocated (a fallback)."""
-        p_body = dict(body)
-        p_body["max_tokens"] = 1
-        if "max_completion_tokens" in p_body:
-            p_body["max_completion_tokens"] = 1
-        p_body["stream"] = False
-        for k in ("stream_options", "min_tokens"):
-            p_body.pop(k, None)
-        p_body["kv_transfer_params"] = dict(self.connector.prefill_kv_params)
+        p_body = prefill_body(body, self.connector.prefill_kv_params)
         if (self.settings.first_token_from_p or self.settings.tokenize_once) and (
                 trace.endpoint == firsttoken.COMPLETIONS or firsttoken.chat_skip(body) is None):
             p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.proxy.firsttoken)
@@ -407,6 +405,8 @@ class Proxy:
         first: _PrefillFailed | None = None
         while True:
             ups = self.router.order_prefills(self.prefills)  # by load, then queue
+            if "P" in trace.warm_target:
+                ups = [u for u in ups if u.name == trace.warm_target["P"]]
             if not ups:
                 after = f" (for the retry, after: {first.message})" if first else ""
                 self._fall_back(trace, "fallback_down", f"prefill_down: no prefill instance is up{after}")
@@ -507,6 +507,9 @@ class Proxy:
         demand = None if trace is None else routing.demand_of(trace.prompt_tokens, trace.blocks, body or {},
                                                               s.block_size, s.max_model_len)
         up, why = self.router.pick_decode(self.decodes, demand)
+        if trace is not None and "D" in trace.warm_target:  # a warm-up for one D: that D or none
+            up = next((u for u in self.decodes if u.name == trace.warm_target["D"] and u.is_up()), None)
+            why = f"warm-up of {trace.warm_target['D']}"
         if trace is not None:
             trace.decode_reason = why
             if up is not None and demand is not None:
@@ -522,6 +525,7 @@ class Proxy:
         trace.decode = up.name
         assert up.pool is not None
         path = firsttoken.COMPLETIONS if stitch is not None and stitch.chat else trace.endpoint
+        mig, body = migrate.arm(self, trace, body, path, stitch)  # D's token ids asked for when it can go on elsewhere
         payload = json.dumps(body).encode()
         t_sent = time.perf_counter()
         trace.hop_ms = (t_sent - t_hop) * 1000
@@ -535,7 +539,7 @@ class Proxy:
                 trace.status, trace.failed = 502, up.name
                 trace.error = f"decode {up.name} unreachable: {type(e).__name__}: {e}"
                 raise ProxyError(502, trace.error, "upstream_error") from None
-            await self._relay_decode(trace, up, conn, resp, t_sent, stitch)
+            await self._relay_decode(trace, up, conn, resp, t_sent, stitch, mig)
         finally:
             up.inflight -= 1
             if conn is not None:
@@ -544,6 +548,8 @@ class Proxy:
                 else:
                     up.pool.busy.discard(conn)
                     conn.close()
+        if mig is not None and mig.pending is not None:  # D died under the stream: on to another D
+            await mig.run(resp)
 
     async def _read_decode(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection) -> bytes:
         try:
@@ -554,7 +560,8 @@ class Proxy:
             raise ProxyError(502, trace.error, "upstream_error") from None
 
     async def _relay_decode(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response,
-                            t_sent: float, stitch: Stitch | None = None) -> None:
+                            t_sent: float, stitch: Stitch | None = None,
+                            migration: migrate.Migration | None = None) -> None:
         ctype = conn.headers.get(b"content-type", JSON)
         if conn.status != 200:
             content = await self._read_decode(trace, up, conn)
@@ -587,13 +594,26 @@ class Proxy:
             trace.status, trace.outcome = 200, trace.served()
             resp.send(200, content, ctype, [(b"x-request-id", trace.request_id.encode())])
             return
-        relay = relay_for(trace, up, conn, resp, t_sent, stitch)
+        relay = relay_for(trace, up, conn, resp, t_sent, stitch, migration)
         self._relays.add(relay)
         try:
             relay.start(ctype)
             await relay.done
         finally:
             self._relays.discard(relay)
+
+
+def prefill_body(body: dict[str, Any], kv_params: Mapping[str, Any]) -> dict[str, Any]:
+    """P's body (the module's docstring, point 2): one token, not streamed, the connector's params."""
+    p_body = dict(body)
+    p_body["max_tokens"] = 1
+    if "max_completion_tokens" in p_body:
+        p_body["max_completion_tokens"] = 1
+    p_body["stream"] = False
+    for k in ("stream_options", "min_tokens"):
+        p_body.pop(k, None)
+    p_body["kv_transfer_params"] = dict(kv_params)
+    return p_body
 
 
 def _json_headers(request_id: str) -> httpio.Headers:

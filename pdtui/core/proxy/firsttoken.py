@@ -416,11 +416,14 @@ class ChatStream:
     A token event in vLLM's exact layout (``_TOKEN_EVENT``) is rewritten in bytes; the rest (D's
     first event with the prompt's ids, the finishing one, usage) with a JSON parse and dump."""
 
-    __slots__ = ("first", "head", "p", "prefix", "role_pending", "want_ids")
+    __slots__ = ("first", "head", "moved", "p", "prefix", "role_pending", "want_ids")
 
     def __init__(self, p: PAnswer, want_ids: bool, first: bool) -> None:
         self.p, self.want_ids, self.first = p, want_ids, first
         self.role_pending = not first
+        self.moved = 1 if first else 0
+        """Tokens of D's prompt that are the client's completion (P's token; a migration's tokens
+        already sent, pdtui.core.proxy.migrate): moved from prompt to completion in the usage."""
         self.head = _head(p)
         self.prefix = b"data: " + _dumps({**self.head, "choices": []})[:-3] + b'[{"index":'
 
@@ -450,9 +453,9 @@ class ChatStream:
         for k, v in obj.items():
             if k == "choices":
                 out[k] = [self._choice(c) for c in v]
-            elif k == "usage" and isinstance(v, dict) and self.first and isinstance(v.get("prompt_tokens"), int):
-                out[k] = {**v, "prompt_tokens": v["prompt_tokens"] - 1,
-                          "completion_tokens": v.get("completion_tokens", 0) + 1}
+            elif k == "usage" and isinstance(v, dict) and self.moved and isinstance(v.get("prompt_tokens"), int):
+                out[k] = {**v, "prompt_tokens": v["prompt_tokens"] - self.moved,
+                          "completion_tokens": v.get("completion_tokens", 0) + self.moved}
             elif k not in out:
                 out[k] = v
         role = b""

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import HistogramMetricFamily
 
 from pdtui.core.events import RequestTraced
+from pdtui.core.proxy.migrate import RESULTS as MIGRATION_RESULTS
 from pdtui.core.proxy.trace import PREFILL_BRANCHES
 
 
@@ -65,6 +66,11 @@ class ProxyMetrics:
                                  " prompt itself: silent recompute (RequestTraced.recomputed)", registry=self.registry)
         self.d_computed = Counter("pdtui_d_computed_tokens", "Prompt tokens D computed itself on paired requests"
                                   " (RequestTraced.d_computed_tokens)", registry=self.registry)
+        self.migrations = Counter("pdtui_migrations", "Deaths of D under a stream with migration on, by how they"
+                                  " ended: ok (the stream went on on another D), failed, no_decode, limit,"
+                                  " ineligible (pdtui.core.proxy.migrate.RESULTS)", ["result"], registry=self.registry)
+        for result in MIGRATION_RESULTS:
+            self.migrations.labels(result)
         self.kv_bytes = Counter("pdtui_kv_bytes", "KV bytes offered by P (blocks x block_size x bytes/token)", registry=self.registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
@@ -89,6 +95,8 @@ class ProxyMetrics:
             self.kv_bytes.inc(t.kv_bytes)
         if t.recomputed:
             self.recompute.inc()
+        for m in t.migrations:
+            self.migrations.labels(m.get("result") or "failed").inc()
         if t.d_computed_tokens:
             self.d_computed.inc(t.d_computed_tokens)
         if t.ttft_ms is not None:

@@ -9,7 +9,8 @@ is ordinary async code (``pdtui.core.proxy.contract``).
 
 A relay is put together per request (``relay_for``), not subclassed. A chunk goes through:
 
-1. ``WholeEvents``, only on a TTFT switch's path: a chunk that does not end an event is held until
+1. ``WholeEvents``, only on a TTFT switch's path or with two D (a migration's ``Tracker`` reads D's
+   token ids first: ``pdtui.core.proxy.migrate``): a chunk that does not end an event is held until
    it does, so the chunk filters see whole events: ``StitchEdits`` (first_token_from_p on
    /v1/completions: two rare events edited in bytes) or ``firsttoken.ChatStream.translate`` (chat
    served from D's /v1/completions: every event rewritten as chat);
@@ -39,6 +40,7 @@ from pdtui.core.proxy.sse import MAX_EVENT_BYTES, EventTooLarge, SseScan, cut_ev
 
 if TYPE_CHECKING:
     from pdtui.core.proxy.contract import Upstream
+    from pdtui.core.proxy.migrate import Migration
     from pdtui.core.proxy.trace import Trace
 
 ChunkFilter = Callable[[bytes], bytes]
@@ -51,7 +53,7 @@ class Relay:
     """D's streamed answer, relayed chunk by chunk from the upstream's ``data_received`` (the
     module's docstring: the scan, and the filters and the usage check when a request has them)."""
 
-    __slots__ = ("begun", "conn", "done", "events", "last_rx", "resp", "scan", "trace", "up", "usage")
+    __slots__ = ("begun", "conn", "done", "events", "last_rx", "migration", "resp", "scan", "trace", "up", "usage")
 
     def __init__(self, trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response, scan: SseScan,
                  *, events: WholeEvents | None = None, begun: bool = False) -> None:
@@ -65,6 +67,8 @@ class Relay:
         """The client's response began before D's (P's token went first): no head to send."""
         self.last_rx = _perf_counter()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.migration: Migration | None = None
+        """Set when this stream can go on on another D if this one dies (pdtui.core.proxy.migrate)."""
 
     def start(self, ctype: bytes) -> None:
         trace, resp, conn = self.trace, self.resp, self.conn
@@ -154,9 +158,14 @@ class Relay:
     def broken(self, why: str, d_failed: bool = True) -> None:
         """D's stream broke: a final SSE error event, then the end of the body; never [DONE].
         ``d_failed``: D's failure (its pane counts it), not the proxy's own end."""
-        if not self.done.done():
-            self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}",
-                      d_failed=d_failed)
+        if self.done.done():
+            return
+        m = self.migration
+        if d_failed and m is not None and m.take(self, why):
+            return  # D's connection closed, done set: the stream goes on on another D
+        note = m.note if m is not None else ""
+        self.fail(f"decode {self.up.name} broke the stream after {self.trace.chunks} tokens: {why}{note}",
+                  d_failed=d_failed)
 
     def too_large(self, e: EventTooLarge) -> None:
         """D sent more of one event than the proxy holds (MAX_EVENT_BYTES): this request ends."""
@@ -257,18 +266,27 @@ class Stitch:
 
 
 def relay_for(trace: Trace, up: Upstream, conn: httpio.ClientConnection, resp: Response, t_sent: float,
-              stitch: Stitch | None) -> Relay:
+              stitch: Stitch | None, migration: Migration | None = None) -> Relay:
     """The relay of one streamed request: the byte relay; or, on a switch's path, with its filter on
     whole events. A chat request served from D's /v1/completions has every event rewritten as chat
     (ChatStream: a byte rewrite of the usual token event, a JSON parse and dump of the rare ones;
     +2.7 us per chunk over the byte relay, docs/ttft-toll.md "Chat"); with P's token first the
     client's response has begun, with tokenize_once alone it starts here and the role chunk goes
-    out with D's first event."""
+    out with D's first event.
+
+    With a ``migration`` (two D or more, the request one that can go on elsewhere), D's token ids
+    are read off every event first (``migrate.Tracker``: whole events, the ids the client did not ask
+    for taken out) and a break of D's is the migration's to take (``Relay.broken``)."""
+    tracker = migration.tracker if migration is not None else None
+    track = (tracker.feed,) if tracker is not None else ()
     if stitch is None:
-        return Relay(trace, up, conn, resp, SseScan(trace, t_sent))
-    edit: ChunkFilter = firsttoken.ChatStream(stitch.p, stitch.want_ids, stitch.first).translate if stitch.chat \
-        else StitchEdits(stitch.want_ids).edit
-    if stitch.first and trace.usage_check is not None:
-        trace.usage_check.extra_prompt = 1  # D's prompt: the client's + P's token (moved to the completion)
-    scan = SseScan(trace, t_sent, seam=stitch.t_first if stitch.first else None)
-    return Relay(trace, up, conn, resp, scan, events=WholeEvents(edit), begun=stitch.first)
+        relay = Relay(trace, up, conn, resp, SseScan(trace, t_sent), events=WholeEvents(*track) if track else None)
+    else:
+        edit: ChunkFilter = firsttoken.ChatStream(stitch.p, stitch.want_ids, stitch.first).translate if stitch.chat \
+            else StitchEdits(stitch.want_ids).edit
+        if stitch.first and trace.usage_check is not None:
+            trace.usage_check.extra_prompt = 1  # D's prompt: the client's + P's token (moved to the completion)
+        scan = SseScan(trace, t_sent, seam=stitch.t_first if stitch.first else None)
+        relay = Relay(trace, up, conn, resp, scan, events=WholeEvents(*track, edit), begun=stitch.first)
+    relay.migration = migration
+    return relay

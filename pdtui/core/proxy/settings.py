@@ -23,6 +23,7 @@ from pdtui.core import connectors, kvmath
 from pdtui.core.proxy.routing import DECODE_CHOICES
 
 PREFILL_FAILURE_POLICIES = ("retry", "decode-locally")
+MIGRATE_POLICIES = ("off", "via-prefill", "on-decode")
 
 Rule = tuple[str, Callable[[Any], bool]]
 AT_LEAST_1: Rule = ("at least 1", lambda v: v >= 1)
@@ -124,6 +125,23 @@ class ProxySettings:
     """Longest silence from D (before its answer's head, or while streaming) before it is called broken."""
     connect_timeout_s: float = 5.0
     """To open a connection to an upstream."""
+    migrate: str = field(default="via-prefill", metadata=flag(
+        "--migrate", "when a decode instance dies under a stream and another is up, continue the stream there:"
+        " via-prefill (P prefills the prompt plus the tokens sent, the new D pulls that KV: a second transfer),"
+        " on-decode (the new D computes it all) or off (an error event, as with one D). Only with two decode"
+        " instances or more (default via-prefill)", choices=MIGRATE_POLICIES))
+    """What the proxy does when D breaks a paired stream after its first token while another D is up
+    (``pdtui.core.proxy.migrate``, docs/proxy.md "Migration"): "via-prefill" (P prefills the prompt
+    plus the tokens already sent, the new D pulls that KV and continues), "on-decode" (the new D
+    computes prompt and tokens itself) or "off" (the final SSE error event). With one D there is
+    nowhere to go: the error event, whatever this says."""
+    migrate_max: int = field(default=1, metadata=flag(
+        "--migrate-max", "migrations per request at most (default 1)", rule=AT_LEAST_1))
+    """Migrations per request at most; a death past them ends the stream with the error event."""
+    migrate_timeout_s: float = field(default=30.0, metadata=flag(
+        "--migrate-timeout", "seconds for a migration to get the new D's answer head, P's leg included"
+        " (default 30)", rule=POSITIVE))
+    """From the break to the new D's answer head (P's leg included); past it, the error event."""
     connector: str = field(default=connectors.NIXL.name, metadata=flag(
         "--connector", f"the KV connector the engines run: the names of the kv_transfer_params the proxy sends P"
         f" and reads in P's answer (default {connectors.NIXL.name})", choices=lambda: tuple(connectors.CONNECTORS)))

@@ -53,6 +53,10 @@ class Trace:
         """P's parsed answer (the TTFT switches read its token ids)."""
         self.usage_check: UsageCheck | None = None
         """Paired with decode_reports_cached: reads D's usage (d_computed_tokens), edits it for the client."""
+        self.warm_target: dict[str, str] = {}
+        """A warm-up's own P and D (its header's value "P=name,D=name"): the Runtime warms every
+        (P, D) of an NpMd, so that no D pays its first NIXL handshake with a client's request (or a
+        migration) on it."""
 
     # The fields as mypy sees them (set in __init__ from RequestTraced's defaults).
     if TYPE_CHECKING:
@@ -79,6 +83,7 @@ class Trace:
         d_computed_tokens: int | None
         recomputed: bool
         decode_reason: str | None
+        migrations: list[dict[str, Any]]
 
     def served(self) -> str:
         """The outcome of a request that was served: pair when P's KV went to D, else fallback."""

@@ -50,7 +50,8 @@ class UsageCheck:
     only while the proxy has not seen one from that D. A stream that ends before its usage event
     (D broke, or sent none) gets the held events as they are (``flush``)."""
 
-    __slots__ = ("block_size", "drop", "extra_prompt", "held", "hold", "p_cached", "single", "trace", "up")
+    __slots__ = ("block_size", "counting", "drop", "extra_prompt", "held", "hold", "p_cached", "single", "trace",
+                 "up")
 
     def __init__(self, trace: Trace, block_size: int, p_cached: int | None, drop: bool,
                  single: bool = True) -> None:
@@ -65,9 +66,12 @@ class UsageCheck:
         """n = 1: a terminal event always waits for the usage event (the fingerprint is exact)."""
         self.up: Any = None
         """D (contract.Upstream): its ``fingerprint`` as last seen, for n > 1 (set by the relay)."""
+        self.counting = True
+        """D's usage is the request's (False after a migration: the new D's usage is about its own
+        prompt, the original plus the tokens sent; pdtui.core.proxy.migrate records it apart)."""
 
     def record(self, usage: Any) -> None:
-        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        if not self.counting or not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             return
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
