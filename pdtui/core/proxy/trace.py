@@ -32,7 +32,7 @@ class Trace:
     twin copied field by field), mutable, plus the working state below. ``freeze()`` hands the
     record to RequestTraced at the end. Slots: the relay's per-chunk updates stay attribute stores."""
 
-    __slots__ = (*_RECORD_NAMES, "done_seen", "p_answer", "paired", "t0", "usage_check")
+    __slots__ = (*_RECORD_NAMES, "done_seen", "p_answer", "paired", "t0", "usage_check", "warm_target")
 
     def __init__(self, request_id: str, endpoint: str, stream: bool) -> None:
         for f in _RECORD:
