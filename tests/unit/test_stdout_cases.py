@@ -6,8 +6,8 @@ their stdout in each of four states, stay alive, never hold a stream back (no wa
 1 s), and count the events they could not write where docs/proxy.md says: the proxy's /metrics
 (``pdtui_events_dropped_total``), headless's `pdtui ctl status` (``stdout``), and each one's last
 line on stderr. Then SIGHUP from a terminal that hangs up: it stops both, unless it was ignored at
-start (nohup, `trap '' HUP`), when both serve on (the managed proxy too: it ignores SIGHUP). And
-pdtui.core.linesink's LineSink itself, in process.
+start (nohup, `trap '' HUP`), when both serve on. And pdtui.core.linesink's LineSink itself, in
+process.
 """
 
 from __future__ import annotations
@@ -246,12 +246,11 @@ def test_headless_up_serves_streams_whatever_its_stdout_is(case: str, short_tmp:
 
 @pytest.mark.parametrize("hup", ["default", "ignored"])
 def test_headless_up_on_a_terminal_that_hangs_up(hup: str, short_tmp: Path) -> None:
-    """The terminal `pdtui up --headless` runs in hangs up (its controlling terminal: SIGHUP to it
-    and its process group, the managed proxy included). As README promises, that stops everything
-    (exit 0, no engine left); with SIGHUP ignored at start (nohup, `trap '' HUP`), the pair and its
-    proxy serve on, stdout's events dropped and counted (EIO), also after the SIGHUP a shell sends
-    its jobs' process groups (the managed proxy ignores it: before, it stopped, and the pair served
-    on without its data path)."""
+    """The terminal `pdtui up --headless` runs in hangs up (its controlling terminal: SIGHUP to it;
+    the engines and the proxy run in sessions of their own). As README promises, that stops
+    everything (exit 0, no engine left); with SIGHUP ignored at start (nohup, `trap '' HUP`), the
+    pair and its proxy serve on, stdout's events dropped and counted (EIO), also after the SIGHUP a
+    shell sends its jobs' process groups."""
     out, err = Stdout("tty_gone"), short_tmp / "up.err"
     proc, home, sock, port = _headless(short_tmp, out, err, preexec=controlling_terminal(hup == "ignored"))
     try:
@@ -262,7 +261,7 @@ def test_headless_up_on_a_terminal_that_hangs_up(hup: str, short_tmp: Path) -> N
             assert proc.wait(30) == 0
             assert not wait_gone(pids) and not sock.exists()
             return
-        os.killpg(proc.pid, signal.SIGHUP)  # what the shell sends its jobs when it hangs up: the proxy too
+        os.killpg(proc.pid, signal.SIGHUP)  # what the shell sends its jobs when it hangs up
         ok, worst = stream_many(f"http://127.0.0.1:{port}", 20)
         assert ok == 20 and worst < 1.0 and proc.poll() is None
         st = request(sock, {"verb": "status"}, timeout_s=10)
@@ -361,3 +360,16 @@ def test_a_closed_stdout_is_held_by_dev_null_not_by_the_next_file_opened(tmp_pat
                          stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1), env={
                              **os.environ, "PYTHONPATH": str(ROOT)}, check=False, timeout=30)
     assert got.stderr.split() == ["True", "True", "/dev/null"], got.stderr
+
+
+def test_ctl_status_says_what_stdout_lost() -> None:
+    from pdtui.cli import _ctl_text
+
+    status = {"verb": "status", "pid": 7, "profile": "cpu", "proxy_url": "http://127.0.0.1:8000", "uptime_s": 9.0,
+              "run_dir": "/tmp/run", "instances": [],
+              "stdout": {"output": "pipe", "gone": None, "written": 1200, "dropped_full": 34, "dropped_gone": 0,
+                         "buffered_bytes": 16000000}}
+    assert ("events on stdout (pipe): 1,200 written, 34 dropped while it was not read, 0 dropped once it was"
+            " closed or gone") in _ctl_text(status)
+    status["stdout"] = {**status["stdout"], "dropped_full": 0}
+    assert "events on stdout" not in _ctl_text(status)  # nothing lost, nothing said

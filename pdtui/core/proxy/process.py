@@ -155,8 +155,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     # SIGHUP (the terminal went away) stops `pdtui proxy` as it stops `pdtui up --headless`, unless
     # it was ignored when the proxy started (nohup, `trap '' HUP`): then it stays ignored. Managed,
-    # it is ignored: pdtui says when the proxy ends (stdin closes, SIGTERM), and a nohup'd `pdtui up
-    # --headless` keeps its proxy when the shell hangs up its process group.
+    # it is ignored: pdtui says when the proxy ends (stdin closes, SIGTERM). (No terminal's SIGHUP
+    # reaches that one anyway: ProxyProcess starts it in a session of its own.)
     if args.managed:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
