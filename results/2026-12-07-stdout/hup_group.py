@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def proxy(src: str) -> None:
                 proc.terminate()
                 proc.wait(15)
             out.close()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def headless(src: str) -> None:
@@ -79,6 +81,7 @@ def headless(src: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         out.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
