@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None or sys.stderr is None:  # `>&-`: no socket or file of ours may become fd 1 or 2
+        from pdtui.core.linesink import hold_closed_std_fds
+
+        hold_closed_std_fds()
     if (sys.argv[1:] if argv is None else argv)[:1] == ["ctl"]:
         # the client alone: no bench or proxy imports, so it starts fast on a busy box (it is
         # what someone types while the engines take every core)
@@ -801,8 +805,15 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace, top
     """Events as JSON lines on stdout, until a signal or `pdtui ctl down` (`up --headless`, `attach
     --headless`). As the detached service (``--service``): no events on stdout (they go to the
     recording), and SIGHUP ignored, as it is when started under nohup: the service outlives its
-    terminal. A stdout that goes away (a closed pipe) ends the printing, not the pair."""
-    from pdtui.core.events import LogLine
+    terminal. Without --service, SIGHUP (the terminal went away) stops everything, unless it was
+    ignored at start (nohup, `trap '' HUP`).
+
+    stdout and stderr are written through LineSinks (pdtui.core.linesink): never blocking the loop,
+    never raising. A stdout nobody reads loses whole events past 16 MiB, counted; one closed or gone
+    (EPIPE, EIO) loses them all, counted: the pair serves on either way. The counts show in `pdtui
+    ctl status` (``stdout``) and in the last line on stderr; --record keeps every event."""
+    from pdtui.core.events import LogLine, Notice
+    from pdtui.core.linesink import LineSink
 
     rt = _runtime(cfg, args, topo)
     stop = asyncio.Event()
@@ -812,6 +823,21 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace, top
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
     events = None if service else rt.subscribe()
+    err = LineSink(sys.stderr, name="stderr", limit=2**20)
+
+    def say(text: str) -> None:
+        err.write((text + "\n").encode(errors="replace"))
+
+    def gap_line(n: int) -> bytes:
+        text = f"pdtui: {n:,} events were dropped here: stdout was not read (the recording, if any, has them)"
+        return (Notice(level="warning", text=text).to_json() + "\n").encode()
+
+    out = LineSink(sys.stdout, name="stdout", gap_line=gap_line,
+                   on_change=lambda text: say(f"pdtui: {text} (pdtui ctl status{_ctl_hint(cfg)} counts them)"))
+    if events is not None:
+        rt.control.extra_status["stdout"] = out.counts
+        if out.gone == "closed":
+            say("pdtui: stdout is closed: events are dropped, and counted (pdtui ctl status); --record keeps them")
 
     async def printer() -> None:
         if events is None:
@@ -819,10 +845,7 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace, top
         async for ev in events:
             if isinstance(ev, LogLine) and not args.logs:
                 continue
-            try:
-                print(ev.to_json(), flush=True)
-            except OSError:  # stdout is gone (EPIPE, EIO): serve on, print no more
-                break
+            out.write((ev.to_json() + "\n").encode())
         await events.aclose()
 
     printing = asyncio.create_task(printer())
@@ -830,9 +853,14 @@ async def _up_headless(cfg: config_mod.PairConfig, args: argparse.Namespace, top
     try:
         async with _run_context(rt, args, stop.set, (signal.SIGINT, signal.SIGTERM, *hangup),
                                 lambda: "signal" if stop.is_set() else "exit"), _tcp_control(rt, args):
-            code = await _serve_headless(rt, stop, "pdtui ctl down" + _ctl_hint(cfg) if service else "Ctrl-C")
+            code = await _serve_headless(rt, stop, "pdtui ctl down" + _ctl_hint(cfg) if service else "Ctrl-C", say)
     finally:
         await printing
+        await out.aclose(2.0)
+        if out.dropped:
+            say(f"pdtui: {out.summary().replace('lines', 'events')}; {out.written:,} written"
+                + ("; the recording has every one" if getattr(args, "record", None) else ""))
+        await err.aclose(1.0)
     return code
 
 
@@ -899,9 +927,17 @@ def _token(args: argparse.Namespace, run_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
-async def _serve_headless(rt: Any, stop: asyncio.Event, stopper: str = "Ctrl-C") -> int:
+def _say_stderr(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(text, file=sys.stderr, flush=True)
+
+
+async def _serve_headless(rt: Any, stop: asyncio.Event, stopper: str = "Ctrl-C",
+                          say: Callable[[str], None] | None = None) -> int:
     """Start, say ready (or broken) on stderr, serve until a signal or `pdtui ctl down`; 1 if the
-    start failed. ``stopper``: what stops it, in the ready line."""
+    start failed. ``stopper``: what stops it, in the ready line; ``say``: a line on stderr (default
+    print, errors ignored)."""
+    say = say or _say_stderr
     from pdtui.core.supervisor import PortInUse, StartupFailed
 
     try:
@@ -913,16 +949,15 @@ async def _serve_headless(rt: Any, stop: asyncio.Event, stopper: str = "Ctrl-C")
             if rt.topology.observe:
                 names = ", ".join(rt.instances)
                 via = f"; witness requests through {rt.topology.router}" if rt.topology.router else ""
-                print(f"pdtui: observing {names} in {elapsed:.1f} s (metrics only, no proxy{via}); {stopper}"
-                      " detaches", file=sys.stderr, flush=True)
+                say(f"pdtui: observing {names} in {elapsed:.1f} s (metrics only, no proxy{via}); {stopper}"
+                    " detaches")
             elif rt.broken is not None:  # up, but the warm-up says the pair does not work
-                print(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {rt.url}"
-                      f" serving anyway ({stopper} stops everything)", file=sys.stderr, flush=True)
+                say(f"pdtui: pair up in {elapsed:.1f} s but BROKEN: {rt.broken}; proxy at {rt.url}"
+                    f" serving anyway ({stopper} stops everything)")
             else:
                 warm = " (warm-up through P and D included)" if rt.topology.warmup else ""
                 ends = "stops the proxy; attached engines run on" if rt.specs == [] else "stops everything"
-                print(f"pdtui: pair ready in {elapsed:.1f} s{warm}; proxy at {rt.url} ({stopper} {ends})",
-                      file=sys.stderr, flush=True)
+                say(f"pdtui: pair ready in {elapsed:.1f} s{warm}; proxy at {rt.url} ({stopper} {ends})")
             await stopping
         else:  # a signal, or `pdtui ctl down` during start-up (its stop fails the start: no error then)
             starting.cancel()
@@ -932,7 +967,7 @@ async def _serve_headless(rt: Any, stop: asyncio.Event, stopper: str = "Ctrl-C")
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(stopping, 120)
     except (StartupFailed, PortInUse) as e:
-        print(f"pdtui: {e}", file=sys.stderr)
+        say(f"pdtui: {e}")
         return 1
     return 0
 
@@ -1412,6 +1447,12 @@ def _ctl_text(a: dict[str, Any]) -> str:
              f"run folder {a.get('run_dir')}"
              + (f"; viewers {a['viewers']}" if a.get("viewers") else "")
              + (f"; TCP {a['tcp']}" if a.get("tcp") else "")]
+    out = a.get("stdout")
+    if isinstance(out, dict) and (out.get("dropped_full") or out.get("dropped_gone") or out.get("gone")):
+        gone = f", {out['gone']}" if out.get("gone") else ""
+        lines.append(f"events on stdout ({out.get('output')}{gone}): {out.get('written', 0):,} written,"
+                     f" {out.get('dropped_full', 0):,} dropped while it was not read,"
+                     f" {out.get('dropped_gone', 0):,} dropped once it was closed or gone")
     for i in a.get("instances", []):
         line = f"  {i['name']:<4} {i['role']:<8} {i['state']:<9} pid {i.get('pid') or '-':<8} {i.get('url')}"
         if i.get("restarts"):

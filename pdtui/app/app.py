@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -126,6 +127,9 @@ class PdtuiApp(App[int]):
         self.nvml_module = "pynvml"
         """The NVML module the GPU line reads (tests name a fake one)."""
         self.gpu_views: tuple[gpu.GpuView, ...] = ()
+        self.links: dict[tuple[str, str], gpu.LinkRate] = {}
+        """The link between each P's GPUs and each D's (NVML, from the GPU thread): (P, D) -> LinkRate."""
+        self._link_keys: dict[tuple[str, str], tuple[Any, ...]] = {}
         """For tests: the transport of the configuration probe's client."""
         self._observe_shown: tuple[bool, str | None] = (False, None)
         self._keys_shown: tuple[Any, ...] = ()
@@ -338,17 +342,72 @@ class PdtuiApp(App[int]):
         if nvml is None:
             return
         sampler = gpu.GpuSampler(nvml)
+        probe = gpu.LinkProbe(nvml)
         worker = get_current_worker()
         try:
             while not worker.is_cancelled:
                 views = sampler.sample()
-                self.call_from_thread(self._show_gpus, views)
+                links = self._probe_links(probe)
+                self.call_from_thread(self._show_gpus, views, links)
                 time.sleep(GPU_INTERVAL_S)
         except RuntimeError:  # the app closed between two samples
             return
 
-    def _show_gpus(self, views: tuple[gpu.GpuView, ...]) -> None:
+    def _probe_links(self, probe: gpu.LinkProbe) -> dict[tuple[str, str], gpu.LinkRate]:
+        """The GPU thread: the link of each (P, D) pair whose GPUs are known or changed, once.
+        Launched engines use the GPUs of their CUDA_VISIBLE_DEVICES (the profile's cuda_devices,
+        else this pdtui's own), ranks 0..tp-1; attached ones, GPUs pdtui does not know."""
+        snap = self.snapshot
+        if snap.header.device != "cuda":
+            return {}
+        ps = [i for i in snap.instances if i.role == "prefill"]
+        ds = [i for i in snap.instances if i.role == "decode"]
+        links: dict[tuple[str, str], gpu.LinkRate] = {}
+        for p in ps:
+            for d in ds:
+                if p.launch_env is None or d.launch_env is None:
+                    links[(p.name, d.name)] = gpu.unknown("an attached engine: pdtui does not know its GPUs")
+                    continue
+                envs = [dict(p.launch_env), dict(d.launch_env)]
+                devs = [gpu.cuda_devices(e.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")), i.tp)
+                        for e, i in zip(envs, (p, d), strict=True)]
+                orders = {e.get("CUDA_DEVICE_ORDER", os.environ.get("CUDA_DEVICE_ORDER")) for e in envs}
+                order = orders.pop() if len(orders) == 1 else None
+                key = (*devs[0], "|", *devs[1], order)
+                if self._link_keys.get((p.name, d.name)) != key or (p.name, d.name) not in self.links:
+                    links[(p.name, d.name)] = probe.pair(devs[0], devs[1], order)
+                    self._link_keys[(p.name, d.name)] = key
+                else:
+                    links[(p.name, d.name)] = self.links[(p.name, d.name)]
+        return links
+
+    def link_for(self, prefill: str | None, decode: str | None) -> gpu.LinkRate | None:
+        """The link a request's KV crossed from its P to its D (the detail's KV read line), or None
+        when it had no P/D pair."""
+        if not prefill or not decode:
+            return None
+        h = self.snapshot.header
+        if h.device == "cpu" and not h.attached:
+            return gpu.LOOPBACK
+        if (prefill, decode) in self.links:
+            return self.links[(prefill, decode)]
+        why = ("a replay: the run's GPUs are not here" if self.replay
+               else "a viewer: the service's GPUs are not this machine's" if self.runtime.remote
+               else "an attached engine: pdtui does not know its GPUs" if h.attached
+               else "no NVML here (nvidia-ml-py and a driver)" if not self.gpu_views
+               else f"device {h.device}" if h.device != "cuda" else "not probed yet")
+        return gpu.unknown(why)
+
+    def _show_gpus(self, views: tuple[gpu.GpuView, ...],
+                   links: dict[tuple[str, str], gpu.LinkRate] | None = None) -> None:
         self.gpu_views = views
+        if links is not None and links != self.links:
+            self.links = links
+            for detail in self.query(RequestDetail):  # the request shown gets its link now
+                r = detail.request
+                if r is not None:
+                    detail.link = self.link_for(r.prefill, r.decode)
+                    detail.refresh(layout=True)
         line = self.query_one("#gpus", Static)
         line.update(Text("\n".join(gpu.line(g) for g in views), no_wrap=True, overflow="ellipsis"))
         line.set_class(bool(views), "-shown")
@@ -421,7 +480,9 @@ class PdtuiApp(App[int]):
             detail.handshake = self.snapshot.handshakes.get(message.request_id)
             detail.spans = dict(self.snapshot.spans.get(message.request_id) or {})
             detail.kv_read = self.snapshot.kv_reads.get(message.request_id)
-            detail.request = self.snapshot.request(message.request_id)
+            r = self.snapshot.request(message.request_id)
+            detail.link = self.link_for(r.prefill, r.decode) if r is not None else None
+            detail.request = r
 
     # ----- controls -----------------------------------------------------------------------
     def instance_for(self, role_or_name: str) -> str | None:

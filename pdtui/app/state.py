@@ -176,6 +176,16 @@ class NixlView:
             expired=counters["expired"], meaning=connectors.nixl_counter_meaning(vllm_version))
 
 
+def _tp(argv: list[Any]) -> int:
+    """--tensor-parallel-size N (or -tp N, --tensor-parallel-size=N) in a command line, else 1."""
+    for k, arg in enumerate(argv):
+        value = (str(argv[k + 1]) if str(arg) in ("--tensor-parallel-size", "-tp") and k + 1 < len(argv)
+                 else str(arg).partition("=")[2] if str(arg).startswith("--tensor-parallel-size=") else None)
+        if value is not None and value.isdigit():
+            return max(1, int(value))
+    return 1
+
+
 @dataclass(frozen=True)
 class InstanceView:
     name: str
@@ -218,6 +228,10 @@ class InstanceView:
     kill_cmd: str | None = None
     """Attached: the user's kill command (--kill), None: the kill key is off."""
     restart_cmd: str | None = None
+    launch_env: tuple[tuple[str, str], ...] | None = None
+    """Launched by pdtui: the environment it added to the engine's (RuntimeStarted), else None."""
+    tp: int = 1
+    """Its --tensor-parallel-size (RuntimeStarted's command line): ranks, one GPU each."""
 
     def refuses(self, verb: str) -> str | None:
         """Why the kill or restart key is off for it (an attached instance without the command), or None."""
@@ -395,7 +409,9 @@ class DashState:
                 self._inst(spec["name"], spec.get("role", "?"))
                 self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""),
                           attached=bool(spec.get("attached")), log_file=spec.get("log"), kill_cmd=spec.get("kill"),
-                          restart_cmd=spec.get("restart"))
+                          restart_cmd=spec.get("restart"), tp=_tp(spec.get("argv") or []),
+                          launch_env=(tuple(sorted((str(k), str(v)) for k, v in (spec.get("env") or {}).items()))
+                                      if spec.get("argv") else None))
         elif isinstance(ev, ProxyStarted):
             self.header = dataclasses.replace(self.header, proxy_url=ev.url)
         elif isinstance(ev, InstanceStateChanged):

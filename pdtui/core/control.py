@@ -130,6 +130,9 @@ class Control:
         """Set by a ControlTcpServer serving this Control (host:port, shown in status)."""
         self.seq = 0
         """How many events ``observe`` was fed: the number of the last one (subscribe's ``seq``)."""
+        self.extra_status: dict[str, Callable[[], Any]] = {}
+        """More of ``status``, from the host: key -> a function of nothing giving a JSON-able value
+        (headless `up`: ``stdout``, its events written and dropped, LineSink.counts)."""
         self._streams: set[asyncio.Task[Any]] = set()
         self._standing: dict[tuple[str, ...], tuple[int, Event]] = {}
         self._down_handlers: list[Callable[[], Any]] = []
@@ -234,7 +237,8 @@ class Control:
             "uptime_s": round(time.monotonic() - t_start, 1) if t_start is not None else None,
             "pair_ready_s": pair_ready_s, "pair_broken": rt.broken, "closing": rt.closed,
             "socket": str(self.socket_path) if self.socket_path else None, "tcp": self.tcp_address,
-            "viewers": len(self._streams), "instances": instances}
+            "viewers": len(self._streams), "instances": instances,
+            **{key: fn() for key, fn in self.extra_status.items()}}
 
     async def kill(self, which: str, *, source: str | None = None) -> dict[str, Any]:
         """SIGKILL the instance's process group: the dashboard's k/K."""

@@ -112,5 +112,8 @@ class PdHandler(Handler):
 
 print(f"INFO 11-25 04:41:17 [fake.py:2] serving on {port} pid {os.getpid()}", flush=True)
 if mode == "pd":
+    # a listen backlog past socketserver's 5: a proxy that opens 10 connections at once would see
+    # SYNs dropped and retried after 1 s (a stall that is the fake's, not the proxy's)
+    http.server.ThreadingHTTPServer.request_queue_size = 128
     http.server.ThreadingHTTPServer(("127.0.0.1", port), PdHandler).serve_forever()
 http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()

@@ -4,6 +4,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from pdtui.app.gpu import LinkRate
 from pdtui.app.state import fmt_ms, fmt_num, fmt_rate, freight_tokens, itl_stats, timeline
 from pdtui.core.events import ONLY_D, EngineSpan, RequestTraced
 from pdtui.core.kvmath import KvGeometry
@@ -78,21 +79,39 @@ class RequestDetail(Static):
         """The engines' own spans of the request shown (instance -> EngineSpan; traces_port)."""
         self.kv_read: KvRead | None = None
         """D's measured read of the request shown's KV (DashState.kv_reads), or None."""
+        self.link: LinkRate | None = None
+        """The link between the request's P and D (app.link_for): its nominal rate, shown beside
+        the read's achieved one, and how pdtui found it (NVML, loopback, or why it is unknown)."""
         self.placeholder = "select a request (arrows / enter) to see its timeline and KV freight"
         """What it says with no request shown (observe only: why there are none)."""
 
+    def link_words(self, compact: bool = False) -> str:
+        """The link's rate beside the achieved one: " of the link's 478 GB/s (NVLink 18 links x
+        26.6 GB/s (NVML))", " (loopback: no link rate)", " (link rate unknown: ...)"; compact,
+        " of 478" or nothing."""
+        link = self.link
+        if link is None:
+            return ""
+        if compact:
+            return f" of {fmt_rate(link.gbps)}" if link.gbps is not None else ""
+        if link.gbps is None:
+            return f" ({link.how})"
+        return f" of the link's {fmt_rate(link.gbps)} GB/s ({link.how})"
+
     def read_text(self, compact: bool = False) -> Text | None:
-        """D's read of this request's KV as NIXL measured it: time, bytes, achieved GB/s. Fewer
-        bytes than the freight formula's: D had the rest of the prompt's blocks in its own cache."""
+        """D's read of this request's KV as NIXL measured it: time, bytes, achieved GB/s, beside
+        the link's nominal rate where pdtui knows it. Fewer bytes than the freight formula's: D had
+        the rest of the prompt's blocks in its own cache."""
         k, r = self.kv_read, self.request
         if k is None or r is None:
             return None
         rate = fmt_rate(k.gbps)
         if compact:
-            return Text(f"KV read {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate} GB/s", style="bold")
+            return Text(f"KV read {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate}{self.link_words(True)} GB/s",
+                        style="bold")
         t = Text("KV read ", style="bold")
         t.append(f"(measured by NIXL on D): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) = "
-                 f"{rate} GB/s; {k.descs} descriptors, {k.handles} transfer{'s' if k.handles != 1 else ''}"
+                 f"{rate} GB/s{self.link_words()}; {k.descs} descriptors, {k.handles} transfer{'s' if k.handles != 1 else ''}"
                  f"{f' on {k.ranks} ranks' if k.ranks > 1 else ''}, post {fmt_ms(k.post_ms)} ms")
         if r.kv_bytes and k.bytes < r.kv_bytes:
             t.append(f"; of P's {r.kv_bytes:,} B, D had the rest cached", style="dim")

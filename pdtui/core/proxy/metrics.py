@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from pdtui.core.events import RequestTraced
 from pdtui.core.proxy.migrate import RESULTS as MIGRATION_RESULTS
@@ -45,6 +45,26 @@ class BulkHistogram:
         yield fam
 
 
+class EventCounts:
+    """``pdtui_events_written_total`` and ``pdtui_events_dropped_total{reason}``, read from the
+    writer's counters at each scrape (nothing per event): the events `pdtui proxy` wrote to its
+    stdout, and those it dropped because stdout was not read (``full``: the reader fell more than
+    the buffer behind) or was closed or gone (``gone``: ``>&-``, EPIPE, a terminal that hung up)."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        written, full, gone = self.counts()
+        yield CounterMetricFamily("pdtui_events_written", "Events written to the proxy's stdout (JSON lines)",
+                                  value=written)
+        dropped = CounterMetricFamily("pdtui_events_dropped", "Events not written to the proxy's stdout: full"
+                                      " (not read, past the buffer) or gone (closed, EPIPE, EIO)", labels=["reason"])
+        dropped.add_metric(["full"], full)
+        dropped.add_metric(["gone"], gone)
+        yield dropped
+
+
 class ProxyMetrics:
     """The proxy's own /metrics."""
 
@@ -76,6 +96,10 @@ class ProxyMetrics:
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
         self.itl = BulkHistogram("pdtui_itl_seconds", "Inter-token gaps", buckets)
         self.registry.register(self.itl)
+
+    def count_events(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        """Export the event writer's counts (EventCounts): ``pdtui proxy`` calls it once."""
+        self.registry.register(EventCounts(counts))
 
     def observe(self, t: RequestTraced) -> None:
         if t.warmup:

@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from pdtui.core.events import Event, HeadroomReported, Notice, ProxyStarted, RequestTraced, from_json
+from pdtui.core.linesink import LineSink
 from pdtui.core.proxy.contract import Proxy, Upstream
 from pdtui.core.proxy.routing import Capacity
 from pdtui.core.proxy.server import ProxyServer
@@ -90,49 +90,34 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
 
 
 class _EventWriter:
-    """JSON lines to stdout that never block the loop: a pipe or terminal gets an asyncio write
-    transport (it buffers while the reader is busy); a regular file is written directly."""
+    """The events as JSON lines: to stdout through a LineSink (never blocks the loop, never raises;
+    a reader that falls 16 MiB behind loses whole lines, counted, and is told how many when it
+    catches up; a stdout that is closed or goes away loses them all, counted), and to --record."""
 
     def __init__(self, record: IO[str] | None) -> None:
         self.record = record
-        self.transport: asyncio.WriteTransport | None = None
-        self.file: IO[bytes] | None = None
+        self.sink = LineSink(sys.stdout, name="stdout", gap_line=self._gap_line,
+                             on_change=lambda text: _log(f"{text} (pdtui_events_dropped_total on /metrics)"))
 
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            mode = os.fstat(sys.stdout.fileno()).st_mode
-        except (OSError, ValueError):
-            return  # no stdout at all
-        if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(sys.stdout.fileno())):
-            # `> file`, `> /dev/null` (nohup, a service manager): uvloop aborts (SIGABRT, no message)
-            # on a pipe transport over either; a write to them never waits on a reader
-            self.file = sys.stdout.buffer
-            return
-        pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-        self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+    @staticmethod
+    def _gap_line(n: int) -> bytes:
+        text = f"pdtui proxy: {n:,} events were dropped: its stdout was not read (pdtui_events_dropped_total)"
+        return (Notice(level="warning", text=text).to_json() + "\n").encode()
 
     def __call__(self, event: Event) -> None:
         line = event.to_json() + "\n"
-        if self.transport is not None:
-            if not self.transport.is_closing():
-                self.transport.write(line.encode())
-        elif self.file is not None:
-            with contextlib.suppress(OSError):
-                self.file.write(line.encode())
-                self.file.flush()
+        self.sink.write(line.encode())
         if self.record is not None:
             self.record.write(line)
+
+    def counts(self) -> tuple[int, int, int]:
+        """Events (written, dropped because stdout was not read, dropped because it was gone)."""
+        return self.sink.written, self.sink.dropped_full, self.sink.dropped_gone
 
     async def aclose(self) -> None:
         if self.record is not None:
             self.record.flush()
-        if self.transport is not None:
-            for _ in range(100):  # let the buffer drain (bounded)
-                if self.transport.get_write_buffer_size() == 0:
-                    break
-                await asyncio.sleep(0.01)
-            self.transport.close()
+        await self.sink.aclose(1.0)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -142,9 +127,12 @@ async def serve(args: argparse.Namespace) -> int:
     decodes = parse_upstreams(args.decode, "decode")
     if not decodes:
         raise ProxyOptionError("at least one --decode URL is needed")
+    global _STDERR
+    _STDERR = LineSink(sys.stderr, name="stderr", limit=2**20)  # its log, never blocking either
     record = args.record.open("a") if args.record else None
     emit = _EventWriter(record)
-    await emit.open()
+    if emit.sink.gone == "closed":
+        _log("stdout is closed: events are dropped, and counted (pdtui_events_dropped_total on /metrics)")
     up: dict[str, bool] = {}
     info: dict[str, Any] = {}
 
@@ -160,6 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
             _log(_trace_words(ev))
 
     proxy = Proxy(ups_p, ups_d, settings, on_trace=on_trace, health=lambda: dict(info))
+    proxy.metrics.count_events(emit.counts)
     server = ProxyServer(proxy, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,7 +158,14 @@ async def serve(args: argparse.Namespace) -> int:
         why_stop.append(name)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # SIGHUP (the terminal went away) stops `pdtui proxy` as it stops `pdtui up --headless`, unless
+    # it was ignored when the proxy started (nohup, `trap '' HUP`): then it stays ignored. Managed,
+    # it is ignored: pdtui says when the proxy ends (stdin closes, SIGTERM). (No terminal's SIGHUP
+    # reaches that one anyway: ProxyProcess starts it in a session of its own.)
+    if args.managed:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    for sig in (signal.SIGINT, signal.SIGTERM, *hangup):
         loop.add_signal_handler(sig, on_signal, sig.name)
     tasks: list[asyncio.Task[Any]] = []
     if args.managed:  # standalone: stderr is the user's terminal, whose first line says where it listens
@@ -204,7 +200,7 @@ async def serve(args: argparse.Namespace) -> int:
             _log(f"listening on {url}")
         if not args.managed:
             names = ", ".join(f"{u.name} {'up' if up.get(u.name) else 'DOWN'}" for u in ups_p + ups_d)
-            print(f"pdtui proxy: listening on {url}; {names} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            _say(f"pdtui proxy: listening on {url}; {names} (Ctrl-C stops)")
         await stop.wait()
         _log(f"stopping: {why_stop[0] if why_stop else 'stdin closed (pdtui ended or asked)' if args.managed else 'asked'}")
     except BaseException as e:
@@ -217,15 +213,34 @@ async def serve(args: argparse.Namespace) -> int:
         await emit.aclose()
         if record is not None:
             record.close()
+        written, full, gone = emit.counts()
+        if full or gone:
+            _log(f"{emit.sink.summary().replace('lines', 'events')}; {written:,} written")
+        err, _STDERR = _STDERR, None
+        if err is not None:
+            await err.aclose(0.5)
     return 0
+
+
+_STDERR: LineSink | None = None
+"""The proxy's stderr while it serves: its log lines never block the relay (a full pipe, a `2>&1`
+shared with a stdout nobody reads), nor raise (a terminal gone)."""
+
+
+def _say(text: str) -> None:
+    """One line on stderr, through _STDERR while the proxy serves."""
+    if _STDERR is not None:
+        _STDERR.write((text + "\n").encode(errors="replace"))
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def _log(text: str) -> None:
     """One line of the proxy's own log: its stderr, which the Runtime keeps as proxy.log in the run
     folder (ProxyProcess.log_path). Rare lines only (start, upstreams, stop, each request that did
     not pair): nothing per chunk, nothing per successful request."""
-    with contextlib.suppress(OSError, ValueError):
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pdtui proxy: {text}", file=sys.stderr, flush=True)
+    _say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pdtui proxy: {text}")
 
 
 def _trace_words(t: RequestTraced) -> str:
