@@ -48,8 +48,8 @@ lock:
 # the e2e tests on their own: they share one real pair and use every core.
 JOBS ?= $(shell n=$$(( $$(nproc) * 2 )); [ $$n -gt 8 ] && n=8; echo $$n)
 test: lint
-	$(PY) -m pytest -v -n $(JOBS) tests/unit tests/functional
-	$(PY) -m pytest -v tests/e2e
+	$(PY) -m pytest -v -n $(JOBS) --durations=15 tests/unit tests/functional
+	$(PY) -m pytest -v --durations=0 tests/e2e
 
 lint:
 	$(VENV)/bin/ruff check pdtui tests scripts
@@ -57,10 +57,10 @@ lint:
 	$(PY) -m pytest -q tests/unit/test_import_hygiene.py
 
 unit:
-	$(PY) -m pytest -v -n $(JOBS) tests/unit tests/functional
+	$(PY) -m pytest -v -n $(JOBS) --durations=15 tests/unit tests/functional
 
 e2e:
-	$(PY) -m pytest -v tests/e2e
+	$(PY) -m pytest -v --durations=0 tests/e2e
 
 check: test
 
