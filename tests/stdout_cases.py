@@ -149,6 +149,7 @@ def controlling_terminal(ignore_hup: bool) -> Callable[[], None]:
     def setup() -> None:
         os.setsid()
         fcntl.ioctl(1, termios.TIOCSCTTY, 0)
-        if ignore_hup:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # as the user's shell sets it: ignored under nohup, else the default (the test itself may
+        # run under nohup, a CI script's, and would hand its SIG_IGN on)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if ignore_hup else signal.SIG_DFL)
     return setup
