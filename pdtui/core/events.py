@@ -62,6 +62,9 @@ class RuntimeStarted(Event):
     figures; metrics (and witness requests) only."""
     router: str | None = None
     """Observe only: the user's router (``--witness URL``), where witness requests go."""
+    link: dict[str, Any] | None = None
+    """The emulated link between P and D (pdtui.core.link): its spec (text, rate_bps, rtt_s, loss),
+    ``describe`` (its words), its namespaces and devices; None: loopback."""
 
 
 @dataclass(frozen=True)

@@ -411,22 +411,35 @@ def links_dir(root: Path | None = None) -> Path:
     return (root or state_dir()) / "links"
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): a pid with
-    another start time is another process."""
+def _stat(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat's fields after the command name (state first), None if it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    return raw[raw.rindex(b")") + 2:].split()[19].decode()
+    return raw[raw.rindex(b")") + 2:].split()
 
 
-def owner_alive(owner: dict[str, Any]) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): a pid with
+    another start time is another process."""
+    fields = _stat(pid)
+    return fields[19].decode() if fields else None
+
+
+PF_EXITING = 0x4
+
+
+def owner_alive(owner: dict[str, Any], gone: Sequence[int] = ()) -> bool:
+    """The process that made a link still runs: same pid, same start time, neither a zombie nor on
+    its way out (PF_EXITING). ``gone``: pids known to be gone (the reaper's pdtui)."""
     pid = owner.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or pid in gone:
         return False
-    start = _start_time(pid)
-    return start is not None and start == owner.get("start")
+    fields = _stat(pid)
+    if fields is None or fields[19].decode() != owner.get("start"):
+        return False
+    return fields[0] not in (b"Z", b"X") and not int(fields[6]) & PF_EXITING
 
 
 @contextlib.contextmanager
@@ -531,10 +544,11 @@ def leftovers(p: LinkPlan, runner: Runner = run_command) -> list[str]:
     return out
 
 
-def clean_stale(*, root: Path | None = None, runner: Runner = run_command) -> list[str]:
+def clean_stale(*, root: Path | None = None, runner: Runner = run_command, gone: Sequence[int] = ()) -> list[str]:
     """Tear down every link whose owner is gone (a pdtui killed with SIGKILL, a crash), and remove
     their state files; probe namespaces of preflights that are gone too. Returns what was removed,
-    in words. Links of live owners are left alone."""
+    in words. Links of live owners are left alone (``gone``: pids to take as gone whatever /proc
+    says: the reaper's pdtui, which may not be reaped yet)."""
     removed: list[str] = []
     with _locked(root) as d:
         for path, data in _state_files(d):
@@ -542,7 +556,7 @@ def clean_stale(*, root: Path | None = None, runner: Runner = run_command) -> li
                 path.unlink(missing_ok=True)
                 removed.append(f"unreadable state file {path.name}")
                 continue
-            if owner_alive(data.get("owner", {})):
+            if owner_alive(data.get("owner", {}), gone):
                 continue
             try:
                 p = LinkPlan.from_json(data["plan"])
@@ -667,8 +681,8 @@ def check(spec: LinkSpec, runner: Runner = run_command) -> list[str]:
     probe = f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     r = runner(["ip", "netns", "add", probe])
     if r.returncode != 0:
-        return [f"cannot create a network namespace (`ip netns add {probe}`: {r.stderr.strip()}): the link needs"
-                f" root or CAP_NET_ADMIN (this is uid {os.getuid()}). Run as root, or without --link"]
+        return [(f"cannot create a network namespace (`ip netns add {probe}`: {r.stderr.strip()}): the link needs"
+                 f" root or CAP_NET_ADMIN (this is uid {os.getuid()}). Run as root, or without --link")]
     problems = []
     try:
         steps = [["ip", "-n", probe, "link", "add", "pdprobe0", "type", "veth", "peer", "name", "pdprobe1"],
