@@ -301,6 +301,16 @@ class WitnessSampled(Event):
 
 
 @dataclass(frozen=True)
+class LinkShaped(Event):
+    """The emulated link between P and D was given another rate, delay or loss in place
+    (``Runtime.reshape_link``: the bench's --links): what the header and each request's formula use
+    from now on. ``link`` as RuntimeStarted's."""
+
+    kind: ClassVar[str] = "link_shaped"
+    link: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class RuntimeStopped(Event):
     kind: ClassVar[str] = "runtime_stopped"
     reason: str = ""
@@ -323,6 +333,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RuntimeStopped,
         EngineSpan,
         WitnessSampled,
+        LinkShaped,
     )
 }
 

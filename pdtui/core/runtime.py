@@ -34,6 +34,7 @@ from pdtui.core.events import (
     Event,
     EventHub,
     InstanceStateChanged,
+    LinkShaped,
     MetricsSampled,
     Notice,
     PairBroken,
@@ -437,6 +438,14 @@ class Runtime:
         self.emit(Notice(level="info", instance=name, text=f"restarting {name} ({inst.role})"))
         return await inst.restart()
 
+    async def reshape_link(self, spec: link_mod.LinkSpec) -> None:
+        """Another rate, delay or loss on the running link, in place (its qdiscs replaced; the engines
+        and their NIXL connections stay): the bench's --links runs one pair over every link."""
+        if self.link is None:
+            raise RuntimeError("no emulated link in this run (start it with --link)")
+        await asyncio.to_thread(self.link.reshape, spec)
+        self.emit(LinkShaped(link=link_info(self.link.plan, spec)))
+
     async def aclose(self, reason: str = "closed") -> None:
         if self._closed:
             return
@@ -491,9 +500,12 @@ def _described(m: Member) -> dict[str, Any]:
     return {**out, "attached": True, "log": str(a.log) if a.log else None, "kill": a.kill, "restart": a.restart}
 
 
-def link_info(plan: link_mod.LinkPlan) -> dict[str, Any]:
-    """The link as RuntimeStarted carries it (the header, the detail's formula, a replay)."""
-    return {**plan.spec.to_json(), "describe": plan.spec.describe(), "run_id": plan.run_id,
+def link_info(plan: link_mod.LinkPlan, spec: link_mod.LinkSpec | None = None) -> dict[str, Any]:
+    """The link as RuntimeStarted and LinkShaped carry it (the header, the detail's formula, a
+    replay); ``spec``: its shape now, if not the plan's."""
+    spec = spec or plan.spec
+    return {**spec.to_json(), "describe": spec.describe() if spec.emulated else "veth, unshaped",
+            "run_id": plan.run_id,
             "namespaces": list(plan.namespaces), "devices": [plan.prefill.link_dev, plan.decode.link_dev],
             "addresses": {"prefill": plan.prefill.link_addr, "decode": plan.decode.link_addr}}
 
