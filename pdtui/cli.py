@@ -510,7 +510,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 BENCH_ENGINES_ONLY = ("model_name", "block_size", "decode_reports_cached")
 """`pdtui bench` flags for engines given by URL."""
-BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy")
+BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "links", "link")
 """`pdtui bench` flags for the engines pdtui launches."""
 
 

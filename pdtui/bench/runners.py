@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import itertools
 import json
@@ -112,11 +113,30 @@ DEFAULT_WORKLOADS = workload.DEFAULT_WORKLOADS
 
 PAIR_ARMS = ("pair", *SWITCH_ARMS, *ROUTING_ARMS)
 """The arms that are a P/D pair behind the proxy (the pair, with or without switches, under each choice of D)."""
+LINK_ARM = "pair@"
+"""``pair@<link>``: the pair over an emulated link (pdtui.core.link; `pdtui bench --links`), e.g.
+pair@1gbit, pair@loopback (the pair as `pdtui up` runs it, no namespaces)."""
+
+
+def link_arm(link: str) -> str:
+    return f"{LINK_ARM}{link}"
+
+
+def arm_link(arm: str) -> str | None:
+    """The link of a ``pair@<link>`` arm, else None."""
+    return arm[len(LINK_ARM):] if arm.startswith(LINK_ARM) else None
+
+
+def known_arm(arm: str) -> bool:
+    return arm in ALL_ARMS or (arm_link(arm) is not None and bool(arm_link(arm)))
 
 
 def attached_refusal(arm: str, *, pair: bool, single: bool) -> str | None:
     """Why ``arm`` cannot run over engines given by URL (``pair``: --prefill and --decode given;
     ``single``: --single given), or None."""
+    if arm_link(arm) is not None:
+        return (f"the {arm} arm runs the pair over a link pdtui makes, in namespaces of its own: not over engines"
+                " given by URL")
     if arm in PAIR_ARMS:
         return None if pair else f"the {arm} arm needs a pair: --prefill URL and --decode URL"
     if arm in ("single", "single-proxied"):
@@ -307,7 +327,7 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
     """Every requested arm, one after another; fills ``result`` as it goes (so Ctrl-C keeps it)."""
     reporter = reporter or Reporter()
     clock = clock or Clock()
-    bad = [a for a in opts.arms if a not in ALL_ARMS] + [w for w in opts.workloads if w not in WORKLOADS]
+    bad = [a for a in opts.arms if not known_arm(a)] + [w for w in opts.workloads if w not in WORKLOADS]
     if bad:
         raise ValueError(f"unknown arm or workload {', '.join(bad)}: arms are {', '.join(ALL_ARMS)},"
                          f" workloads {', '.join(WORKLOADS)}")
@@ -360,6 +380,10 @@ def arm_topology(arm: str, cfg: PairConfig, engines: AttachedEngines | None = No
     and the routing arms are the pair with their ProxySettings switches), or over ``engines`` someone else started."""
     if engines is not None:
         return engines.topology(arm)
+    link = arm_link(arm)
+    if link is not None:  # the pair over this link (a loopback one: the pair as `pdtui up` runs it)
+        linked = dataclasses.replace(cfg, link=link, sources={**cfg.sources, "link": "--links"})
+        return topology.pair(linked, name=arm)
     if arm in ARM_SWITCHES:
         return topology.pair(cfg, name=arm, switches=ARM_SWITCHES[arm])
     if arm in topology.ARMS:
