@@ -83,7 +83,7 @@ def test_a_1gbit_link_carries_the_kv_at_its_rate_and_the_ttft_pays_for_it(linked
     assert nbytes == runs["1gbit"][0][0].kv_bytes == 24 * 128 * 1024  # D read every block P offered
     formula_ms = spec.transfer_s(nbytes) * 1e3  # type: ignore[operator]
 
-    def med(name: str, get) -> float:  # noqa: ANN001
+    def med(name: str, get) -> float:
         return statistics.median(get(t, r) for t, r in runs[name])
 
     read = {n: med(n, lambda t, r: r["xfer_ms"]) for n in runs}
