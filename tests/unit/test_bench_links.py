@@ -125,3 +125,15 @@ def test_links_that_cannot_carry_the_pair_are_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="joins one P and one D"):
         command.check_links(cfg, ("loopback", "1gbit"))
     command.check_links(cfg, ("loopback",))  # no link made: nothing to refuse
+
+
+def test_bunched_chunks_fall_back_to_the_purchase_by_delivery_as_the_verdict_does():
+    from tests.unit.test_bench_report import _bunched, _synthetic_arm
+
+    sums = {"single-proxied": _synthetic_arm("single-proxied", _bunched(0.040, 1600, 8)),
+            "pair@1gbit": _synthetic_arm("pair@1gbit", _bunched(0.010, 1600, 8), follow_ttft=150.0)}
+    row = report.link_rows(sums)[0]
+    assert row["purchase_by"] == "delivery" and row["purchase"] == pytest.approx(4.0, rel=0.01)
+    assert row["toll"] == pytest.approx(1.5) and row["pays"] is True
+    text = "\n".join(report.link_table(sums))
+    assert "| 4.00x (deliveries) | yes |" in text and "purchase (deliveries): per token" in text
