@@ -191,6 +191,9 @@ class Runtime:
             ensure_reaper()  # a pdtui killed with SIGKILL: its reaper removes the link (link.clean_stale)
             try:
                 await asyncio.to_thread(self.link.up)
+            except link_mod.LinkError as e:  # said as any failed start is (the CLI, the dashboard)
+                await self.aclose(reason="start-up failed")
+                raise StartupFailed(f"the link between P and D could not be made: {e}") from None
             except BaseException:
                 await self.aclose(reason="start-up failed")
                 raise
