@@ -760,7 +760,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 # `pdtui drill` flags that only mean something for one of its two forms
-DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "traces_port", "port_offset")
+DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "traces_port", "port_offset", "link")
 DRILL_ENGINES_ONLY = ("log", "kill", "restart", "model_name", "block_size", "decode_reports_cached", "no_warmup")
 
 
