@@ -682,7 +682,8 @@ def check(spec: LinkSpec, runner: Runner = run_command) -> list[str]:
     r = runner(["ip", "netns", "add", probe])
     if r.returncode != 0:
         return [(f"cannot create a network namespace (`ip netns add {probe}`: {r.stderr.strip()}): the link needs"
-                 f" root or CAP_NET_ADMIN (this is uid {os.getuid()}). Run as root, or without --link")]
+                 f" root, with CAP_SYS_ADMIN and CAP_NET_ADMIN (ip mounts the namespace; this is uid {os.getuid()})."
+                 " Run as root, or without --link")]
     problems = []
     try:
         steps = [["ip", "-n", probe, "link", "add", "pdprobe0", "type", "veth", "peer", "name", "pdprobe1"],

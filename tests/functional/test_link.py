@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,3 +216,18 @@ def test_a_start_that_fails_removes_the_link(home: Path):
     assert "start failed: D (decode) exited with code 3 during start-up" in out
     assert not list((home / "state" / "links").glob("*.json"))
     assert nothing_left(p) == []
+
+
+def test_without_the_privilege_up_refuses_with_the_reason_and_starts_nothing(tmp_path: Path):
+    """Root without CAP_SYS_ADMIN and CAP_NET_ADMIN (setpriv drops them): `pdtui up --link` exits 2
+    before anything starts, saying why; no namespace is made."""
+    r = subprocess.run(["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--inh-caps", "-net_admin,-sys_admin",
+                        sys.executable, "-m", "pdtui", "up", "--headless", "--link", "1gbit", "--port-offset",
+                        str(OFFSET + 3)], capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "PDTUI_HOME": str(tmp_path)})
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "refused before launch: link = '1gbit' (from --link): cannot create a network namespace" in r.stderr
+    assert "the link needs root, with CAP_SYS_ADMIN and CAP_NET_ADMIN" in r.stderr
+    probe = re.search(r"ip netns add (pdtui-probe-\S+)`", r.stderr)
+    assert probe is not None and probe.group(1) not in _ip("netns", "list")  # other tests run beside: ours only
+    assert not (tmp_path / "state" / "links").exists() or not list((tmp_path / "state" / "links").glob("*.json"))
