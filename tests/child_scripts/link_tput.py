@@ -10,9 +10,13 @@ import sys
 import time
 
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+BUF = 8 << 20
+"""Socket buffers of 8 MiB each side (the kernel caps them at net.core.[rw]mem_max): 67 ms at
+1 Gbit/s, so a sender or receiver that waits for a core on a busy box does not idle the link."""
 if mode == "recv":
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
     srv.bind((host, port))
     srv.listen(1)
     srv.settimeout(30)
@@ -32,7 +36,10 @@ if mode == "recv":
     print(f"{n} {t1 - (t0 or t1):.6f}", flush=True)
 else:
     total = int(sys.argv[4])
-    conn = socket.create_connection((host, port), timeout=30)
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUF)
+    conn.settimeout(30)
+    conn.connect((host, port))
     chunk = b"\0" * (1 << 20)
     sent = 0
     while sent < total:
