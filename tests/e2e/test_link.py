@@ -4,8 +4,13 @@ the link is reshaped in place between an unshaped veth (the loopback's figures: 
 1 Gbit/s, the same 3,000-token prompt shape through both, interleaved.
 
 Asserted: D's measured read of each prompt's KV (NIXL's own figure) at 1 Gbit/s is within 20% of
-bytes / rate (median of the requests); the TTFT rises by about the read's rise; the namespaces,
-veths and qdiscs are gone once the pair is closed. Needs root (CI runs as root).
+bytes / rate (median of the requests); the TTFT rises by about the read's rise, taken in D's leg
+of the TTFT (from the proxy's send to D to D's first byte: the read is in it), since P's prefill is
+the same work on either link and its noise on 2 shared cores (TTFTs of 225 to 603 ms for the same
+prompt shape, measured here) would hide a 20 ms rise; the whole TTFT is printed. The namespaces,
+veths and qdiscs are gone once the pair is closed. Needs root (CI runs as root). First run here:
+ready in 57.5 s, reads 25.8-29.1 ms against 25.17 (median 1.12x), unshaped 3.8-21.3 ms, D's leg
+median +22.5 ms for a read +19.5 ms.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TOKENS = 3000
 """24 blocks of 128 tokens x 1 KiB: 3,145,728 B, 25.2 ms at 1 Gbit/s."""
-ROUNDS = 4
+ROUNDS = 6
 
 
 @pytest.fixture(scope="module")
@@ -100,5 +105,6 @@ def test_a_1gbit_link_carries_the_kv_at_its_rate_and_the_ttft_pays_for_it(linked
     assert abs(read["1gbit"] / formula_ms - 1) <= 0.20, (read, formula_ms)
     assert read["unshaped"] < 0.6 * formula_ms  # the veth alone is faster than the link it emulates
     rise = read["1gbit"] - read["unshaped"]
-    # the TTFT pays the read's rise in D's leg (P's prefill is the same work on either link)
-    assert 0.5 * rise <= dleg["1gbit"] - dleg["unshaped"] <= 1.5 * rise + 10.0, (dleg, rise)
+    # the TTFT pays the read's rise in D's leg (P's prefill is the same work on either link); D's
+    # leg besides the read varies by tens of ms here (15 to 120 ms): medians of 6, loose bounds
+    assert 0.25 * rise <= dleg["1gbit"] - dleg["unshaped"] <= 2 * rise + 20.0, (dleg, rise)
