@@ -711,6 +711,10 @@ def break_even(rows: list[dict[str, Any]]) -> dict[str, Any]:
     emulated = [r for r in rows if r["rate_bps"]]
     judged = [r for r in emulated if r["pays"] is not None]
     out: dict[str, Any] = {"measured": None, "computed_gbit_s": None, "text": []}
+    lo = next((r for r in rows if not r["rate_bps"] and r["pays"] is False), None)
+    if lo is not None:  # it loses with no link at all: no rate can make it pay
+        out["text"].append(f"on loopback (no link) the pair does not pay either: purchase {lo['purchase']:.2f}x <"
+                           f" toll {lo['toll']:.2f}x; a link only adds to the toll")
     if not judged:
         out["text"].append("break-even: not measured (no link arm with both a toll and a purchase)")
         return out
@@ -732,10 +736,11 @@ def break_even(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out["text"].append(f"break-even: for this workload the pair stops paying below {low['describe']}"
                                f" (there: purchase {low['purchase']:.2f}x >= toll {low['toll']:.2f}x; at"
                                f" {nxt['describe']}: purchase {nxt['purchase']:.2f}x < toll {nxt['toll']:.2f}x)")
-    top = max(emulated, key=lambda r: r["rate_bps"])
-    need: list[float] = [v for k in ("ttft_ms", "read_ms", "bytes", "purchase", "toll") if (v := top.get(k)) is not None]
-    if len(need) == 5:
-        ttft, read_ms, nbytes, purchase, toll = need
+    keys = ("ttft_ms", "read_ms", "bytes", "purchase", "toll")
+    full = [r for r in emulated if all(r.get(k) is not None for k in keys)]
+    if full:  # the fastest link with every figure
+        top = max(full, key=lambda r: r["rate_bps"])
+        ttft, read_ms, nbytes, purchase, toll = (float(top[k]) for k in keys)
         single = ttft / toll
         room = purchase * single - (ttft - read_ms)  # ms of transfer the purchase still covers
         if room <= 0:

@@ -72,9 +72,11 @@ def test_a_pair_that_pays_everywhere_and_one_that_never_does():
     del sums["pair@rate=200mbit"]
     assert "pays at every rate measured, down to 1 Gbit/s" in "\n".join(report.link_table(sums))
     never = {"single-proxied": _linked("single-proxied", 100.0, 0.02, None),
+             "pair@loopback": _linked("pair@loopback", 280.0, 0.3, 1.5),
              "pair@1gbit": _linked("pair@1gbit", 300.0, 0.3, 26.4)}
     text = "\n".join(report.link_table(never))
     assert "does not pay at any rate measured" in text
+    assert "on loopback (no link) the pair does not pay either: purchase 0.07x < toll 2.80x" in text
     assert "computed: the pair would not pay at any rate" in text
 
 
