@@ -1,5 +1,5 @@
 """One set of hand-started engines for every test of engines pdtui did not start (this package):
-P and D (the README's hand-started CPU pair), D2 (a decode with a 128-block pool, the second D of
+P and D (the README's hand-started CPU pair), D2 (a decode with a 64-block pool, the second D of
 1P2D), S (a colocated engine with no KV connector, the bench's --single). Started together once
 (about a minute on 2 cores, against 30-45 s per engine started alone), stopped when the package's
 last test is done: nothing of them may be left, no port held. The tests run in file order:
@@ -64,7 +64,7 @@ def hand() -> Iterator[HandSet]:
                  hand_started("P", "prefill", pc.port, pc.side_channel_port, 0, model, folder),
                  hand_started("D", "decode", dc.port, dc.side_channel_port, 1, model, folder),
                  hand_started("D2", "decode", dc.port + 50, dc.side_channel_port + 50, 1, model, folder,
-                              kv_cache_bytes=16 * 1024 * 1024),  # 128 blocks of 128 tokens
+                              kv_cache_bytes=8 * 1024 * 1024),  # 64 blocks of 128 tokens: 4 drill streams
                  hand_started("S", "single", pc.port + 50, None, 0, model, folder),
                  hand_started("P2", "prefill", pc.port + 60, pc.side_channel_port + 60, 0, model, folder),
                  folder)

@@ -1,5 +1,5 @@
 """Issue 24's headroom drill on real engines: `pdtui drill --scenario headroom` over the package's
-hand-started 1P2D (P, then D2 with a 128-block pool and D with 2,048), run as a user runs it, a
+hand-started 1P2D (P, then D2 with a 64-block pool and D with 2,048), run as a user runs it, a
 process of its own, through the CLI's drill over engines given by URL (--prefill/--decode).
 
 The drill (pdtui.app.drill_headroom) fills the smaller D with long streams (1,000 + 1,000 tokens,
@@ -32,7 +32,7 @@ def test_headroom_drill_over_hand_started_1p2d_sends_every_probe_past_the_full_d
     print("\n" + run.stdout + "\n" + run.stderr[-3000:])
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     table = run.stdout
-    assert "target D1" in run.stderr  # D1: the first --decode, the hand set's D2 (128 blocks)
+    assert "target D1" in run.stderr  # D1: the first --decode, the hand set's D2 (64 blocks)
     for expected in ("every stream answered in full", "go elsewhere, or to it only with room", "preempts nothing",
                      "a probe's reason names the choice by headroom"):
         line = next(ln for ln in table.splitlines() if expected in ln)

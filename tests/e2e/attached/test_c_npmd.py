@@ -1,6 +1,6 @@
 """Issue 24 on real engines: one prefill and two decodes, attached as `pdtui attach --prefill P
---decode D1,D2` attaches them (the package's hand-started P; its D2, a 128-block pool, as D1; its D,
-2,048 blocks, as D2: the shape of `launch/1p2d-small.toml`), D chosen by headroom, migration via P
+--decode D1,D2` attaches them (the package's hand-started P; its D2, a 64-block pool, as D1; its D,
+2,048 blocks, as D2: the shape of `launch/1p2d-small.toml`, with a smaller first pool), D chosen by headroom, migration via P
 (the default). Last of the package: it kills a D for good.
 
 - The warm-up reached every (P, D): D2's first real request pays no handshake.
