@@ -75,6 +75,9 @@ class Connector:
     read_log: str | None = None
     """%-format of the line the tuned module logs on D per request whose KV it read (request id,
     rank, handles, bytes, descriptors, read and post times in ms); ``log_rules``' "kv_read" parses it."""
+    write_log: str | None = None
+    """The same line for a request whose KV the tuned module's P wrote into D's blocks (push mode,
+    ``NixlPushConnector``): on P, "pdtui: KV write ..."; "kv_read" parses it too (``op`` = write)."""
 
 
 NIXL = Connector(
@@ -107,7 +110,7 @@ NIXL = Connector(
         ("transfer_failure", r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$"),
         # pdtui.engine.nixl_quiet on D, one line per request whose KV it read (``read_log``): the
         # telemetry NIXL gives vLLM's xfer_time histogram, per request instead of per bucket
-        ("kv_read", (r"^pdtui: KV read req=(?P<req>\S+) rank=(?P<rank>\d+) handles=(?P<handles>\d+)"
+        ("kv_read", (r"^pdtui: KV (?P<op>read|write) req=(?P<req>\S+) rank=(?P<rank>\d+) handles=(?P<handles>\d+)"
                      r" bytes=(?P<bytes>\d+) descs=(?P<descs>\d+) xfer_ms=(?P<xfer_ms>[\d.]+)"
                      r" post_ms=(?P<post_ms>[\d.]+)")),
         # The thread that answers D's handshakes died (e.g. its port was taken after pdtui's check):
@@ -153,6 +156,7 @@ NIXL = Connector(
     }),
     slow_reads_below_mbps=2000.0,
     read_log="pdtui: KV read req=%s rank=%d handles=%d bytes=%d descs=%d xfer_ms=%.3f post_ms=%.3f",
+    write_log="pdtui: KV write req=%s rank=%d handles=%d bytes=%d descs=%d xfer_ms=%.3f post_ms=%.3f",
 )
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ def parse_line(line: str) -> Parsed | None:
         elif what == "handshake":
             fields["seconds"] = float(fields["seconds"])
         elif what == "kv_read":
-            fields = {k: (v if k == "req" else float(v) if k.endswith("_ms") else int(v)) for k, v in fields.items()}
+            fields = {k: (v if k in ("req", "op") else float(v) if k.endswith("_ms") else int(v))
+                      for k, v in fields.items()}
             fields["request_id"] = proxy_request_id(fields["req"])
         elif what == "kv_load_failed" and level not in ("WARNING", "ERROR", "CRITICAL"):
             continue
