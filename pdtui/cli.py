@@ -176,7 +176,13 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
                    help="profile name from launch/ or a TOML path (default: one-gpu with a GPU, else cpu)")
     p.add_argument("--model", default=None,
                    help="synthetic shape (tiny, qwen2.5-0.5b), a model directory, or a HF id whose weights are here")
-    p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
+    p.add_argument("--connector", default=None,
+                   help="KV connector: nixl (NixlConnector, pull: the default), nixl-push (P writes into D's blocks),"
+                        " storage (ExampleConnector: KV through files in a shared folder), multi (MultiConnector:"
+                        " nixl + storage); docs/connectors.md")
+    p.add_argument("--kv-storage-path", default=None,
+                   help="the folder a storage connector (storage, multi) keeps the KV in, shared by P and D"
+                        " (default: <state folder>/kv-store)")
     p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
                    help="what D does when the KV pull fails: fail the request (500) or recompute")
     add_switch_flags(p)
@@ -207,6 +213,7 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
+        "kv_storage_path": args.kv_storage_path,
         **{f.name: getattr(args, f.name) for f in config_mod.proxy_switches()},
         "traces_port": args.traces_port, "proxy_port": args.proxy_port, "host": args.host,
     }, source=lambda name: "--" + name.replace("_", "-"))
@@ -491,7 +498,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 BENCH_ENGINES_ONLY = ("model_name", "block_size", "decode_reports_cached")
 """`pdtui bench` flags for engines given by URL."""
-BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy")
+BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path")
 """`pdtui bench` flags for the engines pdtui launches."""
 
 

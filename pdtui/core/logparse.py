@@ -88,19 +88,22 @@ class KvRead:
     """Time in NIXL's post calls, summed (inside ``ms``)."""
     ranks: int = 1
     """D's workers that read a part of it (TP > 1: one line each, ``merged``)."""
+    op: str = "read"
+    """"read": D pulled it (NIXL pull, the line is D's); "write": P pushed it into D's blocks
+    (NixlPushConnector, the line is P's)."""
 
     @staticmethod
     def of(fields: dict[str, Any]) -> KvRead:
         """From a "kv_read" milestone's fields (``parse_line``)."""
         return KvRead(request_id=fields["request_id"], engine_request_id=fields["req"], ms=fields["xfer_ms"],
                       bytes=fields["bytes"], descs=fields["descs"], handles=fields["handles"],
-                      post_ms=fields["post_ms"])
+                      post_ms=fields["post_ms"], op=fields.get("op", "read"))
 
     def merged(self, other: KvRead) -> KvRead:
         """The same request read by another of D's workers (ranks read in parallel: the slower one's time)."""
         return KvRead(self.request_id, self.engine_request_id, max(self.ms, other.ms), self.bytes + other.bytes,
                       self.descs + other.descs, self.handles + other.handles, self.post_ms + other.post_ms,
-                      self.ranks + other.ranks)
+                      self.ranks + other.ranks, self.op)
 
     @property
     def gbps(self) -> float | None:
@@ -115,7 +118,8 @@ pair: the supervisor ends the instance (reported, restartable) instead of leavin
 # The connectors' milestones first (pdtui/core/connectors.py: NIXL's handshake, registration,
 # transfers, UCX's lanes), then vLLM's own, whatever the connector.
 _RULES: list[tuple[str, re.Pattern[str]]] = [
-    *((what, re.compile(pattern)) for c in connectors.CONNECTORS.values() for what, pattern in c.log_rules),
+    *((what, re.compile(pattern)) for what, pattern in dict.fromkeys(
+        rule for c in connectors.CONNECTORS.values() for rule in c.log_rules)),  # push shares NIXL's
     (
         "connector_created",
         re.compile(r"Creating v1 connector with name: (?P<connector>\S+) and engine_id: (?P<engine_id>\S+)"),

@@ -11,6 +11,9 @@ Variants (``--variant``):
                  folder (one per prompt hash, one file per layer), D loads them; no params carried
   multi          MultiConnector [NixlConnector, ExampleConnector]: NIXL carries, storage keeps a copy
   multi-storage  MultiConnector [ExampleConnector, NixlConnector]: D loads from the folder first
+  lmcache        LMCacheConnectorV1 on both (kv_both), a shared store: LMCache's own server
+                 (``python -m lmcache.v1.server``) as the remote backend, no local tier; needs
+                 ``--python`` of a venv with lmcache installed (a scratch copy: README)
 
 For each request it prints: P's leg (ms, the kv_transfer_params P returned), D's leg (ms, D's
 usage: prompt_tokens and prompt_tokens_details.cached_tokens, the figure pdtui's silent-recompute
@@ -50,9 +53,9 @@ from pdtui.core import config as config_mod
 HERE = Path(__file__).resolve().parent
 NIXL_P = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
           "remote_block_ids": None, "remote_host": None, "remote_port": None}
-INTERESTING = re.compile(r"nixl|connector|prompt_tokens_by_source|prefix_cache|external|kv_transfer|offload", re.I)
+INTERESTING = re.compile(r"nixl|connector|prompt_tokens_by_source|prefix_cache|external|kv_transfer|offload", re.IGNORECASE)
 LOG_WORDS = re.compile(r"NIXL|Nixl|nixl|KV|connector|Connector|External Cache|Inject|storage|push|PUSH|pdtui:|"
-                       r"Traceback|Error|error|WARNING", re.S)
+                       r"Traceback|Error|error|WARNING", re.DOTALL)
 
 
 def kv_configs(variant: str, role: str, storage: str) -> dict[str, Any]:
@@ -67,6 +70,8 @@ def kv_configs(variant: str, role: str, storage: str) -> dict[str, Any]:
         out = {**nixl, "kv_connector": "NixlPushConnector"}
     elif variant == "storage":
         out = example
+    elif variant == "lmcache":  # a shared store: both save to and look up in one LMCache server
+        out = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
     elif variant in ("multi", "multi-storage"):
         children = [nixl, example] if variant == "multi" else [example, nixl]
         out = {"kv_connector": "MultiConnector", "kv_role": kv_role, "kv_buffer_device": "cpu",
@@ -148,7 +153,7 @@ def main() -> None:
     for inst, (port, side) in zip(cfg.instances, ((ARGS.port_base + 100, ARGS.port_base + 600),
                                                   (ARGS.port_base + 200, ARGS.port_base + 700)), strict=True):
         inst.port, inst.side_channel_port = port, side
-    specs = config_mod.render(cfg)
+    specs = config_mod.render(cfg, python=ARGS.python)
     out_dir = HERE / "runs" / f"{ARGS.variant}{'-' + ARGS.drill if ARGS.drill else ''}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -157,6 +162,18 @@ def main() -> None:
     logs: list[Path] = []
     report: dict[str, Any] = {"variant": ARGS.variant, "drill": ARGS.drill, "storage": str(storage), "requests": []}
     try:
+        lm_env: dict[str, str] = {}
+        if ARGS.variant == "lmcache":
+            lm_port = ARGS.port_base + 800
+            slog = out_dir / "lmcache-server.log"
+            logs_server = slog.open("w")
+            procs.append(subprocess.Popen([ARGS.python or sys.executable, "-m", "lmcache.v1.server", "127.0.0.1",
+                                           str(lm_port), "cpu"], stdout=logs_server, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+            lm_env = {"LMCACHE_CHUNK_SIZE": "128", "LMCACHE_LOCAL_CPU": "False", "LMCACHE_MAX_LOCAL_CPU_SIZE": "1",
+                      "LMCACHE_REMOTE_URL": f"lm://127.0.0.1:{lm_port}", "LMCACHE_REMOTE_SERDE": "naive"}
+            report["lmcache_env"] = lm_env
+            time.sleep(3)
         for sp in specs:
             argv = list(sp.argv)
             i = argv.index("--kv-transfer-config")
@@ -166,9 +183,10 @@ def main() -> None:
             report[f"env_{sp.name}"] = sp.env
             log = out_dir / f"{sp.name}.log"
             logs.append(log)
-            procs.append(subprocess.Popen(argv, env={**os.environ, **sp.env}, stdout=log.open("w"),
+            procs.append(subprocess.Popen(argv, env={**os.environ, **sp.env, **lm_env}, stdout=log.open("w"),
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
-        report["ready_s"] = [round(wait_health(sp.url, pr, lg), 1) for sp, pr, lg in zip(specs, procs, logs, strict=True)]
+        engines = procs[-len(specs):]
+        report["ready_s"] = [round(wait_health(sp.url, pr, lg), 1) for sp, pr, lg in zip(specs, engines, logs, strict=True)]
         print(f"[{ARGS.variant}] ready in {report['ready_s']} s", flush=True)
         p_url, d_url = specs[0].url, specs[1].url
         offsets = [0, 0]
@@ -186,8 +204,8 @@ def main() -> None:
             p_ms, p_status, p_data = post(p_url, body, 120)
             params = dict(p_data.get("kv_transfer_params") or {})
             if kill_p:
-                os.killpg(procs[0].pid, signal.SIGKILL)
-                procs[0].wait(30)
+                os.killpg(engines[0].pid, signal.SIGKILL)
+                engines[0].wait(30)
                 time.sleep(1.0)
             d_body: dict[str, Any] = {"model": cfg.model_name, "prompt": prompt, "max_tokens": 8, "stream": False,
                                       "temperature": 0.0, "_rid": rid}
@@ -253,5 +271,6 @@ if __name__ == "__main__":
     ap.add_argument("--port-base", type=int, default=27000)
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[700, 641])
     ap.add_argument("--d-timeout", type=float, default=120)
+    ap.add_argument("--python", default=None, help="the engines' python (lmcache: a venv with lmcache)")
     ARGS = ap.parse_args()
     main()
