@@ -35,6 +35,7 @@ examples:
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d, 1p2d-small) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
   pdtui drill --profile 1p2d-small --scenario headroom   fill one D's KV pool, check new requests go elsewhere
+  pdtui drill --connector storage --scenario kill-p-load    kill P before D has the KV: each connector's outcome
   pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
@@ -387,11 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
-    drill.add_argument("--scenario", choices=("failure", "headroom"), default="failure",
+    drill.add_argument("--scenario", choices=("failure", "headroom", "kill-p-load"), default="failure",
                        help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
                        " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
                        " send more, and check they all went to another D, none failed and the full D preempted"
-                       " nothing; expected and observed printed)")
+                       " nothing; expected and observed printed) or kill-p-load (D paused, P killed after its answer"
+                       " and before D has the KV: what this --connector does then, expected beside observed;"
+                       " docs/connectors.md)")
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
                        " state dir; printed at start)")
@@ -761,6 +764,11 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
 
             res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,
                                            ready_timeout_s=args.ready_timeout, log=log)
+        elif args.scenario == "kill-p-load":
+            from pdtui.app import drill_transport
+
+            res = await drill_transport.run(pilot, policy=cfg.kv_load_failure_policy, shots=args.shots,
+                                            prefix=args.prefix, ready_timeout_s=args.ready_timeout, log=log)
         else:
             res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
                                   witness_tokens=args.witness_tokens, log=log)

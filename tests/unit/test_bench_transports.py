@@ -71,3 +71,29 @@ def test_the_transport_table_puts_the_connectors_side_by_side():
     assert "| pair@storage | storage | 120.0 | 1.20x | 20.0 | 2.00x | 0.62 MiB | none per request | 180 tok in 3 |" in text
     assert report.transport_table({"pair": _summary(1.0, 1.0)}) == []  # no pair@ arm: no table
     assert report.proxied("pair@multi") and not report.proxied("single")
+
+
+def test_the_kill_p_drill_expects_each_connectors_own_outcome():
+    from pdtui.app import drill_transport as dt
+    from pdtui.core import sse_client
+
+    clean = sse_client.SseStream(status=200, done=True)
+    hung = sse_client.SseStream()
+
+    class T:
+        d_computed_tokens = 2
+
+    push = dt.checks(connectors.NIXL_PUSH, "recompute", hung, True, None, 642, 128, None, 1.0)
+    assert all(c.held for c in push) and "D waits for P's write" in push[0].expected
+    assert not dt.checks(connectors.NIXL_PUSH, "recompute", clean, False, None, 642, 128, None, 0.0)[0].held
+    for conn in (connectors.STORAGE, connectors.MULTI):
+        got = dt.checks(conn, "recompute", clean, False, T(), 642, 128, 640.0, None)
+        assert all(c.held for c in got) and "stored copy" in got[0].expected, got
+        assert not dt.checks(conn, "recompute", clean, False, T(), 642, 128, 0.0, None)[1].held  # loaded nothing
+
+    class All:
+        d_computed_tokens = 642
+
+    assert dt.checks(connectors.NIXL, "recompute", clean, False, All(), 642, 128, 0.0, None)[0].held
+    assert "recomputes the whole prompt" in dt.expected(connectors.NIXL, "recompute")
+    assert dt.expected(connectors.NIXL, "fail").startswith("an error")
