@@ -57,11 +57,18 @@ def rec_error(rec: sse_client.SseStream) -> str | None:
     return None
 
 
+def _from_store(conn: connectors.Connector, policy: str) -> bool:
+    """Whether D answers from the folder when P is gone: storage always; MultiConnector when its
+    failed NIXL pull is retried (``recompute``: D looks the prompt up again and the storage child has
+    it; under ``fail`` the request fails with the pull)."""
+    return not conn.carries_params or (bool(conn.children) and policy == "recompute")
+
+
 def expected(conn: connectors.Connector, policy: str) -> str:
     """What this connector should do when P dies before D has the KV, in the drill's words."""
     if conn.key == "nixl-push":
         return "no answer: D waits for P's write (push_reg_notif_failed), no recompute"
-    if not conn.carries_params or conn.children:
+    if _from_store(conn, policy):
         return "200: D loads the stored copy and computes the tail only (< 1 block)"
     return ("200: D's pull fails and D recomputes the whole prompt (the silent recompute, counted)"
             if policy == "recompute" else "an error: D's pull fails and the request fails")
@@ -78,7 +85,7 @@ def checks(conn: connectors.Connector, policy: str, rec: sse_client.SseStream, h
                 Check("D counts the failed registration (failed notifications rose)", f"rose by {failed_d}",
                       bool(failed_d))]
     computed = None if trace is None else trace.d_computed_tokens
-    if not conn.carries_params or conn.children:
+    if _from_store(conn, policy):
         stored = kvmath.stored_blocks(prompt_tokens, block_size) * block_size
         ok = not hung and rec_error(rec) is None and rec.done and computed is not None and computed <= block_size
         return [Check(want, f"{'no answer' if hung else rec_error(rec) or 'a clean answer'}; D computed {computed}"

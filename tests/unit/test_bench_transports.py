@@ -97,3 +97,5 @@ def test_the_kill_p_drill_expects_each_connectors_own_outcome():
     assert dt.checks(connectors.NIXL, "recompute", clean, False, All(), 642, 128, 0.0, None)[0].held
     assert "recomputes the whole prompt" in dt.expected(connectors.NIXL, "recompute")
     assert dt.expected(connectors.NIXL, "fail").startswith("an error")
+    assert dt.expected(connectors.MULTI, "fail").startswith("an error")  # the pull's failure ends it
+    assert dt.expected(connectors.STORAGE, "fail").startswith("200")  # nothing to fail: the folder has it
