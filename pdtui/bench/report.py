@@ -267,7 +267,8 @@ def kv_reads(samples: Sequence[Sample]) -> dict[str, Any] | None:
     if not reads:
         return None
     return {"n": len(reads), "ms": dist([r["ms"] for r in reads]), "bytes": dist([float(r["bytes"]) for r in reads]),
-            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None])}
+            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None]),
+            "op": "write" if all(r.get("op") == "write" for r in reads) else "read"}
 
 
 def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
@@ -278,7 +279,10 @@ def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
         if not k:
             continue
         ms, gbps = k["ms"], k["gbps"]
-        lines.append(f"{arm} KV read, measured per request by NIXL on D ({k['n']} reads): mean {_ms3(ms['mean'])} ms,"
+        what = "KV write, measured per request by NIXL on P (push)" if k.get("op") == "write" else \
+            "KV read, measured per request by NIXL on D"
+        lines.append(f"{arm} {what} ({k['n']} {'writes' if k.get('op') == 'write' else 'reads'}):"
+                     f" mean {_ms3(ms['mean'])} ms,"
                      f" p50 {_ms3(ms['p50'])}, p99 {_ms3(ms['p99'])}, max {_ms3(ms['max'])};"
                      f" {k['bytes']['mean'] / 2**20:.2f} MiB mean, {_gbps(gbps['p50'])} GB/s p50")
     return lines

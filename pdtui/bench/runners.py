@@ -943,7 +943,7 @@ def _join_reads(samples: list[Sample], reads: dict[str, KvRead]) -> None:
         r = reads.get(s.request_id)
         if s.trace is not None and r is not None:
             s.trace["kv_read"] = {"ms": r.ms, "bytes": r.bytes, "descs": r.descs, "handles": r.handles,
-                                  "post_ms": r.post_ms, "gbps": r.gbps, "ranks": r.ranks}
+                                  "post_ms": r.post_ms, "gbps": r.gbps, "ranks": r.ranks, "op": r.op}
 
 
 async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:
