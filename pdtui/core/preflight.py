@@ -111,7 +111,8 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
             out.append(Problem("connector", f"connector = {conn!r} ({where}): pdtui drives {connectors.names()} only"
                                " (pdtui/core/connectors.py: the environment, log lines, metrics and proxy contract"
                                " it knows; another connector would launch and be silently wrong). Set connector ="
-                               f" \"{connectors.NIXL.name}\" or another of those; docs/connectors.md."))
+                               f" \"{connectors.NIXL.name}\" or another of those; docs/connectors.md."
+                               + (f" {conn}: {connectors.NOT_HERE[conn]}." if conn in connectors.NOT_HERE else "")))
             break
     else:
         out += connector_problems(cfg)

@@ -388,3 +388,9 @@ def test_a_push_ps_pane_shows_the_writes_it_measured():
     assert view.freight_here and view.nixl is not None and view.nixl.reads == 1
     text = InstancePane.nixl_text(view)
     assert text is not None and "xfer 0.20/0.20ms" in text.plain
+
+
+def test_lmcache_is_refused_with_the_reason_it_cannot_run_here():
+    cfg = _cfg("LMCacheConnectorV1")
+    [why] = _refusals(cfg, "connector")
+    assert "No supported cpu connector found." in why and "CUDA 13" in why
