@@ -35,6 +35,7 @@ examples:
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d, 1p2d-small) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
   pdtui drill --profile 1p2d-small --scenario headroom   fill one D's KV pool, check new requests go elsewhere
+  pdtui drill --connector storage --scenario kill-p-load    kill P before D has the KV: each connector's outcome
   pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
@@ -176,7 +177,13 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
                    help="profile name from launch/ or a TOML path (default: one-gpu with a GPU, else cpu)")
     p.add_argument("--model", default=None,
                    help="synthetic shape (tiny, qwen2.5-0.5b), a model directory, or a HF id whose weights are here")
-    p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
+    p.add_argument("--connector", default=None,
+                   help="KV connector: nixl (NixlConnector, pull: the default), nixl-push (P writes into D's blocks),"
+                        " storage (ExampleConnector: KV through files in a shared folder), multi (MultiConnector:"
+                        " nixl + storage); docs/connectors.md")
+    p.add_argument("--kv-storage-path", default=None,
+                   help="the folder a storage connector (storage, multi) keeps the KV in, shared by P and D"
+                        " (default: <state folder>/kv-store)")
     p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
                    help="what D does when the KV pull fails: fail the request (500) or recompute")
     add_switch_flags(p)
@@ -207,6 +214,7 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
+        "kv_storage_path": args.kv_storage_path,
         **{f.name: getattr(args, f.name) for f in config_mod.proxy_switches()},
         "traces_port": args.traces_port, "proxy_port": args.proxy_port, "host": args.host,
     }, source=lambda name: "--" + name.replace("_", "-"))
@@ -389,11 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
-    drill.add_argument("--scenario", choices=("failure", "headroom"), default="failure",
+    drill.add_argument("--scenario", choices=("failure", "headroom", "kill-p-load"), default="failure",
                        help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
                        " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
                        " send more, and check they all went to another D, none failed and the full D preempted"
-                       " nothing; expected and observed printed)")
+                       " nothing; expected and observed printed) or kill-p-load (D paused, P killed after its answer"
+                       " and before D has the KV: what this --connector does then, expected beside observed;"
+                       " docs/connectors.md)")
     _add_engine_url_args(drill)
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
@@ -501,7 +511,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 BENCH_ENGINES_ONLY = ("model_name", "block_size", "decode_reports_cached")
 """`pdtui bench` flags for engines given by URL."""
-BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy")
+BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path")
 """`pdtui bench` flags for the engines pdtui launches."""
 
 
@@ -734,7 +744,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 # `pdtui drill` flags that only mean something for one of its two forms
-DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "traces_port", "port_offset")
+DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path", "traces_port",
+                     "port_offset")
 DRILL_ENGINES_ONLY = ("log", "kill", "restart", "model_name", "block_size", "decode_reports_cached", "no_warmup")
 
 
@@ -783,6 +794,9 @@ def _drill_needs(topo: Any, scenario: str) -> None:
     """What a drill over engines pdtui did not start needs before it begins: the failure drill
     kills and restarts D and P through the user's commands; the headroom drill needs two D."""
     members = list(topo.members)
+    if scenario == "kill-p-load":
+        raise ConfigError("--scenario kill-p-load pauses D's processes (SIGSTOP) between P's answer and D's load:"
+                          " it runs on a pair pdtui launches (--connector KEY), not over engines given by URL")
     if scenario == "headroom":
         if sum(1 for m in members if m.role == "decode") < 2:
             raise ConfigError("--scenario headroom needs two decode engines or more: --decode URL,URL")
@@ -815,6 +829,11 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
 
             res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,
                                            ready_timeout_s=args.ready_timeout, log=log)
+        elif args.scenario == "kill-p-load":
+            from pdtui.app import drill_transport
+
+            res = await drill_transport.run(pilot, policy=cfg.kv_load_failure_policy, shots=args.shots,
+                                            prefix=args.prefix, ready_timeout_s=args.ready_timeout, log=log)
         else:
             res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
                                   witness_tokens=args.witness_tokens, log=log)

@@ -232,6 +232,20 @@ class InstanceView:
     """Launched by pdtui: the environment it added to the engine's (RuntimeStarted), else None."""
     tp: int = 1
     """Its --tensor-parallel-size (RuntimeStarted's command line): ranks, one GPU each."""
+    connector: str = ""
+    """The pair's connector as RuntimeStarted named it (a key or vLLM's name: ``connectors.known``)."""
+
+    @property
+    def entry(self) -> connectors.Connector | None:
+        """What pdtui knows of its connector (pdtui/core/connectors.py), None: unknown or none."""
+        return connectors.known(self.connector) if self.connector else None
+
+    @property
+    def freight_here(self) -> bool:
+        """Whether this instance's own evidence counts each request's KV bytes: D's reads (pull), P's
+        writes (push); none for a connector with no per-request figure (storage)."""
+        e = self.entry
+        return (e or connectors.NIXL).freight_on == self.role
 
     def refuses(self, verb: str) -> str | None:
         """Why the kill or restart key is off for it (an attached instance without the command), or None."""
@@ -618,7 +632,7 @@ class DashState:
         self._itl_t.clear()
 
     def snapshot(self) -> Snapshot:
-        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())))
+        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())), connector=self.header.connector)
                           for i in self.instances.values())
         return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
                         ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdtui.bench import report
+from pdtui.bench import report, runners
 from pdtui.bench.runners import (
     ALL_ARMS,
     ARMS,
@@ -25,6 +25,7 @@ from pdtui.bench.runners import (
     run_bench,
 )
 from pdtui.bench.workload import BIG_PROMPT_LEN, FillSpec, FollowSpec, InterferenceSpec
+from pdtui.core import connectors
 from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
@@ -104,6 +105,7 @@ examples:
   pdtui bench --arms pair --workloads follow --requests 20
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
   pdtui bench --profile 1p2d-small --workloads fill --arms pair-round-robin,pair-least-loaded,pair-headroom
+  pdtui bench --quick --arms single-proxied,pair@nixl,pair@nixl-push,pair@storage,pair@multi   the transports
   pdtui bench --quick --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \
       --single http://127.0.0.1:8300           engines you started: single, single-proxied, pair
 """
@@ -119,7 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
     g.add_argument("--arms", default=None,
                    help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)};"
-                   " over engines given by URL, those of them that can run)")
+                   " over engines given by URL, those of them that can run), and pair@KEY: the pair over connector"
+                   f" KEY ({', '.join(connectors.CONNECTORS)}; docs/connectors.md): one transport table")
     g.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                    help=f"comma-separated, of {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     g.add_argument("--quick", action="store_true",
@@ -184,9 +187,11 @@ def chosen_arms(args: argparse.Namespace, over: tuple[bool, bool] | None = None)
         arms = ARMS if over is None else tuple(a for a in ARMS if attached_refusal(a, pair=over[0], single=over[1]) is None)
     else:
         arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    bad = [x for x in arms if x not in ALL_ARMS]
+    bad = [why for x in arms if (why := runners.arm_problem(x))]
     if bad or not arms:
-        raise ConfigError(f"--arms {','.join(arms)}: each must be one of {', '.join(ALL_ARMS)}")
+        raise ConfigError(f"--arms {','.join(arms)}: {'; '.join(bad) or 'none given'}; each must be one of"
+                          f" {', '.join(ALL_ARMS)}, or a pair arm over a connector: pair@KEY (KEY one of"
+                          f" {', '.join(connectors.CONNECTORS)}; docs/connectors.md)")
     refused = [why for a in arms if over is not None and (why := attached_refusal(a, pair=over[0], single=over[1]))]
     if refused:
         raise ConfigError(f"--arms {','.join(arms)}: " + "; ".join(refused))

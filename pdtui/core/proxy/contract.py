@@ -293,7 +293,8 @@ class Proxy:
         if kv_params is not None:
             if self.settings.decode_reports_cached:
                 kv_params = self._check_usage(trace, body, asked, d_body, kv_params)
-            d_body["kv_transfer_params"] = kv_params
+            if kv_params or self.connector.carries_params:
+                d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
         stitch = self._switches(trace, body, d_body) if kv_params is not None else None
@@ -498,12 +499,18 @@ class Proxy:
         trace.p_answer = data
         usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
+        if not self.connector.carries_params:  # the KV meets D in the connector's store, found by the tokens
+            if isinstance(trace.prompt_tokens, int):
+                trace.blocks = kvmath.stored_blocks(trace.prompt_tokens, self.settings.block_size)
+                if self.settings.geometry is not None:
+                    trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
+            return {}
         if not params or not isinstance(params, dict):
             why = (f"prefill {up.name} returned no kv_transfer_params (is it running with a"
                    f" {self.connector.kv_roles['prefill']}"
                    " kv_transfer_config?)")
             raise _PrefillFailed("no_kv", 502, why, f"no_kv_transfer_params: {why}")
-        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param))
+        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param or ""))
         if self.settings.geometry is not None:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
         return params
@@ -621,7 +628,10 @@ def prefill_body(body: dict[str, Any], kv_params: Mapping[str, Any]) -> dict[str
     p_body["stream"] = False
     for k in ("stream_options", "min_tokens"):
         p_body.pop(k, None)
-    p_body["kv_transfer_params"] = dict(kv_params)
+    if kv_params:  # a connector that carries none (storage): P's body has none either
+        p_body["kv_transfer_params"] = dict(kv_params)
+    else:
+        p_body.pop("kv_transfer_params", None)
     return p_body
 
 
