@@ -20,6 +20,7 @@ from pdtui.core.events import (
     Event,
     HeadroomReported,
     InstanceStateChanged,
+    LinkShaped,
     LogLine,
     MetricsSampled,
     Notice,
@@ -329,6 +330,9 @@ class Header:
     """Observe only: the user's router, where witness requests go (None: no witness)."""
     attached: bool = False
     """Some instance is attached (pdtui did not start it)."""
+    link: dict[str, Any] | None = None
+    """The emulated link between P and D (RuntimeStarted.link, then LinkShaped): rate_bps, rtt_s,
+    loss, describe; None: loopback."""
 
 
 @dataclass(frozen=True)
@@ -418,7 +422,7 @@ class DashState:
                 device=ev.device, proxy_url=ev.proxy_url, vllm_version=ev.vllm_version,
                 kv_bytes_per_token=ev.kv_bytes_per_token, block_size=ev.block_size, started_t=ev.t,
                 run_dir=ev.run_dir, observe=ev.observe, router=ev.router,
-                attached=any(spec.get("attached") for spec in ev.instances))
+                attached=any(spec.get("attached") for spec in ev.instances), link=ev.link)
             for spec in ev.instances:
                 self._inst(spec["name"], spec.get("role", "?"))
                 self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""),
@@ -428,6 +432,8 @@ class DashState:
                                       if spec.get("argv") else None))
         elif isinstance(ev, ProxyStarted):
             self.header = dataclasses.replace(self.header, proxy_url=ev.url)
+        elif isinstance(ev, LinkShaped):
+            self.header = dataclasses.replace(self.header, link=ev.link)
         elif isinstance(ev, InstanceStateChanged):
             inst = self._inst(ev.instance, ev.role)
             changes: dict[str, Any] = {"role": ev.role, "state": ev.state, "pid": ev.pid, "exit_code": ev.exit_code,

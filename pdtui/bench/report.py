@@ -247,6 +247,9 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
     reads = kv_reads(samples)
     if reads is not None:
         out["kv_read"] = reads
+        follow_reads = kv_reads(follow)
+        if follow_reads is not None:  # the big prompt alone: the transfer the link table prices
+            out["follow"]["kv_read"] = follow_reads
     freight = [float(b) for s in samples if not s.warmup and s.trace and s.trace.get("outcome") == "pair"
                and (b := s.trace.get("kv_bytes")) is not None]
     if freight:
@@ -567,6 +570,10 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     cost = proxy_cost(summaries)
     extra = [proxy_cost_text(cost)] if cost else []
     empty = {"toll": None, "purchase": None}
+    if not pair and link_arms(summaries):  # --links: the toll and purchase per link, in the link table
+        return {"toll": None, "purchase": None, "purchase_delivery": None, "compares": dict(empty),
+                "same_path": dict(empty), "cannot_tell": {"toll": [], "purchase": []}, "proxy_cost": cost,
+                "text": ["toll and purchase: per link, in the link table above", *extra]}
     if not pair or not ("single" in summaries or "single-proxied" in summaries):
         return {"toll": None, "purchase": None, "purchase_delivery": None, "compares": dict(empty),
                 "same_path": dict(empty), "cannot_tell": {"toll": [], "purchase": []}, "proxy_cost": cost,
@@ -680,6 +687,148 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+# ----- the link: the pair re-priced per emulated link (`pdtui bench --links`, docs/link.md) ------------
+
+LINK_PREFIX = "pair~"
+WHAT_IF_BYTES = 256 * 2**20
+"""The lab's 8B prompt: Llama-3.1-8B's KV (32 layers x 8 KV heads x 128 head_dim x 2 (K,V) x 2 B =
+128 KiB per token) x 2,048 tokens = 256 MiB."""
+WHAT_IF_WORDS = "Llama-3.1-8B, 128 KiB per token x 2,048 tokens = 256 MiB"
+
+
+def link_arms(summaries: dict[str, Any]) -> list[str]:
+    return [a for a in summaries if a.startswith(LINK_PREFIX)]
+
+
+def link_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pair~LINK arm, fastest link first (loopback first of all): the follow prompt's
+    KV read as NIXL measured it (p50) against the formula (bytes / rate + RTT), the achieved Gbit/s,
+    the follow TTFT p50 and its toll against the single arm (single-proxied when it ran), the steady
+    streams' ITL p99 and the purchase, whether the pair pays (purchase >= toll: it buys at least the
+    factor on decode that it pays on the first token), and the what-if for the 8B shape at the rate
+    (computed from the formula, not measured)."""
+    from pdtui.core.link import LinkSpec, LinkSpecError
+
+    t_base, i_base = baseline_for(summaries, "ttft"), baseline_for(summaries, "itl99")
+    s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
+    s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
+    rows: list[dict[str, Any]] = []
+    for arm in link_arms(summaries):
+        try:
+            spec = LinkSpec.parse(arm[len(LINK_PREFIX):])
+        except LinkSpecError:
+            continue
+        sm = summaries[arm]
+        k = sm["follow"].get("kv_read") or {}
+        read_ms = (k.get("ms") or {}).get("p50")
+        nbytes = (k.get("bytes") or {}).get("p50")
+        formula = spec.transfer_s(int(nbytes)) * 1e3 if nbytes and spec.emulated else None  # type: ignore[operator]
+        ttft, itl = _stat(sm, "ttft"), _stat(sm, "itl99")
+        toll, purchase = _ratio(ttft, s_ttft), _ratio(s_itl, itl)
+        why = itl_problems(summaries.get(i_base), i_base) + itl_problems(sm, arm) if i_base else []
+        by = "token"
+        if why and i_base:  # as the verdict does: the purchase on the gaps between deliveries, checked
+            key = "stream_delivery_gap_ms"
+            b = summaries[i_base]["interference"].get(key) or {}
+            d = sm["interference"].get(key) or {}
+            why_d = itl_problems(summaries[i_base], i_base, key) + itl_problems(sm, arm, key)
+            purchase, by = (None, "token") if why_d else (_ratio(b.get("p99"), d.get("p99")), "delivery")
+            why = why_d
+        elif why:
+            purchase = None
+        rows.append({
+            "arm": arm, "link": spec.text, "describe": spec.describe(), "rate_bps": spec.rate_bps,
+            "rtt_s": spec.rtt_s, "read_ms": read_ms, "bytes": nbytes, "formula_ms": formula,
+            "read_vs_formula": _ratio(read_ms, formula),
+            "gbit_s": nbytes * 8 / (read_ms / 1e3) / 1e9 if nbytes and read_ms else None,
+            "ttft_ms": ttft, "toll": toll, "itl_p99_ms": itl, "purchase": purchase, "purchase_by": by,
+            "purchase_cannot_tell": why,
+            "pays": None if toll is None or purchase is None else purchase >= toll,
+            "what_if_8b_ms": spec.transfer_s(WHAT_IF_BYTES) * 1e3 if spec.emulated else None,  # type: ignore[operator]
+            "compares": {"toll": t_base, "purchase": i_base}})
+    rows.sort(key=lambda r: -(r["rate_bps"] or math.inf))
+    return rows
+
+
+def break_even(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the pair stops paying, in words: measured (the slowest link where it still pays, and the
+    next slower where it does not), and computed from the formula: the rate at which the follow
+    prompt's transfer, bytes / rate, would raise the pair's TTFT to purchase x single's (the TTFT
+    the purchase still covers), from the fastest emulated link's figures (its TTFT less its measured
+    read: the pair's TTFT with no transfer)."""
+    emulated = [r for r in rows if r["rate_bps"]]
+    judged = [r for r in emulated if r["pays"] is not None]
+    out: dict[str, Any] = {"measured": None, "computed_gbit_s": None, "text": []}
+    if not judged:
+        out["text"].append("break-even: not measured (no link arm with both a toll and a purchase)")
+        return out
+    paying = [r for r in judged if r["pays"]]
+    losing = [r for r in judged if not r["pays"]]
+    if not paying:
+        out["measured"] = {"pays_at": None, "stops_at": judged[0]["rate_bps"]}
+        out["text"].append(f"break-even: for this workload the pair does not pay at any rate measured (from"
+                           f" {judged[0]['describe']} down: its purchase is below its toll)")
+    else:
+        low = min(paying, key=lambda r: r["rate_bps"])
+        below = [r for r in losing if r["rate_bps"] < low["rate_bps"]]
+        nxt = max(below, key=lambda r: r["rate_bps"]) if below else None
+        out["measured"] = {"pays_at": low["rate_bps"], "stops_at": nxt["rate_bps"] if nxt else None}
+        if nxt is None:
+            out["text"].append(f"break-even: for this workload the pair pays at every rate measured, down to"
+                               f" {low['describe']} (purchase {low['purchase']:.2f}x >= toll {low['toll']:.2f}x)")
+        else:
+            out["text"].append(f"break-even: for this workload the pair stops paying below {low['describe']}"
+                               f" (there: purchase {low['purchase']:.2f}x >= toll {low['toll']:.2f}x; at"
+                               f" {nxt['describe']}: purchase {nxt['purchase']:.2f}x < toll {nxt['toll']:.2f}x)")
+    top = max(emulated, key=lambda r: r["rate_bps"])
+    need: list[float] = [v for k in ("ttft_ms", "read_ms", "bytes", "purchase", "toll") if (v := top.get(k)) is not None]
+    if len(need) == 5:
+        ttft, read_ms, nbytes, purchase, toll = need
+        single = ttft / toll
+        room = purchase * single - (ttft - read_ms)  # ms of transfer the purchase still covers
+        if room <= 0:
+            out["text"].append(f"computed: the pair would not pay at any rate (with no transfer at all its TTFT"
+                               f" {ttft - read_ms:.1f} ms already exceeds purchase x single = {purchase * single:.1f} ms)")
+        else:
+            gbit = nbytes * 8 / (room / 1e3) / 1e9
+            out["computed_gbit_s"] = gbit
+            out["text"].append(f"computed (the formula, not measured): the {nbytes / 2**20:.2f} MiB follow prompt's"
+                               f" transfer fits the {room:.1f} ms the purchase covers above {gbit:.3g} Gbit/s"
+                               f" (from {top['describe']}: TTFT {ttft:.1f} ms less its read {read_ms:.2f} ms,"
+                               f" purchase {purchase:.2f}x of single's {single:.1f} ms)")
+    return out
+
+
+def link_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The pair re-priced per link (`pdtui bench --links`): empty unless a pair~LINK arm ran."""
+    rows = link_rows(summaries)
+    if not rows:
+        return []
+    base = rows[0]["compares"]
+    lines = ["", (f"the pair per link (follow prompt alone: KV read p50 measured by NIXL on D against the formula"
+                  f" bytes / rate + RTT; toll against {base['toll'] or 'no single arm'}, purchase against"
+                  f" {base['purchase'] or 'no single arm'}; the 8B column is computed, not measured: {WHAT_IF_WORDS}):"),
+             "",
+             ("| link | KV read ms | formula ms | read/formula | Gbit/s | TTFT p50 ms | toll | ITL p99 ms | purchase"
+              " | pays | 8B transfer ms (computed) |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        pays = "-" if r["pays"] is None else ("yes" if r["pays"] else "NO")
+        purchase = "cannot tell" if r["purchase_cannot_tell"] else _fmt_ratio(r["purchase"]) + (
+            " (deliveries)" if r["purchase_by"] == "delivery" else "")
+        lines.append(f"| {r['describe'] if r['rate_bps'] else 'loopback'} | {_ms3(r['read_ms'])}"
+                     f" | {_ms3(r['formula_ms'])} | {_fmt_ratio(r['read_vs_formula'])}"
+                     f" | {'-' if r['gbit_s'] is None else format(r['gbit_s'], '.3g')} | {_ms(r['ttft_ms'])}"
+                     f" | {_fmt_ratio(r['toll'])} | {_ms(r['itl_p99_ms'])} | {purchase} | {pays}"
+                     f" | {_ms(r['what_if_8b_ms'])} |")
+    why = sorted({w for r in rows for w in r["purchase_cannot_tell"]})
+    notes = [f"purchase cannot tell: {'; '.join(why)}"] if why else []
+    if any(r["purchase_by"] == "delivery" for r in rows):
+        notes.append("purchase (deliveries): per token the ITL could not carry a p99 (chunks in bunches), so the"
+                     " gaps between deliveries are compared instead, as the verdict does (docs/bench.md)")
+    return [*lines, "", *break_even(rows)["text"], *notes]
+
+
 def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -744,6 +893,7 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     lines += switch_table(summaries)
     lines += transport_table(summaries)
     lines += routing_table(summaries)
+    lines += link_table(summaries)
     lines += [""] + verdict(summaries)["text"]
     checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}
     if checks:
@@ -962,7 +1112,7 @@ def to_json(result: Any) -> dict[str, Any]:
     summaries = {}
     for name, arm in result.arms.items():
         summaries[name] = summarize_arm(arm.samples, arm.windows)
-        if proxied(name) and name not in ("single-proxied", "two-single"):  # the pair arms: where each request went
+        if (proxied(name) or name.startswith(LINK_PREFIX)) and name not in ("single-proxied", "two-single"):
             summaries[name]["routing"] = routing_summary(arm.samples, getattr(arm, "preemptions", None))
         if getattr(arm, "connector", None):
             summaries[name]["connector"] = arm.connector
@@ -985,6 +1135,7 @@ def to_json(result: Any) -> dict[str, Any]:
         "arms": arms,
         "verdict": verdict(summaries),
         "placement": placement(arms),
+        **({"links": {"rows": rows, "break_even": break_even(rows)}} if (rows := link_rows(summaries)) else {}),
     }
 
 
@@ -1129,7 +1280,38 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("the toll, per request")
     _legend(ax)
     written.append(_save(fig, out_dir / "toll.png"))
+    links = (data.get("links") or {}).get("rows") or []
+    if any(r["rate_bps"] for r in links):
+        written.append(link_plot(links, out_dir, plt))
     return written
+
+
+def link_plot(rows: list[dict[str, Any]], out_dir: Path, plt: Any) -> Path:
+    """links.png: per link rate, the follow prompt's KV read (measured) and the formula's, the pair's
+    TTFT p50, and the 8B shape's transfer (computed, dashed); loopback as a horizontal line."""
+    rated = sorted((r for r in rows if r["rate_bps"]), key=lambda r: r["rate_bps"])
+    x = [r["rate_bps"] / 1e9 for r in rated]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+
+    def line(key: str, label: str, **kw: Any) -> None:
+        pts = [(xi, r[key]) for xi, r in zip(x, rated, strict=True) if r[key] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+
+    line("read_ms", "KV read, measured (p50)")
+    line("formula_ms", "formula: bytes / rate + RTT", linestyle=":")
+    line("ttft_ms", "pair TTFT p50 (measured)")
+    line("what_if_8b_ms", "8B shape's 256 MiB transfer (computed)", linestyle="--")
+    for r in rows:
+        if not r["rate_bps"] and r["ttft_ms"] is not None:
+            ax.axhline(r["ttft_ms"], color="grey", linewidth=0.8, label="pair TTFT p50 on loopback")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Gbit/s)")
+    ax.set_ylabel("ms")
+    ax.set_title("the pair per link")
+    _legend(ax)
+    return _save(fig, out_dir / "links.png")
 
 
 def _legend(ax: Any) -> None:

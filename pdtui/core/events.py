@@ -62,6 +62,9 @@ class RuntimeStarted(Event):
     figures; metrics (and witness requests) only."""
     router: str | None = None
     """Observe only: the user's router (``--witness URL``), where witness requests go."""
+    link: dict[str, Any] | None = None
+    """The emulated link between P and D (pdtui.core.link): its spec (text, rate_bps, rtt_s, loss),
+    ``describe`` (its words), its namespaces and devices; None: loopback."""
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,16 @@ class WitnessSampled(Event):
 
 
 @dataclass(frozen=True)
+class LinkShaped(Event):
+    """The emulated link between P and D was given another rate, delay or loss in place
+    (``Runtime.reshape_link``: the bench's --links): what the header and each request's formula use
+    from now on. ``link`` as RuntimeStarted's."""
+
+    kind: ClassVar[str] = "link_shaped"
+    link: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class RuntimeStopped(Event):
     kind: ClassVar[str] = "runtime_stopped"
     reason: str = ""
@@ -320,6 +333,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RuntimeStopped,
         EngineSpan,
         WitnessSampled,
+        LinkShaped,
     )
 }
 

@@ -13,7 +13,10 @@ and ``pdtui config`` (which reports ports in use as a note, not a refusal: it la
   ``gpu_memory_utilization`` x total against it too (vLLM refuses to start below that);
   ``cuda_devices`` naming a GPU the machine does not have;
 - another pdtui on the same proxy port: its control socket answers (``pdtui.core.control``);
-- every port (proxy, HTTP, NIXL side channel) free.
+- every port (proxy, HTTP, NIXL side channel) free (with an emulated link, the proxy's: the
+  engines' are in the run's own namespaces);
+- ``link``: an emulated link this machine can make (``pdtui.core.link.check``: root or
+  CAP_NET_ADMIN, iproute2, veth, htb, and netem when it has an rtt or a loss).
 
 Every problem is collected and named by its field and where its value came from (the profile
 file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
@@ -121,6 +124,7 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
         out += _cpu_memory(cfg, mem_available)
     elif gpu_here:
         out += _gpu_memory(cfg, gpus if gpus is not None else query_gpus())
+    out += _link(cfg)
     if check_in_use:
         out += _in_use(cfg, control_socket)
     return out
@@ -218,6 +222,15 @@ def _vllm_files() -> list[str] | None:
     except md.PackageNotFoundError:
         return None
     return [str(f) for f in files] if files else None
+
+
+def _link(cfg: PairConfig) -> list[Problem]:
+    """An emulated link: what stops this machine from making it (pdtui.core.link.check: root,
+    iproute2, veth, htb, and netem for an rtt or a loss)."""
+    from pdtui.core import link as link_mod
+
+    spec = config_mod.link_spec(cfg)
+    return [Problem("link", f"link = {cfg.link!r} ({_from(cfg, 'link')}): {text}") for text in link_mod.check(spec)]
 
 
 # ----- engines pdtui did not start (pdtui attach) -------------------------------------------------
@@ -579,8 +592,11 @@ def _in_use(cfg: PairConfig, control_socket: Path | None) -> list[Problem]:
 
 
 def _ports(cfg: PairConfig) -> list[tuple[str, int, str]]:
-    """Every port the pair binds: (field as named to the user, port, what listens there)."""
+    """Every port the pair binds: (field as named to the user, port, what listens there). With an
+    emulated link the engines bind in namespaces the run creates: only the proxy's is here."""
     out = [("proxy_port", cfg.proxy_port, "proxy")]
+    if config_mod.link_spec(cfg).emulated:
+        return out
     for inst in cfg.instances:
         out += [(f"{inst.name} port", inst.port, f"{inst.name} ({inst.role}) HTTP"),
                 (f"{inst.name} side_channel_port", inst.side_channel_port, f"{inst.name} ({inst.role}) NIXL side channel")]
