@@ -68,6 +68,17 @@ class Engine:
         return e
 
     def start(self) -> None:
+        import socket
+
+        for port in (self.port, self.side_port):
+            if port is None:
+                continue
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    raise RuntimeError(f"{self.name}: port {port} is taken (an engine left by an earlier probe?)") from None
         self.folder.mkdir(parents=True, exist_ok=True)
         out = self.log.open("a")
         self.proc = subprocess.Popen(self.argv(), env=self.env(), stdout=out, stderr=subprocess.STDOUT,
@@ -109,8 +120,14 @@ class Engine:
         return total if seen else None
 
 
+def _exit_on_term(signum, frame):  # a `timeout` or a kill: leave through the finally blocks
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def running(*engines: Engine):
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    signal.signal(signal.SIGHUP, _exit_on_term)
     for e in engines:
         e.start()
     try:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import signal
@@ -95,15 +94,10 @@ def context(folder: Path, p: Engine, d: Engine, ps: Engine, ds: Engine) -> None:
 
 
 def fail_open(p: Engine, d: Engine) -> None:
+    """Each case on a prompt of its own (D has nothing of it cached); its known answer is P's own,
+    computed colocated (no kv_transfer_params): the same dummy weights, greedy."""
     print("\n== 3. fail-open ==", flush=True)
     n, mt = 300, 16
-
-    def pair(prompt, rid, params=None):
-        pr = p_leg(p, prompt, rid + "-p")
-        got = pr.json()["kv_transfer_params"]
-        use = got if params is None else params(got)
-        dr = d_leg(d, prompt, rid, use, max_tokens=mt, return_token_ids=True)
-        return got, dr
 
     def toks(r: httpx.Response):
         try:
@@ -111,47 +105,62 @@ def fail_open(p: Engine, d: Engine) -> None:
         except Exception:
             return None
 
+    def known(prompt) -> list[int]:
+        r = httpx.post(f"{p.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": mt,
+                                                        "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+                       timeout=60)
+        return toks(r)
+
     def counters() -> tuple:
         return d.raw_metric(FAILED), p.raw_metric(AFTER_EXPIRY), d.raw_metric("vllm:nixl_xfer_time_seconds_count")
 
-    a, b = ids(n, 11), ids(n, 12)
-    ref = {}
-    for name, prompt in (("A", a), ("B", b)):
-        plain = httpx.post(f"{d.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": mt,
-                                                            "temperature": 0, "ignore_eos": True,
-                                                            "return_token_ids": True}, timeout=60)
-        ref[name] = toks(plain)
-    params_a, ra = pair(a, "fo-a")
-    print(f"   ref A (D alone) {ref['A'][:8]}..; through the pair {toks(ra)[:8]}.. equal={toks(ra) == ref['A']}")
-    _, rb = pair(b, "fo-b")
-    print(f"   ref B (D alone) {ref['B'][:8]}..; through the pair equal={toks(rb) == ref['B']}; A==B? {ref['A'] == ref['B']}")
-    print(f"   counters (D failed, P after-expiry, D xfers): {counters()}", flush=True)
+    # the pair is right: a prompt through P then D equals P's own answer
+    a = ids(n, 111)
+    ref_a = known(a)
+    params_a = p_leg(p, a, "fo-a-p").json()["kv_transfer_params"]
+    ra = d_leg(d, a, "fo-a", params_a, max_tokens=mt, return_token_ids=True)
+    print(f"   A through the pair equals P's own answer: {toks(ra) == ref_a}; counters (D failed, P after-expiry,"
+          f" D xfers) {counters()}", flush=True)
+    time.sleep(1)
 
     cases = {
-        "reused (B given A's params, already read)": lambda got: params_a,
-        "shifted (B's blocks + 1)": lambda got: {**got, "remote_block_ids": [[x + 1 for x in g] for g in got["remote_block_ids"]]},
-        "out-of-range (block 999999)": lambda got: {**got, "remote_block_ids": [[999999 + i for i, _ in enumerate(g)] for g in got["remote_block_ids"]]},
+        "reused (A's params, already read by D, freed by P)": lambda got: params_a,
+        "shifted (every block + 1)": lambda got: {**got, "remote_block_ids": [[x + 1 for x in g] for g in got["remote_block_ids"]]},
+        "short (last block left out)": lambda got: {**got, "remote_block_ids": [g[:-1] for g in got["remote_block_ids"]]},
+        "out-of-range (block ids + 10^7)": lambda got: {**got, "remote_block_ids": [[x + 10**7 for x in g] for g in got["remote_block_ids"]]},
         "foreign engine id": lambda got: {**got, "remote_engine_id": "not-an-engine"},
-        "short (one block fewer)": lambda got: {**got, "remote_block_ids": [g[:-1] for g in got["remote_block_ids"]]},
     }
     for i, (name, tamper) in enumerate(cases.items()):
+        b = ids(n, 200 + i)
+        ref_b = known(b)
         before = counters()
+        got = p_leg(p, b, f"fo-{i}-p").json()["kv_transfer_params"]
         t = time.monotonic()
         try:
-            _, r = pair(b, f"fo-case{i}", params=tamper)
-            got = toks(r)
-            desc = f"{r.status_code} in {(time.monotonic() - t) * 1000:.0f} ms; tokens equal to B's: {got == ref['B']};" \
-                   f" equal to A's: {got == ref['A']}; {r.text[:140] if r.status_code != 200 else ''}"
+            r = d_leg(d, b, f"fo-{i}", tamper(got), max_tokens=mt, return_token_ids=True)
+            out = toks(r)
+            same = None if out is None else sum(1 for x, y in zip(out, ref_b) if x == y)
+            desc = (f"{r.status_code} in {(time.monotonic() - t) * 1000:.0f} ms; equal to the known answer: {out == ref_b}"
+                    f" ({same} of {mt} tokens in place); {r.text[:160] if r.status_code != 200 else ''}")
         except httpx.HTTPError as e:
             desc = f"{type(e).__name__} after {time.monotonic() - t:.1f} s"
-        time.sleep(1)
+        # P's own blocks for this request were never read: release them (the proxy's way)
+        httpx.post(f"{d.url}/v1/completions", json={"model": "pdtui-release-kv", "prompt": "x", "max_tokens": 1,
+                                                    "kv_transfer_params": got}, timeout=30)
+        time.sleep(1.5)
         print(f"   {name}: {desc}; counters {before} -> {counters()}", flush=True)
-        if not d.proc or d.proc.poll() is not None:
+        if d.proc is None or d.proc.poll() is not None:
             print("   D died:", d.log.read_text()[-1500:])
             return
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{d.url}/health", timeout=5).status_code != 200:
                 print("   D unhealthy after", name)
+    # after all that, is the pair still right?
+    c = ids(n, 300)
+    ref_c = known(c)
+    params_c = p_leg(p, c, "fo-c-p").json()["kv_transfer_params"]
+    rc = d_leg(d, c, "fo-c", params_c, max_tokens=mt, return_token_ids=True)
+    print(f"   afterwards, a clean pair request equals the known answer: {toks(rc) == ref_c}", flush=True)
 
 
 def main() -> None:

@@ -85,7 +85,8 @@ def main() -> None:
         # C. P's answer, D given the real request and the connection closed at once
         r = p_leg(p, ids(PROMPT, 4), "stranded-c")
         params = r.json()["kv_transfer_params"]
-        import socket, json
+        import json
+        import socket
         body = json.dumps({"model": "tiny", "prompt": ids(PROMPT, 4), "max_tokens": 64, "stream": True,
                            "kv_transfer_params": params}).encode()
         s = socket.create_connection(("127.0.0.1", d.port))
