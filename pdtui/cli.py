@@ -380,11 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
-    drill.add_argument("--scenario", choices=("failure", "headroom"), default="failure",
+    drill.add_argument("--scenario", choices=("failure", "headroom", *FIELD_SCENARIOS), default="failure",
                        help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
                        " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
                        " send more, and check they all went to another D, none failed and the full D preempted"
-                       " nothing; expected and observed printed)")
+                       " nothing; expected and observed printed); or a drill from the field (docs/drills.md):"
+                       " stranded (KV held on P when D is never sent the request, and the proxy's release),"
+                       " fail-open (D given tampered kv_transfer_params, the correctness witness), context (P and"
+                       " D with different max_model_len: a launched pair's D gets a quarter of P's)")
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
                        " state dir; printed at start)")
@@ -723,6 +726,24 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+FIELD_SCENARIOS = ("stranded", "fail-open", "context")
+"""`pdtui drill --scenario`'s drills from the field (pdtui.app.drill_field.SCENARIOS)."""
+
+
+def _field_topology(cfg: config_mod.PairConfig, scenario: str, topo: Any = None) -> Any:
+    """The topology a field drill runs on: the proxy honours the drill's faults (ProxySettings.drill);
+    the context drill's launched D gets a quarter of P's max_model_len, past the config's check on
+    purpose (topology.with_argv)."""
+    from pdtui.core import topology
+
+    topo = topology.with_settings(topo or topology.pair(cfg), drill=True)
+    if scenario == "context" and any(m.launch is not None for m in topo.members):
+        for m in topo.members:
+            if m.role == "decode":
+                topo = topology.with_argv(topo, m.name, "--max-model-len", str(cfg.max_model_len // 4))
+    return topo
+
+
 def run_drill(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     size = _size(args.size) if args.headless else None
@@ -738,7 +759,7 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
     from pdtui.app import drill
     from pdtui.app.app import make_app
 
-    rt = _runtime(cfg, args)
+    rt = _runtime(cfg, args, _field_topology(cfg, args.scenario) if args.scenario in FIELD_SCENARIOS else None)
     app = make_app(rt, screenshot_dir=args.shots)
     result: list[drill.DrillResult] = []
 
@@ -749,7 +770,11 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
             app.show_notice(text)
 
     async def autopilot(pilot: Any) -> None:
-        if args.scenario == "headroom":
+        if args.scenario in FIELD_SCENARIOS:
+            from pdtui.app import drill_field
+
+            res = await drill_field.run(pilot, args.scenario, shots=args.shots, prefix=args.prefix, log=log)
+        elif args.scenario == "headroom":
             from pdtui.app import drill_headroom
 
             res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,

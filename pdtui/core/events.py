@@ -310,6 +310,21 @@ class WitnessSampled(Event):
 
 
 @dataclass(frozen=True)
+class AnswerChecked(Event):
+    """The correctness witness's verdict on one request through the pair (pdtui.core.known_answer):
+    a greedy request whose answer is known, compared token for token. ``ok`` False is an error
+    whatever the status: the dashboard's row of that request turns red."""
+
+    kind: ClassVar[str] = "answer_checked"
+    request_id: str
+    ok: bool
+    status: int | None
+    detail: str
+    expected: list[int] = field(default_factory=list)
+    got: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class RuntimeStopped(Event):
     kind: ClassVar[str] = "runtime_stopped"
     reason: str = ""
@@ -332,6 +347,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RuntimeStopped,
         EngineSpan,
         WitnessSampled,
+        AnswerChecked,
     )
 }
 

@@ -1,0 +1,339 @@
+"""The drills from the field (issue 27, docs/drills.md): the failures P/D users report upstream, each
+run on the live pair with what should be seen beside what was (``Check`` rows), and every request
+ended within a bound the drill states.
+
+``pdtui drill --scenario NAME`` runs one (over a pair pdtui launches, or engines given by URL):
+
+- ``stranded``  (llm-d #1138) KV stranded on P: P answers, D is never sent the request. First as a
+                router without the defence does it (P's leg sent by hand, no D leg): P's blocks stay
+                until its KV lease ends (vLLM 0.32: 30 s); then through pdtui's proxy, the client
+                leaving while D's dispatch is held (the drill's fault): the proxy releases P's
+                blocks through D at once (``RequestTraced.kv_release``).
+- ``fail-open`` (vLLM #52234) D given stale, shifted, out-of-range or foreign kv_transfer_params
+                (the proxy's drill faults, ``X-Pdtui-Drill: tamper=...``): what D answers, and the
+                correctness witness (pdtui.core.known_answer: a greedy request whose answer P gave
+                alone, compared token for token) red whenever the tokens differ, whatever the status.
+- ``context``   (InferenceX #2293) context-length asymmetry: a prompt the shorter side refuses, sent
+                through the pair: one clear HTTP error within the bound, never a hang.
+
+Each step waits, bounded, then saves an SVG with ``--shots``. The drill reads P's and D's /metrics
+itself (the blocks P holds need a finer clock than the dashboard's scrape) and sends its requests
+as a client would, through the proxy; the ``stranded`` drill's "before" leg goes to P directly,
+as a router that has no defence does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdtui.app.drill import Check, DrillFailed, DrillResult, Step
+from pdtui.app.state import Snapshot
+from pdtui.core import known_answer
+from pdtui.core.events import RequestTraced
+from pdtui.core.proxy import PREFILL_KV_PARAMS, drillhooks
+from pdtui.core.scrape import parse_metrics
+
+SCENARIOS = ("stranded", "fail-open", "context")
+USAGE = "vllm:kv_cache_usage_perc"
+EXPIRED = "vllm:nixl_num_kv_expired_reqs"
+AFTER_EXPIRY = "vllm:nixl_num_notifications_after_expiry"
+FAILED = "vllm:nixl_num_failed_transfers"
+LEASE_S = 30.0
+"""vLLM 0.32's default ``kv_lease_duration`` (the connector's extra config; nixl/base_scheduler.py)."""
+REQUEST_BOUND_S = 60.0
+"""The most any request of these drills may take: past it, the drill says it hung."""
+
+
+class FieldDrill:
+    """What every field scenario shares: the pilot, the result, bounded waits, steps and checks."""
+
+    def __init__(self, pilot: Any, shots: Path | None, prefix: str, log: Callable[[str], None]) -> None:
+        self.pilot, self.app, self.shots, self.prefix, self.log = pilot, pilot.app, shots, prefix, log
+        self.res = DrillResult()
+        self.t0 = self.mark = time.monotonic()
+        self.nonce = f"{time.time_ns():x}"[-8:]
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_BOUND_S, connect=5.0))
+
+    def snap(self) -> Snapshot:
+        return self.app.snapshot
+
+    async def until(self, what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.app.is_running:
+                raise DrillFailed(f"{what}: the dashboard was closed")
+            if starting and self.app.start_error:
+                raise DrillFailed(f"start-up failed: {self.app.start_error.splitlines()[0]}")
+            if starting and self.snap().header.broken:
+                raise DrillFailed(f"the pair came up broken: {self.snap().header.broken}")
+            if pred(self.snap()):
+                return
+            await self.pilot.pause(0.2)
+        raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
+
+    async def done(self, name: str, detail: str) -> None:
+        await self.pilot.pause(0.3)
+        path = None
+        if self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
+            path = self.app.save_screenshot(filename=f"{self.prefix}{len(self.res.steps) + 1:02d}-{name}.svg",
+                                            path=str(self.shots))
+        now = time.monotonic()
+        self.res.steps.append(Step(name, now - self.mark, detail, path))
+        self.mark = now
+        self.log(f"[drill] {name:<10} {now - self.t0:7.1f} s  {detail}")
+
+    def check(self, expected: str, observed: str, held: bool) -> None:
+        self.res.checks.append(Check(expected, observed, held))
+        self.log(f"[drill] {'ok ' if held else 'NOT'} {expected}: {observed}")
+
+    async def ready(self) -> tuple[str, str]:
+        await self.until("every instance ready and the warm-up done",
+                         lambda s: s.header.ready_s is not None and bool(s.instances)
+                         and all(i.state == "ready" for i in s.instances), 600, starting=True)
+        p, d = self.app.instance_for("prefill"), self.app.instance_for("decode")
+        if p is None or d is None:
+            raise DrillFailed("this drill needs a prefill and a decode instance")
+        await self.done("ready", f"pair ready in {self.snap().header.ready_s:.1f} s; P {p}, D {d}")
+        return p, d
+
+    def url(self, name: str) -> str:
+        return str(self.app.runtime.instances[name].url)
+
+    @property
+    def proxy(self) -> str:
+        return str(self.app.runtime.run.proxy_url)
+
+    @property
+    def model(self) -> str:
+        return str(self.app.runtime.run.model_name)
+
+    async def metrics(self, name: str) -> dict[str, float]:
+        r = await self.client.get(f"{self.url(name)}/metrics", timeout=10)
+        return parse_metrics(r.text)
+
+    async def blocks_held(self, name: str) -> float:
+        """The instance's KV blocks in use, from its /metrics (usage x pool)."""
+        m = await self.metrics(name)
+        return m.get(USAGE, 0.0) * m.get("cache_config:num_gpu_blocks", 0.0)
+
+    async def traced(self, request_id: str, timeout: float = 15) -> RequestTraced:
+        await self.until(f"the proxy's trace of {request_id}", lambda s: s.request(request_id) is not None, timeout)
+        row = self.snap().request(request_id)
+        assert row is not None
+        return row
+
+    def prompt_ids(self, n: int, salt: int) -> list[int]:
+        """A prompt of exactly ``n`` token ids, of this run and ``salt`` alone (no prefix-cache hit
+        across drills or runs); ids in the tiny model's vocabulary and any real one's."""
+        seed = int(self.nonce, 16) ^ (salt * 2654435761)
+        return [3 + (seed + i * 7919) % 251 for i in range(n)]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _timed(coro: Awaitable[Any], bound: float) -> tuple[Any, float, str | None]:
+    """``coro``'s result, its seconds, and None; or None, the seconds, and why it did not end."""
+    t = time.monotonic()
+    try:
+        return await asyncio.wait_for(coro, bound), time.monotonic() - t, None
+    except TimeoutError:
+        return None, time.monotonic() - t, f"no answer within {bound:.0f} s"
+    except httpx.HTTPError as e:
+        return None, time.monotonic() - t, f"{type(e).__name__}: {e}"
+
+
+def _secs(x: float | None, fmt: str, otherwise: str) -> str:
+    return otherwise if x is None else f"after {x:{fmt}} s"
+
+
+async def _wait_blocks(fd: FieldDrill, name: str, at_most: float, bound: float) -> float | None:
+    """Seconds until ``name`` holds ``at_most`` blocks or fewer (polled every 0.25 s); None past ``bound``."""
+    t = time.monotonic()
+    while time.monotonic() - t < bound:
+        if await fd.blocks_held(name) <= at_most + 0.5:
+            return time.monotonic() - t
+        await fd.pilot.pause(0.25)
+    return None
+
+
+# ----- stranded ---------------------------------------------------------------------------------
+
+async def stranded(fd: FieldDrill, *, prompt_tokens: int = 700, lease_s: float = LEASE_S) -> None:
+    p, _ = await fd.ready()
+    block_size = fd.snap().header.block_size or 16
+    blocks = -(-prompt_tokens // block_size)
+    base = await fd.blocks_held(p)
+
+    # after: through pdtui's proxy, the client leaves while D's dispatch is held
+    rid = f"drill-stranded-{fd.nonce}-proxy"
+    body = {"model": fd.model, "prompt": fd.prompt_ids(prompt_tokens, 1), "max_tokens": 8}
+    hold = 5.0
+    t_left = time.monotonic()
+    with contextlib.suppress(httpx.TimeoutException):  # the client leaves: its own timeout
+        await fd.client.post(f"{fd.proxy}/v1/completions", json=body, timeout=httpx.Timeout(2.0, connect=5.0),
+                             headers={"X-Request-Id": rid, drillhooks.HEADER: f"hold_decode_s={hold:g}"})
+    t_left = time.monotonic() - t_left
+    row = await fd.traced(rid)
+    freed = await _wait_blocks(fd, p, base, 10)
+    rel = row.kv_release or {}
+    await fd.done("proxy", f"the client left after {t_left:.1f} s (D's dispatch held {hold:g} s); trace {row.status},"
+                  f" kv_release {rel.get('result')} via {rel.get('via')} ({rel.get('status')}, {rel.get('ms')} ms);"
+                  f" {p} back to {base:.0f} blocks {_secs(freed, '.2f', 'not within 10 s')}")
+    fd.check("pdtui's proxy: the D leg never sent (the client left), P's blocks released through D",
+             f"status {row.status}, D leg {'sent' if row.decode else 'not sent'}, kv_release {rel.get('result')}"
+             f" via {rel.get('via')}", row.status == 499 and rel.get("result") == "released")
+    fd.check(f"... and {p} holds none of them 3 s after the trace",
+             f"back to {base:.0f} blocks after {freed:.2f} s" if freed is not None else "still held 10 s after",
+             freed is not None and freed <= 3.0)
+
+    # before: a router without the defence; P's leg by hand, and no D leg ever
+    m0 = await fd.metrics(p)
+    r = await fd.client.post(f"{fd.url(p)}/v1/completions", headers={"X-Request-Id": f"drill-stranded-{fd.nonce}-bare"},
+                             json={"model": fd.model, "prompt": fd.prompt_ids(prompt_tokens, 2), "max_tokens": 1,
+                                   "stream": False, "kv_transfer_params": dict(PREFILL_KV_PARAMS)})
+    t_answer = time.monotonic()
+    if r.status_code != 200 or "kv_transfer_params" not in r.json():
+        raise DrillFailed(f"{p} did not pair a request by hand: {r.status_code} {r.text[:200]}")
+    held = await fd.blocks_held(p) - base
+    freed = await _wait_blocks(fd, p, base, lease_s * 2 + 10)
+    m1 = await fd.metrics(p)
+    expired = m1.get(EXPIRED, 0.0) - m0.get(EXPIRED, 0.0)
+    await fd.done("bare", f"{p} answered, no D leg: {held:.0f} blocks held, freed"
+                  f" {_secs(freed, '.1f', f'not within {lease_s * 2 + 10:.0f} s')};"
+                  f" {EXPIRED} +{expired:.0f}")
+    fd.check(f"a router without the defence: {p} holds the {blocks} blocks until its KV lease ends (~{lease_s:.0f} s)",
+             f"{held:.0f} blocks held for {freed:.1f} s, {EXPIRED} +{expired:.0f}" if freed is not None
+             else f"{held:.0f} blocks still held after {time.monotonic() - t_answer:.0f} s",
+             freed is not None and abs(held - blocks) < 0.5 and lease_s * 0.8 <= freed <= lease_s * 1.5 and expired >= 1)
+
+
+# ----- fail-open --------------------------------------------------------------------------------
+
+async def fail_open(fd: FieldDrill, *, prompt_tokens: int = 300, tokens: int = 16) -> None:
+    p, d = await fd.ready()
+    base = await fd.blocks_held(p)
+
+    async def case(name: str, salt: int, tamper: str | None, expect_same: bool) -> known_answer.Verdict:
+        prompt = fd.prompt_ids(prompt_tokens, salt)
+        ref = await known_answer.reference(fd.client, fd.url(p), fd.model, prompt, tokens)
+        m0 = {n: await fd.metrics(n) for n in (p, d)}
+        rid = f"drill-failopen-{fd.nonce}-{name}"
+        headers = {drillhooks.HEADER: f"tamper={tamper}"} if tamper else {}
+        verdict, secs, why = await _timed(known_answer.check(fd.client, fd.proxy, fd.model, prompt, ref,
+                                                              request_id=rid, headers=headers), REQUEST_BOUND_S)
+        if verdict is None:
+            verdict = known_answer.Verdict(rid, None, False, f"the request did not end: {why}", [], ref.tokens)
+        fd.app.runtime.emit(verdict.event())
+        await fd.pilot.pause(1.0)  # D's and P's counters move a moment after the answer
+        m1 = {n: await fd.metrics(n) for n in (p, d)}
+        failed = m1[d].get(FAILED, 0.0) - m0[d].get(FAILED, 0.0)
+        after = m1[p].get(AFTER_EXPIRY, 0.0) - m0[p].get(AFTER_EXPIRY, 0.0)
+        await fd.done(name, f"{verdict.status} in {secs:.2f} s: {verdict.detail}; {d} {FAILED} +{failed:.0f},"
+                      f" {p} {AFTER_EXPIRY} +{after:.0f}")
+        counters = f"{FAILED} +{failed:.0f}, {AFTER_EXPIRY} +{after:.0f}"
+        if expect_same:
+            fd.check(f"{name}: the pair's answer equals the known one, token for token",
+                     f"{verdict.status}: {verdict.detail}", verdict.ok)
+        else:
+            # D may answer 200 (the fail-open) or an error; either way the witness must not pass it
+            fd.check(f"{name}: the witness is red (tokens differ or no answer), whatever the status",
+                     f"{verdict.status}: {verdict.detail}; {counters}", not verdict.ok)
+        return verdict
+
+    await case("clean", 10, None, True)
+    for i, kind in enumerate(drillhooks.TAMPERS):
+        await case(kind, 20 + i, kind, False)
+        if not all(v.state == "ready" for v in fd.snap().instances):
+            bad = [f"{v.name} {v.state}" for v in fd.snap().instances if v.state != "ready"]
+            fd.check(f"{kind}: both engines still up after it", ", ".join(bad), False)
+            return
+    await case("clean-after", 30, None, True)
+    freed = await _wait_blocks(fd, p, base, 10)
+    fd.check(f"{p} holds no block of the tampered requests (their own released)",
+             f"back to {base:.0f} blocks" if freed is not None else f"{await fd.blocks_held(p) - base:.0f} blocks still held",
+             freed is not None)
+
+
+# ----- context ----------------------------------------------------------------------------------
+
+async def _max_model_len(fd: FieldDrill, name: str) -> int | None:
+    with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError, TypeError):
+        r = await fd.client.get(f"{fd.url(name)}/v1/models", timeout=10)
+        return int(r.json()["data"][0]["max_model_len"])
+    return None
+
+
+async def context(fd: FieldDrill, *, bound_s: float = REQUEST_BOUND_S) -> None:
+    await fd.ready()
+    ps = [v.name for v in fd.snap().instances if v.role == "prefill"]
+    ds = [v.name for v in fd.snap().instances if v.role == "decode"]
+    lens = {n: await _max_model_len(fd, n) for n in ps + ds}
+    await fd.done("lengths", ", ".join(f"{n} max_model_len {v}" for n, v in lens.items()))
+    p_len = min((v for n, v in lens.items() if n in ps and v), default=None)
+    d_len = min((v for n, v in lens.items() if n in ds and v), default=None)
+    if p_len is None or d_len is None:
+        raise DrillFailed(f"the engines' max_model_len could not be read from /v1/models: {lens}")
+    if p_len == d_len:
+        raise DrillFailed(f"P and D both take {p_len} tokens: nothing to drill (launched: `pdtui drill --scenario"
+                          " context` gives D half; by URL: engines with different --max-model-len)")
+    short, long_ = min(p_len, d_len), max(p_len, d_len)
+    who = "D" if d_len < p_len else "P"
+    base = {n: await fd.blocks_held(n) for n in ps}
+    cases = [("over", short + (long_ - short) // 2, 8, False), ("over-stream", short + (long_ - short) // 2, 8, True),
+             ("edge", short, 4, False), ("fits", short - 64, 8, True)]
+    for i, (name, n, max_tokens, stream) in enumerate(cases):
+        rid = f"drill-context-{fd.nonce}-{name}"
+        body = {"model": fd.model, "prompt": fd.prompt_ids(n, 40 + i), "max_tokens": max_tokens, "stream": stream}
+        got, secs, why = await _timed(fd.client.post(f"{fd.proxy}/v1/completions", json=body,
+                                                      headers={"X-Request-Id": rid}), bound_s)
+        status = got.status_code if got is not None else None
+        text = (got.text[:160].replace("\n", " ") if got is not None else why) or ""
+        row = await fd.traced(rid) if got is not None else None
+        await fd.done(name, f"prompt {n} + max_tokens {max_tokens} ({'stream' if stream else 'whole'}): {status} in"
+                      f" {secs:.2f} s, traced {row.outcome if row else '-'} {row.status if row else ''}: {text}")
+        fits = n + 1 <= short  # P's leg needs one token of room, D's at least one
+        if fits:
+            fd.check(f"{name}: a prompt both sides take ({n}) is served within {bound_s:.0f} s",
+                     f"{status} in {secs:.2f} s", status == 200)
+        else:
+            fd.check(f"{name}: a prompt {who} ({short}) refuses but the other ({long_}) takes: one clear HTTP error"
+                     f" (4xx, JSON) within {bound_s:.0f} s, never a hang",
+                     f"{status} in {secs:.2f} s: {text[:90]}",
+                     status is not None and 400 <= status < 500 and got is not None and "error" in got.text)
+    freed = {n: await _wait_blocks(fd, n, base[n], 10) for n in ps}
+    fd.check("no P holds blocks for a request D refused (vLLM's rejection path frees them)",
+             ", ".join(f"{n} {f'back to {base[n]:.0f}' if v is not None else 'still holds more'}" for n, v in freed.items()),
+             all(v is not None for v in freed.values()))
+
+
+RUNNERS: dict[str, Callable[..., Awaitable[None]]] = {"stranded": stranded, "fail-open": fail_open, "context": context}
+
+
+async def run(pilot: Any, scenario: str, *, shots: Path | None = None, prefix: str = "",
+              log: Callable[[str], None] = lambda s: None, **options: Any) -> DrillResult:
+    """Drive the field scenario ``scenario`` on ``pilot.app`` (a PdtuiApp over a live Runtime). Never
+    raises for a failed step: the result says which step failed and carries the checks."""
+    fd = FieldDrill(pilot, shots, prefix, log)
+    try:
+        await RUNNERS[scenario](fd, **options)
+        failed = [c for c in fd.res.checks if not c.held]
+        if failed:
+            raise DrillFailed("; ".join(f"expected {c.expected}, observed {c.observed}" for c in failed))
+    except DrillFailed as e:
+        fd.res.failed = str(e)
+        log(f"[drill] FAILED after {time.monotonic() - fd.t0:.1f} s: {e}")
+        if shots is not None:
+            shots.mkdir(parents=True, exist_ok=True)
+            fd.app.save_screenshot(filename=f"{prefix}failed.svg", path=str(shots))
+    finally:
+        await fd.aclose()
+    return fd.res

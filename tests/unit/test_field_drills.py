@@ -1,0 +1,88 @@
+"""The field drills' parts that need no engine (issue 27): the correctness witness's verdict, its
+event through the dashboard's state, the topology a field drill runs on, the CLI's scenario names.
+The drills themselves run on real engines: tests/e2e/attached/test_b2_field.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from pdtui.app.state import DashState
+from pdtui.core import config as config_mod
+from pdtui.core import known_answer, topology
+from pdtui.core.events import AnswerChecked, RequestTraced, from_dict
+
+
+def test_the_verdict_is_the_tokens_not_the_status():
+    ok = known_answer.compare("a", 200, [1, 2, 3], [1, 2, 3])
+    assert ok.ok and ok.detail == "equal: 3 of 3 tokens"
+    wrong = known_answer.compare("b", 200, [1, 9, 3], [1, 2, 3])
+    assert not wrong.ok and wrong.detail == "differs from token 1: expected 2, got 9; 2 of 3 in place (HTTP 200: the fail-open)"
+    short = known_answer.compare("c", 200, [1, 2], [1, 2, 3])
+    assert not short.ok and "2 tokens instead of 3" in short.detail
+    failed = known_answer.compare("d", 500, None, [1, 2, 3], "status 500: boom")
+    assert not failed.ok and failed.detail == "status 500: boom"
+
+
+def test_a_wrong_answer_turns_its_row_red_whatever_its_status():
+    st = DashState()
+    st.apply(RequestTraced(request_id="r1", endpoint="/v1/completions", stream=False, outcome="pair", status=200))
+    verdict = known_answer.compare("r1", 200, [5, 6], [5, 7])
+    ev = from_dict(verdict.event().to_dict())  # recorded and replayed alike
+    assert isinstance(ev, AnswerChecked) and ev.got == [5, 6]
+    st.apply(ev)
+    st.apply(known_answer.compare("r2", 200, [1], [1]).event())
+    snap = st.snapshot()
+    assert snap.wrong_answers == {"r1": "wrong answer (200): differs from token 1: expected 7, got 6; 1 of 2 in place"
+                                        " (HTTP 200: the fail-open)"}
+    assert snap.counts["wrong_answer"] == 1 and snap.counts["answer_checked"] == 2
+    assert snap.request("r1").outcome == "pair"  # the trace is what the proxy saw; the witness says more
+
+
+def test_check_sends_the_same_greedy_body_through_the_proxy():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        import json
+
+        seen.append((str(request.url), json.loads(request.content), request.headers.get("x-pdtui-drill")))
+        return httpx.Response(200, json={"choices": [{"token_ids": [4, 5, 6]}]})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            ref = await known_answer.reference(client, "http://p", "m", [1, 2], 3)
+            v = await known_answer.check(client, "http://proxy", "m", [1, 2], ref, request_id="w",
+                                         headers={"X-Pdtui-Drill": "tamper=shift"})
+        return ref, v
+
+    ref, v = asyncio.run(go())
+    assert ref.tokens == [4, 5, 6] and v.ok
+    (u1, b1, h1), (u2, b2, h2) = seen
+    assert u1 == "http://p/v1/completions" and u2 == "http://proxy/v1/completions" and b1 == b2
+    assert b1["temperature"] == 0 and b1["return_token_ids"] is True and b1["max_tokens"] == 3
+    assert (h1, h2) == (None, "tamper=shift")
+
+
+def test_a_field_drill_s_topology_turns_the_drill_faults_on_and_the_context_drill_shortens_d():
+    from pdtui import cli
+
+    cfg = config_mod.load_profile("cpu")
+    plain = topology.pair(cfg)
+    assert plain.proxy is not None and plain.proxy.settings.drill is False
+    topo = cli._field_topology(cfg, "context")
+    assert topo.proxy is not None and topo.proxy.settings.drill is True
+    argv = {m.name: m.launch.argv for m in topo.members if m.launch is not None}
+    at = argv["D"].index("--max-model-len")
+    assert argv["D"][at + 1] == str(cfg.max_model_len // 4)  # past validate(), on purpose
+    assert argv["P"][argv["P"].index("--max-model-len") + 1] == str(cfg.max_model_len)
+    assert argv["D"].count("--max-model-len") == 1
+    stranded = cli._field_topology(cfg, "stranded")
+    assert [m.launch.argv for m in stranded.members] == [m.launch.argv for m in plain.members]
+
+
+def test_the_cli_names_every_field_scenario():
+    from pdtui import cli
+    from pdtui.app import drill_field
+
+    assert cli.FIELD_SCENARIOS == drill_field.SCENARIOS == tuple(drill_field.RUNNERS)
