@@ -86,3 +86,59 @@ def test_the_cli_names_every_field_scenario():
     from pdtui.app import drill_field
 
     assert cli.FIELD_SCENARIOS == drill_field.SCENARIOS == tuple(drill_field.RUNNERS)
+
+
+# ----- the long-uptime watchdog (pdtui.core.pairwatch) ---------------------------------------------
+
+# vLLM 0.32's line for a failed read (nixl/base_worker.py _log_failure), as D logs it when P's
+# agent is gone: the shape of tests/e2e/test_pair.py's kill-P-before-the-pull failure.
+DISCONNECT = ("(EngineCore pid=7) ERROR 12-07 14:02:11 [base_worker.py:1261] NIXL transfer failure:"
+              " transfer_failed | Context: {'failure_type': 'transfer_failed', 'request_id': 'r{i}',"
+              " 'engine_id': 'd-engine', 'error': 'NIXL_ERR_REMOTE_DISCONNECT'}")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _failures(n: int, clock: FakeClock, watch, step: float = 10.0) -> list:
+    import collections
+
+    from pdtui.core.logparse import LogFeed
+
+    notices: list = []
+
+    def emit(ev) -> None:  # as the Runtime's emit: every event through the watch, at its time
+        if (notice := watch.feed(ev)) is not None:
+            notices.append(notice)
+    feed = LogFeed("D", emit, collections.deque(maxlen=10), lambda why: None)
+    for i in range(n):
+        clock.t += step
+        feed.feed(DISCONNECT.replace("{i}", str(i)))
+    return notices
+
+
+def test_a_d_stuck_in_remote_disconnect_is_said_once_with_the_restart_order():
+    from pdtui.core.events import InstanceStateChanged
+    from pdtui.core.pairwatch import DisconnectWatch
+
+    clock = FakeClock()
+    watch = DisconnectWatch({"P": "prefill", "D": "decode"}, threshold=3, window_s=60, clock=clock)
+    assert _failures(2, clock, watch) == []
+    (notice,) = _failures(3, clock, watch)  # the third within the window: once, not on the 4th and 5th
+    assert notice.level == "error" and notice.instance == "D"
+    assert "NIXL_ERR_REMOTE_DISCONNECT" in notice.text and "none worked" in notice.text
+    assert notice.text.index("`pdtui ctl restart P`") < notice.text.index("`pdtui ctl restart D`")
+    # a read that works ends the episode; so does a restart of P
+    watch.feed(RequestTraced(request_id="ok", endpoint="/v1/completions", stream=False, outcome="pair", status=200,
+                             decode="D"))
+    assert len(_failures(3, clock, watch)) == 1
+    watch.feed(InstanceStateChanged(instance="P", role="prefill", state="starting"))
+    assert len(_failures(3, clock, watch)) == 1
+    # failures spread wider than the window are no episode; a P's failures are not D's
+    assert _failures(6, clock, DisconnectWatch({"D": "decode"}, threshold=3, window_s=15, clock=clock)) == []
+    assert _failures(3, clock, DisconnectWatch({"D": "prefill"}, clock=clock)) == []
