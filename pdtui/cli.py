@@ -252,8 +252,9 @@ ATTACH_DESCRIPTION = ("Two ways in. Without --prefill/--decode: a viewer of a ru
 ATTACH_EPILOG = ATTACH_SERVICE_EXAMPLES + "\n\n" + ATTACH_ENGINES_EXAMPLES
 
 
-def _add_attach_engine_args(p: argparse.ArgumentParser) -> None:
-    """`pdtui attach`'s arguments for engines given by URL (``run_attach_engines``)."""
+def _add_engine_url_args(p: argparse.ArgumentParser) -> None:
+    """Engines someone else started, by URL, and how to reach, kill and restart them: `pdtui
+    attach` and `pdtui drill` (``_attached_topology`` reads them)."""
     p.add_argument("--prefill", action="append", default=[], metavar="URL[,URL...]",
                    help="the prefill engines' URLs (named P, or P1, P2, ...); repeat or separate with commas")
     p.add_argument("--decode", action="append", default=[], metavar="URL[,URL...]",
@@ -271,15 +272,20 @@ def _add_attach_engine_args(p: argparse.ArgumentParser) -> None:
                    " pdtui then waits until /health answers")
     p.add_argument("--command-timeout", type=float, default=120.0,
                    help="seconds a --kill or --restart command may run before it is killed (default 120)")
-    p.add_argument("--observe", action="store_true",
-                   help="observe only: no proxy, metrics (and --witness) only; for someone else's router")
-    p.add_argument("--witness", default=None, metavar="URL",
-                   help="with --observe: the router to send a small witness request through every 5 s")
     p.add_argument("--decode-reports-cached", action="store_true",
                    help="the decode engines run with --enable-prompt-tokens-details: check every paired"
                    " request for a silent recompute (without it, D's usage cannot tell)")
     p.add_argument("--no-warmup", action="store_true",
                    help="send no warm-up request through the pair before calling it ready")
+
+
+def _add_attach_engine_args(p: argparse.ArgumentParser) -> None:
+    """`pdtui attach`'s arguments for engines given by URL (``run_attach_engines``)."""
+    _add_engine_url_args(p)
+    p.add_argument("--observe", action="store_true",
+                   help="observe only: no proxy, metrics (and --witness) only; for someone else's router")
+    p.add_argument("--witness", default=None, metavar="URL",
+                   help="with --observe: the router to send a small witness request through every 5 s")
     add_switch_flags(p)
     # --proxy-port is the service flags' (one flag, one meaning: that pdtui's proxy port): with
     # URLs, the port pdtui's proxy serves on (default 8000), which also names its control socket
@@ -368,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         " moves), restart D, kill P (a request falls back to D colocated), restart P (back to the pair, its"
         " freight formula shown), then the histograms. Each consequence is waited for (bounded) and checked;"
         " the exit code is 0 only if every step was seen. Rehearse it before a class; --shots saves an SVG"
-        " of the dashboard at each step. " + PRECEDENCE), formatter_class=argparse.RawDescriptionHelpFormatter)
+        " of the dashboard at each step. Over engines someone else started (--prefill URL --decode URL),"
+        " the same drill runs through your --kill and --restart commands, and --scenario headroom over"
+        " --decode SMALL,LARGE fills the small D's pool. " + PRECEDENCE),
+        epilog=DRILL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_pair_flags(drill)
     drill.add_argument("--shots", type=Path, default=None, help="save an SVG screenshot per step into this folder")
     drill.add_argument("--prefix", default="", help="prefix of the screenshot file names (e.g. cpu-)")
@@ -388,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                        " stranded (KV held on P when D is never sent the request, and the proxy's release),"
                        " fail-open (D given tampered kv_transfer_params, the correctness witness), context (P and"
                        " D with different max_model_len: a launched pair's D gets a quarter of P's)")
+    _add_engine_url_args(drill)
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
                        " state dir; printed at start)")
@@ -744,22 +754,77 @@ def _field_topology(cfg: config_mod.PairConfig, scenario: str, topo: Any = None)
     return topo
 
 
+# `pdtui drill` flags that only mean something for one of its two forms
+DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "traces_port", "port_offset")
+DRILL_ENGINES_ONLY = ("log", "kill", "restart", "model_name", "block_size", "decode_reports_cached", "no_warmup")
+
+
+DRILL_EPILOG = """examples:
+  pdtui drill --headless                      the failure drill on the default pair, steps on stderr
+  pdtui drill --profile 1p2d-small --scenario headroom
+                                              fill the small D's pool, check new streams go elsewhere
+  pdtui drill --headless --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \\
+      --kill P='pkill -9 -f port.8100' --restart P=./start-p.sh \\
+      --kill D='pkill -9 -f port.8200' --restart D=./start-d.sh
+                                              the failure drill over engines you started
+  pdtui drill --headless --scenario headroom --decode-choice headroom \\
+      --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8250,http://127.0.0.1:8200
+                                              the headroom drill over your 1P2D (the smaller D fills)
+  pdtui drill --headless --scenario stranded  a drill from the field (docs/drills.md): stranded, fail-open,
+                                              context; over a launched pair or --prefill/--decode URLs
+"""
+
+
 def run_drill(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
+    """`pdtui drill`: over a pair it launches (a profile), or over engines someone else started
+    (--prefill URL --decode URL, with their kill and restart commands)."""
+    engines = bool(args.prefill or args.decode)
+    defaults = build_parser().parse_args(["drill"])
+    given = [n for n in (DRILL_LAUNCH_ONLY if engines else DRILL_ENGINES_ONLY) if getattr(args, n) != getattr(defaults, n)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        what = "a pair pdtui launches (no --prefill/--decode)" if engines else "engines given by URL (--prefill/--decode)"
+        print(f"pdtui drill: {flags} is for {what} (pdtui drill --help)", file=sys.stderr)
+        return 2
     size = _size(args.size) if args.headless else None
     if args.witness_tokens < 50:
         raise ConfigError("--witness-tokens must be at least 50: the stream has to outlive the kill")
-    _preflight(cfg)
+    topo = None
+    if engines:
+        topo = _attached_topology(args, "pdtui drill")
+        _drill_needs(topo, args.scenario)
+        cfg = topo.cfg
+    else:
+        cfg = load_config(args)
+        _preflight(cfg)
     if not args.headless and (code := _terminal_missing(", or `pdtui drill --headless`")):
         return code
-    return asyncio.run(_drill(cfg, args, size))
+    return asyncio.run(_drill(cfg, args, size, topo))
 
 
-async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tuple[int, int] | None) -> int:
+def _drill_needs(topo: Any, scenario: str) -> None:
+    """What a drill over engines pdtui did not start needs before it begins: the failure drill
+    kills and restarts D and P through the user's commands; the headroom drill needs two D."""
+    members = list(topo.members)
+    if scenario in FIELD_SCENARIOS:  # they kill and restart nothing
+        return
+    if scenario == "headroom":
+        if sum(1 for m in members if m.role == "decode") < 2:
+            raise ConfigError("--scenario headroom needs two decode engines or more: --decode URL,URL")
+        return
+    missing = [f"--{what} {m.name}=CMD" for m in members for what in ("kill", "restart")
+               if getattr(m.attach, what) is None]
+    if missing:
+        raise ConfigError("the failure drill kills and restarts every engine through your commands; missing: "
+                          + ", ".join(missing))
+
+
+async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tuple[int, int] | None,
+                 topo: Any = None) -> int:
     from pdtui.app import drill
     from pdtui.app.app import make_app
 
-    rt = _runtime(cfg, args, _field_topology(cfg, args.scenario) if args.scenario in FIELD_SCENARIOS else None)
+    rt = _runtime(cfg, args, _field_topology(cfg, args.scenario, topo) if args.scenario in FIELD_SCENARIOS else topo)
     app = make_app(rt, screenshot_dir=args.shots)
     result: list[drill.DrillResult] = []
 
@@ -1320,15 +1385,32 @@ def run_attach(args: argparse.Namespace) -> int:
 def run_attach_engines(args: argparse.Namespace) -> int:
     """Engines someone else started, by URL: checked (preflight_attached), then the dashboard or
     --headless over a Runtime of their attached topology, as `up` over a launched pair."""
+    if args.witness is not None and not args.observe:
+        raise ConfigError("--witness needs --observe: with pdtui's proxy in the path every request is measured")
+    router = _attach_urls([args.witness], "--witness")[0] if args.witness else None
+    topo = _attached_topology(args, "pdtui attach", observe=args.observe, router=router)
+    if args.headless:
+        return asyncio.run(_up_headless(topo.cfg, args, topo))
+    if code := _terminal_missing(", or `pdtui attach --headless ...` (events as JSON lines)"):
+        return code
+    return asyncio.run(_up_dashboard(topo.cfg, args, topo))
+
+
+def _attached_topology(args: argparse.Namespace, verb: str, *, observe: bool = False,
+                       router: str | None = None) -> Any:
+    """The topology of engines given by URL (``_add_engine_url_args``), after preflight_attached
+    checked them (refusals raise; notes printed): `pdtui attach` and `pdtui drill` over engines."""
     from pdtui.core import topology
     from pdtui.core.ctl_client import default_socket_path
     from pdtui.core.preflight import preflight_attached
 
     if args.proxy_port is None:
         args.proxy_port = 8000
+    if args.host is None:
+        args.host = "127.0.0.1"
     prefills, decodes = _attach_urls(args.prefill, "--prefill"), _attach_urls(args.decode, "--decode")
     if not prefills or not decodes:
-        raise ConfigError("pdtui attach needs both sides: --prefill URL and --decode URL")
+        raise ConfigError(f"{verb} needs both sides: --prefill URL and --decode URL")
     ps, ds = topology.attached_names(len(prefills), "P"), topology.attached_names(len(decodes), "D")
     names = ps + ds
     logs = {n: Path(f).expanduser() for n, f in _attach_named(args.log, "--log", names).items()}
@@ -1337,31 +1419,24 @@ def run_attach_engines(args: argparse.Namespace) -> int:
             raise ConfigError(f"--log {n}={path}: no such file")
     kills = _attach_named(args.kill, "--kill", names)
     restarts = _attach_named(args.restart, "--restart", names)
-    if args.witness is not None and not args.observe:
-        raise ConfigError("--witness needs --observe: with pdtui's proxy in the path every request is measured")
-    router = _attach_urls([args.witness], "--witness")[0] if args.witness else None
     if args.command_timeout <= 0 or args.ready_timeout <= 0:
         raise ConfigError("--command-timeout and --ready-timeout are positive numbers of seconds")
     check = preflight_attached(list(zip(ps, prefills, strict=True)), list(zip(ds, decodes, strict=True)),
-                               model_name=args.model_name, logs=logs, observe=args.observe,
-                               proxy=None if args.observe else (args.host, args.proxy_port),
+                               model_name=args.model_name, logs=logs, observe=observe,
+                               proxy=None if observe else (args.host, args.proxy_port),
                                control_socket=default_socket_path(args.proxy_port))
     for note in check.notes:
-        print(f"pdtui attach: note: {note}", file=sys.stderr)
+        print(f"{verb}: note: {note}", file=sys.stderr)
     attach = {n: topology.Attach(log=logs.get(n), kill=kills.get(n), restart=restarts.get(n),
                                  command_timeout_s=args.command_timeout) for n in names}
     switches = {f.name: getattr(args, f.name) for f in config_mod.proxy_switches() if getattr(args, f.name) is not None}
     topo = topology.attached(
-        prefills, decodes, host=args.host, proxy_port=args.proxy_port, observe=args.observe,
+        prefills, decodes, host=args.host, proxy_port=args.proxy_port, observe=observe,
         router=router, attach=attach, ready_timeout_s=args.ready_timeout, warmup=not args.no_warmup,
         decode_reports_cached=args.decode_reports_cached, switches=switches,
         **_attached_facts(check, args.model_name, args.block_size))
-    print(f"pdtui attach: {topo.describe()}", file=sys.stderr, flush=True)
-    if args.headless:
-        return asyncio.run(_up_headless(topo.cfg, args, topo))
-    if code := _terminal_missing(", or `pdtui attach --headless ...` (events as JSON lines)"):
-        return code
-    return asyncio.run(_up_dashboard(topo.cfg, args, topo))
+    print(f"{verb}: {topo.describe()}", file=sys.stderr, flush=True)
+    return topo
 
 
 def _attached_facts(check: Any, model_name: str | None, block_size: int | None) -> dict[str, Any]:

@@ -146,8 +146,8 @@ class RequestTraced(Event):
     """P requests sent for it: 0 (no P was up), 1, or 2 (one retry after 502/503/504 or a break)."""
     prefill_branch: str | None = None
     """How the P leg ended when it did not simply pair: a key of pdtui.core.proxy.PREFILL_BRANCHES
-    (fallback_down, fallback_unreachable, retry_ok, error_retry_failed, error_5xx, error_no_kv,
-    decode_locally); None when the first P request paired."""
+    (fallback_down, fallback_unreachable, next_p, retry_ok, error_retry_failed, error_5xx,
+    error_no_kv, decode_locally); None when the first P request paired."""
     switch: str | None = None
     """The TTFT switch that served it (pdtui.core.proxy.firsttoken): first_token (P's token sent at once, D
     continued), first_token_p_only (P's token ended it: no D leg), tokenize_once; None: neither."""

@@ -540,3 +540,30 @@ def test_attach_headless_drives_a_pair_through_its_proxy_and_the_users_commands(
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--profile", "cpu"],
+     "--profile is for a pair pdtui launches"),
+    (["--kill", "D=kill 1"], "--kill is for engines given by URL"),
+    (["--decode-reports-cached"], "--decode-reports-cached is for engines given by URL"),
+    (["--prefill", "http://127.0.0.1:1"], "pdtui drill needs both sides"),
+])
+def test_bad_drill_input_over_engines_is_a_clear_message_and_exit_2(argv: list[str], said: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["drill", "--headless", *argv]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_drill_over_engines_says_what_it_lacks_before_it_starts(engines: Callable[..., Engine],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Over fake engines (tests/fakes.py) that pass preflight: the failure drill needs every
+    engine's kill and restart commands, the headroom drill two D; refused before any Runtime."""
+    p, d = started(engines("prefill"), engines("decode"))
+    base = ["drill", "--headless", "--prefill", p.url, "--decode", d.url, "--proxy-port", str(free_port()),
+            "--kill", "D=true"]
+    assert cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert "missing: --kill P=CMD, --restart P=CMD, --restart D=CMD" in err
+    assert cli.main([*base, "--scenario", "headroom"]) == 2
+    assert "--scenario headroom needs two decode engines or more" in capsys.readouterr().err

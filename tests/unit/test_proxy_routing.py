@@ -144,6 +144,41 @@ def test_p_is_chosen_by_load_then_queue():
     run(go())
 
 
+def test_a_p_that_refuses_the_connection_hands_the_request_to_the_other_p_not_to_d():
+    """2P1D with P1 gone before pdtui saw it go (a closed port, still marked up): the request is
+    never sent to P1, so P2 takes it and it pairs (branch next_p), where one P would fall back."""
+    async def go():
+        p2, d = FakeVllm("prefill"), FakeVllm("decode")
+        async with serving(p2), serving(d):
+            got: list[RequestTraced] = []
+            gone = f"http://127.0.0.1:{free_port()}"
+            proxy = Proxy([Upstream("P1", "prefill", gone), Upstream("P2", "prefill", p2.url)],
+                          [Upstream("D", "decode", d.url)], ProxySettings(block_size=16), on_trace=got.append)
+            proxy.router.set_capacity("P2", Capacity(t=time.time(), waiting=3))  # P1 first by queue
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json=BODY)
+                    alone = Proxy([Upstream("P1", "prefill", gone)], [Upstream("D", "decode", d.url)],
+                                  ProxySettings(block_size=16), on_trace=got.append)
+                    server1 = ProxyServer(alone, "127.0.0.1", free_port())
+                    await server1.start()
+                    try:
+                        r1 = await client.post(f"http://127.0.0.1:{server1.port}/v1/completions", json=BODY)
+                    finally:
+                        await server1.stop()
+            finally:
+                await server.stop()
+            assert r.status_code == 200 and r1.status_code == 200
+            two, one = got[-2], got[-1]
+            assert (two.outcome, two.prefill, two.prefill_branch, two.prefill_attempts) == ("pair", "P2", "next_p", 2)
+            assert len(p2.requests) == 1
+            assert (one.outcome, one.prefill_branch) == ("fallback", "fallback_unreachable")
+
+    run(go())
+
+
 def test_told_about_a_scrape_the_proxy_reports_each_d_headroom():
     async def go():
         proxy = Proxy([Upstream("P", "prefill", "http://127.0.0.1:1")],

@@ -470,6 +470,7 @@ class Proxy:
             p_body["return_token_ids"] = True  # the prompt's ids and the token's (pdtui.core.proxy.firsttoken)
         payload = json.dumps(p_body).encode()
         tried: list[str] = []
+        unreachable: list[str] = []
         first: _PrefillFailed | None = None
         while True:
             ups = self.router.order_prefills(self.prefills)  # by load, then queue
@@ -487,7 +488,13 @@ class Proxy:
                 params = await self._prefill_once(trace, up, payload)
             except _PrefillFailed as f:
                 if f.kind == "unreachable":
-                    self._fall_back(trace, "fallback_unreachable", f"prefill_unreachable: {f.message}")
+                    # never sent: another P that is up and not tried yet takes it (2P1D with one P
+                    # killed, before pdtui saw it go); with none left, D computes it
+                    if any(u.name not in tried for u in self.router.order_prefills(self.prefills)):
+                        unreachable.append(f"{up.name}: {f.message}")
+                        continue
+                    self._fall_back(trace, "fallback_unreachable",
+                                    f"prefill_unreachable: {'; '.join([*unreachable, f.message])}")
                     return None
                 if self.settings.prefill_failure == "decode-locally":
                     self._fall_back(trace, "decode_locally", f.reason)
@@ -502,6 +509,8 @@ class Proxy:
                 raise ProxyError(f.status, message, "upstream_error") from None
             if first is not None:
                 trace.prefill_branch = "retry_ok"
+            elif unreachable:
+                trace.prefill_branch = "next_p"
             return params
 
     def _fall_back(self, trace: Trace, branch: str, reason: str) -> None:

@@ -15,6 +15,7 @@ PREFILL_BRANCHES = {
     "fallback_down": "no prefill instance was up: D computed the prompt (before dispatch)",
     "fallback_unreachable": "no connection to P could be made: D computed the prompt (before dispatch)",
     "retry_ok": "P failed with 502/503/504 or broke off; the one retry paired",
+    "next_p": "no connection to a P could be made (never sent); another P that was up paired",
     "error_retry_failed": "P failed with 502/503/504 or broke off, and so did the retry: an error to the client",
     "error_5xx": "P answered another 5xx: an error to the client",
     "error_no_kv": "P answered 200 without kv_transfer_params (or not JSON): an error to the client",
