@@ -402,6 +402,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
                        " state dir; printed at start)")
 
+    soak = sub.add_parser("soak", help="the pair under steady mixed load for minutes or hours, a report every N"
+                          " minutes, and whether anything grew", description=(
+        "Start the pair (or attach to engines given by --prefill/--decode URLs) and keep it under steady mixed"
+        " load through pdtui's proxy: several clients, prompts of 64 to --max-prompt tokens, streamed and not."
+        " Every --every minutes a line: requests sent, clean and lost (by kind), transfers, the proxy's"
+        " traces by outcome, RSS and open fds of every engine pdtui started and of the proxy, each KV pool's"
+        " blocks in use. At the end, once the load stopped: the blocks each engine still holds, and the"
+        " verdict (no lost request; RSS and fds flat within 5%% after the first report; no block held);"
+        " exit 0 only if it all held. " + PRECEDENCE), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pair_flags(soak)
+    _add_engine_url_args(soak)
+    soak.add_argument("--minutes", type=float, default=60.0, help="how long the load runs (default 60)")
+    soak.add_argument("--every", type=float, default=5.0, help="minutes between reports (default 5)")
+    soak.add_argument("--streams", type=int, default=3, help="clients sending at once (default 3)")
+    soak.add_argument("--max-prompt", type=int, default=1500, help="longest prompt, tokens (default 1500)")
+    soak.add_argument("--seed", type=int, default=0, help="the load's seed (default 0)")
+    soak.add_argument("--out", type=Path, default=None, help="write the reports and the verdict as JSON here")
+    soak.add_argument("--ready-timeout", type=float, default=300.0,
+                      help="seconds to wait for the pair (default 300)")
+    soak.add_argument("--log-dir", type=Path, default=None,
+                      help="write the engines' and the proxy's logs here (default: a new run folder)")
+
     ctl = sub.add_parser("ctl", help="control a running pdtui from another terminal: status, kill, restart, down",
                          description=CTL_DESCRIPTION, epilog=CTL_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -860,6 +882,52 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
     if args.shots:
         print(f"screenshots in {args.shots}/")
     return 0 if result[0].ok else 1
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    """`pdtui soak`: over a pair it launches, or engines given by URL; the verdict's exit code."""
+    if args.minutes <= 0 or args.every <= 0 or args.streams < 1 or args.max_prompt < 64:
+        raise ConfigError("--minutes and --every are positive, --streams at least 1, --max-prompt at least 64")
+    topo = None
+    if args.prefill or args.decode:
+        topo = _attached_topology(args, "pdtui soak")
+        cfg = topo.cfg
+    else:
+        cfg = load_config(args)
+        _preflight(cfg)
+    return asyncio.run(_soak(cfg, args, topo))
+
+
+async def _soak(cfg: config_mod.PairConfig, args: argparse.Namespace, topo: Any = None) -> int:
+    from pdtui.bench import soak
+
+    rt = _runtime(cfg, args, topo)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, task.cancel if task else (lambda: None))
+    try:
+        elapsed = await rt.start()
+        if rt.broken:
+            print(f"pdtui soak: the pair came up broken: {rt.broken}", file=sys.stderr)
+            return 1
+        print(f"[soak] pair ready in {elapsed:.1f} s; {args.minutes:g} min of load, a report every {args.every:g} min",
+              flush=True)
+        res = await soak.run(rt, minutes=args.minutes, every_min=args.every, streams=args.streams,
+                             max_prompt=args.max_prompt, seed=args.seed, out=args.out,
+                             say=lambda line: print(line, flush=True))
+    except asyncio.CancelledError:
+        print("pdtui soak: stopped before the end", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await rt.aclose(reason="soak over")
+    rows = res.verdict()
+    print(f"\n{'':<4} {'expected':<58} observed")
+    for expected, observed, held in rows:
+        print(f"{'ok' if held else 'NOT':<4} {expected:<58} {observed}")
+    return 0 if all(h for _, _, h in rows) else 1
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -1574,6 +1642,7 @@ def _signame(num: int) -> str:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": run_up, "config": run_config, "preflight": run_preflight, "replay": run_replay, "drill": run_drill,
+    "soak": run_soak,
     "ctl": run_ctl, "bench": run_bench, "proxy": run_proxy, "model": run_model, "attach": run_attach,
 }
 """Each subcommand (build_parser) and the function that runs it: a new command is a parser and a line here."""

@@ -142,3 +142,37 @@ def test_a_d_stuck_in_remote_disconnect_is_said_once_with_the_restart_order():
     # failures spread wider than the window are no episode; a P's failures are not D's
     assert _failures(6, clock, DisconnectWatch({"D": "decode"}, threshold=3, window_s=15, clock=clock)) == []
     assert _failures(3, clock, DisconnectWatch({"D": "prefill"}, clock=clock)) == []
+
+
+# ----- the soak's verdict (pdtui.bench.soak; the soak itself: tests/e2e) -------------------------------
+
+def _report(t: float, rss: float, fds: float, lost: int = 0):
+    from pdtui.bench.soak import Report
+
+    return Report(t_s=t, sent=100, clean=100 - lost, lost=lost, lost_why={"status 502": lost} if lost else {},
+                  traced={"pair": 100}, transfers=100, kv_bytes=2**20, pools={},
+                  processes={"D": {"rss_mib": rss, "fds": fds, "procs": 3}})
+
+
+def test_the_soak_verdict_holds_flat_figures_and_names_what_grew():
+    from pdtui.bench.soak import SoakResult
+
+    flat = SoakResult(1, 0.5, [_report(30, 1000, 80), _report(60, 1040, 82)], settled={"P": 0.0, "D": 0.0})
+    assert all(held for _, _, held in flat.verdict())
+    grew = SoakResult(1, 0.5, [_report(30, 1000, 80), _report(60, 1100, 80, lost=2)], settled={"P": 6.0})
+    bad = {e: o for e, o, held in grew.verdict() if not held}
+    assert bad == {"no request lost": "2 of 100: {'status 502': 2}",
+                   "D rss flat within 5% after the warm-up": "1000 -> 1100 MiB (+10.0%)",
+                   "P holds no KV block once the load stopped": "6 blocks"}
+    assert not SoakResult(1, 1, [_report(60, 1, 1)]).verdict()[0][2]  # one report: no verdict
+    assert '"held": false' in grew.to_json()
+
+
+def test_session_usage_reads_this_process_s_session():
+    import os
+
+    from pdtui.bench.soak import session_usage
+
+    rss, fds, procs = session_usage(os.getsid(0))
+    assert rss > 10 * 2**20 and fds >= 3 and procs >= 1
+    assert session_usage(2**22 + 12345) == (0, 0, 0)  # no such session
