@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                        " nothing; expected and observed printed); or a drill from the field (docs/drills.md):"
                        " stranded (KV held on P when D is never sent the request, and the proxy's release),"
                        " fail-open (D given tampered kv_transfer_params, the correctness witness), context (P and"
-                       " D with different max_model_len: a launched pair's D gets a quarter of P's)")
+                       " D with different max_model_len: a launched pair's D gets a quarter of P's), restart-order"
+                       " (D restarted while P stays up), handshake (a launched pair whose D's dtype differs)")
     _add_engine_url_args(drill)
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
@@ -758,7 +759,7 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-FIELD_SCENARIOS = ("stranded", "fail-open", "context")
+FIELD_SCENARIOS = ("stranded", "fail-open", "context", "restart-order", "handshake")
 """`pdtui drill --scenario`'s drills from the field (pdtui.app.drill_field.SCENARIOS)."""
 
 
@@ -769,10 +770,12 @@ def _field_topology(cfg: config_mod.PairConfig, scenario: str, topo: Any = None)
     from pdtui.core import topology
 
     topo = topology.with_settings(topo or topology.pair(cfg), drill=True)
-    if scenario == "context" and any(m.launch is not None for m in topo.members):
-        for m in topo.members:
-            if m.role == "decode":
-                topo = topology.with_argv(topo, m.name, "--max-model-len", str(cfg.max_model_len // 4))
+    launched = [m for m in topo.members if m.launch is not None and m.role == "decode"]
+    for m in launched:
+        if scenario == "context":
+            topo = topology.with_argv(topo, m.name, "--max-model-len", str(cfg.max_model_len // 4))
+        elif scenario == "handshake":  # KV-shaped: P's and D's KV bytes per token differ
+            topo = topology.with_argv(topo, m.name, "--dtype", "float32" if cfg.dtype != "float32" else "bfloat16")
     return topo
 
 
@@ -828,6 +831,16 @@ def _drill_needs(topo: Any, scenario: str) -> None:
     """What a drill over engines pdtui did not start needs before it begins: the failure drill
     kills and restarts D and P through the user's commands; the headroom drill needs two D."""
     members = list(topo.members)
+    if scenario == "handshake":
+        raise ConfigError("--scenario handshake launches a pair whose D's dtype differs (past pdtui's refusal, on"
+                          " purpose); engines given by URL that differ so are refused before anything is sent")
+    if scenario == "restart-order":
+        missing = [f"--{what} {m.name}=CMD" for m in members if m.role == "decode" for what in ("kill", "restart")
+                   if getattr(m.attach, what) is None]
+        if missing:
+            raise ConfigError("the restart-order drill kills and restarts D through your commands; missing: "
+                              + ", ".join(missing))
+        return
     if scenario in FIELD_SCENARIOS:  # they kill and restart nothing
         return
     if scenario == "headroom":

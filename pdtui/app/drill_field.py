@@ -15,6 +15,11 @@ ended within a bound the drill states.
                 alone, compared token for token) red whenever the tokens differ, whatever the status.
 - ``context``   (InferenceX #2293) context-length asymmetry: a prompt the shorter side refuses, sent
                 through the pair: one clear HTTP error within the bound, never a hang.
+- ``restart-order`` (vLLM #49238) D killed and restarted while P stays up, then requests through the
+                pair: each ends within the bound and pairs.
+- ``handshake`` (the lab's first failure mode) P and D whose KV-shaped settings differ (a launched
+                pair: D's --dtype changed past the config's refusal, on purpose): the warm-up is
+                called broken with its reason, every request ends within the bound, D's log says why.
 
 Each step waits, bounded, then saves an SVG with ``--shots``. The drill reads P's and D's /metrics
 itself (the blocks P holds need a finer clock than the dashboard's scrape) and sends its requests
@@ -40,7 +45,7 @@ from pdtui.core.events import RequestTraced
 from pdtui.core.proxy import PREFILL_KV_PARAMS, drillhooks
 from pdtui.core.scrape import parse_metrics
 
-SCENARIOS = ("stranded", "fail-open", "context")
+SCENARIOS = ("stranded", "fail-open", "context", "restart-order", "handshake")
 USAGE = "vllm:kv_cache_usage_perc"
 EXPIRED = "vllm:nixl_num_kv_expired_reqs"
 AFTER_EXPIRY = "vllm:nixl_num_notifications_after_expiry"
@@ -315,7 +320,74 @@ async def context(fd: FieldDrill, *, bound_s: float = REQUEST_BOUND_S) -> None:
              all(v is not None for v in freed.values()))
 
 
-RUNNERS: dict[str, Callable[..., Awaitable[None]]] = {"stranded": stranded, "fail-open": fail_open, "context": context}
+# ----- restart in the wrong order -----------------------------------------------------------------
+
+async def _pair_requests(fd: FieldDrill, name: str, n: int, bound_s: float, salt: int) -> list[tuple[Any, float, str]]:
+    """``n`` small requests through the pair, one after another: (trace or None, seconds, words)."""
+    out = []
+    for i in range(n):
+        rid = f"drill-{name}-{fd.nonce}-{i}"
+        body = {"model": fd.model, "prompt": fd.prompt_ids(200, salt + i), "max_tokens": 8}
+        got, secs, why = await _timed(fd.client.post(f"{fd.proxy}/v1/completions", json=body,
+                                                      headers={"X-Request-Id": rid}), bound_s)
+        row = await fd.traced(rid) if got is not None else None
+        words = why or f"{got.status_code} {row.outcome if row else '-'}"
+        if row is not None and row.error:
+            words += f": {row.error[:90]}"
+        out.append((row, secs, words))
+    return out
+
+
+async def restart_order(fd: FieldDrill, *, bound_s: float = REQUEST_BOUND_S) -> None:
+    """vLLM #49238: D restarted while P stays up ("UCX ... Endpoint timeout", the request hung)."""
+    p, d = await fd.ready()
+    before = await _pair_requests(fd, "restart-before", 2, bound_s, 50)
+    await fd.done("before", "; ".join(f"{w} in {s:.2f} s" for _, s, w in before))
+    control = fd.app.control
+    await control.kill(d, source="drill")
+    await fd.until(f"{d} down", lambda s: (v := s.instance(d)) is not None and v.state != "ready", 60)
+    t = time.monotonic()
+    await control.restart(d, source="drill")
+    await fd.until(f"{d} ready again", lambda s: (v := s.instance(d)) is not None and v.state == "ready", 600)
+    await fd.done("restart-d", f"{d} killed and restarted while {p} stayed up ({time.monotonic() - t:.1f} s)")
+    after = await _pair_requests(fd, "restart-after", 3, bound_s, 60)
+    await fd.done("after", "; ".join(f"{w} in {s:.2f} s" for _, s, w in after))
+    fd.check(f"every request after {d}'s restart (P up throughout) ends within {bound_s:.0f} s",
+             ", ".join(f"{s:.2f} s" for _, s, _ in after), all(r is not None and s < bound_s for r, s, _ in after))
+    fd.check(f"... and pairs: {d}'s first pull handshakes with {p} again (the report: UCX endpoint timeout,"
+             " the request hung)", "; ".join(w for _, _, w in after),
+             all(r is not None and r.outcome == "pair" for r, _, _ in after))
+
+
+# ----- the handshake that never completes ---------------------------------------------------------------
+
+async def handshake(fd: FieldDrill, *, bound_s: float = REQUEST_BOUND_S) -> None:
+    """P and D whose KV-shaped settings differ (a launched pair: D's --dtype changed past the
+    config's refusal, on purpose): what the warm-up and a request do."""
+    await fd.until("the pair up and its warm-up over (ready or broken)",
+                   lambda s: bool(s.instances) and all(i.state == "ready" for i in s.instances)
+                   and (s.header.ready_s is not None or s.header.broken is not None), 900)
+    broken = fd.snap().header.broken
+    p, d = fd.app.instance_for("prefill"), fd.app.instance_for("decode")
+    if p is None or d is None:
+        raise DrillFailed("this drill needs a prefill and a decode instance")
+    await fd.done("warm-up", f"pair {'BROKEN: ' + broken if broken else 'ready (the handshake completed)'}")
+    fd.check("the warm-up does not call the pair ready: pdtui says it is broken, and why",
+             broken or "called ready", broken is not None)
+    rows = await _pair_requests(fd, "handshake", 2, bound_s, 70)
+    await fd.done("requests", "; ".join(f"{w} in {s:.2f} s" for _, s, w in rows))
+    fd.check(f"each request ends with one outcome within {bound_s:.0f} s, never a hang",
+             "; ".join(f"{w} in {s:.2f} s" for _, s, w in rows), all(r is not None for r, _, _ in rows))
+    dv = fd.snap().instance(d)
+    said = dict(dv.milestones) if dv is not None else {}
+    words = said.get("compat_failed") or said.get("transfer_failure") or "nothing"
+    fd.check(f"{d}'s log says why (NIXL's compatibility check or a failed handshake)", words[:160],
+             "compat_failed" in said or "transfer_failure" in said)
+
+
+RUNNERS: dict[str, Callable[..., Awaitable[None]]] = {
+    "stranded": stranded, "fail-open": fail_open, "context": context, "restart-order": restart_order,
+    "handshake": handshake}
 
 
 async def run(pilot: Any, scenario: str, *, shots: Path | None = None, prefix: str = "",

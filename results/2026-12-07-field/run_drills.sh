@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.." || exit 1
 export PYTHONPATH="$PWD"
 out=results/2026-12-07-field/drills
 mkdir -p "$out"
-for s in ${*:-stranded fail-open context}; do
+for s in ${*:-stranded fail-open context restart-order handshake}; do
   echo "=== pdtui drill --scenario $s"
   timeout 600 .venv/bin/python -m pdtui drill --headless --scenario "$s" --port-offset 26000 \
     --shots "$out/shots-$s" --record "$out/$s.jsonl" > "$out/$s.txt" 2> "$out/$s.err"

@@ -79,6 +79,8 @@ def test_a_field_drill_s_topology_turns_the_drill_faults_on_and_the_context_dril
     assert argv["D"].count("--max-model-len") == 1
     stranded = cli._field_topology(cfg, "stranded")
     assert [m.launch.argv for m in stranded.members] == [m.launch.argv for m in plain.members]
+    hs = {m.name: m.launch.argv for m in cli._field_topology(cfg, "handshake").members}
+    assert hs["D"][hs["D"].index("--dtype") + 1] == "float32" and hs["P"][hs["P"].index("--dtype") + 1] == "auto"
 
 
 def test_the_cli_names_every_field_scenario():
