@@ -12,8 +12,9 @@ with why. Each report, per interval and so far:
   transport, an unfinished stream; and the proxy's traces: outcome error, fallback, recompute,
   P's blocks released for a D leg never sent);
 - transfers: paired traces, KV bytes offered by P;
-- each engine pdtui started (and the proxy): RSS and open fds summed over its session's
-  processes (API server, engine core, workers), processes; engines given by URL have no pid here;
+- each engine (and the proxy): RSS and open fds summed over its session's processes (API server,
+  engine core, workers), processes; an engine given by URL is found by the process listening on its
+  port on this machine (``listener_pid``), and left out when it is elsewhere;
 - each engine's KV pool from its /metrics: blocks in use, free blocks; P's blocks held for reads
   at the report (in flight) and, at the end once the load stopped, after a settle (nothing may be
   held then).
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -65,6 +67,43 @@ def session_usage(sid: int) -> tuple[int, int, int]:
         except (OSError, ValueError, IndexError):
             continue
     return rss, fds, procs
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this machine (/proc/net/tcp{,6}, then the process
+    holding that socket), for engines pdtui did not start; None when none is found (another
+    machine, another user's process)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                        inodes.add(f"socket:[{cols[9]}]")
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                if os.readlink(fd.path) in inodes:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
@@ -254,8 +293,14 @@ async def _report(rt: Any, client: httpx.AsyncClient, load: Load, traced: Counte
                   t_s: float) -> Report:
     processes: dict[str, dict[str, float]] = {}
     for name, inst in rt.instances.items():
-        if inst.pid:  # launched: the leader of its own session (engines given by URL have no pid here)
-            rss, fds, procs = await asyncio.to_thread(session_usage, inst.pid)
+        sid: int | None = inst.pid  # launched: the leader of its own session
+        if sid is None:  # given by URL: the session of whatever listens on its port here, if anything
+            url = urlsplit(inst.url)
+            if url.hostname in ("127.0.0.1", "localhost", "::1") and url.port:
+                pid = await asyncio.to_thread(listener_pid, url.port)
+                sid = _session_of(pid) if pid else None
+        if sid:
+            rss, fds, procs = await asyncio.to_thread(session_usage, sid)
             processes[name] = {"rss_mib": round(rss / 2**20, 1), "fds": fds, "procs": procs}
     if rt.proxy is not None and rt.proxy.pid:  # the proxy shares pdtui's session: its process alone
         rss, fds, procs = _one_process(rt.proxy.pid)

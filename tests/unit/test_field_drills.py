@@ -178,3 +178,16 @@ def test_session_usage_reads_this_process_s_session():
     rss, fds, procs = session_usage(os.getsid(0))
     assert rss > 10 * 2**20 and fds >= 3 and procs >= 1
     assert session_usage(2**22 + 12345) == (0, 0, 0)  # no such session
+
+
+def test_listener_pid_finds_the_process_behind_a_port():
+    import os
+    import socket
+
+    from pdtui.bench.soak import listener_pid
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        assert listener_pid(sock.getsockname()[1]) == os.getpid()
+    assert listener_pid(1) is None
