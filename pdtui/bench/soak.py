@@ -12,8 +12,8 @@ with why. Each report, per interval and so far:
   transport, an unfinished stream; and the proxy's traces: outcome error, fallback, recompute,
   P's blocks released for a D leg never sent);
 - transfers: paired traces, KV bytes offered by P;
-- each engine (and the proxy): RSS and open fds summed over its session's processes (API server,
-  engine core, workers), processes; an engine given by URL is found by the process listening on its
+- each engine (and the proxy): RSS and open fds summed over its process tree (API server, engine
+  core, workers), processes; an engine given by URL is found by the process listening on its
   port on this machine (``listener_pid``), and left out when it is elsewhere;
 - each engine's KV pool from its /metrics: blocks in use, free blocks; P's blocks held for reads
   at the report (in flight) and, at the end once the load stopped, after a settle (nothing may be
@@ -51,23 +51,34 @@ FD_SLACK = 4
 few with its keep-alive connections): 5% of a small count is less than one connection."""
 
 
-def session_usage(sid: int) -> tuple[int, int, int]:
-    """RSS bytes, open fds and live processes of session ``sid`` (an instance pdtui started leads
-    its own: its pid), read from /proc; a process gone meanwhile is skipped."""
-    rss = fds = procs = 0
+def tree_usage(root: int) -> tuple[int, int, int]:
+    """RSS bytes, open fds and live processes of ``root`` and every process under it (an engine's
+    API server, its engine core and workers), read from /proc; a process gone meanwhile is skipped."""
+    parent: dict[int, int] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) != sid or fields[0] == "Z":
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parent[int(entry.name)] = int(fields[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            with open(f"/proc/{entry.name}/status") as f:
+    if root not in parent:
+        return 0, 0, 0
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
+        tree.update(kids)
+        frontier = kids
+    rss = fds = procs = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/status") as f:
                 rss += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
-            fds += len(os.listdir(f"/proc/{entry.name}/fd"))
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
             procs += 1
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
     return rss, fds, procs
 
@@ -99,14 +110,6 @@ def listener_pid(port: int) -> int | None:
         except OSError:
             continue
     return None
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[3])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @dataclass
@@ -296,29 +299,19 @@ async def _pool(client: httpx.AsyncClient, rt: Any, name: str) -> dict[str, floa
 async def _report(rt: Any, client: httpx.AsyncClient, load: Load, traced: Counter[str], kv: dict[str, int],
                   t_s: float) -> Report:
     processes: dict[str, dict[str, float]] = {}
+    roots: dict[str, int | None] = {}
     for name, inst in rt.instances.items():
-        sid: int | None = inst.pid  # launched: the leader of its own session
-        if sid is None:  # given by URL: the session of whatever listens on its port here, if anything
+        roots[name] = inst.pid  # launched: its API server
+        if roots[name] is None:  # given by URL: whatever listens on its port here, if anything
             url = urlsplit(inst.url)
             if url.hostname in ("127.0.0.1", "localhost", "::1") and url.port:
-                pid = await asyncio.to_thread(listener_pid, url.port)
-                sid = _session_of(pid) if pid else None
-        if sid:
-            rss, fds, procs = await asyncio.to_thread(session_usage, sid)
+                roots[name] = await asyncio.to_thread(listener_pid, url.port)
+    roots["proxy"] = rt.proxy.pid if rt.proxy is not None else None
+    for name, root in roots.items():
+        if root:
+            rss, fds, procs = await asyncio.to_thread(tree_usage, root)
             processes[name] = {"rss_mib": round(rss / 2**20, 1), "fds": fds, "procs": procs}
-    if rt.proxy is not None and rt.proxy.pid:  # the proxy shares pdtui's session: its process alone
-        rss, fds, procs = _one_process(rt.proxy.pid)
-        processes["proxy"] = {"rss_mib": round(rss / 2**20, 1), "fds": fds, "procs": procs}
     pools = {name: p for name in rt.instances if (p := await _pool(client, rt, name))}
     return Report(t_s=round(t_s, 1), sent=load.sent, clean=load.clean, lost=sum(load.lost.values()),
                   lost_why=dict(load.lost), traced=dict(traced), transfers=kv["transfers"], kv_bytes=kv["bytes"],
                   processes=processes, pools=pools)
-
-
-def _one_process(pid: int) -> tuple[int, int, int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
-        return rss, len(os.listdir(f"/proc/{pid}/fd")), 1
-    except OSError:
-        return 0, 0, 0

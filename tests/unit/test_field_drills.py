@@ -170,14 +170,25 @@ def test_the_soak_verdict_holds_flat_figures_and_names_what_grew():
     assert '"held": false' in grew.to_json()
 
 
-def test_session_usage_reads_this_process_s_session():
+def test_tree_usage_sums_a_process_and_its_children():
     import os
+    import subprocess
+    import sys
 
-    from pdtui.bench.soak import session_usage
+    from pdtui.bench.soak import tree_usage
 
-    rss, fds, procs = session_usage(os.getsid(0))
-    assert rss > 10 * 2**20 and fds >= 3 and procs >= 1
-    assert session_usage(2**22 + 12345) == (0, 0, 0)  # no such session
+    alone = tree_usage(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        rss, fds, procs = tree_usage(os.getpid())
+        assert procs == alone[2] + 1 and rss > alone[0] and fds >= 3
+    finally:
+        child.kill()
+        child.wait()
+    assert tree_usage(2**22 + 12345) == (0, 0, 0)  # no such process
 
 
 def test_listener_pid_finds_the_process_behind_a_port():
