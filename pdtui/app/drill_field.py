@@ -229,7 +229,10 @@ async def fail_open(fd: FieldDrill, *, prompt_tokens: int = 300, tokens: int = 1
 
     async def case(name: str, salt: int, tamper: str | None, expect_same: bool) -> known_answer.Verdict:
         prompt = fd.prompt_ids(prompt_tokens, salt)
-        ref = await known_answer.reference(fd.client, fd.url(p), fd.model, prompt, tokens)
+        try:
+            ref = await known_answer.reference(fd.client, fd.url(p), fd.model, prompt, tokens)
+        except (httpx.HTTPError, ValueError) as e:
+            raise DrillFailed(f"{p} gave no known answer to compare with ({type(e).__name__}: {e})") from None
         m0 = {n: await fd.metrics(n) for n in (p, d)}
         rid = f"drill-failopen-{fd.nonce}-{name}"
         headers = {drillhooks.HEADER: f"tamper={tamper}"} if tamper else {}
@@ -289,7 +292,7 @@ async def context(fd: FieldDrill, *, bound_s: float = REQUEST_BOUND_S) -> None:
         raise DrillFailed(f"the engines' max_model_len could not be read from /v1/models: {lens}")
     if p_len == d_len:
         raise DrillFailed(f"P and D both take {p_len} tokens: nothing to drill (launched: `pdtui drill --scenario"
-                          " context` gives D half; by URL: engines with different --max-model-len)")
+                          " context` gives D a quarter; by URL: engines with different --max-model-len)")
     short, long_ = min(p_len, d_len), max(p_len, d_len)
     who = "D" if d_len < p_len else "P"
     base = {n: await fd.blocks_held(n) for n in ps}
