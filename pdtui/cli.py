@@ -487,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shape", default="tiny", choices=sorted(model_mod.SHAPES))
     synth.add_argument("--out", type=Path, default=None,
                        help="directory to write (default: the cache pdtui launches from, $PDTUI_HOME/models/SHAPE)")
+    synth.add_argument("--weights", action="store_true",
+                       help="also write seeded random weights (model.safetensors) whose answers depend on the prompt:"
+                       " serve the folder as a model (--model DIR), not with --load-format dummy, for the"
+                       " correctness witness (`pdtui drill --scenario fail-open`); give --out")
     return parser
 
 
@@ -605,9 +609,12 @@ def run_proxy(args: argparse.Namespace) -> int:
 def run_model(args: argparse.Namespace) -> int:
     if args.model_command != "synth":
         build_parser().parse_args(["model", "--help"])
+    if args.weights and args.out is None:
+        raise ConfigError("--weights needs --out: the cache's folder is served with dummy weights")
     out = args.out or (model_mod.default_model_root() / args.shape)
-    path = model_mod.synth(args.shape, out)
-    print(f"wrote {args.shape} model to {path} (serve with --load-format dummy)")
+    path = model_mod.synth(args.shape, out, weights=args.weights)
+    how = f"serve it as a model: --model {path}" if args.weights else "serve with --load-format dummy"
+    print(f"wrote {args.shape} model to {path} ({how})")
     return 0
 
 

@@ -233,6 +233,13 @@ async def fail_open(fd: FieldDrill, *, prompt_tokens: int = 300, tokens: int = 1
             ref = await known_answer.reference(fd.client, fd.url(p), fd.model, prompt, tokens)
         except (httpx.HTTPError, ValueError) as e:
             raise DrillFailed(f"{p} gave no known answer to compare with ({type(e).__name__}: {e})") from None
+        if ref.flat:
+            fd.check("the model's answers depend on the prompt (else a wrong KV cannot show in them)",
+                     f"every token's logprob is {ref.logprobs[0]:.4f}: dummy weights", False)
+            raise DrillFailed(f"{p} answers with every token at logprob {ref.logprobs[0]:.4f} whatever the prompt"
+                              " (vLLM's dummy weights): a wrong KV cannot change such answers, so the witness is"
+                              " blind. Run this drill on a model with weights: `pdtui model synth --shape tiny"
+                              " --weights --out DIR`, then --model DIR (engines by URL: serve DIR)")
         m0 = {n: await fd.metrics(n) for n in (p, d)}
         rid = f"drill-failopen-{fd.nonce}-{name}"
         headers = {drillhooks.HEADER: f"tamper={tamper}"} if tamper else {}

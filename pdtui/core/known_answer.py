@@ -27,12 +27,21 @@ class Reference:
     tokens: list[int]
     url: str
     """Where the answer came from (P's URL: the prompt computed there alone)."""
+    logprobs: tuple[float, ...] = ()
+    """Each token's logprob in the known answer."""
+
+    @property
+    def flat(self) -> bool:
+        """Every token had the same logprob: the model's answer does not depend on its context (vLLM's
+        dummy weights give each of the vocabulary's ids ln 1/vocab), so no wrong KV can change it
+        and the witness is blind (``pdtui model synth --weights`` writes weights that are not)."""
+        return len(self.logprobs) > 1 and max(self.logprobs) - min(self.logprobs) < 1e-4
 
 
 def body(model: str, prompt: Sequence[int], max_tokens: int) -> dict[str, Any]:
-    """The witness's request: greedy, a fixed length, its token ids returned, not streamed."""
+    """The witness's request: greedy, a fixed length, its token ids and logprobs returned, not streamed."""
     return {"model": model, "prompt": list(prompt), "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True, "stream": False}
+            "return_token_ids": True, "logprobs": 1, "stream": False}
 
 
 def token_ids(data: Any) -> list[int] | None:
@@ -48,10 +57,15 @@ async def reference(client: httpx.AsyncClient, url: str, model: str, prompt: Seq
     httpx.HTTPStatusError or ValueError when it gives none."""
     r = await client.post(f"{url.rstrip('/')}/v1/completions", json=body(model, prompt, max_tokens))
     r.raise_for_status()
-    ids = token_ids(r.json())
+    data = r.json()
+    ids = token_ids(data)
     if ids is None or len(ids) != max_tokens:
         raise ValueError(f"{url} gave no {max_tokens} token ids for the witness: {r.text[:200]}")
-    return Reference(list(prompt), ids, url)
+    try:
+        lps = tuple(float(x) for x in data["choices"][0]["logprobs"]["token_logprobs"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        lps = ()
+    return Reference(list(prompt), ids, url, lps)
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,25 @@ def test_listener_pid_finds_the_process_behind_a_port():
         sock.listen()
         assert listener_pid(sock.getsockname()[1]) == os.getpid()
     assert listener_pid(1) is None
+
+
+def test_a_flat_known_answer_says_the_witness_is_blind():
+    flat = known_answer.Reference([1], [5, 6, 7], "u", (-8.3178, -8.3178, -8.3178))  # ln 1/4096: dummy weights
+    assert flat.flat
+    assert not known_answer.Reference([1], [5, 6, 7], "u", (-0.2, -3.1, -1.7)).flat
+
+
+def test_synthetic_weights_are_what_vllm_loads_for_qwen2(tmp_path):
+    from safetensors.numpy import load_file
+
+    from pdtui.core import model
+
+    model.synth("tiny", tmp_path, weights=True)
+    got = load_file(str(tmp_path / "model.safetensors"))
+    shape = model.SHAPES["tiny"]
+    assert {k: v.shape for k, v in got.items()} == model.weight_shapes(shape)
+    assert "lm_head.weight" not in got  # tied to the embeddings (config: tie_word_embeddings)
+    assert got["model.norm.weight"].min() == 1.0 and got["model.layers.1.self_attn.k_proj.bias"].max() == 0.0
+    again = tmp_path / "again"
+    model.synth("tiny", again, weights=True)  # seeded: the same bytes
+    assert (again / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
