@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-MODEL = str(Path.home() / ".cache/pdtui/models/tiny")
+MODEL = os.environ.get("PDTUI_FIELD_MODEL") or str(Path.home() / ".cache/pdtui/models/tiny")
+"""The tiny model (dummy weights), or a folder with weights (PDTUI_FIELD_MODEL: `pdtui model synth --weights`)."""
 VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ class Engine:
     def argv(self) -> list[str]:
         a = [str(VENV_BIN / "vllm"), "serve", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
              "--served-model-name", "tiny", "--block-size", str(self.block_size), "--max-model-len",
-             str(self.max_model_len), "--load-format", "dummy", "--enforce-eager", "--enable-prompt-tokens-details",
+             str(self.max_model_len), *(["--load-format", "dummy"] if "PDTUI_FIELD_MODEL" not in os.environ else []), "--enforce-eager", "--enable-prompt-tokens-details",
              "--kv-cache-memory-bytes", str(self.kv_bytes), "--disable-uvicorn-access-log"]
         if self.role != "single":
             kv = {"kv_connector": "NixlConnector", "kv_role": "kv_producer" if self.role == "prefill" else "kv_consumer",
