@@ -2,7 +2,7 @@
 refuses, carrying P's kv_transfer_params), against fake upstreams (tests/fakes.py; the fakes
 answer the release as vLLM 0.32 does, 404). What vLLM does with it, on real engines:
 results/2026-12-07-field (P frees the blocks 0.37 s after D's 404 instead of 30.7 s later), and
-tests/e2e/attached/test_b2_field.py. Also the drill's faults (pdtui.core.proxy.drillhooks)."""
+tests/e2e/attached/test_b_field.py. Also the drill's faults (pdtui.core.proxy.drillhooks)."""
 
 from __future__ import annotations
 
