@@ -40,16 +40,16 @@ import httpx
 
 from pdtui.app.drill import Check, DrillFailed, DrillResult, Step
 from pdtui.app.state import Snapshot
-from pdtui.core import known_answer
+from pdtui.core import connectors, known_answer
 from pdtui.core.events import RequestTraced
 from pdtui.core.proxy import PREFILL_KV_PARAMS, drillhooks
 from pdtui.core.scrape import parse_metrics
 
 SCENARIOS = ("stranded", "fail-open", "context", "restart-order", "handshake")
 USAGE = "vllm:kv_cache_usage_perc"
-EXPIRED = "vllm:nixl_num_kv_expired_reqs"
-AFTER_EXPIRY = "vllm:nixl_num_notifications_after_expiry"
-FAILED = "vllm:nixl_num_failed_transfers"
+EXPIRED = connectors.NIXL.counters["expired"]
+AFTER_EXPIRY = connectors.NIXL.stale_read_metric or ""
+FAILED = connectors.NIXL.counters["failed_transfers"]
 LEASE_S = 30.0
 """vLLM 0.32's default ``kv_lease_duration`` (the connector's extra config; nixl/base_scheduler.py)."""
 REQUEST_BOUND_S = 60.0
