@@ -71,6 +71,10 @@ class Connector:
     (on D), "expired" (KV that expired on P before D read it); the dashboard's connector figures."""
     transport_words: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """Warnings about the transport: "same_host_tcp" (format: transport), "slow_reads" (format: mbps)."""
+    stale_read_metric: str | None = None
+    """A counter of ``metrics`` on P: a D said it read blocks of a request P no longer held (freed,
+    or its lease expired), the one trace a read of stale params leaves (the fail-open drill,
+    docs/drills.md); None: the connector counts no such thing."""
     slow_reads_below_mbps: float | None = None
     """GPU-to-GPU reads on one host slower than this are not a GPU lane (runtime's warning)."""
     read_log: str | None = None
@@ -157,8 +161,10 @@ NIXL = Connector(
         "vllm:nixl_num_failed_transfers",
         "vllm:nixl_num_failed_notifications",
         "vllm:nixl_num_kv_expired_reqs",
+        "vllm:nixl_num_notifications_after_expiry",
         "vllm:nixl_post_time_seconds",
     ),
+    stale_read_metric="vllm:nixl_num_notifications_after_expiry",
     bytes_metric="vllm:nixl_bytes_transferred",
     xfer_time_metric="vllm:nixl_xfer_time_seconds",
     prefill_kv_params=MappingProxyType({
