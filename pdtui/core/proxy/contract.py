@@ -359,6 +359,9 @@ class Proxy:
             if self.settings.drill:
                 previous, self._last_params = self._last_params, trace.kv_held
                 if faults is not None and faults.tamper is not None:  # D never gets P's own: released at the end
+                    if self.connector.blocks_param is None:
+                        raise ProxyError(400, f"{drillhooks.HEADER}: tamper needs a connector whose params list"
+                                         f" P's blocks; {self.connector.key} carries none", "invalid_request_error")
                     kv_params = drillhooks.tampered(faults.tamper, kv_params, previous, self.connector.blocks_param)
                     trace.kv_tampered = True
             if kv_params or self.connector.carries_params:
