@@ -193,7 +193,13 @@ def test_kill_p_between_its_answer_and_d_s_load_has_each_connectors_outcome(zoo)
     if conn.key == "nixl-push":  # checked while the client still waits (its hang-up would abort D's request)
         failed = conn.counters["failed_notifications"]
         assert _rise(zoo, "D", failed, before, 1) >= 1, failed
-        assert any("push_reg_notif_failed" in e.text for e in zoo.of(ConnectorEvent, instance="D", what="transfer_failure"))
+        # D's log line reaches pdtui through the log follower, a moment after the counter (CI: not yet
+        # there when the counter had risen)
+        deadline = time.monotonic() + 5
+        while not any("push_reg_notif_failed" in e.text
+                      for e in zoo.of(ConnectorEvent, instance="D", what="transfer_failure")):
+            assert time.monotonic() < deadline, "D's push_reg_notif_failed line was not seen within 5 s"
+            time.sleep(0.1)
         waiting = zoo.metrics("D").get('vllm:num_requests_kv_fetch_by_stage{stage="in_progress"}')
         assert waiting == 1.0 and call.is_alive(), (waiting, out)  # waiting for P's write, no recompute
         call.join(hang_s + 10)
