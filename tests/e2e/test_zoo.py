@@ -173,7 +173,7 @@ def test_kill_p_between_its_answer_and_d_s_load_has_each_connectors_outcome(zoo)
     before = zoo.metrics("D")
     rid = f"e2e-zoo-kill-{conn.key}-{uuid.uuid4().hex[:6]}"
     out: dict = {}
-    hang_s = 10.0  # the checks below come within a second or two of D going on; the client gives up after
+    hang_s = 15.0  # the checks below come within a second or two of D going on; the client gives up after
     call = threading.Thread(target=lambda: out.update(_post(zoo, rid, unique_prompt(PROMPT),
                                                             timeout=hang_s if conn.key == "nixl-push" else 120)))
     d_group = zoo.rt.instances["D"].pid
