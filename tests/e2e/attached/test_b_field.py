@@ -9,9 +9,13 @@ observed printed, its exit code asserted (0: every row held).
 - fail-open: D given reused, shifted, out-of-range and foreign-engine kv_transfer_params by the
   proxy's drill faults; the correctness witness (P's own greedy answer, compared token for token)
   passes the clean requests before and after, and none of the tampered ones, whatever D answered.
+  On this set's dummy weights (every token's logprob ln 1/4096, whatever the prompt) no answer can
+  show a wrong KV: the drill must then say it is blind and fail, which is asserted instead;
+- soak: a minute of mixed load, nothing lost, nothing growing, nothing held after.
 
-Sorted between the bench (test_b) and 1P2D (test_c, which kills a D for good): these drills kill
-nothing, and P and D must be whole. The other field drills need engines this set does not have
+After the bench and before the headroom drill and 1P2D (test_c kills a D for good): these kill
+nothing, and P and D must be whole. About 2 min 10 s here: stranded ~45 s (30 of them P's lease),
+fail-open ~10 s, the soak ~75 s. The other field drills need engines this set does not have
 (context: two max_model_len; handshake: a D of another dtype; restart-order: a D restart, which
 test_a's failure drill already makes): results/2026-12-07-field has their runs on launched pairs.
 """
