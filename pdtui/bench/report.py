@@ -1146,9 +1146,9 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         _legend(left)
         xfer = [((data["arms"][a]["summary"].get("kv_read") or {}).get("ms") or {}).get("p50") for a in transports]
         right.bar(range(len(transports)), [x or 0.0 for x in xfer], color="tab:green")
-        for i, x in enumerate(xfer):
-            if x is None:
-                right.text(i, 0, "no per-request\nfigure", ha="center", va="bottom", fontsize=8)
+        for k, ms in enumerate(xfer):
+            if ms is None:
+                right.text(k, 0, "no per-request\nfigure", ha="center", va="bottom", fontsize=8)
         right.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
         right.set_ylabel("KV transfer p50 (ms, the connector's own measure)")
         right.set_title("the transfer per request")
