@@ -157,9 +157,17 @@ async def run(pilot: Any, *, policy: str, shots: Path | None = None, prefix: str
         want = expected(conn, policy)
         await done("ready", f"{conn.key} ({conn.name}); expected: {want}")
 
-        before_d = dict(d[0].metrics)
+        # D's figures before: once two scrapes agree (the warm-up's tokens reach D's /metrics a moment late)
+        seen: list[float | None] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (len(seen) < 2 or seen[-1] != seen[-2] or seen[-1] is None):
+            await pilot.pause(1.1)  # past the next scrape (scrape_interval_s: 1 s)
+            v = snap().instance(d[0].name)
+            seen.append(None if v is None else v.metrics.get(EXT))
+        d_now = snap().instance(d[0].name)
+        before_d = dict(d_now.metrics) if d_now is not None else dict(d[0].metrics)
         failed_key = conn.counters.get("failed_notifications")
-        p_before = _successes(s, p[0].name)
+        p_before = _successes(snap(), p[0].name)
         paused = d[0].pid
         os.killpg(paused, signal.SIGSTOP)
         await done("pause-d", f"{d[0].name}'s processes stopped (SIGSTOP to group {paused})")

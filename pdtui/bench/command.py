@@ -335,8 +335,10 @@ def run(cfg: PairConfig, args: argparse.Namespace, engines: AttachedEngines | No
     for name, arm in data["arms"].items():
         if arm.get("kv_bytes"):
             kb = arm["kv_bytes"]
+            counted = {"nixl-push": "P's nixl_bytes_transferred", "storage": "D's external_kv_transfer tokens x bytes"
+                       }.get(arm.get("connector") or "", "D's nixl_bytes_transferred")
             print(f"\n{name}: KV bytes of {kb['requests']} requests: traces {kb['trace_kv_bytes']:,} B,"
-                  f" D's nixl_bytes_transferred +{(kb['d_metric_delta'] or 0):,.0f} B:"
+                  f" {counted} +{(kb['d_metric_delta'] or 0):,.0f} B:"
                   f" {'match' if kb['match'] else 'MISMATCH'}; formula {'ok' if kb['formula_ok'] else 'NOT ok'}")
         for note in arm.get("notices") or []:
             if note.startswith(("warning", "error")):

@@ -400,7 +400,7 @@ def transport_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
     s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
     lines = ["", (f"transports (the same prompts; toll against {t_base or 'no single arm'}, purchase against"
-                  f" {i_base or 'no single arm'}; freight and transfer per request, p50):"), "",
+                  f" {i_base or 'no single arm'}; freight per request p50 / mean, transfer per request p50):"), "",
              "| arm | connector | TTFT p50 ms | toll | ITL p99 ms | purchase | freight | transfer ms | D computed |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for arm in arms:
@@ -408,14 +408,16 @@ def transport_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
         conn = s.get("connector") or (arm.partition("@")[2] or "the profile's")
         ttft, itl = _stat(s, "ttft"), _stat(s, "itl99")
         toll, purchase = _ratio(ttft, s_ttft), _ratio(s_itl, itl)
-        fb = (s.get("freight_bytes") or {}).get("p50")
+        fbd = s.get("freight_bytes") or {}
+        fb, fmean = fbd.get("p50"), fbd.get("mean")
         k = s.get("kv_read")
         transfer = _ms3(k["ms"]["p50"]) if k else "none per request"
         rc = s.get("recompute") or {}
         computed = (f"{rc.get('d_computed_tokens', 0):,} tok in {rc.get('checked', 0)}"
                     + (f", {rc['recomputed']} recomputed" if rc.get("recomputed") else "")) if rc.get("checked") else "-"
         lines.append(f"| {arm} | {conn} | {_ms(ttft)} | {'-' if toll is None else f'{toll:.2f}x'} | {_ms(itl)}"
-                     f" | {_fmt_ratio(purchase)} | {'-' if fb is None else f'{fb / 2**20:.2f} MiB'} | {transfer}"
+                     f" | {_fmt_ratio(purchase)} | {'-' if fb is None else f'{fb / 2**20:.2f} / {(fmean or 0) / 2**20:.2f} MiB'}"
+                     f" | {transfer}"
                      f" | {computed} |")
     return lines
 """Arms measured through pdtui's proxy (a process of its own); ``single`` is measured straight at
@@ -1283,6 +1285,28 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     links = (data.get("links") or {}).get("rows") or []
     if any(r["rate_bps"] for r in links):
         written.append(link_plot(links, out_dir, plt))
+    transports = [a for a in arms if a.startswith("pair@")]
+    if transports:  # the connectors side by side (transport_table): TTFT alone, and the KV's own transfer time
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+        ttft = [_stat(data["arms"][a]["summary"], "ttft") or 0.0 for a in transports]
+        left.bar(range(len(transports)), ttft, color="tab:blue")
+        for base in ("single-proxied", "single"):
+            if (b := _stat(data["arms"].get(base, {}).get("summary"), "ttft")) is not None:
+                left.axhline(b, color="red", linestyle="--", label=f"{base} {b:.0f} ms")
+                break
+        left.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
+        left.set_ylabel("follow TTFT p50 (ms)")
+        left.set_title("the toll per transport")
+        _legend(left)
+        xfer = [((data["arms"][a]["summary"].get("kv_read") or {}).get("ms") or {}).get("p50") for a in transports]
+        right.bar(range(len(transports)), [x or 0.0 for x in xfer], color="tab:green")
+        for k, ms in enumerate(xfer):
+            if ms is None:
+                right.text(k, 0, "no per-request\nfigure", ha="center", va="bottom", fontsize=8)
+        right.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
+        right.set_ylabel("KV transfer p50 (ms, the connector's own measure)")
+        right.set_title("the transfer per request")
+        written.append(_save(fig, out_dir / "transports.png"))
     return written
 
 

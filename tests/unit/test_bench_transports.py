@@ -55,7 +55,7 @@ def _summary(ttft: float, itl99: float, freight: float | None = None, read_ms: f
     out = {"follow": {"ttft_ms": {"p50": ttft}}, "interference": {"stream_itl_ms": {"p99": itl99}},
            "recompute": {"checked": 3, "recomputed": 0, "d_computed_tokens": computed}}
     if freight is not None:
-        out["freight_bytes"] = {"p50": freight}
+        out["freight_bytes"] = {"p50": freight, "mean": freight}
     if read_ms is not None:
         out["kv_read"] = {"ms": {"p50": read_ms}}
     return out
@@ -67,8 +67,8 @@ def test_the_transport_table_puts_the_connectors_side_by_side():
     summaries["pair@storage"]["connector"] = "storage"
     lines = report.transport_table(summaries)
     text = "\n".join(lines)
-    assert "| pair@nixl | nixl | 130.0 | 1.30x | 20.0 | 2.00x | 0.75 MiB | 0.25 | 0 tok in 3 |" in text
-    assert "| pair@storage | storage | 120.0 | 1.20x | 20.0 | 2.00x | 0.62 MiB | none per request | 180 tok in 3 |" in text
+    assert "| pair@nixl | nixl | 130.0 | 1.30x | 20.0 | 2.00x | 0.75 / 0.75 MiB | 0.25 | 0 tok in 3 |" in text
+    assert "| pair@storage | storage | 120.0 | 1.20x | 20.0 | 2.00x | 0.62 / 0.62 MiB | none per request | 180 tok in 3 |" in text
     assert report.transport_table({"pair": _summary(1.0, 1.0)}) == []  # no pair@ arm: no table
     assert report.proxied("pair@multi") and not report.proxied("single")
 
