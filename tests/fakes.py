@@ -21,11 +21,28 @@ import uvicorn
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
 from pdtui.core.proxy.contract import RELEASE_MODEL
 
+_HANDED: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, drawn at random from 12000-19999: under the kernel's ephemeral
+    range (32768-60999), where any outgoing connection may take a port the moment after it was
+    found free (CI saw a fake D fail "Address already in use" on one), and under the e2e tests'
+    ports. Never the same one twice in a process."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(12000, 20000)
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED.add(port)
+        return port
+    raise RuntimeError("no free port in 12000-19999 after 200 tries")
 
 
 class AbortConnection(Exception):
