@@ -107,16 +107,20 @@ def test_1p2d_warms_both_decodes_says_why_each_d_and_migrates_a_stream_whose_d_d
     traces = [npmd.wait_for(RequestTraced, request_id=ref_id)]
     assert traces[-1].outcome == "pair" and (traces[-1].decode_reason or "").startswith("headroom"), traces[-1]
 
-    # the same request; its D killed from outside once the client has read 20 chunks
+    # the same request; its D killed from outside while D is decoding it
     before = npmd.metrics("D2" if traces[-1].decode == "D1" else "D1")
     rid = f"e2e-npmd-mig-{uuid.uuid4().hex[:6]}"
     got: dict = {}
     started = threading.Event()
     client = threading.Thread(target=_stream, args=(cfg.proxy_url, body, rid, got, started), daemon=True)
     client.start()
-    assert started.wait(120), "the stream never started"
-    assert got["end"] is None, f"the stream ended before the kill: {got['end']}"
     victim = traces[-1].decode  # nothing else in flight: the D the unbroken run had (the trace says why)
+    # the kill as soon as D runs the request (its own gauge), not when the client has read a chunk: in
+    # CI at cc0b914 the client's first chunk came after D had sent all 3,600 tokens (a starved reader)
+    deadline = time.monotonic() + 120
+    while not npmd.metrics(victim).get("vllm:num_requests_running"):
+        assert time.monotonic() < deadline and got.get("end") is None, f"D never ran it: {got.get('end')}"
+        time.sleep(0.05)
     subprocess.run(["sh", str(engines[victim].kill_script)], check=True, timeout=10)  # the user's kill -9
     client.join(120)
     assert not client.is_alive(), "the client hangs after its D died"
