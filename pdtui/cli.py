@@ -35,6 +35,7 @@ examples:
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d, 1p2d-small) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
   pdtui drill --profile 1p2d-small --scenario headroom   fill one D's KV pool, check new requests go elsewhere
+  pdtui drill --connector storage --scenario kill-p-load    kill P before D has the KV: each connector's outcome
   pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
@@ -178,7 +179,13 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
                    help="profile name from launch/ or a TOML path (default: one-gpu with a GPU, else cpu)")
     p.add_argument("--model", default=None,
                    help="synthetic shape (tiny, qwen2.5-0.5b), a model directory, or a HF id whose weights are here")
-    p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
+    p.add_argument("--connector", default=None,
+                   help="KV connector: nixl (NixlConnector, pull: the default), nixl-push (P writes into D's blocks),"
+                        " storage (ExampleConnector: KV through files in a shared folder), multi (MultiConnector:"
+                        " nixl + storage); docs/connectors.md")
+    p.add_argument("--kv-storage-path", default=None,
+                   help="the folder a storage connector (storage, multi) keeps the KV in, shared by P and D"
+                        " (default: <state folder>/kv-store)")
     p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
                    help="what D does when the KV pull fails: fail the request (500) or recompute")
     add_switch_flags(p)
@@ -213,6 +220,7 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
+        "kv_storage_path": args.kv_storage_path,
         **{f.name: getattr(args, f.name) for f in config_mod.proxy_switches()},
         "traces_port": args.traces_port, "proxy_port": args.proxy_port, "host": args.host,
         "link": args.link,
@@ -396,15 +404,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
-    drill.add_argument("--scenario", choices=("failure", "headroom"), default="failure",
+    drill.add_argument("--scenario", choices=("failure", "headroom", "kill-p-load", *FIELD_SCENARIOS), default="failure",
                        help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
                        " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
                        " send more, and check they all went to another D, none failed and the full D preempted"
-                       " nothing; expected and observed printed)")
+                       " nothing; expected and observed printed) or kill-p-load (D paused, P killed after its answer"
+                       " and before D has the KV: what this --connector does then, expected beside observed;"
+                       " docs/connectors.md); or a drill from the field (docs/drills.md):"
+                       " stranded (KV held on P when D is never sent the request, and the proxy's release),"
+                       " fail-open (D given tampered kv_transfer_params, the correctness witness), context (P and"
+                       " D with different max_model_len: a launched pair's D gets a quarter of P's), restart-order"
+                       " (D restarted while P stays up), handshake (a launched pair whose D's dtype differs)")
     _add_engine_url_args(drill)
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
                        " state dir; printed at start)")
+
+    soak = sub.add_parser("soak", help="the pair under steady mixed load for minutes or hours, a report every N"
+                          " minutes, and whether anything grew", description=(
+        "Start the pair (or attach to engines given by --prefill/--decode URLs) and keep it under steady mixed"
+        " load through pdtui's proxy: several clients, prompts of 64 to --max-prompt tokens, streamed and not."
+        " Every --every minutes a line: requests sent, clean and lost (by kind), transfers, the proxy's"
+        " traces by outcome, RSS and open fds of every engine pdtui started and of the proxy, each KV pool's"
+        " blocks in use. At the end, once the load stopped: the blocks each engine still holds, and the"
+        " verdict (no lost request; RSS and fds flat within 5%% after the first report; no block held);"
+        " exit 0 only if it all held. " + PRECEDENCE), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pair_flags(soak)
+    _add_engine_url_args(soak)
+    soak.add_argument("--minutes", type=float, default=60.0, help="how long the load runs (default 60)")
+    soak.add_argument("--every", type=float, default=5.0, help="minutes between reports (default 5)")
+    soak.add_argument("--streams", type=int, default=3, help="clients sending at once (default 3)")
+    soak.add_argument("--max-prompt", type=int, default=1500, help="longest prompt, tokens (default 1500)")
+    soak.add_argument("--seed", type=int, default=0, help="the load's seed (default 0)")
+    soak.add_argument("--out", type=Path, default=None, help="write the reports and the verdict as JSON here")
+    soak.add_argument("--ready-timeout", type=float, default=300.0,
+                      help="seconds to wait for the pair (default 300)")
+    soak.add_argument("--log-dir", type=Path, default=None,
+                      help="write the engines' and the proxy's logs here (default: a new run folder)")
 
     ctl = sub.add_parser("ctl", help="control a running pdtui from another terminal: status, kill, restart, down",
                          description=CTL_DESCRIPTION, epilog=CTL_EPILOG,
@@ -480,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shape", default="tiny", choices=sorted(model_mod.SHAPES))
     synth.add_argument("--out", type=Path, default=None,
                        help="directory to write (default: the cache pdtui launches from, $PDTUI_HOME/models/SHAPE)")
+    synth.add_argument("--weights", action="store_true",
+                       help="also write seeded random weights (model.safetensors) whose answers depend on the prompt:"
+                       " serve the folder as a model (--model DIR), not with --load-format dummy, for the"
+                       " correctness witness (`pdtui drill --scenario fail-open`); give --out")
     return parser
 
 
@@ -520,7 +560,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 BENCH_ENGINES_ONLY = ("model_name", "block_size", "decode_reports_cached")
 """`pdtui bench` flags for engines given by URL."""
-BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "links", "link")
+BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path", "links", "link")
 """`pdtui bench` flags for the engines pdtui launches."""
 
 
@@ -598,9 +638,12 @@ def run_proxy(args: argparse.Namespace) -> int:
 def run_model(args: argparse.Namespace) -> int:
     if args.model_command != "synth":
         build_parser().parse_args(["model", "--help"])
+    if args.weights and args.out is None:
+        raise ConfigError("--weights needs --out: the cache's folder is served with dummy weights")
     out = args.out or (model_mod.default_model_root() / args.shape)
-    path = model_mod.synth(args.shape, out)
-    print(f"wrote {args.shape} model to {path} (serve with --load-format dummy)")
+    path = model_mod.synth(args.shape, out, weights=args.weights)
+    how = f"serve it as a model: --model {path}" if args.weights else "serve with --load-format dummy"
+    print(f"wrote {args.shape} model to {path} ({how})")
     return 0
 
 
@@ -759,8 +802,29 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+FIELD_SCENARIOS = ("stranded", "fail-open", "context", "restart-order", "handshake")
+"""`pdtui drill --scenario`'s drills from the field (pdtui.app.drill_field.SCENARIOS)."""
+
+
+def _field_topology(cfg: config_mod.PairConfig, scenario: str, topo: Any = None) -> Any:
+    """The topology a field drill runs on: the proxy honours the drill's faults (ProxySettings.drill);
+    the context drill's launched D gets a quarter of P's max_model_len, past the config's check on
+    purpose (topology.with_argv)."""
+    from pdtui.core import topology
+
+    topo = topology.with_settings(topo or topology.pair(cfg), drill=True)
+    launched = [m for m in topo.members if m.launch is not None and m.role == "decode"]
+    for m in launched:
+        if scenario == "context":
+            topo = topology.with_argv(topo, m.name, "--max-model-len", str(cfg.max_model_len // 4))
+        elif scenario == "handshake":  # KV-shaped: P's and D's KV bytes per token differ
+            topo = topology.with_argv(topo, m.name, "--dtype", "float32" if cfg.dtype != "float32" else "bfloat16")
+    return topo
+
+
 # `pdtui drill` flags that only mean something for one of its two forms
-DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "traces_port", "port_offset", "link")
+DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path", "traces_port",
+                     "port_offset", "link")
 DRILL_ENGINES_ONLY = ("log", "kill", "restart", "model_name", "block_size", "decode_reports_cached", "no_warmup")
 
 
@@ -775,6 +839,8 @@ DRILL_EPILOG = """examples:
   pdtui drill --headless --scenario headroom --decode-choice headroom \\
       --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8250,http://127.0.0.1:8200
                                               the headroom drill over your 1P2D (the smaller D fills)
+  pdtui drill --headless --scenario stranded  a drill from the field (docs/drills.md): stranded, fail-open,
+                                              context; over a launched pair or --prefill/--decode URLs
 """
 
 
@@ -809,6 +875,21 @@ def _drill_needs(topo: Any, scenario: str) -> None:
     """What a drill over engines pdtui did not start needs before it begins: the failure drill
     kills and restarts D and P through the user's commands; the headroom drill needs two D."""
     members = list(topo.members)
+    if scenario == "kill-p-load":
+        raise ConfigError("--scenario kill-p-load pauses D's processes (SIGSTOP) between P's answer and D's load:"
+                          " it runs on a pair pdtui launches (--connector KEY), not over engines given by URL")
+    if scenario == "handshake":
+        raise ConfigError("--scenario handshake launches a pair whose D's dtype differs (past pdtui's refusal, on"
+                          " purpose); engines given by URL that differ so are refused before anything is sent")
+    if scenario == "restart-order":
+        missing = [f"--{what} {m.name}=CMD" for m in members if m.role == "decode" for what in ("kill", "restart")
+                   if getattr(m.attach, what) is None]
+        if missing:
+            raise ConfigError("the restart-order drill kills and restarts D through your commands; missing: "
+                              + ", ".join(missing))
+        return
+    if scenario in FIELD_SCENARIOS:  # they kill and restart nothing
+        return
     if scenario == "headroom":
         if sum(1 for m in members if m.role == "decode") < 2:
             raise ConfigError("--scenario headroom needs two decode engines or more: --decode URL,URL")
@@ -825,7 +906,7 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
     from pdtui.app import drill
     from pdtui.app.app import make_app
 
-    rt = _runtime(cfg, args, topo)
+    rt = _runtime(cfg, args, _field_topology(cfg, args.scenario, topo) if args.scenario in FIELD_SCENARIOS else topo)
     app = make_app(rt, screenshot_dir=args.shots)
     result: list[drill.DrillResult] = []
 
@@ -836,11 +917,20 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
             app.show_notice(text)
 
     async def autopilot(pilot: Any) -> None:
-        if args.scenario == "headroom":
+        if args.scenario in FIELD_SCENARIOS:
+            from pdtui.app import drill_field
+
+            res = await drill_field.run(pilot, args.scenario, shots=args.shots, prefix=args.prefix, log=log)
+        elif args.scenario == "headroom":
             from pdtui.app import drill_headroom
 
             res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,
                                            ready_timeout_s=args.ready_timeout, log=log)
+        elif args.scenario == "kill-p-load":
+            from pdtui.app import drill_transport
+
+            res = await drill_transport.run(pilot, policy=cfg.kv_load_failure_policy, shots=args.shots,
+                                            prefix=args.prefix, ready_timeout_s=args.ready_timeout, log=log)
         else:
             res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
                                   witness_tokens=args.witness_tokens, log=log)
@@ -857,6 +947,52 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
     if args.shots:
         print(f"screenshots in {args.shots}/")
     return 0 if result[0].ok else 1
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    """`pdtui soak`: over a pair it launches, or engines given by URL; the verdict's exit code."""
+    if args.minutes <= 0 or args.every <= 0 or args.streams < 1 or args.max_prompt < 64:
+        raise ConfigError("--minutes and --every are positive, --streams at least 1, --max-prompt at least 64")
+    topo = None
+    if args.prefill or args.decode:
+        topo = _attached_topology(args, "pdtui soak")
+        cfg = topo.cfg
+    else:
+        cfg = load_config(args)
+        _preflight(cfg)
+    return asyncio.run(_soak(cfg, args, topo))
+
+
+async def _soak(cfg: config_mod.PairConfig, args: argparse.Namespace, topo: Any = None) -> int:
+    from pdtui.bench import soak
+
+    rt = _runtime(cfg, args, topo)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, task.cancel if task else (lambda: None))
+    try:
+        elapsed = await rt.start()
+        if rt.broken:
+            print(f"pdtui soak: the pair came up broken: {rt.broken}", file=sys.stderr)
+            return 1
+        print(f"[soak] pair ready in {elapsed:.1f} s; {args.minutes:g} min of load, a report every {args.every:g} min",
+              flush=True)
+        res = await soak.run(rt, minutes=args.minutes, every_min=args.every, streams=args.streams,
+                             max_prompt=args.max_prompt, seed=args.seed, out=args.out,
+                             say=lambda line: print(line, flush=True))
+    except asyncio.CancelledError:
+        print("pdtui soak: stopped before the end", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await rt.aclose(reason="soak over")
+    rows = res.verdict()
+    print(f"\n{'':<4} {'expected':<58} observed")
+    for expected, observed, held in rows:
+        print(f"{'ok' if held else 'NOT':<4} {expected:<58} {observed}")
+    return 0 if all(h for _, _, h in rows) else 1
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -1603,6 +1739,7 @@ def run_link(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": run_up, "config": run_config, "preflight": run_preflight, "replay": run_replay, "drill": run_drill,
+    "soak": run_soak,
     "ctl": run_ctl, "bench": run_bench, "proxy": run_proxy, "model": run_model, "attach": run_attach,
     "link": run_link,
 }

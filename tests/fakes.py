@@ -19,16 +19,46 @@ import httpx
 import uvicorn
 
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+from pdtui.core.proxy.contract import RELEASE_MODEL
+
+_HANDED: set[int] = set()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, drawn at random from 12000-19999: under the kernel's ephemeral
+    range (32768-60999), where any outgoing connection may take a port the moment after it was
+    found free (CI saw a fake D fail "Address already in use" on one), and under the e2e tests'
+    ports. Never the same one twice in a process."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(12000, 20000)
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED.add(port)
+        return port
+    raise RuntimeError("no free port in 12000-19999 after 200 tries")
 
 
 class AbortConnection(Exception):
     """Raised inside the fake app mid-body: uvicorn drops the connection, like a dying server."""
+
+
+async def refused_release(req: dict[str, Any], send: Any, releases: list[dict[str, Any]]) -> bool:
+    """The proxy's release request (a model no engine serves, with P's kv_transfer_params): kept in
+    ``releases`` (not in the fake's ``requests``: those are the legs) and answered as vLLM 0.32
+    answers a model it does not serve (404, its error body). True when it was one."""
+    if req.get("model") != RELEASE_MODEL:
+        return False
+    releases.append(req)
+    await _json(send, 404, {"error": {"message": f"The model `{RELEASE_MODEL}` does not exist.",
+                                      "type": "NotFoundError", "param": "model", "code": 404}})
+    return True
 
 
 @dataclass
@@ -59,6 +89,8 @@ class FakeVllm:
     plain fake (usage without details, no usage event)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    releases: list[dict[str, Any]] = field(default_factory=list)
+    """The proxy's release requests (``refused_release``), answered 404."""
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = field(default_factory=free_port)
 
@@ -77,6 +109,8 @@ class FakeVllm:
             await _json(send, 200, {"data": [{"id": "fake"}]})
             return
         req = json.loads(body)
+        if await refused_release(req, send, self.releases):
+            return
         self.requests.append(req)
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         if self.status != 200:
@@ -349,6 +383,8 @@ class FakeChainVllm:
     on_die: Any = None
     """Called when a stream's connection is about to drop (die_after)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
+    releases: list[dict[str, Any]] = field(default_factory=list)
+    """The proxy's release requests (``refused_release``), answered 404."""
     port: int = field(default_factory=free_port)
 
     @property
@@ -363,6 +399,8 @@ class FakeChainVllm:
             await _json(send, 200, {})
             return
         req = json.loads(body)
+        if await refused_release(req, send, self.releases):
+            return
         self.requests.append({**req, "path": scope["path"]})
         if self.fail_after is not None and len(self.requests) > self.fail_after:
             await _json(send, 500, {"error": {"message": f"fake {self.role} says 500"}})

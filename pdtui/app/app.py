@@ -262,6 +262,7 @@ class PdtuiApp(App[int]):
                 self._probed[view.name] = view.started_t
                 self.probe_engine(view.name, view.url)
         self.query_one(TransfersTable).update(snap.requests, snap.handshakes)
+        self.query_one(TransfersTable).mark_wrong(snap.wrong_answers)
         self.query_one("#ttft", LatencyHistogram).update(snap.ttft, snap.ttft_recent)
         self.query_one("#itl", LatencyHistogram).update(snap.itl, snap.itl_recent)
         if snap.notices and snap.notices[-1] is not self._notice_shown:

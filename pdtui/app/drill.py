@@ -203,40 +203,50 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         # The witness starts only now, right before the kill: D must still be generating it when it dies.
         # A client that lags (this one shares the dashboard's loop) can still be reading a stream D has
         # long finished, and a kill then ends nothing (the stream is complete in the sockets' buffers).
-        w = Witness()
-        for attempt in range(3):
-            if attempt:
-                log("[drill] the witness stream ended before the kill; a new one")
-                w = Witness()
-            task = witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name,
-                                                                     witness_tokens, w))
-            deadline = time.monotonic() + step_timeout_s
-            while w.chunks < 20 and w.error is None and time.monotonic() < deadline:
+        for kill_try in range(2):  # a second try only when D had finished the witness before the kill
+            w = Witness()
+            for attempt in range(3):
+                if attempt:
+                    log("[drill] the witness stream ended before the kill; a new one")
+                    w = Witness()
+                task = witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name,
+                                                                         witness_tokens, w))
+                # two chunks: D's own tokens are coming (the first may be P's, under first_token_from_p);
+                # kill at once, while D is still generating (a lagging client reads the rest late)
+                deadline = time.monotonic() + step_timeout_s
+                while w.chunks < 2 and w.error is None and time.monotonic() < deadline:
+                    await pilot.pause(0.05)
+                if w.chunks < 2:
+                    raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
+                if not task.done():
+                    break
+            if task.done():
+                raise DrillFailed(f"the witness stream keeps ending before the kill ({w.chunks} chunks, done={w.done});"
+                                  " a longer one: --witness-tokens")
+            errors_before = count("error")
+            await pilot.press("k")
+            await until(f"{d}'s pane shows the exit", lambda s: (v := s.instance(d)) is not None and v.bad,
+                        30)
+            deadline = time.monotonic() + 60
+            while not task.done() and time.monotonic() < deadline:
                 await pilot.pause(0.1)
-            if w.chunks < 20:
-                raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
             if not task.done():
-                break
-        if task.done():
-            raise DrillFailed(f"the witness stream keeps ending before the kill ({w.chunks} chunks, done={w.done});"
-                              " a longer one: --witness-tokens")
-        errors_before = count("error")
-        await pilot.press("k")
-        await until(f"{d}'s pane shows the exit", lambda s: (v := s.instance(d)) is not None and v.bad,
-                    30)
-        deadline = time.monotonic() + 60
-        while not task.done() and time.monotonic() < deadline:
-            await pilot.pause(0.1)
-        if not task.done():
-            raise DrillFailed("the witness stream still hangs 60 s after D was killed")
-        if w.done or w.error is None:
-            # the proxy's own trace of the witness says whether D's stream was complete before D died
-            row = snap().request(w.request_id)
-            if row is not None and row.outcome != "error":
-                raise DrillFailed(f"D had finished the witness ({w.request_id}, traced as {row.outcome}) before"
-                                  f" the kill reached it; the client was still reading (a longer one: --witness-tokens)")
-            raise DrillFailed(f"the witness stream ended cleanly after D was killed (done={w.done},"
-                              f" traced as {row.outcome if row else 'nothing'})")
+                raise DrillFailed("the witness stream still hangs 60 s after D was killed")
+            if w.done or w.error is None:
+                # the proxy's own trace of the witness says whether D's stream was complete before D died
+                row = snap().request(w.request_id)
+                if row is not None and row.outcome != "error":
+                    if kill_try == 0:  # D was fast, or the client slow: restart D and kill it again, once
+                        log(f"[drill] D had finished the witness ({w.request_id}, traced as {row.outcome}) before"
+                            " the kill reached it; D restarted, a new witness, a second kill")
+                        await restart("r", d)
+                        continue
+                    raise DrillFailed(f"D had finished the witness ({w.request_id}, traced as {row.outcome}) before"
+                                      f" the kill reached it, twice; the client was still reading (a longer one:"
+                                      f" --witness-tokens)")
+                raise DrillFailed(f"the witness stream ended cleanly after D was killed (done={w.done},"
+                                  f" traced as {row.outcome if row else 'nothing'})")
+            break
         await until("the errored request counted", lambda s: s.counts.get("error", 0) > errors_before, 60)
         dv = snap().instance(d)
         assert dv is not None  # its pane showed the exit (the first wait after `k`)

@@ -14,8 +14,10 @@ bounded, then saves an SVG with ``--shots``):
               streams sent before spread over the D's by load, the target taking its share);
 4. ``probe``  ``probes`` more streams of the same shape, sent once the target is full;
 5. ``verdict`` every stream ended, the checks, expected beside observed (``checks``): every
-              stream answered in full (pair), every probe on another D than the target, the target
-              preempted nothing (its ``vllm:num_preemptions``), the probes' reasons say headroom.
+              stream answered in full (pair), every probe on another D than the target (or on
+              it only where the proxy counted room there again: streams there end while the
+              probes go out; the probe's reason gives the figures), the target preempted nothing
+              (its ``vllm:num_preemptions``), the probes' reasons say headroom.
 
 Under round-robin or least-loaded (``--decode-choice``) the probes go to the full D too, and it
 preempts or fails them: the drill then fails, saying so (what the choice by headroom buys).
@@ -27,6 +29,7 @@ is checked is what the dashboard shows (its snapshot: traces, headroom, metrics)
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,10 +59,19 @@ class Stream:
     task: asyncio.Task[Any] | None = None
 
 
+def room_at_dispatch(t: RequestTraced) -> int | None:
+    """The room, in blocks, the proxy counted on the D it chose for ``t`` (its reason under the
+    headroom choice: "headroom: D1 49-20=29 >= 16 needed, ..."); None when the reason gives none
+    (another choice, or the room was not known)."""
+    m = re.match(rf"headroom: {re.escape(t.decode or '')} -?\d+--?\d+=(-?\d+) >= ", t.decode_reason or "")
+    return int(m.group(1)) if m else None
+
+
 def checks(target: str, streams: list[Stream], traces: dict[str, RequestTraced],
-           preempted: int | None) -> list[Check]:
+           preempted: int | None, need: int = 0) -> list[Check]:
     """The verdict, from the proxy's traces of the drill's streams (``traces``: by request id) and
-    the target's preemptions over the drill (None: its metrics did not say)."""
+    the target's preemptions over the drill (None: its metrics did not say). ``need``: one
+    stream's blocks."""
     out: list[Check] = []
     missing = [s.request_id for s in streams if s.request_id not in traces]
     done = [traces[s.request_id] for s in streams if s.request_id in traces]
@@ -76,9 +88,18 @@ def checks(target: str, streams: list[Stream], traces: dict[str, RequestTraced],
     for t in probes:
         where[t.decode or "-"] = where.get(t.decode or "-", 0) + 1
     n_probes = sum(1 for s in streams if s.phase == "probe")
-    out.append(Check(f"the {n_probes} streams sent once {target} was full go to another D",
-                     ", ".join(f"{d} {n}" for d, n in sorted(where.items())) or "none traced",
-                     bool(probes) and len(probes) == n_probes and target not in where))
+    # a probe may still land on the target if a stream there ended and the proxy counted room for
+    # it again by the time P answered: its reason says so, with the figures; any other probe there
+    # went without room (round-robin, least-loaded: they do not look)
+    on_target = [t for t in probes if t.decode == target]
+    roomless = [t for t in on_target if (r := room_at_dispatch(t)) is None or r < need]
+    words = ", ".join(f"{d} {n}" for d, n in sorted(where.items())) or "none traced"
+    if on_target:
+        words += "; on " + target + ": " + "; ".join(
+            f"without room ({(t.decode_reason or 'no reason')[:60]})" if t in roomless
+            else f"room again ({room_at_dispatch(t)} >= {need})" for t in on_target)
+    out.append(Check(f"the {n_probes} streams sent once {target} was full go elsewhere, or to it only with room"
+                     " counted again", words, bool(probes) and len(probes) == n_probes and not roomless))
     fills: dict[str, int] = {}
     for s in streams:
         fill = traces.get(s.request_id)
@@ -97,6 +118,16 @@ def checks(target: str, streams: list[Stream], traces: dict[str, RequestTraced],
 def need_blocks(prompt_tokens: int, max_tokens: int, block_size: int) -> int:
     """One stream's blocks at its end, as the proxy's headroom counts them (routing.Demand)."""
     return blocks_for_tokens(prompt_tokens + max_tokens, block_size)
+
+
+def _client_end(rec: sse_client.SseStream) -> str:
+    """How a stream ended at the drill's client, in a few words."""
+    if rec.transport_error:
+        return f"transport error {rec.transport_error}"
+    if rec.status not in (None, 200):
+        return f"HTTP {rec.status} {rec.body[:80]!r}"
+    end = "[DONE]" if rec.done else f"error event {str(rec.error_event)[:80]}" if rec.error_event else "no end"
+    return f"{len(rec.chunk_t)} chunks, {end}"
 
 
 async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, s: Stream) -> None:
@@ -202,9 +233,9 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         await done("fill", f"{len(streams)} streams of {prompt_tokens}+{max_tokens} tokens; {target} room"
                    f" {room(snap(), target)} < {need} blocks")
 
-        for i in range(probes):
+        for i in range(probes):  # at once: the target's streams end and free room as time goes by
             await start("probe", i)
-            await pilot.pause(interval_s)
+            await pilot.pause(0.05)
         await done("probe", f"{probes} more streams sent while {target} is full")
 
         deadline = time.monotonic() + step_timeout_s
@@ -213,12 +244,20 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         if any(s.task is not None and not s.task.done() for s in streams):
             raise DrillFailed(f"the streams did not end within {step_timeout_s:.0f} s")
         ids = {s.request_id for s in streams}
-        await until("every stream traced", lambda s: ids <= {r.request_id for r in s.requests}, 15)
+        try:
+            await until("every stream traced", lambda s: ids <= {r.request_id for r in s.requests}, 15)
+        except DrillFailed:
+            seen = {r.request_id for r in snap().requests}
+            lost = [s for s in streams if s.request_id not in seen]
+            raise DrillFailed(f"{len(lost)} of {len(streams)} streams have no trace from the proxy within 15 s of"
+                              " their end; the client saw: " + "; ".join(
+                                  f"{s.request_id.rsplit('-', 2)[-2]}-{s.request_id.rsplit('-', 1)[-1]}"
+                                  f" {_client_end(s.rec)}" for s in lost[:6])) from None
         traces = {r.request_id: r for r in snap().requests if r.request_id in ids}
         v = snap().instance(target)
         pre_after = v.metrics.get(PREEMPTIONS) if v else None
         preempted = None if pre_before is None or pre_after is None else int(pre_after - pre_before)
-        res.checks = checks(target, streams, traces, preempted)
+        res.checks = checks(target, streams, traces, preempted, need)
         failed = [c for c in res.checks if not c.held]
         await done("verdict", f"{len(res.checks) - len(failed)} of {len(res.checks)} checks held")
         if failed:

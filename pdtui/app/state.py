@@ -15,6 +15,7 @@ from typing import Any
 
 from pdtui.core import connectors, scrape
 from pdtui.core.events import (
+    AnswerChecked,
     ConnectorEvent,
     EngineSpan,
     Event,
@@ -233,6 +234,20 @@ class InstanceView:
     """Launched by pdtui: the environment it added to the engine's (RuntimeStarted), else None."""
     tp: int = 1
     """Its --tensor-parallel-size (RuntimeStarted's command line): ranks, one GPU each."""
+    connector: str = ""
+    """The pair's connector as RuntimeStarted named it (a key or vLLM's name: ``connectors.known``)."""
+
+    @property
+    def entry(self) -> connectors.Connector | None:
+        """What pdtui knows of its connector (pdtui/core/connectors.py), None: unknown or none."""
+        return connectors.known(self.connector) if self.connector else None
+
+    @property
+    def freight_here(self) -> bool:
+        """Whether this instance's own evidence counts each request's KV bytes: D's reads (pull), P's
+        writes (push); none for a connector with no per-request figure (storage)."""
+        e = self.entry
+        return (e or connectors.NIXL).freight_on == self.role
 
     def refuses(self, verb: str) -> str | None:
         """Why the kill or restart key is off for it (an attached instance without the command), or None."""
@@ -347,6 +362,9 @@ class Snapshot:
     """Request id -> D's measured read of its KV (pdtui.engine.nixl_quiet's line), the newest REQUESTS."""
     witness_error: str | None = None
     """The last witness request's error (observe only), None when it was clean."""
+    wrong_answers: dict[str, str] = field(default_factory=dict)
+    """Request id -> how its tokens differed from the known answer (AnswerChecked not ok: the
+    correctness witness, pdtui.core.known_answer); its row is red, whatever its status."""
 
     def instance(self, name: str) -> InstanceView | None:
         return next((i for i in self.instances if i.name == name), None)
@@ -371,8 +389,11 @@ class DashState:
         self.counts: dict[str, int] = {"pair": 0, "fallback": 0, "error": 0, "recompute": 0}
         """Per outcome, and "recompute": paired requests whose D computed the prompt (RequestTraced.recomputed);
         "migrated" once a stream went on on another D after its D died (RequestTraced.migrated);
-        "witness" and "witness_errors" once witness requests come (observe only)."""
+        "witness" and "witness_errors" once witness requests come (observe only); "answer_checked" and
+        "wrong_answer" once the correctness witness runs (AnswerChecked)."""
         self.witness_error: str | None = None
+        self.wrong_answers: dict[str, str] = {}
+        """Request id -> the correctness witness's words (AnswerChecked not ok): the newest REQUESTS."""
         self.notices: collections.deque[Notice] = collections.deque(maxlen=NOTICES)
         self.handshakes: dict[str, str] = {}
         self.spans: dict[str, dict[str, EngineSpan]] = {}
@@ -501,6 +522,13 @@ class DashState:
                 self._set(ev.prefill, retries=self._inst(ev.prefill).retries + 1)
         elif isinstance(ev, WitnessSampled):
             self._witness(ev)
+        elif isinstance(ev, AnswerChecked):
+            self.counts["answer_checked"] = self.counts.get("answer_checked", 0) + 1
+            if not ev.ok:
+                self.counts["wrong_answer"] = self.counts.get("wrong_answer", 0) + 1
+                self.wrong_answers[ev.request_id] = f"wrong answer ({ev.status}): {ev.detail}"
+                if len(self.wrong_answers) > REQUESTS:
+                    self.wrong_answers.pop(next(iter(self.wrong_answers)))
         elif isinstance(ev, Notice):
             self.notices.append(ev)
         elif isinstance(ev, PairReady):
@@ -624,7 +652,7 @@ class DashState:
         self._itl_t.clear()
 
     def snapshot(self) -> Snapshot:
-        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())))
+        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())), connector=self.header.connector)
                           for i in self.instances.values())
         return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
                         ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),
@@ -632,7 +660,7 @@ class DashState:
                         handshakes=dict(self.handshakes), spans=dict(self.spans),
                         ttft_recent=self._recent(self.ttft, self._ttft_t),
                         itl_recent=self._recent(self.itl, self._itl_t), kv_reads=dict(self.kv_reads),
-                        witness_error=self.witness_error)
+                        witness_error=self.witness_error, wrong_answers=dict(self.wrong_answers))
 
     def _recent(self, samples: collections.deque[tuple[float, str]],
                 times: collections.deque[float]) -> tuple[tuple[float, str], ...]:

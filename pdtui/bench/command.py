@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdtui.bench import report
+from pdtui.bench import report, runners
 from pdtui.bench.runners import (
     ALL_ARMS,
     ARMS,
@@ -23,11 +23,11 @@ from pdtui.bench.runners import (
     BenchResult,
     Reporter,
     attached_refusal,
-    known_arm,
     link_arm,
     run_bench,
 )
 from pdtui.bench.workload import BIG_PROMPT_LEN, FillSpec, FollowSpec, InterferenceSpec
+from pdtui.core import connectors
 from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
@@ -108,6 +108,7 @@ examples:
   pdtui bench --quick --links loopback,100gbit,25gbit,10gbit,1gbit    the pair re-priced per link (root)
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
   pdtui bench --profile 1p2d-small --workloads fill --arms pair-round-robin,pair-least-loaded,pair-headroom
+  pdtui bench --quick --arms single-proxied,pair@nixl,pair@nixl-push,pair@storage,pair@multi   the transports
   pdtui bench --quick --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \
       --single http://127.0.0.1:8300           engines you started: single, single-proxied, pair
 """
@@ -123,7 +124,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
     g.add_argument("--arms", default=None,
                    help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)};"
-                   " over engines given by URL, those of them that can run)")
+                   " over engines given by URL, those of them that can run), and pair@KEY: the pair over connector"
+                   f" KEY ({', '.join(connectors.CONNECTORS)}; docs/connectors.md): one transport table")
     g.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                    help=f"comma-separated, of {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     g.add_argument("--quick", action="store_true",
@@ -135,7 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    " stated tolerances (docs/bench.md); adds ~1 min per arm on CPU")
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
     g.add_argument("--links", default=None, metavar="LINK[,LINK...]",
-                   help="re-price the pair per link: the pair arm runs once over each (pair@LINK: loopback, 1gbit,"
+                   help="re-price the pair per link: the pair arm runs once over each (pair~LINK: loopback, 1gbit,"
                    " 10gbit, 25gbit, 100gbit, rate=RATE[;rtt=TIME]...; P and D in namespaces joined by a veth shaped"
                    " with tc, root needed; docs/link.md), beside the single arms; the report's link table gives"
                    " the KV read against bytes / rate + RTT, toll and purchase per link, the break-even rate, and"
@@ -201,10 +203,12 @@ def chosen_arms(args: argparse.Namespace, over: tuple[bool, bool] | None = None)
         # the pair arm, once per link, where it stood (or last)
         at = arms.index("pair") if "pair" in arms else len(arms)
         arms = (*arms[:at], *(link_arm(x) for x in links), *arms[at + 1:])
-    bad = [x for x in arms if not known_arm(x)]
+    bad = [why for x in arms if (why := runners.arm_problem(x))]
     if bad or not arms:
-        raise ConfigError(f"--arms {','.join(arms)}: each must be one of {', '.join(ALL_ARMS)}"
-                          f" (or {LINK_ARM}LINK, which --links makes)")
+        raise ConfigError(f"--arms {','.join(arms)}: {'; '.join(bad) or 'none given'}; each must be one of"
+                          f" {', '.join(ALL_ARMS)}, or a pair arm over a connector: pair@KEY (KEY one of"
+                          f" {', '.join(connectors.CONNECTORS)}; docs/connectors.md), or over a link: {LINK_ARM}LINK"
+                          " (which --links makes)")
     refused = [why for a in arms if over is not None and (why := attached_refusal(a, pair=over[0], single=over[1]))]
     if refused:
         raise ConfigError(f"--arms {','.join(arms)}: " + "; ".join(refused))
@@ -331,8 +335,10 @@ def run(cfg: PairConfig, args: argparse.Namespace, engines: AttachedEngines | No
     for name, arm in data["arms"].items():
         if arm.get("kv_bytes"):
             kb = arm["kv_bytes"]
+            counted = {"nixl-push": "P's nixl_bytes_transferred", "storage": "D's external_kv_transfer tokens x bytes"
+                       }.get(arm.get("connector") or "", "D's nixl_bytes_transferred")
             print(f"\n{name}: KV bytes of {kb['requests']} requests: traces {kb['trace_kv_bytes']:,} B,"
-                  f" D's nixl_bytes_transferred +{(kb['d_metric_delta'] or 0):,.0f} B:"
+                  f" {counted} +{(kb['d_metric_delta'] or 0):,.0f} B:"
                   f" {'match' if kb['match'] else 'MISMATCH'}; formula {'ok' if kb['formula_ok'] else 'NOT ok'}")
         for note in arm.get("notices") or []:
             if note.startswith(("warning", "error")):

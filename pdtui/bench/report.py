@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,10 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
         follow_reads = kv_reads(follow)
         if follow_reads is not None:  # the big prompt alone: the transfer the link table prices
             out["follow"]["kv_read"] = follow_reads
+    freight = [float(b) for s in samples if not s.warmup and s.trace and s.trace.get("outcome") == "pair"
+               and (b := s.trace.get("kv_bytes")) is not None]
+    if freight:
+        out["freight_bytes"] = dist(freight)
     fill = fill_summary(samples, windows)
     if fill is not None:
         out["fill"] = fill
@@ -266,7 +270,8 @@ def kv_reads(samples: Sequence[Sample]) -> dict[str, Any] | None:
     if not reads:
         return None
     return {"n": len(reads), "ms": dist([r["ms"] for r in reads]), "bytes": dist([float(r["bytes"]) for r in reads]),
-            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None])}
+            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None]),
+            "op": "write" if all(r.get("op") == "write" for r in reads) else "read"}
 
 
 def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
@@ -277,7 +282,10 @@ def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
         if not k:
             continue
         ms, gbps = k["ms"], k["gbps"]
-        lines.append(f"{arm} KV read, measured per request by NIXL on D ({k['n']} reads): mean {_ms3(ms['mean'])} ms,"
+        what = "KV write, measured per request by NIXL on P (push)" if k.get("op") == "write" else \
+            "KV read, measured per request by NIXL on D"
+        lines.append(f"{arm} {what} ({k['n']} {'writes' if k.get('op') == 'write' else 'reads'}):"
+                     f" mean {_ms3(ms['mean'])} ms,"
                      f" p50 {_ms3(ms['p50'])}, p99 {_ms3(ms['p99'])}, max {_ms3(ms['max'])};"
                      f" {k['bytes']['mean'] / 2**20:.2f} MiB mean, {_gbps(gbps['p50'])} GB/s p50")
     return lines
@@ -370,6 +378,48 @@ ROUTING_ARMS = tuple(f"pair-{choice}" for choice in DECODE_CHOICES)
 """The pair under each choice of D (runners.ROUTING_ARMS): compared by routing_table, not by the switch table."""
 PROXIED = ("pair", "single-proxied", "two-single", "pair-tokenize-once", "pair-first-token", "pair-both",
            *ROUTING_ARMS)
+
+
+def proxied(arm: str) -> bool:
+    """Whether ``arm`` is measured through pdtui's proxy (``PROXIED``; a pair arm over another
+    connector, ``pair@KEY``, as its pair arm)."""
+    return arm.partition("@")[0] in PROXIED
+
+
+def transport_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The connectors side by side (``pair`` and every ``pair@KEY`` arm, the same seeded prompts):
+    follow TTFT p50 and the toll against the single arm, the steady streams' ITL p99 and the
+    purchase, the freight per request (the traces' kv_bytes: the connector's own rule), the
+    transfer time per request where the connector measures one (NIXL's read on D, its write on P
+    for push) or says that it has none, D's computed prompt tokens (the silent-recompute check).
+    Empty unless a pair@KEY arm ran."""
+    arms = [a for a in summaries if a == "pair" or a.startswith("pair@")]
+    if not any("@" in a for a in arms):
+        return []
+    t_base, i_base = baseline_for(summaries, "ttft"), baseline_for(summaries, "itl99")
+    s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
+    s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
+    lines = ["", (f"transports (the same prompts; toll against {t_base or 'no single arm'}, purchase against"
+                  f" {i_base or 'no single arm'}; freight per request p50 / mean, transfer per request p50):"), "",
+             "| arm | connector | TTFT p50 ms | toll | ITL p99 ms | purchase | freight | transfer ms | D computed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for arm in arms:
+        s = summaries[arm]
+        conn = s.get("connector") or (arm.partition("@")[2] or "the profile's")
+        ttft, itl = _stat(s, "ttft"), _stat(s, "itl99")
+        toll, purchase = _ratio(ttft, s_ttft), _ratio(s_itl, itl)
+        fbd = s.get("freight_bytes") or {}
+        fb, fmean = fbd.get("p50"), fbd.get("mean")
+        k = s.get("kv_read")
+        transfer = _ms3(k["ms"]["p50"]) if k else "none per request"
+        rc = s.get("recompute") or {}
+        computed = (f"{rc.get('d_computed_tokens', 0):,} tok in {rc.get('checked', 0)}"
+                    + (f", {rc['recomputed']} recomputed" if rc.get("recomputed") else "")) if rc.get("checked") else "-"
+        lines.append(f"| {arm} | {conn} | {_ms(ttft)} | {'-' if toll is None else f'{toll:.2f}x'} | {_ms(itl)}"
+                     f" | {_fmt_ratio(purchase)} | {'-' if fb is None else f'{fb / 2**20:.2f} / {(fmean or 0) / 2**20:.2f} MiB'}"
+                     f" | {transfer}"
+                     f" | {computed} |")
+    return lines
 """Arms measured through pdtui's proxy (a process of its own); ``single`` is measured straight at
 its engine."""
 THROUGH_PROXY = "both through pdtui's proxy"
@@ -641,7 +691,7 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
 
 # ----- the link: the pair re-priced per emulated link (`pdtui bench --links`, docs/link.md) ------------
 
-LINK_PREFIX = "pair@"
+LINK_PREFIX = "pair~"
 WHAT_IF_BYTES = 256 * 2**20
 """The lab's 8B prompt: Llama-3.1-8B's KV (32 layers x 8 KV heads x 128 head_dim x 2 (K,V) x 2 B =
 128 KiB per token) x 2,048 tokens = 256 MiB."""
@@ -653,7 +703,7 @@ def link_arms(summaries: dict[str, Any]) -> list[str]:
 
 
 def link_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per pair@LINK arm, fastest link first (loopback first of all): the follow prompt's
+    """One row per pair~LINK arm, fastest link first (loopback first of all): the follow prompt's
     KV read as NIXL measured it (p50) against the formula (bytes / rate + RTT), the achieved Gbit/s,
     the follow TTFT p50 and its toll against the single arm (single-proxied when it ran), the steady
     streams' ITL p99 and the purchase, whether the pair pays (purchase >= toll: it buys at least the
@@ -757,7 +807,7 @@ def break_even(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def link_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
-    """The pair re-priced per link (`pdtui bench --links`): empty unless a pair@LINK arm ran."""
+    """The pair re-priced per link (`pdtui bench --links`): empty unless a pair~LINK arm ran."""
     rows = link_rows(summaries)
     if not rows:
         return []
@@ -848,6 +898,7 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
         lines += ["", ("pair KV read: not measured per request (D logged no reads: its connector was not"
                        " loaded through pdtui's tuned module, docs/freight.md)")]
     lines += switch_table(summaries)
+    lines += transport_table(summaries)
     lines += routing_table(summaries)
     lines += link_table(summaries)
     lines += [""] + verdict(summaries)["text"]
@@ -1034,9 +1085,12 @@ def _disagreement_note(r: dict[str, Any], summary: dict[str, Any], check: dict[s
 
 
 def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, metric_after: float | None,
-                bytes_per_token: int | None, block_size: int) -> dict[str, Any]:
-    """Sum of the traces' kv_bytes against D's vllm:nixl_bytes_transferred delta, and every trace
-    against the formula blocks x block_size x bytes/token with blocks = ceil(prompt_tokens / block_size)."""
+                bytes_per_token: int | None, block_size: int,
+                blocks_of: Callable[[int], int] | None = None) -> dict[str, Any]:
+    """Sum of the traces' kv_bytes against the connector's own count (D's vllm:nixl_bytes_transferred
+    delta for pull: runners.freight_count), and every trace against the formula blocks x block_size x
+    bytes/token with blocks = ceil(prompt_tokens / block_size) (``blocks_of``: a connector's own rule,
+    storage's whole blocks less the last token, kvmath.stored_blocks)."""
     # a request the client hung up on mid-stream ends as "error" but D pulled its KV all the same;
     # a fallback pulled nothing
     pair = [t for t in traces if t.get("kv_bytes") is not None and t.get("outcome") != "fallback"]
@@ -1048,8 +1102,9 @@ def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, m
     delta = None if metric_before is None or metric_after is None else metric_after - metric_before
     formula_ok = None
     if bytes_per_token:
+        blocks = blocks_of or (lambda n: math.ceil(n / block_size))
         formula_ok = all(
-            t.get("kv_bytes") == math.ceil((t.get("prompt_tokens") or 0) / block_size) * block_size * bytes_per_token
+            t.get("kv_bytes") == blocks(t.get("prompt_tokens") or 0) * block_size * bytes_per_token
             for t in pair
         )
     return {"requests": len(pair), "trace_kv_bytes": total, "uncertain_kv_bytes": uncertain,
@@ -1064,8 +1119,10 @@ def to_json(result: Any) -> dict[str, Any]:
     summaries = {}
     for name, arm in result.arms.items():
         summaries[name] = summarize_arm(arm.samples, arm.windows)
-        if (name in PROXIED or name.startswith(LINK_PREFIX)) and name not in ("single-proxied", "two-single"):  # the pair arms: where each request went
+        if (proxied(name) or name.startswith(LINK_PREFIX)) and name not in ("single-proxied", "two-single"):
             summaries[name]["routing"] = routing_summary(arm.samples, getattr(arm, "preemptions", None))
+        if getattr(arm, "connector", None):
+            summaries[name]["connector"] = arm.connector
         d = {k: v for k, v in dataclasses.asdict(arm).items() if k != "samples"}
         d["samples"] = [{**dataclasses.asdict(s), "chunks": s.chunks} for s in arm.samples]
         if arm.cross_check:
@@ -1233,6 +1290,28 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     links = (data.get("links") or {}).get("rows") or []
     if any(r["rate_bps"] for r in links):
         written.append(link_plot(links, out_dir, plt))
+    transports = [a for a in arms if a.startswith("pair@")]
+    if transports:  # the connectors side by side (transport_table): TTFT alone, and the KV's own transfer time
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+        ttft = [_stat(data["arms"][a]["summary"], "ttft") or 0.0 for a in transports]
+        left.bar(range(len(transports)), ttft, color="tab:blue")
+        for base in ("single-proxied", "single"):
+            if (b := _stat(data["arms"].get(base, {}).get("summary"), "ttft")) is not None:
+                left.axhline(b, color="red", linestyle="--", label=f"{base} {b:.0f} ms")
+                break
+        left.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
+        left.set_ylabel("follow TTFT p50 (ms)")
+        left.set_title("the toll per transport")
+        _legend(left)
+        xfer = [((data["arms"][a]["summary"].get("kv_read") or {}).get("ms") or {}).get("p50") for a in transports]
+        right.bar(range(len(transports)), [x or 0.0 for x in xfer], color="tab:green")
+        for k, ms in enumerate(xfer):
+            if ms is None:
+                right.text(k, 0, "no per-request\nfigure", ha="center", va="bottom", fontsize=8)
+        right.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
+        right.set_ylabel("KV transfer p50 (ms, the connector's own measure)")
+        right.set_title("the transfer per request")
+        written.append(_save(fig, out_dir / "transports.png"))
     return written
 
 

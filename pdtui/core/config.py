@@ -31,7 +31,7 @@ import shutil
 import sys
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,7 @@ KV_SHAPED = (
     "max_model_len",
     "connector",
     "kv_buffer_device",
+    "kv_storage_path",
 )
 
 # vLLM flags that would override a KV-shaped field behind the config's back.
@@ -133,7 +134,12 @@ class PairConfig:
     max_model_len: int = 4096
     """--max-model-len for both instances."""
     connector: str = "NixlConnector"
-    """The KV connector (kv_transfer_config.kv_connector)."""
+    """The KV connector: a key of pdtui's entries (nixl, nixl-push, storage, multi: `pdtui/core/connectors.py`,
+    docs/connectors.md) or its kv_connector name (NixlConnector, NixlPushConnector, ExampleConnector,
+    MultiConnector)."""
+    kv_storage_path: str | None = None
+    """The folder a storage connector (storage, and multi's storage child) keeps the KV in: P writes, D
+    reads, so both must see the same folder (an absolute path). None: <pdtui's state folder>/kv-store."""
     kv_buffer_device: str = "cpu"
     """kv_transfer_config.kv_buffer_device: cpu on CPU machines, cuda on GPUs."""
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
@@ -347,17 +353,40 @@ def model_path(cfg: PairConfig, model_root: Path | None = None) -> str:
     return cfg.model
 
 
+def storage_path(cfg: PairConfig, inst: InstanceConfig | None = None) -> str:
+    """The folder of a storage connector: kv_storage_path, else <state dir>/kv-store."""
+    from pdtui.core import paths
+
+    got = cfg.resolved(inst, "kv_storage_path") if inst is not None else cfg.kv_storage_path
+    return str(got) if got else str(paths.state_dir() / "kv-store")
+
+
 def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "kv_connector": cfg.resolved(inst, "connector"),
-        "kv_role": c.kv_roles[inst.role] if (c := _conn(cfg, inst)) else inst.kv_role,
-        "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
-        "kv_load_failure_policy": cfg.kv_load_failure_policy,
-    }
-    if cfg.kv_connector_extra_config:
-        out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
+    """--kv-transfer-config of one instance, from its connector's entry: a MultiConnector's children
+    are whole configs of their own (each its kv_role, the NIXL child's module, the storage child's folder)."""
     conn = _conn(cfg, inst)
-    if _tunes_nixl(cfg) and conn is not None and conn.tuned_module:
+    if conn is None:  # unknown: preflight refuses it before launch; render what was asked for
+        out: dict[str, Any] = {"kv_connector": cfg.resolved(inst, "connector"), "kv_role": inst.kv_role,
+                               "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device")}
+    elif conn.children:
+        out = {"kv_connector": conn.name, "kv_role": conn.kv_roles[inst.role],
+               "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
+               "kv_connector_extra_config": {"connectors": [_one_config(cfg, inst, c) for c in connectors.parts(conn)]}}
+    else:
+        out = _one_config(cfg, inst, conn)
+    out["kv_load_failure_policy"] = cfg.kv_load_failure_policy
+    if cfg.kv_connector_extra_config:
+        out["kv_connector_extra_config"] = {**out.get("kv_connector_extra_config", {}), **cfg.kv_connector_extra_config}
+    return out
+
+
+def _one_config(cfg: PairConfig, inst: InstanceConfig, conn: connectors.Connector) -> dict[str, Any]:
+    out: dict[str, Any] = {"kv_connector": conn.name, "kv_role": conn.kv_roles[inst.role]}
+    if conn.side_channel is not None:  # NIXL's: the KV buffer's device (the storage child has none)
+        out["kv_buffer_device"] = cfg.resolved(inst, "kv_buffer_device")
+    if conn.storage_param:
+        out["kv_connector_extra_config"] = {conn.storage_param: storage_path(cfg, inst)}
+    if _tunes_nixl(cfg) and conn.tuned_module:
         out["kv_connector_module_path"] = conn.tuned_module
     return out
 
@@ -460,8 +489,9 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         argv += ["--otlp-traces-endpoint", f"http://{cfg.host}:{cfg.traces_port}/v1/traces/{inst.name}"]
     argv += cfg.extra_args + inst.extra_args
     conn = _conn(cfg, inst)
-    side = conn.side_channel_env if conn is not None else {}
-    tune = conn.tuning_env if conn is not None and conn.tuned_module else {}
+    parts = connectors.parts(conn) if conn is not None else ()
+    side: Mapping[str, str] = next((c.side_channel_env for c in parts if c.side_channel_env), {})  # a MultiConnector child
+    tune: Mapping[str, str] = next((c.tuning_env for c in parts if c.tuned_module), {})
     env = {
         **({side["port"]: str(inst.side_channel_port)} if "port" in side else {}),
         **({side["host"]: cfg.host} if "host" in side else {}),

@@ -182,6 +182,18 @@ class RequestTraced(Event):
     (the new D's own usage: prompt tokens it computed), ``error``. The outcome stays pair when the
     stream ended clean on the new D."""
 
+    drill: str | None = None
+    """The faults a drill injected into this request (``X-Pdtui-Drill``, honoured with
+    ProxySettings.drill only: pdtui.core.proxy.drillhooks), e.g. "tamper=reuse"; None otherwise."""
+    kv_release: dict[str, Any] | None = None
+    """P held this request's KV blocks for a D leg that was never sent (the client left between P's
+    answer and D's dispatch, no D was up, D could not be reached, or P's token ended the request):
+    what the proxy did so that P need not hold them until its KV lease ends (vLLM 0.32: 30 s,
+    ``kv_lease_duration``). Keys: ``result`` (released: a D refused the release request and vLLM's
+    rejection path freed P's blocks; failed: the release got no answer in time, or an answer
+    other than the refusal; no_decode: no D was up to send it through), ``via`` (the D), ``status``
+    (D's answer), ``ms``, ``why``. pdtui.core.proxy.contract.RELEASE_MODEL; docs/drills.md."""
+
     @property
     def migrated(self) -> bool:
         """The stream went on on another D after its D died (a migration whose result is ok)."""
@@ -311,6 +323,21 @@ class LinkShaped(Event):
 
 
 @dataclass(frozen=True)
+class AnswerChecked(Event):
+    """The correctness witness's verdict on one request through the pair (pdtui.core.known_answer):
+    a greedy request whose answer is known, compared token for token. ``ok`` False is an error
+    whatever the status: the dashboard's row of that request turns red."""
+
+    kind: ClassVar[str] = "answer_checked"
+    request_id: str
+    ok: bool
+    status: int | None
+    detail: str
+    expected: list[int] = field(default_factory=list)
+    got: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class RuntimeStopped(Event):
     kind: ClassVar[str] = "runtime_stopped"
     reason: str = ""
@@ -334,6 +361,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         EngineSpan,
         WitnessSampled,
         LinkShaped,
+        AnswerChecked,
     )
 }
 

@@ -156,8 +156,9 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def synth(shape_name: str, out_dir: Path) -> Path:
-    """Write config.json + tokenizer files for ``shape_name`` into ``out_dir``; return it."""
+def synth(shape_name: str, out_dir: Path, *, weights: bool = False) -> Path:
+    """Write config.json + tokenizer files for ``shape_name`` into ``out_dir``; return it.
+    ``weights``: also seeded random weights that make answers depend on the prompt (``write_weights``)."""
     if shape_name not in SHAPES:
         raise KeyError(f"unknown shape {shape_name!r}; choose one of {', '.join(SHAPES)}")
     shape = SHAPES[shape_name]
@@ -187,9 +188,68 @@ def synth(shape_name: str, out_dir: Path) -> Path:
     (out_dir / "generation_config.json").write_text(
         json.dumps({"eos_token_id": config_json(shape)["eos_token_id"], "do_sample": False}, indent=2)
     )
+    if weights:
+        write_weights(out_dir, shape)
     # config.json last: its presence marks a complete directory (see ensure()).
     (out_dir / "config.json").write_text(json.dumps(config_json(shape), indent=2))
     (out_dir / "pdtui-shape.json").write_text(json.dumps(asdict(shape), indent=2))
+    return out_dir
+
+
+def weight_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Qwen2ForCausalLM of ``shape`` as vLLM loads it from safetensors (the word
+    embeddings tied to the output head: no ``lm_head.weight``)."""
+    h, hd = shape.hidden_size, shape.head_dim
+    q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(shape.num_hidden_layers):
+        at = f"model.layers.{i}"
+        out |= {f"{at}.input_layernorm.weight": (h,), f"{at}.post_attention_layernorm.weight": (h,),
+                f"{at}.self_attn.q_proj.weight": (q, h), f"{at}.self_attn.q_proj.bias": (q,),
+                f"{at}.self_attn.k_proj.weight": (kv, h), f"{at}.self_attn.k_proj.bias": (kv,),
+                f"{at}.self_attn.v_proj.weight": (kv, h), f"{at}.self_attn.v_proj.bias": (kv,),
+                f"{at}.self_attn.o_proj.weight": (h, q),
+                f"{at}.mlp.gate_proj.weight": (shape.intermediate_size, h),
+                f"{at}.mlp.up_proj.weight": (shape.intermediate_size, h),
+                f"{at}.mlp.down_proj.weight": (h, shape.intermediate_size)}
+    return out
+
+
+def write_weights(out_dir: Path, shape: ModelShape, seed: int = 0) -> Path:
+    """``model.safetensors`` with seeded random weights whose answers depend on the prompt: norms
+    1, biases 0, the rest normal with std 1/sqrt(fan in) (the embeddings std 1). vLLM's dummy
+    weights (uniform in +-1e-3) give every token the same logprob, ln 1/vocab, whatever came
+    before, so no answer can tell a wrong KV cache from a right one; these can (the correctness
+    witness, pdtui.core.known_answer). Float32, read by vLLM as the model's dtype."""
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, bytes] = {}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "pdtui": f"random weights, seed {seed}"}}
+    offset = 0
+    for name, dims in weight_shapes(shape).items():
+        if name.endswith("norm.weight"):
+            arr = np.ones(dims, dtype=np.float32)
+        elif name.endswith(".bias"):
+            arr = np.zeros(dims, dtype=np.float32)
+        else:
+            std = 1.0 if name == "model.embed_tokens.weight" else dims[-1] ** -0.5
+            arr = rng.normal(0.0, std, dims).astype(np.float32)
+        data = arr.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(dims), "data_offsets": [offset, offset + len(data)]}
+        tensors[name] = data
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = out_dir / "model.safetensors.tmp"
+    with tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for data in tensors.values():
+            f.write(data)
+    tmp.replace(out_dir / "model.safetensors")
     return out_dir
 
 

@@ -44,6 +44,7 @@ from pdtui.core.events import (
     RuntimeStopped,
 )
 from pdtui.core.otlp import OtlpReceiver
+from pdtui.core.pairwatch import DisconnectWatch
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
 from pdtui.core.proxy import WARMUP_HEADER, ProxyProcess
 from pdtui.core.source import RunInfo
@@ -104,6 +105,8 @@ class Runtime:
         """Where clients send requests: the proxy's URL, or the one instance's without a proxy."""
         self.history: collections.deque[Event] = collections.deque(maxlen=20000)
         self.latest_metrics: dict[str, dict[str, float]] = {}
+        self.disconnects = DisconnectWatch({m.name: m.role for m in topology.members})
+        """A D stuck in NIXL_ERR_REMOTE_DISCONNECT: a Notice with the restart order (pdtui.core.pairwatch)."""
         self.hub = EventHub()
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
@@ -140,6 +143,8 @@ class Runtime:
         if isinstance(event, MetricsSampled):
             self.latest_metrics[event.instance] = event.values
         self.hub.publish(event)
+        if (notice := self.disconnects.feed(event)) is not None:  # a pair stuck in REMOTE_DISCONNECT
+            self.emit(notice)
 
     def subscribe(self) -> AsyncGenerator[Event, None]:
         """An async iterator over every event from now on; it ends when the Runtime closes."""

@@ -296,3 +296,30 @@ ARMS: dict[str, Callable[..., Topology]] = {
     "pair": pair,
 }
 """The bench's arms by name: each builds its topology from the one config."""
+
+
+def with_settings(topo: Topology, **fields: object) -> Topology:
+    """``topo`` with its proxy's settings changed (ProxySettings field names): `pdtui drill` turns
+    on ``drill`` (the field drills' per-request faults) for the pair it drives."""
+    if topo.proxy is None:
+        return topo
+    settings = dataclasses.replace(topo.proxy.settings, **fields)  # type: ignore[arg-type]
+    return dataclasses.replace(topo, proxy=dataclasses.replace(topo.proxy, settings=settings))
+
+
+def with_argv(topo: Topology, name: str, flag: str, value: str) -> Topology:
+    """``topo`` with launched member ``name``'s ``flag`` set to ``value`` in its command line,
+    after the config's checks. The field drills that need a pair the config refuses (D with
+    another max_model_len: `pdtui drill --scenario context`) bypass the refusal on purpose here,
+    and only here. KeyError for a member that is not launched or not there."""
+    member = next((m for m in topo.members if m.name == name and m.launch is not None), None)
+    if member is None or member.launch is None:
+        raise KeyError(f"no launched member {name!r} in {[m.name for m in topo.members]}")
+    argv = list(member.launch.argv)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    spec = dataclasses.replace(member.launch, argv=argv)
+    members = tuple(dataclasses.replace(m, launch=spec) if m is member else m for m in topo.members)
+    return dataclasses.replace(topo, members=members)

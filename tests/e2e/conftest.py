@@ -66,8 +66,9 @@ def _ports_free(cfg: config_mod.PairConfig) -> bool:
 class RuntimeThread:
     """A Runtime on its own loop and thread; ``call`` runs a coroutine there and waits."""
 
-    def __init__(self, cfg: config_mod.PairConfig) -> None:
+    def __init__(self, cfg: config_mod.PairConfig, topo: topology.Topology | None = None) -> None:
         self.cfg = cfg
+        self.topo = topo or topology.pair(cfg)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="runtime-loop", daemon=True)
         self.thread.start()
@@ -75,7 +76,7 @@ class RuntimeThread:
         self.rt: Runtime = self.call(self._make(), 30)
 
     async def _make(self) -> Runtime:
-        rt = Runtime(topology.pair(self.cfg))
+        rt = Runtime(self.topo)
         stream = rt.subscribe()
 
         async def pump() -> None:

@@ -445,8 +445,9 @@ def _successes(pair, name: str) -> float:
 
 def _kill_p_between_its_answer_and_d_s_pull(pair, rid: str, prompt: str) -> dict:
     """A transfer that fails for real: D's process group is stopped (SIGSTOP), the request goes
-    through the proxy, P prefills and answers, P is killed (SIGKILL to its group), then D goes on
-    (SIGCONT) and pulls from a P that is gone. Returns the client's answer (or its error)."""
+    through the proxy, P prefills and answers, P's API server is killed from outside (kill -9),
+    then D goes on (SIGCONT) and pulls from a P that is gone. Returns the client's answer (or its
+    error), and the kill's time and P's processes at the kill."""
     d_group = pair.rt.instances["D"].pid
     out: dict = {}
     before = _successes(pair, "P")
@@ -468,17 +469,34 @@ def _kill_p_between_its_answer_and_d_s_pull(pair, rid: str, prompt: str) -> dict
             assert time.monotonic() < deadline, "P did not finish the request within 60 s"
             time.sleep(0.05)
         time.sleep(0.5)  # the proxy sends D its request (D's kernel takes it; D reads it once it goes on)
-        pair.call(pair.rt.kill("P"), 30)
+        # kill -9 of P's API server from outside, as the OOM killer does (pdtui then kills the rest of P)
+        inst = pair.rt.instances["P"]
+        out["family"] = [inst.pid, *inst.members]
+        out["n_exited"] = len(pair.of(InstanceStateChanged, instance="P", state="exited"))
+        out["t_kill"] = time.time()
+        os.kill(inst.pid, signal.SIGKILL)
+        # D goes on once P's worker (NIXL's agent, which serves the read) is gone too: pdtui kills
+        # the rest of P when it sees the API server die; before that, D's pull could still succeed
+        from pdtui.core.supervisor import is_alive
+
+        deadline = time.monotonic() + 10
+        while any(is_alive(p) for p in out["family"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["family_gone_s"] = time.time() - out["t_kill"]
     finally:
         os.killpg(d_group, signal.SIGCONT)
     client_thread.join(180)
     return out
 
 
-def test_kill_prefill_between_its_answer_and_d_s_pull_is_a_silent_recompute_the_proxy_counts(pair):
+def test_kill_9_of_prefill_between_its_answer_and_d_s_pull_is_a_silent_recompute_seen_cleaned_up_and_recovered(pair):
     """Issue 14 part 2. D runs kv_load_failure_policy = "recompute" (the fixture): its pull from a
     killed P fails, D computes the prompt itself and answers 200: the client cannot tell. The proxy
-    says it: D computed N of M prompt tokens (D's own usage), a recompute in the trace and /metrics."""
+    says it: D computed N of M prompt tokens (D's own usage), a recompute in the trace and /metrics.
+    The kill is a kill -9 of P's API server from another process (issue 11), so this is also the
+    kill -9 case of P (test_kill_9_from_outside_... has D's): its exited event within 2 s naming the
+    API server, nothing of P left (processes, ports), while P is down a request falls back to D,
+    then P's restart and the pair serves again. (One P restart for both: 30-40 s of CI each.)"""
     pair.ensure_ready()
     before = pair.metrics("D")
     rid = f"e2e-recompute-{uuid.uuid4().hex[:6]}"
@@ -500,7 +518,9 @@ def test_kill_prefill_between_its_answer_and_d_s_pull_is_a_silent_recompute_the_
     assert "pdtui_recompute_total 1.0" in metrics
     print(f"\n[e2e] P killed between its answer and D's pull: D computed {t.d_computed_tokens} of"
           f" {t.prompt_tokens} prompt tokens, HTTP {got['status']}, D TTFT {t.decode_ttft_ms:.0f} ms")
-    pair.call(pair.rt.restart("P"), 600)
+    _death_seen_and_cleaned_up(pair, "P", "api-server", got["t_kill"], got["n_exited"], got["family"], [])
+    _fallback_while_p_is_down(pair)
+    _restart_and_pair_again(pair, "P")
 
 
 # ----- faults from outside (issue 11): kill -9 from another process, as the OOM killer does -----
@@ -555,25 +575,23 @@ def _wait_ports_free(ports: list[int], timeout_s: float) -> float:
             time.sleep(0.05)
 
 
-# Each role once and each way a death is seen once: D's engine core (a member process seen dead by
-# the watcher) and P's API server (the return code pdtui reaps). The other two pairings take the
-# same paths (tests/unit/test_supervisor.py kills both processes of a stand-in); each case costs a
-# restart of 30-40 s of CI time on 2 cores.
-@pytest.mark.parametrize("name,which", [("D", "engine-core"), ("P", "api-server")])
-def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, which):
-    """kill -9 of an engine process from another process during streams: an exited event within
-    2 s with the signal, the streams end with an SSE error event within 2 s and their traces say D
-    broke them (D), nothing of the instance left (processes, ports), the restart works and the pair
-    serves again; for P, while it is down, a request falls back to D, D prefills it all itself,
-    and the fallback is counted. (The kill keys k and K are the drill's, in test_attach.py, through
-    a viewer of a service; Runtime.kill of a launched P is the silent-recompute test's above.)"""
-    from pdtui.core.supervisor import is_alive
-
+# Each role once and each way a death is seen once: D's engine core here (a member process seen
+# dead by the watcher) and P's API server (the return code pdtui reaps) in the silent-recompute test
+# above, whose kill of P is a kill -9 from outside. The other two pairings take the same paths
+# (tests/unit/test_supervisor.py kills both processes of a stand-in); each case costs a restart of
+# 30-40 s of CI time on 2 cores.
+def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair):
+    """kill -9 of D's engine core from another process during streams: an exited event within 2 s
+    with the process named, the streams end with an SSE error event within 2 s and their traces say
+    D broke them, nothing of the instance left (processes, ports), the restart works and the pair
+    serves again. (The kill keys k and K are the drill's, in tests/e2e/attached/test_a_attach.py,
+    through a viewer of a service.)"""
+    name, which = "D", "engine-core"
     pair.ensure_ready()
     inst = pair.rt.instances[name]
     streams = []
-    d_before = _successes(pair, "D") if name == "D" else 0.0
-    for attempt in range(3 if name == "D" else 0):  # two streams D is still sending at the kill
+    d_before = _successes(pair, "D")
+    for attempt in range(3):  # two streams D is still sending at the kill
         streams = []
         for k in range(2):
             out: dict = {}
@@ -593,14 +611,25 @@ def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, whic
     victim = _victim_pid(pair, name, which)
     family = [inst.pid, *inst.members]
     n_exited = len(pair.of(InstanceStateChanged, instance=name, state="exited"))
-    # D's own count of requests it finished, just before the kill (as in the kill-D test)
-    d_done = _successes(pair, "D") - d_before if name == "D" else 0.0
+    # D's own count of requests it finished, just before the kill
+    d_done = _successes(pair, "D") - d_before
     t_kill = time.time()
-    import os
-
     os.kill(victim, 9)
     print(f"\n[e2e] at the kill: chunks read {[out.get('chunks', 0) for _, out, _ in streams]},"
           f" ended {[out.get('end') for _, out, _ in streams]}")
+    _death_seen_and_cleaned_up(pair, name, which, t_kill, n_exited, family, streams, d_done)
+    _restart_and_pair_again(pair, name)
+
+
+def _death_seen_and_cleaned_up(pair, name: str, which: str, t_kill: float, n_exited: int, family: list[int],
+                               streams: list, d_done: float = 0.0) -> None:
+    """After a kill -9 of one of ``name``'s processes at ``t_kill``: its exited event within 2 s
+    naming the process, the ``streams`` (threads of _stream_until_error) ended with the proxy's
+    error event within 2 s and traced as D's failure, no process of ``family`` alive within 5 s,
+    its ports free, an error notice with its log's path."""
+    from pdtui.core.supervisor import is_alive
+
+    inst = pair.rt.instances[name]
     deadline = time.monotonic() + 10
     while len(pair.of(InstanceStateChanged, instance=name, state="exited")) == n_exited:
         assert time.monotonic() < deadline, f"no exited event for {name} within 10 s"
@@ -635,22 +664,26 @@ def test_kill_9_from_outside_is_seen_cleaned_up_and_recoverable(pair, name, whic
     freed_s = _wait_ports_free(_ports_of(pair, name), 5)
     notice = pair.wait_for(Notice, timeout=5, instance=name, level="error")
     assert "died" in notice.text and str(inst.log_path) in notice.text
-    print(f"\n[e2e] kill -9 of {name}'s {which} (pid {victim}): exited event after {seen_s * 1000:.0f} ms,"
+    print(f"\n[e2e] kill -9 of {name}'s {which}: exited event after {seen_s * 1000:.0f} ms,"
           f" streams ended after {max((o['t_end'] - t_kill for _, o, _ in streams), default=0) * 1000:.0f} ms,"
           f" ports free {freed_s * 1000:.0f} ms after that")
 
-    if name == "P":  # while P is down, requests fall back to D colocated, D prefills them, they are counted
-        rid = f"e2e-out-fallback-{uuid.uuid4().hex[:6]}"
-        before = pair.metrics("D")
-        r = client(pair).completions.create(model="tiny", prompt=unique_prompt(260), max_tokens=2,
-                                            extra_headers={"X-Request-Id": rid})
-        assert r.choices[0].text
-        t = trace_of(pair, rid)
-        assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down") and t.prefill_branch == "fallback_down"
-        after = pair.metrics("D")
-        assert after[LOCAL] - before[LOCAL] == 260 and after[EXT] - before[EXT] == 0  # D prefilled it itself
-        assert 'pdtui_fallbacks_total{reason="prefill_down"}' in httpx.get(f"{pair.cfg.proxy_url}/metrics").text
 
+def _fallback_while_p_is_down(pair) -> None:
+    """While P is down, a request falls back to D colocated, D prefills it, it is counted."""
+    rid = f"e2e-out-fallback-{uuid.uuid4().hex[:6]}"
+    before = pair.metrics("D")
+    r = client(pair).completions.create(model="tiny", prompt=unique_prompt(260), max_tokens=2,
+                                        extra_headers={"X-Request-Id": rid})
+    assert r.choices[0].text
+    t = trace_of(pair, rid)
+    assert t.outcome == "fallback" and t.fallback_reason.startswith("prefill_down") and t.prefill_branch == "fallback_down"
+    after = pair.metrics("D")
+    assert after[LOCAL] - before[LOCAL] == 260 and after[EXT] - before[EXT] == 0  # D prefilled it itself
+    assert 'pdtui_fallbacks_total{reason="prefill_down"}' in httpx.get(f"{pair.cfg.proxy_url}/metrics").text
+
+
+def _restart_and_pair_again(pair, name: str) -> None:
     pair.call(pair.rt.restart(name), 600)
     deadline = time.monotonic() + 120
     outcome = None
@@ -734,7 +767,7 @@ def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(
     keepers = [threading.Thread(target=keeper, args=(n,), daemon=True) for n in ("P", "D")]
     for k in keepers:
         k.start()
-    t_end = time.monotonic() + 30
+    t_end = time.monotonic() + 20
     try:
         while time.monotonic() < t_end:
             time.sleep(rng.uniform(2, 5))

@@ -381,3 +381,27 @@ def test_a_migrated_request_shows_both_transfers_the_path_and_the_seam() -> None
     failed = request("bad", T0, outcome="error", migrations=[{**m, "result": "limit", "to": None,
                                                               "error": "migrate_max (1) migrations done"}])
     assert not failed.migrated and TransfersTable.row_of(failed)[2] == "4"
+
+
+async def test_the_correctness_witness_turns_a_200_row_red_whatever_its_status() -> None:
+    """issue 27's fail-open: the pair answered 200 (outcome pair), the witness found the tokens
+    other than the known answer (AnswerChecked, pdtui.core.known_answer): the row is red, every
+    cell, its outcome cell saying how; a row the witness passed stays as it was."""
+    from pdtui.core import known_answer
+
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=(160, 48)) as pilot:
+        pair_up(fake)
+        fake.emit(request("good", T0 + 70), request("bad", T0 + 71))
+        await settle(pilot, app)
+        fake.emit(known_answer.compare("good", 200, [4, 5], [4, 5]).event(),
+                  known_answer.compare("bad", 200, [4, 9], [4, 5]).event())
+        await settle(pilot, app)
+        table = app.query_one(TransfersTable)
+        good, bad = table.get_row("good"), table.get_row("bad")
+        assert str(good[-1]) == "pair" and not any(getattr(c, "style", "") == "bold red" for c in good)
+        assert str(bad[-1]).startswith("wrong answer (200): differs from token 1: expected 5, got 9")
+        assert all(getattr(c, "style", None) == "bold red" for c in bad)
+        assert app.snapshot.counts["wrong_answer"] == 1 and app.snapshot.request("bad").outcome == "pair"
+        assert "wrong answer (200)" in screen_text(app)

@@ -1,4 +1,4 @@
-"""`pdtui bench --links` (issue 26): the pair arm once per link (pair@LINK), the link table (the KV
+"""`pdtui bench --links` (issue 26): the pair arm once per link (pair~LINK), the link table (the KV
 read against bytes / rate + RTT, toll and purchase per link, the 8B what-if, computed), the
 break-even line and the plot, on synthetic arms (no engine)."""
 
@@ -26,10 +26,10 @@ def _linked(name: str, ttft: float, stall_s: float, read_ms: float | None, nbyte
 def _sums():
     return {
         "single-proxied": _linked("single-proxied", 100.0, 0.30, None),
-        "pair@loopback": _linked("pair@loopback", 120.0, 0.02, 1.5),
-        "pair@10gbit": _linked("pair@10gbit", 125.0, 0.02, 3.1),
-        "pair@1gbit": _linked("pair@1gbit", 148.0, 0.03, 26.4),
-        "pair@rate=200mbit": _linked("pair@rate=200mbit", 250.0, 0.30, 130.0),
+        "pair~loopback": _linked("pair~loopback", 120.0, 0.02, 1.5),
+        "pair~10gbit": _linked("pair~10gbit", 125.0, 0.02, 3.1),
+        "pair~1gbit": _linked("pair~1gbit", 148.0, 0.03, 26.4),
+        "pair~rate=200mbit": _linked("pair~rate=200mbit", 250.0, 0.30, 130.0),
     }
 
 
@@ -69,11 +69,11 @@ def test_the_table_and_the_break_even_say_it_plainly():
 
 def test_a_pair_that_pays_everywhere_and_one_that_never_does():
     sums = _sums()
-    del sums["pair@rate=200mbit"]
+    del sums["pair~rate=200mbit"]
     assert "pays at every rate measured, down to 1 Gbit/s" in "\n".join(report.link_table(sums))
     never = {"single-proxied": _linked("single-proxied", 100.0, 0.02, None),
-             "pair@loopback": _linked("pair@loopback", 280.0, 0.3, 1.5),
-             "pair@1gbit": _linked("pair@1gbit", 300.0, 0.3, 26.4)}
+             "pair~loopback": _linked("pair~loopback", 280.0, 0.3, 1.5),
+             "pair~1gbit": _linked("pair~1gbit", 300.0, 0.3, 26.4)}
     text = "\n".join(report.link_table(never))
     assert "does not pay at any rate measured" in text
     assert "on loopback (no link) the pair does not pay either: purchase 0.07x < toll 2.80x" in text
@@ -98,27 +98,27 @@ def _args(**kw):
 
 def test_links_replace_the_pair_arm_once_per_link_in_place():
     opts = command.options_from_args(_args(links="loopback,100gbit,rate=2.5gbit;rtt=1ms,1gbit"))
-    assert opts.arms == ("single", "single-proxied", "pair@loopback", "pair@100gbit", "pair@rate=2.5gbit,rtt=1ms",
-                         "pair@1gbit")
-    assert command.options_from_args(_args(arms="single", links="1gbit")).arms == ("single", "pair@1gbit")
+    assert opts.arms == ("single", "single-proxied", "pair~loopback", "pair~100gbit", "pair~rate=2.5gbit,rtt=1ms",
+                         "pair~1gbit")
+    assert command.options_from_args(_args(arms="single", links="1gbit")).arms == ("single", "pair~1gbit")
     with pytest.raises(ConfigError, match="--links: link 'fast'"):
         command.options_from_args(_args(links="1gbit,fast"))
     with pytest.raises(ConfigError, match="a link given twice"):
         command.options_from_args(_args(links="1gbit,1GBIT"))
-    assert runners.attached_refusal("pair@1gbit", pair=True, single=True).startswith("the pair@1gbit arm runs")
+    assert runners.attached_refusal("pair~1gbit", pair=True, single=True).startswith("the pair~1gbit arm runs")
 
 
 def test_a_link_arm_is_the_pair_over_that_link(tmp_path, monkeypatch):
     monkeypatch.setenv("PDTUI_HOME", str(tmp_path))
     cfg = config.load_profile("cpu")
-    topo = runners.arm_topology("pair@1gbit", cfg)
+    topo = runners.arm_topology("pair~1gbit", cfg)
     try:
-        assert topo.name == "pair@1gbit" and topo.link is not None and topo.link.spec.rate_bps == 1e9
+        assert topo.name == "pair~1gbit" and topo.link is not None and topo.link.spec.rate_bps == 1e9
         assert topo.members[0].launch.argv[:4] == ["ip", "netns", "exec", topo.link.prefill.netns]
         assert cfg.link == "loopback"  # the profile's config is not changed
     finally:
         link.release(topo.link)
-    plain = runners.arm_topology("pair@loopback", cfg)
+    plain = runners.arm_topology("pair~loopback", cfg)
     assert plain.link is None and plain.members[0].launch.argv[0] != "ip"
 
 
@@ -133,7 +133,7 @@ def test_bunched_chunks_fall_back_to_the_purchase_by_delivery_as_the_verdict_doe
     from tests.unit.test_bench_report import _bunched, _synthetic_arm
 
     sums = {"single-proxied": _synthetic_arm("single-proxied", _bunched(0.040, 1600, 8)),
-            "pair@1gbit": _synthetic_arm("pair@1gbit", _bunched(0.010, 1600, 8), follow_ttft=150.0)}
+            "pair~1gbit": _synthetic_arm("pair~1gbit", _bunched(0.010, 1600, 8), follow_ttft=150.0)}
     row = report.link_rows(sums)[0]
     assert row["purchase_by"] == "delivery" and row["purchase"] == pytest.approx(4.0, rel=0.01)
     assert row["toll"] == pytest.approx(1.5) and row["pays"] is True

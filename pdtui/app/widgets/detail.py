@@ -109,11 +109,15 @@ class RequestDetail(Static):
         formula = self.link.formula_s(k.bytes) if self.link is not None else None
         if formula is not None:  # a link pdtui shaped: bits, and the formula beside the measure
             return self._emulated_read(k, formula, compact)
+        if k.op == "write":  # push: P wrote it into D's blocks, and P measured it
+            verb, who = "write", "P (push)"
+        else:
+            verb, who = "read", "D"
         if compact:
-            return Text(f"KV read {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate}{self.link_words(True)} GB/s",
+            return Text(f"KV {verb} {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate}{self.link_words(True)} GB/s",
                         style="bold")
-        t = Text("KV read ", style="bold")
-        t.append(f"(measured by NIXL on D): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) = "
+        t = Text(f"KV {verb} ", style="bold")
+        t.append(f"(measured by NIXL on {who}): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) = "
                  f"{rate} GB/s{self.link_words()}; {k.descs} descriptors, {k.handles} transfer{'s' if k.handles != 1 else ''}"
                  f"{f' on {k.ranks} ranks' if k.ranks > 1 else ''}, post {fmt_ms(k.post_ms)} ms")
         if r.kv_bytes and k.bytes < r.kv_bytes:

@@ -144,6 +144,8 @@ class TransfersTable(ScrollView, can_focus=True):
         """request id -> its row, rendered once at the current column widths, unstyled."""
         self._styled: LRUCache[tuple[str, Style, int], Strip] = LRUCache(1024)
         self._selected: str | None = None
+        self._wrong: set[str] = set()
+        """Rows marked by the correctness witness (mark_wrong)."""
         self._own_scroll = False
         """The table is moving its own view (new rows): not a scroll that says where to look."""
 
@@ -178,6 +180,23 @@ class TransfersTable(ScrollView, can_focus=True):
             return tuple(c if isinstance(c, Text) else Text(c, style=RECOMPUTE_STYLE) for c in cells)
         return cells
 
+    def mark_wrong(self, wrong: Mapping[str, str]) -> None:
+        """Rows whose answer the correctness witness found wrong (Snapshot.wrong_answers): red, every
+        cell, the outcome cell saying how; a row not shown yet is marked when it comes."""
+        changed = False
+        for key, words in wrong.items():
+            cells = self._rows.get(key)
+            if cells is None or key in self._wrong:
+                continue
+            self._wrong.add(key)
+            self._rows[key] = (*(c if isinstance(c, Text) else Text(c, style=RECOMPUTE_STYLE) for c in cells[:-1]),
+                               Text(words, style=RECOMPUTE_STYLE))
+            self._plain.pop(key, None)
+            changed = True
+        if changed:
+            self._styled.clear()
+            self.refresh()
+
     def update(self, requests: Sequence[RequestTraced], handshakes: Mapping[str, str] | None = None) -> None:
         """Add the requests newer than the newest row (``requests`` is oldest first); past REQUESTS
         rows, drop the oldest. Only what comes after the newest row is new."""
@@ -203,6 +222,7 @@ class TransfersTable(ScrollView, can_focus=True):
                 for key in self._keys[:drop]:
                     del self._rows[key]
                     self._plain.pop(key, None)
+                    self._wrong.discard(key)
                 del self._keys[:drop]
                 cursor = max(0, cursor - drop)
                 # the same requests stay in view (the cursor's among them)

@@ -60,7 +60,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdtui.core import connectors, kvmath
 from pdtui.core.events import RequestTraced
-from pdtui.core.proxy import fields, firsttoken, httpio, migrate, routing
+from pdtui.core.proxy import drillhooks, fields, firsttoken, httpio, migrate, routing
 from pdtui.core.proxy.httpio import ConnectFailed, Request, Response, UpstreamError, UpstreamPool
 from pdtui.core.proxy.metrics import ProxyMetrics
 from pdtui.core.proxy.relay import Relay, Stitch, relay_for
@@ -79,6 +79,14 @@ JSON = b"application/json"
 SSE = b"text/event-stream; charset=utf-8"
 """vLLM's content type for a stream (what the proxy sends when it writes a stream itself)."""
 _UPSTREAM_ERRORS = (OSError, TimeoutError, UpstreamError)
+RELEASE_MODEL = "pdtui-release-kv"
+"""The model name of a release request: one no engine serves. A D given P's kv_transfer_params
+with it refuses the request before its engine sees it (404), and vLLM's serving layer then frees
+P's blocks through the connector (0.32: ``_with_kv_transfer_rejection_cleanup`` ->
+``notify_kv_transfer_request_rejected``: an aborted request whose ``request_finished`` tells P, over
+NIXL, that no read is coming). No KV moves; D's pool is not touched."""
+RELEASE_TIMEOUT_S = 5.0
+"""The release request's bound (its answer included); past it, P's lease frees the blocks."""
 
 
 @dataclass
@@ -151,6 +159,8 @@ class Proxy:
         Runtime's scrapes reach it through ``router.set_capacity``."""
         self._relays: set[Relay] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._last_params: dict[str, Any] | None = None
+        """The last paired request's params from P (drillhooks' ``reuse`` only; kept with ``drill`` on)."""
         for up in prefills + decodes:
             up.open(s.connect_timeout_s)
 
@@ -242,11 +252,14 @@ class Proxy:
 
     async def _generate(self, req: Request, resp: Response) -> None:
         rid = req.headers.get("x-request-id") or f"pdtui-{uuid.uuid4().hex[:16]}"
+        faults = None
         try:
             body = _parse_body(req)
             try:
                 asked = fields.read(body, chat=req.path == firsttoken.CHAT)
-            except fields.FieldError as e:
+                if self.settings.drill and drillhooks.HEADER in req.headers:
+                    faults = drillhooks.parse(req.headers[drillhooks.HEADER])
+            except (fields.FieldError, drillhooks.DrillHeaderError) as e:
                 raise ProxyError(400, str(e), "invalid_request_error") from None
         except ProxyError as e:  # refused at the door, before any engine: traced all the same
             trace = Trace(request_id=rid, endpoint=req.path, stream=False)
@@ -255,10 +268,12 @@ class Proxy:
             raise
         trace = Trace(request_id=rid, endpoint=req.path, stream=asked.stream)
         trace.warmup = WARMUP_HEADER in req.headers
+        if faults is not None:
+            trace.drill = req.headers[drillhooks.HEADER]
         if trace.warmup:  # "1", or "P=name,D=name": the P and the D this warm-up is for
             trace.warm_target = dict(part.split("=", 1) for part in req.headers[WARMUP_HEADER].split(",")
                                      if "=" in part)
-        work = asyncio.ensure_future(self._serve(trace, body, asked, resp))
+        work = asyncio.ensure_future(self._serve(trace, body, asked, resp, faults))
         lost = asyncio.ensure_future(resp.wait_lost())
         try:
             await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -276,7 +291,51 @@ class Proxy:
             lost.cancel()
             if not work.done():
                 work.cancel()
+            if trace.kv_held is not None:  # P answered and no D was sent its params
+                await self._release(trace)
             self._traced(trace)
+
+    async def _release(self, trace: Trace) -> None:
+        """P holds ``trace``'s blocks for a D leg that was never sent: ask a D to refuse a request
+        carrying P's params (``RELEASE_MODEL``), which frees them now instead of at the end of P's
+        KV lease. Bounded (``RELEASE_TIMEOUT_S``); what happened goes to ``trace.kv_release``."""
+        params, trace.kv_held = trace.kv_held, None
+        blocks = f"{trace.prefill} holds {trace.blocks} blocks until its KV lease ends"
+        ups = self._candidates(self.decodes)
+        if not ups:
+            trace.kv_release = {"result": "no_decode", "why": f"no decode instance up to release through; {blocks}"}
+            return
+        up = ups[0]
+        pool = up.pool
+        assert pool is not None
+        body = {"model": RELEASE_MODEL, "prompt": "release", "max_tokens": 1, "kv_transfer_params": params}
+        t = time.perf_counter()
+        conn = None
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                conn = await pool.request("POST", firsttoken.COMPLETIONS,
+                                          _json_headers(f"{trace.request_id}-release"), json.dumps(body).encode())
+                content = await conn.read_all()
+        except (*_UPSTREAM_ERRORS, asyncio.CancelledError) as e:
+            if conn is not None:
+                pool.busy.discard(conn)
+                conn.close()
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            trace.kv_release = {"result": "failed", "via": up.name, "why": f"{why}; {blocks}",
+                                "ms": round((time.perf_counter() - t) * 1000, 1)}
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        status = conn.status
+        pool.release(conn)
+        ms = round((time.perf_counter() - t) * 1000, 1)
+        # vLLM frees P's blocks for any refusal of the request (an ErrorResponse); the unknown
+        # model's is 404. A 200 would mean D served a model of that name: nothing was freed.
+        ok = 400 <= status < 500
+        trace.kv_release = {"result": "released" if ok else "failed", "via": up.name, "status": status, "ms": ms,
+                            "why": (f"{up.name} refused the release ({status}): {trace.prefill}'s"
+                                    f" {trace.blocks} blocks freed through vLLM's rejection path") if ok else
+                            f"{up.name} answered {status}: {content[:200].decode('utf-8', 'replace')}; {blocks}"}
 
     def _traced(self, trace: Trace) -> None:
         self.router.release(trace)  # D frees the request's blocks
@@ -284,16 +343,29 @@ class Proxy:
         self.metrics.observe(event)
         self.on_trace(event)
 
-    async def _serve(self, trace: Trace, body: dict[str, Any], asked: fields.Fields, resp: Response) -> None:
+    async def _serve(self, trace: Trace, body: dict[str, Any], asked: fields.Fields, resp: Response,
+                     faults: drillhooks.DrillFaults | None = None) -> None:
         if not any(u.is_up() for u in self.decodes):  # before P prefills and pins blocks for nothing
             trace.status, trace.error = 503, "no decode instance is up"
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
         kv_params = await self._prefill(trace, body)
+        trace.kv_held = kv_params or None  # until D is sent them (``_release`` otherwise); a store holds none on P
         d_body = dict(body)
         if kv_params is not None:
+            if faults is not None and faults.hold_decode_s:
+                await asyncio.sleep(faults.hold_decode_s)  # a drill: the window before D's dispatch, widened
             if self.settings.decode_reports_cached:
                 kv_params = self._check_usage(trace, body, asked, d_body, kv_params)
-            d_body["kv_transfer_params"] = kv_params
+            if self.settings.drill:
+                previous, self._last_params = self._last_params, trace.kv_held
+                if faults is not None and faults.tamper is not None:  # D never gets P's own: released at the end
+                    if self.connector.blocks_param is None:
+                        raise ProxyError(400, f"{drillhooks.HEADER}: tamper needs a connector whose params list"
+                                         f" P's blocks; {self.connector.key} carries none", "invalid_request_error")
+                    kv_params = drillhooks.tampered(faults.tamper, kv_params, previous, self.connector.blocks_param)
+                    trace.kv_tampered = True
+            if kv_params or self.connector.carries_params:
+                d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
         stitch = self._switches(trace, body, d_body) if kv_params is not None else None
@@ -363,7 +435,7 @@ class Proxy:
         p = stitch.p
         head = [(b"content-type", SSE), (b"x-request-id", trace.request_id.encode()),
                 (b"cache-control", b"no-cache")]
-        if p.finished:  # EOS or a stop token at P: no D leg. P keeps the blocks until its KV lease ends.
+        if p.finished:  # EOS or a stop token at P: no D leg (``_release`` frees P's blocks at the end)
             trace.switch, trace.decode = "first_token_p_only", None
             trace.ttft_ms = (time.perf_counter() - trace.t0) * 1000
             trace.chunks, trace.completion_tokens, trace.status, trace.outcome = 1, 1, 200, trace.served()
@@ -498,12 +570,18 @@ class Proxy:
         trace.p_answer = data
         usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
+        if not self.connector.carries_params:  # the KV meets D in the connector's store, found by the tokens
+            if isinstance(trace.prompt_tokens, int):
+                trace.blocks = kvmath.stored_blocks(trace.prompt_tokens, self.settings.block_size)
+                if self.settings.geometry is not None:
+                    trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
+            return {}
         if not params or not isinstance(params, dict):
             why = (f"prefill {up.name} returned no kv_transfer_params (is it running with a"
                    f" {self.connector.kv_roles['prefill']}"
                    " kv_transfer_config?)")
             raise _PrefillFailed("no_kv", 502, why, f"no_kv_transfer_params: {why}")
-        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param))
+        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param or ""))
         if self.settings.geometry is not None:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
         return params
@@ -543,7 +621,9 @@ class Proxy:
         try:
             try:
                 conn = await up.pool.request("POST", path, _json_headers(trace.request_id), payload,
-                                             head_timeout_s=self.settings.decode_read_timeout_s)
+                                             head_timeout_s=self.settings.decode_read_timeout_s,
+                                             on_sent=None if trace.kv_tampered else
+                                             lambda: setattr(trace, "kv_held", None))
             except _UPSTREAM_ERRORS as e:
                 trace.status, trace.failed = 502, up.name
                 trace.error = f"decode {up.name} unreachable: {type(e).__name__}: {e}"
@@ -621,7 +701,10 @@ def prefill_body(body: dict[str, Any], kv_params: Mapping[str, Any]) -> dict[str
     p_body["stream"] = False
     for k in ("stream_options", "min_tokens"):
         p_body.pop(k, None)
-    p_body["kv_transfer_params"] = dict(kv_params)
+    if kv_params:  # a connector that carries none (storage): P's body has none either
+        p_body["kv_transfer_params"] = dict(kv_params)
+    else:
+        p_body.pop("kv_transfer_params", None)
     return p_body
 
 

@@ -498,9 +498,12 @@ class UpstreamPool:
         return conn
 
     async def request(self, method: str, path: str, headers: Headers, body: bytes = b"",
-                      head_timeout_s: float | None = None) -> ClientConnection:
+                      head_timeout_s: float | None = None,
+                      on_sent: Callable[[], None] | None = None) -> ClientConnection:
         """Send a request; return its connection once the response's status and headers are in.
-        A reused keep-alive connection that the upstream had closed is retried once on a new one."""
+        A reused keep-alive connection that the upstream had closed is retried once on a new one.
+        ``on_sent`` is called once the request is handed to a connection (the upstream may have it
+        from then on; before, a cancellation or ConnectFailed means it was never sent)."""
         for attempt in range(2):
             conn = None
             while self.idle:
@@ -513,6 +516,8 @@ class UpstreamPool:
                 conn = await self._connect()
             self.busy.add(conn)
             conn.send_request(method.encode(), self.prefix + path.encode(), headers, body)
+            if on_sent is not None:
+                on_sent()
             try:
                 await asyncio.wait_for(conn.wait_head(), head_timeout_s)
             except UpstreamError:

@@ -13,6 +13,9 @@ from pdtui.core.events import RequestTraced
 from pdtui.core.proxy.migrate import RESULTS as MIGRATION_RESULTS
 from pdtui.core.proxy.trace import PREFILL_BRANCHES
 
+RELEASE_RESULTS = ("released", "failed", "no_decode")
+"""RequestTraced.kv_release's results (pdtui.core.proxy.contract.Proxy._release)."""
+
 
 class BulkHistogram:
     """A labelled Prometheus histogram fed a whole request's gaps at once (bisect per gap, no
@@ -91,6 +94,12 @@ class ProxyMetrics:
                                   " ineligible (pdtui.core.proxy.migrate.RESULTS)", ["result"], registry=self.registry)
         for result in MIGRATION_RESULTS:
             self.migrations.labels(result)
+        self.kv_release = Counter("pdtui_kv_release", "P's blocks held for a D leg that was never sent (client gone"
+                                  " before D, no D up, D unreachable, P's token ended it), by what the proxy did:"
+                                  " released (a D refused a release request: vLLM freed them), failed, no_decode"
+                                  " (P holds them until its KV lease ends)", ["result"], registry=self.registry)
+        for result in RELEASE_RESULTS:
+            self.kv_release.labels(result)
         self.kv_bytes = Counter("pdtui_kv_bytes", "KV bytes offered by P (blocks x block_size x bytes/token)", registry=self.registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
@@ -121,6 +130,8 @@ class ProxyMetrics:
             self.recompute.inc()
         for m in t.migrations:
             self.migrations.labels(m.get("result") or "failed").inc()
+        if t.kv_release is not None:
+            self.kv_release.labels(t.kv_release.get("result") or "failed").inc()
         if t.d_computed_tokens:
             self.d_computed.inc(t.d_computed_tokens)
         if t.ttft_ms is not None:

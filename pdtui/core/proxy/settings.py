@@ -144,9 +144,17 @@ class ProxySettings:
     """From the break to the new D's answer head (P's leg included); past it, the error event."""
     connector: str = field(default=connectors.NIXL.name, metadata=flag(
         "--connector", f"the KV connector the engines run: the names of the kv_transfer_params the proxy sends P"
-        f" and reads in P's answer (default {connectors.NIXL.name})", choices=lambda: tuple(connectors.CONNECTORS)))
+        f" and reads in P's answer (default {connectors.NIXL.name})", choices=lambda: (*connectors.CONNECTORS,
+                                                     *(c.name for c in connectors.CONNECTORS.values()))))
     """The KV connector the engines run (``pdtui.core.connectors``): the names of the
     kv_transfer_params the proxy sends P and reads in P's answer come from its entry."""
+
+    drill: bool = field(default=False, metadata=flag(
+        "--drill", "honour X-Pdtui-Drill on a request: faults injected for `pdtui drill`'s field scenarios (D's"
+        " dispatch held, D given tampered kv_transfer_params). Never on in a service: a tamper reads another"
+        " request's KV"))
+    """Honour ``X-Pdtui-Drill`` (pdtui.core.proxy.drillhooks): the field drills' per-request faults.
+    ``pdtui drill`` turns it on for the pair it drives; never on in ``up`` or ``attach``."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

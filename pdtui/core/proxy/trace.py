@@ -33,7 +33,7 @@ class Trace:
     twin copied field by field), mutable, plus the working state below. ``freeze()`` hands the
     record to RequestTraced at the end. Slots: the relay's per-chunk updates stay attribute stores."""
 
-    __slots__ = (*_RECORD_NAMES, "done_seen", "p_answer", "paired", "t0", "usage_check", "warm_target")
+    __slots__ = (*_RECORD_NAMES, "done_seen", "kv_held", "kv_tampered", "p_answer", "paired", "t0", "usage_check", "warm_target")
 
     def __init__(self, request_id: str, endpoint: str, stream: bool) -> None:
         for f in _RECORD:
@@ -52,6 +52,11 @@ class Trace:
         """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
         self.p_answer: Any = None
         """P's parsed answer (the TTFT switches read its token ids)."""
+        self.kv_held: dict[str, Any] | None = None
+        """P's kv_transfer_params while no D has been sent them: P holds the blocks for a read that
+        has not been asked for yet (the proxy releases them if the D leg is never sent)."""
+        self.kv_tampered = False
+        """A drill gave D other params than P's (pdtui.core.proxy.drillhooks): P's stay held until released."""
         self.usage_check: UsageCheck | None = None
         """Paired with decode_reports_cached: reads D's usage (d_computed_tokens), edits it for the client."""
         self.warm_target: dict[str, str] = {}
@@ -85,6 +90,8 @@ class Trace:
         recomputed: bool
         decode_reason: str | None
         migrations: list[dict[str, Any]]
+        drill: str | None
+        kv_release: dict[str, Any] | None
 
     def served(self) -> str:
         """The outcome of a request that was served: pair when P's KV went to D, else fallback."""

