@@ -10,7 +10,8 @@ the same work on either link and its noise on 2 shared cores (TTFTs of 225 to 60
 prompt shape, measured here) would hide a 20 ms rise; the whole TTFT is printed. The namespaces,
 veths and qdiscs are gone once the pair is closed. Needs root (CI runs as root). First run here:
 ready in 57.5 s, reads 25.8-29.1 ms against 25.17 (median 1.12x), unshaped 3.8-21.3 ms, D's leg
-median +22.5 ms for a read +19.5 ms.
+median +22.5 ms for a read +19.5 ms; second: ready in 43.6 s, reads 25.7-28.7 ms (1.05x), unshaped
+5.0-22.5 ms, D's leg +5.8 ms for a read +11.4 ms (51 s in all).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def test_a_1gbit_link_carries_the_kv_at_its_rate_and_the_ttft_pays_for_it(linked
     assert abs(read["1gbit"] / formula_ms - 1) <= 0.20, (read, formula_ms)
     assert read["unshaped"] < 0.6 * formula_ms  # the veth alone is faster than the link it emulates
     rise = read["1gbit"] - read["unshaped"]
-    # the TTFT pays the read's rise in D's leg (P's prefill is the same work on either link); D's
-    # leg besides the read varies by tens of ms here (15 to 120 ms): medians of 6, loose bounds
-    assert 0.25 * rise <= dleg["1gbit"] - dleg["unshaped"] <= 2 * rise + 20.0, (dleg, rise)
+    # the TTFT pays the read's rise in D's leg (P's prefill is the same work on either link): about
+    # that much, within 25 ms. D's leg besides the read varies by tens of ms per request here, and
+    # its median of 6 by 15-25 ms from run to run (two runs: +22.5 ms for a read +19.5 ms, +5.8 ms for
+    # +11.4 ms, the unshaped veth's reads of 5-22 ms on a loaded box leaving a small rise)
+    assert abs((dleg["1gbit"] - dleg["unshaped"]) - rise) <= 25.0, (dleg, rise)
