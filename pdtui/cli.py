@@ -35,6 +35,7 @@ examples:
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d, 1p2d-small) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
   pdtui drill --profile 1p2d-small --scenario headroom   fill one D's KV pool, check new requests go elsewhere
+  pdtui drill --connector storage --scenario kill-p-load    kill P before D has the KV: each connector's outcome
   pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
   pdtui model synth --shape qwen2.5-0.5b   write a synthetic model directory (no download)
@@ -107,7 +108,9 @@ examples:
   pdtui up --headless --record run.jsonl    events as JSON lines on stdout, and a recording
   pdtui up --detach                         the service in the background; then `pdtui attach`
   pdtui up --detach --port-offset 100       a second service beside the first (attach/ctl: --port-offset 100)
-  pdtui up --detach --listen 127.0.0.1:8799 also on TCP, with a token (printed: where it is)"""
+  pdtui up --detach --listen 127.0.0.1:8799 also on TCP, with a token (printed: where it is)
+  pdtui up --link 10gbit                    P and D in namespaces of their own, joined by a shaped 10 Gbit/s
+                                            veth (root; docs/link.md)"""
 
 ATTACH_SERVICE_TEXT = """\
 Open the dashboard on a pdtui service that runs on its own (`pdtui up --detach`; any running `pdtui
@@ -176,7 +179,13 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
                    help="profile name from launch/ or a TOML path (default: one-gpu with a GPU, else cpu)")
     p.add_argument("--model", default=None,
                    help="synthetic shape (tiny, qwen2.5-0.5b), a model directory, or a HF id whose weights are here")
-    p.add_argument("--connector", default=None, help="KV connector (default NixlConnector)")
+    p.add_argument("--connector", default=None,
+                   help="KV connector: nixl (NixlConnector, pull: the default), nixl-push (P writes into D's blocks),"
+                        " storage (ExampleConnector: KV through files in a shared folder), multi (MultiConnector:"
+                        " nixl + storage); docs/connectors.md")
+    p.add_argument("--kv-storage-path", default=None,
+                   help="the folder a storage connector (storage, multi) keeps the KV in, shared by P and D"
+                        " (default: <state folder>/kv-store)")
     p.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"), default=None,
                    help="what D does when the KV pull fails: fail the request (500) or recompute")
     add_switch_flags(p)
@@ -186,6 +195,10 @@ def _add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port-offset", type=int, default=0,
                    help="add N to every port of the profile, to run beside another pair")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--link", default=None, metavar="LINK",
+                   help="the link between P and D: loopback (default), 1gbit, 10gbit, 25gbit, 100gbit, or"
+                   " rate=2.5gbit,rtt=1ms,loss=0.1%%: P and D each in a network namespace, joined by a veth shaped"
+                   " with tc, NIXL on it (needs root and iproute2; docs/link.md)")
 
 
 def add_switch_flags(p: argparse.ArgumentParser) -> None:
@@ -207,8 +220,10 @@ def load_config(args: argparse.Namespace) -> config_mod.PairConfig:
     config_mod.apply_overrides(cfg, config_mod.env_overrides(), source=lambda name: f"PDTUI_{name.upper()}")
     config_mod.apply_overrides(cfg, {
         "model": args.model, "connector": args.connector, "kv_load_failure_policy": args.kv_load_failure_policy,
+        "kv_storage_path": args.kv_storage_path,
         **{f.name: getattr(args, f.name) for f in config_mod.proxy_switches()},
         "traces_port": args.traces_port, "proxy_port": args.proxy_port, "host": args.host,
+        "link": args.link,
     }, source=lambda name: "--" + name.replace("_", "-"))
     if args.port_offset:
         cfg = config_mod.shift_ports(cfg, args.port_offset)
@@ -389,11 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
-    drill.add_argument("--scenario", choices=("failure", "headroom", *FIELD_SCENARIOS), default="failure",
+    drill.add_argument("--scenario", choices=("failure", "headroom", "kill-p-load", *FIELD_SCENARIOS), default="failure",
                        help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
                        " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
                        " send more, and check they all went to another D, none failed and the full D preempted"
-                       " nothing; expected and observed printed); or a drill from the field (docs/drills.md):"
+                       " nothing; expected and observed printed) or kill-p-load (D paused, P killed after its answer"
+                       " and before D has the KV: what this --connector does then, expected beside observed;"
+                       " docs/connectors.md); or a drill from the field (docs/drills.md):"
                        " stranded (KV held on P when D is never sent the request, and the proxy's release),"
                        " fail-open (D given tampered kv_transfer_params, the correctness witness), context (P and"
                        " D with different max_model_len: a launched pair's D gets a quarter of P's), restart-order"
@@ -480,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     proxy_process.add_arguments(prox)
 
 
+    link = sub.add_parser("link", help="the emulated link between P and D: remove a gone run's, or check one",
+                          description=(
+        "pdtui up --link makes, for its run, a network namespace for P and one for D, joined by a shaped veth"
+        " (docs/link.md), and removes them on every exit; a pdtui killed with SIGKILL leaves them to its reaper"
+        " and to the next start. `pdtui link clean` removes those of runs that are gone (by the state files in"
+        " the state folder's links/; live runs are left alone). `pdtui link check LINK` tries what the link"
+        " needs here (root, veth, htb; netem for rtt and loss) and says what is missing."))
+    lsub = link.add_subparsers(dest="link_command", metavar="ACTION")
+    lsub.add_parser("clean", help="remove the namespaces and veths of runs that are gone")
+    lcheck = lsub.add_parser("check", help="say whether this machine can make a link (exit 2 if not)")
+    lcheck.add_argument("spec", help="e.g. 1gbit, rate=2.5gbit,rtt=1ms")
+
     model = sub.add_parser("model", help="synthetic models (config + tokenizer, no weights)")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION")
     synth = msub.add_parser("synth", help="write a synthetic model directory", description=(
@@ -531,7 +560,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 BENCH_ENGINES_ONLY = ("model_name", "block_size", "decode_reports_cached")
 """`pdtui bench` flags for engines given by URL."""
-BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy")
+BENCH_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path", "links", "link")
 """`pdtui bench` flags for the engines pdtui launches."""
 
 
@@ -622,7 +651,14 @@ def run_config(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     for note in _preflight(cfg, ports=False):  # it launches nothing: ports taken now are a note
         print(f"pdtui config: note: {note.text} (`pdtui up` would refuse)", file=sys.stderr)
-    specs = config_mod.render(cfg)
+    from pdtui.core import link as link_mod
+
+    spec = config_mod.link_spec(cfg)
+    # an emulated link's names and addresses are the run's, picked when it starts: shown as run "run"
+    specs = config_mod.render(cfg, link=link_mod.plan(spec, "run", 0) if spec.emulated else None)
+    if spec.emulated:
+        print(f"pdtui config: note: link {spec.describe()}: the namespaces, devices and addresses below are an"
+              " example (each run picks its own)", file=sys.stderr)
     if args.json:
         print(json.dumps({"config": config_mod.describe(cfg),
                           "launch": [{"name": s.name, "role": s.role, "argv": s.argv, "env": s.env} for s in specs]},
@@ -787,7 +823,8 @@ def _field_topology(cfg: config_mod.PairConfig, scenario: str, topo: Any = None)
 
 
 # `pdtui drill` flags that only mean something for one of its two forms
-DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "traces_port", "port_offset")
+DRILL_LAUNCH_ONLY = ("profile", "model", "connector", "kv_load_failure_policy", "kv_storage_path", "traces_port",
+                     "port_offset", "link")
 DRILL_ENGINES_ONLY = ("log", "kill", "restart", "model_name", "block_size", "decode_reports_cached", "no_warmup")
 
 
@@ -838,6 +875,9 @@ def _drill_needs(topo: Any, scenario: str) -> None:
     """What a drill over engines pdtui did not start needs before it begins: the failure drill
     kills and restarts D and P through the user's commands; the headroom drill needs two D."""
     members = list(topo.members)
+    if scenario == "kill-p-load":
+        raise ConfigError("--scenario kill-p-load pauses D's processes (SIGSTOP) between P's answer and D's load:"
+                          " it runs on a pair pdtui launches (--connector KEY), not over engines given by URL")
     if scenario == "handshake":
         raise ConfigError("--scenario handshake launches a pair whose D's dtype differs (past pdtui's refusal, on"
                           " purpose); engines given by URL that differ so are refused before anything is sent")
@@ -886,6 +926,11 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
 
             res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,
                                            ready_timeout_s=args.ready_timeout, log=log)
+        elif args.scenario == "kill-p-load":
+            from pdtui.app import drill_transport
+
+            res = await drill_transport.run(pilot, policy=cfg.kv_load_failure_policy, shots=args.shots,
+                                            prefix=args.prefix, ready_timeout_s=args.ready_timeout, log=log)
         else:
             res = await drill.run(pilot, shots=args.shots, prefix=args.prefix, ready_timeout_s=args.ready_timeout,
                                   witness_tokens=args.witness_tokens, log=log)
@@ -1660,10 +1705,43 @@ def _signame(num: int) -> str:
         return str(num)
 
 
+def run_link(args: argparse.Namespace) -> int:
+    """`pdtui link clean`: remove the links of runs that are gone; `pdtui link check LINK`: what stops one here."""
+    from pdtui.core import link as link_mod
+
+    if args.link_command == "check":
+        try:
+            spec = link_mod.LinkSpec.parse(args.spec)
+        except link_mod.LinkSpecError as e:
+            raise ConfigError(str(e)) from None
+        problems = link_mod.check(spec)
+        for text in problems:
+            print(f"pdtui link: {text}", file=sys.stderr)
+        if not problems:
+            print(f"ok: a {spec.describe()} link can be made here")
+        return 2 if problems else 0
+    if args.link_command != "clean":
+        build_parser().parse_args(["link", "--help"])
+    try:
+        removed = link_mod.clean_stale()
+    except link_mod.LinkError as e:
+        print(f"pdtui link clean: {e}", file=sys.stderr)
+        return 1
+    for text in removed:
+        print(f"removed {text}")
+    if not removed:
+        print("nothing to remove: no link of a run that is gone")
+    for name in link_mod.orphans():
+        print(f"note: namespace {name} is named by no state file in {link_mod.links_dir()} (another PDTUI_HOME's,"
+              f" or a run still starting?); `ip netns del {name}` removes it", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": run_up, "config": run_config, "preflight": run_preflight, "replay": run_replay, "drill": run_drill,
     "soak": run_soak,
     "ctl": run_ctl, "bench": run_bench, "proxy": run_proxy, "model": run_model, "attach": run_attach,
+    "link": run_link,
 }
 """Each subcommand (build_parser) and the function that runs it: a new command is a parser and a line here."""
 

@@ -388,6 +388,8 @@ class PdtuiApp(App[int]):
         if not prefill or not decode:
             return None
         h = self.snapshot.header
+        if h.link is not None:  # pdtui made the link: its rate is what tc was told (pdtui.core.link)
+            return gpu.emulated(h.link)
         if h.device == "cpu" and not h.attached:
             return gpu.LOOPBACK
         if (prefill, decode) in self.links:

@@ -210,10 +210,12 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
                 w = Witness()
             task = witness_task = asyncio.create_task(witness_stream(cfg.proxy_url, cfg.model_name,
                                                                      witness_tokens, w))
+            # two chunks: D's own tokens are coming (the first may be P's, under first_token_from_p);
+            # kill at once, while D is still generating (a lagging client reads the rest late)
             deadline = time.monotonic() + step_timeout_s
-            while w.chunks < 20 and w.error is None and time.monotonic() < deadline:
-                await pilot.pause(0.1)
-            if w.chunks < 20:
+            while w.chunks < 2 and w.error is None and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            if w.chunks < 2:
                 raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
             if not task.done():
                 break

@@ -161,14 +161,33 @@ class LinkRate:
 
     bytes_per_s: float | None
     how: str
+    rtt_s: float | None = None
+    """The link's round-trip time when pdtui made the link itself (an emulated one: its spec's RTT,
+    0 when it added none): the transfer's formula, bytes / rate + RTT, is then shown beside the
+    measured read. None: no formula (NVML says nothing of an RTT)."""
 
     @property
     def gbps(self) -> float | None:
         return None if self.bytes_per_s is None else self.bytes_per_s / 1e9
 
+    def formula_s(self, nbytes: int) -> float | None:
+        """bytes / rate + RTT, for a link pdtui shaped itself; None otherwise."""
+        if self.bytes_per_s is None or self.rtt_s is None:
+            return None
+        return nbytes / self.bytes_per_s + self.rtt_s
+
 
 LOOPBACK = LinkRate(None, "loopback: no link rate")
 """The CPU pair: P and D on one host, the KV through UCX's loopback (shared memory or TCP on lo)."""
+
+
+def emulated(link: dict[str, Any]) -> LinkRate:
+    """The emulated link of the run (RuntimeStarted.link, pdtui.core.link): its rate as tc shapes
+    it, each way; an unshaped veth (the bench's loopback) has no rate."""
+    rate = link.get("rate_bps")
+    if not rate:
+        return LinkRate(None, f"emulated link {link.get('describe', '?')}: no rate")
+    return LinkRate(rate / 8, f"emulated link {link.get('describe', '?')}: a veth shaped by tc", float(link.get("rtt_s") or 0.0))
 
 
 def unknown(why: str) -> LinkRate:

@@ -21,6 +21,7 @@ from pdtui.core.events import (
     Event,
     HeadroomReported,
     InstanceStateChanged,
+    LinkShaped,
     LogLine,
     MetricsSampled,
     Notice,
@@ -233,6 +234,20 @@ class InstanceView:
     """Launched by pdtui: the environment it added to the engine's (RuntimeStarted), else None."""
     tp: int = 1
     """Its --tensor-parallel-size (RuntimeStarted's command line): ranks, one GPU each."""
+    connector: str = ""
+    """The pair's connector as RuntimeStarted named it (a key or vLLM's name: ``connectors.known``)."""
+
+    @property
+    def entry(self) -> connectors.Connector | None:
+        """What pdtui knows of its connector (pdtui/core/connectors.py), None: unknown or none."""
+        return connectors.known(self.connector) if self.connector else None
+
+    @property
+    def freight_here(self) -> bool:
+        """Whether this instance's own evidence counts each request's KV bytes: D's reads (pull), P's
+        writes (push); none for a connector with no per-request figure (storage)."""
+        e = self.entry
+        return (e or connectors.NIXL).freight_on == self.role
 
     def refuses(self, verb: str) -> str | None:
         """Why the kill or restart key is off for it (an attached instance without the command), or None."""
@@ -316,6 +331,9 @@ class Header:
     """Observe only: the user's router, where witness requests go (None: no witness)."""
     attached: bool = False
     """Some instance is attached (pdtui did not start it)."""
+    link: dict[str, Any] | None = None
+    """The emulated link between P and D (RuntimeStarted.link, then LinkShaped): rate_bps, rtt_s,
+    loss, describe; None: loopback."""
 
 
 @dataclass(frozen=True)
@@ -411,7 +429,7 @@ class DashState:
                 device=ev.device, proxy_url=ev.proxy_url, vllm_version=ev.vllm_version,
                 kv_bytes_per_token=ev.kv_bytes_per_token, block_size=ev.block_size, started_t=ev.t,
                 run_dir=ev.run_dir, observe=ev.observe, router=ev.router,
-                attached=any(spec.get("attached") for spec in ev.instances))
+                attached=any(spec.get("attached") for spec in ev.instances), link=ev.link)
             for spec in ev.instances:
                 self._inst(spec["name"], spec.get("role", "?"))
                 self._set(spec["name"], role=spec.get("role", "?"), url=spec.get("url", ""),
@@ -421,6 +439,8 @@ class DashState:
                                       if spec.get("argv") else None))
         elif isinstance(ev, ProxyStarted):
             self.header = dataclasses.replace(self.header, proxy_url=ev.url)
+        elif isinstance(ev, LinkShaped):
+            self.header = dataclasses.replace(self.header, link=ev.link)
         elif isinstance(ev, InstanceStateChanged):
             inst = self._inst(ev.instance, ev.role)
             changes: dict[str, Any] = {"role": ev.role, "state": ev.state, "pid": ev.pid, "exit_code": ev.exit_code,
@@ -632,7 +652,7 @@ class DashState:
         self._itl_t.clear()
 
     def snapshot(self) -> Snapshot:
-        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())))
+        instances = tuple(dataclasses.replace(i, log=tuple(self._logs.get(i.name, ())), connector=self.header.connector)
                           for i in self.instances.values())
         return Snapshot(header=self.header, instances=instances, requests=tuple(self.requests),
                         ttft=tuple(self.ttft), itl=tuple(self.itl), counts=dict(self.counts),

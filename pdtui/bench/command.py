@@ -11,20 +11,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdtui.bench import report
+from pdtui.bench import report, runners
 from pdtui.bench.runners import (
     ALL_ARMS,
     ARMS,
     DEFAULT_WORKLOADS,
+    LINK_ARM,
     WORKLOADS,
     AttachedEngines,
     BenchOptions,
     BenchResult,
     Reporter,
     attached_refusal,
+    link_arm,
     run_bench,
 )
 from pdtui.bench.workload import BIG_PROMPT_LEN, FillSpec, FollowSpec, InterferenceSpec
+from pdtui.core import connectors
 from pdtui.core.config import ConfigError, PairConfig
 
 DESCRIPTION = """\
@@ -102,8 +105,10 @@ examples:
   pdtui bench --port-offset 20000 --quick      beside another pair (ports 28000, 28100, 28200, ...)
   pdtui bench --quick --arms single,single-proxied,pair,two-single
   pdtui bench --arms pair --workloads follow --requests 20
+  pdtui bench --quick --links loopback,100gbit,25gbit,10gbit,1gbit    the pair re-priced per link (root)
   pdtui bench --profile one-gpu --model Qwen/Qwen2.5-0.5B-Instruct --out runs/l4
   pdtui bench --profile 1p2d-small --workloads fill --arms pair-round-robin,pair-least-loaded,pair-headroom
+  pdtui bench --quick --arms single-proxied,pair@nixl,pair@nixl-push,pair@storage,pair@multi   the transports
   pdtui bench --quick --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \
       --single http://127.0.0.1:8300           engines you started: single, single-proxied, pair
 """
@@ -119,7 +124,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
     g.add_argument("--arms", default=None,
                    help=f"comma-separated, in order, of {', '.join(ALL_ARMS)} (default {','.join(ARMS)};"
-                   " over engines given by URL, those of them that can run)")
+                   " over engines given by URL, those of them that can run), and pair@KEY: the pair over connector"
+                   f" KEY ({', '.join(connectors.CONNECTORS)}; docs/connectors.md): one transport table")
     g.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                    help=f"comma-separated, of {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     g.add_argument("--quick", action="store_true",
@@ -130,6 +136,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    " trace of the big prompts, at once) and mark each statistic agree/disagree within the"
                    " stated tolerances (docs/bench.md); adds ~1 min per arm on CPU")
     g.add_argument("--seed", type=int, default=0, help="prompt seed; the same seed gives the same prompts (default 0)")
+    g.add_argument("--links", default=None, metavar="LINK[,LINK...]",
+                   help="re-price the pair per link: the pair arm runs once over each (pair~LINK: loopback, 1gbit,"
+                   " 10gbit, 25gbit, 100gbit, rate=RATE[;rtt=TIME]...; P and D in namespaces joined by a veth shaped"
+                   " with tc, root needed; docs/link.md), beside the single arms; the report's link table gives"
+                   " the KV read against bytes / rate + RTT, toll and purchase per link, the break-even rate, and"
+                   " the 8B shape's transfer at each rate (computed)")
     g = p.add_argument_group("follow")
     g.add_argument("--requests", type=int, default=None, help=f"measured requests (default {FULL['requests']})")
     g.add_argument("--prompt-len", type=int, default=BIG_PROMPT_LEN,
@@ -184,13 +196,63 @@ def chosen_arms(args: argparse.Namespace, over: tuple[bool, bool] | None = None)
         arms = ARMS if over is None else tuple(a for a in ARMS if attached_refusal(a, pair=over[0], single=over[1]) is None)
     else:
         arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    bad = [x for x in arms if x not in ALL_ARMS]
+    links = parse_links(getattr(args, "links", None))
+    if links:
+        if over is not None:
+            raise ConfigError("--links: the link is made by pdtui around engines it starts, not engines given by URL")
+        # the pair arm, once per link, where it stood (or last)
+        at = arms.index("pair") if "pair" in arms else len(arms)
+        arms = (*arms[:at], *(link_arm(x) for x in links), *arms[at + 1:])
+    bad = [why for x in arms if (why := runners.arm_problem(x))]
     if bad or not arms:
-        raise ConfigError(f"--arms {','.join(arms)}: each must be one of {', '.join(ALL_ARMS)}")
+        raise ConfigError(f"--arms {','.join(arms)}: {'; '.join(bad) or 'none given'}; each must be one of"
+                          f" {', '.join(ALL_ARMS)}, or a pair arm over a connector: pair@KEY (KEY one of"
+                          f" {', '.join(connectors.CONNECTORS)}; docs/connectors.md), or over a link: {LINK_ARM}LINK"
+                          " (which --links makes)")
     refused = [why for a in arms if over is not None and (why := attached_refusal(a, pair=over[0], single=over[1]))]
     if refused:
         raise ConfigError(f"--arms {','.join(arms)}: " + "; ".join(refused))
     return arms
+
+
+def parse_links(text: str | None) -> tuple[str, ...]:
+    """--links: each a link pdtui can read (pdtui.core.link.LinkSpec), as normalized; a bad one is a
+    ConfigError (exit 2) before anything starts. A custom link's commas are written as semicolons
+    in the list (rate=2.5gbit;rtt=1ms)."""
+    if not text:
+        return ()
+    from pdtui.core import link
+
+    out = []
+    for part in text.split(","):
+        part = part.strip().replace(";", ",")
+        if not part:
+            continue
+        try:
+            out.append(link.LinkSpec.parse(part).text)
+        except link.LinkSpecError as e:
+            raise ConfigError(f"--links: {e}") from None
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--links {text}: a link given twice")
+    return tuple(out)
+
+
+def check_links(cfg: PairConfig, links: tuple[str, ...]) -> None:
+    """Every emulated link of --links can be made here and carries this profile's pair (one P and one
+    D, no traces_port): refused before anything starts, with the reason."""
+    import dataclasses
+
+    from pdtui.core import config as config_mod
+    from pdtui.core import link
+
+    for text in links:
+        spec = link.LinkSpec.parse(text)
+        if not spec.emulated:
+            continue
+        config_mod.validate(dataclasses.replace(cfg, link=text, sources={**cfg.sources, "link": "--links"}))
+        problems = link.check(spec)
+        if problems:
+            raise ConfigError(f"--links {text}: " + "; ".join(problems))
 
 
 def options_from_args(args: argparse.Namespace, engines: AttachedEngines | None = None) -> BenchOptions:
@@ -258,6 +320,8 @@ class RichReporter(Reporter):
 def run(cfg: PairConfig, args: argparse.Namespace, engines: AttachedEngines | None = None) -> int:
     """The bench of ``cfg``'s arms, or of the arms over ``engines`` given by URL (``cfg``: theirs)."""
     opts = options_from_args(args, engines)
+    if engines is None:
+        check_links(cfg, parse_links(getattr(args, "links", None)))
     out = args.out or Path("bench-runs") / time.strftime("%Y%m%d-%H%M%S")
     opts.out_dir = out
     result = BenchResult(flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
@@ -271,8 +335,10 @@ def run(cfg: PairConfig, args: argparse.Namespace, engines: AttachedEngines | No
     for name, arm in data["arms"].items():
         if arm.get("kv_bytes"):
             kb = arm["kv_bytes"]
+            counted = {"nixl-push": "P's nixl_bytes_transferred", "storage": "D's external_kv_transfer tokens x bytes"
+                       }.get(arm.get("connector") or "", "D's nixl_bytes_transferred")
             print(f"\n{name}: KV bytes of {kb['requests']} requests: traces {kb['trace_kv_bytes']:,} B,"
-                  f" D's nixl_bytes_transferred +{(kb['d_metric_delta'] or 0):,.0f} B:"
+                  f" {counted} +{(kb['d_metric_delta'] or 0):,.0f} B:"
                   f" {'match' if kb['match'] else 'MISMATCH'}; formula {'ok' if kb['formula_ok'] else 'NOT ok'}")
         for note in arm.get("notices") or []:
             if note.startswith(("warning", "error")):

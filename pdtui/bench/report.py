@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,13 @@ def summarize_arm(samples: Sequence[Sample], windows: dict[str, Sequence[float]]
     reads = kv_reads(samples)
     if reads is not None:
         out["kv_read"] = reads
+        follow_reads = kv_reads(follow)
+        if follow_reads is not None:  # the big prompt alone: the transfer the link table prices
+            out["follow"]["kv_read"] = follow_reads
+    freight = [float(b) for s in samples if not s.warmup and s.trace and s.trace.get("outcome") == "pair"
+               and (b := s.trace.get("kv_bytes")) is not None]
+    if freight:
+        out["freight_bytes"] = dist(freight)
     fill = fill_summary(samples, windows)
     if fill is not None:
         out["fill"] = fill
@@ -263,7 +270,8 @@ def kv_reads(samples: Sequence[Sample]) -> dict[str, Any] | None:
     if not reads:
         return None
     return {"n": len(reads), "ms": dist([r["ms"] for r in reads]), "bytes": dist([float(r["bytes"]) for r in reads]),
-            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None])}
+            "gbps": dist([r["gbps"] for r in reads if r.get("gbps") is not None]),
+            "op": "write" if all(r.get("op") == "write" for r in reads) else "read"}
 
 
 def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
@@ -274,7 +282,10 @@ def kv_read_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
         if not k:
             continue
         ms, gbps = k["ms"], k["gbps"]
-        lines.append(f"{arm} KV read, measured per request by NIXL on D ({k['n']} reads): mean {_ms3(ms['mean'])} ms,"
+        what = "KV write, measured per request by NIXL on P (push)" if k.get("op") == "write" else \
+            "KV read, measured per request by NIXL on D"
+        lines.append(f"{arm} {what} ({k['n']} {'writes' if k.get('op') == 'write' else 'reads'}):"
+                     f" mean {_ms3(ms['mean'])} ms,"
                      f" p50 {_ms3(ms['p50'])}, p99 {_ms3(ms['p99'])}, max {_ms3(ms['max'])};"
                      f" {k['bytes']['mean'] / 2**20:.2f} MiB mean, {_gbps(gbps['p50'])} GB/s p50")
     return lines
@@ -367,6 +378,48 @@ ROUTING_ARMS = tuple(f"pair-{choice}" for choice in DECODE_CHOICES)
 """The pair under each choice of D (runners.ROUTING_ARMS): compared by routing_table, not by the switch table."""
 PROXIED = ("pair", "single-proxied", "two-single", "pair-tokenize-once", "pair-first-token", "pair-both",
            *ROUTING_ARMS)
+
+
+def proxied(arm: str) -> bool:
+    """Whether ``arm`` is measured through pdtui's proxy (``PROXIED``; a pair arm over another
+    connector, ``pair@KEY``, as its pair arm)."""
+    return arm.partition("@")[0] in PROXIED
+
+
+def transport_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The connectors side by side (``pair`` and every ``pair@KEY`` arm, the same seeded prompts):
+    follow TTFT p50 and the toll against the single arm, the steady streams' ITL p99 and the
+    purchase, the freight per request (the traces' kv_bytes: the connector's own rule), the
+    transfer time per request where the connector measures one (NIXL's read on D, its write on P
+    for push) or says that it has none, D's computed prompt tokens (the silent-recompute check).
+    Empty unless a pair@KEY arm ran."""
+    arms = [a for a in summaries if a == "pair" or a.startswith("pair@")]
+    if not any("@" in a for a in arms):
+        return []
+    t_base, i_base = baseline_for(summaries, "ttft"), baseline_for(summaries, "itl99")
+    s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
+    s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
+    lines = ["", (f"transports (the same prompts; toll against {t_base or 'no single arm'}, purchase against"
+                  f" {i_base or 'no single arm'}; freight per request p50 / mean, transfer per request p50):"), "",
+             "| arm | connector | TTFT p50 ms | toll | ITL p99 ms | purchase | freight | transfer ms | D computed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for arm in arms:
+        s = summaries[arm]
+        conn = s.get("connector") or (arm.partition("@")[2] or "the profile's")
+        ttft, itl = _stat(s, "ttft"), _stat(s, "itl99")
+        toll, purchase = _ratio(ttft, s_ttft), _ratio(s_itl, itl)
+        fbd = s.get("freight_bytes") or {}
+        fb, fmean = fbd.get("p50"), fbd.get("mean")
+        k = s.get("kv_read")
+        transfer = _ms3(k["ms"]["p50"]) if k else "none per request"
+        rc = s.get("recompute") or {}
+        computed = (f"{rc.get('d_computed_tokens', 0):,} tok in {rc.get('checked', 0)}"
+                    + (f", {rc['recomputed']} recomputed" if rc.get("recomputed") else "")) if rc.get("checked") else "-"
+        lines.append(f"| {arm} | {conn} | {_ms(ttft)} | {'-' if toll is None else f'{toll:.2f}x'} | {_ms(itl)}"
+                     f" | {_fmt_ratio(purchase)} | {'-' if fb is None else f'{fb / 2**20:.2f} / {(fmean or 0) / 2**20:.2f} MiB'}"
+                     f" | {transfer}"
+                     f" | {computed} |")
+    return lines
 """Arms measured through pdtui's proxy (a process of its own); ``single`` is measured straight at
 its engine."""
 THROUGH_PROXY = "both through pdtui's proxy"
@@ -519,6 +572,10 @@ def verdict(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     cost = proxy_cost(summaries)
     extra = [proxy_cost_text(cost)] if cost else []
     empty = {"toll": None, "purchase": None}
+    if not pair and link_arms(summaries):  # --links: the toll and purchase per link, in the link table
+        return {"toll": None, "purchase": None, "purchase_delivery": None, "compares": dict(empty),
+                "same_path": dict(empty), "cannot_tell": {"toll": [], "purchase": []}, "proxy_cost": cost,
+                "text": ["toll and purchase: per link, in the link table above", *extra]}
     if not pair or not ("single" in summaries or "single-proxied" in summaries):
         return {"toll": None, "purchase": None, "purchase_delivery": None, "compares": dict(empty),
                 "same_path": dict(empty), "cannot_tell": {"toll": [], "purchase": []}, "proxy_cost": cost,
@@ -632,6 +689,148 @@ def switch_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+# ----- the link: the pair re-priced per emulated link (`pdtui bench --links`, docs/link.md) ------------
+
+LINK_PREFIX = "pair~"
+WHAT_IF_BYTES = 256 * 2**20
+"""The lab's 8B prompt: Llama-3.1-8B's KV (32 layers x 8 KV heads x 128 head_dim x 2 (K,V) x 2 B =
+128 KiB per token) x 2,048 tokens = 256 MiB."""
+WHAT_IF_WORDS = "Llama-3.1-8B, 128 KiB per token x 2,048 tokens = 256 MiB"
+
+
+def link_arms(summaries: dict[str, Any]) -> list[str]:
+    return [a for a in summaries if a.startswith(LINK_PREFIX)]
+
+
+def link_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pair~LINK arm, fastest link first (loopback first of all): the follow prompt's
+    KV read as NIXL measured it (p50) against the formula (bytes / rate + RTT), the achieved Gbit/s,
+    the follow TTFT p50 and its toll against the single arm (single-proxied when it ran), the steady
+    streams' ITL p99 and the purchase, whether the pair pays (purchase >= toll: it buys at least the
+    factor on decode that it pays on the first token), and the what-if for the 8B shape at the rate
+    (computed from the formula, not measured)."""
+    from pdtui.core.link import LinkSpec, LinkSpecError
+
+    t_base, i_base = baseline_for(summaries, "ttft"), baseline_for(summaries, "itl99")
+    s_ttft = _stat(summaries.get(t_base), "ttft") if t_base else None
+    s_itl = _stat(summaries.get(i_base), "itl99") if i_base else None
+    rows: list[dict[str, Any]] = []
+    for arm in link_arms(summaries):
+        try:
+            spec = LinkSpec.parse(arm[len(LINK_PREFIX):])
+        except LinkSpecError:
+            continue
+        sm = summaries[arm]
+        k = sm["follow"].get("kv_read") or {}
+        read_ms = (k.get("ms") or {}).get("p50")
+        nbytes = (k.get("bytes") or {}).get("p50")
+        formula = spec.transfer_s(int(nbytes)) * 1e3 if nbytes and spec.emulated else None  # type: ignore[operator]
+        ttft, itl = _stat(sm, "ttft"), _stat(sm, "itl99")
+        toll, purchase = _ratio(ttft, s_ttft), _ratio(s_itl, itl)
+        why = itl_problems(summaries.get(i_base), i_base) + itl_problems(sm, arm) if i_base else []
+        by = "token"
+        if why and i_base:  # as the verdict does: the purchase on the gaps between deliveries, checked
+            key = "stream_delivery_gap_ms"
+            b = summaries[i_base]["interference"].get(key) or {}
+            d = sm["interference"].get(key) or {}
+            why_d = itl_problems(summaries[i_base], i_base, key) + itl_problems(sm, arm, key)
+            purchase, by = (None, "token") if why_d else (_ratio(b.get("p99"), d.get("p99")), "delivery")
+            why = why_d
+        elif why:
+            purchase = None
+        rows.append({
+            "arm": arm, "link": spec.text, "describe": spec.describe(), "rate_bps": spec.rate_bps,
+            "rtt_s": spec.rtt_s, "read_ms": read_ms, "bytes": nbytes, "formula_ms": formula,
+            "read_vs_formula": _ratio(read_ms, formula),
+            "gbit_s": nbytes * 8 / (read_ms / 1e3) / 1e9 if nbytes and read_ms else None,
+            "ttft_ms": ttft, "toll": toll, "itl_p99_ms": itl, "purchase": purchase, "purchase_by": by,
+            "purchase_cannot_tell": why,
+            "pays": None if toll is None or purchase is None else purchase >= toll,
+            "what_if_8b_ms": spec.transfer_s(WHAT_IF_BYTES) * 1e3 if spec.emulated else None,  # type: ignore[operator]
+            "compares": {"toll": t_base, "purchase": i_base}})
+    rows.sort(key=lambda r: -(r["rate_bps"] or math.inf))
+    return rows
+
+
+def break_even(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the pair stops paying, in words: measured (the slowest link where it still pays, and the
+    next slower where it does not), and computed from the formula: the rate at which the follow
+    prompt's transfer, bytes / rate, would raise the pair's TTFT to purchase x single's (the TTFT
+    the purchase still covers), from the fastest emulated link's figures (its TTFT less its measured
+    read: the pair's TTFT with no transfer)."""
+    emulated = [r for r in rows if r["rate_bps"]]
+    judged = [r for r in emulated if r["pays"] is not None]
+    out: dict[str, Any] = {"measured": None, "computed_gbit_s": None, "text": []}
+    if not judged:
+        out["text"].append("break-even: not measured (no link arm with both a toll and a purchase)")
+        return out
+    paying = [r for r in judged if r["pays"]]
+    losing = [r for r in judged if not r["pays"]]
+    if not paying:
+        out["measured"] = {"pays_at": None, "stops_at": judged[0]["rate_bps"]}
+        out["text"].append(f"break-even: for this workload the pair does not pay at any rate measured (from"
+                           f" {judged[0]['describe']} down: its purchase is below its toll)")
+    else:
+        low = min(paying, key=lambda r: r["rate_bps"])
+        below = [r for r in losing if r["rate_bps"] < low["rate_bps"]]
+        nxt = max(below, key=lambda r: r["rate_bps"]) if below else None
+        out["measured"] = {"pays_at": low["rate_bps"], "stops_at": nxt["rate_bps"] if nxt else None}
+        if nxt is None:
+            out["text"].append(f"break-even: for this workload the pair pays at every rate measured, down to"
+                               f" {low['describe']} (purchase {low['purchase']:.2f}x >= toll {low['toll']:.2f}x)")
+        else:
+            out["text"].append(f"break-even: for this workload the pair stops paying below {low['describe']}"
+                               f" (there: purchase {low['purchase']:.2f}x >= toll {low['toll']:.2f}x; at"
+                               f" {nxt['describe']}: purchase {nxt['purchase']:.2f}x < toll {nxt['toll']:.2f}x)")
+    top = max(emulated, key=lambda r: r["rate_bps"])
+    need: list[float] = [v for k in ("ttft_ms", "read_ms", "bytes", "purchase", "toll") if (v := top.get(k)) is not None]
+    if len(need) == 5:
+        ttft, read_ms, nbytes, purchase, toll = need
+        single = ttft / toll
+        room = purchase * single - (ttft - read_ms)  # ms of transfer the purchase still covers
+        if room <= 0:
+            out["text"].append(f"computed: the pair would not pay at any rate (with no transfer at all its TTFT"
+                               f" {ttft - read_ms:.1f} ms already exceeds purchase x single = {purchase * single:.1f} ms)")
+        else:
+            gbit = nbytes * 8 / (room / 1e3) / 1e9
+            out["computed_gbit_s"] = gbit
+            out["text"].append(f"computed (the formula, not measured): the {nbytes / 2**20:.2f} MiB follow prompt's"
+                               f" transfer fits the {room:.1f} ms the purchase covers above {gbit:.3g} Gbit/s"
+                               f" (from {top['describe']}: TTFT {ttft:.1f} ms less its read {read_ms:.2f} ms,"
+                               f" purchase {purchase:.2f}x of single's {single:.1f} ms)")
+    return out
+
+
+def link_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The pair re-priced per link (`pdtui bench --links`): empty unless a pair~LINK arm ran."""
+    rows = link_rows(summaries)
+    if not rows:
+        return []
+    base = rows[0]["compares"]
+    lines = ["", (f"the pair per link (follow prompt alone: KV read p50 measured by NIXL on D against the formula"
+                  f" bytes / rate + RTT; toll against {base['toll'] or 'no single arm'}, purchase against"
+                  f" {base['purchase'] or 'no single arm'}; the 8B column is computed, not measured: {WHAT_IF_WORDS}):"),
+             "",
+             ("| link | KV read ms | formula ms | read/formula | Gbit/s | TTFT p50 ms | toll | ITL p99 ms | purchase"
+              " | pays | 8B transfer ms (computed) |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        pays = "-" if r["pays"] is None else ("yes" if r["pays"] else "NO")
+        purchase = "cannot tell" if r["purchase_cannot_tell"] else _fmt_ratio(r["purchase"]) + (
+            " (deliveries)" if r["purchase_by"] == "delivery" else "")
+        lines.append(f"| {r['describe'] if r['rate_bps'] else 'loopback'} | {_ms3(r['read_ms'])}"
+                     f" | {_ms3(r['formula_ms'])} | {_fmt_ratio(r['read_vs_formula'])}"
+                     f" | {'-' if r['gbit_s'] is None else format(r['gbit_s'], '.3g')} | {_ms(r['ttft_ms'])}"
+                     f" | {_fmt_ratio(r['toll'])} | {_ms(r['itl_p99_ms'])} | {purchase} | {pays}"
+                     f" | {_ms(r['what_if_8b_ms'])} |")
+    why = sorted({w for r in rows for w in r["purchase_cannot_tell"]})
+    notes = [f"purchase cannot tell: {'; '.join(why)}"] if why else []
+    if any(r["purchase_by"] == "delivery" for r in rows):
+        notes.append("purchase (deliveries): per token the ITL could not carry a p99 (chunks in bunches), so the"
+                     " gaps between deliveries are compared instead, as the verdict does (docs/bench.md)")
+    return [*lines, "", *break_even(rows)["text"], *notes]
+
+
 def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -694,7 +893,9 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
         lines += ["", ("pair KV read: not measured per request (D logged no reads: its connector was not"
                        " loaded through pdtui's tuned module, docs/freight.md)")]
     lines += switch_table(summaries)
+    lines += transport_table(summaries)
     lines += routing_table(summaries)
+    lines += link_table(summaries)
     lines += [""] + verdict(summaries)["text"]
     checks = {a: s["cross_check"] for a, s in summaries.items() if s.get("cross_check")}
     if checks:
@@ -879,9 +1080,12 @@ def _disagreement_note(r: dict[str, Any], summary: dict[str, Any], check: dict[s
 
 
 def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, metric_after: float | None,
-                bytes_per_token: int | None, block_size: int) -> dict[str, Any]:
-    """Sum of the traces' kv_bytes against D's vllm:nixl_bytes_transferred delta, and every trace
-    against the formula blocks x block_size x bytes/token with blocks = ceil(prompt_tokens / block_size)."""
+                bytes_per_token: int | None, block_size: int,
+                blocks_of: Callable[[int], int] | None = None) -> dict[str, Any]:
+    """Sum of the traces' kv_bytes against the connector's own count (D's vllm:nixl_bytes_transferred
+    delta for pull: runners.freight_count), and every trace against the formula blocks x block_size x
+    bytes/token with blocks = ceil(prompt_tokens / block_size) (``blocks_of``: a connector's own rule,
+    storage's whole blocks less the last token, kvmath.stored_blocks)."""
     # a request the client hung up on mid-stream ends as "error" but D pulled its KV all the same;
     # a fallback pulled nothing
     pair = [t for t in traces if t.get("kv_bytes") is not None and t.get("outcome") != "fallback"]
@@ -893,8 +1097,9 @@ def bytes_check(traces: Sequence[dict[str, Any]], metric_before: float | None, m
     delta = None if metric_before is None or metric_after is None else metric_after - metric_before
     formula_ok = None
     if bytes_per_token:
+        blocks = blocks_of or (lambda n: math.ceil(n / block_size))
         formula_ok = all(
-            t.get("kv_bytes") == math.ceil((t.get("prompt_tokens") or 0) / block_size) * block_size * bytes_per_token
+            t.get("kv_bytes") == blocks(t.get("prompt_tokens") or 0) * block_size * bytes_per_token
             for t in pair
         )
     return {"requests": len(pair), "trace_kv_bytes": total, "uncertain_kv_bytes": uncertain,
@@ -909,8 +1114,10 @@ def to_json(result: Any) -> dict[str, Any]:
     summaries = {}
     for name, arm in result.arms.items():
         summaries[name] = summarize_arm(arm.samples, arm.windows)
-        if name in PROXIED and name not in ("single-proxied", "two-single"):  # the pair arms: where each request went
+        if (proxied(name) or name.startswith(LINK_PREFIX)) and name not in ("single-proxied", "two-single"):
             summaries[name]["routing"] = routing_summary(arm.samples, getattr(arm, "preemptions", None))
+        if getattr(arm, "connector", None):
+            summaries[name]["connector"] = arm.connector
         d = {k: v for k, v in dataclasses.asdict(arm).items() if k != "samples"}
         d["samples"] = [{**dataclasses.asdict(s), "chunks": s.chunks} for s in arm.samples]
         if arm.cross_check:
@@ -930,6 +1137,7 @@ def to_json(result: Any) -> dict[str, Any]:
         "arms": arms,
         "verdict": verdict(summaries),
         "placement": placement(arms),
+        **({"links": {"rows": rows, "break_even": break_even(rows)}} if (rows := link_rows(summaries)) else {}),
     }
 
 
@@ -1074,7 +1282,60 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("the toll, per request")
     _legend(ax)
     written.append(_save(fig, out_dir / "toll.png"))
+    links = (data.get("links") or {}).get("rows") or []
+    if any(r["rate_bps"] for r in links):
+        written.append(link_plot(links, out_dir, plt))
+    transports = [a for a in arms if a.startswith("pair@")]
+    if transports:  # the connectors side by side (transport_table): TTFT alone, and the KV's own transfer time
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+        ttft = [_stat(data["arms"][a]["summary"], "ttft") or 0.0 for a in transports]
+        left.bar(range(len(transports)), ttft, color="tab:blue")
+        for base in ("single-proxied", "single"):
+            if (b := _stat(data["arms"].get(base, {}).get("summary"), "ttft")) is not None:
+                left.axhline(b, color="red", linestyle="--", label=f"{base} {b:.0f} ms")
+                break
+        left.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
+        left.set_ylabel("follow TTFT p50 (ms)")
+        left.set_title("the toll per transport")
+        _legend(left)
+        xfer = [((data["arms"][a]["summary"].get("kv_read") or {}).get("ms") or {}).get("p50") for a in transports]
+        right.bar(range(len(transports)), [x or 0.0 for x in xfer], color="tab:green")
+        for k, ms in enumerate(xfer):
+            if ms is None:
+                right.text(k, 0, "no per-request\nfigure", ha="center", va="bottom", fontsize=8)
+        right.set_xticks(range(len(transports)), [a.partition("@")[2] for a in transports])
+        right.set_ylabel("KV transfer p50 (ms, the connector's own measure)")
+        right.set_title("the transfer per request")
+        written.append(_save(fig, out_dir / "transports.png"))
     return written
+
+
+def link_plot(rows: list[dict[str, Any]], out_dir: Path, plt: Any) -> Path:
+    """links.png: per link rate, the follow prompt's KV read (measured) and the formula's, the pair's
+    TTFT p50, and the 8B shape's transfer (computed, dashed); loopback as a horizontal line."""
+    rated = sorted((r for r in rows if r["rate_bps"]), key=lambda r: r["rate_bps"])
+    x = [r["rate_bps"] / 1e9 for r in rated]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+
+    def line(key: str, label: str, **kw: Any) -> None:
+        pts = [(xi, r[key]) for xi, r in zip(x, rated, strict=True) if r[key] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+
+    line("read_ms", "KV read, measured (p50)")
+    line("formula_ms", "formula: bytes / rate + RTT", linestyle=":")
+    line("ttft_ms", "pair TTFT p50 (measured)")
+    line("what_if_8b_ms", "8B shape's 256 MiB transfer (computed)", linestyle="--")
+    for r in rows:
+        if not r["rate_bps"] and r["ttft_ms"] is not None:
+            ax.axhline(r["ttft_ms"], color="grey", linewidth=0.8, label="pair TTFT p50 on loopback")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Gbit/s)")
+    ax.set_ylabel("ms")
+    ax.set_title("the pair per link")
+    _legend(ax)
+    return _save(fig, out_dir / "links.png")
 
 
 def _legend(ax: Any) -> None:

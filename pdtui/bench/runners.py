@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import itertools
 import json
@@ -67,7 +68,7 @@ from pdtui.bench import report, workload
 from pdtui.bench.report import bytes_check
 from pdtui.bench.workload import Clock, FillSpec, FollowSpec, InterferenceSpec, Sample
 from pdtui.core import config as config_mod
-from pdtui.core import connectors, scrape, topology
+from pdtui.core import connectors, kvmath, scrape, topology
 from pdtui.core.config import PairConfig
 from pdtui.core.events import (
     ConnectorEvent,
@@ -112,11 +113,54 @@ DEFAULT_WORKLOADS = workload.DEFAULT_WORKLOADS
 
 PAIR_ARMS = ("pair", *SWITCH_ARMS, *ROUTING_ARMS)
 """The arms that are a P/D pair behind the proxy (the pair, with or without switches, under each choice of D)."""
+LINK_ARM = "pair~"
+"""``pair~<link>``: the pair over an emulated link (pdtui.core.link; `pdtui bench --links`), e.g.
+pair~1gbit, pair~loopback (the pair as `pdtui up` runs it, no namespaces). (``pair@KEY`` is the
+pair over another KV connector.)"""
+
+
+def link_arm(link: str) -> str:
+    return f"{LINK_ARM}{link}"
+
+
+def arm_link(arm: str) -> str | None:
+    """The link of a ``pair~<link>`` arm, else None."""
+    return arm[len(LINK_ARM):] if arm.startswith(LINK_ARM) else None
+
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """``pair@nixl-push`` -> ("pair", "nixl-push"): a pair arm over another KV connector (a key or vLLM
+    name of pdtui.core.connectors); any other arm -> (arm, None)."""
+    base, at, conn = arm.partition("@")
+    return (base, conn) if at else (arm, None)
+
+
+def arm_problem(arm: str) -> str | None:
+    """Why ``arm`` is no arm (None: it is one): a known arm, a pair arm ``@`` a known connector, or
+    the pair ``~`` a link (``--links`` makes them)."""
+    link = arm_link(arm)
+    if link is not None:
+        return None if link else f"{arm}: no link after {LINK_ARM}"
+    base, conn = split_arm(arm)
+    if base not in ALL_ARMS:
+        return f"unknown arm {arm!r}"
+    if conn is not None:
+        if base not in PAIR_ARMS:
+            return f"{arm}: only a pair arm runs over a connector (pair@KEY)"
+        if connectors.known(conn) is None:
+            return f"{arm}: unknown connector {conn!r} (known: {', '.join(connectors.CONNECTORS)})"
+    return None
 
 
 def attached_refusal(arm: str, *, pair: bool, single: bool) -> str | None:
     """Why ``arm`` cannot run over engines given by URL (``pair``: --prefill and --decode given;
     ``single``: --single given), or None."""
+    if split_arm(arm)[1] is not None:
+        return (f"the {arm} arm launches a pair over its own connector: over engines given by URL the connector"
+                " is the one they run")
+    if arm_link(arm) is not None:
+        return (f"the {arm} arm runs the pair over a link pdtui makes, in namespaces of its own: not over engines"
+                " given by URL")
     if arm in PAIR_ARMS:
         return None if pair else f"the {arm} arm needs a pair: --prefill URL and --decode URL"
     if arm in ("single", "single-proxied"):
@@ -231,7 +275,11 @@ class ArmResult:
     """Before the client: each instance's direct warm-up request (instance, url, status, ms,
     error), or the pair's Runtime warm-up (via, outcome)."""
     kv_bytes: dict[str, Any] | None = None
-    """Pair: sum of the traces' kv_bytes vs D's nixl_bytes_transferred delta."""
+    """Pair: sum of the traces' kv_bytes vs the connector's own count (``freight_count``): D's
+    nixl_bytes_transferred delta (pull), P's (push), D's external_kv_transfer tokens x bytes per token
+    (storage)."""
+    connector: str | None = None
+    """Pair arms: the connector's key (pdtui.core.connectors), for the transport table."""
     preemptions: dict[str, int] | None = None
     """Pair: each D's preemptions over the arm's load (vllm:num_preemptions' rise)."""
     notices: list[str] = field(default_factory=list)
@@ -307,7 +355,7 @@ async def run_bench(cfg: PairConfig, opts: BenchOptions, result: BenchResult, re
     """Every requested arm, one after another; fills ``result`` as it goes (so Ctrl-C keeps it)."""
     reporter = reporter or Reporter()
     clock = clock or Clock()
-    bad = [a for a in opts.arms if a not in ALL_ARMS] + [w for w in opts.workloads if w not in WORKLOADS]
+    bad = [a for a in opts.arms if arm_problem(a)] + [w for w in opts.workloads if w not in WORKLOADS]
     if bad:
         raise ValueError(f"unknown arm or workload {', '.join(bad)}: arms are {', '.join(ALL_ARMS)},"
                          f" workloads {', '.join(WORKLOADS)}")
@@ -360,6 +408,16 @@ def arm_topology(arm: str, cfg: PairConfig, engines: AttachedEngines | None = No
     and the routing arms are the pair with their ProxySettings switches), or over ``engines`` someone else started."""
     if engines is not None:
         return engines.topology(arm)
+    link = arm_link(arm)
+    if link is not None:  # the pair over this link (a loopback one: the pair as `pdtui up` runs it)
+        linked = dataclasses.replace(cfg, link=link, sources={**cfg.sources, "link": "--links"})
+        return topology.pair(linked, name=arm)
+    base, conn = split_arm(arm)
+    if conn is not None:  # the pair arm over another connector: the same config, its connector changed
+        cfg = dataclasses.replace(cfg, instances=[dataclasses.replace(i) for i in cfg.instances],
+                                  sources={**cfg.sources, "connector": f"--arms {arm}"})
+        config_mod.apply_overrides(cfg, {"connector": conn})
+        return topology.pair(cfg, name=arm, switches=ARM_SWITCHES.get(base))
     if arm in ARM_SWITCHES:
         return topology.pair(cfg, name=arm, switches=ARM_SWITCHES[arm])
     if arm in topology.ARMS:
@@ -708,14 +766,33 @@ def follow_states(proxy: ProxyProcess, then: Callable[[Event], None]) -> Callabl
     return on_event
 
 
-async def _scrape_each_d(rt: Runtime) -> dict[str, dict[str, float]]:
-    """A fresh scrape of every decode instance, by name."""
+async def _scrape_each_d(rt: Runtime, roles: tuple[str, ...] = ("decode",)) -> dict[str, dict[str, float]]:
+    """A fresh scrape of every decode instance (every instance of ``roles``), by name."""
     out: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient(timeout=10) as client:
         for inst in rt.instances.values():
-            if inst.role == "decode":
+            if inst.role in roles:
                 out[inst.name] = scrape.parse_metrics((await client.get(f"{inst.url}/metrics")).text)
     return out
+
+
+EXTERNAL_TOKENS = 'vllm:prompt_tokens_by_source{source="external_kv_transfer"}'
+
+
+def freight_count(conn: connectors.Connector | None, scrapes: Mapping[str, Mapping[str, float]],
+                  roles: Mapping[str, str], bytes_per_token: int | None) -> float | None:
+    """The KV bytes the connector itself counted, summed over the instances that count them: D's
+    vllm:nixl_bytes_transferred (pull, MultiConnector's NIXL), P's (push: P writes), or D's prompt
+    tokens loaded from outside (vllm:prompt_tokens_by_source external_kv_transfer) x bytes per token
+    for a connector with no byte counter (storage). None: nothing to read."""
+    conn = conn or connectors.NIXL
+    side = conn.freight_on or "decode"
+    mine = {n: v for n, v in scrapes.items() if roles.get(n) == side}
+    if conn.bytes_metric:
+        total = summed(mine).get(f"{conn.bytes_metric}_sum")
+        return total if total is not None else 0.0 if mine else None
+    tokens = summed(mine).get(EXTERNAL_TOKENS)
+    return None if tokens is None or not bytes_per_token else tokens * bytes_per_token
 
 
 def summed(each: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -803,7 +880,7 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
         if rt.broken is not None:  # no measurement of a pair whose KV path does not work
             raise StartupFailed(f"the pair came up broken: {rt.broken}")
         if paired:
-            before = await _scrape_each_d(rt)
+            before = await _scrape_each_d(rt, ("prefill", "decode"))
         else:
             await warm_instances(arm, cfg, opts, list(rt.instances.values()), reporter)
         return ready
@@ -827,14 +904,21 @@ async def run_topology(topo: Topology, opts: BenchOptions, result: BenchResult, 
         if before is not None:
             after = None
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                after = await _scrape_each_d(rt)
+                after = await _scrape_each_d(rt, ("prefill", "decode"))
             ours = {s.request_id for s in arm.samples}
+            roles = {n: i.role for n, i in rt.instances.items()}
+            bpt = rt.geometry.bytes_per_token if rt.geometry else None
+            conn = topo.connector
+            arm.connector = conn.key if conn else None
+            stored = conn is not None and not conn.carries_params
             arm.kv_bytes = bytes_check(
-                [_trace_dict(t) for rid, t in traces.items() if rid in ours], summed(before).get(NIXL_BYTES),
-                summed(after).get(NIXL_BYTES) if after else None,
-                rt.geometry.bytes_per_token if rt.geometry else None, cfg.block_size)
+                [_trace_dict(t) for rid, t in traces.items() if rid in ours], freight_count(conn, before, roles, bpt),
+                freight_count(conn, after, roles, bpt) if after else None, bpt, cfg.block_size,
+                blocks_of=(lambda n: kvmath.stored_blocks(n, cfg.block_size)) if stored else None)
             if after:
-                arm.preemptions = preemptions(before, after)
+                decodes = {n for n, r in roles.items() if r == "decode"}
+                arm.preemptions = preemptions({n: v for n, v in before.items() if n in decodes},
+                                              {n: v for n, v in after.items() if n in decodes})
             before = None
 
     async def stop() -> None:
@@ -883,7 +967,7 @@ def _join_reads(samples: list[Sample], reads: dict[str, KvRead]) -> None:
         r = reads.get(s.request_id)
         if s.trace is not None and r is not None:
             s.trace["kv_read"] = {"ms": r.ms, "bytes": r.bytes, "descs": r.descs, "handles": r.handles,
-                                  "post_ms": r.post_ms, "gbps": r.gbps, "ranks": r.ranks}
+                                  "post_ms": r.post_ms, "gbps": r.gbps, "ranks": r.ranks, "op": r.op}
 
 
 async def _wait_traces(samples: list[Sample], traces: dict[str, RequestTraced], timeout_s: float) -> None:

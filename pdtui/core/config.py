@@ -31,12 +31,13 @@ import shutil
 import sys
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pdtui.core import connectors
+from pdtui.core import link as link_mod
 from pdtui.core import model as synth_model
 
 Role = Literal["prefill", "decode"]
@@ -52,6 +53,7 @@ KV_SHAPED = (
     "max_model_len",
     "connector",
     "kv_buffer_device",
+    "kv_storage_path",
 )
 
 # vLLM flags that would override a KV-shaped field behind the config's back.
@@ -132,7 +134,12 @@ class PairConfig:
     max_model_len: int = 4096
     """--max-model-len for both instances."""
     connector: str = "NixlConnector"
-    """The KV connector (kv_transfer_config.kv_connector)."""
+    """The KV connector: a key of pdtui's entries (nixl, nixl-push, storage, multi: `pdtui/core/connectors.py`,
+    docs/connectors.md) or its kv_connector name (NixlConnector, NixlPushConnector, ExampleConnector,
+    MultiConnector)."""
+    kv_storage_path: str | None = None
+    """The folder a storage connector (storage, and multi's storage child) keeps the KV in: P writes, D
+    reads, so both must see the same folder (an absolute path). None: <pdtui's state folder>/kv-store."""
     kv_buffer_device: str = "cpu"
     """kv_transfer_config.kv_buffer_device: cpu on CPU machines, cuda on GPUs."""
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
@@ -183,6 +190,11 @@ class PairConfig:
     ucx_error_handling_mode: str | None = None
     """NIXL UCX backend parameter (set through pdtui.engine.nixl_quiet). NIXL's default, "peer",
     leaves only tcp on one host; "none" lets UCX read GPU KV over cuda_ipc (docs/gpu-transport.md)."""
+    link: str = "loopback"
+    """The link between P and D (pdtui.core.link, docs/link.md): "loopback" (no emulation: P and D
+    share this box's loopback), "1gbit", "10gbit", "25gbit", "100gbit", or
+    "rate=2.5gbit,rtt=1ms,loss=0.1%": P and D each in a network namespace of their own, joined by a
+    veth shaped with tc, NIXL's UCX on it. Needs root (or CAP_NET_ADMIN) and iproute2; one P and one D."""
     load_format: str | None = None
     """--load-format; synthetic models always use "dummy" (random weights)."""
     enforce_eager: bool = True
@@ -267,6 +279,15 @@ def validate(cfg: PairConfig) -> None:
         raise ConfigError(
             f"kv_load_failure_policy = {cfg.kv_load_failure_policy!r}: must be \"fail\" or \"recompute\""
         )
+    spec = link_spec(cfg)
+    if spec.emulated:
+        if len(cfg.prefills) != 1 or len(cfg.decodes) != 1:
+            raise ConfigError(f"link = {cfg.link!r} ({origin(cfg, 'link')}): an emulated link joins one P and one D;"
+                              f" this profile has {len(cfg.prefills)} P and {len(cfg.decodes)} D")
+        if cfg.traces_port is not None:
+            raise ConfigError(f"link = {cfg.link!r} ({origin(cfg, 'link')}) with traces_port"
+                              f" ({origin(cfg, 'traces_port')}): the engines in their namespaces cannot reach the"
+                              " OTLP receiver on this host's loopback; drop one of them")
     first = cfg.instances[0]
     for name in KV_SHAPED:
         want = cfg.resolved(first, name)
@@ -314,6 +335,14 @@ def validate(cfg: PairConfig) -> None:
         )
 
 
+def link_spec(cfg: PairConfig) -> link_mod.LinkSpec:
+    """The config's link, parsed; a ConfigError naming where it was set when it cannot be read."""
+    try:
+        return link_mod.LinkSpec.parse(cfg.link)
+    except link_mod.LinkSpecError as e:
+        raise ConfigError(f"{e} (link set by {origin(cfg, 'link')})") from None
+
+
 # ----- rendering -------------------------------------------------------------------------------
 
 
@@ -324,17 +353,40 @@ def model_path(cfg: PairConfig, model_root: Path | None = None) -> str:
     return cfg.model
 
 
+def storage_path(cfg: PairConfig, inst: InstanceConfig | None = None) -> str:
+    """The folder of a storage connector: kv_storage_path, else <state dir>/kv-store."""
+    from pdtui.core import paths
+
+    got = cfg.resolved(inst, "kv_storage_path") if inst is not None else cfg.kv_storage_path
+    return str(got) if got else str(paths.state_dir() / "kv-store")
+
+
 def kv_transfer_config(cfg: PairConfig, inst: InstanceConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "kv_connector": cfg.resolved(inst, "connector"),
-        "kv_role": c.kv_roles[inst.role] if (c := _conn(cfg, inst)) else inst.kv_role,
-        "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
-        "kv_load_failure_policy": cfg.kv_load_failure_policy,
-    }
-    if cfg.kv_connector_extra_config:
-        out["kv_connector_extra_config"] = cfg.kv_connector_extra_config
+    """--kv-transfer-config of one instance, from its connector's entry: a MultiConnector's children
+    are whole configs of their own (each its kv_role, the NIXL child's module, the storage child's folder)."""
     conn = _conn(cfg, inst)
-    if _tunes_nixl(cfg) and conn is not None and conn.tuned_module:
+    if conn is None:  # unknown: preflight refuses it before launch; render what was asked for
+        out: dict[str, Any] = {"kv_connector": cfg.resolved(inst, "connector"), "kv_role": inst.kv_role,
+                               "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device")}
+    elif conn.children:
+        out = {"kv_connector": conn.name, "kv_role": conn.kv_roles[inst.role],
+               "kv_buffer_device": cfg.resolved(inst, "kv_buffer_device"),
+               "kv_connector_extra_config": {"connectors": [_one_config(cfg, inst, c) for c in connectors.parts(conn)]}}
+    else:
+        out = _one_config(cfg, inst, conn)
+    out["kv_load_failure_policy"] = cfg.kv_load_failure_policy
+    if cfg.kv_connector_extra_config:
+        out["kv_connector_extra_config"] = {**out.get("kv_connector_extra_config", {}), **cfg.kv_connector_extra_config}
+    return out
+
+
+def _one_config(cfg: PairConfig, inst: InstanceConfig, conn: connectors.Connector) -> dict[str, Any]:
+    out: dict[str, Any] = {"kv_connector": conn.name, "kv_role": conn.kv_roles[inst.role]}
+    if conn.side_channel is not None:  # NIXL's: the KV buffer's device (the storage child has none)
+        out["kv_buffer_device"] = cfg.resolved(inst, "kv_buffer_device")
+    if conn.storage_param:
+        out["kv_connector_extra_config"] = {conn.storage_param: storage_path(cfg, inst)}
+    if _tunes_nixl(cfg) and conn.tuned_module:
         out["kv_connector_module_path"] = conn.tuned_module
     return out
 
@@ -360,11 +412,17 @@ class LaunchSpec:
     url: str
 
 
-def render(cfg: PairConfig, model_root: Path | None = None, python: str | None = None) -> list[LaunchSpec]:
-    """Both (all) `vllm serve` command lines, from the one config."""
+def render(cfg: PairConfig, model_root: Path | None = None, python: str | None = None,
+           link: link_mod.LinkPlan | None = None) -> list[LaunchSpec]:
+    """Both (all) `vllm serve` command lines, from the one config. With an emulated link, ``link``
+    is the run's (``link.reserve``: names and addresses); each engine then runs in its side's
+    namespace (pdtui.core.link)."""
     validate(cfg)
+    if link_spec(cfg).emulated and link is None:
+        raise ConfigError(f"link = {cfg.link!r}: rendering needs the run's link plan (pdtui.core.link.reserve)")
     mpath = model_path(cfg, model_root)
-    return [_render_one(cfg, inst, mpath, python, kv_transfer=True) for inst in cfg.instances]
+    return [_render_one(cfg, inst, mpath, python, kv_transfer=True,
+                        link_side=link.side(inst.role) if link is not None else None) for inst in cfg.instances]
 
 
 def render_single(cfg: PairConfig, model_root: Path | None = None, python: str | None = None,
@@ -383,9 +441,11 @@ def render_single(cfg: PairConfig, model_root: Path | None = None, python: str |
 
 
 def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str | None, *,
-                kv_transfer: bool) -> LaunchSpec:
+                kv_transfer: bool, link_side: link_mod.Side | None = None) -> LaunchSpec:
     def r(name: str) -> Any:
         return cfg.resolved(inst, name)
+
+    host = link_side.admin_addr if link_side is not None else cfg.host
 
     argv = [
         python or sys.executable,
@@ -394,7 +454,7 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         "serve",
         mpath,
         "--host",
-        cfg.host,
+        host,
         "--port",
         str(inst.port),
         "--served-model-name",
@@ -429,8 +489,9 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         argv += ["--otlp-traces-endpoint", f"http://{cfg.host}:{cfg.traces_port}/v1/traces/{inst.name}"]
     argv += cfg.extra_args + inst.extra_args
     conn = _conn(cfg, inst)
-    side = conn.side_channel_env if conn is not None else {}
-    tune = conn.tuning_env if conn is not None and conn.tuned_module else {}
+    parts = connectors.parts(conn) if conn is not None else ()
+    side: Mapping[str, str] = next((c.side_channel_env for c in parts if c.side_channel_env), {})  # a MultiConnector child
+    tune: Mapping[str, str] = next((c.tuning_env for c in parts if c.tuned_module), {})
     env = {
         **({side["port"]: str(inst.side_channel_port)} if "port" in side else {}),
         **({side["host"]: cfg.host} if "host" in side else {}),
@@ -463,8 +524,16 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
                 env[tune["keep_affinity"]] = "1"
     if inst.cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = inst.cuda_devices
+    if link_side is not None:
+        # the KV over the shaped veth, by TCP: its NIXL side channel on the link's address, UCX on
+        # the link's device (GPU memory staged through cuda_copy; not run on a GPU yet)
+        if "host" in side:
+            env[side["host"]] = link_side.link_addr
+        env["UCX_NET_DEVICES"] = link_side.link_dev
+        env["UCX_TLS"] = "tcp" if cfg.device == "cpu" else "tcp,cuda_copy"
+        argv = link_side.wrap(argv)
     env |= cfg.env | inst.env
-    return LaunchSpec(inst.name, inst.role, argv, env, f"http://{cfg.host}:{inst.port}")
+    return LaunchSpec(inst.name, inst.role, argv, env, f"http://{host}:{inst.port}")
 
 
 def proxy_switches() -> list[dataclasses.Field[Any]]:

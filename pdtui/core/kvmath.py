@@ -93,3 +93,16 @@ def blocks_for_tokens(tokens: int, block_size: int) -> int:
 
 def shipped_bytes(blocks: int, block_size: int, geometry: KvGeometry) -> int:
     return blocks * block_size * geometry.bytes_per_token
+
+
+def stored_blocks(prompt_tokens: int, block_size: int) -> int:
+    """Whole blocks a storage connector keeps of an n-token prompt (vLLM's ExampleConnector saves
+    ``(n - 1) // block_size`` blocks: the last token, and the partial block it ends, are D's to compute).
+    D finds them only if it looks under the same length: it looks under ``(n - 2) // block_size``
+    blocks, so a prompt whose ``n - 1`` is a multiple of the block size misses (``storage_hit``)."""
+    return max(0, prompt_tokens - 1) // block_size
+
+
+def storage_hit(prompt_tokens: int, block_size: int) -> bool:
+    """Whether ExampleConnector's D finds what its P stored for an n-token prompt (``stored_blocks``)."""
+    return stored_blocks(prompt_tokens, block_size) > 0 and (prompt_tokens - 1) % block_size != 0

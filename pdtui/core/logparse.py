@@ -88,19 +88,22 @@ class KvRead:
     """Time in NIXL's post calls, summed (inside ``ms``)."""
     ranks: int = 1
     """D's workers that read a part of it (TP > 1: one line each, ``merged``)."""
+    op: str = "read"
+    """"read": D pulled it (NIXL pull, the line is D's); "write": P pushed it into D's blocks
+    (NixlPushConnector, the line is P's)."""
 
     @staticmethod
     def of(fields: dict[str, Any]) -> KvRead:
         """From a "kv_read" milestone's fields (``parse_line``)."""
         return KvRead(request_id=fields["request_id"], engine_request_id=fields["req"], ms=fields["xfer_ms"],
                       bytes=fields["bytes"], descs=fields["descs"], handles=fields["handles"],
-                      post_ms=fields["post_ms"])
+                      post_ms=fields["post_ms"], op=fields.get("op", "read"))
 
     def merged(self, other: KvRead) -> KvRead:
         """The same request read by another of D's workers (ranks read in parallel: the slower one's time)."""
         return KvRead(self.request_id, self.engine_request_id, max(self.ms, other.ms), self.bytes + other.bytes,
                       self.descs + other.descs, self.handles + other.handles, self.post_ms + other.post_ms,
-                      self.ranks + other.ranks)
+                      self.ranks + other.ranks, self.op)
 
     @property
     def gbps(self) -> float | None:
@@ -115,7 +118,8 @@ pair: the supervisor ends the instance (reported, restartable) instead of leavin
 # The connectors' milestones first (pdtui/core/connectors.py: NIXL's handshake, registration,
 # transfers, UCX's lanes), then vLLM's own, whatever the connector.
 _RULES: list[tuple[str, re.Pattern[str]]] = [
-    *((what, re.compile(pattern)) for c in connectors.CONNECTORS.values() for what, pattern in c.log_rules),
+    *((what, re.compile(pattern)) for what, pattern in dict.fromkeys(
+        rule for c in connectors.CONNECTORS.values() for rule in c.log_rules)),  # push shares NIXL's
     (
         "connector_created",
         re.compile(r"Creating v1 connector with name: (?P<connector>\S+) and engine_id: (?P<engine_id>\S+)"),
@@ -162,7 +166,8 @@ def parse_line(line: str) -> Parsed | None:
         elif what == "handshake":
             fields["seconds"] = float(fields["seconds"])
         elif what == "kv_read":
-            fields = {k: (v if k == "req" else float(v) if k.endswith("_ms") else int(v)) for k, v in fields.items()}
+            fields = {k: (v if k in ("req", "op") else float(v) if k.endswith("_ms") else int(v))
+                      for k, v in fields.items()}
             fields["request_id"] = proxy_request_id(fields["req"])
         elif what == "kv_load_failed" and level not in ("WARNING", "ERROR", "CRITICAL"):
             continue
@@ -176,8 +181,10 @@ def parse_line(line: str) -> Parsed | None:
 
 
 def is_noise(line: str) -> bool:
-    """Lines not worth a log pane (vLLM's per-request access lines)."""
-    return '"GET /metrics HTTP' in line or '"GET /health HTTP' in line
+    """Lines not worth a log pane: vLLM's per-request access lines, and ExampleConnector's warning
+    on every engine step with no attention metadata (dozens a second on an idle P of MultiConnector)."""
+    return ('"GET /metrics HTTP' in line or '"GET /health HTTP' in line
+            or "In connector.start_load_kv, but the attn_metadata is None" in line)
 
 
 _PROTO_HEADER = re.compile(r"\| ucp_context_\d+ (?P<scope>[\w-]+) cfg#\d+ \| remote memory read by ucp_get\S* into cuda\S* from cuda")

@@ -13,7 +13,10 @@ and ``pdtui config`` (which reports ports in use as a note, not a refusal: it la
   ``gpu_memory_utilization`` x total against it too (vLLM refuses to start below that);
   ``cuda_devices`` naming a GPU the machine does not have;
 - another pdtui on the same proxy port: its control socket answers (``pdtui.core.control``);
-- every port (proxy, HTTP, NIXL side channel) free.
+- every port (proxy, HTTP, NIXL side channel) free (with an emulated link, the proxy's: the
+  engines' are in the run's own namespaces);
+- ``link``: an emulated link this machine can make (``pdtui.core.link.check``: root or
+  CAP_NET_ADMIN, iproute2, veth, htb, and netem when it has an rtt or a loss).
 
 Every problem is collected and named by its field and where its value came from (the profile
 file, a ``PDTUI_*`` variable, a flag); ``PreflightError`` carries them all.
@@ -111,16 +114,123 @@ def problems(cfg: PairConfig, *, control_socket: Path | None = None, gpus: list[
             out.append(Problem("connector", f"connector = {conn!r} ({where}): pdtui drives {connectors.names()} only"
                                " (pdtui/core/connectors.py: the environment, log lines, metrics and proxy contract"
                                " it knows; another connector would launch and be silently wrong). Set connector ="
-                               f" \"{connectors.NIXL.name}\"."))
+                               f" \"{connectors.NIXL.name}\" or another of those; docs/connectors.md."
+                               + (f" {conn}: {connectors.NOT_HERE[conn]}." if conn in connectors.NOT_HERE else "")))
             break
+    else:
+        out += connector_problems(cfg)
     out += _model(cfg)
     if cfg.device == "cpu":
         out += _cpu_memory(cfg, mem_available)
     elif gpu_here:
         out += _gpu_memory(cfg, gpus if gpus is not None else query_gpus())
+    out += _link(cfg)
     if check_in_use:
         out += _in_use(cfg, control_socket)
     return out
+
+
+def connector_problems(cfg: PairConfig, vllm_files: Sequence[str] | None = None) -> list[Problem]:
+    """What a known connector owes before launch (docs/connectors.md):
+
+    - a storage connector (storage, multi's storage child): its folder (``kv_storage_path``) must be
+      the same for P and D (a per-instance value that differs: P would write where D never looks),
+      absolute (an engine resolves a relative one in its own working folder), and a folder this user
+      can create and write (checked by writing a file there);
+    - push (``nixl-push``): vLLM with ``NixlPushConnector`` (0.32.0 has it; the GPU bundle's 0.22.1
+      does not: read from the installed files, ``vllm_files``), and one KV layout on both sides: push
+      writes P's blocks into D's as they are, so a ``bidirectional_kv_xfer`` extra config (refused by
+      vLLM's push scheduler), a ``--disable-hybrid-kv-cache-manager`` on one side only (different
+      cache-group layouts: "NixlPushConnector does not support different producer and consumer
+      cache-group layouts") and a KV buffer on another device than the KV cache on a GPU (mixed memory
+      types: "NixlPushConnector does not support mixed-memory KV caches") are refused.
+    """
+    out: list[Problem] = []
+    conn = connectors.known(cfg.connector)
+    if conn is None:
+        return out
+    parts = connectors.parts(conn)
+    if any(c.storage_param for c in parts):
+        paths = {inst.name: config_mod.storage_path(cfg, inst) for inst in cfg.instances}
+        where = _from(cfg, "kv_storage_path")
+        if len(set(paths.values())) > 1:
+            seen = ", ".join(f"{n}: {p}" for n, p in paths.items())
+            out.append(Problem("kv_storage_path", f"kv_storage_path is not shared ({seen}): the {conn.key} connector"
+                               " needs the one folder P writes the KV to and D reads it from. Set it once under [pair]."))
+        else:
+            path = next(iter(paths.values()))
+            if not Path(path).is_absolute():
+                out.append(Problem("kv_storage_path", f"kv_storage_path = {path!r} ({where}) is relative: each engine"
+                                   " resolves it in its own working folder, so P and D may not share it. Give an"
+                                   " absolute path."))
+            else:
+                why = _writable_folder(Path(path))
+                if why:
+                    out.append(Problem("kv_storage_path", f"kv_storage_path = {path!r} ({where}): {why}; the"
+                                       f" {conn.key} connector writes each prompt's KV there (P) and reads it (D)."))
+    if any(c.min_vllm for c in parts):
+        have = versions.installed_vllm()
+        needs = next(c for c in parts if c.min_vllm)
+        files = vllm_files if vllm_files is not None else _vllm_files()
+        if have is not None and files is not None and not any(f.endswith("nixl/push_worker.py") for f in files):
+            out.append(Problem("connector", f"connector = {conn.key!r} ({_from(cfg, 'connector')}): the installed"
+                               f" {have[0]} {have[1]} has no {needs.name} (push mode came with vLLM"
+                               f" {'.'.join(map(str, needs.min_vllm or ()))}). Use connector = \"nixl\" (pull)."))
+    if conn.key == "nixl-push" or "nixl-push" in conn.children:
+        extra = cfg.kv_connector_extra_config
+        if extra.get("bidirectional_kv_xfer"):
+            out.append(Problem("kv_connector_extra_config", "bidirectional_kv_xfer with nixl-push: vLLM's push"
+                               " scheduler refuses it (\"Bidirectional KV transfer is not supported for NIXL push"
+                               " connector\"). Drop it, or use connector = \"nixl\"."))
+        hybrid = {i.name: "--disable-hybrid-kv-cache-manager" in (cfg.extra_args + i.extra_args) for i in cfg.instances}
+        if len(set(hybrid.values())) > 1:
+            on = ", ".join(n for n, v in hybrid.items() if v)
+            out.append(Problem("extra_args", f"push with a mismatched KV layout: --disable-hybrid-kv-cache-manager on"
+                               f" {on} only. P writes its blocks into D's as they are, and vLLM refuses \"different"
+                               " producer and consumer cache-group layouts\" at the first write. Set it for every"
+                               " instance (extra_args under [pair]) or none."))
+        if cfg.device == "cuda" and cfg.kv_buffer_device != "cuda":
+            out.append(Problem("kv_buffer_device", f"push with kv_buffer_device = {cfg.kv_buffer_device!r} on"
+                               " device \"cuda\": the KV would be staged through host memory, and vLLM's push worker"
+                               " refuses mixed-memory KV caches. Set kv_buffer_device = \"cuda\"."))
+    return out
+
+
+def _writable_folder(path: Path) -> str | None:
+    """None if ``path`` is (or can be made) a folder this user can write a file in; else why not."""
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".pdtui-write-check-{os.getpid()}"
+        probe.write_bytes(b"pdtui")
+        probe.unlink()
+    except OSError as e:
+        return f"not a folder pdtui can write in ({e.strerror or e})"
+    return None
+
+
+def _vllm_files() -> list[str] | None:
+    """The installed vLLM distribution's file list (its RECORD), None if it cannot be read."""
+    import importlib.metadata as md
+
+    have = versions.installed_vllm()
+    if have is None:
+        return None
+    try:
+        files = md.distribution(have[0]).files
+    except md.PackageNotFoundError:
+        return None
+    return [str(f) for f in files] if files else None
+
+
+def _link(cfg: PairConfig) -> list[Problem]:
+    """An emulated link: what stops this machine from making it (pdtui.core.link.check: root,
+    iproute2, veth, htb, and netem for an rtt or a loss)."""
+    from pdtui.core import link as link_mod
+
+    spec = config_mod.link_spec(cfg)
+    return [Problem("link", f"link = {cfg.link!r} ({_from(cfg, 'link')}): {text}") for text in link_mod.check(spec)]
 
 
 # ----- engines pdtui did not start (pdtui attach) -------------------------------------------------
@@ -482,8 +592,11 @@ def _in_use(cfg: PairConfig, control_socket: Path | None) -> list[Problem]:
 
 
 def _ports(cfg: PairConfig) -> list[tuple[str, int, str]]:
-    """Every port the pair binds: (field as named to the user, port, what listens there)."""
+    """Every port the pair binds: (field as named to the user, port, what listens there). With an
+    emulated link the engines bind in namespaces the run creates: only the proxy's is here."""
     out = [("proxy_port", cfg.proxy_port, "proxy")]
+    if config_mod.link_spec(cfg).emulated:
+        return out
     for inst in cfg.instances:
         out += [(f"{inst.name} port", inst.port, f"{inst.name} ({inst.role}) HTTP"),
                 (f"{inst.name} side_channel_port", inst.side_channel_port, f"{inst.name} ({inst.role}) NIXL side channel")]

@@ -8,8 +8,9 @@ killer), the pipe reports end-of-file and the reaper SIGKILLs every process grou
 process in those sessions (engine cores and workers that left the group keep the session), and
 every process whose environment carries ``PDTUI_TAG=RUN_TAG...`` (the proxy; vLLM's renamed
 engine processes no longer show theirs: setproctitle overwrites /proc/<pid>/environ); then it
-removes the instances' temp folders (``supervisor.make_scratch``). A pdtui that shut down cleanly
-leaves nothing to kill.
+removes the instances' temp folders (``supervisor.make_scratch``) and the emulated link's
+namespaces and veths of a pdtui that is gone (``pdtui.core.link.clean_stale``). A pdtui that shut
+down cleanly leaves nothing to kill.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import signal
 import sys
 
+from pdtui.core import link
 from pdtui.core.supervisor import kill_family, remove_scratch
 
 
@@ -37,6 +39,9 @@ def main(argv: list[str]) -> int:
         pass
     kill_family(argv[0] + ":", groups, timeout_s=10.0)
     remove_scratch(argv[0])  # the engines' temp folders (supervisor.make_scratch)
+    owner = argv[0].split("-")[0]  # RUN_TAG is "<pdtui's pid>-<hex>"
+    with contextlib.suppress(Exception):  # its link (pdtui.core.link), now that nothing runs in it
+        link.clean_stale(gone=[int(owner)] if owner.isdigit() else [])
     return 0
 
 

@@ -25,6 +25,7 @@ import httpx
 
 from pdtui.core import config as config_mod
 from pdtui.core import connectors, scrape, witness
+from pdtui.core import link as link_mod
 from pdtui.core.attached import AttachedInstance
 from pdtui.core.config import PairConfig
 from pdtui.core.control import Control, ControlError, ControlServer, default_socket_path
@@ -33,6 +34,7 @@ from pdtui.core.events import (
     Event,
     EventHub,
     InstanceStateChanged,
+    LinkShaped,
     MetricsSampled,
     Notice,
     PairBroken,
@@ -46,7 +48,7 @@ from pdtui.core.pairwatch import DisconnectWatch
 from pdtui.core.paths import state_dir  # runtime.state_dir(): the runs/ and ctl/ folders live there
 from pdtui.core.proxy import WARMUP_HEADER, ProxyProcess
 from pdtui.core.source import RunInfo
-from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free
+from pdtui.core.supervisor import Instance, StartupFailed, WarmupFailed, check_port_free, ensure_reaper
 from pdtui.core.topology import Attach, Member, Topology
 from pdtui.core.versions import installed_vllm
 
@@ -72,15 +74,20 @@ class Runtime:
         self.vllm_version = topology.vllm_version or (f"{found[0]} {found[1]}" if found else None)
         self.log_dir = log_dir or default_run_dir(cfg)
         """Engine logs (one file per instance, across restarts) and the proxy's: what a crash leaves."""
+        self.link: link_mod.Link | None = link_mod.Link(topology.link) if topology.link is not None else None
+        """The emulated link between P and D (pdtui.core.link): made by start() before the engines, which
+        run in its namespaces; removed by aclose() after them. None: loopback."""
         self.instances: dict[str, Instance | AttachedInstance] = {}
         for m in topology.members:
             if m.launch is None:
                 self.instances[m.name] = AttachedInstance(m, self.emit, ready_timeout_s=cfg.ready_timeout_s,
                                                           stop_grace_s=cfg.stop_grace_s)
                 continue
+            linked = self.link is not None  # its ports are in a namespace of its own, new with the run
             self.instances[m.name] = Instance(
                 m.launch, self.emit, ready_timeout_s=cfg.ready_timeout_s, stop_grace_s=cfg.stop_grace_s,
-                host=cfg.host, port=m.port, side_channel_port=m.side_channel_port, log_dir=self.log_dir,
+                host=cfg.host, port=None if linked else m.port,
+                side_channel_port=None if linked else m.side_channel_port, log_dir=self.log_dir,
             )
         # The proxy runs as a process of its own (pdtui proxy --managed): the dashboard's loop never
         # holds a stream back. It learns the instances' states from emit(), and its events come back
@@ -176,6 +183,7 @@ class Runtime:
                 run_dir=str(self.log_dir),
                 kv_geometry=dataclasses.asdict(self.geometry) if self.geometry else None,
                 observe=self.topology.observe, router=self.topology.router,
+                link=link_info(self.topology.link) if self.topology.link is not None else None,
             )
         )
         self.check_ports()
@@ -184,6 +192,19 @@ class Runtime:
                 self._control_server = await ControlServer(self.control, self.control_socket).start()
             except OSError as e:  # a folder that is not ours, a path too long: run on, without `pdtui ctl`
                 self.emit(Notice(level="warning", text=f"no control socket (pdtui ctl will not reach this pdtui): {e}"))
+        if self.link is not None:
+            ensure_reaper()  # a pdtui killed with SIGKILL: its reaper removes the link (link.clean_stale)
+            try:
+                await asyncio.to_thread(self.link.up)
+            except link_mod.LinkError as e:  # said as any failed start is (the CLI, the dashboard)
+                await self.aclose(reason="start-up failed")
+                raise StartupFailed(f"the link between P and D could not be made: {e}") from None
+            except BaseException:
+                await self.aclose(reason="start-up failed")
+                raise
+            self.emit(Notice(level="info", text=f"link up: P and D in namespaces {', '.join(self.link.plan.namespaces)},"
+                             f" joined by {self.link.plan.prefill.link_dev}/{self.link.plan.decode.link_dev} at"
+                             f" {self.link.spec.describe()}"))
         if self.proxy is not None:
             await self.proxy.start()  # emits ProxyStarted
         if self.cfg.traces_port is not None:
@@ -425,6 +446,14 @@ class Runtime:
         self.emit(Notice(level="info", instance=name, text=f"restarting {name} ({inst.role})"))
         return await inst.restart()
 
+    async def reshape_link(self, spec: link_mod.LinkSpec) -> None:
+        """Another rate, delay or loss on the running link, in place (its qdiscs replaced; the engines
+        and their NIXL connections stay): the bench's --links runs one pair over every link."""
+        if self.link is None:
+            raise RuntimeError("no emulated link in this run (start it with --link)")
+        await asyncio.to_thread(self.link.reshape, spec)
+        self.emit(LinkShaped(link=link_info(self.link.plan, spec)))
+
     async def aclose(self, reason: str = "closed") -> None:
         if self._closed:
             return
@@ -440,6 +469,11 @@ class Runtime:
                              return_exceptions=True)
         if self.otlp is not None:  # after the engines: their last spans are flushed at exit
             await self.otlp.stop()
+        if self.link is not None:  # after the engines: nothing holds its namespaces any more
+            try:
+                await asyncio.to_thread(self.link.down)
+            except link_mod.LinkError as e:
+                self.emit(Notice(level="error", text=str(e)))
         self.emit(RuntimeStopped(reason=reason))
         self.hub.close()
         for t in self._tasks:
@@ -472,6 +506,16 @@ def _described(m: Member) -> dict[str, Any]:
         return {**out, "argv": m.launch.argv, "env": m.launch.env}
     a = m.attach or Attach()
     return {**out, "attached": True, "log": str(a.log) if a.log else None, "kill": a.kill, "restart": a.restart}
+
+
+def link_info(plan: link_mod.LinkPlan, spec: link_mod.LinkSpec | None = None) -> dict[str, Any]:
+    """The link as RuntimeStarted and LinkShaped carry it (the header, the detail's formula, a
+    replay); ``spec``: its shape now, if not the plan's."""
+    spec = spec or plan.spec
+    return {**spec.to_json(), "describe": spec.describe() if spec.emulated else "veth, unshaped",
+            "run_id": plan.run_id,
+            "namespaces": list(plan.namespaces), "devices": [plan.prefill.link_dev, plan.decode.link_dev],
+            "addresses": {"prefill": plan.prefill.link_addr, "decode": plan.decode.link_addr}}
 
 
 def default_run_dir(cfg: PairConfig) -> Path:

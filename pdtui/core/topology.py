@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pdtui.core import config as config_mod
 from pdtui.core import connectors, kvmath
+from pdtui.core import link as link_mod
 from pdtui.core.config import InstanceConfig, LaunchSpec, PairConfig
 from pdtui.core.proxy import ProxySettings
 
@@ -91,6 +92,9 @@ class Topology:
     """Observe only: the user's router (--witness URL), where witness requests and the load keys go."""
     vllm_version: str | None = None
     """The engines' vLLM as they report it (/version), for attached ones; None: the one installed here."""
+    link: link_mod.LinkPlan | None = None
+    """The emulated link between P and D (pdtui.core.link): the Runtime makes it before the engines
+    start, in their namespaces, and removes it when it closes. None: loopback."""
 
     @property
     def url(self) -> str:
@@ -146,17 +150,25 @@ def _launched(spec: LaunchSpec, inst: InstanceConfig) -> Member:
 
 
 def pair(cfg: PairConfig, *, model_root: Path | None = None, python: str | None = None,
-         name: str = "pair", switches: Mapping[str, object] | None = None) -> Topology:
+         name: str = "pair", switches: Mapping[str, object] | None = None,
+         link: link_mod.LinkPlan | None = None) -> Topology:
     """The P/D pair (or NpMd) of the config, behind pdtui's proxy; ``switches``: ProxySettings
-    fields set for this topology only (the bench's switch arms)."""
-    specs = config_mod.render(cfg, model_root=model_root, python=python)
+    fields set for this topology only (the bench's switch arms). With an emulated link
+    (``cfg.link``), ``link`` is the run's plan; none given, one is reserved here (its state file
+    written: pdtui.core.link.reserve)."""
+    config_mod.validate(cfg)
+    spec = config_mod.link_spec(cfg)
+    if spec.emulated and link is None:
+        link = link_mod.reserve(spec)
+    specs = config_mod.render(cfg, model_root=model_root, python=python, link=link if spec.emulated else None)
     model = config_mod.model_path(cfg, model_root)
     geometry = geometry_of(cfg, model)
     members = tuple(_launched(s, i) for s, i in zip(specs, cfg.instances, strict=True))
     plan = ProxyPlan(cfg.host, cfg.proxy_port, proxy_settings(cfg, geometry, **(switches or {})),
                      tuple(m.name for m in members if m.role == "prefill"),
                      tuple(m.name for m in members if m.role == "decode"))
-    return Topology(name, cfg, members, plan, connectors.known(cfg.connector), geometry, cfg.warmup, model)
+    return Topology(name, cfg, members, plan, connectors.known(cfg.connector), geometry, cfg.warmup, model,
+                    link=link if spec.emulated else None)
 
 
 def attached_names(n: int, letter: str) -> list[str]:

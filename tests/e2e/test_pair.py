@@ -475,6 +475,14 @@ def _kill_p_between_its_answer_and_d_s_pull(pair, rid: str, prompt: str) -> dict
         out["n_exited"] = len(pair.of(InstanceStateChanged, instance="P", state="exited"))
         out["t_kill"] = time.time()
         os.kill(inst.pid, signal.SIGKILL)
+        # D goes on once P's worker (NIXL's agent, which serves the read) is gone too: pdtui kills
+        # the rest of P when it sees the API server die; before that, D's pull could still succeed
+        from pdtui.core.supervisor import is_alive
+
+        deadline = time.monotonic() + 10
+        while any(is_alive(p) for p in out["family"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["family_gone_s"] = time.time() - out["t_kill"]
     finally:
         os.killpg(d_group, signal.SIGCONT)
     client_thread.join(180)
@@ -759,7 +767,7 @@ def test_chaos_random_kills_under_load_end_every_request_once_and_leave_nothing(
     keepers = [threading.Thread(target=keeper, args=(n,), daemon=True) for n in ("P", "D")]
     for k in keepers:
         k.start()
-    t_end = time.monotonic() + 30
+    t_end = time.monotonic() + 20
     try:
         while time.monotonic() < t_end:
             time.sleep(rng.uniform(2, 5))

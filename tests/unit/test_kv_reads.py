@@ -51,8 +51,20 @@ def test_the_engines_line_format_is_what_the_parser_reads() -> None:
     p = parse_line(line)
     assert p is not None and p.what == "kv_read"
     assert p.fields == {"req": "chatcmpl-abc-123-0f1e2d3c", "rank": 1, "handles": 2, "bytes": 1048576, "descs": 4,
-                        "xfer_ms": 0.5, "post_ms": 0.062, "request_id": "abc-123"}
+                        "xfer_ms": 0.5, "post_ms": 0.062, "request_id": "abc-123", "op": "read"}
     assert KvRead.of(p.fields).gbps == pytest.approx(1048576 / 0.5e-3 / 1e9)
+
+
+def test_a_push_writes_line_parses_as_the_same_figure_on_p() -> None:
+    """NixlPushConnector: P writes, and the line (P's, as captured on the CPU pair,
+    results/2026-12-07-zoo) says write; the same KvRead, op "write"."""
+    line = ("(Worker pid=8178) INFO 12-07 13:52:15 [nixl_quiet.py:201] pdtui: KV write"
+            " req=cmpl-zoo-push-r0-7852-0-8366be76 rank=0 handles=1 bytes=786432 descs=2 xfer_ms=0.202 post_ms=0.202")
+    p = parse_line(line)
+    assert p is not None and p.what == "kv_read"
+    read = KvRead.of(p.fields)
+    assert (read.op, read.bytes, read.request_id) == ("write", 786432, "zoo-push-r0-7852")
+    assert NIXL.write_log is not None and NIXL.write_log.replace("write", "read") == NIXL.read_log
 
 
 @pytest.mark.parametrize(("engine_id", "proxy_id"), [

@@ -111,7 +111,7 @@ def test_kv_over_the_machines_memory_is_refused(short_tmp: Path) -> None:
 def test_an_unknown_connector_is_refused_naming_the_field_and_its_source(short_tmp: Path) -> None:
     path = profile_with(short_tmp, "lmcache", **{"proxy_port = 8000": 'proxy_port = 8000\nconnector = "LMCacheConnectorV1"'})
     out, took = pdtui(short_tmp, "up", "--profile", str(path))
-    assert_refused(out, took, "connector = 'LMCacheConnectorV1'", f"set in {path}", "NixlConnector only")
+    assert_refused(out, took, "connector = 'LMCacheConnectorV1'", f"set in {path}", "pdtui drives nixl (NixlConnector)")
     out, took = pdtui(short_tmp, "drill", "--connector", "P2pNcclConnector")
     assert_refused(out, took, "connector = 'P2pNcclConnector' (from --connector)")
 

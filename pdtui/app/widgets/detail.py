@@ -106,15 +106,47 @@ class RequestDetail(Static):
         if k is None or r is None:
             return None
         rate = fmt_rate(k.gbps)
+        formula = self.link.formula_s(k.bytes) if self.link is not None else None
+        if formula is not None:  # a link pdtui shaped: bits, and the formula beside the measure
+            return self._emulated_read(k, formula, compact)
+        if k.op == "write":  # push: P wrote it into D's blocks, and P measured it
+            verb, who = "write", "P (push)"
+        else:
+            verb, who = "read", "D"
         if compact:
-            return Text(f"KV read {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate}{self.link_words(True)} GB/s",
+            return Text(f"KV {verb} {fmt_ms(k.ms)} ms {k.bytes / 2**20:.2f} MiB {rate}{self.link_words(True)} GB/s",
                         style="bold")
-        t = Text("KV read ", style="bold")
-        t.append(f"(measured by NIXL on D): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) = "
+        t = Text(f"KV {verb} ", style="bold")
+        t.append(f"(measured by NIXL on {who}): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) = "
                  f"{rate} GB/s{self.link_words()}; {k.descs} descriptors, {k.handles} transfer{'s' if k.handles != 1 else ''}"
                  f"{f' on {k.ranks} ranks' if k.ranks > 1 else ''}, post {fmt_ms(k.post_ms)} ms")
         if r.kv_bytes and k.bytes < r.kv_bytes:
             t.append(f"; of P's {r.kv_bytes:,} B, D had the rest cached", style="dim")
+        return t
+
+    def _emulated_read(self, k: KvRead, formula_s: float, compact: bool) -> Text:
+        """Over an emulated link: the measured read beside the formula (bytes / rate + RTT), their
+        ratio, and the achieved Gbit/s of the link's."""
+        link = self.link
+        assert link is not None and link.bytes_per_s is not None
+        gbit = k.bytes * 8 / (k.ms / 1e3) / 1e9 if k.ms > 0 else None
+        of = link.bytes_per_s * 8 / 1e9
+        ratio = k.ms / (formula_s * 1e3) if formula_s > 0 else None
+        achieved = f"{gbit:.3g}" if gbit is not None else "?"
+        if compact:
+            return Text(f"KV read {fmt_ms(k.ms)} ms (formula {fmt_ms(formula_s * 1e3)}) {k.bytes / 2**20:.2f} MiB"
+                        f" {achieved} of {of:g} Gbit/s", style="bold")
+        t = Text("KV read ", style="bold")
+        rtt = link.rtt_s or 0.0
+        t.append(f"(measured by NIXL on D): {fmt_ms(k.ms)} ms for {k.bytes:,} B ({k.bytes / 2**20:.2f} MiB) ="
+                 f" {achieved} Gbit/s of the link's {of:g} Gbit/s ({link.how}); the formula, bytes / rate + RTT:"
+                 f" {k.bytes:,} B x 8 / {of:g} Gbit/s + {rtt * 1e3:g} ms = {fmt_ms(formula_s * 1e3)} ms")
+        if ratio is not None:
+            t.append(f" (measured {ratio:.2f}x)", style="yellow" if abs(ratio - 1) > 0.2 else "green")
+        t.append(f"; {k.descs} descriptors, {k.handles} transfer{'s' if k.handles != 1 else ''}"
+                 f"{f' on {k.ranks} ranks' if k.ranks > 1 else ''}, post {fmt_ms(k.post_ms)} ms")
+        if self.request is not None and self.request.kv_bytes and k.bytes < self.request.kv_bytes:
+            t.append(f"; of P's {self.request.kv_bytes:,} B, D had the rest cached", style="dim")
         return t
 
     def engine_line(self) -> Text | None:

@@ -18,7 +18,8 @@ def fmt_duration(seconds: float) -> str:
 
 
 class PairHeader(Static):
-    """Profile, model and shape, connector, proxy URL, vLLM version, uptime; REPLAY when it is one."""
+    """Profile, model and shape, connector, the emulated link, proxy URL, vLLM version, uptime;
+    REPLAY when it is one."""
 
     DEFAULT_CSS = """
     PairHeader { height: 1; background: $primary-background; color: $text; padding: 0 1; }
@@ -74,6 +75,8 @@ class PairHeader(Static):
         shape = f" ({h.model_shape})" if h.model_shape and h.model_shape != h.model else ""
         t.append(f"{h.model}{shape} ")
         t.append(f"{h.connector} ", style="magenta")
+        if h.link is not None:  # the emulated link between P and D (pdtui.core.link)
+            t.append(f"link {h.link.get('describe', '?')} ", style="bold yellow")
         t.append(f"{h.proxy_url.removeprefix('http://')} ", style="underline")
         t.append(f"{h.vllm_version or 'vLLM ?'}", style="dim")
         return t

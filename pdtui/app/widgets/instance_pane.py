@@ -9,6 +9,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from pdtui.app.state import DOWN, KV_FETCH_STAGES, WINDOW_S, InstanceView, bucket_text, fmt_ms, fmt_num
+from pdtui.core import connectors
 
 STARTUP_STEPS = ("nixl_available", "kv_pool", "connector_created", "registered")
 STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "stopping": "yellow", "exited": "bold red",
@@ -90,6 +91,12 @@ class InstancePane(Static):
         that would never light)."""
         ms = dict(v.milestones)
         out = [("reg✓", "green") if "registered" in ms else ("reg·", "dim")]
+        entry = v.entry
+        if entry is not None and not any(c.side_channel for c in connectors.parts(entry)):
+            out.append(("hs n/a", "dim"))  # no handshake: the store is the rendezvous (entry.handshake)
+            if "storage_load" in ms:
+                out.append(("load✓", "green"))
+            return out
         if v.handshakes:
             out.append(("hs✓", "green"))
         elif v.handshake_failed:
@@ -176,6 +183,22 @@ class InstancePane(Static):
             t.append(f"xfer {bounds}mean {fmt_ms(n.hist_mean_ms)}ms")
             if wide:
                 t.append(f" (vLLM's histogram, not measured per request: {n.transfers} transfers)", style="dim")
+        return t
+
+    @staticmethod
+    def no_figure_text(v: InstanceView, wide: bool = False) -> Text | None:
+        """A connector with no per-request figure (storage): D's pane says so, never a zero, with what
+        the engine does count: the prompt tokens whose KV it loaded (vllm:prompt_tokens_by_source
+        external_kv_transfer), in tokens and, by the formula's bytes per token, nothing more."""
+        entry = v.entry
+        if entry is None or entry.freight_on is not None or v.role != "decode":
+            return None
+        t = Text()
+        t.append("freight: no per-request figure", style="yellow")
+        ext = v.external_tokens
+        t.append(f"  loaded {int(ext):,} tok" if ext is not None else "  loaded - tok")
+        if wide and entry.no_figure:
+            t.append(f" ({entry.no_figure})", style="dim")
         return t
 
     @staticmethod
@@ -276,7 +299,8 @@ class InstancePane(Static):
             if v.free_blocks is not None:
                 out.append(f" free {v.free_blocks:,}/{v.pool_blocks:,} blk")
         if v.kv_pulled_bytes:
-            out.append(f" pulled {v.kv_pulled_bytes / 2**20:.2f} MiB")
+            verb = "pushed" if v.role == "prefill" and v.freight_here else "pulled"  # push: P counts what it wrote
+            out.append(f" {verb} {v.kv_pulled_bytes / 2**20:.2f} MiB")
         out.append("\n")
         if v.attached and not v.log_file:  # no log: no milestones, handshakes or compatibility to show
             out.append("metrics only ", style="yellow")
@@ -287,6 +311,8 @@ class InstancePane(Static):
             out.append(self.connector_words(v), style="italic dim")
         used = 4
         nixl = self.nixl_text(v, wide=self.content_size.width >= 60, width=self.content_size.width)
+        if nixl is None:
+            nixl = self.no_figure_text(v, wide=self.content_size.width >= 60)
         if nixl is not None:  # before the log: at 80x24 it takes the log's one line
             out.append("\n")
             out.append_text(nixl)

@@ -349,7 +349,7 @@ class Proxy:
             trace.status, trace.error = 503, "no decode instance is up"
             raise ProxyError(503, "no decode instance is up; the pair cannot serve", "service_unavailable")
         kv_params = await self._prefill(trace, body)
-        trace.kv_held = kv_params  # until D is sent them (``_release`` otherwise)
+        trace.kv_held = kv_params or None  # until D is sent them (``_release`` otherwise); a store holds none on P
         d_body = dict(body)
         if kv_params is not None:
             if faults is not None and faults.hold_decode_s:
@@ -359,9 +359,13 @@ class Proxy:
             if self.settings.drill:
                 previous, self._last_params = self._last_params, trace.kv_held
                 if faults is not None and faults.tamper is not None:  # D never gets P's own: released at the end
+                    if self.connector.blocks_param is None:
+                        raise ProxyError(400, f"{drillhooks.HEADER}: tamper needs a connector whose params list"
+                                         f" P's blocks; {self.connector.key} carries none", "invalid_request_error")
                     kv_params = drillhooks.tampered(faults.tamper, kv_params, previous, self.connector.blocks_param)
                     trace.kv_tampered = True
-            d_body["kv_transfer_params"] = kv_params
+            if kv_params or self.connector.carries_params:
+                d_body["kv_transfer_params"] = kv_params
             trace.paired = True
         t_hop = time.perf_counter()
         stitch = self._switches(trace, body, d_body) if kv_params is not None else None
@@ -566,12 +570,18 @@ class Proxy:
         trace.p_answer = data
         usage = (data.get("usage") if isinstance(data, dict) else None) or {}
         trace.prompt_tokens = usage.get("prompt_tokens")
+        if not self.connector.carries_params:  # the KV meets D in the connector's store, found by the tokens
+            if isinstance(trace.prompt_tokens, int):
+                trace.blocks = kvmath.stored_blocks(trace.prompt_tokens, self.settings.block_size)
+                if self.settings.geometry is not None:
+                    trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
+            return {}
         if not params or not isinstance(params, dict):
             why = (f"prefill {up.name} returned no kv_transfer_params (is it running with a"
                    f" {self.connector.kv_roles['prefill']}"
                    " kv_transfer_config?)")
             raise _PrefillFailed("no_kv", 502, why, f"no_kv_transfer_params: {why}")
-        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param))
+        trace.blocks = kvmath.count_blocks(params.get(self.connector.blocks_param or ""))
         if self.settings.geometry is not None:
             trace.kv_bytes = kvmath.shipped_bytes(trace.blocks, self.settings.block_size, self.settings.geometry)
         return params
@@ -691,7 +701,10 @@ def prefill_body(body: dict[str, Any], kv_params: Mapping[str, Any]) -> dict[str
     p_body["stream"] = False
     for k in ("stream_options", "min_tokens"):
         p_body.pop(k, None)
-    p_body["kv_transfer_params"] = dict(kv_params)
+    if kv_params:  # a connector that carries none (storage): P's body has none either
+        p_body["kv_transfer_params"] = dict(kv_params)
+    else:
+        p_body.pop("kv_transfer_params", None)
     return p_body
 
 

@@ -369,7 +369,8 @@ class Migration:
         if params is not None:
             if s.decode_reports_cached and proxy.connector.cached_param:
                 params = {k: v for k, v in params.items() if k != proxy.connector.cached_param}
-            body["kv_transfer_params"] = params
+            if params or proxy.connector.carries_params:
+                body["kv_transfer_params"] = params
         assert up.pool is not None
         t_sent = time.perf_counter()
         try:

@@ -144,7 +144,8 @@ class ProxySettings:
     """From the break to the new D's answer head (P's leg included); past it, the error event."""
     connector: str = field(default=connectors.NIXL.name, metadata=flag(
         "--connector", f"the KV connector the engines run: the names of the kv_transfer_params the proxy sends P"
-        f" and reads in P's answer (default {connectors.NIXL.name})", choices=lambda: tuple(connectors.CONNECTORS)))
+        f" and reads in P's answer (default {connectors.NIXL.name})", choices=lambda: (*connectors.CONNECTORS,
+                                                     *(c.name for c in connectors.CONNECTORS.values()))))
     """The KV connector the engines run (``pdtui.core.connectors``): the names of the
     kv_transfer_params the proxy sends P and reads in P's answer come from its entry."""
 

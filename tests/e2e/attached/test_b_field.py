@@ -70,13 +70,13 @@ def test_b_fail_open_is_caught_by_the_correctness_witness_or_said_blind(hand: Ha
 
 
 def test_b_a_short_soak_loses_nothing_and_grows_nothing(hand: HandSet, tmp_path) -> None:
-    """`pdtui soak` over P and D for a minute, a report every 15 s (the note's one-hour run:
+    """`pdtui soak` over P and D for 30 s, a report every 7.5 s (the note's one-hour run:
     results/2026-12-07-field): no request lost, RSS and fds flat within 5% of the first report,
     no KV block held once the load stopped."""
     import json
 
     out = tmp_path / "soak.json"
-    run = pdtui("soak", "--minutes", "1", "--every", "0.25", "--streams", "2", "--max-prompt", "600",
+    run = pdtui("soak", "--minutes", "0.5", "--every", "0.125", "--streams", "2", "--max-prompt", "600",
                 "--prefill", hand.p.url, "--decode", hand.d.url, "--proxy-port", str(hand.cfg.proxy_port + 7),
                 "--out", str(out), timeout=300)
     print(f"\n[e2e] pdtui soak:\n{run.stdout[-3000:]}")
