@@ -215,12 +215,22 @@ def weight_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     return out
 
 
+WEIGHT_STD = {"embed": 0.5, "qk_gain": 6.0, "vo_gain": 4.0}
+"""The random weights' scale (``write_weights``), chosen with transformers on the tiny shape
+(results/2026-12-07-field, "the witness's weights"): with the embeddings at std 1 (tied to the
+output head) the residual stream is the current token's embedding and the answer saturates on it
+(logprob 0.0, the same 16 ids after any prefix); at 0.5, with sharp attention (q, k x6) and strong
+values (v, o x4), 16 greedy tokens after a prompt share none with those after another prefix
+ending in the same 20 tokens, top logprob -1.4, the closest top-2 margin 0.135."""
+
+
 def write_weights(out_dir: Path, shape: ModelShape, seed: int = 0) -> Path:
     """``model.safetensors`` with seeded random weights whose answers depend on the prompt: norms
-    1, biases 0, the rest normal with std 1/sqrt(fan in) (the embeddings std 1). vLLM's dummy
+    1, biases 0, the rest normal with std 1/sqrt(fan in) scaled by ``WEIGHT_STD``. vLLM's dummy
     weights (uniform in +-1e-3) give every token the same logprob, ln 1/vocab, whatever came
     before, so no answer can tell a wrong KV cache from a right one; these can (the correctness
-    witness, pdtui.core.known_answer). Float32, read by vLLM as the model's dtype."""
+    witness, pdtui.core.known_answer). Float32; serve them with --dtype float32 so that P alone
+    and the pair round alike (bfloat16 can flip a near tie)."""
     import struct
 
     import numpy as np
@@ -235,7 +245,11 @@ def write_weights(out_dir: Path, shape: ModelShape, seed: int = 0) -> Path:
         elif name.endswith(".bias"):
             arr = np.zeros(dims, dtype=np.float32)
         else:
-            std = 1.0 if name == "model.embed_tokens.weight" else dims[-1] ** -0.5
+            std = WEIGHT_STD["embed"] if name == "model.embed_tokens.weight" else dims[-1] ** -0.5
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                std *= WEIGHT_STD["qk_gain"]
+            elif name.endswith(("v_proj.weight", "o_proj.weight")):
+                std *= WEIGHT_STD["vo_gain"]
             arr = rng.normal(0.0, std, dims).astype(np.float32)
         data = arr.tobytes()
         header[name] = {"dtype": "F32", "shape": list(dims), "data_offsets": [offset, offset + len(data)]}

@@ -1,6 +1,6 @@
 """The field drills' parts that need no engine (issue 27): the correctness witness's verdict, its
 event through the dashboard's state, the topology a field drill runs on, the CLI's scenario names.
-The drills themselves run on real engines: tests/e2e/attached/test_b2_field.py."""
+The drills themselves run on real engines: tests/e2e/attached/test_b_field.py."""
 
 from __future__ import annotations
 
