@@ -414,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
                        " stranded (KV held on P when D is never sent the request, and the proxy's release),"
                        " fail-open (D given tampered kv_transfer_params, the correctness witness), context (P and"
                        " D with different max_model_len: a launched pair's D gets a quarter of P's), restart-order"
-                       " (D restarted while P stays up), handshake (a launched pair whose D's dtype differs)")
+                       " (D restarted while P stays up), handshake (a launched pair whose D's dtype differs, or"
+                       " engines given by URL whose KV-shaped settings differ)")
+    drill.add_argument("--kv-lease", type=float, default=None, metavar="SECONDS",
+                       help="--scenario stranded: how long P holds KV that no D read (its kv_lease_duration,"
+                       " in the kv_transfer_config's kv_connector_extra_config; default vLLM's 30)")
     _add_engine_url_args(drill)
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
@@ -858,9 +862,13 @@ def run_drill(args: argparse.Namespace) -> int:
     size = _size(args.size) if args.headless else None
     if args.witness_tokens < 50:
         raise ConfigError("--witness-tokens must be at least 50: the stream has to outlive the kill")
+    if args.kv_lease is not None and (args.scenario != "stranded" or args.kv_lease <= 0):
+        raise ConfigError("--kv-lease SECONDS (positive) is for --scenario stranded: P's kv_lease_duration")
     topo = None
     if engines:
-        topo = _attached_topology(args, "pdtui drill")
+        # the context and handshake drills show what a pair that pdtui refuses does: they go past
+        # preflight's comparison of the two sides on purpose (its refusals printed as notes)
+        topo = _attached_topology(args, "pdtui drill", despite=args.scenario in ("context", "handshake"))
         _drill_needs(topo, args.scenario)
         cfg = topo.cfg
     else:
@@ -878,9 +886,6 @@ def _drill_needs(topo: Any, scenario: str) -> None:
     if scenario == "kill-p-load":
         raise ConfigError("--scenario kill-p-load pauses D's processes (SIGSTOP) between P's answer and D's load:"
                           " it runs on a pair pdtui launches (--connector KEY), not over engines given by URL")
-    if scenario == "handshake":
-        raise ConfigError("--scenario handshake launches a pair whose D's dtype differs (past pdtui's refusal, on"
-                          " purpose); engines given by URL that differ so are refused before anything is sent")
     if scenario == "restart-order":
         missing = [f"--{what} {m.name}=CMD" for m in members if m.role == "decode" for what in ("kill", "restart")
                    if getattr(m.attach, what) is None]
@@ -920,7 +925,9 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
         if args.scenario in FIELD_SCENARIOS:
             from pdtui.app import drill_field
 
-            res = await drill_field.run(pilot, args.scenario, shots=args.shots, prefix=args.prefix, log=log)
+            options = {"lease_s": args.kv_lease} if args.kv_lease is not None else {}
+            res = await drill_field.run(pilot, args.scenario, shots=args.shots, prefix=args.prefix, log=log,
+                                        **options)
         elif args.scenario == "headroom":
             from pdtui.app import drill_headroom
 
@@ -1530,9 +1537,11 @@ def run_attach_engines(args: argparse.Namespace) -> int:
 
 
 def _attached_topology(args: argparse.Namespace, verb: str, *, observe: bool = False,
-                       router: str | None = None) -> Any:
+                       router: str | None = None, despite: bool = False) -> Any:
     """The topology of engines given by URL (``_add_engine_url_args``), after preflight_attached
-    checked them (refusals raise; notes printed): `pdtui attach` and `pdtui drill` over engines."""
+    checked them (refusals raise; notes printed): `pdtui attach` and `pdtui drill` over engines.
+    ``despite``: the two sides may differ (a drill showing what such a pair does): those refusals
+    are printed as notes instead."""
     from pdtui.core import topology
     from pdtui.core.ctl_client import default_socket_path
     from pdtui.core.preflight import preflight_attached
@@ -1555,7 +1564,7 @@ def _attached_topology(args: argparse.Namespace, verb: str, *, observe: bool = F
     if args.command_timeout <= 0 or args.ready_timeout <= 0:
         raise ConfigError("--command-timeout and --ready-timeout are positive numbers of seconds")
     check = preflight_attached(list(zip(ps, prefills, strict=True)), list(zip(ds, decodes, strict=True)),
-                               model_name=args.model_name, logs=logs, observe=observe,
+                               model_name=args.model_name, logs=logs, observe=observe, despite=despite,
                                proxy=None if observe else (args.host, args.proxy_port),
                                control_socket=default_socket_path(args.proxy_port))
     for note in check.notes:

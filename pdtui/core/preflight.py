@@ -255,10 +255,13 @@ class AttachedCheck:
 def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tuple[str, str]], *,
                       model_name: str | None = None, logs: Mapping[str, Path] | None = None, observe: bool = False,
                       proxy: tuple[str, int] | None = None, control_socket: Path | None = None,
-                      read: Any = None, singles: Sequence[tuple[str, str]] = ()) -> AttachedCheck:
+                      read: Any = None, singles: Sequence[tuple[str, str]] = (),
+                      despite: bool = False) -> AttachedCheck:
     """Ask every engine (``(name, url)`` per side) and check them as a pair (the module's
     docstring). ``proxy``: (host, port) pdtui's proxy will bind (None: observe); ``read``: the
-    engine reader (``engine_facts.read``), for tests. ``singles``: colocated engines the bench
+    engine reader (``engine_facts.read``), for tests. ``despite``: the sides may differ (the context
+    and handshake drills run such a pair on purpose): what the comparison finds becomes notes.
+    ``singles``: colocated engines the bench
     measures the pair against (``pdtui bench --single URL``): each must run without a KV connector
     and, beside a pair, run what the pair runs (model, block size, dtypes, max_model_len, version)."""
     reader = read or engine_facts.read
@@ -278,7 +281,11 @@ def attached_problems(prefills: Sequence[tuple[str, str]], decodes: Sequence[tup
         notes += f.notes
     if len(up) == len(facts):
         pair = [f for f in up if f.role != "single"]
-        found += engine_facts.compare(pair)
+        differ = engine_facts.compare(pair)
+        if despite:
+            notes += [f"{text} (pdtui refuses such a pair; the drill goes on, on purpose)" for _, text in differ]
+        else:
+            found += differ
         for single in (f for f in up if f.role == "single" and pair):
             found += engine_facts.compare([pair[0], single], must="The single arm is the pair's baseline: it must"
                                           " run what the pair runs")

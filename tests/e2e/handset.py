@@ -67,14 +67,20 @@ class HandStarted:
         return int(self.pid_file.read_text())
 
 
+KV_LEASE_S = 10
+"""The set's kv_lease_duration (vLLM's default 30 s): how long P holds KV no D read. Shorter, so the
+stranded drill's router-without-the-defence case waits 10 s, not 30; D's lease heartbeats go every
+KV_LEASE_S // 6 s, so a D that queues a request still keeps P's blocks."""
+
+
 def hand_started(name: str, role: str, port: int, side_port: int | None, core: int, model: str, folder: Path,
-                 kv_cache_bytes: int = 268435456) -> HandStarted:
+                 kv_cache_bytes: int = 268435456, extra: tuple[str, ...] = ()) -> HandStarted:
     """`vllm serve` as the README writes it for a hand-started CPU pair; role "single": no KV
-    connector (the bench's --single)."""
+    connector (the bench's --single). ``extra``: more flags (a later one wins over the same flag)."""
     argv = [str(Path(sys.executable).parent / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", "tiny", "--block-size", "128", "--max-model-len", "4096", "--load-format", "dummy",
             "--enforce-eager", "--enable-prompt-tokens-details", "--kv-cache-memory-bytes", str(kv_cache_bytes),
-            "--disable-uvicorn-access-log"]
+            "--disable-uvicorn-access-log", *extra]
     env = {"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT),
            # vLLM's ZeroMQ sockets and gloo's file: in a folder the test removes (killed engines leave
@@ -85,7 +91,8 @@ def hand_started(name: str, role: str, port: int, side_port: int | None, core: i
         # on 2 cores also the connector module pdtui ships that keeps NIXL's progress thread from
         # spinning a core each (docs/ucx-busy-poll.md)
         kv = {"kv_connector": "NixlConnector", "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
-              "kv_buffer_device": "cpu", "kv_connector_module_path": "pdtui.engine.nixl_quiet"}
+              "kv_buffer_device": "cpu", "kv_connector_module_path": "pdtui.engine.nixl_quiet",
+              "kv_connector_extra_config": {"kv_lease_duration": KV_LEASE_S}}
         argv += ["--kv-transfer-config", json.dumps(kv)]
         env |= {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
                 "UCX_NET_DEVICES": "lo", "PDTUI_NIXL_PROG_DELAY_US": "1000"}

@@ -196,6 +196,11 @@ def test_preflight_refuses_a_model_and_a_block_size_mismatch_naming_the_field_an
     assert "block_size" in fields and "P '128', D '64'" in fields["block_size"]
     assert "P tiny, D other" in fields["served_model_name"]
     assert "Nothing was started." in str(e.value)
+    # the context and handshake drills go past that comparison on purpose: notes, not refusals
+    check = attached_problems([("P", p.url)], [("D", d.url)], despite=True)
+    assert check.problems == []
+    said = " ".join(check.notes)
+    assert "P '128', D '64'" in said and "pdtui refuses such a pair; the drill goes on, on purpose" in said
 
 
 def test_preflight_refuses_engines_whose_roles_do_not_fit_their_sides(engines: Callable[..., Engine],
@@ -548,6 +553,8 @@ def test_attach_headless_drives_a_pair_through_its_proxy_and_the_users_commands(
     (["--kill", "D=kill 1"], "--kill is for engines given by URL"),
     (["--decode-reports-cached"], "--decode-reports-cached is for engines given by URL"),
     (["--prefill", "http://127.0.0.1:1"], "pdtui drill needs both sides"),
+    (["--kv-lease", "10"], "--kv-lease SECONDS (positive) is for --scenario stranded"),
+    (["--scenario", "stranded", "--kv-lease", "0"], "--kv-lease SECONDS (positive) is for --scenario stranded"),
 ])
 def test_bad_drill_input_over_engines_is_a_clear_message_and_exit_2(argv: list[str], said: str,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:

