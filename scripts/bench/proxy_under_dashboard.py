@@ -132,6 +132,9 @@ async def main(args: argparse.Namespace) -> int:
         proc.set_up("D", True)
         if args.nice:
             os.nice(args.nice)
+        if args.idle:  # every thread of this process (Textual's too) in SCHED_IDLE: runs only on idle CPU
+            for tid in os.listdir("/proc/self/task"):
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
         mix = [ev for ev in load_mix(RECORDING) if not isinstance(ev, RequestTraced)]
         i, t_next = 0, time.perf_counter()
         while not stop.is_set():
@@ -159,6 +162,8 @@ if __name__ == "__main__":
     p.add_argument("--size", default="160x48")
     p.add_argument("--extra-rate", type=float, default=200.0, help="recorded events per second besides the traces")
     p.add_argument("--nice", type=int, default=0, help="renice the dashboard's process by N once the proxy runs")
+    p.add_argument("--idle", action="store_true",
+                   help="put the dashboard's process in SCHED_IDLE once the proxy runs (it gets only CPU no one else wants)")
     p.add_argument("--burn-ms", type=float, default=0.0,
                    help="headless: hold the consumer's loop busy this long, then idle as long (a stand-in for draws)")
     p.add_argument("--burn-duty", type=float, default=0.5,
