@@ -13,6 +13,7 @@ PYTHONPATH=$PWD .venv/bin/python -m pdtui.bench.transparency --streams 32 --dura
   --arm "pdtui-beca6f9=env PYTHONPATH=/work/wt-before {python} -m pdtui proxy --decode {decode} --port {port}" \
   --arm "headless=$U --view headless" --arm "dashboard=$U --view dashboard" \
   --arm "dash-nice19=$U --view dashboard --nice 19" --arm "dash-idle=$U --view dashboard --idle" \
+  --arm "dash-200ms=$U --view dashboard --refresh-ms 200" --arm "dash-500ms=$U --view dashboard --refresh-ms 500" \
   --out /tmp/dash2core-$tag > $out/$tag.txt 2>&1
 echo "rc=$?" >> $out/$tag.txt
 cp /tmp/dash2core-$tag/transparency.md $out/$tag.md; cp /tmp/dash2core-$tag/summary.json $out/$tag.summary.json

@@ -107,8 +107,11 @@ async def main(args: argparse.Namespace) -> int:
         print(f"fold: {seen}, extra events {i}", file=sys.stderr)
         return 0
 
+    from pdtui.app import app as app_mod
     from pdtui.app.app import make_app
 
+    if args.refresh_ms is not None:  # the views' refresh interval (the app's REFRESH_INTERVAL_S, 50 ms)
+        app_mod.REFRESH_INTERVAL_S = args.refresh_ms / 1000
     fake = BenchRuntime()
     app = make_app(fake, freeze_gc=True)
 
@@ -162,6 +165,8 @@ if __name__ == "__main__":
     p.add_argument("--size", default="160x48")
     p.add_argument("--extra-rate", type=float, default=200.0, help="recorded events per second besides the traces")
     p.add_argument("--nice", type=int, default=0, help="renice the dashboard's process by N once the proxy runs")
+    p.add_argument("--refresh-ms", type=float, default=None,
+                   help="the dashboard's shortest interval between two refreshes (default: the app's, 50 ms)")
     p.add_argument("--idle", action="store_true",
                    help="put the dashboard's process in SCHED_IDLE once the proxy runs (it gets only CPU no one else wants)")
     p.add_argument("--burn-ms", type=float, default=0.0,
