@@ -55,11 +55,12 @@ lock:
 # Lint, types and the import contract first (seconds; mypy's first run takes up to a minute and
 # leaves .mypy_cache), then the unit and functional tests on JOBS processes (pytest-xdist; twice the
 # cores, at most 8: most of them wait on child processes and sockets; 4 on 2 cores: 135 s, 2: 260 s), then
-# the e2e tests on their own: they share one real pair and use every core.
+# the e2e tests on their own: they share one real pair and use every core; what they print (each
+# drill's table, the figures: [e2e] lines) goes into the log as they run (--capture=tee-sys).
 JOBS ?= $(shell n=$$(( $$(nproc) * 2 )); [ $$n -gt 8 ] && n=8; echo $$n)
 test: lint
 	$(PY) -m pytest -v -n $(JOBS) --durations=15 tests/unit tests/functional
-	$(PY) -m pytest -v --durations=0 tests/e2e
+	$(PY) -m pytest -v --durations=0 --capture=tee-sys tests/e2e
 
 lint:
 	$(VENV)/bin/ruff check pdtui tests scripts
@@ -70,7 +71,7 @@ unit:
 	$(PY) -m pytest -v -n $(JOBS) --durations=15 tests/unit tests/functional
 
 e2e:
-	$(PY) -m pytest -v --durations=0 tests/e2e
+	$(PY) -m pytest -v --durations=0 --capture=tee-sys tests/e2e
 
 check: test
 
