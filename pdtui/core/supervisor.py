@@ -12,6 +12,8 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import functools
+import itertools
 import os
 import re
 import shutil
@@ -81,11 +83,13 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 RUN_TAG = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-"""This pdtui's mark: every process it launches carries ``PDTUI_TAG=RUN_TAG:<instance>:<n>`` in its
+"""This pdtui's mark: every process it launches carries ``PDTUI_TAG=RUN_TAG:<instance>#<serial>:<n>`` in its
 environment, and so does every process those start (the environment is inherited), even one
 that left the process group. The reaper (``pdtui.core.reaper``) kills them all when pdtui ends,
 however it ends (``kill -9`` of pdtui included)."""
 TAG_VAR = "PDTUI_TAG"
+_SERIALS = itertools.count(1)
+"""Each Instance's number in this pdtui, in its processes' tag (RUN_TAG:<name>#<n>:<generation>)."""
 WATCH_INTERVAL_S = 0.25
 """How often a running instance's processes are checked: a death is seen within this (plus a
 scan), far inside the 2 s the dashboard promises."""
@@ -150,8 +154,9 @@ def engine_processes(root: int) -> dict[int, str]:
     return found
 
 
-def tagged_processes(prefix: str) -> list[int]:
-    """Every live process whose environment has ``PDTUI_TAG`` starting with ``prefix``."""
+def tagged_processes(prefix: str, *, exact: bool = False) -> list[int]:
+    """Every live process whose environment has ``PDTUI_TAG`` starting with ``prefix`` (``exact``:
+    equal to it)."""
     want = f"{TAG_VAR}={prefix}".encode()
     out = []
     for pid in _other_pids():
@@ -160,13 +165,13 @@ def tagged_processes(prefix: str) -> list[int]:
                 env = f.read()
         except OSError:
             continue
-        if any(var.startswith(want) for var in env.split(b"\0")) and is_alive(pid):
+        if any(var == want if exact else var.startswith(want) for var in env.split(b"\0")) and is_alive(pid):
             out.append(pid)
     return out
 
 
 def kill_family(tag_prefix: str, groups: Iterable[int] = (), pids: Iterable[int] = (),
-                timeout_s: float = 5.0) -> None:
+                timeout_s: float = 5.0, *, exact: bool = False) -> None:
     """SIGKILL, until none is left (bounded): ``pids``, the process groups ``groups``, every
     process in the sessions ``groups`` lead (children that left the group keep the session), and
     every process tagged ``tag_prefix``. Both views are needed: vLLM's engine core and workers
@@ -177,7 +182,7 @@ def kill_family(tag_prefix: str, groups: Iterable[int] = (), pids: Iterable[int]
     while True:
         for pgid in groups:
             _signal_group(pgid, signal.SIGKILL)
-        left = session_processes(groups) + tagged_processes(tag_prefix)
+        left = session_processes(groups) + tagged_processes(tag_prefix, exact=exact)
         if not left or time.monotonic() > deadline:
             return
         _sigkill(left)
@@ -295,6 +300,7 @@ class Instance:
         """Every line the instance printed, across restarts: the evidence a crash leaves."""
         self._log_file: Any = None
         self.generation = 0
+        self.serial = next(_SERIALS)
         self.tag = ""
         self.members: dict[int, str] = {}
         """vLLM's engine-core and worker processes seen under the API server (pid -> title)."""
@@ -382,7 +388,9 @@ class Instance:
         await self._wait_ports_free(5.0)
         ensure_reaper()
         self.generation += 1
-        self.tag = f"{RUN_TAG}:{self.name}:{self.generation}"
+        # unique to this start of this Instance: two Runtimes in one process (tests, scripts) may
+        # both have a "P"; one's clean-up must not take the other's processes (CI: it did)
+        self.tag = f"{RUN_TAG}:{self.name}#{self.serial}:{self.generation}"
         self.scratch = make_scratch(self.name, self.generation)
         env = scratch_env(self.scratch, {**os.environ, **self.spec.env, **self.extra_env, TAG_VAR: self.tag})
         self.members = {}
@@ -502,7 +510,7 @@ class Instance:
             # the clean-up below (a process with GiBs of KV pool takes a while to be torn down).
             self._set_state("exited", f"exited unexpectedly: {self.death}", exit_code=proc.returncode)
         # Whatever died first, nothing of this instance may outlive it.
-        await asyncio.to_thread(kill_family, self.tag, {pid}, list(self.members), 5.0)
+        await asyncio.to_thread(functools.partial(kill_family, self.tag, {pid}, list(self.members), 5.0, exact=True))
         if not session_processes({pid}):
             reaper_watch(pid, on=False)
         if self.scratch is not None:

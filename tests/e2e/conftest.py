@@ -148,12 +148,14 @@ LAUNCHED = {"test_link.py": ("linked", linked_cfg), "test_pair.py": ("pair", pai
 one of them the session will run (4 engines; on 2 cores two pairs start in ~50 s together against
 ~80 s one after the other); each module still closes its own pair when it is done."""
 _STARTING: dict[str, tuple[RuntimeThread, Any, float]] = {}
+_STARTED: set[str] = set()  # each at most once a session (a module's pair is gone once it is done)
 
 
 def _start_launched(session: pytest.Session) -> None:
     wanted = {item.path.name for item in session.items}
     for module, (key, make) in LAUNCHED.items():
-        if module in wanted and key not in _STARTING:
+        if module in wanted and key not in _STARTED:
+            _STARTED.add(key)
             cfg = make()
             taken = _ports_taken(cfg)
             assert not taken, (f"e2e ports {taken} of the {key} pair are taken: is another test run going?"

@@ -315,3 +315,21 @@ def test_death_words_read_crash_reports_and_the_kernel_oom_line(tmp_path):
     assert "not by the OOM killer" in death.killed_words(4243, str(kmsg))
     assert "not readable" in death.killed_words(4242, str(tmp_path / "missing"))
     assert death.describe_status(9) == "signal SIGKILL (killed)" and death.describe_status(3 << 8) == "code 3"
+
+
+def test_two_instances_of_one_name_in_one_pdtui_do_not_take_each_other_down():
+    """Two Runtimes in one process (the e2e tests start two pairs together) each have a "D": the
+    stop of one, which kills its whole family by its processes' tag, leaves the other running (CI at
+    d840946: the linked pair's stop took test_pair's P and D, both "P"/"D" of generation 1)."""
+    events: list = []
+
+    async def go():
+        a, b = make("ready", events), make("ready", events)
+        await asyncio.gather(a.start(), b.start())
+        assert a.tag != b.tag and not b.tag.startswith(a.tag) and not a.tag.startswith(b.tag)
+        await a.stop()
+        assert not a.alive and b.alive and alive(b.pid)
+        await b.stop()
+        assert not b.alive
+
+    run(go())
