@@ -517,6 +517,12 @@ def _render_one(cfg: PairConfig, inst: InstanceConfig, mpath: str, python: str |
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
     if cfg.device == "cpu":
         env["UCX_NET_DEVICES"] = "lo"
+        if cfg.enforce_eager:
+            # eager means no torch.compile, but vLLM 0.32's sampler still compiles its logprob ranks
+            # at the first request that asks for logprobs: on 2 cores 16 s (inductor probing the
+            # ISA, building C++), paid by every engine start at pdtui's warm-up; eager, 0.07 s
+            # (results/2026-12-07-ci, "the first logprobs request"). A profile's env can set it to 0.
+            env["TORCH_COMPILE_DISABLE"] = "1"
         if inst.cpu_core is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpu_core)
             if kv_transfer and _tunes_nixl(cfg) and "keep_affinity" in tune:

@@ -5,7 +5,6 @@ clients (the real `openai` package) while the Runtime keeps serving."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import subprocess
@@ -126,69 +125,22 @@ class RuntimeThread:
             self.thread.join(10)
 
 
-def pair_cfg() -> config_mod.PairConfig:
-    """test_pair.py's pair: the cpu profile at PORT_OFFSET. D recomputes a prompt whose KV pull
-    failed instead of failing the request: the silent recompute that the proxy must tell (issue 14
-    part 2; test_pair.py kills P before D's pull). Every other request through this pair is then
-    checked to pull the whole prompt."""
+@pytest.fixture(scope="module")
+def pair() -> Iterator[RuntimeThread]:
     cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
+    # D recomputes a prompt whose KV pull failed instead of failing the request: the silent
+    # recompute that the proxy must tell (issue 14 part 2; test_pair.py kills P before D's pull).
+    # Every other request through this pair is then checked to pull the whole prompt.
     cfg.kv_load_failure_policy = "recompute"
-    return cfg
-
-
-def linked_cfg() -> config_mod.PairConfig:
-    """test_link.py's pair: the cpu profile at PORT_OFFSET + 500 over an emulated 1 Gbit/s link."""
-    cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET + 500)
-    cfg.link = "1gbit"
-    return cfg
-
-
-LAUNCHED = {"test_link.py": ("linked", linked_cfg), "test_pair.py": ("pair", pair_cfg)}
-"""The launched pairs whose starts overlap: the first of these modules to need its pair starts every
-one of them the session will run (4 engines; on 2 cores two pairs start in ~50 s together against
-~80 s one after the other); each module still closes its own pair when it is done."""
-_STARTING: dict[str, tuple[RuntimeThread, Any, float]] = {}
-_STARTED: set[str] = set()  # each at most once a session (a module's pair is gone once it is done)
-
-
-def _start_launched(session: pytest.Session) -> None:
-    wanted = {item.path.name for item in session.items}
-    for module, (key, make) in LAUNCHED.items():
-        if module in wanted and key not in _STARTED:
-            _STARTED.add(key)
-            cfg = make()
-            taken = _ports_taken(cfg)
-            assert not taken, (f"e2e ports {taken} of the {key} pair are taken: is another test run going?"
-                               f" (ss -ltnp: {subprocess.run(['ss', '-ltnp'], check=False, capture_output=True, text=True).stdout[-1500:]})")
-            rt = RuntimeThread(cfg)
-            _STARTING[key] = (rt, asyncio.run_coroutine_threadsafe(rt.rt.start(), rt.loop), time.monotonic())
-
-
-def launched(request: pytest.FixtureRequest, key: str) -> Iterator[RuntimeThread]:
-    """A module's launched pair (LAUNCHED), started with the others, ready; closed after the module."""
-    _start_launched(request.session)
-    rt, fut, t0 = _STARTING.pop(key)
+    taken = _ports_taken(cfg)
+    assert not taken, (f"e2e ports {taken} (offset {PORT_OFFSET}) are taken: is another test run going?"
+                       f" (ss -ltnp: {subprocess.run(['ss', '-ltnp'], check=False, capture_output=True, text=True).stdout[-1500:]})")
+    rt = RuntimeThread(cfg)
     try:
-        elapsed = fut.result(600)  # WarmupFailed at once if an engine died during the warm-up
-        assert rt.rt.broken is None, f"the e2e {key} pair came up broken: {rt.rt.broken}"
-        print(f"\n[e2e] the {key} pair ready (warm-up through P and D: pair) in {elapsed:.1f} s, started with"
-              f" {', '.join(k for k, _ in LAUNCHED.values() if k != key) or 'no other'} (wall {time.monotonic() - t0:.1f} s)")
+        t0 = time.monotonic()
+        elapsed = rt.call(rt.rt.start(), 600)  # WarmupFailed at once if an engine died during the warm-up
+        assert rt.rt.broken is None, f"the e2e pair came up broken: {rt.rt.broken}"
+        print(f"\n[e2e] CPU pair ready (warm-up through P and D: pair) in {elapsed:.1f} s (wall {time.monotonic() - t0:.1f} s)")
         yield rt
     finally:
         rt.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _close_unused_launched() -> Iterator[None]:
-    """A pair started early whose module then did not run (a failure in collection, -x): closed."""
-    yield
-    while _STARTING:
-        _, (rt, fut, _) = _STARTING.popitem()
-        with contextlib.suppress(Exception):  # closing it whatever its start did
-            fut.result(600)
-        rt.close()
-
-
-@pytest.fixture(scope="module")
-def pair(request: pytest.FixtureRequest) -> Iterator[RuntimeThread]:
-    yield from launched(request, "pair")

@@ -23,9 +23,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pdtui.core import config as config_mod
 from pdtui.core import link
 from pdtui.core.events import ConnectorEvent, RequestTraced
-from tests.e2e.conftest import RuntimeThread, launched, linked_cfg
+from tests.e2e.conftest import PORT_OFFSET, RuntimeThread, _ports_taken
 from tests.e2e.test_pair import unique_prompt
 
 pytestmark = pytest.mark.e2e
@@ -36,18 +37,23 @@ ROUNDS = 6
 
 
 @pytest.fixture(scope="module")
-def linked(request: pytest.FixtureRequest) -> Iterator[RuntimeThread]:
-    cfg = linked_cfg()
-    assert cfg.link is not None and link.check(link.LinkSpec.parse(cfg.link)) == [], "the link cannot be made here"
-    gen = launched(request, "linked")  # started with test_pair.py's pair (tests/e2e/conftest.py)
-    rt = next(gen)
+def linked() -> Iterator[RuntimeThread]:
+    cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET + 500)
+    cfg.link = "1gbit"
+    assert link.check(link.LinkSpec.parse(cfg.link)) == [], "the link cannot be made here"
+    assert not _ports_taken(cfg), "a port of the linked pair is taken"
+    rt = RuntimeThread(cfg)
     plan = rt.rt.topology.link
     assert plan is not None
     try:
-        print(f"[e2e] its link: {plan.spec.describe()} ({', '.join(plan.namespaces)})")
+        t0 = time.monotonic()
+        elapsed = rt.call(rt.rt.start(), 600)
+        assert rt.rt.broken is None, f"the pair over the link came up broken: {rt.rt.broken}"
+        print(f"\n[e2e] CPU pair over {plan.spec.describe()} ({', '.join(plan.namespaces)}) ready in {elapsed:.1f} s"
+              f" (wall {time.monotonic() - t0:.1f} s)")
         yield rt
     finally:
-        gen.close()
+        rt.close()
         left = link.leftovers(plan)
         assert left == [], f"the link outlived its pair: {left}"
 

@@ -9,11 +9,10 @@ push, D's external_kv_transfer tokens and the folder's files for storage), and t
 shows registration and the transfer. Then the kill-P drill, with each connector's expected outcome
 (docs/connectors.md): storage and MultiConnector answer from the folder, push hangs.
 
-Tiny prompts; the three pairs start together (about 65 s on 2 cores) and serve a few seconds of requests."""
+Tiny prompts; each pair costs its start-up (~35-50 s on 2 cores) and a few seconds of requests."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
@@ -44,35 +43,23 @@ def unique_prompt(n_chars: int) -> str:
     return (head + body * (n_chars // len(body) + 1))[:n_chars]
 
 
-@pytest.fixture(scope="module")
-def zoo_pairs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RuntimeThread]]:
-    """The three pairs, started together (6 engines: ~17 GiB; on 2 cores the starts overlap their
-    imports and waits: ~65 s for the three against ~125 s one after another) and stopped together."""
-    rts: dict[str, RuntimeThread] = {}
+@pytest.fixture(scope="module", params=ZOO)
+def zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeThread]:
+    key = request.param
+    cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET)
+    config_mod.apply_overrides(cfg, {"connector": key, "kv_load_failure_policy": "recompute",
+                                     "kv_storage_path": str(tmp_path_factory.mktemp(f"kv-{key}"))})
+    taken = _ports_taken(cfg)
+    assert not taken, f"e2e ports {taken} (offset {PORT_OFFSET}) are taken: is another test run going?"
+    rt = RuntimeThread(cfg)
     try:
-        for i, key in enumerate(ZOO):
-            cfg = config_mod.shift_ports(config_mod.load_profile("cpu"), PORT_OFFSET + 10 * i)
-            config_mod.apply_overrides(cfg, {"connector": key, "kv_load_failure_policy": "recompute",
-                                             "kv_storage_path": str(tmp_path_factory.mktemp(f"kv-{key}"))})
-            taken = _ports_taken(cfg)
-            assert not taken, f"e2e ports {taken} (offset {PORT_OFFSET}) are taken: is another test run going?"
-            rts[key] = RuntimeThread(cfg)
         t0 = time.monotonic()
-        starts = {key: asyncio.run_coroutine_threadsafe(rt.rt.start(), rt.loop) for key, rt in rts.items()}
-        for key, fut in starts.items():
-            elapsed = fut.result(600)
-            assert rts[key].rt.broken is None, f"the {key} pair came up broken: {rts[key].rt.broken}"
-            print(f"\n[e2e] {key} pair ready in {elapsed:.1f} s (the three started together; wall"
-                  f" {time.monotonic() - t0:.1f} s)")
-        yield rts
+        elapsed = rt.call(rt.rt.start(), 600)
+        assert rt.rt.broken is None, f"the {key} pair came up broken: {rt.rt.broken}"
+        print(f"\n[e2e] {key} pair ready in {elapsed:.1f} s (wall {time.monotonic() - t0:.1f} s)")
+        yield rt
     finally:
-        for rt in rts.values():
-            rt.close()
-
-
-@pytest.fixture(params=ZOO)
-def zoo(request: pytest.FixtureRequest, zoo_pairs: dict[str, RuntimeThread]) -> RuntimeThread:
-    return zoo_pairs[request.param]
+        rt.close()
 
 
 def _entry(zoo: RuntimeThread) -> connectors.Connector:

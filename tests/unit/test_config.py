@@ -40,6 +40,8 @@ def test_cpu_profile_pins_cores_and_uses_the_cpu_buffer(tmp_path):
     assert p.env["UCX_NET_DEVICES"] == "lo" and p.env["VLLM_HOST_IP"] == "127.0.0.1"
     assert json.loads(_flag(p.argv, "--kv-transfer-config"))["kv_buffer_device"] == "cpu"
     assert "--enforce-eager" in p.argv and _flag(p.argv, "--load-format") == "dummy"
+    # eager means eager: no 16 s sampler compile at the first logprobs request (the warm-up's)
+    assert p.env["TORCH_COMPILE_DISABLE"] == d.env["TORCH_COMPILE_DISABLE"] == "1"
     assert _flag(p.argv, "--kv-cache-memory-bytes") == _flag(d.argv, "--kv-cache-memory-bytes")
     assert (tmp_path / "tiny" / "config.json").exists()  # the synthetic model was made on first use
     ktc = json.loads(_flag(d.argv, "--kv-transfer-config"))
