@@ -33,9 +33,10 @@ from pdtui.core.events import Event, EventHub, InstanceStateChanged, Notice, Run
 from pdtui.core.kvmath import KvGeometry
 from pdtui.core.remote import RemoteRefused, RemoteSource
 from pdtui.core.source import RunInfo
-from tests.fake_service import ROOT, alive, ctl, fake_env, fake_profile, port_free, wait_gone
+from tests.fake_service import ROOT, alive, ctl, fake_env, fake_profile, wait_gone
 from tests.fakes import free_port
 from tests.functional.fake_runtime import request as traced
+from tests.waiting import port_free
 
 TOKEN = "a-token-of-forty-three-characters-xxxxxxxxx"
 
