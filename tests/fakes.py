@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -187,19 +188,26 @@ async def read_body(receive) -> bytes:
 async def proxy_stack(p: Any, d: Any, p_up: bool = True, **settings: Any):
     """The proxy (in this loop) over fake P and D, and a client to it: yields (client, traces).
     ``settings`` go to ProxySettings over short test timeouts and block size 16."""
+    prefill, decode = [Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)]
+    both = ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5, **settings})
+    async with serving(p), serving(d), proxy_served(prefill, decode, both) as (client, traces, _):
+        yield client, traces
+
+
+@contextlib.asynccontextmanager
+async def proxy_served(prefills: list[Upstream], decodes: list[Upstream],
+                       settings: ProxySettings) -> AsyncIterator[tuple[httpx.AsyncClient, list[Any], Proxy]]:
+    """The proxy (in this loop) over these upstreams (fakes the caller serves), on a free port of
+    127.0.0.1, and a client to it: yields (client, traces, proxy); stopped on the way out."""
     traces: list[Any] = []
-    async with serving(p), serving(d):
-        proxy = Proxy([Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)],
-                      ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5,
-                                       **settings}),
-                      on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield client, traces
-        finally:
-            await server.stop()
+    proxy = Proxy(prefills, decodes, settings, on_trace=traces.append)
+    server = ProxyServer(proxy, "127.0.0.1", free_port())
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+            yield client, traces, proxy
+    finally:
+        await server.stop()
 
 
 async def _json(send, status: int, obj: Any) -> None:
@@ -279,6 +287,12 @@ def raw_head(status: int = 200, ctype: bytes = b"text/event-stream", length: int
     """A response head for FakeRawUpstream: chunked unless ``length`` is given; connection: close."""
     framing = b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length
     return b"HTTP/1.1 %d X\r\ncontent-type: %s\r\n%s\r\nconnection: close\r\n\r\n" % (status, ctype, framing)
+
+
+def raw_json(obj: Any) -> bytes:
+    """A whole JSON answer for FakeRawUpstream: 200, content-length, connection: close."""
+    body = json.dumps(obj).encode()
+    return raw_head(200, b"application/json", len(body)) + body
 
 
 def raw_chunk(data: bytes) -> bytes:
@@ -496,7 +510,6 @@ async def proxy_over(prefills: list[Any], decodes: list[Any], up: dict[str, bool
     yields (client, traces, proxy). ``up``: instance name -> is it up (a dict the test may change).
     ``settings`` go to ProxySettings over short test timeouts and block size 16."""
     up = up if up is not None else {}
-    traces: list[Any] = []
 
     def names(letter: str, n: int) -> list[str]:
         return [letter] if n == 1 else [f"{letter}{i}" for i in range(1, n + 1)]
@@ -508,13 +521,7 @@ async def proxy_over(prefills: list[Any], decodes: list[Any], up: dict[str, bool
     async with contextlib.AsyncExitStack() as stack:
         for f in (*prefills, *decodes):
             await stack.enter_async_context(serving(f))
-        proxy = Proxy(ups(prefills, "P", "prefill"), ups(decodes, "D", "decode"),
-                      ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5, **settings}),
-                      on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield client, traces, proxy
-        finally:
-            await server.stop()
+        async with proxy_served(ups(prefills, "P", "prefill"), ups(decodes, "D", "decode"),
+                                ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5,
+                                                 **settings})) as served:
+            yield served
