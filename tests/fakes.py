@@ -62,8 +62,36 @@ async def refused_release(req: dict[str, Any], send: Any, releases: list[dict[st
     return True
 
 
+class FakeAsgiVllm:
+    """What the ASGI fake vLLM servers share (a dataclass each, with the fields ``port``,
+    ``requests`` and ``releases``): their ``url``, and ``take``, the start of each request."""
+
+    port: int
+    requests: list[dict[str, Any]]
+    releases: list[dict[str, Any]]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def take(self, scope: Any, receive: Any, send: Any) -> dict[str, Any] | None:
+        """The request's JSON body, kept in ``requests`` with its path; None where it was answered
+        here: not HTTP (left), /health (200, {}) or the proxy's release (``refused_release``)."""
+        if scope["type"] != "http":
+            return None
+        body = await read_body(receive)
+        if scope["path"] == "/health":
+            await _json(send, 200, {})
+            return None
+        req = json.loads(body)
+        if await refused_release(req, send, self.releases):
+            return None
+        self.requests.append({**req, "path": scope["path"]})
+        return req
+
+
 @dataclass
-class FakeVllm:
+class FakeVllm(FakeAsgiVllm):
     """A fake vLLM OpenAI server: P mode answers max_tokens=1 with kv_transfer_params; D mode
     streams ``tokens`` SSE chunks, optionally dying after ``die_after`` of them."""
 
@@ -94,10 +122,6 @@ class FakeVllm:
     """The proxy's release requests (``refused_release``), answered 404."""
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = field(default_factory=free_port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -373,7 +397,7 @@ def _compact(obj: Any) -> bytes:
 
 
 @dataclass
-class FakeChainVllm:
+class FakeChainVllm(FakeAsgiVllm):
     """A FAKE vLLM for the migration tests: its "model" is ``chain_tokens`` (the next id depends on
     the whole context, so D continuing from prompt + ids sent gives the unbroken rest: greedy
     decoding as the fake knows it), its JSON vLLM 0.32.0's shapes and order (completions and chat,
@@ -401,21 +425,9 @@ class FakeChainVllm:
     """The proxy's release requests (``refused_release``), answered 404."""
     port: int = field(default_factory=free_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if (req := await self.take(scope, receive, send)) is None:
             return
-        body = await read_body(receive)
-        if scope["path"] == "/health":
-            await _json(send, 200, {})
-            return
-        req = json.loads(body)
-        if await refused_release(req, send, self.releases):
-            return
-        self.requests.append({**req, "path": scope["path"]})
         if self.fail_after is not None and len(self.requests) > self.fail_after:
             await _json(send, 500, {"error": {"message": f"fake {self.role} says 500"}})
             return
