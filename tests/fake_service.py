@@ -9,12 +9,12 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from pdtui.core.control import request
 from tests.fakes import free_port
+from tests.waiting import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_ENGINES = ROOT / "tests" / "child_scripts" / "fake_engines"
@@ -48,8 +48,7 @@ def ctl(home: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProc
 
 def wait_ready(home: Path, sock: Path, proc: subprocess.Popen[Any] | None, timeout: float = 40,
                ready: bool = True) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def status() -> dict[str, Any] | None:
         if proc is not None:
             assert proc.poll() is None, proc.communicate()
         if sock.exists():
@@ -57,8 +56,12 @@ def wait_ready(home: Path, sock: Path, proc: subprocess.Popen[Any] | None, timeo
                 st = request(sock, {"verb": "status"}, timeout_s=5)
                 if st.get("pair_ready_s") is not None or (not ready and all(i["pid"] for i in st["instances"])):
                     return st
-        time.sleep(0.1)
-    raise AssertionError("the fake pair did not get ready")
+        return None
+
+    found = poll(status, timeout, 0.1)
+    if found is None:
+        raise AssertionError("the fake pair did not get ready")
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -71,19 +74,5 @@ def alive(pid: int) -> bool:
 
 def wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
     """The pids still alive after ``timeout`` (none, normally)."""
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
-def port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    poll(lambda: not any(alive(p) for p in pids), timeout, 0.1)
+    return [p for p in pids if alive(p)]

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -61,8 +62,36 @@ async def refused_release(req: dict[str, Any], send: Any, releases: list[dict[st
     return True
 
 
+class FakeAsgiVllm:
+    """What the ASGI fake vLLM servers share (a dataclass each, with the fields ``port``,
+    ``requests`` and ``releases``): their ``url``, and ``take``, the start of each request."""
+
+    port: int
+    requests: list[dict[str, Any]]
+    releases: list[dict[str, Any]]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def take(self, scope: Any, receive: Any, send: Any) -> dict[str, Any] | None:
+        """The request's JSON body, kept in ``requests`` with its path; None where it was answered
+        here: not HTTP (left), /health (200, {}) or the proxy's release (``refused_release``)."""
+        if scope["type"] != "http":
+            return None
+        body = await read_body(receive)
+        if scope["path"] == "/health":
+            await _json(send, 200, {})
+            return None
+        req = json.loads(body)
+        if await refused_release(req, send, self.releases):
+            return None
+        self.requests.append({**req, "path": scope["path"]})
+        return req
+
+
 @dataclass
-class FakeVllm:
+class FakeVllm(FakeAsgiVllm):
     """A fake vLLM OpenAI server: P mode answers max_tokens=1 with kv_transfer_params; D mode
     streams ``tokens`` SSE chunks, optionally dying after ``die_after`` of them."""
 
@@ -93,10 +122,6 @@ class FakeVllm:
     """The proxy's release requests (``refused_release``), answered 404."""
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = field(default_factory=free_port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -187,19 +212,26 @@ async def read_body(receive) -> bytes:
 async def proxy_stack(p: Any, d: Any, p_up: bool = True, **settings: Any):
     """The proxy (in this loop) over fake P and D, and a client to it: yields (client, traces).
     ``settings`` go to ProxySettings over short test timeouts and block size 16."""
+    prefill, decode = [Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)]
+    both = ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5, **settings})
+    async with serving(p), serving(d), proxy_served(prefill, decode, both) as (client, traces, _):
+        yield client, traces
+
+
+@contextlib.asynccontextmanager
+async def proxy_served(prefills: list[Upstream], decodes: list[Upstream],
+                       settings: ProxySettings) -> AsyncIterator[tuple[httpx.AsyncClient, list[Any], Proxy]]:
+    """The proxy (in this loop) over these upstreams (fakes the caller serves), on a free port of
+    127.0.0.1, and a client to it: yields (client, traces, proxy); stopped on the way out."""
     traces: list[Any] = []
-    async with serving(p), serving(d):
-        proxy = Proxy([Upstream("P", "prefill", p.url, is_up=lambda: p_up)], [Upstream("D", "decode", d.url)],
-                      ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5,
-                                       **settings}),
-                      on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield client, traces
-        finally:
-            await server.stop()
+    proxy = Proxy(prefills, decodes, settings, on_trace=traces.append)
+    server = ProxyServer(proxy, "127.0.0.1", free_port())
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+            yield client, traces, proxy
+    finally:
+        await server.stop()
 
 
 async def _json(send, status: int, obj: Any) -> None:
@@ -281,6 +313,12 @@ def raw_head(status: int = 200, ctype: bytes = b"text/event-stream", length: int
     return b"HTTP/1.1 %d X\r\ncontent-type: %s\r\n%s\r\nconnection: close\r\n\r\n" % (status, ctype, framing)
 
 
+def raw_json(obj: Any) -> bytes:
+    """A whole JSON answer for FakeRawUpstream: 200, content-length, connection: close."""
+    body = json.dumps(obj).encode()
+    return raw_head(200, b"application/json", len(body)) + body
+
+
 def raw_chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk (an empty ``data`` is the last one)."""
     return b"%x\r\n%s\r\n" % (len(data), data)
@@ -359,7 +397,7 @@ def _compact(obj: Any) -> bytes:
 
 
 @dataclass
-class FakeChainVllm:
+class FakeChainVllm(FakeAsgiVllm):
     """A FAKE vLLM for the migration tests: its "model" is ``chain_tokens`` (the next id depends on
     the whole context, so D continuing from prompt + ids sent gives the unbroken rest: greedy
     decoding as the fake knows it), its JSON vLLM 0.32.0's shapes and order (completions and chat,
@@ -387,21 +425,9 @@ class FakeChainVllm:
     """The proxy's release requests (``refused_release``), answered 404."""
     port: int = field(default_factory=free_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if (req := await self.take(scope, receive, send)) is None:
             return
-        body = await read_body(receive)
-        if scope["path"] == "/health":
-            await _json(send, 200, {})
-            return
-        req = json.loads(body)
-        if await refused_release(req, send, self.releases):
-            return
-        self.requests.append({**req, "path": scope["path"]})
         if self.fail_after is not None and len(self.requests) > self.fail_after:
             await _json(send, 500, {"error": {"message": f"fake {self.role} says 500"}})
             return
@@ -496,7 +522,6 @@ async def proxy_over(prefills: list[Any], decodes: list[Any], up: dict[str, bool
     yields (client, traces, proxy). ``up``: instance name -> is it up (a dict the test may change).
     ``settings`` go to ProxySettings over short test timeouts and block size 16."""
     up = up if up is not None else {}
-    traces: list[Any] = []
 
     def names(letter: str, n: int) -> list[str]:
         return [letter] if n == 1 else [f"{letter}{i}" for i in range(1, n + 1)]
@@ -508,13 +533,7 @@ async def proxy_over(prefills: list[Any], decodes: list[Any], up: dict[str, bool
     async with contextlib.AsyncExitStack() as stack:
         for f in (*prefills, *decodes):
             await stack.enter_async_context(serving(f))
-        proxy = Proxy(ups(prefills, "P", "prefill"), ups(decodes, "D", "decode"),
-                      ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5, **settings}),
-                      on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield client, traces, proxy
-        finally:
-            await server.stop()
+        async with proxy_served(ups(prefills, "P", "prefill"), ups(decodes, "D", "decode"),
+                                ProxySettings(**{"block_size": 16, "prefill_timeout_s": 5, "decode_read_timeout_s": 5,
+                                                 **settings})) as served:
+            yield served

@@ -19,6 +19,9 @@ Steps (each waits, bounded, for its consequence in the dashboard's state, then s
 ``pdtui drill --scenario headroom`` runs the other drill, pdtui.app.drill_headroom (the choice of
 D by headroom, on a pair with several D).
 
+What every drill shares lives here: ``Steps`` (the bounded waits on the dashboard's state, the steps
+with their SVGs, the verdict's rows, a failure's record), ``DrillResult`` and its table.
+
 Used by ``pdtui drill`` (to rehearse before class, to make the screenshots, and on the GPU box) and by
 the real-pair Pilot test in tests/e2e. Nothing here talks to an engine except the witness client,
 which is what a user's second terminal would be.
@@ -83,6 +86,85 @@ class DrillResult:
         return "\n".join(lines)
 
 
+def all_ready(s: Snapshot) -> bool:
+    """Every instance ready and the pair's warm-up done: what each drill waits for first."""
+    return s.header.ready_s is not None and bool(s.instances) and all(i.state == "ready" for i in s.instances)
+
+
+def raise_unheld(checks: list[Check]) -> None:
+    """The drill fails with the checks that did not hold, expected beside observed; none: nothing."""
+    failed = [c for c in checks if not c.held]
+    if failed:
+        raise DrillFailed("; ".join(f"expected {c.expected}, observed {c.observed}" for c in failed))
+
+
+class Steps:
+    """What every drill does on ``pilot.app`` (a PdtuiApp): bounded waits on the dashboard's state
+    (``until``, polled every ``poll_s``), each step recorded with its seconds and, with ``shots``,
+    an SVG (``done``), the verdict's rows (``check``), and a failure's record (``fail``). With
+    ``watch_broken``, a wait with ``starting`` also ends at once when the pair came up broken."""
+
+    def __init__(self, pilot: Any, *, shots: Path | None = None, prefix: str = "",
+                 log: Callable[[str], None] = lambda s: None, poll_s: float = 0.2, watch_broken: bool = True) -> None:
+        self.pilot, self.app, self.shots, self.prefix, self.log = pilot, pilot.app, shots, prefix, log
+        self.poll_s, self.watch_broken = poll_s, watch_broken
+        self.res = DrillResult()
+        self.t0 = self.mark = time.monotonic()
+
+    def snap(self) -> Snapshot:
+        return self.app.snapshot
+
+    async def poll(self, pred: Callable[[], bool], timeout: float, every: float) -> bool:
+        """Whether ``pred`` came true within ``timeout`` seconds, asked every ``every`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            await self.pilot.pause(every)
+        return False
+
+    async def until(self, what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
+        """Wait for ``pred``; bounded. ``starting``: a start that failed (an engine died during
+        start-up or the warm-up) or a pair that came up broken ends the wait at once, with the cause."""
+        def seen() -> bool:
+            if not self.app.is_running:
+                raise DrillFailed(f"{what}: the dashboard was closed")
+            if starting and self.app.start_error:
+                raise DrillFailed(f"start-up failed: {self.app.start_error.splitlines()[0]}")
+            if starting and self.watch_broken and self.snap().header.broken:
+                raise DrillFailed(f"the pair came up broken: {self.snap().header.broken}")
+            return pred(self.snap())
+
+        if not await self.poll(seen, timeout, self.poll_s):
+            raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
+
+    async def done(self, name: str, detail: str) -> None:
+        """The step ``name`` is over: its seconds, what was seen, and its SVG (with ``shots``)."""
+        await self.pilot.pause(0.3)  # let the widgets take the last snapshot
+        path = None
+        if self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
+            path = self.app.save_screenshot(filename=f"{self.prefix}{len(self.res.steps) + 1:02d}-{name}.svg",
+                                            path=str(self.shots))
+        now = time.monotonic()
+        self.res.steps.append(Step(name, now - self.mark, detail, path))
+        self.mark = now
+        self.log(f"[drill] {name:<10} {now - self.t0:7.1f} s  {detail}")
+
+    def check(self, expected: str, observed: str, held: bool) -> None:
+        """One row of the verdict, logged as it is made."""
+        self.res.checks.append(Check(expected, observed, held))
+        self.log(f"[drill] {'ok ' if held else 'NOT'} {expected}: {observed}")
+
+    def fail(self, e: DrillFailed) -> None:
+        """The drill stopped at ``e``: said in the result and the log, the screen saved as failed.svg."""
+        self.res.failed = str(e)
+        self.log(f"[drill] FAILED after {time.monotonic() - self.t0:.1f} s: {e}")
+        if self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
+            self.app.save_screenshot(filename=f"{self.prefix}failed.svg", path=str(self.shots))
+
+
 @dataclass
 class Witness:
     """One long stream through the proxy, as a client in another terminal would hold it: the core's
@@ -99,6 +181,10 @@ class Witness:
     @property
     def done(self) -> bool:
         return self.rec.done
+
+    def going(self) -> bool:
+        """Two chunks or more (D's own tokens are coming: the first may be P's), or an error."""
+        return self.chunks >= 2 or self.error is not None
 
     @property
     def status(self) -> int | None:
@@ -124,40 +210,9 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
               log: Callable[[str], None] = lambda s: None) -> DrillResult:
     """Drive the drill on ``pilot.app`` (a PdtuiApp over a live Runtime). Never raises for a failed
     step: the result says which step failed and why; the caller decides the exit code."""
-    app = pilot.app
-    res = DrillResult()
-    t0 = time.monotonic()
-    mark = [t0]
-
-    def snap() -> Snapshot:
-        return app.snapshot
-
-    async def until(what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
-        """Wait for ``pred``; bounded. ``starting``: a start that failed (an engine died during
-        start-up or the warm-up) or a pair that came up broken ends the wait at once, with the cause."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not app.is_running:
-                raise DrillFailed(f"{what}: the dashboard was closed")
-            if starting and app.start_error:
-                raise DrillFailed(f"start-up failed: {app.start_error.splitlines()[0]}")
-            if starting and snap().header.broken:
-                raise DrillFailed(f"the pair came up broken: {snap().header.broken}")
-            if pred(snap()):
-                return
-            await pilot.pause(0.2)
-        raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
-
-    async def done(name: str, detail: str) -> None:
-        await pilot.pause(0.3)  # let the widgets take the last snapshot
-        path = None
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            path = app.save_screenshot(filename=f"{prefix}{len(res.steps) + 1:02d}-{name}.svg", path=str(shots))
-        now = time.monotonic()
-        res.steps.append(Step(name, now - mark[0], detail, path))
-        mark[0] = now
-        log(f"[drill] {name:<10} {now - t0:7.1f} s  {detail}")
+    st = Steps(pilot, shots=shots, prefix=prefix, log=log)
+    app, res = st.app, st.res
+    snap, until, done = st.snap, st.until, st.done
 
     def role(r: str) -> str:
         name = app.instance_for(r)
@@ -188,9 +243,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
 
     witness_task: asyncio.Task[None] | None = None
     try:
-        await until("both instances ready and the warm-up done",
-                    lambda s: s.header.ready_s is not None and bool(s.instances)
-                    and all(i.state == "ready" for i in s.instances), ready_timeout_s, starting=True)
+        await until("both instances ready and the warm-up done", all_ready, ready_timeout_s, starting=True)
         p, d = role("prefill"), role("decode")
         await done("ready", f"pair ready in {snap().header.ready_s:.1f} s (warm-up included)")
 
@@ -213,9 +266,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
                                                                          witness_tokens, w))
                 # two chunks: D's own tokens are coming (the first may be P's, under first_token_from_p);
                 # kill at once, while D is still generating (a lagging client reads the rest late)
-                deadline = time.monotonic() + step_timeout_s
-                while w.chunks < 2 and w.error is None and time.monotonic() < deadline:
-                    await pilot.pause(0.05)
+                await st.poll(w.going, step_timeout_s, 0.05)
                 if w.chunks < 2:
                     raise DrillFailed(f"the witness stream did not get going: {w.chunks} chunks, error {w.error}")
                 if not task.done():
@@ -227,10 +278,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
             await pilot.press("k")
             await until(f"{d}'s pane shows the exit", lambda s: (v := s.instance(d)) is not None and v.bad,
                         30)
-            deadline = time.monotonic() + 60
-            while not task.done() and time.monotonic() < deadline:
-                await pilot.pause(0.1)
-            if not task.done():
+            if not await st.poll(task.done, 60, 0.1):
                 raise DrillFailed("the witness stream still hangs 60 s after D was killed")
             if w.done or w.error is None:
                 # the proxy's own trace of the witness says whether D's stream was complete before D died
@@ -290,11 +338,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
                    f" (pair {count('pair')}, fallback {count('fallback')}, error {count('error')});"
                    f" no silent recompute in {len(checked)} paired requests")
     except DrillFailed as e:
-        res.failed = str(e)
-        log(f"[drill] FAILED after {time.monotonic() - t0:.1f} s: {e}")
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            app.save_screenshot(filename=f"{prefix}failed.svg", path=str(shots))
+        st.fail(e)
     finally:
         if witness_task is not None and not witness_task.done():
             witness_task.cancel()

@@ -38,8 +38,7 @@ from typing import Any
 
 import httpx
 
-from pdtui.app.drill import Check, DrillFailed, DrillResult, Step
-from pdtui.app.state import Snapshot
+from pdtui.app.drill import DrillFailed, DrillResult, Steps, all_ready, raise_unheld
 from pdtui.core import connectors, known_answer
 from pdtui.core.events import RequestTraced
 from pdtui.core.proxy import PREFILL_KV_PARAMS, drillhooks
@@ -56,53 +55,17 @@ REQUEST_BOUND_S = 60.0
 """The most any request of these drills may take: past it, the drill says it hung."""
 
 
-class FieldDrill:
-    """What every field scenario shares: the pilot, the result, bounded waits, steps and checks."""
+class FieldDrill(Steps):
+    """What every field scenario shares: the drill's steps (pdtui.app.drill.Steps), a client, the
+    engines' /metrics, prompts of this run."""
 
     def __init__(self, pilot: Any, shots: Path | None, prefix: str, log: Callable[[str], None]) -> None:
-        self.pilot, self.app, self.shots, self.prefix, self.log = pilot, pilot.app, shots, prefix, log
-        self.res = DrillResult()
-        self.t0 = self.mark = time.monotonic()
+        super().__init__(pilot, shots=shots, prefix=prefix, log=log)
         self.nonce = f"{time.time_ns():x}"[-8:]
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_BOUND_S, connect=5.0))
 
-    def snap(self) -> Snapshot:
-        return self.app.snapshot
-
-    async def until(self, what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.app.is_running:
-                raise DrillFailed(f"{what}: the dashboard was closed")
-            if starting and self.app.start_error:
-                raise DrillFailed(f"start-up failed: {self.app.start_error.splitlines()[0]}")
-            if starting and self.snap().header.broken:
-                raise DrillFailed(f"the pair came up broken: {self.snap().header.broken}")
-            if pred(self.snap()):
-                return
-            await self.pilot.pause(0.2)
-        raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
-
-    async def done(self, name: str, detail: str) -> None:
-        await self.pilot.pause(0.3)
-        path = None
-        if self.shots is not None:
-            self.shots.mkdir(parents=True, exist_ok=True)
-            path = self.app.save_screenshot(filename=f"{self.prefix}{len(self.res.steps) + 1:02d}-{name}.svg",
-                                            path=str(self.shots))
-        now = time.monotonic()
-        self.res.steps.append(Step(name, now - self.mark, detail, path))
-        self.mark = now
-        self.log(f"[drill] {name:<10} {now - self.t0:7.1f} s  {detail}")
-
-    def check(self, expected: str, observed: str, held: bool) -> None:
-        self.res.checks.append(Check(expected, observed, held))
-        self.log(f"[drill] {'ok ' if held else 'NOT'} {expected}: {observed}")
-
     async def ready(self) -> tuple[str, str]:
-        await self.until("every instance ready and the warm-up done",
-                         lambda s: s.header.ready_s is not None and bool(s.instances)
-                         and all(i.state == "ready" for i in s.instances), 600, starting=True)
+        await self.until("every instance ready and the warm-up done", all_ready, 600, starting=True)
         p, d = self.app.instance_for("prefill"), self.app.instance_for("decode")
         if p is None or d is None:
             raise DrillFailed("this drill needs a prefill and a decode instance")
@@ -407,15 +370,9 @@ async def run(pilot: Any, scenario: str, *, shots: Path | None = None, prefix: s
     fd = FieldDrill(pilot, shots, prefix, log)
     try:
         await RUNNERS[scenario](fd, **options)
-        failed = [c for c in fd.res.checks if not c.held]
-        if failed:
-            raise DrillFailed("; ".join(f"expected {c.expected}, observed {c.observed}" for c in failed))
+        raise_unheld(fd.res.checks)
     except DrillFailed as e:
-        fd.res.failed = str(e)
-        log(f"[drill] FAILED after {time.monotonic() - fd.t0:.1f} s: {e}")
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            fd.app.save_screenshot(filename=f"{prefix}failed.svg", path=str(shots))
+        fd.fail(e)
     finally:
         await fd.aclose()
     return fd.res

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from pdtui.app import loadgen
-from pdtui.app.drill import Check, DrillFailed, DrillResult, Step
+from pdtui.app.drill import Check, DrillFailed, DrillResult, Steps, all_ready, raise_unheld
 from pdtui.app.state import Snapshot
 from pdtui.core import sse_client
 from pdtui.core.events import HeadroomReported, RequestTraced
@@ -142,40 +142,11 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
               log: Callable[[str], None] = lambda s: None) -> DrillResult:
     """Drive the headroom drill on ``pilot.app`` (a PdtuiApp over a live Runtime). Never raises for
     a failed step: the result says which failed and why, and carries the checks (expected, observed)."""
-    app = pilot.app
-    res = DrillResult()
-    t0 = time.monotonic()
-    mark = [t0]
+    st = Steps(pilot, shots=shots, prefix=prefix, log=log)
+    app, res = st.app, st.res
+    snap, until, done = st.snap, st.until, st.done
     streams: list[Stream] = []
     nonce = f"{time.time_ns():x}"[-8:]
-
-    def snap() -> Snapshot:
-        return app.snapshot
-
-    async def until(what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not app.is_running:
-                raise DrillFailed(f"{what}: the dashboard was closed")
-            if starting and app.start_error:
-                raise DrillFailed(f"start-up failed: {app.start_error.splitlines()[0]}")
-            if starting and snap().header.broken:
-                raise DrillFailed(f"the pair came up broken: {snap().header.broken}")
-            if pred(snap()):
-                return
-            await pilot.pause(0.2)
-        raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
-
-    async def done(name: str, detail: str) -> None:
-        await pilot.pause(0.3)
-        path = None
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            path = app.save_screenshot(filename=f"{prefix}{len(res.steps) + 1:02d}-{name}.svg", path=str(shots))
-        now = time.monotonic()
-        res.steps.append(Step(name, now - mark[0], detail, path))
-        mark[0] = now
-        log(f"[drill] {name:<10} {now - t0:7.1f} s  {detail}")
 
     def report(s: Snapshot, name: str) -> HeadroomReported | None:
         v = s.instance(name)
@@ -187,9 +158,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
 
     client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0))
     try:
-        await until("every instance ready and the warm-up done",
-                    lambda s: s.header.ready_s is not None and bool(s.instances)
-                    and all(i.state == "ready" for i in s.instances), ready_timeout_s, starting=True)
+        await until("every instance ready and the warm-up done", all_ready, ready_timeout_s, starting=True)
         decodes = [i.name for i in snap().instances if i.role == "decode"]
         if len(decodes) < 2:
             raise DrillFailed(f"the headroom drill needs two decode instances or more, this pair has {decodes}"
@@ -238,10 +207,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
             await pilot.pause(0.05)
         await done("probe", f"{probes} more streams sent while {target} is full")
 
-        deadline = time.monotonic() + step_timeout_s
-        while any(s.task is not None and not s.task.done() for s in streams) and time.monotonic() < deadline:
-            await pilot.pause(0.5)
-        if any(s.task is not None and not s.task.done() for s in streams):
+        if not await st.poll(lambda: all(s.task is None or s.task.done() for s in streams), step_timeout_s, 0.5):
             raise DrillFailed(f"the streams did not end within {step_timeout_s:.0f} s")
         ids = {s.request_id for s in streams}
         try:
@@ -258,16 +224,11 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         pre_after = v.metrics.get(PREEMPTIONS) if v else None
         preempted = None if pre_before is None or pre_after is None else int(pre_after - pre_before)
         res.checks = checks(target, streams, traces, preempted, need)
-        failed = [c for c in res.checks if not c.held]
-        await done("verdict", f"{len(res.checks) - len(failed)} of {len(res.checks)} checks held")
-        if failed:
-            raise DrillFailed("; ".join(f"expected {c.expected}, observed {c.observed}" for c in failed))
+        held = sum(c.held for c in res.checks)
+        await done("verdict", f"{held} of {len(res.checks)} checks held")
+        raise_unheld(res.checks)
     except DrillFailed as e:
-        res.failed = str(e)
-        log(f"[drill] FAILED after {time.monotonic() - t0:.1f} s: {e}")
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            app.save_screenshot(filename=f"{prefix}failed.svg", path=str(shots))
+        st.fail(e)
     finally:
         for s in streams:
             if s.task is not None and not s.task.done():

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from pdtui.app.drill import Check, DrillFailed, DrillResult, Step
+from pdtui.app.drill import Check, DrillFailed, DrillResult, Steps, all_ready, raise_unheld
 from pdtui.app.state import Snapshot
 from pdtui.core import connectors, kvmath, sse_client
 from pdtui.core.events import RequestTraced
@@ -103,46 +103,18 @@ async def run(pilot: Any, *, policy: str, shots: Path | None = None, prefix: str
     D; ``policy``: its kv_load_failure_policy). Never raises for a failed step: the result says
     which failed and why, with the checks. ``prompt_tokens`` counts bytes: the tiny model's
     byte-level tokenizer makes them tokens (another model's tokenizer makes fewer)."""
-    app = pilot.app
-    res = DrillResult()
-    t0 = time.monotonic()
-    mark = [t0]
+    # as this drill always waited: every 0.1 s, and no broken-pair check at start-up
+    st = Steps(pilot, shots=shots, prefix=prefix, log=log, poll_s=0.1, watch_broken=False)
+    app, res = st.app, st.res
+    snap, until, done = st.snap, st.until, st.done
     rid = f"drill-kill-p-load-{time.time_ns():x}"
     rec = sse_client.SseStream()
     task: asyncio.Task[Any] | None = None
     paused: int | None = None
 
-    def snap() -> Snapshot:
-        return app.snapshot
-
-    async def until(what: str, pred: Callable[[Snapshot], bool], timeout: float, *, starting: bool = False) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not app.is_running:
-                raise DrillFailed(f"{what}: the dashboard was closed")
-            if starting and app.start_error:
-                raise DrillFailed(f"start-up failed: {app.start_error.splitlines()[0]}")
-            if pred(snap()):
-                return
-            await pilot.pause(0.1)
-        raise DrillFailed(f"{what}: not seen within {timeout:.0f} s")
-
-    async def done(name: str, detail: str) -> None:
-        await pilot.pause(0.3)
-        path = None
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            path = app.save_screenshot(filename=f"{prefix}{len(res.steps) + 1:02d}-{name}.svg", path=str(shots))
-        now = time.monotonic()
-        res.steps.append(Step(name, now - mark[0], detail, path))
-        mark[0] = now
-        log(f"[drill] {name:<10} {now - t0:7.1f} s  {detail}")
-
     client = httpx.AsyncClient(timeout=httpx.Timeout(hang_s + 120.0, connect=5.0))
     try:
-        await until("every instance ready and the warm-up done",
-                    lambda s: s.header.ready_s is not None and bool(s.instances)
-                    and all(i.state == "ready" for i in s.instances), ready_timeout_s, starting=True)
+        await until("every instance ready and the warm-up done", all_ready, ready_timeout_s, starting=True)
         s = snap()
         conn = connectors.known(s.header.connector)
         if conn is None:
@@ -205,19 +177,14 @@ async def run(pilot: Any, *, policy: str, shots: Path | None = None, prefix: str
         loaded = after.get(EXT, 0.0) - before_d.get(EXT, 0.0) if EXT in after else None
         failed_d = (after.get(failed_key, 0.0) - before_d.get(failed_key, 0.0)) if failed_key else None
         res.checks = checks(conn, policy, rec, hung, trace, prompt_tokens, block_size, loaded, failed_d)
-        bad = [c for c in res.checks if not c.held]
-        await done("verdict", f"{len(res.checks) - len(bad)} of {len(res.checks)} checks held")
+        held = sum(c.held for c in res.checks)
+        await done("verdict", f"{held} of {len(res.checks)} checks held")
         await pilot.press("R")
         if hung:
             await pilot.press("r")
-        if bad:
-            raise DrillFailed("; ".join(f"expected {c.expected}, observed {c.observed}" for c in bad))
+        raise_unheld(res.checks)
     except DrillFailed as e:
-        res.failed = str(e)
-        log(f"[drill] FAILED after {time.monotonic() - t0:.1f} s: {e}")
-        if shots is not None:
-            shots.mkdir(parents=True, exist_ok=True)
-            app.save_screenshot(filename=f"{prefix}failed.svg", path=str(shots))
+        st.fail(e)
     finally:
         if paused is not None:
             try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from pdtui.core import config as config_mod
 from pdtui.core import topology
 from pdtui.core.events import Event
 from pdtui.core.runtime import Runtime
+from tests.waiting import port_free
 
 # Every process group an e2e Runtime started (an instance's pid is its group id); checked empty
 # by test_zz_no_leftovers.py once the pair is closed.
@@ -48,15 +48,7 @@ TEMP_FILES_BEFORE = engine_temp_files()
 
 def _ports_taken(cfg: config_mod.PairConfig) -> list[int]:
     ports = [cfg.proxy_port] + [p for i in cfg.instances for p in (i.port, i.side_channel_port)]
-    taken = []
-    for port in ports:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                taken.append(port)
-    return taken
+    return [port for port in ports if not port_free(port)]
 
 
 def _ports_free(cfg: config_mod.PairConfig) -> bool:

@@ -12,11 +12,12 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tests.waiting import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,34 +117,16 @@ def session_alive(sid: int) -> list[int]:
     return found
 
 
-def port_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:``port`` (a proxy a test's pdtui served there is gone)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_port_free(port: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not port_free(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return port_free(port)
+def healthy(url: str) -> bool:
+    """``url``'s /health answers 200 now."""
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    return False
 
 
 def wait_health(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer /health within {timeout:.0f} s")
+    if not poll(lambda: healthy(url), timeout, 0.5):
+        raise AssertionError(f"{url} did not answer /health within {timeout:.0f} s")
 
 
 def pdtui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -9,11 +9,9 @@ import contextlib
 import json
 import os
 import pty
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,15 +27,6 @@ from pdtui.core.control import request
 from pdtui.core.events import RequestTraced
 from pdtui.core.remote import RemoteSource
 from tests.fake_service import ROOT, alive, ctl, fake_env, fake_profile, wait_gone, wait_ready
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -107,33 +107,24 @@ def test_the_proxy_reads_the_connectors_parameter_names_from_its_entry(monkeypat
     import dataclasses
     from types import MappingProxyType
 
-    import httpx
-
-    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
-    from tests.fakes import FakeRawUpstream, FakeVllm, free_port, raw_head, serving
+    from pdtui.core.proxy import Proxy, ProxySettings, Upstream
+    from tests.fakes import FakeRawUpstream, FakeVllm, proxy_served, raw_json, serving
 
     other = dataclasses.replace(NIXL, name="OtherConnector", prefill_kv_params=MappingProxyType({"produce": True}),
                                 decode_needs=("blocks", "peer"), blocks_param="blocks", cached_param="hits")
     monkeypatch.setattr(connectors, "CONNECTORS", MappingProxyType({**connectors.CONNECTORS, other.name: other}))
 
     def p_answer(body):
-        answer = json.dumps({"choices": [{"text": " a"}], "usage": {"prompt_tokens": 60},
-                             "kv_transfer_params": {"blocks": [[0, 1, 2, 3]], "peer": "p1", "hits": 5}}).encode()
-        return [raw_head(200, b"application/json", len(answer)) + answer]
+        return [raw_json({"choices": [{"text": " a"}], "usage": {"prompt_tokens": 60},
+                          "kv_transfer_params": {"blocks": [[0, 1, 2, 3]], "peer": "p1", "hits": 5}})]
 
     async def go():
-        d, traces = FakeVllm("decode", tokens=2), []
+        d = FakeVllm("decode", tokens=2)
         async with FakeRawUpstream(p_answer) as p, serving(d):
             settings = ProxySettings(connector="OtherConnector", decode_reports_cached=True)
-            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], settings,
-                          on_trace=traces.append)
-            server = ProxyServer(proxy, "127.0.0.1", free_port())
-            await server.start()
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
-            finally:
-                await server.stop()
+            async with proxy_served([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)],
+                                    settings) as (client, traces, _):
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200
         assert p.requests[0]["kv_transfer_params"] == {"produce": True}
         assert d.requests[0]["kv_transfer_params"] == {"blocks": [[0, 1, 2, 3]], "peer": "p1"}
@@ -297,31 +288,22 @@ def test_the_proxy_sends_a_storage_p_no_params_and_pairs_without_any(monkeypatch
     none, D's body none, the request is paired and its freight is the whole blocks stored."""
     import asyncio
 
-    import httpx
-
     from pdtui.core import kvmath
-    from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream
-    from tests.fakes import FakeRawUpstream, FakeVllm, free_port, raw_head, serving
+    from pdtui.core.proxy import ProxySettings, Upstream
+    from tests.fakes import FakeRawUpstream, FakeVllm, proxy_served, raw_json, serving
 
     def p_answer(body):
-        answer = json.dumps({"choices": [{"text": " a"}], "usage": {"prompt_tokens": 700}}).encode()
-        return [raw_head(200, b"application/json", len(answer)) + answer]
+        return [raw_json({"choices": [{"text": " a"}], "usage": {"prompt_tokens": 700}})]
 
     geometry = kvmath.KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype="bfloat16", dtype_bytes=2)
 
     async def go():
-        d, traces = FakeVllm("decode", tokens=2), []
+        d = FakeVllm("decode", tokens=2)
         async with FakeRawUpstream(p_answer) as p, serving(d):
             settings = ProxySettings(connector="storage", block_size=128, geometry=geometry)
-            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)], settings,
-                          on_trace=traces.append)
-            server = ProxyServer(proxy, "127.0.0.1", free_port())
-            await server.start()
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
-            finally:
-                await server.stop()
+            async with proxy_served([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url)],
+                                    settings) as (client, traces, _):
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
         return r, p, d, traces
 
     r, p, d, traces = asyncio.run(asyncio.wait_for(go(), 30))

@@ -12,14 +12,11 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +34,6 @@ CHILD = ROOT / "tests" / "child_scripts" / "fake_server.py"
 
 def run(coro: Any, timeout: float = 60) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short folder: a Unix socket path holds at most 107 bytes, pytest's tmp_path can be long."""
-    path = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # ----- a scripted runtime ------------------------------------------------------------------------

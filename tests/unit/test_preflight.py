@@ -8,13 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,15 +27,6 @@ from tests.unit.test_control import StubRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def pdtui(home: Path, *args: str, timeout: float = 30, cwd: Path = ROOT,

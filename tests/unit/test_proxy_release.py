@@ -11,9 +11,9 @@ import asyncio
 import httpx
 import pytest
 
-from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream, drillhooks
+from pdtui.core.proxy import ProxySettings, Upstream, drillhooks
 from pdtui.core.proxy.contract import RELEASE_MODEL
-from tests.fakes import FakeVllm, free_port, proxy_stack, serving
+from tests.fakes import FakeVllm, free_port, proxy_served, proxy_stack, serving
 
 
 def run(coro):
@@ -66,23 +66,16 @@ def test_no_decode_up_after_p_answered_is_said_no_release_possible():
     async def go():
         up = {"D": True}
         p, d = FakeVllm("prefill", blocks=2, delay_s=0.0), FakeVllm("decode")
-        traces: list = []
-        async with serving(p), serving(d):
-            proxy = Proxy([Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url, is_up=lambda: up["D"])],
-                          ProxySettings(block_size=16, drill=True), on_trace=traces.append)
-            server = ProxyServer(proxy, "127.0.0.1", free_port())
-            await server.start()
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                    async def down_soon():
-                        await asyncio.sleep(0.3)  # P has answered; D's dispatch is held
-                        up["D"] = False
-                    task = asyncio.create_task(down_soon())
-                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3},
-                                          headers={drillhooks.HEADER: "hold_decode_s=0.6"})
-                    await task
-            finally:
-                await server.stop()
+        prefill, decode = [Upstream("P", "prefill", p.url)], [Upstream("D", "decode", d.url, is_up=lambda: up["D"])]
+        settings = ProxySettings(block_size=16, drill=True)
+        async with serving(p), serving(d), proxy_served(prefill, decode, settings) as (client, traces, _):
+            async def down_soon():
+                await asyncio.sleep(0.3)  # P has answered; D's dispatch is held
+                up["D"] = False
+            task = asyncio.create_task(down_soon())
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3},
+                                  headers={drillhooks.HEADER: "hold_decode_s=0.6"})
+            await task
         assert r.status_code == 503
         t = await _trace(traces)
         assert t.kv_release["result"] == "no_decode" and "P holds 2 blocks until its KV lease ends" in t.kv_release["why"]
@@ -95,23 +88,16 @@ def test_a_decode_that_cannot_be_reached_releases_through_another():
     async def go():
         p, d2 = FakeVllm("prefill", blocks=3), FakeVllm("decode")
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: ConnectFailed, never sent
-        traces: list = []
         async with serving(p), serving(d2):
             d_up = {"n": 0}
 
             def first_only() -> bool:  # D is up for the choice (least loaded, first), then not
                 d_up["n"] += 1
                 return d_up["n"] <= 2
-            proxy = Proxy([Upstream("P", "prefill", p.url)],
-                          [Upstream("D", "decode", dead, is_up=first_only), Upstream("D2", "decode", d2.url)],
-                          ProxySettings(block_size=16), on_trace=traces.append)
-            server = ProxyServer(proxy, "127.0.0.1", free_port())
-            await server.start()
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                    r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3})
-            finally:
-                await server.stop()
+            async with proxy_served([Upstream("P", "prefill", p.url)],
+                                    [Upstream("D", "decode", dead, is_up=first_only), Upstream("D2", "decode", d2.url)],
+                                    ProxySettings(block_size=16)) as (client, traces, _):
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3})
         t = await _trace(traces)
         assert r.status_code == 502 and t.decode == "D", (r.text, t)
         assert d2.requests == [] and len(d2.releases) == 1

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pdtui.core.proxy import Proxy, ProxyServer, ProxySettings, Upstream, firsttoken
-from tests.fakes import AbortConnection, _json, free_port, proxy_stack, read_body, refused_release, serving
+from tests.fakes import AbortConnection, FakeAsgiVllm, _json, free_port, proxy_stack, serving
 
 FIRST = 7
 """The fake model's first token after a text prompt; each next token is the last one + 1."""
@@ -47,7 +47,7 @@ async def traced(traces: list[Any]) -> Any:
 
 
 @dataclass
-class FakeTokenVllm:
+class FakeTokenVllm(FakeAsgiVllm):
     """A fake vLLM whose "model" is arithmetic: the next token is the last id + 1, and a text prompt
     (or a chat's messages, "rendered") is ``prompt_len`` ids ending in 6 (so the answer is 7, 8, 9,
     ...). Honours max_tokens (chat: max_completion_tokens first), return_token_ids,
@@ -75,21 +75,9 @@ class FakeTokenVllm:
     """The proxy's release requests (tests.fakes.refused_release), answered 404."""
     port: int = field(default_factory=free_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if (req := await self.take(scope, receive, send)) is None:
             return
-        body = await read_body(receive)
-        if scope["path"] == "/health":
-            await _json(send, 200, {})
-            return
-        req = json.loads(body)
-        if await refused_release(req, send, self.releases):
-            return
-        self.requests.append({**req, "path": scope["path"]})
         rid = dict(scope["headers"]).get(b"x-request-id", b"x").decode()
         if scope["path"] == "/v1/chat/completions":
             await self._chat(req, rid, send)

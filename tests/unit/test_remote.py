@@ -12,13 +12,11 @@ import asyncio
 import collections
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,25 +31,16 @@ from pdtui.core.events import Event, EventHub, InstanceStateChanged, Notice, Run
 from pdtui.core.kvmath import KvGeometry
 from pdtui.core.remote import RemoteRefused, RemoteSource
 from pdtui.core.source import RunInfo
-from tests.fake_service import ROOT, alive, ctl, fake_env, fake_profile, port_free, wait_gone
+from tests.fake_service import ROOT, alive, ctl, fake_env, fake_profile, wait_gone
 from tests.fakes import free_port
 from tests.functional.fake_runtime import request as traced
+from tests.waiting import port_free
 
 TOKEN = "a-token-of-forty-three-characters-xxxxxxxxx"
 
 
 def run(coro: Any, timeout: float = 30) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short folder: a Unix socket path holds at most 107 bytes, pytest's tmp_path can be long."""
-    path = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # ----- a stub run that emits as the Runtime does -------------------------------------------------

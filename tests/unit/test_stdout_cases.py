@@ -19,13 +19,11 @@ import json
 import os
 import pty
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +41,6 @@ N = 100
 """Streamed requests served per case (the 1,000-request run: results/2026-12-07-stdout)."""
 BUFFER = 4096
 """$PDTUI_EVENT_BUFFER_BYTES in the children: a reader 4 KiB behind loses events (default 16 MiB)."""
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short folder: a Unix socket path holds at most 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pdtui-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _metric(text: str, name: str) -> float:

@@ -26,7 +26,8 @@ import pytest
 from pdtui.core import config as config_mod
 from pdtui.core import versions
 from tests.e2e.conftest import PORT_OFFSET, _ports_free
-from tests.e2e.handset import HandStarted, hand_started, port_free, session_alive, wait_health
+from tests.e2e.handset import HandStarted, hand_started, session_alive, wait_health
+from tests.waiting import poll, port_free
 
 OFFSET = PORT_OFFSET + 2000  # 23000: the set's own ports, under 32768 (tests/e2e/conftest.py)
 
@@ -104,12 +105,7 @@ def hand() -> Iterator[HandSet]:
             for pid in session_alive(sid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while any(session_alive(s) for s in sessions) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll(lambda: not any(session_alive(s) for s in sessions), 20, 0.2)
         shutil.rmtree(folder, ignore_errors=True)
     assert not [s for s in sessions if session_alive(s)], "a hand-started engine process was left"
-    deadline = time.monotonic() + 10
-    while not _all_ports_free(hs) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _all_ports_free(hs), "a port of the hand-started set is still held"
+    assert poll(lambda: _all_ports_free(hs), 10, 0.2), "a port of the hand-started set is still held"

@@ -50,7 +50,8 @@ from pdtui.core.ctl_client import default_socket_path, request
 from pdtui.core.events import RequestTraced
 from pdtui.core.scrape import parse_metrics
 from tests.e2e.attached.conftest import HandSet
-from tests.e2e.handset import ROOT, pdtui, wait_port_free
+from tests.e2e.handset import ROOT, pdtui
+from tests.waiting import wait_port_free
 
 pytestmark = pytest.mark.e2e
 EXT = 'vllm:prompt_tokens_by_source{source="external_kv_transfer"}'

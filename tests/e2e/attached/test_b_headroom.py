@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from tests.e2e.attached.conftest import HandSet
-from tests.e2e.handset import pdtui, wait_port_free
+from tests.e2e.handset import pdtui
+from tests.waiting import wait_port_free
 
 pytestmark = pytest.mark.e2e
 
