@@ -780,13 +780,24 @@ def run_up(args: argparse.Namespace) -> int:
     return asyncio.run(_up_dashboard(cfg, args))
 
 
+def _refresh_s() -> float:
+    """The live dashboard's refresh interval (pdtui.app.app.refresh_interval_s), a bad
+    PDTUI_REFRESH_MS a ConfigError."""
+    from pdtui.app.app import refresh_interval_s
+
+    try:
+        return refresh_interval_s()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 async def _up_dashboard(cfg: config_mod.PairConfig, args: argparse.Namespace, topo: Any = None) -> int:
     """The dashboard over a live Runtime. Whatever ends the app (q, Ctrl-C, a closed terminal, a
     crash, `pdtui ctl down`), ``aclose()`` runs, so both engines and the proxy stop."""
     from pdtui.app.app import make_app  # textual stays out of the headless path
 
     rt = _runtime(cfg, args, topo)
-    app = make_app(rt, freeze_gc=True)
+    app = make_app(rt, freeze_gc=True, refresh_s=_refresh_s())
     try:  # a closed terminal or a kill: leave through aclose()
         async with _run_context(rt, args, app.exit, (signal.SIGTERM, signal.SIGHUP), lambda: "dashboard closed"), \
                 _tcp_control(rt, args):
@@ -1423,7 +1434,7 @@ async def _attach_service(address: Any, token: str | None, args: argparse.Namesp
     except (OSError, TimeoutError, ValueError) as e:
         print(f"pdtui attach: {describe(address)}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    app = make_app(remote, freeze_gc=True)
+    app = make_app(remote, freeze_gc=True, refresh_s=_refresh_s())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or SSH session: this viewer ends, alone
         loop.add_signal_handler(sig, app.exit)

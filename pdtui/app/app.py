@@ -16,7 +16,7 @@ import collections
 import gc
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +57,29 @@ REFRESH_INTERVAL_S = 0.05
 """Shortest time between two refreshes of the views (20 Hz). Events fold into the state as they
 come; the views follow at most this often, so a burst costs one refresh per interval, not one per
 event (scripts/bench/bench_refresh.py, docs/dashboard.md)."""
+FEW_CPUS_REFRESH_S = 0.5
+"""The interval where pdtui has fewer than 4 CPUs: on the 2-core box, the proxy's gap p99 under the
+open dashboard over the same run headless was 1.22x and 1.52x at 6,400 and 12,800 chunks/s at 20 Hz
+(renice +19 or SCHED_IDLE did not help: 1.18-1.46x), 1.06x and 1.01x at 200 ms, 1.04x and 1.00x at
+500 ms (results/2026-12-07-dashboard-2core)."""
+
+
+def refresh_interval_s(env: Mapping[str, str] | None = None, cpus: int | None = None) -> float:
+    """The live dashboard's refresh interval: ``PDTUI_REFRESH_MS`` if set (10 to 5000), else 50 ms
+    with 4 CPUs or more for this process, FEW_CPUS_REFRESH_S with fewer. Raises ValueError, in
+    words, for a bad ``PDTUI_REFRESH_MS``."""
+    env = os.environ if env is None else env
+    given = env.get("PDTUI_REFRESH_MS")
+    if given:
+        try:
+            ms = float(given)
+        except ValueError:
+            ms = -1.0
+        if not 10 <= ms <= 5000:
+            raise ValueError(f"PDTUI_REFRESH_MS={given!r}: milliseconds between two refreshes, 10 to 5000")
+        return ms / 1000
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    return REFRESH_INTERVAL_S if cpus >= 4 else FEW_CPUS_REFRESH_S
 
 
 class PdtuiApp(App[int]):
@@ -92,9 +115,11 @@ class PdtuiApp(App[int]):
 
     def __init__(self, runtime: Source, *, replay: bool = False, clock: Callable[[], float] = time.time,
                  screenshot_dir: Path | str | None = None, speed: float | None = None,
-                 freeze_gc: bool = False) -> None:
+                 freeze_gc: bool = False, refresh_s: float | None = None) -> None:
         super().__init__()
         self.freeze_gc = freeze_gc
+        self.refresh_s = REFRESH_INTERVAL_S if refresh_s is None else refresh_s
+        """Shortest time between two refreshes of the views (refresh_interval_s() for the CLI's)."""
         self.runtime = runtime
         self.replay = replay
         self.clock = clock
@@ -216,7 +241,7 @@ class PdtuiApp(App[int]):
         """Refresh now, or once the interval since the last refresh is over (one timer at a time)."""
         if self._refresh_pending is not None:
             return
-        wait = self._last_refresh + REFRESH_INTERVAL_S - time.monotonic()
+        wait = self._last_refresh + self.refresh_s - time.monotonic()
         if wait <= 0:
             self.refresh_views()
         else:
@@ -671,7 +696,9 @@ def default_screenshot_dir() -> Path:
 
 def make_app(runtime: Source, *, replay: bool = False, clock: Callable[[], float] = time.time,
              screenshot_dir: Path | str | None = None, speed: float | None = None,
-             freeze_gc: bool = False) -> PdtuiApp:
-    """The one factory for the CLI and the tests (the CLI passes ``freeze_gc=True``)."""
+             freeze_gc: bool = False, refresh_s: float | None = None) -> PdtuiApp:
+    """The one factory for the CLI and the tests (the CLI passes ``freeze_gc=True`` and, for a live
+    dashboard, ``refresh_s=refresh_interval_s()``; None: REFRESH_INTERVAL_S as it is at the call)."""
     return PdtuiApp(runtime, replay=replay or runtime.replay, clock=clock,
-                    screenshot_dir=screenshot_dir, speed=speed, freeze_gc=freeze_gc)
+                    screenshot_dir=screenshot_dir, speed=speed, freeze_gc=freeze_gc,
+                    refresh_s=REFRESH_INTERVAL_S if refresh_s is None else refresh_s)
