@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -29,11 +30,17 @@ def free_port() -> int:
     """A port free on 127.0.0.1 now, drawn at random from 12000-19999: under the kernel's ephemeral
     range (32768-60999), where any outgoing connection may take a port the moment after it was
     found free (CI saw a fake D fail "Address already in use" on one), and under the e2e tests'
-    ports. Never the same one twice in a process."""
+    ports. Never the same one twice in a process, and under pytest-xdist each worker draws from a
+    slice of its own (CI at c502b19: two workers drew 18622, the second's proxy could not bind)."""
     import random
 
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) % count if worker.startswith("gw") and worker[2:].isdigit() else 0
+    span = 8000 // count
+    lo = 12000 + index * span
     for _ in range(200):
-        port = random.randrange(12000, 20000)
+        port = random.randrange(lo, lo + span)
         if port in _HANDED:
             continue
         with socket.socket() as s:

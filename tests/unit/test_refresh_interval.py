@@ -31,3 +31,4 @@ def test_a_bad_refresh_variable_is_said_in_words(bad: str, monkeypatch: pytest.M
 def test_the_app_keeps_the_interval_it_is_given() -> None:
     assert make_app(FakeRuntime(), refresh_s=0.5).refresh_s == 0.5
     assert make_app(FakeRuntime()).refresh_s == REFRESH_INTERVAL_S
+
