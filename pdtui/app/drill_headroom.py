@@ -12,8 +12,9 @@ bounded, then saves an SVG with ``--shots``):
               every ``interval_s``, until the target's room, as the proxy counts it, is less than one
               stream's need (the proxy promises a request's blocks the moment it sends it, so the
               streams sent before spread over the D's by load, the target taking its share). One
-              every 0.2 s, faster than a stream ends: at 0.5 s on a quick CPU the target's streams
-              ended as fast as new ones came and the fill took 50 streams (CI at 6c985ac: 132 s);
+              every 0.5 s: on a quick CPU the target's streams may end as fast as new ones come
+              (CI at 6c985ac: 50 streams, 132 s); at 0.2 s the target preempted once under headroom
+              (CI at 96a75db: its room counted -9, issue 24), so the faster fill waits on that;
 4. ``probe``  ``probes`` more streams of the same shape, sent once the target is full;
 5. ``verdict`` every stream ended, the checks, expected beside observed (``checks``): every
               stream answered in full (pair), every probe on another D than the target (or on
@@ -140,7 +141,7 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: str, ma
 
 async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_timeout_s: float = 300.0,
               step_timeout_s: float = 300.0, prompt_tokens: int = 1000, max_tokens: int = 1000,
-              interval_s: float = 0.2, probes: int = 4, max_fill: int = 64,
+              interval_s: float = 0.5, probes: int = 4, max_fill: int = 64,
               log: Callable[[str], None] = lambda s: None) -> DrillResult:
     """Drive the headroom drill on ``pilot.app`` (a PdtuiApp over a live Runtime). Never raises for
     a failed step: the result says which failed and why, and carries the checks (expected, observed)."""
