@@ -4,7 +4,7 @@ a fake clock): no proxy, no engine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,10 +29,20 @@ class FakeUp:
 
 @dataclass(eq=False)
 class FakeTrace:
-    """A request in flight as the routing reads it: D's first token (ms after sending) and its chunks."""
+    """A request in flight as the routing reads it: its token events, the latest's wall clock and the
+    gaps before the others."""
 
-    decode_ttft_ms: float | None = None
     chunks: int = 0
+    itl_ms: list[float] = field(default_factory=list)
+    last_chunk_at: float | None = None
+
+    def tokens(self, first_at: float, n: int, gap_ms: float) -> None:
+        """``n`` more events, the first at ``first_at`` (wall clock), then one every ``gap_ms``."""
+        for i in range(n):
+            at = first_at + i * gap_ms / 1000
+            if self.last_chunk_at is not None:
+                self.itl_ms.append((at - self.last_chunk_at) * 1000)
+            self.chunks, self.last_chunk_at = self.chunks + 1, at
 
 
 class FakeClock:
@@ -134,15 +144,63 @@ def test_a_request_whose_first_token_came_before_the_scrape_owes_only_its_growth
     r.promise(t, "D", STREAM, t)  # sent at 1000.0
     r.set_capacity("D", cap(1000.1, 128, 127))  # before its first token: not in the scrape
     assert r.promised("D") == (16, 1)
-    t.decode_ttft_ms, t.chunks = 200.0, 0  # first token at 1000.2
+    t.tokens(1000.2, 1, 0)  # D's first token at 1000.2
     r.set_capacity("D", cap(1000.15, 128, 127))  # still before it
     assert r.promised("D") == (16, 1)
-    t.chunks = 130  # 1,130 tokens: 9 blocks held
+    t.tokens(1000.21, 130, 5)  # 131 tokens by 1000.86: the KV of 1,130 of them written, 9 blocks held
     clock.t = 1001.0
     r.set_capacity("D", cap(1000.9, 128, 119))
     assert r.promised("D") == (16 - 9, 1)
     h = r.headroom("D")
     assert h is not None and h.blocks == 119 - 7
+
+
+def test_only_the_tokens_that_came_before_the_scrape_count_as_held():
+    """CI at 96a75db: the held blocks were counted from the tokens the proxy had when the scrape's
+    figures reached it, not when the scrape was asked for; at a block's edge that made one too many
+    held, the room one too big, and a full D (63 blocks, 16 a stream) took a fifth stream and
+    preempted. The tokens are dated back from the latest through their gaps."""
+    r, clock = router()
+    t = FakeTrace()
+    r.promise(t, "D", STREAM, t)  # sent at 1000.0: 1,000 prompt tokens in 8 blocks (room for 1,024)
+    t.tokens(1000.5, 24, 10)  # 24 tokens by 1000.73: the KV of 1,023 tokens, still 8 blocks
+    t.tokens(1000.75, 40, 10)  # 40 more, by 1001.14: the 9th block taken at the 25th
+    clock.t = 1001.2  # the scrape asked for at 1000.74 reaches the proxy now
+    r.set_capacity("D", cap(1000.74, 128, 127 - 8))
+    p = r.promises[t]
+    assert p.made_by(1000.74) == 24 and p.made_by(1001.2) == 64 and p.made_by(1000.4) == 0
+    assert p.held == 8 and r.promised("D") == (8, 1)  # owes 8 more: 119 - 8 = 111, not 112
+    h = r.headroom("D")
+    assert h is not None and h.blocks == 111
+
+
+def test_a_migrated_request_holds_on_its_new_d_only_what_it_made_there():
+    """After a migration the request is promised to the new D anew: the events before came from the
+    old D, and until the new D's first token the new D's scrape does not count it."""
+    r, clock = router()
+    t = FakeTrace()
+    r.promise(t, "D1", STREAM, t)
+    t.tokens(1000.5, 300, 2)  # D1's 300 tokens, the last at 1001.098
+    clock.t = 1001.5
+    moved = Demand(prompt_tokens=1300, prompt_blocks=11, max_tokens=700, block_size=128)
+    r.promise(t, "D2", moved, t)  # D1 died: on to D2 at 1001.5
+    assert r.promised("D1") == (0, 0)
+    r.set_capacity("D2", cap(1001.6, 2048, 2000))  # before D2's first token
+    assert r.promised("D2") == (16, 1) and r.promises[t].held is None
+    t.tokens(1001.8, 10, 2)  # D2's first 10 tokens
+    clock.t = 1002.5
+    r.set_capacity("D2", cap(1002.0, 2048, 1989))
+    assert r.promises[t].made_by(1002.0) == 10 and r.promises[t].held == 11  # 1,309 tokens: 11 blocks
+    assert r.promised("D2") == (5, 1)
+
+
+def test_gaps_out_of_step_with_the_count_date_nothing():
+    r, _ = router()
+    t = FakeTrace(chunks=5, itl_ms=[1.0], last_chunk_at=1001.0)  # 5 events, 1 gap: cannot be dated
+    r.promise(t, "D", STREAM, t)
+    t.chunks = 6
+    r.set_capacity("D", cap(1000.9, 128, 100))
+    assert r.promises[t].held is None and r.promised("D") == (16, 1)
 
 
 def test_an_older_scrape_arriving_late_is_ignored():
@@ -195,18 +253,26 @@ def test_when_none_fits_the_one_with_the_most_room():
     assert up.name == "D2" and why == "headroom: none has 16 free; D2 the most, 12-0=12; D1 10-0=10 < 16"
 
 
-def test_a_stale_scrape_falls_back_to_load_for_that_d_and_says_so():
+def test_a_stale_scrape_still_counts_with_its_promises_and_says_its_age():
+    """Drill at 0.2 s per stream (results/2026-12-07-headroom): the drill's busy process scraped D1
+    4 s late, D1 was then taken as having room and ranked by load, took 8 more streams while full
+    and preempted 3 times. An old scrape, less the promises since, errs toward a fuller D: it counts."""
     r, clock = router()
-    r.set_capacity("D1", cap(999.0, 128, 127))
+    r.set_capacity("D1", cap(999.0, 64, 63))
     r.set_capacity("D2", cap(999.0, 2048, 2047))
+    for _ in range(3):  # three streams sent to D1 since: 48 of its 63 blocks promised
+        t = FakeTrace()
+        r.promise(t, "D1", STREAM, t)
     clock.t = 1003.5  # D1's scrape is 4.5 s old; D2 scraped again
     r.set_capacity("D2", cap(1003.4, 2048, 2047))
+    up, why = r.pick_decode([FakeUp("D1", inflight=3), FakeUp("D2", inflight=5)], STREAM)
+    assert up.name == "D2" and why == ("headroom: D2 2047-0=2047 >= 16 needed, 5 in flight;"
+                                       " D1 63-48=15 < 16 (scrape 4s old)")
+    # with room by that old scrape, it is chosen as by a fresh one, the age said
+    r.promises.clear()
     up, why = r.pick_decode([FakeUp("D1", inflight=0), FakeUp("D2", inflight=2)], STREAM)
-    assert up.name == "D1" and why == "headroom: D1 scrape 4s old, by load (0 in flight); D2 2047-0=2047, 2 in flight"
-    # a stale D is taken as having room: a known-full one goes after it
-    r.set_capacity("D2", cap(1003.4, 2048, 3))
-    up, why = r.pick_decode([FakeUp("D1", inflight=7), FakeUp("D2", inflight=0)], STREAM)
-    assert up.name == "D1" and why.endswith("D2 3-0=3 < 16")
+    assert up.name == "D1" and why == ("headroom: D1 63-0=63 >= 16 needed, 0 in flight (scrape 4s old);"
+                                       " D2 2047-0=2047, 2 in flight")
 
 
 def test_no_scrape_yet_is_by_load():

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pdtui.core.proxy import fields, firsttoken
+from pdtui.core.proxy import fields, firsttoken, routing
 from pdtui.core.proxy.relay import ChunkFilter, Relay, WholeEvents
 from pdtui.core.proxy.sse import error_body
 from pdtui.core.proxy.trace import Trace
@@ -311,10 +311,17 @@ class Migration:
             entry["result"], entry["error"] = "no_decode", "no other decode instance is up"
             self._fail(resp, f"{broke}; not continued on another decode instance: {entry['error']}", entry["from"])
             return
-        up = ups[0]
-        entry["to"] = up.name
         ids = self.tracker.ids()
-        body = self._body(self.tracker.prompt_ids() + ids, len(ids))
+        prompt = self.tracker.prompt_ids() + ids
+        body = self._body(prompt, len(ids))
+        # the new D by the proxy's choice among those left, and the request's blocks promised to it
+        # anew: its prompt there is the prompt and the tokens sent (routing.Promise)
+        demand = routing.demand_of(len(prompt), None, body, s.block_size, s.max_model_len)
+        up, why = proxy.router.pick_decode(ups, demand) if len(ups) > 1 else (ups[0], "the only other D up")
+        if up is None:
+            up, why = ups[0], "the least busy"
+        entry["to"], entry["reason"] = up.name, why
+        proxy.router.promise(trace, up.name, demand, trace)
         up.inflight += 1
         conn: httpio.ClientConnection | None = None
         try:

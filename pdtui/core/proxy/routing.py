@@ -22,16 +22,25 @@ tells the proxy (``Capacity``: ``{"capacity": {"D": {...}}}`` on its stdin).
 
 The double counting, and the choice made: a request D has admitted holds its prompt's blocks, and
 the scrape counts them; one the scrape predates does not show there. The proxy cannot see D's
-admission, but it sees D's first token: a request whose first token reached the proxy before the
-scrape was asked for was admitted before it (D allocates the blocks of a remote prefill before it
-pulls them, and a first token follows the pull). So, per request in flight to D:
+admission, but it sees D's tokens: a token that reached the proxy before the scrape was asked for
+was made before it (D allocates the blocks of a remote prefill before it pulls them, and a first
+token follows the pull). So, per request in flight to D:
 
-- its first token came before the scrape: the scrape counts what it held then (its prompt and the
-  tokens it had made, ``Demand.held``, taken from its token count when the scrape reaches the
-  proxy); it still owes its growth up to its end, ``need - held``;
+- D's first token for it came before the scrape: the scrape counts what it held then, at least its
+  prompt and the tokens the proxy had by the scrape's time, less one (``Demand.held``; the chunks
+  are dated from the latest one's wall clock back through their gaps, ``Progress.itl_ms``; the
+  newest token's KV is written at D's next step). It still owes the rest up to its end,
+  ``need - held``. Both sides err toward a fuller D: D is ahead of the proxy, an event may carry
+  several tokens, and a token that came after the scrape is not counted (CI at 96a75db: counted
+  from the chunks the proxy had when the scrape's figures reached it, up to a second later, the
+  held blocks came out one too many at a block's edge, and a full D took a fifth stream and
+  preempted);
 - otherwise: it owes its whole ``need`` (its blocks may be in the scrape already: counted twice, so
   D looks fuller than it is, never emptier; that lasts from D's admission to its first token, the
   KV pull).
+
+A request that migrated to another D (pdtui.core.proxy.migrate) is promised to it anew: its
+prompt there is the prompt and the tokens sent, and only the tokens made there count as held.
 
 A request that ended is released at once, while the scrape still counts its blocks until the next
 one (up to a second): D looks fuller than it is then too. The errors go one way, toward sending
@@ -42,8 +51,13 @@ promised because that is what makes vLLM preempt: it admits a request on its pro
 alone and preempts a running one when the next token needs a block and none is free. A request
 that stops early (EOS) is released when it ends.
 
-A D whose scrape is older than ``STALE_S`` (or that has none) is taken as having room: it is
-ranked by load with those that have (least-loaded for that D), and the reason says so.
+A D whose scrape is older than ``STALE_S`` is still counted from it, less what is promised: for
+the requests sent through this proxy that errs toward a fuller D too (the blocks freed since do
+not show; the ones taken since are promised), and the reason gives the scrape's age. (Until CI at
+ddc6418 such a D was taken as having room and ranked by load: on 2 cores the drill's own process,
+busy reading 30 streams, scraped D1 4 s late, and D1, full, took 8 more streams and preempted 3
+times; results/2026-12-07-headroom/README.md.) A D with no scrape yet is taken as having room:
+ranked by load with those that have, and the reason says so.
 
 P is chosen by load (requests in flight through this proxy), then queue (its
 ``vllm:num_requests_waiting``, when its scrape is fresh).
@@ -63,7 +77,7 @@ from pdtui.core.proxy.fields import COMPLETIONS_DEFAULT_MAX_TOKENS, as_int
 DECODE_CHOICES = ("least-loaded", "round-robin", "headroom")
 """The named policies for D (``ProxySettings.decode_choice``)."""
 STALE_S = 3.0
-"""A scrape older than this says nothing of D's room now: that D is ranked by load."""
+"""A scrape older than this: P's queue there is not counted; D's room is, the reason naming its age."""
 
 
 class Upstreamish(Protocol):
@@ -78,8 +92,12 @@ class Upstreamish(Protocol):
 class Progress(Protocol):
     """What the routing reads of a request in flight (pdtui.core.proxy.trace.Trace)."""
 
-    decode_ttft_ms: float | None
     chunks: int
+    """Token-carrying events relayed so far (every D of the request)."""
+    itl_ms: list[float]
+    """The gap before each event after the first (``chunks - 1`` of them)."""
+    last_chunk_at: float | None
+    """Wall clock of the latest event."""
 
 
 @dataclass(frozen=True)
@@ -173,15 +191,32 @@ class Promise:
     demand: Demand
     progress: Progress
     t_sent: float
-    """Wall clock when it was sent to D: its first token came ``decode_ttft_ms`` later."""
+    """Wall clock when it was sent to D."""
+    first_chunk: int = 0
+    """``progress.chunks`` when it was sent: the events before came from another D (a migration)."""
     held: int | None = None
-    """Blocks D's latest scrape counts for it (its first token came before that scrape); None: not in it."""
+    """Blocks D's latest scrape counts for it (D's first token for it came before that scrape); None: not in it."""
+
+    def made_by(self, t: float) -> int:
+        """Tokens of this D's that reached the proxy by wall clock ``t`` (events, dated back from the
+        latest through their gaps)."""
+        p = self.progress
+        k, at = p.chunks, p.last_chunk_at
+        if at is None or k <= self.first_chunk:
+            return 0
+        itl = p.itl_ms
+        while k > self.first_chunk and at > t:  # event k (1-based) came after t: step back to k - 1
+            if not 0 <= k - 2 < len(itl):
+                return 0  # the first event, or gaps out of step with the count: none is dated before t
+            at -= itl[k - 2] / 1000  # the gap before event k
+            k -= 1
+        return k - self.first_chunk
 
     def observe(self, t_scrape: float) -> None:
         """D was scraped at ``t_scrape``: does that scrape count this request's blocks, and how many?"""
-        ttft = self.progress.decode_ttft_ms
-        if ttft is not None and self.t_sent + ttft / 1000 <= t_scrape:
-            self.held = self.demand.held(self.progress.chunks // self.demand.n)
+        made = self.made_by(t_scrape)
+        if made >= 1 and self.t_sent <= t_scrape:
+            self.held = self.demand.held((made - 1) // self.demand.n)
 
     @property
     def owed(self) -> int:
@@ -243,7 +278,7 @@ class Router:
     # ----- promises -----------------------------------------------------------------------------
     def promise(self, key: object, decode: str, demand: Demand, progress: Progress) -> None:
         """A request sent to ``decode``; one per key (a second moves it: the request went to another D)."""
-        self.promises[key] = Promise(decode, demand, progress, self.clock())
+        self.promises[key] = Promise(decode, demand, progress, self.clock(), first_chunk=progress.chunks)
 
     def release(self, key: object) -> None:
         """The request ended (served, failed or cut off): D frees its blocks."""
@@ -303,14 +338,14 @@ class Router:
         return None, "no D up"
 
     def _by_headroom(self, live: list[Any], demand: Demand | None) -> tuple[Any, str]:
-        """The D's with room for ``demand`` (headroom >= its blocks), and those whose room is not
-        known (no scrape, or one over ``stale_s`` old: least-loaded for them), by load; only when
+        """The D's with room for ``demand`` (headroom >= its blocks, however old the scrape), and
+        those whose room is not known (no scrape yet: least-loaded for them), by load; only when
         none is left, the one with the most headroom (the request will wait or preempt there)."""
         need = demand.blocks if demand is not None else 0
         rows: list[tuple[tuple[int, int, int], Any, Headroom | None]] = []
         for i, u in enumerate(live):
             h = self.headroom(u.name)
-            known = h is not None and h.age_s <= self.stale_s
+            known = h is not None
             if not known or (h is not None and h.blocks >= need):
                 key = (0, u.inflight, i)
             else:
@@ -321,9 +356,9 @@ class Router:
         (key, best, h), rest = rows[0], rows[1:]
         if key[0] == 1:
             assert h is not None
-            head = f"headroom: none has {need} free; {best.name} the most, {h.text()}"
+            head = f"headroom: none has {need} free; {best.name} the most, {h.text()}{self._old(h)}"
         elif h is not None:
-            head = f"headroom: {best.name} {h.text()} >= {need} needed, {best.inflight} in flight"
+            head = f"headroom: {best.name} {h.text()} >= {need} needed, {best.inflight} in flight{self._old(h)}"
         else:
             head = (f"headroom: {best.name} {self._unknown(self.headroom(best.name))}, by load"
                     f" ({best.inflight} in flight)")
@@ -332,10 +367,14 @@ class Router:
             if hr is None:
                 parts.append(f"{u.name} {self._unknown(self.headroom(u.name))}, {u.inflight} in flight")
             elif tier == 0:
-                parts.append(f"{u.name} {hr.text()}, {u.inflight} in flight")
+                parts.append(f"{u.name} {hr.text()}, {u.inflight} in flight{self._old(hr)}")
             else:
-                parts.append(f"{u.name} {hr.text()} < {need}")
+                parts.append(f"{u.name} {hr.text()} < {need}{self._old(hr)}")
         return best, "; ".join(parts)
+
+    def _old(self, h: Headroom) -> str:
+        """The scrape's age, when it is over ``stale_s``: the figures are that old (fuller than now)."""
+        return f" (scrape {h.age_s:.0f}s old)" if h.age_s > self.stale_s else ""
 
     @staticmethod
     def _unknown(h: Headroom | None) -> str:

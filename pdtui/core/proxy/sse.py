@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class SseScan:
         """A token-carrying event arrived at ``now``: TTFT for the first, a gap for the others."""
         trace = self.trace
         trace.chunks += 1
+        trace.last_chunk_at = time.time()
         if self.last is None:  # D's first token
             trace.decode_ttft_ms = (now - self.t_sent) * 1000
             if self.seam is None:

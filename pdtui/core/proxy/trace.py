@@ -33,7 +33,8 @@ class Trace:
     twin copied field by field), mutable, plus the working state below. ``freeze()`` hands the
     record to RequestTraced at the end. Slots: the relay's per-chunk updates stay attribute stores."""
 
-    __slots__ = (*_RECORD_NAMES, "done_seen", "kv_held", "kv_tampered", "p_answer", "paired", "t0", "usage_check", "warm_target")
+    __slots__ = (*_RECORD_NAMES, "done_seen", "kv_held", "kv_tampered", "last_chunk_at", "p_answer", "paired", "t0",
+                 "usage_check", "warm_target")
 
     def __init__(self, request_id: str, endpoint: str, stream: bool) -> None:
         for f in _RECORD:
@@ -48,6 +49,9 @@ class Trace:
         self.t0 = time.perf_counter()
         self.paired = False
         """P's kv_transfer_params went to D."""
+        self.last_chunk_at: float | None = None
+        """Wall clock (Unix seconds) of the latest token-carrying event: with ``itl_ms`` it dates each
+        chunk, which the headroom reads against a scrape's time (routing.Promise.observe)."""
         self.done_seen = False
         """D sent [DONE]: a client hanging up after this is a normal end, not an abort."""
         self.p_answer: Any = None
