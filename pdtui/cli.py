@@ -35,6 +35,7 @@ examples:
   pdtui up --profile one-gpu               a profile from launch/ (cpu, one-gpu, two-gpu, 1p2d, 1p2d-small) or a path
   pdtui drill --shots screenshots/        kill D mid-stream, kill P, restart both, unattended, with SVGs
   pdtui drill --profile 1p2d-small --scenario headroom   fill one D's KV pool, check new requests go elsewhere
+  pdtui drill --profile 1p2d-small --scenario migrate    kill a stream's D mid-way, watch it finish on the other D
   pdtui drill --connector storage --scenario kill-p-load    kill P before D has the KV: each connector's outcome
   pdtui preflight                          check the pair against this machine: CPU, attention path, model
   pdtui config --profile two-gpu           print the vllm serve command lines, without launching
@@ -404,11 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for the pair, and for a restarted instance (default 300)")
     drill.add_argument("--witness-tokens", type=int, default=3000,
                        help="max_tokens of the stream that is cut by the kill of D (default 3000)")
-    drill.add_argument("--scenario", choices=("failure", "headroom", "kill-p-load", *FIELD_SCENARIOS), default="failure",
+    drill.add_argument("--scenario", choices=("failure", "headroom", "migrate", "kill-p-load", *FIELD_SCENARIOS),
+                       default="failure",
                        help="failure (the default: kill and restart D and P under load) or headroom (a pair with"
                        " several D, e.g. --profile 1p2d-small: fill the smallest D's KV pool with long streams,"
                        " send more, and check they all went to another D, none failed and the full D preempted"
-                       " nothing; expected and observed printed) or kill-p-load (D paused, P killed after its answer"
+                       " nothing; expected and observed printed) or migrate (a pair with several D: kill the D of a"
+                       " greedy stream after its KV transfer, mid-stream; the stream goes on on another D with a"
+                       " second transfer, its text equal to an unbroken run's, both transfers on the engines' own"
+                       " counters, the seam beside the pair's TTFT) or kill-p-load (D paused, P killed after its answer"
                        " and before D has the KV: what this --connector does then, expected beside observed;"
                        " docs/connectors.md); or a drill from the field (docs/drills.md):"
                        " stranded (KV held on P when D is never sent the request, and the proxy's release),"
@@ -419,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--kv-lease", type=float, default=None, metavar="SECONDS",
                        help="--scenario stranded: how long P holds KV that no D read (its kv_lease_duration,"
                        " in the kv_transfer_config's kv_connector_extra_config; default vLLM's 30)")
+    drill.add_argument("--fill-interval", type=float, default=None, metavar="SECONDS",
+                       help="--scenario headroom: seconds between the fill streams (default 0.2; slower lets the"
+                       " target's streams end while it fills, and takes longer)")
     _add_engine_url_args(drill)
     drill.add_argument("--log-dir", type=Path, default=None,
                        help="write the engines' and the proxy's logs here (default: a new run folder under the"
@@ -854,6 +862,8 @@ DRILL_EPILOG = """examples:
   pdtui drill --headless --scenario headroom --decode-choice headroom \\
       --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8250,http://127.0.0.1:8200
                                               the headroom drill over your 1P2D (the smaller D fills)
+  pdtui drill --profile 1p2d-small --scenario migrate
+                                              kill the D of a stream mid-way: it goes on on the other D
   pdtui drill --headless --scenario stranded  a drill from the field (docs/drills.md): stranded, fail-open,
                                               context; over a launched pair or --prefill/--decode URLs
 """
@@ -873,6 +883,9 @@ def run_drill(args: argparse.Namespace) -> int:
     size = _size(args.size) if args.headless else None
     if args.witness_tokens < 50:
         raise ConfigError("--witness-tokens must be at least 50: the stream has to outlive the kill")
+    if args.fill_interval is not None and (args.scenario != "headroom" or not 0.05 <= args.fill_interval <= 60):
+        raise ConfigError("--fill-interval SECONDS (0.05 to 60) is for --scenario headroom: the time between fill"
+                          " streams")
     if args.kv_lease is not None and (args.scenario != "stranded" or args.kv_lease <= 0):
         raise ConfigError("--kv-lease SECONDS (positive) is for --scenario stranded: P's kv_lease_duration")
     topo = None
@@ -910,6 +923,16 @@ def _drill_needs(topo: Any, scenario: str) -> None:
         if sum(1 for m in members if m.role == "decode") < 2:
             raise ConfigError("--scenario headroom needs two decode engines or more: --decode URL,URL")
         return
+    if scenario == "migrate":
+        decodes = [m for m in members if m.role == "decode"]
+        if len(decodes) < 2:
+            raise ConfigError("--scenario migrate needs two decode engines or more: --decode URL,URL")
+        missing = [f"--kill {m.name}=CMD" for m in decodes if m.attach.kill is None]
+        if missing:
+            raise ConfigError("the migration drill kills the D that runs its stream (either may) through your"
+                              " commands; missing: " + ", ".join(missing) + " (--restart NAME=CMD brings it back"
+                              " after; without it, it is left down)")
+        return
     missing = [f"--{what} {m.name}=CMD" for m in members for what in ("kill", "restart")
                if getattr(m.attach, what) is None]
     if missing:
@@ -942,8 +965,14 @@ async def _drill(cfg: config_mod.PairConfig, args: argparse.Namespace, size: tup
         elif args.scenario == "headroom":
             from pdtui.app import drill_headroom
 
+            fill = {"interval_s": args.fill_interval} if args.fill_interval is not None else {}
             res = await drill_headroom.run(pilot, shots=args.shots, prefix=args.prefix,
-                                           ready_timeout_s=args.ready_timeout, log=log)
+                                           ready_timeout_s=args.ready_timeout, log=log, **fill)
+        elif args.scenario == "migrate":
+            from pdtui.app import drill_migrate
+
+            res = await drill_migrate.run(pilot, migrate=cfg.migrate, connector=cfg.connector, shots=args.shots,
+                                          prefix=args.prefix, ready_timeout_s=args.ready_timeout, log=log)
         elif args.scenario == "kill-p-load":
             from pdtui.app import drill_transport
 

@@ -9,12 +9,12 @@ bounded, then saves an SVG with ``--shots``):
 2. ``room``   every D's headroom known (the proxy's HeadroomReported: a scrape reached it); the
               target is the D with the fewest blocks;
 3. ``fill``   long streams through the proxy (``prompt_tokens`` + ``max_tokens``, ignore_eos), one
-              every ``interval_s``, until the target's room, as the proxy counts it, is less than one
-              stream's need (the proxy promises a request's blocks the moment it sends it, so the
-              streams sent before spread over the D's by load, the target taking its share). One
-              every 0.5 s: on a quick CPU the target's streams may end as fast as new ones come
-              (CI at 6c985ac: 50 streams, 132 s); at 0.2 s the target preempted once under headroom
-              (CI at 96a75db: its room counted -9, issue 24), so the faster fill waits on that;
+              every ``interval_s`` (0.2), until the target's room, as the proxy counts it, is less
+              than one stream's need (the proxy promises a request's blocks the moment it sends
+              it, so the streams sent before spread over the D's by load, the target taking its
+              share). How many that takes depends on how fast the target's streams end: 6 to 62
+              in five runs on 2 cores (results/2026-12-07-headroom/README.md); at 0.5 s it once
+              took 50 streams and 132 s (CI at 6c985ac);
 4. ``probe``  ``probes`` more streams of the same shape, sent once the target is full;
 5. ``verdict`` every stream ended, the checks, expected beside observed (``checks``): every
               stream answered in full (pair), every probe on another D than the target (or on
@@ -141,7 +141,7 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: str, ma
 
 async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_timeout_s: float = 300.0,
               step_timeout_s: float = 300.0, prompt_tokens: int = 1000, max_tokens: int = 1000,
-              interval_s: float = 0.5, probes: int = 4, max_fill: int = 64,
+              interval_s: float = 0.2, probes: int = 4, max_fill: int = 64,
               log: Callable[[str], None] = lambda s: None) -> DrillResult:
     """Drive the headroom drill on ``pilot.app`` (a PdtuiApp over a live Runtime). Never raises for
     a failed step: the result says which failed and why, and carries the checks (expected, observed)."""
@@ -159,7 +159,9 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
         h = report(s, name)
         return None if h is None else h.headroom
 
-    client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0))
+    # a long connect timeout: on 2 cores this process, reading 30 streams beside the dashboard, can
+    # stall for seconds (a drill run: one stream's connect timed out at 5 s; the proxy was fine)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=30.0))
     try:
         await until("every instance ready and the warm-up done", all_ready, ready_timeout_s, starting=True)
         decodes = [i.name for i in snap().instances if i.role == "decode"]
