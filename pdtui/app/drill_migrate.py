@@ -161,21 +161,20 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
 
         control = fd.app.control
 
-        def restartable(name: str) -> bool:
-            inst = fd.app.runtime.instances.get(name)
-            attach = getattr(inst, "attach", None)
-            return restart and (attach is None or getattr(attach, "restart", None) is not None)
-
-        async def bring_back(name: str) -> str:
+        async def bring_back(name: str) -> str | None:
+            """Restart ``name``, wait until it is ready: what was seen; None when it cannot be
+            restarted from here (an attached engine with no --restart), ``why_down`` saying why."""
             t = time.monotonic()
             try:
                 await control.restart(name, source="drill")
             except ControlError as e:
-                raise DrillFailed(f"could not restart {name}: {e}") from None
+                why_down.append(str(e))
+                return None
             await fd.until(f"{name} ready again", lambda s: (v := s.instance(name)) is not None
                            and v.state == "ready", ready_timeout_s)
             return f"{name} ready again in {time.monotonic() - t:.1f} s"
 
+        why_down: list[str] = []
         events = fd.app.runtime.subscribe()
         reads: list[ConnectorEvent] = []  # the D's own "KV read" lines for the cut stream, in order
         seen = asyncio.Event()
@@ -188,7 +187,7 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
                     seen.set()
 
         watcher = asyncio.create_task(watch())
-        logged = [d for d in decodes if getattr(fd.app.runtime.instances[d], "log_path", None) is not None]
+        logged = [d for d in decodes if fd.app.runtime.instances[d].log_path is not None]
         for attempt in range(TRIES):
             before = {d: await fd.metrics(d) for d in decodes}
             got = sse_client.SseStream(text=[])
@@ -217,8 +216,8 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
                 break
             words = (f"{victim} had made every token of {rid} before the kill reached it (the client had"
                      f" {got.events} events at the kill)")
-            if attempt + 1 < TRIES and restartable(victim):
-                log(f"[drill] {words}; {await bring_back(victim)}; a new stream, a second kill")
+            if attempt + 1 < TRIES and restart and (back := await bring_back(victim)) is not None:
+                log(f"[drill] {words}; {back}; a new stream, a second kill")
                 continue
             raise DrillFailed(words + ("; a second try too" if attempt else "") + ": a longer stream (max_model_len),"
                               " or a D log followed (--log NAME=FILE, written unbuffered: PYTHONUNBUFFERED=1)"
@@ -274,15 +273,15 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
             fd.check("both transfers seen on the engines' counters", f"connector {connector} counts no bytes,"
                      " and no D logged its reads", False)
 
-        if restartable(victim):
-            words = await bring_back(victim)
+        back = await bring_back(victim) if restart else None
+        if back is not None:
             rid2 = f"drill-migrate-{fd.nonce}-after"
             r = await fd.client.post(url, json={"model": fd.model, "prompt": fd.prompt_ids(64, 99), "max_tokens": 4},
                                      headers={"X-Request-Id": rid2})
             row2 = await fd.traced(rid2)
-            await fd.done("restart", f"{words}; {rid2} {r.status_code} {row2.outcome} on {row2.decode}")
+            await fd.done("restart", f"{back}; {rid2} {r.status_code} {row2.outcome} on {row2.decode}")
         else:
-            await fd.done("restart", f"{victim} left down (no --restart {victim}=CMD)")
+            await fd.done("restart", f"{victim} left down" + (f": {why_down[-1]}" if why_down else ""))
         raise_unheld(fd.res.checks)
     except DrillFailed as e:
         fd.fail(e)

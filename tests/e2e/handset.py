@@ -84,6 +84,7 @@ def hand_started(name: str, role: str, port: int, side_port: int | None, core: i
             "--disable-uvicorn-access-log", *extra]
     env = {"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
            "TORCH_COMPILE_DISABLE": "1",  # the README's lines: no 16 s compile at the first logprobs
+           "PYTHONUNBUFFERED": "1",  # the README's lines: the log file live for --log (else D's lines come in 8 KiB lumps)
            "PYTHONPATH": str(ROOT),
            # vLLM's ZeroMQ sockets and gloo's file: in a folder the test removes (killed engines leave
            # them; test_zz_no_leftovers.py checks the temp folder); short, for a socket path
