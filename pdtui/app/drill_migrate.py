@@ -10,8 +10,10 @@ with ``--kill NAME=CMD`` for each D) and migration on (``--migrate via-prefill``
 2. ``reference`` the unbroken run: a greedy stream (temperature 0, ``ignore_eos``) of a prompt of
                  ``prompt_tokens`` ids and ``max_tokens`` tokens, through the proxy; then
                  ``ttft_samples`` short requests of the same prompt length, for the pair's TTFT;
-3. ``transfer``  the same stream again; the D that runs it is found from the D's own /metrics (its
-                 running gauge and one more KV pull on its connector's counter): its transfer done;
+3. ``transfer``  the same stream again; the D that runs it is the one the proxy counts a request in
+                 flight to (``pdtui_inflight``) once the client has its first event (D reads the KV
+                 before its first token), or the one whose own log says it read the stream's KV,
+                 whichever is seen first: its transfer done;
 4. ``kill``      that D killed from outside (SIGKILL for an instance pdtui started, the user's
                  ``--kill`` command for one it attached), while it is still decoding;
 5. ``stream``    the client's stream ends; the checks (expected beside observed):
@@ -32,8 +34,9 @@ with ``--kill NAME=CMD`` for each D) and migration on (``--migrate via-prefill``
                  through the pair again; over engines by URL without ``--restart`` it is left down
                  and the step says so.
 
-The client is the drill's own, as a second terminal's would be; it reads D's /metrics itself (the
-dashboard's scrape comes once a second: the kill must land while D still decodes).
+The client is the drill's own, as a second terminal's would be. It reads the proxy's /metrics and
+the D's own (before and after) itself: the dashboard's scrape comes once a second, and the kill
+must land while D still decodes (on 2 cores a 3,000-token stream lasts 6-8 s).
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ from pdtui.core import connectors, sse_client
 from pdtui.core.control import ControlError
 from pdtui.core.events import ConnectorEvent
 
-RUNNING = "vllm:num_requests_running"
 TRIES = 2
 """Cut streams at most: a second only when D had made every token before the kill reached it (and it
 can be restarted)."""
@@ -62,16 +64,64 @@ MIGRATE_MODES = {"via-prefill": "prefill", "on-decode": "decode"}
 """The proxy's ``migrate`` setting -> the path its trace records."""
 
 
+def inflight(text: str) -> dict[str, float]:
+    """The proxy's /metrics body: ``pdtui_inflight`` by instance."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels.get("instance", ""): float(sample.value) for family in text_string_to_metric_families(text)
+            if family.name == "pdtui_inflight" for sample in family.samples}
+
+
+NEAR_TIE = 0.05
+"""Nats between the reference's two likeliest tokens under which a different token on the new D is
+the engines' numerics, not a repeat or a skip: the new D reads KV that P computed in one prefill
+pass where the old D wrote it a token at a time, and bfloat16 logits carry about three digits."""
+
+
+def answer(choices: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """A stream's token ids (``return_token_ids``) and, where its logprobs were asked for, each
+    token's margin: its top logprob less the next (``logprobs`` 2 or more); inf where not known."""
+    ids: list[int] = []
+    margins: list[float] = []
+    for c in choices:
+        got = c.get("token_ids") or []
+        ids += [int(t) for t in got]
+        top = (c.get("logprobs") or {}).get("top_logprobs") or []
+        for entry in top:
+            vals = sorted((float(v) for v in (entry or {}).values()), reverse=True)
+            margins.append(vals[0] - vals[1] if len(vals) >= 2 else math.inf)
+        margins += [math.inf] * (len(ids) - len(margins))
+    return ids, margins
+
+
+def same_tokens(ref: list[int], margins: list[float], cut: list[int], sent: int) -> tuple[str, bool]:
+    """The migrated stream's tokens against the unbroken run's: equal; or equal up to a token after
+    the seam (``sent``: the tokens the old D had sent) where the reference's top two were within
+    ``NEAR_TIE`` (the engines' numerics); anything else does not hold. Says when the reference is a
+    near-tie nearly everywhere (dummy weights): then only the count and the tokens before the seam
+    are checked."""
+    if not ref:
+        return "the unbroken run gave no token ids (a vLLM without return_token_ids?)", False
+    k = next((i for i, (a, b) in enumerate(zip(ref, cut, strict=False)) if a != b), None)
+    ties = sum(1 for x in margins if x < NEAR_TIE)
+    blind = ties >= len(margins) * 0.9
+    note = (f"; {ties} of the reference's {len(margins)} tokens are near-ties (dummy weights?): after the seam"
+            " only their count is checked, a model with weights checks their order") if blind else ""
+    if k is None:
+        return f"equal, token for token ({len(cut)} tokens){note}", True
+    if k < sent:
+        return f"differs at token {k}, before the seam at {sent}: the old D's own tokens", False
+    margin = margins[k] if k < len(margins) else math.inf
+    if margin < NEAR_TIE:
+        return (f"equal up to token {k} ({k - sent} after the seam at {sent}), then a near-tie in the reference"
+                f" (its top two {margin:.2g} nats apart): the engines' numerics{note}"), True
+    return (f"differs at token {k} ({k - sent} after the seam at {sent}) where the reference's top two were"
+            f" {margin:.2g} nats apart: not a near-tie"), False
+
+
 def _down(name: str) -> Callable[[Snapshot], bool]:
     """Whether ``name``'s pane shows it down (any state but ready)."""
     return lambda s: (v := s.instance(name)) is not None and v.state != "ready"
-
-
-def _first_difference(a: str, b: str) -> int | None:
-    """Where ``a`` and ``b`` first differ (a character index), or None when equal."""
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def seam_words(m: dict[str, Any], pair_ttft_ms: float | None) -> str:
@@ -104,6 +154,7 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
     bytes_metric = conn.bytes_metric if conn is not None else ""
     task: asyncio.Task[Any] | None = None
     watcher: asyncio.Task[Any] | None = None
+    down: list[str] = []  # killed by the drill and not restarted yet
     try:
         if migrate not in MIGRATE_MODES:
             raise DrillFailed(f"migration is {migrate!r} in this run: the drill needs --migrate via-prefill or"
@@ -127,16 +178,18 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
                 "stream": True}
         url = f"{fd.proxy}/v1/completions"
 
-        async def stream(rid: str, rec: sse_client.SseStream, salt: str) -> None:
+        async def stream(rid: str, rec: sse_client.SseStream, salt: str, **extra: Any) -> None:
             # a cache salt of its own: the cut stream finds none of the reference's blocks in a prefix
-            # cache (on P a shorter P leg, on D a smaller pull, or none: nothing for the counters)
-            await sse_client.stream(fd.client, url, {**body, "cache_salt": f"drill-migrate-{fd.nonce}-{salt}"}, rec,
+            # cache (on P a shorter P leg, on D a smaller pull, or none: nothing for the counters);
+            # the token ids, to compare token for token (the proxy passes them when asked)
+            await sse_client.stream(fd.client, url, {**body, "cache_salt": f"drill-migrate-{fd.nonce}-{salt}",
+                                                     "return_token_ids": True, **extra}, rec,
                                     headers={"X-Request-Id": rid}, stop_at_done=True)
 
-        ref = sse_client.SseStream(text=[])
+        ref = sse_client.SseStream(choices=[])
         ref_id = f"drill-migrate-{fd.nonce}-ref"
         try:
-            await asyncio.wait_for(stream(ref_id, ref, "ref"), 600)
+            await asyncio.wait_for(stream(ref_id, ref, "ref", logprobs=2), 600)  # its top two: near-ties
         except TimeoutError:
             raise DrillFailed("the unbroken run did not end within 600 s") from None
         if not ref.done or ref.error():
@@ -144,7 +197,7 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
         ref_row = await fd.traced(ref_id)
         if ref_row.outcome != "pair":
             raise DrillFailed(f"the unbroken run was not paired: {ref_row.outcome} {ref_row.error or ''}")
-        ref_text = "".join(ref.text or [])
+        ref_ids, ref_margins = answer(ref.choices or [])
         ttfts = []
         for i in range(ttft_samples):
             rid = f"drill-migrate-{fd.nonce}-ttft-{i}"
@@ -154,7 +207,7 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
             if r.status_code == 200 and row.outcome == "pair" and row.ttft_ms is not None:
                 ttfts.append(row.ttft_ms)
         pair_ttft = statistics.median(ttfts) if ttfts else None
-        await fd.done("reference", f"{ref_id} on {ref_row.decode}: {ref_row.chunks} tokens, {len(ref_text)} chars,"
+        await fd.done("reference", f"{ref_id} on {ref_row.decode}: {len(ref_ids)} tokens,"
                       f" TTFT {ref_row.ttft_ms:.0f} ms; the pair's TTFT over {len(ttfts)} short requests:"
                       + (f" median {pair_ttft:.0f} ms (min {min(ttfts):.0f}, max {max(ttfts):.0f})" if ttfts else
                          " none paired"))
@@ -177,33 +230,31 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
         why_down: list[str] = []
         events = fd.app.runtime.subscribe()
         reads: list[ConnectorEvent] = []  # the D's own "KV read" lines for the cut stream, in order
-        seen = asyncio.Event()
         rid = ""
 
         async def watch() -> None:
             async for ev in events:
                 if isinstance(ev, ConnectorEvent) and ev.what == "kv_read" and ev.fields.get("request_id") == rid:
                     reads.append(ev)
-                    seen.set()
 
         watcher = asyncio.create_task(watch())
         logged = [d for d in decodes if fd.app.runtime.instances[d].log_path is not None]
         for attempt in range(TRIES):
             before = {d: await fd.metrics(d) for d in decodes}
-            got = sse_client.SseStream(text=[])
+            got = sse_client.SseStream(choices=[])
             rid = f"drill-migrate-{fd.nonce}-cut{attempt}"
             reads.clear()
-            seen.clear()
             task = asyncio.create_task(stream(rid, got, f"cut{attempt}"))
-            victim, how, counted = await _find_victim(fd, decodes, logged, before, bytes_metric, reads, seen, task,
-                                                      got)
-            await fd.done("transfer", f"{victim} runs {rid}, its KV pulled ({how}); the client has {got.events}"
-                          " events")
+            victim, how = await _find_victim(fd, decodes, reads, task, got)
+            at_find = got.events
             t_kill = time.monotonic()
-            try:
+            try:  # at once: the step's record (an SVG with --shots) waits until after the kill
                 await control.kill(victim, source="drill")
+                down.append(victim)
             except ControlError as e:
                 raise DrillFailed(f"could not kill {victim}: {e}") from None
+            await fd.done("transfer", f"{victim} runs {rid}, its KV pulled ({how}); the client had {at_find}"
+                          " events")
             await fd.until(f"{victim} down", _down(victim), 60)
             await fd.done("kill", f"{victim} killed from outside after {got.events} events at the client"
                           f" ({time.monotonic() - t_kill:.1f} s to see it down)")
@@ -217,12 +268,13 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
             words = (f"{victim} had made every token of {rid} before the kill reached it (the client had"
                      f" {got.events} events at the kill)")
             if attempt + 1 < TRIES and restart and (back := await bring_back(victim)) is not None:
+                down.remove(victim)
                 log(f"[drill] {words}; {back}; a new stream, a second kill")
                 continue
             raise DrillFailed(words + ("; a second try too" if attempt else "") + ": a longer stream (max_model_len),"
                               " or a D log followed (--log NAME=FILE, written unbuffered: PYTHONUNBUFFERED=1)"
                               " finds it sooner")
-        text = "".join(got.text or [])
+        cut_ids, _ = answer(got.choices or [])
         others = [d for d in decodes if d != victim]
         after = {d: await fd.metrics(d) for d in others}
         new = m.get("to")
@@ -232,15 +284,10 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
 
         fd.check("the client's stream ends with [DONE], no error event: one stream",
                  _client_end(got), got.done and got.error() is None)
-        diff = _first_difference(text, ref_text)
-        # dummy weights make every logit equal: greedy repeats one token, and the text then checks
-        # the count of tokens only, not their order (a model with weights: pdtui model synth --weights)
-        blind = len(set(ref.text or [])) <= 1
-        fd.check("its text equals the unbroken run's (greedy): no token repeated or skipped",
-                 (f"{len(text)} chars, equal" if diff is None else
-                  f"{len(text)} chars against {len(ref_text)}, first difference at {diff}")
-                 + ("; the reference repeats one token (dummy weights?): the count is checked, not the order"
-                    if blind else ""), diff is None)
+        fd.check(f"as many tokens as the unbroken run ({len(ref_ids)}): none repeated or skipped at the seam",
+                 f"{len(cut_ids)} tokens", bool(ref_ids) and len(cut_ids) == len(ref_ids))
+        fd.check("its tokens are the unbroken run's (greedy), or part at a near-tie after the seam",
+                 *same_tokens(ref_ids, ref_margins, cut_ids, int(m.get("tokens") or 0)))
         path = MIGRATE_MODES[migrate]
         fd.check(f"the trace: a migration from {victim} to another D, ok, via {path}",
                  (f"{m.get('from')} -> {new}, {m.get('result')}, via {m.get('path')}"
@@ -249,16 +296,17 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
                  bool(m) and m.get("from") == victim and new in others and m.get("result") == "ok"
                  and m.get("path") == path)
         if bytes_metric or reads:
+            if not any(e.instance == victim for e in reads):  # its log's line may come after the stream
+                with contextlib.suppress(DrillFailed):
+                    await fd.until(f"{victim}'s \"KV read\" line", lambda s: any(e.instance == victim for e in reads),
+                                   5 if victim in logged else 0.5)
             mine = [e for e in reads if e.instance == victim]
-            if mine:
-                first_b = sum(int(e.fields.get("bytes") or 0) for e in mine)
-                fd.check(f"the first transfer: {victim}'s own log line saw the trace's bytes",
-                         f"trace {row.kv_bytes or 0:,} B, {victim} \"KV read\" {first_b:,} B",
-                         row.kv_bytes is not None and first_b == row.kv_bytes)
-            else:
-                fd.check(f"the first transfer: {victim}'s own counter saw the trace's bytes",
-                         f"trace {row.kv_bytes or 0:,} B, {victim} {counted or 0:,.0f} B", row.kv_bytes is not None
-                         and counted == row.kv_bytes)
+            first_b = sum(int(e.fields.get("bytes") or 0) for e in mine)
+            fd.check(f"the first transfer: {victim}'s own log line saw the trace's bytes",
+                     f"trace {row.kv_bytes or 0:,} B, {victim} \"KV read\" {first_b:,} B" if mine else
+                     f"{victim}'s read not seen: " + ("its log has no \"KV read\" line for it" if victim in logged
+                                                      else f"no log followed (--log {victim}=FILE)"),
+                     bool(mine) and row.kv_bytes is not None and first_b == row.kv_bytes)
             if path == "prefill" and new in after:
                 pulls = after[new].get(f"{bytes_metric}_count", 0.0) - before[new].get(f"{bytes_metric}_count", 0.0)
                 moved = after[new].get(f"{bytes_metric}_sum", 0.0) - before[new].get(f"{bytes_metric}_sum", 0.0)
@@ -275,6 +323,7 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
 
         back = await bring_back(victim) if restart else None
         if back is not None:
+            down.remove(victim)
             rid2 = f"drill-migrate-{fd.nonce}-after"
             r = await fd.client.post(url, json={"model": fd.model, "prompt": fd.prompt_ids(64, 99), "max_tokens": 4},
                                      headers={"X-Request-Id": rid2})
@@ -285,6 +334,10 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
         raise_unheld(fd.res.checks)
     except DrillFailed as e:
         fd.fail(e)
+        if down and restart:  # leave the pair as it was found, where it can be
+            with contextlib.suppress(Exception):
+                await fd.app.control.restart(down[-1], source="drill")
+                log(f"[drill] {down[-1]} restarted after the failure")
     finally:
         for running in (task, watcher):
             if running is not None and not running.done():
@@ -294,37 +347,31 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
     return fd.res
 
 
-async def _find_victim(fd: FieldDrill, decodes: list[str], logged: list[str], before: dict[str, dict[str, float]],
-                       bytes_metric: str, reads: list[ConnectorEvent], seen: asyncio.Event, task: asyncio.Task[Any],
-                       got: sse_client.SseStream) -> tuple[str, str, float | None]:
-    """The D that runs the cut stream, once its KV is pulled; how that was seen: its own "KV read"
-    line (the Runtime follows its log: at once), else its /metrics (its running gauge and one more
-    pull on its counter: slower, a busy engine's /metrics can take seconds); the bytes its counter
-    moved by then (None: seen by its log)."""
+async def _find_victim(fd: FieldDrill, decodes: list[str], reads: list[ConnectorEvent], task: asyncio.Task[Any],
+                       got: sse_client.SseStream) -> tuple[str, str]:
+    """The D that runs the cut stream, once its KV is pulled, and how that was seen: the proxy's own
+    count of requests in flight to each D (``pdtui_inflight`` on its /metrics: nothing else is in
+    flight) once the client has the stream's first event (D reads the KV before its first token);
+    or, if it comes first, the D's own "KV read" line for it (its log followed). Not the D's
+    /metrics: a D streaming at full speed on 2 cores took up to 7 s to answer it, by which time it
+    had made every token (results/2026-12-07-migrate)."""
     deadline = time.monotonic() + 120
     while True:
         if reads:
             e = reads[0]
-            return e.instance, f"its log: \"KV read\" {int(e.fields.get('bytes') or 0):,} B", None
+            return e.instance, f"its log: \"KV read\" {int(e.fields.get('bytes') or 0):,} B"
         if task.done():
             raise DrillFailed(f"the stream ended ({_client_end(got)}) before a D was seen running it with its"
                               " KV pulled: a longer stream (max_model_len)")
         if time.monotonic() > deadline:
             raise DrillFailed("no D was seen running the stream with its KV pulled within 120 s")
-        if len(logged) == len(decodes):  # every D's log is followed: its line will come
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(seen.wait(), 0.5)
-            continue
-        for d in decodes:
-            now = await fd.metrics(d)
-            pulled = not bytes_metric or (now.get(f"{bytes_metric}_count", 0.0) >
-                                         before[d].get(f"{bytes_metric}_count", 0.0))
-            if now.get(RUNNING, 0.0) >= 1 and pulled:
-                moved = now.get(f"{bytes_metric}_sum", 0.0) - before[d].get(f"{bytes_metric}_sum", 0.0)
-                return d, (f"its /metrics: running, {moved:,.0f} B pulled; no log followed for"
-                           f" {', '.join(x for x in decodes if x not in logged)} (--log NAME=FILE finds it"
-                           " sooner)"), moved
-        await asyncio.sleep(0.05)
+        if got.events >= 1:
+            r = await fd.client.get(f"{fd.proxy}/metrics", timeout=10)
+            flying = inflight(r.text)
+            busy = [d for d in decodes if flying.get(d, 0.0) >= 1]
+            if len(busy) == 1:
+                return busy[0], f"the proxy's pdtui_inflight once the client had its first token, {got.events} events"
+        await asyncio.sleep(0.02)
 
 
 def _client_end(rec: sse_client.SseStream) -> str:
@@ -337,4 +384,4 @@ def _client_end(rec: sse_client.SseStream) -> str:
     return f"{rec.events} events, {end}"
 
 
-__all__ = ["MIGRATE_MODES", "run", "seam_words"]
+__all__ = ["MIGRATE_MODES", "NEAR_TIE", "answer", "inflight", "run", "same_tokens", "seam_words"]

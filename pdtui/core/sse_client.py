@@ -71,9 +71,10 @@ class SseStream:
     """The caller cancelled the request (a bench window closed, Ctrl-C)."""
     t_end: float | None = None
     """When the request ended, whatever the end; None while it runs."""
-    text: list[str] | None = None
-    """A caller that wants the answer's text passes a list: each token chunk's text is appended
-    (the first choice's). None: not kept (the load and the bench keep times only)."""
+    choices: list[dict[str, Any]] | None = None
+    """A caller that wants the answer itself passes a list: each event's first choice (a token
+    chunk's, an empty one's) is appended (its text, and its token_ids and logprobs where asked for). None: not kept (the load
+    and the bench keep times only)."""
 
     @property
     def ttft_ms(self) -> float | None:
@@ -152,10 +153,10 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], rec:
                 choices = obj.get("choices") if isinstance(obj, dict) else None
                 if not choices or not isinstance(choices, list):
                     continue
-                if piece := _text(choices[0]):
+                if rec.choices is not None and isinstance(choices[0], dict):
+                    rec.choices.append(choices[0])
+                if _text(choices[0]):
                     rec.chunk_t.append(now)
-                    if rec.text is not None:
-                        rec.text.append(str(piece))
                 else:
                     rec.empty_t.append(now)
     except asyncio.CancelledError:

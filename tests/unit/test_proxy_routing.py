@@ -279,3 +279,21 @@ def test_pdtui_proxy_alone_with_headroom_polls_each_engines_metrics():
                 await asyncio.wait_for(child.wait(), 10)
 
     run(go())
+
+
+def test_the_proxys_metrics_count_the_requests_in_flight_to_each_instance():
+    """pdtui_inflight{instance,role}: the load the routing counts, read at each scrape (the
+    migration drill finds the D that runs its stream by it)."""
+    from prometheus_client import generate_latest
+
+    from pdtui.app.drill_migrate import inflight
+
+    p, d1, d2 = Upstream("P", "prefill", "http://p"), Upstream("D1", "decode", "http://d1"), \
+        Upstream("D2", "decode", "http://d2")
+    proxy = Proxy([p], [d1, d2], ProxySettings())
+    d2.inflight = 2
+    text = generate_latest(proxy.metrics.registry).decode()
+    assert 'pdtui_inflight{instance="D2",role="decode"} 2.0' in text
+    assert inflight(text) == {"P": 0.0, "D1": 0.0, "D2": 2.0}
+    d2.inflight, p.inflight = 0, 1  # read at each scrape, not at a request's end
+    assert inflight(generate_latest(proxy.metrics.registry).decode()) == {"P": 1.0, "D1": 0.0, "D2": 0.0}

@@ -148,6 +148,7 @@ class Proxy:
         self.on_trace = on_trace or (lambda t: None)
         self.health_info = health or (dict)
         self.metrics = ProxyMetrics()
+        self.metrics.count_inflight(lambda: [(u.name, u.role, u.inflight) for u in self.prefills + self.decodes])
         s = self.settings
         connector = connectors.known(s.connector)
         if connector is None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from pdtui.core.events import RequestTraced
 from pdtui.core.proxy.migrate import RESULTS as MIGRATION_RESULTS
@@ -68,6 +68,22 @@ class EventCounts:
         yield dropped
 
 
+class Inflight:
+    """``pdtui_inflight{instance,role}``: the requests the proxy has in flight to each upstream now
+    (its leg sent, its answer not yet over), read at each scrape; the load the routing counts. A
+    drill reads it to find the D that runs a stream without waiting on a busy engine's /metrics."""
+
+    def __init__(self, upstreams: Callable[[], list[tuple[str, str, int]]]) -> None:
+        self.upstreams = upstreams
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily("pdtui_inflight", "Requests in flight from the proxy to each instance",
+                                labels=["instance", "role"])
+        for name, role, n in self.upstreams():
+            fam.add_metric([name, role], n)
+        yield fam
+
+
 class ProxyMetrics:
     """The proxy's own /metrics."""
 
@@ -105,6 +121,10 @@ class ProxyMetrics:
         self.ttft = Histogram("pdtui_ttft_seconds", "Client-facing TTFT", ["outcome"], buckets=buckets, registry=self.registry)
         self.itl = BulkHistogram("pdtui_itl_seconds", "Inter-token gaps", buckets)
         self.registry.register(self.itl)
+
+    def count_inflight(self, upstreams: Callable[[], list[tuple[str, str, int]]]) -> None:
+        """Export each upstream's requests in flight (Inflight): the proxy calls it once."""
+        self.registry.register(Inflight(upstreams))
 
     def count_events(self, counts: Callable[[], tuple[int, int, int]]) -> None:
         """Export the event writer's counts (EventCounts): ``pdtui proxy`` calls it once."""
