@@ -37,6 +37,17 @@ from pdtui.core.events import Event, InstanceStateChanged
 
 LOG_TAIL_LINES = 400
 
+CONSEQUENT = (" with signal SIGTERM", " with signal SIGINT", " with signal SIGHUP")
+"""Deaths that follow another's: vLLM terminates an engine core whose worker died."""
+
+
+def first_cause(causes: list[tuple[int, str, str]]) -> tuple[int, str, str]:
+    """Of the engine processes found dead at one look, (pid, title, cause), the one that died
+    first as far as the causes tell: a crash or a kill before a termination that follows it (CI at
+    a6d6c50: a worker's SIGILL was reported as its engine core's SIGTERM, the engine core listed
+    first and both dead by the look)."""
+    return next((c for c in causes if not c[2].startswith(CONSEQUENT)), causes[0])
+
 
 class StartupFailed(RuntimeError):
     """An instance died or never became ready; the message carries the log tail."""
@@ -492,8 +503,8 @@ class Instance:
         while proc.returncode is None and self.death is None:
             dead = [(p, t) for p, t in self.members.items() if not is_alive(p)]
             if dead and self._expected_exit is None:
-                p, t = dead[0]
-                cause = await self._cause(p, None)  # bounded: 0.6 s at most
+                causes = [(p, t, await self._cause(p, None)) for p, t in dead[:3]]  # bounded: 0.6 s each
+                p, t, cause = first_cause(causes)
                 self.death = f"its {t} (pid {p}) died{cause}"
                 break
             if tick % 4 == 0:  # new engine processes appear during start-up: look once a second

@@ -333,3 +333,19 @@ def test_two_instances_of_one_name_in_one_pdtui_do_not_take_each_other_down():
         assert not b.alive
 
     run(go())
+
+
+def test_of_two_engine_processes_found_dead_the_crash_is_named_not_the_termination_after_it():
+    """CI at a6d6c50: D's worker died of SIGILL, vLLM then terminated its engine core, and both were
+    dead by pdtui's next look; the engine core, listed first, was named (SIGTERM)."""
+    from pdtui.core.supervisor import first_cause
+
+    core = (10, "VLLM::EngineCore", " with signal SIGTERM (terminated)")
+    worker = (11, "VLLM::Worker", " with signal SIGILL (illegal instruction: the CPU refused an instruction)")
+    assert first_cause([core, worker]) == worker
+    assert first_cause([worker, core]) == worker
+    killed = (12, "VLLM::Worker", " with signal SIGKILL (killed: not by the OOM killer)")
+    assert first_cause([core, killed]) == killed
+    assert first_cause([core]) == core  # a termination alone is what it is
+    unknown = (13, "VLLM::Worker", " (its status was reaped by vLLM before pdtui read it; no crash report in the log)")
+    assert first_cause([core, unknown]) == unknown
