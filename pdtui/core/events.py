@@ -216,8 +216,9 @@ class MetricsSampled(Event):
 @dataclass(frozen=True)
 class HeadroomReported(Event):
     """One D's headroom as the proxy counts it (pdtui.core.proxy.routing), sent by the proxy each
-    time the Runtime tells it a new scrape of that D: free blocks at the scrape, the blocks promised
-    to requests in flight that the scrape does not show, the pool's size."""
+    time the Runtime tells it a new scrape of that D, and each time a request is sent to that D or
+    ends: free blocks at the scrape, the blocks promised to requests in flight that the scrape does
+    not show, the pool's size."""
 
     kind: ClassVar[str] = "headroom"
     instance: str

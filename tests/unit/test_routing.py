@@ -338,3 +338,18 @@ def test_prefills_by_load_then_queue_a_stale_queue_not_counted():
     p2.inflight = 0
     clock.t = 1010.0  # both scrapes stale: load alone, then list order
     assert [u.name for u in r.order_prefills([p1, p2])] == ["P1", "P2"]
+
+
+def test_a_change_of_promises_is_told_for_the_d_it_concerns():
+    """The proxy process reports a D's headroom when a request is sent to it or ends, not only at
+    the next scrape (CI at 66b5b48: the scrapes came seconds apart, and the headroom drill sent its
+    64 streams on a count that said D1 still had 47 blocks)."""
+    told: list[str] = []
+    r, _ = router()
+    r.on_change = told.append
+    a = FakeTrace()
+    r.promise(a, "D1", STREAM, a)
+    r.promise(a, "D2", STREAM, a)  # migrated: both D's counts changed
+    r.release(a)
+    r.release(a)  # nothing to release: nothing told
+    assert told == ["D1", "D1", "D2", "D2"]

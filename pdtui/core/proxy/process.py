@@ -149,6 +149,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     proxy = Proxy(ups_p, ups_d, settings, on_trace=on_trace, health=lambda: dict(info))
     proxy.metrics.count_events(emit.counts)
+    proxy.router.on_change = lambda name: report_headroom(proxy, name, emit)
     server = ProxyServer(proxy, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -261,10 +262,18 @@ def told_about(proxy: Proxy, caps: dict[str, Any], emit: Callable[[Event], None]
         if cap is None:
             continue
         proxy.router.set_capacity(str(name), cap)
-        h = proxy.router.headroom(str(name)) if name in decodes else None
-        if h is not None:
-            emit(HeadroomReported(instance=h.name, total_blocks=h.total_blocks, free_blocks=h.free_blocks,
-                                  promised_blocks=h.promised_blocks, requests=h.requests, scrape_t=cap.t))
+        if name in decodes:
+            report_headroom(proxy, str(name), emit)
+
+
+def report_headroom(proxy: Proxy, name: str, emit: Callable[[Event], None]) -> None:
+    """D ``name``'s headroom as the proxy counts it now, as an event: at each scrape, and each time
+    a request is sent to it or ends (``Router.on_change``); nothing before its first scrape."""
+    h = proxy.router.headroom(name)
+    cap = proxy.router.capacity.get(name)
+    if h is not None and cap is not None:
+        emit(HeadroomReported(instance=h.name, total_blocks=h.total_blocks, free_blocks=h.free_blocks,
+                              promised_blocks=h.promised_blocks, requests=h.requests, scrape_t=cap.t))
 
 
 async def _read_control(up: dict[str, bool], info: dict[str, Any], stop: asyncio.Event,

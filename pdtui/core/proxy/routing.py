@@ -258,6 +258,10 @@ class Router:
     """The latest scrape of each instance, by name."""
     promises: dict[object, Promise] = field(default_factory=dict)
     """Requests in flight to a D, by their key (the proxy's Trace object)."""
+    on_change: Callable[[str], None] | None = None
+    """Called with a D's name when its promises change (a request sent to it, or ended): the
+    proxy process reports that D's headroom at once, not only at the next scrape (a busy engine's
+    /metrics can take seconds; the headroom drill stops its fill on the count)."""
     _next: int = 0
 
     def __post_init__(self) -> None:
@@ -278,11 +282,18 @@ class Router:
     # ----- promises -----------------------------------------------------------------------------
     def promise(self, key: object, decode: str, demand: Demand, progress: Progress) -> None:
         """A request sent to ``decode``; one per key (a second moves it: the request went to another D)."""
+        old = self.promises.get(key)
         self.promises[key] = Promise(decode, demand, progress, self.clock(), first_chunk=progress.chunks)
+        if self.on_change is not None:
+            if old is not None and old.decode != decode:
+                self.on_change(old.decode)
+            self.on_change(decode)
 
     def release(self, key: object) -> None:
         """The request ended (served, failed or cut off): D frees its blocks."""
-        self.promises.pop(key, None)
+        gone = self.promises.pop(key, None)
+        if gone is not None and self.on_change is not None:
+            self.on_change(gone.decode)
 
     def promised(self, name: str) -> tuple[int, int]:
         """(blocks owed to ``name`` that its latest scrape does not show, requests in flight to it)."""
