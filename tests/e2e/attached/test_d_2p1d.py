@@ -14,6 +14,7 @@ Runs after 1P2D (test_c_npmd.py, which kills the D2 of the set for good): D here
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,9 +48,12 @@ def twop(hand: HandSet) -> Iterator[RuntimeThread]:
         rt.close()
 
 
-def _complete(url: str, model: str, rid: str) -> int:
-    body = {"model": model, "prompt": f"{rid} the quick brown fox jumps over the lazy dog " * 8, "max_tokens": 4}
-    return httpx.post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": rid}, timeout=60).status_code
+def _complete(url: str, model: str, rid: str, words: int = 8, start: threading.Barrier | None = None) -> int:
+    body = {"model": model, "prompt": f"{rid} the quick brown fox jumps over the lazy dog " * words, "max_tokens": 4}
+    with httpx.Client(timeout=60) as client:
+        if start is not None:
+            start.wait(30)  # every client ready, then all at once
+        return client.post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": rid}).status_code
 
 
 def test_2p1d_spreads_prefills_by_load_and_keeps_pairing_through_p1_when_p2_is_killed(twop: RuntimeThread,
@@ -60,8 +64,12 @@ def test_2p1d_spreads_prefills_by_load_and_keeps_pairing_through_p1_when_p2_is_k
 
     tag = uuid.uuid4().hex[:6]
     ids = [f"e2e-2p-{tag}-{i}" for i in range(6)]
+    # at once, and long enough prompts (about 1,850 tokens: the tiny model spells them out) that the P legs overlap: six short ones
+    # sent by threads as they start can each end before the next arrives, and then P1, idle each
+    # time, takes all six, as it should (a run at 974f477: P1 6, P2 0)
+    start = threading.Barrier(6)
     with ThreadPoolExecutor(6) as pool:
-        codes = list(pool.map(lambda rid: _complete(cfg.proxy_url, cfg.model_name, rid), ids))
+        codes = list(pool.map(lambda rid: _complete(cfg.proxy_url, cfg.model_name, rid, 40, start), ids))
     assert codes == [200] * 6
     spread = [twop.wait_for(RequestTraced, request_id=rid) for rid in ids]
     assert all(t.outcome == "pair" for t in spread), [(t.prefill, t.outcome, t.prefill_branch) for t in spread]
