@@ -123,16 +123,6 @@ def need_blocks(prompt_tokens: int, max_tokens: int, block_size: int) -> int:
     return blocks_for_tokens(prompt_tokens + max_tokens, block_size)
 
 
-def _client_end(rec: sse_client.SseStream) -> str:
-    """How a stream ended at the drill's client, in a few words."""
-    if rec.transport_error:
-        return f"transport error {rec.transport_error}"
-    if rec.status not in (None, 200):
-        return f"HTTP {rec.status} {rec.body[:80]!r}"
-    end = "[DONE]" if rec.done else f"error event {str(rec.error_event)[:80]}" if rec.error_event else "no end"
-    return f"{len(rec.chunk_t)} chunks, {end}"
-
-
 async def _send(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, s: Stream) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     await sse_client.stream(client, f"{url}/v1/completions", body, s.rec, headers={"X-Request-Id": s.request_id},
@@ -223,7 +213,7 @@ async def run(pilot: Any, *, shots: Path | None = None, prefix: str = "", ready_
             raise DrillFailed(f"{len(lost)} of {len(streams)} streams have no trace from the proxy within 15 s of"
                               " their end; the client saw: " + "; ".join(
                                   f"{s.request_id.rsplit('-', 2)[-2]}-{s.request_id.rsplit('-', 1)[-1]}"
-                                  f" {_client_end(s.rec)}" for s in lost[:6])) from None
+                                  f" {s.rec.outcome()}" for s in lost[:6])) from None
         traces = {r.request_id: r for r in snap().requests if r.request_id in ids}
         v = snap().instance(target)
         pre_after = v.metrics.get(PREEMPTIONS) if v else None

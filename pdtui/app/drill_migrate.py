@@ -278,12 +278,12 @@ async def run(pilot: Any, *, migrate: str = "via-prefill", connector: str = "nix
         others = [d for d in decodes if d != victim]
         after = {d: await fd.metrics(d) for d in others}
         new = m.get("to")
-        await fd.done("stream", f"{rid}: {_client_end(got)}; traced {row.outcome}; "
+        await fd.done("stream", f"{rid}: {got.outcome()}; traced {row.outcome}; "
                       + (f"migrated {m.get('from')} -> {new} after {m.get('tokens')} tokens by {m.get('path')}"
                          f" ({m.get('result')}); {seam_words(m, pair_ttft)}" if m else "no migration recorded"))
 
         fd.check("the client's stream ends with [DONE], no error event: one stream",
-                 _client_end(got), got.done and got.error() is None)
+                 got.outcome(), got.done and got.error() is None)
         fd.check(f"as many tokens as the unbroken run ({len(ref_ids)}): none repeated or skipped at the seam",
                  f"{len(cut_ids)} tokens", bool(ref_ids) and len(cut_ids) == len(ref_ids))
         fd.check("its tokens are the unbroken run's (greedy), or part at a near-tie after the seam",
@@ -361,7 +361,7 @@ async def _find_victim(fd: FieldDrill, decodes: list[str], reads: list[Connector
             e = reads[0]
             return e.instance, f"its log: \"KV read\" {int(e.fields.get('bytes') or 0):,} B"
         if task.done():
-            raise DrillFailed(f"the stream ended ({_client_end(got)}) before a D was seen running it with its"
+            raise DrillFailed(f"the stream ended ({got.outcome()}) before a D was seen running it with its"
                               " KV pulled: a longer stream (max_model_len)")
         if time.monotonic() > deadline:
             raise DrillFailed("no D was seen running the stream with its KV pulled within 120 s")
@@ -372,16 +372,6 @@ async def _find_victim(fd: FieldDrill, decodes: list[str], reads: list[Connector
             if len(busy) == 1:
                 return busy[0], f"the proxy's pdtui_inflight once the client had its first token, {got.events} events"
         await asyncio.sleep(0.02)
-
-
-def _client_end(rec: sse_client.SseStream) -> str:
-    """How a stream ended at the drill's client, in a few words."""
-    if rec.transport_error:
-        return f"transport error {rec.transport_error}"
-    if rec.status not in (None, 200):
-        return f"HTTP {rec.status}"
-    end = "[DONE]" if rec.done else f"error event {str(rec.error_event)[:80]}" if rec.error_event else "no end yet"
-    return f"{rec.events} events, {end}"
 
 
 __all__ = ["MIGRATE_MODES", "NEAR_TIE", "answer", "inflight", "run", "same_tokens", "seam_words"]

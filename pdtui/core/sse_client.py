@@ -89,6 +89,18 @@ class SseStream:
         t = self.chunk_t
         return [(t[i] - t[i - 1]) * 1000.0 for i in range(1, len(t))]
 
+    def outcome(self) -> str:
+        """How the stream ended, or stands while it runs, in a few words (the drills' lines): a
+        transport error, a status other than 200 with the start of its body, or the data events
+        and how they ended."""
+        if self.transport_error:
+            return f"transport error {self.transport_error}"
+        if self.status not in (None, 200):
+            return f"HTTP {self.status} {self.body[:80]!r}"
+        end = ("[DONE]" if self.done else f"error event {str(self.error_event)[:80]}" if self.error_event
+               else "no end yet")
+        return f"{self.events} events, {end}"
+
     def error(self) -> str | None:
         """Why the stream is not a clean answer, in one line; None while it runs and when it was clean."""
         if self.transport_error is not None:

@@ -60,3 +60,13 @@ def test_the_proxys_inflight_gauge_read_back_and_the_seam_in_words():
     assert seam_words(m, 500.0) == ("seam 300 ms (P's leg 40, D2's first token 200, the rest 60 ms); the pair's TTFT"
                                     " 500 ms (median): 0.60x")
     assert seam_words({}, 500.0).startswith("no seam measured")
+
+
+def test_how_a_stream_ended_in_the_drills_words():
+    from pdtui.core.sse_client import SseStream
+
+    assert SseStream(events=3, done=True).outcome() == "3 events, [DONE]"
+    assert SseStream(events=1).outcome() == "1 events, no end yet"
+    assert SseStream(status=503, body="busy").outcome() == "HTTP 503 'busy'"
+    assert SseStream(transport_error="ReadError: gone").outcome() == "transport error ReadError: gone"
+    assert SseStream(events=2, error_event={"message": "x"}).outcome() == "2 events, error event {'message': 'x'}"
